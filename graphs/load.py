@@ -1,0 +1,100 @@
+"""load(): any way of naming a model -> OpGraph."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+
+import torch
+
+from .errors import GraphsError, SpecError, UnknownModelError
+from .ir import OpGraph
+from .trace import trace
+from . import zoo
+
+_FACTORY_RE = re.compile(r"^(?P<path>.+\.py):(?P<func>[A-Za-z_][A-Za-z0-9_]*)$")
+
+
+def load(model, batch: int = 1, seq: int | None = None, example_inputs=None,
+         dtype: str | None = "bf16", *, n_layers: int | None = None,
+         name: str | None = None) -> OpGraph:
+    """Trace a model into an OpGraph.
+
+    model: a zoo name ("gpt-1.3b"), a spec ("llama:hidden=4096,layers=32,heads=32,ffn=11008"),
+        "hf:path/to/config.json", "path/to/file.py:factory" (factory() returns
+        (module, example_inputs)), an nn.Module, an fx.GraphModule or an ExportedProgram
+        (the last three need example_inputs).
+    batch, seq: shape of the token ids for zoo and hf models (seq defaults to the model's).
+    """
+    if isinstance(model, str):
+        return _load_named(model, batch, seq, example_inputs, dtype, n_layers, name)
+    if isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
+        if example_inputs is None and not isinstance(model, torch.export.ExportedProgram):
+            raise GraphsError(f"load({type(model).__name__}) needs example_inputs: a tuple of "
+                              "tensors (meta tensors are fine) for its forward")
+        return trace(model, example_inputs if example_inputs is not None else (), name=name,
+                     dtype=dtype, n_layers=n_layers)
+    raise UnknownModelError(f"cannot load a {type(model).__name__}: pass a model name, spec, "
+                            "'hf:config.json', 'file.py:factory', or an nn.Module")
+
+
+def _load_named(model, batch, seq, example_inputs, dtype, n_layers, name) -> OpGraph:
+    text = model.strip()
+    if text.startswith("hf:"):
+        return _load_hf(text[3:], batch, seq, dtype, n_layers, name or text)
+    m = _FACTORY_RE.match(text)
+    if m or text.endswith(".py"):
+        return _load_factory(text, m, dtype, n_layers, name)
+    cfg = zoo.get_config(text)
+    seq = seq or cfg.seq
+    if seq > cfg.seq:
+        if cfg.family == "llama":
+            cfg = cfg.replace(seq=seq)       # RoPE tables are buffers: no parameters change
+        else:
+            raise SpecError(f"seq={seq} exceeds the {cfg.seq} learned positions of "
+                            f"{cfg.name or cfg.family}; use a spec with seq={seq}, e.g. "
+                            f"'{cfg.name or cfg.family}:seq={seq}'")
+    module = zoo.build_module(cfg, device="meta")
+    inputs = example_inputs if example_inputs is not None else zoo.example_inputs(
+        cfg, batch, seq, device="meta")
+    meta = {"family": cfg.family, "hidden": cfg.hidden, "layers": cfg.layers,
+            "heads": cfg.heads, "kv_heads": cfg.kv_heads, "ffn": cfg.ffn, "vocab": cfg.vocab,
+            "seq": seq, "experts": cfg.experts, "tied": cfg.tied}
+    return trace(module, inputs, name=name or cfg.name or text, dtype=dtype, meta=meta,
+                 n_layers=n_layers)
+
+
+def _load_hf(path, batch, seq, dtype, n_layers, name) -> OpGraph:
+    from .zoo import hf
+    module, config = hf.build(path)
+    meta = hf.config_meta(config)
+    seq = seq or meta["seq"] or 1024
+    meta["seq"] = seq
+    ids = torch.empty(batch, seq, dtype=torch.long, device="meta")
+    return trace(module, (), kwargs={"input_ids": ids, "labels": ids.clone()}, name=name,
+                 dtype=dtype, meta=meta, n_layers=n_layers, method="export")
+
+
+def _load_factory(text, m, dtype, n_layers, name) -> OpGraph:
+    if m is None:
+        raise SpecError(f"{text!r}: name the factory function too, as 'path/to/file.py:factory'")
+    path, func = m.group("path"), m.group("func")
+    if not os.path.isfile(path):
+        raise SpecError(f"{path!r} does not exist (from {text!r})")
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    spec = importlib.util.spec_from_file_location(f"_autopar_factory_{stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    factory = getattr(mod, func, None)
+    if not callable(factory):
+        public = [k for k, v in vars(mod).items() if callable(v) and not k.startswith("_")]
+        raise SpecError(f"{path} has no function {func!r}; callables there: {public}")
+    result = factory()
+    if not (isinstance(result, tuple) and len(result) == 2
+            and isinstance(result[0], torch.nn.Module)):
+        raise SpecError(f"{text}: factory() must return (module, example_inputs), "
+                        f"got {type(result).__name__}")
+    module, inputs = result
+    return trace(module, inputs, name=name or f"{os.path.basename(path)}:{func}", dtype=dtype,
+                 n_layers=n_layers)
