@@ -1,0 +1,204 @@
+"""Cost model: collectives by alpha-beta, compute by roofline with measured efficiencies.
+
+All times in seconds, sizes in bytes. `bytes` arguments of collectives are the size of the
+full tensor each rank holds after an all-reduce / all-gather (i.e. n x the shard).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+
+from .cluster import GPU, Cluster, Link, MeshAxis
+
+
+# ---- collectives -----------------------------------------------------------------------------
+
+def all_reduce_s(nbytes: float, axis: MeshAxis) -> float:
+    """Ring all-reduce: 2(n-1) steps, each rank moves 2(n-1)/n of the buffer."""
+    n = axis.size
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return 2 * (n - 1) * axis.latency_s + 2 * (n - 1) / n * nbytes / axis.bandwidth_bytes_per_s
+
+
+def all_gather_s(nbytes: float, axis: MeshAxis) -> float:
+    """Ring all-gather to a `nbytes` result: half an all-reduce."""
+    n = axis.size
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return (n - 1) * axis.latency_s + (n - 1) / n * nbytes / axis.bandwidth_bytes_per_s
+
+
+def reduce_scatter_s(nbytes: float, axis: MeshAxis) -> float:
+    """Ring reduce-scatter of a `nbytes` input: half an all-reduce."""
+    return all_gather_s(nbytes, axis)
+
+
+def all_to_all_s(nbytes: float, axis: MeshAxis) -> float:
+    """All-to-all of a tensor of `nbytes` in total over the group: each rank holds nbytes/n
+    and sends (n-1)/n of it, i.e. (n-1)/n^2 * nbytes per rank."""
+    n = axis.size
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return (n - 1) * axis.latency_s + (n - 1) / (n * n) * nbytes / axis.bandwidth_bytes_per_s
+
+
+def p2p_s(nbytes: float, link: Link) -> float:
+    if nbytes <= 0:
+        return 0.0
+    return link.latency_s + nbytes / link.bandwidth_bytes_per_s
+
+
+# ---- compute ---------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def load_profile(file_name: str) -> dict | None:
+    """A shipped GPU profile (autopar/profiles/NAME), or None if it is not shipped."""
+    try:
+        text = resources.files("autopar").joinpath("profiles", file_name).read_text()
+    except (FileNotFoundError, OSError):
+        return None
+    return json.loads(text)
+
+
+@dataclass(frozen=True)
+class ComputeModel:
+    """Roofline per op: max(flops / (peak * eff), bytes / (hbm_bw * mem_eff)) + launch.
+
+    With a measured profile, matmul efficiency comes from the nearest measured shapes (in
+    log2 space, inverse-distance weighted) and streaming bandwidth and launch overhead from the
+    measured kernels. Without one (V100, A100 here), efficiency follows a documented default
+    curve: eff = matmul_efficiency * prod_d (d / (d + 64)) over the GEMM's m, n, k — a large
+    GEMM reaches the published large-GEMM efficiency, a skinny one falls off as its smallest
+    dimension under-fills the tensor-core tiles.
+    """
+
+    gpu: GPU
+    dtype: str = "bf16"
+
+    @property
+    def profile(self) -> dict | None:
+        return load_profile(self.gpu.profile) if self.gpu.profile else None
+
+    @property
+    def launch_s(self) -> float:
+        p = self.profile
+        return float(p["launch_overhead_s"]) if p and "launch_overhead_s" in p else 5e-6
+
+    @property
+    def stream_bytes_per_s(self) -> float:
+        p = self.profile
+        if p and p.get("memory_bound"):
+            big = [r["gbps"] for r in p["memory_bound"] if r["kernel"] == "copy" and r["bytes"] >= 2**28]
+            if big:
+                return float(np.median(big)) * 1e9
+        return self.gpu.hbm_bytes_per_s * self.gpu.memory_efficiency
+
+    def matmul_efficiency(self, m: int, n: int, k: int) -> float:
+        return _matmul_eff(self.gpu, self.dtype, int(m), int(n), int(k))
+
+    def matmul_s(self, m: int, n: int, k: int, batch: int = 1, nbytes: float = 0.0) -> float:
+        if m <= 0 or n <= 0 or k <= 0:
+            return 0.0
+        flops = 2.0 * batch * m * n * k
+        eff = self.matmul_efficiency(m * batch, n, k) if batch > 1 else self.matmul_efficiency(m, n, k)
+        t = flops / (self.gpu.peak(self.dtype) * eff)
+        return max(t, nbytes / self.stream_bytes_per_s) + self.launch_s
+
+    def attention_s(self, batch: int, heads: int, seq: int, head_dim: int, causal: bool,
+                    backward: bool = False) -> float:
+        """Fused attention (flash): 4*b*h*s^2*d FLOPs forward (half with a causal mask),
+        2.5x that backward, at the measured attention efficiency."""
+        if batch <= 0 or heads <= 0:
+            return 0.0
+        flops = 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+        if backward:
+            flops *= 2.5
+        eff = _attention_eff(self.gpu, self.dtype, seq, head_dim, causal, backward)
+        return flops / (self.gpu.peak(self.dtype) * eff) + self.launch_s
+
+    def memory_bound_s(self, nbytes: float, flops: float = 0.0) -> float:
+        if nbytes <= 0 and flops <= 0:
+            return 0.0
+        return max(nbytes / self.stream_bytes_per_s,
+                   flops / self.gpu.peak("fp32")) + self.launch_s
+
+
+def _default_eff(gpu: GPU, m: int, n: int, k: int) -> float:
+    sat = 1.0
+    for d in (m, n, k):
+        sat *= d / (d + 64.0)
+    return gpu.matmul_efficiency * sat
+
+
+@lru_cache(maxsize=200_000)
+def _matmul_eff(gpu: GPU, dtype: str, m: int, n: int, k: int) -> float:
+    prof = load_profile(gpu.profile) if gpu.profile else None
+    rows = _profile_matmul(gpu.profile, dtype) if prof else None
+    if rows is None:
+        return _default_eff(gpu, m, n, k)
+    pts, effs = rows
+    q = np.log2([m, n, k])
+    d = np.sqrt(((pts - q) ** 2).sum(axis=1))
+    idx = np.argsort(d)[:4]
+    if d[idx[0]] < 1e-9:
+        return float(effs[idx[0]])
+    w = 1.0 / d[idx]
+    eff = float((effs[idx] * w).sum() / w.sum())
+    # Outside the measured grid, shrink toward the default curve's fall-off for tiny dims.
+    lo = pts.min(axis=0)
+    if (q < lo - 0.5).any():
+        eff *= _default_eff(gpu, m, n, k) / _default_eff(gpu, *(2 ** np.maximum(q, lo)))
+    return max(eff, 1e-3)
+
+
+@lru_cache(maxsize=None)
+def _profile_matmul(profile_name: str, dtype: str):
+    prof = load_profile(profile_name)
+    peak_key = "bf16" if dtype in ("bf16", "fp16") else dtype
+    rows = [r for r in prof.get("matmul", []) if r["dtype"] == dtype] or \
+           [r for r in prof.get("matmul", []) if r["dtype"] == peak_key]
+    if not rows:
+        return None
+    from .cluster import GPUS
+    peak = _peak_for_profile(prof, dtype)
+    pts = np.log2(np.array([[r["m"], r["n"], r["k"]] for r in rows], dtype=float))
+    effs = np.array([min(r["tflops"] * 1e12 / peak, 1.0) for r in rows])
+    return pts, effs
+
+
+def _peak_for_profile(prof: dict, dtype: str) -> float:
+    from .cluster import GPUS
+    name = prof.get("gpu", "")
+    gpu = next((g for g in GPUS.values() if g.name.split("-")[0] in name), None)
+    if gpu is None:
+        raise ValueError(f"profile for {name!r} matches no known GPU; known: {sorted(GPUS)}")
+    return gpu.peak(dtype)
+
+
+@lru_cache(maxsize=10_000)
+def _attention_eff(gpu: GPU, dtype: str, seq: int, head_dim: int, causal: bool, backward: bool) -> float:
+    prof = load_profile(gpu.profile) if gpu.profile else None
+    rows = [r for r in (prof or {}).get("attention", []) if r["dtype"] == dtype and r["causal"] == causal]
+    if not rows:
+        # Flash attention reaches about 2/3 of the large-GEMM efficiency forward and a bit less
+        # backward (FlashAttention-2 paper, A100: ~70% and ~60% of peak at long sequences).
+        return gpu.matmul_efficiency * (0.85 if not backward else 0.75) * seq / (seq + 256.0)
+    peak = gpu.peak(dtype)
+    best, best_d = None, math.inf
+    for r in rows:
+        dist = abs(math.log2(r["seq"]) - math.log2(seq)) + abs(math.log2(r["head_dim"]) - math.log2(head_dim))
+        if dist < best_d:
+            best, best_d = r, dist
+    r = best
+    flops = 4.0 * r["batch"] * r["heads"] * r["seq"] ** 2 * r["head_dim"] * (0.5 if causal else 1.0)
+    t = r["bwd_s"] if backward else r["fwd_s"]
+    if backward:
+        flops *= 2.5
+    return max(min(flops / t / peak, 1.0), 1e-3)

@@ -1,0 +1,396 @@
+"""The auto planner: intra-op ILPs per distinct layer, composed into stage tables, and the
+inter-op stage DP over (layer ranges x submeshes) — DESIGN §2, §5-§7.
+
+Layer composition. Followers share their leader's layout, so a block whose only activation
+input is the residual stream maps an input layout p to an output layout f(p) at an ILP-optimal
+cost C(p). A range of layers entered in layout p costs C_i(p) + C_{i+1}(f_i(p)) + ..., exactly
+what one ILP over the whole range finds (tests check this), but every distinct
+(layer, mesh, layout) is solved once however many layers share it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from graphs.ir import OpGraph
+
+from .cluster import Cluster, Submesh, load_cluster, submeshes
+from .cost import ComputeModel
+from .evaluator import boundary_inputs, evaluate, main_boundary
+from .intra import Settings, StageProblem
+from .model import ModelSource
+from .plan import Plan, PlanError, StagePlan
+from .sharding import Mesh, Spec, is_valid, shard_factor, spec_str
+
+RECOMPUTE_OPTIONS = ("none", "full")
+
+
+@dataclass
+class LayerSol:
+    """An ILP-optimal layer for one (mesh, input layout)."""
+
+    t_s: float                   # forward + backward per microbatch
+    fwd_s: float
+    sync_s: float                # per step
+    param_bytes: float           # weights + grads + optimizer state per device (at the plan's ZeRO)
+    param_elems: float
+    stash_bytes: float           # per microbatch
+    input_bytes: float           # local bytes of the layer's input (kept under full recompute)
+    out_spec: Spec | None
+    names: dict[int, str]        # position in layer -> strategy name (decision roots)
+    status: str
+    objective: float
+
+
+@dataclass
+class SearchStats:
+    ilps: int = 0
+    cache_hits: int = 0
+    ilp_time_s: float = 0.0
+    trace_time_s: float = 0.0
+    table_time_s: float = 0.0
+    dp_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    statuses: dict[str, int] = field(default_factory=dict)
+    ilp_vars_before: int = 0
+    ilp_vars_after: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def boundary_specs(shape: tuple[int, ...], mesh: Mesh) -> list[Spec]:
+    """Layouts a layer boundary tensor may take: replicated, or its batch and/or last (hidden)
+    dim split over the mesh axes."""
+    nd = len(shape)
+    if nd == 0:
+        return [()]
+    dims = [0] if nd == 1 else [0, nd - 1]
+    out = []
+    live = mesh.live_axes
+    for combo in __import__("itertools").product([None] + dims, repeat=len(live)):
+        spec = [0] * nd
+        for bit, d in zip(live, combo):
+            if d is not None:
+                spec[d] |= bit
+        spec = tuple(spec)
+        if (not any(spec) or is_valid(spec, shape, mesh)) and spec not in out:
+            out.append(spec)
+    return out
+
+
+class LayerSolver:
+    """Solves and caches one layer's ILP per (structure, mesh, input layout)."""
+
+    def __init__(self, graph: OpGraph, cm: ComputeModel, settings: Settings, stats: SearchStats,
+                 time_limit_s: float, backend: str):
+        self.graph, self.cm, self.settings, self.stats = graph, cm, settings, stats
+        self.time_limit_s, self.backend = time_limit_s, backend
+        self.cache: dict[tuple, LayerSol] = {}
+        n = len(graph.layers)
+        self.inputs = [main_boundary(graph, list(graph.layers[i].nodes)) for i in range(n)]
+        self.outputs = [self.inputs[i + 1] if i + 1 < n else None for i in range(n)]
+
+    def key(self, li: int, mesh: Mesh, spec: Spec | None, restrict: Spec | None) -> tuple:
+        return (self.graph.layers[li].structural_hash, mesh.submesh, mesh.shape, spec, restrict,
+                self.outputs[li] is None)
+
+    def solve(self, li: int, mesh: Mesh, spec: Spec | None, restrict: Spec | None = None) -> LayerSol:
+        k = self.key(li, mesh, spec, restrict)
+        hit = self.cache.get(k)
+        if hit is not None:
+            self.stats.cache_hits += 1
+            return hit
+        layer = self.graph.layers[li]
+        names = list(layer.nodes)
+        src = self.inputs[li]
+        out = self.outputs[li]
+        boundary = {src: spec} if src is not None and spec is not None else {}
+        t0 = time.perf_counter()
+        prob = StageProblem(self.graph, names, mesh, self.cm, boundary=boundary,
+                            restrict_out={out: restrict} if (restrict is not None and out is not None) else None)
+        res = prob.solve(self.settings, time_limit_s=self.time_limit_s, backend=self.backend)
+        self.stats.ilps += 1
+        self.stats.ilp_time_s += time.perf_counter() - t0
+        self.stats.statuses[res.status] = self.stats.statuses.get(res.status, 0) + 1
+        self.stats.ilp_vars_before += res.n_variables_before
+        self.stats.ilp_vars_after += res.n_variables
+        if res.choice is None:
+            sol = LayerSol(math.inf, math.inf, 0, math.inf, 0, math.inf, 0, None, {}, res.status, math.inf)
+        else:
+            ev = prob.evaluate(res.choice, self.settings)
+            assign = prob.assignment(res.choice)
+            pos = {n: i for i, n in enumerate(names)}
+            chosen = {pos[g.root]: g.strategies[g.root][int(res.choice[gi])].name
+                      for gi, g in enumerate(prob.groups) if len(g.strategies[g.root]) > 1 or g.root in pos}
+            out_spec = prob.strategy_of(out, assign[out]).out_spec if out is not None else None
+            in_bytes = 0.0
+            if src is not None:
+                in_bytes = self.graph.node(src).out_bytes / (shard_factor(spec, mesh) if spec else 1)
+            sol = LayerSol(ev.per_microbatch_s, ev.recompute_fwd_s, ev.sync_s,
+                           ev.param_state_bytes(self.settings.zero), ev.param_elems, ev.stash_bytes, in_bytes,
+                           out_spec, chosen, res.status, res.objective)
+        self.cache[k] = sol
+        return sol
+
+
+@dataclass
+class RangeTable:
+    """Per (start layer i, end j) on one mesh: the best-by-time start layout's figures."""
+
+    t: np.ndarray            # [L, L+1, P] per microbatch
+    rec: np.ndarray          # recompute forward
+    sync: np.ndarray
+    param: np.ndarray
+    stash: np.ndarray
+    inputs: np.ndarray       # sum of layer inputs (full recompute stash)
+    max_layer_stash: np.ndarray
+    starts: list             # start layout per P index (spec or ("embed", q))
+
+
+def range_table(solver: LayerSolver, mesh: Mesh) -> RangeTable:
+    g = solver.graph
+    L = len(g.layers)
+    first_in = solver.inputs[1] if L > 1 else None
+    shape = g.node(first_in).out_shape if first_in else ()
+    specs = boundary_specs(shape, mesh)
+    starts: list = [("embed", q) for q in specs] + list(specs)
+    P = len(starts)
+    shp = (L, L + 1, P)
+    t, rec, sync, param, stash, inputs, mls = (np.full(shp, np.inf) for _ in range(7))
+    for pi, start in enumerate(starts):
+        i_range = [0] if isinstance(start, tuple) and start and start[0] == "embed" else range(1, L)
+        for i in i_range:
+            acc = np.zeros(7)
+            acc[6] = 0.0
+            spec = start[1] if i == 0 else start
+            for j in range(i, L):
+                if j == 0:
+                    sol = solver.solve(0, mesh, None, restrict=spec)
+                    nxt = spec if sol.out_spec is None else sol.out_spec
+                else:
+                    sol = solver.solve(j, mesh, spec)
+                    nxt = sol.out_spec
+                if not math.isfinite(sol.t_s):
+                    break
+                acc[:6] += (sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes, sol.stash_bytes, sol.input_bytes)
+                acc[6] = max(acc[6], sol.stash_bytes)
+                t[i, j + 1, pi], rec[i, j + 1, pi], sync[i, j + 1, pi] = acc[0], acc[1], acc[2]
+                param[i, j + 1, pi], stash[i, j + 1, pi], inputs[i, j + 1, pi] = acc[3], acc[4], acc[5]
+                mls[i, j + 1, pi] = acc[6]
+                if nxt is None:
+                    break
+                spec = nxt
+    return RangeTable(t, rec, sync, param, stash, inputs, mls, starts)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def microbatch_candidates(global_batch: int, n_gpus: int, microbatches: str | int) -> list[int]:
+    """Microbatch sizes (batch of one pipeline microbatch) to try."""
+    if microbatches != "auto":
+        k = int(microbatches)
+        if k < 1 or global_batch % k:
+            ok = _divisors(global_batch)
+            raise PlanError(f"--microbatches {k} does not divide the global batch {global_batch}; "
+                            f"valid counts: {ok[:20]}{' ...' if len(ok) > 20 else ''}")
+        return [global_batch // k]
+    sizes = [d for d in _divisors(global_batch) if d & (d - 1) == 0] or [global_batch]
+    # Enough microbatches to fill a pipeline, each big enough to keep a GPU busy: a handful of
+    # powers of two around global_batch / n_gpus.
+    per_gpu = max(1, global_batch // max(1, n_gpus))
+    ranked = sorted(sizes, key=lambda d: abs(math.log2(d) - math.log2(per_gpu * 4)))
+    return sorted(ranked[:4])
+
+
+def place(stages: list[tuple[int, int, Submesh]], cluster: Cluster) -> list[list[int]]:
+    """Concrete device ids for each stage's submesh: whole-node submeshes take whole nodes,
+    the (1, 2^k) ones are packed into the rest largest first, each on aligned slots — powers
+    of two summing to the free capacity always pack."""
+    m = cluster.gpus_per_node
+    free_nodes = list(range(cluster.n_nodes))
+    ids: list[list[int] | None] = [None] * len(stages)
+    for si, (_, _, sub) in enumerate(stages):
+        if sub.n_nodes > 1 or sub.gpus_per_node == m:
+            take, free_nodes = free_nodes[: sub.n_nodes], free_nodes[sub.n_nodes:]
+            ids[si] = [n * m + k for n in take for k in range(m)]
+    used = {n: [False] * m for n in free_nodes}
+    order = sorted((si for si in range(len(stages)) if ids[si] is None), key=lambda si: -stages[si][2].n_devices)
+    for si in order:
+        size = stages[si][2].n_devices
+        for n in free_nodes:
+            slot = next((s for s in range(0, m, size) if not any(used[n][s:s + size])), None)
+            if slot is not None:
+                for k in range(slot, slot + size):
+                    used[n][k] = True
+                ids[si] = [n * m + k for k in range(slot, slot + size)]
+                break
+        if ids[si] is None:
+            raise PlanError("could not place the stages' submeshes on the cluster (internal error)")
+    return ids  # type: ignore[return-value]
+
+
+def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | None = None,
+         gpus_per_node: int | None = None, global_batch: int | None = None, microbatches: str | int = "auto",
+         schedule: str = "1f1b", max_stages: int | None = None, dtype: str = "bf16", zero: int = 1,
+         seq: int | None = None, time_limit_s: float = 10.0, backend: str = "highs",
+         progress: bool = False) -> Plan:
+    """Search the best (stage, submesh, logical mesh, sharding) plan; returns it evaluated."""
+    if schedule not in ("1f1b", "gpipe"):
+        raise PlanError(f"the planner's DP models 1f1b and gpipe schedules (got {schedule!r})")
+    cl = load_cluster(cluster, nodes, gpus_per_node) if not isinstance(cluster, Cluster) else cluster
+    source = model if isinstance(model, ModelSource) else ModelSource(model, seq=seq, dtype=dtype)
+    gb = global_batch or default_global_batch(cl)
+    stats = SearchStats()
+    cm = ComputeModel(cl.gpu, dtype)
+    subs = submeshes(cl)
+    sizes = [source.fixed_batch] if source.fixed_batch else microbatch_candidates(gb, cl.n_gpus, microbatches)
+    if source.fixed_batch and gb % source.fixed_batch:
+        raise PlanError(f"global batch {gb} is not a multiple of the traced microbatch {source.fixed_batch}")
+    best: Plan | None = None
+    least_mem = math.inf
+    tried = []
+    bar = _Progress(progress, len(sizes))
+    for mb in sizes:
+        t0 = time.perf_counter()
+        graph = source.graph(mb)
+        stats.trace_time_s += time.perf_counter() - t0
+        B = gb // mb
+        settings = Settings(n_microbatches=B, zero=zero)
+        solver = LayerSolver(graph, cm, settings, stats, time_limit_s, backend)
+        t0 = time.perf_counter()
+        L = len(graph.layers)
+        S = min(max_stages or L, L, cl.n_gpus)
+        cost = np.full((L, L + 1, len(subs), S + 1), np.inf)
+        extra = np.zeros((L, L + 1, len(subs)))
+        choice_of: dict[tuple, tuple] = {}
+        mem_cap = cl.gpu.memory_bytes
+        for mi, sub in enumerate(subs):
+            for shape in sub.logical_meshes():
+                mesh = Mesh(cl, sub, shape)
+                rt = range_table(solver, mesh)
+                for rc in RECOMPUTE_OPTIONS:
+                    t = rt.t + (rt.rec if rc == "full" else 0.0)
+                    for s in range(1, S + 1):
+                        inflight = min(s, B) if schedule == "1f1b" else B
+                        if rc == "full":
+                            mem = rt.param + inflight * rt.inputs + rt.max_layer_stash
+                        else:
+                            mem = rt.param + inflight * rt.stash
+                        least_mem = min(least_mem, float(np.nanmin(np.where(np.isfinite(mem), mem, np.inf))))
+                        tt = np.where(mem <= mem_cap, t, np.inf)
+                        pbest = tt.argmin(axis=2)
+                        tbest = np.take_along_axis(tt, pbest[..., None], axis=2)[..., 0]
+                        better = tbest < cost[:, :, mi, s]
+                        if better.any():
+                            cost[:, :, mi, s] = np.where(better, tbest, cost[:, :, mi, s])
+                            for i, j in zip(*np.nonzero(better)):
+                                p = int(pbest[i, j])
+                                choice_of[(int(i), int(j), mi, s)] = (shape, rt.starts[p], rc)
+                                if i == 0:
+                                    # Stage 0 finishes last under 1F1B: its gradient sync and
+                                    # optimizer step are not hidden behind other stages' work.
+                                    extra[i, j, mi] = rt.sync[i, j, p]
+            bar.advance_mesh(sub)
+        stats.table_time_s += time.perf_counter() - t0
+
+        from solvers.stage_dp import stage_dp
+        t0 = time.perf_counter()
+        dp = stage_dp(cost, [s.n_devices for s in subs], cl.n_gpus, B, stage_extra=extra, max_stages=S)
+        stats.dp_time_s += time.perf_counter() - t0
+        tried.append({"microbatch_size": mb, "n_microbatches": B, "dp_total_s": dp.total_s})
+        bar.advance_batch()
+        if not math.isfinite(dp.total_s):
+            continue
+        t0 = time.perf_counter()
+        p = _build_plan(source, graph, cl, solver, dp, choice_of, subs, gb, mb, schedule, zero, dtype)
+        stats.eval_time_s += time.perf_counter() - t0
+        if best is None or p.predicted["step_time_s"] < best.predicted["step_time_s"]:
+            best = p
+    bar.close()
+    if best is None:
+        raise PlanError(no_fit_message(source, cl, least_mem, gb))
+    best.search = {**stats.to_dict(), "microbatch_candidates": tried}
+    return best
+
+
+def _build_plan(source, graph, cl, solver, dp, choice_of, subs, gb, mb, schedule, zero, dtype) -> Plan:
+    n = len(dp.stages)
+    stage_list = []
+    for k, (i, j, mi) in enumerate(dp.stages):
+        stage_list.append((i, j, subs[mi]))
+    ids = place(stage_list, cl)
+    stages = []
+    for k, (i, j, mi) in enumerate(dp.stages):
+        shape, start, rc = choice_of[(i, j, mi, n - k)]
+        sub = subs[mi]
+        mesh = Mesh(cl, sub, shape)
+        strategies: dict[str, str] = {}
+        spec = start[1] if i == 0 else start
+        input_spec = "" if i == 0 else spec_str(spec)
+        for li in range(i, j):
+            sol = solver.solve(li, mesh, None, restrict=spec) if li == 0 else solver.solve(li, mesh, spec)
+            nodes = graph.layers[li].nodes
+            for pos, name in sol.names.items():
+                strategies[nodes[pos]] = name
+            spec = sol.out_spec if sol.out_spec is not None else spec
+        stages.append(StagePlan(index=k, layers=(i, j), layer_names=[graph.layers[x].name for x in range(i, j)],
+                                submesh=(sub.n_nodes, sub.gpus_per_node), device_ids=ids[k], logical_mesh=shape,
+                                strategies=strategies, input_spec=input_spec, recompute=rc))
+    from .baselines import _model_dict, cluster_dict
+    p = Plan(strategy="auto", config={"kind": "auto", "label": _auto_label(stages)},
+             model=_model_dict(source, graph), cluster=cluster_dict(cl),
+             training={"global_batch": gb, "microbatch_size": mb, "n_microbatches": gb // mb, "dtype": dtype,
+                       "schedule": schedule, "virtual_stages": 1, "zero": zero,
+                       "optimizer": "adam-mixed-precision"},
+             stages=stages)
+    return evaluate(p, graph, cl)
+
+
+def _auto_label(stages: list[StagePlan]) -> str:
+    parts = [f"{s.layers[1] - s.layers[0]}L@{s.logical_mesh[0]}x{s.logical_mesh[1]}"
+             + ("+rc" if s.recompute != "none" else "") for s in stages]
+    return f"{len(stages)} stages: " + " ".join(parts)
+
+
+def default_global_batch(cluster: Cluster) -> int:
+    return max(8, 16 * cluster.n_gpus) if cluster.n_gpus > 1 else 16
+
+
+def no_fit_message(source, cl: Cluster, least_mem: float, gb: int) -> str:
+    need = f"{least_mem / 2**30:.1f} GiB" if math.isfinite(least_mem) else "more than any stage can hold"
+    return (f"no plan for {source.name} fits in {cl.gpu.memory_bytes / 2**30:.0f} GiB per GPU on {cl.n_gpus} "
+            f"{cl.gpu.name} GPUs: the least memory per device any stage needs is {need}. What would help: more "
+            f"GPUs (--nodes), a smaller microbatch (--microbatches with more microbatches), or a GPU with more "
+            f"memory; recomputation and ZeRO sharding were already considered.")
+
+
+class _Progress:
+    def __init__(self, enabled: bool, n_batches: int):
+        self.enabled = enabled
+        self.p = None
+        if enabled:
+            from rich.progress import Progress
+            self.p = Progress(transient=True)
+            self.p.start()
+            self.task = self.p.add_task("planning", total=n_batches)
+
+    def advance_mesh(self, sub):
+        if self.p:
+            self.p.update(self.task, description=f"stage tables, submesh {sub}")
+
+    def advance_batch(self):
+        if self.p:
+            self.p.advance(self.task)
+
+    def close(self):
+        if self.p:
+            self.p.stop()
