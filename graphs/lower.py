@@ -655,7 +655,13 @@ class _Lowerer:
             return key, ELEMENTWISE, args_ops(tensor_args), attrs
 
         # anything else: kept, costed as elementwise on its output, listed as unsupported
-        return key, UNKNOWN, args_ops(tensor_args), {}
+        ops = args_ops(tensor_args)
+        if n.op == "call_module":   # keep the leaf module's weights (Conv, MultiheadAttention)
+            for _, t in self.p.modules[n.target].named_parameters():
+                name = self.p.param_names.get(id(t))
+                if name is not None:
+                    ops.append((self._param_operand(name, t), t.is_floating_point()))
+        return key, UNKNOWN, ops, {}
 
     def _tensor_index(self, n: fx.Node, tensor_args: list[fx.Node], src: torch.Tensor):
         idx = self.val(n.args[1])

@@ -128,7 +128,8 @@ def symbolic(module: torch.nn.Module, args: tuple, kwargs: dict) -> TracedProgra
     try:
         prop.run(*[_to_meta(v) for v in values_in])
     except _NodeFailed as e:
-        raise _Failure(f"shape propagation on meta tensors stopped {e}") from e.__cause__
+        raise _Failure(f"shape propagation on meta tensors stopped {e.description}") \
+            from e.__cause__
     names = _param_names(module)
     params: dict[fx.Node, str] = {}
     consts: set[fx.Node] = set()
@@ -146,8 +147,11 @@ def symbolic(module: torch.nn.Module, args: tuple, kwargs: dict) -> TracedProgra
 
 
 def export(module: torch.nn.Module, args: tuple, kwargs: dict) -> TracedProgram:
-    ep = torch.export.export(module, tuple(_to_meta(a) for a in args),
-                             kwargs={k: _to_meta(v) for k, v in kwargs.items()}, strict=False)
+    # export fakes inputs and weights itself; inputs only have to sit on the weights' device
+    device = next(iter(_state(module)), torch.empty(0, device="meta")).device
+    move = (lambda v: _to_meta(v)) if device.type == "meta" else (lambda v: _to_device(v, device))
+    ep = torch.export.export(module, tuple(move(a) for a in args),
+                             kwargs={k: move(v) for k, v in kwargs.items()}, strict=False)
     return from_export(ep)
 
 
@@ -170,6 +174,13 @@ def from_export(ep: "torch.export.ExportedProgram") -> TracedProgram:
             values[n] = obj
             if isinstance(obj, torch.Tensor):
                 consts.add(n)
+    for n in ep.graph.nodes:
+        ts = values[n] if isinstance(values[n], (tuple, list)) else [values[n]]
+        if any(isinstance(t, torch.Tensor) and not all(isinstance(d, int) for d in t.shape)
+               for t in ts):
+            raise TraceError(f"op {n.target} (node {n.name}) has a data-dependent output shape"
+                             f"{_stack_line(n.meta.get('stack_trace'))}; the planner needs "
+                             "static shapes: replace it (e.g. nonzero/masked_select by masks)")
     model_dtype = torch.float32
     for n, name in params.items():
         if isinstance(values[n], torch.Tensor) and values[n].is_floating_point():
@@ -181,7 +192,9 @@ def from_export(ep: "torch.export.ExportedProgram") -> TracedProgram:
 # ---------------------------------------------------------------------------------------
 
 class _NodeFailed(Exception):
-    pass
+    def __init__(self, description: str):
+        super().__init__(description)
+        self.description = description   # fx's Interpreter appends its own notes to args
 
 
 class _MetaProp(fx.Interpreter):
@@ -222,16 +235,23 @@ class _MetaProp(fx.Interpreter):
         return torch.func.functional_call(mod, self._meta_state[target], args, kwargs)
 
 
+def _stack_line(stack_trace: str | None) -> str:
+    """' (File "x.py", line 3, in forward: `code`)' from an fx stack trace, or ''."""
+    if not stack_trace:
+        return ""
+    frames = [ln.strip() for ln in stack_trace.strip().splitlines()]
+    files = [i for i, ln in enumerate(frames) if ln.startswith("File ")
+             and _user_frame(ln.split('"')[1] if '"' in ln else ln)]
+    if not files:
+        return ""
+    i = files[-1]
+    code = frames[i + 1] if i + 1 < len(frames) else ""
+    return f" ({frames[i]}: `{code}`)"
+
+
 def _describe_node(n: fx.Node, e: Exception) -> str:
     what = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", n.target)
-    where = ""
-    if n.stack_trace:
-        frames = [ln.strip() for ln in n.stack_trace.strip().splitlines()]
-        files = [i for i, ln in enumerate(frames) if ln.startswith("File ")]
-        if files:
-            i = files[-1]
-            code = frames[i + 1] if i + 1 < len(frames) else ""
-            where = f" ({frames[i]}: `{code}`)"
+    where = _stack_line(n.stack_trace)
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return f"at op {what!s} (node {n.name}){where}: {type(e).__name__}: {msg}"
 
@@ -284,6 +304,18 @@ def _to_meta(v):
         return type(v)(_to_meta(x) for x in v)
     if isinstance(v, dict):
         return {k: _to_meta(x) for k, x in v.items()}
+    return v
+
+
+def _to_device(v, device: torch.device):
+    if isinstance(v, torch.Tensor):
+        if v.device == device:
+            return v
+        return torch.zeros(tuple(v.shape), dtype=v.dtype, device=device)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_to_device(x, device) for x in v)
+    if isinstance(v, dict):
+        return {k: _to_device(x, device) for k, x in v.items()}
     return v
 
 
