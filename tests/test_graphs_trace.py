@@ -50,6 +50,25 @@ def test_gpt3_175b_and_llama2_7b_param_counts():
     assert load("llama2-7b").param_count == pytest.approx(6.74e9, rel=0.005)
 
 
+def alpa_moe_params(h: int, l: int, V: int, E: int) -> float:
+    """Alpa's benchmark formula: half the blocks dense, half MoE, MLPs 8h, tied embedding."""
+    attn = h * (3 * h + 1) + h * (h + 1)
+    mlp = h * (8 * h + 1) + 8 * h * (h + 1)
+    return l / 2 * (attn + mlp + 4 * h) + l / 2 * (attn + E * mlp + 4 * h) + V * (h + 1)
+
+
+@pytest.mark.parametrize("name", [n for n in zoo.list_models() if n.startswith("moe")])
+def test_alpa_moe_param_counts(name):
+    cfg = zoo.get_config(name)
+    count = load(name).param_count
+    assert count == sum(p.numel() for p in zoo.build_module(cfg).parameters())
+    # ours adds learned positions and the gate, and has no expert biases
+    assert count == pytest.approx(alpa_moe_params(cfg.hidden, cfg.layers, cfg.vocab,
+                                                  cfg.experts), rel=0.01)
+    label = float(name.split("-")[1].rstrip("mb")) * (1e6 if name.endswith("m") else 1e9)
+    assert count == pytest.approx(label, rel=0.1)
+
+
 def test_tied_weight_counted_once_and_owned_by_first_use():
     g = graphs.load(SMALL["gpt"])
     uses = [(n.name, o) for n in g.nodes() for o in n.operands if o.param == "wte.weight"]
@@ -184,7 +203,7 @@ def test_moe_einsums_and_expert_parameters():
     for eq in ("bsec,bsm->ebcm", "ebcm,emf->ebcf", "ebcf,efm->ebcm", "bsec,ebcm->bsm"):
         assert eq in eqs
     w1 = next(o for n in g.nodes() for o in n.operands if o.param == "blocks.1.moe.w1")
-    assert w1.shape == (4, 64, 256) and w1.owns_param
+    assert w1.shape == (4, 64, 512) and w1.owns_param   # Alpa's MoE: ffn = 8h
     gate = next(n for n in g.nodes() if n.module_path == "blocks.1.moe.gate")
     assert gate.op == "linear" and gate.out_shape == (1, 32, 4)
     topk = next(n for n in g.nodes() if n.op == "topk")

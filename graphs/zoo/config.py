@@ -19,7 +19,7 @@ class ModelConfig:
     vocab: int
     seq: int                    # default sequence length (max positions for gpt/moe)
     kv_heads: int = 0           # 0: = heads (no GQA)
-    ffn: int = 0                # 0: 4·hidden (gpt, moe); llama must give it
+    ffn: int = 0                # 0: 4·hidden (gpt), 8·hidden (moe, as Alpa), ~8/3·h (llama)
     experts: int = 0            # moe only
     tied: bool = False          # head shares the token embedding's weight
     name: str = ""
@@ -41,6 +41,10 @@ class ModelConfig:
             if self.family == "llama":
                 # Llama's default: 2/3 of 4h rounded up to a multiple of 256
                 object.__setattr__(self, "ffn", 256 * ((8 * self.hidden // 3 + 255) // 256))
+            elif self.family == "moe":
+                # Alpa's MoE suite uses mlp_factor 8 (dense and expert MLPs alike); with it
+                # the preset names match their parameter counts
+                object.__setattr__(self, "ffn", 8 * self.hidden)
             else:
                 object.__setattr__(self, "ffn", 4 * self.hidden)
         if self.hidden % self.heads:
@@ -95,7 +99,7 @@ PRESETS: dict[str, ModelConfig] = {c.name: c for c in [
     _llama("llama2-70b", 8192, 80, 64, 8, 28672, 32000, 4096, 10000.0),
     _llama("llama3-8b", 4096, 32, 32, 8, 14336, 128256, 8192, 500000.0),
     _llama("llama3-70b", 8192, 80, 64, 8, 28672, 128256, 8192, 500000.0),
-    # Alpa's GShard MoE suite: seq 1024, vocab 32000, 16 heads
+    # Alpa's GShard MoE suite: seq 1024, vocab 32000, 16 heads, MLPs 8h, every 2nd block MoE
     _moe("moe-380m", 768, 8, 8),
     _moe("moe-1.3b", 768, 16, 16),
     _moe("moe-2.4b", 1024, 16, 16),
