@@ -39,12 +39,15 @@ class Settings:
     inflight: int = 1              # microbatches whose activations a stage holds at once
 
 
-def saved_tensors(graph: OpGraph, names) -> dict[str, float]:
-    """For each node in `names`: the factor of its output kept for backward (0, 1; dropout adds
-    a 1-byte mask, recorded as 0.5 of a 2-byte tensor). Saves through pure views are charged to
-    the op that owns the storage."""
+def saved_tensors(graph: OpGraph, names) -> tuple[dict[str, float], dict[str, float]]:
+    """Which outputs stay stashed for backward: for each node, the factor of its output kept
+    (1; dropout adds a 1-byte mask, recorded as 0.5 of a 2-byte tensor). Saves through pure
+    views are charged to the op that owns the storage. The second dict holds producers outside
+    `names` whose outputs the set keeps (a stage keeps the input it received): charged to the
+    set that keeps them, so summing over layers counts every tensor once."""
     names = set(names)
     saved: dict[str, float] = {}
+    outside: dict[str, float] = {}
 
     def mark(src: str, w: float = 1.0):
         seen = 0
@@ -60,6 +63,8 @@ def saved_tensors(graph: OpGraph, names) -> dict[str, float]:
             break
         if src in names:
             saved[src] = max(saved.get(src, 0.0), w)
+        elif src in graph and graph.node(src).kind != INPUT:
+            outside[src] = max(outside.get(src, 0.0), w)
 
     for name in names:
         v = graph.node(name)
@@ -79,7 +84,7 @@ def saved_tensors(graph: OpGraph, names) -> dict[str, float]:
                     mark(o.source)
             if v.op == "dropout" and float(v.attrs.get("p", 0.0)) > 0:
                 saved[name] = saved.get(name, 0.0) + 0.5 * 2 / max(1, dtype_bytes(v.out_dtype))
-    return saved
+    return saved, outside
 
 
 def _grad_share(graph: OpGraph, names) -> dict[str, dict[int, float]]:
@@ -192,15 +197,16 @@ class Evaluation:
 class StageProblem:
     def __init__(self, graph: OpGraph, names: list[str], mesh: Mesh, cm: ComputeModel,
                  boundary: dict[str, Spec] | None = None, restrict_out: dict[str, Spec] | None = None,
-                 allowed: dict[str, set[str]] | None = None):
+                 allowed: dict[str, set[str]] | None = None, only_names: frozenset[str] | None = None):
         self.graph, self.mesh, self.cm = graph, mesh, cm
         self.names = list(names)
         self.inside = set(self.names)
         self.boundary = dict(boundary or {})
-        self.saved = saved_tensors(graph, self.names)
+        self.saved, self.saved_outside = saved_tensors(graph, self.names)
         self.grad_share = _grad_share(graph, self.names)
         self.groups: list[Group] = []
         self.group_of: dict[str, int] = {}
+        self.only_names = only_names
         self._build_groups(allowed or {})
         self.forbidden = [np.zeros(len(g.strategies[g.root]), bool) for g in self.groups]
         for name, spec in (restrict_out or {}).items():
@@ -222,6 +228,9 @@ class StageProblem:
             li = None if is_decision(n) else leader_operand(n)
             if li is None:
                 sts = list(_decision_cached(_BySig(n), mesh, cm))
+                if self.only_names is not None and len(sts) > 1:
+                    # e.g. Alpa's inter-only ablation: data-parallel strategies only
+                    sts = [s for s in sts if s.name in self.only_names] or [min(sts, key=lambda s: s.name != "R")]
                 if name in allowed:
                     keep = [s for s in sts if s.name in allowed[name]]
                     if not keep:
@@ -243,6 +252,15 @@ class StageProblem:
                 st = _follow_cached(_BySig(n), self._boundary_spec(src), mesh, cm)
                 self.group_of[name] = len(self.groups)
                 self.groups.append(Group(name, [name], {name: [st]}))
+
+    def outside_stash_bytes(self) -> float:
+        """Bytes per microbatch of received inputs the set keeps for backward."""
+        total = 0.0
+        for src, w in self.saved_outside.items():
+            n = self.graph.node(src)
+            spec = self._boundary_spec(src)
+            total += w * n.out_bytes / (shard_factor(spec, self.mesh) if spec else 1)
+        return total
 
     # -- ILP arrays ----------------------------------------------------------------------
     def _shared_discount(self, name: str, st: Strategy) -> float:
@@ -322,6 +340,8 @@ class StageProblem:
               time_limit_s: float = 30.0, backend: str = "highs"):
         from solvers.ilp import solve_sharding_ilp
         costs, edges, mem = self.ilp_arrays(settings)
+        if mem_budget_bytes is not None:
+            mem_budget_bytes -= settings.inflight * self.outside_stash_bytes()
         res = solve_sharding_ilp(costs, edges, mem if mem_budget_bytes is not None else None,
                                  mem_budget_bytes, time_limit_s=time_limit_s, backend=backend)
         return res
@@ -384,6 +404,7 @@ class StageProblem:
         for src, spec in self.boundary.items():
             n = g.node(src)
             boundary += n.out_bytes / shard_factor(spec, mesh) if spec else n.out_bytes
+        stash += self.outside_stash_bytes()
         return Evaluation(fwd, bwd, comm, sync, rec, pe, pez, stash, boundary, ops)
 
     def objective(self, group_choice, settings: Settings) -> float:

@@ -89,7 +89,8 @@ class LayerSolver:
     """Solves and caches one layer's ILP per (structure, mesh, input layout)."""
 
     def __init__(self, graph: OpGraph, cm: ComputeModel, settings: Settings, stats: SearchStats,
-                 time_limit_s: float, backend: str):
+                 time_limit_s: float, backend: str, only_names: frozenset[str] | None = None):
+        self.only_names = only_names
         self.graph, self.cm, self.settings, self.stats = graph, cm, settings, stats
         self.time_limit_s, self.backend = time_limit_s, backend
         self.cache: dict[tuple, LayerSol] = {}
@@ -114,7 +115,8 @@ class LayerSolver:
         boundary = {src: spec} if src is not None and spec is not None else {}
         t0 = time.perf_counter()
         prob = StageProblem(self.graph, names, mesh, self.cm, boundary=boundary,
-                            restrict_out={out: restrict} if (restrict is not None and out is not None) else None)
+                            restrict_out={out: restrict} if (restrict is not None and out is not None) else None,
+                            only_names=self.only_names)
         res = prob.solve(self.settings, time_limit_s=self.time_limit_s, backend=self.backend)
         self.stats.ilps += 1
         self.stats.ilp_time_s += time.perf_counter() - t0
@@ -155,6 +157,9 @@ class RangeTable:
 
 
 def range_table(solver: LayerSolver, mesh: Mesh) -> RangeTable:
+    """Figures of every layer range [i, j) entered in every start layout, from the layer
+    solutions: a suffix recursion over (layer, layout) states, so each state's layer is looked
+    up once and a range's sums are array slices."""
     g = solver.graph
     L = len(g.layers)
     first_in = solver.inputs[1] if L > 1 else None
@@ -162,32 +167,54 @@ def range_table(solver: LayerSolver, mesh: Mesh) -> RangeTable:
     specs = boundary_specs(shape, mesh)
     starts: list = [("embed", q) for q in specs] + list(specs)
     P = len(starts)
-    shp = (L, L + 1, P)
-    t, rec, sync, param, stash, inputs, mls = (np.full(shp, np.inf) for _ in range(7))
+    K = 7   # t, rec, sync, param, stash, inputs, max layer stash
+    tab = np.full((K, L, L + 1, P), np.inf)
+    suffix: dict[tuple, np.ndarray] = {}
+
+    def chain(li: int, spec, restrict) -> np.ndarray:
+        """(K, L - li) figures of ranges [li, j) for j = li+1..L entered at state (li, spec)."""
+        key = (li, spec, restrict)
+        hit = suffix.get(key)
+        if hit is not None:
+            return hit
+        # walk forward to the end (or a dead end), then fold back: no deep recursion
+        path, cur, r = [], (li, spec), restrict
+        while True:
+            l, sp = cur
+            sol = solver.solve(l, mesh, None, restrict=r) if l == 0 else solver.solve(l, mesh, sp)
+            path.append((l, sp, r, sol))
+            if not math.isfinite(sol.t_s) or l + 1 >= L or sol.out_spec is None:
+                break
+            nxt = (l + 1, sol.out_spec, None)
+            if nxt in suffix:
+                break
+            cur, r = (l + 1, sol.out_spec), None
+        tail = None
+        last_l, _, _, last_sol = path[-1]
+        if math.isfinite(last_sol.t_s) and last_l + 1 < L and last_sol.out_spec is not None:
+            tail = suffix[(last_l + 1, last_sol.out_spec, None)]
+        for l, sp, r, sol in reversed(path):
+            n = L - l
+            arr = np.full((K, n), np.inf)
+            if math.isfinite(sol.t_s):
+                v = np.array([sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes, sol.stash_bytes, sol.input_bytes,
+                              sol.stash_bytes])
+                arr[:, 0] = v
+                if tail is not None:
+                    m = tail.shape[1]
+                    arr[:6, 1:1 + m] = v[:6, None] + tail[:6]
+                    arr[6, 1:1 + m] = np.maximum(v[6], tail[6])
+            suffix[(l, sp, r)] = arr
+            tail = arr
+        return suffix[key]
+
     for pi, start in enumerate(starts):
-        i_range = [0] if isinstance(start, tuple) and start and start[0] == "embed" else range(1, L)
-        for i in i_range:
-            acc = np.zeros(7)
-            acc[6] = 0.0
-            spec = start[1] if i == 0 else start
-            for j in range(i, L):
-                if j == 0:
-                    sol = solver.solve(0, mesh, None, restrict=spec)
-                    nxt = spec if sol.out_spec is None else sol.out_spec
-                else:
-                    sol = solver.solve(j, mesh, spec)
-                    nxt = sol.out_spec
-                if not math.isfinite(sol.t_s):
-                    break
-                acc[:6] += (sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes, sol.stash_bytes, sol.input_bytes)
-                acc[6] = max(acc[6], sol.stash_bytes)
-                t[i, j + 1, pi], rec[i, j + 1, pi], sync[i, j + 1, pi] = acc[0], acc[1], acc[2]
-                param[i, j + 1, pi], stash[i, j + 1, pi], inputs[i, j + 1, pi] = acc[3], acc[4], acc[5]
-                mls[i, j + 1, pi] = acc[6]
-                if nxt is None:
-                    break
-                spec = nxt
-    return RangeTable(t, rec, sync, param, stash, inputs, mls, starts)
+        if isinstance(start, tuple) and start and start[0] == "embed":
+            tab[:, 0, 1:, pi] = chain(0, None, start[1])
+        else:
+            for i in range(1, L):
+                tab[:, i, i + 1:, pi] = chain(i, start, None)
+    return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], starts)
 
 
 def _divisors(n: int) -> list[int]:
@@ -204,11 +231,11 @@ def microbatch_candidates(global_batch: int, n_gpus: int, microbatches: str | in
                             f"valid counts: {ok[:20]}{' ...' if len(ok) > 20 else ''}")
         return [global_batch // k]
     sizes = [d for d in _divisors(global_batch) if d & (d - 1) == 0] or [global_batch]
-    # Enough microbatches to fill a pipeline, each big enough to keep a GPU busy: a handful of
-    # powers of two around global_batch / n_gpus.
-    per_gpu = max(1, global_batch // max(1, n_gpus))
-    ranked = sorted(sizes, key=lambda d: abs(math.log2(d) - math.log2(per_gpu * 4)))
-    return sorted(ranked[:4])
+    # Six powers of two around global_batch / n_gpus: small ones give a pipeline many
+    # microbatches and need little activation memory, large ones keep each GPU busy.
+    center = max(1, global_batch // max(1, n_gpus))
+    ranked = sorted(sizes, key=lambda d: (abs(math.log2(d) - math.log2(center)), d))
+    return sorted(ranked[:6])
 
 
 def place(stages: list[tuple[int, int, Submesh]], cluster: Cluster) -> list[list[int]]:
@@ -242,8 +269,13 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
          gpus_per_node: int | None = None, global_batch: int | None = None, microbatches: str | int = "auto",
          schedule: str = "1f1b", max_stages: int | None = None, dtype: str = "bf16", zero: int = 1,
          seq: int | None = None, time_limit_s: float = 10.0, backend: str = "highs",
-         progress: bool = False) -> Plan:
-    """Search the best (stage, submesh, logical mesh, sharding) plan; returns it evaluated."""
+         progress: bool = False, intra: str = "ilp") -> Plan:
+    """Search the best (stage, submesh, logical mesh, sharding) plan; returns it evaluated.
+
+    intra="dp" restricts every stage to plain data parallelism (Alpa's inter-only ablation)."""
+    if intra not in ("ilp", "dp"):
+        raise PlanError(f"intra must be 'ilp' or 'dp' (got {intra!r})")
+    only = frozenset({"R", "b@0"}) if intra == "dp" else None
     if schedule not in ("1f1b", "gpipe"):
         raise PlanError(f"the planner's DP models 1f1b and gpipe schedules (got {schedule!r})")
     cl = load_cluster(cluster, nodes, gpus_per_node) if not isinstance(cluster, Cluster) else cluster
@@ -265,19 +297,25 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
         stats.trace_time_s += time.perf_counter() - t0
         B = gb // mb
         settings = Settings(n_microbatches=B, zero=zero)
-        solver = LayerSolver(graph, cm, settings, stats, time_limit_s, backend)
+        solver = LayerSolver(graph, cm, settings, stats, time_limit_s, backend, only)
         t0 = time.perf_counter()
         L = len(graph.layers)
         S = min(max_stages or L, L, cl.n_gpus)
         cost = np.full((L, L + 1, len(subs), S + 1), np.inf)
         extra = np.zeros((L, L + 1, len(subs)))
-        choice_of: dict[tuple, tuple] = {}
+        # argmin bookkeeping per (i, j, submesh, s): which logical mesh, start layout, recompute
+        arg_mesh = np.full((L, L + 1, len(subs), S + 1), -1)
+        arg_start = np.zeros((L, L + 1, len(subs), S + 1), dtype=np.int64)
+        arg_rc = np.zeros((L, L + 1, len(subs), S + 1), dtype=np.int64)
+        meshes: list[tuple] = []
         mem_cap = cl.gpu.memory_bytes
         for mi, sub in enumerate(subs):
-            for shape in sub.logical_meshes():
+            for shape in (sub.logical_meshes() if intra == "ilp" else [(sub.n_devices, 1)]):
                 mesh = Mesh(cl, sub, shape)
                 rt = range_table(solver, mesh)
-                for rc in RECOMPUTE_OPTIONS:
+                meshes.append((shape, rt.starts))
+                mesh_id = len(meshes) - 1
+                for rci, rc in enumerate(RECOMPUTE_OPTIONS):
                     t = rt.t + (rt.rec if rc == "full" else 0.0)
                     for s in range(1, S + 1):
                         inflight = min(s, B) if schedule == "1f1b" else B
@@ -285,21 +323,27 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
                             mem = rt.param + inflight * rt.inputs + rt.max_layer_stash
                         else:
                             mem = rt.param + inflight * rt.stash
-                        least_mem = min(least_mem, float(np.nanmin(np.where(np.isfinite(mem), mem, np.inf))))
+                        finite = mem[np.isfinite(mem)]
+                        if finite.size:
+                            least_mem = min(least_mem, float(finite.min()))
                         tt = np.where(mem <= mem_cap, t, np.inf)
                         pbest = tt.argmin(axis=2)
                         tbest = np.take_along_axis(tt, pbest[..., None], axis=2)[..., 0]
                         better = tbest < cost[:, :, mi, s]
                         if better.any():
                             cost[:, :, mi, s] = np.where(better, tbest, cost[:, :, mi, s])
-                            for i, j in zip(*np.nonzero(better)):
-                                p = int(pbest[i, j])
-                                choice_of[(int(i), int(j), mi, s)] = (shape, rt.starts[p], rc)
-                                if i == 0:
-                                    # Stage 0 finishes last under 1F1B: its gradient sync and
-                                    # optimizer step are not hidden behind other stages' work.
-                                    extra[i, j, mi] = rt.sync[i, j, p]
+                            arg_mesh[:, :, mi, s] = np.where(better, mesh_id, arg_mesh[:, :, mi, s])
+                            arg_start[:, :, mi, s] = np.where(better, pbest, arg_start[:, :, mi, s])
+                            arg_rc[:, :, mi, s] = np.where(better, rci, arg_rc[:, :, mi, s])
+                            # Stage 0 finishes last under 1F1B: its gradient sync and optimizer
+                            # step are not hidden behind other stages' work.
+                            sync0 = np.take_along_axis(rt.sync[0], pbest[0][..., None], axis=1)[..., 0]
+                            extra[0, :, mi] = np.where(better[0], sync0, extra[0, :, mi])
             bar.advance_mesh(sub)
+
+        def choice_of(i, j, mi, s):
+            shape, starts = meshes[arg_mesh[i, j, mi, s]]
+            return shape, starts[arg_start[i, j, mi, s]], RECOMPUTE_OPTIONS[arg_rc[i, j, mi, s]]
         stats.table_time_s += time.perf_counter() - t0
 
         from solvers.stage_dp import stage_dp
@@ -330,7 +374,7 @@ def _build_plan(source, graph, cl, solver, dp, choice_of, subs, gb, mb, schedule
     ids = place(stage_list, cl)
     stages = []
     for k, (i, j, mi) in enumerate(dp.stages):
-        shape, start, rc = choice_of[(i, j, mi, n - k)]
+        shape, start, rc = choice_of(i, j, mi, n - k)
         sub = subs[mi]
         mesh = Mesh(cl, sub, shape)
         strategies: dict[str, str] = {}

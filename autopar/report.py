@@ -1,0 +1,133 @@
+"""Human-readable summaries and plots of plans and comparisons."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .plan import Plan
+
+
+def gib(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB"
+
+
+def fmt_s(x: float) -> str:
+    if x is None:
+        return "-"
+    if x >= 1:
+        return f"{x:.3f} s"
+    if x >= 1e-3:
+        return f"{x * 1e3:.2f} ms"
+    return f"{x * 1e6:.1f} us"
+
+
+def plan_summary(plan: Plan) -> str:
+    pr, tr = plan.predicted, plan.training
+    lines = [f"plan: {plan.strategy} ({plan.config.get('label', '')})",
+             f"model: {plan.model['name']}  params {plan.model['params'] / 1e9:.2f}B  seq {plan.model['seq']}",
+             f"cluster: {plan.cluster['name']}  {plan.cluster['nodes']} x {plan.cluster['gpus_per_node']} "
+             f"{plan.cluster['gpu']}",
+             f"training: global batch {tr['global_batch']} = {tr['n_microbatches']} microbatches x "
+             f"{tr['microbatch_size']}, {tr['dtype']}, schedule {tr['schedule']}"
+             + (f" x{tr.get('virtual_stages', 1)}" if tr['schedule'] == 'interleaved' else '')
+             + f", ZeRO-{tr['zero']}", ""]
+    lines.append(f"{'stage':>5} {'layers':>9} {'devices':>12} {'mesh':>6} {'recompute':>9} "
+                 f"{'fwd+bwd/mb':>11} {'memory':>11}")
+    for s in plan.stages:
+        ids = s.device_ids
+        devs = f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else ",".join(map(str, ids[:4])) + "..."
+        lines.append(f"{s.index:>5} {f'{s.layers[0]}-{s.layers[1] - 1}':>9} {devs:>12} "
+                     f"{f'{s.logical_mesh[0]}x{s.logical_mesh[1]}':>6} {s.recompute:>9} {fmt_s(s.t_intra_s):>11} "
+                     f"{gib(s.memory.get('total_bytes', 0)):>11}")
+    lines += ["", f"predicted step time {fmt_s(pr['step_time_s'])}, {pr['tokens_per_s']:,.0f} tokens/s, "
+                  f"{pr['tflops_per_gpu']:.1f} TFLOP/s per GPU, MFU {pr['mfu']:.1%}",
+              f"bubble {pr['bubble_fraction']:.1%}, gradient sync {fmt_s(pr['grad_sync_s'])}, "
+              f"optimizer {fmt_s(pr['optimizer_s'])}, point-to-point {fmt_s(pr['p2p_s'])}",
+              f"peak memory {gib(pr['peak_memory_bytes'])} of {gib(pr['memory_limit_bytes'])}: "
+              + ("fits" if pr["fits"] else "DOES NOT FIT")]
+    if plan.search:
+        s = plan.search
+        lines.append(f"search: {s.get('ilps', 0)} ILPs solved, {s.get('cache_hits', 0)} cache hits; "
+                     f"trace {s.get('trace_time_s', 0):.1f} s, stage tables {s.get('table_time_s', 0):.1f} s "
+                     f"(ILP {s.get('ilp_time_s', 0):.1f} s), DP {s.get('dp_time_s', 0):.1f} s, "
+                     f"evaluation {s.get('eval_time_s', 0):.1f} s; solver statuses {s.get('statuses', {})}")
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def gantt(plan: Plan, graph, cluster, path: str, ax=None) -> None:
+    """Draw the simulated pipeline schedule of a plan: one row per pipeline rank."""
+    from .evaluator import p2p_time_s
+    from .pipeline import simulate
+    plt = _plt()
+    tr = plan.training
+    v = int(tr.get("virtual_stages", 1) or 1) if tr["schedule"] == "interleaved" else 1
+    st = plan.stages
+    p2p = [0.0] * (len(st) - 1)
+    sched = simulate([s.fwd_s for s in st], [s.bwd_s for s in st], tr["n_microbatches"], tr["schedule"], p2p, chunks=v)
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(12, 1 + 0.5 * (len(st) // v)))
+    for op in sched.ops:
+        color = "#4C72B0" if op.kind == "F" else "#DD8452"
+        ax.barh(op.device, op.end_s - op.start_s, left=op.start_s, color=color, edgecolor="white", linewidth=0.3)
+    ax.set_yticks(range(len(st) // v))
+    ax.set_yticklabels([f"stage {i}" for i in range(len(st) // v)])
+    ax.invert_yaxis()
+    ax.set_xlabel("time (s)")
+    ax.set_title(f"{plan.strategy}: pipeline schedule ({tr['schedule']}, {tr['n_microbatches']} microbatches; "
+                 f"blue forward, orange backward)")
+    if own:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def compare_plot(rows: list[dict[str, Any]], best_plan: Plan | None, path: str, title: str) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3 if best_plan is not None else 1, figsize=(18 if best_plan else 8, 4.5),
+                             gridspec_kw={"width_ratios": [1.2, 1.6, 0.8]} if best_plan else None)
+    ax = axes[0] if best_plan is not None else axes
+    names = [r["strategy"] for r in rows]
+    vals = [r.get("tokens_per_s", 0.0) or 0.0 for r in rows]
+    colors = ["#55A868" if r["fits"] else "#C44E52" for r in rows]
+    ax.bar(names, vals, color=colors)
+    for i, r in enumerate(rows):
+        if not r["fits"]:
+            need = r.get("peak_memory_bytes")
+            ax.text(i, max(vals) * 0.02 if max(vals) else 0.02, "OOM" + (f"\n{need / 2**30:.0f} GiB" if need else ""),
+                    ha="center", va="bottom", color="#C44E52", fontsize=8)
+    ax.set_ylabel("tokens / s")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=45)
+    if best_plan is not None:
+        from .pipeline import simulate
+        tr = best_plan.training
+        v = int(tr.get("virtual_stages", 1) or 1) if tr["schedule"] == "interleaved" else 1
+        st = best_plan.stages
+        sched = simulate([s.fwd_s for s in st], [s.bwd_s for s in st], tr["n_microbatches"], tr["schedule"],
+                         None, chunks=v)
+        gx = axes[1]
+        for op in sched.ops:
+            gx.barh(op.device, op.end_s - op.start_s, left=op.start_s,
+                    color="#4C72B0" if op.kind == "F" else "#DD8452", edgecolor="white", linewidth=0.3)
+        gx.invert_yaxis()
+        gx.set_xlabel("time (s)")
+        gx.set_ylabel("pipeline stage")
+        gx.set_title(f"best plan ({best_plan.strategy}): pipeline schedule")
+        mx = axes[2]
+        mem = [s.memory.get("total_bytes", 0) / 2**30 for s in st]
+        mx.bar(range(len(mem)), mem, color="#8172B2")
+        mx.axhline(best_plan.predicted["memory_limit_bytes"] / 2**30, color="#C44E52", linestyle="--")
+        mx.set_xlabel("stage")
+        mx.set_ylabel("GiB per GPU")
+        mx.set_title("memory per device")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
