@@ -110,6 +110,7 @@ def cut_bytes(graph: OpGraph, nodes: list[OpNode]) -> np.ndarray:
 
 def _cluster_groups(graph: OpGraph, nodes: list[OpNode], n_layers: int) -> list[list[OpNode]]:
     n_layers = max(1, min(n_layers, len(nodes)))
+    # a training step runs both passes, so clusters balance forward + backward FLOPs
     flops = np.array([n.fwd_flops + n.bwd_flops for n in nodes], dtype=float)
     cuts = cut_bytes(graph, nodes)
     try:
@@ -119,7 +120,9 @@ def _cluster_groups(graph: OpGraph, nodes: list[OpNode], n_layers: int) -> list[
                       "equal FLOPs without looking at boundary tensors", stacklevel=3)
         starts = _equal_flop_starts(flops, n_layers)
     else:
-        starts = list(cluster_ops(flops, cuts, n_layers))
+        starts = [int(i) for i in cluster_ops(flops, cuts, n_layers)]
+        if not starts or starts[0] != 0:
+            starts = [0] + starts
     bounds = list(starts) + [len(nodes)]
     return [nodes[bounds[i]:bounds[i + 1]] for i in range(len(starts))
             if bounds[i + 1] > bounds[i]]

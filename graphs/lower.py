@@ -17,8 +17,8 @@ fx nodes fall in four classes:
 
 from __future__ import annotations
 
-import operator
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -441,7 +441,13 @@ class _Lowerer:
                           {}, module_path, target="output")
             return node, [g for _, g in ops]
 
-        op, kind, ops, attrs = self.rule(n, key)
+        try:
+            op, kind, ops, attrs = self.rule(n, key)
+        except Exception as e:  # noqa: BLE001 - an odd call pattern must not lose the op
+            warnings.warn(f"no IR rule could read {_target_str(n, self.p.modules)} at node "
+                          f"{n.name} ({type(e).__name__}: {e}); kept as unknown", stacklevel=2)
+            op, kind, attrs = key, UNKNOWN, {"lowering_error": f"{type(e).__name__}: {e}"}
+            ops = [o for a in self.tensor_args(n) for o in self.operand(a)]
         node = OpNode(n.name, op, kind, [o for o, _ in ops], out_shapes, out_dtype, attrs,
                       module_path, target=_target_str(n, self.p.modules))
         grads = [g for _, g in ops]
@@ -548,11 +554,20 @@ class _Lowerer:
                 "reduction": _jsonable(reduction), "ignore_index": _jsonable(ignore)}
 
         # reductions ------------------------------------------------------------------------
+        if key in ("max", "min") and len(tensor_args) == 2:    # torch.max(a, b): pointwise
+            return {"max": "maximum", "min": "minimum"}[key], ELEMENTWISE, \
+                args_ops(tensor_args), {"scalars": []}
         if key in REDUCTION_OPS:
             x = vals[0]
             nd = x.dim()
             attrs: dict[str, Any] = {}
-            if key == "topk":
+            if key == "norm":     # norm(x, p, dim, keepdim)
+                dim = self.arg(n, 2, "dim", None)
+                dims = list(range(nd)) if dim is None else [
+                    _nonneg(d, nd) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
+                keepdim = bool(self.arg(n, 3, "keepdim", False))
+                attrs["p"] = _jsonable(self.arg(n, 1, "p", 2))
+            elif key == "topk":
                 k = self.arg(n, 1, "k")
                 dim = self.arg(n, 2, "dim", -1)
                 dims, keepdim = [_nonneg(dim, nd)], True

@@ -358,3 +358,55 @@ def test_big_models_trace_fast_on_meta():
     assert elapsed < 20, elapsed          # seconds, not minutes (a few s on a laptop)
     assert len(g.layers) == 98
     assert math.isclose(g.fwd_flops, 2 * g.param_count * 2048, rel_tol=0.15)
+
+
+class ManyOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16))
+        self.emb = nn.Parameter(torch.randn(10, 16))
+
+    def forward(self, x, ids):
+        e = F.embedding(ids, self.emb)                    # [2, 5, 16]
+        y = x @ self.w.t()                                # a view of a param folds into the op
+        y = torch.max(y, e)                               # pointwise, not a reduction
+        values, index = y.max(dim=-1)
+        a, b = y.chunk(2, dim=-1)
+        q = torch.stack([a, b], dim=0).unbind(0)[0].unsqueeze(1).expand(2, 3, 5, 8)
+        z = torch.einsum("...ij,...kj->...ik", q, q)      # [2, 3, 5, 5]
+        z = z.masked_fill(torch.triu(torch.ones(5, 5, dtype=torch.bool), 1), 0.0)
+        picked = y[:, None, 1:3]
+        gathered = y[ids[0]]
+        return (z.sum() + picked.mean() + gathered.sum() + values.sum()
+                + index.float().sum() + torch.norm(y, 2, -1).sum())
+
+
+def test_op_coverage_of_common_torch_calls():
+    g = graphs.trace(ManyOps(), (torch.randn(2, 5, 16), torch.randint(0, 10, (2, 5))),
+                     n_layers=1)
+    by_op = {}
+    for n in g.nodes():
+        by_op.setdefault(n.op, []).append(n)
+    emb = by_op["embedding"][0]
+    assert [o.param for o in emb.operands] == [None, "emb"]
+    mm = by_op["matmul"][0]
+    assert mm.operands[1].param == "w" and mm.attrs["equation"] == "bmk,kn->bmn"
+    assert by_op["maximum"][0].kind == "elementwise"
+    red = by_op["max"][0]
+    assert red.kind == "reduction" and red.attrs["dims"] == [2] and len(red.out_shapes) == 2
+    indices = next(n for n in by_op["getitem"] if n.attrs.get("index") == 1
+                   and n.operands[0].source == red.name)
+    assert indices.operands[0].source_index == 1 and indices.attrs["requires_grad"] is False
+    assert by_op["chunk"][0].attrs == {"dim": 2, "sizes": [8, 8], "copy": False,
+                                       "requires_grad": True}
+    assert by_op["stack"][0].attrs["dim"] == 0 and by_op["unbind"][0].attrs["dim"] == 0
+    assert by_op["expand"][0].attrs["dim_groups"] == [[[0], [0]], [[1], [1]], [[2], [2]],
+                                                      [[3], [3]]]
+    assert by_op["einsum"][0].attrs["equation"] == "abij,abkj->abik"
+    mask = by_op["masked_fill"][0].operands[1]
+    assert mask.source is None and mask.shape == (5, 5) and mask.dtype == "bool"
+    picked = next(n for n in by_op["getitem"] if n.out_shape == (2, 1, 2, 16))
+    assert picked.attrs["dim_groups"] == [[[0], [0]], [[], [1]], [[1], [2]], [[2], [3]]]
+    assert by_op["norm"][0].attrs["dims"] == [2]
+    assert [n.op for n in g.nodes() if n.kind == UNKNOWN] == ["index"]   # y[ids[0]]: gather
+    assert g.param_count == 16 * 16 + 10 * 16
