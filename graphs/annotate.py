@@ -24,7 +24,7 @@ sharded shapes. Conventions (also in DESIGN §3):
 from __future__ import annotations
 
 from .ir import (ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, LOSS, MATMUL, NORM, OUTPUT,
-                 REDUCTION, SOFTMAX, UNKNOWN, VIEW, OpNode, dtype_bytes, numel)
+                 REDUCTION, SOFTMAX, UNKNOWN, VIEW, OpNode, numel)
 
 BWD_FACTOR = {ATTENTION: 2.5, NORM: 2.0, ELEMENTWISE: 1.0, SOFTMAX: 1.0, REDUCTION: 1.0,
               LOSS: 1.0, UNKNOWN: 1.0}
@@ -134,6 +134,3 @@ def annotate(node: OpNode, grad_operands: list[bool]) -> OpNode:
     node.bwd_bytes = bwd_bytes(node, grad_operands)
     return node
 
-
-def elem_bytes(shape: tuple[int, ...], dtype: str) -> int:
-    return numel(shape) * dtype_bytes(dtype)

@@ -1,7 +1,7 @@
 """Grouping ops into layers, the unit the pipeline-stage DP slices.
 
 Transformers: layer 0 "embed" (everything before the first block), one layer per block
-("block.i", found from the module path "blocks.i." / HF "layers.i." / "h.i."), and a last
+("block.i", found from the module path "blocks.i.", HF "layers.i." / "h.i." / "layer.i." / "block.i."), and a last
 "head" layer (final norm, head, loss). Other graphs: the operator clustering DP of Alpa §5.2
 (solvers/clustering.py) splits the op sequence into groups of near-equal FLOPs with small
 boundary tensors.
@@ -21,7 +21,9 @@ import numpy as np
 
 from .ir import Layer, OpGraph, OpNode
 
-BLOCK_RE = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)(?=\.|$)")
+# zoo "blocks.i", HF "layers.i" (Llama, Mistral, ...), "h.i" (GPT-2), "layer.i" (BERT),
+# "block.i" (T5)
+BLOCK_RE = re.compile(r"(?:^|\.)(?:blocks|layers|layer|block|h)\.(\d+)(?=\.|$)")
 DEFAULT_CLUSTERS = 8
 
 

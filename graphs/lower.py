@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from . import annotate
 from .ir import (ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, LOSS, MATMUL, NORM, OUTPUT,
-                 REDUCTION, SOFTMAX, UNKNOWN, VIEW, OpGraph, OpNode, Operand, numel)
+                 REDUCTION, SOFTMAX, UNKNOWN, VIEW, OpGraph, OpNode, Operand)
 
 TORCH_DTYPE_NAMES = {
     torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16",

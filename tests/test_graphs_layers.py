@@ -61,7 +61,8 @@ def test_hf_and_zoo_block_paths_are_recognised():
     assert block_of("model.layers.12.self_attn.q_proj") == (12, "model.layers.12")
     assert block_of("transformer.h.0.mlp.c_fc") == (0, "transformer.h.0")
     assert block_of("wte") is None and block_of("head") is None
-    assert block_of("blocks_extra.1") is None
+    assert block_of("encoder.layer.5.attention") == (5, "encoder.layer.5")
+    assert block_of("blocks_extra.1") is None and block_of("layers.x") is None
 
 
 class Tower(nn.Module):
