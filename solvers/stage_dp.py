@@ -1,0 +1,425 @@
+"""Alpa's inter-op stage DP (DESIGN.md section 6).
+
+Pipeline latency with B microbatches: T = sum_i (t_i + extra_i) + (B - 1) * max_i t_i.
+For a fixed bound t_max on every stage time,
+    F(s, k, d) = least sum (t + extra) of slicing layers k..L into s stages on exactly d
+                 devices, every t <= t_max,
+    F(s, k, d) = min_{j > k, m} c[k, j, m, s] + F(s - 1, j, d - n_m),   F(0, L, 0) = 0,
+where the stage starting at k has s stages from it to the end (its 1F1B depth), and
+T(t_max) = min_s F(s, 0, D) + (B - 1) * t_max. The optimum is the least T over the
+candidate t_max values (the distinct stage times).
+
+Search over t_max. F(t_max) is a non-increasing step function, so T is minimised at the
+left end of a step. Each DP solve at t_max also returns its solution's actual largest stage
+time t' <= t_max, and F is constant on [t', t_max]: every candidate in between is skipped.
+  1. the smallest feasible t_max by galloping + bisection over the sorted candidates;
+  2. from the top of the window that can still beat the best T (lower bound
+     (B-1) t + max(t, F_relaxed), F_relaxed a device-free relaxation of F), walk down: solve
+     at the largest candidate below the last solution's t', until the window is empty.
+Each DP solve only touches entries with t <= t_max, grouped by (s, k) and vectorised over
+(entries x devices); device counts are in units of gcd(submesh sizes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["StageDPResult", "stage_dp", "stage_dp_brute_force"]
+
+
+@dataclass(frozen=True)
+class StageDPResult:
+    total_s: float  # T = sum_i (t_i + extra_i) + (B-1) * max_i t_i ; inf if none feasible
+    stages: list[tuple[int, int, int]]  # (layer_start, layer_end_exclusive, submesh_index)
+    stage_times_s: list[float]  # t_i per stage (per microbatch)
+    t_max_s: float
+    n_tmax_tried: int  # DP solves run
+    solve_time_s: float
+
+
+# --------------------------------------------------------------------------------------
+# input checking
+
+
+@dataclass
+class _Input:
+    t: np.ndarray  # (L, L+1, M, S+1) stage time; inf where unusable
+    c: np.ndarray  # t + extra, same shape
+    sizes: np.ndarray  # devices per submesh option
+    n_devices: int
+    b: int
+    s_max: int
+
+
+def _validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extra,
+              max_stages) -> _Input:
+    t = np.array(stage_cost, dtype=np.float64)  # a copy: we write inf into it
+    if t.ndim != 4:
+        raise ValueError(f"stage_cost must be 4-D (L, L+1, M, S+1), got shape {t.shape}")
+    n_layers, n_ends, n_mesh, n_s1 = t.shape
+    if n_layers < 1 or n_ends != n_layers + 1:
+        raise ValueError(f"stage_cost shape {t.shape}: second axis must be L+1 = "
+                         f"{n_layers + 1} (layer_end exclusive), got {n_ends}")
+    if n_s1 < 2:
+        raise ValueError(f"stage_cost shape {t.shape}: last axis is S+1 and needs S >= 1")
+    sizes = np.asarray(submesh_devices)
+    if sizes.shape != (n_mesh,):
+        raise ValueError(f"submesh_devices has {sizes.size} entries, stage_cost has "
+                         f"M = {n_mesh} submesh options")
+    if not np.issubdtype(sizes.dtype, np.integer) and not np.all(sizes == np.round(sizes)):
+        raise ValueError(f"submesh_devices must be integers, got {submesh_devices!r}")
+    sizes = sizes.astype(np.int64)
+    if (sizes < 1).any():
+        raise ValueError(f"submesh_devices must be >= 1, got {sizes.tolist()}")
+    if isinstance(n_devices, bool) or int(n_devices) != n_devices or n_devices < 1:
+        raise ValueError(f"n_devices must be a positive int, got {n_devices!r}")
+    if isinstance(n_microbatches, bool) or int(n_microbatches) != n_microbatches \
+            or n_microbatches < 1:
+        raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
+    if np.isnan(t).any():
+        raise ValueError("stage_cost contains NaN")
+    if (t < 0).any():
+        raise ValueError("stage_cost contains negative times")
+    if stage_extra is None:
+        extra = np.zeros((n_layers, n_ends, n_mesh))
+    else:
+        extra = np.asarray(stage_extra, dtype=np.float64)
+        if extra.shape != (n_layers, n_ends, n_mesh):
+            raise ValueError(f"stage_extra must have shape (L, L+1, M) = "
+                             f"{(n_layers, n_ends, n_mesh)}, got {extra.shape}")
+        if np.isnan(extra).any() or (extra < 0).any():
+            raise ValueError("stage_extra contains NaN or negative values")
+    s_max = n_s1 - 1
+    if max_stages is not None:
+        if isinstance(max_stages, bool) or int(max_stages) != max_stages or max_stages < 1:
+            raise ValueError(f"max_stages must be a positive int, got {max_stages!r}")
+        s_max = min(s_max, int(max_stages))
+    s_max = min(s_max, n_layers)
+    # Unusable entries: empty or reversed layer ranges, the unused s = 0 slot, depths beyond
+    # s_max, submeshes larger than the cluster, and any inf extra.
+    i_idx = np.arange(n_layers)[:, None]
+    j_idx = np.arange(n_ends)[None, :]
+    t[~(j_idx > i_idx)] = np.inf
+    t[..., 0] = np.inf
+    t[..., s_max + 1:] = np.inf
+    t[:, :, sizes > n_devices, :] = np.inf
+    c = t + extra[..., None]
+    t[~np.isfinite(c)] = np.inf
+    c[~np.isfinite(t)] = np.inf
+    return _Input(t, c, sizes, int(n_devices), int(n_microbatches), s_max)
+
+
+def _total(inp: _Input, stages) -> tuple[float, list[float], float]:
+    times = [float(inp.t[i, j, m, len(stages) - q]) for q, (i, j, m) in enumerate(stages)]
+    costs = [float(inp.c[i, j, m, len(stages) - q]) for q, (i, j, m) in enumerate(stages)]
+    t_max = max(times)
+    return sum(costs) + (inp.b - 1) * t_max, times, t_max
+
+
+def _empty_result(t0, n_tried) -> StageDPResult:
+    return StageDPResult(math.inf, [], [], math.inf, n_tried, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------
+# the DP at one t_max
+
+
+class _Solver:
+    def __init__(self, inp: _Input):
+        self.inp = inp
+        n_layers = inp.t.shape[0]
+        self.n_layers = n_layers
+        usable = inp.sizes <= inp.n_devices
+        g = int(np.gcd.reduce(inp.sizes[usable])) if usable.any() else 1
+        # Only multiples of g are reachable: count devices in units of g.
+        self.feasible_units = inp.n_devices % g == 0
+        self.units = inp.sizes // g
+        self.d_top = inp.n_devices // g
+        self.n_d = self.d_top + 1
+        # Every usable entry, ordered by (s, k, t): the entries allowed at a given t_max are
+        # then a mask away, still grouped by (s, k).
+        k, j, m, s = np.nonzero(np.isfinite(inp.t))
+        tv = inp.t[k, j, m, s]
+        order = np.lexsort((tv, k, s))
+        self.k, self.j, self.m, self.s = k[order], j[order], m[order], s[order]
+        self.tv = tv[order]
+        self.cv = inp.c[self.k, self.j, self.m, self.s]
+        self.t_rel = inp.t.min(axis=3)  # (L, L+1, M), best depth: for the device bounds
+        self.n_solves = 0
+
+    def candidates(self) -> np.ndarray:
+        return np.unique(self.tv)
+
+    def device_bounds(self, t_max: float) -> tuple[np.ndarray, np.ndarray]:
+        """Least devices (units) that layers [0, k) (prefix[k]) and [k, L) (suffix[k]) need
+        with every stage within t_max, depths relaxed. A DP state (k, d) with
+        d < suffix[k] or d > D - prefix[k] lies on no complete solution."""
+        n_layers = self.n_layers
+        units = self.units.astype(np.float64)
+        step = np.where(self.t_rel <= t_max, units, np.inf).min(axis=2)  # (L, L+1)
+        prefix = np.full(n_layers + 1, np.inf)
+        prefix[0] = 0.0
+        for j in range(1, n_layers + 1):
+            prefix[j] = np.min(prefix[:j] + step[:j, j])
+        suffix = np.full(n_layers + 1, np.inf)
+        suffix[n_layers] = 0.0
+        for k in range(n_layers - 1, -1, -1):
+            suffix[k] = np.min(step[k, k + 1:] + suffix[k + 1:])
+        return prefix, suffix
+
+    def solve(self, t_max: float, feasibility_only: bool = False):
+        """The DP at t_max. Returns (tables, top) with top[s] = F(s, 0, D) (float mode) or
+        (None, top) with top[s] = 0 / inf for feasible / not (feasibility mode, ~8x cheaper:
+        booleans instead of floats)."""
+        self.n_solves += 1
+        n_layers, n_d, d_top = self.n_layers, self.n_d, self.d_top
+        top = np.full(self.inp.s_max + 1, np.inf)
+        prefix, suffix = self.device_bounds(t_max)
+        if not suffix[0] <= d_top:
+            return None, top
+        # Column window of row k: only d in [lo[k], hi[k]] can be on a solution; row 0 (no
+        # stage before it) only needs d = D.
+        lo = np.minimum(suffix, n_d).astype(np.int64)
+        hi = np.where(np.isfinite(prefix), d_top - np.minimum(prefix, n_d), -1).astype(np.int64)
+        lo[0] = max(lo[0], d_top)
+        ok = self.tv <= t_max
+        k, j, m, s, cv = self.k[ok], self.j[ok], self.m[ok], self.s[ok], self.cv[ok]
+        live_k = lo <= hi
+        keep = live_k[k] & live_k[j]
+        k, j, m, s, cv = k[keep], j[keep], m[keep], s[keep], cv[keep]
+        s_bounds = np.searchsorted(s, np.arange(self.inp.s_max + 2))
+        if feasibility_only:
+            g_prev = np.zeros((n_layers + 1, n_d), dtype=bool)
+            g_prev[n_layers, 0] = True
+            pad_value = False
+        else:
+            g_prev = np.full((n_layers + 1, n_d), np.inf)
+            g_prev[n_layers, 0] = 0.0
+            pad_value = np.inf
+        shifted = np.empty((len(self.units), n_layers + 1, n_d), dtype=g_prev.dtype)
+        tables = [g_prev]
+        for depth in range(1, self.inp.s_max + 1):
+            e0, e1 = s_bounds[depth], s_bounds[depth + 1]
+            g_cur = np.zeros_like(g_prev) if feasibility_only else np.full_like(g_prev, np.inf)
+            live_rows = (g_prev if feasibility_only else np.isfinite(g_prev)).any(axis=1)
+            kk, jj, mm, cc = k[e0:e1], j[e0:e1], m[e0:e1], cv[e0:e1]
+            useful = live_rows[jj]  # entries that lead into a solvable rest
+            if useful.any():
+                kk, jj, mm, cc = kk[useful], jj[useful], mm[useful], cc[useful]
+                # shifted[q, j, d] = g_prev[j, d - units[q]]: the gathers below then copy
+                # contiguous row slices instead of indexing element by element
+                for q, uq in enumerate(self.units.tolist()):
+                    if uq < n_d:
+                        shifted[q, :, :uq] = pad_value
+                        shifted[q, :, uq:] = g_prev[:, :n_d - uq]
+                starts = np.flatnonzero(np.r_[True, kk[1:] != kk[:-1]])
+                for g0, g1, w0, w1 in _chunks(starts, kk.size, lo[kk[starts]], hi[kk[starts]]):
+                    e0, e1 = starts[g0], (starts[g1] if g1 < starts.size else kk.size)
+                    vals = shifted[mm[e0:e1], jj[e0:e1], w0:w1]
+                    rows = kk[starts[g0:g1]]
+                    at = starts[g0:g1] - e0
+                    # Cells outside a row's own window get values too: those are costs of
+                    # real (if useless) suffixes, so they can never undercut the optimum.
+                    if feasibility_only:
+                        g_cur[rows, w0:w1] = np.logical_or.reduceat(vals, at, axis=0)
+                    else:
+                        vals += cc[e0:e1, None]
+                        g_cur[rows, w0:w1] = np.minimum.reduceat(vals, at, axis=0)
+            tables.append(g_cur)
+            if feasibility_only:
+                top[depth] = 0.0 if g_cur[0, d_top] else np.inf
+            else:
+                top[depth] = g_cur[0, d_top]
+            g_prev = g_cur
+        return (None if feasibility_only else tables), top
+
+    def reconstruct(self, tables, depth: int, t_max: float) -> list[tuple[int, int, int]]:
+        inp = self.inp
+        stages = []
+        k, d = 0, self.d_top
+        for s in range(depth, 0, -1):
+            g_prev = tables[s - 1]
+            # every (j, m) from (k, d) under t_max, added exactly as the DP added it
+            rest = np.full((self.n_layers + 1, len(self.units)), np.inf)
+            for q, u in enumerate(self.units):
+                if u <= d:
+                    rest[:, q] = g_prev[:, d - u]
+            c = np.where(inp.t[k, :, :, s] <= t_max, inp.c[k, :, :, s], np.inf)
+            total = c + rest
+            j, m = np.unravel_index(int(np.argmin(total)), total.shape)
+            stages.append((k, int(j), int(m)))
+            k, d = int(j), d - int(self.units[m])
+        return stages
+
+
+def _chunks(starts: np.ndarray, n_entries: int, lo: np.ndarray, hi: np.ndarray,
+            max_elems: int = 1 << 21):
+    """Split consecutive k-groups (entries starts[g]..starts[g+1], column window
+    [lo[g], hi[g]]) into blocks computed over the union of their windows: one numpy call per
+    block instead of per row, while the union stays close to the rows' own widths."""
+    n_groups = starts.size
+    ends = np.r_[starts[1:], n_entries]
+    g0 = 0
+    while g0 < n_groups:
+        w0, w1 = int(lo[g0]), int(hi[g0]) + 1
+        own = w1 - w0
+        g1 = g0 + 1
+        while g1 < n_groups:
+            n0, n1 = min(w0, int(lo[g1])), max(w1, int(hi[g1]) + 1)
+            if (n1 - n0) > max(64, 2 * own) or (ends[g1] - starts[g0]) * (n1 - n0) > max_elems:
+                break
+            w0, w1, own = n0, n1, max(own, int(hi[g1]) + 1 - int(lo[g1]))
+            g1 += 1
+        yield g0, g1, w0, w1
+        g0 = g1
+
+
+def _relaxed_sum(inp: _Input) -> float:
+    """Lower bound on sum_i (t_i + extra_i): best slicing with each stage at its cheapest
+    submesh and depth, devices ignored (an O(L^2) shortest path)."""
+    n_layers = inp.c.shape[0]
+    best = inp.c.min(axis=(2, 3))  # (L, L+1)
+    f = np.full(n_layers + 1, np.inf)
+    f[n_layers] = 0.0
+    for k in range(n_layers - 1, -1, -1):
+        f[k] = np.min(best[k, k + 1:] + f[k + 1:])
+    return float(f[0])
+
+
+def _t_lower_bound(inp: _Input) -> float:
+    """Every layer lies in some stage, so max_i t_i >= max_l min over stages covering l."""
+    n_layers = inp.t.shape[0]
+    best = inp.t.min(axis=(2, 3))  # (L, L+1)
+    lb = 0.0
+    for layer in range(n_layers):
+        lb = max(lb, float(best[:layer + 1, layer + 1:].min()))
+    return lb
+
+
+# --------------------------------------------------------------------------------------
+# public API
+
+
+def stage_dp(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_devices: int,
+             n_microbatches: int, stage_extra: np.ndarray | None = None,
+             max_stages: int | None = None) -> StageDPResult:
+    """Optimal pipeline slicing of L layers into stages on submeshes using exactly
+    n_devices (see module docstring). stage_cost[i, j, m, s]: per-microbatch time of layers
+    [i, j) on submesh m with s stages from it to the end inclusive (inf = infeasible)."""
+    t0 = time.perf_counter()
+    inp = _validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extra,
+                    max_stages)
+    solver = _Solver(inp)
+    if not solver.feasible_units or solver.tv.size == 0:
+        return _empty_result(t0, 0)
+    cands = solver.candidates()
+    b = inp.b
+
+    best = {"T": math.inf, "stages": None}
+
+    def solve_at(t_max: float):
+        """DP at t_max; records the best T. Returns (F, actual max t) or (inf, None)."""
+        tables, top = solver.solve(t_max)
+        depth = int(np.argmin(top))
+        f = float(top[depth])
+        if not math.isfinite(f):
+            return math.inf, None
+        stages = solver.reconstruct(tables, depth, t_max)
+        total, _, t_actual = _total(inp, stages)
+        if total < best["T"]:
+            best["T"], best["stages"] = total, stages
+        return f, t_actual
+
+    if b == 1:
+        solve_at(float(cands[-1]))  # no bubble term: the unconstrained optimum is it
+    else:
+        # 1. smallest feasible t_max: gallop up from a lower bound, then bisect, on the
+        #    cheap feasibility-only DP.
+        def feasible(idx: int) -> bool:
+            return bool(np.isfinite(solver.solve(float(cands[idx]), True)[1]).any())
+
+        last = cands.size - 1
+        probe = int(np.searchsorted(cands, _t_lower_bound(inp), side="left"))
+        # The device bound alone is a necessary condition and ~100x cheaper than a DP:
+        # bisect on it first to start the gallop near the answer.
+        hi_idx = last + 1
+        lo_idx = probe
+        while lo_idx < hi_idx:
+            mid = (lo_idx + hi_idx) // 2
+            if solver.device_bounds(float(cands[mid]))[1][0] <= solver.d_top:
+                hi_idx = mid
+            else:
+                lo_idx = mid + 1
+        probe = lo_idx
+        a, step = probe - 1, 1  # cands[a] is known infeasible (or below every candidate)
+        while True:
+            if probe > last:
+                return _empty_result(t0, solver.n_solves)
+            if feasible(probe):
+                break
+            if probe == last:
+                return _empty_result(t0, solver.n_solves)
+            a, probe, step = probe, min(probe + step, last), step * 2
+        z = probe
+        # Bisect to 0.1 %: candidates are dense, and whatever lies between cands[a] and
+        # cands[z] is still visited by the walk below when it matters.
+        while z - a > 1 and (a < 0 or cands[z] - cands[a] > 1e-3 * cands[z]):
+            mid = (a + z) // 2
+            if feasible(mid):
+                z = mid
+            else:
+                a = mid
+        solve_at(float(cands[z]))
+        t_floor = float(cands[a]) if a >= 0 else -math.inf  # known infeasible
+        # 2. walk down from the top of the window that can still beat the best T.
+        f_relaxed = _relaxed_sum(inp)
+        upper = math.inf
+        while True:
+            # (B-1) t + max(t, F_relaxed) < T_best  <=>  t below both bounds
+            limit = min((best["T"] - f_relaxed) / (b - 1), best["T"] / b)
+            idx = int(np.searchsorted(cands, min(limit, upper), side="left")) - 1
+            if idx < 0 or cands[idx] <= t_floor:
+                break
+            f, t_actual = solve_at(float(cands[idx]))
+            if t_actual is None or f + (b - 1) * max(t_floor, 0.0) >= best["T"]:
+                break  # F only grows below here: nothing left can win
+            upper = t_actual  # F is constant on [t_actual, cands[idx]]: skip that stretch
+    if best["stages"] is None:
+        return _empty_result(t0, solver.n_solves)
+    total, times, t_max = _total(inp, best["stages"])
+    return StageDPResult(total, best["stages"], times, t_max, solver.n_solves,
+                         time.perf_counter() - t0)
+
+
+def stage_dp_brute_force(stage_cost: np.ndarray, submesh_devices: Sequence[int],
+                         n_devices: int, n_microbatches: int,
+                         stage_extra: np.ndarray | None = None,
+                         max_stages: int | None = None) -> StageDPResult:
+    """Oracle: every slicing into contiguous stages x every submesh assignment that uses
+    exactly n_devices. Small inputs only."""
+    t0 = time.perf_counter()
+    inp = _validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extra,
+                    max_stages)
+    n_layers, _, n_mesh, _ = inp.t.shape
+    best_t, best_stages = math.inf, None
+    for n_stages in range(1, inp.s_max + 1):
+        for cuts in itertools.combinations(range(1, n_layers), n_stages - 1):
+            bounds = (0, *cuts, n_layers)
+            ranges = list(zip(bounds[:-1], bounds[1:]))
+            for mesh in itertools.product(range(n_mesh), repeat=n_stages):
+                if sum(int(inp.sizes[m]) for m in mesh) != inp.n_devices:
+                    continue
+                stages = [(i, j, m) for (i, j), m in zip(ranges, mesh)]
+                total, _, _ = _total(inp, stages)
+                if total < best_t:
+                    best_t, best_stages = total, stages
+    if best_stages is None:
+        return _empty_result(t0, 0)
+    total, times, t_max = _total(inp, best_stages)
+    return StageDPResult(total, best_stages, times, t_max, 0, time.perf_counter() - t0)
