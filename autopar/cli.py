@@ -102,21 +102,35 @@ def cmd_shard(a) -> int:
     names = [n for li in range(i, j) for n in g.layers[li].nodes]
     mesh = Mesh(cl, sub, (d0, d1))
     cm = ComputeModel(cl.gpu, a.dtype)
-    src = main_boundary(g, names)
-    bspec = {src: tuple([1 if d0 > 1 and g.node(src).out_shape[0] % d0 == 0 else 0] + [0] * (len(g.node(src).out_shape) - 1))} if src else None
-    prob = StageProblem(g, names, mesh, cm, boundary=bspec)
     settings = Settings(n_microbatches=a.microbatches, zero=a.zero)
     t0 = time.perf_counter()
-    res = prob.solve(settings, mem_budget_bytes=cl.gpu.memory_bytes if a.memory_limit else None,
-                     time_limit_s=a.time_limit)
-    if res.choice is None:
-        raise ValueError(f"no sharding of layers {i}:{j} on mesh {a.mesh} fits ({res.status})")
-    ev = prob.evaluate(res.choice, settings, with_ops=True)
-    out = {"mesh": [d0, d1], "layers": [i, j], "status": res.status, "objective_s": res.objective,
-           "solve_time_s": time.perf_counter() - t0, "ilp": {"variables_before": res.n_variables_before,
-                                                             "constraints_before": res.n_constraints_before,
-                                                             "variables": res.n_variables,
-                                                             "constraints": res.n_constraints},
+    if a.memory_limit:
+        # One ILP over the whole range: the memory constraint couples the layers.
+        src = main_boundary(g, names)
+        bspec = {src: tuple([1 if d0 > 1 and g.node(src).out_shape[0] % d0 == 0 else 0]
+                            + [0] * (len(g.node(src).out_shape) - 1))} if src else None
+        prob = StageProblem(g, names, mesh, cm, boundary=bspec)
+        res = prob.solve(settings, mem_budget_bytes=cl.gpu.memory_bytes, time_limit_s=a.time_limit)
+        if res.choice is None:
+            raise ValueError(f"no sharding of layers {i}:{j} on mesh {a.mesh} fits in "
+                             f"{gib(cl.gpu.memory_bytes)} ({res.status})")
+        choice, status = res.choice, res.status
+        ilp = {"ilps": 1, "variables_before": res.n_variables_before, "variables": res.n_variables}
+    else:
+        from .planner import solve_stage
+        sol = solve_stage(g, (i, j), mesh, cm, settings, time_limit_s=a.time_limit)
+        src = main_boundary(g, names)
+        bspec = {src: sol.input_spec} if src else None
+        prob = StageProblem(g, names, mesh, cm, boundary=bspec)
+        choice = prob.choice_from_names(sol.strategies)
+        st = sol.stats
+        status = ",".join(sorted(st.statuses)) or "optimal"
+        ilp = {"ilps": st.ilps, "cache_hits": st.cache_hits, "variables_before": st.ilp_vars_before,
+               "variables": st.ilp_vars_after}
+    solve_s = time.perf_counter() - t0
+    ev = prob.evaluate(choice, settings, with_ops=True)
+    out = {"mesh": [d0, d1], "layers": [i, j], "status": status, "solve_time_s": solve_s, "ilp": ilp,
+           "objective_s": ev.per_microbatch_s + ev.sync_s / a.microbatches,
            "fwd_s": ev.fwd_s, "bwd_s": ev.bwd_s, "comm_s": ev.comm_s, "grad_sync_s": ev.sync_s,
            "param_state_bytes": ev.param_state_bytes(a.zero), "stash_bytes_per_microbatch": ev.stash_bytes,
            "ops": ev.ops}
@@ -129,8 +143,9 @@ def cmd_shard(a) -> int:
             continue
         print(f"{o['name'][:34]:<34} {o['kind']:<11} {o['strategy'][:22]:<22} {o['out_spec']:<10} "
               f"{fmt_s(o['compute_s']):>10} {fmt_s(o['comm_s']):>10}")
-    print(f"\nstage layers {i}:{j} on mesh {d0}x{d1} ({res.status}, solved in {out['solve_time_s']:.2f} s; ILP "
-          f"{res.n_variables_before} -> {res.n_variables} variables after shrinking)")
+    print(f"\nstage layers {i}:{j} on mesh {d0}x{d1} ({status}; {ilp['ilps']} ILP(s) in {solve_s:.2f} s"
+          + (f", {ilp['cache_hits']} layers reused" if "cache_hits" in ilp else "")
+          + f"; ILP variables {ilp['variables_before']} -> {ilp['variables']} after shrinking)")
     print(f"per microbatch: forward {fmt_s(ev.fwd_s)}, backward {fmt_s(ev.bwd_s)}, of which communication "
           f"{fmt_s(ev.comm_s)}; gradient sync per step {fmt_s(ev.sync_s)}")
     print(f"memory per device: weights+grads+optimizer {gib(ev.param_state_bytes(a.zero))}, activations "

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pickle
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from graphs.ir import OpGraph
@@ -44,9 +49,14 @@ class ModelSource:
                              f"a factory so autopar can trace other microbatch sizes, or set the microbatch "
                              f"size to {self.fixed_batch}.")
         if batch not in self._graphs:
-            import graphs
-            self._graphs[batch] = graphs.load(self.model, batch=batch, seq=self.seq, dtype=self.dtype,
-                                              example_inputs=self.example_inputs)
+            path = _cache_path(self.model, batch, self.seq, self.dtype) if isinstance(self.model, str) else None
+            g = _read_cache(path)
+            if g is None:
+                import graphs
+                g = graphs.load(self.model, batch=batch, seq=self.seq, dtype=self.dtype,
+                                example_inputs=self.example_inputs)
+                _write_cache(path, g)
+            self._graphs[batch] = g
         return self._graphs[batch]
 
     def summary(self, batch: int = 1) -> dict[str, Any]:
@@ -61,3 +71,56 @@ def _batch_of(example_inputs) -> int | None:
         if shape is not None and len(shape) >= 1:
             return int(shape[0])
     return None
+
+
+# ---- trace cache -----------------------------------------------------------------------------
+# Tracing a 100-layer model takes seconds; its graph depends only on the model string, the
+# shapes, the dtype and the tracer's code, so it is kept on disk keyed by all of them.
+# AUTOPAR_CACHE=0 turns it off; AUTOPAR_CACHE_DIR moves it (default ~/.cache/autopar).
+
+@lru_cache(maxsize=1)
+def _graphs_code_hash() -> str:
+    import graphs
+    root = Path(graphs.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_path(model: str, batch: int, seq: int | None, dtype: str) -> Path | None:
+    if os.environ.get("AUTOPAR_CACHE", "1") == "0":
+        return None
+    h = hashlib.sha256(f"{model}|{batch}|{seq}|{dtype}|{_graphs_code_hash()}".encode())
+    # Models read from files (hf:config.json, file.py:factory) also depend on the file's content.
+    for part in (model[3:] if model.startswith("hf:") else model.rsplit(":", 1)[0],):
+        p = Path(part)
+        if p.suffix in (".json", ".py") and p.is_file():
+            h.update(p.read_bytes())
+    root = Path(os.environ.get("AUTOPAR_CACHE_DIR", Path.home() / ".cache" / "autopar"))
+    return root / "graphs" / f"{h.hexdigest()[:24]}.pkl"
+
+
+def _read_cache(path: Path | None) -> OpGraph | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            g = pickle.load(f)
+        return g if isinstance(g, OpGraph) else None
+    except Exception:   # a stale or truncated entry is just a miss
+        return None
+
+
+def _write_cache(path: Path | None, g: OpGraph) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump(g, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except OSError:     # a read-only home is not an error, just no cache
+        pass

@@ -438,3 +438,42 @@ class _Progress:
     def close(self):
         if self.p:
             self.p.stop()
+
+
+@dataclass
+class StageSolution:
+    strategies: dict[str, str]         # decision op -> strategy name
+    input_spec: Spec | None            # layout the stage's input arrives in (None: the stage starts the model)
+    objective_s: float                 # ILP objective summed over layers (per microbatch, sync amortised)
+    stats: SearchStats
+
+
+def solve_stage(graph: OpGraph, layers: tuple[int, int], mesh: Mesh, cm: ComputeModel, settings: Settings,
+                input_spec: Spec | None = None, time_limit_s: float = 30.0, backend: str = "highs") -> StageSolution:
+    """The intra-op optimum of one stage, solving each distinct (layer, layout) once and
+    composing along the chain of layers. With `input_spec` None the best entry layout is chosen."""
+    i, j = layers
+    stats = SearchStats()
+    solver = LayerSolver(graph, cm, settings, stats, time_limit_s, backend)
+    first_in = solver.inputs[max(i, 1)] if len(graph.layers) > 1 else None
+    shape = graph.node(first_in).out_shape if first_in else ()
+    if i == 0:
+        candidates = [("embed", q) for q in boundary_specs(shape, mesh)]
+    else:
+        candidates = [input_spec] if input_spec is not None else boundary_specs(shape, mesh)
+    best = None
+    for start in candidates:
+        total, spec, names = 0.0, (start[1] if i == 0 else start), {}
+        for li in range(i, j):
+            sol = solver.solve(0, mesh, None, restrict=spec) if li == 0 else solver.solve(li, mesh, spec)
+            if not math.isfinite(sol.objective):
+                total = math.inf
+                break
+            total += sol.objective
+            nodes = graph.layers[li].nodes
+            names.update({nodes[p]: n for p, n in sol.names.items()})
+            spec = sol.out_spec if sol.out_spec is not None else spec
+        if best is None or total < best[0]:
+            best = (total, start, names)
+    total, start, names = best
+    return StageSolution(names, None if i == 0 else start, total, stats)
