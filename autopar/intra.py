@@ -45,8 +45,10 @@ def saved_tensors(graph: OpGraph, names) -> tuple[dict[str, float], dict[str, fl
     views are charged to the op that owns the storage. The second dict holds producers outside
     `names` whose outputs the set keeps (a stage keeps the input it received): charged to the
     set that keeps them, so summing over layers counts every tensor once."""
-    names = set(names)
+    order = list(dict.fromkeys(names))
+    names = set(order)
     saved: dict[str, float] = {}
+    masks: dict[str, float] = {}
     outside: dict[str, float] = {}
 
     def mark(src: str, w: float = 1.0):
@@ -66,7 +68,7 @@ def saved_tensors(graph: OpGraph, names) -> tuple[dict[str, float], dict[str, fl
         elif src in graph and graph.node(src).kind != INPUT:
             outside[src] = max(outside.get(src, 0.0), w)
 
-    for name in names:
+    for name in order:
         v = graph.node(name)
         k = v.kind
         acts = [o for o in v.operands if o.source is not None]
@@ -79,11 +81,29 @@ def saved_tensors(graph: OpGraph, names) -> tuple[dict[str, float], dict[str, fl
         elif k == SOFTMAX:
             mark(name)
         elif k == ELEMENTWISE:
-            if v.op in _SAVES_INPUTS:
+            if v.op in ("mul", "div"):
+                # x * c and x / c (c a scalar or a constant buffer) need only c in backward;
+                # an operand is kept only when another operand (activation or weight) needs
+                # a gradient that reads it, or (div) the divisor is not a constant.
+                needs = [o.source is not None or o.is_param for o in v.operands]
+                for j, o in enumerate(v.operands):
+                    if o.source is None:
+                        continue
+                    if v.op == "mul":
+                        keep = any(needs[i] for i in range(len(v.operands)) if i != j)
+                    else:
+                        keep = len(needs) > 1 and needs[1]
+                    if keep:
+                        mark(o.source)
+            elif v.op in _SAVES_INPUTS:
                 for o in acts:
                     mark(o.source)
             if v.op == "dropout" and float(v.attrs.get("p", 0.0)) > 0:
-                saved[name] = saved.get(name, 0.0) + 0.5 * 2 / max(1, dtype_bytes(v.out_dtype))
+                masks[name] = masks.get(name, 0.0) + 0.5 * 2 / max(1, dtype_bytes(v.out_dtype))
+    # The mask is kept on top of the dropout's output when a later op saves that output too
+    # (softmax -> dropout -> PV matmul keeps both), whatever order the ops are visited in.
+    for name, w in masks.items():
+        saved[name] = saved.get(name, 0.0) + w
     return saved, outside
 
 
