@@ -98,7 +98,10 @@ def _walk_back_is_split(graph: OpGraph, name: str, inside: set[str]) -> bool:
         if n.kind == ATTENTION:
             return True
         if n.kind == MATMUL:
-            return any(o.is_param for o in n.operands)
+            if any(o.is_param for o in n.operands):
+                return True
+            # eager attention's QK^T / PV matmuls are head-parallel under Megatron
+            return "equation" in n.attrs and _act_matmul_letters(n.attrs["equation"])[1] is not None
         if n.kind in (NORM, EMBEDDING, INPUT) or n.op in ("add", "sub"):
             return False
         li = leader_operand(n)
@@ -106,6 +109,17 @@ def _walk_back_is_split(graph: OpGraph, name: str, inside: set[str]) -> bool:
             return False
         src = n.operands[li].source
     return False
+
+
+def _act_matmul_letters(equation: str) -> tuple[str | None, str | None]:
+    """(data-parallel letter, tensor-parallel letter) of a matmul of two activations, such as
+    eager attention's QK^T "bhmk,bhkn->bhmn": the batch dims both operands and the output carry;
+    the first is the batch, the second the heads (Megatron splits attention by heads)."""
+    ins, o = parse_equation(equation)
+    if len(ins) < 2:
+        return None, None
+    shared = [c for c in ins[0] if c in ins[1] and c in o]
+    return (shared[0] if shared else None), (shared[1] if len(shared) > 1 else None)
 
 
 def megatron_names(graph: OpGraph, names: list[str], dp: int, tp: int) -> dict[str, list[str]]:
@@ -123,7 +137,13 @@ def megatron_names(graph: OpGraph, names: list[str], dp: int, tp: int) -> dict[s
         if n.kind == MATMUL and "equation" in n.attrs and len(n.operands) >= 2:
             ins, o = parse_equation(n.attrs["equation"])
             a, b = ins[0], ins[1]
-            batch = next((c for c in a if c in o and c not in b), None) or next((c for c in a if c in o), None)
+            if n.operands[1].is_param:
+                batch = next((c for c in a if c in o and c not in b), None) or next((c for c in a if c in o), None)
+            else:   # two activations: batch over dp, heads over tp
+                batch, head = _act_matmul_letters(n.attrs["equation"])
+                batch = batch or next((c for c in a if c in o), None)
+                if head:
+                    lt_tp[head] = tpm
             if batch:
                 lt_dp[batch] = dpm
             if n.operands[1].is_param:
