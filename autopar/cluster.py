@@ -245,8 +245,13 @@ class Submesh:
 
 
 def submeshes(cluster: Cluster) -> list[Submesh]:
+    """Alpa's submesh shapes: (1, 2^k) inside a node and (n, M) whole nodes. Beyond 16 nodes
+    only power-of-two node counts are offered: every (n, M) shape multiplies the ILPs to solve,
+    and large clusters are built from power-of-two pipeline stages in practice."""
     out = [Submesh(1, 2 ** k) for k in range(int(math.log2(cluster.gpus_per_node)) + 1)]
-    out += [Submesh(n, cluster.gpus_per_node) for n in range(2, cluster.n_nodes + 1)]
+    counts = range(2, cluster.n_nodes + 1) if cluster.n_nodes <= 16 else \
+        sorted({n for n in (2 ** k for k in range(1, int(math.log2(cluster.n_nodes)) + 1))} | {cluster.n_nodes})
+    out += [Submesh(n, cluster.gpus_per_node) for n in counts]
     return out
 
 

@@ -7,6 +7,7 @@ pipeline schedule simulated op by op, gradient synchronisation and the optimizer
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from graphs.ir import INPUT, OpGraph, numel
@@ -19,6 +20,8 @@ from .plan import Plan, PlanError, StagePlan
 from .sharding import Mesh, parse_spec, shard_factor, spec_str
 
 RECOMPUTE = ("none", "selective", "full")
+# Per graph (weakly held, so it goes with the graph): stage key -> (problem, choice, evaluation).
+_STAGE_CACHE: "weakref.WeakKeyDictionary[OpGraph, dict]" = weakref.WeakKeyDictionary()
 
 
 def stage_nodes(graph: OpGraph, layers: tuple[int, int]) -> list[str]:
@@ -80,11 +83,20 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: di
             raise PlanError(f"stage {st.index}: input_spec {st.input_spec!r} does not fit the boundary tensor "
                             f"{bsrc} of shape {graph.node(bsrc).out_shape}")
         boundary[bsrc] = spec
-    prob = StageProblem(graph, names, mesh, cm, boundary=boundary)
-    choice = prob.choice_from_names(st.strategies)
     zero = int(training.get("zero", 0))
     B = int(training["n_microbatches"])
-    ev = prob.evaluate(choice, Settings(n_microbatches=B, zero=zero), with_ops=True)
+    # Grids of hand-made plans evaluate the same stage under many schedules and recompute
+    # settings: the stage's ILP-side cost does not depend on them, so it is computed once.
+    key = (tuple(st.layers), sub, mesh.shape, tuple(sorted(boundary.items())),
+           tuple(sorted(st.strategies.items())), zero, id(cm.gpu), cm.dtype)
+    per_graph = _STAGE_CACHE.setdefault(graph, {})
+    hit = per_graph.get(key)
+    if hit is None:
+        prob = StageProblem(graph, names, mesh, cm, boundary=boundary)
+        choice = prob.choice_from_names(st.strategies)
+        ev = prob.evaluate(choice, Settings(n_microbatches=B, zero=zero), with_ops=True)
+        hit = per_graph[key] = (prob, choice, ev, prob.assignment(choice))
+    prob, choice, ev, assign = hit
 
     fwd, bwd, stash, working = ev.fwd_s, ev.bwd_s, ev.stash_bytes, 0.0
     if st.recompute == "full":
@@ -97,23 +109,22 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: di
             src = main_boundary(graph, lnames)
             if src is not None:
                 node = graph.node(src)
-                spec_idx = prob.assignment(choice).get(src)
+                spec_idx = assign.get(src)
                 spec = (prob.strategy_of(src, spec_idx).out_spec if spec_idx is not None else boundary.get(src, ()))
                 layer_inputs += node.out_bytes / (shard_factor(spec, mesh) if spec else 1)
-            per_layer.append(sum(prob.saved.get(n, 0.0) * prob.strategy_of(n, prob.assignment(choice)[n]).out_bytes_local
+            per_layer.append(sum(prob.saved.get(n, 0.0) * prob.strategy_of(n, assign[n]).out_bytes_local
                                  for n in lnames))
         stash = layer_inputs
         working = max(per_layer) if per_layer else 0.0
         bwd += ev.recompute_fwd_s
     elif st.recompute == "selective":
-        assign = prob.assignment(choice)
         dropped = [n for n in names if attention_core(graph, n) and prob.saved.get(n)]
         stash -= sum(prob.saved[n] * prob.strategy_of(n, assign[n]).out_bytes_local for n in dropped)
         bwd += sum(prob.strategy_of(n, assign[n]).fwd_s for n in dropped)
 
     out_node = _stage_output(graph, st.layers)
     bbytes = graph.node(out_node).out_bytes if out_node else 0.0
-    st.ops = ev.ops
+    st.ops = [dict(o) for o in ev.ops]
     return StageResult(st, ev, fwd, bwd, stash, working, ev.param_state_bytes(zero),
                        ev.sync_s if zero < 2 else 0.0, ev.optimizer_step_s(zero, cm), bbytes)
 

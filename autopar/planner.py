@@ -64,6 +64,14 @@ class SearchStats:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def merge(self, other: "SearchStats") -> None:
+        for k, v in other.__dict__.items():
+            if k == "statuses":
+                for s, n in v.items():
+                    self.statuses[s] = self.statuses.get(s, 0) + n
+            else:
+                setattr(self, k, getattr(self, k) + v)
+
 
 def boundary_specs(shape: tuple[int, ...], mesh: Mesh) -> list[Spec]:
     """Layouts a layer boundary tensor may take: replicated, or its batch and/or last (hidden)
@@ -269,38 +277,104 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
          gpus_per_node: int | None = None, global_batch: int | None = None, microbatches: str | int = "auto",
          schedule: str = "1f1b", max_stages: int | None = None, dtype: str = "bf16", zero: int = 1,
          seq: int | None = None, time_limit_s: float = 10.0, backend: str = "highs",
-         progress: bool = False, intra: str = "ilp") -> Plan:
+         progress: bool = False, intra: str = "ilp", workers: int | None = None) -> Plan:
     """Search the best (stage, submesh, logical mesh, sharding) plan; returns it evaluated.
 
-    intra="dp" restricts every stage to plain data parallelism (Alpa's inter-only ablation)."""
+    Each candidate microbatch size is an independent search (its own trace, ILPs and DP); they
+    run in `workers` processes (default: one per CPU core). intra="dp" restricts every stage to
+    plain data parallelism (Alpa's inter-only ablation)."""
     if intra not in ("ilp", "dp"):
         raise PlanError(f"intra must be 'ilp' or 'dp' (got {intra!r})")
-    only = frozenset({"R", "b@0"}) if intra == "dp" else None
     if schedule not in ("1f1b", "gpipe"):
         raise PlanError(f"the planner's DP models 1f1b and gpipe schedules (got {schedule!r})")
+    if zero not in (0, 1, 2, 3):
+        raise PlanError(f"zero must be 0, 1, 2 or 3 (got {zero!r})")
     cl = load_cluster(cluster, nodes, gpus_per_node) if not isinstance(cluster, Cluster) else cluster
     source = model if isinstance(model, ModelSource) else ModelSource(model, seq=seq, dtype=dtype)
     gb = global_batch or default_global_batch(cl)
-    stats = SearchStats()
-    cm = ComputeModel(cl.gpu, dtype)
-    subs = submeshes(cl)
-    sizes = [source.fixed_batch] if source.fixed_batch else microbatch_candidates(gb, cl.n_gpus, microbatches)
+    if gb < 1:
+        raise PlanError(f"global batch must be >= 1 (got {gb})")
     if source.fixed_batch and gb % source.fixed_batch:
         raise PlanError(f"global batch {gb} is not a multiple of the traced microbatch {source.fixed_batch}")
-    best: Plan | None = None
-    least_mem = math.inf
-    tried = []
+    sizes = [source.fixed_batch] if source.fixed_batch else microbatch_candidates(gb, cl.n_gpus, microbatches)
+    job = _Job(source, cl, gb, schedule, max_stages, dtype, zero, time_limit_s, backend, intra)
+    n_workers = min(len(sizes), workers or os.cpu_count() or 1)
     bar = _Progress(progress, len(sizes))
-    for mb in sizes:
+    results = []
+    if n_workers > 1 and _can_fork():
+        import concurrent.futures as cf
+        import multiprocessing as mp
+        global _JOB
+        _JOB = job          # inherited by the forked workers, never pickled
+        try:
+            with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("fork")) as pool:
+                for r in pool.map(_search_job, sizes):
+                    results.append(r)
+                    bar.advance_batch()
+        finally:
+            _JOB = None
+    else:
+        for mb in sizes:
+            results.append(job.search(mb))
+            bar.advance_batch()
+    bar.close()
+    stats = SearchStats()
+    best, least_mem, tried = None, math.inf, []
+    for p, st, lm, row in results:
+        stats.merge(st)
+        least_mem = min(least_mem, lm)
+        tried.append(row)
+        if p is not None and (best is None or p.predicted["step_time_s"] < best.predicted["step_time_s"]):
+            best = p
+    if best is None:
+        raise PlanError(no_fit_message(source, cl, least_mem, gb))
+    best.search = {**stats.to_dict(), "microbatch_candidates": tried, "workers": n_workers}
+    return best
+
+
+_JOB = None
+
+
+def _search_job(mb: int):
+    return _JOB.search(mb)
+
+
+def _can_fork() -> bool:
+    import multiprocessing as mp
+    return "fork" in mp.get_all_start_methods()
+
+
+@dataclass
+class _Job:
+    """One planning problem; `search(mb)` does everything for one microbatch size."""
+
+    source: ModelSource
+    cl: Cluster
+    gb: int
+    schedule: str
+    max_stages: int | None
+    dtype: str
+    zero: int
+    time_limit_s: float
+    backend: str
+    intra: str
+
+    def search(self, mb: int):
+        cl, schedule, zero = self.cl, self.schedule, self.zero
+        stats = SearchStats()
+        least_mem = math.inf
+        cm = ComputeModel(cl.gpu, self.dtype)
+        subs = submeshes(cl)
+        only = frozenset({"R", "b@0"}) if self.intra == "dp" else None
         t0 = time.perf_counter()
-        graph = source.graph(mb)
+        graph = self.source.graph(mb)
         stats.trace_time_s += time.perf_counter() - t0
-        B = gb // mb
+        B = self.gb // mb
         settings = Settings(n_microbatches=B, zero=zero)
-        solver = LayerSolver(graph, cm, settings, stats, time_limit_s, backend, only)
+        solver = LayerSolver(graph, cm, settings, stats, self.time_limit_s, self.backend, only)
         t0 = time.perf_counter()
         L = len(graph.layers)
-        S = min(max_stages or L, L, cl.n_gpus)
+        S = min(self.max_stages or L, L, cl.n_gpus)
         cost = np.full((L, L + 1, len(subs), S + 1), np.inf)
         extra = np.zeros((L, L + 1, len(subs)))
         # argmin bookkeeping per (i, j, submesh, s): which logical mesh, start layout, recompute
@@ -310,7 +384,7 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
         meshes: list[tuple] = []
         mem_cap = cl.gpu.memory_bytes
         for mi, sub in enumerate(subs):
-            for shape in (sub.logical_meshes() if intra == "ilp" else [(sub.n_devices, 1)]):
+            for shape in (sub.logical_meshes() if self.intra == "ilp" else [(sub.n_devices, 1)]):
                 mesh = Mesh(cl, sub, shape)
                 rt = range_table(solver, mesh)
                 meshes.append((shape, rt.starts))
@@ -339,7 +413,6 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
                             # step are not hidden behind other stages' work.
                             sync0 = np.take_along_axis(rt.sync[0], pbest[0][..., None], axis=1)[..., 0]
                             extra[0, :, mi] = np.where(better[0], sync0, extra[0, :, mi])
-            bar.advance_mesh(sub)
 
         def choice_of(i, j, mi, s):
             shape, starts = meshes[arg_mesh[i, j, mi, s]]
@@ -350,20 +423,14 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
         t0 = time.perf_counter()
         dp = stage_dp(cost, [s.n_devices for s in subs], cl.n_gpus, B, stage_extra=extra, max_stages=S)
         stats.dp_time_s += time.perf_counter() - t0
-        tried.append({"microbatch_size": mb, "n_microbatches": B, "dp_total_s": dp.total_s})
-        bar.advance_batch()
+        row = {"microbatch_size": mb, "n_microbatches": B, "dp_total_s": dp.total_s}
         if not math.isfinite(dp.total_s):
-            continue
+            return None, stats, least_mem, row
         t0 = time.perf_counter()
-        p = _build_plan(source, graph, cl, solver, dp, choice_of, subs, gb, mb, schedule, zero, dtype)
+        p = _build_plan(self.source, graph, cl, solver, dp, choice_of, subs, self.gb, mb, schedule, zero, self.dtype)
         stats.eval_time_s += time.perf_counter() - t0
-        if best is None or p.predicted["step_time_s"] < best.predicted["step_time_s"]:
-            best = p
-    bar.close()
-    if best is None:
-        raise PlanError(no_fit_message(source, cl, least_mem, gb))
-    best.search = {**stats.to_dict(), "microbatch_candidates": tried}
-    return best
+        row["step_time_s"] = p.predicted["step_time_s"]
+        return p, stats, least_mem, row
 
 
 def _build_plan(source, graph, cl, solver, dp, choice_of, subs, gb, mb, schedule, zero, dtype) -> Plan:
