@@ -162,6 +162,12 @@ class _Reduced:
         self.mem = [m.copy() for m in mem] if self.mem_active else None
         self.budget_rem = budget if self.mem_active else None
         if self.mem_active:
+            # Memory sums are taken in a different order here than in the final check, so
+            # pruning keeps a little slack; it only ever prunes less than it could.
+            scale = abs(budget) + sum(float(np.abs(m[np.isfinite(m)]).max(initial=0.0))
+                                      for m in mem)
+            self.mem_tol = 1e-12 * scale
+        if self.mem_active:
             for v in range(n):
                 self.cost[v][~np.isfinite(self.mem[v])] = np.inf
         self.fixed = np.full(n, -1, dtype=np.int64)
@@ -333,17 +339,18 @@ class _Reduced:
         masks = {v: self.allowed(v) for v in free}
         lo = {v: float(self.mem[v][masks[v]].min()) for v in free}
         lo_total = sum(lo.values())
-        if lo_total > self.budget_rem:
+        tol = self.mem_tol
+        if lo_total > self.budget_rem + tol:
             self.infeasible = True
             return False
-        if sum(float(self.mem[v][masks[v]].max()) for v in free) <= self.budget_rem:
+        if sum(float(self.mem[v][masks[v]].max()) for v in free) <= self.budget_rem - tol:
             self.mem_active = False
             for v in free:
                 self._touch(v)  # dominance no longer needs to look at memory
             return True
         changed = False
         for v in free:
-            too_big = masks[v] & (self.mem[v] + (lo_total - lo[v]) > self.budget_rem)
+            too_big = masks[v] & (self.mem[v] + (lo_total - lo[v]) > self.budget_rem + tol)
             if too_big.any():
                 self._forbid(v, too_big)
                 changed = True
@@ -486,7 +493,7 @@ def _build_model(red: _Reduced) -> _Model:
             row_val.append(np.concatenate([np.ones(e.size), -np.ones(s.size)]))
             row_lo.append(0.0)
             row_hi.append(0.0)
-    if red.mem_active:
+    if red.mem_active and node_vars:
         idx = np.concatenate([first + np.arange(a.size) for first, a in node_vars.values()])
         val = np.concatenate([red.mem[v][a] for v, (_, a) in node_vars.items()])
         row_idx.append(idx)
@@ -670,9 +677,11 @@ def _solve_with_pulp(pulp, model: _Model, solver) -> tuple[str, dict[int, int] |
         else:
             con = pulp.LpConstraint(expr, pulp.LpConstraintLE, rhs=model.row_hi[k])
         prob.addConstraint(con, f"c{k}")
+    t_solve = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PuLP 3.x deprecation chatter about 4.0
         solver.actualSolve(prob)
+    t_solve = time.perf_counter() - t_solve
     status = prob.status
     sol_status = getattr(prob, "sol_status", None)
     if status == pulp.LpStatusInfeasible:
@@ -691,8 +700,10 @@ def _solve_with_pulp(pulp, model: _Model, solver) -> tuple[str, dict[int, int] |
                 return "no_solution_time_limit", None
             choice[v] = int(allowed[int(np.argmax(vals))])
         return kind, choice
-    if status == pulp.LpStatusNotSolved:
+    limit = getattr(solver, "timeLimit", None)
+    if status == pulp.LpStatusNotSolved and (limit is None or t_solve >= 0.5 * limit):
         return "no_solution_time_limit", None
+    # PuLP reports solver errors as "Not Solved" too; one well before the limit is an error
     raise RuntimeError(f"ILP solver returned status {pulp.LpStatus.get(status, status)!r} "
                        f"(solution status {sol_status!r})")
 

@@ -1,0 +1,97 @@
+"""The inter-op stage DP against exhaustive enumeration."""
+
+import math
+
+import numpy as np
+import pytest
+
+from solvers.stage_dp import StageDPResult, stage_dp, stage_dp_brute_force
+
+MESH_OPTIONS = [[1, 2, 4, 8], [1, 2, 4], [2, 4], [1, 3], [2, 4, 8], [1, 2, 3, 4], [4]]
+
+
+def _check_result(res, cost, sizes, n_devices, b, extra):
+    assert isinstance(res, StageDPResult)
+    n_layers = cost.shape[0]
+    assert res.stages[0][0] == 0 and res.stages[-1][1] == n_layers
+    assert all(s[1] == t[0] for s, t in zip(res.stages, res.stages[1:]))
+    assert sum(sizes[m] for _, _, m in res.stages) == n_devices
+    n = len(res.stages)
+    times = [cost[i, j, m, n - q] for q, (i, j, m) in enumerate(res.stages)]
+    assert res.stage_times_s == pytest.approx(times, rel=1e-12)
+    assert res.t_max_s == max(times)
+    ex = 0.0 if extra is None else sum(extra[i, j, m] for i, j, m in res.stages)
+    assert math.isclose(res.total_s, sum(times) + ex + (b - 1) * max(times), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stage_dp_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        n_layers = int(rng.integers(1, 7))
+        sizes = MESH_OPTIONS[int(rng.integers(0, len(MESH_OPTIONS)))]
+        n_devices = int(rng.integers(1, 9))
+        s_max = int(rng.integers(1, 7))
+        cost = rng.random((n_layers, n_layers + 1, len(sizes), s_max + 1))
+        cost[rng.random(cost.shape) < 0.25] = np.inf  # memory-infeasible entries
+        if rng.random() < 0.3:  # many equal values
+            cost = np.round(cost * 4) / 4
+        extra = rng.random((n_layers, n_layers + 1, len(sizes))) * 0.3 \
+            if rng.random() < 0.5 else None
+        b = int(rng.integers(1, 12))
+        max_stages = int(rng.integers(1, 7)) if rng.random() < 0.3 else None
+        got = stage_dp(cost, sizes, n_devices, b, extra, max_stages)
+        want = stage_dp_brute_force(cost, sizes, n_devices, b, extra, max_stages)
+        if math.isinf(want.total_s):
+            assert got.total_s == math.inf and got.stages == []
+            continue
+        assert math.isclose(got.total_s, want.total_s, rel_tol=1e-12), (got, want)
+        _check_result(got, cost, sizes, n_devices, b, extra)
+        if max_stages is not None:
+            assert len(got.stages) <= max_stages
+
+
+def test_depth_matters_under_1f1b():
+    # 2 layers, submeshes of 1 and 2 devices, 2 devices: one 2-device stage, or two 1-device
+    # stages whose first holds 2 microbatches in flight (depth s = 2)
+    cost = np.full((2, 3, 2, 3), np.inf)
+    cost[0, 2, 1, 1] = 3.0  # one stage on both devices
+    cost[0, 1, 0, 1] = 1.0  # layer 0 alone fits only as a last stage ...
+    cost[1, 2, 0, 1] = 1.0
+    res = stage_dp(cost, [1, 2], 2, 4)
+    assert res.stages == [(0, 2, 1)] and res.total_s == 3.0 + 3 * 3.0
+    cost[0, 1, 0, 2] = 1.0  # ... until it also fits with 2 microbatches in flight
+    res = stage_dp(cost, [1, 2], 2, 4)
+    assert res.stages == [(0, 1, 0), (1, 2, 0)] and res.total_s == 2.0 + 3 * 1.0
+
+
+def test_all_devices_must_be_used():
+    cost = np.zeros((1, 2, 2, 2))
+    res = stage_dp(cost, [2, 4], 3, 2)  # 3 devices cannot be covered by 2 or 4
+    assert res.total_s == math.inf and res.stages == [] and res.t_max_s == math.inf
+    res = stage_dp(cost, [2, 4], 4, 2)
+    assert res.stages == [(0, 1, 1)]
+
+
+def test_medium_instance_agrees_with_brute_force():
+    rng = np.random.default_rng(42)
+    n_layers, sizes, s_max = 7, [1, 2, 4], 4
+    cost = rng.random((n_layers, n_layers + 1, len(sizes), s_max + 1))
+    cost[rng.random(cost.shape) < 0.3] = np.inf
+    for b in (1, 2, 8, 64):
+        got = stage_dp(cost, sizes, 8, b)
+        want = stage_dp_brute_force(cost, sizes, 8, b)
+        assert math.isclose(got.total_s, want.total_s, rel_tol=1e-12)
+
+
+def test_errors_say_what_is_wrong():
+    with pytest.raises(ValueError, match="4-D"):
+        stage_dp(np.zeros((2, 3, 1)), [1], 1, 1)
+    with pytest.raises(ValueError, match="L\\+1"):
+        stage_dp(np.zeros((2, 2, 1, 2)), [1], 1, 1)
+    with pytest.raises(ValueError, match="submesh_devices"):
+        stage_dp(np.zeros((2, 3, 2, 2)), [1], 1, 1)
+    with pytest.raises(ValueError, match="n_microbatches"):
+        stage_dp(np.zeros((2, 3, 1, 2)), [1], 1, 0)
+    with pytest.raises(ValueError, match="stage_extra"):
+        stage_dp(np.zeros((2, 3, 1, 2)), [1], 1, 1, stage_extra=np.zeros((2, 3)))
