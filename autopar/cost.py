@@ -125,7 +125,7 @@ class ComputeModel:
         flops = 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
         if backward:
             flops *= 2.5
-        eff = _attention_eff(self.gpu, self.dtype, seq, head_dim, causal, backward)
+        eff = _attention_eff(self.gpu, self.dtype, seq, head_dim, causal, backward, batch * heads)
         return flops / (self.gpu.peak(self.dtype) * eff) + self.launch_s
 
     def memory_bound_s(self, nbytes: float, flops: float = 0.0) -> float:
@@ -188,7 +188,11 @@ def _peak_for_profile(prof: dict, dtype: str) -> float:
 
 
 @lru_cache(maxsize=10_000)
-def _attention_eff(gpu: GPU, dtype: str, seq: int, head_dim: int, causal: bool, backward: bool) -> float:
+def _attention_eff(gpu: GPU, dtype: str, seq: int, head_dim: int, causal: bool, backward: bool,
+                   batch_heads: int = 1) -> float:
+    """Efficiency of the measured attention row nearest in log2 (seq, head_dim, batch x heads):
+    batch x heads is how many thread blocks fill the GPU, worth 2x between 16 and 128 heads
+    at seq 2048."""
     prof = load_profile(gpu.profile) if gpu.profile else None
     rows = [r for r in (prof or {}).get("attention", []) if r["dtype"] == dtype and r["causal"] == causal]
     if not rows:
@@ -198,7 +202,8 @@ def _attention_eff(gpu: GPU, dtype: str, seq: int, head_dim: int, causal: bool, 
     peak = gpu.peak(dtype)
     best, best_d = None, math.inf
     for r in rows:
-        dist = abs(math.log2(r["seq"]) - math.log2(seq)) + abs(math.log2(r["head_dim"]) - math.log2(head_dim))
+        dist = (abs(math.log2(r["seq"]) - math.log2(seq)) + abs(math.log2(r["head_dim"]) - math.log2(head_dim))
+                + abs(math.log2(r["batch"] * r["heads"]) - math.log2(max(1, batch_heads))))
         if dist < best_d:
             best, best_d = r, dist
     r = best
