@@ -69,7 +69,10 @@ def load_profile(file_name: str) -> dict | None:
 
 @dataclass(frozen=True)
 class ComputeModel:
-    """Roofline per op: max(flops / (peak * eff), bytes / (hbm_bw * mem_eff)) + launch.
+    """Roofline per op: max(flops / (peak * eff), bytes / (hbm_bw * mem_eff)), plus the gap
+    between back-to-back kernels, and never less than the host's dispatch time of one op:
+    op_s = max(kernel_s + gap_s, launch_s). A GPU-bound stream runs ahead of the host, so a
+    long kernel pays only the gap (~1 us, CUDA-graph launch); a tiny one waits on dispatch.
 
     With a measured profile, matmul efficiency comes from the nearest measured shapes (in
     log2 space, inverse-distance weighted) and streaming bandwidth and launch overhead from the
@@ -90,6 +93,17 @@ class ComputeModel:
     def launch_s(self) -> float:
         p = self.profile
         return float(p["launch_overhead_s"]) if p and "launch_overhead_s" in p else 5e-6
+
+    @property
+    def gap_s(self) -> float:
+        """Kernel-to-kernel gap on a busy stream (the profile's launch inside a CUDA graph)."""
+        p = self.profile
+        g = (p or {}).get("meta", {}).get("launch_in_graph_s") if p else None
+        return float(g) if g is not None else 1e-6
+
+    def op_s(self, kernel_s: float) -> float:
+        """Time of one launched op whose kernel runs `kernel_s` (see the class doc)."""
+        return max(kernel_s + self.gap_s, self.launch_s)
 
     @property
     def stream_bytes_per_s(self) -> float:
@@ -114,7 +128,7 @@ class ComputeModel:
         flops = 2.0 * batch * m * n * k
         eff = self.matmul_efficiency(m * batch, n, k) if batch > 1 else self.matmul_efficiency(m, n, k)
         t = flops / (self.gpu.peak(self.dtype) * eff)
-        return max(t, nbytes / self.stream_bytes_per_s) + self.launch_s
+        return self.op_s(max(t, nbytes / self.stream_bytes_per_s))
 
     def attention_s(self, batch: int, heads: int, seq: int, head_dim: int, causal: bool,
                     backward: bool = False) -> float:
@@ -126,13 +140,12 @@ class ComputeModel:
         if backward:
             flops *= 2.5
         eff = _attention_eff(self.gpu, self.dtype, seq, head_dim, causal, backward, batch * heads)
-        return flops / (self.gpu.peak(self.dtype) * eff) + self.launch_s
+        return self.op_s(flops / (self.gpu.peak(self.dtype) * eff))
 
     def memory_bound_s(self, nbytes: float, flops: float = 0.0) -> float:
         if nbytes <= 0 and flops <= 0:
             return 0.0
-        return max(nbytes / self.stream_bytes_per_s,
-                   flops / self.gpu.peak("fp32")) + self.launch_s
+        return self.op_s(max(nbytes / self.stream_bytes_per_s, flops / self.gpu.peak("fp32")))
 
 
 def _default_eff(gpu: GPU, m: int, n: int, k: int) -> float:
