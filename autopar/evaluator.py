@@ -88,7 +88,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: di
     # Grids of hand-made plans evaluate the same stage under many schedules and recompute
     # settings: the stage's ILP-side cost does not depend on them, so it is computed once.
     key = (tuple(st.layers), sub, mesh.shape, tuple(sorted(boundary.items())),
-           tuple(sorted(st.strategies.items())), zero, id(cm.gpu), cm.dtype)
+           tuple(sorted(st.strategies.items())), zero, cluster, id(cm.gpu), cm.dtype)
     per_graph = _STAGE_CACHE.setdefault(graph, {})
     hit = per_graph.get(key)
     if hit is None:
