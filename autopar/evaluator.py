@@ -66,6 +66,7 @@ class StageResult:
     sync_s: float
     optimizer_s: float
     boundary_bytes: float       # global bytes of the tensor sent to the next stage per microbatch
+    recompute_flops: float = 0.0   # forward FLOPs rerun per microbatch (global, all devices)
 
 
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: dict, cm: ComputeModel) -> StageResult:
@@ -98,7 +99,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: di
         hit = per_graph[key] = (prob, choice, ev, prob.assignment(choice))
     prob, choice, ev, assign = hit
 
-    fwd, bwd, stash, working = ev.fwd_s, ev.bwd_s, ev.stash_bytes, 0.0
+    fwd, bwd, stash, working, rec_flops = ev.fwd_s, ev.bwd_s, ev.stash_bytes, 0.0, 0.0
     if st.recompute == "full":
         # Keep each layer's input; rerun the stage's forward during backward, one layer at a
         # time, so one layer's activations are live on top of the stashes.
@@ -117,16 +118,22 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: di
         stash = layer_inputs
         working = max(per_layer) if per_layer else 0.0
         bwd += ev.recompute_fwd_s
+        rec_flops = sum(graph.node(n).fwd_flops for n in names)
     elif st.recompute == "selective":
-        dropped = [n for n in names if attention_core(graph, n) and prob.saved.get(n)]
+        core = [n for n in names if attention_core(graph, n)]
+        dropped = [n for n in core if prob.saved.get(n)]
         stash -= sum(prob.saved[n] * prob.strategy_of(n, assign[n]).out_bytes_local for n in dropped)
-        bwd += sum(prob.strategy_of(n, assign[n]).fwd_s for n in dropped)
+        if dropped:
+            # Rebuilding the dropped scores reruns the whole attention core (QK^T, scale, mask,
+            # softmax, dropout), not only the ops whose outputs were kept.
+            bwd += sum(prob.strategy_of(n, assign[n]).fwd_s for n in core)
+            rec_flops = sum(graph.node(n).fwd_flops for n in core)
 
     out_node = _stage_output(graph, st.layers)
     bbytes = graph.node(out_node).out_bytes if out_node else 0.0
     st.ops = [dict(o) for o in ev.ops]
     return StageResult(st, ev, fwd, bwd, stash, working, ev.param_state_bytes(zero),
-                       ev.sync_s if zero < 2 else 0.0, ev.optimizer_step_s(zero, cm), bbytes)
+                       ev.sync_s if zero < 2 else 0.0, ev.optimizer_step_s(zero, cm), bbytes, rec_flops)
 
 
 def _stage_output(graph: OpGraph, layers: tuple[int, int]) -> str | None:
@@ -208,9 +215,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster) -> Plan:
 
     tokens = tr["global_batch"] * plan.model["seq"]
     model_flops = (graph.fwd_flops + graph.bwd_flops) * B
-    hw_flops = model_flops + sum(
-        sum(graph.node(n).fwd_flops for n in stage_nodes(graph, r.plan.layers)) * B
-        for r in res if r.plan.recompute == "full")
+    hw_flops = model_flops + sum(r.recompute_flops for r in res) * B
     n_gpus = plan.n_devices
     peak_flops = cluster.gpu.peak(tr.get("dtype", "bf16"))
     compute = sum(r.ev.fwd_s + r.ev.bwd_s - r.ev.comm_s for r in res)
