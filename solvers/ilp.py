@@ -34,8 +34,11 @@ the end-to-end time at ~10k variables).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -440,11 +443,25 @@ class _Model:
     n_vars: int
     obj: np.ndarray  # objective coefficient per variable
     is_int: np.ndarray  # bool per variable
-    row_idx: list[np.ndarray]  # per row: variable indices
-    row_val: list[np.ndarray]  # per row: coefficients
+    row_idx: list[list[int]]  # per row: variable indices
+    row_val: list[list[float]]  # per row: coefficients
     row_lo: list[float]
     row_hi: list[float]
     node_vars: dict[int, tuple[int, np.ndarray]]  # node -> (first var index, strategy ids)
+
+
+def _group_rows(a: np.ndarray) -> tuple[list[int], list[list[int]]]:
+    """Identical rows of a small matrix: (representative row per group, members per group).
+    Keyed on the raw bytes, which is ~10x faster than np.unique(axis=0) at these sizes."""
+    index: dict[bytes, int] = {}
+    reps, members = [], []
+    for i, row in enumerate(a):
+        g = index.setdefault(row.tobytes(), len(reps))
+        if g == len(reps):
+            reps.append(i)
+            members.append([])
+        members[g].append(i)
+    return reps, members
 
 
 def _build_model(red: _Reduced) -> _Model:
@@ -458,20 +475,19 @@ def _build_model(red: _Reduced) -> _Model:
         node_vars[v] = (nxt, allowed)
         obj_parts.append(red.cost[v][allowed])
         int_parts.append(np.ones(allowed.size, dtype=bool))
-        idx = np.arange(nxt, nxt + allowed.size)
-        row_idx.append(idx)
-        row_val.append(np.ones(allowed.size))
+        row_idx.append(list(range(nxt, nxt + allowed.size)))
+        row_val.append([1.0] * allowed.size)
         row_lo.append(1.0)
         row_hi.append(1.0)
         nxt += allowed.size
     for (u, v), r in red.edges.items():
         su, au = node_vars[u]
         sv, av = node_vars[v]
-        sub = r[np.ix_(au, av)]
-        rows, row_of = np.unique(sub, axis=0, return_inverse=True)
-        grid, col_of = np.unique(rows, axis=1, return_inverse=True)
-        row_of, col_of = row_of.ravel(), col_of.ravel()
-        gr, gc = grid.shape
+        sub = np.ascontiguousarray(r[au][:, av])
+        row_reps, row_members = _group_rows(sub)
+        rows = sub[row_reps]
+        col_reps, col_members = _group_rows(np.ascontiguousarray(rows.T))
+        grid = rows[:, col_reps]  # (row groups, column groups)
         ok = np.isfinite(grid)
         n_e = int(ok.sum())
         eid = np.full(grid.shape, -1, dtype=np.int64)
@@ -479,25 +495,21 @@ def _build_model(red: _Reduced) -> _Model:
         obj_parts.append(grid[ok])
         int_parts.append(np.zeros(n_e, dtype=bool))
         nxt += n_e
-        for g in range(gr):
-            e = eid[g][ok[g]]
-            s = su + np.flatnonzero(row_of == g)
-            row_idx.append(np.concatenate([e, s]))
-            row_val.append(np.concatenate([np.ones(e.size), -np.ones(s.size)]))
+        for g, members in enumerate(row_members):
+            e = eid[g][ok[g]].tolist()
+            row_idx.append(e + [su + k for k in members])
+            row_val.append([1.0] * len(e) + [-1.0] * len(members))
             row_lo.append(0.0)
             row_hi.append(0.0)
-        for g in range(gc):
-            e = eid[:, g][ok[:, g]]
-            s = sv + np.flatnonzero(col_of == g)
-            row_idx.append(np.concatenate([e, s]))
-            row_val.append(np.concatenate([np.ones(e.size), -np.ones(s.size)]))
+        for g, members in enumerate(col_members):
+            e = eid[:, g][ok[:, g]].tolist()
+            row_idx.append(e + [sv + k for k in members])
+            row_val.append([1.0] * len(e) + [-1.0] * len(members))
             row_lo.append(0.0)
             row_hi.append(0.0)
     if red.mem_active and node_vars:
-        idx = np.concatenate([first + np.arange(a.size) for first, a in node_vars.values()])
-        val = np.concatenate([red.mem[v][a] for v, (_, a) in node_vars.items()])
-        row_idx.append(idx)
-        row_val.append(val)
+        row_idx.append([first + k for first, a in node_vars.values() for k in range(a.size)])
+        row_val.append([float(x) for v, (_, a) in node_vars.items() for x in red.mem[v][a]])
         row_lo.append(-np.inf)
         row_hi.append(red.budget_rem)
     obj = np.concatenate(obj_parts) if obj_parts else np.zeros(0)
@@ -513,9 +525,9 @@ def _scale(model: _Model) -> None:
         if s > 0:
             model.obj = model.obj / s
     if model.row_hi and model.row_lo[-1] == -np.inf:  # the memory row is last when present
-        s = max(float(np.abs(model.row_val[-1]).max()), abs(model.row_hi[-1]))
+        s = max(max(abs(x) for x in model.row_val[-1]), abs(model.row_hi[-1]))
         if s > 0:
-            model.row_val[-1] = model.row_val[-1] / s
+            model.row_val[-1] = [x / s for x in model.row_val[-1]]
             model.row_hi[-1] = model.row_hi[-1] / s
 
 
@@ -529,6 +541,31 @@ def _pulp():
     return pulp
 
 
+@functools.lru_cache(maxsize=None)
+def _silence_highs_banner() -> None:
+    """HiGHS prints a copyright banner on stdout (fd 1, from C++) when the first Highs
+    object of a process is made; that would corrupt a plan written to stdout. Make that
+    first object here with fd 1 pointed at /dev/null. Once per process."""
+    try:
+        import highspy
+    except ImportError:
+        return
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        highspy.Highs()
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _quiet_highs_base(pulp):
     base = getattr(pulp, "HiGHS", None)
     if base is None:
@@ -538,6 +575,7 @@ def _quiet_highs_base(pulp):
             return None
     except Exception:
         return None
+    _silence_highs_banner()
     return base
 
 
@@ -669,14 +707,16 @@ def _solve_with_pulp(pulp, model: _Model, solver) -> tuple[str, dict[int, int] |
     xs = [make_var(f"s{i}", 0, 1, binary) if integer else make_var(f"e{i}", 0, None, cont)
           for i, integer in enumerate(model.is_int.tolist())]
     prob.setObjective(pulp.LpAffineExpression(list(zip(xs, model.obj.tolist()))))
+    add = getattr(prob, "addConstraint", None)
+    if add is None:  # in case a later PuLP renames it; += (constraint, name) is older still
+        def add(con, name):
+            nonlocal prob
+            prob += con, name
     for k in range(len(model.row_idx)):
         expr = pulp.LpAffineExpression(
-            [(xs[i], c) for i, c in zip(model.row_idx[k].tolist(), model.row_val[k].tolist())])
-        if model.row_lo[k] == model.row_hi[k]:
-            con = pulp.LpConstraint(expr, pulp.LpConstraintEQ, rhs=model.row_hi[k])
-        else:
-            con = pulp.LpConstraint(expr, pulp.LpConstraintLE, rhs=model.row_hi[k])
-        prob.addConstraint(con, f"c{k}")
+            [(xs[i], c) for i, c in zip(model.row_idx[k], model.row_val[k])])
+        rhs = model.row_hi[k]
+        add(expr == rhs if model.row_lo[k] == rhs else expr <= rhs, f"c{k}")
     t_solve = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PuLP 3.x deprecation chatter about 4.0
