@@ -161,6 +161,10 @@ def why_winner(rows: list[Row]) -> str:
     w = fit[0]
     if len(fit) == 1:
         return f"{w.strategy} is the only strategy that fits in memory"
+    ties = [x.strategy for x in fit[1:] if x.throughput() >= w.throughput() * 0.995]
+    if ties:
+        return (f"{', '.join([w.strategy] + ties)} tie (within 0.5%): they reach the same kind of plan "
+                f"({w.plan.config.get('label', '')})")
     r = fit[1]
     pw, pr = w.plan.predicted, r.plan.predicted
     reasons = []

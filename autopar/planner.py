@@ -467,9 +467,17 @@ def _build_plan(source, graph, cl, solver, dp, choice_of, subs, gb, mb, schedule
 
 
 def _auto_label(stages: list[StagePlan]) -> str:
+    """e.g. "8 stages: 7L@2x4, 6L@2x4 x6, 7L@2x4" (layers @ logical mesh, +rc = recompute)."""
     parts = [f"{s.layers[1] - s.layers[0]}L@{s.logical_mesh[0]}x{s.logical_mesh[1]}"
              + ("+rc" if s.recompute != "none" else "") for s in stages]
-    return f"{len(stages)} stages: " + " ".join(parts)
+    runs: list[list] = []
+    for p in parts:
+        if runs and runs[-1][0] == p:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    return f"{len(stages)} stage{'s' if len(stages) > 1 else ''}: " + ", ".join(
+        p if n == 1 else f"{p} x{n}" for p, n in runs)
 
 
 def default_global_batch(cluster: Cluster) -> int:
