@@ -133,7 +133,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: di
     bbytes = graph.node(out_node).out_bytes if out_node else 0.0
     st.ops = [dict(o) for o in ev.ops]
     return StageResult(st, ev, fwd, bwd, stash, working, ev.param_state_bytes(zero),
-                       ev.sync_s if zero < 2 else 0.0, ev.optimizer_step_s(zero, cm), bbytes, rec_flops)
+                       ev.sync_s, ev.optimizer_step_s(zero, cm), bbytes, rec_flops)
 
 
 def _stage_output(graph: OpGraph, layers: tuple[int, int]) -> str | None:

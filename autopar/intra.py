@@ -188,7 +188,8 @@ class Evaluation:
     fwd_s: float
     bwd_s: float
     comm_s: float                  # of fwd_s + bwd_s, the part that is communication / resharding
-    sync_s: float                  # per step (ZeRO 0/1): gradient all-reduce over partial axes
+    sync_s: float                  # per step: gradient all-reduce over partial axes (ZeRO 0/1), or the
+                                   # all-gather of the updated weights (ZeRO-2); 0 under ZeRO-3
     recompute_fwd_s: float         # one more forward, if the stage recomputes
     param_elems: float             # per device
     param_elems_zero: float        # per device with optimizer states sharded over the sync axes
@@ -293,7 +294,7 @@ class StageProblem:
     def _member_cost(self, name: str, st: Strategy, settings: Settings) -> float:
         c = st.per_microbatch_s() - self._shared_discount(name, st)
         if settings.zero == 2:
-            c += st.zero2_s
+            c += st.zero2_s + st.zero2_step_s / settings.n_microbatches
         elif settings.zero == 3:
             c += st.zero3_s
         if settings.zero < 2:
@@ -411,6 +412,8 @@ class StageProblem:
             rec += st.fwd_s + st.fwd_comm_s + reshard
             if settings.zero < 2:
                 sync += st.grad_sync_s
+            elif settings.zero == 2:
+                sync += st.zero2_step_s
             pe += st.param_elems_local
             pez += st.param_elems_zero
             stash += self.saved.get(name, 0.0) * st.out_bytes_local
@@ -429,7 +432,7 @@ class StageProblem:
 
     def objective(self, group_choice, settings: Settings) -> float:
         ev = self.evaluate(group_choice, settings)
-        return ev.per_microbatch_s + (ev.sync_s / settings.n_microbatches if settings.zero < 2 else 0.0)
+        return ev.per_microbatch_s + ev.sync_s / settings.n_microbatches
 
     def size(self) -> dict[str, int]:
         n_strats = [len(grp.strategies[grp.root]) for grp in self.groups]

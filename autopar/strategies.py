@@ -35,6 +35,7 @@ class Strategy:
     bwd_comm_s: float = 0.0
     grad_sync_s: float = 0.0             # per step: all-reduce of weight grads over partial axes
     zero2_s: float = 0.0                 # per microbatch under ZeRO-2: reduce-scatter of grads
+    zero2_step_s: float = 0.0            # per step under ZeRO-2: all-gather of the updated weights
     zero3_s: float = 0.0                 # per microbatch under ZeRO-3: gather weights fwd+bwd, RS grads
     param_elems_local: float = 0.0       # owned parameter elements on one device
     param_elems_zero: float = 0.0        # ... when optimizer state is sharded over the grad-sync axes
@@ -80,6 +81,9 @@ def _param_terms(s: Strategy, node: OpNode, param_specs: dict[int, Spec], partia
             ax = mesh.axis(partial)
             s.grad_sync_s += all_reduce_s(local * GRAD_BYTES, ax)
             s.zero2_s += reduce_scatter_s(local * GRAD_BYTES, ax)
+            # Each rank updates its shard only, so the new weights are all-gathered once per
+            # step (ZeRO-1's all-reduce already is that reduce-scatter + all-gather).
+            s.zero2_step_s += all_gather_s(local * dtype_bytes(o.dtype), ax)
             s.zero3_s += 2 * all_gather_s(local * dtype_bytes(o.dtype), ax) + reduce_scatter_s(local * GRAD_BYTES, ax)
 
 
