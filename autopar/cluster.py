@@ -56,8 +56,8 @@ class Cluster:
         return self.n_nodes * self.gpus_per_node
 
     def with_size(self, n_nodes: int | None = None, gpus_per_node: int | None = None) -> "Cluster":
-        c = dataclasses.replace(self, n_nodes=n_nodes or self.n_nodes,
-                                gpus_per_node=gpus_per_node or self.gpus_per_node)
+        c = dataclasses.replace(self, n_nodes=self.n_nodes if n_nodes is None else n_nodes,
+                                gpus_per_node=self.gpus_per_node if gpus_per_node is None else gpus_per_node)
         validate(c)
         return c
 
