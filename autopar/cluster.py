@@ -154,10 +154,17 @@ def _from_dict(d: dict[str, Any], origin: str) -> Cluster:
             raise ClusterError(f"{origin}: unknown gpu {g!r}; known: {sorted(GPUS)}")
         gpu = GPUS[g]
     else:
+        if not isinstance(g, dict):
+            raise ClusterError(f"{origin}: field 'gpu' must be a GPU name ({sorted(GPUS)}) or a mapping of "
+                               f"its fields (got {g!r})")
+        _known_fields(g, "gpu", {f.name for f in dataclasses.fields(GPU)}, origin)
         bg = base.gpu if base else None
         peak = g.get("peak_flops", bg.peak_flops if bg else None)
         if not isinstance(peak, dict):
             raise ClusterError(f"{origin}: missing field gpu.peak_flops (a mapping dtype -> FLOP/s)")
+        for k, v in peak.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ClusterError(f"{origin}: field gpu.peak_flops.{k} must be a number (got {v!r})")
         gpu = GPU(name=str(g.get("name", bg.name if bg else "custom-gpu")),
                   peak_flops={k: float(v) for k, v in peak.items()},
                   memory_bytes=num(g, "memory_bytes", "gpu", bg.memory_bytes if bg else None),
@@ -172,6 +179,10 @@ def _from_dict(d: dict[str, Any], origin: str) -> Cluster:
             if default is None:
                 raise ClusterError(f"{origin}: missing field {key!r} (bandwidth_bytes_per_s, latency_s)")
             return default
+        if not isinstance(m, dict):
+            raise ClusterError(f"{origin}: field {key!r} must be a mapping with bandwidth_bytes_per_s and "
+                               f"latency_s (got {m!r})")
+        _known_fields(m, key, {"bandwidth_bytes_per_s", "latency_s"}, origin)
         return Link(num(m, "bandwidth_bytes_per_s", key, default.bandwidth_bytes_per_s if default else None),
                     num(m, "latency_s", key, default.latency_s if default else None))
 
@@ -191,6 +202,13 @@ def _from_dict(d: dict[str, Any], origin: str) -> Cluster:
                 inter_link=link("inter_link", base.inter_link if base else None),
                 source=str(d.get("source", origin)))
     return validate(c)
+
+
+def _known_fields(mapping: dict, where: str, known: set[str], origin: str) -> None:
+    extra = set(mapping) - known
+    if extra:
+        raise ClusterError(f"{origin}: unknown field(s) {sorted(f'{where}.{k}' for k in extra)}; known "
+                           f"fields of {where}: {sorted(known)}")
 
 
 def load_cluster(spec: str | Cluster, n_nodes: int | None = None, gpus_per_node: int | None = None) -> Cluster:
