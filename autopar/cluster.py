@@ -117,6 +117,13 @@ def validate(c: Cluster) -> Cluster:
     need(c.gpu.hbm_bytes_per_s > 0, "gpu.hbm_bytes_per_s", f"must be > 0 (got {c.gpu.hbm_bytes_per_s})")
     need(bool(c.gpu.peak_flops) and all(v > 0 for v in c.gpu.peak_flops.values()), "gpu.peak_flops",
          f"must give a positive FLOP/s per dtype (got {c.gpu.peak_flops})")
+    for name in ("matmul_efficiency", "memory_efficiency"):
+        v = getattr(c.gpu, name)
+        need(0 < v <= 1, f"gpu.{name}", f"must be a fraction of peak in (0, 1] (got {v})")
+    if c.gpu.profile is not None:
+        from .cost import load_profile
+        need(load_profile(c.gpu.profile) is not None, "gpu.profile",
+             f"must name a profile shipped in autopar/profiles/ (got {c.gpu.profile!r})")
     for name, link in (("intra_link", c.intra_link), ("inter_link", c.inter_link)):
         need(link.bandwidth_bytes_per_s > 0, f"{name}.bandwidth_bytes_per_s",
              f"must be > 0 (got {link.bandwidth_bytes_per_s})")
