@@ -62,7 +62,12 @@ class Cluster:
         return c
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The cluster as a YAML/JSON file's mapping: `load_cluster` reads it back unchanged."""
+        d = dataclasses.asdict(self)
+        d["nodes"] = d.pop("n_nodes")
+        if d["gpu"]["profile"] is None:
+            del d["gpu"]["profile"]
+        return d
 
 
 # ---- presets ---------------------------------------------------------------------------------
