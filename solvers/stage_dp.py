@@ -11,13 +11,22 @@ candidate t_max values (the distinct stage times).
 
 Search over t_max. F(t_max) is a non-increasing step function, so T is minimised at the
 left end of a step. Each DP solve at t_max also returns its solution's actual largest stage
-time t' <= t_max, and F is constant on [t', t_max]: every candidate in between is skipped.
-  1. the smallest feasible t_max by galloping + bisection over the sorted candidates;
-  2. from the top of the window that can still beat the best T (lower bound
-     (B-1) t + max(t, F_relaxed), F_relaxed a device-free relaxation of F), walk down: solve
-     at the largest candidate below the last solution's t', until the window is empty.
-Each DP solve only touches entries with t <= t_max, grouped by (s, k) and vectorised over
-(entries x devices); device counts are in units of gcd(submesh sizes).
+time t' <= t_max, and F is constant on [t', t_max]: every candidate in between is skipped
+(this is the dedupe of candidates that do not change the answer).
+  1. The least feasible t_max, to 0.1 %: bisect on a device-count bound (no DP), then
+     gallop + bisect with a feasibility-only DP on booleans. Solve F there: a first T.
+  2. Window: any solution with max stage time t costs >= (B-1) t + max(t, F_relaxed)
+     (F_relaxed: the least sum of stage costs ignoring devices), so only t below
+     min((T_best - F_relaxed) / (B-1), T_best / B) can win. Probe F at 1/4 and 1/2 of the
+     window (a good T early shrinks it), then walk down from its top, each solve at the
+     largest candidate below the last solution's t', until F + (B-1) t_low >= T_best
+     (t_low: the least candidate that may be feasible), the DP is infeasible, or the
+     window is empty.
+Inside the walk the DP drops states that cannot beat T_best (suffix cost + least prefix
+cost + (B-1) t_low >= T_best), so deep pipelines die early. Each DP solve only touches
+entries with t <= t_max, grouped by (s, k), restricted to the device counts that can lie on
+a complete solution, and vectorised over (entries x devices); device counts are in units of
+gcd(submesh sizes). B = 1 needs one solve with every entry allowed.
 """
 
 from __future__ import annotations
@@ -151,6 +160,12 @@ class _Solver:
         self.tv = tv[order]
         self.cv = inp.c[self.k, self.j, self.m, self.s]
         self.t_rel = inp.t.min(axis=3)  # (L, L+1, M), best depth: for the device bounds
+        # least sum (t + extra) of any slicing of layers [0, k), devices and depths relaxed
+        best = inp.c.min(axis=(2, 3))
+        self.prefix_cost = np.full(n_layers + 1, np.inf)
+        self.prefix_cost[0] = 0.0
+        for j in range(1, n_layers + 1):
+            self.prefix_cost[j] = np.min(self.prefix_cost[:j] + best[:j, j])
         self.n_solves = 0
 
     def candidates(self) -> np.ndarray:
@@ -173,10 +188,14 @@ class _Solver:
             suffix[k] = np.min(step[k, k + 1:] + suffix[k + 1:])
         return prefix, suffix
 
-    def solve(self, t_max: float, feasibility_only: bool = False):
+    def solve(self, t_max: float, feasibility_only: bool = False, cutoff: float = math.inf):
         """The DP at t_max. Returns (tables, top) with top[s] = F(s, 0, D) (float mode) or
         (None, top) with top[s] = 0 / inf for feasible / not (feasibility mode, ~8x cheaper:
-        booleans instead of floats)."""
+        booleans instead of floats).
+
+        cutoff (float mode): only solutions with sum (t + extra) < cutoff are wanted; a
+        state whose suffix cost plus a lower bound on any prefix before it reaches cutoff
+        is dropped. top is then exact where it is below cutoff and inf elsewhere."""
         self.n_solves += 1
         n_layers, n_d, d_top = self.n_layers, self.n_d, self.d_top
         top = np.full(self.inp.s_max + 1, np.inf)
@@ -231,12 +250,16 @@ class _Solver:
                     else:
                         vals += cc[e0:e1, None]
                         g_cur[rows, w0:w1] = np.minimum.reduceat(vals, at, axis=0)
+            if not feasibility_only and cutoff < math.inf:
+                g_cur[g_cur + self.prefix_cost[:, None] >= cutoff] = np.inf
             tables.append(g_cur)
             if feasibility_only:
                 top[depth] = 0.0 if g_cur[0, d_top] else np.inf
             else:
                 top[depth] = g_cur[0, d_top]
             g_prev = g_cur
+            if not (g_cur if feasibility_only else np.isfinite(g_cur)).any():
+                break  # every deeper table builds on this one: all empty too
         return (None if feasibility_only else tables), top
 
     def reconstruct(self, tables, depth: int, t_max: float) -> list[tuple[int, int, int]]:
@@ -323,9 +346,12 @@ def stage_dp(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_devices: 
 
     best = {"T": math.inf, "stages": None}
 
-    def solve_at(t_max: float):
-        """DP at t_max; records the best T. Returns (F, actual max t) or (inf, None)."""
-        tables, top = solver.solve(t_max)
+    def solve_at(t_max: float, t_low: float = -math.inf):
+        """DP at t_max; records the best T. Returns (F, actual max t) or (inf, None).
+        Knowing every solution's max stage time is >= t_low, solutions that cannot beat the
+        best T are pruned inside the DP, and then (inf, None) also means "none better"."""
+        cutoff = best["T"] - (b - 1) * t_low if math.isfinite(t_low) else math.inf
+        tables, top = solver.solve(t_max, cutoff=cutoff)
         depth = int(np.argmin(top))
         f = float(top[depth])
         if not math.isfinite(f):
@@ -377,17 +403,29 @@ def stage_dp(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_devices: 
                 a = mid
         solve_at(float(cands[z]))
         t_floor = float(cands[a]) if a >= 0 else -math.inf  # known infeasible
+        t_low = float(cands[a + 1])  # so every solution's max stage time is >= t_low
         # 2. walk down from the top of the window that can still beat the best T.
         f_relaxed = _relaxed_sum(inp)
+
+        def window_top() -> float:
+            # (B-1) t + max(t, F_relaxed) < T_best  <=>  t below both bounds
+            return min((best["T"] - f_relaxed) / (b - 1), best["T"] / b)
+
+        # Two probes inside the window first: a good T early shrinks the window before the
+        # walk reaches its top, where the DP solves are the most expensive.
+        for frac in (0.25, 0.5):
+            t_probe = t_low + frac * (window_top() - t_low)
+            idx = int(np.searchsorted(cands, t_probe, side="right")) - 1
+            if idx >= 0 and cands[idx] > t_low:
+                solve_at(float(cands[idx]), t_low)
         upper = math.inf
         while True:
-            # (B-1) t + max(t, F_relaxed) < T_best  <=>  t below both bounds
-            limit = min((best["T"] - f_relaxed) / (b - 1), best["T"] / b)
+            limit = window_top()
             idx = int(np.searchsorted(cands, min(limit, upper), side="left")) - 1
             if idx < 0 or cands[idx] <= t_floor:
                 break
-            f, t_actual = solve_at(float(cands[idx]))
-            if t_actual is None or f + (b - 1) * max(t_floor, 0.0) >= best["T"]:
+            f, t_actual = solve_at(float(cands[idx]), t_low)
+            if t_actual is None or f + (b - 1) * t_low >= best["T"]:
                 break  # F only grows below here: nothing left can win
             upper = t_actual  # F is constant on [t_actual, cands[idx]]: skip that stretch
     if best["stages"] is None:
