@@ -165,8 +165,11 @@ def inflight(schedule: str, stage_index: int, n_stages: int, n_microbatches: int
     if schedule == "gpipe":
         return float(n_microbatches)
     if schedule == "interleaved":
-        warm = min((n_stages - stage_index - 1) * 2 + (chunks - 1) * n_stages, n_microbatches * chunks)
-        return (warm + 1) / chunks     # counted in whole-stage stashes (each chunk holds 1/v)
+        total = n_microbatches * chunks
+        warm = min((n_stages - stage_index - 1) * 2 + (chunks - 1) * n_stages, total)
+        # the warm-up forwards plus the first steady-state one, unless the warm-up ran them all;
+        # counted in whole-stage stashes (each chunk holds 1/v)
+        return min(warm + 1, total) / chunks
     return float(min(n_stages - stage_index, n_microbatches))
 
 
