@@ -724,8 +724,12 @@ def _solve_with_pulp(pulp, model: _Model, solver) -> tuple[str, dict[int, int] |
     t_solve = time.perf_counter() - t_solve
     status = prob.status
     sol_status = getattr(prob, "sol_status", None)
+    limit = getattr(solver, "timeLimit", None)
+    near_limit = limit is not None and t_solve >= 0.9 * limit
     if status == pulp.LpStatusInfeasible:
-        return "infeasible", None
+        # CBC cut off mid-way through its root LP can print "Infeasible": only trust the
+        # verdict when the solver finished well within its time.
+        return ("no_solution_time_limit" if near_limit else "infeasible"), None
     if status == pulp.LpStatusOptimal:
         if sol_status is None or sol_status == pulp.LpSolutionOptimal:
             kind = "optimal"
@@ -740,7 +744,6 @@ def _solve_with_pulp(pulp, model: _Model, solver) -> tuple[str, dict[int, int] |
                 return "no_solution_time_limit", None
             choice[v] = int(allowed[int(np.argmax(vals))])
         return kind, choice
-    limit = getattr(solver, "timeLimit", None)
     if status == pulp.LpStatusNotSolved and (limit is None or t_solve >= 0.5 * limit):
         return "no_solution_time_limit", None
     # PuLP reports solver errors as "Not Solved" too; one well before the limit is an error

@@ -95,3 +95,36 @@ def test_errors_say_what_is_wrong():
         stage_dp(np.zeros((2, 3, 1, 2)), [1], 1, 0)
     with pytest.raises(ValueError, match="stage_extra"):
         stage_dp(np.zeros((2, 3, 1, 2)), [1], 1, 1, stage_extra=np.zeros((2, 3)))
+
+
+def _layered_cost(rng, n_layers, sizes, s_max, layers_per_device):
+    """Costs shaped like the planner's: time grows with the layers in a stage and shrinks
+    with its devices; too many layers per device at a 1F1B depth do not fit."""
+    n = np.asarray(sizes, dtype=float)
+    work = np.concatenate([[0.0], np.cumsum(rng.uniform(0.5, 1.5, n_layers))])
+    i = np.arange(n_layers)[:, None]
+    j = np.arange(n_layers + 1)[None, :]
+    span = work[None, :] - work[:n_layers, None]
+    cost = np.full((n_layers, n_layers + 1, n.size, s_max + 1), np.inf)
+    for m in range(n.size):
+        for s in range(1, s_max + 1):
+            t = span / n[m] * (1 + 0.08 * np.log2(n[m])) * rng.uniform(0.95, 1.05, span.shape)
+            t[(j <= i) | ((j - i) * (1.0 + 0.15 * s) / n[m] > layers_per_device)] = np.inf
+            cost[:, :, m, s] = t
+    return cost
+
+
+def test_planner_shaped_costs_match_brute_force():
+    # the t_max search (window, probes, pruned walk) is exercised here: many candidates
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        n_layers, sizes = int(rng.integers(4, 9)), [1, 2, 4, 8]
+        n_devices, s_max = int(rng.choice([4, 6, 8])), int(rng.integers(2, 5))
+        cost = _layered_cost(rng, n_layers, sizes, s_max, float(rng.choice([1.0, 2.0, 4.0])))
+        extra = rng.random((n_layers, n_layers + 1, 4)) * 0.1 if rng.random() < 0.5 else None
+        for b in (1, 2, 16, 64):
+            got = stage_dp(cost, sizes, n_devices, b, extra)
+            want = stage_dp_brute_force(cost, sizes, n_devices, b, extra)
+            assert got.total_s == pytest.approx(want.total_s, rel=1e-12), (seed, b)
+            if math.isfinite(want.total_s):
+                _check_result(got, cost, sizes, n_devices, b, extra)
