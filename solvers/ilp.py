@@ -631,6 +631,7 @@ def _fast_highs_class(base):
 
         def _bulk_build(self, lp):
             import highspy
+            import pulp
 
             h = lp.solverModel
             inf = highspy.kHighsInf
@@ -643,7 +644,7 @@ def _fast_highs_class(base):
                 var.index = i
                 lo[i] = -inf if var.lowBound is None else var.lowBound
                 hi[i] = inf if var.upBound is None else var.upBound
-                if var.cat == "Integer" and self.mip:
+                if var.cat == pulp.LpInteger and self.mip:
                     integer.append(i)
             cost = np.zeros(n)
             for var, c in lp.objective.items():
@@ -810,9 +811,16 @@ def solve_sharding_ilp(node_costs: Sequence[np.ndarray],
 
     node_costs[v][p]: cost of node v in strategy p (inf = forbidden). edges: (u, v, R) with
     R[p, q] the resharding cost (inf = forbidden pair); parallel edges add up. With both
-    node_mem and mem_budget, sum_v node_mem[v][choice[v]] <= mem_budget.
-    A time-out returns the best feasible choice found (the solver's incumbent or, failing
-    that, a local-search one) with status "feasible_time_limit"; it never raises.
+    node_mem and mem_budget, sum_v node_mem[v][choice[v]] <= mem_budget (held to the
+    solver's feasibility tolerance, 1e-9 of the budget; node_mem alone is ignored).
+
+    backend: "highs" (PuLP's HiGHS API, highspy), "cbc" (PuLP's bundled CBC, or a cbc on
+    PATH), "auto" (highs, else cbc). mip_gap: relative optimality gap at which the solver
+    may stop; the status is still "optimal". The time limit covers the whole call; a
+    time-out returns the best feasible choice found (the solver's incumbent or a local-search
+    one, whichever is cheaper) with status "feasible_time_limit", or
+    "no_solution_time_limit" when neither exists; it never raises. objective is always
+    recomputed from the arguments for the returned choice.
     """
     t0 = time.perf_counter()
     if not (time_limit_s > 0):
