@@ -182,3 +182,17 @@ def test_costs_in_seconds_and_memory_in_bytes_are_scaled_safely():
         assert got.status == want.status
         if want.status == "optimal":
             assert math.isclose(got.objective, want.objective, rel_tol=1e-9, abs_tol=0)
+
+
+def test_missing_backends_are_reported_clearly(monkeypatch):
+    import solvers.ilp as ilp_mod
+
+    costs, edges = [np.array([1.0, 2.0])], []
+    monkeypatch.setattr(ilp_mod, "_quiet_highs_base", lambda pulp: None)  # no highspy
+    with pytest.raises(ValueError, match="'highs' is not available.*Backends available"):
+        solve_sharding_ilp(costs, edges, backend="highs")
+    if ilp_mod._cbc_class(ilp_mod._pulp()) is not None:
+        assert solve_sharding_ilp(costs, edges, backend="auto").backend == "cbc"
+    monkeypatch.setattr(ilp_mod, "_cbc_class", lambda pulp: None)  # PuLP 4: no bundled CBC
+    with pytest.raises(ValueError, match="'cbc' is not available"):
+        solve_sharding_ilp(costs, edges, backend="auto")
