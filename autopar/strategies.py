@@ -426,6 +426,14 @@ def follow(node: OpNode, lead_spec: Spec, mesh: Mesh, cm: ComputeModel) -> Strat
                 if o.is_param:
                     param_specs[i] = in_specs[i]
                     partial_of[i] = used_mask_except(out_spec, in_specs[i])
+                elif node.attrs.get("requires_grad", True) and not (o.dtype.startswith("int") or o.dtype == "bool"):
+                    # A broadcast activation (GPT's learned positions [s, h] added to a
+                    # batch-split [b, s, h]) gets a gradient summed over the dims it lacks:
+                    # partial over the axes splitting them, all-reduced in backward.
+                    missing = used_mask_except(out_spec, in_specs[i])
+                    if missing:
+                        grad = numel(o.shape) * dtype_bytes(o.dtype) / shard_factor(in_specs[i], mesh)
+                        bwd_comm += all_reduce_s(grad, mesh.axis(missing))
 
     f = shard_factor(out_spec, mesh) if out_spec else 1
     f = max(f, shard_factor(lead_spec, mesh) if kind in (REDUCTION, LOSS) else f)
