@@ -26,7 +26,8 @@ Inside the walk the DP drops states that cannot beat T_best (suffix cost + least
 cost + (B-1) t_low >= T_best), so deep pipelines die early. Each DP solve only touches
 entries with t <= t_max, grouped by (s, k), restricted to the device counts that can lie on
 a complete solution, and vectorised over (entries x devices); device counts are in units of
-gcd(submesh sizes). B = 1 needs one solve with every entry allowed.
+gcd(submesh sizes). B = 1 (no bubble): after step 1, one solve with every entry allowed,
+pruned by the T found in step 1.
 """
 
 from __future__ import annotations
@@ -362,77 +363,82 @@ def stage_dp(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_devices: 
             best["T"], best["stages"] = total, stages
         return f, t_actual
 
+    # 1. smallest feasible t_max: gallop up from a lower bound, then bisect, on the
+    #    cheap feasibility-only DP.
+    def feasible(idx: int) -> bool:
+        return bool(np.isfinite(solver.solve(float(cands[idx]), True)[1]).any())
+
+    last = cands.size - 1
+    probe = int(np.searchsorted(cands, _t_lower_bound(inp), side="left"))
+    # The device bound alone is a necessary condition and ~100x cheaper than a DP:
+    # bisect on it first to start the gallop near the answer.
+    hi_idx = last + 1
+    lo_idx = probe
+    while lo_idx < hi_idx:
+        mid = (lo_idx + hi_idx) // 2
+        if solver.device_bounds(float(cands[mid]))[1][0] <= solver.d_top:
+            hi_idx = mid
+        else:
+            lo_idx = mid + 1
+    probe = lo_idx
+    a, step = probe - 1, 1  # cands[a] is known infeasible (or below every candidate)
+    while True:
+        if probe > last:
+            return _empty_result(t0, solver.n_solves)
+        if feasible(probe):
+            break
+        if probe == last:
+            return _empty_result(t0, solver.n_solves)
+        a, probe, step = probe, min(probe + step, last), step * 2
+    z = probe
+    # Bisect to 0.1 %: candidates are dense, and whatever lies between cands[a] and
+    # cands[z] is still visited by the walk below when it matters.
+    while z - a > 1 and (a < 0 or cands[z] - cands[a] > 1e-3 * cands[z]):
+        mid = (a + z) // 2
+        if feasible(mid):
+            z = mid
+        else:
+            a = mid
+    solve_at(float(cands[z]))
+    t_floor = float(cands[a]) if a >= 0 else -math.inf  # known infeasible
+    t_low = float(cands[a + 1])  # so every solution's max stage time is >= t_low
     if b == 1:
-        solve_at(float(cands[-1]))  # no bubble term: the unconstrained optimum is it
-    else:
-        # 1. smallest feasible t_max: gallop up from a lower bound, then bisect, on the
-        #    cheap feasibility-only DP.
-        def feasible(idx: int) -> bool:
-            return bool(np.isfinite(solver.solve(float(cands[idx]), True)[1]).any())
+        # No bubble term: T = F, least with every entry allowed. The solution above
+        # seeds the pruning of that (dense, so otherwise costly) solve.
+        solve_at(float(cands[-1]), t_low)
+        return _final(inp, best["stages"], solver, t0)
+    # 2. walk down from the top of the window that can still beat the best T.
+    f_relaxed = _relaxed_sum(inp)
 
-        last = cands.size - 1
-        probe = int(np.searchsorted(cands, _t_lower_bound(inp), side="left"))
-        # The device bound alone is a necessary condition and ~100x cheaper than a DP:
-        # bisect on it first to start the gallop near the answer.
-        hi_idx = last + 1
-        lo_idx = probe
-        while lo_idx < hi_idx:
-            mid = (lo_idx + hi_idx) // 2
-            if solver.device_bounds(float(cands[mid]))[1][0] <= solver.d_top:
-                hi_idx = mid
-            else:
-                lo_idx = mid + 1
-        probe = lo_idx
-        a, step = probe - 1, 1  # cands[a] is known infeasible (or below every candidate)
-        while True:
-            if probe > last:
-                return _empty_result(t0, solver.n_solves)
-            if feasible(probe):
-                break
-            if probe == last:
-                return _empty_result(t0, solver.n_solves)
-            a, probe, step = probe, min(probe + step, last), step * 2
-        z = probe
-        # Bisect to 0.1 %: candidates are dense, and whatever lies between cands[a] and
-        # cands[z] is still visited by the walk below when it matters.
-        while z - a > 1 and (a < 0 or cands[z] - cands[a] > 1e-3 * cands[z]):
-            mid = (a + z) // 2
-            if feasible(mid):
-                z = mid
-            else:
-                a = mid
-        solve_at(float(cands[z]))
-        t_floor = float(cands[a]) if a >= 0 else -math.inf  # known infeasible
-        t_low = float(cands[a + 1])  # so every solution's max stage time is >= t_low
-        # 2. walk down from the top of the window that can still beat the best T.
-        f_relaxed = _relaxed_sum(inp)
+    def window_top() -> float:
+        # (B-1) t + max(t, F_relaxed) < T_best  <=>  t below both bounds
+        return min((best["T"] - f_relaxed) / (b - 1), best["T"] / b)
 
-        def window_top() -> float:
-            # (B-1) t + max(t, F_relaxed) < T_best  <=>  t below both bounds
-            return min((best["T"] - f_relaxed) / (b - 1), best["T"] / b)
+    # Two probes inside the window first: a good T early shrinks the window before the
+    # walk reaches its top, where the DP solves are the most expensive.
+    for frac in (0.25, 0.5):
+        t_probe = t_low + frac * (window_top() - t_low)
+        idx = int(np.searchsorted(cands, t_probe, side="right")) - 1
+        if idx >= 0 and cands[idx] > t_low:
+            solve_at(float(cands[idx]), t_low)
+    upper = math.inf
+    while True:
+        limit = window_top()
+        idx = int(np.searchsorted(cands, min(limit, upper), side="left")) - 1
+        if idx < 0 or cands[idx] <= t_floor:
+            break
+        f, t_actual = solve_at(float(cands[idx]), t_low)
+        if t_actual is None or f + (b - 1) * t_low >= best["T"]:
+            break  # F only grows below here: nothing left can win
+        upper = t_actual  # F is constant on [t_actual, cands[idx]]: skip that stretch
+    return _final(inp, best["stages"], solver, t0)
 
-        # Two probes inside the window first: a good T early shrinks the window before the
-        # walk reaches its top, where the DP solves are the most expensive.
-        for frac in (0.25, 0.5):
-            t_probe = t_low + frac * (window_top() - t_low)
-            idx = int(np.searchsorted(cands, t_probe, side="right")) - 1
-            if idx >= 0 and cands[idx] > t_low:
-                solve_at(float(cands[idx]), t_low)
-        upper = math.inf
-        while True:
-            limit = window_top()
-            idx = int(np.searchsorted(cands, min(limit, upper), side="left")) - 1
-            if idx < 0 or cands[idx] <= t_floor:
-                break
-            f, t_actual = solve_at(float(cands[idx]), t_low)
-            if t_actual is None or f + (b - 1) * t_low >= best["T"]:
-                break  # F only grows below here: nothing left can win
-            upper = t_actual  # F is constant on [t_actual, cands[idx]]: skip that stretch
-    if best["stages"] is None:
+
+def _final(inp: _Input, stages, solver, t0) -> StageDPResult:
+    if stages is None:
         return _empty_result(t0, solver.n_solves)
-    total, times, t_max = _total(inp, best["stages"])
-    return StageDPResult(total, best["stages"], times, t_max, solver.n_solves,
-                         time.perf_counter() - t0)
+    total, times, t_max = _total(inp, stages)
+    return StageDPResult(total, stages, times, t_max, solver.n_solves, time.perf_counter() - t0)
 
 
 def stage_dp_brute_force(stage_cost: np.ndarray, submesh_devices: Sequence[int],
