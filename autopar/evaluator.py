@@ -10,7 +10,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
-from graphs.ir import INPUT, OpGraph, numel
+from graphs.ir import INPUT, MATMUL, OpGraph, numel
 
 from .cluster import Cluster, Submesh
 from .cost import ComputeModel, p2p_s
@@ -48,10 +48,27 @@ def main_boundary(graph: OpGraph, names: list[str]) -> str | None:
     return max(b, key=lambda s: graph.node(s).out_bytes) if b else None
 
 
-def attention_core(graph: OpGraph, name: str) -> bool:
-    """Ops producing [.., s, s] attention scores: what selective recomputation drops."""
-    shape = graph.node(name).out_shape
-    return len(shape) >= 3 and graph.seq > 1 and shape[-1] == graph.seq and shape[-2] == graph.seq
+def attention_core(graph: OpGraph, names: list[str]) -> list[str]:
+    """The ops of eager attention's core, what selective recomputation drops and reruns: an
+    activation x activation matmul producing [.., s, s] scores (QK^T), and the ops that carry
+    those scores on (scale, mask, softmax, dropout). Shape alone is not enough: a [b, s, h]
+    tensor looks the same when hidden == seq (Llama-2-7B at 4096 tokens)."""
+    s = graph.seq
+    core: list[str] = []
+    seen: set[str] = set()
+    for n in names:
+        node = graph.node(n)
+        shape = node.out_shape
+        if not (s > 1 and len(shape) >= 3 and shape[-1] == s and shape[-2] == s):
+            continue
+        if node.kind == MATMUL:
+            starts = not any(o.is_param for o in node.operands) and sum(o.source is not None for o in node.operands) >= 2
+        else:
+            starts = any(o.source in seen for o in node.operands)
+        if starts:
+            core.append(n)
+            seen.add(n)
+    return core
 
 
 @dataclass
@@ -120,7 +137,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: di
         bwd += ev.recompute_fwd_s
         rec_flops = sum(graph.node(n).fwd_flops for n in names)
     elif st.recompute == "selective":
-        core = [n for n in names if attention_core(graph, n)]
+        core = attention_core(graph, names)
         dropped = [n for n in core if prob.saved.get(n)]
         stash -= sum(prob.saved[n] * prob.strategy_of(n, assign[n]).out_bytes_local for n in dropped)
         if dropped:
