@@ -163,14 +163,15 @@ def cmd_plan(a) -> int:
     p = plan(a.model, a.cluster, nodes=a.nodes, gpus_per_node=a.gpus_per_node, global_batch=a.global_batch,
              microbatches=mb, schedule=a.schedule, max_stages=a.max_stages, dtype=a.dtype,
              progress=sys.stderr.isatty(), zero=a.zero)
-    p.search["total_time_s"] = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
     text = p.to_json()
     if a.output:
         _write_new(a.output, text, a.force)
         print(plan_summary(p))
-        print(f"\nwrote {a.output} (planned in {p.search['total_time_s']:.1f} s)")
+        print(f"\nwrote {a.output} (planned in {elapsed:.1f} s)")
     else:
         print(text, end="")
+        print(f"planned in {elapsed:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -49,6 +49,9 @@ class Plan:
     config: dict[str, Any] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
+    # Wall-clock seconds of the search phases: shown to the user, kept out of the JSON so the
+    # same inputs give the same bytes.
+    timing: dict[str, float] = field(default_factory=dict, compare=False)
 
     @property
     def n_devices(self) -> int:

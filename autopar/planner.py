@@ -225,25 +225,86 @@ def range_table(solver: LayerSolver, mesh: Mesh) -> RangeTable:
     return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], starts)
 
 
+def _uniform_candidates(rt: RangeTable, sub: Submesh, mi: int, shape, cl: Cluster, L: int, S: int, B: int,
+                        schedule: str, mem_cap: float) -> list[tuple]:
+    """Equal-layer pipelines of every depth whose stages all use this submesh and logical
+    mesh: per stage the start layout and recompute minimising its share of the step."""
+    from .baselines import split_blocks
+    out = []
+    if cl.n_gpus % sub.n_devices:
+        return out
+    depth = cl.n_gpus // sub.n_devices
+    if depth > min(S, max(1, L - 2)):
+        return out
+    ranges = split_blocks(L, depth) if L > 2 else [(0, L)]
+
+    def pick(k, i, j, allowed):
+        s = depth - k
+        inflight = min(s, B) if schedule == "1f1b" else B
+        best = None
+        for rc in RECOMPUTE_OPTIONS:
+            t = rt.t[i, j] + (rt.rec[i, j] if rc == "full" else 0.0)
+            mem = rt.param[i, j] + (inflight * rt.inputs[i, j] + rt.max_layer_stash[i, j] if rc == "full"
+                                    else inflight * rt.stash[i, j])
+            key = np.where((mem <= mem_cap) & allowed, (B + s - 1) * t + rt.sync[i, j], np.inf)
+            p = int(key.argmin())
+            if math.isfinite(key[p]) and (best is None or key[p] < best[0]):
+                best = (key[p], p, rc, float(t[p]), float(rt.sync[i, j, p]))
+        return best
+
+    everywhere = np.ones(len(rt.starts), bool)
+    for same_layout in (False, True):
+        stages, choices, ts, syncs = [], [], [], []
+        layout = None
+        for k, (i, j) in enumerate(ranges):
+            allowed = everywhere
+            if same_layout and k > 0:
+                # Megatron's shape: every stage receives the layout the first stage emits
+                allowed = np.array([st == layout for st in rt.starts])
+            best = pick(k, i, j, allowed)
+            if best is None:
+                break
+            _, p, rc, t, sync = best
+            if k == 0:
+                start = rt.starts[p]
+                layout = start[1] if isinstance(start, tuple) and start and start[0] == "embed" else start
+            stages.append((i, j, mi))
+            choices.append((shape, rt.starts[p], rc))
+            ts.append(t)
+            syncs.append(sync)
+        else:
+            out.append((stages, choices, ts, syncs))
+    return out
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def microbatch_candidates(global_batch: int, n_gpus: int, microbatches: str | int) -> list[int]:
-    """Microbatch sizes (batch of one pipeline microbatch) to try."""
+    """First-round microbatch sizes (batch of one pipeline microbatch) to search: every other
+    power of two dividing the global batch (1, 4, 16, ...), and the global batch itself; the
+    planner then tries the neighbours of the best. A given count of microbatches is used as is."""
     if microbatches != "auto":
-        k = int(microbatches)
+        try:
+            k = int(microbatches)
+        except ValueError:
+            raise PlanError(f"--microbatches must be 'auto' or a number (got {microbatches!r})") from None
         if k < 1 or global_batch % k:
             ok = _divisors(global_batch)
             raise PlanError(f"--microbatches {k} does not divide the global batch {global_batch}; "
                             f"valid counts: {ok[:20]}{' ...' if len(ok) > 20 else ''}")
         return [global_batch // k]
-    sizes = [d for d in _divisors(global_batch) if d & (d - 1) == 0] or [global_batch]
-    # Six powers of two around global_batch / n_gpus: small ones give a pipeline many
-    # microbatches and need little activation memory, large ones keep each GPU busy.
-    center = max(1, global_batch // max(1, n_gpus))
-    ranked = sorted(sizes, key=lambda d: (abs(math.log2(d) - math.log2(center)), d))
-    return sorted(ranked[:6])
+    sizes = [d for d in _divisors(global_batch) if d & (d - 1) == 0]
+    coarse = sizes[::2]
+    if sizes[-1] not in coarse:
+        coarse.append(sizes[-1])
+    return coarse
+
+
+def _neighbours(best_mb: int, global_batch: int, done: set[int]) -> list[int]:
+    cands = [best_mb // 2] if best_mb % 2 == 0 else []
+    return [m for m in cands + [best_mb * 2] if global_batch % m == 0 and m not in done]
 
 
 def place(stages: list[tuple[int, int, Submesh]], cluster: Cluster) -> list[list[int]]:
@@ -298,8 +359,36 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
         raise PlanError(f"global batch {gb} is not a multiple of the traced microbatch {source.fixed_batch}")
     sizes = [source.fixed_batch] if source.fixed_batch else microbatch_candidates(gb, cl.n_gpus, microbatches)
     job = _Job(source, cl, gb, schedule, max_stages, dtype, zero, time_limit_s, backend, intra)
-    n_workers = min(len(sizes), workers or os.cpu_count() or 1)
-    bar = _Progress(progress, len(sizes))
+    n_workers = max(1, min(len(sizes), workers or os.cpu_count() or 1))
+    bar = _Progress(progress, len(sizes) + (2 if microbatches == "auto" and not source.fixed_batch else 0))
+    results = _run_searches(job, sizes, n_workers, bar)
+    if microbatches == "auto" and not source.fixed_batch:
+        # second round: the neighbours of the best first-round size
+        scored = [(r[0].predicted["step_time_s"], r[3]["microbatch_size"]) for r in results if r[0] is not None]
+        if scored:
+            more = _neighbours(min(scored)[1], gb, set(sizes))
+            results += _run_searches(job, more, max(1, min(len(more), n_workers)), bar)
+    bar.close()
+    stats = SearchStats()
+    best, least_mem, tried = None, math.inf, []
+    for p, st, lm, row in results:
+        stats.merge(st)
+        least_mem = min(least_mem, lm)
+        tried.append(row)
+        if p is not None and (best is None or p.predicted["step_time_s"] < best.predicted["step_time_s"]):
+            best = p
+    if best is None:
+        raise PlanError(no_fit_message(source, cl, least_mem, gb))
+    counts = stats.to_dict()
+    best.timing = {k: counts.pop(k) for k in list(counts) if k.endswith("_time_s")}
+    best.search = {**counts, "microbatch_candidates": tried}
+    return best
+
+
+_JOB = None
+
+
+def _run_searches(job: "_Job", sizes: list[int], n_workers: int, bar) -> list:
     results = []
     if n_workers > 1 and _can_fork():
         import concurrent.futures as cf
@@ -317,22 +406,7 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
         for mb in sizes:
             results.append(job.search(mb))
             bar.advance_batch()
-    bar.close()
-    stats = SearchStats()
-    best, least_mem, tried = None, math.inf, []
-    for p, st, lm, row in results:
-        stats.merge(st)
-        least_mem = min(least_mem, lm)
-        tried.append(row)
-        if p is not None and (best is None or p.predicted["step_time_s"] < best.predicted["step_time_s"]):
-            best = p
-    if best is None:
-        raise PlanError(no_fit_message(source, cl, least_mem, gb))
-    best.search = {**stats.to_dict(), "microbatch_candidates": tried, "workers": n_workers}
-    return best
-
-
-_JOB = None
+    return results
 
 
 def _search_job(mb: int):
@@ -381,6 +455,9 @@ class _Job:
         arg_mesh = np.full((L, L + 1, len(subs), S + 1), -1)
         arg_start = np.zeros((L, L + 1, len(subs), S + 1), dtype=np.int64)
         arg_rc = np.zeros((L, L + 1, len(subs), S + 1), dtype=np.int64)
+        sync_s = np.zeros((L, L + 1, len(subs), S + 1))
+        uniform: list[tuple] = []        # (stages, per-stage choices, t per stage, sync per stage)
+        best_key = np.full((L, L + 1, len(subs), S + 1), np.inf)
         meshes: list[tuple] = []
         mem_cap = cl.gpu.memory_bytes
         for mi, sub in enumerate(subs):
@@ -389,6 +466,7 @@ class _Job:
                 rt = range_table(solver, mesh)
                 meshes.append((shape, rt.starts))
                 mesh_id = len(meshes) - 1
+                uniform.extend(_uniform_candidates(rt, sub, mi, shape, cl, L, S, B, schedule, mem_cap))
                 for rci, rc in enumerate(RECOMPUTE_OPTIONS):
                     t = rt.t + (rt.rec if rc == "full" else 0.0)
                     for s in range(1, S + 1):
@@ -401,18 +479,48 @@ class _Job:
                         if finite.size:
                             least_mem = min(least_mem, float(finite.min()))
                         tt = np.where(mem <= mem_cap, t, np.inf)
-                        pbest = tt.argmin(axis=2)
+                        # An option's share of the step: its microbatches plus the pipeline's
+                        # fill and drain (B + s - 1 slots for a stage s from the end, as in
+                        # (p - 1 + m) of 1F1B), plus its gradient sync.
+                        key = (B + s - 1) * tt + rt.sync
+                        pbest = key.argmin(axis=2)
+                        kbest = np.take_along_axis(key, pbest[..., None], axis=2)[..., 0]
                         tbest = np.take_along_axis(tt, pbest[..., None], axis=2)[..., 0]
-                        better = tbest < cost[:, :, mi, s]
+                        better = kbest < best_key[:, :, mi, s]
                         if better.any():
+                            best_key[:, :, mi, s] = np.where(better, kbest, best_key[:, :, mi, s])
                             cost[:, :, mi, s] = np.where(better, tbest, cost[:, :, mi, s])
                             arg_mesh[:, :, mi, s] = np.where(better, mesh_id, arg_mesh[:, :, mi, s])
                             arg_start[:, :, mi, s] = np.where(better, pbest, arg_start[:, :, mi, s])
                             arg_rc[:, :, mi, s] = np.where(better, rci, arg_rc[:, :, mi, s])
-                            # Stage 0 finishes last under 1F1B: its gradient sync and optimizer
-                            # step are not hidden behind other stages' work.
-                            sync0 = np.take_along_axis(rt.sync[0], pbest[0][..., None], axis=1)[..., 0]
-                            extra[0, :, mi] = np.where(better[0], sync0, extra[0, :, mi])
+                            # Gradient sync runs after a stage's last backward. Whether the
+                            # earlier stages' remaining backwards hide it depends on the whole
+                            # pipeline, which the DP does not see: it charges every stage's
+                            # sync once (an upper bound) and the simulator ranks candidates.
+                            sync = np.take_along_axis(rt.sync, pbest[..., None], axis=2)[..., 0]
+                            sync_s[:, :, mi, s] = np.where(better, sync, sync_s[:, :, mi, s])
+
+        # Point-to-point: a stage ending before the last layer sends its output forward and
+        # receives its gradient back, every microbatch. The transfers do not occupy the stage,
+        # but they lengthen the pipeline's fill and drain (counted once, like the sync) and
+        # the round trip that 1F1B's s microbatches in flight must cover (a share 2*p2p/s of
+        # each steady-state period). The neighbour's placement is not known yet: across nodes
+        # if the cluster has several.
+        link_bw, link_lat = ((cl.inter_link.bandwidth_bytes_per_s / cl.gpus_per_node, cl.inter_link.latency_s)
+                             if cl.n_nodes > 1 else (cl.intra_link.bandwidth_bytes_per_s, cl.intra_link.latency_s))
+        out_bytes = np.array([graph.node(solver.inputs[j]).out_bytes if j < L and solver.inputs[j] else 0.0
+                              for j in range(L + 1)])
+        in_flight = np.minimum(np.arange(S + 1), B).clip(min=1) if schedule == "1f1b" else np.full(S + 1, B)
+        p2p_of = {}
+        for mi, sub in enumerate(subs):
+            p2p = np.where(out_bytes > 0, link_lat + out_bytes / (link_bw * sub.n_devices), 0.0)
+            p2p_of[mi] = p2p
+            extra[:, :, mi] += 2 * p2p[None, :]
+            cost[:, :, mi, :] += 2 * p2p[None, :, None] / in_flight[None, None, :]
+
+        # stage_extra has no depth index: take each range's sync at its deepest feasible depth
+        # (the largest, so still an upper bound).
+        extra += np.where(np.isfinite(cost), sync_s, 0.0).max(axis=3)
 
         def choice_of(i, j, mi, s):
             shape, starts = meshes[arg_mesh[i, j, mi, s]]
@@ -421,16 +529,51 @@ class _Job:
 
         from solvers.stage_dp import stage_dp
         t0 = time.perf_counter()
-        dp = stage_dp(cost, [s.n_devices for s in subs], cl.n_gpus, B, stage_extra=extra, max_stages=S)
+        # The DP's closed form ranks pipelines only approximately (the simulator sees fill,
+        # drain and transfers exactly), so the best slicing at each bound on the number of
+        # stages is a candidate, and the evaluator picks among those the DP rates close.
+        sols = {}
+        depths = sorted({S} | {d for d in (1, 2, 4, 8, 16, 32, 64) if d < S})
+        for depth in depths:
+            r = stage_dp(cost, [s.n_devices for s in subs], cl.n_gpus, B, stage_extra=extra, max_stages=depth)
+            if math.isfinite(r.total_s):
+                sols.setdefault(tuple(r.stages), r)
+        # Equal-layer slicings at every pipeline depth with one logical mesh for all stages
+        # (the shapes of hand-made 3D plans), each stage's layout, recompute and sharding
+        # still ILP-optimal: scored by the DP's formula here, by the simulator below.
+        from solvers.stage_dp import StageDPResult
+        forced: dict[tuple, list] = {}
+        for stages, choices, ts, syncs in uniform:
+            mi = stages[0][2]
+            ts = [t + 2 * float(p2p_of[mi][j]) / max(1, min(len(stages) - k, B)) for k, ((i, j, _), t) in enumerate(zip(stages, ts))]
+            total = sum(ts) + sum(syncs) + sum(2 * float(p2p_of[mi][j]) for _, j, _ in stages) + (B - 1) * max(ts)
+            key = tuple(stages) + tuple(c[0] for c in choices)
+            if key not in sols:
+                sols[key] = StageDPResult(total, list(stages), ts, max(ts), 0, 0.0)
+                forced[key] = choices
         stats.dp_time_s += time.perf_counter() - t0
-        row = {"microbatch_size": mb, "n_microbatches": B, "dp_total_s": dp.total_s}
-        if not math.isfinite(dp.total_s):
+        best_dp = min((r.total_s for r in sols.values()), default=math.inf)
+        row = {"microbatch_size": mb, "n_microbatches": B, "dp_total_s": best_dp}
+        if not math.isfinite(best_dp):
             return None, stats, least_mem, row
         t0 = time.perf_counter()
-        p = _build_plan(self.source, graph, cl, solver, dp, choice_of, subs, self.gb, mb, schedule, zero, self.dtype)
+        best = None
+        for key, r in sorted(sols.items(), key=lambda kr: kr[1].total_s):
+            if r.total_s > 1.5 * best_dp:
+                break
+            chooser = choice_of
+            if key in forced:
+                chooser = (lambda ch: (lambda i, j, mi, s, _c={(st[0], st[1]): c for st, c in zip(r.stages, ch)}:
+                                       _c[(i, j)]))(forced[key])
+            p = _build_plan(self.source, graph, cl, solver, r, chooser, subs, self.gb, mb, schedule, zero,
+                            self.dtype)
+            if best is None or p.predicted["step_time_s"] < best.predicted["step_time_s"]:
+                best = p
         stats.eval_time_s += time.perf_counter() - t0
-        row["step_time_s"] = p.predicted["step_time_s"]
-        return p, stats, least_mem, row
+        row["candidates_evaluated"] = sum(1 for r in sols.values() if r.total_s <= 1.5 * best_dp)
+        row["candidates"] = len(sols)
+        row["predicted_step_time_s"] = best.predicted["step_time_s"]
+        return best, stats, least_mem, row
 
 
 def _build_plan(source, graph, cl, solver, dp, choice_of, subs, gb, mb, schedule, zero, dtype) -> Plan:

@@ -46,11 +46,14 @@ def plan_summary(plan: Plan) -> str:
               f"peak memory {gib(pr['peak_memory_bytes'])} of {gib(pr['memory_limit_bytes'])}: "
               + ("fits" if pr["fits"] else "DOES NOT FIT")]
     if plan.search:
-        s = plan.search
-        lines.append(f"search: {s.get('ilps', 0)} ILPs solved, {s.get('cache_hits', 0)} cache hits; "
-                     f"trace {s.get('trace_time_s', 0):.1f} s, stage tables {s.get('table_time_s', 0):.1f} s "
-                     f"(ILP {s.get('ilp_time_s', 0):.1f} s), DP {s.get('dp_time_s', 0):.1f} s, "
-                     f"evaluation {s.get('eval_time_s', 0):.1f} s; solver statuses {s.get('statuses', {})}")
+        s, t = plan.search, plan.timing
+        line = (f"search: {s.get('ilps', 0)} ILPs solved, {s.get('cache_hits', 0)} layer solutions reused; "
+                f"solver statuses {s.get('statuses', {})}")
+        if t:
+            line += (f"; seconds summed over workers: trace {t.get('trace_time_s', 0):.1f}, stage tables "
+                     f"{t.get('table_time_s', 0):.1f} (ILPs {t.get('ilp_time_s', 0):.1f}), DP "
+                     f"{t.get('dp_time_s', 0):.1f}, evaluation {t.get('eval_time_s', 0):.1f}")
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -42,20 +42,19 @@ def run(model: str, cluster: str, nodes: int, gb: int) -> dict:
         plan = json.load(open(path))
     s, p = plan["search"], plan["predicted"]
     return {"model": model, "cluster": cluster, "gpus": nodes * 8, "layers": plan["model"]["n_layers"],
-            "wall_s": wall, "ilps": s["ilps"], "reused": s["cache_hits"], "trace_s": s["trace_time_s"],
-            "tables_s": s["table_time_s"], "dp_s": s["dp_time_s"], "stages": len(plan["stages"]),
+            "wall_s": wall, "ilps": s["ilps"], "reused": s["cache_hits"], "stages": len(plan["stages"]),
             "step_s": p["step_time_s"], "mfu": p["mfu"], "fits": p["fits"]}
 
 
 def table(rows: list[dict], title: str) -> str:
-    out = [f"\n### {title}\n", "| model | GPUs | layers | wall (s) | ILPs | layer reuses | trace+tables+DP (s, summed over workers) | stages | predicted step (s) | MFU |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [f"\n### {title}\n", "| model | GPUs | layers | wall (s) | ILPs | layer reuses | stages | predicted step (s) | MFU |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['model']} | {r['gpus']} | | {r['wall_s']:.1f} | error: {r['error']} |")
             continue
         out.append(f"| {r['model']} | {r['gpus']} | {r['layers']} | {r['wall_s']:.1f} | {r['ilps']} | {r['reused']} | "
-                   f"{r['trace_s']:.1f}+{r['tables_s']:.1f}+{r['dp_s']:.1f} | {r['stages']} | {r['step_s']:.2f} | "
+                   f"{r['stages']} | {r['step_s']:.2f} | "
                    f"{r['mfu']:.1%} |")
     return "\n".join(out)
 
