@@ -237,7 +237,7 @@ def cmd_compare(a) -> int:
             w.writerows(table)
     if a.plot:
         fit = [r for r in rows if r.fits]
-        best = max(fit, key=lambda r: r.throughput()).plan if fit else None
+        best = max(fit, key=lambda r: (round(r.throughput(), 6), r.strategy == "auto")).plan if fit else None
         compare_plot(table, best, a.plot, title)
     return 0
 

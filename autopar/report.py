@@ -120,6 +120,7 @@ def compare_plot(rows: list[dict[str, Any]], best_plan: Plan | None, path: str, 
         for op in sched.ops:
             gx.barh(op.device, op.end_s - op.start_s, left=op.start_s,
                     color="#4C72B0" if op.kind == "F" else "#DD8452", edgecolor="white", linewidth=0.3)
+        gx.set_yticks(range(len(st) // v))
         gx.invert_yaxis()
         gx.set_xlabel("time (s)")
         gx.set_ylabel("pipeline stage")
@@ -127,6 +128,7 @@ def compare_plot(rows: list[dict[str, Any]], best_plan: Plan | None, path: str, 
         mx = axes[2]
         mem = [s.memory.get("total_bytes", 0) / 2**30 for s in st]
         mx.bar(range(len(mem)), mem, color="#8172B2")
+        mx.set_xticks(range(len(mem)))
         mx.axhline(best_plan.predicted["memory_limit_bytes"] / 2**30, color="#C44E52", linestyle="--")
         mx.set_xlabel("stage")
         mx.set_ylabel("GiB per GPU")
