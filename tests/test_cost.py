@@ -203,3 +203,42 @@ def test_gpt_layers_h100_gpu_bound_rows_within_15_percent():
     for r in big:
         _, fb = mod.predict(r["hidden"], r["heads"], r["seq"], r["batch"])
         assert fb == pytest.approx(r["fwd_bwd_s"], rel=0.15), r
+
+
+# ---- resharding and stage-to-stage transfers ------------------------------------------------------
+
+def test_reshard_by_hand():
+    from autopar.sharding import Mesh, reshard_s
+    cl = PRESETS["p3.16xlarge"]
+    mesh = Mesh(cl, Submesh(2, 8), (2, 8))
+    a0, a1, _ = mesh.axes
+    shape, eb = (16, 64, 256), 2
+    full = 16 * 64 * 256 * 2
+    assert reshard_s(shape, eb, (0, 0, 0), (1, 0, 2), mesh) == 0.0          # slicing is free
+    assert reshard_s(shape, eb, (1, 0, 0), (0, 0, 0), mesh) == pytest.approx(all_gather_s(full, a0))
+    assert reshard_s(shape, eb, (0, 0, 2), (0, 0, 0), mesh) == pytest.approx(all_gather_s(full, a1))
+    # a split moved to another dim: all-to-all of the tensor over that axis
+    assert reshard_s(shape, eb, (2, 0, 0), (0, 2, 0), mesh) == pytest.approx(all_to_all_s(full, a1))
+    # S01 -> R: gather over axis 0 (on the 1/d1 slice), then over axis 1 (the whole tensor)
+    assert reshard_s(shape, eb, (3, 0, 0), (0, 0, 0), mesh) == pytest.approx(
+        all_gather_s(full / 8, a0) + all_gather_s(full, a1))
+    # (S0, S1) -> (S1, S0): two all-to-alls
+    assert reshard_s(shape, eb, (1, 2, 0), (2, 1, 0), mesh) == pytest.approx(
+        all_to_all_s(full / 8, a0) + all_to_all_s(full / 2, a1))
+
+
+def test_p2p_between_stages_by_hand():
+    from autopar.evaluator import p2p_time_s
+    from autopar.plan import StagePlan
+    cl = load_cluster("p3.16xlarge", 2)
+
+    def stage(ids):
+        return StagePlan(0, (0, 1), [], (1, len(ids)), list(ids), (1, len(ids)), {})
+    nbytes = 64e6
+    # inside a node: the 4 pairs send in parallel over NVLink
+    assert p2p_time_s(cl, stage(range(0, 4)), stage(range(4, 8)), nbytes) == pytest.approx(
+        5e-6 + nbytes / 4 / 150e9)
+    # node to node: the NIC (25 Gb/s) bounds it however many GPUs send
+    assert p2p_time_s(cl, stage(range(0, 8)), stage(range(8, 16)), nbytes) == pytest.approx(
+        30e-6 + nbytes / (25e9 / 8))
+    assert p2p_time_s(cl, stage(range(0, 8)), stage(range(8, 16)), 0) == 0.0
