@@ -55,7 +55,8 @@ class Plan:
 
     @property
     def n_devices(self) -> int:
-        return sum(s.n_devices for s in self.stages)
+        """Distinct GPUs the plan uses (an interleaved plan's chunks share their rank's GPUs)."""
+        return len({d for s in self.stages for d in s.device_ids})
 
     # -- JSON --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
