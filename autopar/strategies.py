@@ -18,7 +18,7 @@ from graphs.ir import (ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, LOSS, MATMUL, N
                        SOFTMAX, UNKNOWN, VIEW, OpNode, dtype_bytes, numel)
 
 from .cost import ComputeModel, all_gather_s, all_reduce_s, reduce_scatter_s
-from .sharding import Mesh, Spec, is_valid, shard_factor, spec_str
+from .sharding import Mesh, Spec, is_valid, shard_factor, spec_str, used_mask
 
 GRAD_BYTES = 2          # gradients reduced in the training dtype (bf16/fp16)
 DECISION_KINDS = (MATMUL, ATTENTION, EMBEDDING, INPUT, UNKNOWN, OUTPUT)
@@ -484,34 +484,19 @@ def view_spec(node: OpNode, spec: Spec, mesh: Mesh) -> tuple[Spec, int]:
             else:
                 drop |= m
         return tuple(out), drop
-    if node.op in ("split", "chunk") or "sizes" in a:
+    if node.op in ("split", "chunk", "cat") or "sizes" in a:
+        # splitting or joining along a split dim needs that dim whole first
         d = a.get("dim", 0) % max(1, len(spec))
         if spec and spec[d]:
             out = list(spec)
             out[d] = 0
             return tuple(out), spec[d]
         return tuple(spec), 0
-    if node.op == "getitem":
-        if len(spec) == len(out_shape):
-            return tuple(spec), 0
-        return tuple(0 for _ in out_shape), used_mask_spec(spec)
-    if node.op == "cat":
-        d = a.get("dim", 0) % max(1, len(spec))
-        if spec and spec[d]:
-            out = list(spec)
-            out[d] = 0
-            return tuple(out), spec[d]
+    if node.op == "getitem" and len(spec) == len(out_shape):
         return tuple(spec), 0
     if len(spec) == len(out_shape) and tuple(node.operands[leader_operand(node)].shape) == tuple(out_shape):
         return tuple(spec), 0         # contiguous / clone / identity
-    return tuple(0 for _ in out_shape), used_mask_spec(spec)
-
-
-def used_mask_spec(spec: Spec) -> int:
-    m = 0
-    for x in spec:
-        m |= x
-    return m
+    return tuple(0 for _ in out_shape), used_mask(spec)
 
 
 def describe(st: Strategy) -> str:
