@@ -214,8 +214,12 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster) -> Plan:
     finish = {}
     for op in sched.ops:
         finish[op.stage] = max(finish.get(op.stage, 0.0), op.end_s)
-    step = 0.0
+    # A GPU hosting several chunks (interleaved) syncs and steps all of them after its last
+    # backward, and holds all their stashes, but recomputes one layer at a time.
     dev_mem: dict[int, float] = {}
+    dev_work: dict[int, float] = {}
+    dev_end: dict[int, float] = {}
+    dev_tail: dict[int, float] = {}
     mem_rows = []
     for i, r in enumerate(res):
         rank = i % n_dev_stages
@@ -227,10 +231,13 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster) -> Plan:
                          "working_bytes": r.working_bytes, "total_bytes": total}
         r.plan.t_intra_s = r.fwd_s + r.bwd_s
         r.plan.fwd_s, r.plan.bwd_s = r.fwd_s, r.bwd_s
-        dev_mem[rank] = dev_mem.get(rank, 0.0) + total
-        step = max(step, finish.get(i, 0.0) + r.sync_s + r.optimizer_s)
+        dev_mem[rank] = dev_mem.get(rank, 0.0) + total - r.working_bytes
+        dev_work[rank] = max(dev_work.get(rank, 0.0), r.working_bytes)
+        dev_end[rank] = max(dev_end.get(rank, 0.0), finish.get(i, 0.0))
+        dev_tail[rank] = dev_tail.get(rank, 0.0) + r.sync_s + r.optimizer_s
         mem_rows.append(total)
-    peak = max(dev_mem.values())
+    step = max(dev_end[k] + dev_tail[k] for k in dev_end)
+    peak = max(dev_mem[k] + dev_work[k] for k in dev_mem)
     fits = peak <= cluster.gpu.memory_bytes
 
     tokens = tr["global_batch"] * plan.model["seq"]
