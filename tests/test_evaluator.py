@@ -334,3 +334,23 @@ def test_interleaved_plan_evaluates_on_its_gpus():
     assert pr["mfu"] == pytest.approx(pr["model_flops_per_step"] / pr["step_time_s"] / (8 * 125e12))
     assert pr["bubble_fraction"] < 0.6 * plain.predicted["bubble_fraction"]
     assert [s.device_ids for s in inter.stages[4:]] == [s.device_ids for s in inter.stages[:4]]
+
+
+def test_interleaved_gpu_syncs_all_its_chunks():
+    """A GPU hosting v chunks all-reduces and steps every chunk's weights after its last
+    backward: the step ends at max over GPUs of (last op + sum of its chunks' sync + optimizer)."""
+    from autopar.pipeline import simulate
+    src = ModelSource("gpt:hidden=256,layers=8,heads=4,seq=128,vocab=512")
+    cl = load_cluster("p3.16xlarge", 1)
+    p = build_3d(src, cl, 64, Config3D(2, 1, 4, 1, schedule="interleaved", virtual_stages=2))
+    g = src.graph(p.training["microbatch_size"])
+    cm = ComputeModel(cl.gpu, "bf16")
+    res = [evaluate_stage(g, cl, dataclasses.replace(s), p.training, cm) for s in p.stages]
+    B = p.training["n_microbatches"]
+    sched = simulate([r.fwd_s for r in res], [r.bwd_s for r in res], B, "interleaved",
+                     [p.predicted["p2p_s"] / 7] * 7, chunks=2)
+    end = {}
+    for op in sched.ops:
+        end[op.device] = max(end.get(op.device, 0.0), op.end_s)
+    want = max(end[k] + sum(res[i].sync_s + res[i].optimizer_s for i in (k, k + 4)) for k in range(4))
+    assert p.predicted["step_time_s"] == pytest.approx(want, rel=1e-9)
