@@ -107,6 +107,37 @@ PRESETS: dict[str, Cluster] = {
 }
 GPUS = {g.name: g for g in (V100_16GB, A100_80GB, H100_80GB, H200_141GB)}
 
+# Presets whose intra-node link may have a measured communication profile: a file under
+# autopar/profiles/ written by `python -m autopar.commprofile fit` from bench/nccl_bench.py's
+# timings. When the file is shipped, `load_cluster(preset)` takes intra_link from its fitted
+# alpha-beta instead of the datasheet figures above, and says so in Cluster.source; when it
+# is not, the preset is unchanged.
+COMM_PROFILES: dict[str, str] = {
+    "dgx-h100": "comm_h100_nvlink.json",
+    "dgx-h200": "comm_h200_nvlink.json",
+}
+
+
+def preset(name: str) -> Cluster:
+    """The preset `name` as `load_cluster` gives it: with its measured intra_link where its
+    comm profile (COMM_PROFILES) is shipped, else PRESETS[name] itself."""
+    c = PRESETS[name]
+    file_name = COMM_PROFILES.get(name)
+    if file_name is None:
+        return c
+    from .commprofile import CommProfileError, measured_link
+    try:
+        found = measured_link(file_name)
+    except (CommProfileError, ValueError, OSError) as e:
+        raise ClusterError(f"preset {name!r}: its comm profile autopar/profiles/{file_name} is unreadable: {e}") from None
+    if found is None:
+        return c
+    link, note = found
+    return dataclasses.replace(c, intra_link=link,
+                               source=f"{c.source}; {note}, instead of the datasheet's "
+                                      f"{c.intra_link.bandwidth_bytes_per_s / 1e9:.0f} GB/s, "
+                                      f"{c.intra_link.latency_s * 1e6:g} us")
+
 
 def validate(c: Cluster) -> Cluster:
     def need(cond: bool, field_name: str, rule: str):
@@ -142,7 +173,7 @@ def _from_dict(d: dict[str, Any], origin: str) -> Cluster:
     extra = set(d) - known
     if extra:
         raise ClusterError(f"{origin}: unknown field(s) {sorted(extra)}; known fields: {sorted(known)}")
-    base = PRESETS.get(d["base"]) if "base" in d else None
+    base = preset(d["base"]) if d.get("base") in PRESETS else None
     if "base" in d and base is None:
         raise ClusterError(f"{origin}: unknown base preset {d['base']!r}; known: {sorted(PRESETS)}")
 
@@ -228,7 +259,7 @@ def load_cluster(spec: str | Cluster, n_nodes: int | None = None, gpus_per_node:
     if isinstance(spec, Cluster):
         c = spec
     elif spec in PRESETS:
-        c = PRESETS[spec]
+        c = preset(spec)
     else:
         path = Path(spec)
         if not path.suffix.lower() in (".yaml", ".yml", ".json"):
