@@ -176,9 +176,10 @@ def _submesh_for(n_devices: int, cluster: Cluster) -> tuple[int, int]:
     return (1, n_devices) if n_devices <= m else (n_devices // m, m)
 
 
-def build_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: str = "bf16",
+def build_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: str | None = None,
              label: str | None = None) -> Plan:
     """A Megatron-style plan, evaluated."""
+    dtype = cluster.gpu.training_dtype(dtype)
     graph1 = source.graph(cfg.microbatch * cfg.dp) if source.fixed_batch is None else source.graph(source.fixed_batch)
     n_blocks = len(graph1.layers) - 2
     check_config(cfg, cluster, global_batch, n_blocks)

@@ -18,7 +18,8 @@ def _cluster_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def _dtype_arg(p):
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="training dtype (default: bf16 where the GPU has it, else fp16)")
 
 
 def _write_new(path: str, text: str, force: bool) -> None:
@@ -52,10 +53,11 @@ def cmd_evaluate(a) -> int:
     from .model import ModelSource
     from .report import plan_summary
     cl = load_cluster(a.cluster, a.nodes, a.gpus_per_node)
-    src = ModelSource(a.model, dtype=a.dtype)
+    dtype = cl.gpu.training_dtype(a.dtype)
+    src = ModelSource(a.model, dtype=dtype)
     cfg = Config3D(a.dp, a.tp, a.pp, a.microbatch, a.recompute, a.schedule, a.virtual_stages, a.zero)
     t0 = time.perf_counter()
-    plan = build_3d(src, cl, a.global_batch, cfg, a.dtype)
+    plan = build_3d(src, cl, a.global_batch, cfg, dtype)
     if a.json:
         print(plan.to_json(), end="")
     else:
@@ -89,7 +91,7 @@ def cmd_shard(a) -> int:
         sub = Submesh(n // m, m)
     else:
         raise ValueError(f"mesh {a.mesh}: {n} devices is neither a power of two within a node nor whole nodes of {m}")
-    g = graphs.load(a.model, batch=a.batch, seq=a.seq)
+    g = graphs.load(a.model, batch=a.batch, seq=a.seq, dtype=cl.gpu.training_dtype(a.dtype))
     L = len(g.layers)
     i, j = 0, L
     if a.layers:
@@ -101,7 +103,8 @@ def cmd_shard(a) -> int:
             raise ValueError(f"--layers {a.layers}: the model has layers 0..{L - 1}")
     names = [n for li in range(i, j) for n in g.layers[li].nodes]
     mesh = Mesh(cl, sub, (d0, d1))
-    cm = ComputeModel(cl.gpu, a.dtype)
+    dtype = cl.gpu.training_dtype(a.dtype)
+    cm = ComputeModel(cl.gpu, dtype)
     settings = Settings(n_microbatches=a.microbatches, zero=a.zero)
     t0 = time.perf_counter()
     if a.memory_limit:

@@ -27,6 +27,16 @@ class GPU:
     matmul_efficiency: float = 0.75       # large-GEMM fraction of peak when no profile
     memory_efficiency: float = 0.8        # fraction of HBM bandwidth a streaming kernel gets
 
+    def training_dtype(self, dtype: str | None = None) -> str:
+        """The mixed-precision dtype to train in: bf16 where the GPU has it, else fp16."""
+        if dtype is None:
+            return "bf16" if "bf16" in self.peak_flops else "fp16"
+        if dtype not in self.peak_flops:
+            raise ClusterError(f"GPU {self.name} does not support {dtype} (supported: "
+                               f"{', '.join(sorted(self.peak_flops))}); use --dtype "
+                               f"{'fp16' if 'fp16' in self.peak_flops else 'fp32'} or leave --dtype out")
+        return dtype
+
     def peak(self, dtype: str) -> float:
         try:
             return self.peak_flops[dtype]
@@ -74,7 +84,7 @@ class Cluster:
 # V100 SXM2 16 GB: 125 TFLOP/s fp16 tensor, 15.7 fp32, 900 GB/s HBM2 (NVIDIA V100 datasheet).
 # Large fp16 GEMMs reach ~70-75% of the tensor-core peak on V100 (NVIDIA Deep Learning
 # Performance Guide, "Matrix Multiplication Background"); no V100 was available to measure.
-V100_16GB = GPU("V100-SXM2-16GB", {"fp16": 125e12, "bf16": 125e12, "tf32": 15.7e12, "fp32": 15.7e12},
+V100_16GB = GPU("V100-SXM2-16GB", {"fp16": 125e12, "fp32": 15.7e12},   # no bf16 or tf32 on Volta
                 16e9, 900e9, matmul_efficiency=0.72)
 # A100 SXM4 80 GB: 312 TFLOP/s bf16/fp16 dense, 156 tf32, 19.5 fp32, 2039 GB/s (A100 datasheet).
 # Large bf16 GEMMs reach ~80% of peak (same guide); no A100 was available to measure.

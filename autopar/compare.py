@@ -90,13 +90,14 @@ def _factorizations(cluster: Cluster, n_blocks: int) -> list[tuple[int, int, int
 
 def compare(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | None = None,
             gpus_per_node: int | None = None, global_batch: int | None = None,
-            strategies: list[str] | tuple[str, ...] = STRATEGIES, dtype: str = "bf16",
+            strategies: list[str] | tuple[str, ...] = STRATEGIES, dtype: str | None = None,
             progress: bool = False) -> list[Row]:
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise PlanError(f"unknown strateg{'y' if len(bad) == 1 else 'ies'} {', '.join(bad)}; "
                         f"valid: {', '.join(STRATEGIES)}")
     cl = load_cluster(cluster, nodes, gpus_per_node) if not isinstance(cluster, Cluster) else cluster
+    dtype = cl.gpu.training_dtype(dtype)
     source = model if isinstance(model, ModelSource) else ModelSource(model, dtype=dtype)
     gb = global_batch or default_global_batch(cl)
     n, m = cl.n_gpus, cl.gpus_per_node

@@ -336,7 +336,7 @@ def place(stages: list[tuple[int, int, Submesh]], cluster: Cluster) -> list[list
 
 def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | None = None,
          gpus_per_node: int | None = None, global_batch: int | None = None, microbatches: str | int = "auto",
-         schedule: str = "1f1b", max_stages: int | None = None, dtype: str = "bf16", zero: int = 1,
+         schedule: str = "1f1b", max_stages: int | None = None, dtype: str | None = None, zero: int = 1,
          seq: int | None = None, time_limit_s: float = 10.0, backend: str = "highs",
          progress: bool = False, intra: str = "ilp", workers: int | None = None) -> Plan:
     """Search the best (stage, submesh, logical mesh, sharding) plan; returns it evaluated.
@@ -351,6 +351,7 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
     if zero not in (0, 1, 2, 3):
         raise PlanError(f"zero must be 0, 1, 2 or 3 (got {zero!r})")
     cl = load_cluster(cluster, nodes, gpus_per_node) if not isinstance(cluster, Cluster) else cluster
+    dtype = cl.gpu.training_dtype(dtype)
     source = model if isinstance(model, ModelSource) else ModelSource(model, seq=seq, dtype=dtype)
     gb = global_batch or default_global_batch(cl)
     if gb < 1:

@@ -31,7 +31,7 @@ def compare_one(model: str, cluster: str, nodes: int, gpn: int, gb: int) -> dict
     t_auto = time.perf_counter() - t0
     t0 = time.perf_counter()
     n_blocks = src.summary()["n_layers"] - 2
-    best3d, tried, err = _grid(src, cl, gb, "bf16", _factorizations(cl, n_blocks), zeros=(0, 1), label="3d")
+    best3d, tried, err = _grid(src, cl, gb, None, _factorizations(cl, n_blocks), zeros=(0, 1), label="3d")
     t_3d = time.perf_counter() - t0
     a, b = auto.predicted, best3d.predicted if best3d else None
     return {"model": model, "gpus": cl.n_gpus, "auto_step_s": a["step_time_s"], "auto_cfg": auto.config["label"],

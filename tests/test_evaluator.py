@@ -26,7 +26,7 @@ from builders import block_names, megatron_gpt
 def _whole_graph_problem(g, cl, shape):
     names = [n for layer in g.layers for n in layer.nodes]
     mesh = Mesh(cl, Submesh(1, shape[0] * shape[1]), shape)
-    prob = StageProblem(g, names, mesh, ComputeModel(cl.gpu, "bf16"))
+    prob = StageProblem(g, names, mesh, ComputeModel(cl.gpu, cl.gpu.training_dtype()))
     choice = prob.choice_from_names({k: v[0] for k, v in megatron_names(g, names, *shape).items()})
     return prob, prob.evaluate(choice)
 
@@ -95,7 +95,7 @@ def _megatron(t, names, g, sp=False):
     out = {k: v[0] for k, v in megatron_names(g, names, 1, t).items()}
     if sp and t > 1:
         cl = load_cluster("p3.16xlarge", 1, t)
-        prob = StageProblem(g, names, Mesh(cl, Submesh(1, t), (1, t)), ComputeModel(cl.gpu, "bf16"))
+        prob = StageProblem(g, names, Mesh(cl, Submesh(1, t), (1, t)), ComputeModel(cl.gpu, cl.gpu.training_dtype()))
         for name, strat in list(out.items()):
             if strat == "k@1":
                 have = [s.name for s in prob.groups[prob.group_of[name]].strategies[name]]
@@ -107,7 +107,7 @@ def _stash_one_block(t, fused, sp=False):
     g = megatron_gpt(H, A, S, BATCH, layers=1, fused_qkv=fused)
     names = block_names(g)
     cl = load_cluster("p3.16xlarge", 1, t)
-    prob = StageProblem(g, names, Mesh(cl, Submesh(1, t), (1, t)), ComputeModel(cl.gpu, "bf16"),
+    prob = StageProblem(g, names, Mesh(cl, Submesh(1, t), (1, t)), ComputeModel(cl.gpu, cl.gpu.training_dtype()),
                         boundary={"wte": (0, 2, 0) if sp and t > 1 else (0, 0, 0)})
     return prob.evaluate(prob.choice_from_names(_megatron(t, names, g, sp))).stash_bytes
 
@@ -153,7 +153,7 @@ def _stage(t, recompute, sp=False):
     names = stage_nodes(g, (1, 1 + L))
     st = StagePlan(0, (1, 1 + L), [], (1, t), list(range(t)), (1, t), _megatron(t, names, g, sp),
                    "RS1R" if sp and t > 1 else "RRR", recompute)
-    return g, evaluate_stage(g, cl, st, {"n_microbatches": 4, "zero": 0}, ComputeModel(cl.gpu, "bf16"))
+    return g, evaluate_stage(g, cl, st, {"n_microbatches": 4, "zero": 0}, ComputeModel(cl.gpu, cl.gpu.training_dtype()))
 
 
 @pytest.mark.parametrize("t", [1, 2, 4])
@@ -185,7 +185,7 @@ def test_recompute_time_and_flops():
     _, full = _stage(2, "full")
     names = stage_nodes(g, (1, 1 + L))
     cl = load_cluster("p3.16xlarge", 1, 2)
-    prob = StageProblem(g, names, Mesh(cl, Submesh(1, 2), (1, 2)), ComputeModel(cl.gpu, "bf16"),
+    prob = StageProblem(g, names, Mesh(cl, Submesh(1, 2), (1, 2)), ComputeModel(cl.gpu, cl.gpu.training_dtype()),
                         boundary={"wte": (0, 0, 0)})
     assign = prob.assignment(prob.choice_from_names(_megatron(2, names, g)))
     core = attention_core(g, names)
@@ -344,7 +344,7 @@ def test_interleaved_gpu_syncs_all_its_chunks():
     cl = load_cluster("p3.16xlarge", 1)
     p = build_3d(src, cl, 64, Config3D(2, 1, 4, 1, schedule="interleaved", virtual_stages=2))
     g = src.graph(p.training["microbatch_size"])
-    cm = ComputeModel(cl.gpu, "bf16")
+    cm = ComputeModel(cl.gpu, cl.gpu.training_dtype())
     res = [evaluate_stage(g, cl, dataclasses.replace(s), p.training, cm) for s in p.stages]
     B = p.training["n_microbatches"]
     sched = simulate([r.fwd_s for r in res], [r.bwd_s for r in res], B, "interleaved",

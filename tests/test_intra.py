@@ -19,7 +19,7 @@ from autopar.sharding import Mesh
 from builders import block_names, megatron_gpt
 
 P3 = load_cluster("p3.16xlarge", 1)
-CM = ComputeModel(P3.gpu, "bf16")
+CM = ComputeModel(P3.gpu, P3.gpu.training_dtype())
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ SMALL = "gpt:hidden=256,layers=4,heads=4,seq=128,vocab=1024"
 
 def best_3d(src, cl, gb):
     n_blocks = src.summary()["n_layers"] - 2
-    best, tried, err = _grid(src, cl, gb, "bf16", _factorizations(cl, n_blocks), zeros=(0, 1))
+    best, tried, err = _grid(src, cl, gb, None, _factorizations(cl, n_blocks), zeros=(0, 1))
     assert best is not None and tried > 0, err
     return best
 
