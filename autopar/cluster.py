@@ -187,15 +187,23 @@ def _from_dict(d: dict[str, Any], origin: str) -> Cluster:
     if "base" in d and base is None:
         raise ClusterError(f"{origin}: unknown base preset {d['base']!r}; known: {sorted(PRESETS)}")
 
+    def number(v, where: str) -> float:
+        # YAML 1.1 reads 312.0e12 (no sign in the exponent) as a string: accept numeric text.
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ClusterError(f"{origin}: field {where} must be a number (got {v!r})")
+        return float(v)
+
     def num(mapping: dict, key: str, where: str, default=None):
         if key not in mapping:
             if default is None:
                 raise ClusterError(f"{origin}: missing field {where}.{key}")
             return default
-        v = mapping[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ClusterError(f"{origin}: field {where}.{key} must be a number (got {v!r})")
-        return float(v)
+        return number(mapping[key], f"{where}.{key}")
 
     g = d.get("gpu")
     if g is None:
@@ -215,11 +223,8 @@ def _from_dict(d: dict[str, Any], origin: str) -> Cluster:
         peak = g.get("peak_flops", bg.peak_flops if bg else None)
         if not isinstance(peak, dict):
             raise ClusterError(f"{origin}: missing field gpu.peak_flops (a mapping dtype -> FLOP/s)")
-        for k, v in peak.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ClusterError(f"{origin}: field gpu.peak_flops.{k} must be a number (got {v!r})")
         gpu = GPU(name=str(g.get("name", bg.name if bg else "custom-gpu")),
-                  peak_flops={k: float(v) for k, v in peak.items()},
+                  peak_flops={k: number(v, f"gpu.peak_flops.{k}") for k, v in peak.items()},
                   memory_bytes=num(g, "memory_bytes", "gpu", bg.memory_bytes if bg else None),
                   hbm_bytes_per_s=num(g, "hbm_bytes_per_s", "gpu", bg.hbm_bytes_per_s if bg else None),
                   profile=g.get("profile", bg.profile if bg else None),

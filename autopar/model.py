@@ -35,7 +35,12 @@ class ModelSource:
             self.seq = seq
             self.fixed_batch = None if example_inputs is None else _batch_of(example_inputs)
         if self.seq is None:
-            self.seq = self.graph(self.fixed_batch or 1).seq
+            try:
+                self.seq = self.graph(self.fixed_batch or 1).seq
+            except ValueError:
+                if self.fixed_batch is None:       # not a fixed-batch mismatch: a real error
+                    raise
+                self.seq = self.graph(self.fixed_batch).seq
 
     @property
     def loadable(self) -> bool:
@@ -56,6 +61,11 @@ class ModelSource:
                 g = graphs.load(self.model, batch=batch, seq=self.seq, dtype=self.dtype,
                                 example_inputs=self.example_inputs)
                 _write_cache(path, g)
+            if g.batch != batch:
+                # a factory that builds its own inputs: its batch is the only microbatch
+                self.fixed_batch = g.batch
+                self._graphs[g.batch] = g
+                return self.graph(batch)
             self._graphs[batch] = g
         return self._graphs[batch]
 

@@ -23,7 +23,7 @@ def load(model, batch: int = 1, seq: int | None = None, example_inputs=None,
 
     model: a zoo name ("gpt-1.3b"), a spec ("llama:hidden=4096,layers=32,heads=32,ffn=11008"),
         "hf:path/to/config.json", "path/to/file.py:factory" (factory() returns
-        (module, example_inputs)), an nn.Module, an fx.GraphModule or an ExportedProgram
+        (module, example_inputs); it is passed `batch` and `seq` if it takes them), an nn.Module, an fx.GraphModule or an ExportedProgram
         (the last three need example_inputs).
     batch, seq: shape of the token ids for zoo and hf models (seq defaults to the model's).
     """
@@ -45,7 +45,7 @@ def _load_named(model, batch, seq, example_inputs, dtype, n_layers, name) -> OpG
         return _load_hf(text[3:], batch, seq, dtype, n_layers, name or text)
     m = _FACTORY_RE.match(text)
     if m or text.endswith(".py"):
-        return _load_factory(text, m, dtype, n_layers, name)
+        return _load_factory(text, m, dtype, n_layers, name, batch, seq)
     cfg = zoo.get_config(text)
     seq = seq or cfg.seq
     if seq > cfg.seq:
@@ -76,7 +76,7 @@ def _load_hf(path, batch, seq, dtype, n_layers, name) -> OpGraph:
                  dtype=dtype, meta=meta, n_layers=n_layers, method="export")
 
 
-def _load_factory(text, m, dtype, n_layers, name) -> OpGraph:
+def _load_factory(text, m, dtype, n_layers, name, batch=None, seq=None) -> OpGraph:
     if m is None:
         raise SpecError(f"{text!r}: name the factory function too, as 'path/to/file.py:factory'")
     path, func = m.group("path"), m.group("func")
@@ -90,7 +90,12 @@ def _load_factory(text, m, dtype, n_layers, name) -> OpGraph:
     if not callable(factory):
         public = [k for k, v in vars(mod).items() if callable(v) and not k.startswith("_")]
         raise SpecError(f"{path} has no function {func!r}; callables there: {public}")
-    result = factory()
+    # A factory that takes `batch` / `seq` lets the planner trace other microbatch sizes;
+    # one that takes neither fixes the microbatch at its example inputs' batch.
+    import inspect
+    params = inspect.signature(factory).parameters
+    kwargs = {k: v for k, v in (("batch", batch), ("seq", seq)) if k in params and v is not None}
+    result = factory(**kwargs)
     if not (isinstance(result, tuple) and len(result) == 2
             and isinstance(result[0], torch.nn.Module)):
         raise SpecError(f"{text}: factory() must return (module, example_inputs), "
