@@ -238,42 +238,52 @@ def _uniform_candidates(rt: RangeTable, sub: Submesh, mi: int, shape, cl: Cluste
         return out
     ranges = split_blocks(L, depth) if L > 2 else [(0, L)]
 
-    def pick(k, i, j, allowed):
+    def pick(k, i, j, allowed, v=1):
         s = depth - k
-        inflight = min(s, B) if schedule == "1f1b" else B
+        if v > 1:
+            # interleaved: the rank's v chunks share the GPU, each holding its share of the
+            # (warm-up + 1) chunk-microbatches in flight
+            from .evaluator import inflight as interleaved_inflight
+            inflight, cap = interleaved_inflight("interleaved", k, depth, B, v), mem_cap / v
+        else:
+            inflight, cap = (min(s, B) if schedule == "1f1b" else B), mem_cap
         best = None
         for rc in RECOMPUTE_OPTIONS:
             t = rt.t[i, j] + (rt.rec[i, j] if rc == "full" else 0.0)
             mem = rt.param[i, j] + (inflight * rt.inputs[i, j] + rt.max_layer_stash[i, j] if rc == "full"
                                     else inflight * rt.stash[i, j])
-            key = np.where((mem <= mem_cap) & allowed, (B + s - 1) * t + rt.sync[i, j], np.inf)
+            key = np.where((mem <= cap) & allowed, (B + s - 1) * t + rt.sync[i, j], np.inf)
             p = int(key.argmin())
             if math.isfinite(key[p]) and (best is None or key[p] < best[0]):
                 best = (key[p], p, rc, float(t[p]), float(rt.sync[i, j, p]))
         return best
 
     everywhere = np.ones(len(rt.starts), bool)
-    for same_layout in (False, True):
-        stages, choices, ts, syncs = [], [], [], []
-        layout = None
-        for k, (i, j) in enumerate(ranges):
-            allowed = everywhere
-            if same_layout and k > 0:
-                # Megatron's shape: every stage receives the layout the first stage emits
-                allowed = np.array([st == layout for st in rt.starts])
-            best = pick(k, i, j, allowed)
-            if best is None:
-                break
-            _, p, rc, t, sync = best
-            if k == 0:
-                start = rt.starts[p]
-                layout = start[1] if isinstance(start, tuple) and start and start[0] == "embed" else start
-            stages.append((i, j, mi))
-            choices.append((shape, rt.starts[p], rc))
-            ts.append(t)
-            syncs.append(sync)
-        else:
-            out.append((stages, choices, ts, syncs))
+    # v = 2: Megatron's interleaved 1F1B, two chunks of layers per GPU (chunk g on rank g % depth)
+    virtuals = [1] + ([2] if schedule == "1f1b" and depth >= 2 and B % depth == 0 and L - 2 >= 2 * depth else [])
+    for v in virtuals:
+        chunks = split_blocks(L, depth * v) if v > 1 else ranges
+        for same_layout in (False, True):
+            stages, choices, ts, syncs = [], [], [], []
+            layout = None
+            for g, (i, j) in enumerate(chunks):
+                allowed = everywhere
+                if same_layout and g > 0:
+                    # Megatron's shape: every stage receives the layout the first stage emits
+                    allowed = np.array([st == layout for st in rt.starts])
+                best = pick(g % depth, i, j, allowed, v)
+                if best is None:
+                    break
+                _, p, rc, t, sync = best
+                if g == 0:
+                    start = rt.starts[p]
+                    layout = start[1] if isinstance(start, tuple) and start and start[0] == "embed" else start
+                stages.append((i, j, mi))
+                choices.append((shape, rt.starts[p], rc))
+                ts.append(t)
+                syncs.append(sync)
+            else:
+                out.append((stages, choices, ts, syncs, v))
     return out
 
 
@@ -376,7 +386,7 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
         stats.merge(st)
         least_mem = min(least_mem, lm)
         tried.append(row)
-        if p is not None and (best is None or p.predicted["step_time_s"] < best.predicted["step_time_s"]):
+        if p is not None and (best is None or _rank(p) < _rank(best)):
             best = p
     if best is None:
         raise PlanError(no_fit_message(source, cl, least_mem, gb))
@@ -544,14 +554,22 @@ class _Job:
         # still ILP-optimal: scored by the DP's formula here, by the simulator below.
         from solvers.stage_dp import StageDPResult
         forced: dict[tuple, list] = {}
-        for stages, choices, ts, syncs in uniform:
+        virtual: dict[tuple, int] = {}
+        for stages, choices, ts, syncs, v in uniform:
             mi = stages[0][2]
-            ts = [t + 2 * float(p2p_of[mi][j]) / max(1, min(len(stages) - k, B)) for k, ((i, j, _), t) in enumerate(zip(stages, ts))]
-            total = sum(ts) + sum(syncs) + sum(2 * float(p2p_of[mi][j]) for _, j, _ in stages) + (B - 1) * max(ts)
-            key = tuple(stages) + tuple(c[0] for c in choices)
+            depth = len(stages) // v
+            ts = [t + 2 * float(p2p_of[mi][j]) / max(1, min(depth - k % depth, B))
+                  for k, ((i, j, _), t) in enumerate(zip(stages, ts))]
+            per_rank = [sum(ts[r::depth]) for r in range(depth)]
+            # 1F1B: (B - 1 + depth) periods of the slowest rank; interleaving shrinks the fill
+            # and drain to (depth - 1) / v of them.
+            total = (B + (depth - 1) / v) * max(per_rank) + sum(syncs) + \
+                sum(2 * float(p2p_of[mi][j]) for _, j, _ in stages)
+            key = tuple(stages) + tuple(c[0] for c in choices) + (v,)
             if key not in sols:
                 sols[key] = StageDPResult(total, list(stages), ts, max(ts), 0, 0.0)
                 forced[key] = choices
+                virtual[key] = v
         stats.dp_time_s += time.perf_counter() - t0
         best_dp = min((r.total_s for r in sols.values()), default=math.inf)
         row = {"microbatch_size": mb, "n_microbatches": B, "dp_total_s": best_dp}
@@ -567,25 +585,32 @@ class _Job:
                 chooser = (lambda ch: (lambda i, j, mi, s, _c={(st[0], st[1]): c for st, c in zip(r.stages, ch)}:
                                        _c[(i, j)]))(forced[key])
             p = _build_plan(self.source, graph, cl, solver, r, chooser, subs, self.gb, mb, schedule, zero,
-                            self.dtype)
-            if best is None or p.predicted["step_time_s"] < best.predicted["step_time_s"]:
+                            self.dtype, virtual.get(key, 1))
+            if best is None or _rank(p) < _rank(best):
                 best = p
         stats.eval_time_s += time.perf_counter() - t0
         row["candidates_evaluated"] = sum(1 for r in sols.values() if r.total_s <= 1.5 * best_dp)
         row["candidates"] = len(sols)
         row["predicted_step_time_s"] = best.predicted["step_time_s"]
+        if not best.predicted["fits"]:
+            return None, stats, least_mem, row
         return best, stats, least_mem, row
 
 
-def _build_plan(source, graph, cl, solver, dp, choice_of, subs, gb, mb, schedule, zero, dtype) -> Plan:
-    n = len(dp.stages)
-    stage_list = []
-    for k, (i, j, mi) in enumerate(dp.stages):
-        stage_list.append((i, j, subs[mi]))
-    ids = place(stage_list, cl)
+def _rank(p: Plan) -> tuple:
+    """Plans that fit first, then the fastest."""
+    return (not p.predicted["fits"], p.predicted["step_time_s"])
+
+
+def _build_plan(source, graph, cl, solver, dp, choice_of, subs, gb, mb, schedule, zero, dtype,
+                virtual: int = 1) -> Plan:
+    n = len(dp.stages) // virtual            # pipeline ranks; chunk k runs on rank k % n
+    ranks = [(i, j, subs[mi]) for (i, j, mi) in dp.stages[:n]]
+    rank_ids = place(ranks, cl)
+    ids = [rank_ids[k % n] for k in range(len(dp.stages))]
     stages = []
     for k, (i, j, mi) in enumerate(dp.stages):
-        shape, start, rc = choice_of(i, j, mi, n - k)
+        shape, start, rc = choice_of(i, j, mi, n - k % n)
         sub = subs[mi]
         mesh = Mesh(cl, sub, shape)
         strategies: dict[str, str] = {}
@@ -601,10 +626,14 @@ def _build_plan(source, graph, cl, solver, dp, choice_of, subs, gb, mb, schedule
                                 submesh=(sub.n_nodes, sub.gpus_per_node), device_ids=ids[k], logical_mesh=shape,
                                 strategies=strategies, input_spec=input_spec, recompute=rc))
     from .baselines import _model_dict, cluster_dict
-    p = Plan(strategy="auto", config={"kind": "auto", "label": _auto_label(stages)},
+    label = _auto_label(stages)
+    if virtual > 1:
+        label = f"{n} ranks x {virtual} chunks, interleaved: " + label.split(": ", 1)[1]
+    p = Plan(strategy="auto", config={"kind": "auto", "label": label},
              model=_model_dict(source, graph), cluster=cluster_dict(cl),
              training={"global_batch": gb, "microbatch_size": mb, "n_microbatches": gb // mb, "dtype": dtype,
-                       "schedule": schedule, "virtual_stages": 1, "zero": zero,
+                       "schedule": "interleaved" if virtual > 1 else schedule, "virtual_stages": virtual,
+                       "zero": zero,
                        "optimizer": "adam-mixed-precision"},
              stages=stages)
     return evaluate(p, graph, cl)
