@@ -74,7 +74,7 @@ def cmd_shard(a) -> int:
     from .evaluator import main_boundary
     from .intra import Settings, StageProblem
     from .report import fmt_s, gib
-    from .sharding import Mesh, spec_str
+    from .sharding import Mesh
     import graphs
     cl = load_cluster(a.cluster, a.nodes, a.gpus_per_node)
     try:
@@ -185,7 +185,7 @@ def cmd_show(a) -> int:
     print(plan_summary(p))
     if a.gantt:
         from .report import gantt
-        gantt(p, None, None, a.gantt)
+        gantt(p, a.gantt)
         print(f"wrote {a.gantt}")
     return 0
 
@@ -216,7 +216,7 @@ def cmd_compare(a) -> int:
         if "step_time_s" not in r:
             t.add_row(r["strategy"], r["error"][:60], "-", "-", "-", "-", "-", "-", "error")
             continue
-        fits = "yes" if r["fits"] else f"OOM"
+        fits = "yes" if r["fits"] else "OOM"
         t.add_row(r["strategy"], r["config"][:60], f"{r['step_time_s']:.3f} s" if r["fits"] else "-",
                   f"{r['tokens_per_s']:,.0f}" if r["fits"] else "-",
                   f"{r['tflops_per_gpu']:.1f}" if r["fits"] else "-", f"{r['mfu']:.1%}" if r["fits"] else "-",

@@ -7,9 +7,8 @@ reported with the memory its best configuration needs.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .baselines import Config3D, build_3d

@@ -14,7 +14,7 @@ from importlib import resources
 
 import numpy as np
 
-from .cluster import GPU, Cluster, Link, MeshAxis
+from .cluster import GPU, Link, MeshAxis
 
 
 # ---- collectives -----------------------------------------------------------------------------
@@ -184,7 +184,6 @@ def _profile_matmul(profile_name: str, dtype: str):
            [r for r in prof.get("matmul", []) if r["dtype"] == peak_key]
     if not rows:
         return None
-    from .cluster import GPUS
     peak = _peak_for_profile(prof, dtype)
     pts = np.log2(np.array([[r["m"], r["n"], r["k"]] for r in rows], dtype=float))
     effs = np.array([min(r["tflops"] * 1e12 / peak, 1.0) for r in rows])

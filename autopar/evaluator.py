@@ -10,14 +10,14 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
-from graphs.ir import INPUT, MATMUL, OpGraph, numel
+from graphs.ir import INPUT, MATMUL, OpGraph
 
 from .cluster import Cluster, Submesh
 from .cost import ComputeModel, p2p_s
 from .intra import Evaluation, Settings, StageProblem
 from .pipeline import simulate
 from .plan import Plan, PlanError, StagePlan
-from .sharding import Mesh, parse_spec, shard_factor, spec_str
+from .sharding import Mesh, parse_spec, shard_factor
 
 RECOMPUTE = ("none", "selective", "full")
 # Per graph (weakly held, so it goes with the graph): stage key -> (problem, choice, evaluation).

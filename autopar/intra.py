@@ -9,14 +9,13 @@ so a searched plan and a hand-made plan are scored by one function.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 
-from graphs.ir import (ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, LOSS, MATMUL, NORM, SOFTMAX, VIEW,
-                       OpGraph, OpNode, dtype_bytes, numel)
+from graphs.ir import (ATTENTION, ELEMENTWISE, INPUT, LOSS, MATMUL, NORM, SOFTMAX, VIEW, OpGraph, OpNode,
+                       dtype_bytes)
 
 from .cost import ComputeModel
 from .sharding import Mesh, Spec, reshard_s, shard_factor, spec_str

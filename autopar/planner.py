@@ -10,6 +10,7 @@ what one ILP over the whole range finds (tests check this), but every distinct
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -22,7 +23,7 @@ from graphs.ir import OpGraph
 
 from .cluster import Cluster, Submesh, load_cluster, submeshes
 from .cost import ComputeModel
-from .evaluator import boundary_inputs, evaluate, main_boundary
+from .evaluator import evaluate, main_boundary
 from .intra import Settings, StageProblem
 from .model import ModelSource
 from .plan import Plan, PlanError, StagePlan
@@ -82,7 +83,7 @@ def boundary_specs(shape: tuple[int, ...], mesh: Mesh) -> list[Spec]:
     dims = [0] if nd == 1 else [0, nd - 1]
     out = []
     live = mesh.live_axes
-    for combo in __import__("itertools").product([None] + dims, repeat=len(live)):
+    for combo in itertools.product([None] + dims, repeat=len(live)):
         spec = [0] * nd
         for bit, d in zip(live, combo):
             if d is not None:

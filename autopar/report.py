@@ -64,16 +64,16 @@ def _plt():
     return plt
 
 
-def gantt(plan: Plan, graph, cluster, path: str, ax=None) -> None:
-    """Draw the simulated pipeline schedule of a plan: one row per pipeline rank."""
-    from .evaluator import p2p_time_s
+def gantt(plan: Plan, path: str | None = None, ax=None) -> None:
+    """Draw the simulated pipeline schedule of a plan, one row per pipeline rank: to `path`,
+    or onto a given matplotlib axis."""
     from .pipeline import simulate
     plt = _plt()
     tr = plan.training
     v = int(tr.get("virtual_stages", 1) or 1) if tr["schedule"] == "interleaved" else 1
     st = plan.stages
-    p2p = [0.0] * (len(st) - 1)
-    sched = simulate([s.fwd_s for s in st], [s.bwd_s for s in st], tr["n_microbatches"], tr["schedule"], p2p, chunks=v)
+    sched = simulate([s.fwd_s for s in st], [s.bwd_s for s in st], tr["n_microbatches"], tr["schedule"],
+                     None, chunks=v)
     own = ax is None
     if own:
         fig, ax = plt.subplots(figsize=(12, 1 + 0.5 * (len(st) // v)))
@@ -85,7 +85,7 @@ def gantt(plan: Plan, graph, cluster, path: str, ax=None) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("time (s)")
     ax.set_title(f"{plan.strategy}: pipeline schedule ({tr['schedule']}, {tr['n_microbatches']} microbatches; "
-                 f"blue forward, orange backward)")
+                 f"blue forward, orange backward)", fontsize=9)
     if own:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -110,21 +110,8 @@ def compare_plot(rows: list[dict[str, Any]], best_plan: Plan | None, path: str, 
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=45)
     if best_plan is not None:
-        from .pipeline import simulate
-        tr = best_plan.training
-        v = int(tr.get("virtual_stages", 1) or 1) if tr["schedule"] == "interleaved" else 1
         st = best_plan.stages
-        sched = simulate([s.fwd_s for s in st], [s.bwd_s for s in st], tr["n_microbatches"], tr["schedule"],
-                         None, chunks=v)
-        gx = axes[1]
-        for op in sched.ops:
-            gx.barh(op.device, op.end_s - op.start_s, left=op.start_s,
-                    color="#4C72B0" if op.kind == "F" else "#DD8452", edgecolor="white", linewidth=0.3)
-        gx.set_yticks(range(len(st) // v))
-        gx.invert_yaxis()
-        gx.set_xlabel("time (s)")
-        gx.set_ylabel("pipeline stage")
-        gx.set_title(f"best plan ({best_plan.strategy}): pipeline schedule")
+        gantt(best_plan, ax=axes[1])
         mx = axes[2]
         mem = [s.memory.get("total_bytes", 0) / 2**30 for s in st]
         mx.bar(range(len(mem)), mem, color="#8172B2")

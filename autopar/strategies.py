@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from graphs.ir import (ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, LOSS, MATMUL, NORM, OUTPUT, REDUCTION,
+from graphs.ir import (ATTENTION, EMBEDDING, INPUT, LOSS, MATMUL, NORM, OUTPUT, REDUCTION,
                        SOFTMAX, UNKNOWN, VIEW, OpNode, dtype_bytes, numel)
 
 from .cost import ComputeModel, all_gather_s, all_reduce_s, reduce_scatter_s
@@ -241,7 +241,6 @@ def attention_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel) -> list[Str
 
 def embedding_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel) -> list[Strategy]:
     ids, w = node.operands[0], node.operands[1]
-    ebytes = _out_elem_bytes(node)
     has_ids = ids.source is not None
     letters_avail = (["b"] if has_ids and ids.shape else []) + ["v", "h"]
     res = []
