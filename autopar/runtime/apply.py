@@ -1,0 +1,465 @@
+"""apply(plan, model): the plan's stages, meshes and shardings on torch.distributed.
+
+Ranks run in stage order: rank r is the r-th device of the stages' concatenated device_ids (for
+the usual plans, whose stages take increasing device ids, rank == device id). Every rank builds
+every stage's device mesh and pipeline group (creating process groups is collective), and only
+its own stage's parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn as nn
+
+from graphs.ir import INPUT, OpGraph
+
+from autopar.plan import Plan, PlanError
+
+from .layout import local_shape, placements
+from .program import NotAppliableError, StageModule, param_sources, partition
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+def rank_layout(plan: Plan) -> list[tuple[int, int, int]]:
+    """(stage index, index in the stage's mesh, device id) per rank."""
+    if plan.training.get("schedule") == "interleaved" or len({s.index for s in plan.stages}) != len(plan.stages):
+        raise NotAppliableError("interleaved schedules (several stages per device) are not supported by "
+                                "autopar.runtime; plan with schedule 1f1b or gpipe")
+    out = []
+    for s in sorted(plan.stages, key=lambda s: s.index):
+        out.extend((s.index, j, d) for j, d in enumerate(s.device_ids))
+    ids = [d for _, _, d in out]
+    if len(set(ids)) != len(ids):
+        raise NotAppliableError("the plan runs two stages on one device; autopar.runtime needs one stage per device")
+    return out
+
+
+def trace_model(model: nn.Module, example_inputs: tuple, dtype: str = "bf16"):
+    """(fx program, IR) of `model` as the planner sees it: the same tracer, so the same node names."""
+    from graphs.trace import _to_meta, symbolic, trace
+    meta_inputs = tuple(_to_meta(x) for x in example_inputs)
+    prog = symbolic(model, meta_inputs, {})
+    ir = trace(model, meta_inputs, dtype=dtype)
+    return prog, ir
+
+
+def check_plan_matches(plan: Plan, ir: OpGraph) -> None:
+    """Raise PlanError when the plan was made for another model (layers or op names differ)."""
+    n_layers = plan.model.get("n_layers")
+    if n_layers is not None and n_layers != len(ir.layers):
+        raise PlanError(f"plan does not match the model: the plan has {n_layers} layers, the model "
+                        f"{ir.name!r} has {len(ir.layers)}")
+    last = max(s.layers[1] for s in plan.stages)
+    if last != len(ir.layers):
+        raise PlanError(f"plan does not match the model: its stages cover layers [0, {last}), the model "
+                        f"has {len(ir.layers)}")
+    for s in plan.stages:
+        if not s.ops:
+            raise PlanError(f"plan stage {s.index} lists no ops; evaluate the plan first (autopar.evaluate) so "
+                            "every op carries its sharding specs")
+        want = [n for li in range(*s.layers) for n in ir.layers[li].nodes]
+        have = {o["name"]: o for o in s.ops}
+        missing = [n for n in want if n not in have]
+        extra = [n for n in have if n not in ir]
+        if missing or extra:
+            raise PlanError(f"plan does not match the model: stage {s.index} (layers {list(s.layers)}) names "
+                            f"{len(extra)} ops the model lacks {extra[:5]} and lacks {len(missing)} of the "
+                            f"model's {missing[:5]}; was the plan made for {ir.name!r}?")
+        for n in want:
+            node, o = ir.node(n), have[n]
+            if o.get("op") not in (None, node.op) or (node.kind not in (INPUT,) and
+                                                       len(o.get("in_specs") or []) != len(node.operands)):
+                raise PlanError(f"plan does not match the model: op {n} is {o.get('op')} with "
+                                f"{len(o.get('in_specs') or [])} operands in the plan, {node.op} with "
+                                f"{len(node.operands)} in the model")
+
+
+class ParallelModel:
+    """One rank's share of a plan: its stage's module and parameters, the pipeline schedule, and
+    the optimizer. step(batch) trains on one global batch."""
+
+    def __init__(self, plan: Plan, model: nn.Module, example_inputs: tuple, device: torch.device,
+                 optimizer: str = "adam", lr: float = 1e-3, autocast_dtype: torch.dtype | None = None):
+        self.plan = plan
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        layout = rank_layout(plan)
+        self.world = len(layout)
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed and dist.get_world_size() != self.world:
+            raise PlanError(f"the plan runs on {self.world} devices, the process group has "
+                            f"{dist.get_world_size()} ranks")
+        if not distributed and self.world > 1:
+            raise PlanError(f"the plan runs on {self.world} devices: call apply() on every rank of an "
+                            "initialised torch.distributed process group (autopar run does that)")
+        self.rank = dist.get_rank() if distributed else 0
+        self.stage_index, self.local_index, self.device_id = layout[self.rank]
+        stages = sorted(plan.stages, key=lambda s: s.index)
+        self.stages = stages
+        self.stage = stages[self.stage_index]
+        self.n_stages = len(stages)
+        tr = plan.training
+        self.n_microbatches = int(tr["n_microbatches"])
+        self.microbatch_size = int(tr["microbatch_size"])
+        self.schedule_name = tr.get("schedule", "1f1b")
+        self.zero = int(tr.get("zero", 0))
+        if self.n_stages > 1 and self.schedule_name not in SCHEDULES:
+            raise NotAppliableError(f"schedule {self.schedule_name!r} is not supported; use one of {SCHEDULES}")
+
+        prog, ir = trace_model(model, example_inputs, plan.training.get("dtype", "bf16"))
+        check_plan_matches(plan, ir)
+        self.ir = ir
+        programs = partition(prog.graph, ir, [tuple(s.layers) for s in stages])
+        self.programs = programs
+        canon = {id(p): name for name, p in model.named_parameters()}
+        param_of = param_sources(prog.graph, model, canon)
+        stage_params = [_params_of(p, model, canon, param_of) for p in programs]
+
+        # Collective setup: same calls in the same order on every rank.
+        ranks_of = []
+        start = 0
+        for s in stages:
+            ranks_of.append(list(range(start, start + len(s.device_ids))))
+            start += len(s.device_ids)
+        self.meshes = [self._mesh(s, r) for s, r in zip(stages, ranks_of)]
+        self.mesh = self.meshes[self.stage_index]
+        self.pp_group = None
+        if self.n_stages > 1:
+            sizes = {len(s.device_ids) for s in stages}
+            if len(sizes) != 1:
+                raise NotAppliableError(
+                    "stages of different sizes (" + ", ".join(f"stage {s.index}: {len(s.device_ids)} devices"
+                                                             for s in stages)
+                    + ") cannot be paired into torch.distributed.pipelining groups; plan stages with equal "
+                      "device counts")
+            for j in range(sizes.pop()):
+                g = dist.new_group([r[j] for r in ranks_of])
+                if j == self.local_index:
+                    self.pp_group = g
+        # A parameter several stages use (a tied embedding/head) has one copy per stage; their
+        # gradients are summed across those stages, pair by pair of mesh positions.
+        self.tied: list[tuple[str, Any]] = []
+        for name in sorted(set().union(*stage_params)):
+            users = [k for k, ps in enumerate(stage_params) if name in ps]
+            if len(users) < 2:
+                continue
+            for j in range(len(stages[users[0]].device_ids)):
+                g = dist.new_group([ranks_of[k][j] for k in users])
+                if self.stage_index in users and j == self.local_index:
+                    self.tied.append((name, g))
+
+        # This rank's stage.
+        my = programs[self.stage_index]
+        ops = {o["name"]: o for o in self.stage.ops}
+        params = {name: self._distribute(name, model, ops, ir, my, param_of, canon)
+                  for name in sorted(stage_params[self.stage_index])}
+        self.boundary_in = self._boundary_specs(self.stage_index - 1, prog) if self.stage_index > 0 else {}
+        self.boundary_out = self._boundary_specs(self.stage_index, prog) if self.stage_index < self.n_stages - 1 else {}
+        bdtype = {n.name: prog.values[n].dtype for n in my.outputs if isinstance(prog.values.get(n), torch.Tensor)}
+        self.module = StageModule(my, model, ir, ops, params, canon, param_of, prog.values, self.mesh,
+                                  self.boundary_in, self.boundary_out, self.stage.recompute, bdtype,
+                                  device=self.device)
+        self.params = params
+        self._setup_optimizer(optimizer, lr)
+        self.schedule = self._pipeline(prog) if self.n_stages > 1 else None
+        self.data_names = [n.target for n in my.data]
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _mesh(self, s, ranks):
+        if len(ranks) == 1:
+            return None
+        from torch.distributed.device_mesh import DeviceMesh
+        return DeviceMesh(self.device.type, torch.tensor(ranks).view(*s.logical_mesh))
+
+    def _distribute(self, name, model, ops, ir, prog, param_of, canon) -> nn.Parameter:
+        full = dict(model.named_parameters())[name].detach().to(self.device)
+        if self.mesh is None:
+            return nn.Parameter(full)
+        from torch.distributed.tensor import DTensor
+        spec = _storage_spec(name, prog, ops, ir, full.dim())
+        pl = placements(spec, full.dim())
+        if self.zero >= 3:
+            pl = _shard_replicated(pl, full.shape, tuple(self.stage.logical_mesh))
+        d = DTensor.from_local(full, self.mesh, placements(None, full.dim()), run_check=False).redistribute(
+            self.mesh, pl)
+        # a copy of the shard, so the full tensor is not kept alive through a view
+        d = DTensor.from_local(d.to_local().clone(), self.mesh, pl, run_check=False, shape=d.shape,
+                               stride=d.stride())
+        return nn.Parameter(d)
+
+    def _boundary_specs(self, k: int, prog) -> dict[str, str]:
+        """Layout of each tensor stage k sends to stage k+1: the receiver's input_spec for the main
+        boundary when both meshes have the same shape (local shards pair up by mesh position),
+        else replicated."""
+        from autopar.evaluator import main_boundary
+        a, b = self.stages[k], self.stages[k + 1]
+        nxt = [n for li in range(*b.layers) for n in self.ir.layers[li].nodes]
+        main = main_boundary(self.ir, nxt)
+        same = tuple(a.logical_mesh) == tuple(b.logical_mesh)
+        out = {}
+        for n in self.programs[k].outputs:
+            nd = prog.values[n].dim()
+            out[n.name] = b.input_spec if (same and n.name == main and b.input_spec) else "R" * nd
+        return out
+
+    def _setup_optimizer(self, kind: str, lr: float):
+        self.masters: dict[str, nn.Parameter] = {}
+        if self.mesh is not None and self.zero in (1, 2):
+            # ZeRO-1/2: the optimizer owns a shard of each parameter over the mesh axes where the
+            # parameter is replicated; after its step the shards are gathered back.
+            from torch.distributed.tensor import DTensor
+            for name, p in self.params.items():
+                pl = _shard_replicated(tuple(p.placements), p.shape, tuple(self.stage.logical_mesh))
+                if pl != tuple(p.placements):
+                    m = p.detach().redistribute(self.mesh, pl)
+                    m = DTensor.from_local(m.to_local().clone(), self.mesh, pl, run_check=False, shape=m.shape,
+                                           stride=m.stride())
+                    self.masters[name] = nn.Parameter(m)
+        opt_params = [self.masters.get(n, p) for n, p in self.params.items()]
+        plain = self.mesh is None and self.device.type == "cuda"
+        if kind == "adam":
+            self.optimizer = torch.optim.Adam(opt_params, lr=lr, **({"fused": True} if plain else {}))
+        elif kind == "sgd":
+            self.optimizer = torch.optim.SGD(opt_params, lr=lr)
+        else:
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
+
+    def _pipeline(self, prog):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        my = self.programs[self.stage_index]
+        mb = self.microbatch_size
+        coord = _coord(self.local_index, tuple(self.stage.logical_mesh))
+
+        def example(n, spec, grad):
+            v = prog.values[n]
+            shape = (mb,) + tuple(v.shape[1:]) if n.op == "placeholder" else local_shape(
+                tuple(v.shape), spec, tuple(self.stage.logical_mesh), coord)
+            return torch.empty(shape, dtype=v.dtype, device=self.device).requires_grad_(grad and v.is_floating_point())
+
+        if self.stage_index == 0:
+            ins = tuple(example(n, None, False) for n in my.data)
+        else:
+            ins = tuple(example(n, self.boundary_in[n.name], True) for n in my.inputs)
+        if self.stage_index == self.n_stages - 1:
+            outs = (torch.empty(1, device=self.device),)
+        else:
+            outs = tuple(example(n, self.boundary_out[n.name], True) for n in my.outputs)
+        stage = PipelineStage(self.module, self.stage_index, self.n_stages, self.device, input_args=ins,
+                              output_args=outs, group=self.pp_group)
+        cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[self.schedule_name]
+        if self.n_microbatches < self.n_stages:
+            # torch's 1F1B refuses fewer microbatches than stages; with so few, 1F1B's order is
+            # GPipe's (all forwards fit in the warm-up).
+            cls = ScheduleGPipe
+        # The last stage's forward already returns the loss; scale_grads averages the microbatches.
+        return cls(stage, n_microbatches=self.n_microbatches, loss_fn=_loss_is_output, scale_grads=True)
+
+    # -- training -------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            import contextlib
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Forward and backward over the global batch (all microbatches); the mean loss on the last
+        stage's ranks, None elsewhere. Gradients are left reduced and in place."""
+        B, mb = self.n_microbatches, self.microbatch_size
+        first, last = self.stage_index == 0, self.stage_index == self.n_stages - 1
+        for t in batch.values():
+            if t.shape[0] != B * mb:
+                raise ValueError(f"batch of {t.shape[0]} rows; the plan's global batch is {B} x {mb}")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        loss = None
+        with self._autocast():
+            if self.schedule is None:
+                total = 0.0
+                for i in range(B):
+                    args = [batch[n][i * mb:(i + 1) * mb] for n in self.data_names]
+                    out = self.module(*args)
+                    (out / B).sum().backward()
+                    total = total + out.detach()
+                loss = (total / B).reshape(())
+            else:
+                args = [batch[n] for n in self.data_names] if first else []
+                kwargs = {} if first else {n: batch[n] for n in self.data_names}
+                losses: list[torch.Tensor] = []
+                if last:
+                    any_t = next(iter(batch.values()))
+                    self.schedule.step(*args, target=torch.zeros(any_t.shape[0], device=self.device),
+                                       losses=losses, **kwargs)
+                    loss = torch.stack([x.detach().reshape(()) for x in losses]).mean()
+                else:
+                    self.schedule.step(*args, **kwargs)
+        self._reduce_grads()
+        return loss
+
+    def _reduce_grads(self):
+        for name, group in self.tied:
+            p = self.params[name]
+            g = p.grad
+            full = g.full_tensor() if _is_dtensor(g) else g.clone()
+            dist.all_reduce(full, group=group)
+            p.grad = self._like(full, p)
+        if self.mesh is not None:
+            for p in self.params.values():
+                if p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
+                    p.grad = p.grad.redistribute(self.mesh, p.placements)
+
+    def _like(self, full: torch.Tensor, p):
+        if not _is_dtensor(p):
+            return full
+        from torch.distributed.tensor import DTensor
+        d = DTensor.from_local(full, self.mesh, placements(None, full.dim()), run_check=False)
+        d = d.redistribute(self.mesh, p.placements)
+        return DTensor.from_local(d.to_local().clone(), self.mesh, p.placements, run_check=False,
+                                  shape=d.shape, stride=d.stride())
+
+    def optimizer_step(self):
+        for name, m in self.masters.items():
+            g = self.params[name].grad
+            m.grad = None if g is None else g.redistribute(self.mesh, m.placements)
+        self.optimizer.step()
+        with torch.no_grad():
+            for name, m in self.masters.items():
+                self.params[name].copy_(m.redistribute(self.mesh, self.params[name].placements))
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params.values():
+            p.grad = None
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        loss = self.forward_backward(batch)
+        self.optimizer_step()
+        return loss
+
+    # -- inspection (collective over the stage's mesh) ------------------------------------------
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        return {n: _full(p.grad) for n, p in self.params.items() if p.grad is not None}
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        return {n: _full(p.detach()) for n, p in self.params.items()}
+
+    def param_specs(self) -> dict[str, str]:
+        """How each of this stage's parameters is stored, as a plan spec ("S1R", ...)."""
+        from .layout import spec_of
+        return {n: spec_of(p.placements, p.dim()) if _is_dtensor(p) else "R" * p.dim()
+                for n, p in self.params.items()}
+
+    @property
+    def shard_local_ops(self) -> list[str]:
+        """Ops run shard-locally because DTensor has no rule for them (see StageModule)."""
+        return sorted(self.module._fallbacks)
+
+
+def apply(plan: Plan, model: nn.Module | None = None, *, example_inputs: tuple | None = None,
+          device: str | torch.device = "cpu", optimizer: str = "adam", lr: float = 1e-3, seed: int = 0,
+          autocast_dtype: torch.dtype | None = None) -> ParallelModel:
+    """Apply `plan` on this rank. Call on every rank of an initialised process group whose size is
+    the plan's device count (one process is fine for a one-device plan). With model None the plan's
+    model is built from its name (zoo name or spec) with real fp32 weights, seeded by `seed`, so all
+    ranks hold the same weights. example_inputs (the forward's arguments at the plan's microbatch
+    size; meta tensors are fine) default to the zoo's (ids, targets)."""
+    if model is None:
+        model = build_model(plan, device="cpu", seed=seed)
+    if example_inputs is None:
+        example_inputs = zoo_inputs(plan)
+    return ParallelModel(plan, model, example_inputs, torch.device(device), optimizer, lr, autocast_dtype)
+
+
+def build_model(plan: Plan, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
+    from graphs import zoo
+    if not plan.model.get("loadable", True):
+        raise PlanError(f"the plan's model {plan.model.get('name')!r} cannot be rebuilt from its name; pass the "
+                        "model to autopar.runtime.apply(plan, model)")
+    cfg = zoo.get_config(plan.model["name"])
+    torch.manual_seed(seed)
+    return zoo.build_module(cfg, device=device, dtype=torch.float32)
+
+
+def zoo_inputs(plan: Plan, batch: int | None = None) -> tuple:
+    from graphs import zoo
+    cfg = zoo.get_config(plan.model["name"])
+    return zoo.example_inputs(cfg, batch or int(plan.training["microbatch_size"]), plan.model.get("seq"),
+                              device="meta")
+
+
+def make_batch(plan: Plan, step: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The global batch of training step `step`: random token ids and targets, the same on
+    every process."""
+    from graphs import zoo
+    cfg = zoo.get_config(plan.model["name"])
+    seq = plan.model.get("seq") or cfg.seq
+    g = torch.Generator().manual_seed(seed * 100_003 + step)
+    n = int(plan.training["global_batch"])
+    return {"ids": torch.randint(0, cfg.vocab, (n, seq), generator=g),
+            "targets": torch.randint(0, cfg.vocab, (n, seq), generator=g)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _params_of(prog, model, canon, param_of) -> set[str]:
+    names = set()
+    for n in prog.nodes:
+        if n in param_of and n.op == "get_attr":
+            names.add(param_of[n])
+        elif n.op == "call_module":
+            mod = model.get_submodule(n.target)
+            names.update(canon[id(p)] for p in mod.parameters())
+    return names
+
+
+def _storage_spec(name: str, prog, ops: dict, ir: OpGraph, ndim: int) -> str:
+    """The layout a parameter is stored in: the spec of its first direct use in the stage (later
+    uses redistribute from it)."""
+    for n in prog.nodes:
+        op = ops.get(n.name)
+        if op is None or n.name not in ir:
+            continue
+        for o, spec in zip(ir.node(n.name).operands, op.get("in_specs") or []):
+            if o.param == name and spec is not None and len(o.shape) == ndim and _ndim_ok(spec, ndim):
+                return spec
+    return "R" * ndim
+
+
+def _ndim_ok(spec: str, ndim: int) -> bool:
+    from autopar.sharding import parse_spec
+    return len(parse_spec(spec)) == ndim
+
+
+def _shard_replicated(pl: tuple, shape, mesh_shape: tuple[int, int]) -> tuple:
+    """`pl` with each replicated mesh axis (of more than one device) sharding a tensor dim that no
+    other axis splits and that it divides evenly; axes with no such dim stay replicated."""
+    from torch.distributed.tensor import Shard
+    pl = list(pl)
+    for k, n in enumerate(mesh_shape):
+        if n == 1 or pl[k].is_shard():
+            continue
+        used = {p.dim for p in pl if p.is_shard()}
+        for d, size in enumerate(shape):
+            if d not in used and size % n == 0 and size >= n:
+                pl[k] = Shard(d)
+                break
+    return tuple(pl)
+
+
+def _coord(j: int, mesh_shape: tuple[int, int]) -> tuple[int, int]:
+    return (j // mesh_shape[1], j % mesh_shape[1])
+
+
+def _loss_is_output(output, target):
+    return output.sum()
+
+
+def _is_dtensor(x) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(x, DTensor)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if _is_dtensor(t) else t).detach().float().cpu()
+

@@ -1,0 +1,531 @@
+"""A plan's stages as programs over the model's torch.fx graph, and the interpreter that runs
+one stage with the plan's shardings.
+
+The planner's op names are the fx node names of `graphs.trace.symbolic` (the IR keeps them), so
+the plan's per-op specs attach to fx nodes one to one. fx nodes the IR folds away (sizes,
+devices, parameter views, constants such as `arange`) run wherever they are needed, possibly
+in several stages: they are cheap and hold no state.
+
+Interpreter rule (what makes every strategy the ILP can choose runnable): before an op runs,
+each operand is redistributed to the op's `in_specs` entry; after it, the result to its
+`out_spec`. DTensor computes the op on the local shards and tracks partial sums, so a split
+contracted dim comes out Partial and the redistribution to `out_spec` is the all-reduce (R) or
+reduce-scatter (split) the cost model charged; a layout change between producer and consumer
+is the redistribute the cost model charged on the edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from graphs.ir import ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, OUTPUT, OpGraph
+
+from .layout import placements
+
+# Views of one parameter that keep its numel: the IR folds them into the consumer's parameter
+# operand (graphs/lower.py PARAM_FOLDABLE), so the consumer's spec for that operand is keyed by
+# the parameter's name.
+from graphs.lower import PARAM_FOLDABLE
+
+
+class NotAppliableError(NotImplementedError):
+    """Part of a plan that this runtime cannot execute; the message names the op and strategy."""
+
+
+@dataclass
+class StageProgram:
+    index: int
+    nodes: list[fx.Node]                    # fx nodes this stage runs, in graph order
+    inputs: list[fx.Node]                   # activations received from the previous stage
+    data: list[fx.Node]                     # graph placeholders (token ids, targets) it reads
+    outputs: list[fx.Node]                  # activations sent on (the loss for the last stage)
+    layer_of: dict[str, int] = field(default_factory=dict)   # IR node -> layer, for recompute
+
+    @property
+    def is_last(self) -> bool:
+        return bool(self.outputs) and self.outputs[0].op == "output"
+
+
+def partition(graph: fx.Graph, ir: OpGraph, stage_layers: list[tuple[int, int]]) -> list[StageProgram]:
+    """Split the fx graph at the plan's layer boundaries.
+
+    A stage runs the IR nodes of its layers plus the fx helpers they need; an activation made
+    in stage i and read in stage j > i+1 is relayed through the stages between (the pipeline
+    only sends to the next stage)."""
+    by_name = {n.name: n for n in graph.nodes}
+    layer_of = {name: li for li, layer in enumerate(ir.layers) for name in layer.nodes}
+    stage_of_layer = {li: k for k, (a, b) in enumerate(stage_layers) for li in range(a, b)}
+    missing = [li for li in range(len(ir.layers)) if li not in stage_of_layer]
+    if missing:
+        raise ValueError(f"layers {missing} are in no stage of the plan")
+    stage_of: dict[str, int] = {}
+    for name, li in layer_of.items():
+        if ir.node(name).kind != INPUT:
+            stage_of[name] = stage_of_layer[li]
+    output = next(n for n in graph.nodes if n.op == "output")
+    stage_of[output.name] = len(stage_layers) - 1
+
+    S = len(stage_layers)
+    needs: list[dict[fx.Node, None]] = [{} for _ in range(S)]     # acts from earlier stages
+    data: list[dict[fx.Node, None]] = [{} for _ in range(S)]
+    helpers: list[set[fx.Node]] = [set() for _ in range(S)]
+    for n in graph.nodes:
+        if n.name not in stage_of:
+            continue
+        k = stage_of[n.name]
+        todo = list(n.all_input_nodes)
+        while todo:
+            a = todo.pop()
+            if a.op == "placeholder":
+                data[k][a] = None
+            elif a.name in stage_of:
+                if stage_of[a.name] > k:
+                    raise ValueError(f"node {n.name} (stage {k}) reads {a.name} from the later stage "
+                                     f"{stage_of[a.name]}")
+                if stage_of[a.name] < k:
+                    needs[k][a] = None
+            elif a not in helpers[k]:
+                helpers[k].add(a)
+                todo.extend(a.all_input_nodes)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    programs = []
+    for k in range(S):
+        produced_before = {by_name[x] for x, s in stage_of.items() if s < k}
+        inputs = {a for j in range(k, S) for a in needs[j] if a in produced_before}
+        programs.append(StageProgram(
+            index=k,
+            nodes=[n for n in graph.nodes if stage_of.get(n.name) == k or n in helpers[k]],
+            inputs=sorted(inputs, key=order.get),
+            data=sorted(data[k], key=order.get),
+            outputs=[], layer_of=layer_of))
+    for k in range(S - 1):
+        programs[k].outputs = programs[k + 1].inputs
+    programs[-1].outputs = [output]
+    for k in range(S - 1):
+        if not programs[k].outputs:
+            raise ValueError(f"stage {k + 1} reads nothing from stage {k}: the plan's layer split "
+                             "leaves a stage disconnected")
+    return programs
+
+
+def param_sources(graph: fx.Graph, root: nn.Module, canon: dict[int, str]) -> dict[fx.Node, str]:
+    """fx nodes that are a parameter, or a numel-keeping view of one, -> the parameter's name."""
+    out: dict[fx.Node, str] = {}
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            obj = _fetch(root, n.target)
+            if isinstance(obj, nn.Parameter) and id(obj) in canon:
+                out[n] = canon[id(obj)]
+        elif n.op in ("call_method", "call_function"):
+            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+            ins = [a for a in n.all_input_nodes if a in out]
+            if ins and len(n.all_input_nodes) == 1 and name.rstrip("_") in PARAM_FOLDABLE:
+                out[n] = out[ins[0]]
+    return out
+
+
+def _fetch(root: nn.Module, target: str):
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class StageModule(nn.Module):
+    """Runs one stage's fx nodes. With a device mesh (more than one device) values are DTensors
+    laid out as the plan says; on one device everything is a plain tensor.
+
+    forward(*positional, **data): the first stage takes the graph inputs it reads positionally
+    (in graph order); later stages take the boundary tensors (local shards) positionally and
+    the graph inputs they read (e.g. targets) by name. Returns the boundary tensors for the next
+    stage (local shards) or, for the last stage, the loss (a tensor of shape [1])."""
+
+    def __init__(self, prog: StageProgram, root: nn.Module, ir: OpGraph, ops: dict[str, dict],
+                 params: dict[str, nn.Parameter], canon: dict[int, str], param_of: dict[fx.Node, str],
+                 values: dict[fx.Node, Any], mesh=None, boundary_in: dict[str, str] | None = None,
+                 boundary_out: dict[str, str] | None = None, recompute: str = "none",
+                 boundary_dtype: dict[str, torch.dtype] | None = None, device: torch.device | None = None):
+        super().__init__()
+        self.device = device
+        self.prog = prog
+        self.__dict__["root"] = root                 # not a submodule: its weights are not ours
+        self.ir = ir
+        self.ops = ops
+        self.mesh = mesh
+        self.canon = canon
+        self.param_of = param_of
+        self.values = values
+        self.boundary_in = boundary_in or {}
+        self.boundary_out = boundary_out or {}
+        self.boundary_dtype = boundary_dtype or {}
+        self.recompute = recompute
+        self.stored = nn.ParameterDict({_key(k): v for k, v in params.items()})
+        self.param_by_name = params
+        self._operand_specs = {name: _operand_specs(ir, name, op) for name, op in ops.items()
+                               if name in ir and ir.node(name).kind not in (INPUT, OUTPUT)}
+        self._segments = self._plan_segments()
+        self._fallbacks: set[str] = set()
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        prog = self.prog
+        env: dict[fx.Node, Any] = {}
+        if prog.index == 0:
+            if len(args) != len(prog.data):
+                raise TypeError(f"stage 0 takes {[n.name for n in prog.data]}, got {len(args)} tensors")
+            feed = dict(zip(prog.data, args))
+        else:
+            if len(args) != len(prog.inputs):
+                raise TypeError(f"stage {prog.index} takes {[n.name for n in prog.inputs]} from stage "
+                                f"{prog.index - 1}, got {len(args)} tensors")
+            for node, t in zip(prog.inputs, args):
+                env[node] = self._receive(node, t)
+            feed = {n: kwargs[n.target] for n in prog.data}
+        for n, t in feed.items():
+            env[n] = self._data(n, t)
+        for seg in self._segments:
+            if seg[0] == "ckpt":
+                self._run_checkpointed(seg[1], env)
+            else:
+                for n in seg[1]:
+                    env[n] = self._run(n, env)
+        if prog.is_last:
+            loss = env[prog.outputs[0]]
+            if self.mesh is not None and _is_dtensor(loss):
+                loss = _redistribute(loss, self.mesh, placements("scalar", 0)).to_local()
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise NotAppliableError("the model's forward must return a scalar loss (zoo models do when "
+                                        "given targets)")
+            return loss.reshape(1)
+        outs = tuple(self._send(n, env[n]) for n in prog.outputs)
+        return outs[0] if len(outs) == 1 else outs
+
+    # -- boundaries ---------------------------------------------------------------------------
+    def _data(self, n: fx.Node, t: torch.Tensor):
+        if self.mesh is None:
+            return t
+        from torch.distributed.tensor import DTensor
+        d = DTensor.from_local(t, self.mesh, placements(None, t.dim()), run_check=False)
+        op = self.ops.get(n.name)
+        return _redistribute(d, self.mesh, placements(op["out_spec"], t.dim())) if op else d
+
+    def _receive(self, n: fx.Node, t: torch.Tensor):
+        if self.mesh is None:
+            return t
+        from torch.distributed.tensor import DTensor
+        v = self.values[n]
+        return DTensor.from_local(t, self.mesh, placements(self.boundary_in[n.name], v.dim()), run_check=False,
+                                  shape=v.shape, stride=_contiguous_stride(v.shape))
+
+    def _send(self, n: fx.Node, v):
+        if _is_dtensor(v):
+            v = _redistribute(v, self.mesh, placements(self.boundary_out[n.name], v.dim())).to_local()
+        dt = self.boundary_dtype.get(n.name)
+        if dt is not None and v.dtype != dt:        # autocast may change it; the pipeline's buffers do not
+            v = v.to(dt)
+        return v.contiguous()
+
+    # -- one node -----------------------------------------------------------------------------
+    def _run(self, n: fx.Node, env):
+        if n.op == "output":
+            return fx.node.map_arg(n.args[0], lambda a: env[a])
+        if n.op == "get_attr":
+            name = self.param_of.get(n)
+            if name is not None:
+                return self.param_by_name[name]
+            v = _fetch(self.root, n.target)
+            return v.to(self.device) if isinstance(v, torch.Tensor) and self.device is not None else v
+        op = self.ops.get(n.name) if self.mesh is not None else None
+        if op is None or n.name not in self._operand_specs:
+            args = fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+            if n.op == "call_module":
+                return self._call_module(n, args, kwargs, {})
+            return self._call(n, args, kwargs)
+        act_specs, param_specs = self._operand_specs[n.name]
+        args = fx.node.map_arg(n.args, lambda a: self._operand(a, env, act_specs, param_specs))
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self._operand(a, env, act_specs, param_specs))
+        try:
+            if self.ir.node(n.name).kind == EMBEDDING and self._vocab_split(n, param_specs):
+                out = self._vocab_parallel_embedding(n, args, kwargs, param_specs)
+            elif n.op == "call_module":
+                out = self._call_module(n, args, kwargs, param_specs)
+            else:
+                out = self._call(n, args, kwargs)
+        except NotImplementedError as e:
+            if "sharding strategy" not in str(e) and "sharding propagation" not in str(e):
+                raise
+            out = self._local_fallback(n, args, kwargs, op, e)
+        return self._to_spec(out, op["out_spec"])
+
+    def _call(self, n, args, kwargs):
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        if n.op == "call_module":
+            return _fetch(self.root, n.target)(*args, **kwargs)
+        raise NotAppliableError(f"cannot run fx node {n.name} ({n.op})")
+
+    def _call_module(self, n, args, kwargs, param_specs):
+        """A leaf module with this stage's weights (DTensors on a mesh) in place of its own."""
+        from torch.distributed.tensor import DTensor
+        mod = _fetch(self.root, n.target)
+        state = {}
+        for pname, p in mod.named_parameters(remove_duplicate=False):
+            name = self.canon[id(p)]
+            v = self.param_by_name[name]
+            spec = param_specs.get(name)
+            state[pname] = _redistribute(v, self.mesh, placements(spec, v.dim())) if spec is not None else v
+        for bname, b in mod.named_buffers(remove_duplicate=False):
+            b = b.to(self.device) if self.device is not None else b
+            state[bname] = b if self.mesh is None else DTensor.from_local(b, self.mesh, placements(None, b.dim()),
+                                                                          run_check=False)
+        return torch.func.functional_call(mod, state, args, kwargs)
+
+    def _operand(self, a: fx.Node, env, act_specs, param_specs):
+        from torch.distributed.tensor import DTensor
+        v = env[a]
+        if a.name in self.ir:
+            if isinstance(v, (tuple, list)):
+                return type(v)(self._layout(x, act_specs.get((a.name, i))) for i, x in enumerate(v))
+            return self._layout(v, act_specs.get((a.name, 0)))
+        name = self.param_of.get(a)
+        if name is not None:
+            return self._layout(v, param_specs.get(name))
+        if isinstance(v, torch.Tensor) and not isinstance(v, DTensor):   # a constant: replicated
+            return DTensor.from_local(v, self.mesh, placements(None, v.dim()), run_check=False)
+        return v
+
+    def _layout(self, v, spec):
+        if spec is None or not _is_dtensor(v):
+            return v
+        return _redistribute(v, self.mesh, placements(spec, v.dim()))
+
+    def _to_spec(self, out, spec):
+        if _is_dtensor(out):
+            if spec == "scalar" and out.dim() != 0:
+                return out
+            return _redistribute(out, self.mesh, placements(spec, out.dim()))
+        if isinstance(out, (tuple, list)):
+            return type(out)(self._to_spec(x, spec) if _is_dtensor(x) and (spec == "scalar") == (x.dim() == 0)
+                             and (spec == "scalar" or _ndim(spec) == x.dim()) else x for x in out)
+        return out
+
+    # -- embedding with the vocabulary split ----------------------------------------------------
+    def _embedding_operands(self, n, args, kwargs, param_specs):
+        """(ids, weight) of an embedding node, the weight laid out as the op's spec says."""
+        if n.op == "call_module":
+            mod = _fetch(self.root, n.target)
+            if (getattr(mod, "padding_idx", None) is not None or getattr(mod, "max_norm", None) is not None
+                    or getattr(mod, "sparse", False) or getattr(mod, "scale_grad_by_freq", False)):
+                raise NotAppliableError(f"op {n.name}: a vocab-split embedding with padding_idx/max_norm/sparse/"
+                                        "scale_grad_by_freq is not supported")
+            name = self.canon[id(mod.weight)]
+            w = self.param_by_name[name]
+            spec = param_specs.get(name)
+            return args[0], (_redistribute(w, self.mesh, placements(spec, w.dim())) if spec else w)
+        extra = list(args[2:]) + [v for k, v in kwargs.items() if k not in ("input", "weight")]
+        if any(v not in (None, False, 2.0) for v in extra):
+            raise NotAppliableError(f"op {n.name}: a vocab-split embedding with padding_idx/max_norm/sparse "
+                                    "is not supported")
+        ids = args[0] if args else kwargs["input"]
+        w = args[1] if len(args) > 1 else kwargs["weight"]
+        if w.is_floating_point() is False:          # aten.embedding(weight, ids) order
+            ids, w = w, ids
+        return ids, w
+
+    def _vocab_split(self, n, param_specs) -> bool:
+        from autopar.sharding import parse_spec
+        w = self.ir.node(n.name).operands[1] if len(self.ir.node(n.name).operands) > 1 else None
+        spec = param_specs.get(w.param) if w is not None and w.param else None
+        return bool(spec) and parse_spec(spec)[0] != 0
+
+    def _vocab_parallel_embedding(self, n, args, kwargs, param_specs):
+        """Megatron's vocab-parallel lookup: each device looks up the ids that fall in its rows and
+        zeros the rest; the output is a partial sum over the vocab-split mesh axes. (DTensor's
+        own rule tracks a mask buffer that breaks when both mesh axes split the vocabulary.)"""
+        import torch.nn.functional as F
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+        ids, w = self._embedding_operands(n, args, kwargs, param_specs)
+        coord = self.mesh.get_coordinate()
+        start, size = 0, w.shape[0]
+        out_pl = []
+        for k, (pi, pw) in enumerate(zip(ids.placements, w.placements)):
+            if pi.is_shard() and pw.is_shard():
+                raise NotAppliableError(f"op {n.name}: mesh axis {k} splits both the ids and the table")
+            if pw.is_shard(0):
+                chunk = -(-size // self.mesh.size(k))
+                lo = min(size, coord[k] * chunk)
+                start, size = start + lo, min(size, lo + chunk) - lo
+                out_pl.append(Partial())
+            elif pw.is_shard(1):
+                out_pl.append(Shard(ids.dim()))
+            else:
+                out_pl.append(pi if pi.is_shard() else Replicate())
+        # Where the ids are split, each device's table gradient covers only its ids: a partial sum.
+        grad_pl = [Partial() if pi.is_shard() else pw for pi, pw in zip(ids.placements, w.placements)]
+        li, lw = ids.to_local(), w.to_local(grad_placements=grad_pl)
+        miss = (li < start) | (li >= start + lw.shape[0])
+        out = F.embedding((li - start).masked_fill(miss, 0), lw).masked_fill(miss.unsqueeze(-1), 0.0)
+        shape = tuple(ids.shape) + (w.shape[1],)
+        return DTensor.from_local(out, self.mesh, out_pl, run_check=False, shape=torch.Size(shape),
+                                  stride=_contiguous_stride(shape))
+
+    def _local_fallback(self, n, args, kwargs, op, err):
+        """An op DTensor has no rule for (sdpa on CPU): run it on the local shards, which is exact
+        when every split is along dims the op treats independently (batch and heads of
+        attention; identical layouts of an elementwise op's operands)."""
+        from torch.distributed.tensor import DTensor
+        ir_node = self.ir.node(n.name)
+        dts = [x for x in _flat(args) + _flat(kwargs) if isinstance(x, DTensor)]
+        specs = {tuple(x.placements) for x in dts}
+        ok = False
+        if ir_node.kind == ATTENTION:
+            ok = all(x.dim() == 4 and all(not p.is_shard() or p.dim in (0, 1) for p in x.placements)
+                     for x in dts) and len(specs) == 1 and len({tuple(x.shape[:2]) for x in dts}) == 1
+        elif ir_node.kind == ELEMENTWISE:
+            ok = len(specs) == 1 and len({tuple(x.shape) for x in dts}) == 1
+        if not ok:
+            raise NotAppliableError(
+                f"op {n.name} ({ir_node.op}, strategy {op.get('strategy')!r}, in_specs {op.get('in_specs')}): "
+                f"DTensor has no sharding rule for it ({str(err).splitlines()[0]}) and its layout is not "
+                "one this runtime can run shard-locally") from err
+        self._fallbacks.add(n.name)
+        local = lambda x: x.to_local() if isinstance(x, DTensor) else x     # noqa: E731
+        out = self._call(n, _map(args, local), _map(kwargs, local))
+        shape = self.values[n].shape
+        return DTensor.from_local(out, self.mesh, dts[0].placements, run_check=False, shape=shape,
+                                  stride=_contiguous_stride(shape))
+
+    # -- activation recomputation ---------------------------------------------------------------
+    def _plan_segments(self):
+        """[("run", nodes) | ("ckpt", nodes)]: full recomputation checkpoints each layer; selective
+        checkpoints each op that makes [.., s, s] attention scores."""
+        nodes = self.prog.nodes
+        if self.recompute == "none":
+            return [("run", nodes)]
+        segs: list[tuple[str, list]] = []
+        if self.recompute == "full":
+            cur, cur_layer = [], None
+            for n in nodes:
+                li = self.prog.layer_of.get(n.name, cur_layer)
+                if cur and li != cur_layer:
+                    segs.append(("ckpt", cur))
+                    cur = []
+                cur_layer = li
+                cur.append(n)
+            if cur:
+                segs.append(("ckpt", cur))
+            return segs
+        seq = self.ir.seq
+        for n in nodes:
+            shape = getattr(self.values.get(n), "shape", ())
+            core = n.name in self.ir and len(shape) >= 3 and seq > 1 and shape[-1] == seq and shape[-2] == seq
+            if core and self.ir.node(n.name).kind != INPUT:
+                segs.append(("ckpt", [n]))
+            elif segs and segs[-1][0] == "run":
+                segs[-1][1].append(n)
+            else:
+                segs.append(("run", [n]))
+        return segs
+
+    def _run_checkpointed(self, nodes, env):
+        from torch.utils.checkpoint import checkpoint
+        inside = set(nodes)
+        outs = set(self.prog.outputs)
+        later = [n for n in nodes if n in outs or any(u not in inside for u in n.users)]
+
+        def seg():
+            local = dict(env)
+            for n in nodes:
+                local[n] = self._run(n, local)
+            return tuple(local[n] for n in later)
+
+        outs = checkpoint(seg, use_reentrant=False)
+        for n, v in zip(later, outs):
+            env[n] = v
+
+
+def _redistribute(v, mesh, pl):
+    """DTensor redistribute, with contiguous tensors on both sides of it. torch 2.13's
+    redistribute of a transposed DTensor can hand back gradients whose local strides disagree
+    with their global ones, and a `view` backward upstream then fails ("view size is not
+    compatible with input tensor's size and stride")."""
+    if tuple(v.placements) == tuple(pl):
+        return v
+    return _ContiguousGrad.apply(v.contiguous()).redistribute(mesh, pl)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity; its backward makes the gradient contiguous, locally and globally alike."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        from torch.distributed.tensor import DTensor
+        if isinstance(g, DTensor):
+            return DTensor.from_local(g.to_local().contiguous(), g.device_mesh, g.placements, run_check=False,
+                                      shape=g.shape, stride=_contiguous_stride(g.shape))
+        return g.contiguous()
+
+
+def _operand_specs(ir: OpGraph, name: str, op: dict):
+    node = ir.node(name)
+    specs = op.get("in_specs") or []
+    acts: dict[tuple[str, int], str] = {}
+    params: dict[str, str] = {}
+    for o, spec in zip(node.operands, specs):
+        if spec is None:
+            continue
+        if o.source is not None:
+            acts.setdefault((o.source, o.source_index), spec)
+        elif o.param is not None:
+            params.setdefault(o.param, spec)
+    return acts, params
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _is_dtensor(x) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(x, DTensor)
+
+
+def _ndim(spec: str) -> int:
+    from autopar.sharding import parse_spec
+    return len(parse_spec(spec))
+
+
+def _flat(x) -> list:
+    if isinstance(x, (tuple, list)):
+        return [y for v in x for y in _flat(v)]
+    if isinstance(x, dict):
+        return [y for v in x.values() for y in _flat(v)]
+    return [x]
+
+
+def _map(x, f):
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map(v, f) for v in x)
+    if isinstance(x, dict):
+        return {k: _map(v, f) for k, v in x.items()}
+    return f(x)
+
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for d in reversed(tuple(shape)):
+        stride.append(acc)
+        acc *= int(d)
+    return tuple(reversed(stride))
