@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cluster", default="dgx-h100")
     ap.add_argument("--microbatches", default="1,2,4,8")
     ap.add_argument("--steps", type=int, default=6, help="per plan; the first is warm-up")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only to try the script with a tiny model")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
 
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
             path = Path(tmp) / "plan.json"
             path.write_text(plan_json(a.model, a.cluster, mb))
             try:
-                r = run_plan(str(path), steps=a.steps, device="cuda", check=True, timeout_s=600)
+                r = run_plan(str(path), steps=a.steps, device=a.device, check=True, timeout_s=600)
             except Exception as e:  # noqa: BLE001 - an OOM at a large microbatch ends that row only
                 doc["rows"].append({"microbatch": mb, "error": f"{type(e).__name__}: {str(e)[-2000:]}"})
                 out_path.write_text(json.dumps(doc, indent=1))

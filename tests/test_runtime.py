@@ -91,6 +91,22 @@ def test_dp4_zero3_matches_one_process(tmp_path):
     assert out["param_specs"][0]["blocks.0.mlp.fc1.weight"] == "S0R"
 
 
+def test_pp4_one_device_stages_match_one_process(tmp_path):
+    # one device per stage: plain tensors (no mesh) passed between four stages
+    plan = plan_3d(1, 1, 4, 2)
+    assert [len(s.device_ids) for s in plan.stages] == [1, 1, 1, 1]
+    out = run_plan(write(plan, tmp_path), steps=2, check=True)
+    assert_matches(out)
+
+
+def test_one_device_plan_matches_one_process(tmp_path):
+    cl = load_cluster("p3.16xlarge", 1, 1)
+    plan = build_3d(ModelSource(M), cl, 8, Config3D(1, 1, 1, 4))
+    out = run_plan(write(plan, tmp_path), steps=2, check=True, optimizer="sgd", lr=0.1)
+    assert_matches(out)
+    assert out["max_abs_param_diff"] < TOL
+
+
 def test_auto_plan_matches_one_process(tmp_path):
     import autopar
     plan = autopar.plan(M, "p3.16xlarge", nodes=1, gpus_per_node=4, global_batch=8)
@@ -109,9 +125,13 @@ def test_cli_json_reports_measured_and_predicted(tmp_path):
     assert "max_abs_grad_diff" not in out
 
 
-# -- every strategy the intra-op ILP can choose -------------------------------------------------
+# -- every strategy the intra-op ILP can choose (1 forward/backward per plan) ------------------
 
-def sweep_plans(mesh: tuple[int, int], layers: int = 1) -> list[str]:
+LLAMA = "llama:hidden=64,layers=1,heads=4,kv_heads=2,seq=32,vocab=128"
+MOE = "moe:hidden=64,layers=2,heads=4,seq=32,vocab=128,experts=4"
+
+
+def sweep_plans(model: str, mesh: tuple[int, int]) -> list[str]:
     """One-stage plans on `mesh` that together give every decision op each of its strategies:
     plan k gives op i its ((k + i) mod n_i)-th strategy."""
     from autopar.cost import ComputeModel
@@ -119,7 +139,6 @@ def sweep_plans(mesh: tuple[int, int], layers: int = 1) -> list[str]:
     from autopar.evaluator import evaluate, stage_nodes
     from autopar.intra import StageProblem
     from autopar.sharding import Mesh
-    model = M.replace("layers=4", f"layers={layers}")
     cl = load_cluster("p3.16xlarge", 1, 4)
     base = build_3d(ModelSource(model), cl, 8, Config3D(mesh[0], mesh[1], 1, 8 // (2 * mesh[0])))
     g = graphs.load(model, batch=base.training["microbatch_size"])
@@ -137,12 +156,23 @@ def sweep_plans(mesh: tuple[int, int], layers: int = 1) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("mesh", [(2, 2), (1, 4), (4, 1)])
-def test_every_strategy_runs_and_matches(mesh):
+def check_sweep(model: str, mesh: tuple[int, int]) -> None:
     from autopar.runtime.launch import check_plans
-    results = check_plans(sweep_plans(mesh))
+    results = check_plans(sweep_plans(model, mesh))
     bad = [r for r in results if r["max_abs_loss_diff"] >= TOL or r["max_abs_grad_diff"] >= TOL]
     assert not bad, bad
+    assert all(r["n_grads_compared"] == len(graphs.zoo.build_module(model).state_dict()) for r in results)
+
+
+@pytest.mark.parametrize("mesh", [(2, 2), (1, 4), (4, 1)])
+def test_every_gpt_strategy_runs_and_matches(mesh):
+    check_sweep(M.replace("layers=4", "layers=1"), mesh)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [LLAMA, MOE], ids=["llama-gqa", "moe"])
+def test_every_llama_and_moe_strategy_runs_and_matches(model):
+    check_sweep(model, (2, 2))
 
 
 # -- bad input: exit code 2 before any process starts ------------------------------------------

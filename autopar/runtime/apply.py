@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.fx as fx
 import torch.nn as nn
 
 from graphs.ir import INPUT, OpGraph
@@ -158,6 +157,8 @@ class ParallelModel:
         ops = {o["name"]: o for o in self.stage.ops}
         params = {name: self._distribute(name, model, ops, ir, my, param_of, canon)
                   for name in sorted(stage_params[self.stage_index])}
+        if self.mesh is None:
+            _move_state(model, my, self.device)
         self.boundary_in = self._boundary_specs(self.stage_index - 1, prog) if self.stage_index > 0 else {}
         self.boundary_out = self._boundary_specs(self.stage_index, prog) if self.stage_index < self.n_stages - 1 else {}
         bdtype = {n.name: prog.values[n].dtype for n in my.outputs if isinstance(prog.values.get(n), torch.Tensor)}
@@ -177,9 +178,14 @@ class ParallelModel:
         return DeviceMesh(self.device.type, torch.tensor(ranks).view(*s.logical_mesh))
 
     def _distribute(self, name, model, ops, ir, prog, param_of, canon) -> nn.Parameter:
-        full = dict(model.named_parameters())[name].detach().to(self.device)
         if self.mesh is None:
-            return nn.Parameter(full)
+            # One device: the stage runs the model's own modules, so it trains the model's own
+            # parameters (moved to the device if they are elsewhere).
+            p = dict(model.named_parameters())[name]
+            if p.device != self.device:
+                p.data = p.data.to(self.device)
+            return p
+        full = dict(model.named_parameters())[name].detach().to(self.device)
         from torch.distributed.tensor import DTensor
         spec = _storage_spec(name, prog, ops, ir, full.dim())
         pl = placements(spec, full.dim())
@@ -411,6 +417,23 @@ def _params_of(prog, model, canon, param_of) -> set[str]:
             mod = model.get_submodule(n.target)
             names.update(canon[id(p)] for p in mod.parameters())
     return names
+
+
+def _move_state(model: nn.Module, prog, device: torch.device) -> None:
+    """Buffers and constant attributes the stage reads, on its device (parameters are moved by
+    _distribute)."""
+    for n in prog.nodes:
+        if n.op == "call_module":
+            for mod in model.get_submodule(n.target).modules():
+                for key, b in mod.named_buffers(recurse=False):
+                    if b is not None and b.device != device:
+                        setattr(mod, key, b.to(device))
+        elif n.op == "get_attr":
+            owner, _, attr = n.target.rpartition(".")
+            mod = model.get_submodule(owner) if owner else model
+            v = getattr(mod, attr)
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and v.device != device:
+                setattr(mod, attr, v.to(device))
 
 
 def _storage_spec(name: str, prog, ops: dict, ir: OpGraph, ndim: int) -> str:

@@ -180,14 +180,14 @@ def _spawned(index: int, world: int, cfg: RunConfig, body=None) -> None:
     if world > 1:
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", rank=index, world_size=world,
                                 timeout=datetime.timedelta(seconds=cfg.timeout_s))
-    try:
-        res = body(index, world, _device_index(cfg, index), cfg)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    # On failure the process group is left as is: tearing it down under a peer's pending
+    # collective can abort the process before its traceback is recorded.
+    res = body(index, world, _device_index(cfg, index), cfg)
     if res is not None:
-        import torch as _t
-        _t.save(res, cfg.result_path)
+        torch.save(res, cfg.result_path)
+    if world > 1:
+        dist.barrier()                 # nobody tears down while a peer still sends to it
+        dist.destroy_process_group()
 
 
 def _device_index(cfg: RunConfig, rank: int) -> int:
@@ -468,12 +468,11 @@ def _run_torchrun(a) -> int:
     cfg = RunConfig(plan.to_json(), a.steps, a.device, a.check, a.optimizer, a.lr, a.seed, a.timeout_s, prec)
     dist.init_process_group("nccl" if a.device == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=a.timeout_s))
-    try:
-        res = _rank_body(rank, world, local, cfg)
-    finally:
-        dist.destroy_process_group()
+    res = _rank_body(rank, world, local, cfg)
+    dist.barrier()
+    dist.destroy_process_group()
     if rank == 0:
-        _report(summarize(plan, cfg, res, reference(cfg) if a.check else None, n), a.json, a.tol)
+        return _report(summarize(plan, cfg, res, reference(cfg) if a.check else None, n), a.json, a.tol)
     return 0
 
 

@@ -23,14 +23,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from graphs.ir import ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, OUTPUT, OpGraph
+from graphs.ir import ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, MATMUL, NORM, OUTPUT, VIEW, OpGraph
+
+from graphs.lower import PARAM_FOLDABLE   # numel-keeping views of a weight the IR folds into its use
 
 from .layout import placements
-
-# Views of one parameter that keep its numel: the IR folds them into the consumer's parameter
-# operand (graphs/lower.py PARAM_FOLDABLE), so the consumer's spec for that operand is keyed by
-# the parameter's name.
-from graphs.lower import PARAM_FOLDABLE
 
 
 class NotAppliableError(NotImplementedError):
@@ -170,10 +167,33 @@ class StageModule(nn.Module):
                                if name in ir and ir.node(name).kind not in (INPUT, OUTPUT)}
         self._segments = self._plan_segments()
         self._fallbacks: set[str] = set()
+        # Drop each value after its last use in the stage, as eager PyTorch does: holding every
+        # intermediate to the end of the forward (logits, casts) raised a 1-GPU gpt-1.3b peak by GiBs.
+        keep = set(prog.outputs)
+        pos = {n: i for i, n in enumerate(prog.nodes)}
+        self._free_after: dict[int, list[fx.Node]] = {}
+        last: dict[fx.Node, int] = {}
+        for n in prog.nodes:
+            for a in n.all_input_nodes:
+                last[a] = pos[n]
+        for a, i in last.items():
+            if a not in keep:
+                self._free_after.setdefault(i, []).append(a)
+        # On one device with nothing to recompute the stage is plain PyTorch: run it as fx's
+        # generated code instead of interpreting node by node (the interpreter's Python cost
+        # showed at small batches on an H100).
+        self._compiled = _compile(prog, root) if mesh is None and recompute == "none" else None
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         prog = self.prog
+        if self._compiled is not None:
+            data = args if prog.index == 0 else [kwargs[n.target] for n in prog.data]
+            out = self._compiled(*(args if prog.index else ()), *data)
+            if prog.is_last:
+                return self._loss(out)
+            outs = tuple(self._send(n, v) for n, v in zip(prog.outputs, out))
+            return outs[0] if len(outs) == 1 else outs
         env: dict[fx.Node, Any] = {}
         if prog.index == 0:
             if len(args) != len(prog.data):
@@ -188,22 +208,35 @@ class StageModule(nn.Module):
             feed = {n: kwargs[n.target] for n in prog.data}
         for n, t in feed.items():
             env[n] = self._data(n, t)
-        for seg in self._segments:
-            if seg[0] == "ckpt":
-                self._run_checkpointed(seg[1], env)
+        i = 0
+        for kind, nodes in self._segments:
+            if kind == "ckpt":
+                self._run_checkpointed(nodes, env)
             else:
-                for n in seg[1]:
+                for n in nodes:
                     env[n] = self._run(n, env)
+                    self._free(i, env)
+                    i += 1
+                continue
+            for _ in nodes:
+                self._free(i, env)
+                i += 1
         if prog.is_last:
-            loss = env[prog.outputs[0]]
-            if self.mesh is not None and _is_dtensor(loss):
-                loss = _redistribute(loss, self.mesh, placements("scalar", 0)).to_local()
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise NotAppliableError("the model's forward must return a scalar loss (zoo models do when "
-                                        "given targets)")
-            return loss.reshape(1)
+            return self._loss(env[prog.outputs[0]])
         outs = tuple(self._send(n, env[n]) for n in prog.outputs)
         return outs[0] if len(outs) == 1 else outs
+
+    def _free(self, i: int, env) -> None:
+        for a in self._free_after.get(i, ()):
+            env.pop(a, None)
+
+    def _loss(self, loss):
+        if self.mesh is not None and _is_dtensor(loss):
+            loss = _redistribute(loss, self.mesh, placements("scalar", 0)).to_local()
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise NotAppliableError("the model's forward must return a scalar loss (zoo models do when "
+                                    "given targets)")
+        return loss.reshape(1)
 
     # -- boundaries ---------------------------------------------------------------------------
     def _data(self, n: fx.Node, t: torch.Tensor):
@@ -250,17 +283,39 @@ class StageModule(nn.Module):
         act_specs, param_specs = self._operand_specs[n.name]
         args = fx.node.map_arg(n.args, lambda a: self._operand(a, env, act_specs, param_specs))
         kwargs = fx.node.map_arg(n.kwargs, lambda a: self._operand(a, env, act_specs, param_specs))
-        try:
-            if self.ir.node(n.name).kind == EMBEDDING and self._vocab_split(n, param_specs):
-                out = self._vocab_parallel_embedding(n, args, kwargs, param_specs)
-            elif n.op == "call_module":
-                out = self._call_module(n, args, kwargs, param_specs)
-            else:
-                out = self._call(n, args, kwargs)
-        except NotImplementedError as e:
-            if "sharding strategy" not in str(e) and "sharding propagation" not in str(e):
-                raise
-            out = self._local_fallback(n, args, kwargs, op, e)
+        ir_node = self.ir.node(n.name)
+        if ir_node.kind == NORM:
+            # A norm over a split dim: gather that dim (DTensor's rms_norm cannot run on it, its
+            # decomposition adds eps in place to a partial mean). The cost model charges an
+            # all-reduce of the row statistics instead, which is less traffic.
+            k = int(ir_node.attrs.get("normalized_ndim", 1))
+            args, kwargs = _map(args, lambda x: _gather_trailing(x, k, self.mesh)), \
+                _map(kwargs, lambda x: _gather_trailing(x, k, self.mesh))
+            param_specs = {o.param: "R" * len(o.shape) for o in ir_node.operands if o.param}
+        elif ir_node.kind == VIEW and op.get("in_specs") and op["in_specs"][0]:
+            # A reshape that cannot keep a split (the plan's out_spec drops that mesh axis): gather
+            # over that axis first, as the cost model charges. DTensor's own view rule gets some of
+            # these wrong (e.g. [b, s, 32] split 4 ways viewed as [b, s, 2, 16]).
+            from autopar.sharding import parse_spec, used_mask
+            dropped = used_mask(parse_spec(op["in_specs"][0])) & ~used_mask(parse_spec(op["out_spec"]))
+            if dropped:
+                args = _map(args, lambda x: _replicate_axes(x, dropped, self.mesh))
+        out = self._local_matmul(n, ir_node, args, kwargs, param_specs) if ir_node.kind == MATMUL else None
+        if out is None and ir_node.kind == EMBEDDING and self._vocab_split(n, param_specs):
+            out = self._vocab_parallel_embedding(n, args, kwargs, param_specs)
+        if out is None:
+            try:
+                out = (self._call_module(n, args, kwargs, param_specs) if n.op == "call_module"
+                       else self._call(n, args, kwargs))
+            except NotImplementedError as e:
+                if "sharding strategy" not in str(e) and "sharding propagation" not in str(e):
+                    raise
+                out = self._local_fallback(n, args, kwargs, op, e)
+        strided = _strided_axes(out)
+        if strided and ir_node.kind == VIEW:
+            # DTensor keeps a split of an inner dim through a merge as a "strided" shard, whose
+            # backward view it then cannot undo: gather those axes and view again.
+            out = self._call(n, _map(args, lambda x: _replicate_axes(x, strided, self.mesh)), kwargs)
         return self._to_spec(out, op["out_spec"])
 
     def _call(self, n, args, kwargs):
@@ -316,6 +371,99 @@ class StageModule(nn.Module):
             return type(out)(self._to_spec(x, spec) if _is_dtensor(x) and (spec == "scalar") == (x.dim() == 0)
                              and (spec == "scalar" or _ndim(spec) == x.dim()) else x for x in out)
         return out
+
+    # -- matmuls as the strategy says ------------------------------------------------------------
+    def _local_matmul(self, n, ir_node, args, kwargs, param_specs):
+        """A matmul-like op computed shard by shard, exactly as its strategy reads: mesh axis k
+        splits one index letter in every operand that has it; each device multiplies its shards;
+        the result is split where the letter is an output letter and a partial sum where it is
+        contracted. (DTensor's own einsum reshapes through "strided" shards whose backward it
+        cannot run, e.g. an MoE combine with the experts split over both axes.) None when the op
+        is not one of linear / matmul / bmm / einsum in a form read here."""
+        import torch.nn.functional as F
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+        eq = ir_node.attrs.get("equation")
+        kind = ir_node.op
+        bias = None
+        if not eq or kind not in ("linear", "matmul", "bmm", "einsum"):
+            return None
+        if kind == "linear":
+            if n.op == "call_module":
+                mod = _fetch(self.root, n.target)
+                ws = []
+                for t in (mod.weight, mod.bias):
+                    if t is None:
+                        ws.append(None)
+                        continue
+                    name = self.canon[id(t)]
+                    v, spec = self.param_by_name[name], param_specs.get(name)
+                    ws.append(_redistribute(v, self.mesh, placements(spec, v.dim())) if spec else v)
+                operands, bias = [args[0], ws[0]], ws[1]
+            else:
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                operands = [args[0], args[1] if len(args) > 1 else kwargs.get("weight")]
+        elif kind == "einsum":
+            rest = args[1:]
+            operands = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+        else:
+            operands = list(args[:2])
+        if not all(isinstance(x, DTensor) for x in operands) or (bias is not None and not isinstance(bias, DTensor)):
+            return None
+        ins, out = eq.split("->")
+        terms = ins.split(",")
+        if len(terms) != len(operands) or any(len(t) != x.dim() for t, x in zip(terms, operands)):
+            return None
+        axis_letter: dict[int, str] = {}
+        for t, x in zip(terms, operands):
+            for k, p in enumerate(x.placements):
+                if p.is_shard():
+                    if axis_letter.setdefault(k, t[p.dim]) != t[p.dim]:
+                        return None
+                elif not p.is_replicate():
+                    return None
+        for t, x in zip(terms, operands):             # a split letter must be split in every operand
+            for k, c in axis_letter.items():
+                if c in t and not (x.placements[k].is_shard() and t[x.placements[k].dim] == c):
+                    return None
+        out_pl, partial_axes = [], []
+        for k in range(self.mesh.ndim):
+            c = axis_letter.get(k)
+            if c is None:
+                out_pl.append(Replicate())
+            elif c in out:
+                out_pl.append(Shard(out.index(c)))
+            else:
+                out_pl.append(Partial())
+                partial_axes.append(k)
+        if bias is not None and any(not p.is_replicate() and not (p.is_shard() and out[-1] == axis_letter.get(k))
+                                    for k, p in enumerate(bias.placements)):
+            return None
+
+        def local(x):
+            # each device's part of this operand's gradient: a partial sum over the axes that
+            # split letters it does not have
+            g = [p if p.is_shard() else (Partial() if k in axis_letter else Replicate())
+                 for k, p in enumerate(x.placements)]
+            return x.to_local(grad_placements=g)
+
+        ls = [local(x) for x in operands]
+        if kind == "linear":
+            y = F.linear(ls[0], ls[1])
+        elif kind == "einsum":
+            y = torch.einsum(args[0], *ls)
+        elif kind == "bmm":
+            y = torch.bmm(ls[0], ls[1])
+        else:
+            y = torch.matmul(ls[0], ls[1])
+        if bias is not None:
+            lb = local(bias)
+            if partial_axes:              # add the bias once across the partial-sum axes
+                coord = self.mesh.get_coordinate()
+                lb = lb * float(all(coord[k] == 0 for k in partial_axes))
+            y = y + lb
+        shape = self.values[n].shape
+        return DTensor.from_local(y, self.mesh, out_pl, run_check=False, shape=shape,
+                                  stride=_contiguous_stride(shape))
 
     # -- embedding with the vocabulary split ----------------------------------------------------
     def _embedding_operands(self, n, args, kwargs, param_specs):
@@ -387,8 +535,11 @@ class StageModule(nn.Module):
         specs = {tuple(x.placements) for x in dts}
         ok = False
         if ir_node.kind == ATTENTION:
+            # q, k, v split alike over batch and heads; with grouped-query attention k/v have fewer
+            # heads, and splitting both head dims into the same number of blocks keeps each query
+            # head's k/v head on its device.
             ok = all(x.dim() == 4 and all(not p.is_shard() or p.dim in (0, 1) for p in x.placements)
-                     for x in dts) and len(specs) == 1 and len({tuple(x.shape[:2]) for x in dts}) == 1
+                     for x in dts) and len(specs) == 1 and len({x.shape[0] for x in dts}) == 1
         elif ir_node.kind == ELEMENTWISE:
             ok = len(specs) == 1 and len({tuple(x.shape) for x in dts}) == 1
         if not ok:
@@ -441,8 +592,11 @@ class StageModule(nn.Module):
         outs = set(self.prog.outputs)
         later = [n for n in nodes if n in outs or any(u not in inside for u in n.users)]
 
+        # what the segment reads, taken now: the recomputation runs after env has dropped it
+        inputs = {a: env[a] for n in nodes for a in n.all_input_nodes if a not in inside}
+
         def seg():
-            local = dict(env)
+            local = dict(inputs)
             for n in nodes:
                 local[n] = self._run(n, local)
             return tuple(local[n] for n in later)
@@ -450,6 +604,33 @@ class StageModule(nn.Module):
         outs = checkpoint(seg, use_reentrant=False)
         for n, v in zip(later, outs):
             env[n] = v
+
+
+def _strided_axes(out) -> int:
+    """Mask of the mesh axes on which a DTensor result (or any in a tuple) is a strided shard."""
+    mask = 0
+    for x in _flat(out) if isinstance(out, (tuple, list)) else [out]:
+        if _is_dtensor(x):
+            for k, p in enumerate(x.placements):
+                if type(p).__name__ == "_StridedShard":
+                    mask |= 1 << k
+    return mask
+
+
+def _replicate_axes(x, mask: int, mesh):
+    """x replicated over the mesh axes in `mask` (bit k: axis k)."""
+    if not _is_dtensor(x):
+        return x
+    pl = tuple(placements(None, 0)[0] if mask & (1 << k) and p.is_shard() else p for k, p in enumerate(x.placements))
+    return _redistribute(x, mesh, pl)
+
+
+def _gather_trailing(x, k: int, mesh):
+    """x with its last k dims whole (other splits kept)."""
+    if not _is_dtensor(x) or x.dim() == 0:
+        return x
+    pl = tuple(placements(None, 0)[0] if p.is_shard() and p.dim >= x.dim() - k else p for p in x.placements)
+    return _redistribute(x, mesh, pl)
 
 
 def _redistribute(v, mesh, pl):
@@ -476,6 +657,24 @@ class _ContiguousGrad(torch.autograd.Function):
             return DTensor.from_local(g.to_local().contiguous(), g.device_mesh, g.placements, run_check=False,
                                       shape=g.shape, stride=_contiguous_stride(g.shape))
         return g.contiguous()
+
+
+def _compile(prog: StageProgram, root: nn.Module) -> fx.GraphModule:
+    """The stage as a GraphModule over `root`'s own modules and weights: positional inputs are the
+    received tensors, then the graph inputs the stage reads; it returns the tuple of tensors to
+    send, or the loss."""
+    g = fx.Graph()
+    remap: dict[fx.Node, fx.Node] = {}
+    for n in list(prog.inputs) + list(prog.data):
+        remap[n] = g.placeholder(n.name)
+    for n in prog.nodes:
+        if n.op == "output":
+            remap[n] = fx.node.map_arg(n.args[0], remap.__getitem__)
+            continue
+        remap[n] = g.node_copy(n, remap.__getitem__)
+    outs = prog.outputs
+    g.output(remap[outs[0]] if outs[0].op == "output" else tuple(remap[n] for n in outs))
+    return fx.GraphModule(root, g)
 
 
 def _operand_specs(ir: OpGraph, name: str, op: dict):
