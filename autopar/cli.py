@@ -341,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `run` and `profile` own their options (argparse's REMAINDER would reject `run --help`
+    # or an option before the plan file), so they get the rest of the line untouched.
+    if argv and argv[0] in ("run", "profile"):
+        try:
+            if argv[0] == "run":
+                from .runtime.launch import main as sub_main
+            else:
+                from .profile import main as sub_main
+            return sub_main(argv[1:]) or 0
+        except (ValueError, FileExistsError, FileNotFoundError) as e:
+            print(f"autopar: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0
