@@ -676,10 +676,6 @@ class _Progress:
             self.p.start()
             self.task = self.p.add_task("planning", total=n_batches)
 
-    def advance_mesh(self, sub):
-        if self.p:
-            self.p.update(self.task, description=f"stage tables, submesh {sub}")
-
     def advance_batch(self):
         if self.p:
             self.p.advance(self.task)

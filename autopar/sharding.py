@@ -99,13 +99,6 @@ def shard_factor(spec: Spec, mesh: Mesh) -> int:
     return f
 
 
-def local_numel(shape: tuple[int, ...], spec: Spec, mesh: Mesh) -> float:
-    n = 1.0
-    for d in shape:
-        n *= d
-    return n / shard_factor(spec, mesh) if spec else n
-
-
 def reshard_s(shape: tuple[int, ...], elem_bytes: int, src: Spec, dst: Spec, mesh: Mesh) -> float:
     """Time to convert a tensor from layout `src` to `dst` (forward direction only).
 
