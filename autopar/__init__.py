@@ -6,11 +6,13 @@
     autopar.compare("gpt-39b", "p3.16xlarge")         # auto vs dp / zero / tp / pp / 3d
 """
 
-from .cluster import PRESETS, Cluster, ClusterError, load_cluster
+from autopar.compare import compare
+from autopar.evaluation.evaluator import evaluate
+from autopar.hardware.presets import PRESETS, load_cluster
+from autopar.hardware.specs import Cluster, ClusterError
+from autopar.search.planner import plan
+
 from .plan import Plan, PlanError, StagePlan
-from .evaluator import evaluate
-from .planner import plan
-from .compare import compare
 
 __all__ = ["plan", "compare", "evaluate", "Plan", "StagePlan", "PlanError", "Cluster", "ClusterError",
            "load_cluster", "PRESETS"]

@@ -47,9 +47,10 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .baselines import Config3D, build_3d
-    from .cluster import load_cluster
-    from .evaluator import memory_report
+    from autopar.evaluation.baselines import Config3D, build_3d
+    from autopar.evaluation.evaluator import memory_report
+    from autopar.hardware.presets import load_cluster
+
     from .model import ModelSource
     from .report import plan_summary
     cl = load_cluster(a.cluster, a.nodes, a.gpus_per_node)
@@ -69,13 +70,14 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_shard(a) -> int:
-    from .cluster import Submesh, load_cluster
-    from .cost import ComputeModel
-    from .evaluator import main_boundary
-    from .intra import Settings, StageProblem
-    from .report import fmt_s, gib
-    from .sharding import Mesh
     import graphs
+    from autopar.costmodel.compute import ComputeModel
+    from autopar.hardware.mesh import Mesh, Submesh
+    from autopar.hardware.presets import load_cluster
+    from autopar.sharding.stage_problem import Settings, StageProblem
+    from graphs.query import main_boundary
+
+    from .report import fmt_s, gib
     cl = load_cluster(a.cluster, a.nodes, a.gpus_per_node)
     try:
         d0, d1 = (int(x) for x in a.mesh.lower().split("x"))
@@ -120,7 +122,7 @@ def cmd_shard(a) -> int:
         choice, status = res.choice, res.status
         ilp = {"ilps": 1, "variables_before": res.n_variables_before, "variables": res.n_variables}
     else:
-        from .planner import solve_stage
+        from autopar.search.planner import solve_stage
         sol = solve_stage(g, (i, j), mesh, cm, settings, time_limit_s=a.time_limit)
         src = main_boundary(g, names)
         bspec = {src: sol.input_spec} if src else None
@@ -157,7 +159,8 @@ def cmd_shard(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    from .planner import plan
+    from autopar.search.planner import plan
+
     from .report import plan_summary
     mb = a.microbatches if a.microbatches == "auto" else int(a.microbatches)
     if a.output and Path(a.output).exists() and not a.force:
@@ -191,7 +194,8 @@ def cmd_show(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from .compare import STRATEGIES, compare, summarize_rows, why_winner
+    from autopar.compare import STRATEGIES, compare, summarize_rows, why_winner
+
     from .report import compare_plot, gib
     strategies = [s.strip() for s in a.strategies.split(",")] if a.strategies else list(STRATEGIES)
     for path in (a.json, a.plot, a.csv):
@@ -246,7 +250,7 @@ def cmd_compare(a) -> int:
 
 
 def cmd_profile(a) -> int:
-    from .profile import main as profile_main
+    from autopar.profiling.gpu import main as profile_main
     return profile_main(a.rest)
 
 
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             if argv[0] == "run":
                 from .runtime.launch import main as sub_main
             else:
-                from .profile import main as sub_main
+                from autopar.profiling.gpu import main as sub_main
             return sub_main(argv[1:]) or 0
         except (ValueError, FileExistsError, FileNotFoundError) as e:
             print(f"autopar: error: {e}", file=sys.stderr)

@@ -11,11 +11,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .baselines import Config3D, build_3d
-from .cluster import Cluster, load_cluster
-from .model import ModelSource
-from .plan import Plan, PlanError
-from .planner import default_global_batch, plan as auto_plan
+from autopar.evaluation.baselines import Config3D, build_3d
+from autopar.hardware.presets import load_cluster
+from autopar.hardware.specs import Cluster
+from autopar.model import ModelSource
+from autopar.plan import Plan, PlanError
+from autopar.search.planner import default_global_batch
+from autopar.search.planner import plan as auto_plan
 
 STRATEGIES = ("dp", "zero1", "zero2", "zero3", "tp", "pp", "3d", "inter-only", "intra-only", "auto")
 

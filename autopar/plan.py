@@ -75,7 +75,7 @@ class Plan:
         return text
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
         validate(d)
         stages = [StagePlan(index=s["index"], layers=tuple(s["layers"]), layer_names=list(s["layer_names"]),
                             submesh=tuple(s["submesh"]), device_ids=list(s["device_ids"]),
@@ -88,7 +88,7 @@ class Plan:
                    d.get("predicted", {}), d.get("search", {}))
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "Plan":
+    def from_json(cls, text_or_path: str | Path) -> Plan:
         p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
         if p is not None:
             if not p.exists():

@@ -67,7 +67,7 @@ def _plt():
 def gantt(plan: Plan, path: str | None = None, ax=None) -> None:
     """Draw the simulated pipeline schedule of a plan, one row per pipeline rank: to `path`,
     or onto a given matplotlib axis."""
-    from .pipeline import simulate
+    from autopar.evaluation.pipeline import simulate
     plt = _plt()
     tr = plan.training
     v = int(tr.get("virtual_stages", 1) or 1) if tr["schedule"] == "interleaved" else 1

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from autopar.cluster import load_cluster
 from autopar.compare import _factorizations, _grid
+from autopar.hardware.presets import load_cluster
 from autopar.model import ModelSource
-from autopar.planner import plan
+from autopar.search.planner import plan
 
 CASES = [("gpt-350m", "p3.16xlarge", 1, 1), ("gpt-760m", "p3.16xlarge", 1, 2), ("gpt-1.3b", "p3.16xlarge", 1, 4),
          ("gpt-2.6b", "p3.16xlarge", 1, 8), ("gpt-6.7b", "p3.16xlarge", 2, 8), ("gpt-15b", "p3.16xlarge", 4, 8),

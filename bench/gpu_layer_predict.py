@@ -25,11 +25,11 @@ def layer_problem(hidden: int, heads: int, seq: int, batch: int, cluster: str = 
                   dtype: str = "bf16", vocab: int = 256):
     """StageProblem of the block of a 1-layer zoo GPT on one GPU, and its single choice."""
     import graphs
-    from autopar.cluster import Submesh, load_cluster
-    from autopar.cost import ComputeModel
-    from autopar.evaluator import main_boundary
-    from autopar.intra import StageProblem
-    from autopar.sharding import Mesh
+    from autopar.costmodel.compute import ComputeModel
+    from autopar.hardware.mesh import Mesh, Submesh
+    from autopar.hardware.presets import load_cluster
+    from autopar.sharding.stage_problem import StageProblem
+    from graphs.query import main_boundary
 
     g = graphs.load(f"gpt:hidden={hidden},layers=1,heads={heads},seq={seq},vocab={vocab}",
                     batch=batch, dtype=dtype)

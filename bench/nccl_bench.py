@@ -1,4 +1,4 @@
-"""Collective benchmark: the raw timings `python -m autopar.commprofile fit` turns into a link's
+"""Collective benchmark: the raw timings `python -m autopar.profiling.comm fit` turns into a link's
 alpha-beta (issue 8).
 
 One process per GPU (backend nccl), or per CPU slot (``--backend gloo --device cpu``, for
@@ -14,7 +14,7 @@ in a plan, and each group measures
 * ``p2p``            every rank sends B bytes to its ring neighbour r+1 and receives B bytes
                      from r-1 at once (``batch_isend_irecv``);
 
-so that ``bytes`` means what the ``nbytes`` argument of ``autopar.cost``'s functions means
+so that ``bytes`` means what the ``nbytes`` argument of ``autopar.costmodel.collectives``'s functions means
 (the full tensor after an all-reduce / all-gather, the input of a reduce-scatter, the total
 over the group of an all-to-all, one message of a send).
 
@@ -40,7 +40,7 @@ Output (``schema: autopar.comm_raw/v1``)::
 Run (GPU):  torchrun --standalone --nproc-per-node 8 bench/nccl_bench.py --out raw.json
        or:  python bench/nccl_bench.py --nproc 8 --out raw.json      (spawns the 8 ranks)
 Run (CPU):  python bench/nccl_bench.py --backend gloo --device cpu --nproc 4 --out raw.json
-Then:       python -m autopar.commprofile fit raw.json --out autopar/profiles/comm_h200_nvlink.json
+Then:       python -m autopar.profiling.comm fit raw.json --out autopar/profiles/comm_h200_nvlink.json
 
 On the lent 8x H200 machine (device `run`, kind nvidia-h200-x8, no carry: the machine's
 python3 has torch; this script imports nothing of autopar), about 1-3 minutes:
@@ -241,6 +241,7 @@ def make_op(torch, dist, coll: str, nbytes: int, group, members: list[int], rank
 def worker(rank: int, world: int, local_rank: int, a: argparse.Namespace) -> None:
     assert_safe_env()
     import warnings
+
     import torch
     import torch.distributed as dist
     # torch >= 2.13 renames all_gather_into_tensor / reduce_scatter_tensor (*_single); the old

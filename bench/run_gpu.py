@@ -25,8 +25,8 @@ from pathlib import Path
 
 
 def plan_json(model: str, cluster: str, mb: int) -> str:
-    from autopar.baselines import Config3D, build_3d
-    from autopar.cluster import load_cluster
+    from autopar.evaluation.baselines import Config3D, build_3d
+    from autopar.hardware.presets import load_cluster
     from autopar.model import ModelSource
     cl = load_cluster(cluster, 1, 1)
     return build_3d(ModelSource(model), cl, mb, Config3D(1, 1, 1, mb)).to_json()
@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     import torch
+
     from autopar.runtime.launch import run_plan
     out_path = Path(a.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
 import argparse
 
 import autopar
-from autopar.baselines import Config3D, build_3d
+from autopar.evaluation.baselines import Config3D, build_3d
 from autopar.model import ModelSource
 from autopar.report import plan_summary
 

@@ -8,9 +8,27 @@
 
 from . import zoo
 from .errors import GraphsError, SpecError, TraceError, UnknownModelError
-from .ir import (ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, KINDS, LOSS, MATMUL, NORM, OUTPUT,
-                 REDUCTION, SOFTMAX, UNKNOWN, VIEW, Layer, OpGraph, OpNode, Operand,
-                 dtype_bytes, numel)
+from .ir import (
+                 ATTENTION,
+                 ELEMENTWISE,
+                 EMBEDDING,
+                 INPUT,
+                 KINDS,
+                 LOSS,
+                 MATMUL,
+                 NORM,
+                 OUTPUT,
+                 REDUCTION,
+                 SOFTMAX,
+                 UNKNOWN,
+                 VIEW,
+                 Layer,
+                 Operand,
+                 OpGraph,
+                 OpNode,
+                 dtype_bytes,
+                 numel,
+)
 from .layers import assign_layers, structural_hash
 from .load import load
 from .summary import summarize

@@ -23,8 +23,22 @@ sharded shapes. Conventions (also in DESIGN §3):
 
 from __future__ import annotations
 
-from .ir import (ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, LOSS, MATMUL, NORM, OUTPUT,
-                 REDUCTION, SOFTMAX, UNKNOWN, VIEW, OpNode, numel)
+from .ir import (
+    ATTENTION,
+    ELEMENTWISE,
+    EMBEDDING,
+    INPUT,
+    LOSS,
+    MATMUL,
+    NORM,
+    OUTPUT,
+    REDUCTION,
+    SOFTMAX,
+    UNKNOWN,
+    VIEW,
+    OpNode,
+    numel,
+)
 
 BWD_FACTOR = {ATTENTION: 2.5, NORM: 2.0, ELEMENTWISE: 1.0, SOFTMAX: 1.0, REDUCTION: 1.0,
               LOSS: 1.0, UNKNOWN: 1.0}

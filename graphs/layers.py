@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import warnings
 
 import numpy as np
+
+from solvers.clustering import cluster_ops
 
 from .ir import Layer, OpGraph, OpNode
 
@@ -115,32 +116,12 @@ def _cluster_groups(graph: OpGraph, nodes: list[OpNode], n_layers: int) -> list[
     # a training step runs both passes, so clusters balance forward + backward FLOPs
     flops = np.array([n.fwd_flops + n.bwd_flops for n in nodes], dtype=float)
     cuts = cut_bytes(graph, nodes)
-    try:
-        from solvers.clustering import cluster_ops
-    except ImportError:
-        warnings.warn("solvers.clustering is not available; splitting ops into layers of "
-                      "equal FLOPs without looking at boundary tensors", stacklevel=3)
-        starts = _equal_flop_starts(flops, n_layers)
-    else:
-        starts = [int(i) for i in cluster_ops(flops, cuts, n_layers)]
-        if not starts or starts[0] != 0:
-            starts = [0] + starts
+    starts = [int(i) for i in cluster_ops(flops, cuts, n_layers)]
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
     bounds = list(starts) + [len(nodes)]
     return [nodes[bounds[i]:bounds[i + 1]] for i in range(len(starts))
             if bounds[i + 1] > bounds[i]]
-
-
-def _equal_flop_starts(flops: np.ndarray, n_layers: int) -> list[int]:
-    total = float(flops.sum())
-    if total <= 0:
-        return sorted(set(int(round(i * len(flops) / n_layers)) for i in range(n_layers)))
-    cum = np.cumsum(flops) - flops            # flops before op i
-    starts = [0]
-    for k in range(1, n_layers):
-        i = int(np.searchsorted(cum, total * k / n_layers))
-        if starts[-1] < i < len(flops):
-            starts.append(i)
-    return starts
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ import re
 
 import torch
 
+from . import zoo
 from .errors import GraphsError, SpecError, UnknownModelError
 from .ir import OpGraph
 from .trace import trace
-from . import zoo
 
 _FACTORY_RE = re.compile(r"^(?P<path>.+\.py):(?P<func>[A-Za-z_][A-Za-z0-9_]*)$")
 

@@ -26,8 +26,23 @@ import torch
 import torch.fx as fx
 
 from . import annotate
-from .ir import (ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, LOSS, MATMUL, NORM, OUTPUT,
-                 REDUCTION, SOFTMAX, UNKNOWN, VIEW, OpGraph, OpNode, Operand)
+from .ir import (
+    ATTENTION,
+    ELEMENTWISE,
+    EMBEDDING,
+    INPUT,
+    LOSS,
+    MATMUL,
+    NORM,
+    OUTPUT,
+    REDUCTION,
+    SOFTMAX,
+    UNKNOWN,
+    VIEW,
+    Operand,
+    OpGraph,
+    OpNode,
+)
 
 TORCH_DTYPE_NAMES = {
     torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16",

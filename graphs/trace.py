@@ -155,7 +155,7 @@ def export(module: torch.nn.Module, args: tuple, kwargs: dict) -> TracedProgram:
     return from_export(ep)
 
 
-def from_export(ep: "torch.export.ExportedProgram") -> TracedProgram:
+def from_export(ep: torch.export.ExportedProgram) -> TracedProgram:
     sig = ep.graph_signature
     to_param = dict(sig.inputs_to_parameters)
     const_names = set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)

@@ -1,2 +1,2 @@
-"""Pure algorithms over numbers for autopar: the intra-op sharding ILP, exact chain
-composition, the inter-op stage DP and operator clustering. numpy / networkx / pulp only."""
+"""Pure algorithms over numbers for autopar: the intra-op sharding ILP, the
+inter-op stage DP and operator clustering. numpy / networkx / pulp only."""

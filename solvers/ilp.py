@@ -41,8 +41,8 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -541,7 +541,7 @@ def _pulp():
     return pulp
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _silence_highs_banner() -> None:
     """HiGHS prints a copyright banner on stdout (fd 1, from C++) when the first Highs
     object of a process is made; that would corrupt a plan written to stdout. Make that

@@ -13,8 +13,7 @@ from __future__ import annotations
 import math
 
 from graphs.annotate import annotate
-from graphs.ir import (ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, LOSS, MATMUL, NORM, SOFTMAX, VIEW,
-                       OpGraph, OpNode, Operand)
+from graphs.ir import ELEMENTWISE, EMBEDDING, INPUT, LOSS, MATMUL, NORM, SOFTMAX, VIEW, Operand, OpGraph, OpNode
 from graphs.layers import assign_layers
 from graphs.lower import linear_equation, reshape_dim_groups
 

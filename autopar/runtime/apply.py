@@ -14,9 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from graphs.ir import INPUT, OpGraph
-
 from autopar.plan import Plan, PlanError
+from graphs.ir import INPUT, OpGraph
 
 from .layout import local_shape, placements
 from .program import NotAppliableError, StageModule, param_sources, partition
@@ -202,7 +201,7 @@ class ParallelModel:
         """Layout of each tensor stage k sends to stage k+1: the receiver's input_spec for the main
         boundary when both meshes have the same shape (local shards pair up by mesh position),
         else replicated."""
-        from autopar.evaluator import main_boundary
+        from graphs.query import main_boundary
         a, b = self.stages[k], self.stages[k + 1]
         nxt = [n for li in range(*b.layers) for n in self.ir.layers[li].nodes]
         main = main_boundary(self.ir, nxt)
@@ -450,7 +449,7 @@ def _storage_spec(name: str, prog, ops: dict, ir: OpGraph, ndim: int) -> str:
 
 
 def _ndim_ok(spec: str, ndim: int) -> bool:
-    from autopar.sharding import parse_spec
+    from autopar.sharding.spec import parse_spec
     return len(parse_spec(spec)) == ndim
 
 

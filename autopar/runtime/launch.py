@@ -57,6 +57,7 @@ def validate(plan, device: str, nproc: int | None) -> int:
     """The number of processes to start; LaunchError / PlanError / NotAppliableError otherwise."""
     import torch
     import torch.distributed as dist
+
     from .apply import check_plan_matches, zoo_inputs
     n = world_size(plan)
     if nproc is not None and nproc != n:
@@ -119,7 +120,9 @@ def _rank_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict |
     """Train cfg.steps steps as `rank`; returns the gathered results on rank 0, None elsewhere."""
     import torch
     import torch.distributed as dist
+
     from autopar.plan import Plan
+
     from .apply import apply, build_model, make_batch, rank_layout
 
     plan = Plan.from_json(cfg.plan_json)
@@ -195,7 +198,9 @@ def _device_index(cfg: RunConfig, rank: int) -> int:
     if cfg.device != "cuda":
         return 0
     import torch
+
     from autopar.plan import Plan
+
     from .apply import rank_layout
     return rank_layout(Plan.from_json(cfg.plan_json))[rank][2] % torch.cuda.device_count()
 
@@ -205,7 +210,9 @@ def _device_index(cfg: RunConfig, rank: int) -> int:
 
 def reference(cfg: RunConfig) -> dict:
     import torch
+
     from autopar.plan import Plan
+
     from .apply import build_model, make_batch
     plan = Plan.from_json(cfg.plan_json)
     device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")
@@ -258,7 +265,9 @@ def check_plans(plan_jsons: list[str], *, device: str = "cpu", seed: int = 0, ti
 def _check_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict | None:
     import torch
     import torch.distributed as dist
+
     from autopar.plan import Plan
+
     from .apply import apply, build_model, make_batch
     device = torch.device("cpu") if cfg.device == "cpu" else torch.device("cuda", local_rank)
     results = []
@@ -458,6 +467,7 @@ def _under_torchrun() -> bool:
 
 def _run_torchrun(a) -> int:
     import torch.distributed as dist
+
     from autopar.plan import Plan
     plan = Plan.from_json(a.plan)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])

@@ -8,7 +8,7 @@ major, which is DTensor's default order, so S01 needs no special case.
 
 from __future__ import annotations
 
-from autopar.sharding import parse_spec
+from autopar.sharding.spec import parse_spec
 
 
 def placements(spec: str | None, ndim: int, mesh_ndim: int = 2):
@@ -44,7 +44,7 @@ def local_shape(shape: tuple[int, ...], spec: str | None, mesh_shape: tuple[int,
 
 def spec_of(placements_, ndim: int) -> str:
     """The plan spec of DTensor placements (the inverse of `placements`; partial sums read as R)."""
-    from autopar.sharding import spec_str
+    from autopar.sharding.spec import spec_str
     masks = [0] * ndim
     for k, p in enumerate(placements_):
         if p.is_shard():

@@ -24,8 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphs.ir import ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, MATMUL, NORM, OUTPUT, VIEW, OpGraph
-
-from graphs.lower import PARAM_FOLDABLE   # numel-keeping views of a weight the IR folds into its use
+from graphs.lower import PARAM_FOLDABLE  # numel-keeping views of a weight the IR folds into its use
 
 from .layout import placements
 
@@ -296,7 +295,7 @@ class StageModule(nn.Module):
             # A reshape that cannot keep a split (the plan's out_spec drops that mesh axis): gather
             # over that axis first, as the cost model charges. DTensor's own view rule gets some of
             # these wrong (e.g. [b, s, 32] split 4 ways viewed as [b, s, 2, 16]).
-            from autopar.sharding import parse_spec, used_mask
+            from autopar.sharding.spec import parse_spec, used_mask
             dropped = used_mask(parse_spec(op["in_specs"][0])) & ~used_mask(parse_spec(op["out_spec"]))
             if dropped:
                 args = _map(args, lambda x: _replicate_axes(x, dropped, self.mesh))
@@ -489,7 +488,7 @@ class StageModule(nn.Module):
         return ids, w
 
     def _vocab_split(self, n, param_specs) -> bool:
-        from autopar.sharding import parse_spec
+        from autopar.sharding.spec import parse_spec
         w = self.ir.node(n.name).operands[1] if len(self.ir.node(n.name).operands) > 1 else None
         spec = param_specs.get(w.param) if w is not None and w.param else None
         return bool(spec) and parse_spec(spec)[0] != 0
@@ -702,7 +701,7 @@ def _is_dtensor(x) -> bool:
 
 
 def _ndim(spec: str) -> int:
-    from autopar.sharding import parse_spec
+    from autopar.sharding.spec import parse_spec
     return len(parse_spec(spec))
 
 

@@ -64,7 +64,7 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

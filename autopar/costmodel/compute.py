@@ -1,0 +1,172 @@
+"""Compute cost: a roofline per op with efficiencies from a measured GPU profile, or a
+documented default curve where none is shipped. Times in seconds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache, lru_cache
+
+import numpy as np
+
+from ..hardware.presets import GPUS
+from ..hardware.profiles import load_gpu_profile
+from ..hardware.specs import GPU
+
+
+@dataclass(frozen=True)
+class ComputeModel:
+    """Roofline per op: max(flops / (peak * eff), bytes / (hbm_bw * mem_eff)), plus the gap
+    between back-to-back kernels, and never less than the host's dispatch time of one op:
+    op_s = max(kernel_s + gap_s, launch_s). A GPU-bound stream runs ahead of the host, so a
+    long kernel pays only the gap (~1 us, CUDA-graph launch); a tiny one waits on dispatch.
+
+    With a measured profile, matmul efficiency comes from the nearest measured shapes (in
+    log2 space, inverse-distance weighted) and streaming bandwidth and launch overhead from the
+    measured kernels. Without one (V100, A100 here), efficiency follows a documented default
+    curve: eff = matmul_efficiency * prod_d (d / (d + 64)) over the GEMM's m, n, k — a large
+    GEMM reaches the published large-GEMM efficiency, a skinny one falls off as its smallest
+    dimension under-fills the tensor-core tiles.
+    """
+
+    gpu: GPU
+    dtype: str = "bf16"
+
+    @property
+    def profile(self) -> dict | None:
+        return load_gpu_profile(self.gpu.profile) if self.gpu.profile else None
+
+    @property
+    def launch_s(self) -> float:
+        p = self.profile
+        return float(p["launch_overhead_s"]) if p and "launch_overhead_s" in p else 5e-6
+
+    @property
+    def gap_s(self) -> float:
+        """Kernel-to-kernel gap on a busy stream (the profile's launch inside a CUDA graph)."""
+        p = self.profile
+        g = (p or {}).get("meta", {}).get("launch_in_graph_s") if p else None
+        return float(g) if g is not None else 1e-6
+
+    def op_s(self, kernel_s: float) -> float:
+        """Time of one launched op whose kernel runs `kernel_s` (see the class doc)."""
+        return max(kernel_s + self.gap_s, self.launch_s)
+
+    @property
+    def stream_bytes_per_s(self) -> float:
+        """HBM bandwidth of a large streaming kernel. Measured from the out-of-place `add`
+        rows (read two tensors, write one, as the graph's elementwise ops do): `copy`
+        (Tensor.copy_) falls from ~3.0 to ~2.4 TB/s at 1 GiB and above on H100 (2.7 of 4.4 on
+        H200) while `add` holds the HBM ceiling, so `copy` rows are used only without `add`."""
+        p = self.profile
+        if p and p.get("memory_bound"):
+            for kernel in ("add", "copy"):
+                big = [r["gbps"] for r in p["memory_bound"] if r["kernel"] == kernel and r["bytes"] >= 2**28]
+                if big:
+                    return float(np.median(big)) * 1e9
+        return self.gpu.hbm_bytes_per_s * self.gpu.memory_efficiency
+
+    def matmul_efficiency(self, m: int, n: int, k: int) -> float:
+        return _matmul_eff(self.gpu, self.dtype, int(m), int(n), int(k))
+
+    def matmul_s(self, m: int, n: int, k: int, batch: int = 1, nbytes: float = 0.0) -> float:
+        if m <= 0 or n <= 0 or k <= 0:
+            return 0.0
+        flops = 2.0 * batch * m * n * k
+        eff = self.matmul_efficiency(m * batch, n, k) if batch > 1 else self.matmul_efficiency(m, n, k)
+        t = flops / (self.gpu.peak(self.dtype) * eff)
+        return self.op_s(max(t, nbytes / self.stream_bytes_per_s))
+
+    def attention_s(self, batch: int, heads: int, seq: int, head_dim: int, causal: bool,
+                    backward: bool = False) -> float:
+        """Fused attention (flash): 4*b*h*s^2*d FLOPs forward (half with a causal mask),
+        2.5x that backward, at the measured attention efficiency."""
+        if batch <= 0 or heads <= 0:
+            return 0.0
+        flops = 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+        if backward:
+            flops *= 2.5
+        eff = _attention_eff(self.gpu, self.dtype, seq, head_dim, causal, backward, batch * heads)
+        return self.op_s(flops / (self.gpu.peak(self.dtype) * eff))
+
+    def memory_bound_s(self, nbytes: float, flops: float = 0.0) -> float:
+        if nbytes <= 0 and flops <= 0:
+            return 0.0
+        return self.op_s(max(nbytes / self.stream_bytes_per_s, flops / self.gpu.peak("fp32")))
+
+
+def _default_eff(gpu: GPU, m: int, n: int, k: int) -> float:
+    sat = 1.0
+    for d in (m, n, k):
+        sat *= d / (d + 64.0)
+    return gpu.matmul_efficiency * sat
+
+
+@lru_cache(maxsize=200_000)
+def _matmul_eff(gpu: GPU, dtype: str, m: int, n: int, k: int) -> float:
+    prof = load_gpu_profile(gpu.profile) if gpu.profile else None
+    rows = _profile_matmul(gpu.profile, dtype) if prof else None
+    if rows is None:
+        return _default_eff(gpu, m, n, k)
+    pts, effs = rows
+    q = np.log2([m, n, k])
+    d = np.sqrt(((pts - q) ** 2).sum(axis=1))
+    idx = np.argsort(d)[:4]
+    if d[idx[0]] < 1e-9:
+        return float(effs[idx[0]])
+    w = 1.0 / d[idx]
+    eff = float((effs[idx] * w).sum() / w.sum())
+    # Outside the measured grid, shrink toward the default curve's fall-off for tiny dims.
+    lo = pts.min(axis=0)
+    if (q < lo - 0.5).any():
+        eff *= _default_eff(gpu, m, n, k) / _default_eff(gpu, *(2 ** np.maximum(q, lo)))
+    return max(eff, 1e-3)
+
+
+@cache
+def _profile_matmul(profile_name: str, dtype: str):
+    prof = load_gpu_profile(profile_name)
+    peak_key = "bf16" if dtype in ("bf16", "fp16") else dtype
+    rows = [r for r in prof.get("matmul", []) if r["dtype"] == dtype] or \
+           [r for r in prof.get("matmul", []) if r["dtype"] == peak_key]
+    if not rows:
+        return None
+    peak = _peak_for_profile(prof, dtype)
+    pts = np.log2(np.array([[r["m"], r["n"], r["k"]] for r in rows], dtype=float))
+    effs = np.array([min(r["tflops"] * 1e12 / peak, 1.0) for r in rows])
+    return pts, effs
+
+
+def _peak_for_profile(prof: dict, dtype: str) -> float:
+    name = prof.get("gpu", "")
+    gpu = next((g for g in GPUS.values() if g.name.split("-")[0] in name), None)
+    if gpu is None:
+        raise ValueError(f"profile for {name!r} matches no known GPU; known: {sorted(GPUS)}")
+    return gpu.peak(dtype)
+
+
+@lru_cache(maxsize=10_000)
+def _attention_eff(gpu: GPU, dtype: str, seq: int, head_dim: int, causal: bool, backward: bool,
+                   batch_heads: int = 1) -> float:
+    """Efficiency of the measured attention row nearest in log2 (seq, head_dim, batch x heads):
+    batch x heads is how many thread blocks fill the GPU, worth 2x between 16 and 128 heads
+    at seq 2048."""
+    prof = load_gpu_profile(gpu.profile) if gpu.profile else None
+    rows = [r for r in (prof or {}).get("attention", []) if r["dtype"] == dtype and r["causal"] == causal]
+    if not rows:
+        # Flash attention reaches about 2/3 of the large-GEMM efficiency forward and a bit less
+        # backward (FlashAttention-2 paper, A100: ~70% and ~60% of peak at long sequences).
+        return gpu.matmul_efficiency * (0.85 if not backward else 0.75) * seq / (seq + 256.0)
+    peak = gpu.peak(dtype)
+    best, best_d = None, math.inf
+    for r in rows:
+        dist = (abs(math.log2(r["seq"]) - math.log2(seq)) + abs(math.log2(r["head_dim"]) - math.log2(head_dim))
+                + abs(math.log2(r["batch"] * r["heads"]) - math.log2(max(1, batch_heads))))
+        if dist < best_d:
+            best, best_d = r, dist
+    r = best
+    flops = 4.0 * r["batch"] * r["heads"] * r["seq"] ** 2 * r["head_dim"] * (0.5 if causal else 1.0)
+    t = r["bwd_s"] if backward else r["fwd_s"]
+    if backward:
+        flops *= 2.5
+    return max(min(flops / t / peak, 1.0), 1e-3)

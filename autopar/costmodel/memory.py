@@ -1,0 +1,38 @@
+"""Memory per device: parameter and optimizer state under ZeRO, and the activations in flight
+under a pipeline schedule. Bytes throughout.
+
+Mixed-precision Adam keeps 16 bytes per parameter: a bf16/fp16 weight (2) and gradient (2),
+and fp32 master weight, first and second moments (12). ZeRO shards, over the data-parallel
+degree, the optimizer state (ZeRO-1), also the gradients (ZeRO-2), also the weights (ZeRO-3).
+"""
+
+from __future__ import annotations
+
+ADAM_BYTES_PER_PARAM = 16       # bf16 weight 2 + bf16 grad 2 + fp32 master, m, v 12
+ADAM_STEP_BYTES = 30            # bytes moved per updated parameter by one Adam step
+
+
+def param_state_bytes(param_elems: float, param_elems_zero: float, zero: int) -> float:
+    """Weights, gradients and Adam state of `param_elems` local parameters, of which
+    `param_elems_zero` remain per device once sharded over the data-parallel degree."""
+    e, ez = param_elems, param_elems_zero
+    if zero <= 0:
+        return ADAM_BYTES_PER_PARAM * e
+    if zero == 1:
+        return 4 * e + 12 * ez
+    if zero == 2:
+        return 2 * e + 14 * ez
+    return ADAM_BYTES_PER_PARAM * ez
+
+
+def inflight(schedule: str, stage_index: int, n_stages: int, n_microbatches: int, chunks: int = 1) -> float:
+    """Microbatches whose activations a stage holds at its peak: all of them under GPipe,
+    (stages after it + 1) under 1F1B, and under interleaved 1F1B the warm-up forwards plus the
+    first steady-state one, counted in whole-stage stashes (each of the v chunks holds 1/v)."""
+    if schedule == "gpipe":
+        return float(n_microbatches)
+    if schedule == "interleaved":
+        total = n_microbatches * chunks
+        warm = min((n_stages - stage_index - 1) * 2 + (chunks - 1) * n_stages, total)
+        return min(warm + 1, total) / chunks
+    return float(min(n_stages - stage_index, n_microbatches))

@@ -1,0 +1,232 @@
+"""Hand-made plans, built by rule (Megatron-LM's 3D parallelism and its special cases).
+
+Megatron-style (dp, tp, pp): equal-block pipeline stages (the embedding joins the first, the
+head the last), each stage a logical mesh (dp, tp) with tp on consecutive GPUs of a node;
+column-parallel linears where the activation arrives whole, row-parallel (all-reduce) where it
+arrives split by a column-parallel linear or by head-parallel attention, head-parallel
+attention, vocab-parallel embedding and loss, the batch split over dp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autopar.costmodel.compute import ComputeModel
+from autopar.evaluation.evaluator import evaluate
+from autopar.hardware.mesh import Mesh, Submesh
+from autopar.hardware.specs import Cluster
+from autopar.plan import Plan, PlanError, StagePlan
+from autopar.sharding.spec import spec_str
+from autopar.sharding.stage_problem import StageProblem
+from autopar.sharding.strategies import is_decision, leader_operand, parse_equation, strategy_name
+from graphs.ir import ATTENTION, EMBEDDING, INPUT, MATMUL, NORM, OpGraph
+from graphs.query import main_boundary, stage_nodes
+
+
+@dataclass(frozen=True)
+class Config3D:
+    dp: int
+    tp: int
+    pp: int
+    microbatch: int                 # per data-parallel rank (Megatron's micro-batch size)
+    recompute: str = "none"
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    zero: int = 0
+
+    def label(self) -> str:
+        s = f"dp{self.dp} tp{self.tp} pp{self.pp} mb{self.microbatch}"
+        if self.recompute != "none":
+            s += f" rc:{self.recompute}"
+        if self.schedule != "1f1b":
+            s += f" {self.schedule}" + (f"x{self.virtual_stages}" if self.schedule == "interleaved" else "")
+        if self.zero:
+            s += f" zero{self.zero}"
+        return s
+
+
+def check_config(cfg: Config3D, cluster: Cluster, global_batch: int, n_blocks: int) -> None:
+    """Raise PlanError naming the rule a Megatron configuration breaks."""
+    n = cluster.n_gpus
+    if cfg.dp * cfg.tp * cfg.pp != n:
+        raise PlanError(f"dp*tp*pp = {cfg.dp}*{cfg.tp}*{cfg.pp} = {cfg.dp * cfg.tp * cfg.pp} must equal the "
+                        f"cluster's {n} GPUs")
+    if cfg.tp > cluster.gpus_per_node or cluster.gpus_per_node % cfg.tp:
+        raise PlanError(f"tp={cfg.tp} must divide the {cluster.gpus_per_node} GPUs of a node (tensor "
+                        f"parallelism stays inside a node)")
+    if cfg.dp * cfg.tp > cluster.gpus_per_node and (cfg.dp * cfg.tp) % cluster.gpus_per_node:
+        raise PlanError(f"a stage of dp*tp={cfg.dp * cfg.tp} GPUs must fill whole nodes of "
+                        f"{cluster.gpus_per_node}")
+    if global_batch % (cfg.dp * cfg.microbatch):
+        raise PlanError(f"global batch {global_batch} is not divisible by dp*microbatch = "
+                        f"{cfg.dp}*{cfg.microbatch}")
+    if cfg.recompute not in ("none", "selective", "full"):
+        raise PlanError(f"recompute must be none, selective or full (got {cfg.recompute!r})")
+    if cfg.schedule not in ("1f1b", "gpipe", "interleaved"):
+        raise PlanError(f"schedule must be 1f1b, gpipe or interleaved (got {cfg.schedule!r})")
+    if cfg.zero not in (0, 1, 2, 3):
+        raise PlanError(f"zero must be 0, 1, 2 or 3 (got {cfg.zero!r})")
+    v = cfg.virtual_stages if cfg.schedule == "interleaved" else 1
+    if n_blocks < cfg.pp * v:
+        raise PlanError(f"{n_blocks} transformer blocks cannot fill pp*virtual_stages = {cfg.pp * v} stages")
+    if cfg.schedule == "interleaved":
+        m = global_batch // (cfg.dp * cfg.microbatch)
+        if cfg.pp < 2 or v < 2:
+            raise PlanError("interleaved schedule needs pp >= 2 and --virtual-stages >= 2")
+        if m % cfg.pp:
+            raise PlanError(f"interleaved schedule needs the number of microbatches ({m}) to be a multiple "
+                            f"of pp={cfg.pp}")
+
+
+def split_blocks(n_layers: int, parts: int) -> list[tuple[int, int]]:
+    """Equal-block ranges over graph layers: layer 0 (embed) joins the first part, the last
+    layer (head) the last part; the L blocks in between are split as evenly as possible."""
+    n_blocks = n_layers - 2
+    bounds = [1 + (n_blocks * i) // parts for i in range(parts + 1)]
+    bounds[0], bounds[-1] = 0, n_layers
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def _walk_back_is_split(graph: OpGraph, name: str, inside: set[str]) -> bool:
+    """Does this matmul's activation arrive split by a column-parallel matmul or by
+    head-parallel attention (so Megatron makes it row-parallel)?"""
+    node = graph.node(name)
+    src = node.operands[0].source
+    for _ in range(64):
+        if src is None or src not in inside:
+            return False
+        n = graph.node(src)
+        if n.kind == ATTENTION:
+            return True
+        if n.kind == MATMUL:
+            if any(o.is_param for o in n.operands):
+                return True
+            # eager attention's QK^T / PV matmuls are head-parallel under Megatron
+            return "equation" in n.attrs and _act_matmul_letters(n.attrs["equation"])[1] is not None
+        if n.kind in (NORM, EMBEDDING, INPUT) or n.op in ("add", "sub"):
+            return False
+        li = leader_operand(n)
+        if li is None:
+            return False
+        src = n.operands[li].source
+    return False
+
+
+def _act_matmul_letters(equation: str) -> tuple[str | None, str | None]:
+    """(data-parallel letter, tensor-parallel letter) of a matmul of two activations, such as
+    eager attention's QK^T "bhmk,bhkn->bhmn": the batch dims both operands and the output carry;
+    the first is the batch, the second the heads (Megatron splits attention by heads)."""
+    ins, o = parse_equation(equation)
+    if len(ins) < 2:
+        return None, None
+    shared = [c for c in ins[0] if c in ins[1] and c in o]
+    return (shared[0] if shared else None), (shared[1] if len(shared) > 1 else None)
+
+
+def megatron_names(graph: OpGraph, names: list[str], dp: int, tp: int) -> dict[str, list[str]]:
+    """Strategy names per decision node, best first (fallbacks when a split does not divide)."""
+    inside = set(names)
+    dpm = 1 if dp > 1 else 0
+    tpm = 2 if tp > 1 else 0
+    out: dict[str, list[str]] = {}
+    for name in names:
+        n = graph.node(name)
+        if not is_decision(n):
+            continue
+        lt_dp: dict[str, int] = {}
+        lt_tp: dict[str, int] = {}
+        if n.kind == MATMUL and "equation" in n.attrs and len(n.operands) >= 2:
+            ins, o = parse_equation(n.attrs["equation"])
+            a, b = ins[0], ins[1]
+            if n.operands[1].is_param:
+                batch = next((c for c in a if c in o and c not in b), None) or next((c for c in a if c in o), None)
+            else:   # two activations: batch over dp, heads over tp
+                batch, head = _act_matmul_letters(n.attrs["equation"])
+                batch = batch or next((c for c in a if c in o), None)
+                if head:
+                    lt_tp[head] = tpm
+            if batch:
+                lt_dp[batch] = dpm
+            if n.operands[1].is_param:
+                if _walk_back_is_split(graph, name, inside):
+                    t = next((c for c in b if c in a and c not in o), None)     # row: contracted
+                else:
+                    t = next((c for c in b if c in o and c not in a), None)     # column: output
+                if t:
+                    lt_tp[t] = tpm
+        elif n.kind == ATTENTION:
+            lt_dp["b"], lt_tp["h"] = dpm, tpm
+        elif n.kind == EMBEDDING:
+            if n.operands[0].source is not None:
+                lt_dp["b"] = dpm
+            lt_tp["v"] = tpm
+        elif n.kind == INPUT:
+            lt_dp["b"] = dpm
+        both = {**lt_dp, **lt_tp}
+        out[name] = list(dict.fromkeys([strategy_name(both), strategy_name(lt_dp), strategy_name(lt_tp), "R"]))
+    return out
+
+
+def _device_ids_for(stage_rank: int, dp: int, tp: int) -> list[int]:
+    n = dp * tp
+    return list(range(stage_rank * n, (stage_rank + 1) * n))
+
+
+def _submesh_for(n_devices: int, cluster: Cluster) -> tuple[int, int]:
+    m = cluster.gpus_per_node
+    return (1, n_devices) if n_devices <= m else (n_devices // m, m)
+
+
+def build_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: str | None = None,
+             label: str | None = None) -> Plan:
+    """A Megatron-style plan, evaluated."""
+    dtype = cluster.gpu.training_dtype(dtype)
+    graph1 = source.graph(cfg.microbatch * cfg.dp) if source.fixed_batch is None else source.graph(source.fixed_batch)
+    n_blocks = len(graph1.layers) - 2
+    check_config(cfg, cluster, global_batch, n_blocks)
+    graph = graph1
+    v = cfg.virtual_stages if cfg.schedule == "interleaved" else 1
+    ranges = split_blocks(len(graph.layers), cfg.pp * v)
+    cm = ComputeModel(cluster.gpu, dtype)
+    sub = Submesh(*_submesh_for(cfg.dp * cfg.tp, cluster))
+    mesh = Mesh(cluster, sub, (cfg.dp, cfg.tp))
+    stages = []
+    for g, (a, b) in enumerate(ranges):
+        names = stage_nodes(graph, (a, b))
+        bsrc = main_boundary(graph, names)
+        bspec = ()
+        if bsrc is not None:
+            shape = graph.node(bsrc).out_shape
+            bspec = tuple([1 if cfg.dp > 1 and shape and shape[0] % cfg.dp == 0 else 0] + [0] * (len(shape) - 1))
+        prob = StageProblem(graph, names, mesh, cm, boundary={bsrc: bspec} if bsrc else None)
+        wanted = megatron_names(graph, names, cfg.dp, cfg.tp)
+        chosen = {}
+        for gi, grp in enumerate(prob.groups):
+            if grp.root not in wanted:
+                continue
+            have = [s.name for s in grp.strategies[grp.root]]
+            pick = next((w for w in wanted[grp.root] if w in have), have[0])
+            chosen[grp.root] = pick
+        stages.append(StagePlan(index=g, layers=(a, b), layer_names=[graph.layers[i].name for i in range(a, b)],
+                                submesh=(sub.n_nodes, sub.gpus_per_node),
+                                device_ids=_device_ids_for(g % cfg.pp, cfg.dp, cfg.tp),
+                                logical_mesh=(cfg.dp, cfg.tp), strategies=chosen,
+                                input_spec=spec_str(bspec) if bsrc else "", recompute=cfg.recompute))
+    plan = Plan(strategy=label or "3d", config={"kind": "megatron", **cfg.__dict__, "label": cfg.label()},
+                model=_model_dict(source, graph), cluster=cluster_dict(cluster),
+                training={"global_batch": global_batch, "microbatch_size": cfg.microbatch * cfg.dp,
+                          "n_microbatches": global_batch // (cfg.microbatch * cfg.dp), "dtype": dtype,
+                          "schedule": cfg.schedule, "virtual_stages": v, "zero": cfg.zero,
+                          "optimizer": "adam-mixed-precision"},
+                stages=stages)
+    return evaluate(plan, graph, cluster)
+
+
+def _model_dict(source, graph: OpGraph) -> dict:
+    return {"name": source.name, "params": graph.param_count, "seq": graph.seq, "n_layers": len(graph.layers),
+            "family": graph.meta.get("family", ""), "loadable": source.loadable}
+
+
+def cluster_dict(cluster: Cluster) -> dict:
+    return {"name": cluster.name, "nodes": cluster.n_nodes, "gpus_per_node": cluster.gpus_per_node,
+            "gpu": cluster.gpu.name}

@@ -1,0 +1,428 @@
+"""Intra-op pass: one ILP per (set of ops, logical mesh), and the cost of any assignment.
+
+`StageProblem` turns a set of graph nodes on a mesh into the ILP of DESIGN §5: decision ops
+enumerate strategies, followers join their leader's group (one ILP node per group), edges
+between groups get resharding matrices, producers outside the set are fixed "boundary"
+layouts. `StageProblem.evaluate` costs any assignment with the same terms the ILP minimises,
+so a searched plan and a hand-made plan are scored by one function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from autopar.costmodel.compute import ComputeModel
+from autopar.costmodel.memory import ADAM_STEP_BYTES, param_state_bytes
+from autopar.hardware.mesh import Mesh
+from autopar.sharding.spec import Spec, reshard_s, shard_factor, spec_str
+from autopar.sharding.strategies import Strategy, decision_strategies, follow, is_decision, leader_operand
+from graphs.ir import ATTENTION, ELEMENTWISE, INPUT, LOSS, MATMUL, NORM, SOFTMAX, VIEW, OpGraph, OpNode, dtype_bytes
+
+# Ops whose backward needs their activation inputs (so those tensors stay stashed).
+_SAVES_INPUTS = {"gelu", "silu", "relu", "tanh", "sigmoid", "exp", "pow", "rsqrt", "div", "mul", "sqrt",
+                 "log", "sin", "cos", "softplus", "erf", "square", "reciprocal"}
+_PURE_VIEWS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "expand", "permute",
+               "transpose", "split", "chunk", "getitem", "t", "unbind", "select", "slice", "narrow", "alias",
+               "_unsafe_view", "expand_as", "view_as"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    n_microbatches: int = 1
+    zero: int = 0                  # 0 none, 1 optimizer states, 2 + gradients, 3 + weights
+    inflight: int = 1              # microbatches whose activations a stage holds at once
+
+
+def saved_tensors(graph: OpGraph, names) -> tuple[dict[str, float], dict[str, float]]:
+    """Which outputs stay stashed for backward: for each node, the factor of its output kept
+    (1; dropout adds a 1-byte mask, recorded as 0.5 of a 2-byte tensor). Saves through pure
+    views are charged to the op that owns the storage. The second dict holds producers outside
+    `names` whose outputs the set keeps (a stage keeps the input it received): charged to the
+    set that keeps them, so summing over layers counts every tensor once."""
+    order = list(dict.fromkeys(names))
+    names = set(order)
+    saved: dict[str, float] = {}
+    masks: dict[str, float] = {}
+    outside: dict[str, float] = {}
+
+    def mark(src: str, w: float = 1.0):
+        seen = 0
+        while src in graph and seen < 64:
+            n = graph.node(src)
+            if n.kind == VIEW and n.op in _PURE_VIEWS:
+                li = leader_operand(n)
+                if li is None or n.operands[li].source is None:
+                    break
+                src = n.operands[li].source
+                seen += 1
+                continue
+            break
+        if src in names:
+            saved[src] = max(saved.get(src, 0.0), w)
+        elif src in graph and graph.node(src).kind != INPUT:
+            outside[src] = max(outside.get(src, 0.0), w)
+
+    for name in order:
+        v = graph.node(name)
+        k = v.kind
+        acts = [o for o in v.operands if o.source is not None]
+        if k in (MATMUL, ATTENTION, NORM, LOSS):
+            for o in acts:
+                if not (o.dtype.startswith("int") or o.dtype == "bool"):
+                    mark(o.source)
+            if k == ATTENTION:
+                mark(name)
+        elif k == SOFTMAX:
+            mark(name)
+        elif k == ELEMENTWISE:
+            if v.op in ("mul", "div"):
+                # x * c and x / c (c a scalar or a constant buffer) need only c in backward;
+                # an operand is kept only when another operand (activation or weight) needs
+                # a gradient that reads it, or (div) the divisor is not a constant.
+                needs = [o.source is not None or o.is_param for o in v.operands]
+                for j, o in enumerate(v.operands):
+                    if o.source is None:
+                        continue
+                    if v.op == "mul":
+                        keep = any(needs[i] for i in range(len(v.operands)) if i != j)
+                    else:
+                        keep = len(needs) > 1 and needs[1]
+                    if keep:
+                        mark(o.source)
+            elif v.op in _SAVES_INPUTS:
+                for o in acts:
+                    mark(o.source)
+            if v.op == "dropout" and float(v.attrs.get("p", 0.0)) > 0:
+                masks[name] = masks.get(name, 0.0) + 0.5 * 2 / max(1, dtype_bytes(v.out_dtype))
+    # The mask is kept on top of the dropout's output when a later op saves that output too
+    # (softmax -> dropout -> PV matmul keeps both), whatever order the ops are visited in.
+    for name, w in masks.items():
+        saved[name] = saved.get(name, 0.0) + w
+    return saved, outside
+
+
+def _grad_share(graph: OpGraph, names) -> dict[str, dict[int, float]]:
+    """For each matmul operand: 1 / (number of matmuls reading the same tensor). Their partial
+    input gradients are summed before one all-reduce (q, k, v reading one LayerNorm output;
+    SwiGLU's gate and up projections), so each pays its share."""
+    readers: dict[tuple, int] = {}
+    for name in names:
+        n = graph.node(name)
+        if n.kind != MATMUL:
+            continue
+        for o in n.operands:
+            if o.source is not None:
+                readers[(o.source, o.source_index)] = readers.get((o.source, o.source_index), 0) + 1
+    out: dict[str, dict[int, float]] = {}
+    for name in names:
+        n = graph.node(name)
+        if n.kind != MATMUL:
+            continue
+        share = {j: 1.0 / readers[(o.source, o.source_index)] for j, o in enumerate(n.operands)
+                 if o.source is not None and readers[(o.source, o.source_index)] > 1}
+        if share:
+            out[name] = share
+    return out
+
+
+def _node_sig(n: OpNode) -> tuple:
+    """Everything the strategy generator reads from a node, hashable, without its name."""
+    return (n.op, n.kind, n.out_dtype, tuple(tuple(s) for s in n.out_shapes),
+            tuple((tuple(o.shape), o.dtype, o.source is None, o.param is not None, o.owns_param, o.source_index)
+                  for o in n.operands),
+            _freeze(n.attrs), n.fwd_flops, n.bwd_flops, n.fwd_bytes, n.bwd_bytes)
+
+
+def _freeze(x):
+    if isinstance(x, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_freeze(v) for v in x)
+    return x
+
+
+class _BySig:
+    """A node keyed by its signature, so caches are shared by identical layers' nodes."""
+
+    __slots__ = ("node", "sig", "_h")
+
+    def __init__(self, node: OpNode):
+        self.node = node
+        self.sig = _node_sig(node)
+        self._h = hash(self.sig)
+
+    def __hash__(self) -> int:
+        return self._h
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _BySig) and self.sig == other.sig
+
+
+@lru_cache(maxsize=100_000)
+def _decision_cached(key: _BySig, mesh: Mesh, cm: ComputeModel) -> tuple[Strategy, ...]:
+    return tuple(decision_strategies(key.node, mesh, cm))
+
+
+@lru_cache(maxsize=500_000)
+def _follow_cached(key: _BySig, spec: Spec, mesh: Mesh, cm: ComputeModel) -> Strategy:
+    return follow(key.node, spec, mesh, cm)
+
+
+@dataclass
+class Group:
+    root: str
+    members: list[str]
+    strategies: dict[str, list[Strategy]]      # member -> aligned strategy list
+
+
+@dataclass
+class Evaluation:
+    """Cost of one assignment of strategies to a stage's nodes (per microbatch unless noted)."""
+
+    fwd_s: float
+    bwd_s: float
+    comm_s: float                  # of fwd_s + bwd_s, the part that is communication / resharding
+    sync_s: float                  # per step: gradient all-reduce over partial axes (ZeRO 0/1), or the
+                                   # all-gather of the updated weights (ZeRO-2); 0 under ZeRO-3
+    recompute_fwd_s: float         # one more forward, if the stage recomputes
+    param_elems: float             # per device
+    param_elems_zero: float        # per device with optimizer states sharded over the sync axes
+    stash_bytes: float             # activations kept per microbatch in flight
+    boundary_stash_bytes: float    # activations of the inputs of the stage's layers (full recompute)
+    ops: list[dict] = field(default_factory=list)
+
+    @property
+    def per_microbatch_s(self) -> float:
+        return self.fwd_s + self.bwd_s
+
+    def param_state_bytes(self, zero: int) -> float:
+        return param_state_bytes(self.param_elems, self.param_elems_zero, zero)
+
+    def optimizer_step_s(self, zero: int, cm: ComputeModel) -> float:
+        return ADAM_STEP_BYTES * (self.param_elems_zero if zero >= 1 else self.param_elems) / cm.stream_bytes_per_s
+
+
+class StageProblem:
+    def __init__(self, graph: OpGraph, names: list[str], mesh: Mesh, cm: ComputeModel,
+                 boundary: dict[str, Spec] | None = None, restrict_out: dict[str, Spec] | None = None,
+                 allowed: dict[str, set[str]] | None = None, only_names: frozenset[str] | None = None):
+        self.graph, self.mesh, self.cm = graph, mesh, cm
+        self.names = list(names)
+        self.inside = set(self.names)
+        self.boundary = dict(boundary or {})
+        self.saved, self.saved_outside = saved_tensors(graph, self.names)
+        self.grad_share = _grad_share(graph, self.names)
+        self.groups: list[Group] = []
+        self.group_of: dict[str, int] = {}
+        self.only_names = only_names
+        self._build_groups(allowed or {})
+        self.forbidden = [np.zeros(len(g.strategies[g.root]), bool) for g in self.groups]
+        for name, spec in (restrict_out or {}).items():
+            gi = self.group_of[name]
+            lst = self.groups[gi].strategies[name]
+            self.forbidden[gi] |= np.array([s.out_spec != spec for s in lst])
+
+    # -- structure -----------------------------------------------------------------------
+    def _boundary_spec(self, src: str) -> Spec:
+        if src in self.boundary:
+            return self.boundary[src]
+        shape = self.graph.node(src).out_shape
+        return tuple(0 for _ in shape)         # graph inputs arrive whole; slicing them is free
+
+    def _build_groups(self, allowed: dict[str, set[str]]) -> None:
+        g, mesh, cm = self.graph, self.mesh, self.cm
+        for name in self.names:
+            n = g.node(name)
+            li = None if is_decision(n) else leader_operand(n)
+            if li is None:
+                sts = list(_decision_cached(_BySig(n), mesh, cm))
+                if self.only_names is not None and len(sts) > 1:
+                    # e.g. Alpa's inter-only ablation: data-parallel strategies only
+                    sts = [s for s in sts if s.name in self.only_names] or [min(sts, key=lambda s: s.name != "R")]
+                if name in allowed:
+                    keep = [s for s in sts if s.name in allowed[name]]
+                    if not keep:
+                        raise ValueError(f"{name}: none of the strategies {sorted(allowed[name])} exists on mesh "
+                                         f"{mesh}; available: {[s.name for s in sts]}")
+                    sts = keep
+                self.group_of[name] = len(self.groups)
+                self.groups.append(Group(name, [name], {name: sts}))
+                continue
+            src = n.operands[li].source
+            if src in self.inside:
+                gi = self.group_of[src]
+                grp = self.groups[gi]
+                key = _BySig(n)
+                grp.strategies[name] = [_follow_cached(key, s.out_spec, mesh, cm) for s in grp.strategies[src]]
+                grp.members.append(name)
+                self.group_of[name] = gi
+            else:
+                st = _follow_cached(_BySig(n), self._boundary_spec(src), mesh, cm)
+                self.group_of[name] = len(self.groups)
+                self.groups.append(Group(name, [name], {name: [st]}))
+
+    def outside_stash_bytes(self) -> float:
+        """Bytes per microbatch of received inputs the set keeps for backward."""
+        total = 0.0
+        for src, w in self.saved_outside.items():
+            n = self.graph.node(src)
+            spec = self._boundary_spec(src)
+            total += w * n.out_bytes / (shard_factor(spec, self.mesh) if spec else 1)
+        return total
+
+    # -- ILP arrays ----------------------------------------------------------------------
+    def _shared_discount(self, name: str, st: Strategy) -> float:
+        """Backward all-reduce time this op does not pay alone (see `_grad_share`)."""
+        if not st.bwd_comm_operand:
+            return 0.0
+        share = self.grad_share.get(name, {})
+        return sum(c * (1.0 - share.get(j, 1.0)) for j, c in st.bwd_comm_operand.items())
+
+    def _member_cost(self, name: str, st: Strategy, settings: Settings) -> float:
+        c = st.per_microbatch_s() - self._shared_discount(name, st)
+        if settings.zero == 2:
+            c += st.zero2_s + st.zero2_step_s / settings.n_microbatches
+        elif settings.zero == 3:
+            c += st.zero3_s
+        if settings.zero < 2:
+            c += st.grad_sync_s / settings.n_microbatches
+        return c
+
+    def _member_mem(self, name: str, st: Strategy, settings: Settings) -> float:
+        p = param_state_bytes(st.param_elems_local, st.param_elems_zero, settings.zero)
+        return p + settings.inflight * self.saved.get(name, 0.0) * st.out_bytes_local
+
+    def ilp_arrays(self, settings: Settings):
+        g = self.graph
+        node_costs, node_mem = [], []
+        for gi, grp in enumerate(self.groups):
+            k = len(grp.strategies[grp.root])
+            cost = np.zeros(k)
+            mem = np.zeros(k)
+            for m in grp.members:
+                sts = grp.strategies[m]
+                cost += np.fromiter((self._member_cost(m, s, settings) for s in sts), float, k)
+                mem += np.fromiter((self._member_mem(m, s, settings) for s in sts), float, k)
+            cost[self.forbidden[gi]] = np.inf
+            node_costs.append(cost)
+            node_mem.append(mem)
+        edges = []
+        for name in self.names:
+            v = g.node(name)
+            gv = self.group_of[name]
+            v_sts = self.groups[gv].strategies[name]
+            for j, o in enumerate(v.operands):
+                if o.source is None:
+                    continue
+                eb = dtype_bytes(o.dtype)
+                need = [s.in_specs[j] if j < len(s.in_specs) else None for s in v_sts]
+                if o.source not in self.inside:
+                    src = self._boundary_spec(o.source)
+                    node_costs[gv] += np.array([2 * reshard_s(o.shape, eb, src, q, self.mesh) if q is not None else 0.0
+                                                for q in need])
+                    continue
+                gu = self.group_of[o.source]
+                u_sts = self.groups[gu].strategies[o.source]
+                if gu == gv:
+                    node_costs[gv] += np.array([2 * reshard_s(o.shape, eb, us.out_spec, q, self.mesh) if q is not None else 0.0
+                                                for us, q in zip(u_sts, need)])
+                    continue
+                edges.append((gu, gv, self._reshard_matrix(o.shape, eb, [s.out_spec for s in u_sts], need)))
+        return node_costs, edges, node_mem
+
+    def _reshard_matrix(self, shape, eb, srcs, dsts) -> np.ndarray:
+        us = list(dict.fromkeys(srcs))
+        vs = list(dict.fromkeys(d for d in dsts if d is not None))
+        small = np.array([[2 * reshard_s(shape, eb, a, b, self.mesh) for b in vs] for a in us]).reshape(len(us), len(vs))
+        ui = np.array([us.index(a) for a in srcs])
+        out = np.zeros((len(srcs), len(dsts)))
+        for q, d in enumerate(dsts):
+            if d is not None:
+                out[:, q] = small[ui, vs.index(d)]
+        return out
+
+    # -- solve / evaluate ----------------------------------------------------------------
+    def solve(self, settings: Settings = Settings(), mem_budget_bytes: float | None = None,
+              time_limit_s: float = 30.0, backend: str = "highs"):
+        from solvers.ilp import solve_sharding_ilp
+        costs, edges, mem = self.ilp_arrays(settings)
+        if mem_budget_bytes is not None:
+            mem_budget_bytes -= settings.inflight * self.outside_stash_bytes()
+        res = solve_sharding_ilp(costs, edges, mem if mem_budget_bytes is not None else None,
+                                 mem_budget_bytes, time_limit_s=time_limit_s, backend=backend)
+        return res
+
+    def assignment(self, group_choice) -> dict[str, int]:
+        return {m: int(group_choice[gi]) for gi, grp in enumerate(self.groups) for m in grp.members}
+
+    def strategy_of(self, name: str, idx: int) -> Strategy:
+        return self.groups[self.group_of[name]].strategies[name][idx]
+
+    def choice_from_names(self, names: dict[str, str]) -> np.ndarray:
+        """Group choice that gives each named decision node the named strategy."""
+        choice = np.zeros(len(self.groups), dtype=np.int64)
+        for gi, grp in enumerate(self.groups):
+            want = names.get(grp.root)
+            if want is None:
+                continue
+            lst = [s.name for s in grp.strategies[grp.root]]
+            if want not in lst:
+                raise ValueError(f"{grp.root}: strategy {want!r} not available on mesh {self.mesh}; have {lst}")
+            choice[gi] = lst.index(want)
+        return choice
+
+    def evaluate(self, group_choice, settings: Settings = Settings(), with_ops: bool = False) -> Evaluation:
+        g, mesh = self.graph, self.mesh
+        fwd = bwd = comm = sync = rec = pe = pez = stash = 0.0
+        ops = []
+        for name in self.names:
+            v = g.node(name)
+            gi = self.group_of[name]
+            idx = int(group_choice[gi])
+            st = self.groups[gi].strategies[name][idx]
+            reshard = 0.0
+            for j, o in enumerate(v.operands):
+                if o.source is None or j >= len(st.in_specs) or st.in_specs[j] is None:
+                    continue
+                if o.source in self.inside:
+                    src = self.groups[self.group_of[o.source]].strategies[o.source][int(group_choice[self.group_of[o.source]])].out_spec
+                else:
+                    src = self._boundary_spec(o.source)
+                reshard += reshard_s(o.shape, dtype_bytes(o.dtype), src, st.in_specs[j], mesh)
+            extra_mb = st.zero2_s if settings.zero == 2 else (st.zero3_s if settings.zero == 3 else 0.0)
+            bwd_comm = st.bwd_comm_s - self._shared_discount(name, st)
+            fwd += st.fwd_s + st.fwd_comm_s + reshard + extra_mb / 2
+            bwd += st.bwd_s + bwd_comm + reshard + extra_mb / 2
+            comm += st.fwd_comm_s + bwd_comm + 2 * reshard + extra_mb
+            rec += st.fwd_s + st.fwd_comm_s + reshard
+            if settings.zero < 2:
+                sync += st.grad_sync_s
+            elif settings.zero == 2:
+                sync += st.zero2_step_s
+            pe += st.param_elems_local
+            pez += st.param_elems_zero
+            stash += self.saved.get(name, 0.0) * st.out_bytes_local
+            if with_ops:
+                ops.append({"name": name, "op": v.op, "kind": v.kind, "strategy": st.name,
+                            "out_spec": spec_str(st.out_spec),
+                            "in_specs": [spec_str(s) if s is not None else None for s in st.in_specs],
+                            "compute_s": st.fwd_s + st.bwd_s,
+                            "comm_s": st.fwd_comm_s + bwd_comm + 2 * reshard + extra_mb})
+        boundary = 0.0
+        for src, spec in self.boundary.items():
+            n = g.node(src)
+            boundary += n.out_bytes / shard_factor(spec, mesh) if spec else n.out_bytes
+        stash += self.outside_stash_bytes()
+        return Evaluation(fwd, bwd, comm, sync, rec, pe, pez, stash, boundary, ops)
+
+    def objective(self, group_choice, settings: Settings) -> float:
+        ev = self.evaluate(group_choice, settings)
+        return ev.per_microbatch_s + ev.sync_s / settings.n_microbatches
+
+    def size(self) -> dict[str, int]:
+        n_strats = [len(grp.strategies[grp.root]) for grp in self.groups]
+        return {"ops": len(self.names), "ilp_nodes": len(self.groups),
+                "decision_nodes": sum(1 for k in n_strats if k > 1), "strategies": int(sum(n_strats))}

@@ -1,0 +1,156 @@
+"""The auto planner: never worse than hand-made 3D plans, deterministic plan files, clear errors."""
+
+import json
+
+import pytest
+
+import autopar
+from autopar.cli import main
+from autopar.compare import _factorizations, _grid
+from autopar.hardware.mesh import Submesh
+from autopar.hardware.presets import load_cluster
+from autopar.model import ModelSource
+from autopar.plan import Plan, PlanError
+from autopar.search.planner import microbatch_candidates, place
+
+SMALL = "gpt:hidden=256,layers=4,heads=4,seq=128,vocab=1024"
+
+
+def best_3d(src, cl, gb):
+    n_blocks = src.summary()["n_layers"] - 2
+    best, tried, err = _grid(src, cl, gb, None, _factorizations(cl, n_blocks), zeros=(0, 1))
+    assert best is not None and tried > 0, err
+    return best
+
+
+@pytest.mark.parametrize("model,nodes,gpn,gb", [
+    ("gpt-350m", 1, 1, 64),        # Alpa's weak-scaling start: one GPU
+    ("gpt-760m", 1, 2, 64),
+    (SMALL, 2, 4, 64),             # across nodes: pipeline and data parallel compete
+])
+def test_auto_is_never_worse_than_the_best_3d_plan(model, nodes, gpn, gb):
+    cl = load_cluster("p3.16xlarge", nodes, gpn)
+    src = ModelSource(model)
+    auto = autopar.plan(src, cl, global_batch=gb, workers=1)
+    ref = best_3d(src, cl, gb)
+    assert auto.predicted["fits"]
+    # Hand-made plans lie in the search space; the tolerance covers the DP's approximation of
+    # the per-step gradient sync, which only the evaluator simulates exactly.
+    assert auto.predicted["step_time_s"] <= ref.predicted["step_time_s"] * 1.001, (
+        auto.config["label"], ref.config["label"])
+
+
+def test_sync_dominated_tiny_pipeline_stays_within_two_percent_of_3d():
+    """A known gap: a tiny model, one microbatch, gradient sync comparable to compute. The
+    layer ILP charges a stage's gradient sync as exposed (sync / B); the simulator hides a later
+    stage's sync behind the earlier stages' last backward, so Megatron's data-parallel stages
+    win by about 1%. Realistic batches amortise the sync and the gap vanishes (test above)."""
+    cl = load_cluster("p3.16xlarge", 1, 4)
+    src = ModelSource(SMALL)
+    auto = autopar.plan(src, cl, global_batch=32, workers=1)
+    ref = best_3d(src, cl, 32)
+    assert auto.predicted["step_time_s"] <= ref.predicted["step_time_s"] * 1.02
+
+
+def test_plan_json_is_deterministic_and_round_trips(tmp_path):
+    a = autopar.plan(SMALL, "p3.16xlarge", nodes=1, gpus_per_node=4, global_batch=16, workers=1).to_json()
+    b = autopar.plan(SMALL, "p3.16xlarge", nodes=1, gpus_per_node=4, global_batch=16, workers=2).to_json()
+    assert a == b
+    p = Plan.from_json(a)
+    assert p.to_json() == a
+    d = json.loads(a)
+    assert d["schema"] == "autopar.plan/v1"
+    for key in ("step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "bubble_fraction", "peak_memory_bytes", "fits"):
+        assert key in d["predicted"]
+    assert d["search"]["ilps"] > 0 and d["search"]["statuses"]
+    assert sorted({i for s in d["stages"] for i in s["device_ids"]}) == list(range(4))   # every GPU used
+
+
+def test_hand_edited_plan_gets_a_schema_error_naming_the_path(tmp_path):
+    d = json.loads(autopar.plan(SMALL, "p3.16xlarge", nodes=1, gpus_per_node=2, global_batch=8, workers=1).to_json())
+    d["stages"][0]["logical_mesh"] = [0, 2]
+    with pytest.raises(PlanError, match=r"stages/0/logical_mesh"):
+        Plan.from_dict(d)
+    d["stages"][0]["logical_mesh"] = [2, 1]
+    d["training"]["schedule"] = "zigzag"
+    with pytest.raises(PlanError, match=r"training/schedule"):
+        Plan.from_dict(d)
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    assert main(["show", str(path)]) == 2
+
+
+def test_no_plan_fits_says_the_least_memory_and_what_helps():
+    with pytest.raises(PlanError) as e:
+        autopar.plan("gpt-6.7b", "p3.16xlarge", nodes=1, gpus_per_node=1, global_batch=8, workers=1)
+    msg = str(e.value)
+    assert "least memory per device" in msg and "GiB" in msg and "more GPUs" in msg
+
+
+def test_bad_microbatch_count_lists_valid_ones():
+    with pytest.raises(PlanError, match=r"valid counts: \[1, 2, 3, 4, 6, 12\]"):
+        microbatch_candidates(12, 4, 5)
+
+
+def test_placement_never_overlaps_and_uses_every_device():
+    cl = load_cluster("p3.16xlarge", 3, 8)
+    stages = [(0, 1, Submesh(1, 2)), (1, 2, Submesh(2, 8)), (2, 3, Submesh(1, 4)), (3, 4, Submesh(1, 2))]
+    ids = place(stages, cl)
+    flat = [i for s in ids for i in s]
+    assert sorted(flat) == list(range(24))
+    for (_, _, sub), dev in zip(stages, ids):
+        if sub.n_nodes == 1:   # a (1, 2^k) submesh stays inside one node
+            assert len({d // 8 for d in dev}) == 1
+
+
+def test_cli_plan_show_and_gantt(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", SMALL, "--cluster", "p3.16xlarge", "--nodes", "1", "--gpus-per-node", "4",
+                 "--global-batch", "16", "-o", str(out)]) == 0
+    assert Plan.from_json(out).predicted["fits"]
+    # never overwrite a user's file silently
+    assert main(["plan", SMALL, "--nodes", "1", "--gpus-per-node", "4", "--global-batch", "16", "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    png = tmp_path / "g.png"
+    assert main(["show", str(out), "--gantt", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_table_json_plot_agree(tmp_path, capsys):
+    js, png, csvp = tmp_path / "c.json", tmp_path / "c.png", tmp_path / "c.csv"
+    assert main(["compare", SMALL, "--nodes", "1", "--gpus-per-node", "4", "--global-batch", "16",
+                 "--strategies", "dp,zero3,tp,pp,3d,auto", "--json", str(js), "--plot", str(png),
+                 "--csv", str(csvp)]) == 0
+    text = capsys.readouterr().out
+    doc = json.loads(js.read_text())
+    rows = {r["strategy"]: r for r in doc["rows"]}
+    assert set(rows) == {"dp", "zero3", "tp", "pp", "3d", "auto"}
+    fit = {k: r for k, r in rows.items() if r["fits"]}
+    assert rows["auto"]["fits"]
+    # auto >= 3d >= each single strategy (ties allowed)
+    assert rows["auto"]["tokens_per_s"] >= rows["3d"]["tokens_per_s"] * 0.999
+    for k in ("dp", "zero3", "tp", "pp"):
+        if k in fit:
+            assert rows["3d"]["tokens_per_s"] >= fit[k]["tokens_per_s"] * 0.999
+    for k, r in fit.items():        # the terminal table shows the JSON's numbers
+        assert f"{r['tokens_per_s']:,.0f}" in text
+    # every row carries its full plan, which can be re-evaluated
+    for k, plan in doc["plans"].items():
+        Plan.from_dict(plan)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert csvp.read_text().splitlines()[0].startswith("strategy,")
+
+
+def test_compare_unknown_strategy_lists_valid_ones(capsys):
+    assert main(["compare", SMALL, "--strategies", "dp,warp"]) == 2
+    err = capsys.readouterr().err
+    assert "warp" in err and "zero3" in err and "inter-only" in err
+
+
+def test_too_small_cluster_shows_oom_per_strategy_not_a_crash():
+    rows = autopar.compare("gpt-2.6b", "p3.16xlarge", nodes=1, gpus_per_node=1, global_batch=8,
+                           strategies=["dp", "zero3", "auto"])
+    by = {r.strategy: r for r in rows}
+    assert not by["dp"].fits and by["dp"].plan is not None       # OOM with its memory need
+    assert by["dp"].plan.predicted["peak_memory_bytes"] > 16e9
+    assert not by["auto"].fits and "least memory" in by["auto"].error
