@@ -41,7 +41,7 @@ def spec(model: str, seq: int) -> str:
     return s
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def params(model: str) -> int:
     """Parameter count of the zoo module (built on the meta device), at seq 1024 for GPT."""
     from graphs.zoo import build_module, get_config

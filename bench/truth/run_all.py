@@ -27,8 +27,8 @@ import datetime as _dt
 import json
 import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +36,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+import contextlib
+
 import configs as C  # noqa: E402
 
 PY = sys.executable
@@ -50,10 +52,8 @@ def read_lines(path: Path) -> list[dict]:
         return []
     out = []
     for line in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
     return out
 
 
@@ -76,23 +76,17 @@ def kill_pids(pid_dir: Path) -> None:
     """SIGKILL the worker processes that wrote their pid into pid_dir, and wait for them."""
     pids = []
     for f in pid_dir.glob("pid_*") if pid_dir.exists() else []:
-        try:
+        with contextlib.suppress(ValueError):
             pids.append(int(f.read_text()))
-        except ValueError:
-            pass
     pids = [pid for pid in pids if _is_worker(pid)]
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     t = time.time()
     while time.time() - t < 20 and any(Path(f"/proc/{pid}").exists() for pid in pids):
         for pid in pids:
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
         time.sleep(0.2)
     if pids:
         log(f"killed worker pids {pids}")
@@ -122,7 +116,7 @@ def run_worker(name: str, cmd_prefix: list[str], runs: list[dict], out: Path, en
         cmd = cmd_prefix + [str(HERE / "truth.py"), "--configs", str(cfg), "--out", str(out),
                             "--device", device]
         log(f"{name}: start worker #{attempt} with {len(todo)} runs")
-        pid_dir = Path(tempfile.gettempdir()) / f"truth_pids_{out.stem}_{attempt}"
+        pid_dir = Path(tempfile.gettempdir()) / "truth_pids_nccl"
         p = subprocess.Popen(cmd, env=dict(env, TRUTH_PID_DIR=str(pid_dir)), start_new_session=True)
         PID_DIRS.append(pid_dir)
         last_n, last_t, current = len(read_lines(out)), time.time(), None
@@ -142,10 +136,8 @@ def run_worker(name: str, cmd_prefix: list[str], runs: list[dict], out: Path, en
                 killed = "hard deadline of the phase"
             if killed:
                 log(f"{name}: killing worker ({killed})")
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 p.wait()
                 kill_pids(pid_dir)   # torchrun starts its ranks in sessions of their own
                 break
@@ -229,7 +221,7 @@ def main(argv=None) -> int:
         cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(REPO / "bench" / "nccl_bench.py"), "--out", str(out_dir / "nccl_raw_h200x2.json"),
                "--max-seconds", str(a.nccl_seconds)]
-        pid_dir = Path(tempfile.gettempdir()) / f"truth_pids_{out.stem}_{attempt}"
+        pid_dir = Path(tempfile.gettempdir()) / "truth_pids_nccl"
         p = subprocess.Popen(cmd, env=dict(env, TRUTH_PID_DIR=str(pid_dir)), start_new_session=True)
         PID_DIRS.append(pid_dir)
         try:

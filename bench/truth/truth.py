@@ -52,11 +52,11 @@ for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
 
 import argparse
 import bisect
+import contextlib
 import datetime as _dt
 import gc
 import inspect
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -74,8 +74,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from graphs.zoo import build_module, get_config  # noqa: E402
 import configs as C  # noqa: E402
+
+from graphs.zoo import build_module, get_config  # noqa: E402
 
 MARK = "truth::mark::"
 
@@ -192,10 +193,8 @@ def instrument(model) -> None:
     model.blocks[0].register_forward_pre_hook(pre_block0)
     final_norm(model).register_forward_pre_hook(pre_norm)
     for p in embed_params(model):
-        try:
+        with contextlib.suppress(Exception):    # older torch / wrapped params have no such hook
             p.register_post_accumulate_grad_hook(lambda p: mark("bwd_tail"))
-        except Exception:       # noqa: BLE001  (older torch / wrapped params)
-            pass
 
 
 def build(run: dict, dev: Dev, seed: int = 0) -> nn.Module:
@@ -310,8 +309,7 @@ def _gpt_attn_forward_tp(self, x):
 
 def setup_tp(run, dev, amp, world):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     mesh = init_device_mesh(dev.kind, (world,))
     model = build(run, dev)
     gpt = run["family"] == "gpt"
@@ -580,7 +578,7 @@ def classify_trace(path: str, cpu_mode: bool) -> dict:
 
     # host time per region: from each marker to the next one on the same thread
     host_b: dict = {}
-    for tid, seq in marks.items():
+    for _tid, seq in marks.items():
         seq = [m for m in seq if m[0] >= t0]
         for (ts, lab), nxt in zip(seq, seq[1:] + [(None, None)]):
             if lab == "end":
@@ -743,12 +741,14 @@ def main(argv=None) -> int:
     dist = None
     if world > 1:
         import datetime
+
         import torch.distributed as dist
         dist.init_process_group("nccl" if a.device == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=150),
                                 **({"device_id": dev.device} if a.device == "cuda" else {}))
     runs = json.loads(Path(a.configs).read_text())
-    out = open(a.out, "a") if rank == 0 else None
+    # appended to by emit() for the whole run, row by row, so a killed run keeps its rows
+    out = open(a.out, "a") if rank == 0 else None  # noqa: SIM115
 
     def emit(obj):
         if out is not None:
