@@ -136,14 +136,14 @@ def bench_layers(configs, repeats=10, log=print):
             go = torch.randn(b, s, h, device=dev, dtype=torch.bfloat16)
             params = list(layer.parameters()) + [x]
 
-            def clear():
+            def clear(params=params):
                 for p in params:
                     p.grad = None
 
-            def fwd():
+            def fwd(layer=layer, x=x):
                 layer(x)
 
-            def fwd_bwd():
+            def fwd_bwd(layer=layer, x=x, go=go):
                 layer(x).backward(go)
 
             t_f = _time(fwd, 3, repeats)
@@ -152,7 +152,8 @@ def bench_layers(configs, repeats=10, log=print):
             log(f"layer h={h} heads={nh} s={s} b={b}: out of memory")
             continue
         finally:
-            layer = x = go = params = None
+            # the closures hold the layer and its inputs too: free them before empty_cache
+            layer = x = go = params = clear = fwd = fwd_bwd = None
             torch.cuda.empty_cache()
         fl = layer_flops(h, s, b)
         log(f"layer h={h:5d} heads={nh:3d} s={s:4d} b={b:2d}: fwd {t_f*1e3:8.3f} ms "
@@ -179,7 +180,7 @@ def bench_gpt_step(batches, hidden=2048, layers=24, heads=32, vocab=51200, seq=1
         idx = torch.randint(0, vocab, (b, seq), device=dev)
         tgt = torch.randint(0, vocab, (b, seq), device=dev)
 
-        def step():
+        def step(idx=idx, tgt=tgt):
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(idx, tgt)

@@ -377,7 +377,7 @@ def _run(torch, dist, rank: int, world: int, device, a: argparse.Namespace) -> N
                 for _ in range(repeats):
                     dist.barrier()
                     if active:
-                        ts.append(clock.time(lambda: [op() for _ in range(inner)]) / inner)
+                        ts.append(clock.time(lambda op=op, inner=inner: [op() for _ in range(inner)]) / inner)
                 med = statistics.median(ts) if ts else 0.0
                 t = allmax(med)
                 tmin = -allmax(-(min(ts) if ts else math.inf))   # fastest region of any active rank

@@ -31,5 +31,5 @@ plan.to_json("plan.json")                        # validated against the shipped
 # A hand-made Megatron plan on the same cluster, scored by the same evaluator.
 tp = min(8, cluster.gpus_per_node)
 ref = build_3d(model, cluster, a.global_batch, Config3D(dp=cluster.n_gpus // tp, tp=tp, pp=1, microbatch=1))
-print(f"\nauto {plan.predicted['step_time_s']:.2f} s/step vs Megatron {ref.config['label']}: "
-      f"{ref.predicted['step_time_s']:.2f} s/step" + ("" if ref.predicted["fits"] else " (does not fit)"))
+print(f"\nauto {plan.predicted.step_time_s:.2f} s/step vs Megatron {ref.config.label}: "
+      f"{ref.predicted.step_time_s:.2f} s/step" + ("" if ref.predicted.fits else " (does not fit)"))

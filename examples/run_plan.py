@@ -40,14 +40,14 @@ def main() -> None:
     a = ap.parse_args()
 
     plan = autopar.plan(a.model, "p3.16xlarge", nodes=1, gpus_per_node=4, global_batch=8)
-    print(f"plan: {plan.config.get('label')}, predicted step time {plan.predicted['step_time_s'] * 1e3:.2f} ms")
+    print(f"plan: {plan.config.label}, predicted step time {plan.predicted.step_time_s * 1e3:.2f} ms")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "plan.json"
         plan.to_json(path)
         out = run_plan(str(path), steps=a.steps, device=a.device, check=True)
     print(f"measured {out['measured_step_time_s'] * 1e3:.1f} ms per step on {out['n_processes']} {a.device} "
-          f"processes (the prediction is for the plan's {plan.cluster.get('gpu')} GPUs)")
-    print(f"loss per step {['%.5f' % x for x in out['losses']]}")
+          f"processes (the prediction is for the plan's {plan.cluster.gpu} GPUs)")
+    print(f"loss per step {[f'{x:.5f}' for x in out['losses']]}")
     print(f"vs one process: max |loss diff| {out['max_abs_loss_diff']:.2e}, "
           f"max |grad diff| {out['max_abs_grad_diff']:.2e} over {out['n_grads_compared']} gradients")
 

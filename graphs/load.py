@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import traceback
 
 import torch
 
@@ -12,6 +13,11 @@ from . import zoo
 from .errors import GraphsError, SpecError, UnknownModelError
 from .ir import OpGraph
 from .trace import trace
+from .zoo.config import LIMITS
+
+# Token ids of [batch, seq] beyond these make traced shapes whose element counts overflow int64
+# further down (attention scores are batch x heads x seq x seq).
+MAX_BATCH = 1 << 20
 
 _FACTORY_RE = re.compile(r"^(?P<path>.+\.py):(?P<func>[A-Za-z_][A-Za-z0-9_]*)$")
 
@@ -27,6 +33,11 @@ def load(model, batch: int = 1, seq: int | None = None, example_inputs=None,
         (the last three need example_inputs).
     batch, seq: shape of the token ids for zoo and hf models (seq defaults to the model's).
     """
+    for key, value, hi in (("batch", batch, MAX_BATCH), ("seq", seq, LIMITS["seq"][1])):
+        if value is None and key == "seq":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+            raise SpecError(f"{key} must be a whole number from 1 to {hi:,} (got {value!r})")
     if isinstance(model, str):
         return _load_named(model, batch, seq, example_inputs, dtype, n_layers, name)
     if isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
@@ -84,8 +95,13 @@ def _load_factory(text, m, dtype, n_layers, name, batch=None, seq=None) -> OpGra
         raise SpecError(f"{path!r} does not exist (from {text!r})")
     stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
     spec = importlib.util.spec_from_file_location(f"_autopar_factory_{stem}", path)
+    if spec is None or spec.loader is None:
+        raise SpecError(f"{path} cannot be imported as a Python file (from {text!r})")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except (Exception, SystemExit) as e:      # the user's code: show their error, not autopar's traceback
+        raise SpecError(f"{path} failed to import: {_user_error(e, path)}") from None
     factory = getattr(mod, func, None)
     if not callable(factory):
         public = [k for k, v in vars(mod).items() if callable(v) and not k.startswith("_")]
@@ -95,7 +111,10 @@ def _load_factory(text, m, dtype, n_layers, name, batch=None, seq=None) -> OpGra
     import inspect
     params = inspect.signature(factory).parameters
     kwargs = {k: v for k, v in (("batch", batch), ("seq", seq)) if k in params and v is not None}
-    result = factory(**kwargs)
+    try:
+        result = factory(**kwargs)
+    except (Exception, SystemExit) as e:      # the user's code: show their error, not autopar's traceback
+        raise SpecError(f"{path}:{func}() raised {_user_error(e, path)}") from None
     if not (isinstance(result, tuple) and len(result) == 2
             and isinstance(result[0], torch.nn.Module)):
         raise SpecError(f"{text}: factory() must return (module, example_inputs), "
@@ -103,3 +122,17 @@ def _load_factory(text, m, dtype, n_layers, name, batch=None, seq=None) -> OpGra
     module, inputs = result
     return trace(module, inputs, name=name or f"{os.path.basename(path)}:{func}", dtype=dtype,
                  n_layers=n_layers)
+
+
+def _user_error(e: BaseException, path: str) -> str:
+    """`Type: message (file:line)`, at the innermost frame in the user's file."""
+    where = ""
+    if isinstance(e, SyntaxError):
+        where = f" ({e.filename or path}:{e.lineno})"
+    else:
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if os.path.abspath(f.filename) == os.path.abspath(path)]
+        if frames:
+            where = f" ({path}:{frames[-1].lineno})"
+    text = " ".join(str(e.msg if isinstance(e, SyntaxError) else e).split())
+    return f"{type(e).__name__}: {text}{where}"

@@ -126,7 +126,7 @@ def symbolic(module: torch.nn.Module, args: tuple, kwargs: dict) -> TracedProgra
             raise _Failure(f"torch.fx.symbolic_trace stopped {_where_exc(e)}") from e
     prop = _MetaProp(module, graph)
     try:
-        prop.run(*[_to_meta(v) for v in values_in])
+        prop.run(*[to_meta(v) for v in values_in])
     except _NodeFailed as e:
         raise _Failure(f"shape propagation on meta tensors stopped {e.description}") \
             from e.__cause__
@@ -149,7 +149,7 @@ def symbolic(module: torch.nn.Module, args: tuple, kwargs: dict) -> TracedProgra
 def export(module: torch.nn.Module, args: tuple, kwargs: dict) -> TracedProgram:
     # export fakes inputs and weights itself; inputs only have to sit on the weights' device
     device = next(iter(_state(module)), torch.empty(0, device="meta")).device
-    move = (lambda v: _to_meta(v)) if device.type == "meta" else (lambda v: _to_device(v, device))
+    move = (lambda v: to_meta(v)) if device.type == "meta" else (lambda v: _to_device(v, device))
     ep = torch.export.export(module, tuple(move(a) for a in args),
                              kwargs={k: move(v) for k, v in kwargs.items()}, strict=False)
     return from_export(ep)
@@ -182,7 +182,7 @@ def from_export(ep: torch.export.ExportedProgram) -> TracedProgram:
                              f"{_stack_line(n.meta.get('stack_trace'))}; the planner needs "
                              "static shapes: replace it (e.g. nonzero/masked_select by masks)")
     model_dtype = torch.float32
-    for n, name in params.items():
+    for n in params:
         if isinstance(values[n], torch.Tensor) and values[n].is_floating_point():
             model_dtype = values[n].dtype
             break
@@ -221,7 +221,7 @@ class _MetaProp(fx.Interpreter):
         v = super().get_attr(target, args, kwargs)
         if isinstance(v, torch.Tensor) and v.device.type != "meta":
             if id(v) not in self._meta_cache:
-                self._meta_cache[id(v)] = _to_meta(v)
+                self._meta_cache[id(v)] = to_meta(v)
             return self._meta_cache[id(v)]
         return v
 
@@ -230,7 +230,7 @@ class _MetaProp(fx.Interpreter):
         if self._on_meta:
             return mod(*args, **kwargs)
         if target not in self._meta_state:
-            self._meta_state[target] = {k: _to_meta(t) for k, t in
+            self._meta_state[target] = {k: to_meta(t) for k, t in
                                         list(mod.named_parameters()) + list(mod.named_buffers())}
         return torch.func.functional_call(mod, self._meta_state[target], args, kwargs)
 
@@ -294,16 +294,17 @@ def _bind(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[list, dic
     return values, concrete
 
 
-def _to_meta(v):
+def to_meta(v):
+    """`v` with every tensor in it replaced by a meta tensor of the same shape, stride and dtype."""
     if isinstance(v, torch.Tensor):
         if v.device.type == "meta":
             return v
         return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype,
                                    device="meta")
     if isinstance(v, (tuple, list)):
-        return type(v)(_to_meta(x) for x in v)
+        return type(v)(to_meta(x) for x in v)
     if isinstance(v, dict):
-        return {k: _to_meta(x) for k, x in v.items()}
+        return {k: to_meta(x) for k, x in v.items()}
     return v
 
 

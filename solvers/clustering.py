@@ -66,7 +66,14 @@ class _Splitter:
 
     def split(self, cap: float, allowed: np.ndarray) -> list[int]:
         """A split into exactly K groups within cap (which must be feasible)."""
-        return self._refine(self.feasible(cap, allowed), allowed)
+        return self._refine(self._within(cap, allowed), allowed)
+
+    def _within(self, cap: float, allowed: np.ndarray) -> list[int]:
+        """`feasible` where the caller knows that cap is feasible."""
+        starts = self.feasible(cap, allowed)
+        if starts is None:
+            raise ValueError(f"no split into {self.k} groups within {cap} FLOPs")
+        return starts
 
     def _refine(self, starts: list[int], allowed: np.ndarray) -> list[int]:
         """Add unused allowed cuts until there are K groups: always split the heaviest group
@@ -88,7 +95,8 @@ class _Splitter:
                     mid = p[a] + weight / 2
                     cut = int(inner[np.argmin(np.abs(p[inner] - mid))])
                     best = (weight, cut)
-            starts.append(best[1])  # exists: fewer than K groups means an unused cut
+            assert best is not None, "fewer than K groups means an unused cut"
+            starts.append(best[1])
             starts.sort()
         return starts
 
@@ -101,10 +109,11 @@ class _Splitter:
         `cap` is feasible. Bisection on the value where every feasible probe snaps `hi`
         down to the largest group of a real split (a fewest-groups one: splitting it further
         to K groups only lightens groups), so `hi` is always achievable."""
-        hi = self.max_group(self.feasible(cap, allowed))
+        hi = self.max_group(self._within(cap, allowed))
         lo = self.prefix[-1] / self.k  # the average: no split does better
-        if self.feasible(lo, allowed) is not None:
-            return self.max_group(self.feasible(lo, allowed))
+        at_average = self.feasible(lo, allowed)
+        if at_average is not None:
+            return self.max_group(at_average)
         for _ in range(200):
             if hi - lo <= 1e-12 * abs(hi):
                 break

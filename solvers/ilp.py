@@ -157,6 +157,11 @@ class _Reduced:
     and each step only revisits nodes/edges whose versions moved since it last looked, so
     the fixpoint costs little more than one pass."""
 
+    elim_log: list[tuple[int, tuple[int, ...], np.ndarray]]
+    edges: dict[tuple[int, int], np.ndarray]
+    adj: list[set[int]]
+    seen: dict[str, dict]
+
     def __init__(self, costs, edges, mem, budget):
         n = len(costs)
         self.n = n
@@ -175,9 +180,9 @@ class _Reduced:
                 self.cost[v][~np.isfinite(self.mem[v])] = np.inf
         self.fixed = np.full(n, -1, dtype=np.int64)
         self.eliminated = np.zeros(n, dtype=bool)
-        self.elim_log: list[tuple[int, tuple[int, ...], np.ndarray]] = []
-        self.edges: dict[tuple[int, int], np.ndarray] = {}
-        self.adj: list[set[int]] = [set() for _ in range(n)]
+        self.elim_log = []
+        self.edges = {}
+        self.adj = [set() for _ in range(n)]
         for u, v, r in edges:
             if u == v:  # a self-loop can only ever use its diagonal
                 self.cost[u] = self.cost[u] + np.diag(r)
@@ -192,7 +197,7 @@ class _Reduced:
                 self.adj[v].add(u)
         self.infeasible = False
         self.ver = [1] * n
-        self.seen: dict[str, dict] = {k: {} for k in ("forbid", "fix", "sep", "dom", "elim")}
+        self.seen = {k: {} for k in ("forbid", "fix", "sep", "dom", "elim")}
 
     # -- state helpers
     def oriented(self, v: int, w: int) -> np.ndarray:
@@ -454,7 +459,8 @@ def _group_rows(a: np.ndarray) -> tuple[list[int], list[list[int]]]:
     """Identical rows of a small matrix: (representative row per group, members per group).
     Keyed on the raw bytes, which is ~10x faster than np.unique(axis=0) at these sizes."""
     index: dict[bytes, int] = {}
-    reps, members = [], []
+    reps: list[int] = []
+    members: list[list[int]] = []
     for i, row in enumerate(a):
         g = index.setdefault(row.tobytes(), len(reps))
         if g == len(reps):
@@ -761,7 +767,7 @@ def _local_search(costs, edges, mem, budget, max_sweeps: int = 50) -> np.ndarray
     feasible moves only. Used only when the solver stops on time."""
     n = len(costs)
     base = [c.copy() for c in costs]
-    adj = [[] for _ in range(n)]
+    adj: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n)]
     for u, v, r in edges:
         if u == v:
             base[u] += np.diag(r)

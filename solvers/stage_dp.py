@@ -140,6 +140,14 @@ def _empty_result(t0, n_tried) -> StageDPResult:
 # the DP at one t_max
 
 
+@dataclass
+class _Best:
+    """The least pipeline latency T found so far, and its stages."""
+
+    total: float = math.inf   # in the unit of stage_cost
+    stages: list[tuple[int, int, int]] | None = None
+
+
 class _Solver:
     def __init__(self, inp: _Input):
         self.inp = inp
@@ -165,8 +173,8 @@ class _Solver:
         best = inp.c.min(axis=(2, 3))
         self.prefix_cost = np.full(n_layers + 1, np.inf)
         self.prefix_cost[0] = 0.0
-        for j in range(1, n_layers + 1):
-            self.prefix_cost[j] = np.min(self.prefix_cost[:j] + best[:j, j])
+        for end in range(1, n_layers + 1):
+            self.prefix_cost[end] = np.min(self.prefix_cost[:end] + best[:end, end])
         self.n_solves = 0
 
     def candidates(self) -> np.ndarray:
@@ -217,7 +225,7 @@ class _Solver:
         if feasibility_only:
             g_prev = np.zeros((n_layers + 1, n_d), dtype=bool)
             g_prev[n_layers, 0] = True
-            pad_value = False
+            pad_value: bool | float = False
         else:
             g_prev = np.full((n_layers + 1, n_d), np.inf)
             g_prev[n_layers, 0] = 0.0
@@ -227,7 +235,7 @@ class _Solver:
         for depth in range(1, self.inp.s_max + 1):
             e0, e1 = s_bounds[depth], s_bounds[depth + 1]
             g_cur = np.zeros_like(g_prev) if feasibility_only else np.full_like(g_prev, np.inf)
-            live_rows = (g_prev if feasibility_only else np.isfinite(g_prev)).any(axis=1)
+            live_rows = np.any(g_prev if feasibility_only else np.isfinite(g_prev), axis=1)
             kk, jj, mm, cc = k[e0:e1], j[e0:e1], m[e0:e1], cv[e0:e1]
             useful = live_rows[jj]  # entries that lead into a solvable rest
             if useful.any():
@@ -345,13 +353,13 @@ def stage_dp(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_devices: 
     cands = solver.candidates()
     b = inp.b
 
-    best = {"T": math.inf, "stages": None}
+    best = _Best()
 
     def solve_at(t_max: float, t_low: float = -math.inf):
         """DP at t_max; records the best T. Returns (F, actual max t) or (inf, None).
         Knowing every solution's max stage time is >= t_low, solutions that cannot beat the
         best T are pruned inside the DP, and then (inf, None) also means "none better"."""
-        cutoff = best["T"] - (b - 1) * t_low if math.isfinite(t_low) else math.inf
+        cutoff = best.total - (b - 1) * t_low if math.isfinite(t_low) else math.inf
         tables, top = solver.solve(t_max, cutoff=cutoff)
         depth = int(np.argmin(top))
         f = float(top[depth])
@@ -359,8 +367,8 @@ def stage_dp(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_devices: 
             return math.inf, None
         stages = solver.reconstruct(tables, depth, t_max)
         total, _, t_actual = _total(inp, stages)
-        if total < best["T"]:
-            best["T"], best["stages"] = total, stages
+        if total < best.total:
+            best.total, best.stages = total, stages
         return f, t_actual
 
     # 1. smallest feasible t_max: gallop up from a lower bound, then bisect, on the
@@ -406,13 +414,13 @@ def stage_dp(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_devices: 
         # No bubble term: T = F, least with every entry allowed. The solution above
         # seeds the pruning of that (dense, so otherwise costly) solve.
         solve_at(float(cands[-1]), t_low)
-        return _final(inp, best["stages"], solver, t0)
+        return _final(inp, best.stages, solver, t0)
     # 2. walk down from the top of the window that can still beat the best T.
     f_relaxed = _relaxed_sum(inp)
 
     def window_top() -> float:
         # (B-1) t + max(t, F_relaxed) < T_best  <=>  t below both bounds
-        return min((best["T"] - f_relaxed) / (b - 1), best["T"] / b)
+        return min((best.total - f_relaxed) / (b - 1), best.total / b)
 
     # Two probes inside the window first: a good T early shrinks the window before the
     # walk reaches its top, where the DP solves are the most expensive.
@@ -428,10 +436,10 @@ def stage_dp(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_devices: 
         if idx < 0 or cands[idx] <= t_floor:
             break
         f, t_actual = solve_at(float(cands[idx]), t_low)
-        if t_actual is None or f + (b - 1) * t_low >= best["T"]:
+        if t_actual is None or f + (b - 1) * t_low >= best.total:
             break  # F only grows below here: nothing left can win
         upper = t_actual  # F is constant on [t_actual, cands[idx]]: skip that stretch
-    return _final(inp, best["stages"], solver, t0)
+    return _final(inp, best.stages, solver, t0)
 
 
 def _final(inp: _Input, stages, solver, t0) -> StageDPResult:

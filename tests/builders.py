@@ -15,7 +15,7 @@ import math
 from graphs.annotate import annotate
 from graphs.ir import ELEMENTWISE, EMBEDDING, INPUT, LOSS, MATMUL, NORM, SOFTMAX, VIEW, Operand, OpGraph, OpNode
 from graphs.layers import assign_layers
-from graphs.lower import linear_equation, reshape_dim_groups
+from graphs.lower_rules import linear_equation, reshape_dim_groups
 
 DT = "bf16"
 

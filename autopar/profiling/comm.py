@@ -230,7 +230,7 @@ def from_raw(raws: list[dict], *, link: str | None = None, intra_from: str = "jo
     """A profile from one or more raw benchmark documents (repeated runs of one machine)."""
     for i, raw in enumerate(raws):
         if not isinstance(raw, dict) or raw.get("schema") != RAW_SCHEMA:
-            raise CommProfileError(f"raw file {(sources or [i])[i]}: schema is "
+            raise CommProfileError(f"raw file {sources[i] if sources else i}: schema is "
                                    f"{raw.get('schema') if isinstance(raw, dict) else None!r}, expected {RAW_SCHEMA!r}")
     machines = [raw.get("machine") or {} for raw in raws]
     if len({m.get("gpu") for m in machines}) > 1:

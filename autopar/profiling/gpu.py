@@ -39,10 +39,10 @@ CLI: ``python -m autopar.profiling.gpu --out FILE [--quick]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from autopar.fileio import check_output, write_text
 from autopar.hardware.profiles import (
     GPU_SCHEMA,
     MATMUL_DTYPES,
@@ -138,10 +139,8 @@ def _bench(clock: _Clock, fn: Callable[[int], Any], *, graph: bool = True,
         except Exception:  # noqa: BLE001 - any capture failure: time eagerly instead
             g = None
             run = None
-            try:
+            with contextlib.suppress(Exception):
                 clock.sync()
-            except Exception:  # noqa: BLE001
-                pass
     if run is None:
         def run():
             for i in range(n_inner):
@@ -273,7 +272,6 @@ def _measure_matmul(torch, clock, device, grid, rot_bytes, deadline, log):
 def _sdpa_context(torch):
     """Context that selects the flash backend, and its name; (nullcontext, 'default')
     where torch has no such selector."""
-    import contextlib
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         return (lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])), "flash"
@@ -302,14 +300,13 @@ def _measure_attention(torch, clock, device, grid, deadline, log):
                 with ctx():
                     F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             except Exception:  # noqa: BLE001 - flash unavailable for this shape/device
-                import contextlib
                 ctx, backend = contextlib.nullcontext, "default"
 
-            def fwd(i):
+            def fwd(i, q=q, k=k, v=v, ctx=ctx, causal=causal):
                 with torch.no_grad(), ctx():
                     F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-            def fwd_bwd(i):
+            def fwd_bwd(i, q=q, k=k, v=v, go=go, ctx=ctx, causal=causal):
                 with ctx():
                     o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
                 torch.autograd.grad(o, (q, k, v), go)
@@ -320,7 +317,7 @@ def _measure_attention(torch, clock, device, grid, deadline, log):
             log(f"attention {b}x{h}x{s}x{d}: out of memory, skipped")
             continue
         finally:
-            q = k = v = go = None
+            q = k = v = go = fwd = fwd_bwd = None   # the closures hold the inputs too
         backends[backend] = backends.get(backend, 0) + 1
         rows.append({"dtype": "bf16" if clock.cuda else "fp32", "batch": b, "heads": h,
                      "seq": s, "head_dim": d, "causal": causal, "fwd_s": t_f,
@@ -352,32 +349,38 @@ def _measure_memory_bound(torch, clock, device, grid, rot_bytes, deadline, log):
             w = torch.randn(ROW_DIM, device=device, dtype=dt, generator=gen)
             bias = torch.randn(ROW_DIM, device=device, dtype=dt, generator=gen)
 
-            if kernel == "copy":
-                def fn(i):
-                    out.copy_(X[i % nsets])
-            elif kernel == "add":
-                def fn(i):
-                    torch.add(X[i % nsets], Y[i % nsets], out=out)
-            elif kernel == "gelu":
-                def fn(i):
-                    F.gelu(X[i % nsets])
-            elif kernel == "layernorm":
-                def fn(i):
-                    F.layer_norm(X[i % nsets], (ROW_DIM,), w, bias)
-            elif kernel == "softmax":
-                def fn(i):
-                    torch.softmax(X[i % nsets], dim=-1)
-            else:  # pragma: no cover
-                raise ValueError(kernel)
+            fn = _memory_bound_call(torch, F, kernel, X, Y, out, w, bias, nsets)
             t = _bench(clock, fn, max_inner=max(nsets, 16))
         except torch.cuda.OutOfMemoryError:
             log(f"memory_bound {kernel} {target}: out of memory, skipped")
             continue
         finally:
-            X = Y = out = None
+            X = Y = out = fn = None   # fn holds the inputs too
         moved = n_tensors * numel * esz
         rows.append({"kernel": kernel, "bytes": moved, "time_s": t, "gbps": moved / t / 1e9})
     return rows
+
+
+def _memory_bound_call(torch, F, kernel, X, Y, out, w, bias, nsets):
+    """fn(i) for _bench: one `kernel` call on input set i of X (and Y)."""
+    if kernel == "copy":
+        def fn(i):
+            out.copy_(X[i % nsets])
+    elif kernel == "add":
+        def fn(i):
+            torch.add(X[i % nsets], Y[i % nsets], out=out)
+    elif kernel == "gelu":
+        def fn(i):
+            F.gelu(X[i % nsets])
+    elif kernel == "layernorm":
+        def fn(i):
+            F.layer_norm(X[i % nsets], (ROW_DIM,), w, bias)
+    elif kernel == "softmax":
+        def fn(i):
+            torch.softmax(X[i % nsets], dim=-1)
+    else:  # pragma: no cover
+        raise ValueError(kernel)
+    return fn
 
 
 def _measure_launch(torch, clock, device):
@@ -558,7 +561,8 @@ def merge_profiles(profiles: list[dict]) -> dict:
              "memory_bound": ("time_s",)}
     derived = ("tflops", "gbps")
     for sec, fields in timed.items():
-        order, groups = [], {}
+        order: list[tuple] = []
+        groups: dict[tuple, list[dict]] = {}
         for p in profiles:
             for r in p[sec]:
                 key = tuple((k, v) for k, v in r.items() if k not in fields + derived)
@@ -633,22 +637,21 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--merge", nargs="+", metavar="PROFILE",
                     help="measure nothing: merge these profiles (repeated runs on one GPU) "
                          "into --out")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     args = ap.parse_args(list(argv) if argv is not None else None)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out, args.force, "--out")      # before minutes of measuring, not after
     if args.merge:
         prof = merge_profiles([load_gpu_profile_file(p) for p in args.merge])
-        with open(out, "w") as f:
-            json.dump(prof, f, indent=1)
+        validate_gpu_profile(prof)
+        write_text(out, json.dumps(prof, indent=1), args.force, "--out")
         print(summarize(prof))
         print(f"wrote {out}")
         return 0
 
     def checkpoint(prof):
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(prof, f, indent=1)
-        os.replace(tmp, out)
+        # the first checkpoint creates --out; later ones replace this run's own file
+        write_text(out, json.dumps(prof, indent=1), True, "--out")
 
     try:
         prof = measure_profile(args.device, args.quick, max_seconds=args.max_seconds,

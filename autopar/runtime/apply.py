@@ -8,27 +8,35 @@ its own stage's parameters.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from autopar.plan import Plan, PlanError
+from autopar.sharding.spec import parse_spec
+from graphs import zoo
 from graphs.ir import INPUT, OpGraph
+from graphs.query import main_boundary
+from graphs.trace import symbolic, to_meta, trace
 
-from .layout import local_shape, placements
+from .layout import local_shape, placements, spec_of
 from .program import NotAppliableError, StageModule, param_sources, partition
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 SCHEDULES = ("gpipe", "1f1b")
 
 
 def rank_layout(plan: Plan) -> list[tuple[int, int, int]]:
     """(stage index, index in the stage's mesh, device id) per rank."""
-    if plan.training.get("schedule") == "interleaved" or len({s.index for s in plan.stages}) != len(plan.stages):
+    if plan.training.schedule == "interleaved" or len({s.index for s in plan.stages}) != len(plan.stages):
         raise NotAppliableError("interleaved schedules (several stages per device) are not supported by "
                                 "autopar.runtime; plan with schedule 1f1b or gpipe")
-    out = []
+    out: list[tuple[int, int, int]] = []
     for s in sorted(plan.stages, key=lambda s: s.index):
         out.extend((s.index, j, d) for j, d in enumerate(s.device_ids))
     ids = [d for _, _, d in out]
@@ -39,8 +47,7 @@ def rank_layout(plan: Plan) -> list[tuple[int, int, int]]:
 
 def trace_model(model: nn.Module, example_inputs: tuple, dtype: str = "bf16"):
     """(fx program, IR) of `model` as the planner sees it: the same tracer, so the same node names."""
-    from graphs.trace import _to_meta, symbolic, trace
-    meta_inputs = tuple(_to_meta(x) for x in example_inputs)
+    meta_inputs = tuple(to_meta(x) for x in example_inputs)
     prog = symbolic(model, meta_inputs, {})
     ir = trace(model, meta_inputs, dtype=dtype)
     return prog, ir
@@ -48,8 +55,8 @@ def trace_model(model: nn.Module, example_inputs: tuple, dtype: str = "bf16"):
 
 def check_plan_matches(plan: Plan, ir: OpGraph) -> None:
     """Raise PlanError when the plan was made for another model (layers or op names differ)."""
-    n_layers = plan.model.get("n_layers")
-    if n_layers is not None and n_layers != len(ir.layers):
+    n_layers = plan.model.n_layers
+    if n_layers != len(ir.layers):
         raise PlanError(f"plan does not match the model: the plan has {n_layers} layers, the model "
                         f"{ir.name!r} has {len(ir.layers)}")
     last = max(s.layers[1] for s in plan.stages)
@@ -102,17 +109,17 @@ class ParallelModel:
         self.stage = stages[self.stage_index]
         self.n_stages = len(stages)
         tr = plan.training
-        self.n_microbatches = int(tr["n_microbatches"])
-        self.microbatch_size = int(tr["microbatch_size"])
-        self.schedule_name = tr.get("schedule", "1f1b")
-        self.zero = int(tr.get("zero", 0))
+        self.n_microbatches = tr.n_microbatches
+        self.microbatch_size = tr.microbatch_size
+        self.schedule_name = tr.schedule
+        self.zero = tr.zero
         if self.n_stages > 1 and self.schedule_name not in SCHEDULES:
             raise NotAppliableError(f"schedule {self.schedule_name!r} is not supported; use one of {SCHEDULES}")
 
-        prog, ir = trace_model(model, example_inputs, plan.training.get("dtype", "bf16"))
+        prog, ir = trace_model(model, example_inputs, plan.training.dtype)
         check_plan_matches(plan, ir)
         self.ir = ir
-        programs = partition(prog.graph, ir, [tuple(s.layers) for s in stages])
+        programs = partition(prog.graph, ir, [(s.layers[0], s.layers[1]) for s in stages])
         self.programs = programs
         canon = {id(p): name for name, p in model.named_parameters()}
         param_of = param_sources(prog.graph, model, canon)
@@ -167,7 +174,7 @@ class ParallelModel:
         self.params = params
         self._setup_optimizer(optimizer, lr)
         self.schedule = self._pipeline(prog) if self.n_stages > 1 else None
-        self.data_names = [n.target for n in my.data]
+        self.data_names = [str(n.target) for n in my.data]     # placeholder names
 
     # -- setup ----------------------------------------------------------------------------------
     def _mesh(self, s, ranks):
@@ -201,7 +208,6 @@ class ParallelModel:
         """Layout of each tensor stage k sends to stage k+1: the receiver's input_spec for the main
         boundary when both meshes have the same shape (local shards pair up by mesh position),
         else replicated."""
-        from graphs.query import main_boundary
         a, b = self.stages[k], self.stages[k + 1]
         nxt = [n for li in range(*b.layers) for n in self.ir.layers[li].nodes]
         main = main_boundary(self.ir, nxt)
@@ -219,16 +225,18 @@ class ParallelModel:
             # parameter is replicated; after its step the shards are gathered back.
             from torch.distributed.tensor import DTensor
             for name, p in self.params.items():
-                pl = _shard_replicated(tuple(p.placements), p.shape, tuple(self.stage.logical_mesh))
-                if pl != tuple(p.placements):
-                    m = p.detach().redistribute(self.mesh, pl)
+                d = cast(DTensor, p)     # with a mesh, every parameter is a DTensor
+                pl = _shard_replicated(tuple(d.placements), d.shape, tuple(self.stage.logical_mesh))
+                if pl != tuple(d.placements):
+                    m = cast(DTensor, d.detach()).redistribute(self.mesh, pl)
                     m = DTensor.from_local(m.to_local().clone(), self.mesh, pl, run_check=False, shape=m.shape,
                                            stride=m.stride())
                     self.masters[name] = nn.Parameter(m)
         opt_params = [self.masters.get(n, p) for n, p in self.params.items()]
         plain = self.mesh is None and self.device.type == "cuda"
+        self.optimizer: torch.optim.Optimizer
         if kind == "adam":
-            self.optimizer = torch.optim.Adam(opt_params, lr=lr, **({"fused": True} if plain else {}))
+            self.optimizer = torch.optim.Adam(opt_params, lr=lr, fused=True if plain else None)
         elif kind == "sgd":
             self.optimizer = torch.optim.SGD(opt_params, lr=lr)
         else:
@@ -267,7 +275,6 @@ class ParallelModel:
     # -- training -------------------------------------------------------------------------------
     def _autocast(self):
         if self.autocast_dtype is None:
-            import contextlib
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
@@ -283,13 +290,13 @@ class ParallelModel:
         loss = None
         with self._autocast():
             if self.schedule is None:
-                total = 0.0
+                total: torch.Tensor | float = 0.0
                 for i in range(B):
                     args = [batch[n][i * mb:(i + 1) * mb] for n in self.data_names]
                     out = self.module(*args)
                     (out / B).sum().backward()
                     total = total + out.detach()
-                loss = (total / B).reshape(())
+                loss = torch.as_tensor(total / B).reshape(())
             else:
                 args = [batch[n] for n in self.data_names] if first else []
                 kwargs = {} if first else {n: batch[n] for n in self.data_names}
@@ -351,7 +358,6 @@ class ParallelModel:
 
     def param_specs(self) -> dict[str, str]:
         """How each of this stage's parameters is stored, as a plan spec ("S1R", ...)."""
-        from .layout import spec_of
         return {n: spec_of(p.placements, p.dim()) if _is_dtensor(p) else "R" * p.dim()
                 for n, p in self.params.items()}
 
@@ -377,30 +383,27 @@ def apply(plan: Plan, model: nn.Module | None = None, *, example_inputs: tuple |
 
 
 def build_model(plan: Plan, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
-    from graphs import zoo
-    if not plan.model.get("loadable", True):
-        raise PlanError(f"the plan's model {plan.model.get('name')!r} cannot be rebuilt from its name; pass the "
+    if not plan.model.loadable:
+        raise PlanError(f"the plan's model {plan.model.name!r} cannot be rebuilt from its name; pass the "
                         "model to autopar.runtime.apply(plan, model)")
-    cfg = zoo.get_config(plan.model["name"])
+    cfg = zoo.get_config(plan.model.name)
     torch.manual_seed(seed)
     return zoo.build_module(cfg, device=device, dtype=torch.float32)
 
 
 def zoo_inputs(plan: Plan, batch: int | None = None) -> tuple:
-    from graphs import zoo
-    cfg = zoo.get_config(plan.model["name"])
-    return zoo.example_inputs(cfg, batch or int(plan.training["microbatch_size"]), plan.model.get("seq"),
+    cfg = zoo.get_config(plan.model.name)
+    return zoo.example_inputs(cfg, batch or plan.training.microbatch_size, plan.model.seq,
                               device="meta")
 
 
 def make_batch(plan: Plan, step: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """The global batch of training step `step`: random token ids and targets, the same on
     every process."""
-    from graphs import zoo
-    cfg = zoo.get_config(plan.model["name"])
-    seq = plan.model.get("seq") or cfg.seq
+    cfg = zoo.get_config(plan.model.name)
+    seq = plan.model.seq
     g = torch.Generator().manual_seed(seed * 100_003 + step)
-    n = int(plan.training["global_batch"])
+    n = plan.training.global_batch
     return {"ids": torch.randint(0, cfg.vocab, (n, seq), generator=g),
             "targets": torch.randint(0, cfg.vocab, (n, seq), generator=g)}
 
@@ -449,24 +452,23 @@ def _storage_spec(name: str, prog, ops: dict, ir: OpGraph, ndim: int) -> str:
 
 
 def _ndim_ok(spec: str, ndim: int) -> bool:
-    from autopar.sharding.spec import parse_spec
     return len(parse_spec(spec)) == ndim
 
 
-def _shard_replicated(pl: tuple, shape, mesh_shape: tuple[int, int]) -> tuple:
+def _shard_replicated(pl: tuple, shape, mesh_shape: tuple[int, ...]) -> tuple:
     """`pl` with each replicated mesh axis (of more than one device) sharding a tensor dim that no
     other axis splits and that it divides evenly; axes with no such dim stay replicated."""
     from torch.distributed.tensor import Shard
-    pl = list(pl)
+    out = list(pl)
     for k, n in enumerate(mesh_shape):
-        if n == 1 or pl[k].is_shard():
+        if n == 1 or out[k].is_shard():
             continue
-        used = {p.dim for p in pl if p.is_shard()}
+        used = {p.dim for p in out if p.is_shard()}
         for d, size in enumerate(shape):
             if d not in used and size % n == 0 and size >= n:
-                pl[k] = Shard(d)
+                out[k] = Shard(d)
                 break
-    return tuple(pl)
+    return tuple(out)
 
 
 def _coord(j: int, mesh_shape: tuple[int, int]) -> tuple[int, int]:
@@ -477,7 +479,7 @@ def _loss_is_output(output, target):
     return output.sum()
 
 
-def _is_dtensor(x) -> bool:
+def _is_dtensor(x) -> TypeGuard[DTensor]:
     from torch.distributed.tensor import DTensor
     return isinstance(x, DTensor)
 

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ..errors import SpecError, UnknownModelError
 
 FAMILIES = ("gpt", "llama", "moe")
+
+# Bounds on a config's sizes (inclusive). Tracing and planning time grow with layers (the stage
+# DP looks at every layer range), so 256 is twice the deepest published model (Llama 3 405B:
+# 126, Megatron-LM 1T: 128); the widths keep every traced tensor's element count within int64.
+LIMITS: dict[str, tuple[int, int]] = {
+    "hidden": (1, 1 << 17), "layers": (1, 256), "heads": (1, 1 << 12), "kv_heads": (0, 1 << 12),
+    "vocab": (1, 1 << 22), "seq": (1, 1 << 20), "ffn": (0, 1 << 20), "experts": (0, 1 << 12),
+    "top_k": (1, 1 << 12), "moe_every": (1, 256),
+}
 
 
 @dataclass(frozen=True)
@@ -32,9 +42,17 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise SpecError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
-        for key in ("hidden", "layers", "heads", "vocab", "seq"):
-            if getattr(self, key) <= 0:
-                raise SpecError(f"{key} must be positive, got {getattr(self, key)}")
+        for key, (lo, hi) in LIMITS.items():
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SpecError(f"{key} must be a whole number, got {v!r}")
+            if not lo <= v <= hi:
+                raise SpecError(f"{key}={v} is out of range: use {lo} to {hi:,}" + (
+                    " (0 picks the family's default)" if lo == 0 else ""))
+        for key in ("norm_eps", "rope_theta", "capacity_factor"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise SpecError(f"{key} must be a finite number > 0, got {v!r}")
         if self.kv_heads == 0:
             object.__setattr__(self, "kv_heads", self.heads)
         if self.ffn == 0:
@@ -51,6 +69,8 @@ class ModelConfig:
             raise SpecError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
         if self.heads % self.kv_heads:
             raise SpecError(f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}")
+        if self.kv_heads > self.heads:
+            raise SpecError(f"kv_heads={self.kv_heads} is more than heads={self.heads}; use kv_heads <= heads")
         if self.family == "moe":
             if self.experts < self.top_k:
                 raise SpecError(f"moe needs experts >= top_k={self.top_k}, got "
@@ -147,10 +167,12 @@ def _parse_value(key: str, text: str, kind):
             if low in ("0", "false", "no", "off"):
                 return False
             raise ValueError(text)
+        if not text.isascii():
+            raise ValueError(text)
         if kind is int:
             return int(float(text)) if "e" in text.lower() else int(text)
         return kind(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise SpecError(f"bad value {text!r} for {key!r}: expected {kind.__name__}") from None
 
 

@@ -28,6 +28,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    cos: torch.Tensor    # RoPE buffers, registered in __init__
+    sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, d = cfg.hidden, cfg.head_dim

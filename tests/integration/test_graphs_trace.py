@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -410,3 +413,83 @@ def test_op_coverage_of_common_torch_calls():
     assert by_op["norm"][0].attrs["dims"] == [2]
     assert [n.op for n in g.nodes() if n.kind == UNKNOWN] == ["index"]   # y[ids[0]]: gather
     assert g.param_count == 16 * 16 + 10 * 16
+
+
+# --- pinned IR -----------------------------------------------------------------------------
+
+class EveryRule(nn.Module):
+    """Reaches every lowering rule in graphs/lower_rules.py, from modules, functions and
+    tensor methods (symbolic trace) or their aten ops (export)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.ln, self.rms, self.gn = nn.LayerNorm(16), nn.RMSNorm(16), nn.GroupNorm(2, 4)
+        self.emb, self.drop, self.act = nn.Embedding(50, 16), nn.Dropout(0.1), nn.GELU()
+        self.sm, self.lsm = nn.Softmax(dim=-1), nn.LogSoftmax(dim=1)
+        self.conv = nn.Conv1d(4, 4, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(16, 16))
+        self.b3 = nn.Parameter(torch.randn(2, 8, 16))
+        self.register_buffer("mask", torch.tril(torch.ones(8, 8)))
+        self.ce = nn.CrossEntropyLoss(ignore_index=3)
+
+    def forward(self, ids, tgt):
+        e = self.emb(ids)                                                   # [2, 8, 16]
+        h = self.rms(self.ln(self.drop(self.act(self.lin(e))) + e))
+        h = F.dropout(F.layer_norm(h, (16,), eps=1e-3), 0.2)
+        q = h.view(2, 8, 4, 4).permute(0, 2, 1, 3).contiguous()
+        att = (torch.matmul(q, q.transpose(-1, -2)) * 0.5).masked_fill(self.mask == 0, -1e4)
+        att = F.softmax(self.sm(att), dim=-1).log_softmax(-1).exp()
+        o = torch.bmm(att.reshape(8, 8, 8), q.reshape(8, 8, 4)).reshape(2, 4, 8, 4)
+        o = F.scaled_dot_product_attention(o, o, o, is_causal=True).transpose(1, 2).flatten(2)
+        o = o + torch.einsum("bsh,hk->bsk", o, self.w) + torch.einsum("...h,hk", o, self.w.t())
+        o = torch.baddbmm(self.b3, o, self.w.expand(2, 16, 16))
+        a, b = o.split(8, dim=-1)
+        c1, c2 = o.chunk(2, dim=1)
+        o = torch.cat([a, b], -1) + torch.stack([c1, c2]).sum(0).repeat(1, 2, 1) + o.unbind(0)[0]
+        o = o + o.narrow(1, 0, 8) + o.select(0, 1).unsqueeze(0) + o[:, None, 0].squeeze(1)[:, None]
+        r = o.sum(-1) + o.mean(dim=(1, 2)).unsqueeze(-1) + o.amax(-1) + o.max(-1).values
+        r = r + torch.max(o, o).sum(-1) + o.norm(dim=-1) + o.var(-1) + o.cumsum(1).sum(-1)
+        r = r + o.topk(2, dim=-1).values.sum(-1) + torch.logsumexp(o, -1) + o[..., 0:16].T.T.sum(-1)
+        r = r + (o > 0).to(o.dtype).sum(-1) + torch.where(o > 0, o, -o).clamp(0, 1).sum(-1)
+        m = self.gn(self.conv(o[:, :, :4].permute(0, 2, 1)))                 # [2, 4, 8]
+        r = r + m.sum(1) + o[:, torch.tensor([0, 1])].sum((1, 2)).unsqueeze(-1) + F.silu(r)
+        logits = (self.lin(o) @ self.emb.weight.t()).view(-1, 50)
+        loss = self.ce(logits, tgt.view(-1)) + F.cross_entropy(logits, tgt.view(-1), reduction="sum")
+        return loss + F.nll_loss(self.lsm(logits), tgt.view(-1)) + r.sum() + torch.addmm(
+            self.lin.bias, o[0], self.w).sum()
+
+
+def ir_digest(g: graphs.OpGraph) -> str:
+    """sha256 over every node's fields (op, kind, operands, output shapes, attrs with the
+    equations and dim groups, FLOPs, bytes) and the edges."""
+    nodes = [n.to_dict() for n in g.nodes()]
+    edges = sorted([u, v, d["operand_indices"]] for u, v, d in g.g.edges(data=True))
+    return hashlib.sha256(json.dumps([nodes, edges]).encode()).hexdigest()[:16]
+
+
+def pinned_graphs():
+    for name in ("gpt-1.3b", "llama2-7b", "moe-1.3b"):
+        yield name, load(name)
+    ids, tgt = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    for method in ("symbolic", "export"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # torch: x.T on a 3-D tensor is deprecated
+            yield f"EveryRule/{method}", graphs.trace(EveryRule(), (ids, tgt), method=method)
+
+
+# Digests of the IR as lowered before the rules became a registry (graphs/lower_rules.py).
+# A change to lowering, annotation or the zoo that alters any node shows here; if it is
+# intended, paste the new digests from the failure message.
+PINNED_IR = {
+    "gpt-1.3b": "d1f6124d950508bc",
+    "llama2-7b": "374ab66581fd964d",
+    "moe-1.3b": "49249a8b45e297d8",
+    "EveryRule/symbolic": "76fae46703361142",
+    "EveryRule/export": "29d18e3ba2b25d04",
+}
+
+
+def test_lowered_ir_is_pinned():
+    got = {name: ir_digest(g) for name, g in pinned_graphs()}
+    assert got == PINNED_IR

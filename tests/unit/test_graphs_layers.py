@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import graphs
 from graphs.layers import block_of, cut_bytes
-from graphs.lower import canonical_einsum, linear_equation, matmul_equation, reshape_dim_groups
+from graphs.lower_rules import canonical_einsum, linear_equation, matmul_equation, reshape_dim_groups
 
 
 def small(family: str, layers: int = 4) -> str:
