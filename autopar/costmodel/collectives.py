@@ -6,8 +6,42 @@ each rank holds after an all-reduce / all-gather (i.e. n x the shard).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..hardware.mesh import MeshAxis
 from ..hardware.specs import Link
+
+ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL = "all_reduce", "all_gather", "reduce_scatter", "all_to_all"
+# When a collective runs: in an op's forward or backward (every microbatch), or once per step
+# after the last backward (gradient sync, ZeRO's gather of the updated weights).
+FORWARD, BACKWARD, STEP = "forward", "backward", "step"
+# Why: moving activations or their gradients, synchronising weight gradients (ZeRO 0/1), or
+# ZeRO-2/3's sharded gradients and weights.
+ACTIVATION, GRAD_SYNC, ZERO = "activation", "grad_sync", "zero"
+ALL_ZERO_LEVELS = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True, slots=True)
+class Collective:
+    """One collective an op issues, priced on its mesh. `nbytes` is the full tensor (the
+    convention above); `mask` the mesh axes of its group (1 axis 0, 2 axis 1, 3 both as one
+    group). `zero` lists the ZeRO levels under which it runs. `operand`: for the backward
+    all-reduce of an activation operand's gradient, that operand (the readers of one tensor
+    sum their partial gradients before one all-reduce, so a stage shares it among them)."""
+
+    kind: str
+    mask: int
+    nbytes: float
+    phase: str
+    time_s: float
+    purpose: str = ACTIVATION
+    zero: tuple[int, ...] = ALL_ZERO_LEVELS
+    operand: int = -1
+
+
+def collective_s(kind: str, nbytes: float, axis: MeshAxis) -> float:
+    return _PRICE[kind](nbytes, axis)
+
 
 # ---- collectives -----------------------------------------------------------------------------
 
@@ -47,3 +81,5 @@ def p2p_s(nbytes: float, link: Link) -> float:
     return link.latency_s + nbytes / link.bandwidth_bytes_per_s
 
 
+_PRICE = {ALL_REDUCE: all_reduce_s, ALL_GATHER: all_gather_s, REDUCE_SCATTER: reduce_scatter_s,
+          ALL_TO_ALL: all_to_all_s}

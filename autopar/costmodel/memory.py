@@ -36,3 +36,33 @@ def inflight(schedule: str, stage_index: int, n_stages: int, n_microbatches: int
         warm = min((n_stages - stage_index - 1) * 2 + (chunks - 1) * n_stages, total)
         return min(warm + 1, total) / chunks
     return float(min(n_stages - stage_index, n_microbatches))
+
+
+
+RECOMPUTE = ("none", "selective", "full")
+
+
+def stash_after_recompute(recompute: str, stash_bytes, layer_input_bytes=0.0, attention_core_stash_bytes=0.0):
+    """Activations one microbatch in flight keeps for its backward, from the stash without
+    recomputation. "none": all of it. "selective" (Korthikanti et al.): without the attention
+    core's saves (the [s, s] scores, rebuilt in backward). "full": only its layers' inputs.
+    Floats or numpy arrays alike."""
+    if recompute == "full":
+        return layer_input_bytes
+    if recompute == "selective":
+        return stash_bytes - attention_core_stash_bytes
+    if recompute != "none":
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    return stash_bytes
+
+
+def working_after_recompute(recompute: str, max_layer_stash_bytes=0.0):
+    """Transient activations on top of the stashes: full recomputation rebuilds one layer's
+    stash at a time during backward."""
+    return max_layer_stash_bytes if recompute == "full" else 0.0
+
+
+def activation_bytes(inflight, stash_bytes, working_bytes):
+    """A stage's activations at its peak: `inflight` microbatches' stashes (after
+    recomputation) plus the working set."""
+    return inflight * stash_bytes + working_bytes

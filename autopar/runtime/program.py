@@ -6,12 +6,15 @@ the plan's per-op specs attach to fx nodes one to one. fx nodes the IR folds awa
 devices, parameter views, constants such as `arange`) run wherever they are needed, possibly
 in several stages: they are cheap and hold no state.
 
-Interpreter rule (what makes every strategy the ILP can choose runnable): before an op runs,
-each operand is redistributed to the op's `in_specs` entry; after it, the result to its
-`out_spec`. DTensor computes the op on the local shards and tracks partial sums, so a split
-contracted dim comes out Partial and the redistribution to `out_spec` is the all-reduce (R) or
-reduce-scatter (split) the cost model charged; a layout change between producer and consumer
-is the redistribute the cost model charged on the edge.
+Interpreter rule (what makes every strategy the ILP can choose runnable, with the collectives
+its cost record lists, sharding/strategy.py): before an op runs, each operand is redistributed to
+the op's `in_specs` entry; the op runs on the local shards (matmuls shard by shard as the
+strategy reads, norms over a split hidden dim with one all-reduce of row statistics, the rest by
+DTensor); its result is redistributed to its `out_spec` (a split contracted dim comes out
+partial: that is the all-reduce or reduce-scatter charged). In backward, each result's gradient,
+summed over its readers, is brought back to the `out_spec` layout before the op's own backward:
+a partial gradient is all-reduced there, once, as charged. Weights gathered for an op (ZeRO-3)
+are gathered again in backward instead of kept.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from autopar.sharding.spec import parse_spec, used_mask
 from graphs.ir import ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, MATMUL, NORM, OUTPUT, VIEW, OpGraph
 from graphs.lower import PARAM_FOLDABLE  # numel-keeping views of a weight the IR folds into its use
 
@@ -96,8 +100,8 @@ def partition(graph: fx.Graph, ir: OpGraph, stage_layers: list[tuple[int, int]])
         programs.append(StageProgram(
             index=k,
             nodes=[n for n in graph.nodes if stage_of.get(n.name) == k or n in helpers[k]],
-            inputs=sorted(inputs, key=order.get),
-            data=sorted(data[k], key=order.get),
+            inputs=sorted(inputs, key=order.__getitem__),
+            data=sorted(data[k], key=order.__getitem__),
             outputs=[], layer_of=layer_of))
     for k in range(S - 1):
         programs[k].outputs = programs[k + 1].inputs
@@ -125,7 +129,7 @@ def param_sources(graph: fx.Graph, root: nn.Module, canon: dict[int, str]) -> di
     return out
 
 
-def _fetch(root: nn.Module, target: str):
+def _fetch(root: Any, target: str):
     obj: Any = root
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -166,6 +170,9 @@ class StageModule(nn.Module):
                                if name in ir and ir.node(name).kind not in (INPUT, OUTPUT)}
         self._segments = self._plan_segments()
         self._fallbacks: set[str] = set()
+        # Storage of each gathered weight -> (the stored weight, the gathered placements, the
+        # gathered weight): autograd saves a handle instead and gathers again in backward.
+        self._gathered: dict[int, tuple] = {}
         # Drop each value after its last use in the stage, as eager PyTorch does: holding every
         # intermediate to the end of the forward (logits, casts) raised a 1-GPU gpt-1.3b peak by GiBs.
         keep = set(prog.outputs)
@@ -207,6 +214,17 @@ class StageModule(nn.Module):
             feed = {n: kwargs[n.target] for n in prog.data}
         for n, t in feed.items():
             env[n] = self._data(n, t)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                self._run_segments(env)
+        finally:
+            self._gathered.clear()            # saved handles keep what they need
+        if prog.is_last:
+            return self._loss(env[prog.outputs[0]])
+        outs = tuple(self._send(n, env[n]) for n in prog.outputs)
+        return outs[0] if len(outs) == 1 else outs
+
+    def _run_segments(self, env) -> None:
         i = 0
         for kind, nodes in self._segments:
             if kind == "ckpt":
@@ -220,10 +238,6 @@ class StageModule(nn.Module):
             for _ in nodes:
                 self._free(i, env)
                 i += 1
-        if prog.is_last:
-            return self._loss(env[prog.outputs[0]])
-        outs = tuple(self._send(n, env[n]) for n in prog.outputs)
-        return outs[0] if len(outs) == 1 else outs
 
     def _free(self, i: int, env) -> None:
         for a in self._free_after.get(i, ()):
@@ -270,7 +284,7 @@ class StageModule(nn.Module):
             name = self.param_of.get(n)
             if name is not None:
                 return self.param_by_name[name]
-            v = _fetch(self.root, n.target)
+            v = _fetch(self.root, str(n.target))
             return v.to(self.device) if isinstance(v, torch.Tensor) and self.device is not None else v
         op = self.ops.get(n.name) if self.mesh is not None else None
         if op is None or n.name not in self._operand_specs:
@@ -283,10 +297,12 @@ class StageModule(nn.Module):
         args = fx.node.map_arg(n.args, lambda a: self._operand(a, env, act_specs, param_specs))
         kwargs = fx.node.map_arg(n.kwargs, lambda a: self._operand(a, env, act_specs, param_specs))
         ir_node = self.ir.node(n.name)
+        if ir_node.kind == NORM and n.op == "call_module" and self._split_norm(n, args) is not None:
+            return self._to_spec(self._sharded_norm(n, args[0], param_specs), op["out_spec"])
         if ir_node.kind == NORM:
-            # A norm over a split dim: gather that dim (DTensor's rms_norm cannot run on it, its
-            # decomposition adds eps in place to a partial mean). The cost model charges an
-            # all-reduce of the row statistics instead, which is less traffic.
+            # A norm over a split dim that is not a LayerNorm/RMSNorm module: gather that dim
+            # (DTensor's rms_norm cannot run on it, its decomposition adds eps in place to a
+            # partial mean).
             k = int(ir_node.attrs.get("normalized_ndim", 1))
             args, kwargs = _map(args, lambda x: _gather_trailing(x, k, self.mesh)), \
                 _map(kwargs, lambda x: _gather_trailing(x, k, self.mesh))
@@ -295,7 +311,6 @@ class StageModule(nn.Module):
             # A reshape that cannot keep a split (the plan's out_spec drops that mesh axis): gather
             # over that axis first, as the cost model charges. DTensor's own view rule gets some of
             # these wrong (e.g. [b, s, 32] split 4 ways viewed as [b, s, 2, 16]).
-            from autopar.sharding.spec import parse_spec, used_mask
             dropped = used_mask(parse_spec(op["in_specs"][0])) & ~used_mask(parse_spec(op["out_spec"]))
             if dropped:
                 args = _map(args, lambda x: _replicate_axes(x, dropped, self.mesh))
@@ -335,7 +350,7 @@ class StageModule(nn.Module):
             name = self.canon[id(p)]
             v = self.param_by_name[name]
             spec = param_specs.get(name)
-            state[pname] = _redistribute(v, self.mesh, placements(spec, v.dim())) if spec is not None else v
+            state[pname] = self._weight(v, spec)
         for bname, b in mod.named_buffers(remove_duplicate=False):
             b = b.to(self.device) if self.device is not None else b
             state[bname] = b if self.mesh is None else DTensor.from_local(b, self.mesh, placements(None, b.dim()),
@@ -351,10 +366,42 @@ class StageModule(nn.Module):
             return self._layout(v, act_specs.get((a.name, 0)))
         name = self.param_of.get(a)
         if name is not None:
-            return self._layout(v, param_specs.get(name))
+            return self._weight(v, param_specs.get(name))
         if isinstance(v, torch.Tensor) and not isinstance(v, DTensor):   # a constant: replicated
             return DTensor.from_local(v, self.mesh, placements(None, v.dim()), run_check=False)
         return v
+
+    def _weight(self, v, spec):
+        """A weight in its op's layout. Gathering it (ZeRO-3 stores weights sharded) is redone in
+        backward rather than the gathered copy kept: ZeRO-3's memory saving, and the second
+        all-gather the cost model charges."""
+        if not spec or not _is_dtensor(v):
+            return v
+        pl = placements(spec, v.dim())
+        w = _redistribute(v, self.mesh, pl)
+        if w is not v and v.requires_grad and any(p.is_shard() and q != p for p, q in zip(v.placements, pl)):
+            self._gathered[_storage(w)] = (v, pl, w)
+        return w
+
+    def _pack(self, t):
+        hit = self._gathered.get(_storage(t))
+        if hit is None:
+            return t
+        local = t._local_tensor if _is_dtensor(t) else t
+        layout = (t.placements, t.shape, t.stride()) if _is_dtensor(t) else None
+        return _Regather(hit[0], hit[1], local.size(), local.stride(), local.storage_offset(), layout)
+
+    def _unpack(self, saved):
+        if not isinstance(saved, _Regather):
+            return saved
+        from torch.distributed.tensor import DTensor
+        with torch.no_grad():
+            full = _redistribute(saved.weight.detach(), self.mesh, saved.placements).to_local()
+        local = full.as_strided(saved.size, saved.stride, saved.offset)
+        if saved.dtensor is None:
+            return local
+        pl, shape, stride = saved.dtensor
+        return DTensor.from_local(local, self.mesh, pl, run_check=False, shape=shape, stride=stride)
 
     def _layout(self, v, spec):
         if spec is None or not _is_dtensor(v):
@@ -362,14 +409,58 @@ class StageModule(nn.Module):
         return _redistribute(v, self.mesh, placements(spec, v.dim()))
 
     def _to_spec(self, out, spec):
+        """The op's result in its out_spec; in backward, its gradient (summed over all readers)
+        is brought back to that layout before the op's own backward runs: a partial sum is
+        reduced there, once, as the cost model prices it (not wherever DTensor would)."""
         if _is_dtensor(out):
             if spec == "scalar" and out.dim() != 0:
                 return out
-            return _redistribute(out, self.mesh, placements(spec, out.dim()))
+            pl = placements(spec, out.dim())
+            y = _redistribute(out, self.mesh, pl)
+            return _GradInLayout.apply(y, self.mesh, pl) if y.requires_grad else y
         if isinstance(out, (tuple, list)):
             return type(out)(self._to_spec(x, spec) if _is_dtensor(x) and (spec == "scalar") == (x.dim() == 0)
                              and (spec == "scalar" or _ndim(spec) == x.dim()) else x for x in out)
         return out
+
+    # -- norms over a split hidden dim ----------------------------------------------------------
+    def _split_norm(self, n, args) -> int | None:
+        """The mesh axis splitting a LayerNorm/RMSNorm module's normalised dim, when exactly one
+        does (None otherwise)."""
+        mod = _fetch(self.root, str(n.target))
+        x: Any = args[0] if args else None
+        if not isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) or not _is_dtensor(x) or len(mod.normalized_shape) != 1:
+            return None
+        axes = [k for k, p in enumerate(x.placements) if p.is_shard() and p.dim == x.dim() - 1]
+        return axes[0] if len(axes) == 1 and not any(p.is_partial() for p in x.placements) else None
+
+    def _sharded_norm(self, n, x, param_specs):
+        """LayerNorm / RMSNorm with the hidden dim split over one mesh axis, as the cost model
+        prices it: each device sums its part of every row, and one all-reduce of the row
+        statistics (sum and sum of squares, fp32) gives mean and variance; the backward does the
+        same with its two row sums."""
+        from torch.distributed.tensor import DTensor, Partial
+        mod = _fetch(self.root, str(n.target))
+        axis = self._split_norm(n, [x])
+        weights = []
+        for t in (mod.weight, getattr(mod, "bias", None)):
+            if t is None:
+                weights.append(None)
+                continue
+            name = self.canon[id(t)]
+            weights.append(self._weight(self.param_by_name[name], param_specs.get(name)))
+
+        def local(v):
+            # a weight's gradient is a partial sum over the axes splitting the rows
+            g = [Partial() if p.is_shard() and p.dim < x.dim() - 1 else q for p, q in zip(x.placements, v.placements)]
+            return v.to_local(grad_placements=g)
+
+        lw, lb = (local(w) if w is not None else None for w in weights)
+        y = _NormStatsAllReduce.apply(x.to_local(grad_placements=x.placements), lw, lb, self.mesh, axis,
+                                      mod.normalized_shape[0], mod.eps if mod.eps is not None else
+                                      torch.finfo(x.dtype).eps, isinstance(mod, nn.LayerNorm))
+        return DTensor.from_local(y, self.mesh, x.placements, run_check=False, shape=x.shape,
+                                  stride=_contiguous_stride(x.shape))
 
     # -- matmuls as the strategy says ------------------------------------------------------------
     def _local_matmul(self, n, ir_node, args, kwargs, param_specs):
@@ -396,7 +487,7 @@ class StageModule(nn.Module):
                         continue
                     name = self.canon[id(t)]
                     v, spec = self.param_by_name[name], param_specs.get(name)
-                    ws.append(_redistribute(v, self.mesh, placements(spec, v.dim())) if spec else v)
+                    ws.append(self._weight(v, spec))
                 operands, bias = [args[0], ws[0]], ws[1]
             else:
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -454,15 +545,22 @@ class StageModule(nn.Module):
             y = torch.bmm(ls[0], ls[1])
         else:
             y = torch.matmul(ls[0], ls[1])
-        if bias is not None:
+        out_spec = placements(self.ops[n.name]["out_spec"], len(out))
+        # With the output all-reduced over the partial axes (not reduce-scattered), the bias is
+        # added after the reduction: its gradient is then whole on every device, as priced.
+        bias_after = bias is not None and partial_axes and all(out_spec[k].is_replicate() for k in partial_axes)
+        if bias is not None and not bias_after:
             lb = local(bias)
             if partial_axes:              # add the bias once across the partial-sum axes
                 coord = self.mesh.get_coordinate()
                 lb = lb * float(all(coord[k] == 0 for k in partial_axes))
             y = y + lb
         shape = self.values[n].shape
-        return DTensor.from_local(y, self.mesh, out_pl, run_check=False, shape=shape,
-                                  stride=_contiguous_stride(shape))
+        result = DTensor.from_local(y, self.mesh, out_pl, run_check=False, shape=shape,
+                                    stride=_contiguous_stride(shape))
+        if bias_after:
+            result = _redistribute(result, self.mesh, out_spec) + bias
+        return result
 
     # -- embedding with the vocabulary split ----------------------------------------------------
     def _embedding_operands(self, n, args, kwargs, param_specs):
@@ -476,7 +574,7 @@ class StageModule(nn.Module):
             name = self.canon[id(mod.weight)]
             w = self.param_by_name[name]
             spec = param_specs.get(name)
-            return args[0], (_redistribute(w, self.mesh, placements(spec, w.dim())) if spec else w)
+            return args[0], self._weight(w, spec)
         extra = list(args[2:]) + [v for k, v in kwargs.items() if k not in ("input", "weight")]
         if any(v not in (None, False, 2.0) for v in extra):
             raise NotAppliableError(f"op {n.name}: a vocab-split embedding with padding_idx/max_norm/sparse "
@@ -488,10 +586,9 @@ class StageModule(nn.Module):
         return ids, w
 
     def _vocab_split(self, n, param_specs) -> bool:
-        from autopar.sharding.spec import parse_spec
         w = self.ir.node(n.name).operands[1] if len(self.ir.node(n.name).operands) > 1 else None
         spec = param_specs.get(w.param) if w is not None and w.param else None
-        return bool(spec) and parse_spec(spec)[0] != 0
+        return spec is not None and bool(spec) and parse_spec(spec)[0] != 0
 
     def _vocab_parallel_embedding(self, n, args, kwargs, param_specs):
         """Megatron's vocab-parallel lookup: each device looks up the ids that fall in its rows and
@@ -605,6 +702,24 @@ class StageModule(nn.Module):
             env[n] = v
 
 
+@dataclass(frozen=True)
+class _Regather:
+    """What autograd keeps of a gathered weight: the stored (sharded) weight, and the view of
+    the gathered one that was saved."""
+
+    weight: Any
+    placements: tuple
+    size: tuple
+    stride: tuple
+    offset: int
+    dtensor: tuple | None            # (placements, shape, stride) when a DTensor was saved
+
+
+def _storage(t) -> int:
+    local = t._local_tensor if _is_dtensor(t) else t
+    return local.untyped_storage().data_ptr() if isinstance(local, torch.Tensor) else -1
+
+
 def _strided_axes(out) -> int:
     """Mask of the mesh axes on which a DTensor result (or any in a tuple) is a strided shard."""
     mask = 0
@@ -642,6 +757,57 @@ def _redistribute(v, mesh, pl):
     return _ContiguousGrad.apply(v.contiguous()).redistribute(mesh, pl)
 
 
+class _NormStatsAllReduce(torch.autograd.Function):
+    """y = (x - mean) * rstd * w + b over a last dim split across `axis` of the mesh (RMSNorm:
+    no mean, no b): one all-reduce of two fp32 row statistics forward, one of two row sums
+    backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, mesh, axis, n, eps, center):
+        from torch.distributed._functional_collectives import all_reduce
+        xf = x.float()
+        stats = torch.stack([xf.sum(-1), (xf * xf).sum(-1)], -1)
+        stats = all_reduce(stats, "sum", (mesh, axis)).wait()
+        mean = stats[..., 0:1] / n if center else torch.zeros_like(stats[..., 0:1])
+        var = stats[..., 1:2] / n - mean * mean
+        rstd = torch.rsqrt(var + eps)
+        xhat = (xf - mean) * rstd
+        ctx.save_for_backward(xhat, rstd, w)
+        ctx.mesh, ctx.axis, ctx.n, ctx.center, ctx.has_b = mesh, axis, n, center, b is not None
+        y = xhat * w if w is not None else xhat
+        return (y + b if b is not None else y).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        from torch.distributed._functional_collectives import all_reduce
+        xhat, rstd, w = ctx.saved_tensors
+        gf = gy.float()
+        g = gf * w if w is not None else gf
+        sums = torch.stack([g.sum(-1), (g * xhat).sum(-1)], -1)
+        sums = all_reduce(sums, "sum", (ctx.mesh, ctx.axis)).wait()
+        mean_g = sums[..., 0:1] / ctx.n if ctx.center else 0.0
+        dx = rstd * (g - mean_g - xhat * sums[..., 1:2] / ctx.n)
+        rows = tuple(range(gy.dim() - 1))
+        dw = (gf * xhat).sum(rows).to(w.dtype) if w is not None else None
+        db = gf.sum(rows).to(gy.dtype) if ctx.has_b else None
+        return dx.to(gy.dtype), dw, db, None, None, None, None, None
+
+
+class _GradInLayout(torch.autograd.Function):
+    """Identity; its backward redistributes the gradient to the forward value's placements."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, pl):
+        ctx.mesh, ctx.pl = mesh, pl
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if _is_dtensor(g) and tuple(g.placements) != tuple(ctx.pl):
+            g = _redistribute(g, ctx.mesh, ctx.pl)
+        return g, None, None
+
+
 class _ContiguousGrad(torch.autograd.Function):
     """Identity; its backward makes the gradient contiguous, locally and globally alike."""
 
@@ -663,7 +829,7 @@ def _compile(prog: StageProgram, root: nn.Module) -> fx.GraphModule:
     received tensors, then the graph inputs the stage reads; it returns the tuple of tensors to
     send, or the loss."""
     g = fx.Graph()
-    remap: dict[fx.Node, fx.Node] = {}
+    remap: dict[fx.Node, Any] = {}
     for n in list(prog.inputs) + list(prog.data):
         remap[n] = g.placeholder(n.name)
     for n in prog.nodes:
@@ -701,7 +867,6 @@ def _is_dtensor(x) -> bool:
 
 
 def _ndim(spec: str) -> int:
-    from autopar.sharding.spec import parse_spec
     return len(parse_spec(spec))
 
 

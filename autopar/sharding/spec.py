@@ -1,22 +1,40 @@
 """Sharding specs on a 2-D logical mesh and the cost of converting between them.
 
-A spec is a tuple with one entry per tensor dim: 0 = replicated (R), 1 = split over mesh axis 0
-(S0), 2 = split over axis 1 (S1), 3 = split over both, axis 0 major (S01). Written as a string
-by concatenating the per-dim tokens: "S0RS1" is [S0, R, S1]. A scalar's spec is ().
+The one layout type. A `Spec` holds one *mask* per tensor dim; bit k of a mask set means that
+dim is split over mesh axis k:
+
+    mask 0 = R (replicated), 1 = S0 (split over axis 0), 2 = S1 (axis 1),
+    3 = S01 (split over both, axis 0 major: the outer chunks go along axis 0).
+
+A scalar's spec is (). Every other encoding is derived here:
+  - text: the per-dim tokens concatenated, "S0RS1" is (S0, R, S1); a scalar is "scalar"
+    (`spec_str`, `parse_spec`);
+  - a strategy name's axis suffix, "b@0,n@1": letter b split over axis 0 (mask 1), n over
+    axis 1 (mask 2), "@01" over both (`axes_str`, `axes_mask`);
+  - DTensor placements, one per mesh axis: the tensor dim each axis splits, or None
+    (`mesh_dims`, `spec_from_mesh_dims`; runtime/layout.py maps them to Shard/Replicate).
+
+`Spec` is a plain tuple of ints (an alias, not a class): the ILP builder hashes and compares
+specs in its innermost loops, and tuples are what Python hashes fastest.
 """
 
 from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import TypeAlias
 
-from ..costmodel.collectives import all_gather_s, all_to_all_s
+from ..costmodel.collectives import ALL_GATHER, ALL_TO_ALL, FORWARD, Collective, collective_s
 from ..hardware.mesh import Mesh
 
+Spec: TypeAlias = tuple[int, ...]
 R, S0, S1, S01 = 0, 1, 2, 3
-Spec = tuple
+AXIS_BITS = (1, 2)                  # mask bit of mesh axis 0 and axis 1
 _TOKENS = {R: "R", S0: "S0", S1: "S1", S01: "S01"}
+_MASK_OF_TOKEN = {t: m for m, t in _TOKENS.items()}
 _SPEC_RE = re.compile(r"S01|S0|S1|R")
+_AXES = {1: "0", 2: "1", 3: "01"}
+_MASK_OF_AXES = {t: m for m, t in _AXES.items()}
 
 
 def spec_str(spec: Spec) -> str:
@@ -29,7 +47,38 @@ def parse_spec(text: str) -> Spec:
     parts = _SPEC_RE.findall(text)
     if "".join(parts) != text:
         raise ValueError(f"bad sharding spec {text!r}: expected tokens R, S0, S1, S01 per dim (e.g. 'S0RS1')")
-    return tuple({"R": R, "S0": S0, "S1": S1, "S01": S01}[p] for p in parts)
+    return tuple(_MASK_OF_TOKEN[p] for p in parts)
+
+
+def axes_str(mask: int) -> str:
+    """The mesh axes of a nonzero mask as a strategy name writes them: "0", "1" or "01"."""
+    return _AXES[mask]
+
+
+def axes_mask(text: str) -> int:
+    """Inverse of `axes_str`."""
+    return _MASK_OF_AXES[text]
+
+
+def mesh_dims(spec: Spec, mesh_ndim: int = 2) -> tuple[int | None, ...]:
+    """Per mesh axis, the tensor dim it splits (None: replicated along that axis). Raises when
+    one axis splits two dims (not a layout)."""
+    out: list[int | None] = []
+    for k in range(mesh_ndim):
+        dims = [d for d, m in enumerate(spec) if m & (1 << k)]
+        if len(dims) > 1:
+            raise ValueError(f"sharding spec {spec_str(spec)!r} splits two tensor dims over mesh axis {k}")
+        out.append(dims[0] if dims else None)
+    return tuple(out)
+
+
+def spec_from_mesh_dims(dims: tuple[int | None, ...], ndim: int) -> Spec:
+    """Inverse of `mesh_dims`."""
+    masks = [0] * ndim
+    for k, d in enumerate(dims):
+        if d is not None:
+            masks[d] |= 1 << k
+    return tuple(masks)
 
 
 def used_mask(spec: Spec) -> int:
@@ -62,25 +111,47 @@ def shard_factor(spec: Spec, mesh: Mesh) -> int:
 
 
 def reshard_s(shape: tuple[int, ...], elem_bytes: int, src: Spec, dst: Spec, mesh: Mesh) -> float:
-    """Time to convert a tensor from layout `src` to `dst` (forward direction only).
+    """Time to convert a tensor from layout `src` to `dst` (forward direction only): the sum
+    of `reshard_collectives`."""
+    if src == dst or not shape:
+        return 0.0
+    return _reshard_s(tuple(shape), elem_bytes, tuple(src), tuple(dst), mesh)
+
+
+def reshard_collectives(shape: tuple[int, ...], elem_bytes: int, src: Spec, dst: Spec,
+                        mesh: Mesh) -> tuple[Collective, ...]:
+    """The collectives that convert a tensor from layout `src` to `dst`, in order.
 
     Axis by axis (0 then 1): kept -> free; replicated -> split is a local slice (free);
     split -> replicated is an all-gather; split on one dim -> split on another is an
     all-to-all. Each step is costed on the tensor's size at that step.
     """
     if src == dst or not shape:
-        return 0.0
-    return _reshard_s(tuple(shape), elem_bytes, tuple(src), tuple(dst), mesh)
+        return ()
+    return _reshard_steps(tuple(shape), elem_bytes, tuple(src), tuple(dst), mesh)
 
 
 @lru_cache(maxsize=500_000)
-def _reshard_s(shape, elem_bytes, src, dst, mesh: Mesh) -> float:
-    cur = list(src)
+def _reshard_s(shape: tuple[int, ...], elem_bytes: int, src: Spec, dst: Spec, mesh: Mesh) -> float:
     total = 0.0
+    for c in _reshard_steps(shape, elem_bytes, src, dst, mesh):
+        total += c.time_s
+    return total
+
+
+@lru_cache(maxsize=500_000)
+def _reshard_steps(shape: tuple[int, ...], elem_bytes: int, src: Spec, dst: Spec,
+                   mesh: Mesh) -> tuple[Collective, ...]:
+    cur = list(src)
+    steps: list[Collective] = []
     full_bytes = elem_bytes
     for d in shape:
         full_bytes *= d
-    for bit in (1, 2):
+
+    def step(kind: str, mask: int, nbytes: float) -> None:
+        steps.append(Collective(kind, mask, nbytes, FORWARD, collective_s(kind, nbytes, mesh.axis(mask))))
+
+    for bit in AXIS_BITS:
         if mesh.factor(bit) == 1:
             continue
         s_dim = next((i for i, x in enumerate(cur) if x & bit), None)
@@ -88,15 +159,16 @@ def _reshard_s(shape, elem_bytes, src, dst, mesh: Mesh) -> float:
         if s_dim == d_dim:
             continue
         if s_dim is None:            # slice: free
+            assert d_dim is not None
             cur[d_dim] |= bit
             continue
         local_before = full_bytes / shard_factor(tuple(cur), mesh)
         axis = mesh.axis(bit)
         if d_dim is None:            # gather along this axis
-            total += all_gather_s(local_before * axis.size, axis)
+            step(ALL_GATHER, bit, local_before * axis.size)
             cur[s_dim] &= ~bit
         else:                        # move the split to another dim
-            total += all_to_all_s(local_before * axis.size, axis)
+            step(ALL_TO_ALL, bit, local_before * axis.size)
             cur[s_dim] &= ~bit
             cur[d_dim] |= bit
     # Dims still split differently (e.g. S01 -> S1 on one dim) need one more gather.
@@ -106,6 +178,5 @@ def _reshard_s(shape, elem_bytes, src, dst, mesh: Mesh) -> float:
             extra |= c & ~t
         if extra:
             local_before = full_bytes / shard_factor(tuple(cur), mesh)
-            axis = mesh.axis(extra)
-            total += all_gather_s(local_before * axis.size, axis)
-    return total
+            step(ALL_GATHER, extra, local_before * mesh.axis(extra).size)
+    return tuple(steps)

@@ -3,8 +3,9 @@
 `StageProblem` turns a set of graph nodes on a mesh into the ILP of DESIGN §5: decision ops
 enumerate strategies, followers join their leader's group (one ILP node per group), edges
 between groups get resharding matrices, producers outside the set are fixed "boundary"
-layouts. `StageProblem.evaluate` costs any assignment with the same terms the ILP minimises,
-so a searched plan and a hand-made plan are scored by one function.
+layouts. Both the ILP's objective (`ilp_arrays`) and the score of any assignment (`evaluate`)
+are sums of one function of each op's cost record (`member_cost`, i.e. strategy.op_cost), plus
+the resharding of the edges, so a searched plan and a hand-made plan are scored alike.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import numpy as np
 from autopar.costmodel.compute import ComputeModel
 from autopar.costmodel.memory import ADAM_STEP_BYTES, param_state_bytes
 from autopar.hardware.mesh import Mesh
+from autopar.sharding.rules import decision_strategies, follow, is_decision, leader_operand
 from autopar.sharding.spec import Spec, reshard_s, shard_factor, spec_str
-from autopar.sharding.strategies import Strategy, decision_strategies, follow, is_decision, leader_operand
+from autopar.sharding.strategy import OpCost, Strategy, op_cost
 from graphs.ir import ATTENTION, ELEMENTWISE, INPUT, LOSS, MATMUL, NORM, SOFTMAX, VIEW, OpGraph, OpNode, dtype_bytes
 
 # Ops whose backward needs their activation inputs (so those tensors stay stashed).
@@ -48,9 +50,9 @@ def saved_tensors(graph: OpGraph, names) -> tuple[dict[str, float], dict[str, fl
     masks: dict[str, float] = {}
     outside: dict[str, float] = {}
 
-    def mark(src: str, w: float = 1.0):
+    def mark(src: str | None, w: float = 1.0):
         seen = 0
-        while src in graph and seen < 64:
+        while src is not None and src in graph and seen < 64:
             n = graph.node(src)
             if n.kind == VIEW and n.op in _PURE_VIEWS:
                 li = leader_operand(n)
@@ -60,6 +62,8 @@ def saved_tensors(graph: OpGraph, names) -> tuple[dict[str, float], dict[str, fl
                 seen += 1
                 continue
             break
+        if src is None:
+            return
         if src in names:
             saved[src] = max(saved.get(src, 0.0), w)
         elif src in graph and graph.node(src).kind != INPUT:
@@ -252,6 +256,7 @@ class StageProblem:
                 self.groups.append(Group(name, [name], {name: sts}))
                 continue
             src = n.operands[li].source
+            assert src is not None          # a leader is an activation operand
             if src in self.inside:
                 gi = self.group_of[src]
                 grp = self.groups[gi]
@@ -274,22 +279,10 @@ class StageProblem:
         return total
 
     # -- ILP arrays ----------------------------------------------------------------------
-    def _shared_discount(self, name: str, st: Strategy) -> float:
-        """Backward all-reduce time this op does not pay alone (see `_grad_share`)."""
-        if not st.bwd_comm_operand:
-            return 0.0
-        share = self.grad_share.get(name, {})
-        return sum(c * (1.0 - share.get(j, 1.0)) for j, c in st.bwd_comm_operand.items())
-
-    def _member_cost(self, name: str, st: Strategy, settings: Settings) -> float:
-        c = st.per_microbatch_s() - self._shared_discount(name, st)
-        if settings.zero == 2:
-            c += st.zero2_s + st.zero2_step_s / settings.n_microbatches
-        elif settings.zero == 3:
-            c += st.zero3_s
-        if settings.zero < 2:
-            c += st.grad_sync_s / settings.n_microbatches
-        return c
+    def member_cost(self, name: str, st: Strategy, settings: Settings, reshard: float = 0.0) -> OpCost:
+        """The one cost of a member op under `st` (strategy.op_cost), with its share of the
+        backward all-reduces of tensors several matmuls read (see `_grad_share`)."""
+        return op_cost(st, settings.zero, self.grad_share.get(name), reshard)
 
     def _member_mem(self, name: str, st: Strategy, settings: Settings) -> float:
         p = param_state_bytes(st.param_elems_local, st.param_elems_zero, settings.zero)
@@ -297,6 +290,7 @@ class StageProblem:
 
     def ilp_arrays(self, settings: Settings):
         g = self.graph
+        B, zero = settings.n_microbatches, settings.zero
         node_costs, node_mem = [], []
         for gi, grp in enumerate(self.groups):
             k = len(grp.strategies[grp.root])
@@ -304,7 +298,8 @@ class StageProblem:
             mem = np.zeros(k)
             for m in grp.members:
                 sts = grp.strategies[m]
-                cost += np.fromiter((self._member_cost(m, s, settings) for s in sts), float, k)
+                share = self.grad_share.get(m)      # member_cost, inlined: the builder's hot loop
+                cost += np.fromiter((op_cost(s, zero, share).objective_s(B) for s in sts), float, k)
                 mem += np.fromiter((self._member_mem(m, s, settings) for s in sts), float, k)
             cost[self.forbidden[gi]] = np.inf
             node_costs.append(cost)
@@ -392,16 +387,12 @@ class StageProblem:
                 else:
                     src = self._boundary_spec(o.source)
                 reshard += reshard_s(o.shape, dtype_bytes(o.dtype), src, st.in_specs[j], mesh)
-            extra_mb = st.zero2_s if settings.zero == 2 else (st.zero3_s if settings.zero == 3 else 0.0)
-            bwd_comm = st.bwd_comm_s - self._shared_discount(name, st)
-            fwd += st.fwd_s + st.fwd_comm_s + reshard + extra_mb / 2
-            bwd += st.bwd_s + bwd_comm + reshard + extra_mb / 2
-            comm += st.fwd_comm_s + bwd_comm + 2 * reshard + extra_mb
+            c = self.member_cost(name, st, settings, reshard)
+            fwd += c.fwd_s
+            bwd += c.bwd_s
+            comm += c.comm_s
+            sync += c.step_s
             rec += st.fwd_s + st.fwd_comm_s + reshard
-            if settings.zero < 2:
-                sync += st.grad_sync_s
-            elif settings.zero == 2:
-                sync += st.zero2_step_s
             pe += st.param_elems_local
             pez += st.param_elems_zero
             stash += self.saved.get(name, 0.0) * st.out_bytes_local
@@ -409,12 +400,11 @@ class StageProblem:
                 ops.append({"name": name, "op": v.op, "kind": v.kind, "strategy": st.name,
                             "out_spec": spec_str(st.out_spec),
                             "in_specs": [spec_str(s) if s is not None else None for s in st.in_specs],
-                            "compute_s": st.fwd_s + st.bwd_s,
-                            "comm_s": st.fwd_comm_s + bwd_comm + 2 * reshard + extra_mb})
+                            "compute_s": st.fwd_s + st.bwd_s, "comm_s": c.comm_s})
         boundary = 0.0
-        for src, spec in self.boundary.items():
-            n = g.node(src)
-            boundary += n.out_bytes / shard_factor(spec, mesh) if spec else n.out_bytes
+        for bsrc, bspec in self.boundary.items():
+            n = g.node(bsrc)
+            boundary += n.out_bytes / shard_factor(bspec, mesh) if bspec else n.out_bytes
         stash += self.outside_stash_bytes()
         return Evaluation(fwd, bwd, comm, sync, rec, pe, pez, stash, boundary, ops)
 

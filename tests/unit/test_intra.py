@@ -13,7 +13,8 @@ from autopar.evaluation.baselines import Config3D, build_3d, megatron_names
 from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.presets import load_cluster
 from autopar.model import ModelSource
-from autopar.search.planner import boundary_specs, solve_stage
+from autopar.search.layer_solver import boundary_specs
+from autopar.search.solve_stage import solve_stage
 from autopar.sharding.stage_problem import Settings, StageProblem
 from graphs.query import main_boundary, stage_nodes
 
@@ -179,7 +180,7 @@ def test_auto_plan_no_worse_than_hand_made(gpt13, G):
     fitting data-parallel, ZeRO-2/3 and Megatron tensor-parallel plan under the same evaluator
     (at G=16 the best hand-made plan, dp8 + ZeRO-2 with one microbatch, ties it exactly)."""
     auto = autopar.plan("gpt-1.3b", "p3.16xlarge", nodes=1, global_batch=G, max_stages=1)
-    assert auto.predicted["fits"]
+    assert auto.predicted.fits
     best = None
     for dp, tp in ((8, 1), (1, 8), (2, 4), (4, 2)):
         for zero in ((0, 2, 3) if tp == 1 else (0,)):
@@ -188,6 +189,6 @@ def test_auto_plan_no_worse_than_hand_made(gpt13, G):
                     continue
                 for rc in ("none", "full"):
                     p = build_3d(gpt13, P3, G, Config3D(dp, tp, 1, mb, recompute=rc, zero=zero))
-                    if p.predicted["fits"] and (best is None or p.predicted["step_time_s"] < best[0]):
-                        best = (p.predicted["step_time_s"], p.config["label"])
-    assert auto.predicted["step_time_s"] <= best[0] * (1 + 1e-9), (auto.config["label"], best)
+                    if p.predicted.fits and (best is None or p.predicted.step_time_s < best[0]):
+                        best = (p.predicted.step_time_s, p.config.label)
+    assert auto.predicted.step_time_s <= best[0] * (1 + 1e-9), (auto.config.label, best)

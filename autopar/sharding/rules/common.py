@@ -1,0 +1,97 @@
+"""Helpers the per-op rules share: strategy names, local output bytes, and the collectives and
+memory terms of an op's own parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterable, Mapping
+from dataclasses import dataclass
+
+from autopar.costmodel.collectives import (
+    ACTIVATION,
+    ALL_GATHER,
+    ALL_REDUCE,
+    ALL_ZERO_LEVELS,
+    BACKWARD,
+    FORWARD,
+    GRAD_SYNC,
+    REDUCE_SCATTER,
+    STEP,
+    ZERO,
+    Collective,
+    collective_s,
+)
+from autopar.hardware.mesh import Mesh
+from autopar.sharding.spec import Spec, axes_str, shard_factor
+from graphs.ir import OpNode, dtype_bytes, numel
+
+GRAD_BYTES = 2          # gradients reduced in the training dtype (bf16/fp16)
+
+
+def strategy_name(letters: Mapping[str, int]) -> str:
+    """"b@0,n@1": index letter b split over mesh axis 0, n over axis 1 ("@01": both). "R": none."""
+    return ",".join(f"{c}@{axes_str(m)}" for c, m in sorted(letters.items()) if m) or "R"
+
+
+def collective(kind: str, mask: int, nbytes: float, phase: str, mesh: Mesh, purpose: str = ACTIVATION,
+               zero: tuple[int, ...] = ALL_ZERO_LEVELS, operand: int = -1) -> Collective:
+    """A collective over the mesh axes in `mask`, priced on `mesh`."""
+    return Collective(kind, mask, nbytes, phase, collective_s(kind, nbytes, mesh.axis(mask)), purpose, zero, operand)
+
+
+def is_integer(dtype: str) -> bool:
+    return dtype.startswith("int") or dtype == "bool"
+
+
+def local_out_bytes(node: OpNode, spec: Spec, mesh: Mesh) -> float:
+    if not node.out_shapes:
+        return 0.0
+    b = dtype_bytes(node.out_dtype)
+    return sum(numel(s) * b / (shard_factor(spec, mesh) if len(spec) == len(s) else 1) for s in node.out_shapes)
+
+
+@dataclass(frozen=True)
+class ParamTerms:
+    collectives: tuple[Collective, ...]
+    elems_local: float
+    elems_zero: float
+
+
+def param_terms(node: OpNode, param_specs: Mapping[int, Spec], partial_mask_of: Mapping[int, int],
+                mesh: Mesh, read_in_backward: Container[int] | None = None) -> ParamTerms:
+    """Memory and the weight-gradient collectives of the op's parameters. A parameter whose
+    gradient is a partial sum over mesh axes (they split letters it lacks) is all-reduced over
+    them once per step (ZeRO 0/1: an all-reduce already is ZeRO-1's reduce-scatter + all-gather
+    of the updated shard). ZeRO-2 reduce-scatters the gradient every microbatch and
+    all-gathers the updated weights once per step. ZeRO-3 all-gathers the weight for the
+    forward, again for the backward if the backward reads it (`read_in_backward`: operand
+    indices, None for all; a bias or an embedding table is not read), and reduce-scatters the
+    gradient. Memory and the per-step terms belong to the op owning the parameter; ZeRO-3's
+    gathers happen at every use (a tied embedding and head gather the table twice)."""
+    colls: list[Collective] = []
+    elems = elems_zero = 0.0
+    for i, spec in param_specs.items():
+        o = node.operands[i]
+        local = numel(o.shape) / shard_factor(spec, mesh)
+        partial = partial_mask_of.get(i, 0)
+        if o.owns_param:
+            elems += local
+            elems_zero += local / (mesh.factor(partial) if partial else 1)
+        if not partial:
+            continue
+        grad, weight = local * GRAD_BYTES, local * dtype_bytes(o.dtype)
+        if o.owns_param:
+            colls += [collective(ALL_REDUCE, partial, grad, STEP, mesh, GRAD_SYNC, (0, 1)),
+                      collective(REDUCE_SCATTER, partial, grad, BACKWARD, mesh, ZERO, (2,)),
+                      collective(ALL_GATHER, partial, weight, STEP, mesh, ZERO, (2,))]
+        colls.append(collective(ALL_GATHER, partial, weight, FORWARD, mesh, ZERO, (3,)))
+        if read_in_backward is None or i in read_in_backward:
+            colls.append(collective(ALL_GATHER, partial, weight, BACKWARD, mesh, ZERO, (3,)))
+        colls.append(collective(REDUCE_SCATTER, partial, grad, BACKWARD, mesh, ZERO, (3,)))
+    return ParamTerms(tuple(colls), elems, elems_zero)
+
+
+def prod(xs: Iterable[float]) -> float:
+    p = 1.0
+    for x in xs:
+        p *= x
+    return p

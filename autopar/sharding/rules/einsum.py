@@ -1,0 +1,132 @@
+"""Matmul-like ops written as einsums (linear, matmul, bmm, the MoE einsums): one strategy per
+assignment of mesh axes to index letters, and for a split contracted letter a reduce-scatter
+variant besides the all-reduce."""
+
+from __future__ import annotations
+
+import itertools
+
+from autopar.costmodel.collectives import ALL_REDUCE, BACKWARD, FORWARD, REDUCE_SCATTER, Collective
+from autopar.costmodel.compute import ComputeModel
+from autopar.hardware.mesh import Mesh
+from autopar.sharding.rules.common import (
+    collective,
+    is_integer,
+    local_out_bytes,
+    param_terms,
+    prod,
+    strategy_name,
+)
+from autopar.sharding.strategy import Strategy
+from graphs.ir import OpNode, dtype_bytes
+
+
+def parse_equation(eq: str) -> tuple[list[str], str]:
+    lhs, out = eq.replace(" ", "").split("->")
+    return lhs.split(","), out
+
+
+def _letter_sizes(ins: list[str], node: OpNode) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for term, o in zip(ins, node.operands):
+        for ch, d in zip(term, o.shape):
+            sizes[ch] = d
+    return sizes
+
+
+def _einsum_candidates(ins: list[str], out: str, node: OpNode) -> list[str]:
+    letters = list(dict.fromkeys("".join(ins) + out))
+    if len(ins) >= 2 and node.operands[1].is_param:
+        # Splitting any one batch-like letter of the activation is the same algorithm as
+        # splitting another (data parallel); keep the first only, so the ILP stays small.
+        batch_like = [c for c in ins[0] if c in out and c not in ins[1]]
+        letters = [c for c in letters if c not in batch_like[1:]]
+    return letters
+
+
+def matmul_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel) -> list[Strategy]:
+    ins, out = parse_equation(node.attrs["equation"])
+    sizes = _letter_sizes(ins, node)
+    cands = _einsum_candidates(ins, out, node)
+    live = mesh.live_axes
+    strategies = []
+    for combo in itertools.product([None, *cands], repeat=len(live)):
+        letters: dict[str, int] = {}
+        for bit, ch in zip(live, combo):
+            if ch is not None:
+                letters[ch] = letters.get(ch, 0) | bit
+        if any(sizes[ch] % mesh.factor(m) for ch, m in letters.items()):
+            continue
+        strategies.extend(_einsum_variants(node, mesh, cm, ins, out, sizes, letters))
+    return strategies
+
+
+def _einsum_variants(node: OpNode, mesh: Mesh, cm: ComputeModel, ins: list[str], out: str,
+                     sizes: dict[str, int], letters: dict[str, int]) -> list[Strategy]:
+    contracted = [c for c in dict.fromkeys("".join(ins)) if c not in out]
+    partial = 0
+    for c in contracted:
+        partial |= letters.get(c, 0)
+    in_specs = [tuple(letters.get(c, 0) for c in term) for term in ins]
+    for j in range(len(ins), len(node.operands)):           # bias of a linear: along the last out letter
+        o = node.operands[j]
+        in_specs.append(tuple(letters.get(out[-1], 0) for _ in o.shape) if o.shape else ())
+    out_spec = tuple(letters.get(c, 0) for c in out)
+
+    loc = {c: sizes[c] / mesh.factor(letters.get(c, 0)) if letters.get(c) else sizes[c] for c in sizes}
+    a, b = ins[0], ins[1] if len(ins) > 1 else ""
+    batch = prod(loc[c] for c in dict.fromkeys(a) if c in b and c in out)
+    m = prod(loc[c] for c in dict.fromkeys(a) if c in out and c not in b)
+    n = prod(loc[c] for c in dict.fromkeys(b) if c in out and c not in a)
+    k = prod(loc[c] for c in contracted)
+    out_local = prod(loc[c] for c in out) * dtype_bytes(node.out_dtype)
+    fwd = cm.matmul_s(int(m), int(n), int(k), int(batch))
+    bwd = 0.0
+    for i in range(min(2, len(ins))):
+        if is_integer(node.operands[i].dtype):
+            continue
+        # grad of operand 0: [m,k] = [m,n] x [n,k]; of operand 1: [k,n] = [k,m] x [m,n]
+        bwd += cm.matmul_s(int(m), int(k), int(n), int(batch)) if i == 0 else cm.matmul_s(int(k), int(n), int(m), int(batch))
+
+    # Backward: the gradient of an activation operand is a partial sum over the axes that
+    # split letters it lacks, all-reduced (shared among the tensor's readers, see Collective).
+    grad_ars: list[Collective] = []
+    partial_of: dict[int, int] = {}
+    for i, term in enumerate(ins[:2]):
+        o = node.operands[i]
+        others = set(out) | set("".join(t for j, t in enumerate(ins) if j != i))
+        pm = 0
+        for c in others - set(term):
+            pm |= letters.get(c, 0)
+        if o.is_param:
+            partial_of[i] = pm
+        elif o.source is not None and pm and not is_integer(o.dtype):
+            grad_local = prod(loc[c] for c in term) * dtype_bytes(o.dtype)
+            grad_ars.append(collective(ALL_REDUCE, pm, grad_local, BACKWARD, mesh, operand=i))
+    for j in range(len(ins), len(node.operands)):
+        if node.operands[j].is_param:
+            pm = 0
+            for c in out[:-1]:
+                pm |= letters.get(c, 0)
+            partial_of[j] = pm
+    # the backward reads a weight (to form the other operand's gradient), not a bias
+    params = param_terms(node, {i: in_specs[i] for i, o in enumerate(node.operands) if o.is_param}, partial_of, mesh,
+                         read_in_backward=range(len(ins)))
+
+    def make(name: str, ospec: tuple[int, ...], forward: list[Collective]) -> Strategy:
+        return Strategy(name, ospec, tuple(in_specs), fwd, bwd, (*forward, *grad_ars, *params.collectives),
+                        params.elems_local, params.elems_zero, local_out_bytes(node, ospec, mesh), dict(letters))
+
+    base_name = strategy_name(letters)
+    variants = [make(base_name, out_spec, [collective(ALL_REDUCE, partial, out_local, FORWARD, mesh)] if partial else [])]
+    if partial:
+        # Reduce-scatter instead of all-reduce: the output comes out split on its first free
+        # letter over the contracted axes (Alpa's / Megatron-SP's variant).
+        for pos, c in enumerate(out):
+            if letters.get(c, 0) == 0 and sizes[c] % mesh.factor(partial) == 0:
+                ospec = list(out_spec)
+                ospec[pos] = partial
+                variants.append(make(base_name + "+rs:" + strategy_name({c: partial}), tuple(ospec),
+                                     [collective(REDUCE_SCATTER, partial, out_local, FORWARD, mesh)]))
+                break
+    return variants
