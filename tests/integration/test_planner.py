@@ -11,7 +11,9 @@ from autopar.hardware.mesh import Submesh
 from autopar.hardware.presets import load_cluster
 from autopar.model import ModelSource
 from autopar.plan import Plan, PlanError
-from autopar.search.planner import microbatch_candidates, place
+from autopar.search.candidates import microbatch_candidates, place
+from autopar.search.layer_solver import SearchStats
+from autopar.search.planner import SearchJob
 
 SMALL = "gpt:hidden=256,layers=4,heads=4,seq=128,vocab=1024"
 
@@ -33,11 +35,34 @@ def test_auto_is_never_worse_than_the_best_3d_plan(model, nodes, gpn, gb):
     src = ModelSource(model)
     auto = autopar.plan(src, cl, global_batch=gb, workers=1)
     ref = best_3d(src, cl, gb)
-    assert auto.predicted["fits"]
+    assert auto.predicted.fits
     # Hand-made plans lie in the search space; the tolerance covers the DP's approximation of
     # the per-step gradient sync, which only the evaluator simulates exactly.
-    assert auto.predicted["step_time_s"] <= ref.predicted["step_time_s"] * 1.001, (
-        auto.config["label"], ref.config["label"])
+    assert auto.predicted.step_time_s <= ref.predicted.step_time_s * 1.001, (
+        auto.config.label, ref.config.label)
+
+
+@pytest.mark.parametrize("model,nodes,gpn,gb,mb,interleaved", [
+    ("gpt-760m", 1, 2, 1024, 2, True),   # many microbatches: a tight bound
+    (SMALL, 2, 4, 64, 2, False),         # across nodes
+    (SMALL, 1, 4, 32, 4, True),          # 2 ranks x 2 chunks among the candidates (and above)
+    (SMALL, 1, 4, 8, 8, False),          # one microbatch: no steady state to amortise the fill
+])
+def test_search_skips_only_candidates_whose_bound_cannot_beat_the_best(model, nodes, gpn, gb, mb, interleaved):
+    """Every candidate's lower bound is at most its simulated step time, so skipping by the
+    bound keeps the best of all candidates: the search's plan is the best of simulating them all."""
+    cl = load_cluster("p3.16xlarge", nodes, gpn)
+    job = SearchJob(ModelSource(model), cl, gb, "1f1b", None, cl.gpu.training_dtype(None), 1, 10.0, "highs", "ilp")
+    prop = job.propose(mb, SearchStats())
+    plans = [job.simulate(prop, c) for c in prop.candidates]
+    for cand, p in zip(prop.candidates, plans):
+        assert cand.step_lower_bound_s(gb // mb) <= p.predicted.step_time_s, p.config.label
+    fitting = [p.predicted.step_time_s for p in plans if p.predicted.fits]
+    found = job.search(mb)
+    assert found.plan is not None and found.plan.predicted.step_time_s == min(fitting)
+    assert found.row["candidates_evaluated"] <= len(prop.candidates)
+    if interleaved:
+        assert any(c.chunks > 1 for c in prop.candidates)
 
 
 def test_sync_dominated_tiny_pipeline_stays_within_two_percent_of_3d():
@@ -49,7 +74,7 @@ def test_sync_dominated_tiny_pipeline_stays_within_two_percent_of_3d():
     src = ModelSource(SMALL)
     auto = autopar.plan(src, cl, global_batch=32, workers=1)
     ref = best_3d(src, cl, 32)
-    assert auto.predicted["step_time_s"] <= ref.predicted["step_time_s"] * 1.02
+    assert auto.predicted.step_time_s <= ref.predicted.step_time_s * 1.02
 
 
 def test_plan_json_is_deterministic_and_round_trips(tmp_path):
@@ -107,7 +132,7 @@ def test_cli_plan_show_and_gantt(tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["plan", SMALL, "--cluster", "p3.16xlarge", "--nodes", "1", "--gpus-per-node", "4",
                  "--global-batch", "16", "-o", str(out)]) == 0
-    assert Plan.from_json(out).predicted["fits"]
+    assert Plan.from_json(out).predicted.fits
     # never overwrite a user's file silently
     assert main(["plan", SMALL, "--nodes", "1", "--gpus-per-node", "4", "--global-batch", "16", "-o", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
@@ -132,10 +157,10 @@ def test_compare_table_json_plot_agree(tmp_path, capsys):
     for k in ("dp", "zero3", "tp", "pp"):
         if k in fit:
             assert rows["3d"]["tokens_per_s"] >= fit[k]["tokens_per_s"] * 0.999
-    for k, r in fit.items():        # the terminal table shows the JSON's numbers
+    for r in fit.values():        # the terminal table shows the JSON's numbers
         assert f"{r['tokens_per_s']:,.0f}" in text
     # every row carries its full plan, which can be re-evaluated
-    for k, plan in doc["plans"].items():
+    for plan in doc["plans"].values():
         Plan.from_dict(plan)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert csvp.read_text().splitlines()[0].startswith("strategy,")
@@ -152,5 +177,5 @@ def test_too_small_cluster_shows_oom_per_strategy_not_a_crash():
                            strategies=["dp", "zero3", "auto"])
     by = {r.strategy: r for r in rows}
     assert not by["dp"].fits and by["dp"].plan is not None       # OOM with its memory need
-    assert by["dp"].plan.predicted["peak_memory_bytes"] > 16e9
+    assert by["dp"].plan.predicted.peak_memory_bytes > 16e9
     assert not by["auto"].fits and "least memory" in by["auto"].error

@@ -1,0 +1,285 @@
+"""What the planner simulates: plan candidates, microbatch sizes, and device placement.
+
+The DP's closed form ranks pipelines only approximately (the simulator sees fill, drain and
+transfers exactly), so the search proposes several candidates and the evaluator picks:
+  - the DP's optimum at each bound on the number of stages (dp_candidates);
+  - equal-layer slicings at every pipeline depth with one logical mesh for all stages, the
+    shapes of hand-made 3D plans, each stage's layout, recompute and sharding still
+    ILP-optimal (uniform_candidates), and the same as Megatron's interleaved 1F1B with two
+    chunks of layers per GPU (interleaved_candidates).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from autopar.costmodel.memory import inflight
+from autopar.evaluation.baselines import split_blocks
+from autopar.hardware.mesh import Mesh, Submesh
+from autopar.hardware.specs import Cluster
+from autopar.plan import PlanError, StagePlan
+from autopar.search.layer_solver import LayerSolver, StartLayout
+from autopar.search.range_table import RECOMPUTE_OPTIONS, RangeTable
+from autopar.search.tables import SearchSpace, StageChoice, StageTables
+from autopar.sharding.spec import spec_str
+from graphs.ir import OpGraph
+from solvers.stage_dp import stage_dp
+
+__all__ = ["DP_DEPTH_BOUNDS", "Candidate", "auto_label", "dp_candidates", "interleaved_candidates",
+           "microbatch_candidates", "microbatch_neighbours", "place", "stage_plans", "uniform_candidates", "unique"]
+
+# Bounds on the number of stages at which the DP's optimum becomes a candidate (and the
+# largest allowed, max_stages).
+DP_DEPTH_BOUNDS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One plan to simulate. stages[k] = (first layer, end layer, submesh index) and
+    choices[k] are stage (chunk) k in pipeline order; chunk k runs on pipeline rank k % depth."""
+
+    stages: tuple[tuple[int, int, int], ...]
+    choices: tuple[StageChoice, ...]
+    stage_time_s: tuple[float, ...]   # per stage: forward + backward (+ recompute) per microbatch
+    stage_sync_s: tuple[float, ...]   # per stage: gradient sync per step
+    dp_total_s: float            # the DP's closed-form step time, which orders the simulations
+    origin: str                  # "dp" (an optimum of the stage DP) or "equal" (an equal-layer slicing)
+    chunks: int = 1              # per pipeline rank: > 1 is interleaved 1F1B
+
+    @property
+    def depth(self) -> int:
+        """Pipeline ranks."""
+        return len(self.stages) // self.chunks
+
+    def step_lower_bound_s(self, n_microbatches: int) -> float:
+        """No schedule ends before its busiest rank has run the forward and backward of every
+        microbatch on each of its chunks, then their gradient syncs (evaluator.evaluate adds
+        the syncs and optimizer steps after a rank's last op): a lower bound on the simulated
+        step time, given that a stage costs what its layers cost (layer composition)."""
+        d = self.depth
+        return max(n_microbatches * sum(self.stage_time_s[r::d]) + sum(self.stage_sync_s[r::d]) for r in range(d))
+
+    @property
+    def key(self) -> tuple:
+        """Two candidates with one key are one plan. A DP optimum's choices follow from its
+        slicing; equal-layer slicings differ by their logical meshes and chunks too, and the
+        first one found is kept (a free choice of layouts before all-stages-alike)."""
+        if self.origin == "dp":
+            return ("dp", self.stages)
+        return (self.origin, self.stages, tuple(c.logical_mesh for c in self.choices), self.chunks)
+
+
+def unique(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """The first candidate of each key, in order."""
+    seen: set[tuple] = set()
+    out = []
+    for c in candidates:
+        if c.key not in seen:
+            seen.add(c.key)
+            out.append(c)
+    return out
+
+
+def dp_candidates(tables: StageTables, cost: np.ndarray, extra: np.ndarray, subs: list[Submesh]) -> list[Candidate]:
+    """The stage DP's optimum at each bound on the number of stages (DP_DEPTH_BOUNDS below
+    max_stages, and max_stages), each slicing once."""
+    sp = tables.space
+    S = sp.max_stages
+    out = []
+    for bound in sorted({S} | {d for d in DP_DEPTH_BOUNDS if d < S}):
+        r = stage_dp(cost, [s.n_devices for s in subs], sp.n_gpus, sp.n_microbatches, stage_extra=extra,
+                     max_stages=bound)
+        if math.isfinite(r.total_s):
+            n = len(r.stages)
+            cells = [tables.cells[i, j, mi, n - k] for k, (i, j, mi) in enumerate(r.stages)]
+            out.append(Candidate(tuple(r.stages),
+                                 tuple(tables.choice(i, j, mi, n - k) for k, (i, j, mi) in enumerate(r.stages)),
+                                 tuple(float(c["t_s"]) for c in cells), tuple(float(c["sync_s"]) for c in cells),
+                                 r.total_s, "dp"))
+    return unique(out)
+
+
+def uniform_candidates(rt: RangeTable, submesh_index: int, sub: Submesh, logical_mesh: tuple[int, int],
+                       space: SearchSpace, p2p_s: np.ndarray) -> list[Candidate]:
+    """Equal-layer pipelines whose stages all use this submesh and logical mesh, at the depth
+    that fills the cluster: per stage the start layout and recompute minimising its share of
+    the step, once freely and once with every stage entered in the layout the first emits."""
+    return _equal_split(rt, submesh_index, sub, logical_mesh, space, p2p_s, chunks=1)
+
+
+def interleaved_candidates(rt: RangeTable, submesh_index: int, sub: Submesh, logical_mesh: tuple[int, int],
+                           space: SearchSpace, p2p_s: np.ndarray) -> list[Candidate]:
+    """uniform_candidates as Megatron's interleaved 1F1B: two chunks of layers per GPU, chunk g
+    on rank g % depth. Offered under 1F1B when the depth is at least 2, divides the number of
+    microbatches (the schedule needs it) and leaves a block per chunk."""
+    return _equal_split(rt, submesh_index, sub, logical_mesh, space, p2p_s, chunks=2)
+
+
+def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int, int], space: SearchSpace,
+                 p2p_s: np.ndarray, chunks: int) -> list[Candidate]:
+    L, S, B, schedule = space.n_layers, space.max_stages, space.n_microbatches, space.schedule
+    if space.n_gpus % sub.n_devices:
+        return []
+    depth = space.n_gpus // sub.n_devices
+    if depth > min(S, max(1, L - 2)):
+        return []
+    if chunks > 1 and not (schedule == "1f1b" and depth >= 2 and B % depth == 0 and chunks * depth <= L - 2):
+        return []
+    if chunks > 1:
+        ranges = split_blocks(L, depth * chunks)
+    else:
+        ranges = split_blocks(L, depth) if L > 2 else [(0, L)]
+
+    def pick(k: int, i: int, j: int, allowed: np.ndarray) -> tuple[float, int, str, float, float] | None:
+        """(key, start index, recompute, t, sync) of the best option for chunk k on [i, j)."""
+        s = depth - k % depth
+        if chunks > 1:
+            # the rank's chunks share the GPU, each holding its share of the (warm-up + 1)
+            # chunk-microbatches in flight
+            held, cap = inflight("interleaved", k % depth, depth, B, chunks), space.memory_cap_bytes / chunks
+        else:
+            held, cap = inflight(schedule, k, depth, B), space.memory_cap_bytes
+        best = None
+        for rc in RECOMPUTE_OPTIONS:
+            t = rt.time_s(rc, (i, j))
+            mem = rt.memory_bytes(rc, held, (i, j))
+            key = np.where((mem <= cap) & allowed, (B + s - 1) * t + rt.sync[i, j], np.inf)
+            p = int(key.argmin())
+            if math.isfinite(key[p]) and (best is None or key[p] < best[0]):
+                best = (float(key[p]), p, rc, float(t[p]), float(rt.sync[i, j, p]))
+        return best
+
+    everywhere = np.ones(len(rt.starts), bool)
+    out = []
+    for same_layout in (False, True):
+        stages, choices, ts, syncs = [], [], [], []
+        allowed = everywhere
+        for g, (i, j) in enumerate(ranges):
+            best = pick(g, i, j, allowed)
+            if best is None:
+                break
+            _, p, rc, t, sync = best
+            if g == 0 and same_layout:
+                # Megatron's shape: every later stage receives the layout the first one emits
+                allowed = np.array([st == StartLayout(rt.starts[p].spec) for st in rt.starts])
+            stages.append((i, j, mi))
+            choices.append(StageChoice(logical_mesh, rt.starts[p], rc))
+            ts.append(t)
+            syncs.append(sync)
+        else:
+            out.append(Candidate(tuple(stages), tuple(choices), tuple(ts), tuple(syncs),
+                                 _equal_split_total_s(ts, syncs, stages, p2p_s, depth, B, chunks), "equal", chunks))
+    return out
+
+
+def _equal_split_total_s(ts: list[float], syncs: list[float], stages: list[tuple[int, int, int]],
+                         p2p_s: np.ndarray, depth: int, B: int, chunks: int) -> float:
+    """The DP's formula for an equal-layer pipeline: 1F1B's (B - 1 + depth) periods of the
+    slowest rank, where interleaving shrinks the fill and drain to (depth - 1) / chunks of
+    them, plus every stage's sync and transfers once; each chunk's transfers also take their
+    share of the steady-state period, as in StageTables.dp_inputs."""
+    period_s = [t + 2 * float(p2p_s[j]) / max(1, min(depth - k % depth, B))
+                for k, ((_, j, _), t) in enumerate(zip(stages, ts))]
+    per_rank = [sum(period_s[r::depth]) for r in range(depth)]
+    return (B + (depth - 1) / chunks) * max(per_rank) + sum(syncs) + sum(2 * float(p2p_s[j]) for _, j, _ in stages)
+
+
+def stage_plans(cand: Candidate, graph: OpGraph, solver: LayerSolver, subs: list[Submesh],
+                cluster: Cluster) -> list[StagePlan]:
+    """The candidate's stages placed on the cluster, each op with its ILP-optimal strategy."""
+    n = cand.depth
+    rank_ids = place([(i, j, subs[mi]) for (i, j, mi) in cand.stages[:n]], cluster)
+    stages = []
+    for k, ((i, j, mi), choice) in enumerate(zip(cand.stages, cand.choices)):
+        mesh = Mesh(cluster, subs[mi], choice.logical_mesh)
+        strategies: dict[str, str] = {}
+        for li, sol in solver.walk((i, j), mesh, choice.start):
+            nodes = graph.layers[li].nodes
+            for pos, name in sol.names.items():
+                strategies[nodes[pos]] = name
+        stages.append(StagePlan(index=k, layers=(i, j), layer_names=[graph.layers[x].name for x in range(i, j)],
+                                submesh=(subs[mi].n_nodes, subs[mi].gpus_per_node), device_ids=rank_ids[k % n],
+                                logical_mesh=choice.logical_mesh, strategies=strategies,
+                                input_spec="" if i == 0 else spec_str(choice.start.spec),
+                                recompute=choice.recompute))
+    return stages
+
+
+def auto_label(stages: list[StagePlan], chunks: int = 1) -> str:
+    """e.g. "8 stages: 7L@2x4, 6L@2x4 x6, 7L@2x4" (layers @ logical mesh, +rc = recompute), or
+    "4 ranks x 2 chunks, interleaved: ..." """
+    parts = [f"{s.layers[1] - s.layers[0]}L@{s.logical_mesh[0]}x{s.logical_mesh[1]}"
+             + ("+rc" if s.recompute != "none" else "") for s in stages]
+    runs: list[list] = []
+    for p in parts:
+        if runs and runs[-1][0] == p:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    shapes = ", ".join(p if n == 1 else f"{p} x{n}" for p, n in runs)
+    if chunks > 1:
+        return f"{len(stages) // chunks} ranks x {chunks} chunks, interleaved: {shapes}"
+    return f"{len(stages)} stage{'s' if len(stages) > 1 else ''}: {shapes}"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def microbatch_candidates(global_batch: int, n_gpus: int, microbatches: str | int) -> list[int]:
+    """First-round microbatch sizes (batch of one pipeline microbatch) to search: every other
+    power of two dividing the global batch (1, 4, 16, ...), and the global batch itself; the
+    planner then tries the neighbours of the best. A given count of microbatches is used as is."""
+    if microbatches != "auto":
+        try:
+            k = int(microbatches)
+        except ValueError:
+            raise PlanError(f"--microbatches must be 'auto' or a number (got {microbatches!r})") from None
+        if k < 1 or global_batch % k:
+            ok = _divisors(global_batch)
+            raise PlanError(f"--microbatches {k} does not divide the global batch {global_batch}; "
+                            f"valid counts: {ok[:20]}{' ...' if len(ok) > 20 else ''}")
+        return [global_batch // k]
+    sizes = [d for d in _divisors(global_batch) if d & (d - 1) == 0]
+    coarse = sizes[::2]
+    if sizes[-1] not in coarse:
+        coarse.append(sizes[-1])
+    return coarse
+
+
+def microbatch_neighbours(best_size: int, global_batch: int, done: set[int]) -> list[int]:
+    """Second-round sizes: half and double the best first-round size, where they divide the
+    global batch and were not searched yet."""
+    halves = [best_size // 2] if best_size % 2 == 0 else []
+    return [m for m in halves + [best_size * 2] if global_batch % m == 0 and m not in done]
+
+
+def place(stages: list[tuple[int, int, Submesh]], cluster: Cluster) -> list[list[int]]:
+    """Concrete device ids for each stage's submesh: whole-node submeshes take whole nodes,
+    the (1, 2^k) ones are packed into the rest largest first, each on aligned slots — powers
+    of two summing to the free capacity always pack."""
+    m = cluster.gpus_per_node
+    free_nodes = list(range(cluster.n_nodes))
+    ids: list[list[int] | None] = [None] * len(stages)
+    for si, (_, _, sub) in enumerate(stages):
+        if sub.n_nodes > 1 or sub.gpus_per_node == m:
+            take, free_nodes = free_nodes[: sub.n_nodes], free_nodes[sub.n_nodes:]
+            ids[si] = [n * m + k for n in take for k in range(m)]
+    used = {n: [False] * m for n in free_nodes}
+    order = sorted((si for si in range(len(stages)) if ids[si] is None), key=lambda si: -stages[si][2].n_devices)
+    for si in order:
+        size = stages[si][2].n_devices
+        for n in free_nodes:
+            slot = next((s for s in range(0, m, size) if not any(used[n][s:s + size])), None)
+            if slot is not None:
+                for k in range(slot, slot + size):
+                    used[n][k] = True
+                ids[si] = [n * m + k for k in range(slot, slot + size)]
+                break
+        if ids[si] is None:
+            raise PlanError("could not place the stages' submeshes on the cluster (internal error)")
+    return ids  # type: ignore[return-value]

@@ -1,0 +1,172 @@
+"""One layer's intra-op optimum per (mesh, input layout), solved once and reused.
+
+Layer composition. Followers share their leader's layout, so a block whose only activation
+input is the residual stream maps an input layout p to an output layout f(p) at an ILP-optimal
+cost C(p). A range of layers entered in layout p costs C_i(p) + C_{i+1}(f_i(p)) + ..., exactly
+what one ILP over the whole range finds (tests check this), but every distinct
+(layer, mesh, layout) is solved once however many layers share it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from autopar.costmodel.compute import ComputeModel
+from autopar.hardware.mesh import Mesh
+from autopar.sharding.spec import Spec, is_valid, shard_factor
+from autopar.sharding.stage_problem import Settings, StageProblem
+from graphs.ir import OpGraph
+from graphs.query import main_boundary
+
+__all__ = ["LayerSol", "LayerSolver", "SearchStats", "StartLayout", "boundary_specs"]
+
+
+@dataclass
+class LayerSol:
+    """An ILP-optimal layer for one (mesh, input layout)."""
+
+    t_s: float                   # forward + backward per microbatch
+    fwd_s: float
+    sync_s: float                # per step
+    param_bytes: float           # weights + grads + optimizer state per device (at the plan's ZeRO)
+    param_elems: float
+    stash_bytes: float           # per microbatch
+    input_bytes: float           # local bytes of the layer's input (kept under full recompute)
+    out_spec: Spec | None
+    names: dict[int, str]        # position in layer -> strategy name (decision roots)
+    status: str
+    objective: float
+
+
+@dataclass(frozen=True)
+class StartLayout:
+    """How a stage's first layer is entered. A stage that starts inside the model receives its
+    input in `spec`. A stage that starts at the embedding (layer 0) has no input; there `spec`
+    is the layout the embedding's output is restricted to, so in both cases `spec` is the layout
+    the stage's first layer boundary carries."""
+
+    spec: Spec
+    at_embedding: bool = False
+
+
+@dataclass
+class SearchStats:
+    """Counts and summed timings of one search (merged over microbatch sizes and workers)."""
+
+    ilps: int = 0
+    cache_hits: int = 0
+    ilp_time_s: float = 0.0
+    trace_time_s: float = 0.0
+    table_time_s: float = 0.0
+    dp_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    statuses: dict[str, int] = field(default_factory=dict)
+    ilp_vars_before: int = 0
+    ilp_vars_after: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def merge(self, other: SearchStats) -> None:
+        for k, v in other.__dict__.items():
+            if k == "statuses":
+                for s, n in v.items():
+                    self.statuses[s] = self.statuses.get(s, 0) + n
+            else:
+                setattr(self, k, getattr(self, k) + v)
+
+
+def boundary_specs(shape: tuple[int, ...], mesh: Mesh) -> list[Spec]:
+    """Layouts a layer boundary tensor may take: replicated, or its batch and/or last (hidden)
+    dim split over the mesh axes."""
+    nd = len(shape)
+    if nd == 0:
+        return [()]
+    dims = [0] if nd == 1 else [0, nd - 1]
+    out = []
+    live = mesh.live_axes
+    options: list[int | None] = [None, *dims]
+    for combo in itertools.product(options, repeat=len(live)):
+        masks = [0] * nd
+        for bit, d in zip(live, combo):
+            if d is not None:
+                masks[d] |= bit
+        spec = tuple(masks)
+        if (not any(spec) or is_valid(spec, shape, mesh)) and spec not in out:
+            out.append(spec)
+    return out
+
+
+class LayerSolver:
+    """Solves and caches one layer's ILP per (structure, mesh, input layout)."""
+
+    def __init__(self, graph: OpGraph, cm: ComputeModel, settings: Settings, stats: SearchStats,
+                 time_limit_s: float, backend: str, only_names: frozenset[str] | None = None):
+        self.only_names = only_names
+        self.graph, self.cm, self.settings, self.stats = graph, cm, settings, stats
+        self.time_limit_s, self.backend = time_limit_s, backend
+        self.cache: dict[tuple, LayerSol] = {}
+        n = len(graph.layers)
+        self.inputs = [main_boundary(graph, list(graph.layers[i].nodes)) for i in range(n)]
+        self.outputs = [self.inputs[i + 1] if i + 1 < n else None for i in range(n)]
+
+    def key(self, li: int, mesh: Mesh, spec: Spec | None, restrict: Spec | None) -> tuple:
+        return (self.graph.layers[li].structural_hash, mesh.submesh, mesh.shape, spec, restrict,
+                self.outputs[li] is None)
+
+    def solve_entered(self, li: int, mesh: Mesh, spec: Spec) -> LayerSol:
+        """Layer `li` entered in `spec`: the embedding has no input, so there `spec` restricts
+        its output instead."""
+        return self.solve(li, mesh, None, restrict=spec) if li == 0 else self.solve(li, mesh, spec)
+
+    def walk(self, layers: tuple[int, int], mesh: Mesh, start: StartLayout) -> Iterator[tuple[int, LayerSol]]:
+        """The layers of a stage in order, each entered in the layout the previous one emits."""
+        spec = start.spec
+        for li in range(*layers):
+            sol = self.solve_entered(li, mesh, spec)
+            yield li, sol
+            spec = sol.out_spec if sol.out_spec is not None else spec
+
+    def solve(self, li: int, mesh: Mesh, spec: Spec | None, restrict: Spec | None = None) -> LayerSol:
+        k = self.key(li, mesh, spec, restrict)
+        hit = self.cache.get(k)
+        if hit is not None:
+            self.stats.cache_hits += 1
+            return hit
+        layer = self.graph.layers[li]
+        names = list(layer.nodes)
+        src = self.inputs[li]
+        out = self.outputs[li]
+        boundary = {src: spec} if src is not None and spec is not None else {}
+        t0 = time.perf_counter()
+        prob = StageProblem(self.graph, names, mesh, self.cm, boundary=boundary,
+                            restrict_out={out: restrict} if (restrict is not None and out is not None) else None,
+                            only_names=self.only_names)
+        res = prob.solve(self.settings, time_limit_s=self.time_limit_s, backend=self.backend)
+        self.stats.ilps += 1
+        self.stats.ilp_time_s += time.perf_counter() - t0
+        self.stats.statuses[res.status] = self.stats.statuses.get(res.status, 0) + 1
+        self.stats.ilp_vars_before += res.n_variables_before
+        self.stats.ilp_vars_after += res.n_variables
+        if res.choice is None:
+            sol = LayerSol(math.inf, math.inf, 0, math.inf, 0, math.inf, 0, None, {}, res.status, math.inf)
+        else:
+            ev = prob.evaluate(res.choice, self.settings)
+            assign = prob.assignment(res.choice)
+            pos = {n: i for i, n in enumerate(names)}
+            chosen = {pos[g.root]: g.strategies[g.root][int(res.choice[gi])].name
+                      for gi, g in enumerate(prob.groups) if len(g.strategies[g.root]) > 1 or g.root in pos}
+            out_spec = prob.strategy_of(out, assign[out]).out_spec if out is not None else None
+            in_bytes = 0.0
+            if src is not None:
+                in_bytes = self.graph.node(src).out_bytes / (shard_factor(spec, mesh) if spec else 1)
+            sol = LayerSol(ev.per_microbatch_s, ev.recompute_fwd_s, ev.sync_s,
+                           ev.param_state_bytes(self.settings.zero), ev.param_elems, ev.stash_bytes, in_bytes,
+                           out_spec, chosen, res.status, res.objective)
+        self.cache[k] = sol
+        return sol

@@ -1,0 +1,105 @@
+"""Figures of every layer range [i, j) on one logical mesh, per start layout, from the layer
+solutions (layer_solver.py): a suffix recursion over (layer, layout) states, so each state's
+layer is looked up once and a range's sums are array slices."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from autopar.hardware.mesh import Mesh
+from autopar.search.layer_solver import LayerSolver, StartLayout, boundary_specs
+from autopar.sharding.spec import Spec
+
+__all__ = ["RECOMPUTE_OPTIONS", "RangeTable", "range_table"]
+
+RECOMPUTE_OPTIONS = ("none", "full")
+
+
+@dataclass
+class RangeTable:
+    """Per (start layer i, end j) on one mesh, arrays [L, L+1, P] over the P start layouts;
+    inf where the range cannot be entered in that layout (a stage starting at layer 0 is entered
+    only at the embedding, any other only in a plain layout)."""
+
+    t: np.ndarray            # forward + backward per microbatch, seconds
+    rec: np.ndarray          # the forward once more (full recompute), seconds
+    sync: np.ndarray         # gradient sync per step, seconds
+    param: np.ndarray        # weights, gradients and optimizer state per device, bytes
+    stash: np.ndarray        # activations kept per microbatch in flight, bytes
+    inputs: np.ndarray       # sum of the layers' inputs (full recompute keeps only those), bytes
+    max_layer_stash: np.ndarray  # the largest one layer's stash (rebuilt one layer at a time), bytes
+    starts: list[StartLayout]    # start layout per P index
+
+    def time_s(self, recompute: str, at: tuple = ()) -> np.ndarray:
+        """Per-microbatch time under a recompute option, of every cell or of the cells at `at`
+        (an index such as (i, j))."""
+        return self.t[at] + (self.rec[at] if recompute == "full" else 0.0)
+
+    def memory_bytes(self, recompute: str, inflight: float, at: tuple = ()) -> np.ndarray:
+        """Memory per device with `inflight` microbatches' activations held: full recompute
+        keeps each layer's input and rebuilds one layer's activations at a time."""
+        if recompute == "full":
+            return self.param[at] + inflight * self.inputs[at] + self.max_layer_stash[at]
+        return self.param[at] + inflight * self.stash[at]
+
+
+def range_table(solver: LayerSolver, mesh: Mesh) -> RangeTable:
+    """Every layer range [i, j) entered in every start layout: the boundary layouts of the
+    second layer's input, once as embedding restrictions (for i = 0) and once as plain input
+    layouts (for i > 0)."""
+    g = solver.graph
+    L = len(g.layers)
+    first_in = solver.inputs[1] if L > 1 else None
+    shape = g.node(first_in).out_shape if first_in else ()
+    specs = boundary_specs(shape, mesh)
+    starts = [StartLayout(q, at_embedding=True) for q in specs] + [StartLayout(q) for q in specs]
+    P = len(starts)
+    K = 7   # t, rec, sync, param, stash, inputs, max layer stash
+    tab = np.full((K, L, L + 1, P), np.inf)
+    suffix: dict[tuple, np.ndarray] = {}
+
+    def chain(li: int, spec: Spec | None, restrict: Spec | None) -> np.ndarray:
+        """(K, L - li) figures of ranges [li, j) for j = li+1..L entered at state (li, spec)."""
+        key = (li, spec, restrict)
+        hit = suffix.get(key)
+        if hit is not None:
+            return hit
+        # walk forward to the end (or a dead end), then fold back: no deep recursion
+        path = []
+        cur_l, cur_spec, r = li, spec, restrict
+        while True:
+            sol = solver.solve(cur_l, mesh, None, restrict=r) if cur_l == 0 else solver.solve(cur_l, mesh, cur_spec)
+            path.append((cur_l, cur_spec, r, sol))
+            if not math.isfinite(sol.t_s) or cur_l + 1 >= L or sol.out_spec is None:
+                break
+            if (cur_l + 1, sol.out_spec, None) in suffix:
+                break
+            cur_l, cur_spec, r = cur_l + 1, sol.out_spec, None
+        tail = None
+        last_l, _, _, last_sol = path[-1]
+        if math.isfinite(last_sol.t_s) and last_l + 1 < L and last_sol.out_spec is not None:
+            tail = suffix[(last_l + 1, last_sol.out_spec, None)]
+        for l, sp, r, sol in reversed(path):
+            arr = np.full((K, L - l), np.inf)
+            if math.isfinite(sol.t_s):
+                v = np.array([sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes, sol.stash_bytes, sol.input_bytes,
+                              sol.stash_bytes])
+                arr[:, 0] = v
+                if tail is not None:
+                    m = tail.shape[1]
+                    arr[:6, 1:1 + m] = v[:6, None] + tail[:6]
+                    arr[6, 1:1 + m] = np.maximum(v[6], tail[6])
+            suffix[(l, sp, r)] = arr
+            tail = arr
+        return suffix[key]
+
+    for pi, start in enumerate(starts):
+        if start.at_embedding:
+            tab[:, 0, 1:, pi] = chain(0, None, start.spec)
+        else:
+            for i in range(1, L):
+                tab[:, i, i + 1:, pi] = chain(i, start.spec, None)
+    return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], starts)
