@@ -12,7 +12,7 @@ from autopar.hardware.presets import PRESETS, load_cluster
 from autopar.hardware.specs import Cluster, ClusterError
 from autopar.search.planner import plan
 
-from .plan import Plan, PlanError, StagePlan
+from .plan import ClusterInfo, ModelInfo, Plan, PlanConfig, PlanError, Prediction, StageMemory, StagePlan, Training
 
-__all__ = ["plan", "compare", "evaluate", "Plan", "StagePlan", "PlanError", "Cluster", "ClusterError",
-           "load_cluster", "PRESETS"]
+__all__ = ["plan", "compare", "evaluate", "Plan", "StagePlan", "PlanError", "ModelInfo", "ClusterInfo", "Training",
+           "Prediction", "PlanConfig", "StageMemory", "Cluster", "ClusterError", "load_cluster", "PRESETS"]
