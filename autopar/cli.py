@@ -1,20 +1,81 @@
-"""The `autopar` command line: inspect, evaluate, shard, plan, show, compare, profile, run."""
+"""The `autopar` command line: inspect, evaluate, shard, plan, show, compare, profile, run.
+
+Bad input never gets a traceback: arguments are checked by the types in autopar.validation,
+files by autopar.fileio, and every ValueError / OSError becomes one line
+`autopar: error: ...` with exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
+import os
 import sys
+import threading
 import time
-from pathlib import Path
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+import graphs
+from autopar.compare import STRATEGIES, compare, csv_rows, legend, summarize_rows, table_rows, why_winner
+from autopar.costmodel.compute import ComputeModel
+from autopar.evaluation.baselines import Config3D, build_3d
+from autopar.evaluation.evaluator import memory_report
+from autopar.hardware.mesh import Mesh, Submesh
+from autopar.hardware.presets import load_cluster
+from autopar.profiling.gpu import main as profile_main
+from autopar.runtime.launch import main as run_main
+from autopar.search.planner import default_global_batch
+from autopar.search.planner import plan as search_plan
+from autopar.search.solve_stage import solve_stage
+from autopar.sharding.stage_problem import Settings, StageProblem
+from graphs.query import main_boundary
+
+from .fileio import PathError, atomic_path, check_outputs, write_text
+from .model import ModelSource
+from .report import compare_plot, fmt_s, gantt, gib, inspect_table, plan_summary
+from .validation import (
+    MAX_GLOBAL_BATCH,
+    MAX_GPUS,
+    MAX_MICROBATCH_SIZE,
+    MAX_MICROBATCHES,
+    MAX_SEQ,
+    MAX_TIME_LIMIT_S,
+    check_plan,
+    check_training,
+    float_arg,
+    int_arg,
+    layer_range,
+    load_plan,
+    mesh_arg,
+    microbatches_arg,
+)
+
+EXIT_BAD_INPUT = 2
+PROGRESS_EVERY_S = 5.0
 
 
-def _cluster_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage block is one `--help` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"autopar: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default in --help."""
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", default="p3.16xlarge", help="preset (p3.16xlarge, dgx-a100, dgx-h100, dgx-h200) "
                                                               "or a .yaml/.json file")
-    p.add_argument("--nodes", type=int, help="override the preset's node count")
-    p.add_argument("--gpus-per-node", type=int, help="override the preset's GPUs per node")
+    p.add_argument("--nodes", type=int_arg("--nodes", 1, MAX_GPUS),
+                   help="override the preset's node count (default: the preset's)")
+    p.add_argument("--gpus-per-node", type=int_arg("--gpus-per-node", 1, MAX_GPUS),
+                   help="override the preset's GPUs per node, a power of two (default: the preset's)")
 
 
 def _dtype_arg(p):
@@ -22,87 +83,96 @@ def _dtype_arg(p):
                    help="training dtype (default: bf16 where the GPU has it, else fp16)")
 
 
-def _write_new(path: str, text: str, force: bool) -> None:
-    """Never overwrite a user's file silently."""
-    p = Path(path)
-    if p.exists() and not force:
-        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
-    p.write_text(text)
+def _global_batch_arg(p):
+    p.add_argument("--global-batch", type=int_arg("--global-batch", 1, MAX_GLOBAL_BATCH),
+                   help=f"sequences per training step, at most {MAX_GLOBAL_BATCH:,} "
+                        "(default: 16 per GPU, at least 8; 16 on one GPU)")
+
+
+def _zero_arg(p, default: int) -> None:
+    p.add_argument("--zero", type=int, default=default, choices=[0, 1, 2, 3],
+                   help="ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also weights")
+
+
+def _force_arg(p) -> None:
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+@contextlib.contextmanager
+def _progress_lines(what: str) -> Iterator[None]:
+    """On a terminal the planner draws rich's bar; in a log or CI job (stderr not a terminal)
+    one line every few seconds says the search is alive and how long it has run."""
+    if sys.stderr.isatty():
+        yield
+        return
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def beat() -> None:
+        while not stop.wait(PROGRESS_EVERY_S):
+            with contextlib.suppress(OSError, ValueError):
+                print(f"autopar: {what}: {time.perf_counter() - t0:.0f} s so far", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _default_batch(cluster) -> int:
+    return default_global_batch(cluster)
 
 
 def cmd_inspect(a) -> int:
-    import graphs
     g = graphs.load(a.model, batch=a.batch, seq=a.seq)
     s = graphs.summarize(g)
     if a.json:
         print(json.dumps(s, indent=1, sort_keys=True, default=str))
-        return 0
-    print(f"model {s.get('name', a.model)}: {s['params']:,} parameters ({s['params'] / 1e9:.3f} B)")
-    print(f"forward FLOPs at batch {g.batch}, seq {g.seq}: {s['forward_flops']:.4g}")
-    print(f"layers {s['layers']}, nodes {s['nodes']}, distinct layer kinds {s['distinct_layer_kinds']}")
-    print("op kinds: " + ", ".join(f"{k} {v}" for k, v in s["op_kind_histogram"].items()))
-    if s.get("unsupported"):
-        print("ops without a sharding rule (costed as replicated): " + ", ".join(map(str, s["unsupported"])))
+    else:
+        print(inspect_table(s))
     return 0
 
 
 def cmd_evaluate(a) -> int:
-    from autopar.evaluation.baselines import Config3D, build_3d
-    from autopar.evaluation.evaluator import memory_report
-    from autopar.hardware.presets import load_cluster
-
-    from .model import ModelSource
-    from .report import plan_summary
     cl = load_cluster(a.cluster, a.nodes, a.gpus_per_node)
+    check_training(a.global_batch, cl.n_gpus)
+    gb = a.global_batch or _default_batch(cl)
     dtype = cl.gpu.training_dtype(a.dtype)
     src = ModelSource(a.model, dtype=dtype)
     cfg = Config3D(a.dp, a.tp, a.pp, a.microbatch, a.recompute, a.schedule, a.virtual_stages, a.zero)
     t0 = time.perf_counter()
-    plan = build_3d(src, cl, a.global_batch, cfg, dtype)
+    plan = build_3d(src, cl, gb, cfg, dtype, eager=a.eager)
+    d = plan.to_dict()
+    check_plan(d)
     if a.json:
         print(plan.to_json(), end="")
     else:
         print(plan_summary(plan))
         print(f"(evaluated in {time.perf_counter() - t0:.2f} s)")
-    if not plan.predicted["fits"]:
+    if not d["predicted"].get("fits"):
         print("plan does not fit in memory:\n" + memory_report(plan), file=sys.stderr)
     return 0
 
 
 def cmd_shard(a) -> int:
-    import graphs
-    from autopar.costmodel.compute import ComputeModel
-    from autopar.hardware.mesh import Mesh, Submesh
-    from autopar.hardware.presets import load_cluster
-    from autopar.sharding.stage_problem import Settings, StageProblem
-    from graphs.query import main_boundary
-
-    from .report import fmt_s, gib
     cl = load_cluster(a.cluster, a.nodes, a.gpus_per_node)
-    try:
-        d0, d1 = (int(x) for x in a.mesh.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--mesh must look like 2x4 (got {a.mesh!r})") from None
+    d0, d1 = a.mesh
     n = d0 * d1
     if n > cl.n_gpus:
-        raise ValueError(f"mesh {a.mesh} needs {n} GPUs; cluster {cl.name} has {cl.n_gpus}")
+        raise ValueError(f"mesh {d0}x{d1} needs {n} GPUs; cluster {cl.name} has {cl.n_gpus}")
     m = cl.gpus_per_node
     if n <= m and n & (n - 1) == 0:
         sub = Submesh(1, n)
     elif n % m == 0:
         sub = Submesh(n // m, m)
     else:
-        raise ValueError(f"mesh {a.mesh}: {n} devices is neither a power of two within a node nor whole nodes of {m}")
+        raise ValueError(f"mesh {d0}x{d1}: {n} devices is neither a power of two within a node nor whole nodes of {m}")
     g = graphs.load(a.model, batch=a.batch, seq=a.seq, dtype=cl.gpu.training_dtype(a.dtype))
     L = len(g.layers)
-    i, j = 0, L
-    if a.layers:
-        try:
-            i, j = (int(x) if x else d for x, d in zip(a.layers.split(":"), (0, L)))
-        except ValueError:
-            raise ValueError(f"--layers must look like 3:7 (got {a.layers!r})") from None
-        if not (0 <= i < j <= L):
-            raise ValueError(f"--layers {a.layers}: the model has layers 0..{L - 1}")
+    i, j = layer_range(a.layers, L) if a.layers else (0, L)
     names = [n for li in range(i, j) for n in g.layers[li].nodes]
     mesh = Mesh(cl, sub, (d0, d1))
     dtype = cl.gpu.training_dtype(a.dtype)
@@ -117,16 +187,15 @@ def cmd_shard(a) -> int:
         prob = StageProblem(g, names, mesh, cm, boundary=bspec)
         res = prob.solve(settings, mem_budget_bytes=cl.gpu.memory_bytes, time_limit_s=a.time_limit)
         if res.choice is None:
-            raise ValueError(f"no sharding of layers {i}:{j} on mesh {a.mesh} fits in "
+            raise ValueError(f"no sharding of layers {i}:{j} on mesh {d0}x{d1} fits in "
                              f"{gib(cl.gpu.memory_bytes)} ({res.status})")
         choice, status = res.choice, res.status
         ilp = {"ilps": 1, "variables_before": res.n_variables_before, "variables": res.n_variables}
     else:
-        from autopar.search.planner import solve_stage
         sol = solve_stage(g, (i, j), mesh, cm, settings, time_limit_s=a.time_limit)
         src = main_boundary(g, names)
-        bspec = {src: sol.input_spec} if src else None
-        prob = StageProblem(g, names, mesh, cm, boundary=bspec)
+        entry: dict[str, Any] | None = {src: sol.input_spec} if src else None
+        prob = StageProblem(g, names, mesh, cm, boundary=entry)
         choice = prob.choice_from_names(sol.strategies)
         st = sol.stats
         status = ",".join(sorted(st.statuses)) or "optimal"
@@ -159,212 +228,226 @@ def cmd_shard(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    from autopar.search.planner import plan
-
-    from .report import plan_summary
-    mb = a.microbatches if a.microbatches == "auto" else int(a.microbatches)
-    if a.output and Path(a.output).exists() and not a.force:
-        raise FileExistsError(f"{a.output} already exists; pass --force to overwrite it")
+    if a.output is not None:
+        check_outputs([("-o", a.output)], a.force)
     t0 = time.perf_counter()
-    p = plan(a.model, a.cluster, nodes=a.nodes, gpus_per_node=a.gpus_per_node, global_batch=a.global_batch,
-             microbatches=mb, schedule=a.schedule, max_stages=a.max_stages, dtype=a.dtype,
-             progress=sys.stderr.isatty(), zero=a.zero)
+    with _progress_lines(f"planning {a.model}"):
+        p = search_plan(a.model, a.cluster, nodes=a.nodes, gpus_per_node=a.gpus_per_node, global_batch=a.global_batch,
+                 microbatches=a.microbatches, schedule=a.schedule, max_stages=a.max_stages, dtype=a.dtype,
+                 progress=sys.stderr.isatty(), zero=a.zero)
     elapsed = time.perf_counter() - t0
     text = p.to_json()
-    if a.output:
-        _write_new(a.output, text, a.force)
-        print(plan_summary(p))
-        print(f"\nwrote {a.output} (planned in {elapsed:.1f} s)")
-    else:
+    if a.json:
         print(text, end="")
-        print(f"planned in {elapsed:.1f} s", file=sys.stderr)
+    else:
+        print(plan_summary(p))
+    if a.output is not None:
+        write_text(a.output, text, a.force, "-o")
+        print(f"\nwrote {a.output} (planned in {elapsed:.1f} s)", file=sys.stderr if a.json else sys.stdout)
+    elif not a.json:
+        print(f"\nplanned in {elapsed:.1f} s; pass -o plan.json to save the plan (or --json to print it)")
     return 0
 
 
 def cmd_show(a) -> int:
-    from .plan import Plan
-    from .report import plan_summary
-    p = Plan.from_json(a.plan)
+    if a.gantt is not None:
+        check_outputs([("--gantt", a.gantt)], a.force)
+    p = load_plan(a.plan)
     print(plan_summary(p))
-    if a.gantt:
-        from .report import gantt
-        gantt(p, a.gantt)
+    if a.gantt is not None:
+        with atomic_path(a.gantt, a.force, "--gantt") as tmp:
+            gantt(p, str(tmp), fmt=_image_format(a.gantt))
         print(f"wrote {a.gantt}")
     return 0
 
 
-def cmd_compare(a) -> int:
-    from autopar.compare import STRATEGIES, compare, summarize_rows, why_winner
+def _image_format(path: str) -> str:
+    """matplotlib's format for a file name (the temporary file's suffix is .tmp)."""
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if ext not in ("png", "pdf", "svg", "jpg", "jpeg"):
+        raise PathError(f"{path!r}: give the image a .png, .pdf, .svg or .jpg name")
+    return ext
 
-    from .report import compare_plot, gib
-    strategies = [s.strip() for s in a.strategies.split(",")] if a.strategies else list(STRATEGIES)
-    for path in (a.json, a.plot, a.csv):
-        if path and Path(path).exists() and not a.force:
-            raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+
+def cmd_compare(a) -> int:
+    strategies = [s.strip() for s in a.strategies.split(",") if s.strip()] if a.strategies else list(STRATEGIES)
+    check_outputs([("--json", a.json), ("--plot", a.plot), ("--csv", a.csv)], a.force)
+    if a.plot is not None:
+        _image_format(a.plot)
     t0 = time.perf_counter()
-    rows = compare(a.model, a.cluster, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
-                   global_batch=a.global_batch, strategies=strategies, dtype=a.dtype,
-                   progress=sys.stderr.isatty())
+    with _progress_lines(f"comparing strategies for {a.model}"):
+        rows = compare(a.model, a.cluster, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
+                       global_batch=a.global_batch, strategies=strategies, dtype=a.dtype,
+                       progress=sys.stderr.isatty())
     table = summarize_rows(rows)
     elapsed = time.perf_counter() - t0
-    from rich.console import Console
+    from rich.console import Console  # deferred: rich's table is only drawn here
     from rich.table import Table
-    first = next((r.plan for r in rows if r.plan is not None), None)
-    title = (f"{a.model} on {first.cluster['nodes']}x{first.cluster['gpus_per_node']} {first.cluster['gpu']}, "
-             f"global batch {first.training['global_batch']}") if first else a.model
+    first = next((r.plan.to_dict() for r in rows if r.plan is not None), None)
+    title = (f"{a.model} on {first['cluster']['nodes']}x{first['cluster']['gpus_per_node']} "
+             f"{first['cluster']['gpu']}, global batch {first['training']['global_batch']}") if first else a.model
     t = Table(title=title)
-    for c in ("strategy", "configuration", "step time", "tokens/s", "TFLOP/s/GPU", "MFU", "vs dp",
-              "peak mem/GPU", "fits"):
-        t.add_column(c, justify="left" if c in ("strategy", "configuration") else "right")
-    for r in table:
-        if "step_time_s" not in r:
-            t.add_row(r["strategy"], r["error"][:60], "-", "-", "-", "-", "-", "-", "error")
-            continue
-        fits = "yes" if r["fits"] else "OOM"
-        t.add_row(r["strategy"], r["config"][:60], f"{r['step_time_s']:.3f} s" if r["fits"] else "-",
-                  f"{r['tokens_per_s']:,.0f}" if r["fits"] else "-",
-                  f"{r['tflops_per_gpu']:.1f}" if r["fits"] else "-", f"{r['mfu']:.1%}" if r["fits"] else "-",
-                  f"{r['speedup_vs_dp']:.2f}x" if r.get("speedup_vs_dp") else "-",
-                  gib(r["peak_memory_bytes"]), fits if r["fits"] else
-                  f"OOM (needs {r['peak_memory_bytes'] / 2**30:.1f} of {r['memory_limit_bytes'] / 2**30:.0f} GiB)")
+    header, cells = table_rows(table)
+    for c in header:
+        t.add_column(c, justify="left" if c in ("strategy", "configuration") else "right",
+                     overflow="fold", no_wrap=c not in ("configuration",))
+    for row in cells:
+        t.add_row(*row)
     con = Console(width=160)
     con.print(t)
+    con.print(legend(table))
     con.print(why_winner(rows))
     con.print(f"(compared in {elapsed:.1f} s)")
-    if a.json:
+    if a.json is not None:
         doc = {"model": a.model, "rows": table, "why": why_winner(rows),
                "plans": {r.strategy: r.plan.to_dict() for r in rows if r.plan is not None}}
-        _write_new(a.json, json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n", a.force)
-    if a.csv:
-        keys = ["strategy", "config", "step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "speedup_vs_dp",
-                "peak_memory_bytes", "fits", "error"]
-        with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, keys, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(table)
-    if a.plot:
+        write_text(a.json, json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n", a.force, "--json")
+    if a.csv is not None:
+        keys, values = csv_rows(table)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(values)
+        write_text(a.csv, buf.getvalue(), a.force, "--csv")
+    if a.plot is not None:
         fit = [r for r in rows if r.fits]
         best = max(fit, key=lambda r: (round(r.throughput(), 6), r.strategy == "auto")).plan if fit else None
-        compare_plot(table, best, a.plot, title)
+        with atomic_path(a.plot, a.force, "--plot") as tmp:
+            compare_plot(table, best, str(tmp), title, fmt=_image_format(a.plot))
     return 0
 
 
-def cmd_profile(a) -> int:
-    from autopar.profiling.gpu import main as profile_main
-    return profile_main(a.rest)
-
-
-def cmd_run(a) -> int:
-    from .runtime.launch import main as run_main
-    return run_main(a.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="autopar", description="Automatic parallelization planner for training "
-                                                             "transformers (Alpa-style).")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = _Parser(prog="autopar", description="Automatic parallelization planner for training "
+                                             "transformers (Alpa-style).")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("inspect", help="parameters, FLOPs, layers and op kinds of a model")
-    p.add_argument("model")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_inspect)
+    def command(name: str, help_text: str, fn) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Help)
+        p.set_defaults(fn=fn)
+        return p
 
-    p = sub.add_parser("evaluate", help="predict a hand-made Megatron-style (dp, tp, pp) plan")
-    p.add_argument("model")
-    _cluster_args(p)
-    _dtype_arg(p)
-    p.add_argument("--global-batch", type=int, required=True)
-    p.add_argument("--dp", type=int, required=True)
-    p.add_argument("--tp", type=int, required=True)
-    p.add_argument("--pp", type=int, required=True)
-    p.add_argument("--microbatch", type=int, required=True, help="micro-batch size per data-parallel rank")
-    p.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
-    p.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "interleaved"])
-    p.add_argument("--virtual-stages", type=int, default=1)
-    p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_evaluate)
+    p = command("inspect", "parameters, FLOPs, layers and op kinds of a model", cmd_inspect)
+    p.add_argument("model", help="zoo name, spec (gpt:hidden=..,layers=..,heads=..), hf:config.json or "
+                                 "file.py:factory")
+    p.add_argument("--batch", type=int_arg("--batch", 1, MAX_MICROBATCH_SIZE), default=1,
+                   help="batch of the traced input")
+    p.add_argument("--seq", type=int_arg("--seq", 1, MAX_SEQ), help="sequence length (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print the full summary as JSON")
 
-    p = sub.add_parser("shard", help="the intra-op ILP for one stage on one logical mesh")
+    p = command("evaluate", "predict a hand-made Megatron-style (dp, tp, pp) plan", cmd_evaluate)
     p.add_argument("model")
     _cluster_args(p)
     _dtype_arg(p)
-    p.add_argument("--mesh", required=True, help="logical mesh, e.g. 2x4")
+    _global_batch_arg(p)
+    for flag, what in (("--dp", "data"), ("--tp", "tensor"), ("--pp", "pipeline")):
+        p.add_argument(flag, type=int_arg(flag, 1, MAX_GPUS), required=True, help=f"{what}-parallel degree")
+    p.add_argument("--microbatch", type=int_arg("--microbatch", 1, MAX_MICROBATCH_SIZE), required=True,
+                   help="micro-batch size per data-parallel rank")
+    p.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
+                   help="activation recomputation")
+    p.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "interleaved"], help="pipeline schedule")
+    p.add_argument("--virtual-stages", type=int_arg("--virtual-stages", 1, 1024), default=1,
+                   help="model chunks per GPU (interleaved schedule)")
+    _zero_arg(p, 0)
+    p.add_argument("--eager", action="store_true",
+                   help="predict the step as eager PyTorch runs it (autocast casts, fp32 loss, host dispatch, "
+                        "allocator reserve; measured on H200, see bench/truth)")
+    p.add_argument("--json", action="store_true", help="print the plan JSON")
+
+    p = command("shard", "the intra-op ILP for one stage on one logical mesh", cmd_shard)
+    p.add_argument("model")
+    _cluster_args(p)
+    _dtype_arg(p)
+    p.add_argument("--mesh", type=mesh_arg, required=True, help="logical mesh, e.g. 2x4")
     p.add_argument("--layers", help="layer range i:j (default: all)")
-    p.add_argument("--batch", type=int, default=8, help="microbatch size")
-    p.add_argument("--seq", type=int)
-    p.add_argument("--microbatches", type=int, default=1, help="microbatches per step (amortises grad sync)")
-    p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument("--batch", type=int_arg("--batch", 1, MAX_MICROBATCH_SIZE), default=8, help="microbatch size")
+    p.add_argument("--seq", type=int_arg("--seq", 1, MAX_SEQ), help="sequence length (default: the model's)")
+    p.add_argument("--microbatches", type=int_arg("--microbatches", 1, MAX_MICROBATCHES), default=1,
+                   help="microbatches per step (amortises grad sync)")
+    _zero_arg(p, 0)
     p.add_argument("--memory-limit", action="store_true", help="constrain memory to the GPU's")
-    p.add_argument("--time-limit", type=float, default=30.0)
+    p.add_argument("--time-limit", type=float_arg("--time-limit", 0.0, MAX_TIME_LIMIT_S, lo_open=True), default=30.0,
+                   help="seconds per ILP")
     p.add_argument("--all", action="store_true", help="also list views")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_shard)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    p = sub.add_parser("plan", help="search the best parallel plan (inter-op DP + intra-op ILP)")
+    p = command("plan", "search the best parallel plan (inter-op DP + intra-op ILP)", cmd_plan)
     p.add_argument("model")
     _cluster_args(p)
     _dtype_arg(p)
-    p.add_argument("--global-batch", type=int)
-    p.add_argument("--microbatches", default="auto", help="auto, or a number of microbatches")
-    p.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
-    p.add_argument("--max-stages", type=int)
-    p.add_argument("--zero", type=int, default=1, choices=[0, 1, 2, 3])
-    p.add_argument("-o", "--output", help="write the plan JSON here (default: print it)")
-    p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    p.set_defaults(fn=cmd_plan)
+    _global_batch_arg(p)
+    p.add_argument("--microbatches", type=microbatches_arg, default="auto",
+                   help=f"auto, or microbatches per step (1 to {MAX_MICROBATCHES:,}, dividing the global batch)")
+    p.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule")
+    p.add_argument("--max-stages", type=int_arg("--max-stages", 1, 4096), help="most pipeline stages (default: no limit)")
+    _zero_arg(p, 1)
+    p.add_argument("-o", "--output", help="write the plan JSON to this file (default: only the summary is printed)")
+    p.add_argument("--json", action="store_true", help="print the plan JSON instead of the summary")
+    _force_arg(p)
 
-    p = sub.add_parser("show", help="summarise a plan file")
-    p.add_argument("plan")
-    p.add_argument("--gantt", help="draw the pipeline schedule to this PNG")
-    p.set_defaults(fn=cmd_show)
+    p = command("show", "summarise a plan file", cmd_show)
+    p.add_argument("plan", help="plan JSON (autopar plan -o / autopar evaluate --json)")
+    p.add_argument("--gantt", help="draw the pipeline schedule to this image (.png, .pdf, .svg)")
+    _force_arg(p)
 
-    p = sub.add_parser("compare", help="dp vs zero vs tp vs pp vs 3d vs auto on one cluster")
+    p = command("compare", "dp vs zero vs tp vs pp vs 3d vs auto on one cluster", cmd_compare)
     p.add_argument("model")
     _cluster_args(p)
     _dtype_arg(p)
-    p.add_argument("--global-batch", type=int)
+    _global_batch_arg(p)
     p.add_argument("--strategies", help="comma-separated subset of dp,zero1,zero2,zero3,tp,pp,3d,inter-only,"
-                                        "intra-only,auto")
-    p.add_argument("--json")
-    p.add_argument("--plot")
-    p.add_argument("--csv")
-    p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    p.set_defaults(fn=cmd_compare)
+                                        "intra-only,auto (default: all)")
+    p.add_argument("--json", help="write the rows and every row's plan to this JSON file")
+    p.add_argument("--plot", help="draw throughput, the best plan's schedule and its memory per GPU to this image")
+    p.add_argument("--csv", help="write the rows to this CSV file (time fields empty for rows that do not fit)")
+    _force_arg(p)
 
-    p = sub.add_parser("profile", help="measure this machine's GPU into a profile JSON", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_profile)
-
-    p = sub.add_parser("run", help="run a plan with torch.distributed", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_run)
+    sub.add_parser("profile", help="measure this machine's GPU into a profile JSON (see autopar profile --help)",
+                   add_help=False)
+    sub.add_parser("run", help="run a plan with torch.distributed (see autopar run --help)", add_help=False)
     return ap
+
+
+def _dispatch(argv: list[str]) -> int:
+    # `run` and `profile` own their options (argparse's REMAINDER would reject `run --help`
+    # or an option before the plan file), so they get the rest of the line untouched.
+    if argv and argv[0] in ("run", "profile"):
+        sub_main = run_main if argv[0] == "run" else profile_main
+        return sub_main(argv[1:]) or 0
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:           # --help, or a bad argument already reported in one line
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
+    return args.fn(args) or 0
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = f" {e.filename!r}" if e.filename else ""
+        return f"{e.strerror}{where}"
+    text = " ".join(str(e).split()) if not isinstance(e, KeyError) else f"missing field {e}"
+    return text or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `run` and `profile` own their options (argparse's REMAINDER would reject `run --help`
-    # or an option before the plan file), so they get the rest of the line untouched.
-    if argv and argv[0] in ("run", "profile"):
-        try:
-            if argv[0] == "run":
-                from .runtime.launch import main as sub_main
-            else:
-                from autopar.profiling.gpu import main as sub_main
-            return sub_main(argv[1:]) or 0
-        except (ValueError, FileExistsError, FileNotFoundError) as e:
-            print(f"autopar: error: {e}", file=sys.stderr)
-            return 2
-    args = build_parser().parse_args(argv)
     try:
-        return args.fn(args) or 0
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        # Our errors (ClusterError, PlanError, graphs' errors) are ValueErrors that say what to do.
-        print(f"autopar: error: {e}", file=sys.stderr)
-        return 2
+        return _dispatch(argv)
+    except BrokenPipeError:
+        # `autopar show plan.json | head`: the reader left; not an error worth a traceback.
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("autopar: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RecursionError, OverflowError) as e:
+        # Our errors (ClusterError, PlanError, PathError, InputError, graphs' errors) are
+        # ValueErrors that say what to do; OSErrors are the file system's answer to a path.
+        print(f"autopar: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

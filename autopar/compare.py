@@ -7,6 +7,7 @@ reported with the memory its best configuration needs.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from autopar.model import ModelSource
 from autopar.plan import Plan, PlanError
 from autopar.search.planner import default_global_batch
 from autopar.search.planner import plan as auto_plan
+from autopar.validation import check_training
 
 STRATEGIES = ("dp", "zero1", "zero2", "zero3", "tp", "pp", "3d", "inter-only", "intra-only", "auto")
 
@@ -32,10 +34,15 @@ class Row:
 
     @property
     def fits(self) -> bool:
-        return self.plan is not None and bool(self.plan.predicted.get("fits"))
+        return self.plan is not None and self.plan.predicted.fits
 
     def throughput(self) -> float:
-        return self.plan.predicted["tokens_per_s"] if self.fits else 0.0
+        return self.plan.predicted.tokens_per_s if self.plan is not None and self.fits else 0.0
+
+
+def predicted(plan: Plan) -> dict[str, Any]:
+    """A plan's predicted figures as a mapping ({} before the evaluator has run)."""
+    return dataclasses.asdict(plan.prediction) if plan.prediction is not None else {}
 
 
 def _pow2_upto(n: int) -> list[int]:
@@ -48,10 +55,10 @@ def _pow2_upto(n: int) -> list[int]:
 
 def _best(plans: list[Plan]) -> Plan | None:
     """Fastest plan that fits; if none fits, the one needing the least memory (for its OOM row)."""
-    fit = [p for p in plans if p.predicted.get("fits")]
+    fit = [p for p in plans if p.predicted.fits]
     if fit:
-        return min(fit, key=lambda p: p.predicted["step_time_s"])
-    return min(plans, key=lambda p: p.predicted["peak_memory_bytes"]) if plans else None
+        return min(fit, key=lambda p: p.predicted.step_time_s)
+    return min(plans, key=lambda p: p.predicted.peak_memory_bytes) if plans else None
 
 
 def _grid(source, cluster, gb, dtype, dps_tps_pps, recomputes=("none", "full"), schedules=("1f1b",),
@@ -98,9 +105,10 @@ def compare(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | 
         raise PlanError(f"unknown strateg{'y' if len(bad) == 1 else 'ies'} {', '.join(bad)}; "
                         f"valid: {', '.join(STRATEGIES)}")
     cl = load_cluster(cluster, nodes, gpus_per_node) if not isinstance(cluster, Cluster) else cluster
+    check_training(global_batch, cl.n_gpus)
     dtype = cl.gpu.training_dtype(dtype)
     source = model if isinstance(model, ModelSource) else ModelSource(model, dtype=dtype)
-    gb = global_batch or default_global_batch(cl)
+    gb = global_batch if global_batch is not None else default_global_batch(cl)
     n, m = cl.n_gpus, cl.gpus_per_node
     n_blocks = source.summary()["n_layers"] - 2
     rows: list[Row] = []
@@ -135,25 +143,87 @@ def compare(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | 
 
 
 def summarize_rows(rows: list[Row]) -> list[dict[str, Any]]:
-    base = next((r for r in rows if r.strategy == "dp" and r.fits), None)
+    """One mapping per row. Rows that do not fit keep their memory need but no time figures
+    (None): sorting by step time must never pick a plan that cannot run."""
+    dp = next((r for r in rows if r.strategy == "dp" and r.fits), None)
+    best_3d = next((r for r in rows if r.strategy == "3d" and r.fits), None)
     out = []
     for r in rows:
         p = r.plan
         d: dict[str, Any] = {"strategy": r.strategy, "fits": r.fits, "error": r.error, "search_s": r.seconds,
                              "configs_tried": r.tried}
         if p is not None:
-            pr = p.predicted
-            d.update({"config": p.config.get("label", ""), "step_time_s": pr["step_time_s"],
-                      "tokens_per_s": pr["tokens_per_s"] if r.fits else 0.0,
-                      "tflops_per_gpu": pr["tflops_per_gpu"] if r.fits else 0.0,
-                      "mfu": pr["mfu"] if r.fits else 0.0, "bubble_fraction": pr["bubble_fraction"],
-                      "comm_s_per_microbatch": pr["comm_s_per_microbatch"],
-                      "compute_s_per_microbatch": pr["compute_s_per_microbatch"],
-                      "grad_sync_s": pr["grad_sync_s"], "peak_memory_bytes": pr["peak_memory_bytes"],
-                      "memory_limit_bytes": pr["memory_limit_bytes"],
-                      "speedup_vs_dp": (pr["tokens_per_s"] / base.throughput()) if (base and r.fits) else None})
+            pr = predicted(p)
+            ok = r.fits
+            d.update({"config": p.config.label,
+                      "step_time_s": pr.get("step_time_s") if ok else None,
+                      "tokens_per_s": pr.get("tokens_per_s") if ok else None,
+                      "tflops_per_gpu": pr.get("tflops_per_gpu") if ok else None,
+                      "mfu": pr.get("mfu") if ok else None,
+                      "bubble_fraction": pr.get("bubble_fraction"),
+                      "comm_s_per_microbatch": pr.get("comm_s_per_microbatch"),
+                      "compute_s_per_microbatch": pr.get("compute_s_per_microbatch"),
+                      "grad_sync_s": pr.get("grad_sync_s"), "peak_memory_bytes": pr.get("peak_memory_bytes"),
+                      "memory_limit_bytes": pr.get("memory_limit_bytes"),
+                      "speedup_vs_dp": _ratio(r, dp), "speedup_vs_3d": _ratio(r, best_3d)})
         out.append(d)
     return out
+
+
+def _ratio(r: Row, base: Row | None) -> float | None:
+    if base is None or not r.fits or base.throughput() <= 0:
+        return None
+    return r.throughput() / base.throughput()
+
+
+TABLE_HEADER = ("strategy", "configuration", "step time", "tokens/s", "TFLOP/s/GPU", "MFU", "vs best 3D",
+                "peak mem/GPU", "fits")
+
+
+def table_rows(table: list[dict[str, Any]]) -> tuple[tuple[str, ...], list[list[str]]]:
+    """The terminal table: header and cells (configurations whole, never cut mid-token)."""
+    cells = []
+    for r in table:
+        if "peak_memory_bytes" not in r:
+            cells.append([r["strategy"], r["error"], "-", "-", "-", "-", "-", "-", "error"])
+            continue
+        ok = r["fits"]
+        need, limit = r.get("peak_memory_bytes"), r.get("memory_limit_bytes")
+        fits = "yes" if ok else (f"OOM (needs {need / 2**30:.1f} of {limit / 2**30:.0f} GiB)" if need and limit
+                                 else "OOM")
+        cells.append([r["strategy"], r["config"],
+                      f"{r['step_time_s']:.3f} s" if ok and r.get("step_time_s") is not None else "-",
+                      f"{r['tokens_per_s']:,.0f}" if ok and r.get("tokens_per_s") is not None else "-",
+                      f"{r['tflops_per_gpu']:.1f}" if ok and r.get("tflops_per_gpu") is not None else "-",
+                      f"{r['mfu']:.1%}" if ok and r.get("mfu") is not None else "-",
+                      f"{r['speedup_vs_3d']:.2f}x" if r.get("speedup_vs_3d") else "-",
+                      f"{need / 2**30:.2f} GiB" if need is not None else "-", fits])
+    return TABLE_HEADER, cells
+
+
+def legend(table: list[dict[str, Any]]) -> str:
+    """What the table's notation means, and why a "vs best 3D" cell may be empty."""
+    lines = ["notation: dpA tpB ppC = data-, tensor- and pipeline-parallel degrees; mbN = microbatch of N "
+             "sequences per data-parallel rank; rc:full / rc:selective = activation recomputation (+rc in "
+             "auto plans); zeroN = ZeRO stage; interleavedxV = V model chunks per GPU;",
+             "  '5L@1x16 x3' = 3 consecutive pipeline stages of 5 layers, each on a 1x16 logical device mesh; "
+             "'R ranks x V chunks' = interleaved pipeline of R ranks running V chunks each.",
+             "vs best 3D = tokens/s relative to the best hand-tuned Megatron 3D plan (dp x tp x pp) that fits."]
+    three_d = next((r for r in table if r["strategy"] == "3d"), None)
+    if three_d is None:
+        lines.append("  (no 3d row was asked for: add 3d to --strategies to fill that column)")
+    elif not three_d["fits"]:
+        lines.append("  (no 3D configuration fits in memory, so that column is empty)")
+    return "\n".join(lines)
+
+
+CSV_KEYS = ["strategy", "config", "fits", "step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu",
+            "speedup_vs_3d", "speedup_vs_dp", "peak_memory_bytes", "memory_limit_bytes", "error"]
+
+
+def csv_rows(table: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """CSV columns and rows; None (no time for a row that does not fit) is an empty field."""
+    return CSV_KEYS, [{k: ("" if r.get(k) is None else r.get(k)) for k in CSV_KEYS} for r in table]
 
 
 def why_winner(rows: list[Row]) -> str:
@@ -164,16 +234,17 @@ def why_winner(rows: list[Row]) -> str:
     if len(fit) == 1:
         return f"{w.strategy} is the only strategy that fits in memory"
     ties = [x.strategy for x in fit[1:] if x.throughput() >= w.throughput() * 0.995]
-    if ties:
+    if ties and w.plan is not None:
         return (f"{', '.join([w.strategy] + ties)} tie (within 0.5%): they reach the same kind of plan "
-                f"({w.plan.config.get('label', '')})")
+                f"({w.plan.config.label})")
     r = fit[1]
-    pw, pr = w.plan.predicted, r.plan.predicted
+    assert w.plan is not None and r.plan is not None     # rows that fit have plans
+    pw, pr = predicted(w.plan), predicted(r.plan)
     reasons = []
     if pr["bubble_fraction"] > pw["bubble_fraction"] + 0.02:
         reasons.append(f"less pipeline bubble ({pw['bubble_fraction']:.0%} vs {pr['bubble_fraction']:.0%})")
-    cw = pw["comm_s_per_microbatch"] * w.plan.training["n_microbatches"] + pw["grad_sync_s"]
-    cr = pr["comm_s_per_microbatch"] * r.plan.training["n_microbatches"] + pr["grad_sync_s"]
+    cw = pw["comm_s_per_microbatch"] * w.plan.training.n_microbatches + pw["grad_sync_s"]
+    cr = pr["comm_s_per_microbatch"] * r.plan.training.n_microbatches + pr["grad_sync_s"]
     if cr > cw * 1.1:
         reasons.append(f"less communication per step ({cw:.2f} s vs {cr:.2f} s summed over stages)")
     if pw["peak_memory_bytes"] < pr["peak_memory_bytes"] * 0.9:

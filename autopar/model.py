@@ -21,6 +21,8 @@ class ModelSource:
         self.dtype = dtype
         self.example_inputs = example_inputs
         self._graphs: dict[int, OpGraph] = {}
+        self.seq: int | None
+        self.fixed_batch: int | None
         if isinstance(model, OpGraph):
             self._graphs[model.batch] = model
             self.name = model.name

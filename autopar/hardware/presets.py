@@ -85,7 +85,8 @@ def _from_dict(d: dict[str, Any], origin: str) -> Cluster:
     extra = set(d) - known
     if extra:
         raise ClusterError(f"{origin}: unknown field(s) {sorted(extra)}; known fields: {sorted(known)}")
-    base = preset(d["base"]) if d.get("base") in PRESETS else None
+    base_name = d.get("base")
+    base = preset(base_name) if isinstance(base_name, str) and base_name in PRESETS else None
     if "base" in d and base is None:
         raise ClusterError(f"{origin}: unknown base preset {d['base']!r}; known: {sorted(PRESETS)}")
 
@@ -98,7 +99,11 @@ def _from_dict(d: dict[str, Any], origin: str) -> Cluster:
                 pass
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ClusterError(f"{origin}: field {where} must be a number (got {v!r})")
-        return float(v)
+        try:
+            return float(v)
+        except OverflowError:
+            raise ClusterError(f"{origin}: field {where} is too large to be a number of this kind "
+                               f"({str(v)[:20]}...)") from None
 
     def num(mapping: dict, key: str, where: str, default=None):
         if key not in mapping:
@@ -184,7 +189,12 @@ def load_cluster(spec: str | Cluster, n_nodes: int | None = None, gpus_per_node:
                                f"or a .yaml/.json file")
         if not path.exists():
             raise ClusterError(f"cluster file {spec!r} does not exist")
-        text = path.read_text()
+        if not path.is_file():
+            raise ClusterError(f"cluster file {spec!r} is not a file (a folder?)")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ClusterError(f"cluster file {spec!r} cannot be read: {getattr(e, 'strerror', None) or e}") from None
         try:
             if path.suffix.lower() == ".json":
                 data = json.loads(text)

@@ -31,6 +31,7 @@ ATTENTION_KEYS = ("dtype", "batch", "heads", "seq", "head_dim", "causal", "fwd_s
 MEMORY_BOUND_KEYS = ("kernel", "bytes", "time_s", "gbps")
 MATMUL_DTYPES = ("bf16", "fp16", "fp32", "tf32")
 MEMORY_BOUND_KERNELS = ("copy", "add", "gelu", "layernorm", "softmax")
+TIME_KEYS = {"matmul": ("time_s",), "attention": ("fwd_s", "bwd_s"), "memory_bound": ("time_s",)}
 
 
 def validate_gpu_profile(prof: dict) -> None:
@@ -48,12 +49,22 @@ def validate_gpu_profile(prof: dict) -> None:
         if not isinstance(rows, list):
             raise ValueError(f"profile[{name!r}] must be a list")
         for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise ValueError(f"profile[{name!r}][{i}] must be an object with keys {list(keys)}")
             lack = [k for k in keys if k not in row]
             if lack:
                 raise ValueError(f"profile[{name!r}][{i}] lacks keys {lack}")
+            for k in TIME_KEYS[name]:
+                if not _positive(row[k]):
+                    raise ValueError(f"profile[{name!r}][{i}].{k} must be a finite time > 0 (got {row[k]!r}); "
+                                     "re-measure with autopar profile")
     lo = prof["launch_overhead_s"]
-    if not isinstance(lo, (int, float)) or not lo > 0:
-        raise ValueError("launch_overhead_s must be a positive number")
+    if not _positive(lo):
+        raise ValueError(f"launch_overhead_s must be a finite time > 0 (got {lo!r})")
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def list_gpu_profiles() -> list[str]:
@@ -75,12 +86,23 @@ def load_gpu_profile_file(name_or_path: str | os.PathLike) -> dict:
 
 @cache
 def load_gpu_profile(file_name: str) -> dict | None:
-    """A shipped GPU profile (autopar/profiles/NAME), or None if it is not shipped."""
-    try:
-        text = (PROFILES_DIR / file_name).read_text()
-    except (FileNotFoundError, OSError):
+    """A shipped GPU profile (autopar/profiles/NAME), or None if it is not shipped. Only a plain
+    file name inside the profiles folder resolves: a cluster file's `gpu.profile` must not
+    reach other files ("../schema/plan.schema.json"). A shipped file that is not a valid GPU
+    profile is a ValueError naming it."""
+    path = (PROFILES_DIR / file_name).resolve()
+    if Path(file_name).name != file_name or path.parent != PROFILES_DIR or path.suffix != ".json":
         return None
-    return json.loads(text)
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, OSError, UnicodeDecodeError):
+        return None
+    try:
+        prof = json.loads(text)
+        validate_gpu_profile(prof)
+    except ValueError as e:
+        raise ValueError(f"autopar/profiles/{file_name} is not a GPU profile: {' '.join(str(e).split())}") from None
+    return prof
 
 
 
@@ -113,9 +135,16 @@ def validate_comm_profile(prof: Any) -> None:
         raise CommProfileError(f"comm profile intra_link.bandwidth_bytes_per_s must be > 0 (got {bw!r})")
     if not (isinstance(lat, (int, float)) and lat >= 0 and math.isfinite(lat)):
         raise CommProfileError(f"comm profile intra_link.latency_s must be >= 0 (got {lat!r})")
-    for c, f in prof["per_collective"].items():
-        if c not in COLLECTIVES or not {"alpha_s", "beta_bytes_per_s"} <= set(f):
+    per = prof["per_collective"]
+    if not isinstance(per, dict):
+        raise CommProfileError("comm profile per_collective must be an object of fits by collective")
+    for c, f in per.items():
+        if c not in COLLECTIVES or not isinstance(f, dict) or not {"alpha_s", "beta_bytes_per_s"} <= set(f):
             raise CommProfileError(f"comm profile per_collective[{c!r}] is not a fit of a known collective")
+        a, b = f["alpha_s"], f["beta_bytes_per_s"]
+        if not (_positive(b) and (_positive(a) or a == 0)):
+            raise CommProfileError(f"comm profile per_collective[{c!r}]: alpha_s must be finite >= 0 and "
+                                   f"beta_bytes_per_s finite > 0 (got {a!r}, {b!r})")
 
 
 def save_comm_profile(profile: dict, path: str | os.PathLike) -> Path:

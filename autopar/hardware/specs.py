@@ -6,10 +6,11 @@ Units: FLOP/s, bytes, bytes/s, seconds. Link bandwidths are per direction.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from .profiles import load_gpu_profile
+from .profiles import list_gpu_profiles, load_gpu_profile
 
 
 class ClusterError(ValueError):
@@ -79,30 +80,47 @@ class Cluster:
         return d
 
 
+# The planner's stage DP enumerates whole-node submeshes and places stages node by node, so its
+# time grows with the node count (a 2-layer GPT on 64 nodes of 8 plans in ~50 s on two cores);
+# 1024 GPUs is 16x Alpa's largest testbed and keeps every search bounded.
+MAX_GPUS = 1024
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def validate(c: Cluster) -> Cluster:
     def need(cond: bool, field_name: str, rule: str):
         if not cond:
             raise ClusterError(f"cluster {c.name!r}: field {field_name!r} {rule}")
 
-    need(isinstance(c.n_nodes, int) and c.n_nodes >= 1, "nodes", f"must be an integer >= 1 (got {c.n_nodes!r})")
-    need(isinstance(c.gpus_per_node, int) and c.gpus_per_node >= 1, "gpus_per_node",
-         f"must be an integer >= 1 (got {c.gpus_per_node!r})")
+    need(isinstance(c.n_nodes, int) and not isinstance(c.n_nodes, bool) and c.n_nodes >= 1, "nodes",
+         f"must be an integer >= 1 (got {c.n_nodes!r})")
+    need(isinstance(c.gpus_per_node, int) and not isinstance(c.gpus_per_node, bool) and c.gpus_per_node >= 1,
+         "gpus_per_node", f"must be an integer >= 1 (got {c.gpus_per_node!r})")
     need(c.gpus_per_node & (c.gpus_per_node - 1) == 0, "gpus_per_node",
          f"must be a power of two, as Alpa's submeshes (1, 2^k) need (got {c.gpus_per_node})")
-    need(c.gpu.memory_bytes > 0, "gpu.memory_bytes", f"must be > 0 (got {c.gpu.memory_bytes})")
-    need(c.gpu.hbm_bytes_per_s > 0, "gpu.hbm_bytes_per_s", f"must be > 0 (got {c.gpu.hbm_bytes_per_s})")
-    need(bool(c.gpu.peak_flops) and all(v > 0 for v in c.gpu.peak_flops.values()), "gpu.peak_flops",
-         f"must give a positive FLOP/s per dtype (got {c.gpu.peak_flops})")
+    need(c.gpus_per_node <= MAX_GPUS, "gpus_per_node",
+         f"is over autopar's limit of {MAX_GPUS} GPUs in all (got {c.gpus_per_node:.3g})")
+    need(c.n_nodes <= MAX_GPUS // c.gpus_per_node, "nodes",
+         f"x gpus_per_node is over autopar's limit of {MAX_GPUS} GPUs (got {c.n_nodes:.3g} nodes of "
+         f"{c.gpus_per_node}); use at most {MAX_GPUS // c.gpus_per_node} nodes of {c.gpus_per_node}")
+    for name in ("memory_bytes", "hbm_bytes_per_s"):
+        v = getattr(c.gpu, name)
+        need(_finite(v) and v > 0, f"gpu.{name}", f"must be > 0 and finite (got {v!r})")
+    need(isinstance(c.gpu.peak_flops, dict) and bool(c.gpu.peak_flops)
+         and all(_finite(v) and v > 0 for v in c.gpu.peak_flops.values()), "gpu.peak_flops",
+         f"must give a positive, finite FLOP/s per dtype (got {c.gpu.peak_flops})")
     for name in ("matmul_efficiency", "memory_efficiency"):
         v = getattr(c.gpu, name)
-        need(0 < v <= 1, f"gpu.{name}", f"must be a fraction of peak in (0, 1] (got {v})")
+        need(_finite(v) and 0 < v <= 1, f"gpu.{name}", f"must be a fraction of peak in (0, 1] (got {v!r})")
     if c.gpu.profile is not None:
-        need(load_gpu_profile(c.gpu.profile) is not None, "gpu.profile",
-             f"must name a profile shipped in autopar/profiles/ (got {c.gpu.profile!r})")
+        need(isinstance(c.gpu.profile, str) and load_gpu_profile(c.gpu.profile) is not None, "gpu.profile",
+             f"must name a profile shipped in autopar/profiles/ (got {c.gpu.profile!r}; shipped: "
+             f"{', '.join(f'{n}.json' for n in list_gpu_profiles())})")
     for name, link in (("intra_link", c.intra_link), ("inter_link", c.inter_link)):
-        need(link.bandwidth_bytes_per_s > 0, f"{name}.bandwidth_bytes_per_s",
-             f"must be > 0 (got {link.bandwidth_bytes_per_s})")
-        need(link.latency_s >= 0, f"{name}.latency_s", f"must be >= 0 (got {link.latency_s})")
+        bw, lat = link.bandwidth_bytes_per_s, link.latency_s
+        need(_finite(bw) and bw > 0, f"{name}.bandwidth_bytes_per_s", f"must be > 0 and finite (got {bw!r})")
+        need(_finite(lat) and lat >= 0, f"{name}.latency_s", f"must be >= 0 and finite (got {lat!r})")
     return c
-
-

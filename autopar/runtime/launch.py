@@ -19,10 +19,21 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from autopar.validation import MAX_GPUS, float_arg, int_arg
 
 EXIT_BAD_INPUT = 2
 CPU_PROCS_PER_CORE = 4          # more gloo processes than this per core is a mistake, not a test
+MAX_STEPS = 10_000              # a measurement, not a training run: keeps `run` bounded
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage block is one `--help` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class LaunchError(ValueError):
@@ -43,6 +54,7 @@ class RunConfig:
     master_port: int = 0
     result_path: str = ""
     extra: dict = field(default_factory=dict)
+    compile: bool | None = None          # torch.compile per transformer block (None: the runtime's default)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +105,8 @@ def validate(plan, device: str, nproc: int | None) -> int:
                 f"stage {s.index}: {len(s.device_ids)}" for s in plan.stages) + " devices) cannot be paired "
                 "into pipeline groups; autopar.runtime needs equal stage sizes")
     import graphs
-    ir = graphs.load(plan.model["name"], batch=int(plan.training["microbatch_size"]), seq=plan.model.get("seq"),
-                     dtype=plan.training.get("dtype", "bf16"))
+    ir = graphs.load(plan.model.name, batch=plan.training.microbatch_size, seq=plan.model.seq,
+                     dtype=plan.training.dtype)
     check_plan_matches(plan, ir)
     zoo_inputs(plan)
     return n
@@ -123,7 +135,8 @@ def _rank_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict |
 
     from autopar.plan import Plan
 
-    from .apply import apply, build_model, make_batch, rank_layout
+    from .apply import build_model, make_batch, rank_layout
+    from .engines import apply
 
     plan = Plan.from_json(cfg.plan_json)
     layout = rank_layout(plan)
@@ -135,7 +148,8 @@ def _rank_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict |
         device = torch.device("cpu")
     torch.manual_seed(cfg.seed)
     model = build_model(plan, device=device, seed=cfg.seed)
-    pm = apply(plan, model, device=device, optimizer=cfg.optimizer, lr=cfg.lr, autocast_dtype=_autocast_dtype(cfg))
+    pm = apply(plan, model, device=device, optimizer=cfg.optimizer, lr=cfg.lr, autocast_dtype=_autocast_dtype(cfg),
+               compile=cfg.compile)
     last = stage_index == len(plan.stages) - 1
     times, losses, grads, params = [], [], {}, {}
     for step in range(cfg.steps):
@@ -218,10 +232,10 @@ def reference(cfg: RunConfig) -> dict:
     device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")
     model = build_model(plan, device=device, seed=cfg.seed)
     params = dict(model.named_parameters())
-    fused = {"fused": True} if device.type == "cuda" else {}
+    fused: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
     opt = (torch.optim.Adam(params.values(), lr=cfg.lr, **fused) if cfg.optimizer == "adam"
            else torch.optim.SGD(params.values(), lr=cfg.lr))
-    B, mb = int(plan.training["n_microbatches"]), int(plan.training["microbatch_size"])
+    B, mb = plan.training.n_microbatches, plan.training.microbatch_size
     dt = _autocast_dtype(cfg)
     losses, times, grads = [], [], {}
     for step in range(cfg.steps):
@@ -255,7 +269,7 @@ def check_plans(plan_jsons: list[str], *, device: str = "cpu", seed: int = 0, ti
     from autopar.plan import Plan
     plans = [Plan.from_json(p) for p in plan_jsons]
     ns = {validate(p, device, None) for p in plans}
-    if len(ns) != 1 or len({p.model["name"] for p in plans}) != 1:
+    if len(ns) != 1 or len({p.model.name for p in plans}) != 1:
         raise LaunchError("check_plans needs plans of one model on one device count")
     cfg = RunConfig(plans[0].to_json(), 1, device, True, "sgd", 0.0, seed, timeout_s, "fp32", _free_port(), "",
                     extra={"plans": [p.to_json() for p in plans]})
@@ -268,7 +282,8 @@ def _check_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict 
 
     from autopar.plan import Plan
 
-    from .apply import apply, build_model, make_batch
+    from .apply import build_model, make_batch
+    from .engines import apply
     device = torch.device("cpu") if cfg.device == "cpu" else torch.device("cuda", local_rank)
     results = []
     refs: dict[tuple[int, int], dict] = {}
@@ -282,15 +297,15 @@ def _check_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict 
             mine = {"loss": None if loss is None or pm.local_index else float(loss),
                     "grads": grads if pm.local_index == 0 else {}}
         except Exception as e:
-            raise RuntimeError(f"plan {plan.config.get('label', plan.strategy)!r} failed: {type(e).__name__}: {e}") from e
-        gathered = [None] * world if rank == 0 else None
+            raise RuntimeError(f"plan {plan.config.label or plan.strategy!r} failed: {type(e).__name__}: {e}") from e
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
         if world > 1:
             dist.gather_object(mine, gathered, dst=0)
         else:
             gathered = [mine]
-        if rank != 0:
+        if rank != 0 or gathered is None:
             continue
-        key = (int(plan.training["n_microbatches"]), int(plan.training["microbatch_size"]))
+        key = (plan.training.n_microbatches, plan.training.microbatch_size)
         if key not in refs:
             refs[key] = _reference_step(plan, device, cfg.seed, batch)
         ref = refs[key]
@@ -301,7 +316,7 @@ def _check_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict 
                 d = float((t - ref["grads"][name]).abs().max())
                 if d >= gdiff:
                     gdiff, worst = d, name
-        results.append({"label": plan.config.get("label", plan.strategy), "max_abs_loss_diff": abs(loss_par - ref["loss"]),
+        results.append({"label": plan.config.label or plan.strategy, "max_abs_loss_diff": abs(loss_par - ref["loss"]),
                         "max_abs_grad_diff": gdiff, "worst_grad": worst,
                         "n_grads_compared": len({n for g in gathered for n in g["grads"]}),
                         "shard_local_ops": pm.shard_local_ops})
@@ -312,7 +327,7 @@ def _reference_step(plan, device, seed: int, batch: dict) -> dict:
     """Loss and gradients of one step in one process: the plain module, microbatch by microbatch."""
     from .apply import build_model
     model = build_model(plan, device=device, seed=seed)
-    B, mb = int(plan.training["n_microbatches"]), int(plan.training["microbatch_size"])
+    B, mb = plan.training.n_microbatches, plan.training.microbatch_size
     total = 0.0
     for i in range(B):
         loss = model(batch["ids"][i * mb:(i + 1) * mb].to(device), batch["targets"][i * mb:(i + 1) * mb].to(device))
@@ -340,13 +355,14 @@ def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int) -> dict
     per_step = [max(r["times_s"][i] for r in ranks) for i in range(cfg.steps)]
     losses = next(r["losses"] for r in ranks if r["losses"] is not None)
     out: dict[str, Any] = {
-        "plan": plan.config.get("label") or plan.strategy, "model": plan.model.get("name"),
+        "plan": plan.config.label or plan.strategy, "model": plan.model.name,
         "n_processes": n, "device": cfg.device, "backend": "nccl" if cfg.device == "cuda" else "gloo",
         "precision": cfg.precision, "steps": cfg.steps, "optimizer": cfg.optimizer, "lr": cfg.lr,
-        "global_batch": plan.training["global_batch"], "microbatch_size": plan.training["microbatch_size"],
-        "n_microbatches": plan.training["n_microbatches"], "schedule": plan.training.get("schedule"),
+        "global_batch": plan.training.global_batch, "microbatch_size": plan.training.microbatch_size,
+        "n_microbatches": plan.training.n_microbatches, "schedule": plan.training.schedule,
         "measured_step_time_s": _median_after_warmup(per_step), "step_times_s": per_step,
-        "predicted_step_time_s": plan.predicted.get("step_time_s"),
+        "predicted_step_time_s": plan.prediction.step_time_s if plan.prediction else None,
+        "predicted_for": _predicted_for(plan),
         "losses": losses,
         "shard_local_ops": sorted({o for r in ranks for o in r["shard_local_ops"]}),
         "param_specs": [next(r["param_specs"] for r in ranks if r["stage"] == k and r["local_index"] == 0)
@@ -355,7 +371,7 @@ def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int) -> dict
     mem = [r["max_memory_bytes"] for r in ranks if r["max_memory_bytes"] is not None]
     if mem:
         out["max_memory_bytes"] = max(mem)
-        out["predicted_peak_memory_bytes"] = plan.predicted.get("peak_memory_bytes")
+        out["predicted_peak_memory_bytes"] = plan.prediction.peak_memory_bytes if plan.prediction else None
     if ref is not None:
         out["reference_step_time_s"] = _median_after_warmup(ref["times_s"])
         out["reference_losses"] = ref["losses"]
@@ -382,20 +398,26 @@ def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int) -> dict
     return out
 
 
+def _predicted_for(plan) -> str:
+    """The hardware the plan's prediction is for, e.g. "8 x V100-SXM2-16GB (p3.16xlarge)"."""
+    c = plan.to_dict()["cluster"]
+    return f"{c['nodes'] * c['gpus_per_node']} x {c['gpu']} ({c['name']})"
+
+
 def run_plan(plan_json: str, *, steps: int = 3, device: str = "cpu", check: bool = False, nproc: int | None = None,
              optimizer: str = "adam", lr: float = 1e-3, seed: int = 0, timeout_s: float = 900.0,
-             precision: str | None = None) -> dict[str, Any]:
+             precision: str | None = None, compile: bool | None = None) -> dict[str, Any]:
     """Launch the plan (a path or JSON text), return the summary dict `autopar run --json` prints.
     Raises LaunchError/PlanError before starting anything when the input is wrong, RankFailed
     when a rank fails (its traceback in the message)."""
-    from autopar.plan import Plan
-    plan = Plan.from_json(plan_json)
+    from autopar.validation import load_plan
+    plan = load_plan(plan_json)
     text = plan.to_json()
-    n = validate(plan, device, nproc)
     if steps < 1:
         raise LaunchError("--steps must be at least 1")
-    prec = precision or ("fp32" if device == "cpu" else plan.training.get("dtype", "bf16"))
-    cfg = RunConfig(text, steps, device, check, optimizer, lr, seed, timeout_s, prec, _free_port())
+    n = validate(plan, device, nproc)
+    prec = precision or ("fp32" if device == "cpu" else plan.training.dtype)
+    cfg = RunConfig(text, steps, device, check, optimizer, lr, seed, timeout_s, prec, _free_port(), compile=compile)
     res = _launch(cfg, n, _rank_body)
     ref = reference(cfg) if check else None
     return summarize(plan, cfg, res, ref, n)
@@ -468,20 +490,21 @@ def _under_torchrun() -> bool:
 def _run_torchrun(a) -> int:
     import torch.distributed as dist
 
-    from autopar.plan import Plan
-    plan = Plan.from_json(a.plan)
+    from autopar.validation import load_plan
+    plan = load_plan(a.plan)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     n = world_size(plan)
     if world != n:
         raise LaunchError(f"torchrun started {world} processes, the plan runs on {n} devices")
-    prec = a.precision or ("fp32" if a.device == "cpu" else plan.training.get("dtype", "bf16"))
-    cfg = RunConfig(plan.to_json(), a.steps, a.device, a.check, a.optimizer, a.lr, a.seed, a.timeout_s, prec)
+    prec = a.precision or ("fp32" if a.device == "cpu" else plan.training.dtype)
+    cfg = RunConfig(plan.to_json(), a.steps, a.device, a.check, a.optimizer, a.lr, a.seed, a.timeout_s, prec,
+                    compile=a.compile)
     dist.init_process_group("nccl" if a.device == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=a.timeout_s))
     res = _rank_body(rank, world, local, cfg)
     dist.barrier()
     dist.destroy_process_group()
-    if rank == 0:
+    if rank == 0 and res is not None:
         return _report(summarize(plan, cfg, res, reference(cfg) if a.check else None, n), a.json, a.tol)
     return 0
 
@@ -489,22 +512,26 @@ def _run_torchrun(a) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="autopar run", description="Run a plan on torch.distributed: one process "
-                                "per device, a few training steps, measured vs predicted step time.")
+    p = _Parser(prog="autopar run", description="Run a plan on torch.distributed: one process "
+                "per device, a few training steps, measured vs predicted step time.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("plan", help="plan JSON (autopar plan -o / autopar evaluate --json)")
-    p.add_argument("--steps", type=int, default=3, help="training steps (the first is warm-up for timing)")
+    p.add_argument("--steps", type=int_arg("--steps", 1, MAX_STEPS), default=3, help="training steps (the first is warm-up for timing)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="cpu (gloo) or cuda (nccl); default cuda if available")
     p.add_argument("--check", action="store_true", help="also run the steps in one process and compare the loss, "
                                                          "gradients and parameters")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--nproc", type=int, help="number of processes (must equal the plan's device count)")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int_arg("--nproc", 1, MAX_GPUS), help="number of processes (must equal the plan's device count)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="optimizer of the training steps")
+    p.add_argument("--lr", type=float_arg("--lr", 0.0, 1e3), default=1e-3, help="learning rate")
+    p.add_argument("--seed", type=int_arg("--seed", 0, 2**32 - 1), default=0, help="seed of weights and batches")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                    help="compute precision (autocast; cuda only). Default: fp32 on cpu, the plan's dtype on cuda")
-    p.add_argument("--tol", type=float, default=1e-4, help="with --check: exit 1 when a difference exceeds this")
-    p.add_argument("--timeout-s", type=float, default=900.0, help="stop every process after this long")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each transformer block (plans lowered to PyTorch's engines); default: on for "
+                        "tensor-parallel stages on cuda, off elsewhere")
+    p.add_argument("--tol", type=float_arg("--tol", 0.0, 1e30), default=1e-4, help="with --check: exit 1 when a difference exceeds this")
+    p.add_argument("--timeout-s", type=float_arg("--timeout-s", 0.0, MAX_TIMEOUT_S, lo_open=True), default=900.0, help="stop every process after this long")
     return p
 
 
@@ -519,8 +546,13 @@ def _report(out: dict, as_json: bool, tol: float) -> int:
           f"{out['backend']}, {out['precision']}; {out['steps']} steps of global batch {out['global_batch']} "
           f"({out['n_microbatches']} x {out['microbatch_size']}), {out['optimizer']} lr {out['lr']}")
     ratio = f" (measured/predicted {meas / pred:.2f})" if pred else ""
-    print(f"step time: measured {meas:.4g} s (median after the first step), predicted {pred:.4g} s{ratio}"
+    target = out.get("predicted_for", "the plan's cluster")
+    print(f"step time: measured {meas:.4g} s (median after the first step) on {out['n_processes']} "
+          f"{out['device']} process(es); predicted {pred:.4g} s for {target}{ratio}"
           if pred is not None else f"step time: measured {meas:.4g} s; the plan has no prediction")
+    if pred is not None and out["device"] == "cpu":
+        print(f"  (the prediction is for {target}; CPU processes check that the plan runs and computes the "
+              "same numbers, not its speed)")
     print("loss per step: " + " ".join(f"{x:.6f}" for x in out["losses"]))
     if out["shard_local_ops"]:
         print(f"run shard-locally (no DTensor rule): {', '.join(out['shard_local_ops'][:8])}"
@@ -535,7 +567,10 @@ def _report(out: dict, as_json: bool, tol: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    try:
+        a = build_parser().parse_args(argv)
+    except SystemExit as e:           # --help, or a bad argument already reported in one line
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     if a.device is None:
         import torch
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -544,9 +579,10 @@ def main(argv: list[str] | None = None) -> int:
         if _under_torchrun():
             return _run_torchrun(a)
         out = run_plan(a.plan, steps=a.steps, device=a.device, check=a.check, nproc=a.nproc, optimizer=a.optimizer,
-                       lr=a.lr, seed=a.seed, timeout_s=a.timeout_s, precision=a.precision)
-    except (LaunchError, PlanError, NotImplementedError, ValueError) as e:
-        print(f"autopar run: error: {e}", file=sys.stderr)
+                       lr=a.lr, seed=a.seed, timeout_s=a.timeout_s, precision=a.precision, compile=a.compile)
+    except (LaunchError, PlanError, NotImplementedError, ValueError, OSError) as e:
+        msg = f"{e.strerror}: {e.filename!r}" if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+        print(f"autopar run: error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RankFailed as e:
         print(f"autopar run: {e}", file=sys.stderr)

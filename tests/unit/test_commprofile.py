@@ -197,7 +197,7 @@ def test_shipped_comm_profiles_are_valid():
         if found is not None:
             prof = HP.load_comm_profile(file_name)
             assert prof["backend"] == "nccl" and prof["gpus"] >= 2
-            assert load_cluster(name).intra_link == found[0]
+            assert load_cluster(name).intra_link == Link(found[0], found[1])
 
 
 def _raw_doc(rows):
