@@ -34,10 +34,10 @@ def compare_one(model: str, cluster: str, nodes: int, gpn: int, gb: int) -> dict
     best3d, tried, err = _grid(src, cl, gb, None, _factorizations(cl, n_blocks), zeros=(0, 1), label="3d")
     t_3d = time.perf_counter() - t0
     a, b = auto.predicted, best3d.predicted if best3d else None
-    return {"model": model, "gpus": cl.n_gpus, "auto_step_s": a["step_time_s"], "auto_cfg": auto.config["label"],
-            "auto_fits": a["fits"], "3d_step_s": b["step_time_s"] if b and b["fits"] else None,
-            "3d_cfg": best3d.config["label"] if best3d else err, "ratio": (b["step_time_s"] / a["step_time_s"])
-            if b and b["fits"] else None, "auto_mfu": a["mfu"], "3d_mfu": b["mfu"] if b else None,
+    return {"model": model, "gpus": cl.n_gpus, "auto_step_s": a.step_time_s, "auto_cfg": auto.config.label,
+            "auto_fits": a.fits, "3d_step_s": b.step_time_s if b and b.fits else None,
+            "3d_cfg": best3d.config.label if best3d else err, "ratio": (b.step_time_s / a.step_time_s)
+            if b and b.fits else None, "auto_mfu": a.mfu, "3d_mfu": b.mfu if b else None,
             "auto_search_s": t_auto, "3d_configs": tried, "3d_search_s": t_3d}
 
 

@@ -9,16 +9,17 @@ attention, vocab-parallel embedding and loss, the batch split over dp.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from autopar.costmodel.compute import ComputeModel
 from autopar.evaluation.evaluator import evaluate
 from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.specs import Cluster
-from autopar.plan import Plan, PlanError, StagePlan
+from autopar.plan import ClusterInfo, ModelInfo, Plan, PlanConfig, PlanError, StagePlan, Training
+from autopar.sharding.rules import is_decision, leader_operand, parse_equation, strategy_name
 from autopar.sharding.spec import spec_str
 from autopar.sharding.stage_problem import StageProblem
-from autopar.sharding.strategies import is_decision, leader_operand, parse_equation, strategy_name
 from graphs.ir import ATTENTION, EMBEDDING, INPUT, MATMUL, NORM, OpGraph
 from graphs.query import main_boundary, stage_nodes
 
@@ -44,9 +45,21 @@ class Config3D:
             s += f" zero{self.zero}"
         return s
 
+    def training(self, global_batch: int, dtype: str) -> Training:
+        """The plan's training settings: a pipeline microbatch is `microbatch` samples per
+        data-parallel rank."""
+        return Training.split(global_batch, self.microbatch * self.dp, dtype=dtype, schedule=self.schedule,
+                              virtual_stages=self.virtual_stages if self.schedule == "interleaved" else 1,
+                              zero=self.zero)
 
-def check_config(cfg: Config3D, cluster: Cluster, global_batch: int, n_blocks: int) -> None:
-    """Raise PlanError naming the rule a Megatron configuration breaks."""
+
+def check_config(cfg: Config3D, cluster: Cluster, global_batch: int, n_blocks: int,
+                 dtype: str = "bf16") -> Training:
+    """The configuration's training settings; PlanError naming the rule it breaks."""
+    for name in ("dp", "tp", "pp", "microbatch", "virtual_stages"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PlanError(f"{name} must be a whole number >= 1 (got {value!r})")
     n = cluster.n_gpus
     if cfg.dp * cfg.tp * cfg.pp != n:
         raise PlanError(f"dp*tp*pp = {cfg.dp}*{cfg.tp}*{cfg.pp} = {cfg.dp * cfg.tp * cfg.pp} must equal the "
@@ -57,25 +70,20 @@ def check_config(cfg: Config3D, cluster: Cluster, global_batch: int, n_blocks: i
     if cfg.dp * cfg.tp > cluster.gpus_per_node and (cfg.dp * cfg.tp) % cluster.gpus_per_node:
         raise PlanError(f"a stage of dp*tp={cfg.dp * cfg.tp} GPUs must fill whole nodes of "
                         f"{cluster.gpus_per_node}")
-    if global_batch % (cfg.dp * cfg.microbatch):
-        raise PlanError(f"global batch {global_batch} is not divisible by dp*microbatch = "
-                        f"{cfg.dp}*{cfg.microbatch}")
+    training = cfg.training(global_batch, dtype)       # the batch split, schedule and ZeRO stage
     if cfg.recompute not in ("none", "selective", "full"):
         raise PlanError(f"recompute must be none, selective or full (got {cfg.recompute!r})")
-    if cfg.schedule not in ("1f1b", "gpipe", "interleaved"):
-        raise PlanError(f"schedule must be 1f1b, gpipe or interleaved (got {cfg.schedule!r})")
-    if cfg.zero not in (0, 1, 2, 3):
-        raise PlanError(f"zero must be 0, 1, 2 or 3 (got {cfg.zero!r})")
-    v = cfg.virtual_stages if cfg.schedule == "interleaved" else 1
+    v = training.virtual_stages
     if n_blocks < cfg.pp * v:
         raise PlanError(f"{n_blocks} transformer blocks cannot fill pp*virtual_stages = {cfg.pp * v} stages")
     if cfg.schedule == "interleaved":
-        m = global_batch // (cfg.dp * cfg.microbatch)
-        if cfg.pp < 2 or v < 2:
-            raise PlanError("interleaved schedule needs pp >= 2 and --virtual-stages >= 2")
+        m = training.n_microbatches
+        if cfg.pp < 2:
+            raise PlanError("interleaved schedule needs pp >= 2")
         if m % cfg.pp:
             raise PlanError(f"interleaved schedule needs the number of microbatches ({m}) to be a multiple "
                             f"of pp={cfg.pp}")
+    return training
 
 
 def split_blocks(n_layers: int, parts: int) -> list[tuple[int, int]]:
@@ -178,14 +186,15 @@ def _submesh_for(n_devices: int, cluster: Cluster) -> tuple[int, int]:
 
 
 def build_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: str | None = None,
-             label: str | None = None) -> Plan:
-    """A Megatron-style plan, evaluated."""
+             label: str | None = None, eager: bool = False) -> Plan:
+    """A Megatron-style plan, evaluated (with `eager`, as the eager PyTorch recipe runs it:
+    see autopar.evaluation.evaluator.evaluate)."""
     dtype = cluster.gpu.training_dtype(dtype)
     graph1 = source.graph(cfg.microbatch * cfg.dp) if source.fixed_batch is None else source.graph(source.fixed_batch)
     n_blocks = len(graph1.layers) - 2
-    check_config(cfg, cluster, global_batch, n_blocks)
+    training = check_config(cfg, cluster, global_batch, n_blocks, dtype)
     graph = graph1
-    v = cfg.virtual_stages if cfg.schedule == "interleaved" else 1
+    v = training.virtual_stages
     ranges = split_blocks(len(graph.layers), cfg.pp * v)
     cm = ComputeModel(cluster.gpu, dtype)
     sub = Submesh(*_submesh_for(cfg.dp * cfg.tp, cluster))
@@ -194,14 +203,14 @@ def build_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: 
     for g, (a, b) in enumerate(ranges):
         names = stage_nodes(graph, (a, b))
         bsrc = main_boundary(graph, names)
-        bspec = ()
+        bspec: tuple[int, ...] = ()
         if bsrc is not None:
             shape = graph.node(bsrc).out_shape
             bspec = tuple([1 if cfg.dp > 1 and shape and shape[0] % cfg.dp == 0 else 0] + [0] * (len(shape) - 1))
         prob = StageProblem(graph, names, mesh, cm, boundary={bsrc: bspec} if bsrc else None)
         wanted = megatron_names(graph, names, cfg.dp, cfg.tp)
         chosen = {}
-        for gi, grp in enumerate(prob.groups):
+        for grp in prob.groups:
             if grp.root not in wanted:
                 continue
             have = [s.name for s in grp.strategies[grp.root]]
@@ -212,21 +221,7 @@ def build_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: 
                                 device_ids=_device_ids_for(g % cfg.pp, cfg.dp, cfg.tp),
                                 logical_mesh=(cfg.dp, cfg.tp), strategies=chosen,
                                 input_spec=spec_str(bspec) if bsrc else "", recompute=cfg.recompute))
-    plan = Plan(strategy=label or "3d", config={"kind": "megatron", **cfg.__dict__, "label": cfg.label()},
-                model=_model_dict(source, graph), cluster=cluster_dict(cluster),
-                training={"global_batch": global_batch, "microbatch_size": cfg.microbatch * cfg.dp,
-                          "n_microbatches": global_batch // (cfg.microbatch * cfg.dp), "dtype": dtype,
-                          "schedule": cfg.schedule, "virtual_stages": v, "zero": cfg.zero,
-                          "optimizer": "adam-mixed-precision"},
+    plan = Plan(strategy=label or "3d", config=PlanConfig("megatron", cfg.label(), dataclasses.asdict(cfg)),
+                model=ModelInfo.of(graph, source.name, source.loadable), cluster=ClusterInfo.of(cluster), training=training,
                 stages=stages)
-    return evaluate(plan, graph, cluster)
-
-
-def _model_dict(source, graph: OpGraph) -> dict:
-    return {"name": source.name, "params": graph.param_count, "seq": graph.seq, "n_layers": len(graph.layers),
-            "family": graph.meta.get("family", ""), "loadable": source.loadable}
-
-
-def cluster_dict(cluster: Cluster) -> dict:
-    return {"name": cluster.name, "nodes": cluster.n_nodes, "gpus_per_node": cluster.gpus_per_node,
-            "gpu": cluster.gpu.name}
+    return evaluate(plan, graph, cluster, eager=eager)

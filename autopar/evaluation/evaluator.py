@@ -8,18 +8,19 @@ pipeline schedule simulated op by op, gradient synchronisation and the optimizer
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from autopar.costmodel import eager as eager_mod
 from autopar.costmodel.collectives import p2p_s
 from autopar.costmodel.compute import ComputeModel
-from autopar.costmodel.memory import inflight
-from autopar.evaluation.pipeline import simulate
+from autopar.costmodel.memory import activation_bytes, inflight, stash_after_recompute, working_after_recompute
+from autopar.evaluation.pipeline import Schedule, simulate
 from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.specs import Cluster
-from autopar.plan import Plan, PlanError, StagePlan
+from autopar.plan import Plan, PlanError, Prediction, StageMemory, StagePlan, Training
 from autopar.sharding.spec import parse_spec, shard_factor
 from autopar.sharding.stage_problem import Evaluation, Settings, StageProblem
-from graphs.ir import OpGraph
+from graphs.ir import INPUT, LOSS, MATMUL, NORM, OUTPUT, VIEW, OpGraph
 from graphs.query import attention_core, main_boundary, stage_nodes
 
 RECOMPUTE = ("none", "selective", "full")
@@ -40,15 +41,29 @@ class StageResult:
     optimizer_s: float
     boundary_bytes: float       # global bytes of the tensor sent to the next stage per microbatch
     recompute_flops: float = 0.0   # forward FLOPs rerun per microbatch (global, all devices)
+    # Eager-step terms (autopar.costmodel.eager), per microbatch unless noted; the device's
+    # fwd_s / bwd_s above include the cross-entropy and gradient-accumulation ones.
+    host_fwd_s: float = 0.0
+    host_bwd_s: float = 0.0
+    embedding_s: float = 0.0       # device time of the embedding layer's ops (fwd + bwd)
+    head_loss_s: float = 0.0       # final norm, LM head, fp32 cross-entropy (fwd + bwd)
+    op_comm_s: float = 0.0         # resharding / tensor-parallel communication inside the ops
+    precision_casts_s: float = 0.0  # autocast weight copies, fp32 gradient casts and accumulation
+    grad_bucket_s: float = 0.0     # per step: DDP's copy of the gradients into its buckets
+    ddp_bucket_bytes: float = 0.0
+    autocast_cache_bytes: float = 0.0
+    cross_entropy_peak_bytes: float = 0.0   # fp32 loss tensors live at the loss backward
 
 
-def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: dict, cm: ComputeModel) -> StageResult:
+def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
+                   cm: ComputeModel, eager: bool = False) -> StageResult:
+    """The stage's costs; its StagePlan comes back as a copy carrying the per-op records."""
     names = stage_nodes(graph, st.layers)
     sub = Submesh(*st.submesh)
     if sub.n_devices != len(st.device_ids):
         raise PlanError(f"stage {st.index}: submesh {st.submesh} has {sub.n_devices} devices but "
                         f"{len(st.device_ids)} device ids are given")
-    mesh = Mesh(cluster, sub, tuple(st.logical_mesh))
+    mesh = Mesh(cluster, sub, (st.logical_mesh[0], st.logical_mesh[1]))
     bsrc = main_boundary(graph, names)
     boundary = {}
     if bsrc is not None:
@@ -57,8 +72,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: di
             raise PlanError(f"stage {st.index}: input_spec {st.input_spec!r} does not fit the boundary tensor "
                             f"{bsrc} of shape {graph.node(bsrc).out_shape}")
         boundary[bsrc] = spec
-    zero = int(training.get("zero", 0))
-    B = int(training["n_microbatches"])
+    zero = training.zero
     # Grids of hand-made plans evaluate the same stage under many schedules and recompute
     # settings: the stage's ILP-side cost does not depend on them, so it is computed once.
     key = (tuple(st.layers), sub, mesh.shape, tuple(sorted(boundary.items())),
@@ -68,15 +82,15 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: di
     if hit is None:
         prob = StageProblem(graph, names, mesh, cm, boundary=boundary)
         choice = prob.choice_from_names(st.strategies)
-        ev = prob.evaluate(choice, Settings(n_microbatches=B, zero=zero), with_ops=True)
+        ev = prob.evaluate(choice, Settings(n_microbatches=training.n_microbatches, zero=zero), with_ops=True)
         hit = per_graph[key] = (prob, choice, ev, prob.assignment(choice))
     prob, choice, ev, assign = hit
 
-    fwd, bwd, stash, working, rec_flops = ev.fwd_s, ev.bwd_s, ev.stash_bytes, 0.0, 0.0
+    fwd, bwd, rec_flops = ev.fwd_s, ev.bwd_s, 0.0
+    layer_inputs = max_layer_stash = core_stash = 0.0
     if st.recompute == "full":
         # Keep each layer's input; rerun the stage's forward during backward, one layer at a
         # time, so one layer's activations are live on top of the stashes.
-        layer_inputs = 0.0
         per_layer = []
         for li in range(*st.layers):
             lnames = list(graph.layers[li].nodes)
@@ -88,25 +102,86 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: di
                 layer_inputs += node.out_bytes / (shard_factor(spec, mesh) if spec else 1)
             per_layer.append(sum(prob.saved.get(n, 0.0) * prob.strategy_of(n, assign[n]).out_bytes_local
                                  for n in lnames))
-        stash = layer_inputs
-        working = max(per_layer) if per_layer else 0.0
+        max_layer_stash = max(per_layer) if per_layer else 0.0
         bwd += ev.recompute_fwd_s
         rec_flops = sum(graph.node(n).fwd_flops for n in names)
     elif st.recompute == "selective":
         core = attention_core(graph, names)
         dropped = [n for n in core if prob.saved.get(n)]
-        stash -= sum(prob.saved[n] * prob.strategy_of(n, assign[n]).out_bytes_local for n in dropped)
+        core_stash = sum(prob.saved[n] * prob.strategy_of(n, assign[n]).out_bytes_local for n in dropped)
         if dropped:
             # Rebuilding the dropped scores reruns the whole attention core (QK^T, scale, mask,
             # softmax, dropout), not only the ops whose outputs were kept.
             bwd += sum(prob.strategy_of(n, assign[n]).fwd_s for n in core)
             rec_flops = sum(graph.node(n).fwd_flops for n in core)
 
+    stash = stash_after_recompute(st.recompute, ev.stash_bytes, layer_inputs, core_stash)
+    working = working_after_recompute(st.recompute, max_layer_stash)
     out_node = _stage_output(graph, st.layers)
     bbytes = graph.node(out_node).out_bytes if out_node else 0.0
-    st.ops = [dict(o) for o in ev.ops]
-    return StageResult(st, ev, fwd, bwd, stash, working, ev.param_state_bytes(zero),
-                       ev.sync_s, ev.optimizer_step_s(zero, cm), bbytes, rec_flops)
+
+    # Eager-step terms: fp32 cross-entropy beyond the loss op's own cost, autocast's weight
+    # copies and the fp32 gradient casts / accumulation, and the host's dispatch time.
+    layer_of = {n: li for li in range(*st.layers) for n in graph.layers[li].nodes}
+    first, last = 0, len(graph.layers) - 1
+    op_s = {o["name"]: o["compute_s"] + o["comm_s"] for o in ev.ops}
+    embedding_s = sum(op_s.get(n, 0.0) for n in names if layer_of.get(n) == first)
+    head_s = sum(op_s.get(n, 0.0) for n in names if layer_of.get(n) == last)
+    ce_extra_s = ce_peak = 0.0
+    for n in names:
+        node = graph.node(n)
+        src = node.operands[0].source if node.kind == LOSS and node.operands else None
+        if src is not None and src in assign:
+            logits_node = graph.node(src)
+            logits = (prob.strategy_of(src, assign[src]).out_bytes_local
+                      / (logits_node.out_bytes / _numel(logits_node.out_shape)))
+            ce_extra_s += max(0.0, eager_mod.cross_entropy_s(logits, cm) - op_s.get(n, 0.0))
+            ce_peak += eager_mod.CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT * logits
+    grad_acc_s = eager_mod.precision_casts_s(ev.param_elems, training.n_microbatches, cm)
+    if not eager:
+        ce_extra_s = ce_peak = grad_acc_s = 0.0
+    bwd += ce_extra_s + grad_acc_s
+    # autocast keeps the norms and the residual stream in fp32 (blocks' time, see autopar/costmodel/eager.py)
+    inside = set(names)
+    for n in names:
+        node = graph.node(n)
+        if not eager or node.kind != NORM or n not in assign:
+            continue
+        elems = prob.strategy_of(n, assign[n]).out_bytes_local / (node.out_bytes / _numel(node.out_shape))
+        consumers = sum(1 for m in graph.consumers(n) if m in inside and graph.node(m).kind == MATMUL
+                        and graph.node(m).param_operands)
+        f32_fwd, f32_bwd = eager_mod.autocast_fp32_stream_s(elems, consumers, cm)
+        fwd += f32_fwd
+        bwd += f32_bwd
+    n_linears = sum(1 for n in names if graph.node(n).kind == MATMUL and graph.node(n).param_operands)
+    n_other = sum(1 for n in names if graph.node(n).kind not in (VIEW, INPUT, OUTPUT, MATMUL)
+                  or (graph.node(n).kind == MATMUL and not graph.node(n).param_operands))
+    n_blocks = sum(1 for li in range(*st.layers) if first < li < last)
+    # Linears with split weights are what eager PyTorch runs as DTensors (tensor parallelism);
+    # ZeRO-3 over more than one device is FSDP2's per-block hooks.
+    op_rec = {o["name"]: o for o in ev.ops}
+    tp = any("S" in op_rec[n]["in_specs"][i] for n in names if n in op_rec and graph.node(n).kind == MATMUL
+             for i, o in enumerate(graph.node(n).operands) if o.is_param and i < len(op_rec[n]["in_specs"]))
+    host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=zero >= 3 and sub.n_devices > 1,
+                                      cm=cm) if eager else (0.0, 0.0)
+    updated = ev.param_elems_zero if zero >= 1 else ev.param_elems
+    bucket_s = eager_mod.grad_bucket_copy_s(ev.param_elems, cm) if eager and ev.sync_s > 0 and zero < 3 else 0.0
+    return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working, ev.param_state_bytes(zero),
+                       ev.sync_s, eager_mod.optimizer_s(updated, cm), bbytes, rec_flops,
+                       host_fwd_s=host_fwd, host_bwd_s=host_bwd, embedding_s=embedding_s,
+                       head_loss_s=head_s + ce_extra_s, op_comm_s=ev.comm_s, precision_casts_s=grad_acc_s,
+                       grad_bucket_s=bucket_s,
+                       ddp_bucket_bytes=eager_mod.state_bytes(ev.param_elems, bucket_s > 0, 1),
+                       autocast_cache_bytes=eager_mod.state_bytes(ev.param_elems, False, training.n_microbatches)
+                       if eager else 0.0,
+                       cross_entropy_peak_bytes=ce_peak)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _stage_output(graph: OpGraph, layers: tuple[int, int]) -> str | None:
@@ -135,10 +210,19 @@ def p2p_time_s(cluster: Cluster, a: StagePlan, b: StagePlan, nbytes: float) -> f
 
 
 
-def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster) -> Plan:
-    """Fill `plan.predicted` and each stage's costs; returns the plan."""
+def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = False) -> Plan:
+    """A copy of `plan` with its prediction and each stage's costs filled in; `plan` is unchanged.
+
+    eager: the step as the eager PyTorch recipe runs it (autopar.costmodel.eager, measured on
+    H200 in bench/truth: autocast over fp32 master weights, DDP / FSDP2 / DTensor engines, the
+    caching allocator): fp32 cross-entropy, autocast's casts and fp32 norms, gradient
+    accumulation and DDP's buckets, the host's dispatch (a GPU's step takes max(host, device)),
+    the allocator's reserve, CUDA context and NCCL memory. Off by default, for now: the
+    planner's stage ILP does not see these terms yet (with them on, its searched plans are
+    judged by costs it did not optimise), and fused engines (Megatron-LM) avoid most of them.
+    The fused AdamW step at its measured bandwidth counts either way."""
     tr = plan.training
-    cm = ComputeModel(cluster.gpu, tr.get("dtype", "bf16"))
+    cm = ComputeModel(cluster.gpu, tr.dtype)
     if plan.n_devices > cluster.n_gpus:
         raise PlanError(f"plan uses {plan.n_devices} devices but cluster {cluster.name} has {cluster.n_gpus}")
     if any(d >= cluster.n_gpus for s in plan.stages for d in s.device_ids):
@@ -146,18 +230,24 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster) -> Plan:
     if plan.stages[-1].layers[1] != len(graph.layers) or plan.stages[0].layers[0] != 0:
         raise PlanError(f"plan's stages cover layers [{plan.stages[0].layers[0]}, {plan.stages[-1].layers[1]}) "
                         f"but the model has {len(graph.layers)} layers")
-    schedule = tr.get("schedule", "1f1b")
-    v = int(tr.get("virtual_stages", 1) or 1)
-    B = int(tr["n_microbatches"])
-    res = [evaluate_stage(graph, cluster, s, tr, cm) for s in plan.stages]
+    schedule = tr.schedule
+    v = tr.virtual_stages
+    B = tr.n_microbatches
+    res = [evaluate_stage(graph, cluster, s, tr, cm, eager) for s in plan.stages]
     n_dev_stages = len(res) // v if schedule == "interleaved" else len(res)
     p2p = [p2p_time_s(cluster, res[i].plan, res[i + 1].plan, res[i].boundary_bytes) for i in range(len(res) - 1)]
     sched = simulate([r.fwd_s for r in res], [r.bwd_s for r in res], B,
                      schedule if schedule != "interleaved" else "interleaved", p2p, chunks=v)
+    timed = sched
+    if n_dev_stages > 1:
+        # A stage waits for the previous one's host as well as its GPU: in a pipeline every
+        # forward and backward takes max(host, device). (One GPU alone: see `step` below.)
+        timed = simulate([max(r.fwd_s, r.host_fwd_s) for r in res], [max(r.bwd_s, r.host_bwd_s) for r in res], B,
+                         schedule, p2p, chunks=v)
 
     # Per device: stages (chunks) it hosts, their finish time, sync and optimizer step after.
-    finish = {}
-    for op in sched.ops:
+    finish: dict[int, float] = {}
+    for op in timed.ops:
         finish[op.stage] = max(finish.get(op.stage, 0.0), op.end_s)
     # A GPU hosting several chunks (interleaved) syncs and steps all of them after its last
     # backward, and holds all their stashes, but recomputes one layer at a time.
@@ -165,54 +255,120 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster) -> Plan:
     dev_work: dict[int, float] = {}
     dev_end: dict[int, float] = {}
     dev_tail: dict[int, float] = {}
+    dev_host: dict[int, float] = {}
+    dev_stages: dict[int, list[StageResult]] = {}
     mem_rows = []
+    stages = []
     for i, r in enumerate(res):
         rank = i % n_dev_stages
         inf = inflight(schedule, rank, n_dev_stages, B, v)
-        act = inf * r.stash_bytes + r.working_bytes
-        total = r.param_state_bytes + act
-        r.plan.memory = {"param_state_bytes": r.param_state_bytes, "activation_bytes": act,
-                         "stash_per_microbatch_bytes": r.stash_bytes, "inflight_microbatches": inf,
-                         "working_bytes": r.working_bytes, "total_bytes": total}
-        r.plan.t_intra_s = r.fwd_s + r.bwd_s
-        r.plan.fwd_s, r.plan.bwd_s = r.fwd_s, r.bwd_s
-        dev_mem[rank] = dev_mem.get(rank, 0.0) + total - r.working_bytes
-        dev_work[rank] = max(dev_work.get(rank, 0.0), r.working_bytes)
+        # The fp32 loss tensors peak at the start of the loss backward, the recomputed layer
+        # later: not at once.
+        working = max(r.working_bytes, r.cross_entropy_peak_bytes)
+        act = activation_bytes(inf, r.stash_bytes, working)
+        held = r.param_state_bytes + r.ddp_bucket_bytes + r.autocast_cache_bytes    # the whole step
+        total = held + act
+        memory = StageMemory(param_state_bytes=held, activation_bytes=act,
+                             stash_per_microbatch_bytes=r.stash_bytes, inflight_microbatches=inf,
+                             working_bytes=working, total_bytes=total)
+        stages.append(replace(r.plan, memory=memory, t_intra_s=r.fwd_s + r.bwd_s, fwd_s=r.fwd_s, bwd_s=r.bwd_s))
+        dev_mem[rank] = dev_mem.get(rank, 0.0) + total - working
+        dev_work[rank] = max(dev_work.get(rank, 0.0), working)
         dev_end[rank] = max(dev_end.get(rank, 0.0), finish.get(i, 0.0))
-        dev_tail[rank] = dev_tail.get(rank, 0.0) + r.sync_s + r.optimizer_s
+        dev_tail[rank] = dev_tail.get(rank, 0.0) + r.sync_s + r.optimizer_s + r.grad_bucket_s
+        dev_host[rank] = dev_host.get(rank, 0.0) + B * (r.host_fwd_s + r.host_bwd_s)
+        dev_stages.setdefault(rank, []).append(r)
         mem_rows.append(total)
-    step = max(dev_end[k] + dev_tail[k] for k in dev_end)
-    peak = max(dev_mem[k] + dev_work[k] for k in dev_mem)
+    # One GPU's host runs ahead of its stream across steps: its step takes max(host, device).
+    dev_step = {k: max(dev_end[k] + dev_tail[k], dev_host[k]) for k in dev_end}
+    step = max(dev_step.values())
+    zero3 = tr.zero >= 3 and any(r.plan.n_devices > 1 for r in res)
+    allocated = {k: dev_mem[k] + dev_work[k] for k in dev_mem}
+    device_bytes = {k: eager_mod.device_peak_bytes(a, zero3, plan.n_devices) if eager else a
+                    for k, a in allocated.items()}
+    mem_dev = max(device_bytes, key=lambda k: device_bytes[k])
+    peak = device_bytes[mem_dev]
     fits = peak <= cluster.gpu.memory_bytes
+    time_dev = max(dev_step, key=lambda k: dev_step[k])
+    breakdown = _time_breakdown(dev_stages[time_dev], B, dev_step[time_dev], dev_tail[time_dev],
+                                sched, time_dev)
+    memory_breakdown = _memory_breakdown(dev_stages[mem_dev], dev_mem[mem_dev], allocated[mem_dev], zero3,
+                                         plan.n_devices if eager else 0)
 
-    tokens = tr["global_batch"] * plan.model["seq"]
+    tokens = tr.global_batch * plan.model.seq
     model_flops = (graph.fwd_flops + graph.bwd_flops) * B
     hw_flops = model_flops + sum(r.recompute_flops for r in res) * B
     n_gpus = plan.n_devices
-    peak_flops = cluster.gpu.peak(tr.get("dtype", "bf16"))
+    peak_flops = cluster.gpu.peak(tr.dtype)
     compute = sum(r.ev.fwd_s + r.ev.bwd_s - r.ev.comm_s for r in res)
     comm = sum(r.ev.comm_s for r in res)
-    plan.predicted = {
-        "step_time_s": step,
-        "tokens_per_s": tokens / step,
-        "model_flops_per_step": model_flops,
-        "hardware_flops_per_step": hw_flops,
-        "tflops_per_gpu": model_flops / step / n_gpus / 1e12,
-        "hardware_tflops_per_gpu": hw_flops / step / n_gpus / 1e12,
-        "mfu": model_flops / step / (n_gpus * peak_flops),
-        "bubble_fraction": sched.bubble_fraction,
-        "pipeline_s": sched.makespan_s,
-        "grad_sync_s": max(r.sync_s for r in res),
-        "optimizer_s": max(r.optimizer_s for r in res),
-        "p2p_s": sum(p2p),
-        "compute_s_per_microbatch": compute,
-        "comm_s_per_microbatch": comm,
-        "peak_memory_bytes": peak,
-        "memory_limit_bytes": cluster.gpu.memory_bytes,
-        "fits": bool(fits),
-    }
-    plan.model["flops_per_step"] = model_flops
-    return plan
+    predicted = Prediction(
+        step_time_s=step,
+        tokens_per_s=tokens / step,
+        model_flops_per_step=model_flops,
+        hardware_flops_per_step=hw_flops,
+        tflops_per_gpu=model_flops / step / n_gpus / 1e12,
+        hardware_tflops_per_gpu=hw_flops / step / n_gpus / 1e12,
+        mfu=model_flops / step / (n_gpus * peak_flops),
+        bubble_fraction=sched.bubble_fraction,
+        pipeline_s=sched.makespan_s,
+        grad_sync_s=max(r.sync_s for r in res),
+        optimizer_s=max(r.optimizer_s for r in res),
+        p2p_s=sum(p2p),
+        compute_s_per_microbatch=compute,
+        comm_s_per_microbatch=comm,
+        peak_memory_bytes=peak,
+        memory_limit_bytes=cluster.gpu.memory_bytes,
+        fits=bool(fits),
+        peak_allocated_bytes=allocated[mem_dev],
+        peak_reserved_bytes=peak - memory_breakdown["cuda_context"] - memory_breakdown["nccl"],
+        host_s=max(dev_host.values()),
+        breakdown_s=breakdown,
+        memory_breakdown_bytes=memory_breakdown,
+    )
+    return replace(plan, model=replace(plan.model, flops_per_step=model_flops), stages=stages, prediction=predicted)
+
+
+def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: float, tail_s: float,
+                    device_schedule: Schedule, rank: int) -> dict[str, float]:
+    """Where one GPU's step goes (it adds up to `step_s`): device time per part, the pipeline
+    bubble of the device-only schedule (stage-to-stage transfers included), and the host's
+    share (time the GPU waits for the CPU)."""
+    b = n_microbatches
+    embedding = b * sum(r.embedding_s for r in stages)
+    head_loss = b * sum(r.head_loss_s for r in stages)
+    casts = b * sum(r.precision_casts_s for r in stages)
+    op_comm = b * sum(r.op_comm_s for r in stages)
+    busy = b * sum(r.fwd_s + r.bwd_s for r in stages)
+    blocks = busy - embedding - head_loss - casts - op_comm
+    optimizer = sum(r.optimizer_s for r in stages)
+    sync = sum(r.sync_s for r in stages)
+    buckets = sum(r.grad_bucket_s for r in stages)
+    end = max((op.end_s for op in device_schedule.ops if op.device == rank), default=0.0)
+    bubble = max(0.0, end - busy)
+    parts = {"blocks": blocks, "head_loss": head_loss, "embedding": embedding, "precision_casts": casts,
+             "optimizer": optimizer, "grad_buckets": buckets, "exposed_comm": op_comm + sync, "bubble": bubble}
+    parts["host"] = max(0.0, step_s - (busy + bubble + tail_s))
+    return parts
+
+
+def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_bytes: float, zero3: bool,
+                      n_gpus: int) -> dict[str, float]:
+    """Where one GPU's peak memory goes; the parts add up to its predicted peak. n_gpus 0: the
+    plan is not evaluated as the eager recipe (no allocator reserve, context or NCCL)."""
+    params = sum(r.param_state_bytes for r in stages)
+    buckets = sum(r.ddp_bucket_bytes for r in stages)
+    cache = sum(r.autocast_cache_bytes for r in stages)
+    recompute = max((r.working_bytes for r in stages), default=0.0)
+    ce = max((r.cross_entropy_peak_bytes for r in stages), default=0.0)
+    reserved = eager_mod.reserved_bytes(allocated_bytes, zero3) if n_gpus else allocated_bytes
+    return {"weights_grads_optimizer": params, "ddp_buckets": buckets, "autocast_cache": cache,
+            "activations": held_bytes - params - buckets - cache,
+            "recompute_working": recompute if recompute >= ce else 0.0,
+            "cross_entropy": ce if ce > recompute else 0.0,
+            "allocator_reserve": reserved - allocated_bytes,
+            "cuda_context": eager_mod.CUDA_CONTEXT_BYTES if n_gpus else 0.0,
+            "nccl": eager_mod.outside_allocator_bytes(n_gpus) - eager_mod.CUDA_CONTEXT_BYTES if n_gpus else 0.0}
 
 
 def memory_report(plan: Plan) -> str:
@@ -220,9 +376,12 @@ def memory_report(plan: Plan) -> str:
     lines = []
     for s in plan.stages:
         m = s.memory
+        if m is None:
+            lines.append(f"  stage {s.index}: not evaluated")
+            continue
         lines.append(f"  stage {s.index} (layers {s.layers[0]}-{s.layers[1] - 1}, {s.n_devices} GPUs): "
-                     f"weights+grads+optimizer {m.get('param_state_bytes', 0) / 2**30:.2f} GiB, "
-                     f"activations {m.get('activation_bytes', 0) / 2**30:.2f} GiB "
-                     f"({m.get('inflight_microbatches', 0):g} microbatches in flight), "
-                     f"total {m.get('total_bytes', 0) / 2**30:.2f} GiB")
+                     f"weights+grads+optimizer {m.param_state_bytes / 2**30:.2f} GiB, "
+                     f"activations {m.activation_bytes / 2**30:.2f} GiB "
+                     f"({m.inflight_microbatches:g} microbatches in flight), "
+                     f"total {m.total_bytes / 2**30:.2f} GiB")
     return "\n".join(lines)

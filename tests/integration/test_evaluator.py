@@ -18,7 +18,7 @@ from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.presets import load_cluster
 from autopar.hardware.specs import Link
 from autopar.model import ModelSource
-from autopar.plan import PlanError, StagePlan
+from autopar.plan import PlanError, StagePlan, Training
 from autopar.sharding.stage_problem import StageProblem, saved_tensors
 from graphs.query import attention_core, stage_nodes
 
@@ -78,11 +78,11 @@ def test_zero2_pays_the_weight_all_gather_once_per_step():
     cl = load_cluster("p3.16xlarge", 2)
     p1 = build_3d(src, cl, 16, Config3D(16, 1, 1, 1, zero=1)).predicted
     p2 = build_3d(src, cl, 16, Config3D(16, 1, 1, 1, zero=2)).predicted
-    assert p2["step_time_s"] == pytest.approx(p1["step_time_s"], rel=1e-9)
+    assert p2.step_time_s == pytest.approx(p1.step_time_s, rel=1e-9)
     g = src.graph(16)
     ax = Mesh(cl, Submesh(2, 8), (16, 1)).axis(1)
     ag = sum(all_gather_s(o.nbytes, ax) for n in g.nodes() for o in n.operands if o.owns_param)
-    assert p2["grad_sync_s"] == pytest.approx(ag, rel=1e-9)
+    assert p2.grad_sync_s == pytest.approx(ag, rel=1e-9)
 
 
 # ---- Megatron activation memory ----------------------------------------------------------------
@@ -155,7 +155,8 @@ def _stage(t, recompute, sp=False):
     names = stage_nodes(g, (1, 1 + L))
     st = StagePlan(0, (1, 1 + L), [], (1, t), list(range(t)), (1, t), _megatron(t, names, g, sp),
                    "RS1R" if sp and t > 1 else "RRR", recompute)
-    return g, evaluate_stage(g, cl, st, {"n_microbatches": 4, "zero": 0}, ComputeModel(cl.gpu, cl.gpu.training_dtype()))
+    training = Training.split(4 * BATCH, BATCH, dtype=cl.gpu.training_dtype())
+    return g, evaluate_stage(g, cl, st, training, ComputeModel(cl.gpu, training.dtype))
 
 
 @pytest.mark.parametrize("t", [1, 2, 4])
@@ -222,12 +223,12 @@ def test_flops_per_step_full_recompute_gpt_1_3b():
     formula = 96 * G * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
     head_recompute = 2 * G * s * h * V
     attention_bwd = 2 * G * s * s * h * l
-    assert pr["hardware_flops_per_step"] == pytest.approx(formula + head_recompute, rel=0.02)
-    assert pr["hardware_flops_per_step"] == pytest.approx(formula + head_recompute + attention_bwd, rel=0.002)
+    assert pr.hardware_flops_per_step == pytest.approx(formula + head_recompute, rel=0.02)
+    assert pr.hardware_flops_per_step == pytest.approx(formula + head_recompute + attention_bwd, rel=0.002)
     # without recomputation: 72*B*s*l*h^2*(1 + s/(6h) + V/(12*l*h)), the model FLOPs
     no_rc = 72 * G * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h))
-    assert pr["model_flops_per_step"] == pytest.approx(no_rc + attention_bwd, rel=0.002)
-    assert pr["model_flops_per_step"] == pytest.approx(no_rc, rel=0.02)
+    assert pr.model_flops_per_step == pytest.approx(no_rc + attention_bwd, rel=0.002)
+    assert pr.model_flops_per_step == pytest.approx(no_rc, rel=0.02)
 
 
 # ---- the seeds' worked example: 7B on 256 A100s --------------------------------------------------
@@ -245,16 +246,16 @@ def test_7b_on_256_a100_mfu(llama7b, cfg):
     src, cl = llama7b
     p = build_3d(src, cl, 2048, cfg)
     pr = p.predicted
-    assert pr["fits"]
-    assert 0.25 <= pr["mfu"] <= 0.50
+    assert pr.fits
+    assert 0.25 <= pr.mfu <= 0.50
     tokens = 2048 * 4096
-    assert pr["tokens_per_s"] == pytest.approx(tokens / pr["step_time_s"])
-    assert pr["mfu"] == pytest.approx(pr["model_flops_per_step"] / pr["step_time_s"] / (256 * 312e12))
+    assert pr.tokens_per_s == pytest.approx(tokens / pr.step_time_s)
+    assert pr.mfu == pytest.approx(pr.model_flops_per_step / pr.step_time_s / (256 * 312e12))
     # model FLOPs ~ 6 N T + 12 l h s T (no causal halving), as the 35% MFU figure counts them
-    n = p.model["params"]
+    n = p.model.params
     approx = 6 * n * tokens + 12 * 32 * 4096 * 4096 * tokens
-    assert pr["model_flops_per_step"] == pytest.approx(approx, rel=0.03)
-    assert 0.5 < pr["step_time_s"] / 12.7 < 1.5
+    assert pr.model_flops_per_step == pytest.approx(approx, rel=0.03)
+    assert 0.5 < pr.step_time_s / 12.7 < 1.5
 
 
 # ---- configuration errors and memory reports ----------------------------------------------------
@@ -263,7 +264,7 @@ def test_7b_on_256_a100_mfu(llama7b, cfg):
     (Config3D(4, 4, 1, 1), 64, r"dp\*tp\*pp = 4\*4\*1 = 16 must equal the cluster's 8 GPUs"),
     (Config3D(1, 16, 1, 1), 64, r"dp\*tp\*pp = 1\*16\*1 = 16 must equal"),
     (Config3D(1, 8, 1, 1, schedule="zigzag"), 64, "schedule must be 1f1b, gpipe or interleaved"),
-    (Config3D(8, 1, 1, 3), 64, r"global batch 64 is not divisible by dp\*microbatch = 8\*3"),
+    (Config3D(8, 1, 1, 3), 64, r"global batch 64 is not divisible by microbatch size 24"),
     (Config3D(2, 2, 2, 1, schedule="interleaved", virtual_stages=2), 6,
      r"interleaved schedule needs the number of microbatches \(3\) to be a multiple of pp=2"),
     (Config3D(2, 4, 1, 1, schedule="interleaved", virtual_stages=2), 8, "interleaved schedule needs pp >= 2"),
@@ -288,17 +289,17 @@ def test_plan_that_does_not_fit_reports_per_stage():
     src = ModelSource("gpt-1.3b")
     p = build_3d(src, load_cluster("p3.16xlarge", 1), 64, Config3D(4, 1, 2, 8))
     pr = p.predicted
-    assert pr["fits"] is False and pr["peak_memory_bytes"] > pr["memory_limit_bytes"] == 16e9
+    assert pr.fits is False and pr.peak_memory_bytes > pr.memory_limit_bytes == 16e9
     rep = memory_report(p)
     lines = rep.splitlines()
     assert len(lines) == 2
     for s, line in zip(p.stages, lines):
         assert f"stage {s.index} (layers {s.layers[0]}-{s.layers[1] - 1}, 4 GPUs)" in line
-        assert f"total {s.memory['total_bytes'] / 2**30:.2f} GiB" in line
-        assert f"({s.memory['inflight_microbatches']:g} microbatches in flight)" in line
-        assert s.memory["total_bytes"] == pytest.approx(s.memory["param_state_bytes"] + s.memory["activation_bytes"])
+        assert f"total {s.memory.total_bytes / 2**30:.2f} GiB" in line
+        assert f"({s.memory.inflight_microbatches:g} microbatches in flight)" in line
+        assert s.memory.total_bytes == pytest.approx(s.memory.param_state_bytes + s.memory.activation_bytes)
     # 1F1B: the first of two stages holds two microbatches, the last one
-    assert [s.memory["inflight_microbatches"] for s in p.stages] == [2, 1]
+    assert [s.memory.inflight_microbatches for s in p.stages] == [2, 1]
 
 
 def test_stage_costs_follow_the_cluster_links():
@@ -307,7 +308,7 @@ def test_stage_costs_follow_the_cluster_links():
     fast = load_cluster("p3.16xlarge", 2)
     slow = dataclasses.replace(fast, inter_link=Link(fast.inter_link.bandwidth_bytes_per_s / 1000,
                                                      fast.inter_link.latency_s))
-    t = [build_3d(src, c, 64, Config3D(16, 1, 1, 1)).predicted["grad_sync_s"] for c in (fast, slow, fast)]
+    t = [build_3d(src, c, 64, Config3D(16, 1, 1, 1)).predicted.grad_sync_s for c in (fast, slow, fast)]
     assert t[1] > 2 * t[0] and t[2] == t[0]
 
 
@@ -318,8 +319,8 @@ def test_selective_recompute_when_hidden_equals_seq():
     cl = load_cluster("p3.16xlarge", 1)
     none = build_3d(src, cl, 16, Config3D(8, 1, 1, 1)).predicted
     sel = build_3d(src, cl, 16, Config3D(8, 1, 1, 1, recompute="selective")).predicted
-    assert sel["peak_memory_bytes"] == none["peak_memory_bytes"] and sel["step_time_s"] == none["step_time_s"]
-    assert sel["hardware_flops_per_step"] == none["hardware_flops_per_step"]
+    assert sel.peak_memory_bytes == none.peak_memory_bytes and sel.step_time_s == none.step_time_s
+    assert sel.hardware_flops_per_step == none.hardware_flops_per_step
     g = megatron_gpt(64, 4, 64, 2, layers=1)
     assert attention_core(g, block_names(g)) == ["blocks.0.scores", "blocks.0.scale", "blocks.0.softmax",
                                                  "blocks.0.attn_drop"]
@@ -333,8 +334,8 @@ def test_interleaved_plan_evaluates_on_its_gpus():
     inter = build_3d(src, cl, 64, Config3D(2, 1, 4, 1, schedule="interleaved", virtual_stages=2))
     assert len(inter.stages) == 8 and inter.n_devices == plain.n_devices == 8
     pr = inter.predicted
-    assert pr["mfu"] == pytest.approx(pr["model_flops_per_step"] / pr["step_time_s"] / (8 * 125e12))
-    assert pr["bubble_fraction"] < 0.6 * plain.predicted["bubble_fraction"]
+    assert pr.mfu == pytest.approx(pr.model_flops_per_step / pr.step_time_s / (8 * 125e12))
+    assert pr.bubble_fraction < 0.6 * plain.predicted.bubble_fraction
     assert [s.device_ids for s in inter.stages[4:]] == [s.device_ids for s in inter.stages[:4]]
 
 
@@ -345,14 +346,15 @@ def test_interleaved_gpu_syncs_all_its_chunks():
     src = ModelSource("gpt:hidden=256,layers=8,heads=4,seq=128,vocab=512")
     cl = load_cluster("p3.16xlarge", 1)
     p = build_3d(src, cl, 64, Config3D(2, 1, 4, 1, schedule="interleaved", virtual_stages=2))
-    g = src.graph(p.training["microbatch_size"])
+    g = src.graph(p.training.microbatch_size)
     cm = ComputeModel(cl.gpu, cl.gpu.training_dtype())
     res = [evaluate_stage(g, cl, dataclasses.replace(s), p.training, cm) for s in p.stages]
-    B = p.training["n_microbatches"]
+    B = p.training.n_microbatches
     sched = simulate([r.fwd_s for r in res], [r.bwd_s for r in res], B, "interleaved",
-                     [p.predicted["p2p_s"] / 7] * 7, chunks=2)
+                     [p.predicted.p2p_s / 7] * 7, chunks=2)
     end = {}
     for op in sched.ops:
         end[op.device] = max(end.get(op.device, 0.0), op.end_s)
-    want = max(end[k] + sum(res[i].sync_s + res[i].optimizer_s for i in (k, k + 4)) for k in range(4))
-    assert p.predicted["step_time_s"] == pytest.approx(want, rel=1e-9)
+    want = max(end[k] + sum(res[i].sync_s + res[i].optimizer_s + res[i].grad_bucket_s for i in (k, k + 4))
+               for k in range(4))
+    assert p.predicted.step_time_s == pytest.approx(want, rel=1e-9)
