@@ -5,6 +5,7 @@ the others."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -69,7 +70,7 @@ def test_dp2_tp2_matches_one_process(tmp_path):
 
 def test_pp2_tp2_1f1b_full_recompute_matches_one_process(tmp_path):
     plan = plan_3d(1, 2, 2, 2, recompute="full")
-    assert plan.training["schedule"] == "1f1b" and plan.training["n_microbatches"] == 4
+    assert plan.training.schedule == "1f1b" and plan.training.n_microbatches == 4
     out = run_plan(write(plan, tmp_path), steps=2, check=True)
     assert_matches(out)
     assert [s["blocks.0.mlp.fc1.weight"] for s in out["param_specs"][:1]] == ["S1R"]
@@ -79,7 +80,7 @@ def test_pp2_tp2_1f1b_full_recompute_matches_one_process(tmp_path):
 
 def test_pp2_dp2_gpipe_zero1_matches_one_process(tmp_path):
     plan = plan_3d(2, 1, 2, 1, schedule="gpipe", zero=1)
-    assert plan.training["n_microbatches"] == 4
+    assert plan.training.n_microbatches == 4
     out = run_plan(write(plan, tmp_path), steps=2, check=True, optimizer="sgd", lr=0.1)
     assert_matches(out)
     # plain SGD: the sharded optimizer update reproduces the parameters too
@@ -123,7 +124,7 @@ def test_cli_json_reports_measured_and_predicted(tmp_path):
     r = autopar_cli("run", path, "--device", "cpu", "--steps", "2", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["predicted_step_time_s"] == Plan.from_json(path).predicted["step_time_s"]
+    assert out["predicted_step_time_s"] == Plan.from_json(path).predicted.step_time_s
     assert out["measured_step_time_s"] > 0 and out["n_processes"] == 4
     assert "max_abs_grad_diff" not in out
 
@@ -144,18 +145,17 @@ def sweep_plans(model: str, mesh: tuple[int, int]) -> list[str]:
     from graphs.query import stage_nodes
     cl = load_cluster("p3.16xlarge", 1, 4)
     base = build_3d(ModelSource(model), cl, 8, Config3D(mesh[0], mesh[1], 1, 8 // (2 * mesh[0])))
-    g = graphs.load(model, batch=base.training["microbatch_size"])
+    g = graphs.load(model, batch=base.training.microbatch_size)
     st = base.stages[0]
     prob = StageProblem(g, stage_nodes(g, tuple(st.layers)), Mesh(cl, Submesh(*st.submesh), mesh),
-                        ComputeModel(cl.gpu, base.training["dtype"]))
+                        ComputeModel(cl.gpu, base.training.dtype))
     roots = [(gr.root, [s.name for s in gr.strategies[gr.root]]) for gr in prob.groups]
     out = []
     for k in range(max(len(names) for _, names in roots)):
         p = Plan.from_dict(copy.deepcopy(base.to_dict()))
         p.stages[0].strategies = {r: names[(k + i) % len(names)] for i, (r, names) in enumerate(roots)}
-        p.config["label"] = f"sweep {mesh[0]}x{mesh[1]} #{k}"
-        evaluate(p, g, cl)
-        out.append(p.to_json())
+        p.config = dataclasses.replace(p.config, label=f"sweep {mesh[0]}x{mesh[1]} #{k}")
+        out.append(evaluate(p, g, cl).to_json())
     return out
 
 

@@ -1,0 +1,668 @@
+"""Lowering a plan to PyTorch's own parallel engines (issue 12): the runtime as a thin layer.
+
+A stage whose per-op strategies are Megatron's layout on its (dp, tp) mesh — every op split
+over the batch on the data-parallel axis; column-parallel, row-parallel and head-parallel ops
+and vocab-parallel embedding and head on the tensor-parallel axis (the naming of
+evaluation.baselines.megatron_names) — runs on the zoo's nn.Module with
+
+    data parallelism   DistributedDataParallel (bucketed all-reduce overlapped with the
+                       backward, no_sync between microbatches)
+    ZeRO-1/2/3         FSDP2 fully_shard per block + root, reshard_after_forward for ZeRO-3,
+                       MixedPrecisionPolicy(bf16 params, fp32 reduce) for bf16 runs
+    Megatron TP        parallelize_module: ColwiseParallel / RowwiseParallel, vocab-parallel
+                       embedding, loss_parallel for the vocab-split head; dp x tp on one
+                       DeviceMesh with named dims ("pp", "dp", "tp")
+    pipelines          torch.distributed.pipelining: one PipelineStage per stage, GPipe /
+                       1F1B, and Interleaved1F1B with several stages (chunks) per rank
+
+Under tp an embedding or the head may instead be replicated, as the auto planner often
+chooses. The modules run eagerly or compiled per transformer block (`compile`; by default only
+tensor-parallel stages on CUDA, where it was measured to help: eager DTensor TP is host-bound,
+bench/results/runtime_vs_native_h200.json); nothing is interpreted op by op. A plan with a
+stage that matches no engine keeps the fx/DTensor program of runtime.apply, with a warning that
+names the stage and op.
+
+Not lowered here (they keep the program path, or its NotAppliableError): stages of different
+device counts, stages with different (dp, tp), expert-parallel / 2-D sharded weights (MoE under
+TP), hf: models, layouts other than Megatron's. `autopar run` does not launch interleaved plans
+yet (launch.world_size and the rank bookkeeping use apply.rank_layout, which refuses them);
+runtime.apply runs them. What the issue's compile-based path for the other layouts would take:
+trace the stage's joint forward+backward (aot_autograd / the torch.export joint graph), insert
+the plan's collectives per op as functional collectives (torch.distributed._functional_
+collectives) where the program's redistribute decisions place them, and hand the graph to
+Inductor with its comm bucketing and reordering passes for overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import types
+import warnings
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autopar.evaluation.baselines import megatron_names
+from autopar.plan import Plan, PlanError
+from graphs.ir import EMBEDDING, INPUT, MATMUL, OpGraph
+from graphs.query import stage_nodes
+
+from .apply import ParallelModel, build_model, check_plan_matches, trace_model, zoo_inputs
+from .apply import apply as apply_program
+from .layout import placements, spec_of
+
+# per family: (embedding modules, final norm, attention projections (column, row), MLP (column, row))
+FAMILY_MODULES = {
+    "gpt": (("wte", "wpe"), "ln_f", (("attn.q", "attn.k", "attn.v"), ("attn.proj",)),
+            (("mlp.fc1",), ("mlp.fc2",))),
+    "llama": (("tok_emb",), "norm", (("attn.wq", "attn.wk", "attn.wv"), ("attn.wo",)),
+              (("mlp.w1", "mlp.w3"), ("mlp.w2",))),
+}
+FAMILY_MODULES["moe"] = FAMILY_MODULES["gpt"]
+TP_FAMILIES = ("gpt", "llama")      # MoE's experts are bare parameters: no tensor-parallel engine
+
+
+class EngineMismatch(Exception):
+    """The plan's layout matches no engine; the message names the stage and op."""
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """The engines one stage runs on: its (dp, tp) sizes, which logical mesh axis is dp, and
+    under tp which embeddings (module names) and whether the head are split over the vocab
+    (the others are replicated)."""
+    dp: int
+    tp: int
+    dp_axis: int
+    split_embeddings: tuple[str, ...] = ()
+    split_head: bool = False
+
+    @property
+    def mesh_dims(self) -> tuple[str, str]:
+        return ("dp", "tp") if self.dp_axis == 0 else ("tp", "dp")
+
+
+# ---------------------------------------------------------------------------------------------
+# matching a plan against the engines' layouts
+
+def _swap_axes(name: str) -> str:
+    return ",".join(t.replace("@0", "@x").replace("@1", "@0").replace("@x", "@1") if not t.endswith("@01") else t
+                    for t in name.split(","))
+
+
+def _vocab_ops(ir: OpGraph, names: list[str]) -> dict[str, str]:
+    """Embedding lookups and the head's matmul among `names`: op name -> the module of its weight."""
+    out = {}
+    last = set(ir.layers[-1].nodes)
+    for n in names:
+        node = ir.node(n)
+        param = next((o.param for o in node.operands if o.param), None)
+        if param and (node.kind == EMBEDDING or (node.kind == MATMUL and n in last)):
+            out[n] = param.rpartition(".")[0]
+    return out
+
+
+def match_stage(plan: Plan, ir: OpGraph, k: int, family: str) -> StageLayout:
+    """The engines' layout of stage k, or EngineMismatch naming the first op that differs. The
+    data inputs' layout is free (each rank loads its rows), and under tp an embedding or the
+    head may be replicated instead of vocab-split."""
+    stage = plan.stages[k]
+    if family not in FAMILY_MODULES:
+        raise EngineMismatch(f"stage {k}: model family {family!r} has no engine lowering")
+    names = stage_nodes(ir, stage.layers)
+    vocab = _vocab_ops(ir, names)
+    m0, m1 = tuple(stage.logical_mesh)
+    misses = []
+    for dp_axis in ((0, 1) if m0 != m1 or m0 > 1 else (0,)):
+        dp, tp = (m0, m1) if dp_axis == 0 else (m1, m0)
+        if tp > 1 and family not in TP_FAMILIES:
+            misses.append(f"tensor parallelism over {tp} devices on a {family} model (expert weights)")
+            continue
+        wanted = megatron_names(ir, names, dp, tp)
+        dp_only = megatron_names(ir, list(vocab), dp, 1) if tp > 1 else {}
+        bad, split = [], set()
+        for name, choices in wanted.items():
+            have = stage.strategies.get(name)
+            if have is None or ir.node(name).kind == INPUT:
+                continue
+            want = _swap_axes(choices[0]) if dp_axis == 1 else choices[0]
+            if name in vocab and have == want:
+                split.add(name)
+            elif name in dp_only and have == (_swap_axes(dp_only[name][0]) if dp_axis == 1 else dp_only[name][0]):
+                pass                                        # replicated over tp
+            elif have != want:
+                bad.append(f"op {name} is {have!r}, the engines need {want!r}")
+        if not bad and tp == 1:
+            return StageLayout(dp, tp, dp_axis)
+        if not bad:
+            heads = [n for n in vocab if ir.node(n).kind == MATMUL]
+            return StageLayout(dp, tp, dp_axis, tuple(sorted(vocab[n] for n in split if n not in heads)),
+                               any(n in split for n in heads))
+        misses.append(f"{len(bad)} op(s) differ from Megatron's layout with dp on mesh axis {dp_axis}, first: "
+                      + bad[0])
+    raise EngineMismatch(f"stage {k} (layers {list(stage.layers)}, mesh {m0}x{m1}): " + "; ".join(misses))
+
+
+def _check_specs(plan: Plan) -> None:
+    """Every op's specs must be layouts of its stage's mesh (as the program path requires)."""
+    for s in plan.stages:
+        for o in s.ops:
+            for spec in [o.get("out_spec"), *(o.get("in_specs") or [])]:
+                if spec and spec != "scalar":
+                    try:
+                        placements(spec, len(spec.replace("S01", "X").replace("S0", "X").replace("S1", "X")))
+                    except ValueError as e:
+                        raise PlanError(f"stage {s.index} op {o['name']}: {e}") from None
+
+
+def pipeline_ranks(plan: Plan) -> int:
+    """The pipeline's ranks: stage k runs on the (k mod pp)-th device group, as
+    torch.distributed.pipelining's interleaved schedules place chunks; EngineMismatch otherwise."""
+    groups: list[tuple[int, ...]] = []
+    for s in sorted(plan.stages, key=lambda s: s.index):
+        g = tuple(s.device_ids)
+        if g not in groups:
+            groups.append(g)
+    pp = len(groups)
+    for s in plan.stages:
+        if tuple(s.device_ids) != groups[s.index % pp]:
+            raise EngineMismatch(f"stage {s.index} runs on devices {s.device_ids}, not on the device group "
+                                 f"{list(groups[s.index % pp])} of rank {s.index % pp} (chunks round-robin)")
+    ids = [d for g in groups for d in g]
+    if len(set(ids)) != len(ids):
+        raise EngineMismatch("device groups of the pipeline overlap")
+    if plan.training.schedule == "interleaved" and len(plan.stages) % pp:
+        raise EngineMismatch(f"{len(plan.stages)} interleaved stages do not fill {pp} ranks evenly")
+    return pp
+
+
+def match_plan(plan: Plan, ir: OpGraph, family: str) -> list[StageLayout]:
+    """Per stage, its engines' layout; EngineMismatch when a stage or the schedule has none."""
+    pipeline_ranks(plan)
+    if len({len(s.device_ids) for s in plan.stages}) > 1:
+        raise EngineMismatch("stages of different device counts are not lowered to engines yet")
+    layouts = [match_stage(plan, ir, k, family) for k in range(len(plan.stages))]
+    if len({(x.dp, x.tp, x.dp_axis) for x in layouts}) > 1:
+        raise EngineMismatch("stages with different (dp, tp) layouts are not lowered to engines yet")
+    return layouts
+
+
+# ---------------------------------------------------------------------------------------------
+# one stage of a zoo model as a module
+
+class Segment(nn.Module):
+    """Blocks [lo, hi) of a zoo model, with its embedding when first and its final norm, head
+    and loss when last. Submodules keep the model's names (blocks.3.attn.q.weight, ...), so
+    parameters are named as in the model. A last stage of a tied model that is not also the
+    first holds its own copy of the embedding (gradients summed across the two stages)."""
+
+    def __init__(self, model: Any, first: bool, last: bool, blocks: range, recompute: str = "none"):
+        super().__init__()
+        cfg = model.cfg
+        self.family, self.tied, self.first, self.last = cfg.family, cfg.tied, first, last
+        self.recompute = recompute
+        self.head_mesh = None               # set when a tied head splits a replicated weight
+        embeds, norm, _, _ = FAMILY_MODULES[cfg.family]
+        self.embed_names, self.norm_name = embeds, norm
+        if first:
+            for n in embeds:
+                setattr(self, n, getattr(model, n))
+        elif last and cfg.tied:
+            setattr(self, embeds[0], copy.deepcopy(getattr(model, embeds[0])))
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in blocks})
+        if last:
+            setattr(self, norm, getattr(model, norm))
+            if not cfg.tied:
+                self.head = model.head
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        m: Any = self
+        if self.family == "llama":
+            return m.tok_emb(ids)
+        return m.wte(ids) + m.wpe(torch.arange(ids.shape[1], device=ids.device))
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if self.first:
+            x = self.embed(x)
+        for block in self.blocks.values():
+            if self.recompute == "full" and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        if not self.last:
+            return x
+        x = getattr(self, self.norm_name)(x)
+        if self.tied:
+            w = getattr(self, self.embed_names[0]).weight
+            if self.head_mesh is not None:
+                from torch.distributed.tensor import DTensor, Replicate, Shard
+                w = DTensor.from_local(w, self.head_mesh, [Replicate()], run_check=False).redistribute(
+                    self.head_mesh, [Shard(0)])
+            logits = F.linear(x, w)
+        else:
+            logits = cast(Any, self).head(x)
+        assert targets is not None, "the last stage needs the targets"
+        loss: Any = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+        # a vocab-parallel loss is a replicated DTensor: every rank holds the whole value; one
+        # element, not a scalar, as pipelining concatenates the microbatches' outputs
+        return (loss.to_local() if _is_dtensor(loss) else loss).reshape(1)
+
+
+def segment_blocks(layers: tuple[int, int], n_blocks: int) -> tuple[bool, bool, range]:
+    """(first, last, block indices) of IR layers [a, b): layer 0 embeds, 1..L are the blocks,
+    L+1 is the head."""
+    a, b = layers
+    return a == 0, b == n_blocks + 2, range(max(a, 1) - 1, min(b, n_blocks + 1) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the engines
+
+def _gpt_attention_tp(self, x: torch.Tensor) -> torch.Tensor:
+    """GPT attention on this rank's heads: the column-parallel q/k/v give heads/tp heads."""
+    b, s, _ = x.shape
+    q = self.q(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+    k = self.k(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+    v = self.v(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return self.proj(y.transpose(1, 2).reshape(b, s, -1))
+
+
+def apply_tp(seg: Segment, tp_mesh, split_embeddings: tuple[str, ...], split_head: bool) -> None:
+    """Megatron tensor parallelism over tp_mesh: column-parallel q/k/v and MLP-in, row-parallel
+    attention-out and MLP-out; the embeddings named in split_embeddings vocab-parallel, and
+    with split_head the head too (its loss under loss_parallel)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        parallelize_module,
+    )
+    tp = tp_mesh.size()
+    _, _, (attn_col, attn_row), (mlp_col, mlp_row) = FAMILY_MODULES[seg.family]
+    for block in seg.blocks.values():
+        plan: dict[str, Any] = {n: ColwiseParallel() for n in attn_col + mlp_col}
+        plan.update({n: RowwiseParallel() for n in attn_row + mlp_row})
+        parallelize_module(block, tp_mesh, plan)
+        attn: Any = block.attn
+        attn.heads //= tp
+        if seg.family == "llama":
+            attn.kv_heads //= tp                  # its forward views by self.heads / kv_heads
+        else:
+            attn.forward = types.MethodType(_gpt_attention_tp, attn)
+    top: dict[str, Any] = {}
+    for n in seg.embed_names:
+        if hasattr(seg, n) and n in split_embeddings:
+            top[n] = RowwiseParallel(input_layouts=Replicate())     # vocab-parallel lookup
+    if seg.last and split_head:
+        if seg.tied:
+            # the head reads the embedding's weight: its input must be a DTensor
+            top[seg.norm_name] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Replicate(),
+                                                     use_local_output=False)
+            if seg.embed_names[0] not in split_embeddings:
+                seg.head_mesh = tp_mesh        # the replicated weight is split at the head
+        else:
+            top["head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    elif seg.last and seg.tied and seg.embed_names[0] in split_embeddings:
+        raise EngineMismatch("a vocab-split embedding tied to a replicated head is not lowered to engines")
+    parallelize_module(seg, tp_mesh, top)
+
+
+def apply_fsdp(seg: nn.Module, blocks: list[nn.Module], dp_mesh, zero: int, param_dtype: torch.dtype | None) -> None:
+    """FSDP2: one unit per block and the root. ZeRO-3 frees each block's gathered weights after
+    its forward (the last block's backward follows at once, so it keeps them); ZeRO-1/2 keep
+    them to the backward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
+          else MixedPrecisionPolicy())
+    for i, block in enumerate(blocks):
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=zero >= 3 and i < len(blocks) - 1, mp_policy=mp)
+    fully_shard(seg, mesh=dp_mesh, reshard_after_forward=zero >= 3, mp_policy=mp)
+
+
+def default_compile(layout: StageLayout, device: torch.device) -> bool:
+    """Compile where it was measured to help: tensor-parallel stages on CUDA (gpt-1.3b, tp2 on
+    2 H200s: 0.50 s/step compiled against 1.26 s eager, whose DTensor dispatch is host-bound)."""
+    return device.type == "cuda" and layout.tp > 1
+
+
+def compile_blocks(seg: Segment) -> None:
+    """torch.compile per transformer block (torchtitan's granularity), in place so names stay."""
+    for block in seg.blocks.values():
+        block.compile()
+
+
+# ---------------------------------------------------------------------------------------------
+
+class EngineModel:
+    """One rank's share of a plan lowered to engines; the interface of ParallelModel. With an
+    interleaved schedule a rank runs several stages (chunks) of the pipeline."""
+
+    def __init__(self, plan: Plan, model: Any, layouts: list[StageLayout], device: torch.device,
+                 optimizer: str = "adam", lr: float = 1e-3, autocast_dtype: torch.dtype | None = None,
+                 compile: bool | None = None):
+        self.plan, self.device = plan, torch.device(device)
+        self.cfg = model.cfg
+        stages = sorted(plan.stages, key=lambda s: s.index)
+        self.n_stages = len(stages)
+        self.pp = pipeline_ranks(plan)
+        n = len(stages[0].device_ids)
+        distributed = dist.is_available() and dist.is_initialized()
+        world = self.pp * n
+        if distributed and dist.get_world_size() != world:
+            raise PlanError(f"the plan runs on {world} devices, the process group has {dist.get_world_size()} ranks")
+        if not distributed and world > 1:
+            raise PlanError(f"the plan runs on {world} devices: call apply() on every rank of an initialised "
+                            "torch.distributed process group (autopar run does that)")
+        self.rank = dist.get_rank() if distributed else 0
+        self.pp_rank, self.local_index = divmod(self.rank, n)
+        self.stage_ids = [k for k in range(self.n_stages) if k % self.pp == self.pp_rank]
+        self.stage_index = self.stage_ids[0]
+        self.stage = stages[self.stage_index]
+        self.layout = layout = layouts[self.stage_index]
+        if compile is None:
+            compile = default_compile(layout, self.device)
+        self.compiled = compile
+        self.n_microbatches = plan.training.n_microbatches
+        self.microbatch_size = plan.training.microbatch_size
+        self.zero = plan.training.zero if layout.dp > 1 else 0
+        if self.microbatch_size % layout.dp:
+            raise EngineMismatch(f"microbatch {self.microbatch_size} does not split over dp={layout.dp}")
+        self.local_mb = self.microbatch_size // layout.dp
+
+        # Collective setup, the same calls in the same order on every rank.
+        self.mesh = None
+        if world > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+            m0, m1 = tuple(self.stage.logical_mesh)
+            self.mesh = init_device_mesh(self.device.type, (self.pp, m0, m1), mesh_dim_names=("pp", *layout.mesh_dims))
+        self.dp_mesh = self.mesh["dp"] if self.mesh is not None and layout.dp > 1 else None
+        self.tp_mesh = self.mesh["tp"] if self.mesh is not None and layout.tp > 1 else None
+        self.dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
+        self.tied_group = None
+        tied_ranks = sorted({0, (self.n_stages - 1) % self.pp})
+        if model.cfg.tied and len(tied_ranks) > 1:
+            for j in range(n):
+                g = dist.new_group([r * n + j for r in tied_ranks])
+                if self.pp_rank in tied_ranks and j == self.local_index:
+                    self.tied_group = g
+
+        self.segments = [Segment(model, *segment_blocks(stages[k].layers, model.cfg.layers),
+                                 recompute=stages[k].recompute) for k in self.stage_ids]
+        self.first, self.last = self.segments[0].first, self.segments[-1].last
+        if self.pp > 1:
+            _release_others(model, self.segments)
+        self.autocast_dtype = autocast_dtype
+        # activations between stages: fp32 under autocast (the residual stream stays in the
+        # parameters' dtype), the compute dtype when FSDP casts the parameters
+        self.boundary_dtype = torch.float32
+        self.ddp = False
+        self.modules: list[nn.Module] = []
+        for seg in self.segments:
+            seg.to(self.device)
+            if seg.recompute == "selective":
+                for block in seg.blocks.values():
+                    _checkpoint_attention(cast(nn.Module, block.attn))
+            if self.tp_mesh is not None:
+                copy_split = layouts[0].split_embeddings if seg.last and not seg.first else ()
+                apply_tp(seg, self.tp_mesh, layout.split_embeddings + copy_split, layout.split_head)
+            if compile:
+                compile_blocks(seg)
+            module: nn.Module = seg
+            if self.dp_mesh is not None and self.zero:
+                apply_fsdp(seg, list(seg.blocks.values()), self.dp_mesh, self.zero, autocast_dtype)
+                self.boundary_dtype = autocast_dtype or torch.float32
+            elif self.dp_mesh is not None and self.tp_mesh is None:
+                from torch.nn.parallel import DistributedDataParallel
+                module = DistributedDataParallel(
+                    seg, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    process_group=self.dp_mesh.get_group(), gradient_as_bucket_view=True)
+                self.ddp = True
+            self.modules.append(module)
+        if self.zero:
+            self.autocast_dtype = None         # FSDP's policy casts the parameters instead
+        self.segment = self.segments[0]
+        self.module: Any = self.modules[0]
+        self.names = {n: p for seg in self.segments for n, p in seg.named_parameters()}
+        # dp x tp without ZeRO: DDP takes no DTensor parameters, so gradients are all-reduced
+        # over dp in flat buckets after the backward.
+        self.manual_dp = self.dp_mesh is not None and not self.zero and not self.ddp
+        self.optimizer = make_optimizer(list(self.names.values()), optimizer, lr, self.device)
+        self.schedule = self._pipeline(plan.training.schedule) if self.n_stages > 1 else None
+
+    def _pipeline(self, name: str):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+        assert self.mesh is not None
+        seq = self.plan.model.seq
+        act = (self.local_mb, seq, self.cfg.hidden)
+        pipe: list[Any] = []
+        for k, seg, module in zip(self.stage_ids, self.segments, self.modules):
+            x = (torch.zeros(self.local_mb, seq, dtype=torch.long, device=self.device) if seg.first else
+                 torch.empty(act, dtype=self.boundary_dtype, device=self.device, requires_grad=True))
+            # requires_grad marks the boundary tensors whose gradients travel back
+            y = (torch.empty(1, device=self.device) if seg.last else
+                 torch.empty(act, dtype=self.boundary_dtype, device=self.device, requires_grad=True))
+            pipe.append(PipelineStage(module, k, self.n_stages, self.device, input_args=(x,), output_args=(y,),
+                                      group=self.mesh["pp"].get_group()))
+        if name == "interleaved":
+            return ScheduleInterleaved1F1B(pipe, n_microbatches=self.n_microbatches, loss_fn=_loss_is_output,
+                                           scale_grads=True)
+        # torch's 1F1B refuses fewer microbatches than stages; with so few, 1F1B's order is GPipe's
+        cls = ScheduleGPipe if name == "gpipe" or self.n_microbatches < self.n_stages else Schedule1F1B
+        return cls(pipe[0], n_microbatches=self.n_microbatches, loss_fn=_loss_is_output, scale_grads=True)
+
+    # -- training -------------------------------------------------------------------------------
+    def _local_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This dp rank's rows of every microbatch, microbatch-major."""
+        B, mb, dp = self.n_microbatches, self.microbatch_size, self.layout.dp
+        if dp == 1:
+            return t
+        return t.reshape(B, dp, mb // dp, *t.shape[1:])[:, self.dp_rank].reshape(B * (mb // dp), *t.shape[1:])
+
+    def _contexts(self):
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        if self.tp_mesh is not None and self.last and self.layout.split_head:
+            from torch.distributed.tensor.parallel import loss_parallel
+            stack.enter_context(loss_parallel())
+        return stack
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        B, mb = self.n_microbatches, self.microbatch_size
+        for t in batch.values():
+            if t.shape[0] != B * mb:
+                raise ValueError(f"batch of {t.shape[0]} rows; the plan's global batch is {B} x {mb}")
+        ids = self._local_rows(batch["ids"]).to(self.device, non_blocking=True)
+        targets = self._local_rows(batch["targets"]).to(self.device, non_blocking=True)
+        lmb = self.local_mb
+        loss = None
+        with self._contexts():
+            if self.schedule is None:
+                total = torch.zeros(1, device=self.device)
+                for i in range(B):
+                    sync = i == B - 1
+                    ctx = self.module.no_sync() if self.ddp and not sync else contextlib.nullcontext()
+                    with ctx:
+                        out = self.module(ids[i * lmb:(i + 1) * lmb], targets[i * lmb:(i + 1) * lmb])
+                        (out / B).backward()
+                    total += out.detach().float()
+                loss = (total / B).reshape(())
+            else:
+                losses: list[torch.Tensor] = []
+                if self.first:
+                    self.schedule.step(ids, **({"target": targets, "losses": losses, "targets": targets}
+                                               if self.last else {}))
+                elif self.last:
+                    self.schedule.step(target=targets, losses=losses, targets=targets)
+                else:
+                    self.schedule.step()
+                if self.last:
+                    loss = torch.stack([x.detach().float().reshape(()) for x in losses]).mean()
+        self._reduce_grads()
+        if loss is not None and self.dp_mesh is not None:
+            # each dp rank's loss is the mean over its rows; the plan's loss is their mean
+            dist.all_reduce(loss, group=self.dp_mesh.get_group())
+            loss = loss / self.layout.dp
+        return loss
+
+    def _reduce_grads(self) -> None:
+        if self.tp_mesh is not None:
+            # an embedding's gradient can come back replicated or partial over tp: store it as
+            # its weight is stored, so shards pair up in the reductions and the optimizer
+            for p in self.names.values():
+                d: Any = p
+                if _is_dtensor(d) and d.grad is not None and tuple(d.grad.placements) != tuple(d.placements):
+                    d.grad = d.grad.redistribute(d.device_mesh, d.placements)
+        if self.manual_dp:
+            assert self.dp_mesh is not None
+            _all_reduce_mean([p.grad for p in self.names.values() if p.grad is not None], self.dp_mesh.get_group())
+        if self.tied_group is not None:
+            w = self.names[f"{self.segment.embed_names[0]}.weight"]
+            if w.grad is not None:
+                dist.all_reduce(_local(w.grad), group=self.tied_group)
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        loss = self.forward_backward(batch)
+        self.optimizer_step()
+        return loss
+
+    # -- inspection (collective over the stage's mesh) ------------------------------------------
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        return {n: _full(p.grad) for n, p in self.names.items() if p.grad is not None}
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        return {n: _full(p.detach()) for n, p in self.names.items()}
+
+    def param_specs(self) -> dict[str, str]:
+        """How each parameter is stored, as a plan spec over the stage's logical mesh."""
+        from torch.distributed.tensor import Replicate
+        out = {}
+        for n, p in self.names.items():
+            d: Any = p
+            if not _is_dtensor(d):
+                out[n] = "R" * d.dim()
+                continue
+            names = d.device_mesh.mesh_dim_names
+            by_axis = [next((pl for nm, pl in zip(names, d.placements) if nm == axis), None)
+                       for axis in self.layout.mesh_dims]
+            out[n] = spec_of(tuple(pl or Replicate() for pl in by_axis), d.dim())
+        return out
+
+    @property
+    def shard_local_ops(self) -> list[str]:
+        return []
+
+
+def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """Adam (fused when every parameter is a plain CUDA tensor, else foreach) or SGD. DTensor and
+    plain parameters (norms under tensor parallelism) go in separate groups: a foreach kernel
+    takes one kind only."""
+    dtensors = [p for p in params if _is_dtensor(p)]
+    plain = [p for p in params if not _is_dtensor(p)]
+    groups = [{"params": g} for g in (dtensors, plain) if g]
+    if kind == "adam":
+        if not dtensors and device.type == "cuda":
+            return torch.optim.Adam(groups, lr=lr, fused=True)
+        return torch.optim.Adam(groups, lr=lr, foreach=True)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
+
+
+def _checkpoint_attention(attn: nn.Module) -> None:
+    """Selective recomputation: the attention module's activations are recomputed in the
+    backward (Megatron recomputes the attention core; this also reruns q/k/v)."""
+    inner = attn.forward
+
+    def forward(x):
+        if not torch.is_grad_enabled():
+            return inner(x)
+        return torch.utils.checkpoint.checkpoint(inner, x, use_reentrant=False)
+    attn.forward = forward
+
+
+def _release_others(model: nn.Module, segments: list[Segment]) -> None:
+    """Free the weights of the model's parts that other pipeline ranks run (the model is the
+    caller's full copy; this rank keeps only its stages)."""
+    mine = {id(p) for seg in segments for p in seg.parameters()}
+    for p in model.parameters():
+        if id(p) not in mine:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], group) -> None:
+    """All-reduce the local shards of `grads` over `group` and average, in flat buckets per dtype."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    n = dist.get_world_size(group)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(_local(g))
+    for ts in by_dtype.values():
+        flat = _flatten_dense_tensors(ts)
+        dist.all_reduce(flat, group=group)
+        flat.div_(n)
+        for t, v in zip(ts, _unflatten_dense_tensors(flat, ts)):
+            t.copy_(v)
+
+
+def _local(t: Any) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _loss_is_output(output, target):
+    return output.sum()
+
+
+def _is_dtensor(x) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(x, DTensor)
+
+
+def _full(t: Any) -> torch.Tensor:
+    return (t.full_tensor() if _is_dtensor(t) else t).detach().float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+
+def lower(plan: Plan, model: Any, example_inputs: tuple, device: str | torch.device, optimizer: str = "adam",
+          lr: float = 1e-3, autocast_dtype: torch.dtype | None = None, compile: bool | None = None) -> EngineModel:
+    """The plan on PyTorch's engines; EngineMismatch when its layout matches none."""
+    if not hasattr(model, "cfg") or getattr(model.cfg, "family", None) not in FAMILY_MODULES:
+        raise EngineMismatch(f"model {type(model).__name__} is not a zoo model the engines know")
+    _, ir = trace_model(model, example_inputs, plan.training.dtype)
+    check_plan_matches(plan, ir)
+    _check_specs(plan)
+    layouts = match_plan(plan, ir, model.cfg.family)
+    return EngineModel(plan, model, layouts, torch.device(device), optimizer, lr, autocast_dtype, compile)
+
+
+def apply(plan: Plan, model: nn.Module | None = None, *, example_inputs: tuple | None = None,
+          device: str | torch.device = "cpu", optimizer: str = "adam", lr: float = 1e-3, seed: int = 0,
+          autocast_dtype: torch.dtype | None = None, engines: bool = True,
+          compile: bool | None = None) -> EngineModel | ParallelModel:
+    """Apply `plan` on this rank (see runtime.apply.apply): on PyTorch's engines where its layout
+    matches one, else the fx/DTensor program, with a warning naming what did not match.
+    compile (torch.compile per transformer block) defaults to default_compile."""
+    if model is None:
+        model = build_model(plan, device="cpu", seed=seed)
+    if example_inputs is None:
+        example_inputs = zoo_inputs(plan)
+    if engines:
+        try:
+            return lower(plan, model, example_inputs, device, optimizer, lr, autocast_dtype, compile)
+        except EngineMismatch as e:
+            warnings.warn(f"autopar.runtime: plan {plan.config.label or plan.strategy!r} runs op by op on "
+                          f"DTensors (slow): {e}", stacklevel=2)
+    return apply_program(plan, model, example_inputs=example_inputs, device=device, optimizer=optimizer, lr=lr,
+                         seed=seed, autocast_dtype=autocast_dtype)

@@ -1,0 +1,447 @@
+"""`autopar run` (plans lowered to PyTorch's engines) against the plain PyTorch recipe for the
+same model and strategy on the same GPUs (issue 12).
+
+    python bench/runtime_vs_native.py                       # 2 GPUs, nccl, bf16
+    python bench/runtime_vs_native.py --compiled            # the cases with torch.compile per block
+    python bench/runtime_vs_native.py --device cpu --quick  # 2 gloo processes, a tiny model (a smoke test)
+
+Per (model, strategy, microbatch) both ways, one after the other in the same two processes:
+
+    native   dp: DistributedDataParallel, no_sync between microbatches, autocast bf16, fused Adam
+             zero3 / zero1: fully_shard per block + root (reshard_after_forward True / False),
+                            MixedPrecisionPolicy(bf16, fp32 reduce), foreach Adam
+             tp: parallelize_module (ColwiseParallel / RowwiseParallel, vocab-parallel embedding,
+                 loss_parallel), autocast bf16
+             pp: two PipelineStages, Schedule1F1B, autocast bf16
+    autopar  the plan of the same strategy (autopar.evaluation.baselines.build_3d; `auto` is
+             autopar.plan's own plan, compared with the fastest native recipe of its row),
+             applied with autopar.runtime.apply as `autopar run` does
+
+Every strategy trains the same global batch of 4 x microbatch sequences per step. Rows go to
+bench/results/runtime_vs_native_<gpu>.json (written after every case, so a run stopped by its
+time budget keeps what it measured) and a markdown table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA_1B = "llama:hidden=2048,layers=16,heads=16,kv_heads=4,seq=2048,vocab=32000"
+NAMES = {LLAMA_1B: "llama-1b-gqa"}
+# (model, strategy, microbatch per rank, compile), most important first: the run stops at its
+# time budget
+CASES = ([("gpt-1.3b", s, mb, False) for mb in (1, 8) for s in ("dp", "zero3", "tp", "pp", "auto")]
+         + [(LLAMA_1B, s, mb, False) for mb in (4, 1) for s in ("dp", "zero3", "tp", "pp", "auto")]
+         + [("gpt-6.7b", s, 4, False) for s in ("zero3", "tp", "pp")]
+         + [("gpt-1.3b", "tp", 8, True), ("gpt-1.3b", "zero1", 8, False), ("gpt-6.7b", "auto", 4, False),
+            ("gpt-6.7b", "tp", 1, False), ("gpt-1.3b", "dp", 8, True)])
+# torch.compile per block, both ways: where it helps (the runtime's default)
+COMPILED = [("gpt-1.3b", "tp", 1, True), ("gpt-1.3b", "dp", 8, True), (LLAMA_1B, "tp", 4, True),
+            ("gpt-6.7b", "tp", 4, True), ("gpt-1.3b", "zero3", 8, True)]
+QUICK = ([("gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128", s, 2, False)
+          for s in ("dp", "zero3", "tp", "pp", "zero1", "auto")]
+         + [("llama:hidden=64,layers=2,heads=4,kv_heads=2,seq=32,vocab=128", "tp", 2, False)])
+CONFIGS = {"dp": dict(dp=2, tp=1, pp=1), "zero3": dict(dp=2, tp=1, pp=1, zero=3), "zero1": dict(dp=2, tp=1, pp=1, zero=1),
+           "tp": dict(dp=1, tp=2, pp=1), "pp": dict(dp=1, tp=1, pp=2)}
+WARMUP_STEPS, TIMED_STEPS = 2, 4
+
+
+# ---------------------------------------------------------------------------------------------
+# plans
+
+def make_plan(model: str, strategy: str, micro: int, n_gpus: int, cluster: str):
+    import autopar
+    from autopar.evaluation.baselines import Config3D, build_3d
+    from autopar.hardware.presets import load_cluster
+    from autopar.model import ModelSource
+    gb = 4 * micro
+    if strategy == "auto":
+        return autopar.plan(model, cluster, nodes=1, gpus_per_node=n_gpus, global_batch=gb)
+    c = CONFIGS[strategy]
+    per_rank = micro if c["dp"] == 1 else micro
+    return build_3d(ModelSource(model), load_cluster(cluster, 1, n_gpus), gb, Config3D(microbatch=per_rank, **c))
+
+
+# ---------------------------------------------------------------------------------------------
+# the plain PyTorch recipes
+
+class NativeStage(nn.Module):
+    """Blocks [lo, hi) of a zoo GPT/Llama with its embedding (first) or norm, head and loss (last)."""
+
+    def __init__(self, model, first: bool, last: bool, lo: int, hi: int):
+        super().__init__()
+        self.m_cfg, self.first, self.last = model.cfg, first, last
+        llama = model.cfg.family == "llama"
+        self.emb = model.tok_emb if llama else model.wte
+        self.pos = None if llama else model.wpe
+        self.layers = nn.ModuleList(model.blocks[lo:hi])
+        self.norm = (model.norm if llama else model.ln_f) if last else None
+        self.head = model.head if last and not model.cfg.tied else None
+        if not first:
+            self.emb = self.emb if (last and model.cfg.tied) else None
+            self.pos = None
+
+    def forward(self, x, targets=None):
+        if self.first:
+            h = self.emb(x)
+            x = h + self.pos(torch.arange(x.shape[1], device=x.device)) if self.pos is not None else h
+        for layer in self.layers:
+            x = layer(x)
+        if not self.last:
+            return x
+        x = self.norm(x)
+        logits = F.linear(x, self.emb.weight) if self.head is None else self.head(x)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1)).reshape(1)
+
+
+def _tp_attention(self, x):
+    b, s, _ = x.shape
+    if hasattr(self, "wq"):                    # llama: RoPE, GQA
+        from graphs.zoo.llama import apply_rope
+        q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        cos, sin = self.cos[:s].to(x.dtype), self.sin[:s].to(x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+    q = self.q(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+    k = self.k(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+    v = self.v(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return self.proj(y.transpose(1, 2).reshape(b, s, -1))
+
+
+def native_tp(model, mesh):
+    import types
+
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        parallelize_module,
+    )
+    llama = model.cfg.family == "llama"
+    col = ("attn.wq", "attn.wk", "attn.wv", "mlp.w1", "mlp.w3") if llama else ("attn.q", "attn.k", "attn.v", "mlp.fc1")
+    row = ("attn.wo", "mlp.w2") if llama else ("attn.proj", "mlp.fc2")
+    for block in model.blocks:
+        parallelize_module(block, mesh, {**{n: ColwiseParallel() for n in col}, **{n: RowwiseParallel() for n in row}})
+        block.attn.forward = types.MethodType(_tp_attention, block.attn)
+    top = {("tok_emb" if llama else "wte"): RowwiseParallel(input_layouts=Replicate())}
+    if not llama:
+        top["wpe"] = RowwiseParallel(input_layouts=Replicate())
+    if model.cfg.tied:
+        top["norm" if llama else "ln_f"] = PrepareModuleOutput(output_layouts=Replicate(),
+                                                               desired_output_layouts=Replicate(), use_local_output=False)
+    else:
+        top["head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, mesh, top)
+
+
+class Native:
+    """One strategy's plain recipe on this rank; step(batch) trains one global batch."""
+
+    def __init__(self, strategy: str, model, device, n_micro: int, micro: int, compile_blocks: bool):
+        from torch.distributed.device_mesh import init_device_mesh
+        self.device, self.n_micro, self.micro, self.strategy = device, n_micro, micro, strategy
+        world, rank = dist.get_world_size(), dist.get_rank()
+        self.rank, self.world = rank, world
+        self.autocast = torch.bfloat16 if device.type == "cuda" else None
+        self.loss_ctx = contextlib.nullcontext
+        self.schedule = None
+        model.to(device)
+        if strategy == "dp":
+            if compile_blocks:
+                for b in model.blocks:
+                    b.compile()
+            from torch.nn.parallel import DistributedDataParallel
+            self.module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  gradient_as_bucket_view=True)
+            params = list(model.parameters())
+        elif strategy in ("zero3", "zero1"):
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            mesh = init_device_mesh(device.type, (world,))
+            kw = {"mp_policy": MixedPrecisionPolicy(torch.bfloat16, torch.float32)} if self.autocast else {}
+            for i, b in enumerate(model.blocks):
+                if compile_blocks:
+                    b.compile()
+                fully_shard(b, mesh=mesh, reshard_after_forward=strategy == "zero3" and i < len(model.blocks) - 1, **kw)
+            fully_shard(model, mesh=mesh, reshard_after_forward=strategy == "zero3", **kw)
+            self.autocast = None
+            self.module, params = model, list(model.parameters())
+        elif strategy == "tp":
+            from torch.distributed.tensor.parallel import loss_parallel
+            mesh = init_device_mesh(device.type, (world,))
+            native_tp(model, mesh)
+            if compile_blocks:
+                for b in model.blocks:
+                    b.compile()
+            for b in model.blocks:
+                b.attn.heads //= world
+                if hasattr(b.attn, "kv_heads"):
+                    b.attn.kv_heads //= world
+            self.module, params, self.loss_ctx = model, list(model.parameters()), loss_parallel
+        elif strategy == "pp":
+            import copy
+
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+            n = model.cfg.layers
+            first, last = rank == 0, rank == world - 1
+            lo, hi = rank * n // world, (rank + 1) * n // world
+            if last and not first and model.cfg.tied:
+                model.wte = copy.deepcopy(model.wte) if hasattr(model, "wte") else model.wte
+            stage_mod = NativeStage(model, first, last, lo, hi).to(device)
+            mine = {id(p) for p in stage_mod.parameters()}
+            for p in model.parameters():       # the other stage's weights
+                if id(p) not in mine:
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            self.stage_mod = stage_mod
+            seq = model.cfg.seq
+            x = (torch.zeros(micro, seq, dtype=torch.long, device=device) if first else
+                 torch.empty(micro, seq, model.cfg.hidden, device=device, requires_grad=True))
+            y = (torch.empty(1, device=device) if last else
+                 torch.empty(micro, seq, model.cfg.hidden, device=device, requires_grad=True))
+            stage = PipelineStage(stage_mod, rank, world, device, input_args=(x,), output_args=(y,))
+            self.schedule = Schedule1F1B(stage, n_microbatches=n_micro, loss_fn=lambda out, tgt: out.sum())
+            self.first, self.last = first, last
+            self.module, params = stage_mod, list(stage_mod.parameters())
+            self.tied = stage_mod.emb.weight if model.cfg.tied and stage_mod.emb is not None and world > 1 else None
+            if self.tied is not None:
+                self.tied_group = dist.new_group([0, world - 1])
+        else:
+            raise ValueError(strategy)
+        self.dp = strategy in ("dp", "zero3", "zero1")
+        dtensors = [p for p in params if hasattr(p, "placements")]
+        groups = [{"params": g} for g in (dtensors, [p for p in params if not hasattr(p, "placements")]) if g]
+        fast = {"fused": True} if device.type == "cuda" and not dtensors else {"foreach": True}
+        self.opt = torch.optim.Adam(groups, lr=1e-4, **fast)
+
+    def step(self, batch):
+        B, m = self.n_micro, self.micro
+        ids, tgt = batch["ids"], batch["targets"]
+        if self.dp:     # this rank's rows of every microbatch
+            ids = ids.view(B, self.world, m, -1)[:, self.rank].reshape(B * m, -1)
+            tgt = tgt.view(B, self.world, m, -1)[:, self.rank].reshape(B * m, -1)
+        ids, tgt = ids.to(self.device, non_blocking=True), tgt.to(self.device, non_blocking=True)
+        amp = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        with amp, self.loss_ctx():
+            if self.schedule is not None:
+                losses: list = []
+                if self.first:
+                    self.schedule.step(ids)
+                else:
+                    self.schedule.step(target=tgt, losses=losses, targets=tgt)
+                if self.tied is not None:
+                    dist.all_reduce(self.tied.grad, group=self.tied_group)
+            else:
+                for i in range(B):
+                    sync = i == B - 1 or self.strategy != "dp"
+                    ctx = contextlib.nullcontext() if sync else self.module.no_sync()
+                    with ctx:
+                        loss = self.module(ids[i * m:(i + 1) * m], tgt[i * m:(i + 1) * m])
+                        if hasattr(loss, "to_local"):
+                            loss = loss.to_local()
+                        (loss / B).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _measure(step, plan, device) -> dict:
+    from autopar.runtime.apply import make_batch
+    batches = [make_batch(plan, i) for i in range(2)]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(WARMUP_STEPS + TIMED_STEPS):
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step(batches[i % 2])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    t = torch.tensor([statistics.median(times[WARMUP_STEPS:]),
+                      torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
+                      torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0], dtype=torch.float64,
+                     device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    tokens = plan.training.global_batch * plan.model.seq
+    return {"step_time_s": t[0].item(), "tokens_per_s": tokens / t[0].item(), "peak_allocated_bytes": int(t[1].item()),
+            "peak_reserved_bytes": int(t[2].item())}
+
+
+def run_native(strategy, plan, device, compile_blocks):
+    from autopar.runtime.apply import build_model
+    model = build_model(plan, device=device)
+    c = CONFIGS[strategy]
+    micro = plan.training.microbatch_size // c["dp"]
+    nat = Native(strategy, model, device, plan.training.n_microbatches, micro, compile_blocks)
+    try:
+        return _measure(nat.step, plan, device)
+    finally:
+        del nat, model
+        _free()
+
+
+def run_autopar(plan, device, compile_blocks):
+    import warnings
+
+    from autopar.runtime.apply import build_model
+    from autopar.runtime.engines import EngineModel
+    from autopar.runtime.engines import apply as autopar_apply
+    model = build_model(plan, device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = autopar_apply(plan, model, device=device, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+                           compile=compile_blocks)
+    try:
+        out = _measure(pm.step, plan, device)
+        out["engines"] = isinstance(pm, EngineModel)
+        if not out["engines"]:
+            out["fallback"] = "; ".join(str(w.message) for w in caught)[:400]
+        return out
+    finally:
+        del pm, model
+        _free()
+
+
+def body(rank: int, world: int, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank), WORLD_SIZE=str(world))
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    start = time.monotonic()
+    gpu = torch.cuda.get_device_name(device).split()[-1].lower() if cuda else "cpu"
+    out_path = Path(args.out or ROOT / "bench" / "results" / f"runtime_vs_native_{gpu}.json")
+    rows: list[dict] = []
+    for model, strategy, micro, comp in QUICK if args.quick else COMPILED if args.compiled else CASES:
+        left = args.budget_s - (time.monotonic() - start)
+        flag = torch.tensor([1.0 if left > args.case_s else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)          # every rank stops at the same case
+        if flag.item() == 0:
+            if rank == 0:
+                print(f"time budget: stopping before {model} {strategy} mb{micro}", flush=True)
+            break
+        row = {"model": NAMES.get(model, model), "strategy": strategy, "microbatch": micro, "compile": comp}
+        t0 = time.monotonic()
+        try:
+            obj = [make_plan(model, strategy, micro, world, args.cluster) if rank == 0 else None]
+            dist.broadcast_object_list(obj, src=0)
+            plan = obj[0]
+            row.update(global_batch=plan.training.global_batch, seq=plan.model.seq, plan=plan.config.label or plan.strategy,
+                       zero=plan.training.zero)
+            if strategy != "auto":
+                row["native"] = run_native(strategy, plan, device, comp)
+            row["autopar"] = run_autopar(plan, device, comp)
+        except Exception as e:                   # noqa: BLE001 - a failed case is a row, the run goes on
+            row["error"] = f"{type(e).__name__}: {e}"[:600]
+            if rank == 0:
+                traceback.print_exc()
+            _free()
+        row["wall_s"] = round(time.monotonic() - t0, 1)
+        if "native" in row and "autopar" in row:
+            n, a = row["native"], row["autopar"]
+            row["throughput_ratio"] = a["tokens_per_s"] / n["tokens_per_s"]
+            row["allocated_ratio"] = a["peak_allocated_bytes"] / max(1, n["peak_allocated_bytes"])
+            row["reserved_ratio"] = a["peak_reserved_bytes"] / max(1, n["peak_reserved_bytes"])
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+            _write(out_path, rows, world, gpu)
+    if rank == 0:
+        _write(out_path, rows, world, gpu)
+        print(table(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _write(path: Path, rows: list[dict], world: int, gpu: str) -> None:
+    # the auto plan against the fastest native recipe of its (model, microbatch)
+    for r in rows:
+        if r["strategy"] == "auto" and "autopar" in r:
+            best = max((x for x in rows if x["model"] == r["model"] and x["microbatch"] == r["microbatch"]
+                        and "native" in x and not x["compile"]), key=lambda x: x["native"]["tokens_per_s"], default=None)
+            if best is not None:
+                r["best_native"] = best["strategy"]
+                r["throughput_ratio"] = r["autopar"]["tokens_per_s"] / best["native"]["tokens_per_s"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"gpus": world, "gpu": gpu, "torch": torch.__version__, "warmup_steps": WARMUP_STEPS,
+            "timed_steps": TIMED_STEPS, "precision": "bf16" if gpu != "cpu" else "fp32"}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+def table(rows: list[dict]) -> str:
+    def gib(x):
+        return f"{x / 2**30:.1f}"
+    out = ["| model | strategy | mb | compile | native s/step | autopar s/step | native tok/s | autopar tok/s | "
+           "ratio | native alloc/resv GiB | autopar alloc/resv GiB | engines |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        n, a = r.get("native"), r.get("autopar")
+        if a is None:
+            out.append(f"| {r['model']} | {r['strategy']} | {r['microbatch']} | {r['compile']} | error: "
+                       f"{r.get('error', '')[:80]} |||||||")
+            continue
+        ns = f"{n['step_time_s']:.4f}" if n else f"(best: {r.get('best_native', '-')})"
+        nt = f"{n['tokens_per_s']:.0f}" if n else ""
+        nm = f"{gib(n['peak_allocated_bytes'])}/{gib(n['peak_reserved_bytes'])}" if n else ""
+        ratio = f"{r['throughput_ratio']:.3f}" if "throughput_ratio" in r else ""
+        out.append(f"| {r['model']} | {r['strategy']} | {r['microbatch']} | {r['compile']} | {ns} | "
+                   f"{a['step_time_s']:.4f} | {nt} | {a['tokens_per_s']:.0f} | {ratio} | {nm} | "
+                   f"{gib(a['peak_allocated_bytes'])}/{gib(a['peak_reserved_bytes'])} | {a.get('engines')} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--quick", action="store_true", help="a tiny model on 2 processes (smoke test)")
+    p.add_argument("--compiled", action="store_true", help="only the cases compiled per block")
+    p.add_argument("--cluster", default="dgx-h200")
+    p.add_argument("--budget-s", type=float, default=330.0, help="start no case after this many seconds")
+    p.add_argument("--case-s", type=float, default=25.0, help="time a case needs at most")
+    p.add_argument("--out", default="")
+    p.add_argument("--port", type=int, default=29517)
+    args = p.parse_args(argv)
+    import torch.multiprocessing as mp
+    mp.spawn(body, args=(2, args), nprocs=2, join=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
