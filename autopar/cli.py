@@ -141,7 +141,7 @@ def cmd_evaluate(a) -> int:
     check_training(a.global_batch, cl.n_gpus)
     gb = a.global_batch or _default_batch(cl)
     dtype = cl.gpu.training_dtype(a.dtype)
-    src = ModelSource(a.model, dtype=dtype)
+    src = ModelSource(a.model, seq=a.seq, dtype=dtype)
     cfg = Config3D(a.dp, a.tp, a.pp, a.microbatch, a.recompute, a.schedule, a.virtual_stages, a.zero)
     t0 = time.perf_counter()
     plan = build_3d(src, cl, gb, cfg, dtype, eager=a.eager)
@@ -234,7 +234,7 @@ def cmd_plan(a) -> int:
     with _progress_lines(f"planning {a.model}"):
         p = search_plan(a.model, a.cluster, nodes=a.nodes, gpus_per_node=a.gpus_per_node, global_batch=a.global_batch,
                  microbatches=a.microbatches, schedule=a.schedule, max_stages=a.max_stages, dtype=a.dtype,
-                 progress=sys.stderr.isatty(), zero=a.zero)
+                 progress=sys.stderr.isatty(), zero=a.zero, seq=a.seq)
     elapsed = time.perf_counter() - t0
     text = p.to_json()
     if a.json:
@@ -277,7 +277,7 @@ def cmd_compare(a) -> int:
     t0 = time.perf_counter()
     with _progress_lines(f"comparing strategies for {a.model}"):
         rows = compare(a.model, a.cluster, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
-                       global_batch=a.global_batch, strategies=strategies, dtype=a.dtype,
+                       global_batch=a.global_batch, strategies=strategies, dtype=a.dtype, seq=a.seq,
                        progress=sys.stderr.isatty())
     table = summarize_rows(rows)
     elapsed = time.perf_counter() - t0
@@ -337,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("evaluate", "predict a hand-made Megatron-style (dp, tp, pp) plan", cmd_evaluate)
     p.add_argument("model")
+    p.add_argument("--seq", type=int_arg("--seq", 1, MAX_SEQ), help="sequence length (default: the model's)")
     _cluster_args(p)
     _dtype_arg(p)
     _global_batch_arg(p)
@@ -374,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("plan", "search the best parallel plan (inter-op DP + intra-op ILP)", cmd_plan)
     p.add_argument("model")
+    p.add_argument("--seq", type=int_arg("--seq", 1, MAX_SEQ), help="sequence length (default: the model's)")
     _cluster_args(p)
     _dtype_arg(p)
     _global_batch_arg(p)
@@ -393,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("compare", "dp vs zero vs tp vs pp vs 3d vs auto on one cluster", cmd_compare)
     p.add_argument("model")
+    p.add_argument("--seq", type=int_arg("--seq", 1, MAX_SEQ), help="sequence length (default: the model's)")
     _cluster_args(p)
     _dtype_arg(p)
     _global_batch_arg(p)

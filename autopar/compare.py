@@ -15,7 +15,7 @@ from typing import Any
 from autopar.evaluation.baselines import Config3D, build_3d
 from autopar.hardware.presets import load_cluster
 from autopar.hardware.specs import Cluster
-from autopar.model import ModelSource
+from autopar.model import model_source
 from autopar.plan import Plan, PlanError
 from autopar.search.planner import default_global_batch
 from autopar.search.planner import plan as auto_plan
@@ -67,7 +67,8 @@ def _grid(source, cluster, gb, dtype, dps_tps_pps, recomputes=("none", "full"), 
     errors: list[str] = []
     for dp, tp, pp in dps_tps_pps:
         for mb in _pow2_upto(max(1, gb // dp)):
-            if gb % (dp * mb):
+            # a traced graph's batch is the only microbatch (dp ranks times their share) it can cost
+            if gb % (dp * mb) or (source.fixed_batch and dp * mb != source.fixed_batch):
                 continue
             for sched in schedules:
                 for v in (virtual if sched == "interleaved" else (1,)):
@@ -99,7 +100,7 @@ def _factorizations(cluster: Cluster, n_blocks: int) -> list[tuple[int, int, int
 def compare(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | None = None,
             gpus_per_node: int | None = None, global_batch: int | None = None,
             strategies: list[str] | tuple[str, ...] = STRATEGIES, dtype: str | None = None,
-            progress: bool = False) -> list[Row]:
+            seq: int | None = None, example_inputs: Any = None, progress: bool = False) -> list[Row]:
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise PlanError(f"unknown strateg{'y' if len(bad) == 1 else 'ies'} {', '.join(bad)}; "
@@ -107,7 +108,7 @@ def compare(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | 
     cl = load_cluster(cluster, nodes, gpus_per_node) if not isinstance(cluster, Cluster) else cluster
     check_training(global_batch, cl.n_gpus)
     dtype = cl.gpu.training_dtype(dtype)
-    source = model if isinstance(model, ModelSource) else ModelSource(model, dtype=dtype)
+    source = model_source(model, seq=seq, dtype=dtype, example_inputs=example_inputs)
     gb = global_batch if global_batch is not None else default_global_batch(cl)
     n, m = cl.n_gpus, cl.gpus_per_node
     n_blocks = source.summary()["n_layers"] - 2

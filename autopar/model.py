@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from autopar.validation import MAX_SEQ, check_int
 from graphs.ir import OpGraph
 
 
@@ -75,6 +77,25 @@ class ModelSource:
         g = self.graph(self.fixed_batch or batch)
         return {"name": self.name, "params": g.param_count, "seq": g.seq, "n_layers": len(g.layers),
                 "family": g.meta.get("family", "")}
+
+
+def model_source(model: Any, *, seq: int | None = None, dtype: str = "bf16",
+                 example_inputs=None) -> ModelSource:
+    """The ModelSource that plan() and compare() search over; warns when the model (a traced
+    graph with its example inputs, or an OpGraph) pins the microbatch size, since then only
+    that one size is searched."""
+    if isinstance(model, ModelSource):
+        return model
+    if seq is not None:
+        check_int("seq", seq, 1, MAX_SEQ)
+    source = ModelSource(model, seq=seq, dtype=dtype, example_inputs=example_inputs)
+    if source.fixed_batch is not None:
+        # stacklevel 3: the user's call of autopar.plan / autopar.compare
+        warnings.warn(f"model {source.name!r} is traced at batch {source.fixed_batch}, which pins the microbatch "
+                      f"size to {source.fixed_batch}: no other microbatch size is searched. Pass a factory "
+                      f"that takes `batch` (and `seq`) to let autopar trace other sizes.",
+                      UserWarning, stacklevel=3)
+    return source
 
 
 def _batch_of(example_inputs) -> int | None:

@@ -373,6 +373,18 @@ def cat(c: Call) -> Lowered:
     return c.key, VIEW, c.operands(c.args), {"dim": dim, "copy": True}
 
 
+@rule("pad", "constant_pad_nd")
+def pad(c: Call) -> Lowered:
+    """F.pad: a copy whose unpadded dims map one to one. A padded dim is not the input dim
+    (its edges are new), so it is written as the input dim consumed and the output dim new:
+    a split there is gathered first, a split elsewhere is kept."""
+    nd = c.vals[0].dim()
+    widths = [int(w) for w in c.arg(1, "pad", ())]
+    padded = {nd - 1 - i // 2 for i, w in enumerate(widths) if w}
+    groups = [[[d], []] if d in padded else [[d], [d]] for d in range(nd)] + [[[], [d]] for d in sorted(padded)]
+    return "pad", VIEW, c.operands(c.args[:1]), {"pad": widths, "dim_groups": groups, "copy": True}
+
+
 # --- elementwise -------------------------------------------------------------------------
 
 @rule(*ELEMENTWISE_OPS)

@@ -19,7 +19,7 @@ from autopar.evaluation.evaluator import evaluate
 from autopar.hardware.mesh import Mesh, Submesh, submeshes
 from autopar.hardware.presets import load_cluster
 from autopar.hardware.specs import Cluster
-from autopar.model import ModelSource
+from autopar.model import ModelSource, model_source
 from autopar.plan import ClusterInfo, ModelInfo, Plan, PlanConfig, PlanError, Training
 from autopar.search.candidates import (
     Candidate,
@@ -52,13 +52,14 @@ BOUND_MARGIN = 1e-9
 def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | None = None,
          gpus_per_node: int | None = None, global_batch: int | None = None, microbatches: str | int = "auto",
          schedule: str = "1f1b", max_stages: int | None = None, dtype: str | None = None, zero: int = 1,
-         seq: int | None = None, time_limit_s: float = 10.0, backend: str = "highs",
+         seq: int | None = None, example_inputs: Any = None, time_limit_s: float = 10.0, backend: str = "highs",
          progress: bool = False, intra: str = "ilp", workers: int | None = None) -> Plan:
     """Search the best (stage, submesh, logical mesh, sharding) plan; returns it evaluated.
 
     Each candidate microbatch size is an independent search (its own trace, ILPs and DP); they
     run in `workers` processes (default: one per CPU core). intra="dp" restricts every stage to
-    plain data parallelism (Alpa's inter-only ablation)."""
+    plain data parallelism (Alpa's inter-only ablation). `example_inputs` trace an nn.Module or
+    fx.GraphModule; their batch is then the only microbatch size (a UserWarning says so)."""
     if intra not in ("ilp", "dp"):
         raise PlanError(f"intra must be 'ilp' or 'dp' (got {intra!r})")
     if schedule not in ("1f1b", "gpipe"):
@@ -66,7 +67,7 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
     cl = load_cluster(cluster, nodes, gpus_per_node) if not isinstance(cluster, Cluster) else cluster
     check_training(global_batch, cl.n_gpus, microbatches)     # bounds that keep the search finite
     dtype = cl.gpu.training_dtype(dtype)
-    source = model if isinstance(model, ModelSource) else ModelSource(model, seq=seq, dtype=dtype)
+    source = model_source(model, seq=seq, dtype=dtype, example_inputs=example_inputs)
     global_batch = global_batch if global_batch is not None else default_global_batch(cl)
     Training.split(global_batch, global_batch, dtype=dtype, schedule=schedule, zero=zero)  # checks the settings
     if source.fixed_batch and global_batch % source.fixed_batch:
