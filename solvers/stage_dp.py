@@ -15,23 +15,25 @@ time t' <= t_max, and F is constant on [t', t_max]: every candidate in between i
 (this is the dedupe of candidates that do not change the answer).
   1. The least feasible t_max, to 0.1 %: bisect on a device-count bound (no DP), then
      gallop + bisect with a feasibility-only DP on booleans. Solve F there: a first T.
-  2. Window: any solution with max stage time t costs >= (B-1) t + max(t, F_relaxed)
-     (F_relaxed: the least sum of stage costs ignoring devices), so only t below
-     min((T_best - F_relaxed) / (B-1), T_best / B) can win. Probe F at 1/4 and 1/2 of the
-     window (a good T early shrinks it), then walk down from its top, each solve at the
-     largest candidate below the last solution's t', until F + (B-1) t_low >= T_best
-     (t_low: the least candidate that may be feasible), the DP is infeasible, or the
-     window is empty.
-Inside the walk the DP drops states that cannot beat T_best (suffix cost + least prefix
+  2. Branch and bound over the candidates above the infeasible one: any solution with max
+     stage time t in a stretch of candidates [lo, hi] costs >= (B-1) t_lo + max(t_lo, f,
+     F_relaxed), where f is F at a t_max above hi (F only grows as t_max falls) and
+     F_relaxed the least sum of stage costs ignoring devices. Stretches are split at their
+     middle candidate in order of that bound, the DP there covering [t', middle], until the
+     least bound reaches the best T. (A walk down F one step at a time needed 67 DP solves
+     for a 1T GPT on 3072 GPUs, whose F has many tiny steps; this needs 26.)
+Inside step 2 the DP drops states that cannot beat T_best (suffix cost + least prefix
 cost + (B-1) t_low >= T_best), so deep pipelines die early. Each DP solve only touches
 entries with t <= t_max, grouped by (s, k), restricted to the device counts that can lie on
 a complete solution, and vectorised over (entries x devices); device counts are in units of
 gcd(submesh sizes). B = 1 (no bubble): after step 1, one solve with every entry allowed,
-pruned by the T found in step 1.
+pruned by the T found in step 1. stage_dp_bounds runs the search at several bounds on the
+number of stages, checking the input and sorting its entries once.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import time
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["StageDPResult", "stage_dp", "stage_dp_brute_force"]
+__all__ = ["StageDPResult", "stage_dp", "stage_dp_bounds", "stage_dp_brute_force"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,43 @@ def _validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extr
     return _Input(t, c, sizes, int(n_devices), int(n_microbatches), s_max)
 
 
+def _limited(inp: _Input, max_stages: int) -> _Input:
+    """The same input with at most max_stages stages: views of the depths 0..max_stages (no
+    copy), exactly what _validate gives with that max_stages."""
+    s_max = min(inp.s_max, max_stages)
+    return _Input(inp.t[..., :s_max + 1], inp.c[..., :s_max + 1], inp.sizes, inp.n_devices, inp.b, s_max)
+
+
+@dataclass
+class _Entries:
+    """Every usable entry (k, j, m, s) with its time tv and cost cv, ordered by (s, k, t): the
+    entries of a bound on the depth are then a prefix, and those allowed at a given t_max a
+    mask away, still grouped by (s, k)."""
+
+    k: np.ndarray
+    j: np.ndarray
+    m: np.ndarray
+    s: np.ndarray
+    tv: np.ndarray
+    cv: np.ndarray
+
+    @classmethod
+    def of(cls, inp: _Input) -> _Entries:
+        n_layers, n_ends, n_mesh, n_s1 = inp.t.shape
+        flat = np.flatnonzero(np.isfinite(inp.t))
+        tv = inp.t.ravel()[flat] if inp.t.flags.c_contiguous else inp.t[np.isfinite(inp.t)]
+        k, j, m, s = np.unravel_index(flat, inp.t.shape)
+        order = np.lexsort((tv, k, s))
+        idx = np.int16 if max(n_ends, n_mesh, n_s1) < 2 ** 15 else np.int64
+        k, j, m, s = k[order].astype(idx), j[order].astype(idx), m[order].astype(idx), s[order].astype(idx)
+        return cls(k, j, m, s, tv[order], inp.c.ravel()[flat[order]] if inp.c.flags.c_contiguous
+                   else inp.c[k, j, m, s])
+
+    def up_to_depth(self, s_max: int) -> _Entries:
+        n = int(np.searchsorted(self.s, s_max, side="right"))
+        return _Entries(self.k[:n], self.j[:n], self.m[:n], self.s[:n], self.tv[:n], self.cv[:n])
+
+
 def _total(inp: _Input, stages) -> tuple[float, list[float], float]:
     times = [float(inp.t[i, j, m, len(stages) - q]) for q, (i, j, m) in enumerate(stages)]
     costs = [float(inp.c[i, j, m, len(stages) - q]) for q, (i, j, m) in enumerate(stages)]
@@ -149,7 +188,7 @@ class _Best:
 
 
 class _Solver:
-    def __init__(self, inp: _Input):
+    def __init__(self, inp: _Input, entries: _Entries | None = None):
         self.inp = inp
         n_layers = inp.t.shape[0]
         self.n_layers = n_layers
@@ -160,14 +199,8 @@ class _Solver:
         self.units = inp.sizes // g
         self.d_top = inp.n_devices // g
         self.n_d = self.d_top + 1
-        # Every usable entry, ordered by (s, k, t): the entries allowed at a given t_max are
-        # then a mask away, still grouped by (s, k).
-        k, j, m, s = np.nonzero(np.isfinite(inp.t))
-        tv = inp.t[k, j, m, s]
-        order = np.lexsort((tv, k, s))
-        self.k, self.j, self.m, self.s = k[order], j[order], m[order], s[order]
-        self.tv = tv[order]
-        self.cv = inp.c[self.k, self.j, self.m, self.s]
+        e = (entries or _Entries.of(inp)).up_to_depth(inp.s_max)
+        self.k, self.j, self.m, self.s, self.tv, self.cv = e.k, e.j, e.m, e.s, e.tv, e.cv
         self.t_rel = inp.t.min(axis=3)  # (L, L+1, M), best depth: for the device bounds
         # least sum (t + extra) of any slicing of layers [0, k), devices and depths relaxed
         best = inp.c.min(axis=(2, 3))
@@ -230,7 +263,14 @@ class _Solver:
             g_prev = np.full((n_layers + 1, n_d), np.inf)
             g_prev[n_layers, 0] = 0.0
             pad_value = np.inf
-        shifted = np.empty((len(self.units), n_layers + 1, n_d), dtype=g_prev.dtype)
+        # padded[j, pad + d] = g_prev[j, d], pad_value left of it; its sliding windows give
+        # windows[j, pad - u, d] = g_prev[j, d - u] without copying, so the gathers below copy
+        # contiguous row slices instead of indexing element by element
+        pad = int(self.units[self.units <= d_top].max(initial=0))
+        padded = np.empty((n_layers + 1, pad + n_d), dtype=g_prev.dtype)
+        padded[:, :pad] = pad_value
+        windows = np.lib.stride_tricks.sliding_window_view(padded, n_d, axis=1)
+        offset = pad - np.minimum(self.units, pad)   # units beyond d_top have no entries
         tables = [g_prev]
         for depth in range(1, self.inp.s_max + 1):
             e0, e1 = s_bounds[depth], s_bounds[depth + 1]
@@ -240,16 +280,12 @@ class _Solver:
             useful = live_rows[jj]  # entries that lead into a solvable rest
             if useful.any():
                 kk, jj, mm, cc = kk[useful], jj[useful], mm[useful], cc[useful]
-                # shifted[q, j, d] = g_prev[j, d - units[q]]: the gathers below then copy
-                # contiguous row slices instead of indexing element by element
-                for q, uq in enumerate(self.units.tolist()):
-                    if uq < n_d:
-                        shifted[q, :, :uq] = pad_value
-                        shifted[q, :, uq:] = g_prev[:, :n_d - uq]
+                padded[:, pad:] = g_prev
+                shift = offset[mm]
                 starts = np.flatnonzero(np.r_[True, kk[1:] != kk[:-1]])
                 for g0, g1, w0, w1 in _chunks(starts, kk.size, lo[kk[starts]], hi[kk[starts]]):
                     e0, e1 = starts[g0], (starts[g1] if g1 < starts.size else kk.size)
-                    vals = shifted[mm[e0:e1], jj[e0:e1], w0:w1]
+                    vals = windows[jj[e0:e1], shift[e0:e1], w0:w1]
                     rows = kk[starts[g0:g1]]
                     at = starts[g0:g1] - e0
                     # Cells outside a row's own window get values too: those are costs of
@@ -347,7 +383,33 @@ def stage_dp(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_devices: 
     t0 = time.perf_counter()
     inp = _validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extra,
                     max_stages)
-    solver = _Solver(inp)
+    return _search(_Solver(inp), t0)
+
+
+def stage_dp_bounds(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_devices: int,
+                    n_microbatches: int, bounds: Sequence[int],
+                    stage_extra: np.ndarray | None = None) -> list[StageDPResult]:
+    """stage_dp at each bound on the number of stages (its max_stages), the same results as
+    one call per bound; the input is checked and its entries sorted once for all of them."""
+    t0 = time.perf_counter()
+    for b in bounds:
+        if isinstance(b, bool) or int(b) != b or b < 1:
+            raise ValueError(f"bounds must be positive ints, got {b!r}")
+    if not bounds:
+        return []
+    inp = _validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extra,
+                    max(bounds))
+    entries = _Entries.of(inp)
+    out = []
+    for b in bounds:
+        out.append(_search(_Solver(_limited(inp, int(b)), entries), t0))
+        t0 = time.perf_counter()
+    return out
+
+
+def _search(solver: _Solver, t0: float) -> StageDPResult:
+    """The t_max search of stage_dp on one solver."""
+    inp = solver.inp
     if not solver.feasible_units or solver.tv.size == 0:
         return _empty_result(t0, 0)
     cands = solver.candidates()
@@ -407,38 +469,65 @@ def stage_dp(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_devices: 
             z = mid
         else:
             a = mid
-    solve_at(float(cands[z]))
-    t_floor = float(cands[a]) if a >= 0 else -math.inf  # known infeasible
     t_low = float(cands[a + 1])  # so every solution's max stage time is >= t_low
     if b == 1:
-        # No bubble term: T = F, least with every entry allowed. The solution above
+        # No bubble term: T = F, least with every entry allowed. A solution at cands[z]
         # seeds the pruning of that (dense, so otherwise costly) solve.
+        solve_at(float(cands[z]))
         solve_at(float(cands[-1]), t_low)
         return _final(inp, best.stages, solver, t0)
-    # 2. walk down from the top of the window that can still beat the best T.
+    # 2. branch and bound over the candidates above cands[a]. An interval of candidates
+    #    [lo, hi] whose F is known to be >= f (F at a t_max above hi: F only grows as t_max
+    #    falls) holds no solution better than
+    #        lb = (B-1) cands[lo] + max(cands[lo], f, F_relaxed)
+    #    (F_relaxed: the least sum of stage costs ignoring devices; a sum is at least its
+    #    largest term). The interval of least lb is split first: a DP at its middle
+    #    candidate gives F there and its solution's actual largest stage time t', F is
+    #    constant on [t', middle], and what is left is two intervals, below t' (F >= the F
+    #    found) and above the middle (the parent's f). An interval whose lb reaches the
+    #    best T is dropped, and then every later one (they come in order of lb).
     f_relaxed = _relaxed_sum(inp)
 
-    def window_top() -> float:
-        # (B-1) t + max(t, F_relaxed) < T_best  <=>  t below both bounds
-        return min((best.total - f_relaxed) / (b - 1), best.total / b)
+    def bound(lo: int, f: float) -> float:
+        t = float(cands[lo])
+        return (b - 1) * t + max(t, f, f_relaxed)
 
-    # Two probes inside the window first: a good T early shrinks the window before the
-    # walk reaches its top, where the DP solves are the most expensive.
-    for frac in (0.25, 0.5):
-        t_probe = t_low + frac * (window_top() - t_low)
-        idx = int(np.searchsorted(cands, t_probe, side="right")) - 1
-        if idx >= 0 and cands[idx] > t_low:
-            solve_at(float(cands[idx]), t_low)
-    upper = math.inf
-    while True:
-        limit = window_top()
-        idx = int(np.searchsorted(cands, min(limit, upper), side="left")) - 1
-        if idx < 0 or cands[idx] <= t_floor:
+    def index_of(t: float) -> int:
+        return int(np.searchsorted(cands, t, side="left"))
+
+    intervals: list[tuple[float, int, int, float]] = []
+
+    def push(lo: int, hi: int, f: float) -> None:
+        lo = max(lo, dead_above)
+        if lo <= hi:
+            heapq.heappush(intervals, (bound(lo, f), lo, hi, f))
+
+    # a DP under the cutoff that finds nothing means nothing at or below its t_max can win:
+    # candidates up to dead_above - 1 are done
+    dead_above = a + 1
+    f_z, t_z = solve_at(float(cands[z]), t_low)
+    if t_z is None:
+        dead_above = z + 1
+    else:
+        push(a + 1, index_of(t_z) - 1, f_z)
+    push(z + 1, last, -math.inf)
+    while intervals:
+        lb, lo, hi, f_above = heapq.heappop(intervals)
+        if lb >= best.total:
             break
-        f, t_actual = solve_at(float(cands[idx]), t_low)
-        if t_actual is None or f + (b - 1) * t_low >= best.total:
-            break  # F only grows below here: nothing left can win
-        upper = t_actual  # F is constant on [t_actual, cands[idx]]: skip that stretch
+        # (B-1) t + max(t, F_relaxed) < T_best  <=>  t below both bounds
+        top = min((best.total - f_relaxed) / (b - 1), best.total / b)
+        hi = min(hi, int(np.searchsorted(cands, top, side="left")) - 1)
+        if lo < dead_above or lo > hi:
+            push(lo, hi, f_above)      # what is left of it after a better T or a dead DP
+            continue
+        mid = (lo + hi) // 2
+        f, t_actual = solve_at(float(cands[mid]), t_low)
+        if t_actual is None:
+            dead_above = max(dead_above, mid + 1)
+        else:
+            push(lo, index_of(t_actual) - 1, f)
+        push(mid + 1, hi, f_above)
     return _final(inp, best.stages, solver, t0)
 
 

@@ -5,6 +5,7 @@ start layout and recompute option, and the arrays solvers.stage_dp reads."""
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ from autopar.search.layer_solver import StartLayout
 from autopar.search.range_table import RECOMPUTE_OPTIONS, RangeTable
 from graphs.ir import OpGraph
 
-__all__ = ["CELL", "SearchSpace", "StageChoice", "StageTables", "boundary_p2p_s"]
+__all__ = ["CELL", "SearchSpace", "StageChoice", "StageTables", "boundary_p2p_s", "distinct_ranges", "range_classes"]
 
 
 @dataclass(frozen=True)
@@ -50,51 +51,76 @@ CELL = np.dtype([("key_s", "f8"), ("t_s", "f8"), ("sync_s", "f8"), ("mesh", "i8"
 
 class StageTables:
     """Filled one logical mesh at a time (`add`); `choice` reads a cell back as a StageChoice
-    and `dp_inputs` gives stage_dp its cost and extra arrays."""
+    and `dp_inputs` gives stage_dp its cost and extra arrays.
 
-    def __init__(self, space: SearchSpace, n_submeshes: int):
+    Cells are kept per range class (range_classes): ranges of one class have equal figures on
+    every mesh, so a model of identical blocks has O(L) classes where it has O(L^2) ranges."""
+
+    def __init__(self, space: SearchSpace, n_submeshes: int, range_class: np.ndarray | None = None):
         self.space = space
         L, S = space.n_layers, space.max_stages
-        self.cells = np.empty((L, L + 1, n_submeshes, S + 1), CELL)
-        self.cells["key_s"] = np.inf
-        self.cells["t_s"] = np.inf
-        self.cells["sync_s"] = 0.0
-        self.cells["mesh"] = -1
-        self.cells["start"] = 0
-        self.cells["recompute"] = 0
+        if range_class is None:
+            range_class = distinct_ranges(L)
+        if range_class.shape != (L, L + 1):
+            raise ValueError(f"range_class must have shape (L, L+1) = {(L, L + 1)}, got {range_class.shape}")
+        self.range_class = range_class
+        n_classes = int(range_class.max()) + 1
+        # the first range [i, j) of each class stands for all of them
+        flat = range_class.ravel()
+        valid = np.flatnonzero(flat >= 0)
+        classes, first = np.unique(flat[valid], return_index=True)
+        if not np.array_equal(classes, np.arange(n_classes)):
+            raise ValueError("range_class must number its classes 0, 1, ... without gaps")
+        self.rep_i, self.rep_j = np.unravel_index(valid[first], range_class.shape)
+        # one more row, never filled (inf), for the empty and reversed ranges (class -1)
+        self.class_cells = np.empty((n_classes + 1, n_submeshes, S + 1), CELL)
+        self.class_cells["key_s"] = np.inf
+        self.class_cells["t_s"] = np.inf
+        self.class_cells["sync_s"] = 0.0
+        self.class_cells["mesh"] = -1
+        self.class_cells["start"] = 0
+        self.class_cells["recompute"] = 0
         self.meshes: list[tuple[tuple[int, int], list[StartLayout]]] = []
         self.least_memory_bytes = math.inf     # over every cell and option, fitting or not
+
+    def cell(self, i: int, j: int, submesh_index: int, stages_to_end: int) -> np.void:
+        """The CELL record of layers [i, j) on a submesh, s stages from it to the end."""
+        return self.class_cells[self.range_class[i, j], submesh_index, stages_to_end]
 
     def add(self, submesh_index: int, logical_mesh: tuple[int, int], rt: RangeTable) -> None:
         """Offer every cell of one logical mesh on submesh `submesh_index`; a cell keeps the
         option with the least key_s (the first one on ties)."""
         sp = self.space
-        B = sp.n_microbatches
+        B, S = sp.n_microbatches, sp.max_stages
         self.meshes.append((logical_mesh, rt.starts))
         mesh_id = len(self.meshes) - 1
+        at = (self.rep_i, self.rep_j)
+        held = np.array([inflight(sp.schedule, 0, s, B) for s in range(1, S + 1)])[:, None, None]
+        slots = np.arange(B, B + S, dtype=np.float64)[:, None, None]   # B + s - 1 for s = 1..S
+        sync = rt.sync[at]                                          # (U, P)
+        cells = self.class_cells[:-1, submesh_index, 1:].T         # (S, U) view
         for rci, rc in enumerate(RECOMPUTE_OPTIONS):
-            t = rt.time_s(rc)
-            for s in range(1, sp.max_stages + 1):
-                mem = rt.memory_bytes(rc, inflight(sp.schedule, 0, s, B))
-                finite = mem[np.isfinite(mem)]
-                if finite.size:
-                    self.least_memory_bytes = min(self.least_memory_bytes, float(finite.min()))
-                tt = np.where(mem <= sp.memory_cap_bytes, t, np.inf)
-                key = (B + s - 1) * tt + rt.sync
-                pbest = key.argmin(axis=2)[..., None]
-                kbest = np.take_along_axis(key, pbest, axis=2)[..., 0]
-                cells = self.cells[:, :, submesh_index, s]
-                better = kbest < cells["key_s"]
-                if better.any():
-                    np.copyto(cells["key_s"], kbest, where=better)
-                    np.copyto(cells["t_s"], np.take_along_axis(tt, pbest, axis=2)[..., 0], where=better)
-                    np.copyto(cells["sync_s"], np.take_along_axis(rt.sync, pbest, axis=2)[..., 0], where=better)
-                    np.copyto(cells["mesh"], mesh_id, where=better)
-                    np.copyto(cells["start"], pbest[..., 0], where=better)
-                    np.copyto(cells["recompute"], rci, where=better)
+            t = rt.time_s(rc, at)                                    # (U, P)
+            mem = rt.memory_bytes(rc, held, at)                      # (S, U, P)
+            finite = mem[np.isfinite(mem)]
+            if finite.size:
+                self.least_memory_bytes = min(self.least_memory_bytes, float(finite.min()))
+            tt = np.where(mem <= sp.memory_cap_bytes, t, np.inf)
+            key = slots * tt + sync
+            pbest = key.argmin(axis=2)[..., None]
+            kbest = np.take_along_axis(key, pbest, axis=2)[..., 0]
+            better = kbest < cells["key_s"]
+            if better.any():
+                np.copyto(cells["key_s"], kbest, where=better)
+                np.copyto(cells["t_s"], np.take_along_axis(tt, pbest, axis=2)[..., 0], where=better)
+                np.copyto(cells["sync_s"], np.take_along_axis(np.broadcast_to(sync, key.shape), pbest, axis=2)[..., 0],
+                          where=better)
+                np.copyto(cells["mesh"], mesh_id, where=better)
+                np.copyto(cells["start"], pbest[..., 0], where=better)
+                np.copyto(cells["recompute"], rci, where=better)
 
     def choice(self, i: int, j: int, submesh_index: int, stages_to_end: int) -> StageChoice:
-        cell = self.cells[i, j, submesh_index, stages_to_end]
+        cell = self.cell(i, j, submesh_index, stages_to_end)
         logical_mesh, starts = self.meshes[int(cell["mesh"])]
         return StageChoice(logical_mesh, starts[int(cell["start"])], RECOMPUTE_OPTIONS[int(cell["recompute"])])
 
@@ -114,7 +140,8 @@ class StageTables:
         extra has no depth index, so each range takes its sync at its deepest feasible depth
         (the largest, so still an upper bound)."""
         sp = self.space
-        cost = self.cells["t_s"].copy()
+        cls = self.range_class          # class -1 reads the last, never-filled row
+        cost = self.class_cells["t_s"][cls]
         extra = np.zeros(cost.shape[:3])
         # s = 0 is no stage (cost inf there); 1 keeps the division finite
         in_flight = np.array([1.0] + [inflight(sp.schedule, 0, s, sp.n_microbatches)
@@ -122,8 +149,35 @@ class StageTables:
         for mi, p2p in enumerate(p2p_s):
             extra[:, :, mi] += 2 * p2p[None, :]
             cost[:, :, mi, :] += 2 * p2p[None, :, None] / in_flight[None, None, :]
-        extra += np.where(np.isfinite(cost), self.cells["sync_s"], 0.0).max(axis=3)
+        extra += np.where(np.isfinite(cost), self.class_cells["sync_s"][cls], 0.0).max(axis=3)
         return cost, extra
+
+
+def distinct_ranges(n_layers: int) -> np.ndarray:
+    """[L, L+1] range classes with every range [i, j), j > i, its own class (-1 elsewhere)."""
+    ends = np.arange(n_layers + 1)[None, :]
+    starts = np.arange(n_layers)[:, None]
+    ok = ends > starts
+    out = np.full((n_layers, n_layers + 1), -1, np.int64)
+    out[ok] = np.arange(int(ok.sum()))
+    return out
+
+
+def range_classes(identities: Sequence[Hashable]) -> np.ndarray:
+    """[L, L+1] range classes: ranges [i, j) and [i', j') share a class when both start at the
+    embedding or both inside the model (i, i' >= 1) and their layers have equal identities in
+    order (LayerSolver.identity); -1 where j <= i. The range tables compose a range's figures
+    from its layers' solutions alone (range_table.py), so one class has one set of figures on
+    every mesh, to the bit."""
+    n_layers = len(identities)
+    out = np.full((n_layers, n_layers + 1), -1, np.int64)
+    ids: dict[tuple, int] = {}
+    for i in range(n_layers - 1, -1, -1):
+        for j in range(i + 1, n_layers + 1):
+            # the class of [i, j) is (layer i, class of [i+1, j)), and a range at 0 is marked
+            key = (i == 0, identities[i], int(out[i + 1, j]) if j > i + 1 else -1)
+            out[i, j] = ids.setdefault(key, len(ids))
+    return out
 
 
 def boundary_p2p_s(cluster: Cluster, graph: OpGraph, layer_inputs: list[str | None],

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from solvers.stage_dp import StageDPResult, stage_dp, stage_dp_brute_force
+from solvers.stage_dp import StageDPResult, stage_dp, stage_dp_bounds, stage_dp_brute_force
 
 MESH_OPTIONS = [[1, 2, 4, 8], [1, 2, 4], [2, 4], [1, 3], [2, 4, 8], [1, 2, 3, 4], [4]]
 
@@ -128,3 +128,27 @@ def test_planner_shaped_costs_match_brute_force():
             assert got.total_s == pytest.approx(want.total_s, rel=1e-12), (seed, b)
             if math.isfinite(want.total_s):
                 _check_result(got, cost, sizes, n_devices, b, extra)
+
+
+def test_bounds_share_the_work_and_match_one_call_per_bound_and_brute_force():
+    """stage_dp_bounds gives, at every bound, stage_dp's result (the same stages on ties)
+    and brute force's optimum."""
+    for seed in range(12):
+        rng = np.random.default_rng(100 + seed)
+        n_layers, sizes = int(rng.integers(3, 8)), [1, 2, 4]
+        n_devices, s_max = int(rng.choice([4, 6, 8])), int(rng.integers(2, 6))
+        cost = _layered_cost(rng, n_layers, sizes, s_max, float(rng.choice([1.0, 2.0, 4.0])))
+        if seed % 3 == 0:
+            cost = np.round(cost * 4) / 4                       # ties
+        extra = rng.random((n_layers, n_layers + 1, 3)) * 0.1 if seed % 2 else None
+        bounds = sorted({int(x) for x in rng.integers(1, s_max + 2, 3)})
+        for b in (1, 4, 32):
+            got = stage_dp_bounds(cost, sizes, n_devices, b, bounds, extra)
+            for bound, r in zip(bounds, got):
+                one = stage_dp(cost, sizes, n_devices, b, extra, bound)
+                assert (r.total_s, r.stages) == (one.total_s, one.stages)
+                want = stage_dp_brute_force(cost, sizes, n_devices, b, extra, bound)
+                assert r.total_s == pytest.approx(want.total_s, rel=1e-12)
+    with pytest.raises(ValueError, match="bounds"):
+        stage_dp_bounds(np.zeros((1, 2, 1, 2)), [1], 1, 1, [0])
+    assert stage_dp_bounds(np.zeros((1, 2, 1, 2)), [1], 1, 1, []) == []
