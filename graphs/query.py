@@ -1,9 +1,12 @@
 """Queries on an OpGraph that the planner, evaluator, baselines and runtime share: which ops a
-stage holds, what crosses its boundary, and where eager attention's core is."""
+stage holds, what crosses its boundary, where eager attention's core is, and which matmuls are
+fused projections whose output is cut into parts."""
 
 from __future__ import annotations
 
-from .ir import INPUT, MATMUL, OpGraph
+import re
+
+from .ir import INPUT, MATMUL, VIEW, OpGraph, OpNode
 
 
 def stage_nodes(graph: OpGraph, layers: tuple[int, int]) -> list[str]:
@@ -51,3 +54,124 @@ def attention_core(graph: OpGraph, names: list[str]) -> list[str]:
             core.append(n)
             seen.add(n)
     return core
+
+
+# ---- fused projections ------------------------------------------------------------------------
+
+_SPLITS = ("split", "chunk", "split_with_sizes", "tensor_split", "unbind")
+_SLICE_RE = re.compile(r"slice\((-?\d+|None),(-?\d+|None),(-?\d+|None)\)")
+
+
+def slice_bounds(node: OpNode) -> tuple[int, int, int] | None:
+    """(dim, start, stop) when a view takes the contiguous range [start, stop) of one dim of its
+    input (x[..., a:b], narrow, aten slice) and keeps every other dim whole; else None."""
+    if node.kind != VIEW or "index" not in node.attrs or not node.operands:
+        return None
+    shape = node.operands[0].shape
+    if node.op in ("slice", "narrow"):
+        args = node.attrs["index"]
+        dim = node.attrs.get("dim", 0)
+        if not isinstance(args, list) or not args or not 0 <= dim < len(shape):
+            return None
+        start = args[0] if args[0] is not None else 0
+        if node.op == "narrow":
+            stop = start + (args[1] if len(args) > 1 else 0)
+        else:
+            stop = args[1] if len(args) > 1 and args[1] is not None else shape[dim]
+            if len(args) > 2 and args[2] not in (None, 1):
+                return None
+        return _range_of(dim, start, stop, shape[dim])
+    items = node.attrs["index"]
+    items = items if isinstance(items, list) else [items]
+    if any(not isinstance(x, str) for x in items) or items.count("...") > 1:
+        return None
+    if "..." in items:
+        i = items.index("...")
+        items = items[:i] + ["slice(None,None,None)"] * (len(shape) - len(items) + 1) + items[i + 1:]
+    cut = []
+    for d, text in enumerate(items):
+        m = _SLICE_RE.fullmatch(text)
+        if m is None or d >= len(shape):
+            return None
+        start, stop, step = (None if g == "None" else int(g) for g in m.groups())
+        if step not in (None, 1):
+            return None
+        r = _range_of(d, start or 0, shape[d] if stop is None else stop, shape[d])
+        if r is None:
+            return None
+        if (r[1], r[2]) != (0, shape[d]):
+            cut.append(r)
+    return cut[0] if len(cut) == 1 else None
+
+
+def _range_of(dim: int, start: int, stop: int, size: int) -> tuple[int, int, int] | None:
+    start = min(max(start + size if start < 0 else start, 0), size)
+    stop = min(max(stop + size if stop < 0 else stop, 0), size)
+    return (dim, start, stop) if start < stop else None
+
+
+def fused_parts(graph: OpGraph, name: str) -> tuple[int, tuple[int, ...]] | None:
+    """(output dim, part sizes) when a matmul's output along its last dim is only ever cut into
+    parts: a fused q|k|v or gate|up projection. The output may pass through views that keep that
+    dim whole (addmm's [b*s, n] -> [b, s, n], a permute) before one split / chunk along it, or be
+    read only by slices that tile it. None for anything else (a NeoX-style reshape that splits
+    the dim into [heads, 3*d] keeps the heads major: a plain split already serves it)."""
+    node = graph.node(name)
+    if node.kind != MATMUL or len(node.out_shapes) != 1 or not node.out_shape:
+        return None
+    out_dim = len(node.out_shape) - 1
+    cur, dim = node, out_dim
+    while True:
+        readers = graph.consumers(cur.name)
+        if not readers:
+            return None
+        nodes = [graph.node(r) for r in readers]
+        if len(nodes) == 1 and nodes[0].op in _SPLITS:
+            sizes = nodes[0].attrs.get("sizes")
+            if nodes[0].attrs.get("dim") != dim or not sizes or len(sizes) < 2:
+                return None
+            return out_dim, tuple(int(x) for x in sizes)
+        bounds = [slice_bounds(n) for n in nodes]
+        if all(b is not None for b in bounds):
+            cuts = sorted({(b[1], b[2]) for b in bounds if b is not None})
+            if any(b is None or b[0] != dim for b in bounds) or len(cuts) < 2:
+                return None
+            edges = [0]
+            for a, b in cuts:
+                if a != edges[-1]:
+                    return None
+                edges.append(b)
+            if edges[-1] != cur.out_shape[dim]:
+                return None
+            return out_dim, tuple(b - a for a, b in cuts)
+        if len(nodes) != 1:
+            return None
+        kept = _kept_dim(nodes[0], dim, cur.out_shape)
+        if kept is None:
+            return None
+        cur, dim = nodes[0], kept
+
+
+def _kept_dim(view: OpNode, dim: int, in_shape: tuple[int, ...]) -> int | None:
+    """Where a view puts input dim `dim` when it keeps it whole and alone, else None."""
+    if view.kind != VIEW or "index" in view.attrs or len(view.out_shapes) != 1:
+        return None
+    perm = view.attrs.get("perm")
+    if perm is not None:
+        return list(perm).index(dim) if dim in perm else None
+    for in_dims, out_dims in view.attrs.get("dim_groups", []):
+        if list(in_dims) == [dim] and len(out_dims) == 1 and view.out_shape[out_dims[0]] == in_shape[dim]:
+            return out_dims[0]
+    if view.out_shape == in_shape and not view.attrs.get("dim_groups"):
+        return dim          # contiguous / clone
+    return None
+
+
+def mark_fused_projections(graph: OpGraph) -> None:
+    """Set attrs["fused_parts"] = [dim, [sizes]] on every matmul whose output is cut into parts
+    (`fused_parts`): the sharding rules then offer to split that dim per part."""
+    for node in graph.nodes():
+        if node.kind == MATMUL:
+            found = fused_parts(graph, node.name)
+            if found is not None:
+                node.attrs["fused_parts"] = [found[0], list(found[1])]

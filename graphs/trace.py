@@ -21,6 +21,7 @@ import torch.fx as fx
 from .errors import TraceError
 from .ir import OpGraph
 from .lower import TracedProgram, dtype_name, lower
+from .query import mark_fused_projections
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _GRAPHS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -75,6 +76,7 @@ def trace(module, example_inputs: Any = (), name: str | None = None, dtype: str 
     graph.meta.setdefault("dtype", dtype or dtype_name(prog.model_dtype))
     graph.meta.setdefault("trace_method", prog.method)
     lower(prog, graph, dtype)
+    mark_fused_projections(graph)
 
     from .layers import assign_layers
     assign_layers(graph, n_layers=n_layers)

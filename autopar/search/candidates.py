@@ -27,7 +27,7 @@ from autopar.search.range_table import RECOMPUTE_OPTIONS, RangeTable
 from autopar.search.tables import SearchSpace, StageChoice, StageTables
 from autopar.sharding.spec import spec_str
 from graphs.ir import OpGraph
-from solvers.stage_dp import stage_dp
+from solvers.stage_dp import stage_dp_bounds
 
 __all__ = ["DP_DEPTH_BOUNDS", "Candidate", "auto_label", "dp_candidates", "interleaved_candidates",
            "microbatch_candidates", "microbatch_neighbours", "place", "stage_plans", "uniform_candidates", "unique"]
@@ -90,12 +90,11 @@ def dp_candidates(tables: StageTables, cost: np.ndarray, extra: np.ndarray, subs
     sp = tables.space
     S = sp.max_stages
     out = []
-    for bound in sorted({S} | {d for d in DP_DEPTH_BOUNDS if d < S}):
-        r = stage_dp(cost, [s.n_devices for s in subs], sp.n_gpus, sp.n_microbatches, stage_extra=extra,
-                     max_stages=bound)
+    bounds = sorted({S} | {d for d in DP_DEPTH_BOUNDS if d < S})
+    for r in stage_dp_bounds(cost, [s.n_devices for s in subs], sp.n_gpus, sp.n_microbatches, bounds, extra):
         if math.isfinite(r.total_s):
             n = len(r.stages)
-            cells = [tables.cells[i, j, mi, n - k] for k, (i, j, mi) in enumerate(r.stages)]
+            cells = [tables.cell(i, j, mi, n - k) for k, (i, j, mi) in enumerate(r.stages)]
             out.append(Candidate(tuple(r.stages),
                                  tuple(tables.choice(i, j, mi, n - k) for k, (i, j, mi) in enumerate(r.stages)),
                                  tuple(float(c["t_s"]) for c in cells), tuple(float(c["sync_s"]) for c in cells),
@@ -204,7 +203,9 @@ def stage_plans(cand: Candidate, graph: OpGraph, solver: LayerSolver, subs: list
         stages.append(StagePlan(index=k, layers=(i, j), layer_names=[graph.layers[x].name for x in range(i, j)],
                                 submesh=(subs[mi].n_nodes, subs[mi].gpus_per_node), device_ids=rank_ids[k % n],
                                 logical_mesh=choice.logical_mesh, strategies=strategies,
-                                input_spec="" if i == 0 else spec_str(choice.start.spec),
+                                # () : the first layer reads no earlier tensor (its stage's input, if
+                                # any, skips it and arrives replicated: "")
+                                input_spec="" if i == 0 or not choice.start.spec else spec_str(choice.start.spec),
                                 recompute=choice.recompute))
     return stages
 

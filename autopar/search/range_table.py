@@ -38,9 +38,10 @@ class RangeTable:
         (an index such as (i, j))."""
         return self.t[at] + (self.rec[at] if recompute == "full" else 0.0)
 
-    def memory_bytes(self, recompute: str, inflight: float, at: tuple = ()) -> np.ndarray:
-        """Memory per device with `inflight` microbatches' activations held: full recompute
-        keeps each layer's input and rebuilds one layer's activations at a time."""
+    def memory_bytes(self, recompute: str, inflight: float | np.ndarray, at: tuple = ()) -> np.ndarray:
+        """Memory per device with `inflight` microbatches' activations held (an array of
+        counts broadcasts against the cells): full recompute keeps each layer's input and
+        rebuilds one layer's activations at a time."""
         if recompute == "full":
             return self.param[at] + inflight * self.inputs[at] + self.max_layer_stash[at]
         return self.param[at] + inflight * self.stash[at]
@@ -52,10 +53,12 @@ def range_table(solver: LayerSolver, mesh: Mesh) -> RangeTable:
     layouts (for i > 0)."""
     g = solver.graph
     L = len(g.layers)
-    first_in = solver.inputs[1] if L > 1 else None
-    shape = g.node(first_in).out_shape if first_in else ()
-    specs = boundary_specs(shape, mesh)
-    starts = [StartLayout(q, at_embedding=True) for q in specs] + [StartLayout(q) for q in specs]
+    # Each layer is entered only in layouts of its own input: clustered (non-transformer) layers
+    # take inputs of different shapes and ranks, so one shape's layouts do not fit them all.
+    in_specs = [boundary_specs(g.node(s).out_shape if s else (), mesh) for s in solver.inputs]
+    specs = in_specs[1] if L > 1 else [()]
+    plain = list(dict.fromkeys(q for i in range(1, L) for q in in_specs[i]))
+    starts = [StartLayout(q, at_embedding=True) for q in specs] + [StartLayout(q) for q in plain]
     P = len(starts)
     K = 7   # t, rec, sync, param, stash, inputs, max layer stash
     tab = np.full((K, L, L + 1, P), np.inf)
@@ -101,5 +104,6 @@ def range_table(solver: LayerSolver, mesh: Mesh) -> RangeTable:
             tab[:, 0, 1:, pi] = chain(0, None, start.spec)
         else:
             for i in range(1, L):
-                tab[:, i, i + 1:, pi] = chain(i, start.spec, None)
+                if start.spec in in_specs[i]:
+                    tab[:, i, i + 1:, pi] = chain(i, start.spec, None)
     return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], starts)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from builders import megatron_gpt
 
+import autopar
 from autopar.costmodel.collectives import (
     ACTIVATION,
     ALL_GATHER,
@@ -21,9 +22,11 @@ from autopar.costmodel.collectives import (
 from autopar.costmodel.compute import ComputeModel
 from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.presets import load_cluster
+from autopar.model import ModelSource
 from autopar.sharding.rules import DECISION_RULES, FOLLOW_RULES, decision_strategies, follow
 from autopar.sharding.rules.attention import attention_strategies
 from autopar.sharding.rules.follow import follow_elementwise
+from autopar.sharding.spec import split_per_part
 from autopar.sharding.strategy import op_cost
 from graphs.annotate import annotate
 from graphs.ir import ATTENTION, EMBEDDING, INPUT, LOSS, MATMUL, NORM, REDUCTION, SOFTMAX, VIEW, Operand, OpNode
@@ -85,10 +88,12 @@ def test_row_parallel_linear_all_reduce_and_reduce_scatter_variants():
     assert ar.out_spec == (0, 0, 0) and ar.in_specs[:2] == ((0, 0, 2), (0, 2))
     assert comm(ar) == [(ALL_REDUCE, 2, out_bytes, FORWARD)]
     assert ar.fwd_comm_s == pytest.approx(ring_all_reduce_s(out_bytes, 4), rel=1e-12)
-    # the reduce-scatter variant leaves the output split on its first free letter (batch)
+    # the reduce-scatter variant leaves the output split on its first free letter (batch); its
+    # backward all-gathers the output gradient (each k shard's input gradient reads all of it)
     assert rs.out_spec == (2, 0, 0)
-    assert comm(rs) == [(REDUCE_SCATTER, 2, out_bytes, FORWARD)]
+    assert comm(rs) == [(REDUCE_SCATTER, 2, out_bytes, FORWARD), (ALL_GATHER, 2, out_bytes, BACKWARD)]
     assert rs.fwd_comm_s == pytest.approx(ring_all_gather_s(out_bytes, 4), rel=1e-12)
+    assert rs.bwd_comm_s == pytest.approx(ring_all_gather_s(out_bytes, 4), rel=1e-12)
     assert rs.out_bytes_local == out_bytes / 4
 
 
@@ -244,3 +249,116 @@ def test_broadcast_add_all_reduces_the_small_operands_gradient():
     st = follow(node, (1, 0, 0), mesh(4, 1), CM)
     assert st.in_specs == ((1, 0, 0), (0, 0)) and comm(st) == [(ALL_REDUCE, 1, S * H * 2, BACKWARD)]
     assert FOLLOW_RULES.get(node.kind, follow_elementwise) is follow_elementwise
+
+
+# ---- fused projections: a dim split per part ---------------------------------------------------
+
+def _view(op: str, shape, out_shapes, attrs) -> OpNode:
+    node = OpNode(op, op, VIEW, [Operand(tuple(shape), "bf16", source="qkv")], [tuple(s) for s in out_shapes], "bf16",
+                  {**attrs, "copy": False, "requires_grad": True}, "v")
+    annotate(node, [True])
+    return node
+
+
+QKV = (B, S, 3 * H)
+
+
+def test_chunk_into_the_parts_keeps_each_part_column_split():
+    """qkv [b, s, 3h] split per part over 4 devices, chunked into q, k, v: each comes out split
+    on its last dim with no communication; into other sizes it is gathered first."""
+    m = mesh(1, 4)
+    per_part = split_per_part(2, (H, H, H))
+    chunk = _view("chunk", QKV, [(B, S, H)] * 3, {"dim": 2, "sizes": [H, H, H]})
+    st = follow(chunk, (0, 0, per_part), m, CM)
+    assert st.out_spec == (0, 0, 2) and not st.collectives
+    halves = _view("split", QKV, [(B, S, 3 * H // 2)] * 2, {"dim": 2, "sizes": [3 * H // 2] * 2})
+    st = follow(halves, (0, 0, per_part), m, CM)
+    full = B * S * 3 * H * 2
+    assert st.out_spec == (0, 0, 0) and comm(st) == [(ALL_GATHER, 2, full, FORWARD), (ALL_GATHER, 2, full, BACKWARD)]
+    # a plain split of the fused dim cannot be chunked in place either (today's behaviour)
+    assert follow(chunk, (0, 0, 2), m, CM).out_spec == (0, 0, 0)
+
+
+def test_slices_of_a_split_dim():
+    """x[..., a:b] of exactly one part keeps its split; any other slice of a split dim (per part
+    or plain) gathers the dim first, not keeping a split that no longer lines up."""
+    m = mesh(1, 4)
+    per_part = split_per_part(2, (H, H, H))
+    k_slice = _view("getitem", QKV, [(B, S, H)], {"index": ["...", f"slice({H},{2 * H},None)"],
+                                                   "dim_groups": [[[0], [0]], [[1], [1]], [[2], [2]]]})
+    assert follow(k_slice, (0, 0, per_part), m, CM).out_spec == (0, 0, 2)
+    assert not follow(k_slice, (0, 0, per_part), m, CM).collectives
+    for spec in ((0, 0, 2), (0, 0, split_per_part(2, (2 * H, H)))):
+        st = follow(k_slice, spec, m, CM)
+        assert st.out_spec == (0, 0, 0) and [c.kind for c in st.collectives] == [ALL_GATHER, ALL_GATHER]
+    # a slice along another dim keeps the per-part split
+    rows = _view("getitem", QKV, [(B, S // 2, 3 * H)], {"index": ["slice(None,None,None)", f"slice(0,{S // 2},None)"],
+                                                         "dim_groups": [[[0], [0]], [[1], [1]], [[2], [2]]]})
+    assert follow(rows, (1, 0, per_part), mesh(2, 2), CM).out_spec == (1, 0, per_part)
+
+
+def test_per_part_split_survives_only_views_that_keep_the_dim_whole():
+    per_part = split_per_part(2, (H, H, H))
+    flat = OpNode("view", "view", VIEW, [Operand((B * S, 3 * H), "bf16", source="addmm")], [QKV], "bf16",
+                  {"dim_groups": [[[0], [0, 1]], [[1], [2]]], "copy": False, "requires_grad": True}, "v")
+    annotate(flat, [True])
+    assert follow(flat, (0, per_part), mesh(1, 4), CM).out_spec == (0, 0, per_part)
+    heads = _view("view", QKV, [(B, S, 3, H)], {"dim_groups": [[[0], [0]], [[1], [1]], [[2], [2, 3]]]})
+    st = follow(heads, (0, 0, per_part), mesh(1, 4), CM)
+    assert st.out_spec == (0, 0, 0, 0) and [c.kind for c in st.collectives] == [ALL_GATHER, ALL_GATHER]
+
+
+def test_fused_linear_offers_each_strategy_split_per_part_at_the_same_cost():
+    node = OpNode("qkv", "linear", MATMUL, [Operand((B, S, H), "bf16", source="ln"),
+                                            Operand((3 * H, H), "bf16", param="w", owns_param=True),
+                                            Operand((3 * H,), "bf16", param="b", owns_param=True)],
+                  [QKV], "bf16", {"equation": "bsk,nk->bsn", "bias": True, "requires_grad": True,
+                                  "fused_parts": [2, [H, H, H]]}, "qkv")
+    annotate(node, [True, True, True])
+    m = mesh(2, 2)
+    sts = {s.name: s for s in decision_strategies(node, m, CM)}
+    per_part = split_per_part(2, (H, H, H))
+    plain, parts = sts["b@0,n@1"], sts["b@0,n@1:parts"]
+    assert parts.out_spec == (1, 0, per_part) and parts.in_specs == ((1, 0, 0), (per_part, 0), (per_part,))
+    assert (parts.fwd_s, parts.bwd_s, parts.collectives) == (plain.fwd_s, plain.bwd_s, plain.collectives)
+    assert sorted(n for n in sts if n.endswith(":parts")) == sorted(n + ":parts" for n in sts if "n@" in n
+                                                                  and not n.endswith(":parts"))
+
+
+def test_follower_given_a_layout_of_the_wrong_rank_says_so():
+    with pytest.raises(ValueError, match="layout of 2 dims, but the tensor has shape"):
+        follow(_reduction("mean"), (0, 0), mesh(1, 2), CM)
+
+
+@pytest.mark.parametrize("which", ["mlp_loss", "embedding_ce"])
+def test_planning_a_module_without_blocks(which):
+    """Issue 14's crash: a graph without transformer blocks is cut into clusters whose inputs
+    differ in rank; each is entered only in layouts of its own input. The plan re-evaluates to
+    the same step time."""
+    import torch  # deferred: importing torch costs seconds
+    import torch.nn.functional as F
+
+    class MLPLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
+
+        def forward(self, x):
+            return self.b(F.gelu(self.a(x))).pow(2).mean()
+
+    class EmbeddingCE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.h = torch.nn.Embedding(100, 64), torch.nn.Linear(64, 100)
+
+        def forward(self, x, y):
+            return F.cross_entropy(self.h(self.e(x)).view(-1, 100), y.view(-1))
+
+    module, inputs = ((MLPLoss(), (torch.randn(8, 16, 64),)) if which == "mlp_loss" else
+                      (EmbeddingCE(), (torch.randint(0, 100, (8, 16)), torch.randint(0, 100, (8, 16)))))
+    with pytest.warns(UserWarning, match="pins the microbatch size"):
+        p = autopar.plan(module, example_inputs=inputs, cluster="dgx-h100", nodes=1, gpus_per_node=2, workers=1)
+    assert p.predicted.step_time_s > 0
+    graph = ModelSource(module, example_inputs=inputs).graph(8)
+    again = autopar.evaluate(p, graph, load_cluster("dgx-h100", 1, 2))
+    assert again.predicted.step_time_s == pytest.approx(p.predicted.step_time_s, rel=1e-9)

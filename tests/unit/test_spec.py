@@ -17,13 +17,20 @@ from autopar.sharding.spec import (
     S1,
     R,
     axes_mask,
+    axes_of,
     axes_str,
+    is_valid,
     mesh_dims,
     parse_spec,
+    parts_of,
+    reshard_backward_s,
     reshard_collectives,
     reshard_s,
+    shard_factor,
     spec_from_mesh_dims,
     spec_str,
+    split_per_part,
+    used_mask,
 )
 
 P3 = load_cluster("p3.16xlarge", 1)
@@ -76,3 +83,44 @@ def test_reshard_gather_and_all_to_all_closed_forms():
     assert [(c.kind, c.mask, c.nbytes) for c in both] == [(ALL_GATHER, 1, full / 4)]
     assert sum(c.time_s for c in both) == reshard_s(shape, eb, (S01, R, R), (S1, R, R), MESH)
     assert reshard_collectives(shape, eb, (R, R, R), (S0, R, S1), MESH) == ()          # slicing is free
+
+
+# ---- per-part splits (a fused projection's output) -------------------------------------------
+
+def test_per_part_split_round_trips_and_validates_each_part():
+    mask = split_per_part(S1, (64, 16, 16))
+    assert parts_of(mask) == (64, 16, 16) and axes_of(mask) == S1 and parts_of(S1) == ()
+    spec = (R, S0, mask)
+    assert spec_str(spec) == "RS0S1[64,16,16]" and parse_spec("RS0S1[64,16,16]") == spec
+    assert shard_factor(spec, MESH) == 8 and used_mask(spec) == 3
+    assert is_valid(spec, (8, 16, 96), MESH)
+    assert not is_valid(spec, (8, 16, 100), MESH)                       # parts must add up to the dim
+    assert not is_valid((R, R, split_per_part(S1, (64, 18, 14))), (8, 16, 96), MESH)   # 18 % 4
+    with pytest.raises(ValueError, match="per-part split needs"):
+        split_per_part(S1, (96,))
+
+
+def test_per_part_split_converted_to_any_other_layout_gathers_first():
+    shape, eb = (8, 16, 96), 2
+    full = 8 * 16 * 96 * eb
+    per_part = (R, R, split_per_part(S1, (64, 16, 16)))
+    to_plain = reshard_collectives(shape, eb, per_part, (R, R, S1), MESH)     # gather, then a free slice
+    assert [(c.kind, c.mask, c.nbytes) for c in to_plain] == [(ALL_GATHER, 2, full)]
+    assert reshard_s(shape, eb, per_part, (R, R, R), MESH) == pytest.approx(_ring(full, 4, 1), rel=1e-12)
+    assert reshard_s(shape, eb, (R, R, R), per_part, MESH) == 0.0            # slicing each part is free
+    assert reshard_s(shape, eb, per_part, per_part, MESH) == 0.0
+
+
+def test_backward_of_a_reshard_sends_the_gradient_back_and_redoes_the_conversion():
+    """A free slice's backward all-gathers the gradient; a gather's backward slices the gradient
+    (free) and gathers the stashed input again; an all-to-all's moves both back and forth;
+    token ids carry no gradient, only the conversion is redone."""
+    shape, eb = (8, 16, 32), 2
+    full = 8 * 16 * 32 * eb
+    gather = _ring(full, 4, 1)
+    assert reshard_backward_s(shape, eb, (R, R, R), (S1, R, R), MESH) == pytest.approx(gather, rel=1e-12)
+    assert reshard_backward_s(shape, eb, (S1, R, R), (R, R, R), MESH) == pytest.approx(gather, rel=1e-12)
+    move = reshard_s(shape, eb, (S1, S0, R), (R, S0, S1), MESH)
+    assert reshard_backward_s(shape, eb, (S1, S0, R), (R, S0, S1), MESH) == pytest.approx(2 * move, rel=1e-12)
+    assert reshard_backward_s(shape, eb, (R, R, R), (S1, R, R), MESH, grad=False) == 0.0
+    assert reshard_backward_s(shape, eb, (S1, S0, R), (R, S0, S1), MESH, grad=False) == move

@@ -14,14 +14,14 @@ from autopar.costmodel.compute import ComputeModel
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.rules.attention import attention_strategies
 from autopar.sharding.rules.common import GRAD_BYTES, strategy_name
-from autopar.sharding.rules.einsum import matmul_strategies, parse_equation
+from autopar.sharding.rules.einsum import PER_PART, matmul_strategies, parse_equation
 from autopar.sharding.rules.embedding import embedding_strategies
 from autopar.sharding.rules.follow import FOLLOW_RULES, follow, leader_operand, view_spec
 from autopar.sharding.rules.inputs import input_strategies, replicated_strategy
 from autopar.sharding.strategy import Strategy
 from graphs.ir import ATTENTION, EMBEDDING, INPUT, MATMUL, OUTPUT, UNKNOWN, OpNode
 
-__all__ = ["DECISION_KINDS", "DECISION_RULES", "FOLLOW_RULES", "GRAD_BYTES", "decision_strategies", "follow",
+__all__ = ["DECISION_KINDS", "DECISION_RULES", "FOLLOW_RULES", "GRAD_BYTES", "PER_PART", "decision_strategies", "follow",
            "is_decision", "leader_operand", "parse_equation", "strategy_name", "view_spec"]
 
 DECISION_KINDS = (MATMUL, ATTENTION, EMBEDDING, INPUT, UNKNOWN, OUTPUT)

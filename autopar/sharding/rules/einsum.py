@@ -1,12 +1,19 @@
 """Matmul-like ops written as einsums (linear, matmul, bmm, the MoE einsums): one strategy per
 assignment of mesh axes to index letters, and for a split contracted letter a reduce-scatter
-variant besides the all-reduce."""
+variant besides the all-reduce.
+
+A fused projection (q|k|v or gate|up in one weight; `attrs["fused_parts"]`, set by
+graphs/query.py) also gets, for each strategy splitting its fused output letter, the same
+strategy with that letter split *per part* (sharding/spec.py): the weight's rows of every part
+are split alike, so each part of the output comes out column-parallel and the split / chunk /
+slices that follow keep it, with no communication (Megatron's layout for separate projections).
+Compute and collectives are those of the plain split."""
 
 from __future__ import annotations
 
 import itertools
 
-from autopar.costmodel.collectives import ALL_REDUCE, BACKWARD, FORWARD, REDUCE_SCATTER, Collective
+from autopar.costmodel.collectives import ALL_GATHER, ALL_REDUCE, BACKWARD, FORWARD, REDUCE_SCATTER, Collective
 from autopar.costmodel.compute import ComputeModel
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.rules.common import (
@@ -17,8 +24,11 @@ from autopar.sharding.rules.common import (
     prod,
     strategy_name,
 )
+from autopar.sharding.spec import split_per_part
 from autopar.sharding.strategy import Strategy
 from graphs.ir import OpNode, dtype_bytes
+
+PER_PART = ":parts"       # strategy-name suffix of a fused output letter split per part
 
 
 def parse_equation(eq: str) -> tuple[list[str], str]:
@@ -57,8 +67,38 @@ def matmul_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel) -> list[Strate
                 letters[ch] = letters.get(ch, 0) | bit
         if any(sizes[ch] % mesh.factor(m) for ch, m in letters.items()):
             continue
-        strategies.extend(_einsum_variants(node, mesh, cm, ins, out, sizes, letters))
+        variants = _einsum_variants(node, mesh, cm, ins, out, sizes, letters)
+        strategies.extend(variants)
+        strategies.extend(_per_part(node, mesh, ins, out, letters, variants))
     return strategies
+
+
+def _per_part(node: OpNode, mesh: Mesh, ins: list[str], out: str, letters: dict[str, int],
+              variants: list[Strategy]) -> list[Strategy]:
+    """The variants again with the fused output letter split per part, where it is split and
+    every part divides."""
+    fused = node.attrs.get("fused_parts")
+    if not fused:
+        return []
+    dim, parts = int(fused[0]), tuple(int(x) for x in fused[1])
+    c = out[dim]
+    axes = letters.get(c, 0)
+    if not axes or any(p % mesh.factor(axes) for p in parts) or any(c in t for t in ins[:1]):
+        return []
+    mask = split_per_part(axes, parts)
+
+    def respec(spec, term: str):
+        return tuple(mask if ch == c else x for ch, x in zip(term, spec))
+
+    res = []
+    for st in variants:
+        in_specs = [respec(sp, t) for sp, t in zip(st.in_specs, ins)]
+        for sp in st.in_specs[len(ins):]:                  # a bias, along the last out letter
+            in_specs.append(tuple(mask if x == axes and c == out[-1] else x for x in sp) if sp else sp)
+        res.append(Strategy(st.name + PER_PART, respec(st.out_spec, out), tuple(in_specs), st.fwd_s, st.bwd_s,
+                            st.collectives, st.param_elems_local, st.param_elems_zero, st.out_bytes_local,
+                            st.letters))
+    return res
 
 
 def _einsum_variants(node: OpNode, mesh: Mesh, cm: ComputeModel, ins: list[str], out: str,
@@ -113,20 +153,22 @@ def _einsum_variants(node: OpNode, mesh: Mesh, cm: ComputeModel, ins: list[str],
     params = param_terms(node, {i: in_specs[i] for i, o in enumerate(node.operands) if o.is_param}, partial_of, mesh,
                          read_in_backward=range(len(ins)))
 
-    def make(name: str, ospec: tuple[int, ...], forward: list[Collective]) -> Strategy:
-        return Strategy(name, ospec, tuple(in_specs), fwd, bwd, (*forward, *grad_ars, *params.collectives),
+    def make(name: str, ospec: tuple[int, ...], output_colls: list[Collective]) -> Strategy:
+        return Strategy(name, ospec, tuple(in_specs), fwd, bwd, (*output_colls, *grad_ars, *params.collectives),
                         params.elems_local, params.elems_zero, local_out_bytes(node, ospec, mesh), dict(letters))
 
     base_name = strategy_name(letters)
     variants = [make(base_name, out_spec, [collective(ALL_REDUCE, partial, out_local, FORWARD, mesh)] if partial else [])]
     if partial:
         # Reduce-scatter instead of all-reduce: the output comes out split on its first free
-        # letter over the contracted axes (Alpa's / Megatron-SP's variant).
+        # letter over the contracted axes (Alpa's / Megatron-SP's variant). Its backward
+        # all-gathers the output gradient: every shard of the contraction reads all of it.
         for pos, c in enumerate(out):
             if letters.get(c, 0) == 0 and sizes[c] % mesh.factor(partial) == 0:
                 ospec = list(out_spec)
                 ospec[pos] = partial
                 variants.append(make(base_name + "+rs:" + strategy_name({c: partial}), tuple(ospec),
-                                     [collective(REDUCE_SCATTER, partial, out_local, FORWARD, mesh)]))
+                                     [collective(REDUCE_SCATTER, partial, out_local, FORWARD, mesh),
+                                      collective(ALL_GATHER, partial, out_local, BACKWARD, mesh)]))
                 break
     return variants

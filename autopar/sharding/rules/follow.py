@@ -13,9 +13,10 @@ from autopar.costmodel.collectives import ALL_GATHER, ALL_REDUCE, BACKWARD, FORW
 from autopar.costmodel.compute import ComputeModel
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.rules.common import collective, is_integer, local_out_bytes, param_terms
-from autopar.sharding.spec import Spec, is_valid, shard_factor, used_mask
+from autopar.sharding.spec import AXES, Spec, is_valid, parts_of, shard_factor, used_mask
 from autopar.sharding.strategy import Strategy
 from graphs.ir import LOSS, NORM, REDUCTION, SOFTMAX, VIEW, OpNode, dtype_bytes, numel
+from graphs.query import slice_bounds
 
 STAT_BYTES = 4          # row statistics (mean/var, max/sum) travel in fp32
 
@@ -52,6 +53,9 @@ def follow(node: OpNode, lead_spec: Spec, mesh: Mesh, cm: ComputeModel) -> Strat
     """The strategy of a follower whose leading operand arrives in `lead_spec`."""
     li = leader_operand(node)
     assert li is not None, f"{node.name} has no activation operand to follow"
+    if len(lead_spec) != len(node.operands[li].shape):
+        raise ValueError(f"{node.name} ({node.op}): its input arrives in a layout of {len(lead_spec)} dims, "
+                         f"but the tensor has shape {node.operands[li].shape}")
     lay = FOLLOW_RULES.get(node.kind, follow_elementwise)(node, li, lead_spec, mesh)
     out_spec = lay.out_spec
     f = shard_factor(out_spec, mesh) if out_spec else 1
@@ -97,10 +101,10 @@ def used_mask_except(full: Spec, part: Spec) -> int:
     """Axes split in `full` that `part` (a broadcast operand's spec) does not carry."""
     m = 0
     for x in full:
-        m |= x
+        m |= x & AXES
     for x in part:
         m &= ~x
-    return m
+    return m & AXES
 
 
 # ---- views ------------------------------------------------------------------------------------
@@ -125,40 +129,67 @@ def follow_view(node: OpNode, li: int, lead_spec: Spec, mesh: Mesh) -> Layout:
 
 def view_spec(node: OpNode, spec: Spec, mesh: Mesh) -> tuple[Spec, int]:
     """Output spec of a view-like op given its input spec, and the axes that had to be
-    gathered because the view breaks a split dimension."""
+    gathered because the view breaks a split dimension. A dim split per part (a fused
+    projection's output) survives views that keep it whole; a split / chunk into exactly those
+    parts, or a slice of exactly one part, leaves each part split plainly."""
     out_shape = node.out_shape
     a = node.attrs
     if "perm" in a:
         perm = a["perm"]
         if len(perm) == len(spec):
             return tuple(spec[p] for p in perm), 0
+    cut = slice_bounds(node) if "index" in a else None
+    if cut is not None and len(spec) == len(out_shape):
+        d, start, stop = cut
+        out = list(spec)
+        parts = parts_of(spec[d])
+        edges = [sum(parts[:i]) for i in range(len(parts) + 1)]
+        if parts and any((edges[i], edges[i + 1]) == (start, stop) for i in range(len(parts))):
+            out[d] = spec[d] & AXES                 # exactly one part: its chunk on every device
+            return tuple(out), 0
+        out[d] = 0                                  # any other slice of a split dim: gather it first
+        return tuple(out), spec[d] & AXES
     if "dim_groups" in a:
+        in_shape = node.operands[leader_operand(node) or 0].shape
         out = [0] * len(out_shape)
         drop = 0
         for in_dims, out_dims in a["dim_groups"]:
             m = 0
             for d in in_dims:
-                m |= spec[d] if d < len(spec) else 0
+                m |= spec[d] & AXES if d < len(spec) else 0
             if not m:
                 continue
             if not out_dims:
                 drop |= m
                 continue
-            # the split survives only on the major input dim, landing on the major output dim
-            major_ok = all(spec[d] == 0 for d in in_dims[1:]) and spec[in_dims[0]] == m
             od = out_dims[0]
-            if major_ok and out_shape[od] % mesh.factor(m) == 0:
+            whole = len(in_dims) == 1 and len(out_dims) == 1 and out_shape[od] == in_shape[in_dims[0]]
+            if parts_of(spec[in_dims[0]]):          # a per-part dim survives only whole and alone
+                if whole:
+                    out[od] = spec[in_dims[0]]
+                else:
+                    drop |= m
+                continue
+            # the split survives only on the major input dim, landing on the major output dim
+            # (not on a dim an index narrows: that is no longer the same dim)
+            major_ok = all(spec[d] == 0 for d in in_dims[1:]) and spec[in_dims[0]] == m
+            narrowed = len(in_dims) == 1 and len(out_dims) == 1 and not whole
+            if major_ok and not narrowed and out_shape[od] % mesh.factor(m) == 0:
                 out[od] = m
             else:
                 drop |= m
         return tuple(out), drop
     if node.op in ("split", "chunk", "cat") or "sizes" in a:
-        # splitting or joining along a split dim needs that dim whole first
+        # splitting or joining along a split dim needs that dim whole first, unless it is split
+        # per part and cut into exactly those parts
         d = a.get("dim", 0) % max(1, len(spec))
         if spec and spec[d]:
             out = list(spec)
+            if node.op != "cat" and tuple(a.get("sizes") or ()) == parts_of(spec[d]):
+                out[d] = spec[d] & AXES
+                return tuple(out), 0
             out[d] = 0
-            return tuple(out), spec[d]
+            return tuple(out), spec[d] & AXES
         return tuple(spec), 0
     if node.op == "getitem" and len(spec) == len(out_shape):
         return tuple(spec), 0
@@ -188,7 +219,7 @@ def _attr_dims(node: OpNode, nd: int) -> list[int]:
 def _split_reduced(lead_spec: Spec, red_dims: list[int]) -> int:
     m = 0
     for d in red_dims:
-        m |= lead_spec[d]
+        m |= lead_spec[d] & AXES
     return m
 
 
@@ -210,7 +241,7 @@ def _reducing_operands(node: OpNode, li: int, lead_spec: Spec, red_dims: list[in
             pm = 0
             for d, x in enumerate(lead_spec):
                 if d not in red_dims:
-                    pm |= x
+                    pm |= x & AXES
             lay.partial_of[i] = pm
         elif o.source is not None and i != li and lay.in_specs[i] is None:
             lay.in_specs[i] = align(lead_spec, lead.shape, o.shape)
