@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from autopar.evaluation.baselines import Config3D, build_3d
+from autopar.evaluation.baselines import Config3D, build_3d, build_3d_recomputes
 from autopar.hardware.presets import load_cluster
 from autopar.hardware.specs import Cluster
 from autopar.model import model_source
@@ -21,7 +21,9 @@ from autopar.search.planner import default_global_batch
 from autopar.search.planner import plan as auto_plan
 from autopar.validation import check_training
 
-STRATEGIES = ("dp", "zero1", "zero2", "zero3", "tp", "pp", "3d", "inter-only", "intra-only", "auto")
+RECOMPUTES = ("none", "selective", "full")
+MAX_CHUNKS = 8          # virtual stages per GPU in the megatron grid (published recipes use up to 8)
+STRATEGIES = ("dp", "zero1", "zero2", "zero3", "tp", "pp", "3d", "megatron", "inter-only", "intra-only", "auto")
 
 
 @dataclass
@@ -83,6 +85,49 @@ def _grid(source, cluster, gb, dtype, dps_tps_pps, recomputes=("none", "full"), 
     return best, len(plans), (errors[0] if errors and best is None else "")
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _megatron_grid(source, cluster: Cluster, gb: int, dtype: str, n_blocks: int) -> tuple[Plan | None, int, str]:
+    """The best point of Megatron-Core's grid under the one evaluator: every dp x tp x pp
+    factorization, tensor parallelism with and without sequence parallelism, 1F1B and the
+    interleaved schedule with two virtual stages and with every number up to MAX_CHUNKS that
+    splits the blocks evenly (Megatron's rule), the distributed optimizer (ZeRO-1 over dp), no,
+    selective or full recomputation, and every microbatch size that divides a data-parallel
+    rank's batch.
+
+    Exact pruning: a configuration's memory does not decrease as its microbatch grows (the
+    activations in flight are min(warm-up, microbatches) microbatches of a stash that grows
+    with it), so once one does not fit, its larger microbatches are not built."""
+    plans: list[Plan] = []
+    errors: list[str] = []
+    for dp, tp, pp in _factorizations(cluster, n_blocks):
+        # two chunks per GPU even where they split the blocks unevenly (Megatron-Core's uneven
+        # first and last stages), so this grid holds the 3d row's
+        chunks = sorted({v for v in _divisors(n_blocks // pp)[1:] if n_blocks % (pp * v) == 0 and v <= MAX_CHUNKS}
+                        | ({2} if 2 * pp <= n_blocks else set())) if pp > 1 else []
+        shapes = [("1f1b", 1)] + [("interleaved", v) for v in chunks]
+        for sched, v in shapes:
+            for sp in ((False, True) if tp > 1 else (False,)):
+                alive: tuple[str, ...] = RECOMPUTES
+                for mb in _divisors(gb // dp) if gb % dp == 0 else []:
+                    if source.fixed_batch and dp * mb != source.fixed_batch:
+                        continue
+                    try:
+                        built = build_3d_recomputes(source, cluster, gb, Config3D(dp, tp, pp, mb, "none", sched, v, 1, sp),
+                                                    alive, dtype, label="megatron")
+                    except PlanError as e:
+                        errors.append(str(e))
+                        continue
+                    plans += built
+                    alive = tuple(rc for rc, p in zip(alive, built) if p.predicted.fits)
+                    if not alive:
+                        break
+    best = _best(plans)
+    return best, len(plans), (errors[0] if errors and best is None else "")
+
+
 def _factorizations(cluster: Cluster, n_blocks: int) -> list[tuple[int, int, int]]:
     n, m = cluster.n_gpus, cluster.gpus_per_node
     out = []
@@ -129,6 +174,8 @@ def compare(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | 
             elif s == "3d":
                 best, tried, err = _grid(source, cl, gb, dtype, _factorizations(cl, n_blocks),
                                          schedules=("1f1b", "interleaved"), zeros=(1,), virtual=(2,), label=s)
+            elif s == "megatron":
+                best, tried, err = _megatron_grid(source, cl, gb, dtype, n_blocks)
             elif s == "auto":
                 best, tried = auto_plan(source, cl, global_batch=gb, dtype=dtype, progress=progress), 1
             elif s == "intra-only":
@@ -206,7 +253,8 @@ def legend(table: list[dict[str, Any]]) -> str:
     """What the table's notation means, and why a "vs best 3D" cell may be empty."""
     lines = ["notation: dpA tpB ppC = data-, tensor- and pipeline-parallel degrees; mbN = microbatch of N "
              "sequences per data-parallel rank; rc:full / rc:selective = activation recomputation (+rc in "
-             "auto plans); zeroN = ZeRO stage; interleavedxV = V model chunks per GPU;",
+             "auto plans); zeroN = ZeRO stage (zero1 = Megatron's distributed optimizer); interleavedxV = V model "
+             "chunks per GPU; sp = sequence parallelism (norms and residual stream split over the tp axis);",
              "  '5L@1x16 x3' = 3 consecutive pipeline stages of 5 layers, each on a 1x16 logical device mesh; "
              "'R ranks x V chunks' = interleaved pipeline of R ranks running V chunks each.",
              "vs best 3D = tokens/s relative to the best hand-tuned Megatron 3D plan (dp x tp x pp) that fits."]

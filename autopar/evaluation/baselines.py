@@ -5,6 +5,12 @@ head the last), each stage a logical mesh (dp, tp) with tp on consecutive GPUs o
 column-parallel linears where the activation arrives whole, row-parallel (all-reduce) where it
 arrives split by a column-parallel linear or by head-parallel attention, head-parallel
 attention, vocab-parallel embedding and loss, the batch split over dp.
+
+With sequence parallelism (Korthikanti et al. 2022) the row-parallel linears and the
+vocab-parallel embedding reduce-scatter instead of all-reducing, so the residual stream, the
+norms and the elementwise ops between them run split over the tp axis (on the sequence, or on
+the batch where dp leaves it free and it divides); the column-parallel linears all-gather their
+input (autopar.sharding.stage_problem prices that edge as Megatron runs it).
 """
 
 from __future__ import annotations
@@ -13,13 +19,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from autopar.costmodel.compute import ComputeModel
-from autopar.evaluation.evaluator import evaluate
+from autopar.evaluation.evaluator import EAGER_DEFAULT, evaluate
 from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.specs import Cluster
 from autopar.plan import ClusterInfo, ModelInfo, Plan, PlanConfig, PlanError, StagePlan, Training
-from autopar.sharding.rules import is_decision, leader_operand, parse_equation, strategy_name
+from autopar.sharding.rules import PER_PART, is_decision, leader_operand, parse_equation, strategy_name
 from autopar.sharding.spec import spec_str
-from autopar.sharding.stage_problem import StageProblem
+from autopar.sharding.stage_problem import decision_names
 from graphs.ir import ATTENTION, EMBEDDING, INPUT, MATMUL, NORM, OpGraph
 from graphs.query import main_boundary, stage_nodes
 
@@ -34,6 +40,7 @@ class Config3D:
     schedule: str = "1f1b"
     virtual_stages: int = 1
     zero: int = 0
+    sequence_parallel: bool = False
 
     def label(self) -> str:
         s = f"dp{self.dp} tp{self.tp} pp{self.pp} mb{self.microbatch}"
@@ -43,6 +50,8 @@ class Config3D:
             s += f" {self.schedule}" + (f"x{self.virtual_stages}" if self.schedule == "interleaved" else "")
         if self.zero:
             s += f" zero{self.zero}"
+        if self.sequence_parallel and self.tp > 1:
+            s += " sp"
         return s
 
     def training(self, global_batch: int, dtype: str) -> Training:
@@ -171,8 +180,26 @@ def megatron_names(graph: OpGraph, names: list[str], dp: int, tp: int) -> dict[s
         elif n.kind == INPUT:
             lt_dp["b"] = dpm
         both = {**lt_dp, **lt_tp}
-        out[name] = list(dict.fromkeys([strategy_name(both), strategy_name(lt_dp), strategy_name(lt_tp), "R"]))
+        wanted = [strategy_name(both), strategy_name(lt_dp), strategy_name(lt_tp), "R"]
+        fused = n.attrs.get("fused_parts") if n.kind == MATMUL else None
+        if fused and lt_tp.get(parse_equation(n.attrs["equation"])[1][fused[0]]):
+            wanted.insert(0, wanted[0] + PER_PART)          # a fused q|k|v or gate|up: each part column-parallel
+        out[name] = list(dict.fromkeys(wanted))
     return out
+
+
+def _boundary_spec(shape: tuple[int, ...], dp: int, sp_tp: int) -> tuple[int, ...]:
+    """The layout a stage's input arrives in: the batch split over dp (mesh axis 0); with
+    sequence parallelism over `sp_tp` > 1, also the first other dim that divides split over tp
+    (axis 1), the dim a row-parallel linear's reduce-scatter splits (rules/einsum.py)."""
+    spec = [0] * len(shape)
+    if dp > 1 and shape and shape[0] % dp == 0:
+        spec[0] = 1
+    if sp_tp > 1:
+        d = next((i for i, n in enumerate(shape) if spec[i] == 0 and n % sp_tp == 0), None)
+        if d is not None:
+            spec[d] = 2
+    return tuple(spec)
 
 
 def _device_ids_for(stage_rank: int, dp: int, tp: int) -> list[int]:
@@ -186,9 +213,30 @@ def _submesh_for(n_devices: int, cluster: Cluster) -> tuple[int, int]:
 
 
 def build_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: str | None = None,
-             label: str | None = None, eager: bool = False) -> Plan:
+             label: str | None = None, eager: bool = EAGER_DEFAULT) -> Plan:
     """A Megatron-style plan, evaluated (with `eager`, as the eager PyTorch recipe runs it:
     see autopar.evaluation.evaluator.evaluate)."""
+    plan, graph = _unevaluated_3d(source, cluster, global_batch, cfg, dtype, label)
+    return evaluate(plan, graph, cluster, eager=eager)
+
+
+def build_3d_recomputes(source, cluster: Cluster, global_batch: int, cfg: Config3D, recomputes: tuple[str, ...],
+                        dtype: str | None = None, label: str | None = None) -> list[Plan]:
+    """`build_3d` of `cfg` under each recomputation setting, its stages' strategies chosen once
+    (they do not depend on it)."""
+    plan, graph = _unevaluated_3d(source, cluster, global_batch, cfg, dtype, label)
+    out = []
+    for rc in recomputes:
+        c = dataclasses.replace(cfg, recompute=rc)
+        check_config(c, cluster, global_batch, len(graph.layers) - 2, plan.training.dtype)
+        stages = [dataclasses.replace(st, recompute=rc) for st in plan.stages]
+        config = PlanConfig("megatron", c.label(), dataclasses.asdict(c))
+        out.append(evaluate(dataclasses.replace(plan, stages=stages, config=config), graph, cluster))
+    return out
+
+
+def _unevaluated_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: str | None,
+                    label: str | None) -> tuple[Plan, OpGraph]:
     dtype = cluster.gpu.training_dtype(dtype)
     graph1 = source.graph(cfg.microbatch * cfg.dp) if source.fixed_batch is None else source.graph(source.fixed_batch)
     n_blocks = len(graph1.layers) - 2
@@ -199,23 +247,24 @@ def build_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: 
     cm = ComputeModel(cluster.gpu, dtype)
     sub = Submesh(*_submesh_for(cfg.dp * cfg.tp, cluster))
     mesh = Mesh(cluster, sub, (cfg.dp, cfg.tp))
+    sp = cfg.sequence_parallel and cfg.tp > 1
     stages = []
     for g, (a, b) in enumerate(ranges):
         names = stage_nodes(graph, (a, b))
         bsrc = main_boundary(graph, names)
         bspec: tuple[int, ...] = ()
         if bsrc is not None:
-            shape = graph.node(bsrc).out_shape
-            bspec = tuple([1 if cfg.dp > 1 and shape and shape[0] % cfg.dp == 0 else 0] + [0] * (len(shape) - 1))
-        prob = StageProblem(graph, names, mesh, cm, boundary={bsrc: bspec} if bsrc else None)
+            bspec = _boundary_spec(graph.node(bsrc).out_shape, cfg.dp, cfg.tp if sp else 1)
+        offered = decision_names(graph, names, mesh, cm)
         wanted = megatron_names(graph, names, cfg.dp, cfg.tp)
         chosen = {}
-        for grp in prob.groups:
-            if grp.root not in wanted:
+        for root, have in offered.items():
+            if root not in wanted:
                 continue
-            have = [s.name for s in grp.strategies[grp.root]]
-            pick = next((w for w in wanted[grp.root] if w in have), have[0])
-            chosen[grp.root] = pick
+            pick = next((w for w in wanted[root] if w in have), have[0])
+            if sp:      # the reduce-scatter variant of a row-parallel linear or vocab-parallel embedding
+                pick = next((h for h in have if h.startswith(pick + "+rs:")), pick)
+            chosen[root] = pick
         stages.append(StagePlan(index=g, layers=(a, b), layer_names=[graph.layers[i].name for i in range(a, b)],
                                 submesh=(sub.n_nodes, sub.gpus_per_node),
                                 device_ids=_device_ids_for(g % cfg.pp, cfg.dp, cfg.tp),
@@ -224,4 +273,4 @@ def build_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: 
     plan = Plan(strategy=label or "3d", config=PlanConfig("megatron", cfg.label(), dataclasses.asdict(cfg)),
                 model=ModelInfo.of(graph, source.name, source.loadable), cluster=ClusterInfo.of(cluster), training=training,
                 stages=stages)
-    return evaluate(plan, graph, cluster, eager=eager)
+    return plan, graph

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autopar.costmodel.compute import ComputeModel
+from autopar.evaluation.evaluator import EAGER_DEFAULT, NO_EAGER, eager_terms
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.spec import Spec, is_valid, shard_factor
 from autopar.sharding.stage_problem import Settings, StageProblem
@@ -82,12 +83,12 @@ class SearchStats:
 
 
 def boundary_specs(shape: tuple[int, ...], mesh: Mesh) -> list[Spec]:
-    """Layouts a layer boundary tensor may take: replicated, or its batch and/or last (hidden)
-    dim split over the mesh axes."""
+    """Layouts a layer boundary tensor may take: replicated, or its batch, sequence (dim 1 of
+    [b, s, h]: Megatron's sequence parallelism) and/or last (hidden) dim split over the mesh axes."""
     nd = len(shape)
     if nd == 0:
         return [()]
-    dims = [0] if nd == 1 else [0, nd - 1]
+    dims = [0] if nd == 1 else [0, nd - 1] if nd == 2 else [0, 1, nd - 1]
     out = []
     live = mesh.live_axes
     options: list[int | None] = [None, *dims]
@@ -106,14 +107,23 @@ class LayerSolver:
     """Solves and caches one layer's ILP per (structure, mesh, input layout)."""
 
     def __init__(self, graph: OpGraph, cm: ComputeModel, settings: Settings, stats: SearchStats,
-                 time_limit_s: float, backend: str, only_names: frozenset[str] | None = None):
+                 time_limit_s: float, backend: str, only_names: frozenset[str] | None = None,
+                 eager: bool = EAGER_DEFAULT):
         self.only_names = only_names
+        self.eager = eager
         self.graph, self.cm, self.settings, self.stats = graph, cm, settings, stats
         self.time_limit_s, self.backend = time_limit_s, backend
         self.cache: dict[tuple, LayerSol] = {}
         n = len(graph.layers)
         self.inputs = [main_boundary(graph, list(graph.layers[i].nodes)) for i in range(n)]
         self.outputs = [self.inputs[i + 1] if i + 1 < n else None for i in range(n)]
+
+    def identity(self, li: int) -> tuple:
+        """Layers with one identity share their solutions on every mesh and layout (the cache
+        key less the mesh and layouts)."""
+        src = self.inputs[li]
+        return (self.graph.layers[li].structural_hash, self.outputs[li] is None, li + 1 == len(self.graph.layers),
+                self.graph.node(src).out_shape if src is not None else None)
 
     def key(self, li: int, mesh: Mesh, spec: Spec | None, restrict: Spec | None) -> tuple:
         return (self.graph.layers[li].structural_hash, mesh.submesh, mesh.shape, spec, restrict,
@@ -161,12 +171,24 @@ class LayerSolver:
             pos = {n: i for i, n in enumerate(names)}
             chosen = {pos[g.root]: g.strategies[g.root][int(res.choice[gi])].name
                       for gi, g in enumerate(prob.groups) if len(g.strategies[g.root]) > 1 or g.root in pos}
-            out_spec = prob.strategy_of(out, assign[out]).out_spec if out is not None else None
+            out_spec: Spec | None
+            if out is None:         # the last layer, or a next layer that reads only graph inputs
+                out_spec = None if li + 1 == len(self.graph.layers) else ()
+            elif out in assign:
+                out_spec = prob.strategy_of(out, assign[out]).out_spec
+            else:
+                # The next layer's input skips this layer (made before it, in a layout this
+                # layer's ILP does not see): the chain takes it as replicated.
+                out_spec = spec if out == src and spec is not None else (0,) * len(self.graph.node(out).out_shape)
             in_bytes = 0.0
             if src is not None:
                 in_bytes = self.graph.node(src).out_bytes / (shard_factor(spec, mesh) if spec else 1)
-            sol = LayerSol(ev.per_microbatch_s, ev.recompute_fwd_s, ev.sync_s,
-                           ev.param_state_bytes(self.settings.zero), ev.param_elems, ev.stash_bytes, in_bytes,
+            # the eager recipe's terms, as the evaluator adds them to a stage of these layers
+            et = eager_terms(self.graph, (li, li + 1), prob, assign, ev, self.settings.n_microbatches,
+                             self.settings.zero, self.cm) if self.eager else NO_EAGER
+            sol = LayerSol(ev.per_microbatch_s + et.device_s, ev.recompute_fwd_s, ev.sync_s + et.grad_bucket_s,
+                           ev.param_state_bytes(self.settings.zero) + et.held_bytes, ev.param_elems,
+                           ev.stash_bytes + et.stash_bytes, in_bytes + et.inputs_fp32_extra_bytes,
                            out_spec, chosen, res.status, res.objective)
         self.cache[k] = sol
         return sol

@@ -6,6 +6,15 @@ between groups get resharding matrices, producers outside the set are fixed "bou
 layouts. Both the ILP's objective (`ilp_arrays`) and the score of any assignment (`evaluate`)
 are sums of one function of each op's cost record (`member_cost`, i.e. strategy.op_cost), plus
 the resharding of the edges, so a searched plan and a hand-made plan are scored alike.
+
+An edge costs its resharding in forward; in backward the gradient's way back (a slice's is an
+all-gather) plus the resharding again (spec.reshard_backward_s), with one exception:
+sequence parallelism's all-gather (`_gather_into_partial_s`). When the conversion only gathers
+axes over which the consumer's gradient of that input is a partial sum (a column-parallel
+matmul reading a sequence-split norm output), Megatron-LM runs, per tensor (shared by the
+matmuls reading it, as their gradient all-reduce is): the all-gather in forward, in backward
+the all-gather again (the stash keeps the split input) and a reduce-scatter of the gradient in
+place of the all-reduce.
 """
 
 from __future__ import annotations
@@ -15,11 +24,12 @@ from functools import lru_cache
 
 import numpy as np
 
+from autopar.costmodel.collectives import ALL_GATHER, ALL_REDUCE, BACKWARD, REDUCE_SCATTER, Collective, collective_s
 from autopar.costmodel.compute import ComputeModel
 from autopar.costmodel.memory import ADAM_STEP_BYTES, param_state_bytes
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.rules import decision_strategies, follow, is_decision, leader_operand
-from autopar.sharding.spec import Spec, reshard_s, shard_factor, spec_str
+from autopar.sharding.spec import Spec, reshard_backward_s, reshard_collectives, reshard_s, shard_factor, spec_str
 from autopar.sharding.strategy import OpCost, Strategy, op_cost
 from graphs.ir import ATTENTION, ELEMENTWISE, INPUT, LOSS, MATMUL, NORM, SOFTMAX, VIEW, OpGraph, OpNode, dtype_bytes
 
@@ -170,9 +180,45 @@ def _decision_cached(key: _BySig, mesh: Mesh, cm: ComputeModel) -> tuple[Strateg
     return tuple(decision_strategies(key.node, mesh, cm))
 
 
+def decision_names(graph: OpGraph, names: list[str], mesh: Mesh, cm: ComputeModel) -> dict[str, list[str]]:
+    """The strategy names each decision op among `names` offers on `mesh` (what a StageProblem's
+    groups would list, without building their followers)."""
+    return {n: [s.name for s in _decision_cached(_BySig(graph.node(n)), mesh, cm)]
+            for n in names if is_decision(graph.node(n))}
+
+
 @lru_cache(maxsize=500_000)
 def _follow_cached(key: _BySig, spec: Spec, mesh: Mesh, cm: ComputeModel) -> Strategy:
     return follow(key.node, spec, mesh, cm)
+
+
+def _partial_grad_all_reduce(st: Strategy, j: int) -> Collective | None:
+    """The backward all-reduce of operand j's gradient that `st` issues (a partial sum over
+    the axes splitting letters the operand lacks), or None."""
+    if j not in st.bwd_comm_operand:
+        return None
+    return next((c for c in st.collectives if c.operand == j and c.kind == ALL_REDUCE and c.phase == BACKWARD), None)
+
+
+def _gather_into_partial_s(shape, eb: int, src: Spec, dst: Spec, st: Strategy, j: int, mesh: Mesh) -> float | None:
+    """Backward seconds of Megatron's sequence-parallel all-gather, where it applies: the
+    conversion `src` -> `dst` only all-gathers, over exactly the axes of the consumer's
+    gradient all-reduce of operand j. The backward then all-gathers the split input again (for
+    the weight gradient) and reduce-scatters the input gradient instead of all-reducing it,
+    so the all-reduce that `st` charges is taken back here. None where it does not apply."""
+    ar = _partial_grad_all_reduce(st, j)
+    if ar is None:
+        return None
+    steps = reshard_collectives(shape, eb, src, dst, mesh)
+    gathered = 0
+    for c in steps:
+        if c.kind != ALL_GATHER:
+            return None
+        gathered |= c.mask
+    if gathered != ar.mask:
+        return None
+    regather = sum(c.time_s for c in steps)
+    return regather + collective_s(REDUCE_SCATTER, ar.nbytes, mesh.axis(ar.mask)) - ar.time_s
 
 
 @dataclass
@@ -316,28 +362,61 @@ class StageProblem:
                 need = [s.in_specs[j] if j < len(s.in_specs) else None for s in v_sts]
                 if o.source not in self.inside:
                     src = self._boundary_spec(o.source)
-                    node_costs[gv] += np.array([2 * reshard_s(o.shape, eb, src, q, self.mesh) if q is not None else 0.0
-                                                for q in need])
+                    node_costs[gv] += np.array([self._edge_s(name, j, o.shape, eb, src, q, s) if q is not None else 0.0
+                                                for q, s in zip(need, v_sts)])
                     continue
                 gu = self.group_of[o.source]
                 u_sts = self.groups[gu].strategies[o.source]
                 if gu == gv:
-                    node_costs[gv] += np.array([2 * reshard_s(o.shape, eb, us.out_spec, q, self.mesh) if q is not None else 0.0
-                                                for us, q in zip(u_sts, need)])
+                    node_costs[gv] += np.array([self._edge_s(name, j, o.shape, eb, us.out_spec, q, s) if q is not None
+                                                else 0.0 for us, q, s in zip(u_sts, need, v_sts)])
                     continue
-                edges.append((gu, gv, self._reshard_matrix(o.shape, eb, [s.out_spec for s in u_sts], need)))
+                edges.append((gu, gv, self._reshard_matrix(name, j, o.shape, eb, [s.out_spec for s in u_sts], need,
+                                                           v_sts)))
         return node_costs, edges, node_mem
 
-    def _reshard_matrix(self, shape, eb, srcs, dsts) -> np.ndarray:
+    def _reshard_matrix(self, name, j, shape, eb, srcs, dsts, v_sts) -> np.ndarray:
         us = list(dict.fromkeys(srcs))
         vs = list(dict.fromkeys(d for d in dsts if d is not None))
-        small = np.array([[2 * reshard_s(shape, eb, a, b, self.mesh) for b in vs] for a in us]).reshape(len(us), len(vs))
+        grad = self._carries_grad(name, j)
+        small = np.array([[reshard_s(shape, eb, a, b, self.mesh) + reshard_backward_s(shape, eb, a, b, self.mesh, grad)
+                           for b in vs] for a in us]).reshape(len(us), len(vs))
         ui = np.array([us.index(a) for a in srcs])
         out = np.zeros((len(srcs), len(dsts)))
         for q, d in enumerate(dsts):
-            if d is not None:
-                out[:, q] = small[ui, vs.index(d)]
+            if d is None:
+                continue
+            out[:, q] = small[ui, vs.index(d)]
+            if _partial_grad_all_reduce(v_sts[q], j) is not None:
+                col = [self._edge_s(name, j, shape, eb, a, d, v_sts[q]) for a in us]
+                out[:, q] = np.array(col)[ui]
         return out
+
+    def _carries_grad(self, name: str, j: int) -> bool:
+        """Whether operand j of `name` sends a gradient back (data inputs, token ids and masks do not)."""
+        o = self.graph.node(name).operands[j]
+        if o.dtype.startswith("int") or o.dtype == "bool" or o.source is None:
+            return False
+        src = self.graph.node(o.source)
+        return src.kind != INPUT and bool(src.attrs.get("requires_grad", True))
+
+    def _edge_s(self, name: str, j: int, shape, eb: int, src: Spec, dst: Spec, st: Strategy) -> float:
+        """Forward + backward seconds of converting operand j of `name` (strategy `st`) from
+        `src` to `dst`."""
+        fwd, bwd = self._edge_fwd_bwd_s(name, j, shape, eb, src, dst, st)
+        return fwd + bwd
+
+    def _edge_fwd_bwd_s(self, name: str, j: int, shape, eb: int, src: Spec, dst: Spec,
+                        st: Strategy) -> tuple[float, float]:
+        t = reshard_s(shape, eb, src, dst, self.mesh)
+        back = reshard_backward_s(shape, eb, src, dst, self.mesh, self._carries_grad(name, j))
+        if t == 0.0:
+            return 0.0, back
+        fused = _gather_into_partial_s(shape, eb, src, dst, st, j, self.mesh)
+        if fused is None:
+            return t, back
+        share = self.grad_share.get(name, {}).get(j, 1.0)
+        return share * t, share * fused
 
     # -- solve / evaluate ----------------------------------------------------------------
     def solve(self, settings: Settings = Settings(), mem_budget_bytes: float | None = None,
@@ -378,7 +457,7 @@ class StageProblem:
             gi = self.group_of[name]
             idx = int(group_choice[gi])
             st = self.groups[gi].strategies[name][idx]
-            reshard = 0.0
+            reshard = extra_bwd = 0.0       # the edges' forward; their backward beyond it
             for j, o in enumerate(v.operands):
                 if o.source is None or j >= len(st.in_specs) or st.in_specs[j] is None:
                     continue
@@ -386,11 +465,13 @@ class StageProblem:
                     src = self.groups[self.group_of[o.source]].strategies[o.source][int(group_choice[self.group_of[o.source]])].out_spec
                 else:
                     src = self._boundary_spec(o.source)
-                reshard += reshard_s(o.shape, dtype_bytes(o.dtype), src, st.in_specs[j], mesh)
+                ef, eb = self._edge_fwd_bwd_s(name, j, o.shape, dtype_bytes(o.dtype), src, st.in_specs[j], st)
+                reshard += ef
+                extra_bwd += eb - ef
             c = self.member_cost(name, st, settings, reshard)
             fwd += c.fwd_s
-            bwd += c.bwd_s
-            comm += c.comm_s
+            bwd += c.bwd_s + extra_bwd
+            comm += c.comm_s + extra_bwd
             sync += c.step_s
             rec += st.fwd_s + st.fwd_comm_s + reshard
             pe += st.param_elems_local
@@ -400,7 +481,7 @@ class StageProblem:
                 ops.append({"name": name, "op": v.op, "kind": v.kind, "strategy": st.name,
                             "out_spec": spec_str(st.out_spec),
                             "in_specs": [spec_str(s) if s is not None else None for s in st.in_specs],
-                            "compute_s": st.fwd_s + st.bwd_s, "comm_s": c.comm_s})
+                            "compute_s": st.fwd_s + st.bwd_s, "comm_s": c.comm_s + extra_bwd})
         boundary = 0.0
         for bsrc, bspec in self.boundary.items():
             n = g.node(bsrc)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 
-from autopar.costmodel.collectives import ALL_REDUCE, FORWARD
+from autopar.costmodel.collectives import ALL_GATHER, ALL_REDUCE, BACKWARD, FORWARD, REDUCE_SCATTER
 from autopar.costmodel.compute import ComputeModel
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.rules.common import collective, local_out_bytes, param_terms, strategy_name
@@ -38,4 +38,28 @@ def embedding_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel) -> list[Str
         res.append(Strategy(strategy_name(lt), out_spec, in_specs, cm.memory_bound_s(2 * out_local),
                             cm.memory_bound_s(2 * out_local), forward + params.collectives, params.elems_local,
                             params.elems_zero, out_local, lt))
+        rs = _reduce_scatter_variant(node, mesh, res[-1], mv) if mv and len(out_spec) == 3 else None
+        if rs is not None:
+            res.append(rs)
     return res
+
+
+def _reduce_scatter_variant(node: OpNode, mesh: Mesh, base: Strategy, mv: int) -> Strategy | None:
+    """Vocab-parallel with a reduce-scatter instead of the all-reduce (Megatron's sequence
+    parallelism): the output [b, s, h] comes out split on its first free dim over the vocab
+    axes, as a row-parallel matmul's reduce-scatter variant does; backward all-gathers its
+    gradient (each vocab shard needs every position's)."""
+    out_spec = list(base.out_spec)
+    shape = node.out_shape
+    pos = next((d for d in range(len(shape)) if out_spec[d] == 0 and shape[d] % mesh.factor(mv) == 0), None)
+    if pos is None:
+        return None
+    full_local = base.out_bytes_local
+    out_spec[pos] = mv
+    colls = tuple(c for c in base.collectives if not (c.kind == ALL_REDUCE and c.phase == FORWARD))
+    rs = (collective(REDUCE_SCATTER, mv, full_local, FORWARD, mesh), collective(ALL_GATHER, mv, full_local, BACKWARD, mesh))
+    out_local = full_local / mesh.factor(mv)
+    # the lookup still writes the whole partial output before the reduce-scatter
+    return Strategy(base.name + "+rs:" + strategy_name({"bsh"[pos]: mv}), tuple(out_spec), base.in_specs,
+                    base.fwd_s, base.bwd_s, rs + colls,
+                    base.param_elems_local, base.param_elems_zero, out_local, base.letters)
