@@ -78,7 +78,7 @@ def _load_named(model, batch, seq, example_inputs, dtype, n_layers, name) -> OpG
 
 def _load_hf(path, batch, seq, dtype, n_layers, name) -> OpGraph:
     from .zoo import hf
-    module, config = hf.build(path)
+    module, config = hf.build(path, batch=batch)
     meta = hf.config_meta(config)
     seq = seq or meta["seq"] or 1024
     meta["seq"] = seq

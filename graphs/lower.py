@@ -115,6 +115,7 @@ class Lowerer:
         self.owned: set[str] = set()
         self.requires_grad: dict[str, list[bool]] = {}   # IR node -> per output
         self.key: dict[fx.Node, str] = {}
+        self.identity_of: dict[fx.Node, fx.Node] = {}   # a no-op node -> the node it passes on
 
     # --- values ---------------------------------------------------------------------------
     def val(self, a):
@@ -203,6 +204,7 @@ class Lowerer:
     # --- operands ---------------------------------------------------------------------------
     def operand(self, a: fx.Node, index: int | None = None) -> list[OperandGrad]:
         """Operand(s) for fx node `a`, each with whether it needs a gradient."""
+        a = self.identity_of.get(a, a)
         c = self.cls[a]
         ts = _tensors(self.p.values[a])
         if ts is None:    # classify() makes only tensor-valued nodes act, param or const
@@ -260,11 +262,25 @@ class Lowerer:
             self.cls[n] = self.classify(n, key)
             if self.cls[n] != "act":
                 continue
+            if self.is_identity(n, key):
+                self.identity_of[n] = self.identity_of.get(n.all_input_nodes[0], n.all_input_nodes[0])
+                continue
             node, grads = self.lower(n, key)
             self.g.add(node)
             if node.kind == UNKNOWN:
                 self.g.unsupported.append(node.name)
         return self.g
+
+    def is_identity(self, n: fx.Node, key: str) -> bool:
+        """An aten dropout of p=0 (HF configs that switch dropout off) passes its input on:
+        no op. (Graphs of torch-level calls, which the runtime executes node by node, keep it
+        as a free view.)"""
+        if (key != "dropout" or not isinstance(n.target, torch._ops.OpOverload)
+                or not n.all_input_nodes):
+            return False
+        p = self.arg(n, 1, "p", 0.5)
+        return isinstance(p, (int, float)) and float(p) == 0.0 \
+            and self.cls.get(n.all_input_nodes[0]) == "act"
 
     def lower(self, n: fx.Node, key: str) -> tuple[OpNode, list[bool]]:
         outs = _tensors(self.p.values.get(n)) or []
@@ -278,6 +294,11 @@ class Lowerer:
             return node, []
         if n.op == "output":
             ops = [o for a in self.tensor_args(n) for o in self.operand(a)]
+            # A training step keeps only the loss: the scalar backward starts from. What a
+            # model returns beside it (HF's logits) is never gathered or kept.
+            losses: list[OperandGrad] = [(o, g) for o, g in ops if o.shape == () and g]
+            if losses:
+                ops = losses
             node = OpNode(n.name, "output", OUTPUT, [o for o, _ in ops], [], out_dtype,
                           {}, module_path, target="output")
             return node, [g for _, g in ops]

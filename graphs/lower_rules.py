@@ -399,6 +399,10 @@ def elementwise(c: Call) -> Lowered:
     if c.key == "dropout":
         p: Any = c.module.p if c.is_module else c.arg(1, "p", 0.5)
         attrs["p"] = float(p)
+        if attrs["p"] == 0.0:    # the identity (nn.Dropout(0.0) of a symbolic trace)
+            nd = len(c.outs[0].shape)
+            return "alias", VIEW, c.operands(c.args[:1]), {
+                "dim_groups": [[[d], [d]] for d in range(nd)], "copy": False}
     if c.is_module:
         return c.key, ELEMENTWISE, c.operands(c.args[:1]), attrs
     return c.key, ELEMENTWISE, c.operands(c.args), attrs

@@ -37,6 +37,22 @@ def one_hot(index: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
     return (index.unsqueeze(-1) == torch.arange(n, device=index.device)).to(dtype)
 
 
+def gshard_combine(top_p: torch.Tensor, top_i: torch.Tensor, n_exp: int, cap: int,
+                   bsk: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
+    """GShard's combine weights [b, s, E, C] from the top-k gate weights and expert ids
+    [b, s, k]: token s's gate weight at its slot c of expert e, 0 where it was not sent
+    (not chosen, or over the capacity C)."""
+    b, s, k = bsk
+    # choices rank-major, so every first choice takes a slot before any second choice
+    mask = one_hot(top_i, n_exp, dtype).transpose(1, 2).reshape(b, k * s, n_exp)
+    pos = torch.cumsum(mask, dim=1) - mask                       # slot in the expert
+    keep = mask * (pos < cap).to(dtype)                          # over capacity: dropped
+    slot = one_hot((pos * keep).sum(dim=-1).long(), cap, dtype)  # [b, k*s, C]
+    gates = top_p.transpose(1, 2).reshape(b, k * s, 1)
+    return torch.einsum("bkse,bksc->bsec", (keep * gates).view(b, k, s, n_exp),
+                        slot.view(b, k, s, cap))
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -55,14 +71,7 @@ class MoE(nn.Module):
         probs = F.softmax(self.gate(x), dim=-1)                      # [b, s, E]
         top_p, top_i = torch.topk(probs, k, dim=-1)                  # [b, s, k]
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
-        # choices rank-major, so every first choice takes a slot before any second choice
-        mask = one_hot(top_i, n_exp, x.dtype).transpose(1, 2).reshape(b, k * s, n_exp)
-        pos = torch.cumsum(mask, dim=1) - mask                       # slot in the expert
-        keep = mask * (pos < cap).to(x.dtype)                        # over capacity: dropped
-        slot = one_hot((pos * keep).sum(dim=-1).long(), cap, x.dtype)    # [b, k*s, C]
-        gates = top_p.transpose(1, 2).reshape(b, k * s, 1)
-        combine = torch.einsum("bkse,bksc->bsec", (keep * gates).view(b, k, s, n_exp),
-                               slot.view(b, k, s, cap))              # [b, s, E, C]
+        combine = gshard_combine(top_p, top_i, n_exp, cap, (b, s, k), x.dtype)   # [b, s, E, C]
         dispatch = (combine > 0).to(x.dtype)
         xe = torch.einsum("bsec,bsm->ebcm", dispatch, x)
         hidden = F.gelu(torch.einsum("ebcm,emf->ebcf", xe, self.w1))

@@ -493,3 +493,35 @@ PINNED_IR = {
 def test_lowered_ir_is_pinned():
     got = {name: ir_digest(g) for name, g in pinned_graphs()}
     assert got == PINNED_IR
+
+
+class LossAndLogits(nn.Module):
+    """Returns (loss, logits) as HuggingFace's causal LMs do, with a dropout switched off."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.drop = nn.Dropout(0.0)
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, ids, tgt):
+        logits = self.head(self.drop(self.emb(ids)))
+        return F.cross_entropy(logits.view(-1, 50), tgt.view(-1)), logits
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_only_the_loss_leaves_a_training_graph(method):
+    """What a model returns beside its loss is not a graph output (no GPU gathers it), and a
+    dropout of p=0 is the identity: a free view."""
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    g = graphs.trace(LossAndLogits(), (ids, ids), method=method)
+    out = next(n for n in g.nodes() if n.op == "output")
+    assert [(o.shape, g.node(o.source).op) for o in out.operands] == [((), "cross_entropy")]
+    dropped = [(n.op, n.kind, n.fwd_flops, n.fwd_bytes) for n in g.nodes() if n.module_path == "drop"]
+    assert dropped == ([("alias", VIEW, 0.0, 0.0)] if method == "symbolic" else [])
+    head = next(n for n in g.nodes() if n.op == "linear")
+    assert g.node(head.operands[0].source).op == ("alias" if method == "symbolic" else "embedding")
+    # without a scalar loss every output stays
+    inference = graphs.trace(LossAndLogits().head, (torch.zeros(2, 16),), method=method)
+    assert [o.shape for o in next(n for n in inference.nodes() if n.op == "output").operands] \
+        == [(2, 50)]
