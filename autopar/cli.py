@@ -23,7 +23,7 @@ import graphs
 from autopar.compare import STRATEGIES, compare, csv_rows, legend, summarize_rows, table_rows, why_winner
 from autopar.costmodel.compute import ComputeModel
 from autopar.evaluation.baselines import Config3D, build_3d
-from autopar.evaluation.evaluator import memory_report
+from autopar.evaluation.evaluator import EAGER_DEFAULT, memory_report
 from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.presets import load_cluster
 from autopar.profiling.gpu import main as profile_main
@@ -227,6 +227,13 @@ def cmd_shard(a) -> int:
     return 0
 
 
+def _eager_arg(p) -> None:
+    p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=EAGER_DEFAULT,
+                   help="cost the step as the eager PyTorch recipe runs it (autocast casts, fp32 loss, host "
+                        "dispatch, DDP/FSDP2 buffers, allocator reserve; measured on H200, see bench/truth); "
+                        "--no-eager: the per-op model alone")
+
+
 def cmd_plan(a) -> int:
     if a.output is not None:
         check_outputs([("-o", a.output)], a.force)
@@ -234,7 +241,7 @@ def cmd_plan(a) -> int:
     with _progress_lines(f"planning {a.model}"):
         p = search_plan(a.model, a.cluster, nodes=a.nodes, gpus_per_node=a.gpus_per_node, global_batch=a.global_batch,
                  microbatches=a.microbatches, schedule=a.schedule, max_stages=a.max_stages, dtype=a.dtype,
-                 progress=sys.stderr.isatty(), zero=a.zero, seq=a.seq)
+                 progress=sys.stderr.isatty(), zero=a.zero, seq=a.seq, eager=a.eager)
     elapsed = time.perf_counter() - t0
     text = p.to_json()
     if a.json:
@@ -351,9 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--virtual-stages", type=int_arg("--virtual-stages", 1, 1024), default=1,
                    help="model chunks per GPU (interleaved schedule)")
     _zero_arg(p, 0)
-    p.add_argument("--eager", action="store_true",
-                   help="predict the step as eager PyTorch runs it (autocast casts, fp32 loss, host dispatch, "
-                        "allocator reserve; measured on H200, see bench/truth)")
+    _eager_arg(p)
     p.add_argument("--json", action="store_true", help="print the plan JSON")
 
     p = command("shard", "the intra-op ILP for one stage on one logical mesh", cmd_shard)
@@ -384,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule")
     p.add_argument("--max-stages", type=int_arg("--max-stages", 1, 4096), help="most pipeline stages (default: no limit)")
     _zero_arg(p, 1)
+    _eager_arg(p)
     p.add_argument("-o", "--output", help="write the plan JSON to this file (default: only the summary is printed)")
     p.add_argument("--json", action="store_true", help="print the plan JSON instead of the summary")
     _force_arg(p)

@@ -32,6 +32,42 @@ def fmt_s(x: float | None) -> str:
     return f"{x * 1e6:.1f} us"
 
 
+def fmt_ms(x: float | None) -> str:
+    """Milliseconds without decimals from 10 ms up (a breakdown's parts read side by side)."""
+    if x is None:
+        return "-"
+    ms = x * 1e3
+    return f"{ms:.0f} ms" if abs(ms) >= 10 or ms == 0 else f"{ms:.1f} ms"
+
+
+# The memory breakdown's parts by the three things a user can change: the model state (ZeRO,
+# fewer parameters per GPU), the activations (microbatch, recomputation, pipeline depth) and
+# what the runtime keeps (allocator, workspaces, CUDA context, NCCL).
+MEMORY_GROUPS = {
+    "weights+grads+optimizer": ("weights_grads_optimizer", "ddp_buckets", "autocast_cache", "fsdp_buffers"),
+    "activations": ("activations", "recompute_working", "cross_entropy"),
+    "allocator/workspace": ("allocator_reserve", "cublas_workspace", "cuda_context", "nccl"),
+}
+_PART_NAMES = {"head_loss": "head+loss", "weights_grads_optimizer": "weights, grads, Adam", "activations": "stashed",
+               "exposed_comm": "exposed comm", "cublas_workspace": "cuBLAS workspace", "nccl": "NCCL",
+               "cuda_context": "CUDA context", "ddp_buckets": "DDP buckets", "fsdp_buffers": "FSDP buffers"}
+
+
+def _part_name(key: str) -> str:
+    return _PART_NAMES.get(key, key.replace("_", " "))
+
+
+def memory_groups(parts: dict[str, float]) -> dict[str, dict[str, float]]:
+    """A memory breakdown's parts under MEMORY_GROUPS; parts no group names (a newer plan file
+    read by older code) go to "other", so the groups always add up to the whole."""
+    known = {k for keys in MEMORY_GROUPS.values() for k in keys}
+    out = {g: {k: parts[k] for k in keys if k in parts} for g, keys in MEMORY_GROUPS.items()}
+    rest = {k: v for k, v in parts.items() if k not in known}
+    if rest:
+        out["other"] = rest
+    return {g: p for g, p in out.items() if p}
+
+
 def _num(x: Any, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -77,11 +113,14 @@ def plan_summary(plan: Plan | dict[str, Any]) -> str:
                   + ("fits" if fits else "DOES NOT FIT" if fits is not None else "unknown")]
         # Where the time and the memory go (absent from plans written before issue 13).
         if pr.get("breakdown_s"):
-            lines.append("step time: " + ", ".join(f"{k.replace('_', ' ')} {fmt_s(v)}"
-                                                   for k, v in pr["breakdown_s"].items() if v))
+            lines.append("step time (slowest GPU): " + ", ".join(f"{_part_name(k)} {fmt_ms(v)}"
+                                                                for k, v in pr["breakdown_s"].items()))
         if pr.get("memory_breakdown_bytes"):
-            lines.append("memory: " + ", ".join(f"{k.replace('_', ' ')} {gib(v)}"
-                                                for k, v in pr["memory_breakdown_bytes"].items() if v))
+            lines.append("memory (fullest GPU): " + "; ".join(
+                f"{group} {gib(sum(parts.values()))}"
+                + (" (" + ", ".join(f"{_part_name(k)} {gib(v)}" for k, v in parts.items() if v) + ")"
+                   if sum(1 for v in parts.values() if v) > 1 else "")
+                for group, parts in memory_groups(pr["memory_breakdown_bytes"]).items()))
     search = d.get("search") or {}
     if search:
         line = (f"search: {search.get('ilps', 0)} ILPs solved, {search.get('cache_hits', 0)} layer solutions "

@@ -37,22 +37,46 @@ Time:
   on one GPU (the host runs ahead across steps); in a pipeline every microbatch's forward and
   backward take max(host, device), since the next stage waits on them.
 
-Memory:
+Memory (the peak of one GPU; predicted allocated within -2.3..+2% of measured on the GPT
+single-GPU rows, bench/truth/predict.py):
+- the two moments of a one-microbatch step: at the start of the loss backward the activations
+  are all live but the fp32 gradients are not (zero_grad(set_to_none=True) freed them; 4 B per
+  parameter absent) while autocast's bf16 weight copies, saved for the backward, are (2 B); at
+  the end of the backward the gradients are all made and the activations gone. The peak is the
+  larger (`gradients_absent_at_activation_peak_bytes`); with several microbatches the
+  gradients exist after the first one and the weight cache lives all step.
+- autocast's fp32 residual stream: the embedding output and every residual add are fp32 (the
+  weights are), so every norm saves an fp32 input and full recomputation keeps fp32 layer
+  inputs (`fp32_residual_extra_bytes`): the measured per-token slope of single-gpt-1.3b
+  (mb1 -> mb16) is 37.5 B per hidden element per block, 38 with fp32 norm inputs, 34 without.
 - cross-entropy: at the start of the loss backward the fp32 log-softmax output (saved, 4 B),
-  its gradient (4) and the gradient of the logits (4) are live: 12 B per logit element. (In a
-  one-microbatch step the fp32 weight gradients, 4 B per parameter, do not exist yet at that
-  point, which the model's 16 B per parameter counts; that slack covers the GPT stashes it
-  undercounts, ~10% at mb16. The recomputed rows measure 10.7-13.4 B per logit without it.)
-- DDP's buckets hold a second fp32 copy of every gradient (4 B per parameter;
-  gradient_as_bucket_view is off by default): ddp rows allocate 4.0-7.5 B per parameter more
-  than single-GPU rows of the same model and microbatch.
+  its gradient (4) and the gradient of the logits (4) are live: 12 B per logit element.
+- a tied embedding: at the end of the backward the embedding's dense fp32 gradient exists next
+  to the `.grad` the LM head made, until it is added in (4 B per embedding parameter).
+- DDP: its buckets hold a second fp32 copy of every gradient (4 B per parameter;
+  gradient_as_bucket_view is off by default), and the ddp rows hold 4 B per parameter more at
+  their activation peak than that (ddp minus single rows of the same model and microbatch, max
+  over ranks: 7.6-8.0 B per parameter on gpt-1.3b mb1/mb4/mb8; the mechanism is not isolated:
+  on some ranks it is 4.0, so it depends on timing, e.g. when Python's garbage collector or
+  NCCL's watchdog frees tensors; the rows re-measured with the harness that waits for the
+  previous run's memory to go, ddp-gpt-1.3b mb1 and ddp-gpt-2.6b mb4, hold 4.0 on both ranks:
+  the term is kept, for safety, until the older ddp rows are re-measured).
+- FSDP2: the root module's unsharded bf16 weights and their gradients (4 B per root parameter,
+  gathered for the forward and kept to the end of the backward), and one block's backward
+  buffers plus the next block's prefetch (16 B per parameter of the largest block,
+  `fsdp_buffer_bytes`): with them the gpt-6.7b fsdp2 rows are predicted within -2.3..+2.9%.
 - autocast's weight cache: one autocast region around several microbatches (a pipeline's
   schedule step) keeps the bf16 copy of every weight for the whole step (2 B per parameter).
-- caching allocator: peak reserved exceeds peak allocated by up to RESERVE_FRACTION (fitted
-  envelope of (reserved - allocated) / allocated over the GPT rows); FSDP2, whose all-gather and
-  reduce-scatter streams keep pools of their own, by up to RESERVE_ZERO3_FRACTION (envelope of
-  the GPT fsdp2 rows except fsdp2-gpt-1.3b-s1024-mb1, whose reserved is 2.0x its allocated
-  memory, 17 GiB more, unexplained; there the model's peak is 50% short).
+- cuBLAS and cuBLASLt workspaces: 32 MiB each on Hopper, allocated through the caching
+  allocator.
+- caching allocator: peak reserved exceeds peak allocated by up to RESERVE_FRACTION (envelope
+  of (reserved - allocated) / allocated over every corpus row without recomputation, both
+  families; the largest is single-llama3-8b-s2048-mb1, 0.148, at the GPU's capacity with one
+  allocator retry); FSDP2, whose all-gather and reduce-scatter streams keep pools of their own,
+  by up to RESERVE_ZERO3_FRACTION (0.550: fsdp2-gpt-1.3b-s1024-mb1 re-measured, a host-bound
+  step whose rank 1 reserves 16.5 GiB at 10.6 GiB allocated; the next largest is
+  fsdp2-llama-3b-s4096-mb1, 0.348). The first measurement of that row (reserved 34.0 GiB) held
+  the previous run's memory and is kept only under the corpus's "superseded_runs".
 - outside the allocator: the CUDA context (0.77 GiB measured on every GPU) and NCCL's
   communicators and buffers (0.8-1.25 GiB measured with 2 GPUs: ddp/fsdp2 0.82, tp 0.94-1.19,
   pp 1.25).
@@ -83,14 +107,22 @@ DDP_BUCKET_COPY_BYTES_PER_PARAM = 8
 HOST_S_PER_LINEAR = 3.60e-4               # fitted: host-bound GPT single-GPU rows (fwd + bwd)
 HOST_FORWARD_SHARE = 0.212                 # fitted: profiled host time, blocks fwd / (fwd + bwd), median
 HOST_TP_S_PER_BLOCK = 1.04e-2             # fitted: GPT tp2 rows, DTensor dispatch per block
-HOST_FSDP_S_PER_BLOCK = 5.51e-3            # fitted: GPT fsdp2 rows, FSDP2 hooks per block
+HOST_FSDP_S_PER_BLOCK = 5.92e-3            # fitted: GPT fsdp2 rows, FSDP2 hooks per block
 
 # -- memory -----------------------------------------------------------------------------------
 CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT = 12
+FP32_BYTES = 4                            # autocast's residual stream, saved by every norm
 DDP_BUCKET_BYTES_PER_PARAM = 4
-AUTOCAST_CACHE_BYTES_PER_PARAM = 2
-RESERVE_FRACTION = 0.129                  # fitted envelope: (reserved - allocated) / allocated
-RESERVE_ZERO3_FRACTION = 0.246            # fitted envelope of the GPT fsdp2 rows but one (see above)
+DDP_SECOND_GRAD_BYTES_PER_PARAM = 4       # measured: ddp rows hold 7.6-8.0 B/param over single (see doc)
+AUTOCAST_CACHE_BYTES_PER_PARAM = 2       # also autocast's bf16 weight copies saved for backward
+TIED_EMBEDDING_GRAD_BYTES_PER_PARAM = 4   # embedding backward's fp32 gradient, before it is added into .grad
+FSDP_ROOT_BYTES_PER_PARAM = 4            # root's unsharded bf16 weights + their bf16 gradients
+FSDP_BLOCK_BYTES_PER_PARAM = 16          # one block's backward buffers and the next one's prefetch
+# fitted envelopes of (reserved - allocated) / allocated over every row without recomputation
+# (both families; the contaminated row of bench/truth/predict.py left out), ZeRO-3 (fsdp2) and not
+RESERVE_FRACTION = 0.148
+RESERVE_ZERO3_FRACTION = 0.550
+CUBLAS_WORKSPACE_BYTES = 2 * 32 * 2**20   # cuBLAS + cuBLASLt workspaces (32 MiB each on Hopper), in the allocator
 CUDA_CONTEXT_BYTES = 0.77 * GIB
 NCCL_BYTES = 1.25 * GIB
 
@@ -127,6 +159,14 @@ def autocast_fp32_stream_s(norm_elements: float, linear_consumers: int, cm: Comp
     return fwd_bytes / bw, AUTOCAST_BACKWARD_FACTOR * fwd_bytes / bw
 
 
+def fp32_residual_extra_bytes(stored_bytes: float, bytes_per_element: float) -> float:
+    """Bytes beyond `stored_bytes` (a residual-stream tensor at the graph's precision) that
+    autocast's fp32 copy of it takes."""
+    if bytes_per_element <= 0 or bytes_per_element >= FP32_BYTES:
+        return 0.0
+    return stored_bytes * (FP32_BYTES / bytes_per_element - 1)
+
+
 def grad_bucket_copy_s(synced_params: float, cm: ComputeModel) -> float:
     """DDP's copy of the gradients of `synced_params` parameters into its buckets."""
     return DDP_BUCKET_COPY_BYTES_PER_PARAM * synced_params / cm.stream_bytes_per_s if synced_params > 0 else 0.0
@@ -143,8 +183,42 @@ def host_s(n_linears: int, n_other_ops: int, n_blocks: int, tp: bool, fsdp: bool
 def state_bytes(local_params: float, ddp_buckets: bool, n_microbatches: int) -> float:
     """Bytes held for the whole step beyond weights, gradients and optimizer state: DDP's
     gradient buckets, and autocast's bf16 weight cache when one region spans microbatches."""
-    return local_params * ((DDP_BUCKET_BYTES_PER_PARAM if ddp_buckets else 0)
+    ddp = DDP_BUCKET_BYTES_PER_PARAM + DDP_SECOND_GRAD_BYTES_PER_PARAM
+    return local_params * ((ddp if ddp_buckets else 0)
                            + (AUTOCAST_CACHE_BYTES_PER_PARAM if n_microbatches > 1 else 0))
+
+
+def gradients_absent_at_activation_peak_bytes(local_params: float, grad_params: float, zero3: bool,
+                                              n_microbatches: int) -> float:
+    """How far below weights + gradients + optimizer state (16 B per parameter) a GPU's state
+    is at its activation peak, the start of the loss backward, in a one-microbatch step:
+    `zero_grad(set_to_none=True)` has freed the fp32 gradients (4 B for each of `grad_params`)
+    and none is made yet, while autocast's bf16 weight copies (2 B per local parameter; none
+    under ZeRO-3, whose bf16 weights are gathered per block) are saved for the backward. With
+    several microbatches the gradients exist after the first one (and `state_bytes` counts
+    the weight cache)."""
+    if n_microbatches > 1:
+        return 0.0
+    return FP32_BYTES * grad_params - (0.0 if zero3 else AUTOCAST_CACHE_BYTES_PER_PARAM * local_params)
+
+
+def tied_embedding_grad_bytes(tied_params: float) -> float:
+    """At the end of the backward, with every gradient made: the embedding backward's dense fp32
+    gradient of a weight the LM head shares, alive while it is added into the `.grad` the head's
+    gradient made (single-gpt-2.6b mb1 allocates 0.9 GiB over 16 B per parameter, 2 x 4 B x
+    vocab x hidden at its peak; an untied embedding's gradient becomes `.grad` itself)."""
+    return TIED_EMBEDDING_GRAD_BYTES_PER_PARAM * tied_params
+
+
+def fsdp_buffer_bytes(root_params: float, largest_block_params: float) -> tuple[float, float]:
+    """(held, transient) bytes of FSDP2's unsharded buffers on one GPU, from the unsharded
+    (per tensor-parallel shard) parameter counts of the root module (embedding, final norm,
+    head: gathered for the forward, kept until the root's post-backward at the end, with their
+    bf16 gradients) and of the largest wrapped block. In a block's backward: its bf16 weights (2 B)
+    and gradients (2), its fp32 reduce-scatter input (4) and the previous block's (4, kept until
+    the next reduce-scatter is issued), and the next block's prefetched all-gather buffer and
+    unsharded copy (2 + 2)."""
+    return FSDP_ROOT_BYTES_PER_PARAM * root_params, FSDP_BLOCK_BYTES_PER_PARAM * largest_block_params
 
 
 def reserved_bytes(allocated_bytes: float, zero3: bool) -> float:
@@ -155,6 +229,14 @@ def reserved_bytes(allocated_bytes: float, zero3: bool) -> float:
 def outside_allocator_bytes(n_gpus: int) -> float:
     """CUDA context, and NCCL's communicators and buffers where the plan communicates."""
     return CUDA_CONTEXT_BYTES + (NCCL_BYTES if n_gpus > 1 else 0.0)
+
+
+def allocatable_bytes(capacity_bytes: float, zero3: bool, n_gpus: int) -> float:
+    """The most a plan may allocate on a GPU of `capacity_bytes` (the inverse of
+    `device_peak_bytes`, less the cuBLAS workspaces): what the planner's memory check compares
+    its stages' weights, state and activations with."""
+    usable = capacity_bytes - outside_allocator_bytes(n_gpus)
+    return max(0.0, usable / (1 + (RESERVE_ZERO3_FRACTION if zero3 else RESERVE_FRACTION)) - CUBLAS_WORKSPACE_BYTES)
 
 
 def device_peak_bytes(allocated_bytes: float, zero3: bool, n_gpus: int) -> float:

@@ -24,6 +24,11 @@ from graphs.ir import INPUT, LOSS, MATMUL, NORM, OUTPUT, VIEW, OpGraph
 from graphs.query import attention_core, main_boundary, stage_nodes
 
 RECOMPUTE = ("none", "selective", "full")
+# Whether plans are costed as the eager PyTorch recipe (autopar/costmodel/eager.py) unless a
+# caller says otherwise: the one default of the evaluator, the 3D baselines, the planner and the
+# CLI, so that they judge a plan alike. Off: on the published Megatron-style runs the recipe's
+# terms make time and memory errors worse (bench/calibration/FINDINGS.md section 8).
+EAGER_DEFAULT = False
 # Per graph (weakly held, so it goes with the graph): stage key -> (problem, choice, evaluation).
 _STAGE_CACHE: weakref.WeakKeyDictionary[OpGraph, dict] = weakref.WeakKeyDictionary()
 
@@ -53,10 +58,14 @@ class StageResult:
     ddp_bucket_bytes: float = 0.0
     autocast_cache_bytes: float = 0.0
     cross_entropy_peak_bytes: float = 0.0   # fp32 loss tensors live at the loss backward
+    grads_absent_bytes: float = 0.0  # state below param_state_bytes at the activation peak (eager)
+    tied_grad_bytes: float = 0.0     # end of the backward: a tied embedding's gradient being accumulated
+    fsdp_root_bytes: float = 0.0     # FSDP2's unsharded root weights and gradients (fwd + bwd)
+    fsdp_block_bytes: float = 0.0    # FSDP2's per-block backward buffers and prefetch (transient)
 
 
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
-                   cm: ComputeModel, eager: bool = False) -> StageResult:
+                   cm: ComputeModel, eager: bool = EAGER_DEFAULT) -> StageResult:
     """The stage's costs; its StagePlan comes back as a copy carrying the per-op records."""
     names = stage_nodes(graph, st.layers)
     sub = Submesh(*st.submesh)
@@ -115,66 +124,162 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             bwd += sum(prob.strategy_of(n, assign[n]).fwd_s for n in core)
             rec_flops = sum(graph.node(n).fwd_flops for n in core)
 
-    stash = stash_after_recompute(st.recompute, ev.stash_bytes, layer_inputs, core_stash)
+    terms = eager_terms(graph, st.layers, prob, assign, ev, training.n_microbatches, zero, cm) if eager else NO_EAGER
+    if st.recompute == "full":
+        layer_inputs += terms.inputs_fp32_extra_bytes
+    stash = stash_after_recompute(st.recompute, ev.stash_bytes + terms.residual_stash_bytes, layer_inputs, core_stash)
     working = working_after_recompute(st.recompute, max_layer_stash)
     out_node = _stage_output(graph, st.layers)
     bbytes = graph.node(out_node).out_bytes if out_node else 0.0
+    fwd += terms.fwd_s
+    bwd += terms.bwd_s
 
-    # Eager-step terms: fp32 cross-entropy beyond the loss op's own cost, autocast's weight
-    # copies and the fp32 gradient casts / accumulation, and the host's dispatch time.
     layer_of = {n: li for li in range(*st.layers) for n in graph.layers[li].nodes}
     first, last = 0, len(graph.layers) - 1
     op_s = {o["name"]: o["compute_s"] + o["comm_s"] for o in ev.ops}
     embedding_s = sum(op_s.get(n, 0.0) for n in names if layer_of.get(n) == first)
     head_s = sum(op_s.get(n, 0.0) for n in names if layer_of.get(n) == last)
-    ce_extra_s = ce_peak = 0.0
-    for n in names:
-        node = graph.node(n)
-        src = node.operands[0].source if node.kind == LOSS and node.operands else None
-        if src is not None and src in assign:
-            logits_node = graph.node(src)
-            logits = (prob.strategy_of(src, assign[src]).out_bytes_local
-                      / (logits_node.out_bytes / _numel(logits_node.out_shape)))
-            ce_extra_s += max(0.0, eager_mod.cross_entropy_s(logits, cm) - op_s.get(n, 0.0))
-            ce_peak += eager_mod.CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT * logits
-    grad_acc_s = eager_mod.precision_casts_s(ev.param_elems, training.n_microbatches, cm)
-    if not eager:
-        ce_extra_s = ce_peak = grad_acc_s = 0.0
-    bwd += ce_extra_s + grad_acc_s
-    # autocast keeps the norms and the residual stream in fp32 (blocks' time, see autopar/costmodel/eager.py)
-    inside = set(names)
-    for n in names:
-        node = graph.node(n)
-        if not eager or node.kind != NORM or n not in assign:
-            continue
-        elems = prob.strategy_of(n, assign[n]).out_bytes_local / (node.out_bytes / _numel(node.out_shape))
-        consumers = sum(1 for m in graph.consumers(n) if m in inside and graph.node(m).kind == MATMUL
-                        and graph.node(m).param_operands)
-        f32_fwd, f32_bwd = eager_mod.autocast_fp32_stream_s(elems, consumers, cm)
-        fwd += f32_fwd
-        bwd += f32_bwd
-    n_linears = sum(1 for n in names if graph.node(n).kind == MATMUL and graph.node(n).param_operands)
-    n_other = sum(1 for n in names if graph.node(n).kind not in (VIEW, INPUT, OUTPUT, MATMUL)
-                  or (graph.node(n).kind == MATMUL and not graph.node(n).param_operands))
-    n_blocks = sum(1 for li in range(*st.layers) if first < li < last)
-    # Linears with split weights are what eager PyTorch runs as DTensors (tensor parallelism);
-    # ZeRO-3 over more than one device is FSDP2's per-block hooks.
-    op_rec = {o["name"]: o for o in ev.ops}
-    tp = any("S" in op_rec[n]["in_specs"][i] for n in names if n in op_rec and graph.node(n).kind == MATMUL
-             for i, o in enumerate(graph.node(n).operands) if o.is_param and i < len(op_rec[n]["in_specs"]))
-    host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=zero >= 3 and sub.n_devices > 1,
-                                      cm=cm) if eager else (0.0, 0.0)
     updated = ev.param_elems_zero if zero >= 1 else ev.param_elems
-    bucket_s = eager_mod.grad_bucket_copy_s(ev.param_elems, cm) if eager and ev.sync_s > 0 and zero < 3 else 0.0
+    tied = 0.0
+    if eager and st.layers[0] == first and st.layers[1] == last + 1:
+        head_params = {o.param for n in graph.layers[last].nodes for o in graph.node(n).operands if o.is_param}
+        tied = sum(_numel(o.shape) for n in graph.layers[first].nodes for o in graph.node(n).operands
+                   if o.is_param and o.owns_param and o.param in head_params)
+        if zero >= 2 and ev.param_elems:
+            tied *= ev.param_elems_zero / ev.param_elems
+    fsdp_block = 0.0
+    if eager and zero >= 3 and sub.n_devices > 1:
+        # Unsharded counts per tensor-parallel shard: the stage's local share of its parameters.
+        stage_params = sum(graph.layers[li].param_count for li in range(*st.layers))
+        share = ev.param_elems / stage_params if stage_params else 0.0
+        block = max((graph.layers[li].param_count for li in range(*st.layers) if first < li < last), default=0)
+        fsdp_block = eager_mod.fsdp_buffer_bytes(0.0, block * share)[1]
     return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working, ev.param_state_bytes(zero),
                        ev.sync_s, eager_mod.optimizer_s(updated, cm), bbytes, rec_flops,
-                       host_fwd_s=host_fwd, host_bwd_s=host_bwd, embedding_s=embedding_s,
-                       head_loss_s=head_s + ce_extra_s, op_comm_s=ev.comm_s, precision_casts_s=grad_acc_s,
-                       grad_bucket_s=bucket_s,
-                       ddp_bucket_bytes=eager_mod.state_bytes(ev.param_elems, bucket_s > 0, 1),
-                       autocast_cache_bytes=eager_mod.state_bytes(ev.param_elems, False, training.n_microbatches)
-                       if eager else 0.0,
-                       cross_entropy_peak_bytes=ce_peak)
+                       host_fwd_s=terms.host_fwd_s, host_bwd_s=terms.host_bwd_s, embedding_s=embedding_s,
+                       head_loss_s=head_s + terms.cross_entropy_s, op_comm_s=ev.comm_s,
+                       precision_casts_s=terms.precision_casts_s, grad_bucket_s=terms.grad_bucket_s,
+                       ddp_bucket_bytes=terms.ddp_bytes, autocast_cache_bytes=terms.autocast_cache_bytes,
+                       cross_entropy_peak_bytes=terms.cross_entropy_peak_bytes,
+                       grads_absent_bytes=eager_mod.gradients_absent_at_activation_peak_bytes(
+                           ev.param_elems, ev.param_elems_zero if zero >= 2 else ev.param_elems,
+                           zero >= 3 and sub.n_devices > 1, training.n_microbatches) if eager else 0.0,
+                       fsdp_root_bytes=terms.fsdp_root_bytes, fsdp_block_bytes=fsdp_block,
+                       tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied))
+
+
+@dataclass(frozen=True)
+class EagerTerms:
+    """What the eager PyTorch recipe adds to a set of consecutive layers under one sharding
+    (autopar/costmodel/eager.py). Every field is a sum over the layers' ops, so a stage's terms
+    are its layers' terms added up: the planner's per-layer solutions (search/layer_solver.py)
+    and the evaluator's stages use this one function."""
+
+    fwd_s: float = 0.0                 # device, per microbatch: autocast's fp32 norms and input casts
+    bwd_s: float = 0.0                 # device, per microbatch: their backward, cross_entropy_s, precision_casts_s
+    cross_entropy_s: float = 0.0       # fp32 cross-entropy beyond the loss op's own cost (in bwd_s)
+    precision_casts_s: float = 0.0     # weight copies, gradient casts and accumulation (in bwd_s)
+    host_fwd_s: float = 0.0            # host dispatch per microbatch
+    host_bwd_s: float = 0.0
+    grad_bucket_s: float = 0.0         # per step: DDP's copy of the gradients into its buckets
+    residual_stash_bytes: float = 0.0  # per microbatch in flight: the norms' fp32 inputs
+    inputs_fp32_extra_bytes: float = 0.0  # the layers' fp32 inputs beyond their graph size (full recompute)
+    cross_entropy_peak_bytes: float = 0.0  # fp32 loss tensors at the start of the loss backward
+    ddp_bytes: float = 0.0             # whole step: DDP's buckets and second gradient copy
+    autocast_cache_bytes: float = 0.0  # whole step, several microbatches: autocast's weight cache
+    fsdp_root_bytes: float = 0.0       # forward and backward: FSDP2's unsharded root weights and grads
+
+    @property
+    def device_s(self) -> float:
+        """Device seconds per microbatch (forward + backward)."""
+        return self.fwd_s + self.bwd_s
+
+    @property
+    def held_bytes(self) -> float:
+        """Bytes held through the step beyond weights, gradients and optimizer state."""
+        return self.ddp_bytes + self.autocast_cache_bytes + self.fsdp_root_bytes
+
+    @property
+    def stash_bytes(self) -> float:
+        """Per microbatch in flight, an upper bound for a stage's search: the fp32 residual stash
+        and the loss's fp32 tensors (the evaluator counts the latter once, as a working set)."""
+        return self.residual_stash_bytes + self.cross_entropy_peak_bytes
+
+
+NO_EAGER = EagerTerms()
+
+
+def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, assign: dict[str, int],
+                ev: Evaluation, n_microbatches: int, zero: int, cm: ComputeModel) -> EagerTerms:
+    """The eager recipe's terms of layers [layers[0], layers[1]) whose ops `prob` holds, under
+    the strategies `assign` picks (ev: prob's evaluation of them)."""
+    names = list(prob.names)
+    inside = set(names)
+    first, last = 0, len(graph.layers) - 1
+
+    def local_elems(src: str) -> tuple[float, float]:
+        """(local bytes, bytes per element) of a tensor the layers read or make."""
+        node = graph.node(src)
+        if src in assign:
+            local = prob.strategy_of(src, assign[src]).out_bytes_local
+        else:
+            spec = prob.boundary.get(src)
+            local = node.out_bytes / (shard_factor(spec, prob.mesh) if spec else 1)
+        return local, node.out_bytes / _numel(node.out_shape)
+
+    fwd = bwd = ce_s = ce_peak = residual = 0.0
+    n_linears = n_other = 0
+    tp = False
+    for n in names:
+        node = graph.node(n)
+        if node.kind == NORM and node.operands and node.operands[0].source is not None:
+            # autocast keeps the residual stream in fp32: the norm saves an fp32 input, runs in
+            # fp32 and its output is cast to bf16 by each linear it feeds
+            residual += eager_mod.fp32_residual_extra_bytes(*local_elems(node.operands[0].source))
+            if n in assign:
+                elems = prob.strategy_of(n, assign[n]).out_bytes_local / (node.out_bytes / _numel(node.out_shape))
+                consumers = sum(1 for m in graph.consumers(n) if m in inside and graph.node(m).kind == MATMUL
+                                and graph.node(m).param_operands)
+                f32_fwd, f32_bwd = eager_mod.autocast_fp32_stream_s(elems, consumers, cm)
+                fwd += f32_fwd
+                bwd += f32_bwd
+        if node.kind == LOSS and node.operands and node.operands[0].source in assign and n in assign:
+            local, elem_bytes = local_elems(node.operands[0].source)
+            own = prob.strategy_of(n, assign[n])
+            ce_s += max(0.0, eager_mod.cross_entropy_s(local / elem_bytes, cm) - (own.fwd_s + own.bwd_s))
+            ce_peak += eager_mod.CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT * local / elem_bytes
+        if node.kind == MATMUL and node.param_operands:
+            n_linears += 1
+            # linears with split weights are what eager PyTorch runs as DTensors
+            if n in assign:
+                st = prob.strategy_of(n, assign[n])
+                tp = tp or any(o.is_param and i < len(st.in_specs) and st.in_specs[i] is not None
+                               and any(st.in_specs[i]) for i, o in enumerate(node.operands))
+        elif node.kind not in (VIEW, INPUT, OUTPUT):
+            n_other += 1
+    inputs_extra = 0.0
+    for li in range(*layers):
+        src = main_boundary(graph, list(graph.layers[li].nodes))
+        if src is not None:
+            inputs_extra += eager_mod.fp32_residual_extra_bytes(*local_elems(src))
+    casts = eager_mod.precision_casts_s(ev.param_elems, n_microbatches, cm)
+    n_blocks = sum(1 for li in range(*layers) if first < li < last)
+    host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=zero >= 3 and prob.mesh.n_devices > 1,
+                                          cm=cm)
+    ddp = ev.sync_s > 0 and zero < 3
+    root_params = sum(graph.layers[li].param_count for li in range(*layers) if li in (first, last))
+    stage_params = sum(graph.layers[li].param_count for li in range(*layers))
+    fsdp_root = 0.0
+    if zero >= 3 and prob.mesh.n_devices > 1 and stage_params:
+        fsdp_root = eager_mod.fsdp_buffer_bytes(root_params * ev.param_elems / stage_params, 0.0)[0]
+    return EagerTerms(fwd_s=fwd, bwd_s=bwd + ce_s + casts, cross_entropy_s=ce_s, precision_casts_s=casts,
+                      host_fwd_s=host_fwd, host_bwd_s=host_bwd,
+                      grad_bucket_s=eager_mod.grad_bucket_copy_s(ev.param_elems, cm) if ddp else 0.0,
+                      residual_stash_bytes=residual, inputs_fp32_extra_bytes=inputs_extra,
+                      cross_entropy_peak_bytes=ce_peak,
+                      ddp_bytes=eager_mod.state_bytes(ev.param_elems, ddp, 1),
+                      autocast_cache_bytes=eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
+                      fsdp_root_bytes=fsdp_root)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -210,16 +315,19 @@ def p2p_time_s(cluster: Cluster, a: StagePlan, b: StagePlan, nbytes: float) -> f
 
 
 
-def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = False) -> Plan:
+def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT) -> Plan:
     """A copy of `plan` with its prediction and each stage's costs filled in; `plan` is unchanged.
 
     eager: the step as the eager PyTorch recipe runs it (autopar.costmodel.eager, measured on
     H200 in bench/truth: autocast over fp32 master weights, DDP / FSDP2 / DTensor engines, the
     caching allocator): fp32 cross-entropy, autocast's casts and fp32 norms, gradient
     accumulation and DDP's buckets, the host's dispatch (a GPU's step takes max(host, device)),
-    the allocator's reserve, CUDA context and NCCL memory. Off by default, for now: the
-    planner's stage ILP does not see these terms yet (with them on, its searched plans are
-    judged by costs it did not optimise), and fused engines (Megatron-LM) avoid most of them.
+    the allocator's reserve, CUDA context and NCCL memory. The planner's per-layer solutions
+    carry the same terms (`eager_terms`) and its memory check the same per-GPU reserve and fixed
+    memory (`eager.allocatable_bytes`) when it plans with eager=True, so `autopar plan --eager`
+    and `autopar evaluate --eager` judge a plan alike. Off by default (EAGER_DEFAULT): on the
+    published Megatron-style runs the terms make Megatron-LM's time and Megatron-DeepSpeed's
+    memory far worse (bench/calibration/FINDINGS.md section 8); fused engines avoid most of them.
     The fused AdamW step at its measured bandwidth counts either way."""
     tr = plan.training
     cm = ComputeModel(cluster.gpu, tr.dtype)
@@ -253,6 +361,9 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = False) 
     # backward, and holds all their stashes, but recomputes one layer at a time.
     dev_mem: dict[int, float] = {}
     dev_work: dict[int, float] = {}
+    dev_held: dict[int, float] = {}
+    dev_absent: dict[int, float] = {}
+    dev_tied: dict[int, float] = {}
     dev_end: dict[int, float] = {}
     dev_tail: dict[int, float] = {}
     dev_host: dict[int, float] = {}
@@ -264,9 +375,12 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = False) 
         inf = inflight(schedule, rank, n_dev_stages, B, v)
         # The fp32 loss tensors peak at the start of the loss backward, the recomputed layer
         # later: not at once.
-        working = max(r.working_bytes, r.cross_entropy_peak_bytes)
+        # FSDP2's block buffers come on top of either (summed: conservative, the gpt-6.7b mb8 row
+        # needs it).
+        working = max(r.working_bytes, r.cross_entropy_peak_bytes) + r.fsdp_block_bytes
         act = activation_bytes(inf, r.stash_bytes, working)
-        held = r.param_state_bytes + r.ddp_bucket_bytes + r.autocast_cache_bytes    # the whole step
+        held = (r.param_state_bytes + r.ddp_bucket_bytes + r.autocast_cache_bytes    # the whole step
+                + r.fsdp_root_bytes)
         total = held + act
         memory = StageMemory(param_state_bytes=held, activation_bytes=act,
                              stash_per_microbatch_bytes=r.stash_bytes, inflight_microbatches=inf,
@@ -274,6 +388,9 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = False) 
         stages.append(replace(r.plan, memory=memory, t_intra_s=r.fwd_s + r.bwd_s, fwd_s=r.fwd_s, bwd_s=r.bwd_s))
         dev_mem[rank] = dev_mem.get(rank, 0.0) + total - working
         dev_work[rank] = max(dev_work.get(rank, 0.0), working)
+        dev_held[rank] = dev_held.get(rank, 0.0) + held
+        dev_absent[rank] = dev_absent.get(rank, 0.0) + r.grads_absent_bytes
+        dev_tied[rank] = dev_tied.get(rank, 0.0) + r.tied_grad_bytes
         dev_end[rank] = max(dev_end.get(rank, 0.0), finish.get(i, 0.0))
         dev_tail[rank] = dev_tail.get(rank, 0.0) + r.sync_s + r.optimizer_s + r.grad_bucket_s
         dev_host[rank] = dev_host.get(rank, 0.0) + B * (r.host_fwd_s + r.host_bwd_s)
@@ -283,7 +400,11 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = False) 
     dev_step = {k: max(dev_end[k] + dev_tail[k], dev_host[k]) for k in dev_end}
     step = max(dev_step.values())
     zero3 = tr.zero >= 3 and any(r.plan.n_devices > 1 for r in res)
-    allocated = {k: dev_mem[k] + dev_work[k] for k in dev_mem}
+    # The activations peak before the gradients exist (one-microbatch eager steps): the state is
+    # then `absent` below its full size; after the backward it is full and the activations gone.
+    absent_at_peak = {k: min(dev_absent[k], dev_mem[k] + dev_work[k] - dev_held[k] - dev_tied[k]) for k in dev_mem}
+    workspace = eager_mod.CUBLAS_WORKSPACE_BYTES if eager else 0.0
+    allocated = {k: dev_mem[k] + dev_work[k] - absent_at_peak[k] + workspace for k in dev_mem}
     device_bytes = {k: eager_mod.device_peak_bytes(a, zero3, plan.n_devices) if eager else a
                     for k, a in allocated.items()}
     mem_dev = max(device_bytes, key=lambda k: device_bytes[k])
@@ -293,7 +414,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = False) 
     breakdown = _time_breakdown(dev_stages[time_dev], B, dev_step[time_dev], dev_tail[time_dev],
                                 sched, time_dev)
     memory_breakdown = _memory_breakdown(dev_stages[mem_dev], dev_mem[mem_dev], allocated[mem_dev], zero3,
-                                         plan.n_devices if eager else 0)
+                                         plan.n_devices if eager else 0, absent_at_peak[mem_dev])
 
     tokens = tr.global_batch * plan.model.seq
     model_flops = (graph.fwd_flops + graph.bwd_flops) * B
@@ -353,17 +474,22 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
 
 
 def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_bytes: float, zero3: bool,
-                      n_gpus: int) -> dict[str, float]:
+                      n_gpus: int, grads_absent_bytes: float = 0.0) -> dict[str, float]:
     """Where one GPU's peak memory goes; the parts add up to its predicted peak. n_gpus 0: the
-    plan is not evaluated as the eager recipe (no allocator reserve, context or NCCL)."""
+    plan is not evaluated as the eager recipe (no allocator reserve, context or NCCL).
+    grads_absent_bytes: the part of weights + gradients + optimizer state not allocated at the
+    peak (gradients not made yet, net of autocast's weight copies)."""
     params = sum(r.param_state_bytes for r in stages)
     buckets = sum(r.ddp_bucket_bytes for r in stages)
     cache = sum(r.autocast_cache_bytes for r in stages)
     recompute = max((r.working_bytes for r in stages), default=0.0)
     ce = max((r.cross_entropy_peak_bytes for r in stages), default=0.0)
+    root = sum(r.fsdp_root_bytes for r in stages)
+    block = max((r.fsdp_block_bytes for r in stages), default=0.0)
     reserved = eager_mod.reserved_bytes(allocated_bytes, zero3) if n_gpus else allocated_bytes
-    return {"weights_grads_optimizer": params, "ddp_buckets": buckets, "autocast_cache": cache,
-            "activations": held_bytes - params - buckets - cache,
+    return {"weights_grads_optimizer": params - grads_absent_bytes, "ddp_buckets": buckets, "autocast_cache": cache,
+            "fsdp_buffers": root + block, "cublas_workspace": eager_mod.CUBLAS_WORKSPACE_BYTES if n_gpus else 0.0,
+            "activations": held_bytes - params - buckets - cache - root,
             "recompute_working": recompute if recompute >= ce else 0.0,
             "cross_entropy": ce if ce > recompute else 0.0,
             "allocator_reserve": reserved - allocated_bytes,

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from autopar.costmodel.compute import ComputeModel
-from autopar.evaluation.evaluator import evaluate
+from autopar.costmodel.eager import allocatable_bytes
+from autopar.evaluation.evaluator import EAGER_DEFAULT, evaluate
 from autopar.hardware.mesh import Mesh, Submesh, submeshes
 from autopar.hardware.presets import load_cluster
 from autopar.hardware.specs import Cluster
@@ -34,7 +35,7 @@ from autopar.search.candidates import (
 )
 from autopar.search.layer_solver import LayerSolver, SearchStats
 from autopar.search.range_table import range_table
-from autopar.search.tables import SearchSpace, StageTables, boundary_p2p_s
+from autopar.search.tables import SearchSpace, StageTables, boundary_p2p_s, range_classes
 from autopar.sharding.stage_problem import Settings
 from autopar.validation import check_training
 from graphs.ir import OpGraph
@@ -53,7 +54,7 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
          gpus_per_node: int | None = None, global_batch: int | None = None, microbatches: str | int = "auto",
          schedule: str = "1f1b", max_stages: int | None = None, dtype: str | None = None, zero: int = 1,
          seq: int | None = None, example_inputs: Any = None, time_limit_s: float = 10.0, backend: str = "highs",
-         progress: bool = False, intra: str = "ilp", workers: int | None = None) -> Plan:
+         progress: bool = False, intra: str = "ilp", workers: int | None = None, eager: bool = EAGER_DEFAULT) -> Plan:
     """Search the best (stage, submesh, logical mesh, sharding) plan; returns it evaluated.
 
     Each candidate microbatch size is an independent search (its own trace, ILPs and DP); they
@@ -74,7 +75,7 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
         raise PlanError(f"global batch {global_batch} is not a multiple of the traced microbatch {source.fixed_batch}")
     second_round = microbatches == "auto" and not source.fixed_batch
     sizes = [source.fixed_batch] if source.fixed_batch else microbatch_candidates(global_batch, cl.n_gpus, microbatches)
-    job = SearchJob(source, cl, global_batch, schedule, max_stages, dtype, zero, time_limit_s, backend, intra)
+    job = SearchJob(source, cl, global_batch, schedule, max_stages, dtype, zero, time_limit_s, backend, intra, eager)
     n_workers = max(1, min(len(sizes), workers or os.cpu_count() or 1))
     bar = _Progress(progress, len(sizes) + (2 if second_round else 0))
     results = _run_searches(job, sizes, n_workers, bar)
@@ -164,6 +165,7 @@ class SearchJob:
     time_limit_s: float
     backend: str
     intra: str
+    eager: bool = EAGER_DEFAULT      # cost as the eager PyTorch recipe (evaluator.evaluate's eager)
 
     def search(self, microbatch_size: int) -> SearchResult:
         """The best plan for one microbatch size."""
@@ -192,12 +194,13 @@ class SearchJob:
         B = self.global_batch // microbatch_size
         only = frozenset({"R", "b@0"}) if self.intra == "dp" else None
         solver = LayerSolver(graph, ComputeModel(cl.gpu, self.dtype), Settings(n_microbatches=B, zero=self.zero),
-                             stats, self.time_limit_s, self.backend, only)
+                             stats, self.time_limit_s, self.backend, only, eager=self.eager)
         t0 = time.perf_counter()
         L = len(graph.layers)
         space = SearchSpace(L, min(self.max_stages or L, L, cl.n_gpus), B, cl.n_gpus, self.schedule,
-                            cl.gpu.memory_bytes)
-        tables = StageTables(space, len(subs))
+                            allocatable_bytes(cl.gpu.memory_bytes, self.zero >= 3, cl.n_gpus) if self.eager
+                            else cl.gpu.memory_bytes)
+        tables = StageTables(space, len(subs), range_classes([solver.identity(li) for li in range(L)]))
         p2p_s = boundary_p2p_s(cl, graph, solver.inputs, subs)
         equal_split: list[Candidate] = []
         for mi, sub in enumerate(subs):
@@ -223,7 +226,7 @@ class SearchJob:
         p = Plan(strategy="auto", config=PlanConfig("auto", auto_label(stages, cand.chunks)),
                  model=ModelInfo.of(graph, self.source.name, self.source.loadable), cluster=ClusterInfo.of(self.cl),
                  training=training, stages=stages)
-        return evaluate(p, graph, self.cl)
+        return evaluate(p, graph, self.cl, eager=self.eager)
 
 
 def best_simulated(candidates: list[Candidate], simulate: Callable[[Candidate], Plan],

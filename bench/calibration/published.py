@@ -537,7 +537,9 @@ def evaluate_group(task: tuple[str, int, str, list[dict]]) -> list[dict]:
                 cl = what_if_cluster(api, cl, j["what_if"])
             cfg = api.Config3D(j["dp"], j["tp"], j["pp"], j["microbatch"], j["recompute"], j["schedule"],
                                j["vp"] if j["schedule"] == "interleaved" else 1, j["zero"])
-            plan = api.build_3d(src, cl, j["global_batch"], cfg, dtype)
+            # eager None: autopar's default; True/False: the eager recipe's terms on/off
+            kw = {} if j.get("eager") is None else {"eager": j["eager"]}
+            plan = api.build_3d(src, cl, j["global_batch"], cfg, dtype, **kw)
             d = plan.to_dict()
             graph = src.graph(j["microbatch"] * j["dp"])
             cm = api.ComputeModel(cl.gpu, dtype)
@@ -656,7 +658,7 @@ def step_breakdown(row: dict) -> dict:
 
 
 def run_all(runs: list[dict], split: dict, workers: int, only: list[str] | None = None,
-            log=print, what_if: dict | None = None) -> list[dict]:
+            log=print, what_if: dict | None = None, eager: bool | None = None) -> list[dict]:
     rows: dict[str, dict] = {}
     jobs: dict[str, Job] = {}
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -682,7 +684,8 @@ def run_all(runs: list[dict], split: dict, workers: int, only: list[str] | None 
             continue
         rows[run["id"]] = row
         jobs[mapped.id] = mapped
-        groups[(mapped.model, mapped.seq, mapped.dtype)].append(dict(asdict(mapped), what_if=what_if or {}))
+        groups[(mapped.model, mapped.seq, mapped.dtype)].append(dict(asdict(mapped), what_if=what_if or {},
+                                                                     eager=eager))
     # Biggest models first (tracing dominates), so the two workers finish together.
     tasks = sorted(((k[0], k[1], k[2], v) for k, v in groups.items()),
                    key=lambda t: -(_size_hint(t[0]) * len({(j["microbatch"] * j["dp"]) for j in t[3]})))
@@ -801,6 +804,9 @@ def main(argv=None) -> int:
     ap.add_argument("--label", help="what autopar was evaluated (e.g. the commit of a snapshot), kept in the JSON")
     ap.add_argument("--what-if", action="append", default=[], metavar="KEY=VALUE",
                     help="sensitivity experiment: " + "; ".join(f"{k}: {v}" for k, v in WHAT_IF_KEYS.items()))
+    ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=None,
+                    help="evaluate with (--eager) or without (--no-eager) the eager PyTorch recipe's terms "
+                         "(autopar/costmodel/eager.py); default: autopar's default")
     a = ap.parse_args(argv)
     if a.report:
         data = json.loads(Path(a.report).read_text())
@@ -811,7 +817,7 @@ def main(argv=None) -> int:
     split = load_split(Path(a.split))
     what_if = {k: float(v) for k, _, v in (w.partition("=") for w in a.what_if)}
     rows = run_all(runs, split, a.workers, a.only.split(",") if a.only else None, log=lambda s: print(s, flush=True),
-                   what_if=what_if)
+                   what_if=what_if, eager=a.eager)
     elapsed = time.perf_counter() - t0
     text = report(rows, worst=a.worst)
     print(text)
@@ -823,7 +829,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"schema": "autopar.published_eval/v1", "date": datetime.date.today().isoformat(),
                "runs_file": str(a.runs), "split_file": str(a.split), "autopar": dict(autopar_version(), label=a.label),
-               "what_if": what_if, "wall_time_s": elapsed, "cpu_time_s": cpu, "load_average_end": load,
+               "what_if": what_if, "eager": a.eager, "wall_time_s": elapsed, "cpu_time_s": cpu, "load_average_end": load,
                "workers": a.workers, "cpu_count": os.cpu_count(), "rows": rows}
     write_results(out, payload)
     print(f"wrote {out}")

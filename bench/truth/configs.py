@@ -124,6 +124,12 @@ def dist_runs() -> dict[str, list[dict]]:
           _r("gpt-1.3b", "pp", 4, 1024, nmb=8, prio=1)]
     pp += [_r("gpt-6.7b", "pp", mb, 1024, nmb=8, prio=2) for mb in (1, 2)]
     pp += [_r("llama-3b", "pp", 1, 4096, nmb=8, prio=2), _r("llama3-8b", "pp", 1, 4096, nmb=8, prio=3)]
+    # The memory terms of 2026-11-30 (autopar/costmodel/eager.py) on models they were not fitted
+    # on: DDP's second gradient copy, FSDP2's unsharded root (a 128K-vocabulary embedding and head)
+    # and block buffers.
+    ddp += [_r("gpt-2.6b", "ddp", 4, 1024, prio=6)]
+    fsdp += [_r("gpt-2.6b", "fsdp2", 4, 1024, prio=6), _r("llama-1b", "fsdp2", 1, 8192, prio=6),
+             _r("llama-1b", "fsdp2", 4, 4096, prio=6)]
     return {"ddp": ddp, "fsdp2": fsdp, "tp": tp, "pp": pp}
 
 

@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stall-s", type=float, default=90, help="a worker silent this long (+3x the run's "
                     "estimate) is taken as hung and killed")
     ap.add_argument("--exclude-ids", default="", help="comma list of run ids to leave out")
+    ap.add_argument("--ids", default="", help="comma list of run ids: run only these (in the list's order "
+                    "within each strategy)")
     ap.add_argument("--result", default="truth.json")
     ap.add_argument("--work-dir", default="", help="worker JSON lines and run lists (default <out-dir>/work)")
     a = ap.parse_args(argv)
@@ -208,6 +210,12 @@ def main(argv=None) -> int:
     else:
         single, dist = C.single_runs(), C.dist_runs()
     ex = set(filter(None, a.exclude_ids.split(",")))
+    ids = set(filter(None, a.ids.split(",")))
+    known = {r["id"] for r in single} | {r["id"] for v in dist.values() for r in v}
+    if ids - known:
+        ap.error(f"--ids: unknown run ids {sorted(ids - known)}; the run list is bench/truth/configs.py")
+    if ids:
+        ex |= known - ids
     single = [r for r in single if r["id"] not in ex]
     dist = {k: [r for r in v if r["id"] not in ex] for k, v in dist.items()}
     dist = {k: v for k, v in dist.items() if v}

@@ -643,6 +643,7 @@ def profile_step(step, dev: Dev) -> dict:
 
 def measure(run: dict, dev: Dev, amp: str, world: int, rank: int) -> dict:
     strat = run["strategy"]
+    start_mem = dev.mem()     # what the previous run left (free() waits for it to go)
     if strat == "single":
         step, objs, toks = setup_single(run, dev, amp)
     elif strat == "ddp":
@@ -655,7 +656,13 @@ def measure(run: dict, dev: Dev, amp: str, world: int, rank: int) -> dict:
         step, objs, toks = setup_pp(run, dev, amp, world, rank)
     else:
         raise ValueError(strat)
-    res: dict = {"tokens_per_step": toks}
+    res: dict = {"tokens_per_step": toks, "allocated_bytes_at_start": start_mem.get("allocated_bytes_now", 0),
+                 "reserved_bytes_at_start": start_mem.get("reserved_bytes_now", 0)}
+    if dev.kind == "cuda":
+        # The peaks are the training steps': the setup's (unsharded init copies) are kept apart.
+        res["setup_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        res["setup_peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        dev.reset_peaks()
     retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0) if dev.kind == "cuda" else 0
     t_build = time.perf_counter()
     loss = step()                         # warm-up 1: optimizer state, cuBLAS plans, NCCL comms
@@ -704,6 +711,13 @@ def free(dev: Dev):
     gc.collect()
     if dev.kind == "cuda":
         torch.cuda.synchronize()
+        # NCCL's watchdog thread releases the tensors its finished collectives hold a moment
+        # later; resetting the peaks before that let a run's peaks include the previous run's
+        # memory (fsdp2-gpt-1.3b-s1024-mb1 of the 2026-11-30 corpus).
+        deadline = time.time() + 5.0
+        while torch.cuda.memory_allocated() > 256 * 2**20 and time.time() < deadline:
+            time.sleep(0.1)
+            gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
@@ -849,7 +863,8 @@ def assemble(run: dict, allr: list, wall: float) -> dict:
         peak_allocated_bytes_per_rank=[r["peak_allocated_bytes"] for r in res],
         peak_reserved_bytes_per_rank=[r["peak_reserved_bytes"] for r in res],
     )
-    for k in ("device_used_bytes_now", "alloc_retries", "peak_inactive_split_bytes", "allocated_bytes_now",
+    for k in ("device_used_bytes_now", "alloc_retries", "allocated_bytes_at_start", "reserved_bytes_at_start",
+              "setup_peak_allocated_bytes", "setup_peak_reserved_bytes", "peak_inactive_split_bytes", "allocated_bytes_now",
               "reserved_bytes_now", "device_total_bytes"):
         if k in r0:
             row[k + "_per_rank"] = [r.get(k) for r in res]

@@ -30,6 +30,7 @@ from autopar.plan import (
     schema,
     validate,
 )
+from autopar.report import memory_groups, plan_summary
 from autopar.search.planner import plan as auto_plan
 
 TINY = "gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128"
@@ -324,3 +325,24 @@ def test_cli_show_bad_plan(capsys, tmp_path):
     assert main(["show", str(f)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a required property" in err
+
+
+def test_eager_breakdown_in_json_and_show():
+    """Each term a named part: the JSON keeps them (and reads back), `autopar show` names them and
+    groups the memory into model state, activations and allocator/workspace, adding up to the peak;
+    a plan file written before the breakdowns existed still loads and prints."""
+    src = ModelSource("gpt:hidden=256,layers=3,heads=4,seq=128,vocab=1024")
+    p = build_3d(src, load_cluster("dgx-h200", 1, 2), 8, Config3D(2, 1, 1, 4), eager=True)
+    back = Plan.from_json(p.to_json())
+    pr = back.predicted
+    assert dict(pr.breakdown_s) == pytest.approx(dict(p.predicted.breakdown_s))
+    assert {"head_loss", "optimizer", "exposed_comm", "host", "blocks"} <= set(pr.breakdown_s)
+    assert sum(pr.breakdown_s.values()) == pytest.approx(pr.step_time_s, rel=1e-6)
+    groups = memory_groups(dict(pr.memory_breakdown_bytes))
+    assert list(groups) == ["weights+grads+optimizer", "activations", "allocator/workspace"]
+    assert sum(sum(g.values()) for g in groups.values()) == pytest.approx(pr.peak_memory_bytes, rel=1e-6)
+    text = plan_summary(back)
+    assert "head+loss" in text and "exposed comm" in text and "host" in text
+    assert "weights+grads+optimizer" in text and "allocator/workspace" in text
+    old = Plan.from_json(FIXTURE.read_text())
+    assert old.predicted.breakdown_s is None and "step time (slowest GPU)" not in plan_summary(old)
