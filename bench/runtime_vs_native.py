@@ -3,6 +3,7 @@ same model and strategy on the same GPUs (issue 12).
 
     python bench/runtime_vs_native.py                       # 2 GPUs, nccl, bf16
     python bench/runtime_vs_native.py --compiled            # the cases with torch.compile per block
+    python bench/runtime_vs_native.py --profile DIR         # also torch.profiler tables of gpt-1.3b tp
     python bench/runtime_vs_native.py --device cpu --quick  # 2 gloo processes, a tiny model (a smoke test)
 
 Per (model, strategy, microbatch) both ways, one after the other in the same two processes:
@@ -11,7 +12,8 @@ Per (model, strategy, microbatch) both ways, one after the other in the same two
              zero3 / zero1: fully_shard per block + root (reshard_after_forward True / False),
                             MixedPrecisionPolicy(bf16, fp32 reduce), foreach Adam
              tp: parallelize_module (ColwiseParallel / RowwiseParallel, vocab-parallel embedding,
-                 loss_parallel), autocast bf16
+                 loss_parallel), autocast bf16, torch.compile per block (both ways, as the
+                 runtime's default compiles tensor-parallel stages)
              pp: two PipelineStages, Schedule1F1B, autocast bf16
     autopar  the plan of the same strategy (autopar.evaluation.baselines.build_3d; `auto` is
              autopar.plan's own plan, compared with the fastest native recipe of its row),
@@ -47,12 +49,13 @@ sys.path.insert(0, str(ROOT))
 LLAMA_1B = "llama:hidden=2048,layers=16,heads=16,kv_heads=4,seq=2048,vocab=32000"
 NAMES = {LLAMA_1B: "llama-1b-gqa"}
 # (model, strategy, microbatch per rank, compile), most important first: the run stops at its
-# time budget
-CASES = ([("gpt-1.3b", s, mb, False) for mb in (1, 8) for s in ("dp", "zero3", "tp", "pp", "auto")]
-         + [(LLAMA_1B, s, mb, False) for mb in (4, 1) for s in ("dp", "zero3", "tp", "pp", "auto")]
-         + [("gpt-6.7b", s, 4, False) for s in ("zero3", "tp", "pp")]
-         + [("gpt-1.3b", "tp", 8, True), ("gpt-1.3b", "zero1", 8, False), ("gpt-6.7b", "auto", 4, False),
-            ("gpt-6.7b", "tp", 1, False), ("gpt-1.3b", "dp", 8, True)])
+# time budget. Tensor parallelism is compiled per block both ways (the native recipe's and the
+# runtime's default); `auto` runs with the runtime's default (None).
+STRATS = (("dp", False), ("zero3", False), ("tp", True), ("pp", False), ("auto", None))
+CASES = ([("gpt-1.3b", s, mb, c) for mb in (1, 8) for s, c in STRATS]
+         + [(LLAMA_1B, s, mb, c) for mb in (4, 1) for s, c in STRATS]
+         + [("gpt-6.7b", s, 4, c) for s, c in STRATS if s != "dp"]
+         + [("gpt-6.7b", "tp", 1, True), ("gpt-1.3b", "zero1", 8, False), ("gpt-6.7b", "dp", 2, False)])
 # torch.compile per block, both ways: where it helps (the runtime's default)
 COMPILED = [("gpt-1.3b", "tp", 1, True), ("gpt-1.3b", "dp", 8, True), (LLAMA_1B, "tp", 4, True),
             ("gpt-6.7b", "tp", 4, True), ("gpt-1.3b", "zero3", 8, True)]
@@ -62,6 +65,10 @@ QUICK = ([("gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128", s, 2, False)
 CONFIGS = {"dp": dict(dp=2, tp=1, pp=1), "zero3": dict(dp=2, tp=1, pp=1, zero=3), "zero1": dict(dp=2, tp=1, pp=1, zero=1),
            "tp": dict(dp=1, tp=2, pp=1), "pp": dict(dp=1, tp=1, pp=2)}
 WARMUP_STEPS, TIMED_STEPS = 2, 4
+# --profile DIR: the gpt-1.3b tensor-parallel cases also run two steps under torch.profiler,
+# both ways; the op tables go to DIR
+PROFILE_DIR: Path | None = None
+PROFILED = ("gpt-1.3b", "tp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +281,35 @@ def _free():
         torch.cuda.empty_cache()
 
 
-def _measure(step, plan, device) -> dict:
+def _profile(step, batches, device, tag: str) -> None:
+    """Two more steps under torch.profiler; rank 0 writes the op tables (by GPU time and by CPU
+    time) and the step's wall time against its summed kernel time to PROFILE_DIR/<tag>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    n = 2
+    dist.barrier()
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for i in range(n):
+            step(batches[i % 2])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = (time.perf_counter() - t0) / n
+    if dist.get_rank() != 0 or PROFILE_DIR is None:
+        return
+    ka = prof.key_averages()
+    key = "self_device_time_total" if hasattr(ka[0], "self_device_time_total") else "self_cuda_time_total"
+    gpu_us = sum(getattr(e, key) for e in ka) / n
+    launches = sum(e.count for e in ka if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))) / n
+    text = (f"{tag}: wall {wall * 1e3:.1f} ms/step, summed kernel time {gpu_us / 1e3:.1f} ms/step, "
+            f"{launches:.0f} kernel launches/step\n\n"
+            + ka.table(sort_by=key, row_limit=40) + "\n\n" + ka.table(sort_by="cpu_time_total", row_limit=40))
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    (PROFILE_DIR / f"{tag}.txt").write_text(text)
+    print(text.splitlines()[0], flush=True)
+
+
+def _measure(step, plan, device, tag: str = "") -> dict:
     from autopar.runtime.apply import make_batch
     batches = [make_batch(plan, i) for i in range(2)]
     if device.type == "cuda":
@@ -295,9 +330,17 @@ def _measure(step, plan, device) -> dict:
                       torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0], dtype=torch.float64,
                      device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if PROFILE_DIR is not None and tag.startswith("_".join(PROFILED) + "_"):
+        _profile(step, batches, device, tag)
     tokens = plan.training.global_batch * plan.model.seq
     return {"step_time_s": t[0].item(), "tokens_per_s": tokens / t[0].item(), "peak_allocated_bytes": int(t[1].item()),
             "peak_reserved_bytes": int(t[2].item())}
+
+
+def _tag(plan, who: str, strategy: str, compiled: bool | None) -> str:
+    name = NAMES.get(plan.model.name, plan.model.name).replace(":", "_").replace(",", "_").replace("=", "")
+    how = {True: "compiled", False: "eager", None: "default"}[compiled]
+    return f"{name}_{strategy}_mb{plan.training.microbatch_size}_{how}_{who}"
 
 
 def run_native(strategy, plan, device, compile_blocks):
@@ -307,13 +350,13 @@ def run_native(strategy, plan, device, compile_blocks):
     micro = plan.training.microbatch_size // c["dp"]
     nat = Native(strategy, model, device, plan.training.n_microbatches, micro, compile_blocks)
     try:
-        return _measure(nat.step, plan, device)
+        return _measure(nat.step, plan, device, _tag(plan, "native", strategy, compile_blocks))
     finally:
         del nat, model
         _free()
 
 
-def run_autopar(plan, device, compile_blocks):
+def run_autopar(plan, device, compile_blocks, strategy: str):
     import warnings
 
     from autopar.runtime.apply import build_model
@@ -325,7 +368,9 @@ def run_autopar(plan, device, compile_blocks):
         pm = autopar_apply(plan, model, device=device, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
                            compile=compile_blocks)
     try:
-        out = _measure(pm.step, plan, device)
+        out = _measure(pm.step, plan, device, _tag(plan, "autopar", strategy, compile_blocks))
+        if hasattr(pm, "layout"):
+            out["layout"] = str(pm.layout)
         out["engines"] = isinstance(pm, EngineModel)
         if not out["engines"]:
             out["fallback"] = "; ".join(str(w.message) for w in caught)[:400]
@@ -349,7 +394,10 @@ def body(rank: int, world: int, args) -> None:
     gpu = torch.cuda.get_device_name(device).split()[-1].lower() if cuda else "cpu"
     out_path = Path(args.out or ROOT / "bench" / "results" / f"runtime_vs_native_{gpu}.json")
     rows: list[dict] = []
-    for model, strategy, micro, comp in QUICK if args.quick else COMPILED if args.compiled else CASES:
+    global PROFILE_DIR
+    PROFILE_DIR = Path(args.profile) if args.profile else None
+    cases = QUICK if args.quick else COMPILED if args.compiled else CASES
+    for model, strategy, micro, comp in cases:
         left = args.budget_s - (time.monotonic() - start)
         flag = torch.tensor([1.0 if left > args.case_s else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)          # every rank stops at the same case
@@ -360,14 +408,21 @@ def body(rank: int, world: int, args) -> None:
         row = {"model": NAMES.get(model, model), "strategy": strategy, "microbatch": micro, "compile": comp}
         t0 = time.monotonic()
         try:
-            obj = [make_plan(model, strategy, micro, world, args.cluster) if rank == 0 else None]
+            obj: list = [None]
+            if rank == 0:
+                try:
+                    obj = [make_plan(model, strategy, micro, world, args.cluster)]
+                except Exception as e:           # noqa: BLE001 - rank 1 must hear of it, not wait
+                    obj = [f"{type(e).__name__}: {e}"]
             dist.broadcast_object_list(obj, src=0)
+            if isinstance(obj[0], str):
+                raise RuntimeError(f"making the plan failed: {obj[0]}")
             plan = obj[0]
             row.update(global_batch=plan.training.global_batch, seq=plan.model.seq, plan=plan.config.label or plan.strategy,
                        zero=plan.training.zero)
             if strategy != "auto":
                 row["native"] = run_native(strategy, plan, device, comp)
-            row["autopar"] = run_autopar(plan, device, comp)
+            row["autopar"] = run_autopar(plan, device, comp, strategy)
         except Exception as e:                   # noqa: BLE001 - a failed case is a row, the run goes on
             row["error"] = f"{type(e).__name__}: {e}"[:600]
             if rank == 0:
@@ -395,7 +450,7 @@ def _write(path: Path, rows: list[dict], world: int, gpu: str) -> None:
     for r in rows:
         if r["strategy"] == "auto" and "autopar" in r:
             best = max((x for x in rows if x["model"] == r["model"] and x["microbatch"] == r["microbatch"]
-                        and "native" in x and not x["compile"]), key=lambda x: x["native"]["tokens_per_s"], default=None)
+                        and "native" in x), key=lambda x: x["native"]["tokens_per_s"], default=None)
             if best is not None:
                 r["best_native"] = best["strategy"]
                 r["throughput_ratio"] = r["autopar"]["tokens_per_s"] / best["native"]["tokens_per_s"]
@@ -432,6 +487,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--quick", action="store_true", help="a tiny model on 2 processes (smoke test)")
     p.add_argument("--compiled", action="store_true", help="only the cases compiled per block")
+    p.add_argument("--profile", default="", help="also profile the gpt-1.3b tensor-parallel cases under "
+                   "torch.profiler; the tables go to this folder")
     p.add_argument("--cluster", default="dgx-h200")
     p.add_argument("--budget-s", type=float, default=330.0, help="start no case after this many seconds")
     p.add_argument("--case-s", type=float, default=25.0, help="time a case needs at most")

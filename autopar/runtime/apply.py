@@ -32,16 +32,22 @@ SCHEDULES = ("gpipe", "1f1b")
 
 
 def rank_layout(plan: Plan) -> list[tuple[int, int, int]]:
-    """(stage index, index in the stage's mesh, device id) per rank."""
-    if plan.training.schedule == "interleaved" or len({s.index for s in plan.stages}) != len(plan.stages):
-        raise NotAppliableError("interleaved schedules (several stages per device) are not supported by "
-                                "autopar.runtime; plan with schedule 1f1b or gpipe")
+    """(stage index, index in the stage's mesh, device id) per rank. Ranks follow the stages'
+    device groups in stage order; under an interleaved schedule a rank runs several stages (the
+    chunks k, k + pp, ... on one device group) and is listed with its first."""
     out: list[tuple[int, int, int]] = []
+    seen: set[tuple[int, ...]] = set()
     for s in sorted(plan.stages, key=lambda s: s.index):
+        group = tuple(s.device_ids)
+        if group in seen:
+            continue                      # a later chunk of a device group that already has its ranks
+        seen.add(group)
         out.extend((s.index, j, d) for j, d in enumerate(s.device_ids))
     ids = [d for _, _, d in out]
     if len(set(ids)) != len(ids):
-        raise NotAppliableError("the plan runs two stages on one device; autopar.runtime needs one stage per device")
+        raise NotAppliableError("the plan's stages share some devices but not all (device groups "
+                                + ", ".join(str(list(g)) for g in sorted(seen)) + "); autopar.runtime needs each "
+                                "stage on one whole device group")
     return out
 
 
@@ -93,6 +99,9 @@ class ParallelModel:
         self.plan = plan
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
+        if plan.training.schedule == "interleaved" or len({tuple(s.device_ids) for s in plan.stages}) != len(plan.stages):
+            raise NotAppliableError("interleaved schedules (several stages per device) run only on PyTorch's "
+                                    "engines (runtime.engines), not on the op-by-op program")
         layout = rank_layout(plan)
         self.world = len(layout)
         distributed = dist.is_available() and dist.is_initialized()
@@ -274,9 +283,16 @@ class ParallelModel:
 
     # -- training -------------------------------------------------------------------------------
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        if self.module.loss_axis is not None:
+            # Megatron's vocab-parallel cross-entropy, as the plan prices it: each row's max, sum of
+            # exponentials and target logit all-reduced, the logits never gathered (forward and
+            # backward both need the context)
+            from torch.distributed.tensor.parallel import loss_parallel
+            stack.enter_context(loss_parallel())
+        return stack
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Forward and backward over the global batch (all microbatches); the mean loss on the last

@@ -13,24 +13,29 @@ evaluation.baselines.megatron_names) — runs on the zoo's nn.Module with
                        embedding, loss_parallel for the vocab-split head; dp x tp on one
                        DeviceMesh with named dims ("pp", "dp", "tp")
     pipelines          torch.distributed.pipelining: one PipelineStage per stage, GPipe /
-                       1F1B, and Interleaved1F1B with several stages (chunks) per rank
+                       1F1B, and Interleaved1F1B with several stages (chunks) per rank;
+                       stages of different device counts or (dp, tp) layouts on
+                       ReshardingPipeline (1F1B / GPipe order over batched point-to-point
+                       ops, boundary rows resharded between the stages' meshes), as
+                       torch's stages pair one rank per stage
 
 Under tp an embedding or the head may instead be replicated, as the auto planner often
 chooses. The modules run eagerly or compiled per transformer block (`compile`; by default only
 tensor-parallel stages on CUDA, where it was measured to help: eager DTensor TP is host-bound,
-bench/results/runtime_vs_native_h200.json); nothing is interpreted op by op. A plan with a
-stage that matches no engine keeps the fx/DTensor program of runtime.apply, with a warning that
-names the stage and op.
+bench/results/runtime_vs_native_h200.json); nothing is interpreted op by op. Without ZeRO the
+optimizer steps the parameters' local shards (ShardOptimizer: fused Adam on CUDA, no DTensor
+dispatch). A plan with a stage that matches no engine keeps the fx/DTensor program of
+runtime.apply, with a warning that names the stage and op.
 
-Not lowered here (they keep the program path, or its NotAppliableError): stages of different
-device counts, stages with different (dp, tp), expert-parallel / 2-D sharded weights (MoE under
-TP), hf: models, layouts other than Megatron's. `autopar run` does not launch interleaved plans
-yet (launch.world_size and the rank bookkeeping use apply.rank_layout, which refuses them);
-runtime.apply runs them. What the issue's compile-based path for the other layouts would take:
-trace the stage's joint forward+backward (aot_autograd / the torch.export joint graph), insert
-the plan's collectives per op as functional collectives (torch.distributed._functional_
-collectives) where the program's redistribute decisions place them, and hand the graph to
-Inductor with its comm bucketing and reordering passes for overlap.
+Not lowered here (they keep the program path, or its NotAppliableError): interleaved schedules
+over stages of different sizes or layouts, expert-parallel / 2-D sharded weights (MoE under
+TP), hf: models, layouts other than Megatron's (e.g. a hidden-split embedding "h@1", or a
+vocab-split embedding reduce-scattered to a batch split "v@1+rs:b@1"). What the issue's
+compile-based path for the other layouts would take: trace the stage's joint forward+backward
+(aot_autograd / the torch.export joint graph), insert the plan's collectives per op as
+functional collectives (torch.distributed._functional_collectives) where the program's
+redistribute decisions place them, and hand the graph to Inductor with its comm bucketing and
+reordering passes for overlap.
 """
 
 from __future__ import annotations
@@ -178,17 +183,30 @@ def pipeline_ranks(plan: Plan) -> int:
         raise EngineMismatch("device groups of the pipeline overlap")
     if plan.training.schedule == "interleaved" and len(plan.stages) % pp:
         raise EngineMismatch(f"{len(plan.stages)} interleaved stages do not fill {pp} ranks evenly")
+    if plan.training.schedule != "interleaved" and pp != len(plan.stages):
+        raise EngineMismatch(f"schedule {plan.training.schedule!r} runs one stage per device group, but the plan's "
+                             f"{len(plan.stages)} stages share {pp} groups; use schedule 'interleaved'")
     return pp
+
+
+def is_mixed(plan: Plan, layouts: list[StageLayout]) -> bool:
+    """Whether the stages differ in device count or (dp, tp) layout: such a pipeline runs on
+    ReshardingPipeline instead of torch.distributed.pipelining, which pairs one rank per stage."""
+    return (len({len(s.device_ids) for s in plan.stages}) > 1
+            or len({(x.dp, x.tp, x.dp_axis) for x in layouts}) > 1)
 
 
 def match_plan(plan: Plan, ir: OpGraph, family: str) -> list[StageLayout]:
     """Per stage, its engines' layout; EngineMismatch when a stage or the schedule has none."""
-    pipeline_ranks(plan)
-    if len({len(s.device_ids) for s in plan.stages}) > 1:
-        raise EngineMismatch("stages of different device counts are not lowered to engines yet")
+    pp = pipeline_ranks(plan)
     layouts = [match_stage(plan, ir, k, family) for k in range(len(plan.stages))]
-    if len({(x.dp, x.tp, x.dp_axis) for x in layouts}) > 1:
-        raise EngineMismatch("stages with different (dp, tp) layouts are not lowered to engines yet")
+    if is_mixed(plan, layouts) and pp != len(plan.stages):
+        raise EngineMismatch("interleaved schedules over stages of different device counts or (dp, tp) layouts "
+                             "are not lowered to engines; plan them with schedule 1f1b or gpipe")
+    mb = plan.training.microbatch_size
+    for k, x in enumerate(layouts):
+        if mb % x.dp:
+            raise EngineMismatch(f"stage {k}: microbatch {mb} does not split over dp={x.dp}")
     return layouts
 
 
@@ -352,16 +370,26 @@ class EngineModel:
         stages = sorted(plan.stages, key=lambda s: s.index)
         self.n_stages = len(stages)
         self.pp = pipeline_ranks(plan)
-        n = len(stages[0].device_ids)
+        # A mixed pipeline (stages of different sizes or layouts) has one stage per device group,
+        # its ranks in stage order; a uniform one places stage k on rank group k mod pp.
+        self.mixed = is_mixed(plan, layouts)
+        sizes = [len(s.device_ids) for s in stages]
+        self.stage_offsets = [sum(sizes[:k]) for k in range(self.n_stages)]
+        self.stage_sizes = sizes
+        n = sizes[0]
         distributed = dist.is_available() and dist.is_initialized()
-        world = self.pp * n
+        world = sum(sizes) if self.mixed else self.pp * n
         if distributed and dist.get_world_size() != world:
             raise PlanError(f"the plan runs on {world} devices, the process group has {dist.get_world_size()} ranks")
         if not distributed and world > 1:
             raise PlanError(f"the plan runs on {world} devices: call apply() on every rank of an initialised "
                             "torch.distributed process group (autopar run does that)")
         self.rank = dist.get_rank() if distributed else 0
-        self.pp_rank, self.local_index = divmod(self.rank, n)
+        if self.mixed:
+            self.pp_rank = max(k for k, o in enumerate(self.stage_offsets) if o <= self.rank)
+            self.local_index = self.rank - self.stage_offsets[self.pp_rank]
+        else:
+            self.pp_rank, self.local_index = divmod(self.rank, n)
         self.stage_ids = [k for k in range(self.n_stages) if k % self.pp == self.pp_rank]
         self.stage_index = self.stage_ids[0]
         self.stage = stages[self.stage_index]
@@ -372,13 +400,20 @@ class EngineModel:
         self.n_microbatches = plan.training.n_microbatches
         self.microbatch_size = plan.training.microbatch_size
         self.zero = plan.training.zero if layout.dp > 1 else 0
-        if self.microbatch_size % layout.dp:
-            raise EngineMismatch(f"microbatch {self.microbatch_size} does not split over dp={layout.dp}")
         self.local_mb = self.microbatch_size // layout.dp
 
         # Collective setup, the same calls in the same order on every rank.
         self.mesh = None
-        if world > 1:
+        if self.mixed:
+            # every rank builds every stage's mesh (creating process groups is collective)
+            from torch.distributed.device_mesh import DeviceMesh
+            for k, (s, x) in enumerate(zip(stages, layouts)):
+                if len(s.device_ids) > 1:
+                    ranks = torch.arange(self.stage_offsets[k], self.stage_offsets[k] + len(s.device_ids))
+                    mesh = DeviceMesh(self.device.type, ranks.view(*s.logical_mesh), mesh_dim_names=x.mesh_dims)
+                    if k == self.pp_rank:
+                        self.mesh = mesh
+        elif world > 1:
             from torch.distributed.device_mesh import init_device_mesh
             m0, m1 = tuple(self.stage.logical_mesh)
             self.mesh = init_device_mesh(self.device.type, (self.pp, m0, m1), mesh_dim_names=("pp", *layout.mesh_dims))
@@ -387,7 +422,15 @@ class EngineModel:
         self.dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
         self.tied_group = None
         tied_ranks = sorted({0, (self.n_stages - 1) % self.pp})
-        if model.cfg.tied and len(tied_ranks) > 1:
+        if self.mixed and model.cfg.tied:
+            # the first and last stages' copies of the embedding, whatever their layouts: their
+            # full gradients are summed over all ranks of both stages (see _reduce_grads)
+            last = self.n_stages - 1
+            both = [r for k in (0, last) for r in range(self.stage_offsets[k], self.stage_offsets[k] + sizes[k])]
+            g = dist.new_group(both)
+            if self.pp_rank in (0, last):
+                self.tied_group = g
+        elif model.cfg.tied and len(tied_ranks) > 1:
             for j in range(n):
                 g = dist.new_group([r * n + j for r in tied_ranks])
                 if self.pp_rank in tied_ranks and j == self.local_index:
@@ -418,7 +461,8 @@ class EngineModel:
             if self.dp_mesh is not None and self.zero:
                 apply_fsdp(seg, list(seg.blocks.values()), self.dp_mesh, self.zero, autocast_dtype)
                 self.boundary_dtype = autocast_dtype or torch.float32
-            elif self.dp_mesh is not None and self.tp_mesh is None:
+            elif self.dp_mesh is not None and self.tp_mesh is None and not self.mixed:
+                # (a mixed pipeline's own schedule all-reduces the gradients after the backward)
                 from torch.nn.parallel import DistributedDataParallel
                 module = DistributedDataParallel(
                     seg, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -433,8 +477,14 @@ class EngineModel:
         # dp x tp without ZeRO: DDP takes no DTensor parameters, so gradients are all-reduced
         # over dp in flat buckets after the backward.
         self.manual_dp = self.dp_mesh is not None and not self.zero and not self.ddp
-        self.optimizer = make_optimizer(list(self.names.values()), optimizer, lr, self.device)
-        self.schedule = self._pipeline(plan.training.schedule) if self.n_stages > 1 else None
+        params: list[torch.Tensor] = list(self.names.values())
+        self.optimizer: Any = (ShardOptimizer(params, optimizer, lr, self.device) if not self.zero
+                               else make_optimizer(params, optimizer, lr, self.device))
+        self.schedule: Any = None
+        if self.mixed:
+            self.schedule = ReshardingPipeline(self, layouts, stages)
+        elif self.n_stages > 1:
+            self.schedule = self._pipeline(plan.training.schedule)
 
     def _pipeline(self, name: str):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -494,6 +544,10 @@ class EngineModel:
                         (out / B).backward()
                     total += out.detach().float()
                 loss = (total / B).reshape(())
+            elif self.mixed:
+                mb_losses = self.schedule.step(ids if self.first else None, targets if self.last else None)
+                if self.last:
+                    loss = torch.stack([x.detach().float().reshape(()) for x in mb_losses]).mean()
             else:
                 losses: list[torch.Tensor] = []
                 if self.first:
@@ -525,7 +579,9 @@ class EngineModel:
             _all_reduce_mean([p.grad for p in self.names.values() if p.grad is not None], self.dp_mesh.get_group())
         if self.tied_group is not None:
             w = self.names[f"{self.segment.embed_names[0]}.weight"]
-            if w.grad is not None:
+            if self.mixed:
+                _sum_tied_grad(w, self.tied_group, self.stage_sizes[self.stage_index])
+            elif w.grad is not None:
                 dist.all_reduce(_local(w.grad), group=self.tied_group)
 
     def optimizer_step(self) -> None:
@@ -564,7 +620,221 @@ class EngineModel:
         return []
 
 
-def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, device: torch.device) -> torch.optim.Optimizer:
+# ---------------------------------------------------------------------------------------------
+# pipelines whose stages differ in size or layout
+
+@dataclass(frozen=True)
+class Route:
+    """One message of a microbatch's boundary tensor: rows [lo, hi) of the microbatch, from rank
+    src to rank dst (global ranks)."""
+    src: int
+    dst: int
+    lo: int
+    hi: int
+
+
+def stage_coords(layout: StageLayout, mesh_shape: tuple[int, int], j: int) -> tuple[int, int]:
+    """(dp index, tp index) of the j-th device of a stage's row-major logical mesh."""
+    a, b = divmod(j, mesh_shape[1])
+    return (a, b) if layout.dp_axis == 0 else (b, a)
+
+
+def boundary_routes(a: StageLayout, a_mesh: tuple[int, int], a_offset: int, b: StageLayout,
+                    b_mesh: tuple[int, int], b_offset: int, mb: int) -> tuple[list[Route], list[Route]]:
+    """The forward and backward messages of one microbatch's boundary tensor from a stage on
+    ranks a_offset.. to the next on ranks b_offset..: each stage holds the rows of its dp index
+    (mb / dp of them), replicated over tp. In the forward each receiver gets its rows from the
+    senders whose dp rows overlap them, at tp index (its tp index mod the sender's tp); in the
+    backward each sender gets the gradient of its rows the same way from the receivers."""
+    def ranks(x: StageLayout, mesh: tuple[int, int], offset: int) -> dict[tuple[int, int], int]:
+        return {stage_coords(x, mesh, j): offset + j for j in range(mesh[0] * mesh[1])}
+
+    def routes(src: StageLayout, src_ranks: dict, dst: StageLayout, dst_ranks: dict) -> list[Route]:
+        out = []
+        rows_src, rows_dst = mb // src.dp, mb // dst.dp
+        for (i_dst, t_dst), r_dst in sorted(dst_ranks.items()):
+            lo_dst = i_dst * rows_dst
+            for i_src in range(src.dp):
+                lo, hi = max(lo_dst, i_src * rows_src), min(lo_dst + rows_dst, (i_src + 1) * rows_src)
+                if lo < hi:
+                    out.append(Route(src_ranks[(i_src, t_dst % src.tp)], r_dst, lo, hi))
+        return out
+    ra, rb = ranks(a, a_mesh, a_offset), ranks(b, b_mesh, b_offset)
+    return routes(a, ra, b, rb), routes(b, rb, a, ra)
+
+
+class ReshardingPipeline:
+    """A pipeline whose stages run on meshes of different sizes or (dp, tp) layouts.
+    torch.distributed.pipelining pairs one rank per stage in a process group, so it cannot send
+    a tensor from one rank to two (dp2) or gather rows from two ranks to one; here each
+    microbatch's boundary tensor goes as the row slices of boundary_routes, by point-to-point
+    ops batched per schedule step (Megatron's 1F1B order; GPipe runs every forward first).
+
+    Gradients: every stage's ranks compute with their own rows' mean loss (the last stage's
+    dp ranks each average over mb / dp rows, and the stage's data-parallel reduction averages
+    over dp), so a boundary gradient is rescaled by dp(sender) / dp(receiver) on its way back."""
+
+    def __init__(self, em: EngineModel, layouts: list[StageLayout], stages: list) -> None:
+        self.em = em
+        self.k = em.stage_index
+        self.n_stages = len(stages)
+        self.n_microbatches = em.n_microbatches
+        self.schedule = em.plan.training.schedule
+        mb = em.microbatch_size
+        mesh = [tuple(s.logical_mesh) for s in stages]
+        self.recv_fwd: list[Route] = []
+        self.send_fwd: list[Route] = []
+        self.recv_bwd: list[Route] = []
+        self.send_bwd: list[Route] = []
+        me = em.rank
+        for k in (self.k - 1, self.k):
+            if not 0 <= k < self.n_stages - 1:
+                continue
+            fwd, bwd = boundary_routes(layouts[k], mesh[k], em.stage_offsets[k], layouts[k + 1], mesh[k + 1],
+                                       em.stage_offsets[k + 1], mb)
+            if k == self.k - 1:
+                self.recv_fwd = [r for r in fwd if r.dst == me]
+                self.send_bwd = [r for r in bwd if r.src == me]
+                self.grad_scale = 1.0
+            else:
+                self.send_fwd = [r for r in fwd if r.src == me]
+                self.recv_bwd = [r for r in bwd if r.dst == me]
+                self.grad_scale = layouts[k].dp / layouts[k + 1].dp
+        dp, dp_index = layouts[self.k].dp, em.dp_rank
+        self.row0 = dp_index * (mb // dp)            # the first microbatch row this rank holds
+        self.shape = (mb // dp, em.plan.model.seq, em.cfg.hidden)
+        self.dtype = em.boundary_dtype
+        self.module = em.modules[0]
+
+    # -- point to point -------------------------------------------------------------------------
+    def _ops(self, sends: list[tuple[Route, torch.Tensor]], recvs: list[Route]) -> tuple[list, list[torch.Tensor]]:
+        ops, bufs = [], []
+        for route, t in sends:
+            piece = t[route.lo - self.row0:route.hi - self.row0].detach().float().contiguous()
+            ops.append(dist.P2POp(dist.isend, piece, route.dst))
+        for route in recvs:
+            buf = torch.empty((route.hi - route.lo, *self.shape[1:]), dtype=torch.float32, device=self.em.device)
+            ops.append(dist.P2POp(dist.irecv, buf, route.src))
+            bufs.append(buf)
+        return ops, bufs
+
+    def _exchange(self, send_fwd: torch.Tensor | None = None, send_bwd: torch.Tensor | None = None,
+                  recv_fwd: bool = False, recv_bwd: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One batched step of point-to-point ops: sends of an output / input gradient, receives
+        of an input / output gradient (each a whole local tensor, assembled from its rows)."""
+        sends = ([(r, send_fwd) for r in self.send_fwd] if send_fwd is not None else []) + \
+                ([(r, send_bwd) for r in self.send_bwd] if send_bwd is not None else [])
+        want = (self.recv_fwd if recv_fwd else []) + (self.recv_bwd if recv_bwd else [])
+        ops, bufs = self._ops(sends, want)
+        if ops:
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+        n_fwd = len(self.recv_fwd) if recv_fwd else 0
+        x = torch.cat(bufs[:n_fwd]) if recv_fwd else None
+        g = torch.cat(bufs[n_fwd:]) if recv_bwd else None
+        return x, g
+
+    # -- the schedule ---------------------------------------------------------------------------
+    def step(self, ids: torch.Tensor | None, targets: torch.Tensor | None) -> list[torch.Tensor]:
+        """Forward and backward of every microbatch; the last stage's per-microbatch losses."""
+        B, lmb = self.n_microbatches, self.shape[0]
+        first, last = self.k == 0, self.k == self.n_stages - 1
+        warmup = B if self.schedule == "gpipe" else min(self.n_stages - self.k - 1, B)
+        inflight: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+        losses: list[torch.Tensor] = []
+        n_fwd = 0
+
+        def forward(x: torch.Tensor | None) -> torch.Tensor:
+            nonlocal n_fwd
+            i = n_fwd
+            n_fwd += 1
+            if first:
+                assert ids is not None
+                inp: torch.Tensor = ids[i * lmb:(i + 1) * lmb]
+            else:
+                assert x is not None
+                inp = x.to(self.dtype).requires_grad_(True)
+            if last:
+                assert targets is not None
+                out = self.module(inp, targets[i * lmb:(i + 1) * lmb])
+                losses.append(out)
+            else:
+                out = self.module(inp)
+            inflight.append((None if first else inp, out))
+            return out
+
+        def backward(grad: torch.Tensor | None) -> torch.Tensor | None:
+            x, out = inflight.pop(0)
+            if last:
+                (out.sum() / B).backward()
+            else:
+                assert grad is not None
+                out.backward((grad * self.grad_scale).to(out.dtype))
+            return None if x is None else x.grad
+
+        x = None
+        for _ in range(warmup):
+            x, _g = self._exchange(recv_fwd=not first)
+            y = forward(x)
+            self._exchange(send_fwd=None if last else y)
+        remaining = B - warmup
+        if remaining:
+            x, _g = self._exchange(recv_fwd=not first)
+        for i in range(remaining):
+            y = forward(x)
+            _x, g = self._exchange(send_fwd=None if last else y, recv_bwd=not last)
+            gin = backward(g)
+            if i == remaining - 1:
+                self._exchange(send_bwd=gin)
+            else:
+                x, _g = self._exchange(send_bwd=gin, recv_fwd=not first)
+        for _ in range(warmup):
+            _x, g = self._exchange(recv_bwd=not last)
+            self._exchange(send_bwd=backward(g))
+        return losses
+
+
+def _sum_tied_grad(w: Any, group, stage_size: int) -> None:
+    """Sum the embedding's gradient over its copies in the first and last stage when the stages'
+    layouts differ: every rank of both stages adds its full gradient / its stage's size."""
+    full = (w.grad.full_tensor() if _is_dtensor(w.grad) else w.grad) if w.grad is not None else \
+        torch.zeros(w.shape, dtype=w.dtype, device=_local(w).device)
+    full = full / stage_size
+    dist.all_reduce(full, group=group)
+    if _is_dtensor(w):
+        from torch.distributed.tensor import DTensor, Replicate
+        rep = DTensor.from_local(full, w.device_mesh, [Replicate()] * w.device_mesh.ndim, run_check=False)
+        w.grad = rep.redistribute(w.device_mesh, w.placements)
+    else:
+        w.grad = full
+
+
+class ShardOptimizer:
+    """The optimizer over each parameter's local shard (a plain tensor sharing the DTensor's
+    storage; plain parameters as they are). Adam and SGD update element by element, so stepping
+    the shards steps the DTensors, without a DTensor dispatch per foreach op, and fused on CUDA.
+    Gradients must be stored as their parameters are (EngineModel._reduce_grads sees to it).
+    Not for FSDP2's parameters, whose shards FSDP re-points at its first forward."""
+
+    def __init__(self, params: list[torch.Tensor], kind: str, lr: float, device: torch.device) -> None:
+        with torch.no_grad():
+            self.pairs = [(p, _local(p)) for p in params]
+        self.inner = make_optimizer([a for _, a in self.pairs], kind, lr, device)
+
+    def step(self) -> None:
+        with torch.no_grad():
+            for p, a in self.pairs:
+                if a is not p:
+                    a.grad = None if p.grad is None else _local(p.grad)
+        self.inner.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+        for p, _ in self.pairs:
+            p.grad = None
+
+
+def make_optimizer(params: list[torch.Tensor], kind: str, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """Adam (fused when every parameter is a plain CUDA tensor, else foreach) or SGD. DTensor and
     plain parameters (norms under tensor parallelism) go in separate groups: a foreach kernel
     takes one kind only."""

@@ -97,19 +97,32 @@ def validate(plan, device: str, nproc: int | None) -> int:
                               "start them anyway")
     else:
         raise LaunchError(f"--device must be cpu or cuda, got {device!r}")
-    if plan.stages and len(plan.stages) > 1:
-        sizes = {len(s.device_ids) for s in plan.stages}
-        if len(sizes) != 1:
-            from .program import NotAppliableError
-            raise NotAppliableError("stages of different sizes (" + ", ".join(
-                f"stage {s.index}: {len(s.device_ids)}" for s in plan.stages) + " devices) cannot be paired "
-                "into pipeline groups; autopar.runtime needs equal stage sizes")
     import graphs
     ir = graphs.load(plan.model.name, batch=plan.training.microbatch_size, seq=plan.model.seq,
                      dtype=plan.training.dtype)
     check_plan_matches(plan, ir)
     zoo_inputs(plan)
+    _check_engines_needed(plan, ir)
     return n
+
+
+def _check_engines_needed(plan, ir) -> None:
+    """Interleaved plans and pipelines whose stages differ in size run only on PyTorch's engines
+    (the op-by-op program pairs one stage per rank group of equal size): say why not before any
+    process starts, instead of failing in every rank."""
+    from graphs import zoo
+
+    from .engines import EngineMismatch, match_plan
+    from .program import NotAppliableError
+    interleaved = plan.training.schedule == "interleaved"
+    if not interleaved and len({len(s.device_ids) for s in plan.stages}) < 2:
+        return
+    kind = "interleaved plan" if interleaved else "pipeline with stages of different device counts (" + ", ".join(
+        f"stage {s.index}: {len(s.device_ids)}" for s in plan.stages) + ")"
+    try:
+        match_plan(plan, ir, zoo.get_config(plan.model.name).family)
+    except EngineMismatch as e:
+        raise NotAppliableError(f"this {kind} runs only on PyTorch's engines, and they do not take it: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +163,6 @@ def _rank_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict |
     model = build_model(plan, device=device, seed=cfg.seed)
     pm = apply(plan, model, device=device, optimizer=cfg.optimizer, lr=cfg.lr, autocast_dtype=_autocast_dtype(cfg),
                compile=cfg.compile)
-    last = stage_index == len(plan.stages) - 1
     times, losses, grads, params = [], [], {}, {}
     for step in range(cfg.steps):
         batch = make_batch(plan, step, cfg.seed)
@@ -168,12 +180,12 @@ def _rank_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict |
         _sync(device)
         t3 = time.perf_counter()
         times.append((t1 - t0) + (t3 - t2))
-        if last and loss is not None:
+        if loss is not None:              # the last stage's ranks (under interleaving, its chunk's)
             losses.append(float(loss))
     if cfg.check:
         params = pm.full_params()
     mine = {"rank": rank, "stage": stage_index, "local_index": local_index, "device_id": device_id,
-            "times_s": times, "losses": losses if (last and local_index == 0) else None,
+            "times_s": times, "losses": losses if (losses and local_index == 0) else None,
             "grads": grads if local_index == 0 else {}, "params": params if local_index == 0 else {},
             "shard_local_ops": pm.shard_local_ops, "param_specs": pm.param_specs(),
             "max_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
@@ -365,8 +377,9 @@ def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int) -> dict
         "predicted_for": _predicted_for(plan),
         "losses": losses,
         "shard_local_ops": sorted({o for r in ranks for o in r["shard_local_ops"]}),
+        # per rank group (under interleaving one group runs several stages)
         "param_specs": [next(r["param_specs"] for r in ranks if r["stage"] == k and r["local_index"] == 0)
-                        for k in range(len(plan.stages))],
+                        for k in sorted({r["stage"] for r in ranks})],
     }
     mem = [r["max_memory_bytes"] for r in ranks if r["max_memory_bytes"] is not None]
     if mem:

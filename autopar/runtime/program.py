@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from autopar.sharding.spec import parse_spec, used_mask
-from graphs.ir import ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, MATMUL, NORM, OUTPUT, VIEW, OpGraph
+from graphs.ir import ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, LOSS, MATMUL, NORM, OUTPUT, VIEW, OpGraph
 from graphs.lower import PARAM_FOLDABLE  # numel-keeping views of a weight the IR folds into its use
 
 from .layout import placements
@@ -170,6 +170,7 @@ class StageModule(nn.Module):
                                if name in ir and ir.node(name).kind not in (INPUT, OUTPUT)}
         self._segments = self._plan_segments()
         self._fallbacks: set[str] = set()
+        self.loss_axis = vocab_split_loss_axis(list(ops.values()), ir) if mesh is not None else None
         # Storage of each gathered weight -> (the stored weight, the gathered placements, the
         # gathered weight): autograd saves a handle instead and gathers again in backward.
         self._gathered: dict[int, tuple] = {}
@@ -314,6 +315,8 @@ class StageModule(nn.Module):
             dropped = used_mask(parse_spec(op["in_specs"][0])) & ~used_mask(parse_spec(op["out_spec"]))
             if dropped:
                 args = _map(args, lambda x: _replicate_axes(x, dropped, self.mesh))
+        if ir_node.kind == LOSS and self.loss_axis is not None and n.op == "call_function":
+            return self._to_spec(self._vocab_parallel_loss(n, args, kwargs), op["out_spec"])
         out = self._local_matmul(n, ir_node, args, kwargs, param_specs) if ir_node.kind == MATMUL else None
         if out is None and ir_node.kind == EMBEDDING and self._vocab_split(n, param_specs):
             out = self._vocab_parallel_embedding(n, args, kwargs, param_specs)
@@ -621,6 +624,22 @@ class StageModule(nn.Module):
         return DTensor.from_local(out, self.mesh, out_pl, run_check=False, shape=torch.Size(shape),
                                   stride=_contiguous_stride(shape))
 
+    def _vocab_parallel_loss(self, n, args, kwargs):
+        """The cross-entropy of logits split over the vocabulary on one mesh axis, on that axis's
+        1-D mesh under loss_parallel (entered by ParallelModel for forward and backward; its mean
+        needs a 1-D mesh): rows are replicated over the other axes, so every rank's loss is the
+        whole loss."""
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+        assert self.mesh is not None and self.loss_axis is not None
+        sub = DeviceMesh.from_group(self.mesh.get_group(self.loss_axis), self.mesh.device_type)
+        x, t = args[0], args[1]
+        xd = DTensor.from_local(x.to_local(), sub, [Shard(x.dim() - 1)], run_check=False, shape=x.shape,
+                                stride=x.stride())
+        td = DTensor.from_local(t.to_local() if _is_dtensor(t) else t, sub, [Replicate()], run_check=False)
+        loss = n.target(xd, td, *args[2:], **kwargs)
+        return DTensor.from_local(loss.to_local(), self.mesh, [Replicate()] * self.mesh.ndim, run_check=False)
+
     def _local_fallback(self, n, args, kwargs, op, err):
         """An op DTensor has no rule for (sdpa on CPU): run it on the local shards, which is exact
         when every split is along dims the op treats independently (batch and heads of
@@ -713,6 +732,18 @@ class _Regather:
     stride: tuple
     offset: int
     dtensor: tuple | None            # (placements, shape, stride) when a DTensor was saved
+
+
+def vocab_split_loss_axis(ops: list[dict], ir: OpGraph) -> int | None:
+    """The mesh axis that splits the class dim (the last) of the stage's cross-entropy logits,
+    when it is one axis and no axis splits another dim: the layout torch's loss_parallel
+    computes without gathering the logits (Megatron's vocab-parallel loss); else None."""
+    for o in ops:
+        if o["name"] in ir and ir.node(o["name"]).kind == LOSS and o.get("in_specs") and o["in_specs"][0]:
+            masks = parse_spec(o["in_specs"][0])
+            if masks[-1] in (1, 2) and not any(masks[:-1]):
+                return masks[-1].bit_length() - 1
+    return None
 
 
 def _storage(t) -> int:

@@ -5,8 +5,6 @@ named when they fall back to the op-by-op program."""
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 
@@ -163,51 +161,103 @@ def test_tp2_replicated_embedding_split_head_matches_one_process(tmp_path):
     assert out["param_specs"][0]["wte.weight"] == "RR"        # stored whole, split at the head
 
 
-# -- interleaved pipelines (several stages per rank), through runtime.apply directly -----------
-
-def _interleaved_rank(rank: int, world: int, plan: Plan, port: int, out: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from autopar.runtime import EngineModel, apply, build_model, make_batch
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    pm = apply(plan, build_model(plan, seed=0), device="cpu", optimizer="sgd", lr=0.0)
-    assert isinstance(pm, EngineModel) and len(pm.segments) == 2
-    loss = pm.forward_backward(make_batch(plan, 0))
-    grads = pm.full_grads()
-    torch.save({"loss": None if loss is None else float(loss), "grads": grads if pm.local_index == 0 else {}},
-               f"{out}/{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-
+# -- interleaved pipelines (several stages per rank), through `autopar run` ----------------------
 
 @pytest.mark.runtime
 @pytest.mark.parametrize("dp", [1, 2])
 def test_interleaved_pipeline_matches_one_process(tmp_path, dp):
-    import torch
-    import torch.multiprocessing as mp
-
-    from autopar.runtime import build_model, make_batch
     plan = plan_3d(dp, 1, 2, 1, schedule="interleaved", virtual_stages=2)
     assert [s.device_ids for s in plan.stages] == [list(range(dp)), list(range(dp, 2 * dp))] * 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_interleaved_rank, args=(2 * dp, plan, port, str(tmp_path)), nprocs=2 * dp)
-    # one process: the same microbatches in order
-    model = build_model(plan, seed=0)
-    batch = make_batch(plan, 0)
-    B, mb = plan.training.n_microbatches, plan.training.microbatch_size
-    ref_loss = 0.0
-    for i in range(B):
-        loss = model(batch["ids"][i * mb:(i + 1) * mb], batch["targets"][i * mb:(i + 1) * mb])
-        (loss / B).backward()
-        ref_loss += float(loss.detach()) / B
-    results = [torch.load(tmp_path / f"{r}.pt") for r in range(2 * dp)]
-    losses = [r["loss"] for r in results if r["loss"] is not None]
-    assert losses and all(abs(x - ref_loss) < TOL for x in losses)
-    ref = {n: p.grad for n, p in model.named_parameters()}
-    got = {n: g for r in results for n, g in r["grads"].items()}
-    assert set(got) == set(ref)
-    assert max(float((g - ref[n]).abs().max()) for n, g in got.items()) < TOL
+    out = run(plan, tmp_path)
+    assert out["n_processes"] == 2 * dp
+    assert_exact(out)
+    # one rank group per two chunks: stages 0 and 2 on the first, 1 and 3 (the head) on the second
+    assert len(out["param_specs"]) == 2 and "blocks.2.attn.q.weight" in out["param_specs"][0]
+
+
+def test_interleaved_ranks_follow_the_device_groups():
+    from autopar.runtime import rank_layout
+    plan = plan_3d(2, 1, 2, 1, schedule="interleaved", virtual_stages=2)
+    assert rank_layout(plan) == [(0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 3)]
+
+
+# -- pipelines whose stages differ in size or layout -------------------------------------------
+
+def mixed_plan(meshes: list[tuple[int, int]], mb: int = 2, model: str = M, **kw) -> Plan:
+    """A pipeline of len(meshes) stages, stage k Megatron's layout on a (dp, tp) = meshes[k]
+    mesh, on consecutive devices (stage k's taken from a uniform 3-D plan of that mesh)."""
+    import dataclasses
+
+    from autopar.evaluation.evaluator import evaluate
+    from autopar.plan import ClusterInfo
+    pp = len(meshes)
+    stages, start = [], 0
+    for k, (dp, tp) in enumerate(meshes):
+        s = plan_3d(dp, tp, pp, mb // dp, model=model, **kw).stages[k]
+        stages.append(dataclasses.replace(s, device_ids=list(range(start, start + dp * tp))))
+        start += dp * tp
+    cl = load_cluster("p3.16xlarge", 1, 1 << (start - 1).bit_length())
+    base = plan_3d(1, 1, pp, mb, model=model, **kw)
+    plan = dataclasses.replace(base, stages=stages, cluster=ClusterInfo.of(cl))
+    return evaluate(plan, graphs.load(model, batch=mb), cl)
+
+
+def test_boundary_routes_deliver_every_row_once():
+    # oracle: brute force over rows; each receiver gets exactly its dp rows in the forward,
+    # each sender exactly its dp rows back, and every message joins a holder of those rows
+    from autopar.runtime.engines import StageLayout, boundary_routes, stage_coords
+    mb = 4
+    meshes = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4)]
+    for a in meshes:
+        for b in meshes:
+            la, lb = StageLayout(a[0], a[1], 0), StageLayout(b[0], b[1], 0)
+            fwd, bwd = boundary_routes(la, a, 10, lb, b, 20, mb)
+
+            def rows(x, mesh, offset):
+                return {offset + j: set(range(stage_coords(x, mesh, j)[0] * (mb // x.dp),
+                                              (stage_coords(x, mesh, j)[0] + 1) * (mb // x.dp)))
+                        for j in range(mesh[0] * mesh[1])}
+            ra, rb = rows(la, a, 10), rows(lb, b, 20)
+            for routes, src_rows, dst_rows in ((fwd, ra, rb), (bwd, rb, ra)):
+                got: dict[int, list[int]] = {r: [] for r in dst_rows}
+                for m in routes:
+                    assert set(range(m.lo, m.hi)) <= src_rows[m.src] & dst_rows[m.dst], (a, b, m)
+                    got[m.dst].extend(range(m.lo, m.hi))
+                assert all(sorted(got[r]) == sorted(dst_rows[r]) for r in dst_rows), (a, b)
+
+
+@pytest.mark.runtime
+def test_mixed_size_pipeline_runs_through_autopar_run(tmp_path):
+    # stage 0 on one device, stage 1 tensor-parallel on two: 3 processes, 1F1B, tied embedding
+    plan = mixed_plan([(1, 1), (1, 2)])
+    assert [s.device_ids for s in plan.stages] == [[0], [1, 2]] and plan.training.schedule == "1f1b"
+    out = run(plan, tmp_path)
+    assert out["n_processes"] == 3
+    assert_exact(out)
+    assert out["param_specs"][1]["blocks.3.attn.q.weight"] == "S1R"
+
+
+@pytest.mark.runtime
+def test_mixed_size_and_layout_pipelines_match_one_process():
+    # rows split (1 -> dp2), gathered (dp2 -> 1), replicated over tp (tp2 -> 1), ZeRO-3 on one
+    # stage only, GPipe order; a Llama (untied head, GQA) with a tensor-parallel last stage; two
+    # stages of one size and different layouts (dp2 -> tp2: rows gathered and replicated)
+    gpt = [mixed_plan([(1, 1), (2, 1)]), mixed_plan([(2, 1), (1, 1)], schedule="gpipe"),
+           mixed_plan([(1, 2), (1, 1)]), mixed_plan([(1, 1), (2, 1)], zero=3)]
+    llama = [mixed_plan([(1, 1), (1, 2)], model=LLAMA)]
+    same_size = [mixed_plan([(2, 1), (1, 2)])]
+    for model, plans in ((M, gpt), (LLAMA, llama), (M, same_size)):
+        for r in check_plans([p.to_json() for p in plans]):
+            assert r["max_abs_loss_diff"] < TOL and r["max_abs_grad_diff"] < TOL, r
+            assert r["n_grads_compared"] == len(graphs.zoo.build_module(model).state_dict()), r
+
+
+def test_mixed_pipeline_no_engine_takes_is_refused_before_launch():
+    # the op-by-op program cannot pair stages of different sizes: refused with the op named
+    from autopar.runtime import NotAppliableError
+    from autopar.runtime.launch import validate
+    d = copy.deepcopy(mixed_plan([(1, 1), (1, 2)]).to_dict())
+    fc2 = next(k for k in d["stages"][1]["strategies"] if k.endswith("mlp_fc2"))
+    d["stages"][1]["strategies"][fc2] = "R"
+    with pytest.raises(NotAppliableError, match=f"different device counts.*op {fc2} is 'R'"):
+        validate(Plan.from_dict(d), "cpu", None)

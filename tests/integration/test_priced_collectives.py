@@ -212,8 +212,9 @@ PLANS = {
 # Known differences, measured; each is a fix still to make. Every plan whose loss rows are
 # split also all-reduces its scalar loss (one element) forward and backward, which the loss
 # rule leaves unpriced: the check drops those.
-_CE = ("vocab-parallel cross-entropy: priced as an all-reduce of three statistics per row, the runtime all-gathers "
-       "the logits")
+_CE = ("vocab-parallel cross-entropy: the runtime (torch's loss_parallel) all-reduces each row's max, sum of "
+       "exponentials and target logit as three all-reduces of one fp32 per row; the loss rule (sharding/rules/"
+       "follow.py follow_loss) prices one all-reduce of three per row: the same bytes, one latency term for three")
 _ZERO3 = ("ZeRO-3: the runtime shards every weight over the mesh axes it is replicated on (apply.py "
           "_shard_replicated), the cost model over the axes its gradient is partial over; they differ for GPT's "
           "position table (not split by batch), which the runtime gathers and the model does not price")
