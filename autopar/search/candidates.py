@@ -113,8 +113,9 @@ def uniform_candidates(rt: RangeTable, submesh_index: int, sub: Submesh, logical
 def interleaved_candidates(rt: RangeTable, submesh_index: int, sub: Submesh, logical_mesh: tuple[int, int],
                            space: SearchSpace, p2p_s: np.ndarray) -> list[Candidate]:
     """uniform_candidates as Megatron's interleaved 1F1B: two chunks of layers per GPU, chunk g
-    on rank g % depth. Offered under 1F1B when the depth is at least 2, divides the number of
-    microbatches (the schedule needs it) and leaves a block per chunk."""
+    on rank g % depth, a rank's chunks choosing their options together so that they fit in its
+    GPU's memory together. Offered under 1F1B when the depth is at least 2, divides the number
+    of microbatches (the schedule needs it) and leaves a block per chunk."""
     return _equal_split(rt, submesh_index, sub, logical_mesh, space, p2p_s, chunks=2)
 
 
@@ -133,43 +134,61 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
     else:
         ranges = split_blocks(L, depth) if L > 2 else [(0, L)]
 
-    def pick(k: int, i: int, j: int, allowed: np.ndarray) -> tuple[float, int, str, float, float] | None:
-        """(key, start index, recompute, t, sync) of the best option for chunk k on [i, j)."""
-        s = depth - k % depth
-        if chunks > 1:
-            # the rank's chunks share the GPU, each holding its share of the (warm-up + 1)
-            # chunk-microbatches in flight
-            held, cap = inflight("interleaved", k % depth, depth, B, chunks), space.memory_cap_bytes / chunks
-        else:
-            held, cap = inflight(schedule, k, depth, B), space.memory_cap_bytes
-        best = None
-        for rc in RECOMPUTE_OPTIONS:
-            t = rt.time_s(rc, (i, j))
-            mem = rt.memory_bytes(rc, held, (i, j))
-            key = np.where((mem <= cap) & allowed, (B + s - 1) * t + rt.sync[i, j], np.inf)
-            p = int(key.argmin())
-            if math.isfinite(key[p]) and (best is None or key[p] < best[0]):
-                best = (float(key[p]), p, rc, float(t[p]), float(rt.sync[i, j, p]))
-        return best
+    P = len(rt.starts)
+    n_options = len(RECOMPUTE_OPTIONS) * P      # option q: recompute RECOMPUTE_OPTIONS[q // P], start q % P
 
-    everywhere = np.ones(len(rt.starts), bool)
+    def options(g: int, i: int, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(key, memory, t, sync) of every option for chunk g on [i, j): its share of the step
+        and its bytes on the GPU."""
+        s = depth - g % depth
+        held = inflight("interleaved", g % depth, depth, B, chunks) if chunks > 1 else inflight(schedule, g, depth, B)
+        t = np.concatenate([rt.time_s(rc, (i, j)) for rc in RECOMPUTE_OPTIONS])
+        mem = np.concatenate([rt.memory_bytes(rc, held, (i, j)) for rc in RECOMPUTE_OPTIONS])
+        sync = np.tile(rt.sync[i, j], len(RECOMPUTE_OPTIONS))
+        return (B + s - 1) * t + sync, mem, t, sync
+
+    def along(c: int, x: np.ndarray) -> np.ndarray:
+        """x over one chunk's options, on axis c of the rank's joint (chunks-dimensional) options."""
+        return x.reshape((1,) * c + (-1,) + (1,) * (chunks - 1 - c))
+
+    # follows[q0, q]: option q enters its chunk (after the first) in the layout option q0's chunk
+    # emits (layers of one shape on one mesh emit the layout they are entered in)
+    follows = np.array([[rt.starts[q % P] == StartLayout(rt.starts[q0 % P].spec) for q in range(n_options)]
+                        for q0 in range(n_options)])
+    everywhere = np.ones(n_options, bool)
     out = []
     for same_layout in (False, True):
-        stages, choices, ts, syncs = [], [], [], []
+        picked: dict[int, tuple[int, float, float]] = {}   # chunk -> (option, t, sync)
         allowed = everywhere
-        for g, (i, j) in enumerate(ranges):
-            best = pick(g, i, j, allowed)
-            if best is None:
+        for r in range(depth):
+            # A rank's chunks share its GPU: their options are chosen together, under one memory
+            # cap on the sum of their bytes (the evaluator's per-GPU peak sums the chunks' stashes
+            # and held state; summing their working sets too errs on the safe side).
+            gs = range(r, len(ranges), depth)
+            opts = [options(g, *ranges[g]) for g in gs]
+            key = sum(along(c, o[0]) for c, o in enumerate(opts))
+            mem = sum(along(c, o[1]) for c, o in enumerate(opts))
+            ok = mem <= space.memory_cap_bytes
+            for c in range(chunks):
+                ok = ok & along(c, allowed)
+            if r == 0 and same_layout:
+                # Megatron's shape: every later chunk receives the layout the first one emits
+                for c in range(1, chunks):
+                    ok = ok & follows.reshape((n_options,) + (1,) * (c - 1) + (n_options,) + (1,) * (chunks - 1 - c))
+            key = np.where(ok, key, np.inf)
+            flat = int(key.argmin())
+            if not math.isfinite(key.flat[flat]):
                 break
-            _, p, rc, t, sync = best
-            if g == 0 and same_layout:
-                # Megatron's shape: every later stage receives the layout the first one emits
-                allowed = np.array([st == StartLayout(rt.starts[p].spec) for st in rt.starts])
-            stages.append((i, j, mi))
-            choices.append(StageChoice(logical_mesh, rt.starts[p], rc))
-            ts.append(t)
-            syncs.append(sync)
+            for c, (g, q) in enumerate(zip(gs, np.unravel_index(flat, key.shape))):
+                picked[g] = (int(q), float(opts[c][2][q]), float(opts[c][3][q]))
+            if r == 0 and same_layout:
+                allowed = follows[picked[0][0]]
         else:
+            stages = [(i, j, mi) for i, j in ranges]
+            qs = [picked[g] for g in range(len(ranges))]
+            choices = [StageChoice(logical_mesh, rt.starts[q % P], RECOMPUTE_OPTIONS[q // P]) for q, _, _ in qs]
+            ts = [t for _, t, _ in qs]
+            syncs = [sync for _, _, sync in qs]
             out.append(Candidate(tuple(stages), tuple(choices), tuple(ts), tuple(syncs),
                                  _equal_split_total_s(ts, syncs, stages, p2p_s, depth, B, chunks), "equal", chunks))
     return out

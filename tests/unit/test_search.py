@@ -68,7 +68,7 @@ def synthetic_table(rng: np.random.Generator, n_layers: int, specs=SPECS) -> Ran
 
 
 def options(rt: RangeTable, i: int, j: int, held: float, cap: float, slots: int):
-    """Every feasible (key, start index, recompute, t, sync) of range [i, j), by the formulas."""
+    """Every feasible (key, start index, recompute, t, sync, memory) of range [i, j), by the formulas."""
     out = []
     for rc, p in itertools.product(RECOMPUTE_OPTIONS, range(len(rt.starts))):
         full = rc == "full"
@@ -76,7 +76,7 @@ def options(rt: RangeTable, i: int, j: int, held: float, cap: float, slots: int)
         mem = rt.param[i, j, p] + (held * rt.inputs[i, j, p] + rt.max_layer_stash[i, j, p] if full
                                    else held * rt.stash[i, j, p])
         if math.isfinite(t) and mem <= cap:
-            out.append((slots * t + rt.sync[i, j, p], p, rc, t, rt.sync[i, j, p]))
+            out.append((slots * t + rt.sync[i, j, p], p, rc, t, rt.sync[i, j, p], mem))
     return out
 
 
@@ -141,7 +141,7 @@ def test_stage_table_cells_are_the_best_option_by_brute_force(schedule):
             if best is None:
                 assert cell["key_s"] == math.inf and cell["t_s"] == math.inf
                 continue
-            key, p, rc, t, sync, shape, rt = best
+            key, p, rc, t, sync, _, shape, rt = best
             assert (cell["key_s"], cell["t_s"], cell["sync_s"]) == pytest.approx((key, t, sync), rel=1e-12)
             assert tables.choice(i, j, mi, s) == StageChoice(shape, rt.starts[p], rc)
     assert tables.least_memory_bytes == pytest.approx(least, rel=1e-12)
@@ -251,20 +251,33 @@ def test_dp_candidates_are_the_brute_force_optimum_at_each_depth_bound():
 # ---- equal-split and interleaved candidates ------------------------------------------------------
 
 def brute_force_equal_split(rt: RangeTable, space: SearchSpace, depth: int, chunks: int, same_layout: bool):
-    """The choices of every chunk jointly, over all feasible options: the least total key, with
-    (same_layout) chunk 0 taking its own best and every later chunk entered in its layout."""
+    """The choices of every chunk jointly, over all options whose chunks on one GPU fit in its
+    memory together: the least total key, with (same_layout) rank 0's chunks taking their own
+    best that enters its later chunks in the layout chunk 0 emits, and every later chunk entered
+    in that layout."""
     ranges = split_blocks(space.n_layers, depth * chunks)
     schedule = "interleaved" if chunks > 1 else space.schedule
+    cap = space.memory_cap_bytes
     per_chunk = [options(rt, i, j, peak_inflight(schedule, g % depth, depth, space.n_microbatches, chunks),
-                         space.memory_cap_bytes / chunks, space.n_microbatches + depth - g % depth - 1)
+                         cap, space.n_microbatches + depth - g % depth - 1)
                  for g, (i, j) in enumerate(ranges)]
+
+    def follows(first, o) -> bool:
+        return rt.starts[o[1]] == StartLayout(rt.starts[first[1]].spec)
+
+    def fits(combo) -> bool:
+        return all(sum(o[5] for o in combo[r::depth]) <= cap for r in range(depth))
+
+    rank0_best = min((sum(o[0] for o in combo) for combo in itertools.product(*per_chunk[::depth])
+                      if fits(combo) and all(follows(combo[0], o) for o in combo[1:])), default=None)
     best = None
     for combo in itertools.product(*per_chunk):
+        if not fits(combo):
+            continue
         if same_layout:
-            first = combo[0]
-            if first[0] != min(o[0] for o in per_chunk[0]):
+            if sum(o[0] for o in combo[::depth]) != rank0_best:
                 continue
-            if any(rt.starts[o[1]] != StartLayout(rt.starts[first[1]].spec) for o in combo[1:]):
+            if any(not follows(combo[0], o) for o in combo[1:]):
                 continue
         total = sum(o[0] for o in combo)
         if best is None or total < best[0]:
