@@ -5,6 +5,7 @@ same model and strategy on the same GPUs (issue 12).
     python bench/runtime_vs_native.py --compiled            # the cases with torch.compile per block
     python bench/runtime_vs_native.py --profile DIR         # also torch.profiler tables of gpt-1.3b tp
     python bench/runtime_vs_native.py --device cpu --quick  # 2 gloo processes, a tiny model (a smoke test)
+    python bench/runtime_vs_native.py --case gpt-1.3b:auto:8 --out FILE    # only the cases named
 
 Per (model, strategy, microbatch) both ways, one after the other in the same two processes:
 
@@ -397,6 +398,8 @@ def body(rank: int, world: int, args) -> None:
     global PROFILE_DIR
     PROFILE_DIR = Path(args.profile) if args.profile else None
     cases = QUICK if args.quick else COMPILED if args.compiled else CASES
+    if args.case:
+        cases = [c for c in cases if f"{NAMES.get(c[0], c[0])}:{c[1]}:{c[2]}" in args.case]
     for model, strategy, micro, comp in cases:
         left = args.budget_s - (time.monotonic() - start)
         flag = torch.tensor([1.0 if left > args.case_s else 0.0], device=device)
@@ -493,8 +496,14 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=330.0, help="start no case after this many seconds")
     p.add_argument("--case-s", type=float, default=25.0, help="time a case needs at most")
     p.add_argument("--out", default="")
+    p.add_argument("--case", action="append", default=[], metavar="MODEL:STRATEGY:MB",
+                   help="run only these cases of the chosen list (repeatable), e.g. gpt-1.3b:auto:8")
     p.add_argument("--port", type=int, default=29517)
     args = p.parse_args(argv)
+    listed = {f"{NAMES.get(c[0], c[0])}:{c[1]}:{c[2]}" for c in QUICK + COMPILED + CASES}
+    unknown = [c for c in args.case if c not in listed]
+    if unknown:
+        p.error(f"unknown case(s) {unknown}; the cases are: {', '.join(sorted(listed))}")
     import torch.multiprocessing as mp
     mp.spawn(body, args=(2, args), nprocs=2, join=True)
     return 0

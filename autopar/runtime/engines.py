@@ -12,6 +12,14 @@ evaluation.baselines.megatron_names) — runs on the zoo's nn.Module with
     Megatron TP        parallelize_module: ColwiseParallel / RowwiseParallel, vocab-parallel
                        embedding, loss_parallel for the vocab-split head; dp x tp on one
                        DeviceMesh with named dims ("pp", "dp", "tp")
+    Megatron SP        the planner's reduce-scatter variants ("k@1+rs:s@1", "v@1+rs:s@1"; onto
+                       the batch dim "rs:b@1" the same way), one-stage plans: SequenceParallel
+                       norms, ColwiseParallel(input_layouts=Shard(d)), RowwiseParallel(
+                       output_layouts=Shard(d)), the embedding RowwiseParallel(output_layouts=
+                       Shard(d))
+    hidden-split       an embedding split over tp on its hidden dim ("h@1"): ColwiseParallel on
+    embedding          the nn.Embedding (output all-gathered); a tied head reads its table
+                       redistributed to rows (vocab-split head) or whole
     pipelines          torch.distributed.pipelining: one PipelineStage per stage, GPipe /
                        1F1B, and Interleaved1F1B with several stages (chunks) per rank;
                        stages of different device counts or (dp, tp) layouts on
@@ -29,8 +37,10 @@ runtime.apply, with a warning that names the stage and op.
 
 Not lowered here (they keep the program path, or its NotAppliableError): interleaved schedules
 over stages of different sizes or layouts, expert-parallel / 2-D sharded weights (MoE under
-TP), hf: models, layouts other than Megatron's (e.g. a hidden-split embedding "h@1", or a
-vocab-split embedding reduce-scattered to a batch split "v@1+rs:b@1"). What the issue's
+TP), hf: models, sequence parallelism in pipelines or on some row-parallel ops only, other
+reduce-scatters, layouts other than Megatron's. A vocab-split embedding
+reduce-scattered onto the batch over the data-parallel axis ("v@1+rs:b@1" on a dp stage) runs
+as the data-parallel lookup (see match_stage). What the issue's
 compile-based path for the other layouts would take: trace the stage's joint forward+backward
 (aot_autograd / the torch.export joint graph), insert the plan's collectives per op as
 functional collectives (torch.distributed._functional_collectives) where the program's
@@ -69,6 +79,10 @@ FAMILY_MODULES = {
               (("mlp.w1", "mlp.w3"), ("mlp.w2",))),
 }
 FAMILY_MODULES["moe"] = FAMILY_MODULES["gpt"]
+# per family: the norms of a block (sequence-parallel under Megatron's sequence parallelism)
+BLOCK_NORMS = {"gpt": ("ln1", "ln2"), "llama": ("attn_norm", "mlp_norm")}
+# the dim a reduce-scatter variant ("+rs:s@1") splits the residual stream over, by its letter
+RS_DIMS = {"b": 0, "s": 1}
 TP_FAMILIES = ("gpt", "llama")      # MoE's experts are bare parameters: no tensor-parallel engine
 
 
@@ -86,6 +100,10 @@ class StageLayout:
     dp_axis: int
     split_embeddings: tuple[str, ...] = ()
     split_head: bool = False
+    sequence_dim: int | None = None      # under sequence parallelism: the dim of the residual
+                                         # stream split over tp between blocks (0 batch, 1 sequence)
+    rs_embeddings: tuple[str, ...] = ()  # split embeddings reduce-scattered onto sequence_dim
+    hidden_split_embeddings: tuple[str, ...] = ()   # embeddings split over tp on the hidden dim
 
     @property
     def mesh_dims(self) -> tuple[str, str]:
@@ -112,15 +130,40 @@ def _vocab_ops(ir: OpGraph, names: list[str]) -> dict[str, str]:
     return out
 
 
+def _row_parallel_ops(ir: OpGraph, names: list[str], family: str) -> set[str]:
+    """The row-parallel matmuls among `names` (attention-out and MLP-out of a block)."""
+    _, _, (_, attn_row), (_, mlp_row) = FAMILY_MODULES[family]
+    rows = set(attn_row + mlp_row)
+    out = set()
+    for n in names:
+        node = ir.node(n)
+        param = next((o.param for o in node.operands if o.param), None)
+        if node.kind == MATMUL and param and param.startswith("blocks."):
+            module = param.rpartition(".")[0].split(".", 2)[2]          # blocks.3.attn.proj -> attn.proj
+            if module in rows:
+                out.add(n)
+    return out
+
+
 def match_stage(plan: Plan, ir: OpGraph, k: int, family: str) -> StageLayout:
     """The engines' layout of stage k, or EngineMismatch naming the first op that differs. The
     data inputs' layout is free (each rank loads its rows), and under tp an embedding or the
-    head may be replicated instead of vocab-split."""
+    head may be replicated instead of vocab-split.
+
+    Megatron's sequence parallelism: every row-parallel matmul reduce-scatters onto one dim of
+    the residual stream ("k@1+rs:s@1"; the batch dim "rs:b@1" the same way), a vocab-split
+    embedding may too ("v@1+rs:s@1"); only in a one-stage plan (the pipeline's boundary tensors
+    are whole). A vocab-split embedding reduce-scattered onto the batch over the data-parallel
+    axis ("v@1+rs:b@1" with dp on axis 1, tp 1) is the data-parallel lookup with its table split
+    over dp: it runs as the data-parallel embedding (FSDP shards the table's vocab dim under
+    ZeRO), the same numbers with the weight gathered instead of the output reduce-scattered."""
     stage = plan.stages[k]
     if family not in FAMILY_MODULES:
         raise EngineMismatch(f"stage {k}: model family {family!r} has no engine lowering")
     names = stage_nodes(ir, stage.layers)
     vocab = _vocab_ops(ir, names)
+    rows = _row_parallel_ops(ir, names, family)
+    one_stage = len(plan.stages) == 1
     m0, m1 = tuple(stage.logical_mesh)
     misses = []
     for dp_axis in ((0, 1) if m0 != m1 or m0 > 1 else (0,)):
@@ -128,26 +171,60 @@ def match_stage(plan: Plan, ir: OpGraph, k: int, family: str) -> StageLayout:
         if tp > 1 and family not in TP_FAMILIES:
             misses.append(f"tensor parallelism over {tp} devices on a {family} model (expert weights)")
             continue
+        tp_at, dp_at = f"@{1 - dp_axis}", f"@{dp_axis}"
         wanted = megatron_names(ir, names, dp, tp)
         dp_only = megatron_names(ir, list(vocab), dp, 1) if tp > 1 else {}
-        bad, split = [], set()
+        bad, split, rs_dims, rs_ops, hidden = [], set(), set(), set(), set()
         for name, choices in wanted.items():
             have = stage.strategies.get(name)
             if have is None or ir.node(name).kind == INPUT:
                 continue
             want = _swap_axes(choices[0]) if dp_axis == 1 else choices[0]
+            base, _, scatter = have.partition("+rs:")
+            if scatter and tp == 1 and dp > 1 and name in vocab and ir.node(name).kind == EMBEDDING \
+                    and base == f"v{dp_at}" and scatter == f"b{dp_at}" and want == f"b{dp_at}":
+                continue                                    # the data-parallel lookup (see above)
+            if scatter:
+                letter, at = scatter[:1], scatter[1:]
+                if tp > 1 and at == tp_at and letter in RS_DIMS and base == want and (name in rows or name in split
+                                                                                      or name in vocab):
+                    rs_dims.add(RS_DIMS[letter])
+                    rs_ops.add(name)
+                    have = base
+                else:
+                    bad.append(f"op {name} is {have!r}, a reduce-scatter the engines do not lower")
+                    continue
             if name in vocab and have == want:
                 split.add(name)
+            elif (name in vocab and ir.node(name).kind == EMBEDDING and f"v{tp_at}" in want
+                    and have == want.replace(f"v{tp_at}", f"h{tp_at}")):
+                hidden.add(name)                            # split on the hidden dim (ColwiseParallel)
             elif name in dp_only and have == (_swap_axes(dp_only[name][0]) if dp_axis == 1 else dp_only[name][0]):
                 pass                                        # replicated over tp
             elif have != want:
                 bad.append(f"op {name} is {have!r}, the engines need {want!r}")
+        sequence_dim = None
+        if not bad and rs_ops:
+            plain_rows = sorted(rows - rs_ops)
+            if len(rs_dims) > 1:
+                bad.append(f"reduce-scatters onto different dims {sorted(rs_dims)} of the residual stream")
+            elif plain_rows:
+                bad.append(f"sequence parallelism on some row-parallel ops only: op {plain_rows[0]} all-reduces")
+            elif not one_stage:
+                bad.append("sequence parallelism across pipeline stages (boundary tensors split over tp)")
+            else:
+                sequence_dim = rs_dims.pop()
         if not bad and tp == 1:
             return StageLayout(dp, tp, dp_axis)
         if not bad:
             heads = [n for n in vocab if ir.node(n).kind == MATMUL]
-            return StageLayout(dp, tp, dp_axis, tuple(sorted(vocab[n] for n in split if n not in heads)),
-                               any(n in split for n in heads))
+            if any(n in rs_ops for n in heads):
+                bad.append("a reduce-scattered head")
+            else:
+                return StageLayout(dp, tp, dp_axis, tuple(sorted(vocab[n] for n in split if n not in heads)),
+                                   any(n in split for n in heads), sequence_dim,
+                                   tuple(sorted(vocab[n] for n in rs_ops if n in vocab)),
+                                   tuple(sorted(vocab[n] for n in hidden)))
         misses.append(f"{len(bad)} op(s) differ from Megatron's layout with dp on mesh axis {dp_axis}, first: "
                       + bad[0])
     raise EngineMismatch(f"stage {k} (layers {list(stage.layers)}, mesh {m0}x{m1}): " + "; ".join(misses))
@@ -225,6 +302,9 @@ class Segment(nn.Module):
         self.family, self.tied, self.first, self.last = cfg.family, cfg.tied, first, last
         self.recompute = recompute
         self.head_mesh = None               # set when a tied head splits a replicated weight
+        self.split_head = False             # the head split over the vocab (apply_tp)
+        # under sequence parallelism (apply_tp): (tp mesh, split dim, reduce-scattered embeddings)
+        self.sequence_split: tuple[Any, int, tuple[str, ...]] | None = None
         embeds, norm, _, _ = FAMILY_MODULES[cfg.family]
         self.embed_names, self.norm_name = embeds, norm
         if first:
@@ -240,9 +320,22 @@ class Segment(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         m: Any = self
-        if self.family == "llama":
-            return m.tok_emb(ids)
-        return m.wte(ids) + m.wpe(torch.arange(ids.shape[1], device=ids.device))
+        if self.sequence_split is None:
+            if self.family == "llama":
+                return m.tok_emb(ids)
+            return m.wte(ids) + m.wpe(torch.arange(ids.shape[1], device=ids.device))
+        # sequence parallel: this rank's chunk of the residual stream on the split dim. The sum
+        # runs on DTensors so that the backward sums each position's gradient over the chunks
+        # (the reduce-scattered lookup gives its chunk; a whole output is cut as Shard cuts)
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+        mesh, dim, scattered = self.sequence_split
+        first = self.embed_names[0]
+        x: Any = DTensor.from_local(getattr(self, first)(ids), mesh, [Shard(dim) if first in scattered else Replicate()],
+                               run_check=False)
+        if self.family != "llama":
+            pos = m.wpe(torch.arange(ids.shape[1], device=ids.device))
+            x = x + DTensor.from_local(pos, mesh, [Replicate()], run_check=False)
+        return x.redistribute(mesh, [Shard(dim)]).to_local()
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if self.first:
@@ -255,12 +348,22 @@ class Segment(nn.Module):
         if not self.last:
             return x
         x = getattr(self, self.norm_name)(x)
+        if self.sequence_split is not None and _is_dtensor(x):
+            # the norm ran on its split of the sequence: gather it for the head
+            from torch.distributed.tensor import Replicate
+            gathered: Any = x
+            gathered = gathered.redistribute(gathered.device_mesh, [Replicate()])
+            x = gathered if self.split_head else gathered.to_local()
         if self.tied:
-            w = getattr(self, self.embed_names[0]).weight
+            from torch.distributed.tensor import DTensor, Replicate, Shard
+            w: Any = getattr(self, self.embed_names[0]).weight
             if self.head_mesh is not None:
-                from torch.distributed.tensor import DTensor, Replicate, Shard
                 w = DTensor.from_local(w, self.head_mesh, [Replicate()], run_check=False).redistribute(
                     self.head_mesh, [Shard(0)])
+            elif _is_dtensor(w) and self.split_head and tuple(w.placements) != (Shard(0),):
+                w = w.redistribute(w.device_mesh, [Shard(0)])       # a hidden-split table, split by rows
+            elif _is_dtensor(w) and not self.split_head:
+                w = w.full_tensor()                                 # a hidden-split table, whole
             logits = F.linear(x, w)
         else:
             logits = cast(Any, self).head(x)
@@ -291,22 +394,34 @@ def _gpt_attention_tp(self, x: torch.Tensor) -> torch.Tensor:
     return self.proj(y.transpose(1, 2).reshape(b, s, -1))
 
 
-def apply_tp(seg: Segment, tp_mesh, split_embeddings: tuple[str, ...], split_head: bool) -> None:
+def apply_tp(seg: Segment, tp_mesh, split_embeddings: tuple[str, ...], split_head: bool,
+             sequence_dim: int | None = None, rs_embeddings: tuple[str, ...] = (),
+             hidden_split_embeddings: tuple[str, ...] = ()) -> None:
     """Megatron tensor parallelism over tp_mesh: column-parallel q/k/v and MLP-in, row-parallel
     attention-out and MLP-out; the embeddings named in split_embeddings vocab-parallel, and
-    with split_head the head too (its loss under loss_parallel)."""
+    with split_head the head too (its loss under loss_parallel). With sequence_dim, Megatron's
+    sequence parallelism: between blocks the residual stream is split over tp on that dim, the
+    norms run on their split (SequenceParallel), column-parallel ops all-gather it and
+    row-parallel ops reduce-scatter onto it; the embeddings in rs_embeddings reduce-scatter
+    onto it, the others' whole output is split in Segment.embed. The embeddings in
+    hidden_split_embeddings are split on the hidden dim (ColwiseParallel, output all-gathered)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         PrepareModuleOutput,
         RowwiseParallel,
+        SequenceParallel,
         parallelize_module,
     )
     tp = tp_mesh.size()
     _, _, (attn_col, attn_row), (mlp_col, mlp_row) = FAMILY_MODULES[seg.family]
+    sp = sequence_dim is not None
+    between: Any = Shard(sequence_dim) if sequence_dim is not None else Replicate()
     for block in seg.blocks.values():
-        plan: dict[str, Any] = {n: ColwiseParallel() for n in attn_col + mlp_col}
-        plan.update({n: RowwiseParallel() for n in attn_row + mlp_row})
+        plan: dict[str, Any] = {n: ColwiseParallel(input_layouts=between) for n in attn_col + mlp_col}
+        plan.update({n: RowwiseParallel(output_layouts=between) for n in attn_row + mlp_row})
+        if sequence_dim is not None:
+            plan.update({n: SequenceParallel(sequence_dim=sequence_dim) for n in BLOCK_NORMS[seg.family]})
         parallelize_module(block, tp_mesh, plan)
         attn: Any = block.attn
         attn.heads //= tp
@@ -317,13 +432,26 @@ def apply_tp(seg: Segment, tp_mesh, split_embeddings: tuple[str, ...], split_hea
     top: dict[str, Any] = {}
     for n in seg.embed_names:
         if hasattr(seg, n) and n in split_embeddings:
-            top[n] = RowwiseParallel(input_layouts=Replicate())     # vocab-parallel lookup
+            # vocab-parallel lookup, all-reduced or reduce-scattered onto the split residual stream
+            top[n] = RowwiseParallel(input_layouts=Replicate(),
+                                     output_layouts=between if n in rs_embeddings else Replicate())
+        elif hasattr(seg, n) and n in hidden_split_embeddings:
+            top[n] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if sequence_dim is not None:
+        seg.sequence_split = (tp_mesh, sequence_dim, tuple(n for n in rs_embeddings if hasattr(seg, n)))
+        if seg.last:
+            # the final norm on its split; Segment.forward gathers its output for the head
+            top[seg.norm_name] = SequenceParallel(sequence_dim=sequence_dim)
+    seg.split_head = seg.last and split_head
     if seg.last and split_head:
-        if seg.tied:
+        if seg.tied and sp:
+            if seg.embed_names[0] not in split_embeddings + hidden_split_embeddings:
+                seg.head_mesh = tp_mesh        # the replicated weight is split at the head
+        elif seg.tied:
             # the head reads the embedding's weight: its input must be a DTensor
             top[seg.norm_name] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Replicate(),
                                                      use_local_output=False)
-            if seg.embed_names[0] not in split_embeddings:
+            if seg.embed_names[0] not in split_embeddings + hidden_split_embeddings:
                 seg.head_mesh = tp_mesh        # the replicated weight is split at the head
         else:
             top["head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
@@ -453,8 +581,11 @@ class EngineModel:
                 for block in seg.blocks.values():
                     _checkpoint_attention(cast(nn.Module, block.attn))
             if self.tp_mesh is not None:
-                copy_split = layouts[0].split_embeddings if seg.last and not seg.first else ()
-                apply_tp(seg, self.tp_mesh, layout.split_embeddings + copy_split, layout.split_head)
+                # a last stage's copy of a tied embedding is stored as the first stage stores it
+                copy = seg.last and not seg.first
+                apply_tp(seg, self.tp_mesh, layout.split_embeddings + (layouts[0].split_embeddings if copy else ()),
+                         layout.split_head, layout.sequence_dim, layout.rs_embeddings,
+                         layout.hidden_split_embeddings + (layouts[0].hidden_split_embeddings if copy else ()))
             if compile:
                 compile_blocks(seg)
             module: nn.Module = seg

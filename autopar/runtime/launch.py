@@ -149,7 +149,7 @@ def _rank_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict |
     from autopar.plan import Plan
 
     from .apply import build_model, make_batch, rank_layout
-    from .engines import apply
+    from .engines import EngineModel, apply
 
     plan = Plan.from_json(cfg.plan_json)
     layout = rank_layout(plan)
@@ -188,6 +188,7 @@ def _rank_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict |
             "times_s": times, "losses": losses if (losses and local_index == 0) else None,
             "grads": grads if local_index == 0 else {}, "params": params if local_index == 0 else {},
             "shard_local_ops": pm.shard_local_ops, "param_specs": pm.param_specs(),
+            "engines": isinstance(pm, EngineModel),      # not the fx/DTensor program
             "max_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     if world == 1:
         return {"ranks": [mine]}
@@ -377,6 +378,7 @@ def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int) -> dict
         "predicted_for": _predicted_for(plan),
         "losses": losses,
         "shard_local_ops": sorted({o for r in ranks for o in r["shard_local_ops"]}),
+        "engines": all(r.get("engines", False) for r in ranks),
         # per rank group (under interleaving one group runs several stages)
         "param_specs": [next(r["param_specs"] for r in ranks if r["stage"] == k and r["local_index"] == 0)
                         for k in sorted({r["stage"] for r in ranks})],

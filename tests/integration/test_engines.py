@@ -261,3 +261,113 @@ def test_mixed_pipeline_no_engine_takes_is_refused_before_launch():
     d["stages"][1]["strategies"][fc2] = "R"
     with pytest.raises(NotAppliableError, match=f"different device counts.*op {fc2} is 'R'"):
         validate(Plan.from_dict(d), "cpu", None)
+
+
+# -- Megatron sequence parallelism and reduce-scattered embeddings (the planner's "+rs:" variants)
+
+def sequence_parallel(dp: int, mb: int, letter: str, model: str = M, embeddings: str = "rs") -> Plan:
+    """A Megatron dp x tp2 plan whose row-parallel matmuls reduce-scatter onto dim `letter` of
+    the residual stream ("k@1+rs:s@1", as the planner emits them); the vocab-split embedding
+    too with embeddings "rs", kept whole ("R") with "replicated"."""
+    from autopar.evaluation.evaluator import evaluate
+    plan = plan_3d(dp, 2, 1, mb, model=model)
+    strategies = plan.stages[0].strategies
+    for name, s in list(strategies.items()):
+        if s.endswith("k@1") or (name in ("wte", "tok_emb") and embeddings == "rs"):
+            strategies[name] = f"{s}+rs:{letter}@1"
+        elif name in ("wte", "wpe", "tok_emb") and embeddings == "replicated":
+            strategies[name] = "b@0" if dp > 1 else "R"
+    cl = load_cluster("p3.16xlarge", 1, 2 * dp)
+    return evaluate(plan, graphs.load(model, batch=mb), cl)
+
+
+def test_sequence_parallel_plans_match_their_engines():
+    cases = [((1, 1, "s", M, "rs"), 1, ("wte",)), ((1, 2, "b", M, "rs"), 0, ("wte",)),
+             ((2, 2, "s", M, "rs"), 1, ("wte",)), ((1, 1, "s", LLAMA, "rs"), 1, ("tok_emb",)),
+             ((1, 1, "s", M, "replicated"), 1, ())]
+    for args, dim, scattered in cases:
+        plan = sequence_parallel(*args)
+        layouts = match_plan(plan, graphs.load(args[3], batch=args[1]), args[3].split(":")[0])
+        assert [(x.sequence_dim, x.rs_embeddings) for x in layouts] == [(dim, scattered)], args
+
+
+def test_sequence_parallel_on_some_row_ops_only_is_named():
+    d = copy.deepcopy(sequence_parallel(1, 1, "s").to_dict())
+    d["stages"][0]["strategies"]["blocks_1_mlp_fc2"] = "k@1"
+    with pytest.raises(EngineMismatch, match="row-parallel ops only: op blocks_1_mlp_fc2 all-reduces"):
+        match_plan(Plan.from_dict(d), graphs.load(M, batch=1), "gpt")
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("dp,mb,letter,embeddings", [(1, 1, "s", "rs"), (1, 2, "b", "rs"), (2, 2, "s", "rs"),
+                                                     (1, 1, "s", "replicated")])
+def test_sequence_parallel_matches_one_process(tmp_path, dp, mb, letter, embeddings):
+    # norms on their split (SequenceParallel), all-gather before column-parallel ops,
+    # reduce-scatter after row-parallel ones and (rs) the vocab-parallel lookup
+    out = run(sequence_parallel(dp, mb, letter, embeddings=embeddings), tmp_path)
+    assert out["engines"]                       # not the op-by-op program's fallback
+    assert_exact(out)
+    assert out["param_specs"][0]["blocks.0.attn.proj.weight"] == "RS1"
+
+
+@pytest.mark.runtime
+def test_llama_sequence_parallel_matches_one_process(tmp_path):
+    out = run(sequence_parallel(1, 1, "s", model=LLAMA), tmp_path)
+    assert out["engines"]
+    assert_exact(out, LLAMA)
+
+
+def dp_with_scattered_embedding(zero: int = 0) -> Plan:
+    """dp2 with the embedding split over the vocab on the data-parallel axis and its output
+    reduce-scattered onto the batch (the auto plan of gpt-1.3b at microbatch 8 on 2 H200s)."""
+    from autopar.evaluation.evaluator import evaluate
+    plan = plan_3d(2, 1, 1, 2, zero=zero)
+    plan.stages[0].strategies["wte"] = "v@0+rs:b@0"
+    return evaluate(plan, graphs.load(M, batch=2), load_cluster("p3.16xlarge", 1, 2))
+
+
+def test_scattered_embedding_over_dp_matches_the_data_parallel_lookup():
+    layouts = match_plan(dp_with_scattered_embedding(), graphs.load(M, batch=2), "gpt")
+    assert [(x.dp, x.tp) for x in layouts] == [(2, 1)]
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("zero", [0, 1])
+def test_scattered_embedding_over_dp_matches_one_process(tmp_path, zero):
+    out = run(dp_with_scattered_embedding(zero), tmp_path)
+    assert out["engines"]
+    assert_exact(out)
+
+
+def hidden_split(model: str = M, head: str = "split", sp: bool = False) -> Plan:
+    """A Megatron tp2 plan whose embeddings are split over tp on the hidden dim ("h@1"); the
+    head vocab-split ("split") or replicated ("R"); with sp, sequence parallel (mb 1)."""
+    from autopar.evaluation.evaluator import evaluate
+    mb = 1 if sp else 2
+    plan = plan_3d(1, 2, 1, mb, model=model)
+    strategies = plan.stages[0].strategies
+    for name, s in list(strategies.items()):
+        if name in ("wte", "wpe", "tok_emb"):
+            strategies[name] = "h@1"
+        elif sp and s == "k@1":
+            strategies[name] = "k@1+rs:s@1"
+    if head == "R":
+        strategies["linear"] = "R"
+    return evaluate(plan, graphs.load(model, batch=mb), load_cluster("p3.16xlarge", 1, 2))
+
+
+def test_hidden_split_embeddings_match_their_engines():
+    for model, emb in ((M, ("wpe", "wte")), (LLAMA, ("tok_emb",))):
+        layouts = match_plan(hidden_split(model), graphs.load(model, batch=2), model.split(":")[0])
+        assert [(x.hidden_split_embeddings, x.split_embeddings, x.split_head) for x in layouts] == [(emb, (), True)]
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("model,head,sp", [(M, "split", False), (M, "R", False), (M, "split", True),
+                                           (LLAMA, "split", False)])
+def test_hidden_split_embeddings_match_one_process(tmp_path, model, head, sp):
+    out = run(hidden_split(model, head, sp), tmp_path)
+    assert out["engines"]
+    assert_exact(out, model)
+    emb = "wte.weight" if model == M else "tok_emb.weight"
+    assert out["param_specs"][0][emb] == "RS1"            # the table split on its hidden dim
