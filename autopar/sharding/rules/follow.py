@@ -265,9 +265,10 @@ def follow_statistics(node: OpNode, li: int, lead_spec: Spec, mesh: Mesh) -> Lay
 
 def follow_loss(node: OpNode, li: int, lead_spec: Spec, mesh: Mesh) -> Layout:
     """Cross-entropy over (possibly vocab-split) logits: the scalar loss is replicated.
-    Vocab-parallel (Megatron): each row's max, sum of exponentials and target logit are
-    all-reduced (three fp32 values per row). The scalar loss is a sum over the batch split: a
-    tiny all-reduce, not counted."""
+    Vocab-parallel (Megatron, torch's loss_parallel): each row's max, sum of exponentials and
+    target logit are all-reduced one after another (the sum needs the max), so three
+    all-reduces of one fp32 per row, each paying its own latency. The scalar loss is a sum over
+    the batch split: a tiny all-reduce, not counted."""
     lead = node.operands[li]
     nd = len(lead.shape)
     red_dims = _reduced_dims(node, nd)
@@ -275,7 +276,7 @@ def follow_loss(node: OpNode, li: int, lead_spec: Spec, mesh: Mesh) -> Layout:
     lay = Layout(tuple(0 for _ in node.out_shape), _in_specs(node, li, lead_spec), shard_lead=True)
     if split_red:
         rows = _rows_local(lead.shape, lead_spec, red_dims, mesh)
-        lay.collectives = [collective(ALL_REDUCE, split_red, rows * 3 * STAT_BYTES, FORWARD, mesh)]
+        lay.collectives = [collective(ALL_REDUCE, split_red, rows * STAT_BYTES, FORWARD, mesh)] * 3
     for i, o in node.activation_operands():
         if i != li:
             lay.in_specs[i] = tuple(lead_spec[: len(o.shape)]) if len(o.shape) < nd else tuple(0 for _ in o.shape)
