@@ -126,11 +126,27 @@ def _profile(alpha=2.5e-6, beta=380e9):
     return prof
 
 
-def test_save_load_round_trip(tmp_path, monkeypatch):
+@pytest.fixture
+def profiles_dir(tmp_path, monkeypatch):
+    """The profiles folder moved to a temporary one holding copies of the shipped GPU profiles and
+    no comm profile. The GPU-profile lookup cache is cleared on entry and exit, so that a lookup
+    cached in one folder does not leak into (or out of) the test."""
+    path = (tmp_path / "profiles").resolve()
+    path.mkdir()
+    for f in HP.PROFILES_DIR.glob("*.json"):
+        if not f.stem.startswith("comm_"):
+            (path / f.name).write_bytes(f.read_bytes())
+    HP.load_gpu_profile.cache_clear()
+    monkeypatch.setattr(HP, "PROFILES_DIR", path)
+    yield path
+    monkeypatch.undo()
+    HP.load_gpu_profile.cache_clear()
+
+
+def test_save_load_round_trip(tmp_path, profiles_dir):
     prof = _profile()
-    p = HP.save_comm_profile(prof, tmp_path / "x" / "comm_test.json")
+    p = HP.save_comm_profile(prof, profiles_dir / "comm_test.json")
     assert HP.load_comm_profile(p) == json.loads(json.dumps(prof))
-    monkeypatch.setattr(HP, "PROFILES_DIR", tmp_path / "x")
     assert HP.load_comm_profile("comm_test")["intra_link"] == prof["intra_link"]
     assert HP.load_comm_profile("comm_test.json")["link"] == "nvlink"
     assert HP.list_comm_profiles() == ["comm_test"]
@@ -144,17 +160,15 @@ def test_save_load_round_trip(tmp_path, monkeypatch):
         HP.validate_comm_profile(bad)
 
 
-def test_preset_hook_is_a_no_op_without_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(HP, "PROFILES_DIR", tmp_path)
+def test_preset_hook_is_a_no_op_without_the_file(tmp_path, profiles_dir):
     for name in PRESETS:
         assert load_cluster(name) is PRESETS[name]
     assert HP.measured_link(COMM_PROFILES["dgx-h200"]) is None
 
 
-def test_preset_hook_uses_a_placed_profile(tmp_path, monkeypatch):
-    monkeypatch.setattr(HP, "PROFILES_DIR", tmp_path)
+def test_preset_hook_uses_a_placed_profile(tmp_path, profiles_dir):
     before = load_cluster("dgx-h200")
-    HP.save_comm_profile(_profile(2.5e-6, 380e9), tmp_path / COMM_PROFILES["dgx-h200"])
+    HP.save_comm_profile(_profile(2.5e-6, 380e9), profiles_dir / COMM_PROFILES["dgx-h200"])
     c = load_cluster("dgx-h200")
     assert c.intra_link == Link(pytest.approx(380e9, rel=1e-9), pytest.approx(2.5e-6, rel=1e-9))
     assert c.intra_link != before.intra_link
@@ -176,16 +190,15 @@ def test_preset_hook_uses_a_placed_profile(tmp_path, monkeypatch):
     ax = mesh_axes(c, Submesh(1, 8), (1, 8))[1]
     assert all_reduce_s(2**28, ax) == pytest.approx(CP.predict("all_reduce", 8, 2**28, 2.5e-6, 380e9))
     # a re-fitted file replaces the cached link
-    p = tmp_path / COMM_PROFILES["dgx-h200"]
+    p = profiles_dir / COMM_PROFILES["dgx-h200"]
     HP.save_comm_profile(_profile(4e-6, 300e9), p)
     os.utime(p, ns=(p.stat().st_mtime_ns + 10**9,) * 2)
     assert load_cluster("dgx-h200").intra_link.bandwidth_bytes_per_s == pytest.approx(300e9)
 
 
-def test_preset_hook_reports_a_broken_file(tmp_path, monkeypatch):
+def test_preset_hook_reports_a_broken_file(profiles_dir):
     from autopar.hardware.specs import ClusterError
-    monkeypatch.setattr(HP, "PROFILES_DIR", tmp_path)
-    (tmp_path / COMM_PROFILES["dgx-h200"]).write_text(json.dumps({"schema": "nope"}))
+    (profiles_dir / COMM_PROFILES["dgx-h200"]).write_text(json.dumps({"schema": "nope"}))
     with pytest.raises(ClusterError, match="comm profile .* is unreadable"):
         load_cluster("dgx-h200")
 
@@ -263,8 +276,15 @@ def test_bench_end_to_end_on_cpu(tmp_path, nproc, launcher):
     for row in raw["rows"]:
         assert row["time_s"] > 0 and row["concurrent_groups"] == nproc // row["group_size"]
         assert row["time_min_s"] <= row["time_s"] * 1.000001
+    # gloo timings on a loaded 2-core CI box are noise (a 1 KB all-reduce once took 3.6 ms, longer
+    # than a 1 MB one), so a fit of them can rightly refuse. The pipeline is checked on the bench's
+    # own document with its times replaced by a known link: the fit must recover it exactly.
+    alpha_s, beta = 20e-6, 3e9
+    for row in raw["rows"]:
+        row["time_s"] = CP.predict(row["collective"], row["group_size"], row["bytes"], alpha_s, beta)
     prof = CP.from_raw([raw], sources=[str(out)])
     assert prof["backend"] == "gloo" and prof["gpus"] == nproc and prof["link"] == "gloo-loopback"
-    assert prof["intra_link"]["latency_s"] >= 0 and prof["intra_link"]["bandwidth_bytes_per_s"] > 0
+    assert prof["intra_link"]["latency_s"] == pytest.approx(alpha_s, rel=1e-6)
+    assert prof["intra_link"]["bandwidth_bytes_per_s"] == pytest.approx(beta, rel=1e-6)
     assert set(prof["per_collective"]) == set(HP.COLLECTIVES)
     HP.save_comm_profile(prof, tmp_path / "comm.json")
