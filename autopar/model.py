@@ -122,10 +122,24 @@ def _graphs_code_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def _tracer_versions(model: str) -> str:
+    """The versions of the libraries whose code shapes the traced graph: torch's export always,
+    and transformers' model code for HF models (a new release can change their modules)."""
+    import torch
+    versions = f"torch={torch.__version__}"
+    if model.startswith("hf:"):
+        try:
+            import transformers
+            versions += f",transformers={transformers.__version__}"
+        except ImportError:      # the trace itself reports the missing extra
+            pass
+    return versions
+
+
 def _cache_path(model: str, batch: int, seq: int | None, dtype: str) -> Path | None:
     if os.environ.get("AUTOPAR_CACHE", "1") == "0":
         return None
-    h = hashlib.sha256(f"{model}|{batch}|{seq}|{dtype}|{_graphs_code_hash()}".encode())
+    h = hashlib.sha256(f"{model}|{batch}|{seq}|{dtype}|{_graphs_code_hash()}|{_tracer_versions(model)}".encode())
     # Models read from files (hf:config.json, file.py:factory) also depend on the file's content.
     for part in (model[3:] if model.startswith("hf:") else model.rsplit(":", 1)[0],):
         p = Path(part)
