@@ -33,12 +33,18 @@ Time:
   waits on the CPU. A linear (autocast casts, matmul, bias, and in backward two matmuls, the
   grad cast and accumulation) costs HOST_S_PER_LINEAR fitted on host-bound GPT rows; every
   other op the profile's eager launch overhead forward and again backward. DTensor tensor
-  parallelism and FSDP2 add per-block host costs (fitted). The step takes max(host, device)
-  on one GPU (the host runs ahead across steps); in a pipeline every microbatch's forward and
-  backward take max(host, device), since the next stage waits on them.
+  parallelism, FSDP2 and DDP add per-block host costs, fitted on the GPT rows whose GPU work
+  (busy time less exposed NCCL time, which on a host-bound step is waiting for the other rank)
+  leaves a tenth of the step idle. DDP's (its reducer's autograd hook per parameter, the copy
+  of each gradient into its bucket, an all-reduce launch per 25 MB bucket) shows in
+  ddp-gpt-1.3b mb1: 90.5 ms measured, host-bound, against 51.1 ms for the same model and
+  microbatch on one GPU: 1.46 ms per block; without it the row was predicted at 63 ms (-30%).
+  The step takes max(host, device) on one GPU (the host runs ahead across steps). In a
+  pipeline each GPU also waits for its own CPU to launch an op, but the CPUs do not wait for
+  each other (evaluation/pipeline.py `simulate`).
 
-Memory (the peak of one GPU; predicted allocated within -2.3..+2% of measured on the GPT
-single-GPU rows, bench/truth/predict.py):
+Memory (the peak of one GPU; predicted allocated within -2.9..0% of measured on the GPT
+single-GPU rows without recomputation and -1.7..+2.3% on the Llama ones, bench/truth/predict.py):
 - the two moments of a one-microbatch step: at the start of the loss backward the activations
   are all live but the fp32 gradients are not (zero_grad(set_to_none=True) freed them; 4 B per
   parameter absent) while autocast's bf16 weight copies, saved for the backward, are (2 B); at
@@ -50,7 +56,13 @@ single-GPU rows, bench/truth/predict.py):
   inputs (`fp32_residual_extra_bytes`): the measured per-token slope of single-gpt-1.3b
   (mb1 -> mb16) is 37.5 B per hidden element per block, 38 with fp32 norm inputs, 34 without.
 - cross-entropy: at the start of the loss backward the fp32 log-softmax output (saved, 4 B),
-  its gradient (4) and the gradient of the logits (4) are live: 12 B per logit element.
+  its gradient (4) and the gradient of the logits (4) are live: 12 B per logit element, the
+  loss backward's working set. The graph's stash also holds the logits for the loss (a bf16
+  stand-in for the saved log-softmax output), which the eager step does not keep: autocast's
+  cast to fp32 saves nothing, so the bf16 logits are gone after the forward, and the fp32
+  log-softmax output is among the 12 B (`loss_stash_bytes` takes them out of the stash).
+  Counting both counted 14 B per logit: single-llama-1b rows' allocated +4..+9% (0.31-0.35 GiB
+  per 1k tokens over; 2 B x 128256 = 0.24), the fsdp2 Llama rows' +12..+22%.
 - a tied embedding: at the end of the backward the embedding's dense fp32 gradient exists next
   to the `.grad` the LM head made, until it is added in (4 B per embedding parameter).
 - DDP: its buckets hold a second fp32 copy of every gradient (4 B per parameter;
@@ -70,13 +82,22 @@ single-GPU rows, bench/truth/predict.py):
 - cuBLAS and cuBLASLt workspaces: 32 MiB each on Hopper, allocated through the caching
   allocator.
 - caching allocator: peak reserved exceeds peak allocated by up to RESERVE_FRACTION (envelope
-  of (reserved - allocated) / allocated over every corpus row without recomputation, both
-  families; the largest is single-llama3-8b-s2048-mb1, 0.148, at the GPU's capacity with one
-  allocator retry); FSDP2, whose all-gather and reduce-scatter streams keep pools of their own,
-  by up to RESERVE_ZERO3_FRACTION (0.550: fsdp2-gpt-1.3b-s1024-mb1 re-measured, a host-bound
-  step whose rank 1 reserves 16.5 GiB at 10.6 GiB allocated; the next largest is
-  fsdp2-llama-3b-s4096-mb1, 0.348). The first measurement of that row (reserved 34.0 GiB) held
-  the previous run's memory and is kept only under the corpus's "superseded_runs".
+  of (reserved - allocated) / allocated over every corpus row without recomputation but the
+  fsdp2 ones; the largest is single-llama3-8b-s2048-mb1, 0.148, at the GPU's capacity with one
+  allocator retry).
+- FSDP2's gradient pool (`zero3_grad_pool_bytes`): the caching allocator keeps one pool per
+  stream, and FSDP2's reduce-scatter allocates the sharded fp32 gradients on its own stream. At
+  a one-microbatch step's activation peak they are absent (zero_grad(set_to_none=True)) but
+  their memory stays reserved in that pool, where the compute stream cannot use it; at the end
+  of the backward they are back while the activations' memory stays reserved in the compute
+  stream's pool. So reserved = (peak of the compute stream's pool) x (1 + RESERVE_FRACTION) +
+  the gradients (4 B per sharded parameter). The fsdp2 rows, none of which the constant is
+  fitted on: reserved +3.6..+17.4% (the Llama ones highest, where their allocated is over),
+  against +24..+58% with the envelope fraction 0.550 of one row that it replaced. That row,
+  fsdp2-gpt-1.3b-s1024-mb1 (rank 1 16.5 GiB reserved at 10.6 GiB allocated), started with the
+  previous run's segments still reserved (reserved_bytes_at_start 19.7 / 13.6 GiB, every other
+  row 0.45 GiB or less; its rank 1 ends with 11.1 GiB of inactive split blocks, rank 0 3.0), so
+  its reserved peak is not compared (bench/truth/predict.py, `contaminated`).
 - outside the allocator: the CUDA context (0.77 GiB measured on every GPU) and NCCL's
   communicators and buffers (0.8-1.25 GiB measured with 2 GPUs: ddp/fsdp2 0.82, tp 0.94-1.19,
   pp 1.25).
@@ -106,8 +127,9 @@ DDP_BUCKET_COPY_BYTES_PER_PARAM = 8
 
 HOST_S_PER_LINEAR = 3.60e-4               # fitted: host-bound GPT single-GPU rows (fwd + bwd)
 HOST_FORWARD_SHARE = 0.212                 # fitted: profiled host time, blocks fwd / (fwd + bwd), median
-HOST_TP_S_PER_BLOCK = 1.04e-2             # fitted: GPT tp2 rows, DTensor dispatch per block
+HOST_TP_S_PER_BLOCK = 1.168e-2            # fitted: GPT tp2 rows, DTensor dispatch per block
 HOST_FSDP_S_PER_BLOCK = 5.92e-3            # fitted: GPT fsdp2 rows, FSDP2 hooks per block
+HOST_DDP_S_PER_BLOCK = 1.46e-3             # fitted: GPT ddp rows, DDP's reducer hooks and bucket launches per block
 
 # -- memory -----------------------------------------------------------------------------------
 CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT = 12
@@ -118,10 +140,9 @@ AUTOCAST_CACHE_BYTES_PER_PARAM = 2       # also autocast's bf16 weight copies sa
 TIED_EMBEDDING_GRAD_BYTES_PER_PARAM = 4   # embedding backward's fp32 gradient, before it is added into .grad
 FSDP_ROOT_BYTES_PER_PARAM = 4            # root's unsharded bf16 weights + their bf16 gradients
 FSDP_BLOCK_BYTES_PER_PARAM = 16          # one block's backward buffers and the next one's prefetch
-# fitted envelopes of (reserved - allocated) / allocated over every row without recomputation
-# (both families; the contaminated row of bench/truth/predict.py left out), ZeRO-3 (fsdp2) and not
+# fitted envelope of (reserved - allocated) / allocated over every row without recomputation
+# but the fsdp2 ones (both families; contaminated rows of bench/truth/predict.py left out)
 RESERVE_FRACTION = 0.148
-RESERVE_ZERO3_FRACTION = 0.550
 CUBLAS_WORKSPACE_BYTES = 2 * 32 * 2**20   # cuBLAS + cuBLASLt workspaces (32 MiB each on Hopper), in the allocator
 CUDA_CONTEXT_BYTES = 0.77 * GIB
 NCCL_BYTES = 1.25 * GIB
@@ -173,10 +194,11 @@ def grad_bucket_copy_s(synced_params: float, cm: ComputeModel) -> float:
 
 
 def host_s(n_linears: int, n_other_ops: int, n_blocks: int, tp: bool, fsdp: bool,
-           cm: ComputeModel) -> tuple[float, float]:
+           cm: ComputeModel, ddp: bool = False) -> tuple[float, float]:
     """(forward, backward) host dispatch seconds of one microbatch through a stage."""
-    total = (n_linears * HOST_S_PER_LINEAR + n_other_ops * 2 * cm.launch_s
-             + n_blocks * ((HOST_TP_S_PER_BLOCK if tp else 0.0) + (HOST_FSDP_S_PER_BLOCK if fsdp else 0.0)))
+    per_block = ((HOST_TP_S_PER_BLOCK if tp else 0.0) + (HOST_FSDP_S_PER_BLOCK if fsdp else 0.0)
+                 + (HOST_DDP_S_PER_BLOCK if ddp else 0.0))
+    total = n_linears * HOST_S_PER_LINEAR + n_other_ops * 2 * cm.launch_s + n_blocks * per_block
     return total * HOST_FORWARD_SHARE, total * (1 - HOST_FORWARD_SHARE)
 
 
@@ -202,6 +224,13 @@ def gradients_absent_at_activation_peak_bytes(local_params: float, grad_params: 
     return FP32_BYTES * grad_params - (0.0 if zero3 else AUTOCAST_CACHE_BYTES_PER_PARAM * local_params)
 
 
+def loss_stash_bytes(saved_logits_bytes: float) -> float:
+    """The change to a stage's stash, per microbatch in flight, where the graph saves
+    `saved_logits_bytes` of logits for the loss: the eager step keeps none of them (its fp32
+    log-softmax output is counted in the loss's working set, CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT)."""
+    return -saved_logits_bytes
+
+
 def tied_embedding_grad_bytes(tied_params: float) -> float:
     """At the end of the backward, with every gradient made: the embedding backward's dense fp32
     gradient of a weight the LM head shares, alive while it is added into the `.grad` the head's
@@ -221,9 +250,20 @@ def fsdp_buffer_bytes(root_params: float, largest_block_params: float) -> tuple[
     return FSDP_ROOT_BYTES_PER_PARAM * root_params, FSDP_BLOCK_BYTES_PER_PARAM * largest_block_params
 
 
-def reserved_bytes(allocated_bytes: float, zero3: bool) -> float:
-    """What the caching allocator reserves at a peak of `allocated_bytes` allocated."""
-    return allocated_bytes * (1 + (RESERVE_ZERO3_FRACTION if zero3 else RESERVE_FRACTION))
+def zero3_grad_pool_bytes(sharded_grad_params: float) -> float:
+    """Memory FSDP2's reduce-scatter stream keeps in its own allocator pool: the sharded fp32
+    gradients of `sharded_grad_params` parameters (reserved all step, allocated only from their
+    reduce-scatter to the next zero_grad)."""
+    return FP32_BYTES * sharded_grad_params
+
+
+def reserved_bytes(allocated_bytes: float, zero3: bool, grad_pool_bytes: float = 0.0) -> float:
+    """What the caching allocator reserves at a peak of `allocated_bytes` allocated. Under ZeRO-3
+    `allocated_bytes` is what the pools hold at their own peaks (the compute stream's at the
+    activation peak, and `grad_pool_bytes` of FSDP2's gradients, see `zero3_grad_pool_bytes`,
+    even where they are absent at that moment), and the fraction is the compute stream's only."""
+    pool = grad_pool_bytes if zero3 else 0.0
+    return (allocated_bytes - pool) * (1 + RESERVE_FRACTION) + pool
 
 
 def outside_allocator_bytes(n_gpus: int) -> float:
@@ -234,12 +274,13 @@ def outside_allocator_bytes(n_gpus: int) -> float:
 def allocatable_bytes(capacity_bytes: float, zero3: bool, n_gpus: int) -> float:
     """The most a plan may allocate on a GPU of `capacity_bytes` (the inverse of
     `device_peak_bytes`, less the cuBLAS workspaces): what the planner's memory check compares
-    its stages' weights, state and activations with."""
+    its stages' weights, state and activations with. Under ZeRO-3 it takes no gradient pool:
+    (a - g)(1 + f) + g <= a (1 + f), so a plan within this cap fits by the evaluator too."""
     usable = capacity_bytes - outside_allocator_bytes(n_gpus)
-    return max(0.0, usable / (1 + (RESERVE_ZERO3_FRACTION if zero3 else RESERVE_FRACTION)) - CUBLAS_WORKSPACE_BYTES)
+    return max(0.0, usable / (1 + RESERVE_FRACTION) - CUBLAS_WORKSPACE_BYTES)
 
 
-def device_peak_bytes(allocated_bytes: float, zero3: bool, n_gpus: int) -> float:
-    """A GPU's peak memory: the allocator's reservation at `allocated_bytes` allocated, and what
-    lies outside it."""
-    return reserved_bytes(allocated_bytes, zero3) + outside_allocator_bytes(n_gpus)
+def device_peak_bytes(allocated_bytes: float, zero3: bool, n_gpus: int, grad_pool_bytes: float = 0.0) -> float:
+    """A GPU's peak memory: the allocator's reservation for `allocated_bytes` (FSDP2's gradient
+    pool `grad_pool_bytes` among them), and what lies outside it."""
+    return reserved_bytes(allocated_bytes, zero3, grad_pool_bytes) + outside_allocator_bytes(n_gpus)

@@ -62,6 +62,7 @@ class StageResult:
     tied_grad_bytes: float = 0.0     # end of the backward: a tied embedding's gradient being accumulated
     fsdp_root_bytes: float = 0.0     # FSDP2's unsharded root weights and gradients (fwd + bwd)
     fsdp_block_bytes: float = 0.0    # FSDP2's per-block backward buffers and prefetch (transient)
+    grad_pool_bytes: float = 0.0     # FSDP2's sharded gradients, in the reduce-scatter stream's pool
 
 
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
@@ -165,7 +166,9 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                            ev.param_elems, ev.param_elems_zero if zero >= 2 else ev.param_elems,
                            zero >= 3 and sub.n_devices > 1, training.n_microbatches) if eager else 0.0,
                        fsdp_root_bytes=terms.fsdp_root_bytes, fsdp_block_bytes=fsdp_block,
-                       tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied))
+                       tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied),
+                       grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
+                       if eager and zero >= 3 and sub.n_devices > 1 else 0.0)
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ class EagerTerms:
     host_fwd_s: float = 0.0            # host dispatch per microbatch
     host_bwd_s: float = 0.0
     grad_bucket_s: float = 0.0         # per step: DDP's copy of the gradients into its buckets
-    residual_stash_bytes: float = 0.0  # per microbatch in flight: the norms' fp32 inputs
+    residual_stash_bytes: float = 0.0  # per microbatch in flight: the norms' fp32 inputs, less the loss's logits
     inputs_fp32_extra_bytes: float = 0.0  # the layers' fp32 inputs beyond their graph size (full recompute)
     cross_entropy_peak_bytes: float = 0.0  # fp32 loss tensors at the start of the loss backward
     ddp_bytes: float = 0.0             # whole step: DDP's buckets and second gradient copy
@@ -248,6 +251,13 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
             own = prob.strategy_of(n, assign[n])
             ce_s += max(0.0, eager_mod.cross_entropy_s(local / elem_bytes, cm) - (own.fwd_s + own.bwd_s))
             ce_peak += eager_mod.CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT * local / elem_bytes
+            # the logits the graph saves for the loss (at the op that makes them, under the
+            # loss's views) are not kept by the eager step
+            made: str | None = node.operands[0].source
+            while made is not None and graph.node(made).kind == VIEW and graph.node(made).operands:
+                made = graph.node(made).operands[0].source
+            if made is not None and made in inside:
+                residual += eager_mod.loss_stash_bytes(prob.saved.get(made, 0.0) * local_elems(made)[0])
         if node.kind == MATMUL and node.param_operands:
             n_linears += 1
             # linears with split weights are what eager PyTorch runs as DTensors
@@ -264,9 +274,9 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
             inputs_extra += eager_mod.fp32_residual_extra_bytes(*local_elems(src))
     casts = eager_mod.precision_casts_s(ev.param_elems, n_microbatches, cm)
     n_blocks = sum(1 for li in range(*layers) if first < li < last)
-    host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=zero >= 3 and prob.mesh.n_devices > 1,
-                                          cm=cm)
     ddp = ev.sync_s > 0 and zero < 3
+    host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=zero >= 3 and prob.mesh.n_devices > 1,
+                                          cm=cm, ddp=ddp)
     root_params = sum(graph.layers[li].param_count for li in range(*layers) if li in (first, last))
     stage_params = sum(graph.layers[li].param_count for li in range(*layers))
     fsdp_root = 0.0
@@ -348,10 +358,11 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
                      schedule if schedule != "interleaved" else "interleaved", p2p, chunks=v)
     timed = sched
     if n_dev_stages > 1:
-        # A stage waits for the previous one's host as well as its GPU: in a pipeline every
-        # forward and backward takes max(host, device). (One GPU alone: see `step` below.)
-        timed = simulate([max(r.fwd_s, r.host_fwd_s) for r in res], [max(r.bwd_s, r.host_bwd_s) for r in res], B,
-                         schedule, p2p, chunks=v)
+        # Each GPU also waits for its own CPU to launch an op's kernels; the CPUs run through
+        # their schedules without waiting for each other (pipeline.simulate), so a host-bound
+        # pipeline pays its launches once, not again in the bubble. (One GPU alone: `step` below.)
+        timed = simulate([r.fwd_s for r in res], [r.bwd_s for r in res], B, schedule, p2p, chunks=v,
+                         host_fwd_s=[r.host_fwd_s for r in res], host_bwd_s=[r.host_bwd_s for r in res])
 
     # Per device: stages (chunks) it hosts, their finish time, sync and optimizer step after.
     finish: dict[int, float] = {}
@@ -367,6 +378,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     dev_end: dict[int, float] = {}
     dev_tail: dict[int, float] = {}
     dev_host: dict[int, float] = {}
+    dev_pool: dict[int, float] = {}
     dev_stages: dict[int, list[StageResult]] = {}
     mem_rows = []
     stages = []
@@ -394,6 +406,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
         dev_end[rank] = max(dev_end.get(rank, 0.0), finish.get(i, 0.0))
         dev_tail[rank] = dev_tail.get(rank, 0.0) + r.sync_s + r.optimizer_s + r.grad_bucket_s
         dev_host[rank] = dev_host.get(rank, 0.0) + B * (r.host_fwd_s + r.host_bwd_s)
+        dev_pool[rank] = dev_pool.get(rank, 0.0) + r.grad_pool_bytes
         dev_stages.setdefault(rank, []).append(r)
         mem_rows.append(total)
     # One GPU's host runs ahead of its stream across steps: its step takes max(host, device).
@@ -405,8 +418,11 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     absent_at_peak = {k: min(dev_absent[k], dev_mem[k] + dev_work[k] - dev_held[k] - dev_tied[k]) for k in dev_mem}
     workspace = eager_mod.CUBLAS_WORKSPACE_BYTES if eager else 0.0
     allocated = {k: dev_mem[k] + dev_work[k] - absent_at_peak[k] + workspace for k in dev_mem}
-    device_bytes = {k: eager_mod.device_peak_bytes(a, zero3, plan.n_devices) if eager else a
-                    for k, a in allocated.items()}
+    # What the allocator's pools hold at their own peaks: FSDP2's gradient pool stays reserved
+    # where its gradients are absent (eager.zero3_grad_pool_bytes).
+    pooled = {k: dev_mem[k] + dev_work[k] + workspace if dev_pool[k] else allocated[k] for k in dev_mem}
+    device_bytes = {k: eager_mod.device_peak_bytes(pooled[k], zero3, plan.n_devices, dev_pool[k]) if eager
+                    else allocated[k] for k in dev_mem}
     mem_dev = max(device_bytes, key=lambda k: device_bytes[k])
     peak = device_bytes[mem_dev]
     fits = peak <= cluster.gpu.memory_bytes
@@ -414,7 +430,8 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     breakdown = _time_breakdown(dev_stages[time_dev], B, dev_step[time_dev], dev_tail[time_dev],
                                 sched, time_dev)
     memory_breakdown = _memory_breakdown(dev_stages[mem_dev], dev_mem[mem_dev], allocated[mem_dev], zero3,
-                                         plan.n_devices if eager else 0, absent_at_peak[mem_dev])
+                                         plan.n_devices if eager else 0, absent_at_peak[mem_dev],
+                                         pooled[mem_dev], dev_pool[mem_dev])
 
     tokens = tr.global_batch * plan.model.seq
     model_flops = (graph.fwd_flops + graph.bwd_flops) * B
@@ -474,11 +491,16 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
 
 
 def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_bytes: float, zero3: bool,
-                      n_gpus: int, grads_absent_bytes: float = 0.0) -> dict[str, float]:
+                      n_gpus: int, grads_absent_bytes: float = 0.0, pooled_bytes: float | None = None,
+                      grad_pool_bytes: float = 0.0) -> dict[str, float]:
     """Where one GPU's peak memory goes; the parts add up to its predicted peak. n_gpus 0: the
     plan is not evaluated as the eager recipe (no allocator reserve, context or NCCL).
     grads_absent_bytes: the part of weights + gradients + optimizer state not allocated at the
-    peak (gradients not made yet, net of autocast's weight copies)."""
+    peak (gradients not made yet, net of autocast's weight copies). pooled_bytes, grad_pool_bytes:
+    what the allocator's pools hold at their own peaks, FSDP2's gradient pool among them
+    (eager.reserved_bytes); the part of the latter not allocated at the peak is
+    "fsdp_grad_pool"."""
+    pooled = allocated_bytes if pooled_bytes is None else pooled_bytes
     params = sum(r.param_state_bytes for r in stages)
     buckets = sum(r.ddp_bucket_bytes for r in stages)
     cache = sum(r.autocast_cache_bytes for r in stages)
@@ -486,15 +508,19 @@ def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_by
     ce = max((r.cross_entropy_peak_bytes for r in stages), default=0.0)
     root = sum(r.fsdp_root_bytes for r in stages)
     block = max((r.fsdp_block_bytes for r in stages), default=0.0)
-    reserved = eager_mod.reserved_bytes(allocated_bytes, zero3) if n_gpus else allocated_bytes
-    return {"weights_grads_optimizer": params - grads_absent_bytes, "ddp_buckets": buckets, "autocast_cache": cache,
-            "fsdp_buffers": root + block, "cublas_workspace": eager_mod.CUBLAS_WORKSPACE_BYTES if n_gpus else 0.0,
-            "activations": held_bytes - params - buckets - cache - root,
-            "recompute_working": recompute if recompute >= ce else 0.0,
-            "cross_entropy": ce if ce > recompute else 0.0,
-            "allocator_reserve": reserved - allocated_bytes,
-            "cuda_context": eager_mod.CUDA_CONTEXT_BYTES if n_gpus else 0.0,
-            "nccl": eager_mod.outside_allocator_bytes(n_gpus) - eager_mod.CUDA_CONTEXT_BYTES if n_gpus else 0.0}
+    reserved = eager_mod.reserved_bytes(pooled, zero3, grad_pool_bytes) if n_gpus else allocated_bytes
+    grad_pool_free = pooled - allocated_bytes if n_gpus else 0.0
+    parts = {"weights_grads_optimizer": params - grads_absent_bytes, "ddp_buckets": buckets, "autocast_cache": cache,
+             "fsdp_buffers": root + block, "cublas_workspace": eager_mod.CUBLAS_WORKSPACE_BYTES if n_gpus else 0.0,
+             "activations": held_bytes - params - buckets - cache - root,
+             "recompute_working": recompute if recompute >= ce else 0.0,
+             "cross_entropy": ce if ce > recompute else 0.0,
+             "allocator_reserve": reserved - allocated_bytes - grad_pool_free,
+             "cuda_context": eager_mod.CUDA_CONTEXT_BYTES if n_gpus else 0.0,
+             "nccl": eager_mod.outside_allocator_bytes(n_gpus) - eager_mod.CUDA_CONTEXT_BYTES if n_gpus else 0.0}
+    if grad_pool_free > 0:          # FSDP2 plans only
+        parts["fsdp_grad_pool"] = grad_pool_free
+    return parts
 
 
 def memory_report(plan: Plan) -> str:

@@ -76,9 +76,17 @@ def device_order(schedule: str, rank: int, n_devices: int, n_microbatches: int,
 
 
 def simulate(fwd_s: list[float], bwd_s: list[float], n_microbatches: int, schedule: str = "1f1b",
-             p2p_s: list[float] | None = None, chunks: int = 1) -> Schedule:
+             p2p_s: list[float] | None = None, chunks: int = 1,
+             host_fwd_s: list[float] | None = None, host_bwd_s: list[float] | None = None) -> Schedule:
     """fwd_s / bwd_s: per virtual stage (len = devices * chunks), per microbatch.
-    p2p_s[g]: transfer time between virtual stage g and g+1 (each direction)."""
+    p2p_s[g]: transfer time between virtual stage g and g+1 (each direction).
+
+    host_fwd_s / host_bwd_s (per virtual stage, per microbatch): the CPU time to launch an op.
+    Each device's CPU launches its ops in schedule order, one after another, and never waits for
+    the GPU or for the other stages (eager pipelining: receives are stream waits, not host
+    waits); an op's kernels cannot start before its launch starts nor end before it ends. So a
+    host-bound pipeline runs at its CPUs' pace without idling them in the bubble, while the GPUs
+    still wait for their inputs. Without them the schedule is the device's alone."""
     n_stages = len(fwd_s)
     if n_stages % chunks:
         raise ValueError(f"{n_stages} stages do not split into {chunks} chunks per device")
@@ -86,6 +94,11 @@ def simulate(fwd_s: list[float], bwd_s: list[float], n_microbatches: int, schedu
     comm = list(p2p_s) if p2p_s is not None else [0.0] * max(0, n_stages - 1)
     orders = [device_order(schedule if chunks == 1 or schedule == "interleaved" else schedule, r, p,
                            n_microbatches, chunks) for r in range(p)]
+    hf = list(host_fwd_s) if host_fwd_s is not None else [0.0] * n_stages
+    hb = list(host_bwd_s) if host_bwd_s is not None else [0.0] * n_stages
+    if len(hf) != n_stages or len(hb) != n_stages:
+        raise ValueError(f"host times are given for {len(hf)}/{len(hb)} stages, the schedule has {n_stages}")
+    host = [0.0] * p         # when each device's CPU is free to launch its next op
     pos = [0] * p
     free = [0.0] * p
     busy = [0.0] * p
@@ -104,6 +117,7 @@ def simulate(fwd_s: list[float], bwd_s: list[float], n_microbatches: int, schedu
                     if ready is not None and dep is not None:
                         ready += comm[g - 1]
                     dur = fwd_s[g]
+                    launch = hf[g]
                 else:
                     own = done.get(("F", g, mb))
                     dep = ("B", g + 1, mb) if g < n_stages - 1 else None
@@ -113,10 +127,12 @@ def simulate(fwd_s: list[float], bwd_s: list[float], n_microbatches: int, schedu
                     else:
                         ready = max(own, nxt + (comm[g] if dep is not None else 0.0))
                     dur = bwd_s[g]
+                    launch = hb[g]
                 if ready is None:
                     break
-                start = max(free[r], ready)
-                end = start + dur
+                start = max(free[r], ready, host[r])
+                host[r] += launch
+                end = max(start + dur, host[r])
                 free[r] = end
                 busy[r] += dur
                 done[(kind, g, mb)] = end

@@ -358,3 +358,23 @@ def test_interleaved_gpu_syncs_all_its_chunks():
     want = max(end[k] + sum(res[i].sync_s + res[i].optimizer_s + res[i].grad_bucket_s for i in (k, k + 4))
                for k in range(4))
     assert p.predicted.step_time_s == pytest.approx(want, rel=1e-9)
+
+
+def test_fsdp2_gradient_pool_is_reserved_beside_the_compute_streams_peak():
+    """Eager ZeRO-3 (FSDP2): the sharded fp32 gradients live in the reduce-scatter stream's pool,
+    reserved all step though absent at a one-microbatch step's activation peak; the allocator's
+    fraction applies to the compute stream's peak only. Without ZeRO-3 there is no such part."""
+    from autopar.costmodel import eager
+
+    src = ModelSource("gpt:hidden=256,layers=3,heads=4,seq=128,vocab=1024")
+    cl = load_cluster("dgx-h200", 1, 2)
+    pr = build_3d(src, cl, 4, Config3D(2, 1, 1, 2, zero=3), eager=True).predicted
+    parts = dict(pr.memory_breakdown_bytes)
+    params = sum(layer.param_count for layer in src.graph(4).layers)
+    pool = parts["fsdp_grad_pool"]
+    assert pool == pytest.approx(4 * params / 2, rel=0.02)        # 4 B per parameter, half on each GPU
+    assert pr.peak_reserved_bytes == pytest.approx(pr.peak_allocated_bytes * (1 + eager.RESERVE_FRACTION) + pool)
+    assert sum(parts.values()) == pytest.approx(pr.peak_memory_bytes)
+    ddp = build_3d(src, cl, 4, Config3D(2, 1, 1, 2), eager=True).predicted
+    assert "fsdp_grad_pool" not in dict(ddp.memory_breakdown_bytes)
+    assert ddp.peak_reserved_bytes == pytest.approx(ddp.peak_allocated_bytes * (1 + eager.RESERVE_FRACTION))

@@ -47,26 +47,32 @@ SUBSET = {
     "pp-gpt-1.3b-s1024-mb1-nmb4", "pp-gpt-1.3b-s1024-mb1-nmb8",
     "single-llama-1b-s2048-mb1",
 }
-# Targets met: median time 8% (every set), memory 10% (all, fit). Not met yet: the max 20%
-# (time: tp-gpt-1.3b mb1, host-bound, -32.8%; memory: the fsdp2 rows, conservative under the
-# allocator envelope of a host-bound fsdp2 row, up to +57.6%) and held-out memory (10.6%),
-# pinned at the achieved value plus half a point. Achieved on 2026-11-30, 66 rows
+# Targets met: median time 8% and memory 10% on every set. Not met yet: the max 20% (time:
+# tp-gpt-1.3b mb1, host-bound, -26.0%; memory: ddp-gpt-1.3b mb1 +26.6% and ddp-gpt-6.7b mb1
+# +24.3%, DDP's second gradient copy that the older ddp rows hold and these do not), pinned at
+# the achieved value plus half a point. Achieved on 2026-11-30, 66 rows, 64 with memory compared
 # (bench/results/truth_predicted_2026-11-30.json):
-#   all      time 3.7% / 32.8%, memory 9.8% / 57.6%
-#   fit      time 3.7% / 32.8%, memory 9.6% / 40.0%
-#   held_out time 3.7% / 11.2%, memory 10.6% / 57.6%
+#   all      time 3.5% / 26.0%, memory 8.1% / 26.6%
+#   fit      time 3.6% / 26.0%, memory 8.2% / 26.6%
+#   held_out time 3.4% / 11.2%, memory 7.8% / 17.4%
 PINNED = {  # set: (time median, time max, memory median, memory max)
-    "all": (0.08, 0.333, 0.10, 0.581),
-    "fit": (0.08, 0.333, 0.10, 0.405),
-    "held_out": (0.08, 0.117, 0.111, 0.581),
+    "all": (0.08, 0.265, 0.10, 0.271),
+    "fit": (0.08, 0.265, 0.10, 0.271),
+    "held_out": (0.08, 0.117, 0.10, 0.20),
 }
 # Memory safety: every row's predicted peak reserved is at least the measured one, but
 # single-llama3-8b-s2048-mb1 (0.1 GiB short of 137.5 GiB: at the GPU's capacity, with one
 # allocator retry; its predicted device peak, 138.2 GiB, does fit the 139.8 GiB GPU, as it did).
 MEMORY_SHORT_OK = {"single-llama3-8b-s2048-mb1": -0.001}
-MEMORY_MARGIN_MEDIAN = (0.05, 0.12)    # achieved +9.8%: safe, and not padded (the 10% target)
-SUBSET_TIME_MAX = 0.333
-UNSAFE_OK = set(predict.CONTAMINATED)
+MEMORY_MARGIN_MEDIAN = (0.05, 0.12)    # achieved +8.1%: safe, and not padded (the 10% target)
+# Every subset row within 10% of its measured step but tp-gpt-1.3b mb1 and mb8: host-bound,
+# measured 453.6 and 286.5 ms for the same host work (the model prices both at 335.7 ms; no
+# price the same for both is within 22.5% of each).
+SUBSET_TIME_MAX = 0.10
+SUBSET_TIME_OUTLIERS = {"tp-gpt-1.3b-s1024-mb1": 0.265, "tp-gpt-1.3b-s1024-mb8": 0.177}
+# Rows whose reserved peak is not their own (they started with the previous run's segments
+# reserved, predict.contamination): their allocated peak is held to the bound instead.
+NOT_COMPARED = {"ddp-gpt-2.6b-s1024-mb4", "fsdp2-gpt-1.3b-s1024-mb1"}
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +84,8 @@ def test_subset_rows_within_bars(subset):
     rows = subset["rows"]
     assert {r["id"] for r in rows} == SUBSET
     for r in rows:
-        assert abs(r["step_error"]) <= SUBSET_TIME_MAX, (r["id"], r["step_error"])
-        assert r["memory_safe"] or r["id"] in UNSAFE_OK, (r["id"], r["memory_error"])
+        assert abs(r["step_error"]) <= SUBSET_TIME_OUTLIERS.get(r["id"], SUBSET_TIME_MAX), (r["id"], r["step_error"])
+        assert r["memory_safe"] if r["memory_compared"] else r["allocated_safe"], (r["id"], r["memory_error"])
 
 
 def test_breakdown_adds_up(subset):
@@ -108,6 +114,8 @@ def test_eager_terms_closed_form():
     assert fwd + bwd == pytest.approx(10 * eager.HOST_S_PER_LINEAR)
     fwd, bwd = eager.host_s(0, 0, 4, tp=True, fsdp=True, cm=cm)
     assert fwd + bwd == pytest.approx(4 * (eager.HOST_TP_S_PER_BLOCK + eager.HOST_FSDP_S_PER_BLOCK))
+    fwd, bwd = eager.host_s(0, 0, 24, tp=False, fsdp=False, cm=cm, ddp=True)
+    assert fwd + bwd == pytest.approx(24 * eager.HOST_DDP_S_PER_BLOCK)
     assert eager.reserved_bytes(100.0, zero3=False) == pytest.approx(100 * (1 + eager.RESERVE_FRACTION))
 
 
@@ -121,12 +129,15 @@ def test_whole_corpus_against_pinned_bars():
     for r in res["rows"]:
         if r["memory_compared"] and not r["memory_safe"]:
             assert r["memory_error"] >= MEMORY_SHORT_OK.get(r["id"], 0.0), (r["id"], r["memory_error"])
-    assert {r["id"] for r in res["rows"] if not r["memory_compared"]} == UNSAFE_OK
+    assert {r["id"] for r in res["rows"] if not r["memory_compared"]} == NOT_COMPARED
+    assert all(r["allocated_safe"] for r in res["rows"] if not r["memory_compared"])
     lo, hi = MEMORY_MARGIN_MEDIAN
     assert lo <= res["summary"]["all"]["memory_margin_median"] <= hi, res["summary"]["all"]
-    # The strategies' ranking on 2 GPUs: all groups but the two whose measured times per token
-    # lie within 7% of each other (see the README table).
-    assert sum(not g["same"] for g in res["ranking"]) <= 2, res["ranking"]
+    # The strategies' ranking on 2 GPUs: every group but llama-3b s4096 mb1, whose fsdp2 and
+    # pp x8 lie 6% apart measured (28.8 and 30.7 us per token) and whose fsdp2 step the model
+    # prices 11% slow (ZeRO-3's collectives counted as fully exposed; FSDP2 overlaps them).
+    wrong = [(g["model"], g["seq"], g["microbatch"]) for g in res["ranking"] if not g["same"]]
+    assert wrong in ([], [("llama-3b", 4096, 1)]), res["ranking"]
 
 
 @pytest.mark.slow
@@ -148,6 +159,12 @@ def test_eager_memory_terms_closed_form():
     assert eager.state_bytes(1e9, False, 4) == pytest.approx(2e9)
     assert eager.tied_embedding_grad_bytes(1e8) == pytest.approx(4e8)
     assert eager.fsdp_buffer_bytes(1e8, 2e8) == (pytest.approx(4e8), pytest.approx(32e8))
+    # FSDP2's gradients (4 B per sharded parameter) sit in a pool of their own: the fraction is
+    # the compute stream's only; without ZeRO-3 there is no such pool
+    pool = eager.zero3_grad_pool_bytes(1e9)
+    assert pool == pytest.approx(4e9)
+    assert eager.reserved_bytes(10e9, True, pool) == pytest.approx(6e9 * (1 + eager.RESERVE_FRACTION) + 4e9)
+    assert eager.reserved_bytes(10e9, False, pool) == pytest.approx(10e9 * (1 + eager.RESERVE_FRACTION))
     # the planner's cap is the inverse of the evaluator's peak
     for zero3, n in ((False, 1), (True, 2)):
         cap = eager.allocatable_bytes(80 * 2**30, zero3, n)
@@ -203,3 +220,22 @@ def test_planner_stage_costs_include_the_eager_terms():
                 assert cand.stage_time_s[k] == pytest.approx(st.fwd_s + st.bwd_s, rel=1e-9), plan.config.label
                 checked += 1
     assert checked > 0
+
+
+def test_eager_stash_drops_the_logits_the_graph_saves_for_the_loss():
+    """The graph saves the logits for the loss (a bf16 stand-in for the log-softmax output); the
+    eager step keeps none of them, its fp32 log-softmax output being part of the loss's 12 B
+    working set: the head layer's eager stash is the final norm's fp32 input less the logits."""
+    assert eager.loss_stash_bytes(100.0) == -100.0
+    cl = load_cluster("dgx-h200", 1, 1)
+    src = ModelSource("gpt:hidden=256,layers=2,heads=4,seq=128,vocab=1024")
+    plan = build_3d(src, cl, 2, Config3D(1, 1, 1, 2))
+    graph = src.graph(2)
+    cm = ComputeModel(cl.gpu, plan.training.dtype)
+    mesh = Mesh(cl, Submesh(1, 1), (1, 1))
+    last = len(graph.layers) - 1
+    terms = _stage_terms(graph, (last, last + 1), plan.stages[0], mesh, cm, 1, 0)
+    tokens, hidden, vocab = 2 * 128, 256, 1024
+    # the final norm's input is the fp32 residual stream (+2 B over bf16), the logits 2 B each
+    assert terms.residual_stash_bytes == pytest.approx(2 * tokens * hidden - 2 * tokens * vocab)
+    assert terms.cross_entropy_peak_bytes == pytest.approx(12 * tokens * vocab)

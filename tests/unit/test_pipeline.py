@@ -120,3 +120,38 @@ def test_schedule_errors():
         simulate([1.0] * 2, [2.0] * 2, 2, "zigzag")
     with pytest.raises(ValueError, match="do not split into 2 chunks"):
         simulate([1.0] * 3, [2.0] * 3, 2, "interleaved", chunks=2)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("p", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+def test_host_bound_pipeline_closed_form(schedule, p, m):
+    """CPUs slower than their GPUs launch every op back to back and never wait for each other:
+    each device's last launch ends at m (hf + hb); the last backwards then run down the stages,
+    one device backward each. No bubble is paid on the host."""
+    hf, hb = 3 * F, 3 * B
+    s = simulate([F] * p, [B] * p, m, schedule, host_fwd_s=[hf] * p, host_bwd_s=[hb] * p)
+    assert s.makespan_s == pytest.approx(m * (hf + hb) + (p - 1) * B, rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
+def test_host_faster_than_every_op_changes_nothing(schedule, v):
+    """A launch no longer than its op never delays the GPU (the host's clock is at most the sum
+    of the device's earlier op times): the schedule is the device-only one, op for op."""
+    rng = random.Random(7)
+    for _ in range(30):
+        p = rng.choice([2, 3, 4])
+        m = p * rng.choice([1, 2, 3])
+        fwd = [rng.uniform(0.5, 2.0) for _ in range(p * v)]
+        bwd = [rng.uniform(1.0, 4.0) for _ in range(p * v)]
+        comm = [rng.uniform(0.0, 0.5) for _ in range(p * v - 1)]
+        hf = [rng.uniform(0.0, 1.0) * f for f in fwd]
+        hb = [rng.uniform(0.0, 1.0) * b for b in bwd]
+        base = simulate(fwd, bwd, m, schedule, comm, chunks=v)
+        host = simulate(fwd, bwd, m, schedule, comm, chunks=v, host_fwd_s=hf, host_bwd_s=hb)
+        assert host.ops == base.ops
+
+
+def test_host_times_per_stage_are_checked():
+    with pytest.raises(ValueError, match="host times are given for 1/2 stages"):
+        simulate([1.0] * 2, [2.0] * 2, 2, "1f1b", host_fwd_s=[1.0], host_bwd_s=[1.0, 1.0])
