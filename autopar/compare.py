@@ -8,11 +8,13 @@ reported with the memory its best configuration needs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from autopar.evaluation.baselines import Config3D, build_3d, build_3d_recomputes
+from autopar.evaluation.baselines import Config3D, build_3d, step_lower_bound_s, unevaluated_recomputes
+from autopar.evaluation.evaluator import evaluate
 from autopar.hardware.presets import load_cluster
 from autopar.hardware.specs import Cluster
 from autopar.model import model_source
@@ -89,43 +91,92 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _megatron_grid(source, cluster: Cluster, gb: int, dtype: str, n_blocks: int) -> tuple[Plan | None, int, str]:
-    """The best point of Megatron-Core's grid under the one evaluator: every dp x tp x pp
-    factorization, tensor parallelism with and without sequence parallelism, 1F1B and the
-    interleaved schedule with two virtual stages and with every number up to MAX_CHUNKS that
-    splits the blocks evenly (Megatron's rule), the distributed optimizer (ZeRO-1 over dp), no,
-    selective or full recomputation, and every microbatch size that divides a data-parallel
-    rank's batch.
+CP_SIZES = (1, 2, 4, 8)   # Megatron-Core's context-parallel sizes in the grid
 
-    Exact pruning: a configuration's memory does not decrease as its microbatch grows (the
-    activations in flight are min(warm-up, microbatches) microbatches of a stash that grows
-    with it), so once one does not fit, its larger microbatches are not built."""
-    plans: list[Plan] = []
+
+def _megatron_configs(cluster: Cluster, gb: int, n_blocks: int, fixed_batch: int | None) -> list[Config3D]:
+    """Megatron-Core's grid less recomputation (each configuration is built once for all three):
+    every dp x cp x tp x pp with tp inside a node and a 2-D stage mesh, TP with and without SP,
+    1F1B and interleaved schedules, the distributed optimizer, every microbatch size. A cp whose
+    microbatch divides over it is left out: the same plan with the batch split there is in the
+    grid and costs no more (Config3D's check)."""
+    out = []
+    for dp_all, tp, pp in _factorizations(cluster, n_blocks):
+        for cp in CP_SIZES:
+            if dp_all % cp or (cp > 1 and dp_all // cp > 1 and tp > 1):
+                continue
+            dp = dp_all // cp
+            # two chunks per GPU even where they split the blocks unevenly (Megatron-Core's
+            # uneven first and last stages), so this grid holds the 3d row's
+            chunks = sorted({v for v in _divisors(n_blocks // pp)[1:] if n_blocks % (pp * v) == 0 and v <= MAX_CHUNKS}
+                            | ({2} if 2 * pp <= n_blocks else set())) if pp > 1 else []
+            for sched, v in [("1f1b", 1)] + [("interleaved", v) for v in chunks]:
+                for sp in ((False, True) if tp > 1 else (False,)):
+                    for mb in _divisors(gb // dp) if gb % dp == 0 else []:
+                        if (fixed_batch and dp * mb != fixed_batch) or (cp > 1 and mb % cp == 0):
+                            continue
+                        out.append(Config3D(dp, tp, pp, mb, "none", sched, v, 1, sp, cp))
+    return out
+
+
+def _megatron_grid(source, cluster: Cluster, gb: int, dtype: str, n_blocks: int) -> tuple[Plan | None, int, str]:
+    """The best point of Megatron-Core's grid under the one evaluator: every dp x cp x tp x pp
+    factorization (cp 1, 2, 4, 8; `_megatron_configs`), tensor parallelism with and without
+    sequence parallelism, 1F1B and the interleaved schedule with two virtual stages and with
+    every number up to MAX_CHUNKS that splits the blocks evenly (Megatron's rule), the
+    distributed optimizer (ZeRO-1 over dp), no, selective or full recomputation, and every
+    microbatch size that divides a data-parallel rank's batch.
+
+    Exact pruning. (1) Memory does not decrease as the microbatch grows (the activations in
+    flight are min(warm-up, microbatches) microbatches of a stash that grows with it;
+    tests/integration/test_megatron_baseline.py), so once a configuration does not fit, its
+    larger microbatches are not built. (2) A point is simulated only if a lower bound on its
+    step (baselines.step_lower_bound_s: the busiest pipeline rank's forwards and backwards, from
+    its stages' costs, no simulation) is below the best fitting step found so far; families
+    (everything but the microbatch) are visited in order of their first point's bound so that
+    a good plan is found early."""
     errors: list[str] = []
-    for dp, tp, pp in _factorizations(cluster, n_blocks):
-        # two chunks per GPU even where they split the blocks unevenly (Megatron-Core's uneven
-        # first and last stages), so this grid holds the 3d row's
-        chunks = sorted({v for v in _divisors(n_blocks // pp)[1:] if n_blocks % (pp * v) == 0 and v <= MAX_CHUNKS}
-                        | ({2} if 2 * pp <= n_blocks else set())) if pp > 1 else []
-        shapes = [("1f1b", 1)] + [("interleaved", v) for v in chunks]
-        for sched, v in shapes:
-            for sp in ((False, True) if tp > 1 else (False,)):
-                alive: tuple[str, ...] = RECOMPUTES
-                for mb in _divisors(gb // dp) if gb % dp == 0 else []:
-                    if source.fixed_batch and dp * mb != source.fixed_batch:
-                        continue
-                    try:
-                        built = build_3d_recomputes(source, cluster, gb, Config3D(dp, tp, pp, mb, "none", sched, v, 1, sp),
-                                                    alive, dtype, label="megatron")
-                    except PlanError as e:
-                        errors.append(str(e))
-                        continue
-                    plans += built
-                    alive = tuple(rc for rc, p in zip(alive, built) if p.predicted.fits)
-                    if not alive:
-                        break
-    best = _best(plans)
-    return best, len(plans), (errors[0] if errors and best is None else "")
+    families: dict[Config3D, list[Config3D]] = {}
+    for cfg in _megatron_configs(cluster, gb, n_blocks, source.fixed_batch):
+        families.setdefault(dataclasses.replace(cfg, microbatch=1), []).append(cfg)
+
+    memo: dict = {}                     # stage costs by structure (step_lower_bound_s)
+
+    def built(cfg: Config3D, recomputes: tuple[str, ...]) -> list[tuple[float, Plan, Any]]:
+        try:
+            plans, graph = unevaluated_recomputes(source, cluster, gb, cfg, recomputes, dtype, label="megatron")
+        except PlanError as e:
+            errors.append(str(e))
+            return []
+        return [(step_lower_bound_s(p, graph, cluster, memo=memo), p, graph) for p in plans]
+
+    first = {fam: built(cfgs[0], RECOMPUTES) for fam, cfgs in families.items()}
+    order = sorted(families, key=lambda fam: min((b for b, _, _ in first[fam]), default=math.inf))
+    evaluated: list[Plan] = []
+    best_fit, tried = math.inf, 0
+    for fam in order:
+        alive: tuple[str, ...] = RECOMPUTES
+        for i, cfg in enumerate(families[fam]):
+            points = first[fam] if i == 0 else built(cfg, alive)
+            if not points:                      # refused (PlanError): says nothing of larger microbatches
+                continue
+            tried += len(points)
+            keep = []
+            for bound, p, graph in points:
+                rc = p.stages[0].recompute
+                if bound >= best_fit:           # cannot win; whether it fits is not needed
+                    keep.append(rc)
+                    continue
+                ev = evaluate(p, graph, cluster)
+                evaluated.append(ev)
+                if ev.predicted.fits:
+                    best_fit = min(best_fit, ev.predicted.step_time_s)
+                    keep.append(rc)
+            alive = tuple(rc for rc in alive if rc in keep)
+            if not alive:
+                break
+    best = _best(evaluated)
+    return best, tried, (errors[0] if errors and best is None else "")
 
 
 def _factorizations(cluster: Cluster, n_blocks: int) -> list[tuple[int, int, int]]:
@@ -254,7 +305,9 @@ def legend(table: list[dict[str, Any]]) -> str:
     lines = ["notation: dpA tpB ppC = data-, tensor- and pipeline-parallel degrees; mbN = microbatch of N "
              "sequences per data-parallel rank; rc:full / rc:selective = activation recomputation (+rc in "
              "auto plans); zeroN = ZeRO stage (zero1 = Megatron's distributed optimizer); interleavedxV = V model "
-             "chunks per GPU; sp = sequence parallelism (norms and residual stream split over the tp axis);",
+             "chunks per GPU; sp = sequence parallelism (norms and residual stream split over the tp axis); "
+             "cpN = context parallelism (each sequence split over N GPUs through every layer, attention by ring "
+             "or all-gathered K/V; +cpN in auto plans);",
              "  '5L@1x16 x3' = 3 consecutive pipeline stages of 5 layers, each on a 1x16 logical device mesh; "
              "'R ranks x V chunks' = interleaved pipeline of R ranks running V chunks each.",
              "vs best 3D = tokens/s relative to the best hand-tuned Megatron 3D plan (dp x tp x pp) that fits."]

@@ -12,6 +12,10 @@ from ..hardware.mesh import MeshAxis
 from ..hardware.specs import Link
 
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL = "all_reduce", "all_gather", "reduce_scatter", "all_to_all"
+# Ring attention's K/V exchange: each rank passes a block to its successor, n-1 times per pass.
+# A Collective of this kind carries only the *exposed* seconds (`ring_pass_exposed_s`), as the
+# transfers overlap the attention compute of the block in hand.
+RING_P2P = "ring_p2p"
 # When a collective runs: in an op's forward or backward (every microbatch), or once per step
 # after the last backward (gradient sync, ZeRO's gather of the updated weights).
 FORWARD, BACKWARD, STEP = "forward", "backward", "step"
@@ -73,6 +77,32 @@ def all_to_all_s(nbytes: float, axis: MeshAxis) -> float:
     if n <= 1 or nbytes <= 0:
         return 0.0
     return (n - 1) * axis.latency_s + (n - 1) / (n * n) * nbytes / axis.bandwidth_bytes_per_s
+
+
+def ring_step_s(block_bytes: float, axis: MeshAxis) -> float:
+    """One ring step: every rank sends a `block_bytes` block to its successor while receiving
+    one from its predecessor (full-duplex links, all ranks at once): one latency and one block
+    over the axis' per-GPU bandwidth."""
+    if axis.size <= 1 or block_bytes <= 0:
+        return 0.0
+    return axis.latency_s + block_bytes / axis.bandwidth_bytes_per_s
+
+
+def ring_pass_s(block_bytes: float, axis: MeshAxis, step_compute_s: float, tail_bytes: float = 0.0) -> float:
+    """Wall time of a ring pass over an axis of n ranks: n compute steps on the block in hand,
+    the transfer of the next block overlapped with each of the first n-1 (so each of those
+    steps takes max(compute, transfer)), then `tail_bytes` sent one more hop with nothing to
+    overlap (ring attention's backward returns the accumulated dK, dV blocks home)."""
+    return max(axis.size, 1) * step_compute_s + ring_pass_exposed_s(block_bytes, axis, step_compute_s, tail_bytes)
+
+
+def ring_pass_exposed_s(block_bytes: float, axis: MeshAxis, step_compute_s: float, tail_bytes: float = 0.0) -> float:
+    """Of `ring_pass_s`, the seconds beyond the n compute steps: per overlapped step
+    max(compute, transfer) - compute, and the tail hop."""
+    n = axis.size
+    if n <= 1:
+        return 0.0
+    return (n - 1) * max(0.0, ring_step_s(block_bytes, axis) - step_compute_s) + ring_step_s(tail_bytes, axis)
 
 
 def p2p_s(nbytes: float, link: Link) -> float:

@@ -25,6 +25,7 @@ from autopar.plan import PlanError, StagePlan
 from autopar.search.layer_solver import LayerSolver, StartLayout
 from autopar.search.range_table import RECOMPUTE_OPTIONS, RangeTable
 from autopar.search.tables import SearchSpace, StageChoice, StageTables
+from autopar.sharding.rules.attention import cp_of
 from autopar.sharding.spec import spec_str
 from graphs.ir import OpGraph
 from solvers.stage_dp import stage_dp_bounds
@@ -229,10 +230,20 @@ def stage_plans(cand: Candidate, graph: OpGraph, solver: LayerSolver, subs: list
     return stages
 
 
+def _cp_label(st: StagePlan) -> str:
+    """"+cp4" where the stage's attention splits the sequence over 4 GPUs (context parallelism)."""
+    sizes = set()
+    for name in st.strategies.values():
+        cp = cp_of(name)
+        if cp is not None:
+            sizes.add(math.prod(n for k, n in enumerate(st.logical_mesh) if cp[0] & (1 << k)))
+    return "".join(f"+cp{n}" for n in sorted(sizes))
+
+
 def auto_label(stages: list[StagePlan], chunks: int = 1) -> str:
-    """e.g. "8 stages: 7L@2x4, 6L@2x4 x6, 7L@2x4" (layers @ logical mesh, +rc = recompute), or
-    "4 ranks x 2 chunks, interleaved: ..." """
-    parts = [f"{s.layers[1] - s.layers[0]}L@{s.logical_mesh[0]}x{s.logical_mesh[1]}"
+    """e.g. "8 stages: 7L@2x4, 6L@2x4 x6, 7L@2x4" (layers @ logical mesh, +rc = recompute, +cpN =
+    attention split over the sequence on N GPUs), or "4 ranks x 2 chunks, interleaved: ..." """
+    parts = [f"{s.layers[1] - s.layers[0]}L@{s.logical_mesh[0]}x{s.logical_mesh[1]}" + _cp_label(s)
              + ("+rc" if s.recompute != "none" else "") for s in stages]
     runs: list[list] = []
     for p in parts:

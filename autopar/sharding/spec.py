@@ -6,7 +6,11 @@ dim is split over mesh axis k:
     mask 0 = R (replicated), 1 = S0 (split over axis 0), 2 = S1 (axis 1),
     3 = S01 (split over both, axis 0 major: the outer chunks go along axis 0).
 
-A scalar's spec is (). A dim that concatenates P known parts (a fused q|k|v or gate|up
+A scalar's spec is (). A sequence (context-parallel) split is a plain split of the token dim:
+"RS0S1" is [b, s, h] with the sequence over axis 0 and the hidden dim over axis 1, "RS1S0R" an
+attention input [b, heads, s, d] with heads over axis 1 and the sequence over axis 0 (which
+tokens a rank holds, e.g. causal load balancing, is the attention strategy's business:
+rules/attention.py). A dim that concatenates P known parts (a fused q|k|v or gate|up
 projection's output) may instead be split *per part*: each part is cut into the mesh axes'
 chunks and device r holds [part_1 chunk r | part_2 chunk r | ...], a block-cyclic layout of the
 dim. Such a mask carries the part sizes above its two axis bits (`split_per_part`, `parts_of`);

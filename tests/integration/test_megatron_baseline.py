@@ -4,14 +4,25 @@ microbatch size), scored by the one evaluator."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
 
-from autopar.compare import compare
-from autopar.evaluation.baselines import Config3D, build_3d, build_3d_recomputes
+from autopar.compare import RECOMPUTES, _megatron_configs, _megatron_grid, compare
+from autopar.evaluation.baselines import (
+    Config3D,
+    build_3d,
+    build_3d_recomputes,
+    step_lower_bound_s,
+    unevaluated_recomputes,
+)
+from autopar.evaluation.evaluator import evaluate
 from autopar.hardware.presets import load_cluster
 from autopar.model import ModelSource
+from autopar.plan import PlanError, validate
+from autopar.search.candidates import auto_label
+from autopar.sharding.rules.attention import cp_of
 
 MODEL = "gpt:hidden=256,layers=4,heads=8,seq=256,vocab=1024"
 
@@ -53,3 +64,81 @@ def test_megatron_row_holds_the_3d_row():
     assert mega.tried > three_d.tried
     assert mega.plan.predicted.step_time_s <= three_d.plan.predicted.step_time_s
     assert mega.plan.config.settings["zero"] == 1              # the distributed optimizer
+
+
+# ---- context parallelism and the grid's exact pruning ------------------------------------------
+
+LLAMA = "llama:hidden=256,layers=4,heads=8,kv_heads=4,seq=1024,vocab=1024"
+
+
+@pytest.mark.parametrize("cfg", [Config3D(1, 4, 1, 1, zero=1, sequence_parallel=True, cp=2),
+                                 Config3D(2, 1, 2, 1, zero=1, cp=2),
+                                 Config3D(1, 2, 2, 1, schedule="interleaved", virtual_stages=2, zero=1, cp=2)],
+                         ids=lambda c: c.label())
+def test_context_parallel_configuration_splits_the_sequence(cfg):
+    src = ModelSource(LLAMA)
+    cl = load_cluster("dgx-h100", 1)
+    plan = build_3d(src, cl, 32, cfg)
+    assert plan.stages[0].logical_mesh == cfg.mesh_shape()
+    cp_axis = cfg.axis_masks()[1]
+    for st in plan.stages:
+        names = set(st.strategies.values())
+        cp = [cp_of(n) for n in names if cp_of(n)]
+        assert cp and all(axes == cp_axis for axes, _ in cp)
+        assert any(f"s@{'0' if cp_axis == 1 else '1'}" in n and not cp_of(n) for n in names)   # the linears too
+    assert plan.predicted.step_time_s > 0
+    # the plan file carries it (schema-valid) and the stage label names it
+    d = plan.to_dict()
+    validate(d)
+    assert f"+cp{cfg.cp}" in auto_label(plan.stages)
+    sdpa = next(k for k, v in d["stages"][0]["strategies"].items() if cp_of(v))
+    d["stages"][0]["strategies"][sdpa] = d["stages"][0]["strategies"][sdpa].replace("+cp:ring", "+cp:ulysses")
+    d["stages"][0]["strategies"][sdpa] = d["stages"][0]["strategies"][sdpa].replace("+cp:allgather", "+cp:ulysses")
+    with pytest.raises(PlanError):
+        validate(d)
+
+
+def test_context_parallel_configurations_refused_with_the_reason():
+    src = ModelSource(LLAMA)
+    cl = load_cluster("dgx-h100", 1)
+    with pytest.raises(PlanError, match="3-D device mesh"):
+        build_3d(src, cl, 32, Config3D(2, 2, 1, 1, cp=2))
+    with pytest.raises(PlanError, match="the microbatch divides over the cp GPUs"):
+        build_3d(src, cl, 32, Config3D(1, 4, 1, 2, cp=2))
+    with pytest.raises(PlanError, match="must equal the cluster's 8 GPUs"):
+        build_3d(src, cl, 32, Config3D(1, 4, 1, 1, cp=4))
+
+
+def test_step_lower_bound_holds():
+    """The bound the grid prunes with never exceeds the simulated step (1F1B, interleaved, CP,
+    recomputation), and reusing the costs of structurally equal stages does not change it."""
+    src = ModelSource(LLAMA)
+    cl = load_cluster("dgx-h100", 1)
+    memo: dict = {}
+    for cfg in [Config3D(2, 2, 2, 1, zero=1), Config3D(2, 2, 2, 2, schedule="interleaved", virtual_stages=2, zero=1),
+                Config3D(1, 2, 2, 1, zero=1, sequence_parallel=True, cp=2), Config3D(8, 1, 1, 4, zero=1),
+                Config3D(1, 2, 4, 1, zero=1),
+                Config3D(2, 2, 2, 1, schedule="interleaved", virtual_stages=2, zero=1, sequence_parallel=True)]:
+        plans, graph = unevaluated_recomputes(src, cl, 32, cfg, RECOMPUTES)
+        for p in plans:
+            bound = step_lower_bound_s(p, graph, cl)
+            assert step_lower_bound_s(p, graph, cl, memo=memo) == bound      # structurally equal stages reused
+            step = evaluate(p, graph, cl).predicted.step_time_s
+            assert 0 < bound <= step * (1 + 1e-12), (p.config.label, bound, step)
+
+
+def test_pruned_grid_equals_brute_force():
+    """The grid's best equals the best of every point evaluated (bound and memory pruning exact)."""
+    src = ModelSource(LLAMA)
+    cl = load_cluster("dgx-h100", 1)
+    gb = 16
+    n_blocks = src.summary()["n_layers"] - 2
+    best, tried, _ = _megatron_grid(src, cl, gb, "bf16", n_blocks)
+    every = []
+    for cfg in _megatron_configs(cl, gb, n_blocks, None):
+        with contextlib.suppress(PlanError):
+            every += build_3d_recomputes(src, cl, gb, cfg, RECOMPUTES)
+    assert 0 < tried <= len(every)
+    assert any(p.config.settings["cp"] > 1 for p in every)
+    want = min(p.predicted.step_time_s for p in every if p.predicted.fits)
+    assert best is not None and best.predicted.step_time_s == want

@@ -124,3 +124,14 @@ def test_backward_of_a_reshard_sends_the_gradient_back_and_redoes_the_conversion
     assert reshard_backward_s(shape, eb, (S1, S0, R), (R, S0, S1), MESH) == pytest.approx(2 * move, rel=1e-12)
     assert reshard_backward_s(shape, eb, (R, R, R), (S1, R, R), MESH, grad=False) == 0.0
     assert reshard_backward_s(shape, eb, (S1, S0, R), (R, S0, S1), MESH, grad=False) == move
+
+
+def test_sequence_split_layouts_round_trip():
+    """Context parallelism needs no token of its own: the sequence dim is split like any other
+    and maps to DTensor Shard placements."""
+    from autopar.sharding.spec import mesh_dims, parse_spec, spec_from_mesh_dims, spec_str
+    for text, dims in (("RS0S1", (1, 2)), ("RS1S0R", (2, 1)), ("RS01R", (1, 1)), ("S0S1R", (0, 1))):
+        spec = parse_spec(text)
+        assert spec_str(spec) == text
+        assert mesh_dims(spec) == dims
+        assert spec_from_mesh_dims(dims, len(spec)) == spec

@@ -44,20 +44,64 @@ def _letter_sizes(ins: list[str], node: OpNode) -> dict[str, int]:
     return sizes
 
 
-def _einsum_candidates(ins: list[str], out: str, node: OpNode) -> list[str]:
-    letters = list(dict.fromkeys("".join(ins) + out))
+def _batch_like(ins: list[str], out: str, node: OpNode) -> list[str]:
+    """The activation's letters a matmul with a weight treats alike: in the activation and the
+    output, not in the weight (batch, then sequence, for "bsk,nk->bsn")."""
     if len(ins) >= 2 and node.operands[1].is_param:
-        # Splitting any one batch-like letter of the activation is the same algorithm as
-        # splitting another (data parallel); keep the first only, so the ILP stays small.
-        batch_like = [c for c in ins[0] if c in out and c not in ins[1]]
-        letters = [c for c in letters if c not in batch_like[1:]]
-    return letters
+        return [c for c in ins[0] if c in out and c not in ins[1]]
+    return []
 
 
-def matmul_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel) -> list[Strategy]:
+# Why the sequence split needs offering only where the batch cannot take its axes (exact):
+# let T map an assignment of the stage's strategies to another by moving, in every tensor, the
+# mesh axes that split a token dim other than the batch (the sequence) onto the batch dim.
+# Where the microbatch divides by all the axes T puts on it, T(A) is offered (every rule
+# enumerates every letter-to-axes assignment that divides) and costs no more than A:
+#   - a matmul with a weight: its local problem (m = local batch x local sequence, n, k), its
+#     output bytes and the axes its weight gradient is partial over (the batch's and the
+#     sequence's alike, all-reduced as data parallelism's) are unchanged; so are followers,
+#     whose compute depends on the local size only, and every memory term (local bytes);
+#   - an edge: per mesh axis, T keeps whether the axis splits the tensor, so each gather of
+#     the conversion stays a gather of the same bytes, and a move between two token dims (an
+#     all-to-all) becomes no move; a view or slice that breaks a sequence split (gathering it)
+#     keeps a batch split as its major dim; Megatron-SP's fused gather is priced no dearer
+#     than the plain one;
+#   - sdpa: the batch split computes at the price the sequence split is floored to, with no
+#     communication (rules/attention.py).
+# So min over the full set = min over the set without sequence splits the batch could take.
+# tests/unit/test_context_parallel.py checks the equality on solved stages.
+def _seq_split_redundant(batch_like: list[str], letters: dict[str, int], sizes: dict[str, int], mesh: Mesh) -> bool:
+    rest = 0
+    for c in batch_like[1:]:
+        rest |= letters.get(c, 0)
+    return bool(rest) and sizes[batch_like[0]] % mesh.factor(letters.get(batch_like[0], 0) | rest) == 0
+
+
+def one_sample_per_device(batch: int, batch_axes: int, mesh: Mesh) -> bool:
+    """The space's condition for splitting the sequence at all: the op's batch is down to one
+    sample per device (a microbatch of 1, or the batch split as far as its size allows).
+
+    Not a pruning (it can drop an ILP optimum): a restriction the planner needs for now.
+    LayerSolver keeps one time-optimal solution per (layer, mesh, input layout) and ignores
+    memory, so a larger space can make the planned step worse: with every non-dominated
+    sequence split, gpt-39b on 64 V100 goes from 59.272 s to 60.085 s (a layer, microbatch 2
+    on a 1x8 mesh, picks a 0.5% faster layout holding 15% more weight memory, and the
+    memory-lean one is lost to the stage DP). With this condition it stays 59.272 s, and every
+    point of Megatron-Core's CP grid (microbatch 1 per data-parallel rank) stays in the space.
+    Lift it (`seq_one_sample=False`) once the planner keeps a memory-lean alternative."""
+    return batch // mesh.factor(batch_axes) == 1
+
+
+def matmul_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel, prune_seq: bool = True,
+                      seq_one_sample: bool = True) -> list[Strategy]:
+    """`prune_seq`: offer a split of the activation's later batch-like letters (the sequence)
+    only where its first (the batch) cannot take those axes (exact: see above).
+    `seq_one_sample`: and only where the batch is down to one sample per device
+    (`one_sample_per_device`)."""
     ins, out = parse_equation(node.attrs["equation"])
     sizes = _letter_sizes(ins, node)
-    cands = _einsum_candidates(ins, out, node)
+    cands = list(dict.fromkeys("".join(ins) + out))
+    batch_like = _batch_like(ins, out, node)
     live = mesh.live_axes
     strategies = []
     for combo in itertools.product([None, *cands], repeat=len(live)):
@@ -67,6 +111,11 @@ def matmul_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel) -> list[Strate
                 letters[ch] = letters.get(ch, 0) | bit
         if any(sizes[ch] % mesh.factor(m) for ch, m in letters.items()):
             continue
+        if len(batch_like) > 1 and any(letters.get(c) for c in batch_like[1:]):
+            if prune_seq and _seq_split_redundant(batch_like, letters, sizes, mesh):
+                continue
+            if seq_one_sample and not one_sample_per_device(sizes[batch_like[0]], letters.get(batch_like[0], 0), mesh):
+                continue
         variants = _einsum_variants(node, mesh, cm, ins, out, sizes, letters)
         strategies.extend(variants)
         strategies.extend(_per_part(node, mesh, ins, out, letters, variants))
