@@ -4,6 +4,9 @@ same model and strategy on the same GPUs (issue 12).
     python bench/runtime_vs_native.py                       # 2 GPUs, nccl, bf16
     python bench/runtime_vs_native.py --compiled            # the cases with torch.compile per block
     python bench/runtime_vs_native.py --profile DIR         # also torch.profiler tables of gpt-1.3b tp
+    python bench/runtime_vs_native.py --case gpt-1.3b:dp:1 --repeat 3 --timed-steps 10   # alternating rounds
+    python bench/runtime_vs_native.py --case gpt-1.3b:dp:1 --fresh --repeat 2   # each run in new processes
+    python bench/runtime_vs_native.py --merge NEW.json --note '...'   # fold a run's rows into the results
     python bench/runtime_vs_native.py --device cpu --quick  # 2 gloo processes, a tiny model (a smoke test)
     python bench/runtime_vs_native.py --case gpt-1.3b:auto:8 --out FILE    # only the cases named
 
@@ -69,7 +72,8 @@ WARMUP_STEPS, TIMED_STEPS = 2, 4
 # --profile DIR: the gpt-1.3b tensor-parallel cases also run two steps under torch.profiler,
 # both ways; the op tables go to DIR
 PROFILE_DIR: Path | None = None
-PROFILED = ("gpt-1.3b", "tp")
+PROFILED = "gpt-1.3b_tp_"          # tag prefix of the cases profiled (--profile-prefix)
+NATIVE_DP_GROUP = "default"         # --native-dp-group
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,8 +186,13 @@ class Native:
                 for b in model.blocks:
                     b.compile()
             from torch.nn.parallel import DistributedDataParallel
+            group = None
+            if NATIVE_DP_GROUP == "mesh":
+                # (diagnostic) DDP over the data-parallel group of a (pp, dp, tp) DeviceMesh, as the
+                # runtime builds it, instead of the default process group
+                group = init_device_mesh(device.type, (1, world, 1), mesh_dim_names=("pp", "dp", "tp"))["dp"].get_group()
             self.module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  gradient_as_bucket_view=True)
+                                                  process_group=group, gradient_as_bucket_view=True)
             params = list(model.parameters())
         elif strategy in ("zero3", "zero1"):
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -326,16 +335,30 @@ def _measure(step, plan, device, tag: str = "") -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
+    timed = torch.tensor(times[WARMUP_STEPS:], dtype=torch.float64, device=device)
+    dist.all_reduce(timed, op=dist.ReduceOp.MAX)          # a step ends when its slowest rank does
     t = torch.tensor([statistics.median(times[WARMUP_STEPS:]),
                       torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
                       torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0], dtype=torch.float64,
                      device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    if PROFILE_DIR is not None and tag.startswith("_".join(PROFILED) + "_"):
+    if PROFILE_DIR is not None and tag.startswith(PROFILED):
         _profile(step, batches, device, tag)
     tokens = plan.training.global_batch * plan.model.seq
     return {"step_time_s": t[0].item(), "tokens_per_s": tokens / t[0].item(), "peak_allocated_bytes": int(t[1].item()),
-            "peak_reserved_bytes": int(t[2].item())}
+            "peak_reserved_bytes": int(t[2].item()), "step_times_s": [round(x, 6) for x in timed.tolist()]}
+
+
+def _pooled(runs: list[dict], tokens: int) -> dict:
+    """One way's figures over the rounds: the median of every timed step of every round (tokens
+    per step given), the largest peaks."""
+    out = dict(runs[-1])
+    steps = [x for r in runs for x in r["step_times_s"]]
+    med = statistics.median(steps)
+    out.update(step_time_s=med, tokens_per_s=tokens / med, step_times_s=steps,
+               peak_allocated_bytes=max(r["peak_allocated_bytes"] for r in runs),
+               peak_reserved_bytes=max(r["peak_reserved_bytes"] for r in runs))
+    return out
 
 
 def _tag(plan, who: str, strategy: str, compiled: bool | None) -> str:
@@ -382,6 +405,8 @@ def run_autopar(plan, device, compile_blocks, strategy: str):
 
 
 def body(rank: int, world: int, args) -> None:
+    global TIMED_STEPS, PROFILED, NATIVE_DP_GROUP
+    TIMED_STEPS, PROFILED, NATIVE_DP_GROUP = args.timed_steps, args.profile_prefix, args.native_dp_group
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank), WORLD_SIZE=str(world))
     cuda = args.device == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -423,33 +448,92 @@ def body(rank: int, world: int, args) -> None:
             plan = obj[0]
             row.update(global_batch=plan.training.global_batch, seq=plan.model.seq, plan=plan.config.label or plan.strategy,
                        zero=plan.training.zero)
-            if strategy != "auto":
-                row["native"] = run_native(strategy, plan, device, comp)
-            row["autopar"] = run_autopar(plan, device, comp, strategy)
+            rounds = []
+            for r in range(args.repeat):
+                # alternate the order, so that neither way always runs first in the processes
+                order = ("native", "autopar") if r % 2 == 0 else ("autopar", "native")
+                got: dict = {}
+                for who in order:
+                    if args.only and who != args.only:
+                        continue
+                    if who == "native" and strategy != "auto":
+                        got["native"] = run_native(strategy, plan, device, comp)
+                    elif who == "autopar":
+                        got["autopar"] = run_autopar(plan, device, comp, strategy)
+                rounds.append({"order": "/".join(w for w in order if w in got), **got})
+            for who in ("native", "autopar"):
+                if rounds and who in rounds[0]:
+                    row[who] = _pooled([x[who] for x in rounds], plan.training.global_batch * plan.model.seq)
+            if args.repeat > 1:
+                row["rounds"] = [{"order": x["order"], **{w: x[w]["step_time_s"] for w in ("native", "autopar")
+                                                        if w in x}} for x in rounds]
         except Exception as e:                   # noqa: BLE001 - a failed case is a row, the run goes on
             row["error"] = f"{type(e).__name__}: {e}"[:600]
             if rank == 0:
                 traceback.print_exc()
             _free()
         row["wall_s"] = round(time.monotonic() - t0, 1)
-        if "native" in row and "autopar" in row:
-            n, a = row["native"], row["autopar"]
-            row["throughput_ratio"] = a["tokens_per_s"] / n["tokens_per_s"]
-            row["allocated_ratio"] = a["peak_allocated_bytes"] / max(1, n["peak_allocated_bytes"])
-            row["reserved_ratio"] = a["peak_reserved_bytes"] / max(1, n["peak_reserved_bytes"])
+        _ratios(row)
         rows.append(row)
         if rank == 0:
-            print(json.dumps(row), flush=True)
+            if not args.only:
+                print(json.dumps(row), flush=True)
             _write(out_path, rows, world, gpu)
     if rank == 0:
         _write(out_path, rows, world, gpu)
-        print(table(rows))
+        if not args.only:                     # (a --fresh part: its parent prints the table)
+            print(table(rows))
     dist.barrier()
     dist.destroy_process_group()
 
 
+def _ratios(row: dict) -> None:
+    if "native" in row and "autopar" in row:
+        n, a = row["native"], row["autopar"]
+        row["throughput_ratio"] = a["tokens_per_s"] / n["tokens_per_s"]
+        row["allocated_ratio"] = a["peak_allocated_bytes"] / max(1, n["peak_allocated_bytes"])
+        row["reserved_ratio"] = a["peak_reserved_bytes"] / max(1, n["peak_reserved_bytes"])
+
+
 def _write(path: Path, rows: list[dict], world: int, gpu: str) -> None:
-    # the auto plan against the fastest native recipe of its (model, microbatch)
+    _ratio_auto(rows)          # the auto plan against the fastest native recipe of its (model, microbatch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"gpus": world, "gpu": gpu, "torch": torch.__version__, "warmup_steps": WARMUP_STEPS,
+            "timed_steps": TIMED_STEPS, "precision": "bf16" if gpu != "cpu" else "fp32",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "argv": " ".join(sys.argv[1:])}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+def _key(r: dict) -> tuple:
+    return (r["model"], r["strategy"], r["microbatch"], r.get("compile"))
+
+
+def merge(new_path: Path, out_path: Path | None, note: str) -> int:
+    """Fold a run's rows into the results file: a row of the same case is replaced (the old one
+    kept under "replaced_rows"), each new row names its run, whose meta goes to meta.runs."""
+    new = json.loads(new_path.read_text())
+    path = out_path or ROOT / "bench" / "results" / f"runtime_vs_native_{new['meta']['gpu']}.json"
+    doc: dict = json.loads(path.read_text()) if path.exists() else {"meta": {"runs": {}}, "rows": []}
+    runs = doc["meta"].setdefault("runs", {})
+    run_id = str(max([int(k) for k in runs if k.isdigit()] + [0]) + 1)
+    runs[run_id] = {**new["meta"], **({"note": note} if note else {})}
+    fresh = {_key(r): r for r in new["rows"]}
+    kept, replaced = [], doc.setdefault("replaced_rows", [])
+    for r in doc["rows"]:
+        if _key(r) in fresh:
+            replaced.append({**r, "replaced_by_run": run_id})
+        else:
+            kept.append(r)
+    doc["rows"] = kept + [{**r, "run": run_id} for r in new["rows"]]
+    # the auto rows' ratio against the fastest native of their case, over the merged rows
+    _ratio_auto(doc["rows"])
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(table(doc["rows"]))
+    return 0
+
+
+def _ratio_auto(rows: list[dict]) -> None:
     for r in rows:
         if r["strategy"] == "auto" and "autopar" in r:
             best = max((x for x in rows if x["model"] == r["model"] and x["microbatch"] == r["microbatch"]
@@ -457,10 +541,6 @@ def _write(path: Path, rows: list[dict], world: int, gpu: str) -> None:
             if best is not None:
                 r["best_native"] = best["strategy"]
                 r["throughput_ratio"] = r["autopar"]["tokens_per_s"] / best["native"]["tokens_per_s"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"gpus": world, "gpu": gpu, "torch": torch.__version__, "warmup_steps": WARMUP_STEPS,
-            "timed_steps": TIMED_STEPS, "precision": "bf16" if gpu != "cpu" else "fp32"}
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
 
 def table(rows: list[dict]) -> str:
@@ -492,6 +572,14 @@ def main(argv=None) -> int:
     p.add_argument("--compiled", action="store_true", help="only the cases compiled per block")
     p.add_argument("--profile", default="", help="also profile the gpt-1.3b tensor-parallel cases under "
                    "torch.profiler; the tables go to this folder")
+    p.add_argument("--profile-prefix", default=PROFILED, help="with --profile: the cases whose tag starts so "
+                   "(MODEL_STRATEGY_mbN_eager|compiled|default_native|autopar) are profiled")
+    p.add_argument("--fresh", action="store_true", help="run every (case, round, way) in a new pair of processes "
+                   "(the first run in shared processes measured faster than the later ones)")
+    p.add_argument("--only", choices=["native", "autopar"], default=None, help="run only this way of each case")
+    p.add_argument("--native-dp-group", choices=["default", "mesh"], default="default",
+                   help="the native DDP's process group: the default one, or (a diagnostic) the dp group of a "
+                        "(pp, dp, tp) DeviceMesh as the runtime uses")
     p.add_argument("--cluster", default="dgx-h200")
     p.add_argument("--budget-s", type=float, default=330.0, help="start no case after this many seconds")
     p.add_argument("--case-s", type=float, default=25.0, help="time a case needs at most")
@@ -499,13 +587,85 @@ def main(argv=None) -> int:
     p.add_argument("--case", action="append", default=[], metavar="MODEL:STRATEGY:MB",
                    help="run only these cases of the chosen list (repeatable), e.g. gpt-1.3b:auto:8")
     p.add_argument("--port", type=int, default=29517)
+    p.add_argument("--repeat", type=int, default=1, help="rounds per case, alternating which way runs first; "
+                   "the row pools every round's timed steps")
+    p.add_argument("--timed-steps", type=int, default=TIMED_STEPS, help=f"timed steps per round, after {WARMUP_STEPS} "
+                   "warm-up steps")
+    p.add_argument("--merge", default="", metavar="NEW.json",
+                   help="no run: merge the rows of NEW.json (a run's --out) into the results file (--out or the "
+                        "GPU's default), replacing rows of the same model, strategy, microbatch and compile")
+    p.add_argument("--note", default="", help="with --merge: how the new rows were made (the command, the machine)")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(Path(args.merge), Path(args.out) if args.out else None, args.note)
+    if args.repeat < 1 or args.timed_steps < 1:
+        p.error("--repeat and --timed-steps must be at least 1")
     listed = {f"{NAMES.get(c[0], c[0])}:{c[1]}:{c[2]}" for c in QUICK + COMPILED + CASES}
     unknown = [c for c in args.case if c not in listed]
     if unknown:
         p.error(f"unknown case(s) {unknown}; the cases are: {', '.join(sorted(listed))}")
     import torch.multiprocessing as mp
-    mp.spawn(body, args=(2, args), nprocs=2, join=True)
+    if not args.fresh:
+        mp.spawn(body, args=(2, args), nprocs=2, join=True)
+        return 0
+    return run_fresh(args)
+
+
+def run_fresh(args) -> int:
+    """--fresh: every (case, round, way) in a pair of processes of its own, as `autopar run` and
+    a plain training script each start theirs (in shared processes, the first run measured
+    faster than every later one, whichever way it was: bench/results/runtime_vs_native_h200.json,
+    gpt-1.3b dp mb1's rounds). The rows pool each way's rounds as a shared run does."""
+    import copy
+    import tempfile
+
+    import torch.multiprocessing as mp
+    global TIMED_STEPS
+    TIMED_STEPS = args.timed_steps          # for the meta this process writes
+    cases = QUICK if args.quick else COMPILED if args.compiled else CASES
+    keys = [f"{NAMES.get(c[0], c[0])}:{c[1]}:{c[2]}" for c in cases]
+    if args.case:
+        keys = [k for k in keys if k in args.case]
+    start, port = time.monotonic(), args.port
+    rows, meta = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in keys:
+            if time.monotonic() - start > args.budget_s - args.case_s:
+                print(f"time budget: stopping before {key}", flush=True)
+                break
+            parts: list[tuple[str, dict]] = []
+            for r in range(args.repeat):
+                order = ("native", "autopar") if r % 2 == 0 else ("autopar", "native")
+                for who in order:
+                    if who == "native" and key.split(":")[1] == "auto":
+                        continue
+                    sub = copy.copy(args)
+                    port += 1
+                    sub.case, sub.only, sub.repeat, sub.port = [key], who, 1, port
+                    sub.budget_s, sub.out = 1e9, str(Path(tmp) / f"{len(rows)}_{r}_{who}.json")
+                    mp.spawn(body, args=(2, sub), nprocs=2, join=True)
+                    doc = json.loads(Path(sub.out).read_text())
+                    meta = doc["meta"]
+                    parts.append((who, doc["rows"][0]))
+            row = {k: v for k, v in parts[0][1].items() if k not in ("native", "autopar", "throughput_ratio",
+                                                                      "allocated_ratio", "reserved_ratio")}
+            errors = [x["error"] for _, x in parts if "error" in x]
+            if errors:
+                row["error"] = errors[0]
+            tokens = row.get("global_batch", 0) * row.get("seq", 0)
+            for who in ("native", "autopar"):
+                got = [x[who] for w, x in parts if w == who and who in x]
+                if got and tokens:
+                    row[who] = _pooled(got, tokens)
+            row["rounds"] = [{"way": w, "step_time_s": x[w]["step_time_s"]} for w, x in parts if w in x]
+            row["wall_s"] = round(sum(x.get("wall_s", 0.0) for _, x in parts), 1)
+            row["fresh_processes"] = True
+            _ratios(row)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            _write(Path(args.out or ROOT / "bench" / "results" / f"runtime_vs_native_{meta['gpu']}.json"), rows,
+                   meta["gpus"], meta["gpu"])
+    print(table(rows))
     return 0
 
 

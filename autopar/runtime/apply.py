@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from autopar.plan import Plan, PlanError
-from autopar.sharding.spec import parse_spec
+from autopar.sharding.spec import parse_spec, used_mask
 from graphs import zoo
 from graphs.ir import INPUT, OpGraph
 from graphs.query import main_boundary
@@ -181,6 +181,7 @@ class ParallelModel:
                                   self.boundary_in, self.boundary_out, self.stage.recompute, bdtype,
                                   device=self.device)
         self.params = params
+        self._partial_masks = {name: _grad_partial_mask(name, my, ops, ir, p.dim()) for name, p in params.items()}
         self._setup_optimizer(optimizer, lr)
         self.schedule = self._pipeline(prog) if self.n_stages > 1 else None
         self.data_names = [str(n.target) for n in my.data]     # placeholder names
@@ -205,7 +206,8 @@ class ParallelModel:
         spec = _storage_spec(name, prog, ops, ir, full.dim())
         pl = placements(spec, full.dim())
         if self.zero >= 3:
-            pl = _shard_replicated(pl, full.shape, tuple(self.stage.logical_mesh))
+            pl = _shard_replicated(pl, full.shape, tuple(self.stage.logical_mesh),
+                                   _grad_partial_mask(name, prog, ops, ir, full.dim()))
         d = DTensor.from_local(full, self.mesh, placements(None, full.dim()), run_check=False).redistribute(
             self.mesh, pl)
         # a copy of the shard, so the full tensor is not kept alive through a view
@@ -230,12 +232,14 @@ class ParallelModel:
     def _setup_optimizer(self, kind: str, lr: float):
         self.masters: dict[str, nn.Parameter] = {}
         if self.mesh is not None and self.zero in (1, 2):
-            # ZeRO-1/2: the optimizer owns a shard of each parameter over the mesh axes where the
-            # parameter is replicated; after its step the shards are gathered back.
+            # ZeRO-1/2: the optimizer owns a shard of each parameter over the mesh axes its
+            # gradient is a partial sum over (see _grad_partial_mask); after its step the shards
+            # are gathered back.
             from torch.distributed.tensor import DTensor
             for name, p in self.params.items():
                 d = cast(DTensor, p)     # with a mesh, every parameter is a DTensor
-                pl = _shard_replicated(tuple(d.placements), d.shape, tuple(self.stage.logical_mesh))
+                pl = _shard_replicated(tuple(d.placements), d.shape, tuple(self.stage.logical_mesh),
+                                       self._partial_masks[name])
                 if pl != tuple(d.placements):
                     m = cast(DTensor, d.detach()).redistribute(self.mesh, pl)
                     m = DTensor.from_local(m.to_local().clone(), self.mesh, pl, run_check=False, shape=m.shape,
@@ -471,13 +475,37 @@ def _ndim_ok(spec: str, ndim: int) -> bool:
     return len(parse_spec(spec)) == ndim
 
 
-def _shard_replicated(pl: tuple, shape, mesh_shape: tuple[int, ...]) -> tuple:
-    """`pl` with each replicated mesh axis (of more than one device) sharding a tensor dim that no
-    other axis splits and that it divides evenly; axes with no such dim stay replicated."""
+def _grad_partial_mask(name: str, prog, ops: dict, ir: OpGraph, ndim: int) -> int:
+    """The mesh axes (bit k for axis k) the gradient of parameter `name` is a partial sum over
+    at the op that stores it (_storage_spec's): the axes that op's other operands or its output
+    are split over and the weight is not (the batch under data parallelism). ZeRO shards a
+    parameter over exactly these axes, as the cost model prices it (sharding.rules.common.
+    param_terms): a weight whose gradient is whole on every rank (GPT's position table, looked
+    up by positions that no axis splits) stays replicated."""
+    for n in prog.nodes:
+        op = ops.get(n.name)
+        if op is None or n.name not in ir:
+            continue
+        specs = op.get("in_specs") or []
+        for i, (o, spec) in enumerate(zip(ir.node(n.name).operands, specs)):
+            if o.param == name and spec is not None and len(o.shape) == ndim and _ndim_ok(spec, ndim):
+                others = [s for j, s in enumerate(specs) if j != i and s is not None] + [op.get("out_spec")]
+                used = 0
+                for s in others:
+                    if s and s != "scalar":
+                        used |= used_mask(parse_spec(s))
+                return used & ~used_mask(parse_spec(spec))
+    return 0
+
+
+def _shard_replicated(pl: tuple, shape, mesh_shape: tuple[int, ...], axes_mask: int = -1) -> tuple:
+    """`pl` with each replicated mesh axis (of more than one device, and in `axes_mask`: bit k
+    for axis k) sharding a tensor dim that no other axis splits and that it divides evenly; axes
+    with no such dim stay replicated."""
     from torch.distributed.tensor import Shard
     out = list(pl)
     for k, n in enumerate(mesh_shape):
-        if n == 1 or out[k].is_shard():
+        if n == 1 or out[k].is_shard() or not axes_mask >> k & 1:
             continue
         used = {p.dim for p in out if p.is_shard()}
         for d, size in enumerate(shape):

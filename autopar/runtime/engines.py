@@ -38,7 +38,7 @@ runtime.apply, with a warning that names the stage and op.
 Not lowered here (they keep the program path, or its NotAppliableError): interleaved schedules
 over stages of different sizes or layouts, expert-parallel / 2-D sharded weights (MoE under
 TP), hf: models, sequence parallelism in pipelines or on some row-parallel ops only, other
-reduce-scatters, layouts other than Megatron's. A vocab-split embedding
+reduce-scatters, context-parallel attention (runtime.context), layouts other than Megatron's. A vocab-split embedding
 reduce-scattered onto the batch over the data-parallel axis ("v@1+rs:b@1" on a dp stage) runs
 as the data-parallel lookup (see match_stage). What the issue's
 compile-based path for the other layouts would take: trace the stage's joint forward+backward

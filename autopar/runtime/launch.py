@@ -71,6 +71,7 @@ def validate(plan, device: str, nproc: int | None) -> int:
     import torch.distributed as dist
 
     from .apply import check_plan_matches, zoo_inputs
+    from .context import check_context_parallel
     n = world_size(plan)
     if nproc is not None and nproc != n:
         raise LaunchError(f"--nproc {nproc} does not match the plan, which runs on {n} devices "
@@ -101,6 +102,7 @@ def validate(plan, device: str, nproc: int | None) -> int:
     ir = graphs.load(plan.model.name, batch=plan.training.microbatch_size, seq=plan.model.seq,
                      dtype=plan.training.dtype)
     check_plan_matches(plan, ir)
+    check_context_parallel(plan, ir)
     zoo_inputs(plan)
     _check_engines_needed(plan, ir)
     return n

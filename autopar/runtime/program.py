@@ -171,6 +171,8 @@ class StageModule(nn.Module):
         self._segments = self._plan_segments()
         self._fallbacks: set[str] = set()
         self.loss_axis = vocab_split_loss_axis(list(ops.values()), ir) if mesh is not None else None
+        # attention op -> mesh axes its sequence is split over (context parallelism)
+        self._cp = context_parallel_axes(ops, ir) if mesh is not None else {}
         # Storage of each gathered weight -> (the stored weight, the gathered placements, the
         # gathered weight): autograd saves a handle instead and gathers again in backward.
         self._gathered: dict[int, tuple] = {}
@@ -317,6 +319,9 @@ class StageModule(nn.Module):
                 args = _map(args, lambda x: _replicate_axes(x, dropped, self.mesh))
         if ir_node.kind == LOSS and self.loss_axis is not None and n.op == "call_function":
             return self._to_spec(self._vocab_parallel_loss(n, args, kwargs), op["out_spec"])
+        if n.name in self._cp:
+            return self._to_spec(self._context_parallel_attention(n, args, kwargs, self._cp[n.name]),
+                                 op["out_spec"])
         out = self._local_matmul(n, ir_node, args, kwargs, param_specs) if ir_node.kind == MATMUL else None
         if out is None and ir_node.kind == EMBEDDING and self._vocab_split(n, param_specs):
             out = self._vocab_parallel_embedding(n, args, kwargs, param_specs)
@@ -669,6 +674,51 @@ class StageModule(nn.Module):
         return DTensor.from_local(out, self.mesh, dts[0].placements, run_check=False, shape=shape,
                                   stride=_contiguous_stride(shape))
 
+    # -- context parallelism ---------------------------------------------------------------------
+    def _context_parallel_attention(self, n, args, kwargs, s_mask: int):
+        """Attention of this rank's chunk of queries against every key: K and V are all-gathered
+        over the sequence axes (`s_mask`), the causal mask is built from the chunk's global
+        positions, and the gradients of K and V, partial sums over those axes (each rank's
+        queries contribute), are reduce-scattered back to their chunks. The same numbers as one
+        device. Chunks are contiguous (DTensor's Shard), not the load-balanced order the
+        engines would use, and the exchange is the all-gather one whatever the strategy names
+        (a ring passes the same blocks in n-1 steps): the op-by-op program is the runtime's
+        reference path, not its fast one."""
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+        op = self.ops[n.name]
+        q, k, v = args[:3]
+        extra = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"), args[3:]))
+        extra.update(kwargs)
+        if not all(isinstance(x, DTensor) for x in (q, k, v)):
+            raise NotAppliableError(f"op {n.name}: context-parallel attention needs q, k, v on the mesh")
+        if extra.get("attn_mask") is not None or extra.get("dropout_p", 0.0):
+            raise NotAppliableError(f"op {n.name} (strategy {op.get('strategy')!r}): context-parallel attention "
+                                    "with an explicit attn_mask or dropout is not run by this runtime")
+        axes = [a for a in range(self.mesh.ndim) if s_mask >> a & 1]
+        if any(q.placements[a] != Shard(2) for a in axes):
+            raise NotAppliableError(f"op {n.name} (strategy {op.get('strategy')!r}, in_specs {op.get('in_specs')}): "
+                                    "the queries are not split over the sequence on the strategy's axes")
+        whole = tuple(Replicate() if a in axes else p for a, p in enumerate(k.placements))
+        partial = tuple(Partial() if a in axes else p for a, p in enumerate(k.placements))
+        kl = _redistribute(k, self.mesh, whole).to_local(grad_placements=partial)
+        vl = _redistribute(v, self.mesh, tuple(Replicate() if a in axes else p for a, p in enumerate(v.placements)))
+        vl = vl.to_local(grad_placements=tuple(Partial() if a in axes else p for a, p in enumerate(v.placements)))
+        ql = q.to_local()
+        seq, chunk = k.shape[2], ql.shape[2]
+        coord = self.mesh.get_coordinate()
+        index = 0
+        for a in axes:                         # DTensor splits a dim over its axes in mesh order
+            index = index * self.mesh.size(a) + coord[a]
+        causal = bool(extra.pop("is_causal", False))
+        extra.pop("attn_mask", None)
+        if causal:
+            qpos = torch.arange(index * chunk, (index + 1) * chunk, device=ql.device)
+            extra["attn_mask"] = qpos[:, None] >= torch.arange(seq, device=ql.device)[None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(ql, kl, vl, **extra)
+        shape = self.values[n].shape
+        return DTensor.from_local(out, self.mesh, q.placements, run_check=False, shape=shape,
+                                  stride=_contiguous_stride(shape))
+
     # -- activation recomputation ---------------------------------------------------------------
     def _plan_segments(self):
         """[("run", nodes) | ("ckpt", nodes)]: full recomputation checkpoints each layer; selective
@@ -732,6 +782,28 @@ class _Regather:
     stride: tuple
     offset: int
     dtensor: tuple | None            # (placements, shape, stride) when a DTensor was saved
+
+
+def context_parallel_axes(ops: dict[str, dict], ir: OpGraph) -> dict[str, int]:
+    """Attention op -> the mesh axes (bit k for axis k) its strategy splits the sequence over
+    ("+cp:ring" / "+cp:allgather", sharding.rules.attention.cp_of); NotAppliableError for a
+    strategy name that splits the sequence without a known exchange."""
+    from autopar.sharding.rules.attention import cp_of
+    out = {}
+    for name, op in ops.items():
+        if name not in ir or ir.node(name).kind != ATTENTION:
+            continue
+        strategy = op.get("strategy") or ""
+        try:
+            found = cp_of(strategy)
+        except ValueError as e:
+            raise NotAppliableError(f"op {name}: {e}") from None
+        if found is None and any(t.strip().startswith("s@") for t in strategy.split("+")[0].split(",")):
+            raise NotAppliableError(f"op {name}: attention strategy {strategy!r} splits the sequence but names no "
+                                    "K/V exchange (+cp:ring or +cp:allgather)")
+        if found is not None:
+            out[name] = found[0]
+    return out
 
 
 def vocab_split_loss_axis(ops: list[dict], ir: OpGraph) -> int | None:
