@@ -275,7 +275,8 @@ class _Solver:
         for depth in range(1, self.inp.s_max + 1):
             e0, e1 = s_bounds[depth], s_bounds[depth + 1]
             g_cur = np.zeros_like(g_prev) if feasibility_only else np.full_like(g_prev, np.inf)
-            live_rows = np.any(g_prev if feasibility_only else np.isfinite(g_prev), axis=1)
+            finite = g_prev if feasibility_only else np.isfinite(g_prev)
+            live_rows = np.any(finite, axis=1)
             kk, jj, mm, cc = k[e0:e1], j[e0:e1], m[e0:e1], cv[e0:e1]
             useful = live_rows[jj]  # entries that lead into a solvable rest
             if useful.any():
@@ -283,7 +284,20 @@ class _Solver:
                 padded[:, pad:] = g_prev
                 shift = offset[mm]
                 starts = np.flatnonzero(np.r_[True, kk[1:] != kk[:-1]])
-                for g0, g1, w0, w1 in _chunks(starts, kk.size, lo[kk[starts]], hi[kk[starts]]):
+                # An entry (k, j, m) reaches only d = d' + units[m] for the finite cells d' of
+                # row j: each k-group's window shrinks to the span of its entries' reaches.
+                # Within a row's own window the cells cut off were inf (False) anyway, and no
+                # in-window cell reads an out-of-window one, so F and the stages found are
+                # unchanged (tests: the dense recurrence, brute force).
+                first = finite.argmax(axis=1)
+                last = n_d - 1 - finite[:, ::-1].argmax(axis=1)
+                reach_lo = np.minimum.reduceat(first[jj] + self.units[mm], starts)
+                reach_hi = np.maximum.reduceat(last[jj] + self.units[mm], starts)
+                g_lo = np.maximum(lo[kk[starts]], reach_lo)
+                g_hi = np.minimum(hi[kk[starts]], reach_hi)
+                empty = g_lo > g_hi          # one cell (inf, computed as such) keeps the groups aligned
+                g_hi[empty] = g_lo[empty] = lo[kk[starts]][empty]
+                for g0, g1, w0, w1 in _chunks(starts, kk.size, g_lo, g_hi):
                     e0, e1 = starts[g0], (starts[g1] if g1 < starts.size else kk.size)
                     vals = windows[jj[e0:e1], shift[e0:e1], w0:w1]
                     rows = kk[starts[g0:g1]]

@@ -175,9 +175,68 @@ class _BySig:
         return isinstance(other, _BySig) and self.sig == other.sig
 
 
+# The ILP builder looks strategies and edge costs up many times per problem, and a planning
+# run builds thousands of problems on a few dozen meshes. A Mesh hashes its whole Cluster, so
+# the caches below key a (mesh, compute model) pair by a small int handed out once per pair.
+_CONTEXTS: dict[tuple[Mesh, ComputeModel], int] = {}
+_CONTEXT_OBJECTS: list[tuple[Mesh, ComputeModel]] = []
+
+
+def _context_id(mesh: Mesh, cm: ComputeModel) -> int:
+    cid = _CONTEXTS.get((mesh, cm))
+    if cid is None:
+        cid = _CONTEXTS[(mesh, cm)] = len(_CONTEXT_OBJECTS)
+        _CONTEXT_OBJECTS.append((mesh, cm))
+    return cid
+
+
+# A node object's _BySig and its leader operand (None for a decision op); the entry holds
+# the node, so its id is not reused while cached.
+_SIGS: dict[int, tuple[OpNode, _BySig, int | None]] = {}
+
+
+def _sig_of(n: OpNode) -> tuple[_BySig, int | None]:
+    hit = _SIGS.get(id(n))
+    if hit is not None and hit[0] is n:
+        return hit[1], hit[2]
+    if len(_SIGS) >= 200_000:
+        _SIGS.clear()
+    key = _BySig(n)
+    li = None if is_decision(n) else leader_operand(n)
+    _SIGS[id(n)] = (n, key, li)
+    return key, li
+
+
 @lru_cache(maxsize=100_000)
 def _decision_cached(key: _BySig, mesh: Mesh, cm: ComputeModel) -> tuple[Strategy, ...]:
     return tuple(decision_strategies(key.node, mesh, cm))
+
+
+@lru_cache(maxsize=100_000)
+def _decision_by_id(key: _BySig, context: int) -> tuple[Strategy, ...]:
+    return _decision_cached(key, *_CONTEXT_OBJECTS[context])
+
+
+@lru_cache(maxsize=500_000)
+def _follow_by_id(key: _BySig, spec: Spec, context: int) -> Strategy:
+    return _follow_cached(key, spec, *_CONTEXT_OBJECTS[context])
+
+
+@lru_cache(maxsize=100_000)
+def _follow_all(key: _BySig, specs: tuple[Spec, ...], context: int) -> tuple[Strategy, ...]:
+    """A follower's strategies, one per layout its leader's strategies emit."""
+    return tuple(_follow_by_id(key, q, context) for q in specs)
+
+
+@lru_cache(maxsize=500_000)
+def _reshard_by_id(shape: tuple[int, ...], elem_bytes: int, src: Spec, dst: Spec, context: int) -> float:
+    return reshard_s(shape, elem_bytes, src, dst, _CONTEXT_OBJECTS[context][0])
+
+
+@lru_cache(maxsize=500_000)
+def _reshard_backward_by_id(shape: tuple[int, ...], elem_bytes: int, src: Spec, dst: Spec, grad: bool,
+                            context: int) -> float:
+    return reshard_backward_s(shape, elem_bytes, src, dst, _CONTEXT_OBJECTS[context][0], grad)
 
 
 def decision_names(graph: OpGraph, names: list[str], mesh: Mesh, cm: ComputeModel) -> dict[str, list[str]]:
@@ -190,6 +249,19 @@ def decision_names(graph: OpGraph, names: list[str], mesh: Mesh, cm: ComputeMode
 @lru_cache(maxsize=500_000)
 def _follow_cached(key: _BySig, spec: Spec, mesh: Mesh, cm: ComputeModel) -> Strategy:
     return follow(key.node, spec, mesh, cm)
+
+
+# StageProblem's memoised ILP inputs (see _member_arrays and _edge_costs): read-only arrays.
+_MEMBER_MEMO: dict[tuple, tuple[tuple[Strategy, ...], np.ndarray, np.ndarray]] = {}
+_EDGE_MEMO: dict[tuple, np.ndarray] = {}
+_MEMO_ENTRIES = 50_000        # each memo is cleared when full: a bound on memory, not an LRU
+_MATRIX, _ROW, _DIAGONAL = 0, 1, 2
+
+
+def _remember(memo: dict, key: tuple, value) -> None:
+    if len(memo) >= _MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = value
 
 
 def _partial_grad_all_reduce(st: Strategy, j: int) -> Collective | None:
@@ -260,6 +332,7 @@ class StageProblem:
                  boundary: dict[str, Spec] | None = None, restrict_out: dict[str, Spec] | None = None,
                  allowed: dict[str, set[str]] | None = None, only_names: frozenset[str] | None = None):
         self.graph, self.mesh, self.cm = graph, mesh, cm
+        self._context = _context_id(mesh, cm)
         self.names = list(names)
         self.inside = set(self.names)
         self.boundary = dict(boundary or {})
@@ -283,12 +356,12 @@ class StageProblem:
         return tuple(0 for _ in shape)         # graph inputs arrive whole; slicing them is free
 
     def _build_groups(self, allowed: dict[str, set[str]]) -> None:
-        g, mesh, cm = self.graph, self.mesh, self.cm
+        g, mesh, ctx = self.graph, self.mesh, self._context
         for name in self.names:
             n = g.node(name)
-            li = None if is_decision(n) else leader_operand(n)
+            key, li = _sig_of(n)
             if li is None:
-                sts = list(_decision_cached(_BySig(n), mesh, cm))
+                sts = list(_decision_by_id(key, ctx))
                 if self.only_names is not None and len(sts) > 1:
                     # e.g. Alpa's inter-only ablation: data-parallel strategies only
                     sts = [s for s in sts if s.name in self.only_names] or [min(sts, key=lambda s: s.name != "R")]
@@ -306,12 +379,11 @@ class StageProblem:
             if src in self.inside:
                 gi = self.group_of[src]
                 grp = self.groups[gi]
-                key = _BySig(n)
-                grp.strategies[name] = [_follow_cached(key, s.out_spec, mesh, cm) for s in grp.strategies[src]]
+                grp.strategies[name] = list(_follow_all(key, tuple(s.out_spec for s in grp.strategies[src]), ctx))
                 grp.members.append(name)
                 self.group_of[name] = gi
             else:
-                st = _follow_cached(_BySig(n), self._boundary_spec(src), mesh, cm)
+                st = _follow_by_id(key, self._boundary_spec(src), ctx)
                 self.group_of[name] = len(self.groups)
                 self.groups.append(Group(name, [name], {name: [st]}))
 
@@ -336,17 +408,15 @@ class StageProblem:
 
     def ilp_arrays(self, settings: Settings):
         g = self.graph
-        B, zero = settings.n_microbatches, settings.zero
         node_costs, node_mem = [], []
         for gi, grp in enumerate(self.groups):
             k = len(grp.strategies[grp.root])
             cost = np.zeros(k)
             mem = np.zeros(k)
             for m in grp.members:
-                sts = grp.strategies[m]
-                share = self.grad_share.get(m)      # member_cost, inlined: the builder's hot loop
-                cost += np.fromiter((op_cost(s, zero, share).objective_s(B) for s in sts), float, k)
-                mem += np.fromiter((self._member_mem(m, s, settings) for s in sts), float, k)
+                m_cost, m_mem = self._member_arrays(m, grp.strategies[m], settings)
+                cost += m_cost
+                mem += m_mem
             cost[self.forbidden[gi]] = np.inf
             node_costs.append(cost)
             node_mem.append(mem)
@@ -359,27 +429,68 @@ class StageProblem:
                 if o.source is None:
                     continue
                 eb = dtype_bytes(o.dtype)
-                need = [s.in_specs[j] if j < len(s.in_specs) else None for s in v_sts]
+                need = tuple(s.in_specs[j] if j < len(s.in_specs) else None for s in v_sts)
                 if o.source not in self.inside:
                     src = self._boundary_spec(o.source)
-                    node_costs[gv] += np.array([self._edge_s(name, j, o.shape, eb, src, q, s) if q is not None else 0.0
-                                                for q, s in zip(need, v_sts)])
+                    node_costs[gv] += self._edge_costs(_ROW, name, j, o.shape, eb, (src,), need, v_sts)[0]
                     continue
                 gu = self.group_of[o.source]
-                u_sts = self.groups[gu].strategies[o.source]
+                srcs = tuple(s.out_spec for s in self.groups[gu].strategies[o.source])
                 if gu == gv:
-                    node_costs[gv] += np.array([self._edge_s(name, j, o.shape, eb, us.out_spec, q, s) if q is not None
-                                                else 0.0 for us, q, s in zip(u_sts, need, v_sts)])
+                    node_costs[gv] += self._edge_costs(_DIAGONAL, name, j, o.shape, eb, srcs, need, v_sts)
                     continue
-                edges.append((gu, gv, self._reshard_matrix(name, j, o.shape, eb, [s.out_spec for s in u_sts], need,
-                                                           v_sts)))
+                edges.append((gu, gv, self._edge_costs(_MATRIX, name, j, o.shape, eb, srcs, need, v_sts)))
         return node_costs, edges, node_mem
+
+    def _member_arrays(self, name: str, sts: list[Strategy], settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+        """A member op's ILP objective (member_cost's objective_s, inlined) and memory per
+        strategy of its group, memoised: the same strategy objects recur in every problem on
+        a mesh."""
+        share = self.grad_share.get(name)
+        saved = self.saved.get(name, 0.0)
+        key = (tuple(map(id, sts)), settings, saved, tuple(share.items()) if share else None)
+        hit = _MEMBER_MEMO.get(key)
+        if hit is not None:
+            return hit[1], hit[2]
+        B, zero, k = settings.n_microbatches, settings.zero, len(sts)
+        cost = np.fromiter((op_cost(s, zero, share).objective_s(B) for s in sts), float, k)
+        mem = np.fromiter((self._member_mem(name, s, settings) for s in sts), float, k)
+        cost.flags.writeable = mem.flags.writeable = False
+        _remember(_MEMBER_MEMO, key, (tuple(sts), cost, mem))   # the entry keeps the ids' objects alive
+        return cost, mem
+
+    def _edge_costs(self, form: int, name: str, j: int, shape, eb: int, srcs: tuple, dsts: tuple,
+                    v_sts: list[Strategy]) -> np.ndarray:
+        """Forward + backward seconds (_edge_s) of the edge into operand j of `name`, from a
+        producer whose strategies emit `srcs` to a consumer whose strategies need `dsts` (0
+        where a strategy needs nothing): _MATRIX, every pair [p, q]; _ROW, the matrix of one
+        source; _DIAGONAL, the pairs [q, q] (producer and consumer in one group).
+
+        Memoised on everything _edge_s reads: the mesh, the tensor, the layouts, whether a
+        gradient flows back, and per consumer strategy the all-reduce that sequence
+        parallelism's gather replaces (with the share of it this op pays)."""
+        grad = self._carries_grad(name, j)
+        share = self.grad_share.get(name, {}).get(j, 1.0)
+        partial = tuple(None if (ar := _partial_grad_all_reduce(s, j)) is None else (ar.mask, ar.nbytes, ar.time_s)
+                        for s in v_sts)
+        key = (form, self._context, tuple(shape), eb, grad, share, srcs, dsts, partial)
+        hit = _EDGE_MEMO.get(key)
+        if hit is not None:
+            return hit
+        if form == _DIAGONAL:
+            out = np.array([self._edge_s(name, j, shape, eb, a, d, st) if d is not None else 0.0
+                            for a, d, st in zip(srcs, dsts, v_sts)])
+        else:
+            out = self._reshard_matrix(name, j, shape, eb, list(srcs), list(dsts), v_sts)
+        out.flags.writeable = False
+        _remember(_EDGE_MEMO, key, out)
+        return out
 
     def _reshard_matrix(self, name, j, shape, eb, srcs, dsts, v_sts) -> np.ndarray:
         us = list(dict.fromkeys(srcs))
         vs = list(dict.fromkeys(d for d in dsts if d is not None))
         grad = self._carries_grad(name, j)
-        small = np.array([[reshard_s(shape, eb, a, b, self.mesh) + reshard_backward_s(shape, eb, a, b, self.mesh, grad)
+        small = np.array([[self._reshard(shape, eb, a, b) + self._reshard_backward(shape, eb, a, b, grad)
                            for b in vs] for a in us]).reshape(len(us), len(vs))
         ui = np.array([us.index(a) for a in srcs])
         out = np.zeros((len(srcs), len(dsts)))
@@ -391,6 +502,14 @@ class StageProblem:
                 col = [self._edge_s(name, j, shape, eb, a, d, v_sts[q]) for a in us]
                 out[:, q] = np.array(col)[ui]
         return out
+
+    def _reshard(self, shape, eb: int, src: Spec, dst: Spec) -> float:
+        """spec.reshard_s on this problem's mesh, cached by the mesh's context id."""
+        return _reshard_by_id(tuple(shape), eb, tuple(src), tuple(dst), self._context)
+
+    def _reshard_backward(self, shape, eb: int, src: Spec, dst: Spec, grad: bool) -> float:
+        """spec.reshard_backward_s on this problem's mesh, cached by the mesh's context id."""
+        return _reshard_backward_by_id(tuple(shape), eb, tuple(src), tuple(dst), grad, self._context)
 
     def _carries_grad(self, name: str, j: int) -> bool:
         """Whether operand j of `name` sends a gradient back (data inputs, token ids and masks do not)."""
@@ -408,8 +527,8 @@ class StageProblem:
 
     def _edge_fwd_bwd_s(self, name: str, j: int, shape, eb: int, src: Spec, dst: Spec,
                         st: Strategy) -> tuple[float, float]:
-        t = reshard_s(shape, eb, src, dst, self.mesh)
-        back = reshard_backward_s(shape, eb, src, dst, self.mesh, self._carries_grad(name, j))
+        t = self._reshard(shape, eb, src, dst)
+        back = self._reshard_backward(shape, eb, src, dst, self._carries_grad(name, j))
         if t == 0.0:
             return 0.0, back
         fused = _gather_into_partial_s(shape, eb, src, dst, st, j, self.mesh)

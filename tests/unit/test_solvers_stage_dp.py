@@ -152,3 +152,48 @@ def test_bounds_share_the_work_and_match_one_call_per_bound_and_brute_force():
     with pytest.raises(ValueError, match="bounds"):
         stage_dp_bounds(np.zeros((1, 2, 1, 2)), [1], 1, 1, [0])
     assert stage_dp_bounds(np.zeros((1, 2, 1, 2)), [1], 1, 1, []) == []
+
+
+def _dense_top(cost, sizes, n_devices, extra, t_max):
+    """F(s, 0, D) for every depth s by the plain recurrence over every (k, d), no windows:
+    F(s, k, d) = min over (j, m) with t <= t_max of c[k, j, m, s] + F(s - 1, j, d - n_m)."""
+    n_layers, _, n_mesh, n_s1 = cost.shape
+    c = cost + (0.0 if extra is None else extra[..., None])
+    prev = np.full((n_layers + 1, n_devices + 1), np.inf)
+    prev[n_layers, 0] = 0.0
+    top = [np.inf]
+    for s in range(1, n_s1):
+        cur = np.full_like(prev, np.inf)
+        for k in range(n_layers):
+            for j in range(k + 1, n_layers + 1):
+                for m in range(n_mesh):
+                    u = sizes[m]
+                    if cost[k, j, m, s] <= t_max and u <= n_devices:
+                        cur[k, u:] = np.minimum(cur[k, u:], c[k, j, m, s] + prev[j, :n_devices + 1 - u])
+        top.append(cur[0, n_devices])
+        prev = cur
+    return np.array(top)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_dp_tables_equal_the_dense_recurrence_at_every_t_max(seed):
+    """The solver's device windows (least devices before and after a layer) and their
+    narrowing to the cells an entry can reach leave F(s, 0, D) unchanged: against the plain
+    recurrence over every device count, at many t_max, with sparse submesh sizes (rows of
+    the tables are finite at a few device counts only) and wide windows."""
+    from solvers.stage_dp import _Solver, _validate
+    rng = np.random.default_rng(7 + seed)
+    n_layers, s_max = int(rng.integers(3, 7)), int(rng.integers(2, 6))
+    sizes = [[1, 2, 4, 8, 16, 32], [1, 8, 32], [2, 6, 20], [1, 4, 16, 64]][seed % 4]
+    n_devices = int(rng.choice([24, 40, 48, 64]))
+    cost = _layered_cost(rng, n_layers, sizes, s_max, float(rng.choice([4.0, 8.0, 16.0])))
+    extra = rng.random((n_layers, n_layers + 1, len(sizes))) * 0.1 if seed % 2 else None
+    solver = _Solver(_validate(cost, sizes, n_devices, 4, extra, None))
+    cands = solver.candidates()
+    assert cands.size > 5
+    for t_max in cands[:: max(1, cands.size // 12)]:
+        _, top = solver.solve(float(t_max))
+        want = _dense_top(cost, sizes, n_devices, extra, float(t_max))
+        np.testing.assert_allclose(top, want[: top.size], rtol=1e-12)
+        _, feasible = solver.solve(float(t_max), feasibility_only=True)
+        np.testing.assert_array_equal(np.isfinite(feasible), np.isfinite(want[: feasible.size]))
