@@ -405,8 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(p)
     _dtype_arg(p)
     _global_batch_arg(p)
-    p.add_argument("--strategies", help="comma-separated subset of dp,zero1,zero2,zero3,tp,pp,3d,inter-only,"
-                                        "intra-only,auto (default: all)")
+    p.add_argument("--strategies", help=f"comma-separated subset of {','.join(STRATEGIES)} (default: all)")
     p.add_argument("--json", help="write the rows and every row's plan to this JSON file")
     p.add_argument("--plot", help="draw throughput, the best plan's schedule and its memory per GPU to this image")
     p.add_argument("--csv", help="write the rows to this CSV file (time fields empty for rows that do not fit)")
