@@ -154,7 +154,8 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
 
     # follows[q0, q]: option q enters its chunk (after the first) in the layout option q0's chunk
     # emits (layers of one shape on one mesh emit the layout they are entered in)
-    follows = np.array([[rt.starts[q % P] == StartLayout(rt.starts[q0 % P].spec) for q in range(n_options)]
+    follows = np.array([[rt.starts[q % P] == StartLayout(rt.starts[q0 % P].spec, seq_split=rt.starts[q0 % P].seq_split)
+                         for q in range(n_options)]
                         for q0 in range(n_options)])
     everywhere = np.ones(n_options, bool)
     out = []

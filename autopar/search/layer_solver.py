@@ -5,6 +5,15 @@ input is the residual stream maps an input layout p to an output layout f(p) at 
 cost C(p). A range of layers entered in layout p costs C_i(p) + C_{i+1}(f_i(p)) + ..., exactly
 what one ILP over the whole range finds (tests check this), but every distinct
 (layer, mesh, layout) is solved once however many layers share it.
+
+Context-parallel alternatives. Each ILP minimises time only, and a sequence split (context
+parallelism: `rules.einsum.splits_sequence`) can win a layer by 0.1-0.5% while holding several
+times the weight memory, so a table holding only time optima would lose the lean layer that let
+a stage fit (gpt-39b on 64 V100 went 59.272 -> 60.085 s when the options were added). So a key
+is solved in two variants, `seq_split` True (every option) and False (no sequence split), and
+both go to the tables as alternatives (range_table.py, planner.py), like the recompute options.
+The False variant costs an ILP only where the True optimum splits a sequence: otherwise that
+optimum lies in the smaller space and is optimal there too, and is reused as it is.
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ from typing import Any
 from autopar.costmodel.compute import ComputeModel
 from autopar.evaluation.evaluator import EAGER_DEFAULT, NO_EAGER, eager_terms
 from autopar.hardware.mesh import Mesh
+from autopar.sharding.rules.einsum import splits_sequence
 from autopar.sharding.spec import Spec, is_valid, shard_factor
-from autopar.sharding.stage_problem import Settings, StageProblem
+from autopar.sharding.stage_problem import Settings, StageProblem, decision_names
 from graphs.ir import OpGraph
 from graphs.query import main_boundary
 
@@ -42,6 +52,7 @@ class LayerSol:
     names: dict[int, str]        # position in layer -> strategy name (decision roots)
     status: str
     objective: float
+    seq_split: bool = False      # some op of the solution splits the sequence (context parallelism)
 
 
 @dataclass(frozen=True)
@@ -49,10 +60,12 @@ class StartLayout:
     """How a stage's first layer is entered. A stage that starts inside the model receives its
     input in `spec`. A stage that starts at the embedding (layer 0) has no input; there `spec`
     is the layout the embedding's output is restricted to, so in both cases `spec` is the layout
-    the stage's first layer boundary carries."""
+    the stage's first layer boundary carries. `seq_split` picks the layer solutions: with
+    context-parallel options or without (module doc)."""
 
     spec: Spec
     at_embedding: bool = False
+    seq_split: bool = True       # the stage's layers may split the sequence (module doc)
 
 
 @dataclass
@@ -60,6 +73,7 @@ class SearchStats:
     """Counts and summed timings of one search (merged over microbatch sizes and workers)."""
 
     ilps: int = 0
+    ilps_no_seq: int = 0         # of them, layers solved again without sequence splits
     cache_hits: int = 0
     ilp_time_s: float = 0.0
     trace_time_s: float = 0.0
@@ -108,8 +122,13 @@ class LayerSolver:
 
     def __init__(self, graph: OpGraph, cm: ComputeModel, settings: Settings, stats: SearchStats,
                  time_limit_s: float, backend: str, only_names: frozenset[str] | None = None,
-                 eager: bool = EAGER_DEFAULT):
+                 eager: bool = EAGER_DEFAULT, context_parallel: bool = True):
+        """`context_parallel` False: the seq_split=False variant is solved directly (every key's
+        ILP without sequence splits), the planner without context parallelism; True: that
+        variant reuses the full optimum where it splits no sequence (module doc)."""
         self.only_names = only_names
+        self.context_parallel = context_parallel
+        self._no_seq_allowed: dict[tuple, dict[int, set[str]]] = {}
         self.eager = eager
         self.graph, self.cm, self.settings, self.stats = graph, cm, settings, stats
         self.time_limit_s, self.backend = time_limit_s, backend
@@ -125,29 +144,60 @@ class LayerSolver:
         return (self.graph.layers[li].structural_hash, self.outputs[li] is None, li + 1 == len(self.graph.layers),
                 self.graph.node(src).out_shape if src is not None else None)
 
-    def key(self, li: int, mesh: Mesh, spec: Spec | None, restrict: Spec | None) -> tuple:
+    def key(self, li: int, mesh: Mesh, spec: Spec | None, restrict: Spec | None, seq_split: bool = True) -> tuple:
         return (self.graph.layers[li].structural_hash, mesh.submesh, mesh.shape, spec, restrict,
-                self.outputs[li] is None)
+                self.outputs[li] is None, seq_split)
 
-    def solve_entered(self, li: int, mesh: Mesh, spec: Spec) -> LayerSol:
+    def solve_entered(self, li: int, mesh: Mesh, spec: Spec, seq_split: bool = True) -> LayerSol:
         """Layer `li` entered in `spec`: the embedding has no input, so there `spec` restricts
         its output instead."""
-        return self.solve(li, mesh, None, restrict=spec) if li == 0 else self.solve(li, mesh, spec)
+        if li == 0:
+            return self.solve(li, mesh, None, restrict=spec, seq_split=seq_split)
+        return self.solve(li, mesh, spec, seq_split=seq_split)
 
     def walk(self, layers: tuple[int, int], mesh: Mesh, start: StartLayout) -> Iterator[tuple[int, LayerSol]]:
         """The layers of a stage in order, each entered in the layout the previous one emits."""
         spec = start.spec
         for li in range(*layers):
-            sol = self.solve_entered(li, mesh, spec)
+            sol = self.solve_entered(li, mesh, spec, start.seq_split)
             yield li, sol
             spec = sol.out_spec if sol.out_spec is not None else spec
 
-    def solve(self, li: int, mesh: Mesh, spec: Spec | None, restrict: Spec | None = None) -> LayerSol:
-        k = self.key(li, mesh, spec, restrict)
+    def _allowed_without_seq(self, li: int, mesh: Mesh) -> dict[str, set[str]]:
+        """Per decision op of layer `li` that offers a sequence split, the names of its
+        strategies that split none (never empty: the replicated layout at least)."""
+        layer = self.graph.layers[li]
+        k = (layer.structural_hash, mesh.submesh, mesh.shape)
+        by_pos = self._no_seq_allowed.get(k)
+        if by_pos is None:
+            by_pos = {}
+            pos_of = {name: pos for pos, name in enumerate(layer.nodes)}
+            for name, options in decision_names(self.graph, list(layer.nodes), mesh, self.cm).items():
+                node = self.graph.node(name)
+                keep = {o for o in options if not splits_sequence(node, o)}
+                if len(keep) < len(options):
+                    by_pos[pos_of[name]] = keep
+            self._no_seq_allowed[k] = by_pos
+        return {layer.nodes[pos]: names for pos, names in by_pos.items()}
+
+    def solve(self, li: int, mesh: Mesh, spec: Spec | None, restrict: Spec | None = None,
+              seq_split: bool = True) -> LayerSol:
+        """The layer's optimum entered in `spec` (or, for the embedding, with its output
+        restricted to `restrict`); with `seq_split` False, the optimum without sequence splits."""
+        k = self.key(li, mesh, spec, restrict, seq_split)
         hit = self.cache.get(k)
         if hit is not None:
             self.stats.cache_hits += 1
             return hit
+        allowed: dict[str, set[str]] | None = None
+        if not seq_split:
+            if self.context_parallel:
+                full = self.solve(li, mesh, spec, restrict, True)
+                if not full.seq_split:
+                    # optimal in the larger space and a member of the smaller: optimal there
+                    self.cache[k] = full
+                    return full
+            allowed = self._allowed_without_seq(li, mesh)
         layer = self.graph.layers[li]
         names = list(layer.nodes)
         src = self.inputs[li]
@@ -156,9 +206,10 @@ class LayerSolver:
         t0 = time.perf_counter()
         prob = StageProblem(self.graph, names, mesh, self.cm, boundary=boundary,
                             restrict_out={out: restrict} if (restrict is not None and out is not None) else None,
-                            only_names=self.only_names)
+                            only_names=self.only_names, allowed=allowed)
         res = prob.solve(self.settings, time_limit_s=self.time_limit_s, backend=self.backend)
         self.stats.ilps += 1
+        self.stats.ilps_no_seq += not seq_split
         self.stats.ilp_time_s += time.perf_counter() - t0
         self.stats.statuses[res.status] = self.stats.statuses.get(res.status, 0) + 1
         self.stats.ilp_vars_before += res.n_variables_before
@@ -171,6 +222,8 @@ class LayerSolver:
             pos = {n: i for i, n in enumerate(names)}
             chosen = {pos[g.root]: g.strategies[g.root][int(res.choice[gi])].name
                       for gi, g in enumerate(prob.groups) if len(g.strategies[g.root]) > 1 or g.root in pos}
+            seq = any(splits_sequence(self.graph.node(g.root), g.strategies[g.root][int(res.choice[gi])].name)
+                      for gi, g in enumerate(prob.groups))
             out_spec: Spec | None
             if out is None:         # the last layer, or a next layer that reads only graph inputs
                 out_spec = None if li + 1 == len(self.graph.layers) else ()
@@ -189,6 +242,6 @@ class LayerSolver:
             sol = LayerSol(ev.per_microbatch_s + et.device_s, ev.recompute_fwd_s, ev.sync_s + et.grad_bucket_s,
                            ev.param_state_bytes(self.settings.zero) + et.held_bytes, ev.param_elems,
                            ev.stash_bytes + et.stash_bytes, in_bytes + et.inputs_fp32_extra_bytes,
-                           out_spec, chosen, res.status, res.objective)
+                           out_spec, chosen, res.status, res.objective, seq)
         self.cache[k] = sol
         return sol

@@ -1,7 +1,25 @@
 """The auto planner — DESIGN §2, §5-§7: per microbatch size, intra-op ILPs per distinct layer
 (layer_solver.py) composed into range tables (range_table.py) and the stage DP's tables
 (tables.py); the DP's optima and the equal-layer shapes are candidates (candidates.py), and the
-pipeline simulator (evaluation/evaluator.py) picks the best."""
+pipeline simulator (evaluation/evaluator.py) picks the best.
+
+Context parallelism cannot make a plan worse. LayerSolver keeps, per key, the time optimum over
+every option and the one without sequence splits (layer_solver.py), and a mesh whose table
+uses a sequence split anywhere gets a second range table from the latter. Let N be this
+planner with context parallelism off (context_parallel=False: every layer solved without
+sequence splits) and W the planner with it. Per microbatch size:
+  - W's no-sequence-split tables equal N's tables: the layer solutions are optima of the same
+    ILPs (where the full optimum splits no sequence it is one; up to the choice among optima
+    of equal time, which the ILP solver makes);
+  - W's candidates are N's (the DP over those tables and their equal-layer slicings, kept
+    apart from the rest so that `unique` does not merge them with a CP slicing of the same
+    layers) plus those of the tables holding both alternatives;
+  - W simulates N's candidates first, then the rest against that best; a candidate is skipped
+    only when its lower bound cannot beat the best so far (exact), so W's best per size is the
+    least of a superset: no worse than N's.
+Over microbatch sizes: the first round searches the same sizes, and the second round searches
+the neighbours of W's best size and of the best size without sequence splits (N's best size),
+so W searches every size N searches and takes the least: W's plan <= N's plan."""
 
 from __future__ import annotations
 
@@ -13,6 +31,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from autopar.costmodel.compute import ComputeModel
 from autopar.costmodel.eager import allocatable_bytes
@@ -34,7 +54,7 @@ from autopar.search.candidates import (
     unique,
 )
 from autopar.search.layer_solver import LayerSolver, SearchStats
-from autopar.search.range_table import range_table
+from autopar.search.range_table import range_tables
 from autopar.search.tables import SearchSpace, StageTables, boundary_p2p_s, range_classes
 from autopar.sharding.stage_problem import Settings
 from autopar.validation import check_training
@@ -54,13 +74,16 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
          gpus_per_node: int | None = None, global_batch: int | None = None, microbatches: str | int = "auto",
          schedule: str = "1f1b", max_stages: int | None = None, dtype: str | None = None, zero: int = 1,
          seq: int | None = None, example_inputs: Any = None, time_limit_s: float = 10.0, backend: str = "highs",
-         progress: bool = False, intra: str = "ilp", workers: int | None = None, eager: bool = EAGER_DEFAULT) -> Plan:
+         progress: bool = False, intra: str = "ilp", workers: int | None = None, eager: bool = EAGER_DEFAULT,
+         context_parallel: bool = True) -> Plan:
     """Search the best (stage, submesh, logical mesh, sharding) plan; returns it evaluated.
 
     Each candidate microbatch size is an independent search (its own trace, ILPs and DP); they
     run in `workers` processes (default: one per CPU core). intra="dp" restricts every stage to
     plain data parallelism (Alpa's inter-only ablation). `example_inputs` trace an nn.Module or
-    fx.GraphModule; their batch is then the only microbatch size (a UserWarning says so)."""
+    fx.GraphModule; their batch is then the only microbatch size (a UserWarning says so).
+    context_parallel=False leaves sequence splits out of every layer (the space before context
+    parallelism; the module doc proves the plan with them is no worse)."""
     if intra not in ("ilp", "dp"):
         raise PlanError(f"intra must be 'ilp' or 'dp' (got {intra!r})")
     if schedule not in ("1f1b", "gpipe"):
@@ -75,13 +98,19 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
         raise PlanError(f"global batch {global_batch} is not a multiple of the traced microbatch {source.fixed_batch}")
     second_round = microbatches == "auto" and not source.fixed_batch
     sizes = [source.fixed_batch] if source.fixed_batch else microbatch_candidates(global_batch, cl.n_gpus, microbatches)
-    job = SearchJob(source, cl, global_batch, schedule, max_stages, dtype, zero, time_limit_s, backend, intra, eager)
+    job = SearchJob(source, cl, global_batch, schedule, max_stages, dtype, zero, time_limit_s, backend, intra, eager,
+                    context_parallel)
     n_workers = max(1, min(len(sizes), workers or os.cpu_count() or 1))
     bar = _Progress(progress, len(sizes) + (2 if second_round else 0))
     results = _run_searches(job, sizes, n_workers, bar)
     scored = [(r.plan.predicted.step_time_s, r.row["microbatch_size"]) for r in results if r.plan is not None]
     if second_round and scored:
         more = microbatch_neighbours(min(scored)[1], global_batch, set(sizes))
+        # and around the best size without sequence splits, so that every size the planner
+        # without context parallelism searches is searched (module doc)
+        lean = [(r.no_seq_step_s, r.row["microbatch_size"]) for r in results if math.isfinite(r.no_seq_step_s)]
+        if lean:
+            more += microbatch_neighbours(min(lean)[1], global_batch, set(sizes) | set(more))
         results += _run_searches(job, more, max(1, min(len(more), n_workers)), bar)
     bar.close()
     stats = SearchStats()
@@ -104,6 +133,7 @@ class SearchResult(NamedTuple):
     stats: SearchStats
     least_memory_bytes: float        # the least any stage option needs (for the no-fit message)
     row: dict[str, Any]              # the plan file's search.microbatch_candidates entry
+    no_seq_step_s: float = math.inf  # the best fitting step without sequence splits (inf: none fits)
 
 
 # The job a forked pool worker runs, set once per worker by the pool's initializer and never in
@@ -148,6 +178,7 @@ class Proposal:
     solver: LayerSolver              # its cache holds every layer solution the candidates use
     subs: list[Submesh]
     candidates: list[Candidate]
+    n_no_seq: int                    # candidates[:n_no_seq] use no sequence split (planner doc)
     least_memory_bytes: float        # the least any stage option needs (for the no-fit message)
 
 
@@ -166,6 +197,7 @@ class SearchJob:
     backend: str
     intra: str
     eager: bool = EAGER_DEFAULT      # cost as the eager PyTorch recipe (evaluator.evaluate's eager)
+    context_parallel: bool = True    # offer sequence splits (plan's context_parallel)
 
     def search(self, microbatch_size: int) -> SearchResult:
         """The best plan for one microbatch size."""
@@ -177,12 +209,17 @@ class SearchJob:
         if not math.isfinite(best_dp):
             return SearchResult(None, stats, prop.least_memory_bytes, row)
         t0 = time.perf_counter()
-        best, evaluated = best_simulated(prop.candidates, lambda c: self.simulate(prop, c), B)
+        def simulate(c: Candidate) -> Plan:
+            return self.simulate(prop, c)
+        # the candidates without sequence splits first (none where no lean stage fits)
+        lean, evaluated = best_simulated(prop.candidates[:prop.n_no_seq], simulate, B) if prop.n_no_seq else (None, 0)
+        best, more = best_simulated(prop.candidates[prop.n_no_seq:], simulate, B, incumbent=lean)
         stats.eval_time_s += time.perf_counter() - t0
-        row["candidates_evaluated"] = evaluated
+        row["candidates_evaluated"] = evaluated + more
         row["candidates"] = len(prop.candidates)
         row["predicted_step_time_s"] = best.predicted.step_time_s
-        return SearchResult(best if best.predicted.fits else None, stats, prop.least_memory_bytes, row)
+        return SearchResult(best if best.predicted.fits else None, stats, prop.least_memory_bytes, row,
+                            lean.predicted.step_time_s if lean is not None and lean.predicted.fits else math.inf)
 
     def propose(self, microbatch_size: int, stats: SearchStats) -> Proposal:
         """Trace, solve the layers, fill the tables and collect the candidates."""
@@ -194,27 +231,48 @@ class SearchJob:
         B = self.global_batch // microbatch_size
         only = frozenset({"R", "b@0"}) if self.intra == "dp" else None
         solver = LayerSolver(graph, ComputeModel(cl.gpu, self.dtype), Settings(n_microbatches=B, zero=self.zero),
-                             stats, self.time_limit_s, self.backend, only, eager=self.eager)
+                             stats, self.time_limit_s, self.backend, only, eager=self.eager,
+                             context_parallel=self.context_parallel)
         t0 = time.perf_counter()
         L = len(graph.layers)
         space = SearchSpace(L, min(self.max_stages or L, L, cl.n_gpus), B, cl.n_gpus, self.schedule,
                             allocatable_bytes(cl.gpu.memory_bytes, self.zero >= 3, cl.n_gpus) if self.eager
                             else cl.gpu.memory_bytes)
-        tables = StageTables(space, len(subs), range_classes([solver.identity(li) for li in range(L)]))
+        classes = range_classes([solver.identity(li) for li in range(L)])
+        tables = StageTables(space, len(subs), classes)          # every option
+        lean_tables = StageTables(space, len(subs), classes)     # without sequence splits
         p2p_s = boundary_p2p_s(cl, graph, solver.inputs, subs)
         equal_split: list[Candidate] = []
+        lean_equal_split: list[Candidate] = []
+        cp_ids = []         # tables.meshes entries whose layers split a sequence somewhere
         for mi, sub in enumerate(subs):
             for shape in (sub.logical_meshes() if self.intra == "ilp" else [(sub.n_devices, 1)]):
-                rt = range_table(solver, Mesh(cl, sub, shape))
-                tables.add(mi, shape, rt)
-                equal_split += uniform_candidates(rt, mi, sub, shape, space, p2p_s[mi])
-                equal_split += interleaved_candidates(rt, mi, sub, shape, space, p2p_s[mi])
+                rt, lean_rt = range_tables(solver, Mesh(cl, sub, shape), self.context_parallel)
+                # the lean table first: a cell keeps the first of equal options
+                tables.add(mi, shape, lean_rt)
+                if rt is not lean_rt:
+                    tables.add(mi, shape, rt)
+                    cp_ids.append(len(tables.meshes) - 1)
+                lean_tables.add(mi, shape, lean_rt)
+                lean_equal_split += uniform_candidates(lean_rt, mi, sub, shape, space, p2p_s[mi])
+                lean_equal_split += interleaved_candidates(lean_rt, mi, sub, shape, space, p2p_s[mi])
+                if rt is not lean_rt:
+                    equal_split += uniform_candidates(rt, mi, sub, shape, space, p2p_s[mi])
+                    equal_split += interleaved_candidates(rt, mi, sub, shape, space, p2p_s[mi])
         cost, extra = tables.dp_inputs(p2p_s)
         stats.table_time_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        candidates = unique(dp_candidates(tables, cost, extra, subs) + equal_split)
+        # Where no cell keeps a context-parallel option, every cell holds what the lean tables'
+        # does (the lean options keep their order), so the DP would find the same candidates.
+        keeps_cp = bool(cp_ids) and bool(np.isin(tables.class_cells["mesh"], cp_ids).any())
+        all_dp = dp_candidates(tables, cost, extra, subs)
+        lean_dp = dp_candidates(lean_tables, *lean_tables.dp_inputs(p2p_s), subs) if keeps_cp else all_dp
+        lean_cands = unique(lean_dp + lean_equal_split)
+        seen = {(c.key, c.choices) for c in lean_cands}
+        rest = [c for c in unique((all_dp if keeps_cp else []) + equal_split) if (c.key, c.choices) not in seen]
         stats.dp_time_s += time.perf_counter() - t0
-        return Proposal(microbatch_size, graph, solver, subs, candidates, tables.least_memory_bytes)
+        return Proposal(microbatch_size, graph, solver, subs, lean_cands + rest, len(lean_cands),
+                        tables.least_memory_bytes)
 
     def simulate(self, prop: Proposal, cand: Candidate) -> Plan:
         """The candidate as a plan, placed on the cluster and evaluated by the simulator."""
@@ -230,12 +288,12 @@ class SearchJob:
 
 
 def best_simulated(candidates: list[Candidate], simulate: Callable[[Candidate], Plan],
-                   n_microbatches: int) -> tuple[Plan, int]:
-    """The best simulated plan of all candidates, and how many were simulated. They are
-    simulated in the order of the DP's estimate; one whose lower bound on the step
-    (Candidate.step_lower_bound_s) is no better than the best fitting plan so far cannot win
-    and is skipped."""
-    best: Plan | None = None
+                   n_microbatches: int, incumbent: Plan | None = None) -> tuple[Plan, int]:
+    """The best simulated plan of all candidates (and `incumbent`, a plan simulated before),
+    and how many were simulated. They are simulated in the order of the DP's estimate; one
+    whose lower bound on the step (Candidate.step_lower_bound_s) is no better than the best
+    fitting plan so far cannot win and is skipped."""
+    best: Plan | None = incumbent
     evaluated = 0
     for cand in sorted(candidates, key=lambda c: c.dp_total_s):
         if (best is not None and best.predicted.fits

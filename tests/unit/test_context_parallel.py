@@ -148,30 +148,32 @@ def test_cp_of_reads_names_and_refuses_bad_ones():
 def test_seq_split_matmul_syncs_weight_grads_like_data_parallel():
     g, mesh, cm = _setup(4, (1, 4))
     node = _linear(g)
-    full = {st.name: st for st in matmul_strategies(node, mesh, cm, prune_seq=False, seq_one_sample=False)}
+    full = {st.name: st for st in matmul_strategies(node, mesh, cm, prune_seq=False)}
     seq, batch = full["s@1"], full["b@1"]
     assert (seq.fwd_s, seq.bwd_s, seq.out_bytes_local) == (batch.fwd_s, batch.bwd_s, batch.out_bytes_local)
     sync = [(c.kind, c.mask, c.nbytes, c.time_s) for c in seq.collectives if c.purpose == GRAD_SYNC]
     assert sync and sync == [(c.kind, c.mask, c.nbytes, c.time_s) for c in batch.collectives if c.purpose == GRAD_SYNC]
     assert seq.grad_sync_s == batch.grad_sync_s > 0
     # the batch (4) takes the axis, so the pruned set drops the sequence split; at batch 1 it stays
-    assert "s@1" not in {st.name for st in matmul_strategies(node, mesh, cm, seq_one_sample=False)}
+    assert "s@1" not in {st.name for st in matmul_strategies(node, mesh, cm)}
     g1, _, _ = _setup(1, (1, 4))
     assert "s@1" in {st.name for st in matmul_strategies(_linear(g1), mesh, cm)}
 
 
-def test_planner_space_splits_the_sequence_only_at_one_sample_per_device():
-    """The planner's restriction (rules/einsum.one_sample_per_device): batch 2 on a 1x8 mesh
-    (the batch cannot split, two samples per device) gets no sequence split; batch 2 on 2x4 gets
-    it beside the batch split; batch 1 everywhere."""
+def test_planner_space_splits_the_sequence_wherever_the_batch_cannot_take_the_axes():
+    """No one-sample restriction any more (the planner keeps a lean alternative per layer,
+    search/layer_solver.py): batch 2 on a 1x8 mesh (the batch cannot take 8 ways) gets the
+    sequence split; batch 2 on 2x4 gets it beside the batch split; batch 8 on 1x8 does not
+    (the batch takes the axis: exact pruning)."""
     def seq_names(batch, shape):
         g, mesh, cm = _setup(batch, shape)
         names = {st.name for st in matmul_strategies(_linear(g), mesh, cm)}
         names |= {st.name for st in attention_strategies(_sdpa(g), mesh, cm)}
         return {n for n in names if "s@" in n.split("+")[0]}
-    assert not seq_names(2, (1, 8))
+    assert "s@1" in seq_names(2, (1, 8)) and "s@1+cp:ring" in seq_names(2, (1, 8))
     got = seq_names(2, (2, 4))
-    assert got and all("b@0" in n for n in got) and "b@0,s@1+cp:ring" in got
+    assert got and "b@0,s@1+cp:ring" in got
+    assert not seq_names(8, (1, 8))
     assert "s@1" in seq_names(1, (1, 8)) and "s@1+cp:ring" in seq_names(1, (1, 8))
 
 
@@ -264,14 +266,14 @@ def test_pruned_optimum_equals_full_optimum(monkeypatch, batch, shape, budget_fr
 
 def _rules(prune_seq: bool):
     """The matmul and attention rules with every non-dominated sequence split (`prune_seq`), or
-    with every sequence split at all; without the planner's one-sample restriction."""
+    with every sequence split at all."""
     def matmul(n, m, c):
         ok = "equation" in n.attrs and len(n.operands) >= 2
-        return matmul_strategies(n, m, c, prune_seq=prune_seq, seq_one_sample=False) if ok else []
+        return matmul_strategies(n, m, c, prune_seq=prune_seq) if ok else []
 
     def attention(n, m, c):
         ok = len(n.operands) >= 3 and len(n.operands[0].shape) == 4
-        return attention_strategies(n, m, c, prune_seq=prune_seq, seq_one_sample=False) if ok else []
+        return attention_strategies(n, m, c, prune_seq=prune_seq) if ok else []
     return matmul, attention
 
 

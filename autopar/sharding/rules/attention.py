@@ -27,9 +27,7 @@ kernels are no more efficient per FLOP on any measured curve; the bound keeps a 
 profile lookup from inverting that, and it is what makes the pruning below exact.
 
 Exact pruning (`prune_seq`): the sequence is split only on axes the batch cannot take (the
-microbatch does not divide by them, with the batch's own axes); and, a restriction for the
-planner's sake (`seq_one_sample`, see rules/einsum.py), only where the batch is down to one
-sample per device. Where it can, the batch split
+microbatch does not divide by them, with the batch's own axes). Where it can, the batch split
 is at least as good everywhere (see `rules/einsum.py`, "Why the sequence split needs offering
 only where the batch cannot take its axes"); here the sequence split costs the batch split's
 compute or more, plus communication. Of the two K/V exchanges an op keeps only those not
@@ -53,7 +51,6 @@ from autopar.costmodel.collectives import (
 from autopar.costmodel.compute import ComputeModel
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.rules.common import collective, local_out_bytes, strategy_name
-from autopar.sharding.rules.einsum import one_sample_per_device
 from autopar.sharding.spec import axes_mask
 from autopar.sharding.strategy import Strategy
 from graphs.ir import OpNode, dtype_bytes
@@ -78,9 +75,8 @@ def cp_of(name: str) -> tuple[int, str] | None:
     return letters["s"], kind
 
 
-def attention_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel, prune_seq: bool = True,
-                         seq_one_sample: bool = True) -> list[Strategy]:
-    """`prune_seq`, `seq_one_sample`: as for matmuls (rules/einsum.py)."""
+def attention_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel, prune_seq: bool = True) -> list[Strategy]:
+    """`prune_seq`: as for matmuls (rules/einsum.py)."""
     q, k = node.operands[0], node.operands[1]
     b, hq, s, d = q.shape
     hkv = k.shape[1]
@@ -97,8 +93,6 @@ def attention_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel, prune_seq: 
         if ms and s % (mesh.factor(ms) * (2 if causal else 1)):
             continue
         if ms and prune_seq and b % mesh.factor(mb | ms) == 0:
-            continue
-        if ms and seq_one_sample and not one_sample_per_device(b, mb, mesh):
             continue
         spec = (mb, mh, ms, 0)
         bl, hl = b // mesh.factor(mb), hq // mesh.factor(mh)

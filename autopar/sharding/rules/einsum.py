@@ -26,7 +26,7 @@ from autopar.sharding.rules.common import (
 )
 from autopar.sharding.spec import split_per_part
 from autopar.sharding.strategy import Strategy
-from graphs.ir import OpNode, dtype_bytes
+from graphs.ir import ATTENTION, MATMUL, OpNode, dtype_bytes
 
 PER_PART = ":parts"       # strategy-name suffix of a fused output letter split per part
 
@@ -77,27 +77,29 @@ def _seq_split_redundant(batch_like: list[str], letters: dict[str, int], sizes: 
     return bool(rest) and sizes[batch_like[0]] % mesh.factor(letters.get(batch_like[0], 0) | rest) == 0
 
 
-def one_sample_per_device(batch: int, batch_axes: int, mesh: Mesh) -> bool:
-    """The space's condition for splitting the sequence at all: the op's batch is down to one
-    sample per device (a microbatch of 1, or the batch split as far as its size allows).
+def splits_sequence(node: OpNode, strategy_name: str) -> bool:
+    """Whether the strategy named `strategy_name` is a context-parallel option of `node`: a
+    matmul with a weight splitting one of its activation's later batch-like letters (the
+    sequence), or an sdpa splitting its sequence ("s"). These are exactly the options context
+    parallelism added to the space; the planner solves a layer again without them where its
+    optimum uses one (search/layer_solver.py). Read from the name ("b@0,s@1+cp:ring",
+    "k@1+rs:n@1:parts": the split letters are those before the first suffix), so the stage
+    builder's cached strategy names serve."""
+    if node.kind == ATTENTION:
+        seq = ["s"]
+    elif node.kind == MATMUL and "equation" in node.attrs and len(node.operands) >= 2:
+        ins, out = parse_equation(node.attrs["equation"])
+        seq = _batch_like(ins, out, node)[1:]
+    else:
+        return False
+    base = strategy_name.split("+", 1)[0].split(":", 1)[0]
+    split = {tok.split("@", 1)[0] for tok in base.split(",") if "@" in tok}
+    return any(c in split for c in seq)
 
-    Not a pruning (it can drop an ILP optimum): a restriction the planner needs for now.
-    LayerSolver keeps one time-optimal solution per (layer, mesh, input layout) and ignores
-    memory, so a larger space can make the planned step worse: with every non-dominated
-    sequence split, gpt-39b on 64 V100 goes from 59.272 s to 60.085 s (a layer, microbatch 2
-    on a 1x8 mesh, picks a 0.5% faster layout holding 15% more weight memory, and the
-    memory-lean one is lost to the stage DP). With this condition it stays 59.272 s, and every
-    point of Megatron-Core's CP grid (microbatch 1 per data-parallel rank) stays in the space.
-    Lift it (`seq_one_sample=False`) once the planner keeps a memory-lean alternative."""
-    return batch // mesh.factor(batch_axes) == 1
 
-
-def matmul_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel, prune_seq: bool = True,
-                      seq_one_sample: bool = True) -> list[Strategy]:
+def matmul_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel, prune_seq: bool = True) -> list[Strategy]:
     """`prune_seq`: offer a split of the activation's later batch-like letters (the sequence)
-    only where its first (the batch) cannot take those axes (exact: see above).
-    `seq_one_sample`: and only where the batch is down to one sample per device
-    (`one_sample_per_device`)."""
+    only where its first (the batch) cannot take those axes (exact: see above)."""
     ins, out = parse_equation(node.attrs["equation"])
     sizes = _letter_sizes(ins, node)
     cands = list(dict.fromkeys("".join(ins) + out))
@@ -111,11 +113,9 @@ def matmul_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel, prune_seq: boo
                 letters[ch] = letters.get(ch, 0) | bit
         if any(sizes[ch] % mesh.factor(m) for ch, m in letters.items()):
             continue
-        if len(batch_like) > 1 and any(letters.get(c) for c in batch_like[1:]):
-            if prune_seq and _seq_split_redundant(batch_like, letters, sizes, mesh):
-                continue
-            if seq_one_sample and not one_sample_per_device(sizes[batch_like[0]], letters.get(batch_like[0], 0), mesh):
-                continue
+        if (len(batch_like) > 1 and any(letters.get(c) for c in batch_like[1:]) and prune_seq
+                and _seq_split_redundant(batch_like, letters, sizes, mesh)):
+            continue
         variants = _einsum_variants(node, mesh, cm, ins, out, sizes, letters)
         strategies.extend(variants)
         strategies.extend(_per_part(node, mesh, ins, out, letters, variants))
