@@ -61,6 +61,8 @@ class ModelSource:
             path = _cache_path(self.model, batch, self.seq, self.dtype) if isinstance(self.model, str) else None
             g = _read_cache(path)
             if g is None:
+                # a zoo model is built and symbolically traced once per process; other batch
+                # sizes re-run only shape propagation and lowering (graphs/load.py)
                 import graphs
                 g = graphs.load(self.model, batch=batch, seq=self.seq, dtype=self.dtype,
                                 example_inputs=self.example_inputs)

@@ -57,6 +57,18 @@ def _load_named(model, batch, seq, example_inputs, dtype, n_layers, name) -> OpG
     m = _FACTORY_RE.match(text)
     if m or text.endswith(".py"):
         return _load_factory(text, m, dtype, n_layers, name, batch, seq)
+    if example_inputs is not None:
+        cfg, seq, module, meta = _build_zoo(text, seq)
+        return trace(module, example_inputs, name=name or cfg.name or text, dtype=dtype,
+                     meta=dict(meta), n_layers=n_layers)
+    cfg, seq, module, meta = _zoo_prepared(text, seq)
+    return trace(module, zoo.example_inputs(cfg, batch, seq, device="meta"),
+                 name=name or cfg.name or text, dtype=dtype, meta=dict(meta), n_layers=n_layers,
+                 fx_cache=_ZOO_FX_CACHE.setdefault((text, seq), {}))
+
+
+def _build_zoo(text: str, seq: int | None):
+    """(config, seq, module on meta, graph meta) of a zoo name or spec at `seq`."""
     cfg = zoo.get_config(text)
     seq = seq or cfg.seq
     if seq > cfg.seq:
@@ -67,13 +79,41 @@ def _load_named(model, batch, seq, example_inputs, dtype, n_layers, name) -> OpG
                             f"{cfg.name or cfg.family}; use a spec with seq={seq}, e.g. "
                             f"'{cfg.name or cfg.family}:seq={seq}'")
     module = zoo.build_module(cfg, device="meta")
-    inputs = example_inputs if example_inputs is not None else zoo.example_inputs(
-        cfg, batch, seq, device="meta")
     meta = {"family": cfg.family, "hidden": cfg.hidden, "layers": cfg.layers,
             "heads": cfg.heads, "kv_heads": cfg.kv_heads, "ffn": cfg.ffn, "vocab": cfg.vocab,
             "seq": seq, "experts": cfg.experts, "tied": cfg.tied}
-    return trace(module, inputs, name=name or cfg.name or text, dtype=dtype, meta=meta,
-                 n_layers=n_layers)
+    return cfg, seq, module, meta
+
+
+# The planner asks for one model at many microbatch sizes. A zoo module and its symbolic
+# trace do not depend on the batch (nothing in them reads an input's size; see trace()'s
+# fx_cache), so both are made once per (name, seq) per process and only shape propagation
+# and lowering run again per batch. Zoo forwards keep no state, so sharing the module is safe.
+# Bounded: a long session that plans many models keeps only the last few.
+_ZOO_PREPARED_MAX = 8     # keys: (name, None) and (name, seq) alias one entry
+_ZOO_PREPARED: dict[tuple[str, int | None], tuple] = {}
+_ZOO_FX_CACHE: dict[tuple[str, int | None], dict] = {}
+
+
+def _zoo_prepared(text: str, seq: int | None):
+    key = (text, seq)
+    if key not in _ZOO_PREPARED:
+        built = _build_zoo(text, seq)
+        resolved = (text, built[1])   # seq=None and seq=the default are the same model
+        if resolved not in _ZOO_PREPARED:
+            while len(_ZOO_PREPARED) >= _ZOO_PREPARED_MAX:
+                old = next(iter(_ZOO_PREPARED))
+                del _ZOO_PREPARED[old]
+                _ZOO_FX_CACHE.pop(old, None)
+            _ZOO_PREPARED[resolved] = built
+        _ZOO_PREPARED[key] = _ZOO_PREPARED[resolved]
+    return _ZOO_PREPARED[key]
+
+
+def clear_reuse() -> None:
+    """Forget the built zoo modules and their traces (the next load() traces from scratch)."""
+    _ZOO_PREPARED.clear()
+    _ZOO_FX_CACHE.clear()
 
 
 def _load_hf(path, batch, seq, dtype, n_layers, name) -> OpGraph:

@@ -39,7 +39,7 @@ def _user_frame(filename: str) -> bool:
 def trace(module, example_inputs: Any = (), name: str | None = None, dtype: str | None = "bf16",
           *, kwargs: dict | None = None, batch: int | None = None, seq: int | None = None,
           meta: dict | None = None, n_layers: int | None = None,
-          method: str = "auto") -> OpGraph:
+          method: str = "auto", fx_cache: dict | None = None) -> OpGraph:
     """Trace `module` on `example_inputs` (tensors of any device: only shapes and dtypes are
     used) into an annotated, layered OpGraph.
 
@@ -48,6 +48,9 @@ def trace(module, example_inputs: Any = (), name: str | None = None, dtype: str 
         (None keeps the traced dtypes).
     method: "auto" (symbolic_trace, then torch.export), "symbolic" or "export".
     n_layers: number of op clusters for graphs without transformer blocks (default 8).
+    fx_cache: a dict kept by the caller across calls on the SAME module with inputs that
+        differ only in shape (graphs/load.py keeps one per zoo model): the symbolic trace is
+        stored there and later calls only re-run shape propagation and lowering on it.
     """
     if method not in ("auto", "symbolic", "export"):
         raise TraceError(f"method must be 'auto', 'symbolic' or 'export', got {method!r}")
@@ -65,7 +68,7 @@ def trace(module, example_inputs: Any = (), name: str | None = None, dtype: str 
         label = type(module.module()).__name__
     elif isinstance(module, torch.nn.Module):
         label = type(module).__name__
-        prog = _trace_module(module, args, kwargs, method, label)
+        prog = _trace_module(module, args, kwargs, method, label, fx_cache)
     else:
         raise TraceError(f"cannot trace a {type(module).__name__}: pass an nn.Module, a "
                          "torch.fx.GraphModule or a torch.export.ExportedProgram")
@@ -85,11 +88,26 @@ def trace(module, example_inputs: Any = (), name: str | None = None, dtype: str 
 
 # ---------------------------------------------------------------------------------------
 
-def _trace_module(module, args, kwargs, method, label) -> TracedProgram:
+def _trace_module(module, args, kwargs, method, label, fx_cache=None) -> TracedProgram:
     symbolic_error: str | None = None
     if method in ("auto", "symbolic"):
+        # symbolic_trace records the program with proxies, never the inputs' sizes, so its
+        # graph is the same whatever the inputs' shapes: reuse it, re-propagating shapes only.
+        # If propagation fails at these shapes, fall through to the full path below (which
+        # fails the same way and tries export), so the result is what a fresh trace gives.
+        # which forward arguments are given decides symbolic_trace's concrete_args: part of the key
+        key = ("symbolic", len(args), tuple(sorted(kwargs)))
+        cached = fx_cache.get(key) if fx_cache is not None else None
+        if cached is not None:
+            try:
+                return symbolic(module, args, kwargs, graph=cached)
+            except _Failure:
+                pass
         try:
-            return symbolic(module, args, kwargs)
+            prog = symbolic(module, args, kwargs)
+            if fx_cache is not None:
+                fx_cache[key] = prog.graph
+            return prog
         except _Failure as e:
             symbolic_error = str(e)
             if method == "symbolic":
@@ -114,10 +132,14 @@ class _Failure(Exception):
     pass
 
 
-def symbolic(module: torch.nn.Module, args: tuple, kwargs: dict) -> TracedProgram:
-    """symbolic_trace (unless already a GraphModule) + meta shape propagation."""
+def symbolic(module: torch.nn.Module, args: tuple, kwargs: dict,
+             graph: fx.Graph | None = None) -> TracedProgram:
+    """symbolic_trace (unless already a GraphModule, or `graph` is this module's earlier
+    symbolic trace with the same concrete args) + meta shape propagation."""
     values_in, concrete = _bind(module, args, kwargs)
-    if isinstance(module, fx.GraphModule):
+    if graph is not None:
+        pass
+    elif isinstance(module, fx.GraphModule):
         graph = module.graph
     else:
         tracer = fx.Tracer()
@@ -208,6 +230,7 @@ class _MetaProp(fx.Interpreter):
         self._on_meta = all(t.device.type == "meta" for t in _state(module))
         self._meta_state: dict[str, dict[str, torch.Tensor]] = {}
         self._meta_cache: dict[int, torch.Tensor] = {}
+        self._memo_specs: dict[Any, Any] = {}
 
     def run_node(self, n: fx.Node):
         try:
@@ -227,14 +250,176 @@ class _MetaProp(fx.Interpreter):
             return self._meta_cache[id(v)]
         return v
 
+    # --- memo --------------------------------------------------------------------------
+    # A transformer repeats one block: the same op on operands of the same shapes, strides
+    # and dtypes runs once per layer, and on meta tensors its result's metadata is a pure
+    # function of those (there is no data). So each distinct (op, operand metadata, python
+    # args) is propagated once and later nodes get fresh meta tensors of the same shape,
+    # stride and dtype. Ops that mutate or return an input, outputs at a storage offset
+    # (which a fresh tensor cannot stand for) and anything not fully described by the key
+    # are always run.
+    def call_function(self, target, args, kwargs):
+        def run():
+            return super(_MetaProp, self).call_function(target, args, kwargs)
+        # torch's and python's own functions only: a user's fx.wrap'ed function may keep state
+        if not _library_function(target):
+            return run()
+        return self._memo(("f", target), target, args, kwargs, run)
+
+    def call_method(self, target, args, kwargs):
+        def run():
+            return super(_MetaProp, self).call_method(target, args, kwargs)
+        if not (args and type(args[0]) in (torch.Tensor, torch.nn.Parameter)):
+            return run()
+        return self._memo(("m", target), target, args, kwargs, run)
+
     def call_module(self, target, args, kwargs):
         mod = self.fetch_attr(target)
+        head = _module_key(mod)
+        if head is None:
+            return self._call_module(mod, target, args, kwargs)
+        return self._memo(head, None, args, kwargs,
+                          lambda: self._call_module(mod, target, args, kwargs))
+
+    def _memo(self, head, target, args, kwargs, run):
+        if not MEMO or _mutates(target, kwargs):
+            return run()
+        key_args = _meta_key((args, kwargs))
+        if key_args is _NO_KEY:
+            return run()
+        key = (head, key_args)
+        try:
+            spec = self._memo_specs.get(key, _NO_KEY)
+        except TypeError:      # an unhashable python value in the args
+            return run()
+        if spec is not _NO_KEY:
+            return _from_spec(spec)
+        v = run()
+        spec = _to_spec(v, args, kwargs)
+        if spec is not _NO_KEY:
+            self._memo_specs[key] = spec
+        return v
+
+    def _call_module(self, mod, target, args, kwargs):
         if self._on_meta:
             return mod(*args, **kwargs)
         if target not in self._meta_state:
             self._meta_state[target] = {k: to_meta(t) for k, t in
                                         list(mod.named_parameters()) + list(mod.named_buffers())}
         return torch.func.functional_call(mod, self._meta_state[target], args, kwargs)
+
+
+# Off only to check that the memo changes nothing (tests/unit/test_trace_reuse.py).
+MEMO = True
+_NO_KEY = object()
+_INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand",
+                      "ior", "ixor", "ilshift", "irshift", "imatmul", "setitem", "delitem"}
+# leaf modules whose output metadata follows from their type, extra_repr, mode and the
+# metadata of their own parameters and buffers
+_MEMO_MODULES = {"Linear", "Embedding", "LayerNorm", "RMSNorm", "Dropout", "GELU", "SiLU",
+                 "ReLU", "Tanh", "Sigmoid", "Identity", "Softmax", "LogSoftmax"}
+
+
+def _library_function(target) -> bool:
+    module = getattr(target, "__module__", None) or ""
+    return (module in ("_operator", "operator", "builtins", "math")
+            or module == "torch" or module.startswith("torch."))
+
+
+def _mutates(target, kwargs) -> bool:
+    if target is None:
+        return False
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return ("out" in kwargs or name in _INPLACE_OPERATORS
+            or name.strip("_") in _INPLACE_OPERATORS
+            or (name.endswith("_") and not name.endswith("__")))
+
+
+def _tensor_key(t: torch.Tensor):
+    return ("T", type(t) is torch.nn.Parameter, tuple(t.shape), tuple(t.stride()),
+            t.storage_offset(), t.dtype, t.device.type, t.requires_grad, t.layout)
+
+
+def _meta_key(v):
+    """A hashable description of `v` that fixes every op's output metadata, or _NO_KEY."""
+    if isinstance(v, torch.Tensor):
+        if type(v) not in (torch.Tensor, torch.nn.Parameter):
+            return _NO_KEY
+        return _tensor_key(v)
+    if type(v) is float:     # -0.0 == 0.0, but an op may return python values made from it
+        return (float, v.hex())
+    if v is None or type(v) in (int, bool, str, torch.dtype, torch.device,
+                                torch.memory_format, torch.layout):
+        return (type(v), v)
+    if type(v) is torch.Size:
+        return ("S", tuple(v))
+    if isinstance(v, (tuple, list)):     # fx passes its immutable_list / immutable_dict too
+        items = tuple(_meta_key(x) for x in v)
+        return _NO_KEY if any(x is _NO_KEY for x in items) else (type(v), items)
+    if isinstance(v, dict):
+        items = tuple((k, _meta_key(x)) for k, x in v.items())
+        return _NO_KEY if any(x is _NO_KEY for _, x in items) else ("D", items)
+    if type(v) is slice:
+        return _meta_key(("slice", v.start, v.stop, v.step))
+    if v is Ellipsis:
+        return ("...",)
+    return _NO_KEY
+
+
+def _module_key(mod: torch.nn.Module):
+    if type(mod).__name__ not in _MEMO_MODULES or not type(mod).__module__.startswith("torch.nn."):
+        return None
+    state = tuple((k, _tensor_key(t)) for k, t in
+                  list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)))
+    return ("M", type(mod), mod.extra_repr(), mod.training, state)
+
+
+def _inputs(v, out: list) -> list:
+    if isinstance(v, torch.Tensor):
+        out.append(v)
+    elif isinstance(v, (tuple, list)):
+        for x in v:
+            _inputs(x, out)
+    elif isinstance(v, dict):
+        for x in v.values():
+            _inputs(x, out)
+    return out
+
+
+def _to_spec(v, args, kwargs):
+    """How to make a fresh stand-in for the result `v`, or _NO_KEY when none can be."""
+    if isinstance(v, torch.Tensor):
+        # a fresh tensor has exactly the storage its shape and strides need: a result at an
+        # offset into, or a view of part of, a larger storage cannot be stood in for
+        if (type(v) is not torch.Tensor or v.device.type != "meta" or v.storage_offset() != 0
+                or v.untyped_storage().nbytes() != _storage_bytes(v)
+                or any(v is t for t in _inputs((args, kwargs), []))):
+            return _NO_KEY
+        return ("T", tuple(v.shape), tuple(v.stride()), v.dtype, v.requires_grad)
+    if type(v) in (tuple, list):
+        items = [_to_spec(x, args, kwargs) for x in v]
+        if any(x is _NO_KEY for x in items) or not all(x[0] == "T" for x in items):
+            return _NO_KEY     # python containers of python values may be mutated later
+        return (type(v), items)
+    if v is None or type(v) in (int, float, bool, str, torch.dtype, torch.device, torch.Size):
+        return ("V", v)        # immutable
+    return _NO_KEY
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def _from_spec(spec):
+    if spec[0] == "T":
+        _, shape, stride, dtype, requires_grad = spec
+        t = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        return t.requires_grad_(True) if requires_grad else t
+    if spec[0] == "V":
+        return spec[1]
+    return spec[0](_from_spec(x) for x in spec[1])
 
 
 def _stack_line(stack_trace: str | None) -> str:
