@@ -202,3 +202,16 @@ def test_too_small_cluster_shows_oom_per_strategy_not_a_crash():
     assert not by["dp"].fits and by["dp"].plan is not None       # OOM with its memory need
     assert by["dp"].plan.predicted.peak_memory_bytes > 16e9
     assert not by["auto"].fits and "least memory" in by["auto"].error
+
+
+def test_cli_plan_context_parallel_switch(tmp_path):
+    """--no-context-parallel searches the space without sequence splits; the default space
+    contains it, so its plan is never slower (here, batch 1 on 4 GPUs, it is faster with CP)."""
+    model = "llama:hidden=1024,layers=4,heads=8,kv_heads=8,ffn=2048,seq=32768,vocab=1024"
+    args = ["--cluster", "dgx-h100", "--nodes", "1", "--gpus-per-node", "4", "--global-batch", "1"]
+    on, off = tmp_path / "on.json", tmp_path / "off.json"
+    assert main(["plan", model, *args, "-o", str(on)]) == 0
+    assert main(["plan", model, *args, "--no-context-parallel", "-o", str(off)]) == 0
+    p_on, p_off = Plan.from_json(on), Plan.from_json(off)
+    assert "+cp" in p_on.config.label and "+cp" not in p_off.config.label
+    assert p_on.predicted.step_time_s < p_off.predicted.step_time_s
