@@ -50,8 +50,7 @@ from autopar.costmodel.collectives import (
 )
 from autopar.costmodel.compute import ComputeModel
 from autopar.hardware.mesh import Mesh
-from autopar.sharding.rules.common import collective, local_out_bytes, strategy_name
-from autopar.sharding.spec import axes_mask
+from autopar.sharding.rules.common import collective, local_out_bytes, strategy_letters, strategy_name
 from autopar.sharding.strategy import Strategy
 from graphs.ir import OpNode, dtype_bytes
 
@@ -65,11 +64,11 @@ def cp_of(name: str) -> tuple[int, str] | None:
     name, or None for one without context parallelism."""
     if CP_SUFFIX not in name:
         return None
-    base, kind = name.split(CP_SUFFIX, 1)
+    kind = name.split(CP_SUFFIX, 1)[1]
     if kind not in CP_KINDS:
         raise ValueError(f"attention strategy {name!r}: unknown context-parallel exchange {kind!r} "
                          f"(expected one of {', '.join(CP_KINDS)})")
-    letters = {t.split("@")[0]: axes_mask(t.split("@")[1]) for t in base.split(",") if "@" in t}
+    letters = strategy_letters(name)
     if not letters.get("s"):
         raise ValueError(f"attention strategy {name!r} names a context-parallel exchange but no sequence split (s@)")
     return letters["s"], kind

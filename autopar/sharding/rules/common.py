@@ -21,7 +21,7 @@ from autopar.costmodel.collectives import (
     collective_s,
 )
 from autopar.hardware.mesh import Mesh
-from autopar.sharding.spec import Spec, axes_str, shard_factor
+from autopar.sharding.spec import Spec, axes_mask, axes_str, shard_factor
 from graphs.ir import OpNode, dtype_bytes, numel
 
 GRAD_BYTES = 2          # gradients reduced in the training dtype (bf16/fp16)
@@ -30,6 +30,13 @@ GRAD_BYTES = 2          # gradients reduced in the training dtype (bf16/fp16)
 def strategy_name(letters: Mapping[str, int]) -> str:
     """"b@0,n@1": index letter b split over mesh axis 0, n over axis 1 ("@01": both). "R": none."""
     return ",".join(f"{c}@{axes_str(m)}" for c, m in sorted(letters.items()) if m) or "R"
+
+
+def strategy_letters(name: str) -> dict[str, int]:
+    """The inverse of `strategy_name`: the letters a strategy splits and their mesh-axes masks.
+    Suffixes ("+rs:n@1", ":parts", "+cp:ring") are not letters of the op's own split."""
+    base = name.split("+", 1)[0].split(":", 1)[0]
+    return {c: axes_mask(m) for c, m in (tok.split("@", 1) for tok in base.split(",") if "@" in tok)}
 
 
 def collective(kind: str, mask: int, nbytes: float, phase: str, mesh: Mesh, purpose: str = ACTIVATION,

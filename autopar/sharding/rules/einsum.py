@@ -22,6 +22,7 @@ from autopar.sharding.rules.common import (
     local_out_bytes,
     param_terms,
     prod,
+    strategy_letters,
     strategy_name,
 )
 from autopar.sharding.spec import split_per_part
@@ -92,8 +93,7 @@ def splits_sequence(node: OpNode, strategy_name: str) -> bool:
         seq = _batch_like(ins, out, node)[1:]
     else:
         return False
-    base = strategy_name.split("+", 1)[0].split(":", 1)[0]
-    split = {tok.split("@", 1)[0] for tok in base.split(",") if "@" in tok}
+    split = strategy_letters(strategy_name)
     return any(c in split for c in seq)
 
 
