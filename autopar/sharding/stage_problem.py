@@ -219,7 +219,7 @@ def _decision_by_id(key: _BySig, context: int) -> tuple[Strategy, ...]:
 
 @lru_cache(maxsize=500_000)
 def _follow_by_id(key: _BySig, spec: Spec, context: int) -> Strategy:
-    return _follow_cached(key, spec, *_CONTEXT_OBJECTS[context])
+    return follow(key.node, spec, *_CONTEXT_OBJECTS[context])
 
 
 @lru_cache(maxsize=100_000)
@@ -244,11 +244,6 @@ def decision_names(graph: OpGraph, names: list[str], mesh: Mesh, cm: ComputeMode
     groups would list, without building their followers)."""
     return {n: [s.name for s in _decision_cached(_BySig(graph.node(n)), mesh, cm)]
             for n in names if is_decision(graph.node(n))}
-
-
-@lru_cache(maxsize=500_000)
-def _follow_cached(key: _BySig, spec: Spec, mesh: Mesh, cm: ComputeModel) -> Strategy:
-    return follow(key.node, spec, mesh, cm)
 
 
 # StageProblem's memoised ILP inputs (see _member_arrays and _edge_costs): read-only arrays.
