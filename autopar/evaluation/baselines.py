@@ -32,6 +32,7 @@ from autopar.hardware.specs import Cluster
 from autopar.plan import ClusterInfo, ModelInfo, Plan, PlanConfig, PlanError, StagePlan, Training
 from autopar.sharding.rules import PER_PART, is_decision, leader_operand, parse_equation, strategy_name
 from autopar.sharding.rules.attention import CP_KINDS, CP_SUFFIX
+from autopar.sharding.rules.einsum import batch_like_letters
 from autopar.sharding.spec import spec_str
 from autopar.sharding.stage_problem import decision_names
 from graphs.ir import ATTENTION, EMBEDDING, INPUT, MATMUL, NORM, OpGraph
@@ -192,8 +193,9 @@ def megatron_names(graph: OpGraph, names: list[str], dp: int, tp: int, cp: int =
         if n.kind == MATMUL and "equation" in n.attrs and len(n.operands) >= 2:
             ins, o = parse_equation(n.attrs["equation"])
             a, b = ins[0], ins[1]
+            batch_like = batch_like_letters(ins, o, n)      # [] unless operand 1 is a weight
             if n.operands[1].is_param:
-                batch = next((c for c in a if c in o and c not in b), None) or next((c for c in a if c in o), None)
+                batch = batch_like[0] if batch_like else next((c for c in a if c in o), None)
             else:   # two activations: batch over dp, heads over tp
                 batch, head = _act_matmul_letters(n.attrs["equation"])
                 batch = batch or next((c for c in a if c in o), None)
@@ -208,9 +210,8 @@ def megatron_names(graph: OpGraph, names: list[str], dp: int, tp: int, cp: int =
                     t = next((c for c in b if c in o and c not in a), None)     # column: output
                 if t:
                     lt_tp[t] = tpm
-                seq = [c for c in a if c in o and c not in b][1:2]      # the activation's second batch-like letter
-                if cpm and seq:
-                    cp_names = [strategy_name({**lt_dp, seq[0]: cpm, **lt_tp})]
+                if cpm and len(batch_like) > 1:                 # the second batch-like letter: the sequence
+                    cp_names = [strategy_name({**lt_dp, batch_like[1]: cpm, **lt_tp})]
         elif n.kind == ATTENTION:
             lt_dp["b"], lt_tp["h"] = dpm, tpm
             if cpm:

@@ -45,7 +45,7 @@ def _letter_sizes(ins: list[str], node: OpNode) -> dict[str, int]:
     return sizes
 
 
-def _batch_like(ins: list[str], out: str, node: OpNode) -> list[str]:
+def batch_like_letters(ins: list[str], out: str, node: OpNode) -> list[str]:
     """The activation's letters a matmul with a weight treats alike: in the activation and the
     output, not in the weight (batch, then sequence, for "bsk,nk->bsn")."""
     if len(ins) >= 2 and node.operands[1].is_param:
@@ -90,7 +90,7 @@ def splits_sequence(node: OpNode, strategy_name: str) -> bool:
         seq = ["s"]
     elif node.kind == MATMUL and "equation" in node.attrs and len(node.operands) >= 2:
         ins, out = parse_equation(node.attrs["equation"])
-        seq = _batch_like(ins, out, node)[1:]
+        seq = batch_like_letters(ins, out, node)[1:]
     else:
         return False
     split = strategy_letters(strategy_name)
@@ -103,7 +103,7 @@ def matmul_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel, prune_seq: boo
     ins, out = parse_equation(node.attrs["equation"])
     sizes = _letter_sizes(ins, node)
     cands = list(dict.fromkeys("".join(ins) + out))
-    batch_like = _batch_like(ins, out, node)
+    batch_like = batch_like_letters(ins, out, node)
     live = mesh.live_axes
     strategies = []
     for combo in itertools.product([None, *cands], repeat=len(live)):
