@@ -186,6 +186,14 @@ def reshard_backward_s(shape: tuple[int, ...], elem_bytes: int, src: Spec, dst: 
     return again + reshard_s(shape, elem_bytes, dst, src, mesh) if grad else again
 
 
+def reshard_backward_collectives(shape: tuple[int, ...], elem_bytes: int, src: Spec, dst: Spec, mesh: Mesh,
+                                 grad: bool = True) -> tuple[Collective, ...]:
+    """The collectives `reshard_backward_s` prices, in order: the conversion again, then the
+    gradient's way back from `dst` to `src` when the tensor carries one."""
+    again = reshard_collectives(shape, elem_bytes, src, dst, mesh)
+    return again + reshard_collectives(shape, elem_bytes, dst, src, mesh) if grad else again
+
+
 def reshard_collectives(shape: tuple[int, ...], elem_bytes: int, src: Spec, dst: Spec,
                         mesh: Mesh) -> tuple[Collective, ...]:
     """The collectives that convert a tensor from layout `src` to `dst`, in order.
