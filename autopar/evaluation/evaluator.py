@@ -11,7 +11,7 @@ import weakref
 from dataclasses import dataclass, replace
 
 from autopar.costmodel import eager as eager_mod
-from autopar.costmodel.collectives import p2p_s
+from autopar.costmodel.collectives import ALL_GATHER, BACKWARD, FORWARD, REDUCE_SCATTER, ZERO, p2p_s
 from autopar.costmodel.compute import ComputeModel
 from autopar.costmodel.memory import activation_bytes, inflight, stash_after_recompute, working_after_recompute
 from autopar.evaluation.pipeline import Schedule, simulate
@@ -52,7 +52,8 @@ class StageResult:
     host_bwd_s: float = 0.0
     embedding_s: float = 0.0       # device time of the embedding layer's ops (fwd + bwd)
     head_loss_s: float = 0.0       # final norm, LM head, fp32 cross-entropy (fwd + bwd)
-    op_comm_s: float = 0.0         # resharding / tensor-parallel communication inside the ops
+    op_comm_s: float = 0.0         # exposed communication inside the ops (resharding, tensor parallel, ZeRO-3)
+    comm_overlap_s: float = 0.0    # compute slowed by the collectives hidden behind it (FSDP2)
     precision_casts_s: float = 0.0  # autocast weight copies, fp32 gradient casts and accumulation
     grad_bucket_s: float = 0.0     # per step: DDP's copy of the gradients into its buckets
     ddp_bucket_bytes: float = 0.0
@@ -158,7 +159,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working, ev.param_state_bytes(zero),
                        ev.sync_s, eager_mod.optimizer_s(updated, cm), bbytes, rec_flops,
                        host_fwd_s=terms.host_fwd_s, host_bwd_s=terms.host_bwd_s, embedding_s=embedding_s,
-                       head_loss_s=head_s + terms.cross_entropy_s, op_comm_s=ev.comm_s,
+                       head_loss_s=head_s + terms.cross_entropy_s, op_comm_s=ev.comm_s + terms.comm_delta_s,
+                       comm_overlap_s=terms.comm_overlap_s,
                        precision_casts_s=terms.precision_casts_s, grad_bucket_s=terms.grad_bucket_s,
                        ddp_bucket_bytes=terms.ddp_bytes, autocast_cache_bytes=terms.autocast_cache_bytes,
                        cross_entropy_peak_bytes=terms.cross_entropy_peak_bytes,
@@ -191,6 +193,11 @@ class EagerTerms:
     ddp_bytes: float = 0.0             # whole step: DDP's buckets and second gradient copy
     autocast_cache_bytes: float = 0.0  # whole step, several microbatches: autocast's weight cache
     fsdp_root_bytes: float = 0.0       # forward and backward: FSDP2's unsharded root weights and grads
+    # per microbatch, in fwd_s / bwd_s: the change to the ops' communication (FSDP2's blocks'
+    # collectives hidden behind their compute, less its fp32 reduce-scatter's extra bytes), and
+    # the compute's slowdown beside the hidden part (eager.fsdp_block_comm_s, comm_overlap_s)
+    comm_delta_s: float = 0.0
+    comm_overlap_s: float = 0.0
 
     @property
     def device_s(self) -> float:
@@ -233,8 +240,27 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     fwd = bwd = ce_s = ce_peak = residual = 0.0
     n_linears = n_other = 0
     tp = False
+    fsdp = zero >= 3 and prob.mesh.n_devices > 1
+    layer_of = {m: li for li in range(*layers) if first < li < last for m in graph.layers[li].nodes} if fsdp else {}
+    # per FSDP2 block: compute forward, backward; all-gather forward, backward; reduce-scatter
+    blocks: dict[int, list[float]] = {}
     for n in names:
         node = graph.node(n)
+        li = layer_of.get(n)
+        if li is not None and n in assign:
+            st = prob.strategy_of(n, assign[n])
+            acc = blocks.setdefault(li, [0.0] * 5)
+            acc[0] += st.fwd_s
+            acc[1] += st.bwd_s
+            for c in st.runs(zero):
+                if c.purpose != ZERO:
+                    continue
+                if c.phase == FORWARD and c.kind == ALL_GATHER:
+                    acc[2] += c.time_s
+                elif c.phase == BACKWARD and c.kind == ALL_GATHER:
+                    acc[3] += c.time_s
+                elif c.phase == BACKWARD and c.kind == REDUCE_SCATTER:
+                    acc[4] += c.time_s
         if node.kind == NORM and node.operands and node.operands[0].source is not None:
             # autocast keeps the residual stream in fp32: the norm saves an fp32 input, runs in
             # fp32 and its output is cast to bf16 by each linear it feeds
@@ -246,6 +272,9 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                 f32_fwd, f32_bwd = eager_mod.autocast_fp32_stream_s(elems, consumers, cm)
                 fwd += f32_fwd
                 bwd += f32_bwd
+                if li is not None:
+                    blocks.setdefault(li, [0.0] * 5)[0] += f32_fwd
+                    blocks[li][1] += f32_bwd
         if node.kind == LOSS and node.operands and node.operands[0].source in assign and n in assign:
             local, elem_bytes = local_elems(node.operands[0].source)
             own = prob.strategy_of(n, assign[n])
@@ -267,6 +296,17 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                                and any(st.in_specs[i]) for i, o in enumerate(node.operands))
         elif node.kind not in (VIEW, INPUT, OUTPUT):
             n_other += 1
+    comm_delta = overlap = 0.0
+    for li, (c_f, c_b, ag_f, ag_b, rs) in blocks.items():
+        rs_eager = eager_mod.FSDP_REDUCE_SCATTER_FACTOR * rs
+        exp_f, exp_b, hidden = eager_mod.fsdp_block_comm_s(c_f, c_b, ag_f, ag_b, rs_eager,
+                                                           first=li == first + 1, last=li == last - 1)
+        slow_f = eager_mod.comm_overlap_s(ag_f - exp_f)
+        slow_b = eager_mod.comm_overlap_s(hidden - (ag_f - exp_f))
+        comm_delta += exp_f + exp_b - (ag_f + ag_b + rs)
+        overlap += slow_f + slow_b
+        fwd += exp_f - ag_f + slow_f
+        bwd += exp_b - ag_b - rs + slow_b
     inputs_extra = 0.0
     for li in range(*layers):
         src = main_boundary(graph, list(graph.layers[li].nodes))
@@ -275,7 +315,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     casts = eager_mod.precision_casts_s(ev.param_elems, n_microbatches, cm)
     n_blocks = sum(1 for li in range(*layers) if first < li < last)
     ddp = ev.sync_s > 0 and zero < 3
-    host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=zero >= 3 and prob.mesh.n_devices > 1,
+    host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=fsdp,
                                           cm=cm, ddp=ddp)
     root_params = sum(graph.layers[li].param_count for li in range(*layers) if li in (first, last))
     stage_params = sum(graph.layers[li].param_count for li in range(*layers))
@@ -289,7 +329,8 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                       cross_entropy_peak_bytes=ce_peak,
                       ddp_bytes=eager_mod.state_bytes(ev.param_elems, ddp, 1),
                       autocast_cache_bytes=eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
-                      fsdp_root_bytes=fsdp_root)
+                      fsdp_root_bytes=fsdp_root, comm_delta_s=comm_delta, comm_overlap_s=overlap)
+
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -477,15 +518,17 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
     head_loss = b * sum(r.head_loss_s for r in stages)
     casts = b * sum(r.precision_casts_s for r in stages)
     op_comm = b * sum(r.op_comm_s for r in stages)
+    overlap = b * sum(r.comm_overlap_s for r in stages)
     busy = b * sum(r.fwd_s + r.bwd_s for r in stages)
-    blocks = busy - embedding - head_loss - casts - op_comm
+    blocks = busy - embedding - head_loss - casts - op_comm - overlap
     optimizer = sum(r.optimizer_s for r in stages)
     sync = sum(r.sync_s for r in stages)
     buckets = sum(r.grad_bucket_s for r in stages)
     end = max((op.end_s for op in device_schedule.ops if op.device == rank), default=0.0)
     bubble = max(0.0, end - busy)
     parts = {"blocks": blocks, "head_loss": head_loss, "embedding": embedding, "precision_casts": casts,
-             "optimizer": optimizer, "grad_buckets": buckets, "exposed_comm": op_comm + sync, "bubble": bubble}
+             "optimizer": optimizer, "grad_buckets": buckets, "exposed_comm": op_comm + sync, "comm_overlap": overlap,
+             "bubble": bubble}
     parts["host"] = max(0.0, step_s - (busy + bubble + tail_s))
     return parts
 

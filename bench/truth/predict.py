@@ -169,6 +169,21 @@ def fit(corpus: Path) -> dict[str, float]:
                 lin, other, blocks = base[r["id"]]
                 extra.append((r["step_s"] - lin * a - other * 2 * launch_s) / blocks)
         return statistics.median(extra)
+    def overlap_slowdown() -> float:
+        """The compute's slowdown per second of FSDP2 collective hidden behind it: on the
+        device-bound GPT fsdp2 rows, the GPU's own work (profiled busy time less exposed NCCL
+        time) beyond the model's compute, over the model's hidden collective time."""
+        k = eager.COMM_OVERLAP_SLOWDOWN
+        implied = []
+        for r in rows:
+            if r["strategy"] != "fsdp2" or host_bound_2gpu(r):
+                continue
+            p = predict_row(r)["predicted_breakdown_s"]
+            if p["host"] > 0 or p["comm_overlap"] <= 0:
+                continue
+            compute = sum(p.values()) - p["exposed_comm"] - p["comm_overlap"]
+            implied.append((r["gpu_busy_s"] - r["breakdown_s"]["exposed_comm"] - compute) / (p["comm_overlap"] / k))
+        return statistics.median(implied)
     share = [r["breakdown_host_s"]["blocks_fwd"] / (r["breakdown_host_s"]["blocks_fwd"] + r["breakdown_host_s"]["blocks_bwd"])
              for r in rows if r["strategy"] == "single"]
     # The allocator's envelopes come from every row (both families) without recomputation: the
@@ -182,6 +197,7 @@ def fit(corpus: Path) -> dict[str, float]:
             "HOST_TP_S_PER_BLOCK": per_block("tp"),
             "HOST_FSDP_S_PER_BLOCK": per_block("fsdp2"),
             "HOST_DDP_S_PER_BLOCK": per_block("ddp"),
+            "COMM_OVERLAP_SLOWDOWN": overlap_slowdown(),
             "RESERVE_FRACTION": max(x for x, r in zip(reserve, every) if r["strategy"] != "fsdp2")}
 
 
@@ -242,7 +258,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def buckets(rows: list[dict[str, Any]]) -> str:
     """Measured vs predicted buckets (ms) of the parts both sides name."""
-    keys = ("blocks", "head_loss", "embedding", "optimizer", "exposed_comm", "host", "other")
+    keys = ("blocks", "head_loss", "embedding", "optimizer", "exposed_comm", "comm_overlap", "host", "other")
     lines = [f"{'id':34s} " + " ".join(f"{k[:10]:>15s}" for k in keys) + "   (measured/predicted ms)"]
     for r in rows:
         m, p = r["measured_breakdown_s"], r["predicted_breakdown_s"]

@@ -2,9 +2,8 @@
 bench/truth (bench/results/truth_h200_2026-11-30.json) replayed through the current model by
 bench/truth/predict.py, no GPU needed.
 
-The bars are the issue's targets where the model meets them (median 8% time, 10% memory) and
-the achieved numbers, with half a point of room, where it does not yet (the max 20%), so they
-cannot regress: see PINNED. Memory safety (predicted peak reserved >= measured peak reserved)
+The bars are the achieved numbers with half a point of room (the issue's targets, median 8% time
+and 10% memory, max 20%, are met but for the maxima named in PINNED), so they cannot regress. Memory safety (predicted peak reserved >= measured peak reserved)
 holds on every row but one, short by 0.08% (MEMORY_SHORT_OK); rows whose measured peaks are not
 their own would be listed in predict.CONTAMINATED and not compared (none now).
 The default run replays a subset whose graphs trace quickly (every strategy, both families);
@@ -14,6 +13,7 @@ The default run replays a subset whose graphs trace quickly (every strategy, bot
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -48,18 +48,26 @@ SUBSET = {
     "single-llama-1b-s2048-mb1",
 }
 # Targets met: median time 8% and memory 10% on every set. Not met yet: the max 20% (time:
-# tp-gpt-1.3b mb1, host-bound, -26.0%; memory: ddp-gpt-1.3b mb1 +26.6% and ddp-gpt-6.7b mb1
-# +24.3%, DDP's second gradient copy that the older ddp rows hold and these do not), pinned at
-# the achieved value plus half a point. Achieved on 2026-11-30, 66 rows, 64 with memory compared
-# (bench/results/truth_predicted_2026-11-30.json):
-#   all      time 3.5% / 26.0%, memory 8.1% / 26.6%
-#   fit      time 3.6% / 26.0%, memory 8.2% / 26.6%
-#   held_out time 3.4% / 11.2%, memory 7.8% / 17.4%
+# tp-gpt-1.3b mb1, host-bound, -26.0%, a measurement to repeat: its profiled CPU time for the
+# same ops is 1.4x mb8's; memory: ddp-gpt-1.3b mb1 +26.6% and ddp-gpt-6.7b mb1 +24.3%, DDP's
+# second gradient copy that the older ddp rows hold on some ranks and these do not). Achieved on
+# 2026-11-30 with FSDP2's overlap (eager.fsdp_block_comm_s), 66 rows, 64 with memory compared
+# (bench/results/truth_predicted_2026-11-30.json), pinned at the achieved value plus half a point:
+#   all      time 3.3% / 26.0%, memory 8.1% / 26.6%
+#   fit      time 3.4% / 26.0%, memory 8.2% / 26.6%
+#   held_out time 3.0% /  9.1%, memory 7.8% / 17.4%
+#   fsdp2    time 5.4% / 19.5% (8.2% / 19.5% with ZeRO-3's collectives all exposed)
 PINNED = {  # set: (time median, time max, memory median, memory max)
-    "all": (0.08, 0.265, 0.10, 0.271),
-    "fit": (0.08, 0.265, 0.10, 0.271),
-    "held_out": (0.08, 0.117, 0.10, 0.20),
+    "all": (0.038, 0.265, 0.086, 0.271),
+    "fit": (0.039, 0.265, 0.087, 0.271),
+    "held_out": (0.035, 0.096, 0.083, 0.179),
+    "fsdp2": (0.059, 0.20, 0.109, 0.179),
 }
+# FSDP2's exposed communication against the measured `exposed_comm` of the fsdp2 rows whose GPU
+# work fills the step (not host-bound) and whose profiled step ran at the timed one's pace
+# (busy time within 5% of step_s): within 9.3 ms achieved (llama3-8b mb1, 13.2 vs 22.5 ms);
+# all of ZeRO-3's collectives counted as exposed were 42-95 ms off.
+FSDP_EXPOSED_MAX_S = 0.010
 # Memory safety: every row's predicted peak reserved is at least the measured one, but
 # single-llama3-8b-s2048-mb1 (0.1 GiB short of 137.5 GiB: at the GPU's capacity, with one
 # allocator retry; its predicted device peak, 138.2 GiB, does fit the 139.8 GiB GPU, as it did).
@@ -134,8 +142,8 @@ def test_whole_corpus_against_pinned_bars():
     lo, hi = MEMORY_MARGIN_MEDIAN
     assert lo <= res["summary"]["all"]["memory_margin_median"] <= hi, res["summary"]["all"]
     # The strategies' ranking on 2 GPUs: every group but llama-3b s4096 mb1, whose fsdp2 and
-    # pp x8 lie 6% apart measured (28.8 and 30.7 us per token) and whose fsdp2 step the model
-    # prices 11% slow (ZeRO-3's collectives counted as fully exposed; FSDP2 overlaps them).
+    # pp x8 lie 6% apart measured (28.8 and 30.7 us per token): the model prices fsdp2 +6.5%
+    # (30.7; +10.8% before FSDP2's overlap) and pp x8 -2.7% (29.9).
     wrong = [(g["model"], g["seq"], g["microbatch"]) for g in res["ranking"] if not g["same"]]
     assert wrong in ([], [("llama-3b", 4096, 1)]), res["ranking"]
 
@@ -198,9 +206,11 @@ def test_stage_eager_terms_are_the_sum_of_its_layers(zero):
              for li in range(*st.layers)]
     assert whole.device_s > 0 and whole.residual_stash_bytes > 0 and whole.cross_entropy_peak_bytes > 0
     assert (whole.ddp_bytes > 0) == (zero < 3) and (whole.fsdp_root_bytes > 0) == (zero >= 3)
+    # FSDP2's blocks: their collectives partly hidden, fp32 reduce-scatters, the compute slowed
+    assert (whole.comm_overlap_s > 0) == (zero >= 3) and (whole.comm_delta_s != 0) == (zero >= 3)
     for field in ("fwd_s", "bwd_s", "cross_entropy_s", "precision_casts_s", "host_fwd_s", "host_bwd_s",
                   "grad_bucket_s", "residual_stash_bytes", "inputs_fp32_extra_bytes", "cross_entropy_peak_bytes",
-                  "ddp_bytes", "autocast_cache_bytes", "fsdp_root_bytes"):
+                  "ddp_bytes", "autocast_cache_bytes", "fsdp_root_bytes", "comm_delta_s", "comm_overlap_s"):
         assert getattr(whole, field) == pytest.approx(sum(getattr(p, field) for p in parts), rel=1e-9), field
 
 
@@ -239,3 +249,83 @@ def test_eager_stash_drops_the_logits_the_graph_saves_for_the_loss():
     # the final norm's input is the fp32 residual stream (+2 B over bf16), the logits 2 B each
     assert terms.residual_stash_bytes == pytest.approx(2 * tokens * hidden - 2 * tokens * vocab)
     assert terms.cross_entropy_peak_bytes == pytest.approx(12 * tokens * vocab)
+
+
+def _fsdp2_schedule_delay_s(n_blocks, fwd_s, bwd_s, ag_fwd_s, ag_bwd_s, rs_s):
+    """The reference: FSDP2's step of `n_blocks` equal blocks on two streams, op by op, less its
+    compute. One NCCL stream in issue order: forward, the gathers one after the other (at most
+    two blocks unsharded: a gather starts once the block two before it has computed); backward,
+    gather(L-1) and the prefetched gather(L-2), then per block i from the last: its compute
+    (after its gather), its reduce-scatter (after its compute), and the gather of block i - 2
+    that block i - 1's pre-backward hook prefetches."""
+    L = n_blocks
+    nccl = 0.0
+    c_end: list[float] = []
+    for i in range(L):
+        start = max(nccl, c_end[i - 2] if i >= 2 else 0.0)
+        nccl = start + ag_fwd_s
+        c_end.append(max(c_end[-1] if c_end else 0.0, nccl) + fwd_s)
+    t = c_end[-1]
+    gathered = {L - 1: t + ag_bwd_s}
+    nccl = gathered[L - 1]
+    if L >= 2:
+        nccl += ag_bwd_s
+        gathered[L - 2] = nccl
+    compute = t
+    for i in range(L - 1, -1, -1):
+        compute = max(compute, gathered[i]) + bwd_s
+        nccl = max(nccl, compute) + rs_s
+        if i - 2 >= 0:
+            nccl += ag_bwd_s
+            gathered[i - 2] = nccl
+    end = max(compute, nccl)
+    return end - L * (fwd_s + bwd_s)
+
+
+@pytest.mark.parametrize("fwd_s, bwd_s, ag_s, rs_s", [
+    (1.0, 2.0, 0.3, 0.6),      # all hidden but the ends
+    (1.0, 2.0, 1.5, 1.0),      # gathers outlast the forward, gather + reduce-scatter the backward
+    (0.2, 0.4, 1.0, 2.0),      # communication-bound
+    (1.0, 2.0, 0.9, 1.5),      # backward just over
+])
+def test_fsdp_block_exposure_against_the_two_stream_schedule(fwd_s, bwd_s, ag_s, rs_s):
+    """Summed over the blocks, eager.fsdp_block_comm_s is the two-stream schedule's delay in the
+    forward and bounds it from above in the backward by at most twice a block's steady-state
+    backward delay (it charges every block's, where the schedule's first two backward blocks
+    wait only for the unprefetched gather)."""
+    for L in (2, 3, 8, 24):
+        model = 0.0
+        for i in range(L):
+            f, b, hidden = eager.fsdp_block_comm_s(fwd_s, bwd_s, ag_s, ag_s, rs_s, first=i == 0, last=i == L - 1)
+            assert hidden >= 0 and f + b + hidden == pytest.approx(2 * ag_s + rs_s)
+            model += f + b
+        sim = _fsdp2_schedule_delay_s(L, fwd_s, bwd_s, ag_s, ag_s, rs_s)
+        steady_bwd = max(0.0, ag_s + rs_s - bwd_s)
+        assert sim - 1e-9 <= model <= sim + 2 * steady_bwd + 1e-9, (L, model, sim)
+
+
+def test_fsdp_block_exposure_closed_form():
+    # all hidden: nothing exposed
+    assert eager.fsdp_block_comm_s(1.0, 2.0, 0.5, 0.5, 1.0) == (0.0, 0.0, pytest.approx(2.0))
+    # the forward's gather outlasts its compute by 0.5, the backward's gather + reduce-scatter by 1
+    assert eager.fsdp_block_comm_s(1.0, 2.0, 1.5, 1.0, 2.0) == (pytest.approx(0.5), pytest.approx(1.0),
+                                                                pytest.approx(3.0))
+    # the first block: its forward gather and its reduce-scatter; the last: its backward gather
+    assert eager.fsdp_block_comm_s(1.0, 2.0, 0.5, 0.5, 1.0, first=True) == (0.5, 1.0, pytest.approx(0.5))
+    assert eager.fsdp_block_comm_s(1.0, 2.0, 0.5, 0.5, 1.0, last=True) == (0.0, 0.5, pytest.approx(1.5))
+    # a lone block is both: nothing hides
+    assert eager.fsdp_block_comm_s(1.0, 2.0, 0.5, 0.5, 1.0, first=True, last=True) == (0.5, 1.5, 0.0)
+    assert eager.comm_overlap_s(2.0) == pytest.approx(2.0 * eager.COMM_OVERLAP_SLOWDOWN)
+
+
+@pytest.mark.slow
+def test_fsdp_exposed_comm_against_the_measured():
+    data = json.loads(CORPUS.read_text())
+    measured = {r["id"]: r for r in data["runs"]}
+    ids = {r["id"] for r in data["runs"] if predict.usable(r) and r["strategy"] == "fsdp2"
+           and r["gpu_busy_s"] - r["breakdown_s"]["exposed_comm"] >= 0.9 * r["step_s"]
+           and r["gpu_busy_s"] <= 1.05 * r["step_s"]}
+    assert len(ids) >= 5
+    for r in predict.run(CORPUS, ids)["rows"]:
+        m = measured[r["id"]]["breakdown_s"]["exposed_comm"]
+        assert abs(r["predicted_breakdown_s"]["exposed_comm"] - m) <= FSDP_EXPOSED_MAX_S, (r["id"], m)
