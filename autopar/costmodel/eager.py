@@ -145,8 +145,8 @@ DDP_BUCKET_COPY_BYTES_PER_PARAM = 8
 
 HOST_S_PER_LINEAR = 3.60e-4               # fitted: host-bound GPT single-GPU rows (fwd + bwd)
 HOST_FORWARD_SHARE = 0.212                 # fitted: profiled host time, blocks fwd / (fwd + bwd), median
-HOST_TP_S_PER_BLOCK = 1.168e-2            # fitted: GPT tp2 rows, DTensor dispatch per block
-HOST_FSDP_S_PER_BLOCK = 5.92e-3            # fitted: GPT fsdp2 rows, FSDP2 hooks per block
+HOST_TP_S_PER_BLOCK = 1.025e-2            # fitted: GPT tp2 rows, DTensor dispatch per block
+HOST_FSDP_S_PER_BLOCK = 6.08e-3            # fitted: GPT fsdp2 rows, FSDP2 hooks per block
 HOST_DDP_S_PER_BLOCK = 1.46e-3             # fitted: GPT ddp rows, DDP's reducer hooks and bucket launches per block
 
 # FSDP2 (MixedPrecisionPolicy(reduce_dtype=fp32)) reduce-scatters fp32 gradients where the graph's

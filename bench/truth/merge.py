@@ -1,6 +1,7 @@
 """Merge the truth.json files of several run_all.py calls into one corpus file.
 
     python3 bench/truth/merge.py OUT.json call1/truth.json[:call1/work] call2/truth2.json[:call2/work] ...
+    python3 bench/truth/merge.py --onto CORPUS.json "NOTE" new1.json new2.json ...   # re-measured rows
 
 A run id that appears in several calls keeps the row of the LAST call given (later calls re-ran
 what an earlier call lost or measured badly). Each row gets "call" (1, 2, ...) and
@@ -73,8 +74,44 @@ def upgrade(row: dict, deltas: dict) -> dict:
     return row
 
 
+def onto(corpus_path: Path, srcs: list[str], note: str) -> int:
+    """Fold re-measured rows into an existing corpus: one new call (numbered after the corpus's
+    last) made of the given run_all results, in order. A row of the same id replaces the
+    corpus's, which moves to "superseded_runs"; within the new call a later file's row of an id
+    replaces an earlier file's, which is kept there too."""
+    doc = json.loads(corpus_path.read_text())
+    call = max(c["call"] for c in doc["calls"]) + 1
+    new: dict = {}
+    first_utc = None
+    for src in srcs:
+        part = json.loads(Path(src).read_text())
+        first_utc = first_utc or part.get("datetime_utc")
+        for r in part["runs"]:
+            r = upgrade(r, {})
+            r["call"], r["measured_utc"] = call, part.get("datetime_utc")
+            if r["id"] in new:
+                doc["superseded_runs"].append(dict(new[r["id"]], superseded_by=f"call {call}: {src}"))
+            new[r["id"]] = r
+    runs = []
+    for r in doc["runs"]:
+        if r["id"] in new:
+            doc["superseded_runs"].append(dict(r, superseded_by=f"call {call}: re-measured ({note})"))
+            runs.append(new.pop(r["id"]))
+        else:
+            runs.append(r)
+    runs += new.values()
+    doc["runs"] = runs
+    doc["calls"].append({"call": call, "measured_utc": first_utc, "rows": len(srcs), "note": note})
+    corpus_path.write_text(json.dumps(doc, indent=1))
+    print(f"{corpus_path}: call {call} replaced or added rows from {len(srcs)} file(s); {len(runs)} rows")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = argv or sys.argv[1:]
+    if argv and argv[0] == "--onto":
+        # merge.py --onto CORPUS.json NOTE new1.json new2.json ...
+        return onto(Path(argv[1]), argv[3:], argv[2])
     out, srcs = Path(argv[0]), argv[1:]
     rows: dict = {}
     order: list = []
