@@ -395,20 +395,20 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     res = [evaluate_stage(graph, cluster, s, tr, cm, eager) for s in plan.stages]
     n_dev_stages = len(res) // v if schedule == "interleaved" else len(res)
     p2p = [p2p_time_s(cluster, res[i].plan, res[i + 1].plan, res[i].boundary_bytes) for i in range(len(res) - 1)]
-    sched = simulate([r.fwd_s for r in res], [r.bwd_s for r in res], B,
-                     schedule if schedule != "interleaved" else "interleaved", p2p, chunks=v)
+    # record_ops=False: the per-stage and per-device ends are all that is read here; the
+    # steady state of a long schedule is then extrapolated exactly (pipeline.simulate)
+    sched = simulate([r.fwd_s for r in res], [r.bwd_s for r in res], B, schedule, p2p, chunks=v, record_ops=False)
     timed = sched
     if n_dev_stages > 1:
         # Each GPU also waits for its own CPU to launch an op's kernels; the CPUs run through
         # their schedules without waiting for each other (pipeline.simulate), so a host-bound
         # pipeline pays its launches once, not again in the bubble. (One GPU alone: `step` below.)
         timed = simulate([r.fwd_s for r in res], [r.bwd_s for r in res], B, schedule, p2p, chunks=v,
-                         host_fwd_s=[r.host_fwd_s for r in res], host_bwd_s=[r.host_bwd_s for r in res])
+                         host_fwd_s=[r.host_fwd_s for r in res], host_bwd_s=[r.host_bwd_s for r in res],
+                         record_ops=False)
 
     # Per device: stages (chunks) it hosts, their finish time, sync and optimizer step after.
-    finish: dict[int, float] = {}
-    for op in timed.ops:
-        finish[op.stage] = max(finish.get(op.stage, 0.0), op.end_s)
+    finish: dict[int, float] = dict(enumerate(timed.stage_end_s))
     # A GPU hosting several chunks (interleaved) syncs and steps all of them after its last
     # backward, and holds all their stashes, but recomputes one layer at a time.
     dev_mem: dict[int, float] = {}
@@ -524,7 +524,7 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
     optimizer = sum(r.optimizer_s for r in stages)
     sync = sum(r.sync_s for r in stages)
     buckets = sum(r.grad_bucket_s for r in stages)
-    end = max((op.end_s for op in device_schedule.ops if op.device == rank), default=0.0)
+    end = device_schedule.device_end_s[rank]
     bubble = max(0.0, end - busy)
     parts = {"blocks": blocks, "head_loss": head_loss, "embedding": embedding, "precision_casts": casts,
              "optimizer": optimizer, "grad_buckets": buckets, "exposed_comm": op_comm + sync, "comm_overlap": overlap,
