@@ -64,6 +64,17 @@ class StageResult:
     fsdp_root_bytes: float = 0.0     # FSDP2's unsharded root weights and gradients (fwd + bwd)
     fsdp_block_bytes: float = 0.0    # FSDP2's per-block backward buffers and prefetch (transient)
     grad_pool_bytes: float = 0.0     # FSDP2's sharded gradients, in the reduce-scatter stream's pool
+    # Pipelines (eager, eager.py "pipelines"): a tied head's copy on this stage (local parameters,
+    # in the state and optimizer above). What the pipeline adds to the stage's own ops (set by
+    # `evaluate`; not in fwd_s / bwd_s, which are the ops', as the planner's stage cells are):
+    # per microbatch the GPU's idle and the copy's casts and accumulation, and per step the
+    # schedule's gradient scaling and the tied gradients' all-reduce.
+    tied_copy_params: float = 0.0
+    pipeline_fwd_s: float = 0.0
+    pipeline_bwd_s: float = 0.0
+    pipeline_idle_s: float = 0.0    # of pipeline_fwd_s + pipeline_bwd_s
+    grad_scale_s: float = 0.0
+    tied_sync_s: float = 0.0
 
 
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
@@ -135,13 +146,24 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     bbytes = graph.node(out_node).out_bytes if out_node else 0.0
     fwd += terms.fwd_s
     bwd += terms.bwd_s
+    first, last = 0, len(graph.layers) - 1
+    stage_params = sum(graph.layers[li].param_count for li in range(*st.layers))
+    share = ev.param_elems / stage_params if stage_params else 0.0
+    tied_copy = 0.0
+    if eager and st.layers[0] != first and st.layers[1] == last + 1:
+        # A weight the LM head shares with an embedding on another stage is a copy here (eager.py
+        # "pipelines" (b)): its own state, casts and accumulation, and optimizer step.
+        owned = {o.param for n in names for o in graph.node(n).operands if o.is_param and o.owns_param}
+        borrowed = {o.param: _numel(o.shape) for n in graph.layers[last].nodes for o in graph.node(n).operands
+                    if o.is_param and o.param not in owned}
+        tied_copy = sum(borrowed.values()) * share
 
     layer_of = {n: li for li in range(*st.layers) for n in graph.layers[li].nodes}
-    first, last = 0, len(graph.layers) - 1
     op_s = {o["name"]: o["compute_s"] + o["comm_s"] for o in ev.ops}
     embedding_s = sum(op_s.get(n, 0.0) for n in names if layer_of.get(n) == first)
     head_s = sum(op_s.get(n, 0.0) for n in names if layer_of.get(n) == last)
     updated = ev.param_elems_zero if zero >= 1 else ev.param_elems
+    copy_share = 1.0 + tied_copy / ev.param_elems if ev.param_elems else 1.0
     tied = 0.0
     if eager and st.layers[0] == first and st.layers[1] == last + 1:
         head_params = {o.param for n in graph.layers[last].nodes for o in graph.node(n).operands if o.is_param}
@@ -152,17 +174,16 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     fsdp_block = 0.0
     if eager and zero >= 3 and sub.n_devices > 1:
         # Unsharded counts per tensor-parallel shard: the stage's local share of its parameters.
-        stage_params = sum(graph.layers[li].param_count for li in range(*st.layers))
-        share = ev.param_elems / stage_params if stage_params else 0.0
         block = max((graph.layers[li].param_count for li in range(*st.layers) if first < li < last), default=0)
         fsdp_block = eager_mod.fsdp_buffer_bytes(0.0, block * share)[1]
-    return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working, ev.param_state_bytes(zero),
-                       ev.sync_s, eager_mod.optimizer_s(updated, cm), bbytes, rec_flops,
+    return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working,
+                       ev.param_state_bytes(zero) * copy_share,
+                       ev.sync_s, eager_mod.optimizer_s(updated * copy_share, cm), bbytes, rec_flops,
                        host_fwd_s=terms.host_fwd_s, host_bwd_s=terms.host_bwd_s, embedding_s=embedding_s,
                        head_loss_s=head_s + terms.cross_entropy_s, op_comm_s=ev.comm_s + terms.comm_delta_s,
                        comm_overlap_s=terms.comm_overlap_s,
                        precision_casts_s=terms.precision_casts_s, grad_bucket_s=terms.grad_bucket_s,
-                       ddp_bucket_bytes=terms.ddp_bytes, autocast_cache_bytes=terms.autocast_cache_bytes,
+                       ddp_bucket_bytes=terms.ddp_bytes, autocast_cache_bytes=terms.autocast_cache_bytes * copy_share,
                        cross_entropy_peak_bytes=terms.cross_entropy_peak_bytes,
                        grads_absent_bytes=eager_mod.gradients_absent_at_activation_peak_bytes(
                            ev.param_elems, ev.param_elems_zero if zero >= 2 else ev.param_elems,
@@ -170,7 +191,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        fsdp_root_bytes=terms.fsdp_root_bytes, fsdp_block_bytes=fsdp_block,
                        tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied),
                        grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
-                       if eager and zero >= 3 and sub.n_devices > 1 else 0.0)
+                       if eager and zero >= 3 and sub.n_devices > 1 else 0.0,
+                       tied_copy_params=tied_copy)
 
 
 @dataclass(frozen=True)
@@ -394,16 +416,20 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     B = tr.n_microbatches
     res = [evaluate_stage(graph, cluster, s, tr, cm, eager) for s in plan.stages]
     n_dev_stages = len(res) // v if schedule == "interleaved" else len(res)
+    if eager and n_dev_stages > 1:
+        res = _pipeline_terms(res, graph, cluster, B, cm)
     p2p = [p2p_time_s(cluster, res[i].plan, res[i + 1].plan, res[i].boundary_bytes) for i in range(len(res) - 1)]
     # record_ops=False: the per-stage and per-device ends are all that is read here; the
     # steady state of a long schedule is then extrapolated exactly (pipeline.simulate)
-    sched = simulate([r.fwd_s for r in res], [r.bwd_s for r in res], B, schedule, p2p, chunks=v, record_ops=False)
+    fwd_s = [r.fwd_s + r.pipeline_fwd_s for r in res]
+    bwd_s = [r.bwd_s + r.pipeline_bwd_s for r in res]
+    sched = simulate(fwd_s, bwd_s, B, schedule, p2p, chunks=v, record_ops=False)
     timed = sched
     if n_dev_stages > 1:
         # Each GPU also waits for its own CPU to launch an op's kernels; the CPUs run through
         # their schedules without waiting for each other (pipeline.simulate), so a host-bound
         # pipeline pays its launches once, not again in the bubble. (One GPU alone: `step` below.)
-        timed = simulate([r.fwd_s for r in res], [r.bwd_s for r in res], B, schedule, p2p, chunks=v,
+        timed = simulate(fwd_s, bwd_s, B, schedule, p2p, chunks=v,
                          host_fwd_s=[r.host_fwd_s for r in res], host_bwd_s=[r.host_bwd_s for r in res],
                          record_ops=False)
 
@@ -445,7 +471,8 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
         dev_absent[rank] = dev_absent.get(rank, 0.0) + r.grads_absent_bytes
         dev_tied[rank] = dev_tied.get(rank, 0.0) + r.tied_grad_bytes
         dev_end[rank] = max(dev_end.get(rank, 0.0), finish.get(i, 0.0))
-        dev_tail[rank] = dev_tail.get(rank, 0.0) + r.sync_s + r.optimizer_s + r.grad_bucket_s
+        dev_tail[rank] = (dev_tail.get(rank, 0.0) + r.sync_s + r.optimizer_s + r.grad_bucket_s + r.grad_scale_s
+                          + r.tied_sync_s)
         dev_host[rank] = dev_host.get(rank, 0.0) + B * (r.host_fwd_s + r.host_bwd_s)
         dev_pool[rank] = dev_pool.get(rank, 0.0) + r.grad_pool_bytes
         dev_stages.setdefault(rank, []).append(r)
@@ -508,6 +535,32 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     return replace(plan, model=replace(plan.model, flops_per_step=model_flops), stages=stages, prediction=predicted)
 
 
+def _pipeline_terms(res: list[StageResult], graph: OpGraph, cluster: Cluster, n_microbatches: int,
+                    cm: ComputeModel) -> list[StageResult]:
+    """The stages of an eager pipeline with what torch.distributed.pipelining adds (eager.py
+    "pipelines"): each stage's idle per microbatch, by its blocks; a tied head copy's casts and
+    accumulation; the gradient scaling after the schedule; and, where the last stage holds a
+    tied head's copy, the all-reduce of its fp32 gradient with the embedding's, which both
+    stages wait for. The stage's own ops (fwd_s, bwd_s) are left as they are: these come from
+    splitting the model into stages, which the planner's per-layer costs do not know of."""
+    last = len(graph.layers) - 1
+    out = []
+    for r in res:
+        n_blocks = sum(1 for li in range(*r.plan.layers) if 0 < li < last)
+        idle_f, idle_b = eager_mod.pipeline_idle_s(n_blocks)
+        copy_casts = eager_mod.precision_casts_s(r.tied_copy_params, n_microbatches, cm)
+        out.append(replace(r, pipeline_fwd_s=idle_f, pipeline_bwd_s=idle_b + copy_casts,
+                           pipeline_idle_s=idle_f + idle_b, precision_casts_s=r.precision_casts_s + copy_casts,
+                           grad_scale_s=eager_mod.pipeline_grad_scale_s(r.ev.param_elems + r.tied_copy_params,
+                                                                        n_microbatches, cm)))
+    copy = out[-1].tied_copy_params
+    if copy > 0:
+        sync = p2p_time_s(cluster, out[0].plan, out[-1].plan, eager_mod.FP32_BYTES * copy)
+        out[0] = replace(out[0], tied_sync_s=sync)
+        out[-1] = replace(out[-1], tied_sync_s=sync)
+    return out
+
+
 def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: float, tail_s: float,
                     device_schedule: Schedule, rank: int) -> dict[str, float]:
     """Where one GPU's step goes (it adds up to `step_s`): device time per part, the pipeline
@@ -519,16 +572,18 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
     casts = b * sum(r.precision_casts_s for r in stages)
     op_comm = b * sum(r.op_comm_s for r in stages)
     overlap = b * sum(r.comm_overlap_s for r in stages)
-    busy = b * sum(r.fwd_s + r.bwd_s for r in stages)
-    blocks = busy - embedding - head_loss - casts - op_comm - overlap
+    idle = b * sum(r.pipeline_idle_s for r in stages)
+    busy = b * sum(r.fwd_s + r.bwd_s + r.pipeline_fwd_s + r.pipeline_bwd_s for r in stages)
+    blocks = busy - embedding - head_loss - casts - op_comm - overlap - idle
     optimizer = sum(r.optimizer_s for r in stages)
-    sync = sum(r.sync_s for r in stages)
+    sync = sum(r.sync_s + r.tied_sync_s for r in stages)
+    scale = sum(r.grad_scale_s for r in stages)
     buckets = sum(r.grad_bucket_s for r in stages)
     end = device_schedule.device_end_s[rank]
     bubble = max(0.0, end - busy)
     parts = {"blocks": blocks, "head_loss": head_loss, "embedding": embedding, "precision_casts": casts,
              "optimizer": optimizer, "grad_buckets": buckets, "exposed_comm": op_comm + sync, "comm_overlap": overlap,
-             "bubble": bubble}
+             "bubble": bubble, "pipeline_idle": idle, "pipeline_grad_scale": scale}
     parts["host"] = max(0.0, step_s - (busy + bubble + tail_s))
     return parts
 

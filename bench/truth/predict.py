@@ -184,6 +184,32 @@ def fit(corpus: Path) -> dict[str, float]:
             compute = sum(p.values()) - p["exposed_comm"] - p["comm_overlap"]
             implied.append((r["gpu_busy_s"] - r["breakdown_s"]["exposed_comm"] - compute) / (p["comm_overlap"] / k))
         return statistics.median(implied)
+    def pipeline_idle() -> float:
+        """The GPU's idle per block of a pipeline stage and microbatch: on the GPT pp rows the
+        model predicts device-bound, the constant at which the predicted step is the measured
+        one (the step is piecewise linear in it: two evaluations and a secant step)."""
+        k = eager.PIPELINE_IDLE_S_PER_BLOCK
+        implied = []
+        try:
+            for r in rows:
+                if r["strategy"] != "pp":
+                    continue
+                eager.PIPELINE_IDLE_S_PER_BLOCK = k
+                at_k = predict_row(r)
+                if at_k["predicted_breakdown_s"].get("host", 0.0) > 0:
+                    continue
+                eager.PIPELINE_IDLE_S_PER_BLOCK = 0.0
+                at_0 = predict_row(r)["predicted_step_s"]
+                slope = (at_k["predicted_step_s"] - at_0) / k
+                x = (r["step_s"] - at_0) / slope
+                eager.PIPELINE_IDLE_S_PER_BLOCK = x      # one secant refinement
+                at_x = predict_row(r)["predicted_step_s"]
+                if at_x != at_0:
+                    x = x * (r["step_s"] - at_0) / (at_x - at_0)
+                implied.append(x)
+        finally:
+            eager.PIPELINE_IDLE_S_PER_BLOCK = k
+        return statistics.median(implied)
     share = [r["breakdown_host_s"]["blocks_fwd"] / (r["breakdown_host_s"]["blocks_fwd"] + r["breakdown_host_s"]["blocks_bwd"])
              for r in rows if r["strategy"] == "single"]
     # The allocator's envelopes come from every row (both families) without recomputation: the
@@ -198,6 +224,7 @@ def fit(corpus: Path) -> dict[str, float]:
             "HOST_FSDP_S_PER_BLOCK": per_block("fsdp2"),
             "HOST_DDP_S_PER_BLOCK": per_block("ddp"),
             "COMM_OVERLAP_SLOWDOWN": overlap_slowdown(),
+            "PIPELINE_IDLE_S_PER_BLOCK": pipeline_idle(),
             "RESERVE_FRACTION": max(x for x, r in zip(reserve, every) if r["strategy"] != "fsdp2")}
 
 
