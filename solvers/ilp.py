@@ -79,8 +79,25 @@ def _as_vector(x, what: str) -> np.ndarray:
     return a
 
 
+def _bad_values(arrays: list[np.ndarray]) -> bool:
+    """Whether any of the arrays holds a NaN or -inf: one pass over them all, so that the
+    item by item checks (and their messages) run only where one does."""
+    if not arrays:
+        return False
+    flat = np.concatenate([a.ravel() for a in arrays])
+    return bool(np.isnan(flat).any() or (flat == -np.inf).any())
+
+
+def _vectors(xs, what: str) -> list[np.ndarray]:
+    """_as_vector of each, checked in one pass where all are well formed."""
+    out = [np.asarray(x, dtype=np.float64) for x in xs]
+    if any(a.ndim != 1 or a.size == 0 for a in out) or _bad_values(out):
+        return [_as_vector(x, f"{what}[{v}]") for v, x in enumerate(xs)]
+    return out
+
+
 def _validate(node_costs, edges, node_mem, mem_budget):
-    costs = [_as_vector(c, f"node_costs[{v}]") for v, c in enumerate(node_costs)]
+    costs = _vectors(node_costs, "node_costs")
     n = len(costs)
     sizes = [c.size for c in costs]
     checked_edges = []
@@ -99,11 +116,13 @@ def _validate(node_costs, edges, node_mem, mem_budget):
             raise ValueError(
                 f"edges[{k}] = ({u}, {v}, R): R.shape is {r.shape}, expected "
                 f"({sizes[u]}, {sizes[v]}) = (len(node_costs[{u}]), len(node_costs[{v}]))")
-        if np.isnan(r).any():
-            raise ValueError(f"edges[{k}] = ({u}, {v}, R): R contains NaN")
-        if (r == -np.inf).any():
-            raise ValueError(f"edges[{k}] = ({u}, {v}, R): R contains -inf")
         checked_edges.append((u, v, r))
+    if _bad_values([r for _, _, r in checked_edges]):
+        for k, (u, v, r) in enumerate(checked_edges):
+            if np.isnan(r).any():
+                raise ValueError(f"edges[{k}] = ({u}, {v}, R): R contains NaN")
+            if (r == -np.inf).any():
+                raise ValueError(f"edges[{k}] = ({u}, {v}, R): R contains -inf")
     mem = None
     budget = None
     if mem_budget is not None:
@@ -115,7 +134,7 @@ def _validate(node_costs, edges, node_mem, mem_budget):
     if node_mem is not None:
         if len(node_mem) != n:
             raise ValueError(f"node_mem has {len(node_mem)} entries, node_costs has {n}")
-        mem = [_as_vector(m, f"node_mem[{v}]") for v, m in enumerate(node_mem)]
+        mem = _vectors(node_mem, "node_mem")
         for v in range(n):
             if mem[v].size != sizes[v]:
                 raise ValueError(f"node_mem[{v}] has {mem[v].size} entries, "
@@ -180,6 +199,7 @@ class _Reduced:
                 self.cost[v][~np.isfinite(self.mem[v])] = np.inf
         self.fixed = np.full(n, -1, dtype=np.int64)
         self.eliminated = np.zeros(n, dtype=bool)
+        self.free = [True] * n  # neither fixed nor eliminated (a list: read per node per step)
         self.elim_log = []
         self.edges = {}
         self.adj = [set() for _ in range(n)]
@@ -205,7 +225,7 @@ class _Reduced:
         return self.edges[(v, w)] if v < w else self.edges[(w, v)].T
 
     def is_free(self, v: int) -> bool:
-        return self.fixed[v] < 0 and not self.eliminated[v]
+        return self.free[v]
 
     def allowed(self, v: int) -> np.ndarray:
         return np.isfinite(self.cost[v])
@@ -247,8 +267,8 @@ class _Reduced:
 
     def _stale_nodes(self, step: str) -> list[int]:
         seen = self.seen[step]
-        return [v for v in range(self.n)
-                if self.is_free(v) and seen.get(v) != self.ver[v]]
+        free, ver = self.free, self.ver
+        return [v for v in range(self.n) if free[v] and seen.get(v) != ver[v]]
 
     def _stale_edges(self, step: str) -> list[tuple[int, int]]:
         seen = self.seen[step]
@@ -303,6 +323,7 @@ class _Reduced:
                 continue
             p = int(allowed[0])
             self.fixed[v] = p
+            self.free[v] = False
             for w in list(self.adj[v]):
                 row = self.oriented(v, w)[p]
                 self._drop_edge(v, w)
@@ -385,8 +406,9 @@ class _Reduced:
                 cols.append(self.oriented(v, w)[allowed][:, self.allowed(w)])
             m = np.concatenate(cols, axis=1)
             le = (m[:, None, :] <= m[None, :, :]).all(axis=2)  # le[a, b]: a no worse than b
-            lt = (m[:, None, :] < m[None, :, :]).any(axis=2)
-            dom = le & (lt | np.tri(k, k, -1, dtype=bool).T)  # .T: strictly upper = a < b
+            # a better than b somewhere, given le[a, b], is not le[b, a] (m holds no NaN:
+            # inputs are checked, and sums of finite and +inf stay so): one comparison, not two
+            dom = le & (~le.T | _strictly_upper(k))
             dead = dom.any(axis=0)
             if dead.any():
                 removals.append((v, allowed[dead]))
@@ -412,6 +434,7 @@ class _Reduced:
                 total = self.cost[v][:, None] + self.oriented(v, w)  # (P_v, P_w)
                 best = np.argmin(total, axis=0)
                 self.eliminated[v] = True
+                self.free[v] = False
                 self._drop_edge(v, w)
                 self._set_cost(w, self.cost[w] + total[best, np.arange(total.shape[1])])
                 self.elim_log.append((v, (w,), best))
@@ -427,6 +450,7 @@ class _Reduced:
                 best = np.argmin(total, axis=1)
                 via = np.take_along_axis(total, best[:, None, :], axis=1)[:, 0, :]
                 self.eliminated[v] = True
+                self.free[v] = False
                 self._drop_edge(v, w1)
                 self._drop_edge(v, w2)
                 self._add_edge(w1, w2, via)
@@ -453,6 +477,14 @@ class _Model:
     row_lo: list[float]
     row_hi: list[float]
     node_vars: dict[int, tuple[int, np.ndarray]]  # node -> (first var index, strategy ids)
+
+
+@functools.lru_cache(maxsize=256)
+def _strictly_upper(k: int) -> np.ndarray:
+    """[a, b] true where a < b (dominance ties keep the lower index); read-only, shared."""
+    m = np.tri(k, k, -1, dtype=bool).T
+    m.flags.writeable = False
+    return m
 
 
 def _group_rows(a: np.ndarray) -> tuple[list[int], list[list[int]]]:
@@ -573,6 +605,13 @@ def _silence_highs_banner() -> None:
 
 
 def _quiet_highs_base(pulp):
+    return _highs_base(pulp)
+
+
+@functools.cache
+def _highs_base(pulp):
+    """PuLP's HiGHS class where highspy is there, else None; probed once per process (the
+    probe makes a HiGHS object, which cost more than shrinking a typical problem)."""
     base = getattr(pulp, "HiGHS", None)
     if base is None:
         return None
@@ -680,6 +719,23 @@ def _fast_highs_class(base):
                       np.asarray(value, dtype=np.float64))
 
     return _FastHiGHS
+
+
+def _resolve_backend(pulp, backend: str) -> str:
+    """The backend `backend` names here ("auto" picks one), raising as _make_solver does
+    where it is missing, without making a solver: most problems shrink to nothing and never
+    need one."""
+    if backend == "auto":
+        backend = "highs" if _quiet_highs_base(pulp) is not None else "cbc"
+    if backend == "highs":
+        if _quiet_highs_base(pulp) is None:
+            raise _no_backend_error(pulp, "highs")
+        return backend
+    if backend == "cbc":
+        if _cbc_class(pulp) is None:
+            raise _no_backend_error(pulp, "cbc")
+        return backend
+    raise ValueError(f"unknown ILP backend {backend!r}; use 'highs', 'cbc' or 'auto'")
 
 
 def _make_solver(pulp, backend: str, time_limit_s: float, mip_gap: float):
@@ -807,6 +863,28 @@ def _local_search(costs, edges, mem, budget, max_sweeps: int = 50) -> np.ndarray
 # public API
 
 
+_DECIDED: dict[bytes, tuple[np.ndarray | None, str]] = {}
+_DECIDED_BYTES = 0
+_DECIDED_MAX_BYTES = 32 << 20   # cleared when full; repeats come within a few hundred problems
+
+
+def _content_key(backend: str, costs, edges, mem, budget) -> tuple[bytes, int]:
+    """The validated problem, exactly, as one bytes object (which the garbage collector does
+    not track): a header of every count, size and node id, then every array's bytes, which
+    the header splits unambiguously; and its length."""
+    header = np.array([len(costs), *(c.size for c in costs), len(edges),
+                       *(x for u, v, r in edges for x in (u, v, *r.shape)), mem is not None, budget is not None],
+                      dtype=np.int64)
+    parts = [backend.encode(), b"\0", header.tobytes(), *(c.tobytes() for c in costs),
+             *(r.tobytes() for _, _, r in edges)]
+    if mem is not None:
+        parts += [m.tobytes() for m in mem]
+    if budget is not None:
+        parts.append(np.float64(budget).tobytes())
+    key = b"".join(parts)
+    return key, len(key)
+
+
 def solve_sharding_ilp(node_costs: Sequence[np.ndarray],
                        edges: Sequence[tuple[int, int, np.ndarray]],
                        node_mem: Sequence[np.ndarray] | None = None,
@@ -849,20 +927,38 @@ def solve_sharding_ilp(node_costs: Sequence[np.ndarray],
                          n_var0, n_con0, backend_name or backend)
 
     # Resolve the backend first so that a missing solver is reported even on easy inputs.
-    backend_name, _ = _make_solver(pulp, backend, time_limit_s, mip_gap)
+    backend_name = _resolve_backend(pulp, backend)
+
+    # A problem that shrinking alone decides has one answer whatever the backend's limits;
+    # planners pose the same one again (another entry layout with equal costs), so such
+    # answers are remembered by the arrays' exact bytes.
+    key, key_bytes = _content_key(backend_name, costs, edge_list, mem if with_mem else None, budget)
+    hit = _DECIDED.get(key)
+    if hit is not None:
+        return result(None if hit[0] is None else hit[0].copy(), hit[1])
+
+    def decided(choice, status):
+        global _DECIDED_BYTES
+        if _DECIDED_BYTES + key_bytes > _DECIDED_MAX_BYTES:
+            _DECIDED.clear()
+            _DECIDED_BYTES = 0
+        if key_bytes <= _DECIDED_MAX_BYTES // 64:      # a whole model's problem is not kept
+            _DECIDED[key] = (None if choice is None else choice.copy(), status)
+            _DECIDED_BYTES += key_bytes
+        return result(choice, status)
 
     red = _Reduced(costs, edge_list, mem, budget)
     red.run()
     if red.infeasible:
-        return result(None, "infeasible")
+        return decided(None, "infeasible")
     model = _build_model(red)
     n_var, n_con = model.n_vars, len(model.row_idx)
     choice = red.fixed.copy()
     if n_var == 0:
         red.back_substitute(choice)
         if with_mem and _memory(mem, choice) > budget:
-            return result(None, "infeasible")
-        return result(choice, "optimal")
+            return decided(None, "infeasible")
+        return decided(choice, "optimal")
 
     _scale(model)
     remaining_s = max(time_limit_s - (time.perf_counter() - t0), 1e-3)

@@ -31,6 +31,7 @@ from autopar.hardware.mesh import Mesh
 from autopar.sharding.rules.einsum import splits_sequence
 from autopar.sharding.spec import Spec, is_valid, shard_factor
 from autopar.sharding.stage_problem import Settings, StageProblem, decision_names
+from autopar.sharding.strategy import Strategy
 from graphs.ir import OpGraph
 from graphs.query import main_boundary
 
@@ -133,6 +134,7 @@ class LayerSolver:
         self.graph, self.cm, self.settings, self.stats = graph, cm, settings, stats
         self.time_limit_s, self.backend = time_limit_s, backend
         self.cache: dict[tuple, LayerSol] = {}
+        self._splits_memo: dict[tuple[str, int], tuple[Strategy, bool]] = {}
         n = len(graph.layers)
         self.inputs = [main_boundary(graph, list(graph.layers[i].nodes)) for i in range(n)]
         self.outputs = [self.inputs[i + 1] if i + 1 < n else None for i in range(n)]
@@ -180,6 +182,16 @@ class LayerSolver:
             self._no_seq_allowed[k] = by_pos
         return {layer.nodes[pos]: names for pos, names in by_pos.items()}
 
+    def _splits(self, name: str, st: Strategy) -> bool:
+        """splits_sequence of node `name` under `st`, once per (node, strategy object): the
+        layers of one class share their strategy objects. The entry keeps `st` alive, so its
+        id stays its own."""
+        k = (name, id(st))
+        hit = self._splits_memo.get(k)
+        if hit is None:
+            hit = self._splits_memo[k] = (st, splits_sequence(self.graph.node(name), st.name))
+        return hit[1]
+
     def solve(self, li: int, mesh: Mesh, spec: Spec | None, restrict: Spec | None = None,
               seq_split: bool = True) -> LayerSol:
         """The layer's optimum entered in `spec` (or, for the embedding, with its output
@@ -222,7 +234,7 @@ class LayerSolver:
             pos = {n: i for i, n in enumerate(names)}
             chosen = {pos[g.root]: g.strategies[g.root][int(res.choice[gi])].name
                       for gi, g in enumerate(prob.groups) if len(g.strategies[g.root]) > 1 or g.root in pos}
-            seq = any(splits_sequence(self.graph.node(g.root), g.strategies[g.root][int(res.choice[gi])].name)
+            seq = any(self._splits(g.root, g.strategies[g.root][int(res.choice[gi])])
                       for gi, g in enumerate(prob.groups))
             out_spec: Spec | None
             if out is None:         # the last layer, or a next layer that reads only graph inputs

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from autopar.hardware.mesh import Mesh
-from autopar.search.layer_solver import LayerSolver, StartLayout, boundary_specs
+from autopar.search.layer_solver import LayerSol, LayerSolver, StartLayout, boundary_specs
 from autopar.sharding.spec import Spec
 
 __all__ = ["RECOMPUTE_OPTIONS", "RangeTable", "range_table", "range_tables"]
@@ -70,12 +70,29 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
     L = len(g.layers)
     # Each layer is entered only in layouts of its own input: clustered (non-transformer) layers
     # take inputs of different shapes and ranks, so one shape's layouts do not fit them all.
-    in_specs = [boundary_specs(g.node(s).out_shape if s else (), mesh) for s in solver.inputs]
+    by_shape: dict[tuple, list[Spec]] = {}       # the blocks' inputs share one shape
+    in_specs = [by_shape.get(shape) or by_shape.setdefault(shape, boundary_specs(shape, mesh))
+                for shape in (tuple(g.node(s).out_shape) if s else () for s in solver.inputs)]
     specs = in_specs[1] if L > 1 else [()]
     plain = list(dict.fromkeys(q for i in range(1, L) for q in in_specs[i]))
     K = 7   # t, rec, sync, param, stash, inputs, max layer stash
     clean: dict[tuple, bool] = {}             # state -> its full chain splits no sequence
     full_suffix: dict[tuple, np.ndarray] = {}
+
+    # Layers with one class have one LayerSolver.key on a mesh, layout and variant.
+    classes: dict[tuple, int] = {}
+    layer_class = [classes.setdefault((li == 0, g.layers[li].structural_hash, solver.outputs[li] is None), len(classes))
+                   for li in range(L)]
+    vectors: dict[int, tuple[LayerSol, np.ndarray]] = {}
+
+    def figures(sol: LayerSol) -> np.ndarray:
+        """A layer solution's K figures (the solver hands the same object to every layer of
+        one identity, so this is made once per solution; the entry keeps it alive)."""
+        hit = vectors.get(id(sol))
+        if hit is None:
+            hit = vectors[id(sol)] = (sol, np.array([sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes,
+                                                     sol.stash_bytes, sol.input_bytes, sol.stash_bytes]))
+        return hit[1]
 
     def build(seq_split: bool, suffix: dict[tuple, np.ndarray], reuse: bool) -> RangeTable:
         def known(state: tuple) -> bool:
@@ -86,6 +103,19 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                 return True
             return False
 
+        sols: dict[tuple, LayerSol] = {}
+
+        def solve(li: int, spec: Spec | None, restrict: Spec | None) -> LayerSol:
+            """solver.solve, remembered here by layer class (LayerSolver.key on this mesh and
+            variant, without building it for every state; the stats count as before)."""
+            k = (layer_class[li], spec if li else None, restrict)
+            sol = sols.get(k)
+            if sol is None:
+                sol = sols[k] = solver.solve(li, mesh, spec if li else None, restrict, seq_split)
+            else:
+                solver.stats.cache_hits += 1      # what solver.solve counts for a repeat
+            return sol
+
         def chain(li: int, spec: Spec | None, restrict: Spec | None) -> np.ndarray:
             """(K, L - li) figures of ranges [li, j) for j = li+1..L entered at state (li, spec)."""
             key = (li, spec, restrict)
@@ -95,7 +125,7 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
             path = []
             cur_l, cur_spec, r = li, spec, restrict
             while True:
-                sol = solver.solve(cur_l, mesh, cur_spec if cur_l else None, r, seq_split)
+                sol = solve(cur_l, cur_spec, r)
                 path.append((cur_l, cur_spec, r, sol))
                 if not math.isfinite(sol.t_s) or cur_l + 1 >= L or sol.out_spec is None:
                     break
@@ -109,15 +139,19 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                 nxt = (last_l + 1, last_sol.out_spec, None)
                 tail, tail_clean = suffix[nxt], clean.get(nxt, True)
             for l, sp, r, sol in reversed(path):
-                arr = np.full((K, L - l), np.inf)
                 if math.isfinite(sol.t_s):
-                    v = np.array([sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes, sol.stash_bytes,
-                                  sol.input_bytes, sol.stash_bytes])
+                    v = figures(sol)
+                    if tail is not None and tail.shape[1] == L - l - 1:
+                        arr = np.empty((K, L - l))      # every column is written below
+                    else:
+                        arr = np.full((K, L - l), np.inf)
                     arr[:, 0] = v
                     if tail is not None:
                         m = tail.shape[1]
-                        arr[:6, 1:1 + m] = v[:6, None] + tail[:6]
-                        arr[6, 1:1 + m] = np.maximum(v[6], tail[6])
+                        np.add(v[:6, None], tail[:6], out=arr[:6, 1:1 + m])
+                        np.maximum(v[6], tail[6], out=arr[6, 1:1 + m])
+                else:
+                    arr = np.full((K, L - l), np.inf)
                 suffix[(l, sp, r)] = arr
                 tail_clean = tail_clean and not sol.seq_split
                 if not reuse:

@@ -249,6 +249,13 @@ def decision_names(graph: OpGraph, names: list[str], mesh: Mesh, cm: ComputeMode
 # StageProblem's memoised ILP inputs (see _member_arrays and _edge_costs): read-only arrays.
 _MEMBER_MEMO: dict[tuple, tuple[tuple[Strategy, ...], np.ndarray, np.ndarray]] = {}
 _EDGE_MEMO: dict[tuple, np.ndarray] = {}
+# Memos keyed by strategy ids (ilp_arrays' edges, evaluate's edge seconds), and the strategies
+# those ids name, kept alive here so that no id is reused while a key holds it; the three are
+# cleared together. One dict of objects rather than a tuple per entry: the garbage collector
+# walks every tracked container, and these memos hold ~100k entries.
+_EDGE_FAST: dict[tuple, np.ndarray] = {}
+_EDGE_FWD_BWD: dict[tuple, tuple[float, float]] = {}
+_KEEP: dict[int, Strategy] = {}
 _MEMO_ENTRIES = 50_000        # each memo is cleared when full: a bound on memory, not an LRU
 _MATRIX, _ROW, _DIAGONAL = 0, 1, 2
 
@@ -256,6 +263,17 @@ _MATRIX, _ROW, _DIAGONAL = 0, 1, 2
 def _remember(memo: dict, key: tuple, value) -> None:
     if len(memo) >= _MEMO_ENTRIES:
         memo.clear()
+    memo[key] = value
+
+
+def _remember_by_ids(memo: dict, key: tuple, value, strategies) -> None:
+    """_remember for a memo keyed by the ids of `strategies` (see _KEEP)."""
+    if len(memo) >= _MEMO_ENTRIES:
+        _EDGE_FAST.clear()
+        _EDGE_FWD_BWD.clear()
+        _KEEP.clear()
+    for st in strategies:
+        _KEEP[id(st)] = st
     memo[key] = value
 
 
@@ -286,6 +304,61 @@ def _gather_into_partial_s(shape, eb: int, src: Spec, dst: Spec, st: Strategy, j
         return None
     regather = sum(c.time_s for c in steps)
     return regather + collective_s(REDUCE_SCATTER, ar.nbytes, mesh.axis(ar.mask)) - ar.time_s
+
+
+# What a set of ops stashes, shares and reads depends on the graph and the names only, and
+# the layer solver builds one set once per mesh and entry layout: keyed by (graph id, names),
+# the entry holding the graph so that its id is not reused while cached.
+_STRUCTURE_MEMO: dict[tuple, tuple] = {}
+
+
+@dataclass(frozen=True)
+class _Operand:
+    """An activation operand of a member op, as ilp_arrays and evaluate read it."""
+
+    name: str
+    j: int
+    source: str
+    shape: object              # the operand's shape as the graph holds it (passed on as is)
+    shape_key: tuple
+    eb: int                    # bytes per element
+    grad: bool                 # StageProblem._carries_grad
+    share: float               # of the gradient all-reduce this op pays (_grad_share)
+
+
+def _structure(graph: OpGraph, names: list[str]) -> tuple[dict[str, float], dict[str, float],
+                                                           dict[str, dict[int, float]], tuple[_Operand, ...],
+                                                           dict[tuple[str, int], _Operand]]:
+    """saved_tensors, _grad_share and the activation operands of `names` (in order, and by
+    (name, operand index)), memoised (read-only: StageProblem never writes them)."""
+    key = (id(graph), tuple(names))
+    hit = _STRUCTURE_MEMO.get(key)
+    if hit is not None and hit[0] is graph:
+        return hit[1]
+    saved, outside = saved_tensors(graph, names)
+    share = _grad_share(graph, names)
+    ops = []
+    for name in names:
+        v = graph.node(name)
+        for j, o in enumerate(v.operands):
+            if o.source is None:
+                continue
+            ops.append(_Operand(name, j, o.source, o.shape, tuple(o.shape), dtype_bytes(o.dtype),
+                                _carries_grad(graph, name, j), share.get(name, {}).get(j, 1.0)))
+    value = (saved, outside, share, tuple(ops), {(op.name, op.j): op for op in ops})
+    if len(_STRUCTURE_MEMO) >= 1024:      # each entry holds its graph: keep few
+        _STRUCTURE_MEMO.clear()
+    _STRUCTURE_MEMO[key] = (graph, value)
+    return value
+
+
+def _carries_grad(graph: OpGraph, name: str, j: int) -> bool:
+    """Whether operand j of `name` sends a gradient back (data inputs, token ids and masks do not)."""
+    o = graph.node(name).operands[j]
+    if o.dtype.startswith("int") or o.dtype == "bool" or o.source is None:
+        return False
+    src = graph.node(o.source)
+    return src.kind != INPUT and bool(src.attrs.get("requires_grad", True))
 
 
 @dataclass
@@ -331,8 +404,8 @@ class StageProblem:
         self.names = list(names)
         self.inside = set(self.names)
         self.boundary = dict(boundary or {})
-        self.saved, self.saved_outside = saved_tensors(graph, self.names)
-        self.grad_share = _grad_share(graph, self.names)
+        (self.saved, self.saved_outside, self.grad_share,
+         self._operands, self._operand_at) = _structure(graph, self.names)
         self.groups: list[Group] = []
         self.group_of: dict[str, int] = {}
         self.only_names = only_names
@@ -402,7 +475,6 @@ class StageProblem:
         return p + settings.inflight * self.saved.get(name, 0.0) * st.out_bytes_local
 
     def ilp_arrays(self, settings: Settings):
-        g = self.graph
         node_costs, node_mem = [], []
         for gi, grp in enumerate(self.groups):
             k = len(grp.strategies[grp.root])
@@ -416,25 +488,42 @@ class StageProblem:
             node_costs.append(cost)
             node_mem.append(mem)
         edges = []
-        for name in self.names:
-            v = g.node(name)
-            gv = self.group_of[name]
-            v_sts = self.groups[gv].strategies[name]
-            for j, o in enumerate(v.operands):
-                if o.source is None:
-                    continue
-                eb = dtype_bytes(o.dtype)
+        ctx, groups, group_of, inside = self._context, self.groups, self.group_of, self.inside
+        ids: dict[str, tuple[int, ...]] = {}       # member -> the ids of its strategies
+        for op in self._operands:
+            name, j = op.name, op.j
+            gv = group_of[name]
+            v_sts = groups[gv].strategies[name]
+            v_ids = ids.get(name)
+            if v_ids is None:
+                v_ids = ids[name] = tuple(map(id, v_sts))
+            u_key: tuple | None
+            if op.source not in inside:
+                src = self._boundary_spec(op.source)
+                form, u_sts, u_key = _ROW, None, src
+            else:
+                gu = group_of[op.source]
+                u_sts = groups[gu].strategies[op.source]
+                u_key = ids.get(op.source)
+                if u_key is None:
+                    u_key = ids[op.source] = tuple(map(id, u_sts))
+                form = _DIAGONAL if gu == gv else _MATRIX
+            # Keyed by the strategy objects' ids (_KEEP holds them): the same objects recur
+            # in every problem on a mesh, and ids are cheaper to key on than the layouts
+            # _edge_costs keys on.
+            fast = (form, ctx, op.shape_key, op.eb, op.grad, op.share, j, u_key, v_ids)
+            arr = _EDGE_FAST.get(fast)
+            if arr is None:
                 need = tuple(s.in_specs[j] if j < len(s.in_specs) else None for s in v_sts)
-                if o.source not in self.inside:
-                    src = self._boundary_spec(o.source)
-                    node_costs[gv] += self._edge_costs(_ROW, name, j, o.shape, eb, (src,), need, v_sts)[0]
-                    continue
-                gu = self.group_of[o.source]
-                srcs = tuple(s.out_spec for s in self.groups[gu].strategies[o.source])
-                if gu == gv:
-                    node_costs[gv] += self._edge_costs(_DIAGONAL, name, j, o.shape, eb, srcs, need, v_sts)
-                    continue
-                edges.append((gu, gv, self._edge_costs(_MATRIX, name, j, o.shape, eb, srcs, need, v_sts)))
+                srcs = (src,) if u_sts is None else tuple(s.out_spec for s in u_sts)
+                arr = self._edge_costs(form, name, j, op.shape, op.eb, srcs, need, v_sts)
+                _remember_by_ids(_EDGE_FAST, fast, arr, [*v_sts, *(u_sts or ())])
+            if form == _ROW:
+                node_costs[gv] += arr[0]
+            elif form == _DIAGONAL:
+                node_costs[gv] += arr
+            else:
+                edges.append((gu, gv, arr))
         return node_costs, edges, node_mem
 
     def _member_arrays(self, name: str, sts: list[Strategy], settings: Settings) -> tuple[np.ndarray, np.ndarray]:
@@ -508,11 +597,8 @@ class StageProblem:
 
     def _carries_grad(self, name: str, j: int) -> bool:
         """Whether operand j of `name` sends a gradient back (data inputs, token ids and masks do not)."""
-        o = self.graph.node(name).operands[j]
-        if o.dtype.startswith("int") or o.dtype == "bool" or o.source is None:
-            return False
-        src = self.graph.node(o.source)
-        return src.kind != INPUT and bool(src.attrs.get("requires_grad", True))
+        op = self._operand_at.get((name, j))
+        return op.grad if op is not None else _carries_grad(self.graph, name, j)
 
     def _edge_s(self, name: str, j: int, shape, eb: int, src: Spec, dst: Spec, st: Strategy) -> float:
         """Forward + backward seconds of converting operand j of `name` (strategy `st`) from
@@ -522,6 +608,20 @@ class StageProblem:
 
     def _edge_fwd_bwd_s(self, name: str, j: int, shape, eb: int, src: Spec, dst: Spec,
                         st: Strategy) -> tuple[float, float]:
+        # memoised on everything below reads (_KEEP holds `st`, so its id stays its own):
+        # evaluate asks for the same edges in every problem on a mesh
+        grad = self._carries_grad(name, j)
+        share = self.grad_share.get(name, {}).get(j, 1.0)
+        key = (self._context, tuple(shape), eb, tuple(src), tuple(dst), grad, share, j, id(st))
+        hit = _EDGE_FWD_BWD.get(key)
+        if hit is not None:
+            return hit
+        value = self._edge_fwd_bwd_fresh_s(name, j, shape, eb, src, dst, st)
+        _remember_by_ids(_EDGE_FWD_BWD, key, value, (st,))
+        return value
+
+    def _edge_fwd_bwd_fresh_s(self, name: str, j: int, shape, eb: int, src: Spec, dst: Spec,
+                              st: Strategy) -> tuple[float, float]:
         t = self._reshard(shape, eb, src, dst)
         back = self._reshard_backward(shape, eb, src, dst, self._carries_grad(name, j))
         if t == 0.0:
