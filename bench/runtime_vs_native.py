@@ -13,6 +13,10 @@ same model and strategy on the same GPUs (issue 12).
 Per (model, strategy, microbatch) both ways, one after the other in the same two processes:
 
     native   dp: DistributedDataParallel, no_sync between microbatches, autocast bf16, fused Adam
+             cp: DistributedDataParallel over the cp ranks (buffers not broadcast) and torch's
+                 context_parallel around each microbatch (tokens and rope tables sharded in its
+                 load-balanced order, ring rotation), K/V repeated to the query heads as
+                 torchtitan does
              zero3 / zero1: fully_shard per block + root (reshard_after_forward True / False),
                             MixedPrecisionPolicy(bf16, fp32 reduce), foreach Adam
              tp: parallelize_module (ColwiseParallel / RowwiseParallel, vocab-parallel embedding,
@@ -51,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 LLAMA_1B = "llama:hidden=2048,layers=16,heads=16,kv_heads=4,seq=2048,vocab=32000"
-NAMES = {LLAMA_1B: "llama-1b-gqa"}
+LLAMA_1B_16K = "llama:hidden=2048,layers=16,heads=16,kv_heads=4,seq=16384,vocab=32000"
+NAMES = {LLAMA_1B: "llama-1b-gqa", LLAMA_1B_16K: "llama-1b-gqa-16k"}
 # (model, strategy, microbatch per rank, compile), most important first: the run stops at its
 # time budget. Tensor parallelism is compiled per block both ways (the native recipe's and the
 # runtime's default); `auto` runs with the runtime's default (None).
@@ -59,7 +64,9 @@ STRATS = (("dp", False), ("zero3", False), ("tp", True), ("pp", False), ("auto",
 CASES = ([("gpt-1.3b", s, mb, c) for mb in (1, 8) for s, c in STRATS]
          + [(LLAMA_1B, s, mb, c) for mb in (4, 1) for s, c in STRATS]
          + [("gpt-6.7b", s, 4, c) for s, c in STRATS if s != "dp"]
-         + [("gpt-6.7b", "tp", 1, True), ("gpt-1.3b", "zero1", 8, False), ("gpt-6.7b", "dp", 2, False)])
+         + [("gpt-6.7b", "tp", 1, True), ("gpt-1.3b", "zero1", 8, False), ("gpt-6.7b", "dp", 2, False)]
+         # context parallelism at 16K tokens, one sequence per microbatch: cp2 against dp2 and the auto plan
+         + [(LLAMA_1B_16K, s, 1, False) for s in ("cp", "dp")] + [(LLAMA_1B_16K, "auto", 1, None)])
 # torch.compile per block, both ways: where it helps (the runtime's default)
 COMPILED = [("gpt-1.3b", "tp", 1, True), ("gpt-1.3b", "dp", 8, True), (LLAMA_1B, "tp", 4, True),
             ("gpt-6.7b", "tp", 4, True), ("gpt-1.3b", "zero3", 8, True)]
@@ -67,7 +74,7 @@ QUICK = ([("gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128", s, 2, False)
           for s in ("dp", "zero3", "tp", "pp", "zero1", "auto")]
          + [("llama:hidden=64,layers=2,heads=4,kv_heads=2,seq=32,vocab=128", "tp", 2, False)])
 CONFIGS = {"dp": dict(dp=2, tp=1, pp=1), "zero3": dict(dp=2, tp=1, pp=1, zero=3), "zero1": dict(dp=2, tp=1, pp=1, zero=1),
-           "tp": dict(dp=1, tp=2, pp=1), "pp": dict(dp=1, tp=1, pp=2)}
+           "tp": dict(dp=1, tp=2, pp=1), "pp": dict(dp=1, tp=1, pp=2), "cp": dict(dp=1, tp=1, pp=1, cp=2)}
 WARMUP_STEPS, TIMED_STEPS = 2, 4
 # --profile DIR: the gpt-1.3b tensor-parallel cases also run two steps under torch.profiler,
 # both ways; the op tables go to DIR
@@ -194,6 +201,17 @@ class Native:
             self.module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   process_group=group, gradient_as_bucket_view=True)
             params = list(model.parameters())
+        elif strategy == "cp":
+            from torch.distributed.tensor.experimental._attention import set_rotate_method
+            from torch.nn.parallel import DistributedDataParallel
+            self.cp_mesh = init_device_mesh(device.type, (world,))
+            set_rotate_method("alltoall")
+            for b in model.blocks:
+                b.attn.repeat_kv = True         # K/V repeated to the query heads, as torchtitan does
+            self.cp_tables = [t for b in model.blocks for t in (b.attn.cos, b.attn.sin)]
+            self.module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  gradient_as_bucket_view=True, broadcast_buffers=False)
+            params = list(model.parameters())
         elif strategy in ("zero3", "zero1"):
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             mesh = init_device_mesh(device.type, (world,))
@@ -269,6 +287,15 @@ class Native:
                     self.schedule.step(target=tgt, losses=losses, targets=tgt)
                 if self.tied is not None:
                     dist.all_reduce(self.tied.grad, group=self.tied_group)
+            elif self.strategy == "cp":
+                from torch.distributed.tensor.experimental import context_parallel
+                for i in range(B):
+                    ctx = contextlib.nullcontext() if i == B - 1 else self.module.no_sync()
+                    x, y = ids[i * m:(i + 1) * m].clone(), tgt[i * m:(i + 1) * m].clone()
+                    with ctx, context_parallel(self.cp_mesh, buffers=[x, y, *self.cp_tables],
+                                               buffer_seq_dims=[1, 1] + [0] * len(self.cp_tables),
+                                               no_restore_buffers={x, y}):
+                        (self.module(x, y) / B).backward()
             else:
                 for i in range(B):
                     sync = i == B - 1 or self.strategy != "dp"

@@ -20,6 +20,9 @@ evaluation.baselines.megatron_names) — runs on the zoo's nn.Module with
     hidden-split       an embedding split over tp on its hidden dim ("h@1"): ColwiseParallel on
     embedding          the nn.Embedding (output all-gathered); a tied head reads its table
                        redistributed to rows (vocab-split head) or whole
+    context            (dp x cp stages, CUDA) DDP / FSDP2 over the dp x cp ranks and torch's
+    parallelism        context_parallel around each microbatch: tokens and position tables
+                       sharded in its load-balanced order, ring attention (runtime.context)
     pipelines          torch.distributed.pipelining: one PipelineStage per stage, GPipe /
                        1F1B, and Interleaved1F1B with several stages (chunks) per rank;
                        stages of different device counts or (dp, tp) layouts on
@@ -38,7 +41,8 @@ runtime.apply, with a warning that names the stage and op.
 Not lowered here (they keep the program path, or its NotAppliableError): interleaved schedules
 over stages of different sizes or layouts, expert-parallel / 2-D sharded weights (MoE under
 TP), hf: models, sequence parallelism in pipelines or on some row-parallel ops only, other
-reduce-scatters, context-parallel attention (runtime.context), layouts other than Megatron's. A vocab-split embedding
+reduce-scatters, context parallelism beside tp or in pipelines, and on CPU (runtime.context),
+layouts other than Megatron's. A vocab-split embedding
 reduce-scattered onto the batch over the data-parallel axis ("v@1+rs:b@1" on a dp stage) runs
 as the data-parallel lookup (see match_stage). What the issue's
 compile-based path for the other layouts would take: trace the stage's joint forward+backward
@@ -64,7 +68,8 @@ import torch.nn.functional as F
 
 from autopar.evaluation.baselines import megatron_names
 from autopar.plan import Plan, PlanError
-from graphs.ir import EMBEDDING, INPUT, MATMUL, OpGraph
+from autopar.sharding.rules.attention import CP_SUFFIX, cp_of
+from graphs.ir import ATTENTION, EMBEDDING, INPUT, MATMUL, OpGraph
 from graphs.query import stage_nodes
 
 from .apply import ParallelModel, build_model, check_plan_matches, trace_model, zoo_inputs
@@ -104,10 +109,13 @@ class StageLayout:
                                          # stream split over tp between blocks (0 batch, 1 sequence)
     rs_embeddings: tuple[str, ...] = ()  # split embeddings reduce-scattered onto sequence_dim
     hidden_split_embeddings: tuple[str, ...] = ()   # embeddings split over tp on the hidden dim
+    cp: int = 1                          # context parallelism: the sequence split over the other axis
+    cp_exchange: str = ""                # its K/V exchange, "ring" or "allgather" (rules.attention)
 
     @property
     def mesh_dims(self) -> tuple[str, str]:
-        return ("dp", "tp") if self.dp_axis == 0 else ("tp", "dp")
+        other = "cp" if self.cp > 1 else "tp"
+        return ("dp", other) if self.dp_axis == 0 else (other, "dp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +170,8 @@ def match_stage(plan: Plan, ir: OpGraph, k: int, family: str) -> StageLayout:
         raise EngineMismatch(f"stage {k}: model family {family!r} has no engine lowering")
     names = stage_nodes(ir, stage.layers)
     vocab = _vocab_ops(ir, names)
+    if any(CP_SUFFIX in v for v in stage.strategies.values()):
+        return _match_context_parallel(plan, ir, k, names, vocab)
     rows = _row_parallel_ops(ir, names, family)
     one_stage = len(plan.stages) == 1
     m0, m1 = tuple(stage.logical_mesh)
@@ -228,6 +238,49 @@ def match_stage(plan: Plan, ir: OpGraph, k: int, family: str) -> StageLayout:
         misses.append(f"{len(bad)} op(s) differ from Megatron's layout with dp on mesh axis {dp_axis}, first: "
                       + bad[0])
     raise EngineMismatch(f"stage {k} (layers {list(stage.layers)}, mesh {m0}x{m1}): " + "; ".join(misses))
+
+
+def _match_context_parallel(plan: Plan, ir: OpGraph, k: int, names: list[str], vocab: dict[str, str]) -> StageLayout:
+    """The layout of a context-parallel stage (runtime.context): Megatron's names for (dp, cp)
+    (evaluation.baselines.megatron_names), the linears and the head splitting the sequence over
+    the cp axis and every attention op exchanging K/V the same way. An embedding may take any
+    layout: each rank looks up its own tokens, and the data-parallel engine keeps the table."""
+    stage = plan.stages[k]
+    m = tuple(stage.logical_mesh)
+    misses = []
+    for cp_axis in (0, 1):
+        cp, dp = m[cp_axis], m[1 - cp_axis]
+        if cp == 1:
+            continue
+        if len(plan.stages) > 1:
+            misses.append("context parallelism across pipeline stages (boundary tensors split over the sequence)")
+            break
+        # megatron_names puts dp on axis 0 and cp on axis 1, or cp alone on axis 0
+        swap = cp_axis == 0 if dp > 1 else cp_axis == 1
+        wanted = megatron_names(ir, names, dp, 1, cp)
+        bad, exchanges = [], set()
+        for name, choices in wanted.items():
+            have = stage.strategies.get(name)
+            node = ir.node(name)
+            if have is None or node.kind in (INPUT, EMBEDDING):
+                continue
+            options = [_swap_axes(c) if swap else c for c in choices]
+            if have not in options[:1] and not (node.kind == ATTENTION and have in options):
+                bad.append(f"op {name} is {have!r}, the context-parallel engine needs {options[0]!r}")
+                continue
+            found = cp_of(have) if node.kind == ATTENTION else None
+            if found is not None:
+                exchanges.add(found[1])
+        seq = plan.model.seq
+        if not bad and len(exchanges) != 1:
+            bad.append(f"attention ops exchange K/V in different ways ({', '.join(sorted(exchanges))}); torch's "
+                       "context_parallel takes one rotate method")
+        if not bad and seq % (2 * cp):
+            bad.append(f"a sequence of {seq} tokens does not split into 2 x {cp} load-balanced chunks")
+        if not bad:
+            return StageLayout(dp, 1, 1 - cp_axis, cp=cp, cp_exchange=exchanges.pop())
+        misses.append(f"{len(bad)} op(s) differ with cp on mesh axis {cp_axis}, first: {bad[0]}")
+    raise EngineMismatch(f"stage {k} (layers {list(stage.layers)}, mesh {m[0]}x{m[1]}): " + "; ".join(misses))
 
 
 def _check_specs(plan: Plan) -> None:
@@ -301,6 +354,9 @@ class Segment(nn.Module):
         cfg = model.cfg
         self.family, self.tied, self.first, self.last = cfg.family, cfg.tied, first, last
         self.recompute = recompute
+        # under context parallelism (GPT): the positions of this rank's tokens, a buffer that
+        # torch's context_parallel shards as it shards the tokens
+        self.register_buffer("cp_positions", None, persistent=False)
         self.head_mesh = None               # set when a tied head splits a replicated weight
         self.split_head = False             # the head split over the vocab (apply_tp)
         # under sequence parallelism (apply_tp): (tp mesh, split dim, reduce-scattered embeddings)
@@ -323,7 +379,8 @@ class Segment(nn.Module):
         if self.sequence_split is None:
             if self.family == "llama":
                 return m.tok_emb(ids)
-            return m.wte(ids) + m.wpe(torch.arange(ids.shape[1], device=ids.device))
+            pos = self.cp_positions if self.cp_positions is not None else torch.arange(ids.shape[1], device=ids.device)
+            return m.wte(ids) + m.wpe(pos)
         # sequence parallel: this rank's chunk of the residual stream on the split dim. The sum
         # runs on DTensors so that the backward sums each position's gradient over the chunks
         # (the reduce-scattered lookup gives its chunk; a whole output is cut as Shard cuts)
@@ -527,7 +584,7 @@ class EngineModel:
         self.compiled = compile
         self.n_microbatches = plan.training.n_microbatches
         self.microbatch_size = plan.training.microbatch_size
-        self.zero = plan.training.zero if layout.dp > 1 else 0
+        self.zero = plan.training.zero if layout.dp * layout.cp > 1 else 0
         self.local_mb = self.microbatch_size // layout.dp
 
         # Collective setup, the same calls in the same order on every rank.
@@ -548,6 +605,14 @@ class EngineModel:
         self.dp_mesh = self.mesh["dp"] if self.mesh is not None and layout.dp > 1 else None
         self.tp_mesh = self.mesh["tp"] if self.mesh is not None and layout.tp > 1 else None
         self.dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
+        # the ranks that hold the same weights and average their gradients: dp, or dp x cp
+        # under context parallelism (each cp rank's loss is the mean over its share of the tokens)
+        self.cp_mesh = self.mesh["cp"] if self.mesh is not None and layout.cp > 1 else None
+        self.replica_mesh = self.dp_mesh
+        if self.cp_mesh is not None:
+            assert self.mesh is not None
+            self.replica_mesh = self.mesh["dp", "cp"]._flatten("dp_cp") if layout.dp > 1 else self.cp_mesh
+            _set_rotate_method(layout.cp_exchange)
         self.tied_group = None
         tied_ranks = sorted({0, (self.n_stages - 1) % self.pp})
         if self.mixed and model.cfg.tied:
@@ -577,6 +642,12 @@ class EngineModel:
         self.modules: list[nn.Module] = []
         for seg in self.segments:
             seg.to(self.device)
+            if self.cp_mesh is not None:
+                if seg.family == "llama":
+                    for block in seg.blocks.values():
+                        cast(Any, block.attn).repeat_kv = True      # ring attention takes equal head counts
+                elif seg.first:
+                    seg.cp_positions = torch.arange(plan.model.seq, device=self.device)
             if seg.recompute == "selective":
                 for block in seg.blocks.values():
                     _checkpoint_attention(cast(nn.Module, block.attn))
@@ -589,15 +660,17 @@ class EngineModel:
             if compile:
                 compile_blocks(seg)
             module: nn.Module = seg
-            if self.dp_mesh is not None and self.zero:
-                apply_fsdp(seg, list(seg.blocks.values()), self.dp_mesh, self.zero, autocast_dtype)
+            if self.replica_mesh is not None and self.zero:
+                apply_fsdp(seg, list(seg.blocks.values()), self.replica_mesh, self.zero, autocast_dtype)
                 self.boundary_dtype = autocast_dtype or torch.float32
-            elif self.dp_mesh is not None and self.tp_mesh is None and not self.mixed:
+            elif self.replica_mesh is not None and self.tp_mesh is None and not self.mixed:
                 # (a mixed pipeline's own schedule all-reduces the gradients after the backward)
                 from torch.nn.parallel import DistributedDataParallel
+                # under cp each rank's rope tables / positions are its own shard: not broadcast
                 module = DistributedDataParallel(
                     seg, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                    process_group=self.dp_mesh.get_group(), gradient_as_bucket_view=True)
+                    process_group=self.replica_mesh.get_group(), gradient_as_bucket_view=True,
+                    broadcast_buffers=self.cp_mesh is None)
                 self.ddp = True
             self.modules.append(module)
         if self.zero:
@@ -670,9 +743,19 @@ class EngineModel:
                 for i in range(B):
                     sync = i == B - 1
                     ctx = self.module.no_sync() if self.ddp and not sync else contextlib.nullcontext()
+                    x, y = ids[i * lmb:(i + 1) * lmb], targets[i * lmb:(i + 1) * lmb]
                     with ctx:
-                        out = self.module(ids[i * lmb:(i + 1) * lmb], targets[i * lmb:(i + 1) * lmb])
-                        (out / B).backward()
+                        if self.cp_mesh is not None:
+                            # torch's context_parallel shards the tokens (and the position
+                            # tables) in place, in the load-balanced order, around forward and
+                            # backward; the attention kernels run the ring inside
+                            x, y = x.clone(), y.clone()
+                            with _context_parallel(self.cp_mesh, [x, y], self._cp_tables()):
+                                out = self.module(x, y)
+                                (out / B).backward()
+                        else:
+                            out = self.module(x, y)
+                            (out / B).backward()
                     total += out.detach().float()
                 loss = (total / B).reshape(())
             elif self.mixed:
@@ -691,11 +774,25 @@ class EngineModel:
                 if self.last:
                     loss = torch.stack([x.detach().float().reshape(()) for x in losses]).mean()
         self._reduce_grads()
-        if loss is not None and self.dp_mesh is not None:
-            # each dp rank's loss is the mean over its rows; the plan's loss is their mean
-            dist.all_reduce(loss, group=self.dp_mesh.get_group())
-            loss = loss / self.layout.dp
+        if loss is not None and self.replica_mesh is not None:
+            # each dp (x cp) rank's loss is the mean over its rows (tokens); the plan's loss is their mean
+            dist.all_reduce(loss, group=self.replica_mesh.get_group())
+            loss = loss / self.replica_mesh.size()
         return loss
+
+    def _cp_tables(self) -> list[tuple[torch.Tensor, int]]:
+        """The buffers indexed by token position, with their sequence dims: Llama's rope tables
+        in every block, GPT's positions."""
+        out: list[tuple[torch.Tensor, int]] = []
+        for seg in self.segments:
+            pos: Any = seg.cp_positions
+            if pos is not None:
+                out.append((pos, 0))
+            if seg.family == "llama":
+                for block in seg.blocks.values():
+                    attn: Any = block.attn
+                    out += [(attn.cos, 0), (attn.sin, 0)]
+        return out
 
     def _reduce_grads(self) -> None:
         if self.tp_mesh is not None:
@@ -1002,6 +1099,27 @@ def _release_others(model: nn.Module, segments: list[Segment]) -> None:
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
+def _set_rotate_method(exchange: str) -> None:
+    """torch's ring attention rotates K/V shards with all-to-all point-to-point steps ("ring");
+    "allgather" gathers them at once."""
+    try:
+        from torch.distributed.tensor.experimental._attention import set_rotate_method
+    except ImportError as e:
+        raise EngineMismatch(f"this torch ({torch.__version__}) has no context-parallel rotate method: {e}") from None
+    set_rotate_method("alltoall" if exchange == "ring" else "allgather")
+
+
+@contextlib.contextmanager
+def _context_parallel(mesh, data: list[torch.Tensor], tables: list[tuple[torch.Tensor, int]]):
+    """torch.distributed.tensor.experimental.context_parallel over `mesh`: the token rows in
+    `data` (sequence dim 1) are sharded for good, the tables restored afterwards."""
+    from torch.distributed.tensor.experimental import context_parallel
+    with context_parallel(mesh, buffers=data + [t for t, _ in tables],
+                          buffer_seq_dims=[1] * len(data) + [d for _, d in tables],
+                          no_restore_buffers=set(data)):
+        yield
+
+
 def _all_reduce_mean(grads: list[torch.Tensor], group) -> None:
     """All-reduce the local shards of `grads` over `group` and average, in flat buckets per dtype."""
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -1045,6 +1163,15 @@ def lower(plan: Plan, model: Any, example_inputs: tuple, device: str | torch.dev
     check_plan_matches(plan, ir)
     _check_specs(plan)
     layouts = match_plan(plan, ir, model.cfg.family)
+    cp = max(x.cp for x in layouts)
+    if cp > 1 and torch.device(device).type != "cuda":
+        raise EngineMismatch("context parallelism runs on torch's context_parallel, which swaps the CUDA attention "
+                             "kernels only; on CPU the exact all-gather program runs it (runtime.context)")
+    if cp > 1 and autocast_dtype is None and (plan.model.seq // (2 * cp)) % 32:
+        # fp32 attention runs on the memory-efficient kernel, whose log-sum-exp comes padded to
+        # 32 rows: torch 2.11's ring merge then fails on shorter chunks
+        raise EngineMismatch(f"fp32 context parallelism needs load-balanced chunks of a multiple of 32 tokens; "
+                             f"{plan.model.seq} tokens over 2 x {cp} chunks are not")
     return EngineModel(plan, model, layouts, torch.device(device), optimizer, lr, autocast_dtype, compile)
 
 

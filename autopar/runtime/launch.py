@@ -378,6 +378,7 @@ def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int) -> dict
         "measured_step_time_s": _median_after_warmup(per_step), "step_times_s": per_step,
         "predicted_step_time_s": plan.prediction.step_time_s if plan.prediction else None,
         "predicted_for": _predicted_for(plan),
+        "predicted_eager_step_time_s": _eager_prediction_s(plan),
         "losses": losses,
         "shard_local_ops": sorted({o for r in ranks for o in r["shard_local_ops"]}),
         "engines": all(r.get("engines", False) for r in ranks),
@@ -413,6 +414,29 @@ def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int) -> dict
         out["max_abs_param_diff"], out["worst_param"] = pworst[1], pworst[0]
         out["n_grads_compared"] = len(compared)
     return out
+
+
+def _eager_prediction_s(plan) -> float | None:
+    """The plan's step time priced as the eager PyTorch engines this runtime uses run it
+    (evaluate(..., eager=True): autocast casts, fp32 loss, host dispatch, FSDP2's overlap), on the
+    plan's cluster. A plan made without --eager is priced for fused kernels; this is the figure
+    to hold a run against. None where the plan's cluster is no preset (a YAML file may be gone)
+    or its model is not a zoo name, and for a plan the evaluator does not take (one edited by hand
+    to a strategy the planner does not offer there: it still runs, and is checked elsewhere)."""
+    from autopar.hardware.presets import PRESETS, load_cluster
+    if plan.cluster.name not in PRESETS or not plan.model.loadable:
+        return None
+    from autopar.evaluation.evaluator import evaluate
+    from autopar.model import ModelSource
+    from autopar.plan import PlanError
+    cl = load_cluster(plan.cluster.name, plan.cluster.nodes, plan.cluster.gpus_per_node)
+    graph = ModelSource(plan.model.name, seq=plan.model.seq, dtype=plan.training.dtype).graph(
+        plan.training.microbatch_size)
+    try:
+        p = evaluate(plan, graph, cl, eager=True).prediction
+    except (ValueError, PlanError):
+        return None
+    return p.step_time_s if p is not None else None
 
 
 def _predicted_for(plan) -> str:
@@ -564,8 +588,10 @@ def _report(out: dict, as_json: bool, tol: float) -> int:
           f"({out['n_microbatches']} x {out['microbatch_size']}), {out['optimizer']} lr {out['lr']}")
     ratio = f" (measured/predicted {meas / pred:.2f})" if pred else ""
     target = out.get("predicted_for", "the plan's cluster")
+    eager = out.get("predicted_eager_step_time_s")
+    as_run = f"; {eager:.4g} s as these eager PyTorch engines run it" if eager and eager != pred else ""
     print(f"step time: measured {meas:.4g} s (median after the first step) on {out['n_processes']} "
-          f"{out['device']} process(es); predicted {pred:.4g} s for {target}{ratio}"
+          f"{out['device']} process(es); predicted {pred:.4g} s for {target}{ratio}{as_run}"
           if pred is not None else f"step time: measured {meas:.4g} s; the plan has no prediction")
     if pred is not None and out["device"] == "cpu":
         print(f"  (the prediction is for {target}; CPU processes check that the plan runs and computes the "

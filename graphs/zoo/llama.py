@@ -30,6 +30,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     cos: torch.Tensor    # RoPE buffers, registered in __init__
     sin: torch.Tensor
+    # K and V repeated to the query heads before SDPA instead of enable_gqa (torchtitan's
+    # repeat_kv): torch's ring attention (context parallelism) takes equal head counts
+    repeat_kv = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -55,7 +58,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_heads == self.heads:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif _HAS_ENABLE_GQA:
+        elif _HAS_ENABLE_GQA and not self.repeat_kv:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             rep = self.heads // self.kv_heads

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import graphs
 from autopar.evaluation.baselines import Config3D, build_3d
@@ -147,3 +148,44 @@ def test_uneven_sequence_is_refused_by_the_cli(tmp_path):
     assert "Traceback" not in r.stderr
     assert "stage 0 op" in r.stderr and "30 tokens does not split evenly over 4 devices" in r.stderr
     assert "--microbatches" in r.stderr or "multiple of 4" in r.stderr
+
+
+# -- on CUDA: torch's context_parallel ----------------------------------------------------------
+
+def _whole_stage_cp_plan(model: str, dp: int, cp: int) -> Plan:
+    """Megatron's context-parallel plan: linears, head and attention split the sequence over cp."""
+    return build_3d(ModelSource(model), load_cluster("dgx-h200", 1, dp * cp), 2 * dp, Config3D(dp, 1, 1, 1, cp=cp))
+
+
+@pytest.mark.parametrize("model", [M, LLAMA])
+def test_whole_stage_context_parallel_plan_matches_the_cp_engine(model):
+    """Such a plan lowers to the context-parallel engine layout (cp 2, the plan's ring exchange)
+    on either mesh axis; on CPU it keeps the exact program path, as torch's engine swaps CUDA
+    attention kernels only."""
+    import warnings
+
+    from autopar.runtime.engines import apply
+    for dp, cp in ((1, 2), (2, 2)):
+        plan = _whole_stage_cp_plan(model, dp, cp)
+        (layout,) = match_plan(plan, _ir(plan, model), model.split(":")[0])
+        assert (layout.dp, layout.tp, layout.cp, layout.cp_exchange) == (dp, 1, cp, "ring")
+        assert layout.mesh_dims[1 - layout.dp_axis] == "cp"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(PlanError, match="call apply"):
+            apply(_whole_stage_cp_plan(model, 1, 2), device="cpu")
+    assert any("CUDA attention kernels only" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("model", [M.replace("seq=32", "seq=128"), LLAMA.replace("seq=32", "seq=128")])
+def test_context_parallel_engine_trains_like_one_process_on_cuda(model, tmp_path):
+    """On 2 GPUs, fp32: the plan runs on DDP + torch's context_parallel (not the program), and
+    its loss, gradients and updated weights equal one process's. (fp32 attention is the
+    memory-efficient kernel, whose ring merge needs chunks of 32 tokens: seq 128 over 2 x 2.)"""
+    path = tmp_path / "cp.json"
+    path.write_text(_whole_stage_cp_plan(model, 1, 2).to_json())
+    out = run_plan(str(path), steps=2, device="cuda", check=True, optimizer="sgd", lr=0.1, precision="fp32")
+    print(out["max_abs_loss_diff"], out["max_abs_grad_diff"], out["max_abs_param_diff"])
+    assert out["engines"]
+    assert out["max_abs_loss_diff"] < 1e-4 and out["max_abs_grad_diff"] < 1e-4 and out["max_abs_param_diff"] < 1e-4

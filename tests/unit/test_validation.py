@@ -278,6 +278,30 @@ def test_run_report_names_the_gpu_of_the_prediction(capsys):
     assert "predicted 0.001 s for 2 x V100-SXM2-16GB (p3.16xlarge)" in text and "not its speed" in text
 
 
+def test_run_report_adds_the_eager_engines_prediction(capsys):
+    """`autopar run` holds the run against the plan priced as its eager engines run it: the
+    same figure as evaluate(..., eager=True) on the plan's cluster; none for a cluster file."""
+    import dataclasses
+
+    import graphs
+    from autopar.evaluation.baselines import Config3D, build_3d
+    from autopar.evaluation.evaluator import evaluate
+    from autopar.hardware.presets import load_cluster
+    from autopar.model import ModelSource
+    from autopar.runtime.launch import _eager_prediction_s, _report
+    cl = load_cluster("dgx-h200", 1, 2)
+    plan = build_3d(ModelSource(TINY), cl, 4, Config3D(2, 1, 1, 1))
+    want = evaluate(plan, graphs.load(TINY, batch=2), cl, eager=True).prediction.step_time_s
+    assert _eager_prediction_s(plan) == want != plan.prediction.step_time_s
+    assert _eager_prediction_s(dataclasses.replace(plan, cluster=dataclasses.replace(plan.cluster, name="x.yaml"))) is None
+    out = {"plan": "p", "model": "m", "n_processes": 2, "device": "cuda", "backend": "nccl", "precision": "bf16",
+           "steps": 2, "global_batch": 4, "n_microbatches": 2, "microbatch_size": 2, "optimizer": "adam", "lr": 0.1,
+           "predicted_step_time_s": 0.001, "measured_step_time_s": 0.002, "losses": [1.0],
+           "predicted_eager_step_time_s": 0.0019, "predicted_for": "2 x H200", "shard_local_ops": []}
+    assert _report(out, False, 1e-4) == 0
+    assert "; 0.0019 s as these eager PyTorch engines run it" in capsys.readouterr().out
+
+
 def test_user_factory_errors_show_the_users_line(tmp_path):
     import graphs
     f = tmp_path / "m.py"
