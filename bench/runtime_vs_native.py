@@ -24,7 +24,8 @@ Per (model, strategy, microbatch) both ways, one after the other in the same two
                  runtime's default compiles tensor-parallel stages)
              pp: two PipelineStages, Schedule1F1B, autocast bf16
     autopar  the plan of the same strategy (autopar.evaluation.baselines.build_3d; `auto` is
-             autopar.plan's own plan, compared with the fastest native recipe of its row),
+             autopar.plan's own plan, `auto-eager` the one priced as the eager engines run it
+             (autopar plan --eager), each compared with the fastest native recipe of its row),
              applied with autopar.runtime.apply as `autopar run` does
 
 Every strategy trains the same global batch of 4 x microbatch sequences per step. Rows go to
@@ -66,7 +67,10 @@ CASES = ([("gpt-1.3b", s, mb, c) for mb in (1, 8) for s, c in STRATS]
          + [("gpt-6.7b", s, 4, c) for s, c in STRATS if s != "dp"]
          + [("gpt-6.7b", "tp", 1, True), ("gpt-1.3b", "zero1", 8, False), ("gpt-6.7b", "dp", 2, False)]
          # context parallelism at 16K tokens, one sequence per microbatch: cp2 against dp2 and the auto plan
-         + [(LLAMA_1B_16K, s, 1, False) for s in ("cp", "dp")] + [(LLAMA_1B_16K, "auto", 1, None)])
+         + [(LLAMA_1B_16K, s, 1, False) for s in ("cp", "dp")] + [(LLAMA_1B_16K, "auto", 1, None)]
+         # the auto plan priced for the eager engines that run it (autopar plan --eager)
+         + [(m, "auto-eager", mb, None) for m, mb in (("gpt-6.7b", 4), ("gpt-1.3b", 1), ("gpt-1.3b", 8),
+                                                       (LLAMA_1B, 1), (LLAMA_1B, 4))])
 # torch.compile per block, both ways: where it helps (the runtime's default)
 COMPILED = [("gpt-1.3b", "tp", 1, True), ("gpt-1.3b", "dp", 8, True), (LLAMA_1B, "tp", 4, True),
             ("gpt-6.7b", "tp", 4, True), ("gpt-1.3b", "zero3", 8, True)]
@@ -76,6 +80,8 @@ QUICK = ([("gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128", s, 2, False)
 CONFIGS = {"dp": dict(dp=2, tp=1, pp=1), "zero3": dict(dp=2, tp=1, pp=1, zero=3), "zero1": dict(dp=2, tp=1, pp=1, zero=1),
            "tp": dict(dp=1, tp=2, pp=1), "pp": dict(dp=1, tp=1, pp=2), "cp": dict(dp=1, tp=1, pp=1, cp=2)}
 WARMUP_STEPS, TIMED_STEPS = 2, 4
+# autopar's own plans: priced by the default (fused-kernel) model, or as the eager engines run them
+AUTO = ("auto", "auto-eager")
 # --profile DIR: the gpt-1.3b tensor-parallel cases also run two steps under torch.profiler,
 # both ways; the op tables go to DIR
 PROFILE_DIR: Path | None = None
@@ -92,8 +98,9 @@ def make_plan(model: str, strategy: str, micro: int, n_gpus: int, cluster: str):
     from autopar.hardware.presets import load_cluster
     from autopar.model import ModelSource
     gb = 4 * micro
-    if strategy == "auto":
-        return autopar.plan(model, cluster, nodes=1, gpus_per_node=n_gpus, global_batch=gb)
+    if strategy in AUTO:
+        return autopar.plan(model, cluster, nodes=1, gpus_per_node=n_gpus, global_batch=gb,
+                            eager=strategy == "auto-eager")
     c = CONFIGS[strategy]
     per_rank = micro if c["dp"] == 1 else micro
     return build_3d(ModelSource(model), load_cluster(cluster, 1, n_gpus), gb, Config3D(microbatch=per_rank, **c))
@@ -483,7 +490,7 @@ def body(rank: int, world: int, args) -> None:
                 for who in order:
                     if args.only and who != args.only:
                         continue
-                    if who == "native" and strategy != "auto":
+                    if who == "native" and strategy not in AUTO:
                         got["native"] = run_native(strategy, plan, device, comp)
                     elif who == "autopar":
                         got["autopar"] = run_autopar(plan, device, comp, strategy)
@@ -562,7 +569,7 @@ def merge(new_path: Path, out_path: Path | None, note: str) -> int:
 
 def _ratio_auto(rows: list[dict]) -> None:
     for r in rows:
-        if r["strategy"] == "auto" and "autopar" in r:
+        if r["strategy"] in AUTO and "autopar" in r:
             best = max((x for x in rows if x["model"] == r["model"] and x["microbatch"] == r["microbatch"]
                         and "native" in x), key=lambda x: x["native"]["tokens_per_s"], default=None)
             if best is not None:
@@ -664,7 +671,7 @@ def run_fresh(args) -> int:
             for r in range(args.repeat):
                 order = ("native", "autopar") if r % 2 == 0 else ("autopar", "native")
                 for who in order:
-                    if who == "native" and key.split(":")[1] == "auto":
+                    if who == "native" and key.split(":")[1] in AUTO:
                         continue
                     sub = copy.copy(args)
                     port += 1
