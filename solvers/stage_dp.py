@@ -28,7 +28,9 @@ entries with t <= t_max, grouped by (s, k), restricted to the device counts that
 a complete solution, and vectorised over (entries x devices); device counts are in units of
 gcd(submesh sizes). B = 1 (no bubble): after step 1, one solve with every entry allowed,
 pruned by the T found in step 1. stage_dp_bounds runs the search at several bounds on the
-number of stages, checking the input and sorting its entries once.
+number of stages, checking the input and sorting its entries once, deepest bound first: a
+feasibility solve tells the least feasible depth at its t_max, which answers the step-1 probes
+of every shallower search that it decides (feasibility is monotone in t_max and in the bound).
 """
 
 from __future__ import annotations
@@ -138,7 +140,12 @@ def _limited(inp: _Input, max_stages: int) -> _Input:
 class _Entries:
     """Every usable entry (k, j, m, s) with its time tv and cost cv, ordered by (s, k, t): the
     entries of a bound on the depth are then a prefix, and those allowed at a given t_max a
-    mask away, still grouped by (s, k)."""
+    prefix of each (s, k) group.
+
+    values are the distinct entry times, ascending, and rank[e] the index of tv[e] there;
+    key[e] = group * values.size + rank[e] with group = s * L + k is ascending, so one
+    searchsorted gives every group's allowed prefix at a t_max; group g's entries are
+    group_start[g]..group_start[g + 1]."""
 
     k: np.ndarray
     j: np.ndarray
@@ -146,22 +153,69 @@ class _Entries:
     s: np.ndarray
     tv: np.ndarray
     cv: np.ndarray
+    values: np.ndarray
+    rank: np.ndarray
+    key: np.ndarray
+    group_start: np.ndarray
+    n_layers: int
 
     @classmethod
     def of(cls, inp: _Input) -> _Entries:
         n_layers, n_ends, n_mesh, n_s1 = inp.t.shape
-        flat = np.flatnonzero(np.isfinite(inp.t))
-        tv = inp.t.ravel()[flat] if inp.t.flags.c_contiguous else inp.t[np.isfinite(inp.t)]
-        k, j, m, s = np.unravel_index(flat, inp.t.shape)
-        order = np.lexsort((tv, k, s))
+        # (s, k, j, m) order, so that within an (s, k) group equal times keep the (j, m) order
+        # a lexsort of the (k, j, m, s) flat order by (s, k, t) gave
+        t_skjm = np.ascontiguousarray(inp.t.transpose(3, 0, 1, 2))
+        flat = np.flatnonzero(np.isfinite(t_skjm))
+        tv = t_skjm.ravel()[flat]
+        del t_skjm
+        group, jm = np.divmod(flat, n_ends * n_mesh)
+        del flat
         idx = np.int16 if max(n_ends, n_mesh, n_s1) < 2 ** 15 else np.int64
-        k, j, m, s = k[order].astype(idx), j[order].astype(idx), m[order].astype(idx), s[order].astype(idx)
-        return cls(k, j, m, s, tv[order], inp.c.ravel()[flat[order]] if inp.c.flags.c_contiguous
-                   else inp.c[k, j, m, s])
+        j, m = np.divmod(jm, n_mesh)
+        s, k = np.divmod(group, n_layers)
+        s, k, j, m = s.astype(idx), k.astype(idx), j.astype(idx), m.astype(idx)
+        # stable by t, then stable by group (a radix sort when groups fit in 16 bits): the
+        # (s, k, t) order
+        by_t = np.argsort(tv, kind="stable")
+        sorted_t = tv[by_t]
+        new_value = np.ones(tv.size, dtype=bool)
+        new_value[1:] = sorted_t[1:] != sorted_t[:-1]
+        values = sorted_t[new_value]
+        rank = np.empty(tv.size, dtype=np.int64)
+        rank[by_t] = np.cumsum(new_value) - 1
+        small = group.astype(np.int16) if n_s1 * n_layers < 2 ** 15 else group
+        order = by_t[np.argsort(small[by_t], kind="stable")]
+        k, j, m, s, tv, group, rank = k[order], j[order], m[order], s[order], tv[order], group[order], rank[order]
+        key = group * max(1, values.size) + rank
+        group_start = np.searchsorted(group, np.arange(n_s1 * n_layers + 1))
+        return cls(k, j, m, s, tv, inp.c[k, j, m, s], values, rank, key, group_start, n_layers)
 
     def up_to_depth(self, s_max: int) -> _Entries:
         n = int(np.searchsorted(self.s, s_max, side="right"))
-        return _Entries(self.k[:n], self.j[:n], self.m[:n], self.s[:n], self.tv[:n], self.cv[:n])
+        return _Entries(self.k[:n], self.j[:n], self.m[:n], self.s[:n], self.tv[:n], self.cv[:n],
+                        self.values, self.rank[:n], self.key[:n], self.group_start, self.n_layers)
+
+    def candidates(self) -> np.ndarray:
+        """The distinct times of these entries, ascending (np.unique of tv)."""
+        seen = np.zeros(self.values.size, dtype=bool)
+        seen[self.rank] = True
+        return self.values[seen]
+
+    def allowed(self, depth: int, rows: np.ndarray, t_max: float) -> np.ndarray:
+        """Indices of the entries at this depth, starting at one of rows, with tv <= t_max,
+        in entry order."""
+        r = int(np.searchsorted(self.values, t_max, side="right")) - 1
+        groups = depth * self.n_layers + rows
+        g0 = self.group_start[groups]
+        g1 = np.searchsorted(self.key, groups * max(1, self.values.size) + r, side="right")
+        n = g1 - g0
+        keep = n > 0
+        g0, n = g0[keep], n[keep]
+        if not n.size:
+            return np.zeros(0, dtype=np.int64)
+        ends = np.cumsum(n)
+        # concatenated ranges g0[i] .. g0[i] + n[i]
+        return np.arange(int(ends[-1])) + np.repeat(g0 - (ends - n), n)
 
 
 def _total(inp: _Input, stages) -> tuple[float, list[float], float]:
@@ -188,47 +242,53 @@ class _Best:
 
 
 class _Solver:
-    def __init__(self, inp: _Input, entries: _Entries | None = None):
+    def __init__(self, inp: _Input, entries: _Entries | None = None,
+                 least: tuple[np.ndarray, np.ndarray] | None = None):
+        """least: (inp.t.min(axis=3), inp.c.min(axis=3)) where the caller has them."""
         self.inp = inp
         n_layers = inp.t.shape[0]
         self.n_layers = n_layers
-        usable = inp.sizes <= inp.n_devices
-        g = int(np.gcd.reduce(inp.sizes[usable])) if usable.any() else 1
-        # Only multiples of g are reachable: count devices in units of g.
-        self.feasible_units = inp.n_devices % g == 0
-        self.units = inp.sizes // g
-        self.d_top = inp.n_devices // g
+        # Only multiples of the gcd of the sizes are reachable: count devices in its units.
+        self.units, self.d_top, self.feasible_units = _units(inp)
         self.n_d = self.d_top + 1
         e = (entries or _Entries.of(inp)).up_to_depth(inp.s_max)
+        self.entries = e
         self.k, self.j, self.m, self.s, self.tv, self.cv = e.k, e.j, e.m, e.s, e.tv, e.cv
-        self.t_rel = inp.t.min(axis=3)  # (L, L+1, M), best depth: for the device bounds
+        t_rel, c_rel = least if least is not None else (inp.t.min(axis=3), inp.c.min(axis=3))
+        self.t_rel = t_rel  # (L, L+1, M), best depth: for the device bounds
+        self.t_best = t_rel.min(axis=2)    # (L, L+1): best submesh and depth
+        self.c_best = best = c_rel.min(axis=2)
         # least sum (t + extra) of any slicing of layers [0, k), devices and depths relaxed
-        best = inp.c.min(axis=(2, 3))
         self.prefix_cost = np.full(n_layers + 1, np.inf)
         self.prefix_cost[0] = 0.0
         for end in range(1, n_layers + 1):
             self.prefix_cost[end] = np.min(self.prefix_cost[:end] + best[:end, end])
         self.n_solves = 0
+        # Float tables of every depth, kept from solve to solve: refilling the rows a solve
+        # wrote is cheaper than fresh arrays (page faults on every allocation), and the tables
+        # a solve returns are only read before the next solve.
+        self._tables: list[np.ndarray] = []
+        self._written: list[list[np.ndarray]] = []
+
+    def _table(self, depth: int) -> np.ndarray:
+        """The float table of this depth, all inf."""
+        while len(self._tables) <= depth:
+            self._tables.append(np.full((self.n_layers + 1, self.n_d), np.inf))
+            self._written.append([])
+        table = self._tables[depth]
+        for rows in self._written[depth]:
+            table[rows] = np.inf
+        self._written[depth] = []
+        return table
 
     def candidates(self) -> np.ndarray:
-        return np.unique(self.tv)
+        return self.entries.candidates()
 
     def device_bounds(self, t_max: float) -> tuple[np.ndarray, np.ndarray]:
         """Least devices (units) that layers [0, k) (prefix[k]) and [k, L) (suffix[k]) need
         with every stage within t_max, depths relaxed. A DP state (k, d) with
         d < suffix[k] or d > D - prefix[k] lies on no complete solution."""
-        n_layers = self.n_layers
-        units = self.units.astype(np.float64)
-        step = np.where(self.t_rel <= t_max, units, np.inf).min(axis=2)  # (L, L+1)
-        prefix = np.full(n_layers + 1, np.inf)
-        prefix[0] = 0.0
-        for j in range(1, n_layers + 1):
-            prefix[j] = np.min(prefix[:j] + step[:j, j])
-        suffix = np.full(n_layers + 1, np.inf)
-        suffix[n_layers] = 0.0
-        for k in range(n_layers - 1, -1, -1):
-            suffix[k] = np.min(step[k, k + 1:] + suffix[k + 1:])
-        return prefix, suffix
+        return _device_bounds(self.t_rel, self.units, t_max)
 
     def solve(self, t_max: float, feasibility_only: bool = False, cutoff: float = math.inf):
         """The DP at t_max. Returns (tables, top) with top[s] = F(s, 0, D) (float mode) or
@@ -249,39 +309,57 @@ class _Solver:
         lo = np.minimum(suffix, n_d).astype(np.int64)
         hi = np.where(np.isfinite(prefix), d_top - np.minimum(prefix, n_d), -1).astype(np.int64)
         lo[0] = max(lo[0], d_top)
-        ok = self.tv <= t_max
-        k, j, m, s, cv = self.k[ok], self.j[ok], self.m[ok], self.s[ok], self.cv[ok]
         live_k = lo <= hi
-        keep = live_k[k] & live_k[j]
-        k, j, m, s, cv = k[keep], j[keep], m[keep], s[keep], cv[keep]
-        s_bounds = np.searchsorted(s, np.arange(self.inp.s_max + 2))
+        k_live = np.flatnonzero(live_k[:n_layers])
+        prune = not feasibility_only and cutoff < math.inf
+        # padded[j, pad + d] = g_prev[j, d], pad_value left of it: its sliding windows give
+        # windows[j, pad - u, d] = g_prev[j, d - u] without copying, so the gathers below copy
+        # contiguous row slices instead of indexing element by element. Feasibility tables are
+        # not kept: each is its own padded (zeroed, so cheap) array. Float tables are kept for
+        # reconstruct; their live rows are copied into one padded buffer.
+        pad = int(self.units[self.units <= d_top].max(initial=0))
+        offset = pad - np.minimum(self.units, pad)   # units beyond d_top have no entries
         if feasibility_only:
-            g_prev = np.zeros((n_layers + 1, n_d), dtype=bool)
+            padded = np.zeros((n_layers + 1, pad + n_d), dtype=bool)
+            g_prev = padded[:, pad:]
             g_prev[n_layers, 0] = True
-            pad_value: bool | float = False
         else:
+            padded = np.full((n_layers + 1, pad + n_d), np.inf)
             g_prev = np.full((n_layers + 1, n_d), np.inf)
             g_prev[n_layers, 0] = 0.0
-            pad_value = np.inf
-        # padded[j, pad + d] = g_prev[j, d], pad_value left of it; its sliding windows give
-        # windows[j, pad - u, d] = g_prev[j, d - u] without copying, so the gathers below copy
-        # contiguous row slices instead of indexing element by element
-        pad = int(self.units[self.units <= d_top].max(initial=0))
-        padded = np.empty((n_layers + 1, pad + n_d), dtype=g_prev.dtype)
-        padded[:, :pad] = pad_value
-        windows = np.lib.stride_tricks.sliding_window_view(padded, n_d, axis=1)
-        offset = pad - np.minimum(self.units, pad)   # units beyond d_top have no entries
         tables = [g_prev]
+        # per row of g_prev: has a finite cell, first and last finite column, least value
+        live_rows = np.zeros(n_layers + 1, dtype=bool)
+        live_rows[n_layers] = True
+        first = np.zeros(n_layers + 1, dtype=np.int64)
+        last = np.zeros(n_layers + 1, dtype=np.int64)
+        row_min = np.full(n_layers + 1, np.inf)
+        row_min[n_layers] = 0.0
         for depth in range(1, self.inp.s_max + 1):
-            e0, e1 = s_bounds[depth], s_bounds[depth + 1]
-            g_cur = np.zeros_like(g_prev) if feasibility_only else np.full_like(g_prev, np.inf)
-            finite = g_prev if feasibility_only else np.isfinite(g_prev)
-            live_rows = np.any(finite, axis=1)
-            kk, jj, mm, cc = k[e0:e1], j[e0:e1], m[e0:e1], cv[e0:e1]
-            useful = live_rows[jj]  # entries that lead into a solvable rest
-            if useful.any():
-                kk, jj, mm, cc = kk[useful], jj[useful], mm[useful], cc[useful]
-                padded[:, pad:] = g_prev
+            if feasibility_only:
+                windows = np.lib.stride_tricks.sliding_window_view(padded, n_d, axis=1)
+                padded = np.zeros((n_layers + 1, pad + n_d), dtype=bool)
+                g_cur = padded[:, pad:]
+            else:
+                # rows that are not live are never read: stale copies there are harmless
+                padded[live_rows, pad:] = g_prev[live_rows]
+                windows = np.lib.stride_tricks.sliding_window_view(padded, n_d, axis=1)
+                g_cur = self._table(depth)
+                tables.append(g_cur)
+            # entries allowed at t_max (a prefix of each (depth, k) group), from a row that
+            # can be on a solution into a row with a solvable rest
+            sel = self.entries.allowed(depth, k_live, t_max)
+            jj = self.j[sel]
+            useful = live_rows[jj]
+            useful &= live_k[jj]
+            if prune:
+                # an entry whose every cell reaches the cutoff only makes cells that are
+                # dropped anyway (float rounding is monotone, so the test is exact)
+                useful &= (self.cv[sel] + row_min[jj]) + self.prefix_cost[self.k[sel]] < cutoff
+            sel = sel[useful]
+            next_live = np.zeros(n_layers + 1, dtype=bool)
+            if sel.size:
+                kk, jj, mm, cc = self.k[sel], self.j[sel], self.m[sel], self.cv[sel]
                 shift = offset[mm]
                 starts = np.flatnonzero(np.r_[True, kk[1:] != kk[:-1]])
                 # An entry (k, j, m) reaches only d = d' + units[m] for the finite cells d' of
@@ -289,35 +367,45 @@ class _Solver:
                 # Within a row's own window the cells cut off were inf (False) anyway, and no
                 # in-window cell reads an out-of-window one, so F and the stages found are
                 # unchanged (tests: the dense recurrence, brute force).
-                first = finite.argmax(axis=1)
-                last = n_d - 1 - finite[:, ::-1].argmax(axis=1)
-                reach_lo = np.minimum.reduceat(first[jj] + self.units[mm], starts)
-                reach_hi = np.maximum.reduceat(last[jj] + self.units[mm], starts)
-                g_lo = np.maximum(lo[kk[starts]], reach_lo)
-                g_hi = np.minimum(hi[kk[starts]], reach_hi)
+                umm = self.units[mm]
+                reach_lo = np.minimum.reduceat(first[jj] + umm, starts)
+                reach_hi = np.maximum.reduceat(last[jj] + umm, starts)
+                k_rows = kk[starts]
+                g_lo = np.maximum(lo[k_rows], reach_lo)
+                g_hi = np.minimum(hi[k_rows], reach_hi)
                 empty = g_lo > g_hi          # one cell (inf, computed as such) keeps the groups aligned
-                g_hi[empty] = g_lo[empty] = lo[kk[starts]][empty]
+                g_hi[empty] = g_lo[empty] = lo[k_rows][empty]
                 for g0, g1, w0, w1 in _chunks(starts, kk.size, g_lo, g_hi):
-                    e0, e1 = starts[g0], (starts[g1] if g1 < starts.size else kk.size)
-                    vals = windows[jj[e0:e1], shift[e0:e1], w0:w1]
-                    rows = kk[starts[g0:g1]]
-                    at = starts[g0:g1] - e0
+                    c0, c1 = starts[g0], (starts[g1] if g1 < starts.size else kk.size)
+                    vals = windows[jj[c0:c1], shift[c0:c1], w0:w1]
+                    rows = k_rows[g0:g1]
+                    at = starts[g0:g1] - c0
                     # Cells outside a row's own window get values too: those are costs of
                     # real (if useless) suffixes, so they can never undercut the optimum.
                     if feasibility_only:
-                        g_cur[rows, w0:w1] = np.logical_or.reduceat(vals, at, axis=0)
+                        block = np.logical_or.reduceat(vals, at, axis=0)
+                        finite = block
                     else:
-                        vals += cc[e0:e1, None]
-                        g_cur[rows, w0:w1] = np.minimum.reduceat(vals, at, axis=0)
-            if not feasibility_only and cutoff < math.inf:
-                g_cur[g_cur + self.prefix_cost[:, None] >= cutoff] = np.inf
-            tables.append(g_cur)
+                        vals += cc[c0:c1, None]
+                        block = np.minimum.reduceat(vals, at, axis=0)
+                        if prune:
+                            block[block + self.prefix_cost[rows, None] >= cutoff] = np.inf
+                        finite = np.isfinite(block)
+                        row_min[rows] = block.min(axis=1)
+                    g_cur[rows, w0:w1] = block
+                    if not feasibility_only:
+                        self._written[depth].append(rows)
+                    any_row = finite.any(axis=1)
+                    next_live[rows] = any_row
+                    first[rows] = w0 + finite.argmax(axis=1)
+                    last[rows] = w1 - 1 - finite[:, ::-1].argmax(axis=1)
             if feasibility_only:
                 top[depth] = 0.0 if g_cur[0, d_top] else np.inf
             else:
                 top[depth] = g_cur[0, d_top]
+            live_rows = next_live
             g_prev = g_cur
-            if not (g_cur if feasibility_only else np.isfinite(g_cur)).any():
+            if not live_rows.any():
                 break  # every deeper table builds on this one: all empty too
         return (None if feasibility_only else tables), top
 
@@ -340,33 +428,59 @@ class _Solver:
         return stages
 
 
+def _units(inp: _Input) -> tuple[np.ndarray, int, bool]:
+    """Submesh sizes and the cluster in units of the gcd of the usable sizes (only multiples
+    of it are reachable), and whether the cluster is a whole number of units."""
+    usable = inp.sizes <= inp.n_devices
+    g = int(np.gcd.reduce(inp.sizes[usable])) if usable.any() else 1
+    return inp.sizes // g, inp.n_devices // g, inp.n_devices % g == 0
+
+
+def _device_bounds(t_rel: np.ndarray, units: np.ndarray, t_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """_Solver.device_bounds on t_rel (L, L+1, M), the least stage time over depths."""
+    n_layers = t_rel.shape[0]
+    step = np.where(t_rel <= t_max, units.astype(np.float64), np.inf).min(axis=2)  # (L, L+1)
+    prefix = np.full(n_layers + 1, np.inf)
+    prefix[0] = 0.0
+    for j in range(1, n_layers + 1):
+        prefix[j] = np.min(prefix[:j] + step[:j, j])
+    suffix = np.full(n_layers + 1, np.inf)
+    suffix[n_layers] = 0.0
+    for k in range(n_layers - 1, -1, -1):
+        suffix[k] = np.min(step[k, k + 1:] + suffix[k + 1:])
+    return prefix, suffix
+
+
 def _chunks(starts: np.ndarray, n_entries: int, lo: np.ndarray, hi: np.ndarray,
-            max_elems: int = 1 << 21):
+            merge_elems: int = 2048, max_elems: int = 1 << 21):
     """Split consecutive k-groups (entries starts[g]..starts[g+1], column window
     [lo[g], hi[g]]) into blocks computed over the union of their windows: one numpy call per
-    block instead of per row, while the union stays close to the rows' own widths."""
+    block instead of per row. A group joins the block while that adds at most merge_elems
+    cells beyond the group's own (about what a numpy call costs in cells)."""
     n_groups = starts.size
-    ends = np.r_[starts[1:], n_entries]
+    sizes = np.diff(np.r_[starts, n_entries]).tolist()
+    lo_l = lo.tolist()
+    hi_l = (hi + 1).tolist()
     g0 = 0
     while g0 < n_groups:
-        w0, w1 = int(lo[g0]), int(hi[g0]) + 1
-        own = w1 - w0
+        w0, w1, n = lo_l[g0], hi_l[g0], sizes[g0]
         g1 = g0 + 1
         while g1 < n_groups:
-            n0, n1 = min(w0, int(lo[g1])), max(w1, int(hi[g1]) + 1)
-            if (n1 - n0) > max(64, 2 * own) or (ends[g1] - starts[g0]) * (n1 - n0) > max_elems:
+            n0, n1, nn = min(w0, lo_l[g1]), max(w1, hi_l[g1]), n + sizes[g1]
+            cells = nn * (n1 - n0)
+            if cells - n * (w1 - w0) - sizes[g1] * (hi_l[g1] - lo_l[g1]) > merge_elems or cells > max_elems:
                 break
-            w0, w1, own = n0, n1, max(own, int(hi[g1]) + 1 - int(lo[g1]))
+            w0, w1, n = n0, n1, nn
             g1 += 1
         yield g0, g1, w0, w1
         g0 = g1
 
 
-def _relaxed_sum(inp: _Input) -> float:
+def _relaxed_sum(best: np.ndarray) -> float:
     """Lower bound on sum_i (t_i + extra_i): best slicing with each stage at its cheapest
-    submesh and depth, devices ignored (an O(L^2) shortest path)."""
-    n_layers = inp.c.shape[0]
-    best = inp.c.min(axis=(2, 3))  # (L, L+1)
+    submesh and depth (best: (L, L+1), inp.c.min(axis=(2, 3))), devices ignored (an O(L^2)
+    shortest path)."""
+    n_layers = best.shape[0]
     f = np.full(n_layers + 1, np.inf)
     f[n_layers] = 0.0
     for k in range(n_layers - 1, -1, -1):
@@ -374,10 +488,10 @@ def _relaxed_sum(inp: _Input) -> float:
     return float(f[0])
 
 
-def _t_lower_bound(inp: _Input) -> float:
-    """Every layer lies in some stage, so max_i t_i >= max_l min over stages covering l."""
-    n_layers = inp.t.shape[0]
-    best = inp.t.min(axis=(2, 3))  # (L, L+1)
+def _t_lower_bound(best: np.ndarray) -> float:
+    """Every layer lies in some stage, so max_i t_i >= max_l min over stages covering l
+    (best: (L, L+1), inp.t.min(axis=(2, 3)))."""
+    n_layers = best.shape[0]
     lb = 0.0
     for layer in range(n_layers):
         lb = max(lb, float(best[:layer + 1, layer + 1:].min()))
@@ -413,16 +527,60 @@ def stage_dp_bounds(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_de
         return []
     inp = _validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extra,
                     max(bounds))
+    # the least time and cost over depths 0..b of every (range, submesh), for each bound b,
+    # by a running minimum over the depths (min is exact, so these equal each bound's own)
+    least: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    t_run = c_run = None
+    done = 0
+    for b in sorted({min(int(b), inp.s_max) for b in bounds}):
+        t_new, c_new = inp.t[..., done:b + 1].min(axis=3), inp.c[..., done:b + 1].min(axis=3)
+        t_run = t_new if t_run is None else np.minimum(t_run, t_new)
+        c_run = c_new if c_run is None else np.minimum(c_run, c_new)
+        least[b], done = (t_run, c_run), b + 1
+    # No solution at any bound when even the deepest bound with every entry allowed needs
+    # more devices than there are (the search would stop there before any DP solve): skip
+    # sorting the entries.
+    units, d_top, whole = _units(inp)
+    if not whole or not _device_bounds(least[inp.s_max][0], units, math.inf)[1][0] <= d_top:
+        return [_empty_result(t0, 0) for _ in bounds]
     entries = _Entries.of(inp)
-    out = []
-    for b in bounds:
-        out.append(_search(_Solver(_limited(inp, int(b)), entries), t0))
+    # deepest bound first: its feasibility solves see every depth and answer most probes of
+    # the shallower searches
+    known = _Feasibility()
+    out: dict[int, StageDPResult] = {}
+    for b in sorted({int(b) for b in bounds}, reverse=True):
+        out[b] = _search(_Solver(_limited(inp, b), entries, least[min(b, inp.s_max)]), t0, known)
         t0 = time.perf_counter()
-    return out
+    return [out[int(b)] for b in bounds]
 
 
-def _search(solver: _Solver, t0: float) -> StageDPResult:
-    """The t_max search of stage_dp on one solver."""
+class _Feasibility:
+    """Feasibility answers of earlier solves on one input, at any bound on the depth: per
+    t_max solved, the least depth with a solution (inf: none) and the deepest depth tried.
+    A solution of depth f within t' is one within any t >= t', so at t a depth <= b is
+    feasible where some t' <= t had f' <= b, and infeasible where some t' >= t had f' > b
+    with depths up to b tried. Only exact answers: a search asking here takes the same path
+    as one solving every probe."""
+
+    def __init__(self) -> None:
+        self.solved: list[tuple[float, float, int]] = []   # (t_max, least feasible depth, depths tried)
+
+    def add(self, t_max: float, top: np.ndarray) -> None:
+        feasible = np.flatnonzero(np.isfinite(top))
+        self.solved.append((t_max, float(feasible[0]) if feasible.size else math.inf, top.size - 1))
+
+    def lookup(self, t_max: float, bound: int) -> bool | None:
+        for t, least, tried in self.solved:
+            if t <= t_max and least <= bound:
+                return True
+            if t >= t_max and least > bound and tried >= bound:
+                return False
+        return None
+
+
+def _search(solver: _Solver, t0: float, known: _Feasibility | None = None) -> StageDPResult:
+    """The t_max search of stage_dp on one solver; known: feasibility answers to share with
+    searches on the same input."""
     inp = solver.inp
     if not solver.feasible_units or solver.tv.size == 0:
         return _empty_result(t0, 0)
@@ -450,10 +608,18 @@ def _search(solver: _Solver, t0: float) -> StageDPResult:
     # 1. smallest feasible t_max: gallop up from a lower bound, then bisect, on the
     #    cheap feasibility-only DP.
     def feasible(idx: int) -> bool:
-        return bool(np.isfinite(solver.solve(float(cands[idx]), True)[1]).any())
+        t_max = float(cands[idx])
+        if known is not None:
+            answer = known.lookup(t_max, inp.s_max)
+            if answer is not None:
+                return answer
+        top = solver.solve(t_max, True)[1]
+        if known is not None:
+            known.add(t_max, top)
+        return bool(np.isfinite(top).any())
 
     last = cands.size - 1
-    probe = int(np.searchsorted(cands, _t_lower_bound(inp), side="left"))
+    probe = int(np.searchsorted(cands, _t_lower_bound(solver.t_best), side="left"))
     # The device bound alone is a necessary condition and ~100x cheaper than a DP:
     # bisect on it first to start the gallop near the answer.
     hi_idx = last + 1
@@ -500,7 +666,7 @@ def _search(solver: _Solver, t0: float) -> StageDPResult:
     #    constant on [t', middle], and what is left is two intervals, below t' (F >= the F
     #    found) and above the middle (the parent's f). An interval whose lb reaches the
     #    best T is dropped, and then every later one (they come in order of lb).
-    f_relaxed = _relaxed_sum(inp)
+    f_relaxed = _relaxed_sum(solver.c_best)
 
     def bound(lo: int, f: float) -> float:
         t = float(cands[lo])

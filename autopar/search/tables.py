@@ -82,6 +82,10 @@ class StageTables:
         self.class_cells["recompute"] = 0
         self.meshes: list[tuple[tuple[int, int], list[StartLayout]]] = []
         self.least_memory_bytes = math.inf     # over every cell and option, fitting or not
+        # per depth s = 1..S (axis 0): microbatches held by the first stage of s, and the
+        # B + s - 1 slots of the key
+        self._held = np.array([inflight(space.schedule, 0, s, space.n_microbatches) for s in range(1, S + 1)])[:, None, None]
+        self._slots = np.arange(space.n_microbatches, space.n_microbatches + S, dtype=np.float64)[:, None, None]
 
     def cell(self, i: int, j: int, submesh_index: int, stages_to_end: int) -> np.void:
         """The CELL record of layers [i, j) on a submesh, s stages from it to the end."""
@@ -91,32 +95,38 @@ class StageTables:
         """Offer every cell of one logical mesh on submesh `submesh_index`; a cell keeps the
         option with the least key_s (the first one on ties)."""
         sp = self.space
-        B, S = sp.n_microbatches, sp.max_stages
+        S = sp.max_stages
         self.meshes.append((logical_mesh, rt.starts))
         mesh_id = len(self.meshes) - 1
         at = (self.rep_i, self.rep_j)
-        held = np.array([inflight(sp.schedule, 0, s, B) for s in range(1, S + 1)])[:, None, None]
-        slots = np.arange(B, B + S, dtype=np.float64)[:, None, None]   # B + s - 1 for s = 1..S
+        held, slots = self._held, self._slots                        # B + s - 1 for s = 1..S
         sync = rt.sync[at]                                          # (U, P)
         cells = self.class_cells[:-1, submesh_index, 1:].T         # (S, U) view
+        n_s, n_u, n_p = S, sync.shape[0], sync.shape[1]
         for rci, rc in enumerate(RECOMPUTE_OPTIONS):
             t = rt.time_s(rc, at)                                    # (U, P)
             mem = rt.memory_bytes(rc, held, at)                      # (S, U, P)
-            finite = mem[np.isfinite(mem)]
-            if finite.size:
-                self.least_memory_bytes = min(self.least_memory_bytes, float(finite.min()))
+            least = mem.min(initial=math.inf)
+            if math.isnan(least) or least == -math.inf:
+                # the least finite value, where NaN or -inf would hide it from min
+                finite = mem[np.isfinite(mem)]
+                least = finite.min() if finite.size else math.inf
+            if least < math.inf:
+                self.least_memory_bytes = min(self.least_memory_bytes, float(least))
             tt = np.where(mem <= sp.memory_cap_bytes, t, np.inf)
             key = slots * tt + sync
-            pbest = key.argmin(axis=2)[..., None]
-            kbest = np.take_along_axis(key, pbest, axis=2)[..., 0]
+            # the first least key per cell, read through flat indices (take_along_axis builds
+            # an index grid per call)
+            pbest = key.argmin(axis=2)
+            flat = (np.arange(n_s * n_u) * n_p).reshape(n_s, n_u) + pbest
+            kbest = key.ravel()[flat]
             better = kbest < cells["key_s"]
             if better.any():
                 np.copyto(cells["key_s"], kbest, where=better)
-                np.copyto(cells["t_s"], np.take_along_axis(tt, pbest, axis=2)[..., 0], where=better)
-                np.copyto(cells["sync_s"], np.take_along_axis(np.broadcast_to(sync, key.shape), pbest, axis=2)[..., 0],
-                          where=better)
+                np.copyto(cells["t_s"], tt.ravel()[flat], where=better)
+                np.copyto(cells["sync_s"], sync.ravel()[flat % (n_u * n_p)], where=better)
                 np.copyto(cells["mesh"], mesh_id, where=better)
-                np.copyto(cells["start"], pbest[..., 0], where=better)
+                np.copyto(cells["start"], pbest, where=better)
                 np.copyto(cells["recompute"], rci, where=better)
 
     def choice(self, i: int, j: int, submesh_index: int, stages_to_end: int) -> StageChoice:
@@ -141,15 +151,17 @@ class StageTables:
         (the largest, so still an upper bound)."""
         sp = self.space
         cls = self.range_class          # class -1 reads the last, never-filled row
-        cost = self.class_cells["t_s"][cls]
-        extra = np.zeros(cost.shape[:3])
+        t_s = self.class_cells["t_s"]
         # s = 0 is no stage (cost inf there); 1 keeps the division finite
         in_flight = np.array([1.0] + [inflight(sp.schedule, 0, s, sp.n_microbatches)
                                       for s in range(1, sp.max_stages + 1)])
-        for mi, p2p in enumerate(p2p_s):
-            extra[:, :, mi] += 2 * p2p[None, :]
-            cost[:, :, mi, :] += 2 * p2p[None, :, None] / in_flight[None, None, :]
-        extra += np.where(np.isfinite(cost), self.class_cells["sync_s"][cls], 0.0).max(axis=3)
+        p2p_jm = np.ascontiguousarray(np.asarray(p2p_s, dtype=np.float64).T)      # (L+1, M)
+        cost = t_s[cls]
+        cost += 2 * p2p_jm[None, :, :, None] / in_flight
+        # a finite p2p keeps a cell finite, so the sync maximum only needs the classes' cells:
+        # computed per class and then spread, not over every range
+        sync_max = np.where(np.isfinite(t_s), self.class_cells["sync_s"], 0.0).max(axis=2)
+        extra = np.broadcast_to(2 * p2p_jm, cost.shape[:3]) + sync_max[cls]
         return cost, extra
 
 
