@@ -13,7 +13,8 @@ evaluation.baselines.megatron_names) — runs on the zoo's nn.Module with
                        embedding, loss_parallel for the vocab-split head; dp x tp on one
                        DeviceMesh with named dims ("pp", "dp", "tp")
     Megatron SP        the planner's reduce-scatter variants ("k@1+rs:s@1", "v@1+rs:s@1"; onto
-                       the batch dim "rs:b@1" the same way), one-stage plans: SequenceParallel
+                       the batch dim "rs:b@1" the same way), also in pipelines of like stages (each tp rank's chunk of
+                       a boundary tensor goes to the same tp rank of the next stage): SequenceParallel
                        norms, ColwiseParallel(input_layouts=Shard(d)), RowwiseParallel(
                        output_layouts=Shard(d)), the embedding RowwiseParallel(output_layouts=
                        Shard(d))
@@ -40,7 +41,7 @@ runtime.apply, with a warning that names the stage and op.
 
 Not lowered here (they keep the program path, or its NotAppliableError): interleaved schedules
 over stages of different sizes or layouts, expert-parallel / 2-D sharded weights (MoE under
-TP), hf: models, sequence parallelism in pipelines or on some row-parallel ops only, other
+TP), hf: models, sequence parallelism in mixed pipelines or on some row-parallel ops only, other
 reduce-scatters, context parallelism beside tp or in pipelines, and on CPU (runtime.context),
 layouts other than Megatron's. A vocab-split embedding
 reduce-scattered onto the batch over the data-parallel axis ("v@1+rs:b@1" on a dp stage) runs
@@ -69,6 +70,7 @@ import torch.nn.functional as F
 from autopar.evaluation.baselines import megatron_names
 from autopar.plan import Plan, PlanError
 from autopar.sharding.rules.attention import CP_SUFFIX, cp_of
+from autopar.sharding.rules.common import strategy_letters
 from graphs.ir import ATTENTION, EMBEDDING, INPUT, MATMUL, OpGraph
 from graphs.query import stage_nodes
 
@@ -109,6 +111,8 @@ class StageLayout:
                                          # stream split over tp between blocks (0 batch, 1 sequence)
     rs_embeddings: tuple[str, ...] = ()  # split embeddings reduce-scattered onto sequence_dim
     hidden_split_embeddings: tuple[str, ...] = ()   # embeddings split over tp on the hidden dim
+    rows_head_dim: int | None = None     # under tp: the head splits this token dim (0 batch, 1 sequence)
+                                         # over tp, with the whole weight
     cp: int = 1                          # context parallelism: the sequence split over the other axis
     cp_exchange: str = ""                # its K/V exchange, "ring" or "allgather" (rules.attention)
 
@@ -173,7 +177,6 @@ def match_stage(plan: Plan, ir: OpGraph, k: int, family: str) -> StageLayout:
     if any(CP_SUFFIX in v for v in stage.strategies.values()):
         return _match_context_parallel(plan, ir, k, names, vocab)
     rows = _row_parallel_ops(ir, names, family)
-    one_stage = len(plan.stages) == 1
     m0, m1 = tuple(stage.logical_mesh)
     misses = []
     for dp_axis in ((0, 1) if m0 != m1 or m0 > 1 else (0,)):
@@ -184,7 +187,7 @@ def match_stage(plan: Plan, ir: OpGraph, k: int, family: str) -> StageLayout:
         tp_at, dp_at = f"@{1 - dp_axis}", f"@{dp_axis}"
         wanted = megatron_names(ir, names, dp, tp)
         dp_only = megatron_names(ir, list(vocab), dp, 1) if tp > 1 else {}
-        bad, split, rs_dims, rs_ops, hidden = [], set(), set(), set(), set()
+        bad, split, rs_dims, rs_ops, hidden, rows_heads = [], set(), set(), set(), set(), set()
         for name, choices in wanted.items():
             have = stage.strategies.get(name)
             if have is None or ir.node(name).kind == INPUT:
@@ -211,6 +214,8 @@ def match_stage(plan: Plan, ir: OpGraph, k: int, family: str) -> StageLayout:
                 hidden.add(name)                            # split on the hidden dim (ColwiseParallel)
             elif name in dp_only and have == (_swap_axes(dp_only[name][0]) if dp_axis == 1 else dp_only[name][0]):
                 pass                                        # replicated over tp
+            elif name in vocab and ir.node(name).kind == MATMUL and _token_split_head(have, dp, dp_axis) is not None:
+                rows_heads.add(name)                        # the head on this rank's tokens, whole weight
             elif have != want:
                 bad.append(f"op {name} is {have!r}, the engines need {want!r}")
         sequence_dim = None
@@ -220,12 +225,15 @@ def match_stage(plan: Plan, ir: OpGraph, k: int, family: str) -> StageLayout:
                 bad.append(f"reduce-scatters onto different dims {sorted(rs_dims)} of the residual stream")
             elif plain_rows:
                 bad.append(f"sequence parallelism on some row-parallel ops only: op {plain_rows[0]} all-reduces")
-            elif not one_stage:
-                bad.append("sequence parallelism across pipeline stages (boundary tensors split over tp)")
             else:
                 sequence_dim = rs_dims.pop()
         if not bad and tp == 1:
             return StageLayout(dp, tp, dp_axis)
+        rows_dims = {_token_split_head(stage.strategies[n], dp, dp_axis) for n in rows_heads}
+        tokens = (plan.training.microbatch_size // dp, plan.model.seq)
+        uneven = [d for d in rows_dims if d is not None and tokens[d] % tp]
+        if not bad and uneven:
+            bad.append(f"the head splits {tokens[uneven[0]]} {('rows', 'positions')[uneven[0]]} over tp={tp}")
         if not bad:
             heads = [n for n in vocab if ir.node(n).kind == MATMUL]
             if any(n in rs_ops for n in heads):
@@ -234,10 +242,22 @@ def match_stage(plan: Plan, ir: OpGraph, k: int, family: str) -> StageLayout:
                 return StageLayout(dp, tp, dp_axis, tuple(sorted(vocab[n] for n in split if n not in heads)),
                                    any(n in split for n in heads), sequence_dim,
                                    tuple(sorted(vocab[n] for n in rs_ops if n in vocab)),
-                                   tuple(sorted(vocab[n] for n in hidden)))
+                                   tuple(sorted(vocab[n] for n in hidden)), rows_dims.pop() if rows_heads else None)
         misses.append(f"{len(bad)} op(s) differ from Megatron's layout with dp on mesh axis {dp_axis}, first: "
                       + bad[0])
     raise EngineMismatch(f"stage {k} (layers {list(stage.layers)}, mesh {m0}x{m1}): " + "; ".join(misses))
+
+
+def _token_split_head(strategy: str, dp: int, dp_axis: int) -> int | None:
+    """The token dim (0 batch, 1 sequence) a head's strategy splits over the tp axis, its batch
+    also over dp where dp > 1 ("b@1", "s@1", "b@0,s@1", "b@01"); None for any other strategy."""
+    tpm, dpm = 1 << (1 - dp_axis), (1 << dp_axis) if dp > 1 else 0
+    letters = strategy_letters(strategy)
+    if letters == {"b": tpm | dpm}:
+        return 0
+    if letters == {"s": tpm, **({"b": dpm} if dpm else {})}:
+        return 1
+    return None
 
 
 def _match_context_parallel(plan: Plan, ir: OpGraph, k: int, names: list[str], vocab: dict[str, str]) -> StageLayout:
@@ -330,9 +350,21 @@ def match_plan(plan: Plan, ir: OpGraph, family: str) -> list[StageLayout]:
     """Per stage, its engines' layout; EngineMismatch when a stage or the schedule has none."""
     pp = pipeline_ranks(plan)
     layouts = [match_stage(plan, ir, k, family) for k in range(len(plan.stages))]
-    if is_mixed(plan, layouts) and pp != len(plan.stages):
+    mixed = is_mixed(plan, layouts)
+    if mixed and pp != len(plan.stages):
         raise EngineMismatch("interleaved schedules over stages of different device counts or (dp, tp) layouts "
                              "are not lowered to engines; plan them with schedule 1f1b or gpipe")
+    # Under sequence parallelism the boundary tensors travel split over tp, each tp rank's chunk
+    # to the same tp rank of the next stage: every stage must split the same dim, on one layout.
+    dims = {x.sequence_dim for x in layouts}
+    if len(plan.stages) > 1 and dims != {None}:
+        if len(dims) > 1:
+            k = next(k for k, x in enumerate(layouts) if x.sequence_dim != layouts[0].sequence_dim)
+            raise EngineMismatch(f"sequence parallelism on some pipeline stages only: stage {k} splits dim "
+                                 f"{layouts[k].sequence_dim} of its boundary tensors, stage 0 dim {layouts[0].sequence_dim}")
+        if mixed:
+            raise EngineMismatch("sequence parallelism in a pipeline of stages with different device counts or "
+                                 "layouts (their boundary tensors would be resharded split)")
     mb = plan.training.microbatch_size
     for k, x in enumerate(layouts):
         if mb % x.dp:
@@ -359,6 +391,8 @@ class Segment(nn.Module):
         self.register_buffer("cp_positions", None, persistent=False)
         self.head_mesh = None               # set when a tied head splits a replicated weight
         self.split_head = False             # the head split over the vocab (apply_tp)
+        self.rows_head: tuple[Any, int] | None = None   # (tp mesh, token dim) of a head on this tp
+                                                         # rank's tokens (apply_tp)
         # under sequence parallelism (apply_tp): (tp mesh, split dim, reduce-scattered embeddings)
         self.sequence_split: tuple[Any, int, tuple[str, ...]] | None = None
         embeds, norm, _, _ = FAMILY_MODULES[cfg.family]
@@ -411,6 +445,9 @@ class Segment(nn.Module):
             gathered: Any = x
             gathered = gathered.redistribute(gathered.device_mesh, [Replicate()])
             x = gathered if self.split_head else gathered.to_local()
+        assert targets is not None, "the last stage needs the targets"
+        if self.rows_head is not None:
+            return self._rows_head_loss(x, targets)
         if self.tied:
             from torch.distributed.tensor import DTensor, Replicate, Shard
             w: Any = getattr(self, self.embed_names[0]).weight
@@ -424,11 +461,36 @@ class Segment(nn.Module):
             logits = F.linear(x, w)
         else:
             logits = cast(Any, self).head(x)
-        assert targets is not None, "the last stage needs the targets"
         loss: Any = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
         # a vocab-parallel loss is a replicated DTensor: every rank holds the whole value; one
         # element, not a scalar, as pipelining concatenates the microbatches' outputs
         return (loss.to_local() if _is_dtensor(loss) else loss).reshape(1)
+
+
+    def _rows_head_loss(self, x: Any, targets: torch.Tensor) -> torch.Tensor:
+        """The head and loss on this tp rank's share of the tokens (its rows of the batch, or its
+        chunk of the sequence), with the whole weight: the planner's token-split head under tp.
+        Backward: the tokens' input gradients are all-gathered, the weight's per-rank gradients
+        summed (Partial) into its layout; the value returned is the whole microbatch's loss, the
+        gradient this rank's share of it."""
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+        assert self.rows_head is not None
+        mesh, dim = self.rows_head
+        n = mesh.size()
+        whole = x.redistribute(mesh, [Replicate()]) if _is_dtensor(x) else \
+            DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        rows = whole.redistribute(mesh, [Shard(dim)]).to_local()
+        w: Any = getattr(self, self.embed_names[0]).weight if self.tied else cast(Any, self).head.weight
+        if not _is_dtensor(w):
+            w = DTensor.from_local(w, mesh, [Replicate()], run_check=False)
+        w = w.redistribute(w.device_mesh, [Replicate()] * w.device_mesh.ndim).to_local(
+            grad_placements=[Partial()] * w.device_mesh.ndim)
+        logits = F.linear(rows, w)
+        mine = targets.chunk(n, dim=dim)[mesh.get_local_rank()]          # as Shard(dim) cuts
+        share = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mine.reshape(-1)) / n
+        total = share.detach().clone()
+        dist.all_reduce(total, group=mesh.get_group())
+        return (share + (total - share.detach())).reshape(1)
 
 
 def segment_blocks(layers: tuple[int, int], n_blocks: int) -> tuple[bool, bool, range]:
@@ -453,7 +515,7 @@ def _gpt_attention_tp(self, x: torch.Tensor) -> torch.Tensor:
 
 def apply_tp(seg: Segment, tp_mesh, split_embeddings: tuple[str, ...], split_head: bool,
              sequence_dim: int | None = None, rs_embeddings: tuple[str, ...] = (),
-             hidden_split_embeddings: tuple[str, ...] = ()) -> None:
+             hidden_split_embeddings: tuple[str, ...] = (), rows_head_dim: int | None = None) -> None:
     """Megatron tensor parallelism over tp_mesh: column-parallel q/k/v and MLP-in, row-parallel
     attention-out and MLP-out; the embeddings named in split_embeddings vocab-parallel, and
     with split_head the head too (its loss under loss_parallel). With sequence_dim, Megatron's
@@ -500,6 +562,8 @@ def apply_tp(seg: Segment, tp_mesh, split_embeddings: tuple[str, ...], split_hea
             # the final norm on its split; Segment.forward gathers its output for the head
             top[seg.norm_name] = SequenceParallel(sequence_dim=sequence_dim)
     seg.split_head = seg.last and split_head
+    if seg.last and rows_head_dim is not None:
+        seg.rows_head = (tp_mesh, rows_head_dim)
     if seg.last and split_head:
         if seg.tied and sp:
             if seg.embed_names[0] not in split_embeddings + hidden_split_embeddings:
@@ -579,6 +643,7 @@ class EngineModel:
         self.stage_index = self.stage_ids[0]
         self.stage = stages[self.stage_index]
         self.layout = layout = layouts[self.stage_index]
+        self.last_layout = layouts[self.stage_ids[-1]]      # its last chunk's (under interleaving)
         if compile is None:
             compile = default_compile(layout, self.device)
         self.compiled = compile
@@ -640,7 +705,7 @@ class EngineModel:
         self.boundary_dtype = torch.float32
         self.ddp = False
         self.modules: list[nn.Module] = []
-        for seg in self.segments:
+        for seg_stage, seg in zip(self.stage_ids, self.segments):
             seg.to(self.device)
             if self.cp_mesh is not None:
                 if seg.family == "llama":
@@ -652,11 +717,15 @@ class EngineModel:
                 for block in seg.blocks.values():
                     _checkpoint_attention(cast(nn.Module, block.attn))
             if self.tp_mesh is not None:
-                # a last stage's copy of a tied embedding is stored as the first stage stores it
+                # each chunk's own layout (under interleaving a rank's chunks differ in their
+                # embeddings and head); a last stage's copy of a tied embedding is stored as
+                # the first stage stores it
+                own = layouts[seg_stage]
                 copy = seg.last and not seg.first
-                apply_tp(seg, self.tp_mesh, layout.split_embeddings + (layouts[0].split_embeddings if copy else ()),
-                         layout.split_head, layout.sequence_dim, layout.rs_embeddings,
-                         layout.hidden_split_embeddings + (layouts[0].hidden_split_embeddings if copy else ()))
+                apply_tp(seg, self.tp_mesh, own.split_embeddings + (layouts[0].split_embeddings if copy else ()),
+                         own.split_head, own.sequence_dim, own.rs_embeddings,
+                         own.hidden_split_embeddings + (layouts[0].hidden_split_embeddings if copy else ()),
+                         own.rows_head_dim)
             if compile:
                 compile_blocks(seg)
             module: nn.Module = seg
@@ -694,7 +763,10 @@ class EngineModel:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
         assert self.mesh is not None
         seq = self.plan.model.seq
-        act = (self.local_mb, seq, self.cfg.hidden)
+        act = [self.local_mb, seq, self.cfg.hidden]
+        if self.layout.sequence_dim is not None:
+            # sequence parallelism: this tp rank's chunk of the residual stream crosses stages
+            act[self.layout.sequence_dim] //= self.layout.tp
         pipe: list[Any] = []
         for k, seg, module in zip(self.stage_ids, self.segments, self.modules):
             x = (torch.zeros(self.local_mb, seq, dtype=torch.long, device=self.device) if seg.first else
@@ -723,7 +795,7 @@ class EngineModel:
         stack = contextlib.ExitStack()
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
-        if self.tp_mesh is not None and self.last and self.layout.split_head:
+        if self.tp_mesh is not None and self.last and self.last_layout.split_head:
             from torch.distributed.tensor.parallel import loss_parallel
             stack.enter_context(loss_parallel())
         return stack

@@ -291,6 +291,33 @@ def test_sequence_parallel_plans_match_their_engines():
         assert [(x.sequence_dim, x.rs_embeddings) for x in layouts] == [(dim, scattered)], args
 
 
+def sp_pipeline(schedule: str = "1f1b", chunks: int = 1, model: str = M) -> Plan:
+    """Megatron tp2 x pp2 with sequence parallelism: the boundary tensors cross the stages split
+    over tp on the sequence ("RS1R")."""
+    return plan_3d(1, 2, 2, 1, model=model, sequence_parallel=True, schedule=schedule, virtual_stages=chunks)
+
+
+def test_sequence_parallel_pipelines_match_their_engines():
+    for schedule, chunks in (("1f1b", 1), ("interleaved", 2)):
+        plan = sp_pipeline(schedule, chunks)
+        assert plan.stages[1].input_spec == "RS1R"
+        layouts = match_plan(plan, graphs.load(M, batch=1), "gpt")
+        assert {(x.tp, x.sequence_dim) for x in layouts} == {(2, 1)}
+    d = copy.deepcopy(sp_pipeline().to_dict())
+    for name, st in d["stages"][1]["strategies"].items():
+        d["stages"][1]["strategies"][name] = st.replace("+rs:s@1", "")
+    with pytest.raises(EngineMismatch, match="sequence parallelism on some pipeline stages only: stage 1"):
+        match_plan(Plan.from_dict(d), graphs.load(M, batch=1), "gpt")
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("schedule,chunks", [("1f1b", 1), ("interleaved", 2)])
+def test_sequence_parallel_pipeline_matches_one_process(tmp_path, schedule, chunks):
+    out = run(sp_pipeline(schedule, chunks), tmp_path)
+    assert out["engines"]
+    assert_exact(out)
+
+
 def test_sequence_parallel_on_some_row_ops_only_is_named():
     d = copy.deepcopy(sequence_parallel(1, 1, "s").to_dict())
     d["stages"][0]["strategies"]["blocks_1_mlp_fc2"] = "k@1"
@@ -341,8 +368,12 @@ def test_scattered_embedding_over_dp_matches_one_process(tmp_path, zero):
 
 def hidden_split(model: str = M, head: str = "split", sp: bool = False) -> Plan:
     """A Megatron tp2 plan whose embeddings are split over tp on the hidden dim ("h@1"); the
-    head vocab-split ("split") or replicated ("R"); with sp, sequence parallel (mb 1)."""
+    head vocab-split ("split"), replicated ("R") or on each tp rank's rows or chunk of the
+    sequence with the whole weight ("rows": "b@1" or "s@1"); with sp, sequence parallel (mb 1)."""
+    from autopar.costmodel.compute import ComputeModel
     from autopar.evaluation.evaluator import evaluate
+    from autopar.hardware.mesh import Mesh, Submesh
+    from autopar.sharding.stage_problem import decision_names
     mb = 1 if sp else 2
     plan = plan_3d(1, 2, 1, mb, model=model)
     strategies = plan.stages[0].strategies
@@ -351,15 +382,42 @@ def hidden_split(model: str = M, head: str = "split", sp: bool = False) -> Plan:
             strategies[name] = "h@1"
         elif sp and s == "k@1":
             strategies[name] = "k@1+rs:s@1"
-    if head == "R":
-        strategies["linear"] = "R"
-    return evaluate(plan, graphs.load(model, batch=mb), load_cluster("p3.16xlarge", 1, 2))
+    ir = graphs.load(model, batch=mb)
+    cl = load_cluster("p3.16xlarge", 1, 2)
+    head_op = next(n for n in ir.layers[-1].nodes if ir.node(n).kind == "matmul")
+    if head == "rows":
+        # of splits that cost the same the ILP offers one: the batch or the sequence
+        offered = decision_names(ir, [head_op], Mesh(cl, Submesh(1, 2), (1, 2)), ComputeModel(cl.gpu, "fp16"))
+        strategies[head_op] = next(x for x in ("b@1", "s@1") if x in offered[head_op])
+    elif head == "R":
+        strategies[head_op] = "R"
+    return evaluate(plan, ir, cl)
 
 
 def test_hidden_split_embeddings_match_their_engines():
     for model, emb in ((M, ("wpe", "wte")), (LLAMA, ("tok_emb",))):
         layouts = match_plan(hidden_split(model), graphs.load(model, batch=2), model.split(":")[0])
         assert [(x.hidden_split_embeddings, x.split_embeddings, x.split_head) for x in layouts] == [(emb, (), True)]
+
+
+def test_row_split_head_matches_its_engine():
+    # the auto plan of gpt-6.7b on 2 H200s (eager model): Megatron blocks, hidden-split
+    # embeddings, and a head on each tp rank's tokens ("b@1" there; "s@1" where b and s cost the
+    # same and the ILP keeps the sequence split)
+    from autopar.runtime.engines import _token_split_head
+    assert [_token_split_head(x, 1, 0) for x in ("b@1", "s@1", "n@1", "b@1,s@1")] == [0, 1, None, None]
+    assert [_token_split_head(x, 2, 0) for x in ("b@01", "b@0,s@1", "b@1", "s@1")] == [0, 1, None, None]
+    for model in (M, LLAMA):
+        (layout,) = match_plan(hidden_split(model, "rows"), graphs.load(model, batch=2), model.split(":")[0])
+        assert (layout.tp, layout.rows_head_dim is not None, layout.split_head) == (2, True, False)
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("model,sp", [(M, False), (M, True), (LLAMA, False)])
+def test_row_split_head_matches_one_process(tmp_path, model, sp):
+    out = run(hidden_split(model, "rows", sp), tmp_path)
+    assert out["engines"]
+    assert_exact(out, model)
 
 
 @pytest.mark.runtime
