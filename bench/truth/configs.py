@@ -79,7 +79,7 @@ def est_run_s(run: dict) -> float:
 def _r(model, strategy, mb, seq, recompute="none", nmb=1, prio=5):
     fam = MODELS[model][0]
     n = 1 if strategy == "single" else 2
-    rid = f"{strategy}-{model}-s{seq}-mb{mb}" + (f"-nmb{nmb}" if strategy == "pp" else "") + \
+    rid = f"{strategy}-{model}-s{seq}-mb{mb}" + (f"-nmb{nmb}" if strategy == "pp" or nmb > 1 else "") + \
           ("-rc" if recompute == "full" else "")
     return dict(id=rid, model=model, model_spec=spec(model, seq), family=fam, strategy=strategy,
                 n_gpus=n, microbatch=mb, seq=seq, n_microbatches=nmb, recompute=recompute,
@@ -131,6 +131,17 @@ def dist_runs() -> dict[str, list[dict]]:
     fsdp += [_r("gpt-2.6b", "fsdp2", 4, 1024, prio=6), _r("llama-1b", "fsdp2", 1, 8192, prio=6),
              _r("llama-1b", "fsdp2", 4, 4096, prio=6)]
     return {"ddp": ddp, "fsdp2": fsdp, "tp": tp, "pp": pp}
+
+
+def accumulation_runs() -> dict[str, list[dict]]:
+    """Steps that accumulate several microbatches before the optimizer (DDP's no_sync, FSDP2's
+    set_requires_gradient_sync), as `autopar run` trains: measured apart from the fitted corpus
+    (bench/results/truth_h200_accum_2026-11-30.json)."""
+    single = [_r("gpt-1.3b", "single", 1, 1024, nmb=4, prio=7)]
+    ddp = [_r("gpt-1.3b", "ddp", 1, 1024, nmb=k, prio=7) for k in (2, 4)]
+    ddp += [_r("gpt-1.3b", "ddp", 4, 1024, nmb=4, prio=7), _r("llama-1b", "ddp", 1, 2048, nmb=4, prio=7)]
+    fsdp = [_r("gpt-1.3b", "fsdp2", 1, 1024, nmb=4, prio=7), _r("gpt-6.7b", "fsdp2", 4, 1024, nmb=2, prio=7)]
+    return {"single": single, "ddp": ddp, "fsdp2": fsdp}
 
 
 def smoke_runs() -> tuple[list[dict], list[dict]]:

@@ -65,12 +65,13 @@ def usable(row: dict[str, Any]) -> bool:
 def config_of(row: dict[str, Any]) -> tuple[Config3D, int]:
     """The plan's 3D configuration and global batch (sequences per step) of a measured run."""
     mb, rc, strategy = int(row["microbatch"]), row["recompute"], row["strategy"]
+    nmb = int(row.get("n_microbatches", 1))        # accumulated before the optimizer
     if strategy == "single":
-        return Config3D(1, 1, 1, mb, recompute=rc), mb
+        return Config3D(1, 1, 1, mb, recompute=rc), mb * nmb
     if strategy == "ddp":
-        return Config3D(2, 1, 1, mb, recompute=rc), 2 * mb
+        return Config3D(2, 1, 1, mb, recompute=rc), 2 * mb * nmb
     if strategy == "fsdp2":
-        return Config3D(2, 1, 1, mb, recompute=rc, zero=3), 2 * mb
+        return Config3D(2, 1, 1, mb, recompute=rc, zero=3), 2 * mb * nmb
     if strategy == "tp":
         return Config3D(1, 2, 1, mb, recompute=rc), mb
     if strategy == "pp":
@@ -263,7 +264,7 @@ def ranking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
 
         def per_token(r: dict[str, Any], which: str) -> float:
-            tokens = r["microbatch"] * r["seq"] * (r["n_microbatches"] if r["strategy"] == "pp" else 1)
+            tokens = r["microbatch"] * r["seq"] * r["n_microbatches"]
             tokens *= 2 if r["strategy"] in ("ddp", "fsdp2") else 1
             return r[f"{which}_step_s"] / tokens
         name = [f"{r['strategy']}" + (f"x{r['n_microbatches']}" if r["strategy"] == "pp" else "") for r in sel]

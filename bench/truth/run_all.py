@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stall-s", type=float, default=90, help="a worker silent this long (+3x the run's "
                     "estimate) is taken as hung and killed")
     ap.add_argument("--exclude-ids", default="", help="comma list of run ids to leave out")
+    ap.add_argument("--accumulation", action="store_true",
+                    help="the steps accumulating several microbatches (configs.accumulation_runs) instead of the corpus")
     ap.add_argument("--ids", default="", help="comma list of run ids: run only these (in the list's order "
                     "within each strategy)")
     ap.add_argument("--result", default="truth.json")
@@ -209,6 +211,9 @@ def main(argv=None) -> int:
             dist.setdefault(r["strategy"], []).append(r)
     else:
         single, dist = C.single_runs(), C.dist_runs()
+        if a.accumulation:
+            acc = C.accumulation_runs()
+            single, dist = acc["single"], {k: v for k, v in acc.items() if k != "single"}
     ex = set(filter(None, a.exclude_ids.split(",")))
     ids = set(filter(None, a.ids.split(",")))
     known = {r["id"] for r in single} | {r["id"] for v in dist.values() for r in v}

@@ -239,20 +239,26 @@ def setup_single(run, dev, amp):
     instrument(model)
     opt = make_opt(model.parameters())
     ids, tgt = make_batch(run, model.cfg.vocab, dev, run["microbatch"])
-    step = plain_step(model, opt, ids, tgt, amp)
-    return step, [model, opt], run["microbatch"] * run["seq"]
+    nmb = run.get("n_microbatches", 1)
+    step = plain_step(model, opt, ids, tgt, amp, nmb)
+    return step, [model, opt], run["microbatch"] * run["seq"] * nmb
 
 
-def plain_step(model, opt, ids, tgt, amp):
+def plain_step(model, opt, ids, tgt, amp, nmb: int = 1, no_sync=None):
+    """One optimizer step over nmb microbatches (the same rows each time); `no_sync()` (DDP's)
+    holds back the gradient reduction of all but the last."""
     def step():
         mark("zero_grad")
         opt.zero_grad(set_to_none=True)
-        mark("fwd_other")
-        with torch.autocast(amp, dtype=torch.bfloat16):
-            loss = model(ids, tgt)
-        loss = Boundary.apply(loss, "head_bwd")
-        mark("bwd_launch")
-        loss.backward()
+        for i in range(nmb):
+            last = i == nmb - 1
+            with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
+                mark("fwd_other")
+                with torch.autocast(amp, dtype=torch.bfloat16):
+                    loss = model(ids, tgt)
+                scaled = Boundary.apply(loss / nmb if nmb > 1 else loss, "head_bwd")
+                mark("bwd_launch")
+                scaled.backward()
         mark("optimizer")
         opt.step()
         mark("end")
@@ -269,7 +275,9 @@ def setup_ddp(run, dev, amp, world):
     ddp = DDP(model, device_ids=[dev.device.index] if dev.kind == "cuda" else None)
     opt = make_opt(ddp.parameters())
     ids, tgt = make_batch(run, model.cfg.vocab, dev, run["microbatch"])
-    return plain_step(ddp, opt, ids, tgt, amp), [ddp, model, opt], world * run["microbatch"] * run["seq"]
+    nmb = run.get("n_microbatches", 1)
+    return (plain_step(ddp, opt, ids, tgt, amp, nmb, ddp.no_sync), [ddp, model, opt],
+            world * run["microbatch"] * run["seq"] * nmb)
 
 
 def _fsdp_api():
@@ -294,7 +302,10 @@ def setup_fsdp2(run, dev, amp, world):
         torch.cuda.empty_cache()      # the unsharded fp32 init copies are gone
     opt = make_opt(model.parameters())
     ids, tgt = make_batch(run, model.cfg.vocab, dev, run["microbatch"])
-    return plain_step(model, opt, ids, tgt, amp), [model, opt], world * run["microbatch"] * run["seq"]
+    nmb = run.get("n_microbatches", 1)
+    # ZeRO-3 reduce-scatters every microbatch's gradients (as autopar's engine and the cost model
+    # do); set_requires_gradient_sync(False) would hold them unsharded until the last one instead
+    return plain_step(model, opt, ids, tgt, amp, nmb), [model, opt], world * run["microbatch"] * run["seq"] * nmb
 
 
 def _gpt_attn_forward_tp(self, x):
