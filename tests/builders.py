@@ -158,3 +158,30 @@ def megatron_gpt(hidden: int = 64, heads: int = 4, seq: int = 32, batch: int = 2
 def block_names(g: OpGraph, i: int = 0) -> list[str]:
     """Node names of transformer block i (graph layer i + 1)."""
     return list(g.layers[i + 1].nodes)
+
+
+def rotated_strategy_plans(base, cluster, label: str) -> list[str]:
+    """One-stage plans, as JSON, made from `base` (a one-stage plan of a zoo model) that together
+    give every decision op each of its strategies: plan k gives op i its ((k + i) mod n_i)-th."""
+    import copy
+    import dataclasses
+
+    import graphs
+    from autopar.costmodel.compute import ComputeModel
+    from autopar.evaluation.evaluator import evaluate
+    from autopar.hardware.mesh import Mesh, Submesh
+    from autopar.plan import Plan
+    from autopar.sharding.stage_problem import StageProblem
+    from graphs.query import stage_nodes
+    g = graphs.load(base.model.name, batch=base.training.microbatch_size)
+    st = base.stages[0]
+    prob = StageProblem(g, stage_nodes(g, tuple(st.layers)), Mesh(cluster, Submesh(*st.submesh), tuple(st.logical_mesh)),
+                        ComputeModel(cluster.gpu, base.training.dtype))
+    roots = [(gr.root, [x.name for x in gr.strategies[gr.root]]) for gr in prob.groups]
+    out = []
+    for k in range(max(len(names) for _, names in roots)):
+        p = Plan.from_dict(copy.deepcopy(base.to_dict()))
+        p.stages[0].strategies = {r: names[(k + i) % len(names)] for i, (r, names) in enumerate(roots)}
+        p.config = dataclasses.replace(p.config, label=f"{label} #{k}")
+        out.append(evaluate(p, g, cluster).to_json())
+    return out

@@ -4,8 +4,6 @@ the others."""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import os
 import subprocess
@@ -138,25 +136,11 @@ MOE = "moe:hidden=64,layers=2,heads=4,seq=32,vocab=128,experts=4"
 def sweep_plans(model: str, mesh: tuple[int, int]) -> list[str]:
     """One-stage plans on `mesh` that together give every decision op each of its strategies:
     plan k gives op i its ((k + i) mod n_i)-th strategy."""
-    from autopar.costmodel.compute import ComputeModel
-    from autopar.evaluation.evaluator import evaluate
-    from autopar.hardware.mesh import Mesh, Submesh
-    from autopar.sharding.stage_problem import StageProblem
-    from graphs.query import stage_nodes
+    from builders import rotated_strategy_plans
     cl = load_cluster("p3.16xlarge", 1, 4)
     base = build_3d(ModelSource(model), cl, 8, Config3D(mesh[0], mesh[1], 1, 8 // (2 * mesh[0])))
-    g = graphs.load(model, batch=base.training.microbatch_size)
-    st = base.stages[0]
-    prob = StageProblem(g, stage_nodes(g, tuple(st.layers)), Mesh(cl, Submesh(*st.submesh), mesh),
-                        ComputeModel(cl.gpu, base.training.dtype))
-    roots = [(gr.root, [s.name for s in gr.strategies[gr.root]]) for gr in prob.groups]
-    out = []
-    for k in range(max(len(names) for _, names in roots)):
-        p = Plan.from_dict(copy.deepcopy(base.to_dict()))
-        p.stages[0].strategies = {r: names[(k + i) % len(names)] for i, (r, names) in enumerate(roots)}
-        p.config = dataclasses.replace(p.config, label=f"sweep {mesh[0]}x{mesh[1]} #{k}")
-        out.append(evaluate(p, g, cl).to_json())
-    return out
+    assert tuple(base.stages[0].logical_mesh) == mesh
+    return rotated_strategy_plans(base, cl, f"sweep {mesh[0]}x{mesh[1]}")
 
 
 def check_sweep(model: str, mesh: tuple[int, int]) -> None:

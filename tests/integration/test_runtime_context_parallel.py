@@ -82,28 +82,10 @@ def sweep_at_one_sequence(dp: int, tp: int) -> list[str]:
     """One-stage plans of a microbatch with one sequence per data-parallel rank on a dp x tp mesh,
     where the planner offers sequence splits (matmuls "s@", attention "+cp:"): plan k gives op i
     its ((k + i) mod n_i)-th strategy, so together they give every op each of its strategies."""
-    import dataclasses
-
-    from autopar.costmodel.compute import ComputeModel
-    from autopar.evaluation.evaluator import evaluate
-    from autopar.hardware.mesh import Mesh, Submesh
-    from autopar.sharding.stage_problem import StageProblem
-    from graphs.query import stage_nodes
-    model = M.replace("layers=2", "layers=1")
+    from builders import rotated_strategy_plans
     cl = load_cluster("p3.16xlarge", 1, dp * tp)
-    base = build_3d(ModelSource(model), cl, 2, Config3D(dp, tp, 1, 1))
-    g = graphs.load(model, batch=base.training.microbatch_size)
-    st = base.stages[0]
-    prob = StageProblem(g, stage_nodes(g, tuple(st.layers)), Mesh(cl, Submesh(*st.submesh), tuple(st.logical_mesh)),
-                        ComputeModel(cl.gpu, base.training.dtype))
-    roots = [(gr.root, [x.name for x in gr.strategies[gr.root]]) for gr in prob.groups]
-    out = []
-    for k in range(max(len(names) for _, names in roots)):
-        p = Plan.from_dict(copy.deepcopy(base.to_dict()))
-        p.stages[0].strategies = {r: names[(k + i) % len(names)] for i, (r, names) in enumerate(roots)}
-        p.config = dataclasses.replace(p.config, label=f"sweep {dp}x{tp} mb1 #{k}")
-        out.append(evaluate(p, g, cl).to_json())
-    return out
+    base = build_3d(ModelSource(M.replace("layers=2", "layers=1")), cl, 2, Config3D(dp, tp, 1, 1))
+    return rotated_strategy_plans(base, cl, f"sweep {dp}x{tp} mb1")
 
 
 @pytest.mark.parametrize("dp,tp", [(1, 2), pytest.param(2, 2, marks=pytest.mark.slow)])
