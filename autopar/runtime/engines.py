@@ -466,7 +466,6 @@ class Segment(nn.Module):
         # element, not a scalar, as pipelining concatenates the microbatches' outputs
         return (loss.to_local() if _is_dtensor(loss) else loss).reshape(1)
 
-
     def _rows_head_loss(self, x: Any, targets: torch.Tensor) -> torch.Tensor:
         """The head and loss on this tp rank's share of the tokens (its rows of the batch, or its
         chunk of the sequence), with the whole weight: the planner's token-split head under tp.
@@ -753,6 +752,8 @@ class EngineModel:
         params: list[torch.Tensor] = list(self.names.values())
         self.optimizer: Any = (ShardOptimizer(params, optimizer, lr, self.device) if not self.zero
                                else make_optimizer(params, optimizer, lr, self.device))
+        # the buffers torch's context_parallel shards beside the tokens (the same tensors every step)
+        self.cp_tables = self._position_tables() if self.cp_mesh is not None else []
         self.schedule: Any = None
         if self.mixed:
             self.schedule = ReshardingPipeline(self, layouts, stages)
@@ -816,18 +817,16 @@ class EngineModel:
                     sync = i == B - 1
                     ctx = self.module.no_sync() if self.ddp and not sync else contextlib.nullcontext()
                     x, y = ids[i * lmb:(i + 1) * lmb], targets[i * lmb:(i + 1) * lmb]
-                    with ctx:
-                        if self.cp_mesh is not None:
-                            # torch's context_parallel shards the tokens (and the position
-                            # tables) in place, in the load-balanced order, around forward and
-                            # backward; the attention kernels run the ring inside
-                            x, y = x.clone(), y.clone()
-                            with _context_parallel(self.cp_mesh, [x, y], self._cp_tables()):
-                                out = self.module(x, y)
-                                (out / B).backward()
-                        else:
-                            out = self.module(x, y)
-                            (out / B).backward()
+                    cp: Any = contextlib.nullcontext()
+                    if self.cp_mesh is not None:
+                        # torch's context_parallel shards the tokens (and the position tables)
+                        # in place, in the load-balanced order, around forward and backward;
+                        # the attention kernels run the ring inside
+                        x, y = x.clone(), y.clone()
+                        cp = _context_parallel(self.cp_mesh, [x, y], self.cp_tables)
+                    with ctx, cp:
+                        out = self.module(x, y)
+                        (out / B).backward()
                     total += out.detach().float()
                 loss = (total / B).reshape(())
             elif self.mixed:
@@ -852,7 +851,7 @@ class EngineModel:
             loss = loss / self.replica_mesh.size()
         return loss
 
-    def _cp_tables(self) -> list[tuple[torch.Tensor, int]]:
+    def _position_tables(self) -> list[tuple[torch.Tensor, int]]:
         """The buffers indexed by token position, with their sequence dims: Llama's rope tables
         in every block, GPT's positions."""
         out: list[tuple[torch.Tensor, int]] = []
