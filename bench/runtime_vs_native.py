@@ -209,6 +209,9 @@ class Native:
                                                   process_group=group, gradient_as_bucket_view=True)
             params = list(model.parameters())
         elif strategy == "cp":
+            if model.cfg.family != "llama":
+                raise ValueError(f"the native cp recipe shards Llama's rope tables; {model.cfg.family} has none "
+                                 "(its positions are computed in forward)")
             from torch.distributed.tensor.experimental._attention import set_rotate_method
             from torch.nn.parallel import DistributedDataParallel
             self.cp_mesh = init_device_mesh(device.type, (world,))

@@ -354,7 +354,6 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                       fsdp_root_bytes=fsdp_root, comm_delta_s=comm_delta, comm_overlap_s=overlap)
 
 
-
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
