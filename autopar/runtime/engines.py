@@ -114,6 +114,8 @@ class StageLayout:
     rows_head_dim: int | None = None     # under tp: the head splits this token dim (0 batch, 1 sequence)
                                          # over tp, with the whole weight
     cp: int = 1                          # context parallelism: the sequence split over the other axis
+    dp_vocab_head: bool = False          # tp 1: the head split over the vocab across the dp ranks,
+                                         # every rank's tokens gathered (Segment._dp_vocab_head_loss)
     cp_exchange: str = ""                # its K/V exchange, "ring" or "allgather" (rules.attention)
 
     @property
@@ -188,6 +190,7 @@ def match_stage(plan: Plan, ir: OpGraph, k: int, family: str) -> StageLayout:
         wanted = megatron_names(ir, names, dp, tp)
         dp_only = megatron_names(ir, list(vocab), dp, 1) if tp > 1 else {}
         bad, split, rs_dims, rs_ops, hidden, rows_heads = [], set(), set(), set(), set(), set()
+        dp_heads: set[str] = set()
         for name, choices in wanted.items():
             have = stage.strategies.get(name)
             if have is None or ir.node(name).kind == INPUT:
@@ -216,6 +219,9 @@ def match_stage(plan: Plan, ir: OpGraph, k: int, family: str) -> StageLayout:
                 pass                                        # replicated over tp
             elif name in vocab and ir.node(name).kind == MATMUL and _token_split_head(have, dp, dp_axis) is not None:
                 rows_heads.add(name)                        # the head on this rank's tokens, whole weight
+            elif (tp == 1 and dp > 1 and name in vocab and ir.node(name).kind == MATMUL and have == f"n{dp_at}"
+                    and want == f"b{dp_at}" and ir.node(name).out_shape[-1] % dp == 0):
+                dp_heads.add(name)                          # the head split over the vocab across dp
             elif have != want:
                 bad.append(f"op {name} is {have!r}, the engines need {want!r}")
         sequence_dim = None
@@ -228,7 +234,7 @@ def match_stage(plan: Plan, ir: OpGraph, k: int, family: str) -> StageLayout:
             else:
                 sequence_dim = rs_dims.pop()
         if not bad and tp == 1:
-            return StageLayout(dp, tp, dp_axis)
+            return StageLayout(dp, tp, dp_axis, dp_vocab_head=bool(dp_heads))
         rows_dims = {_token_split_head(stage.strategies[n], dp, dp_axis) for n in rows_heads}
         tokens = (plan.training.microbatch_size // dp, plan.model.seq)
         uneven = [d for d in rows_dims if d is not None and tokens[d] % tp]
@@ -393,6 +399,7 @@ class Segment(nn.Module):
         self.split_head = False             # the head split over the vocab (apply_tp)
         self.rows_head: tuple[Any, int] | None = None   # (tp mesh, token dim) of a head on this tp
                                                          # rank's tokens (apply_tp)
+        self.dp_head: Any = None            # the dp mesh a head is split over by the vocab (tp 1)
         # under sequence parallelism (apply_tp): (tp mesh, split dim, reduce-scattered embeddings)
         self.sequence_split: tuple[Any, int, tuple[str, ...]] | None = None
         embeds, norm, _, _ = FAMILY_MODULES[cfg.family]
@@ -448,6 +455,8 @@ class Segment(nn.Module):
         assert targets is not None, "the last stage needs the targets"
         if self.rows_head is not None:
             return self._rows_head_loss(x, targets)
+        if self.dp_head is not None:
+            return self._dp_vocab_head_loss(x, targets)
         if self.tied:
             from torch.distributed.tensor import DTensor, Replicate, Shard
             w: Any = getattr(self, self.embed_names[0]).weight
@@ -490,6 +499,43 @@ class Segment(nn.Module):
         total = share.detach().clone()
         dist.all_reduce(total, group=mesh.get_group())
         return (share + (total - share.detach())).reshape(1)
+
+
+    def _dp_vocab_head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The head split over the vocab across the data-parallel ranks (the planner's "n@dp"
+        head beside batch-split blocks): every rank's tokens gathered, each rank's logits for
+        its share of the vocab, the loss vocab-parallel (loss_parallel, entered by
+        EngineModel._contexts). The value is the mean over all the ranks' tokens. Backward: the
+        inputs' gradients are reduce-scattered back to their rows and scaled by dp, because the
+        blocks' gradients are then averaged over dp (DDP / FSDP2) while this rank's rows carry
+        their whole share of the loss's gradient; the head's own gradient is exact as it stands.
+        An untied head holds its vocab shard (EngineModel); a tied table is split here."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+        mesh = self.dp_head
+        whole = DTensor.from_local(_ScaleGrad.apply(x, float(mesh.size())), mesh, [Shard(0)],
+                                   run_check=False).redistribute(mesh, [Replicate()])
+        w: Any = getattr(self, self.embed_names[0]).weight if self.tied else cast(Any, self).head.weight
+        if not _is_dtensor(w):
+            w = DTensor.from_local(w, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(0)])
+        if not torch.is_autocast_enabled() and w.dtype != whole.dtype:
+            w = w.to(whole.dtype)                       # FSDP2's policy cast the blocks, not this shard
+        logits = F.linear(whole, w)                     # Shard(-1): this rank's vocab
+        all_targets = DTensor.from_local(targets, mesh, [Shard(0)], run_check=False).full_tensor()
+        loss: Any = F.cross_entropy(logits.view(-1, logits.shape[-1]), all_targets.reshape(-1))
+        return (loss.to_local() if _is_dtensor(loss) else loss).reshape(1)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times `scale` backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g * ctx.scale, None
 
 
 def segment_blocks(layers: tuple[int, int], n_blocks: int) -> tuple[bool, bool, range]:
@@ -580,16 +626,18 @@ def apply_tp(seg: Segment, tp_mesh, split_embeddings: tuple[str, ...], split_hea
     parallelize_module(seg, tp_mesh, top)
 
 
-def apply_fsdp(seg: nn.Module, blocks: list[nn.Module], dp_mesh, zero: int, param_dtype: torch.dtype | None) -> None:
+def apply_fsdp(seg: nn.Module, blocks: list[nn.Module], dp_mesh, zero: int, param_dtype: torch.dtype | None,
+               ignored: set[nn.Parameter] | None = None) -> None:
     """FSDP2: one unit per block and the root. ZeRO-3 frees each block's gathered weights after
     its forward (the last block's backward follows at once, so it keeps them); ZeRO-1/2 keep
-    them to the backward."""
+    them to the backward. `ignored`: parameters sharded otherwise (a head split over dp)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
           else MixedPrecisionPolicy())
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=zero >= 3 and i < len(blocks) - 1, mp_policy=mp)
-    fully_shard(seg, mesh=dp_mesh, reshard_after_forward=zero >= 3, mp_policy=mp)
+    kw: dict[str, Any] = {"ignored_params": ignored} if ignored else {}     # (an argument since torch 2.7)
+    fully_shard(seg, mesh=dp_mesh, reshard_after_forward=zero >= 3, mp_policy=mp, **kw)
 
 
 def default_compile(layout: StageLayout, device: torch.device) -> bool:
@@ -725,15 +773,27 @@ class EngineModel:
                          own.split_head, own.sequence_dim, own.rs_embeddings,
                          own.hidden_split_embeddings + (layouts[0].hidden_split_embeddings if copy else ()),
                          own.rows_head_dim)
+            ignored: set[nn.Parameter] = set()
+            if seg.last and layouts[seg_stage].dp_vocab_head:
+                seg.dp_head = self.dp_mesh
+                if not seg.tied:
+                    # the head's vocab shard, summed by no one (its gradient is whole here)
+                    from torch.distributed.tensor import Shard, distribute_tensor
+                    head: Any = cast(Any, seg).head
+                    head.weight = nn.Parameter(distribute_tensor(head.weight.data, self.dp_mesh, [Shard(0)]))
+                    ignored.add(head.weight)
             if compile:
                 compile_blocks(seg)
             module: nn.Module = seg
             if self.replica_mesh is not None and self.zero:
-                apply_fsdp(seg, list(seg.blocks.values()), self.replica_mesh, self.zero, autocast_dtype)
+                apply_fsdp(seg, list(seg.blocks.values()), self.replica_mesh, self.zero, autocast_dtype, ignored)
                 self.boundary_dtype = autocast_dtype or torch.float32
             elif self.replica_mesh is not None and self.tp_mesh is None and not self.mixed:
                 # (a mixed pipeline's own schedule all-reduces the gradients after the backward)
                 from torch.nn.parallel import DistributedDataParallel
+                if ignored:
+                    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                        seg, [n for n, p in seg.named_parameters() if p in ignored])
                 # under cp each rank's rope tables / positions are its own shard: not broadcast
                 module = DistributedDataParallel(
                     seg, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -796,7 +856,7 @@ class EngineModel:
         stack = contextlib.ExitStack()
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
-        if self.tp_mesh is not None and self.last and self.last_layout.split_head:
+        if self.last and (self.tp_mesh is not None and self.last_layout.split_head or self.last_layout.dp_vocab_head):
             from torch.distributed.tensor.parallel import loss_parallel
             stack.enter_context(loss_parallel())
         return stack

@@ -429,3 +429,31 @@ def test_hidden_split_embeddings_match_one_process(tmp_path, model, head, sp):
     assert_exact(out, model)
     emb = "wte.weight" if model == M else "tok_emb.weight"
     assert out["param_specs"][0][emb] == "RS1"            # the table split on its hidden dim
+
+
+def dp_vocab_head(model: str = M, zero: int = 0) -> Plan:
+    """A dp2 plan whose head is split over the vocab across the dp ranks ("n@0"), beside a
+    vocab-split embedding reduce-scattered onto the batch: the auto plan of a Llama with one
+    sequence per microbatch on 2 H200s (bench/runtime_vs_native.py llama-1b-gqa auto mb1)."""
+    from autopar.evaluation.evaluator import evaluate
+    plan = plan_3d(2, 1, 1, 2, model=model, zero=zero)
+    ir = graphs.load(model, batch=2)
+    head_op = next(n for n in ir.layers[-1].nodes if ir.node(n).kind == "matmul")
+    emb = "wte" if model == M else "tok_emb"
+    plan.stages[0].strategies[head_op] = "n@0"
+    plan.stages[0].strategies[emb] = "v@0+rs:b@0"
+    return evaluate(plan, ir, load_cluster("p3.16xlarge", 1, 2))
+
+
+def test_vocab_split_head_over_dp_matches_its_engine():
+    for model in (M, LLAMA):
+        (layout,) = match_plan(dp_vocab_head(model), graphs.load(model, batch=2), model.split(":")[0])
+        assert (layout.dp, layout.tp, layout.dp_vocab_head) == (2, 1, True)
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("model,zero", [(LLAMA, 0), (LLAMA, 1), (M, 0), (M, 3)])
+def test_vocab_split_head_over_dp_matches_one_process(tmp_path, model, zero):
+    out = run(dp_vocab_head(model, zero), tmp_path)
+    assert out["engines"]
+    assert_exact(out, model)
