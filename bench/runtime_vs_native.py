@@ -5,6 +5,7 @@ same model and strategy on the same GPUs (issue 12).
     python bench/runtime_vs_native.py --compiled            # the cases with torch.compile per block
     python bench/runtime_vs_native.py --profile DIR         # also torch.profiler tables of gpt-1.3b tp
     python bench/runtime_vs_native.py --case gpt-1.3b:dp:1 --repeat 3 --timed-steps 10   # alternating rounds
+    python bench/runtime_vs_native.py --case llama-1b-gqa:pp:4 --memory DIR   # the tensors alive at the peak
     python bench/runtime_vs_native.py --case gpt-1.3b:dp:1 --fresh --repeat 2   # each run in new processes
     python bench/runtime_vs_native.py --merge NEW.json --note '...'   # fold a run's rows into the results
     python bench/runtime_vs_native.py --device cpu --quick  # 2 gloo processes, a tiny model (a smoke test)
@@ -86,6 +87,10 @@ AUTO = ("auto", "auto-eager")
 # both ways; the op tables go to DIR
 PROFILE_DIR: Path | None = None
 PROFILED = "gpt-1.3b_tp_"          # tag prefix of the cases profiled (--profile-prefix)
+# --memory DIR: every case also runs one step under the CUDA allocator's history, and rank 0
+# writes the tensors alive at each rank's peak, grouped by where they were allocated
+# (bench/truth/memory_peak.py), to DIR/<tag>.txt
+MEMORY_DIR: Path | None = None
 NATIVE_DP_GROUP = "default"         # --native-dp-group
 
 
@@ -356,6 +361,19 @@ def _profile(step, batches, device, tag: str) -> None:
     print(text.splitlines()[0], flush=True)
 
 
+def _memory_peak(step, batches, device, tag: str) -> None:
+    sys.path.insert(0, str(ROOT / "bench" / "truth"))
+    from memory_peak import record_peak
+    dist.barrier()
+    text = record_peak(lambda: step(batches[0]), device)
+    texts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(texts, text)
+    if dist.get_rank() == 0 and MEMORY_DIR is not None:
+        MEMORY_DIR.mkdir(parents=True, exist_ok=True)
+        (MEMORY_DIR / f"{tag}.txt").write_text("".join(f"== {tag} rank {r}\n{t}\n\n" for r, t in enumerate(texts)))
+        print(f"{tag}: memory at the peak written", flush=True)
+
+
 def _measure(step, plan, device, tag: str = "") -> dict:
     from autopar.runtime.apply import make_batch
     batches = [make_batch(plan, i) for i in range(2)]
@@ -381,6 +399,8 @@ def _measure(step, plan, device, tag: str = "") -> dict:
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if PROFILE_DIR is not None and tag.startswith(PROFILED):
         _profile(step, batches, device, tag)
+    if MEMORY_DIR is not None and device.type == "cuda":
+        _memory_peak(step, batches, device, tag)
     tokens = plan.training.global_batch * plan.model.seq
     return {"step_time_s": t[0].item(), "tokens_per_s": tokens / t[0].item(), "peak_allocated_bytes": int(t[1].item()),
             "peak_reserved_bytes": int(t[2].item()), "step_times_s": [round(x, 6) for x in timed.tolist()]}
@@ -457,8 +477,9 @@ def body(rank: int, world: int, args) -> None:
     gpu = torch.cuda.get_device_name(device).split()[-1].lower() if cuda else "cpu"
     out_path = Path(args.out or ROOT / "bench" / "results" / f"runtime_vs_native_{gpu}.json")
     rows: list[dict] = []
-    global PROFILE_DIR
+    global PROFILE_DIR, MEMORY_DIR
     PROFILE_DIR = Path(args.profile) if args.profile else None
+    MEMORY_DIR = Path(args.memory) if args.memory else None
     cases = QUICK if args.quick else COMPILED if args.compiled else CASES
     if args.case:
         cases = [c for c in cases if f"{NAMES.get(c[0], c[0])}:{c[1]}:{c[2]}" in args.case]
@@ -611,6 +632,8 @@ def main(argv=None) -> int:
                    "torch.profiler; the tables go to this folder")
     p.add_argument("--profile-prefix", default=PROFILED, help="with --profile: the cases whose tag starts so "
                    "(MODEL_STRATEGY_mbN_eager|compiled|default_native|autopar) are profiled")
+    p.add_argument("--memory", default="", metavar="DIR",
+                   help="also record one step's allocations per case and write the tensors alive at the peak to DIR")
     p.add_argument("--fresh", action="store_true", help="run every (case, round, way) in a new pair of processes "
                    "(the first run in shared processes measured faster than the later ones)")
     p.add_argument("--only", choices=["native", "autopar"], default=None, help="run only this way of each case")
