@@ -417,7 +417,31 @@ def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int) -> dict
 
 
 def _eager_prediction_s(plan) -> float | None:
-    """The plan's step time priced as the eager PyTorch engines this runtime uses run it
+    """The plan's step time priced as the eager PyTorch engines this runtime uses run it."""
+    p = _eager_prediction(plan)
+    return p.step_time_s if p is not None else None
+
+
+def memory_warning(plan, gpu_bytes: int) -> str | None:
+    """A warning when the plan, as this runtime executes it, is predicted to need more memory
+    per GPU than the GPU has: the default (fused-kernel) model prices Megatron's mixed precision,
+    and a plan it calls a fit can run out of memory here (gpt-6.7b dp2 at microbatch 2 on 141 GB
+    H200s: 107 GiB by that model, 199 by the eager one, out of memory measured). A warning, not
+    a refusal: the eager model errs high, by up to half on accumulating steps
+    (bench/truth/predict_runs.py)."""
+    p = _eager_prediction(plan)
+    if p is None or not p.peak_reserved_bytes or p.peak_reserved_bytes <= gpu_bytes:
+        return None
+    own = plan.prediction.peak_memory_bytes if plan.prediction else None
+    return (f"this plan is predicted to need {p.peak_reserved_bytes / 2**30:.1f} GiB per GPU as autopar run "
+            f"executes it (eager PyTorch: fp32 weights and gradients, autocast copies, the fp32 loss, DDP and "
+            f"FSDP buffers), and the GPU has {gpu_bytes / 2**30:.1f} GiB"
+            + (f"; the plan's own {own / 2**30:.1f} GiB prices fused kernels" if own else "")
+            + ". It may run out of memory: re-plan with `autopar plan --eager` for a plan priced as this runs it")
+
+
+def _eager_prediction(plan):
+    """The plan's Prediction priced as the eager PyTorch engines this runtime uses run it
     (evaluate(..., eager=True): autocast casts, fp32 loss, host dispatch, FSDP2's overlap), on the
     plan's cluster. A plan made without --eager is priced for fused kernels; this is the figure
     to hold a run against. None where the plan's cluster is no preset (a YAML file may be gone)
@@ -433,10 +457,9 @@ def _eager_prediction_s(plan) -> float | None:
     graph = ModelSource(plan.model.name, seq=plan.model.seq, dtype=plan.training.dtype).graph(
         plan.training.microbatch_size)
     try:
-        p = evaluate(plan, graph, cl, eager=True).prediction
+        return evaluate(plan, graph, cl, eager=True).prediction
     except (ValueError, PlanError):
         return None
-    return p.step_time_s if p is not None else None
 
 
 def _predicted_for(plan) -> str:
@@ -459,6 +482,11 @@ def run_plan(plan_json: str, *, steps: int = 3, device: str = "cpu", check: bool
     n = validate(plan, device, nproc)
     prec = precision or ("fp32" if device == "cpu" else plan.training.dtype)
     cfg = RunConfig(text, steps, device, check, optimizer, lr, seed, timeout_s, prec, _free_port(), compile=compile)
+    if device == "cuda":
+        import torch
+        warning = memory_warning(plan, torch.cuda.get_device_properties(0).total_memory)
+        if warning:
+            print(f"autopar run: warning: {warning}", file=sys.stderr, flush=True)
     res = _launch(cfg, n, _rank_body)
     ref = reference(cfg) if check else None
     return summarize(plan, cfg, res, ref, n)

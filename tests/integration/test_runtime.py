@@ -229,3 +229,20 @@ def test_deadline_stops_every_rank(tmp_path):
     with pytest.raises(RankFailed, match="did not finish within 3 s"):
         run_plan(write(plan_3d(2, 2, 1, 2), tmp_path), steps=50, timeout_s=3)
     assert time.monotonic() - t0 < 30
+
+
+def test_memory_warning_when_the_eager_recipe_outgrows_the_gpu():
+    # measured on 2 H200s (bench/results/runtime_vs_native_h200.json): gpt-6.7b dp2 at
+    # microbatch 2 runs out of memory; the default model calls it a fit, the eager one does not
+    from autopar.evaluation.baselines import Config3D, build_3d
+    from autopar.hardware.presets import load_cluster
+    from autopar.model import ModelSource
+    from autopar.runtime.launch import memory_warning
+    cl = load_cluster("dgx-h200", 1, 2)
+    h200_bytes = 150_110_011_392                 # torch.cuda.get_device_properties().total_memory
+    big = build_3d(ModelSource("gpt-6.7b"), cl, 8, Config3D(2, 1, 1, 2))
+    assert big.prediction is not None and big.prediction.fits
+    warning = memory_warning(big, h200_bytes)
+    assert warning is not None and "autopar plan --eager" in warning and "GiB per GPU" in warning
+    small = build_3d(ModelSource("gpt-1.3b"), cl, 4, Config3D(2, 1, 1, 1))
+    assert memory_warning(small, h200_bytes) is None
