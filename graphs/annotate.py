@@ -10,6 +10,9 @@ sharded shapes. Conventions (also in DESIGN §3):
   does NOT halve it: that is what FlopCounterMode reports and what dense kernels execute
   (flash kernels skip masked tiles; the cost model may apply that discount, not the graph).
   The softmax inside sdpa is not counted.
+* unfused attention (attrs["impl"] == "unfused", graphs/zoo/attention.py): the same GEMM FLOPs
+  forward and 2x backward (dP, dV, dQ, dK: four GEMMs, no recompute inside the kernel); its
+  bytes add the passes over the score matrix of `unfused_score_passes`.
 * elementwise: 1 FLOP per output element; norm and softmax: 5 per element; reduction: 1 per
   input element; cross-entropy: 5 per logit; views, embedding lookups, inputs: 0.
 * backward: matmul 1x forward per operand that needs a gradient (so 2x for a linear whose
@@ -37,6 +40,7 @@ from .ir import (
     UNKNOWN,
     VIEW,
     OpNode,
+    dtype_bytes,
     numel,
 )
 
@@ -68,6 +72,39 @@ def sdpa_flops(q: tuple[int, ...], k: tuple[int, ...], v: tuple[int, ...]) -> fl
     sq, d = q[-2], q[-1]
     skv, dv = k[-2], v[-1]
     return 2.0 * batch_heads * sq * skv * d + 2.0 * batch_heads * sq * skv * dv
+
+
+UNFUSED = "unfused"
+
+
+def is_unfused_attention(node: OpNode) -> bool:
+    return node.kind == ATTENTION and node.attrs.get("impl") == UNFUSED
+
+
+def unfused_score_passes(elem_bytes: int, dropout: bool) -> tuple[tuple[float, ...], tuple[float, ...], float]:
+    """Bytes per score element of unfused attention's memory-bound kernels, forward and
+    backward (one entry per kernel), and the bytes per score element kept for backward, at
+    `elem_bytes` per score (2 in fp16/bf16). Kernels as Megatron-LM runs them:
+    forward   scale+mask+softmax (fused): read S, write P                  2e
+              dropout: read P, write P' and a 1-byte mask                  2e + 1
+    backward  dropout: read dP' and the mask, write dP                     2e + 1
+              softmax (scale fused): read dP and P, write dS               3e
+    kept      P (softmax backward and, without dropout, dV = P^T dO)       e
+              with dropout also P' (for dV) and the mask                   + e + 1
+    (Korthikanti et al. 2022: 5 bytes per element with dropout in fp16.)"""
+    e = float(elem_bytes)
+    if dropout:
+        return (2 * e, 2 * e + 1), (2 * e + 1, 3 * e), 2 * e + 1
+    return (2 * e,), (3 * e,), e
+
+
+def _unfused_score_elems(node: OpNode) -> float:
+    q, k = node.operands[0].shape, node.operands[1].shape
+    return float(numel(q[:-1]) * k[-2])
+
+
+def _unfused_dropout(node: OpNode) -> bool:
+    return float(node.attrs.get("dropout_p", 0.0) or 0.0) > 0.0
 
 
 def _is_noop_cast(node: OpNode) -> bool:
@@ -104,7 +141,12 @@ def fwd_bytes(node: OpNode) -> float:
     if kind == EMBEDDING:
         ids = node.operands[0]
         return float(ids.nbytes + 2 * node.out_bytes)
-    return float(sum(o.nbytes for o in node.operands) + node.out_bytes)
+    total = float(sum(o.nbytes for o in node.operands) + node.out_bytes)
+    if is_unfused_attention(node):
+        # QK^T writes the scores and PV reads the (dropped) probabilities, beside the passes
+        fwd, _, _ = unfused_score_passes(dtype_bytes(node.out_dtype), _unfused_dropout(node))
+        total += _unfused_score_elems(node) * (2 * dtype_bytes(node.out_dtype) + sum(fwd))
+    return total
 
 
 def bwd_flops(node: OpNode, grad_operands: list[bool]) -> float:
@@ -115,6 +157,8 @@ def bwd_flops(node: OpNode, grad_operands: list[bool]) -> float:
         return node.fwd_flops * sum(1 for g in grad_operands[:2] if g)
     if node.kind == EMBEDDING:
         return float(sum(numel(s) for s in node.out_shapes))
+    if is_unfused_attention(node):
+        return 2.0 * node.fwd_flops
     return node.fwd_flops * BWD_FACTOR.get(node.kind, 1.0)
 
 
@@ -137,7 +181,13 @@ def bwd_bytes(node: OpNode, grad_operands: list[bool]) -> float:
         if grad_operands[1]:
             total += grad_out + a.nbytes + b.nbytes
         return float(total)
-    return float(grad_out + saved + grads)
+    total = float(grad_out + saved + grads)
+    if is_unfused_attention(node):
+        # the dP GEMM writes dP, dV's reads P', dQ's and dK's read dS: four score-matrix
+        # touches beside the passes
+        _, bwd, _ = unfused_score_passes(dtype_bytes(node.out_dtype), _unfused_dropout(node))
+        total += _unfused_score_elems(node) * (4 * dtype_bytes(node.out_dtype) + sum(bwd))
+    return total
 
 
 def annotate(node: OpNode, grad_operands: list[bool]) -> OpNode:

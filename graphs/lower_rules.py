@@ -176,6 +176,19 @@ def sdpa(c: Call) -> Lowered:
     return "sdpa", ATTENTION, c.operands(c.args), attrs
 
 
+@rule("unfused_attention")
+def unfused_sdpa(c: Call) -> Lowered:
+    """graphs/zoo/attention.py's materialised-scores attention: the same operands and layout as
+    sdpa, priced by its own closed form (annotate.unfused_score_passes)."""
+    q, k = c.vals[0], c.vals[1]
+    attrs = {"is_causal": bool(c.arg(3, "is_causal", True)),
+             "dropout_p": float(c.arg(4, "dropout_p", 0.0) or 0.0),
+             "scale": None, "has_mask": False, "impl": "unfused"}
+    if q.shape[-3] != k.shape[-3]:
+        attrs["gqa"] = int(q.shape[-3] // k.shape[-3])
+    return "unfused_attention", ATTENTION, c.operands(c.args[:3]), attrs
+
+
 @rule("embedding")
 def embedding(c: Call) -> Lowered:
     if c.is_module:

@@ -9,6 +9,8 @@ from functools import cache, lru_cache
 
 import numpy as np
 
+from graphs.annotate import unfused_score_passes
+
 from ..hardware.presets import GPUS
 from ..hardware.profiles import load_gpu_profile
 from ..hardware.specs import GPU
@@ -90,6 +92,28 @@ class ComputeModel:
         eff = _attention_eff(self.gpu, self.dtype, seq, head_dim, causal, backward, batch * heads)
         return self.op_s(flops / (self.gpu.peak(self.dtype) * eff))
 
+    def unfused_attention_s(self, batch: int, heads: int, seq: int, head_dim: int, dropout: bool,
+                            backward: bool = False, elem_bytes: int = 2) -> float:
+        """Attention with the scores materialised (graphs/zoo/attention.py): batched GEMMs over
+        every (batch, head) on the GEMM curve, each no faster than streaming its operands, and the
+        memory-bound passes over the b*h*s^2 scores (graphs.annotate.unfused_score_passes) at
+        streaming bandwidth, one launched kernel each. The whole score matrix is computed: a
+        causal mask is applied, not skipped. Forward QK^T [s,d]x[d,s] and PV [s,s]x[s,d];
+        backward dP = dO V^T [s,d]x[d,s], dV = P^T dO, dQ = dS K and dK = dS^T Q, each [s,s]x[s,d]."""
+        if batch <= 0 or heads <= 0 or seq <= 0:
+            return 0.0
+        bh, s, d, e = batch * heads, seq, head_dim, elem_bytes
+        scores_bytes = float(bh) * s * s * e
+        qkv_bytes = float(bh) * s * d * e
+        # [s,d]x[d,s] -> [s,s]: reads two [s,d] operands, writes the scores
+        wide = self.matmul_s(s, s, d, batch=bh, nbytes=2 * qkv_bytes + scores_bytes)
+        # [s,s]x[s,d] -> [s,d] (or its transposes): reads the scores and one [s,d], writes one
+        narrow = self.matmul_s(s, d, s, batch=bh, nbytes=scores_bytes + 2 * qkv_bytes)
+        fwd_passes, bwd_passes, _ = unfused_score_passes(e, dropout)
+        passes = bwd_passes if backward else fwd_passes
+        gemm_s = wide + 3 * narrow if backward else wide + narrow
+        return gemm_s + sum(self.memory_bound_s(p * scores_bytes / e) for p in passes)
+
     def memory_bound_s(self, nbytes: float, flops: float = 0.0) -> float:
         if nbytes <= 0 and flops <= 0:
             return 0.0
@@ -103,14 +127,26 @@ class ComputeModel:
 # throughput 24.5% -> 10.2%. Effective values: they also absorb per-layer memory-bound work the
 # model lacks. V100 keeps the datasheet default (its one fit source makes held-out V100 worse).
 # Only GEMMs: unprofiled attention keeps gpu.matmul_efficiency.
-FITTED_DEFAULT_CURVE = {"A100-SXM4-80GB": (0.798, 396.0), "A100-SXM4-40GB": (0.798, 396.0)}
+# The third value is the smallest GEMM dimension the fit saw (every m, n, k of the fit set's A100
+# GEMMs is >= 768: MPT-125M's hidden size). Below it the fit says nothing, and its large
+# half-saturation dimension would price a k = 128 GEMM (unfused attention's QK^T) at a quarter of
+# the large-GEMM efficiency where measured H100/H200 profiles give about half; so below that
+# dimension a GEMM falls off as the datasheet curve does (DATASHEET_HALF_DIM), from the fitted
+# curve's value at the edge, as a profiled GPU's efficiency does outside its measured grid
+# (FINDINGS.md, section 9).
+FITTED_DEFAULT_CURVE = {"A100-SXM4-80GB": (0.798, 396.0, 768.0), "A100-SXM4-40GB": (0.798, 396.0, 768.0)}
+DATASHEET_HALF_DIM = 64.0
 
 
 def _default_eff(gpu: GPU, m: int, n: int, k: int) -> float:
-    e_max, half_dim = FITTED_DEFAULT_CURVE.get(gpu.name, (gpu.matmul_efficiency, 64.0))
+    e_max, half_dim, fitted_from = FITTED_DEFAULT_CURVE.get(gpu.name, (gpu.matmul_efficiency, DATASHEET_HALF_DIM, 0.0))
     sat = 1.0
     for d in (m, n, k):
-        sat *= d / (d + half_dim)
+        if d >= fitted_from:
+            sat *= d / (d + half_dim)
+        else:
+            edge = fitted_from
+            sat *= edge / (edge + half_dim) * (d / (d + DATASHEET_HALF_DIM)) / (edge / (edge + DATASHEET_HALF_DIM))
     return e_max * sat
 
 

@@ -97,18 +97,33 @@ def _op_s(kernel_s, gm):
     return np.maximum(kernel_s + gm["gap_s"], gm["launch_s"])
 
 
-def gemm_s(g: np.ndarray, gm: dict, e_max: float, c: float, w_half: float | None = None) -> np.ndarray:
+DATASHEET_HALF_DIM = 64.0
+
+
+def _sat(d: np.ndarray, c: float, lo: float) -> np.ndarray:
+    """d/(d+c) from the fitted range's edge `lo` up, the datasheet fall-off below it
+    (autopar.costmodel.compute._default_eff)."""
+    edge = lo / (lo + c) / (lo / (lo + DATASHEET_HALF_DIM)) if lo > 0 else 1.0
+    return np.where(d >= lo, d / (d + c), edge * d / (d + DATASHEET_HALF_DIM))
+
+
+def gemm_s(g: np.ndarray, gm: dict, e_max: float, c: float, w_half: float | None = None,
+           nbytes: np.ndarray | None = None, lo: float = 0.0) -> np.ndarray:
     """g: rows (m, n, k, batch). autopar's matmul_s: 2bmnk / (peak * eff(m*b, n, k)), with
-    eff = e_max prod_d d/(d+c) (autopar's form), or, given w_half, the work-saturation form
-    eff = e_max * w / (w + w_half), w = m*b*n*k."""
+    eff = e_max prod_d d/(d+c) (autopar's form; below the fitted range `lo`, the datasheet
+    fall-off), or, given w_half, the work-saturation form eff = e_max * w / (w + w_half),
+    w = m*b*n*k; no faster than streaming `nbytes`."""
     m, n, k, b = g[:, 0], g[:, 1], g[:, 2], g[:, 3]
     mm = np.where(b > 1, m * b, m)
     if w_half is not None:
         w = mm * n * k
         eff = e_max * w / (w + w_half)
     else:
-        eff = e_max * (mm / (mm + c)) * (n / (n + c)) * (k / (k + c))
-    return _op_s(2.0 * b * m * n * k / (gm["peak_flops"] * eff), gm)
+        eff = e_max * _sat(mm, c, lo) * _sat(n, c, lo) * _sat(k, c, lo)
+    t = 2.0 * b * m * n * k / (gm["peak_flops"] * eff)
+    if nbytes is not None:
+        t = np.maximum(t, nbytes / gm["stream_bytes_per_s"])
+    return _op_s(t, gm)
 
 
 def flash_s(a: np.ndarray, gm: dict, a_eff: float) -> tuple[np.ndarray, np.ndarray]:
@@ -121,21 +136,27 @@ def flash_s(a: np.ndarray, gm: dict, a_eff: float) -> tuple[np.ndarray, np.ndarr
     return f, bw
 
 
-def eager_s(a: np.ndarray, gm: dict, e_max: float, c: float, w_half=None) -> tuple[np.ndarray, np.ndarray]:
-    """Unfused attention: QK^T [s,d]x[d,s] and PV [s,s]x[s,d] per (batch x head), over the full
-    score matrix, and the softmax/dropout kernels streaming it."""
+def eager_s(a: np.ndarray, gm: dict, e_max: float, c: float, w_half=None,
+            dropout: np.ndarray | None = None, lo: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Unfused attention as autopar prices it (ComputeModel.unfused_attention_s): QK^T
+    [s,d]x[d,s] and PV [s,s]x[s,d] per (batch x head) over the full score matrix (backward dP
+    like QK^T, dV, dQ, dK like PV), each no faster than streaming its operands, and the
+    softmax (and, with dropout, dropout) kernels streaming the 2-byte scores
+    (graphs.annotate.unfused_score_passes). `dropout`: per row; None = every row has it."""
     b, h, s, d = (a[:, i] for i in range(4))
     bh = b * h
-    one = np.ones_like(s)
+    drop = np.ones_like(s) if dropout is None else np.asarray(dropout, float)
+    e = 2.0
+    scores = bh * s * s
+    io = e * scores + 2 * e * (2 * bh * s * d)
 
     def mm(m_, n_, k_):
-        return gemm_s(np.stack([m_, n_, k_, bh], axis=1), gm, e_max, c, w_half)
+        return gemm_s(np.stack([m_, n_, k_, bh], axis=1), gm, e_max, c, w_half, nbytes=io, lo=lo)
 
-    fwd = mm(s, s, d) + mm(s, d, s)
-    bwd = mm(s, d, s) + mm(d, s, s) + mm(s, s, d) + mm(s, d, s)
-    scores = bh * s * s * one
-    fwd = fwd + 2 * _op_s(EAGER_FWD_BYTES / 2 * scores / gm["stream_bytes_per_s"], gm)
-    bwd = bwd + 2 * _op_s(EAGER_BWD_BYTES / 2 * scores / gm["stream_bytes_per_s"], gm)
+    wide, narrow = mm(s, s, d), mm(s, d, s)
+    stream = gm["stream_bytes_per_s"]
+    fwd = wide + narrow + _op_s(2 * e * scores / stream, gm) + drop * _op_s((2 * e + 1) * scores / stream, gm)
+    bwd = wide + 3 * narrow + _op_s(3 * e * scores / stream, gm) + drop * _op_s((2 * e + 1) * scores / stream, gm)
     return fwd, bwd
 
 
@@ -155,9 +176,13 @@ class RunModel:
             cf = np.array([g[4] for g in s["gemm_fwd"]], float)
             gb = np.array([g[:4] for g in s["gemm_bwd"]], float).reshape(-1, 4)
             cb = np.array([g[4] for g in s["gemm_bwd"]], float)
+            # (b, h, s, d, causal[, unfused, dropout], count): results before attn=unfused
+            # have no unfused entries
             at = np.array([x[:5] for x in s["attn"]], float).reshape(-1, 5)
-            ca = np.array([x[5] for x in s["attn"]], float)
-            self.stages.append(dict(s=s, gf=gf, cf=cf, gb=gb, cb=cb, at=at, ca=ca))
+            ca = np.array([x[-1] for x in s["attn"]], float)
+            unf = np.array([x[5] if len(x) == 8 else 0 for x in s["attn"]], float)
+            drop = np.array([x[6] if len(x) == 8 else 1 for x in s["attn"]], float)
+            self.stages.append(dict(s=s, gf=gf, cf=cf, gb=gb, cb=cb, at=at, ca=ca, unf=unf, drop=drop))
         self.base = self._parts(self.defaults(), eager=False)
         self.pipeline_s = row["predicted"]["pipeline_s"]
         self.tail_s = row["predicted"]["step_time_s"] - self.pipeline_s
@@ -170,7 +195,9 @@ class RunModel:
 
     def defaults(self) -> dict:
         e = self.gm["matmul_efficiency"]
-        return {"e_max": e, "c": 64.0, "a": e, "tau_s": 0.0, "comm": 1.0, "tau_mb_s": 0.0, "w_half": None, "mem": 1.0}
+        # the GEMM curve autopar used (compute.FITTED_DEFAULT_CURVE), where the results keep it
+        e_max, c, lo = (list(self.gm.get("default_curve") or (e, 64.0)) + [0.0])[:3]
+        return {"e_max": e_max, "c": c, "lo": lo, "a": e, "tau_s": 0.0, "comm": 1.0, "tau_mb_s": 0.0, "w_half": None, "mem": 1.0}
 
     def _parts(self, p: dict, eager: bool) -> list[dict]:
         """Per stage and microbatch: GEMM, attention (and unfused-core forward) time, the
@@ -178,17 +205,25 @@ class RunModel:
         out = []
         for st in self.stages:
             s = st["s"]
-            gf = float((gemm_s(st["gf"], self.gm, p["e_max"], p["c"], p["w_half"]) * st["cf"]).sum()) if len(st["cf"]) else 0.0
-            gb = float((gemm_s(st["gb"], self.gm, p["e_max"], p["c"], p["w_half"]) * st["cb"]).sum()) if len(st["cb"]) else 0.0
+            lo = p.get("lo", 0.0)
+            gf = float((gemm_s(st["gf"], self.gm, p["e_max"], p["c"], p["w_half"], lo=lo) * st["cf"]).sum()) \
+                if len(st["cf"]) else 0.0
+            gb = float((gemm_s(st["gb"], self.gm, p["e_max"], p["c"], p["w_half"], lo=lo) * st["cb"]).sum()) \
+                if len(st["cb"]) else 0.0
             af = ab = core_f = 0.0
             if len(st["ca"]):
-                if eager and self.eager_src:
-                    f, b = eager_s(st["at"], self.gm, p["e_max"], p["c"], p["w_half"])
-                else:
-                    f, b = flash_s(st["at"], self.gm, p["a"])
+                # entries the model already prices unfused stay unfused; "eager" prices every
+                # entry of an unfused-attention source so (results from before attn=unfused)
+                unf = np.maximum(st["unf"], 1.0 if (eager and self.eager_src) else 0.0)
+                ef, eb = eager_s(st["at"], self.gm, p["e_max"], p["c"], p["w_half"],
+                                 dropout=np.where(st["unf"] > 0, st["drop"], 1.0), lo=lo)
+                ff, fb = flash_s(st["at"], self.gm, p["a"])
+                f, b = np.where(unf > 0, ef, ff), np.where(unf > 0, eb, fb)
                 af, ab = float((f * st["ca"]).sum()), float((b * st["ca"]).sum())
-                if eager and self.eager_src:
-                    core_f = af
+                if eager:
+                    # Korthikanti's selective recompute reruns the unfused core (autopar's
+                    # evaluator does once graphs.query.attention_core finds the unfused op)
+                    core_f = float((ef * unf * st["ca"]).sum())
             membound = sum(t for k, t in s["compute_by_kind_s"].items() if k not in ("matmul", "attention"))
             out.append(dict(gf=gf, gb=gb, af=af, ab=ab, core_f=core_f, comm=s["comm_s"] * p["comm"], mem=membound * p["mem"],
                             tau=p["tau_s"] * s.get("n_ops", 0)))

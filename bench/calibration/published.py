@@ -69,7 +69,18 @@ def autopar_api() -> SimpleNamespace:
         Config3D=first("Config3D", "autopar.evaluation.baselines", "autopar.baselines"),
         build_3d=first("build_3d", "autopar.evaluation.baselines", "autopar.baselines"),
         ComputeModel=first("ComputeModel", "autopar.costmodel.compute", "autopar.costmodel", "autopar.cost"),
+        # GPU name -> (e_max, half-saturation dim) of the default GEMM curve where published runs
+        # refitted it; an autopar without one uses (matmul_efficiency, 64) everywhere
+        fitted_curves=_optional("FITTED_DEFAULT_CURVE", "autopar.costmodel.compute") or {},
     )
+
+
+def _optional(name: str, module: str):
+    import importlib
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
 
 
 def autopar_version() -> dict:
@@ -133,6 +144,50 @@ ZOO_BY_NAME = {"Llama 3 8B": "llama3-8b", "Llama 2 13B": "llama2-13b", "Llama 3 
 # Megatron-DeepSpeed pads BLOOM's 250680-token vocabulary to a multiple of 128 x tp: 250880.
 BLOOM_VOCAB = 250880
 FSDP_ZERO = {"SHARD_GRAD_OP": 2}           # every other FSDP kind shards weights too: ZeRO-3
+
+# How each source computed attention (source substring -> impl, attention dropout, basis), the
+# first match wins. "flash": the scores stay inside a fused kernel (the zoo's default sdpa);
+# "unfused": QK^T and PV as batched GEMMs over the materialised s x s scores with softmax and
+# dropout kernels streaming them (zoo spec attn=unfused, graphs/zoo/attention.py). A basis says
+# what the source states; whatever it says is "inferred" is flagged on the run.
+# FlashAttention appeared in May 2022 (Dao et al., arXiv 2205.14135); Megatron-LM took it up in
+# Megatron-Core (2023, through Transformer Engine), after every unfused source below.
+ATTENTION_BY_SOURCE: tuple[tuple[str, str, float, str], ...] = (
+    ("mosaicml/llm-foundry", "flash", 0.0, "stated: FlashAttention + ALiBi"),
+    ("pytorch/torchtitan", "flash", 0.0, "inferred: torchtitan's Llama calls F.scaled_dot_product_attention"),
+    ("NVIDIA/NeMo", "flash", 0.0, "inferred: NeMo 24.x runs Transformer Engine's fused (flash) attention"),
+    ("NVIDIA-NeMo/Megatron-Bridge", "flash", 0.0, "inferred: Megatron-Bridge runs Transformer Engine's fused attention"),
+    ("Megatron-Core", "flash", 0.0, "inferred: Megatron-Core runs Transformer Engine's fused attention"),
+    ("NVIDIA/Megatron-LM README, images/model_table.png", "flash", 0.0,
+     "inferred: the 2024 table is Megatron-Core with Transformer Engine's fused attention"),
+    ("Llama Team", "flash", 0.0, "inferred: Llama 3 training used FlashAttention"),
+    # Korthikanti et al. 2022, section 4.1: the core attention keeps QK^T's softmax output (2asb
+    # per token), its dropout mask (asb) and the dropped output (2asb): scores materialised, with
+    # Megatron's fused scale-mask-softmax kernel and attention dropout.
+    ("Korthikanti et al.", "unfused", 0.1,
+     "stated: section 4.1 keeps softmax output, dropout mask and output (5as^2b); dropout p 0.1 inferred"),
+    ("Narayanan et al., SC21", "unfused", 0.1,
+     "inferred: Megatron-LM 2021 (pre-FlashAttention; baddbmm + fused softmax), default attention dropout 0.1"),
+    ("NVIDIA/Megatron-LM images/tables.tex", "unfused", 0.1,
+     "inferred: Megatron-LM 2020 (pre-FlashAttention), default attention dropout 0.1"),
+    ("Oneflow-Inc/DLPerf", "unfused", 0.1,
+     "inferred: Megatron-LM and OneFlow-GPT of May 2021 (pre-FlashAttention), default attention dropout 0.1"),
+    # tr11-176B-ml.slurm passes no --attention-dropout, so Megatron-DeepSpeed's default 0.1 ran
+    # (the Hub config's attention_dropout 0.0 describes inference, not the training run)
+    ("bigscience-workshop", "unfused", 0.1,
+     "inferred: Megatron-DeepSpeed of 2022 (pre-FlashAttention; fused softmax); attention dropout 0.1, "
+     "Megatron's default, which tr11-176B-ml.slurm does not override"),
+    ("Smith et al., MT-NLG", "unfused", 0.1, "inferred: Megatron-LM + DeepSpeed of 2021 (pre-FlashAttention)"),
+    ("Zhang et al., OPT", "unfused", 0.1, "inferred: metaseq of 2021-2022 (pre-FlashAttention)"),
+)
+
+
+def attention_of(run: dict) -> tuple[str, float, str]:
+    """(impl, attention dropout, basis) of a run's attention; flash, stated nowhere, by default."""
+    for key, impl, dropout, basis in ATTENTION_BY_SOURCE:
+        if key in run["source"]:
+            return impl, dropout, basis
+    return "flash", 0.0, "inferred: no statement; the zoo's default"
 
 
 @dataclass
@@ -243,8 +298,9 @@ def _untied_matches(shape: dict, params_b: float) -> bool:
     return abs(tied / params_b - 1) > 0.03 and abs(untied - params_b) < abs(tied - params_b)
 
 
-def map_run(run: dict) -> Job | str:
-    """A Job, or the reason the run cannot be evaluated ("skipped: <reason>")."""
+def map_run(run: dict, attention: bool = True) -> Job | str:
+    """A Job, or the reason the run cannot be evaluated ("skipped: <reason>"). attention=False
+    evaluates every run with the zoo's default (flash) attention, as before ATTENTION_BY_SOURCE."""
     p, m, me = run["parallel"], run["model"], run["measured"]
     flags: list[str] = []
     if run["status"] != "ok":
@@ -324,6 +380,12 @@ def map_run(run: dict) -> Job | str:
         if family == "gpt" and m.get("params_b") and _untied_matches(shape, m["params_b"]):
             spec += ",tied=false"
             flags.append("untied head (matches params_b)")
+
+    impl, attn_dropout, attn_basis = attention_of(run) if attention else ("flash", 0.0, "stated: --attention flash")
+    if impl == "unfused":
+        spec += ",attn=unfused" + (f",attn_dropout={attn_dropout:g}" if attn_dropout else "")
+    if "inferred" in attn_basis:
+        flags.append(f"attention {impl} ({attn_basis})")
 
     # -- measurement
     meas_shape = dict(shape, seq=seq)
@@ -470,8 +532,11 @@ def _stage_breakdown(stage: dict, graph, cm, fit_shapes: bool) -> dict:
             bq, hq, s, dh = node.operands[0].shape
             lt = _strategy_letters(op["strategy"])
             fac = {0: 1, 1: d0, 2: d1, 3: d0 * d1}
+            # (b, h, s, d, causal, unfused, dropout): fit.py re-prices unfused entries as
+            # ComputeModel.unfused_attention_s does
             attn[(bq // fac[lt.get("b", 0)], hq // fac[lt.get("h", 0)], s, dh,
-                  bool(node.attrs.get("is_causal", False)))] += 1
+                  bool(node.attrs.get("is_causal", False)), node.attrs.get("impl") == "unfused",
+                  float(node.attrs.get("dropout_p", 0.0) or 0.0) > 0.0)] += 1
     ops_total = sum(by_kind.values()) + comm
     out = {"layers": stage["layers"], "mesh": [d0, d1], "recompute": stage.get("recompute", "none"),
            "fwd_s": stage["fwd_s"], "bwd_s": stage["bwd_s"], "compute_by_kind_s": dict(by_kind), "comm_s": comm,
@@ -556,6 +621,7 @@ def evaluate_group(task: tuple[str, int, str, list[dict]]) -> list[dict]:
             "virtual_stages": d["training"].get("virtual_stages", 1),
             "gpu_model": {"name": cl.gpu.name, "peak_flops": cl.gpu.peak(dtype), "profiled": not fit_shapes,
                           "matmul_efficiency": cl.gpu.matmul_efficiency, "gap_s": cm.gap_s,
+                          "default_curve": api.fitted_curves.get(cl.gpu.name),
                           "launch_s": cm.launch_s, "stream_bytes_per_s": cm.stream_bytes_per_s},
             "stages": stages, "eval_s": time.perf_counter() - t0, "eval_cpu_s": time.process_time() - c0})
     return out
@@ -658,7 +724,8 @@ def step_breakdown(row: dict) -> dict:
 
 
 def run_all(runs: list[dict], split: dict, workers: int, only: list[str] | None = None,
-            log=print, what_if: dict | None = None, eager: bool | None = None) -> list[dict]:
+            log=print, what_if: dict | None = None, eager: bool | None = None,
+            attention: bool = True) -> list[dict]:
     rows: dict[str, dict] = {}
     jobs: dict[str, Job] = {}
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -667,10 +734,10 @@ def run_all(runs: list[dict], split: dict, workers: int, only: list[str] | None 
         if only and not any(o.lower() in (run["id"] + " " + run["source"]).lower() for o in only):
             continue
         row = _row_base(run, split)
-        mapped = map_run(run)
+        mapped = map_run(run, attention)
         if run["status"] == "oom":
             # OOM runs are not compared for speed, but autopar should not call them a fit.
-            mapped = map_run({**run, "status": "ok", "measured": {"step_time_s": 1.0}})
+            mapped = map_run({**run, "status": "ok", "measured": {"step_time_s": 1.0}}, attention)
             if isinstance(mapped, Job):
                 oom_jobs.append(mapped.id)
                 row["oom_check"] = True
@@ -807,6 +874,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=None,
                     help="evaluate with (--eager) or without (--no-eager) the eager PyTorch recipe's terms "
                          "(autopar/costmodel/eager.py); default: autopar's default")
+    ap.add_argument("--attention", choices=("by-source", "flash"), default="by-source",
+                    help="each run's attention as its source computed it (ATTENTION_BY_SOURCE), or every run "
+                         "with the zoo's default flash attention (the model before attn=unfused)")
     a = ap.parse_args(argv)
     if a.report:
         data = json.loads(Path(a.report).read_text())
@@ -817,7 +887,7 @@ def main(argv=None) -> int:
     split = load_split(Path(a.split))
     what_if = {k: float(v) for k, _, v in (w.partition("=") for w in a.what_if)}
     rows = run_all(runs, split, a.workers, a.only.split(",") if a.only else None, log=lambda s: print(s, flush=True),
-                   what_if=what_if, eager=a.eager)
+                   what_if=what_if, eager=a.eager, attention=a.attention == "by-source")
     elapsed = time.perf_counter() - t0
     text = report(rows, worst=a.worst)
     print(text)
@@ -829,7 +899,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"schema": "autopar.published_eval/v1", "date": datetime.date.today().isoformat(),
                "runs_file": str(a.runs), "split_file": str(a.split), "autopar": dict(autopar_version(), label=a.label),
-               "what_if": what_if, "eager": a.eager, "wall_time_s": elapsed, "cpu_time_s": cpu, "load_average_end": load,
+               "what_if": what_if, "eager": a.eager, "attention": a.attention, "wall_time_s": elapsed, "cpu_time_s": cpu, "load_average_end": load,
                "workers": a.workers, "cpu_count": os.cpu_count(), "rows": rows}
     write_results(out, payload)
     print(f"wrote {out}")

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from ..errors import SpecError, UnknownModelError
 
 FAMILIES = ("gpt", "llama", "moe")
+# How a block computes attention: "flash" is torch's fused scaled_dot_product_attention (scores
+# never leave the kernel); "unfused" materialises the [s, s] scores as pre-FlashAttention
+# Megatron-LM and BLOOM did (graphs/zoo/attention.py).
+ATTENTION_IMPLS = ("flash", "unfused")
 
 # Bounds on a config's sizes (inclusive). Tracing and planning time grow with layers (the stage
 # DP looks at every layer range), so 256 is twice the deepest published model (Llama 3 405B:
@@ -38,6 +42,8 @@ class ModelConfig:
     capacity_factor: float = 1.25   # moe: expert capacity = ceil(top_k·s/E · factor)
     top_k: int = 2                  # moe: experts per token
     moe_every: int = 2              # moe: every moe_every-th block (1, 3, 5, ...) is MoE
+    attn: str = "flash"             # one of ATTENTION_IMPLS
+    attn_dropout: float = 0.0       # dropout on the attention probabilities, in training
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -53,6 +59,11 @@ class ModelConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise SpecError(f"{key} must be a finite number > 0, got {v!r}")
+        if self.attn not in ATTENTION_IMPLS:
+            raise SpecError(f"attn must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attn!r}")
+        p = self.attn_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise SpecError(f"attn_dropout must be a number in [0, 1), got {p!r}")
         if self.kv_heads == 0:
             object.__setattr__(self, "kv_heads", self.heads)
         if self.ffn == 0:
@@ -129,7 +140,7 @@ PRESETS: dict[str, ModelConfig] = {c.name: c for c in [
 ]}
 
 SPEC_KEYS = ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab", "seq", "experts", "tied",
-             "norm_eps", "rope_theta", "capacity_factor", "top_k", "moe_every")
+             "norm_eps", "rope_theta", "capacity_factor", "top_k", "moe_every", "attn", "attn_dropout")
 REQUIRED_KEYS = ("hidden", "layers", "heads")
 FAMILY_DEFAULTS = {"gpt": {"vocab": 51200, "seq": 1024, "tied": True},
                    "llama": {"vocab": 32000, "seq": 4096},
@@ -189,7 +200,7 @@ def parse_spec(spec: str) -> ModelConfig:
         raise UnknownModelError(f"unknown model family {base!r} in spec {spec!r}; "
                                 f"{_known_message()}")
     types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
-    kinds = {"int": int, "float": float, "bool": bool}
+    kinds = {"int": int, "float": float, "bool": bool, "str": str}
     for item in filter(None, (s.strip() for s in body.split(","))):
         key, eq, value = item.partition("=")
         key = key.strip().lower()

@@ -6,7 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import UNFUSED, unfused_attention
 from .config import ModelConfig
+
+# one traced call, one IR op (graphs/zoo/attention.py)
+torch.fx.wrap("unfused_attention")
 
 
 class Attention(nn.Module):
@@ -15,6 +19,8 @@ class Attention(nn.Module):
         h = cfg.hidden
         self.heads = cfg.heads
         self.head_dim = cfg.head_dim
+        self.unfused = cfg.attn == UNFUSED
+        self.dropout_p = cfg.attn_dropout
         self.q = nn.Linear(h, h)
         self.k = nn.Linear(h, h)
         self.v = nn.Linear(h, h)
@@ -25,7 +31,13 @@ class Attention(nn.Module):
         q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        p = self.dropout_p if self.training else 0.0
+        if self.unfused:
+            y = unfused_attention(q, k, v, True, p)
+        elif p > 0.0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, s, h))
 
 

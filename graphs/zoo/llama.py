@@ -6,7 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import UNFUSED, unfused_attention
 from .config import ModelConfig
+
+# one traced call, one IR op (graphs/zoo/attention.py)
+torch.fx.wrap("unfused_attention")
 
 # sdpa's enable_gqa arrived in torch 2.5; before it, k/v heads are repeated by a view
 _HAS_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -38,6 +42,8 @@ class Attention(nn.Module):
         super().__init__()
         h, d = cfg.hidden, cfg.head_dim
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, d
+        self.unfused = cfg.attn == UNFUSED
+        self.dropout_p = cfg.attn_dropout
         self.wq = nn.Linear(h, cfg.heads * d, bias=False)
         self.wk = nn.Linear(h, cfg.kv_heads * d, bias=False)
         self.wv = nn.Linear(h, cfg.kv_heads * d, bias=False)
@@ -56,7 +62,16 @@ class Attention(nn.Module):
         # narrow, not [:s]: symbolic tracing cannot slice a real tensor by a traced size
         cos, sin = self.cos.narrow(0, 0, s).to(x.dtype), self.sin.narrow(0, 0, s).to(x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_heads == self.heads:
+        p = self.dropout_p if self.training else 0.0
+        if self.unfused:
+            # grouped K, V are repeated to the query heads inside, as Megatron-LM did
+            y = unfused_attention(q, k, v, True, p)
+        elif p > 0.0:
+            if self.kv_heads != self.heads:
+                rep = self.heads // self.kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        elif self.kv_heads == self.heads:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif _HAS_ENABLE_GQA and not self.repeat_kv:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -382,3 +384,72 @@ def test_fsdp_exposed_comm_against_the_measured():
     for r in predict.run(CORPUS, ids)["rows"]:
         m = measured[r["id"]]["breakdown_s"]["exposed_comm"]
         assert abs(r["predicted_breakdown_s"]["exposed_comm"] - m) <= FSDP_EXPOSED_MAX_S, (r["id"], m)
+
+
+# ---- published runs (bench/calibration, issue 13 part 3) ------------------------------------------
+# bench/calibration/published.py evaluated every mappable run of ../shared/calibration/
+# published_runs.json as a hand-made plan and stored each row's job and prediction in PUBLISHED.
+# The bars hold the stored errors per (set, GPU family); the replay re-evaluates a few stored jobs
+# through the harness's own evaluation (no runs file needed: the row keeps its job) and requires
+# today's model to predict what was stored, so the bars cannot silently describe another model.
+
+PUBLISHED = ROOT / "bench/results/published_eval_2026-11-30b.json"
+_pspec = importlib.util.spec_from_file_location("published_harness", ROOT / "bench/calibration/published.py")
+assert _pspec is not None and _pspec.loader is not None
+published = importlib.util.module_from_spec(_pspec)
+sys.modules[_pspec.name] = published     # its dataclasses look their module up while being made
+_pspec.loader.exec_module(published)
+
+# (set, family): (median |error|, max |error|) of predicted tokens/s per GPU, the achieved values
+# with half a point of room (bench/calibration/FINDINGS.md, section 9). The issue's target (8% /
+# 20%) is met by held-out V100 in median only. Before unfused attention (every run flash):
+# held-out A100 10.2% / 74.5%, V100 32.2% / 79.5%; fit V100 48.1% / 108.9%.
+PUBLISHED_PINNED: dict[tuple[str, str], tuple[float, float]] = {
+    ("fit", "A100"): (0.118, 0.790),        # achieved 11.2% / 78.4% (n 151)
+    ("fit", "H100"): (0.279, 0.766),        # 27.3% / 76.1% (70)
+    ("fit", "V100"): (0.125, 0.362),        # 12.0% / 35.6% (12)
+    ("held_out", "A100"): (0.103, 0.651),   # 9.8% / 64.6% (126)
+    ("held_out", "H100"): (0.258, 0.459),   # 25.3% / 45.4% (4): the exposed gradient sync, section 9
+    ("held_out", "V100"): (0.095, 0.302),   # 8.9% / 29.7% (16)
+}
+# One stored row per kind: unfused attention with dropout (V100, DLPerf), unfused without (BLOOM),
+# unfused under selective recomputation (Korthikanti), flash (MPT)
+PUBLISHED_REPLAY = ("dlperf-megatron-2d_8x1x1_16_1536x16", "bloom-bench-02-21-18b-h14336-l6-nh64-dp1-tp8-pp1-mbs2-gbs512-r2",
+                    "korth-t5-22b-selsp", "mpt-a100-40gb-bf16-1b-s2048-n32-mb10-ga1")
+
+
+def _published_rows() -> list[dict]:
+    return [r for r in json.loads(PUBLISHED.read_text())["rows"] if r.get("evaluated") and "error" in r]
+
+
+def test_published_errors_within_pinned_bars():
+    by: dict[tuple[str, str], list[float]] = {}
+    for r in _published_rows():
+        by.setdefault((r["set"], r["gpu_family"]), []).append(abs(r["error"]))
+    assert set(PUBLISHED_PINNED) <= set(by)
+    for key, (med, mx) in PUBLISHED_PINNED.items():
+        errs = sorted(by[key])
+        assert statistics.median(errs) <= med and errs[-1] <= mx, (key, statistics.median(errs), errs[-1])
+
+
+def test_published_rows_replay_with_the_current_model():
+    rows = {r["id"]: r for r in _published_rows()}
+    groups: dict[tuple, list[dict]] = {}
+    for rid in PUBLISHED_REPLAY:
+        job = dict(rows[rid]["job"], what_if={}, eager=None)
+        groups.setdefault((job["model"], job["seq"], job["dtype"]), []).append(job)
+    for (spec, seq, dtype), jobs in groups.items():
+        for res in published.evaluate_group((spec, seq, dtype, jobs)):
+            assert "skip" not in res, res
+            stored = rows[res["id"]]["predicted"]
+            assert res["predicted"]["step_time_s"] == pytest.approx(stored["step_time_s"], rel=1e-9), res["id"]
+            assert res["predicted"]["peak_memory_bytes"] == pytest.approx(stored["peak_memory_bytes"], rel=1e-9)
+
+
+def test_published_attention_follows_the_source():
+    for r in _published_rows():
+        impl, dropout, basis = published.attention_of({"source": r["source"]})
+        spec = r["job"]["model"]
+        assert ("attn=unfused" in spec) == (impl == "unfused"), (r["id"], spec)
+        assert (f"attn_dropout={dropout:g}" in spec) == (impl == "unfused" and dropout > 0), (r["id"], spec)
+        assert any(f.startswith("attention ") for f in r["flags"]) == ("inferred" in basis), r["id"]

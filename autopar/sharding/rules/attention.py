@@ -33,6 +33,15 @@ only where the batch cannot take its axes"); here the sequence split costs the b
 compute or more, plus communication. Of the two K/V exchanges an op keeps only those not
 dominated (same layouts, memory and compute; forward and backward communication both no
 cheaper is dropped).
+
+Unfused attention (attrs["impl"] == "unfused", graphs/zoo/attention.py) splits over batch and
+heads only, like Megatron's: every (batch, head) is an independent s x s problem, so a split
+divides its GEMMs, score passes and kept scores exactly (ComputeModel.unfused_attention_s).
+Its kept scores (probabilities, and with dropout the dropped ones and the mask) are part of the
+strategy's `out_bytes_local`: the stash counts an op's saved output as saved factor x
+out_bytes_local, and an attention op's own output is always kept (sharding/stage_problem.py),
+so the scores are stashed, rebuilt under full recomputation, and never cross a stage boundary
+(only the [b, h, s, d] output does: boundaries read the node's out_bytes).
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from autopar.costmodel.compute import ComputeModel
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.rules.common import collective, local_out_bytes, strategy_letters, strategy_name
 from autopar.sharding.strategy import Strategy
+from graphs.annotate import is_unfused_attention, unfused_score_passes
 from graphs.ir import OpNode, dtype_bytes
 
 CP_SUFFIX = "+cp:"
@@ -80,8 +90,10 @@ def attention_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel, prune_seq: 
     b, hq, s, d = q.shape
     hkv = k.shape[1]
     causal = bool(node.attrs.get("is_causal", False))
+    unfused = is_unfused_attention(node)
     out = []
-    for combo in itertools.product([None, "b", "h", "s"], repeat=len(mesh.live_axes)):
+    for combo in itertools.product([None, "b", "h"] if unfused else [None, "b", "h", "s"],
+                                   repeat=len(mesh.live_axes)):
         lt: dict[str, int] = {}
         for bit, ch in zip(mesh.live_axes, combo):
             if ch:
@@ -97,12 +109,32 @@ def attention_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel, prune_seq: 
         bl, hl = b // mesh.factor(mb), hq // mesh.factor(mh)
         specs = tuple(spec if o.source is not None else None for o in node.operands)
         out_bytes = local_out_bytes(node, spec, mesh)
+        if unfused:
+            fwd, bwd, kept_bytes = unfused_costs(node, bl, hl, cm)
+            out.append(Strategy(strategy_name(lt), spec, specs, fwd, bwd, out_bytes_local=out_bytes + kept_bytes,
+                                letters=lt))
+            continue
         if not ms:
             out.append(Strategy(strategy_name(lt), spec, specs, cm.attention_s(bl, hl, s, d, causal),
                                 cm.attention_s(bl, hl, s, d, causal, True), out_bytes_local=out_bytes, letters=lt))
             continue
         out.extend(_context_parallel(node, mesh, cm, lt, spec, specs, out_bytes))
     return out
+
+
+def unfused_costs(node: OpNode, batch: int, heads: int, cm: ComputeModel) -> tuple[float, float, float]:
+    """(forward s, backward s, kept score bytes) of unfused attention over `batch` sequences and
+    `heads` query heads on one device (the local shares of a batch / head split)."""
+    q, k = node.operands[0], node.operands[1]
+    sq, d, skv = q.shape[2], q.shape[3], k.shape[2]
+    if sq != skv:
+        raise ValueError(f"{node.name}: unfused attention over {sq} queries and {skv} keys; only self-attention "
+                         "(equal lengths) is priced")
+    e = dtype_bytes(node.out_dtype)
+    dropout = float(node.attrs.get("dropout_p", 0.0) or 0.0) > 0.0
+    kept = float(batch) * heads * sq * skv * unfused_score_passes(e, dropout)[2]
+    return (cm.unfused_attention_s(batch, heads, sq, d, dropout, elem_bytes=e),
+            cm.unfused_attention_s(batch, heads, sq, d, dropout, backward=True, elem_bytes=e), kept)
 
 
 def _block_compute_s(cm: ComputeModel, b: int, mb: int, ms: int, hl: int, s: int, d: int, causal: bool,
