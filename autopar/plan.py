@@ -196,6 +196,9 @@ class StagePlan:
     strategies: dict[str, str]               # decision op -> strategy name
     input_spec: str = ""                     # layout of the stage's input boundary tensor
     recompute: str = "none"                  # none | selective | full
+    # with "full": the stage's first k layers are recomputed and the rest keep their activations
+    # (Megatron's --recompute-method block --recompute-num-layers k); None: all of them
+    recompute_layers: int | None = None
     # filled by the evaluator
     ops: list[dict[str, Any]] = field(default_factory=list)   # per op: name, op, kind, strategy, specs, costs
     t_intra_s: float = 0.0                   # forward + backward per microbatch
@@ -259,6 +262,7 @@ class Plan:
                             submesh=_pair(s["submesh"]), device_ids=list(s["device_ids"]),
                             logical_mesh=_pair(s["logical_mesh"]), strategies=dict(s["strategies"]),
                             input_spec=s.get("input_spec", ""), recompute=s.get("recompute", "none"),
+                            recompute_layers=s.get("recompute_layers"),
                             ops=[dict(o) for o in s.get("ops", [])], t_intra_s=_seconds(s.get("t_intra_s", 0.0)),
                             fwd_s=_seconds(s.get("fwd_s", 0.0)), bwd_s=_seconds(s.get("bwd_s", 0.0)),
                             memory=_read(StageMemory, s["memory"], f"stages/{s['index']}/memory")
@@ -331,6 +335,8 @@ def _stage_dict(s: StagePlan) -> dict[str, Any]:
     d["submesh"] = list(s.submesh)
     d["logical_mesh"] = list(s.logical_mesh)
     d["memory"] = d["memory"] or {}
+    if d["recompute_layers"] is None:
+        del d["recompute_layers"]          # all layers, or none: plan files as before per-layer recomputation
     return d
 
 
@@ -388,3 +394,11 @@ def validate(d: Any) -> None:
         if b <= a:
             raise PlanError(f"plan stages/{s['index']}/layers: empty range [{a}, {b})")
         prev_end = b
+        k = s.get("recompute_layers")
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= b - a:
+                raise PlanError(f"plan stages/{s['index']}/recompute_layers must be a whole number of the "
+                                f"stage's layers, 0 to {b - a} (got {k!r})")
+            if s.get("recompute", "none") != "full":
+                raise PlanError(f"plan stages/{s['index']}/recompute_layers: {k} layers recomputed needs "
+                                f"recompute \"full\" (got {s.get('recompute', 'none')!r}); leave it out otherwise")

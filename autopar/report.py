@@ -73,6 +73,17 @@ def _num(x: Any, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _recompute(stage: dict) -> str:
+    """A stage's recomputation: none, selective, full, or "full 3/7" where it recomputes the
+    first 3 of its 7 layers (Megatron's block method)."""
+    rc = stage.get("recompute", "none")
+    k = stage.get("recompute_layers")
+    if rc == "full" and k is not None:
+        a, b = stage["layers"]
+        return f"full {k}/{b - a}"
+    return rc
+
+
 def _devices(ids: list[int]) -> str:
     if ids == list(range(ids[0], ids[-1] + 1)):
         return f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0])
@@ -96,7 +107,7 @@ def plan_summary(plan: Plan | dict[str, Any]) -> str:
     for s in d["stages"]:
         a, b = s["layers"]
         lines.append(f"{s['index']:>5} {f'{a}-{b - 1}':>9} {_devices(s['device_ids']):>12} "
-                     f"{'{}x{}'.format(*s['logical_mesh']):>6} {s.get('recompute', 'none'):>9} "
+                     f"{'{}x{}'.format(*s['logical_mesh']):>6} {_recompute(s):>9} "
                      f"{fmt_s(s.get('t_intra_s')):>11} {gib((s.get('memory') or {}).get('total_bytes')):>11}")
     if interleaved:
         lines.append("(interleaved: stage k runs on the devices of stage k mod ranks; the memory column is per "

@@ -42,13 +42,19 @@ def inflight(schedule: str, stage_index: int, n_stages: int, n_microbatches: int
 RECOMPUTE = ("none", "selective", "full")
 
 
-def stash_after_recompute(recompute: str, stash_bytes, layer_input_bytes=0.0, attention_core_stash_bytes=0.0):
+def stash_after_recompute(recompute: str, stash_bytes, layer_input_bytes=0.0, attention_core_stash_bytes=0.0,
+                          recomputed_stash_bytes=None):
     """Activations one microbatch in flight keeps for its backward, from the stash without
     recomputation. "none": all of it. "selective" (Korthikanti et al.): without the attention
-    core's saves (the [s, s] scores, rebuilt in backward). "full": only its layers' inputs.
-    Floats or numpy arrays alike."""
+    core's saves (the [s, s] scores, rebuilt in backward). "full": only its layers' inputs; with
+    `recomputed_stash_bytes` (Megatron's block method: some of the layers recomputed, the rest
+    kept), the kept layers' stash, `stash_bytes` less the recomputed ones', plus the recomputed
+    layers' inputs (`layer_input_bytes`). With every layer recomputed the two agree to the bit
+    (x - x is 0). Floats or numpy arrays alike."""
     if recompute == "full":
-        return layer_input_bytes
+        if recomputed_stash_bytes is None:
+            return layer_input_bytes
+        return stash_bytes - recomputed_stash_bytes + layer_input_bytes
     if recompute == "selective":
         return stash_bytes - attention_core_stash_bytes
     if recompute != "none":
@@ -58,7 +64,9 @@ def stash_after_recompute(recompute: str, stash_bytes, layer_input_bytes=0.0, at
 
 def working_after_recompute(recompute: str, max_layer_stash_bytes=0.0):
     """Transient activations on top of the stashes: full recomputation rebuilds one layer's
-    stash at a time during backward."""
+    stash at a time during backward, so the largest recomputed layer's stash (a kept layer's
+    stash of the microbatch being backwarded is freed before the recomputed layers, which come
+    first in the stage, are rebuilt)."""
     return max_layer_stash_bytes if recompute == "full" else 0.0
 
 

@@ -51,11 +51,16 @@ class Config3D:
     zero: int = 0
     sequence_parallel: bool = False
     cp: int = 1                     # context-parallel size (the sequence split over cp GPUs)
+    # with recompute "full": Megatron's --recompute-method block --recompute-num-layers N, the
+    # first N transformer blocks of each (virtual) stage recomputed, the rest kept; None: all
+    recompute_num_layers: int | None = None
 
     def label(self) -> str:
         s = f"dp{self.dp} tp{self.tp} pp{self.pp}" + (f" cp{self.cp}" if self.cp > 1 else "") + f" mb{self.microbatch}"
         if self.recompute != "none":
             s += f" rc:{self.recompute}"
+            if self.recompute_num_layers is not None:
+                s += f"/{self.recompute_num_layers}"
         if self.schedule != "1f1b":
             s += f" {self.schedule}" + (f"x{self.virtual_stages}" if self.schedule == "interleaved" else "")
         if self.zero:
@@ -118,6 +123,9 @@ def check_config(cfg: Config3D, cluster: Cluster, global_batch: int, n_blocks: i
     training = cfg.training(global_batch, dtype)       # the batch split, schedule and ZeRO stage
     if cfg.recompute not in ("none", "selective", "full"):
         raise PlanError(f"recompute must be none, selective or full (got {cfg.recompute!r})")
+    if cfg.recompute_num_layers is not None and (cfg.recompute != "full" or cfg.recompute_num_layers < 1):
+        raise PlanError(f"recompute_num_layers {cfg.recompute_num_layers} needs recompute 'full' and at least one "
+                        f"block (got recompute {cfg.recompute!r})")
     v = training.virtual_stages
     if n_blocks < cfg.pp * v:
         raise PlanError(f"{n_blocks} transformer blocks cannot fill pp*virtual_stages = {cfg.pp * v} stages")
@@ -285,8 +293,9 @@ def unevaluated_recomputes(source, cluster: Cluster, global_batch: int, cfg: Con
     for rc in recomputes:
         c = dataclasses.replace(cfg, recompute=rc)
         check_config(c, cluster, global_batch, len(graph.layers) - 2, plan.training.dtype)
-        stages = [dataclasses.replace(st, recompute=rc) for st in plan.stages]
-        config = PlanConfig("megatron", c.label(), dataclasses.asdict(c))
+        stages = [dataclasses.replace(st, recompute=rc, recompute_layers=_recompute_layers(c, *st.layers))
+                  for st in plan.stages]
+        config = PlanConfig("megatron", c.label(), _settings(c))
         out.append(dataclasses.replace(plan, stages=stages, config=config))
     return out, graph
 
@@ -313,7 +322,7 @@ def step_lower_bound_s(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool
             a, b = st.layers
             names = stage_nodes(graph, st.layers)
             key = (id(graph), tuple(graph.layers[j].structural_hash for j in range(a, b)), a == 0, b == last,
-                   st.submesh, tuple(st.logical_mesh), st.input_spec, st.recompute,
+                   st.submesh, tuple(st.logical_mesh), st.input_spec, st.recompute, st.recompute_layers,
                    tuple(st.strategies.get(n) for n in names), tr, eager)
         cost = memo.get(key) if memo is not None else None
         if cost is None:
@@ -323,6 +332,25 @@ def step_lower_bound_s(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool
                 memo[key] = cost
         per_rank[i % ranks] += cost[0] + cost[1]
     return max(per_rank)
+
+
+def _settings(cfg: Config3D) -> dict:
+    """The plan file's config settings: recompute_num_layers only where set, so that plans
+    without it are written as before the option."""
+    settings = dataclasses.asdict(cfg)
+    if settings["recompute_num_layers"] is None:
+        del settings["recompute_num_layers"]
+    return settings
+
+
+def _recompute_layers(cfg: Config3D, a: int, b: int) -> int | None:
+    """A stage [a, b)'s recompute_layers for Megatron's first N blocks: the planner's layers
+    count the embedding (layer 0) as a layer before the first block; None where that covers
+    every layer."""
+    if cfg.recompute != "full" or cfg.recompute_num_layers is None:
+        return None
+    k = cfg.recompute_num_layers + (a == 0)
+    return k if k < b - a else None
 
 
 def _unevaluated_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: str | None,
@@ -365,8 +393,9 @@ def _unevaluated_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, 
                                 submesh=(sub.n_nodes, sub.gpus_per_node),
                                 device_ids=_device_ids_for(g % cfg.pp, cfg.stage_devices),
                                 logical_mesh=cfg.mesh_shape(), strategies=chosen,
-                                input_spec=spec_str(bspec) if bsrc else "", recompute=cfg.recompute))
-    plan = Plan(strategy=label or "3d", config=PlanConfig("megatron", cfg.label(), dataclasses.asdict(cfg)),
+                                input_spec=spec_str(bspec) if bsrc else "", recompute=cfg.recompute,
+                                recompute_layers=_recompute_layers(cfg, a, b)))
+    plan = Plan(strategy=label or "3d", config=PlanConfig("megatron", cfg.label(), _settings(cfg)),
                 model=ModelInfo.of(graph, source.name, source.loadable), cluster=ClusterInfo.of(cluster), training=training,
                 stages=stages)
     return plan, graph

@@ -110,11 +110,18 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
 
     fwd, bwd, rec_flops = ev.fwd_s, ev.bwd_s, 0.0
     layer_inputs = max_layer_stash = core_stash = 0.0
+    n_layers = st.layers[1] - st.layers[0]
+    n_rc = n_layers if st.recompute_layers is None else st.recompute_layers
+    if st.recompute == "full" and not 0 <= n_rc <= n_layers:
+        raise PlanError(f"stage {st.index}: recompute_layers {n_rc} is not 0 to the stage's {n_layers} layers")
+    partial = st.recompute == "full" and n_rc < n_layers
+    rc_stash = rc_inputs_fp32 = 0.0    # the recomputed layers' stash and fp32 input extra (partial)
     if st.recompute == "full":
-        # Keep each layer's input; rerun the stage's forward during backward, one layer at a
-        # time, so one layer's activations are live on top of the stashes.
+        # Keep each recomputed layer's input; rerun those layers' forward during backward, one
+        # layer at a time, so one layer's activations are live on top of the stashes. With only
+        # the first n_rc layers recomputed (Megatron's block method), the rest keep theirs.
         per_layer = []
-        for li in range(*st.layers):
+        for li in range(st.layers[0], st.layers[0] + n_rc):
             lnames = list(graph.layers[li].nodes)
             src = main_boundary(graph, lnames)
             if src is not None:
@@ -125,8 +132,29 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             per_layer.append(sum(prob.saved.get(n, 0.0) * prob.strategy_of(n, assign[n]).out_bytes_local
                                  for n in lnames))
         max_layer_stash = max(per_layer) if per_layer else 0.0
-        bwd += ev.recompute_fwd_s
-        rec_flops = sum(graph.node(n).fwd_flops for n in names)
+        if not partial:
+            bwd += ev.recompute_fwd_s
+            rec_flops = sum(graph.node(n).fwd_flops for n in names)
+        elif n_rc:
+            # the recomputed layers as a stage of their own under the same strategies: their
+            # forward and stash are the stage's first layers' (layer composition, layer_solver.py)
+            pre_layers = (st.layers[0], st.layers[0] + n_rc)
+            pre_names = stage_nodes(graph, pre_layers)
+            pkey = ("recomputed", *key, n_rc)
+            phit = per_graph.get(pkey)
+            if phit is None:
+                pprob = StageProblem(graph, pre_names, mesh, cm, boundary=boundary)
+                pchoice = pprob.choice_from_names(st.strategies)
+                pev = pprob.evaluate(pchoice, Settings(n_microbatches=training.n_microbatches, zero=zero))
+                phit = per_graph[pkey] = (pprob, pev, pprob.assignment(pchoice))
+            pprob, pev, passign = phit
+            bwd += pev.recompute_fwd_s
+            rec_flops = sum(graph.node(n).fwd_flops for n in pre_names)
+            rc_stash = pev.stash_bytes
+            if eager:
+                pterms = eager_terms(graph, pre_layers, pprob, passign, pev, training.n_microbatches, zero, cm)
+                rc_stash += pterms.residual_stash_bytes
+                rc_inputs_fp32 = pterms.inputs_fp32_extra_bytes
     elif st.recompute == "selective":
         core = attention_core(graph, names)
         dropped = [n for n in core if prob.saved.get(n)]
@@ -139,8 +167,9 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
 
     terms = eager_terms(graph, st.layers, prob, assign, ev, training.n_microbatches, zero, cm) if eager else NO_EAGER
     if st.recompute == "full":
-        layer_inputs += terms.inputs_fp32_extra_bytes
-    stash = stash_after_recompute(st.recompute, ev.stash_bytes + terms.residual_stash_bytes, layer_inputs, core_stash)
+        layer_inputs += rc_inputs_fp32 if partial else terms.inputs_fp32_extra_bytes
+    stash = stash_after_recompute(st.recompute, ev.stash_bytes + terms.residual_stash_bytes, layer_inputs, core_stash,
+                                  recomputed_stash_bytes=rc_stash if partial else None)
     working = working_after_recompute(st.recompute, max_layer_stash)
     out_node = _stage_output(graph, st.layers)
     bbytes = graph.node(out_node).out_bytes if out_node else 0.0

@@ -23,7 +23,7 @@ from graphs.query import main_boundary
 from graphs.trace import symbolic, to_meta, trace
 
 from .layout import local_shape, placements, spec_of
-from .program import NotAppliableError, StageModule, param_sources, partition
+from .program import NotAppliableError, StageModule, param_sources, partition, recompute_bound
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -179,7 +179,7 @@ class ParallelModel:
         bdtype = {n.name: prog.values[n].dtype for n in my.outputs if isinstance(prog.values.get(n), torch.Tensor)}
         self.module = StageModule(my, model, ir, ops, params, canon, param_of, prog.values, self.mesh,
                                   self.boundary_in, self.boundary_out, self.stage.recompute, bdtype,
-                                  device=self.device)
+                                  device=self.device, recompute_below_layer=recompute_bound(self.stage))
         self.params = params
         self._partial_masks = {name: _grad_partial_mask(name, my, ops, ir, p.dim()) for name, p in params.items()}
         self._setup_optimizer(optimizer, lr)

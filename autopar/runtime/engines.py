@@ -387,11 +387,15 @@ class Segment(nn.Module):
     parameters are named as in the model. A last stage of a tied model that is not also the
     first holds its own copy of the embedding (gradients summed across the two stages)."""
 
-    def __init__(self, model: Any, first: bool, last: bool, blocks: range, recompute: str = "none"):
+    def __init__(self, model: Any, first: bool, last: bool, blocks: range, recompute: str = "none",
+                 recompute_blocks: int | None = None):
+        """recompute "full" checkpoints the first `recompute_blocks` blocks (None: all of them;
+        Megatron's --recompute-method block), the rest keeping their activations."""
         super().__init__()
         cfg = model.cfg
         self.family, self.tied, self.first, self.last = cfg.family, cfg.tied, first, last
         self.recompute = recompute
+        self.recompute_blocks = recompute_blocks
         # under context parallelism (GPT): the positions of this rank's tokens, a buffer that
         # torch's context_parallel shards as it shards the tokens
         self.register_buffer("cp_positions", None, persistent=False)
@@ -438,8 +442,9 @@ class Segment(nn.Module):
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if self.first:
             x = self.embed(x)
-        for block in self.blocks.values():
-            if self.recompute == "full" and torch.is_grad_enabled():
+        for bi, block in enumerate(self.blocks.values()):
+            if (self.recompute == "full" and torch.is_grad_enabled()
+                    and (self.recompute_blocks is None or bi < self.recompute_blocks)):
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
@@ -536,6 +541,16 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         return g * ctx.scale, None
+
+
+def recomputed_blocks(stage: Any, n_blocks: int) -> int | None:
+    """How many of a stage's blocks its recompute_layers covers: the blocks among its first k
+    IR layers (the embedding, layer 0, is not a block); None where it recomputes all layers."""
+    k = stage.recompute_layers
+    if k is None:
+        return None
+    a = stage.layers[0]
+    return len(segment_blocks((a, a + k), n_blocks)[2]) if k else 0
 
 
 def segment_blocks(layers: tuple[int, int], n_blocks: int) -> tuple[bool, bool, range]:
@@ -742,7 +757,9 @@ class EngineModel:
                     self.tied_group = g
 
         self.segments = [Segment(model, *segment_blocks(stages[k].layers, model.cfg.layers),
-                                 recompute=stages[k].recompute) for k in self.stage_ids]
+                                 recompute=stages[k].recompute,
+                                 recompute_blocks=recomputed_blocks(stages[k], model.cfg.layers))
+                         for k in self.stage_ids]
         self.first, self.last = self.segments[0].first, self.segments[-1].last
         if self.pp > 1:
             _release_others(model, self.segments)

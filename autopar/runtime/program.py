@@ -136,6 +136,13 @@ def _fetch(root: Any, target: str):
     return obj
 
 
+def recompute_bound(stage: Any) -> int | None:
+    """StageModule's recompute_below_layer for a plan stage: its first layer plus the layers it
+    recomputes (StagePlan.recompute_layers), or None where it recomputes all of them."""
+    k = getattr(stage, "recompute_layers", None)
+    return None if k is None else stage.layers[0] + k
+
+
 class StageModule(nn.Module):
     """Runs one stage's fx nodes. With a device mesh (more than one device) values are DTensors
     laid out as the plan says; on one device everything is a plain tensor.
@@ -149,7 +156,11 @@ class StageModule(nn.Module):
                  params: dict[str, nn.Parameter], canon: dict[int, str], param_of: dict[fx.Node, str],
                  values: dict[fx.Node, Any], mesh=None, boundary_in: dict[str, str] | None = None,
                  boundary_out: dict[str, str] | None = None, recompute: str = "none",
-                 boundary_dtype: dict[str, torch.dtype] | None = None, device: torch.device | None = None):
+                 boundary_dtype: dict[str, torch.dtype] | None = None, device: torch.device | None = None,
+                 recompute_below_layer: int | None = None):
+        """`recompute_below_layer`: under recompute "full", only the ops of IR layers below it
+        are recomputed (a stage recomputing its first k layers: its first layer + k,
+        `recompute_bound`); None: every layer."""
         super().__init__()
         self.device = device
         self.prog = prog
@@ -164,6 +175,7 @@ class StageModule(nn.Module):
         self.boundary_out = boundary_out or {}
         self.boundary_dtype = boundary_dtype or {}
         self.recompute = recompute
+        self.recompute_below_layer = recompute_below_layer
         self.stored = nn.ParameterDict({_key(k): v for k, v in params.items()})
         self.param_by_name = params
         self._operand_specs = {name: _operand_specs(ir, name, op) for name, op in ops.items()
@@ -721,23 +733,30 @@ class StageModule(nn.Module):
 
     # -- activation recomputation ---------------------------------------------------------------
     def _plan_segments(self):
-        """[("run", nodes) | ("ckpt", nodes)]: full recomputation checkpoints each layer; selective
-        checkpoints each op that makes [.., s, s] attention scores."""
+        """[("run", nodes) | ("ckpt", nodes)]: full recomputation checkpoints each layer (or
+        each below recompute_below_layer, the rest running as they are); selective checkpoints
+        each op that makes [.., s, s] attention scores."""
         nodes = self.prog.nodes
         if self.recompute == "none":
             return [("run", nodes)]
         segs: list[tuple[str, list]] = []
         if self.recompute == "full":
+            below = self.recompute_below_layer
+
+            def kind(li: int | None) -> str:
+                # fx helpers before the stage's first IR node belong to its first layer
+                return "ckpt" if below is None or li is None or li < below else "run"
+
             cur, cur_layer = [], None
             for n in nodes:
                 li = self.prog.layer_of.get(n.name, cur_layer)
                 if cur and li != cur_layer:
-                    segs.append(("ckpt", cur))
+                    segs.append((kind(cur_layer), cur))
                     cur = []
                 cur_layer = li
                 cur.append(n)
             if cur:
-                segs.append(("ckpt", cur))
+                segs.append((kind(cur_layer), cur))
             return segs
         seq = self.ir.seq
         for n in nodes:

@@ -136,32 +136,34 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
         ranges = split_blocks(L, depth) if L > 2 else [(0, L)]
 
     P = len(rt.starts)
-    n_options = len(RECOMPUTE_OPTIONS) * P      # option q: recompute RECOMPUTE_OPTIONS[q // P], start q % P
+    recompute_full = RECOMPUTE_OPTIONS.index("full")
 
     def options(g: int, i: int, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(key, memory, t, sync) of every option for chunk g on [i, j): its share of the step
-        and its bytes on the GPU."""
+        and its bytes on the GPU. Option q recomputes the chunk's first q // P layers (0: none,
+        all: full) and starts in layout q % P."""
         s = depth - g % depth
         held = inflight("interleaved", g % depth, depth, B, chunks) if chunks > 1 else inflight(schedule, g, depth, B)
-        t = np.concatenate([rt.time_s(rc, (i, j)) for rc in RECOMPUTE_OPTIONS])
-        mem = np.concatenate([rt.memory_bytes(rc, held, (i, j)) for rc in RECOMPUTE_OPTIONS])
-        sync = np.tile(rt.sync[i, j], len(RECOMPUTE_OPTIONS))
+        k = np.arange(j - i + 1)
+        t = rt.layers_time_s(i, j, k).ravel()
+        mem = rt.layers_memory_bytes(i, j, k, held).ravel()
+        sync = np.tile(rt.sync[i, j], j - i + 1)
         return (B + s - 1) * t + sync, mem, t, sync
 
     def along(c: int, x: np.ndarray) -> np.ndarray:
         """x over one chunk's options, on axis c of the rank's joint (chunks-dimensional) options."""
         return x.reshape((1,) * c + (-1,) + (1,) * (chunks - 1 - c))
 
-    # follows[q0, q]: option q enters its chunk (after the first) in the layout option q0's chunk
+    # follows[p0, p]: start p enters its chunk (after the first) in the layout start p0's chunk
     # emits (layers of one shape on one mesh emit the layout they are entered in)
-    follows = np.array([[rt.starts[q % P] == StartLayout(rt.starts[q0 % P].spec, seq_split=rt.starts[q0 % P].seq_split)
-                         for q in range(n_options)]
-                        for q0 in range(n_options)])
-    everywhere = np.ones(n_options, bool)
+    follows = np.array([[rt.starts[q] == StartLayout(rt.starts[q0].spec, seq_split=rt.starts[q0].seq_split)
+                         for q in range(P)]
+                        for q0 in range(P)])
+    everywhere = np.ones(P, bool)
     out = []
     for same_layout in (False, True):
         picked: dict[int, tuple[int, float, float]] = {}   # chunk -> (option, t, sync)
-        allowed = everywhere
+        allowed = everywhere                               # over start layouts
         for r in range(depth):
             # A rank's chunks share its GPU: their options are chosen together, under one memory
             # cap on the sum of their bytes (the evaluator's per-GPU peak sums the chunks' stashes
@@ -171,12 +173,15 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
             key = sum(along(c, o[0]) for c, o in enumerate(opts))
             mem = sum(along(c, o[1]) for c, o in enumerate(opts))
             ok = mem <= space.memory_cap_bytes
+            starts_of = [np.arange(len(o[0])) % P for o in opts]
             for c in range(chunks):
-                ok = ok & along(c, allowed)
+                ok = ok & along(c, allowed[starts_of[c]])
             if r == 0 and same_layout:
                 # Megatron's shape: every later chunk receives the layout the first one emits
                 for c in range(1, chunks):
-                    ok = ok & follows.reshape((n_options,) + (1,) * (c - 1) + (n_options,) + (1,) * (chunks - 1 - c))
+                    pair = follows[starts_of[0][:, None], starts_of[c][None, :]]
+                    ok = ok & pair.reshape((len(starts_of[0]),) + (1,) * (c - 1) + (len(starts_of[c]),)
+                                           + (1,) * (chunks - 1 - c))
             key = np.where(ok, key, np.inf)
             flat = int(key.argmin())
             if not math.isfinite(key.flat[flat]):
@@ -184,11 +189,15 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
             for c, (g, q) in enumerate(zip(gs, np.unravel_index(flat, key.shape))):
                 picked[g] = (int(q), float(opts[c][2][q]), float(opts[c][3][q]))
             if r == 0 and same_layout:
-                allowed = follows[picked[0][0]]
+                allowed = follows[picked[0][0] % P]
         else:
             stages = [(i, j, mi) for i, j in ranges]
             qs = [picked[g] for g in range(len(ranges))]
-            choices = [StageChoice(logical_mesh, rt.starts[q % P], RECOMPUTE_OPTIONS[q // P]) for q, _, _ in qs]
+            choices = []
+            for (i, j), (opt, _, _) in zip(ranges, qs):
+                k = opt // P
+                choices.append(StageChoice(logical_mesh, rt.starts[opt % P],
+                                           RECOMPUTE_OPTIONS[recompute_full if k else 0], k if 0 < k < j - i else None))
             ts = [t for _, t, _ in qs]
             syncs = [sync for _, _, sync in qs]
             out.append(Candidate(tuple(stages), tuple(choices), tuple(ts), tuple(syncs),
@@ -227,7 +236,7 @@ def stage_plans(cand: Candidate, graph: OpGraph, solver: LayerSolver, subs: list
                                 # () : the first layer reads no earlier tensor (its stage's input, if
                                 # any, skips it and arrives replicated: "")
                                 input_spec="" if i == 0 or not choice.start.spec else spec_str(choice.start.spec),
-                                recompute=choice.recompute))
+                                recompute=choice.recompute, recompute_layers=choice.recompute_layers))
     return stages
 
 
@@ -241,11 +250,21 @@ def _cp_label(st: StagePlan) -> str:
     return "".join(f"+cp{n}" for n in sorted(sizes))
 
 
+def _rc_label(st: StagePlan) -> str:
+    """"+rc" for a stage recomputing, "+rc3/7" where it recomputes its first 3 of 7 layers."""
+    if st.recompute == "none":
+        return ""
+    if st.recompute == "full" and st.recompute_layers is not None:
+        return f"+rc{st.recompute_layers}/{st.layers[1] - st.layers[0]}"
+    return "+rc"
+
+
 def auto_label(stages: list[StagePlan], chunks: int = 1) -> str:
-    """e.g. "8 stages: 7L@2x4, 6L@2x4 x6, 7L@2x4" (layers @ logical mesh, +rc = recompute, +cpN =
-    attention split over the sequence on N GPUs), or "4 ranks x 2 chunks, interleaved: ..." """
+    """e.g. "8 stages: 7L@2x4, 6L@2x4 x6, 7L@2x4" (layers @ logical mesh, +rc = recompute, +rc3/7 =
+    the first 3 of 7 layers recomputed, +cpN = attention split over the sequence on N GPUs), or
+    "4 ranks x 2 chunks, interleaved: ..." """
     parts = [f"{s.layers[1] - s.layers[0]}L@{s.logical_mesh[0]}x{s.logical_mesh[1]}" + _cp_label(s)
-             + ("+rc" if s.recompute != "none" else "") for s in stages]
+             + _rc_label(s) for s in stages]
     runs: list[list] = []
     for p in parts:
         if runs and runs[-1][0] == p:

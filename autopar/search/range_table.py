@@ -5,10 +5,11 @@ layer is looked up once and a range's sums are array slices."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from autopar.costmodel.memory import stash_after_recompute, working_after_recompute
 from autopar.hardware.mesh import Mesh
 from autopar.search.layer_solver import LayerSol, LayerSolver, StartLayout, boundary_specs
 from autopar.sharding.spec import Spec
@@ -33,6 +34,10 @@ class RangeTable:
     max_layer_stash: np.ndarray  # the largest one layer's stash (rebuilt one layer at a time), bytes
     starts: list[StartLayout]    # start layout per P index
     uses_seq_split: bool = False  # some layer solution in the table splits the sequence
+    _bounds: tuple[np.ndarray, np.ndarray, bool] | None = field(default=None, repr=False, compare=False)
+    # least_recompute_layers' answers by their arguments: the planner offers one table to two
+    # stage tables alike (every option, and without sequence splits)
+    _least: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def time_s(self, recompute: str, at: tuple = ()) -> np.ndarray:
         """Per-microbatch time under a recompute option, of every cell or of the cells at `at`
@@ -44,8 +49,183 @@ class RangeTable:
         counts broadcasts against the cells): full recompute keeps each layer's input and
         rebuilds one layer's activations at a time."""
         if recompute == "full":
-            return self.param[at] + inflight * self.inputs[at] + self.max_layer_stash[at]
+            return (self.param[at] + inflight * stash_after_recompute("full", self.stash[at], self.inputs[at])
+                    + working_after_recompute("full", self.max_layer_stash[at]))
         return self.param[at] + inflight * self.stash[at]
+
+    # Recomputing some layers of a stage (Megatron's --recompute-method block): the stage's
+    # first k layers are recomputed, the rest keep their activations. The k recomputed layers of
+    # cell (i, j) entered in layout p are the range [i, i + k) entered in p, so their figures are
+    # the table's own cells: no array beyond the full range's is needed. k = 0 is "none" and
+    # k = j - i is "full", to the bit (memory.stash_after_recompute).
+
+    def layers_time_s(self, i, j, k) -> np.ndarray:
+        """Per-microbatch time of cells [i, j) with their first k layers recomputed; i, j and k
+        are integer arrays (or ints) broadcast together to a shape X, the result is X + (P,)."""
+        i, j, k = np.broadcast_arrays(np.asarray(i), np.asarray(j), np.asarray(k))
+        t = self.t[i, j]
+        return np.where((k > 0)[..., None], t + self.rec[i, i + k], t)
+
+    def chosen_time_s(self, i: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """Per-microbatch time of cells [i[u], j[u]) with, per start layout, the first k[..., u, p]
+        layers recomputed (k shaped (..., U, P), as least_recompute_layers gives it); inf where
+        k < 0 (no count fits)."""
+        i, j = np.asarray(i), np.asarray(j)
+        out = np.where(k >= 0, self.t[i, j], np.inf)
+        some = np.flatnonzero(k > 0)
+        if some.size:
+            # few cells recompute some layers: gather their prefixes only
+            _, u, p = np.unravel_index(some, k.shape)
+            out.flat[some] += self.rec[i[u], i[u] + k.flat[some], p]
+        return out
+
+    def layers_memory_bytes(self, i, j, k, inflight) -> np.ndarray:
+        """Memory per device of cells [i, j) with their first k layers recomputed (as
+        layers_time_s; `inflight` broadcasts against X + (P,))."""
+        i, j, k = np.broadcast_arrays(np.asarray(i), np.asarray(j), np.asarray(k))
+        pre = (i, i + k)
+        with np.errstate(invalid="ignore"):      # k = 0 reads the empty range [i, i): inf - inf
+            some = _kept_memory_bytes(self.param[i, j], self.stash[i, j], self.stash[pre], self.inputs[pre],
+                                      self.max_layer_stash[pre], inflight)
+        return np.where((k > 0)[..., None], some, self.param[i, j] + inflight * self.stash[i, j])
+
+    def least_recompute_layers(self, i: np.ndarray, j: np.ndarray, inflight: np.ndarray,
+                               cap_bytes: float) -> np.ndarray:
+        """Per cell (depth s, range u = [i[u], j[u]), start p), with inflight[s] microbatches
+        held: the fewest first layers to recompute for the stage to fit in `cap_bytes`, -1
+        where no count does. Exact: the time grows with k (each recomputed layer adds its
+        forward, >= 0), so the least fitting k is the fastest fitting option; every k below the
+        answer is ruled out, by layers_memory_bytes' own formula or by a bound that holds
+        for every smaller k (below).
+
+        i, j: (U,) ints; inflight: (S,) -> (S, U, P) ints."""
+        held = np.asarray(inflight, dtype=np.float64).reshape(-1)
+        i, j = np.asarray(i), np.asarray(j)
+        memo_key = (i.tobytes(), j.tobytes(), held.tobytes(), float(cap_bytes))
+        hit = self._least.get(memo_key)
+        if hit is not None:
+            return hit.copy()
+        at = (i, j)
+        n_h, n_u, n_p = len(held), len(i), self.t.shape[2]
+        n_up = n_u * n_p
+        out = np.full((n_h, n_up), -1)
+        # only the cells a stage can be entered in (finite time; the others are inf throughout)
+        fin = np.flatnonzero(np.isfinite(self.t[at]).ravel())
+        param_c, stash_c = self.param[at].ravel()[fin], self.stash[at].ravel()[fin]       # (F,)
+        # Bounds that rule k out without its exact memory. Recomputing k layers keeps at least
+        # the stash less the most any prefix of at most k layers saves (stash less inputs,
+        # `most`, which grows with k), and rebuilds at least the least working set of those
+        # prefixes (`least_w`, which falls with k; the first layer's stash in a composed table),
+        # so
+        #   bound(k) = param + held * (stash - most[k]) + least_w[k]
+        # falls with k and is below the memory of every k' <= k. Where the working set grows
+        # with k (the largest stash of k layers: every table range_tables builds),
+        #   param + held * (stash - most[n]) + max_layer_stash[k]
+        # grows with k and is below the memory of every k' >= k. Each is compared with the cap
+        # plus a margin far above rounding, so no k that fits is ruled out: a cell whose first
+        # bound is over at k = n never fits, the search starts at the least k the first bound
+        # allows (bisection), and a cell leaves the scan once the second is over.
+        most, least_w, w_grows = self._prefix_bounds()
+        relaxed_cap = cap_bytes * (1 + 1e-9) if cap_bytes >= 0 else cap_bytes * (1 - 1e-9)
+        with np.errstate(invalid="ignore"):
+            least_kept_c = stash_c - most[at].ravel()[fin]
+        least_w_c = least_w[at].ravel()[fin]
+        n_f = len(fin)
+        if (n_h > 1 and bool((np.diff(held) > 0).all()) and bool((held >= 0).all())
+                and bool((stash_c >= 0).all()) and bool((least_kept_c >= 0).all())):
+            # Both sides grow with the microbatches held (rounding is monotone), so per cell
+            # the rows that fit without recomputation are the first r0, and the rows the first
+            # bound leaves open end at r1: found by bisection over the rows, not row by row.
+            r0 = _rows_while(lambda r, c: param_c[c] + held[r] * stash_c[c] <= cap_bytes, n_h, n_f)
+            r1 = _rows_while(lambda r, c: param_c[c] + held[r] * least_kept_c[c] + least_w_c[c] <= relaxed_cap,
+                             n_h, n_f)
+            out_c = np.where(np.arange(n_h)[:, None] < r0[None, :], 0, -1)
+            span = np.maximum(r1 - r0, 0)
+            col_of = np.repeat(np.arange(n_f), span)
+            row_of = np.repeat(r0 - np.cumsum(span) + span, span) + np.arange(int(span.sum()))
+            cells = row_of * n_f + col_of
+        else:
+            hc = held[:, None]
+            mem0 = param_c + hc * stash_c
+            out_c = np.where(mem0 <= cap_bytes, 0, -1)                                    # (H, F)
+            with np.errstate(invalid="ignore"):
+                floor = param_c + hc * least_kept_c + least_w_c
+            cells = np.flatnonzero((out_c < 0) & (floor <= relaxed_cap))
+        if cells.size:
+            col = cells % n_f
+            up = fin[col]
+            p, u_idx = up % n_p, up // n_p
+            ii, jj, h = i[u_idx], j[u_idx], held[cells // n_f]
+            param, stash = param_c[col], stash_c[col]
+            floor_n = param + h * least_kept_c[col]      # the second bound, less its working set
+
+            def bound_ok(k: np.ndarray, sel: np.ndarray) -> np.ndarray:
+                pre = (ii[sel], ii[sel] + k, p[sel])
+                return param[sel] + h[sel] * (stash[sel] - most[pre]) + least_w[pre] <= relaxed_cap
+
+            n = jj - ii
+            lo, hi = np.ones_like(n), n.copy()
+            while True:
+                todo = np.flatnonzero(lo < hi)
+                if not todo.size:
+                    break
+                mid = (lo[todo] + hi[todo]) // 2
+                ok = bound_ok(mid, todo)
+                hi[todo] = np.where(ok, mid, hi[todo])
+                lo[todo] = np.where(ok, lo[todo], mid + 1)
+            k = lo
+            while cells.size:
+                pre = (ii, ii + k, p)
+                working = self.max_layer_stash[pre]
+                mem = _kept_memory_bytes(param, stash, self.stash[pre], self.inputs[pre], working, h)
+                fits = mem <= cap_bytes
+                out_c.flat[cells[fits]] = k[fits]
+                more = ~fits & (k < n)
+                if w_grows:
+                    more &= floor_n + working <= relaxed_cap
+                cells, ii, p, h, param, stash, n, floor_n = (x[more] for x in
+                                                              (cells, ii, p, h, param, stash, n, floor_n))
+                k = k[more] + 1
+        out[:, fin] = out_c
+        out = out.reshape(n_h, n_u, n_p)
+        self._least[memo_key] = out.copy()
+        return out
+
+    def _prefix_bounds(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """For least_recompute_layers' bounds, [i, j, p] over the prefixes [i, i + k), k <= j - i:
+        the most stash less inputs any of them saves by being recomputed (-inf where none), the
+        least working set (max_layer_stash) of any; and whether max_layer_stash grows with j
+        in every row (it does in a composed table: the largest of more layers' stashes)."""
+        if self._bounds is None:
+            with np.errstate(invalid="ignore"):
+                d = self.stash - self.inputs
+                w = self.max_layer_stash
+                grows = not bool(((np.diff(w, axis=1) < 0) & np.isfinite(w[:, :-1])).any())
+            d = np.where(np.isfinite(d), d, -np.inf)
+            self._bounds = (np.maximum.accumulate(d, axis=1), np.minimum.accumulate(self.max_layer_stash, axis=1),
+                            grows)
+        return self._bounds
+
+
+def _rows_while(pred, n_rows: int, n_cols: int) -> np.ndarray:
+    """Per column c, how many leading rows r satisfy pred(r, c), for a predicate true on a
+    prefix of the rows (bisection; pred takes arrays of rows and columns)."""
+    lo, hi = np.zeros(n_cols, np.int64), np.full(n_cols, n_rows, np.int64)
+    while True:
+        todo = np.flatnonzero(lo < hi)
+        if not todo.size:
+            return lo
+        mid = (lo[todo] + hi[todo] + 1) // 2
+        ok = pred(mid - 1, todo)
+        lo[todo] = np.where(ok, mid, lo[todo])
+        hi[todo] = np.where(ok, hi[todo], mid - 1)
+
+
+def _kept_memory_bytes(param, stash, recomputed_stash, recomputed_inputs, recomputed_max_layer_stash, inflight):
+    """A stage's memory per device with some of its layers recomputed (RangeTable's formula,
+    written once for the arrays and the gathered cells)."""
+    return (param + inflight * stash_after_recompute("full", stash, recomputed_inputs, recomputed_stash_bytes=recomputed_stash)
+            + working_after_recompute("full", recomputed_max_layer_stash))
 
 
 def range_table(solver: LayerSolver, mesh: Mesh, seq_split: bool = True) -> RangeTable:

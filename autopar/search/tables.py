@@ -39,14 +39,18 @@ class StageChoice:
     logical_mesh: tuple[int, int]
     start: StartLayout
     recompute: str               # one of RECOMPUTE_OPTIONS
+    # with "full": how many of the stage's first layers are recomputed, the rest keeping their
+    # activations (Megatron's --recompute-method block); None: all of them
+    recompute_layers: int | None = None
 
 
 # One record per cell. key_s ranks the options of a cell: a stage's share of the step, its
 # microbatches plus the pipeline's fill and drain (B + s - 1 slots for a stage s from the end,
 # as in (p - 1 + m) of 1F1B), plus its gradient sync. t_s is what the DP sums (per microbatch);
-# mesh indexes StageTables.meshes, start that mesh's start layouts, recompute RECOMPUTE_OPTIONS.
+# mesh indexes StageTables.meshes, start that mesh's start layouts, recompute RECOMPUTE_OPTIONS;
+# recompute_layers is the k of a stage recomputing its first k layers only (0: all or none).
 CELL = np.dtype([("key_s", "f8"), ("t_s", "f8"), ("sync_s", "f8"), ("mesh", "i8"), ("start", "i8"),
-                 ("recompute", "i8")])
+                 ("recompute", "i8"), ("recompute_layers", "i8")])
 
 
 class StageTables:
@@ -56,8 +60,12 @@ class StageTables:
     Cells are kept per range class (range_classes): ranges of one class have equal figures on
     every mesh, so a model of identical blocks has O(L) classes where it has O(L^2) ranges."""
 
-    def __init__(self, space: SearchSpace, n_submeshes: int, range_class: np.ndarray | None = None):
+    def __init__(self, space: SearchSpace, n_submeshes: int, range_class: np.ndarray | None = None,
+                 layer_recompute: bool = True):
+        """`layer_recompute` False offers only none and full recomputation per stage (the space
+        before per-layer recomputation)."""
         self.space = space
+        self.layer_recompute = layer_recompute
         L, S = space.n_layers, space.max_stages
         if range_class is None:
             range_class = distinct_ranges(L)
@@ -80,11 +88,15 @@ class StageTables:
         self.class_cells["mesh"] = -1
         self.class_cells["start"] = 0
         self.class_cells["recompute"] = 0
+        self.class_cells["recompute_layers"] = 0
         self.meshes: list[tuple[tuple[int, int], list[StartLayout]]] = []
         self.least_memory_bytes = math.inf     # over every cell and option, fitting or not
         # per depth s = 1..S (axis 0): microbatches held by the first stage of s, and the
         # B + s - 1 slots of the key
         self._held = np.array([inflight(space.schedule, 0, s, space.n_microbatches) for s in range(1, S + 1)])[:, None, None]
+        # the distinct counts, ascending, and per depth its count's row (_add_layers)
+        counts, rows = np.unique(self._held.ravel(), return_inverse=True)
+        self._held_counts = (counts[:, None, None], rows.reshape(-1))
         self._slots = np.arange(space.n_microbatches, space.n_microbatches + S, dtype=np.float64)[:, None, None]
 
     def cell(self, i: int, j: int, submesh_index: int, stages_to_end: int) -> np.void:
@@ -94,6 +106,9 @@ class StageTables:
     def add(self, submesh_index: int, logical_mesh: tuple[int, int], rt: RangeTable) -> None:
         """Offer every cell of one logical mesh on submesh `submesh_index`; a cell keeps the
         option with the least key_s (the first one on ties)."""
+        if self.layer_recompute:
+            self._add_layers(submesh_index, logical_mesh, rt)
+            return
         sp = self.space
         S = sp.max_stages
         self.meshes.append((logical_mesh, rt.starts))
@@ -129,10 +144,57 @@ class StageTables:
                 np.copyto(cells["start"], pbest, where=better)
                 np.copyto(cells["recompute"], rci, where=better)
 
+    def _add_layers(self, submesh_index: int, logical_mesh: tuple[int, int], rt: RangeTable) -> None:
+        """`add` with every count k of recomputed first layers (0 <= k <= the stage's layers):
+        per (depth, range, start) the least k that fits, which is the fastest that fits
+        (RangeTable.least_recompute_layers), then the start with the least key."""
+        sp = self.space
+        S = sp.max_stages
+        self.meshes.append((logical_mesh, rt.starts))
+        mesh_id = len(self.meshes) - 1
+        at = (self.rep_i, self.rep_j)
+        slots = self._slots
+        # depths holding as many microbatches (1F1B's s >= B) have equal memory: each count of
+        # held microbatches is worked out once, and its rows shared
+        held, depth_row = self._held_counts
+        # the no-fit message's least memory, over no and full recomputation as before: memory
+        # grows with the microbatches held (rounding is monotone too), so the least is at the
+        # fewest held
+        for mem in (rt.memory_bytes("none", held[0], at), rt.memory_bytes("full", held[0], at)):
+            least = mem.min(initial=math.inf)
+            if math.isnan(least) or least == -math.inf:
+                finite = mem[np.isfinite(mem)]
+                least = finite.min() if finite.size else math.inf
+            if least < math.inf:
+                self.least_memory_bytes = min(self.least_memory_bytes, float(least))
+        sync = rt.sync[at]                                          # (U, P)
+        cells = self.class_cells[:-1, submesh_index, 1:].T         # (S, U) view
+        n_s, n_u, n_p = S, sync.shape[0], sync.shape[1]
+        k = rt.least_recompute_layers(self.rep_i, self.rep_j, held, sp.memory_cap_bytes)  # (H, U, P)
+        tt = rt.chosen_time_s(self.rep_i, self.rep_j, k)[depth_row]                                   # (S, U, P)
+        k = k[depth_row]
+        key = slots * tt + sync
+        pbest = key.argmin(axis=2)
+        flat = (np.arange(n_s * n_u) * n_p).reshape(n_s, n_u) + pbest
+        kbest = key.ravel()[flat]
+        better = kbest < cells["key_s"]
+        if better.any():
+            layers = k.ravel()[flat]
+            n = (self.rep_j - self.rep_i)[None, :]
+            np.copyto(cells["key_s"], kbest, where=better)
+            np.copyto(cells["t_s"], tt.ravel()[flat], where=better)
+            np.copyto(cells["sync_s"], sync.ravel()[flat % (n_u * n_p)], where=better)
+            np.copyto(cells["mesh"], mesh_id, where=better)
+            np.copyto(cells["start"], pbest, where=better)
+            np.copyto(cells["recompute"], RECOMPUTE_OPTIONS.index("full") * (layers > 0), where=better)
+            np.copyto(cells["recompute_layers"], np.where(layers < n, layers, 0), where=better)
+
     def choice(self, i: int, j: int, submesh_index: int, stages_to_end: int) -> StageChoice:
         cell = self.cell(i, j, submesh_index, stages_to_end)
         logical_mesh, starts = self.meshes[int(cell["mesh"])]
-        return StageChoice(logical_mesh, starts[int(cell["start"])], RECOMPUTE_OPTIONS[int(cell["recompute"])])
+        layers = int(cell["recompute_layers"])
+        return StageChoice(logical_mesh, starts[int(cell["start"])], RECOMPUTE_OPTIONS[int(cell["recompute"])],
+                           layers or None)
 
     def dp_inputs(self, p2p_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """stage_dp's stage_cost [L, L+1, M, S+1] and stage_extra [L, L+1, M].

@@ -67,16 +67,41 @@ def synthetic_table(rng: np.random.Generator, n_layers: int, specs=SPECS) -> Ran
                       inputs=arr(0.01, 0.05), max_layer_stash=arr(0.05, 0.2), starts=starts)
 
 
+def chained_table(rng: np.random.Generator, n_layers: int, specs=SPECS) -> RangeTable:
+    """A table composed from random per-layer figures, as range_tables composes layer
+    solutions: a range's figures are its layers' sums (the largest layer stash for
+    max_layer_stash), so a range's first k layers are the range [i, i + k) of the table."""
+    starts = [StartLayout(q, at_embedding=True) for q in specs] + [StartLayout(q) for q in specs]
+    P = len(starts)
+    per = {name: rng.uniform(lo, hi, (n_layers, P)) for name, lo, hi in
+           (("t", 0.2, 0.4), ("rec", 0.04, 0.12), ("sync", 0, 0.6), ("param", 0.2, 0.6), ("stash", 0.02, 0.1),
+            ("inputs", 0.002, 0.01))}
+    out = {name: np.full((n_layers, n_layers + 1, P), np.inf) for name in (*per, "max_layer_stash")}
+    for i, j, p in itertools.product(range(n_layers), range(n_layers + 1), range(P)):
+        if j > i and starts[p].at_embedding == (i == 0):
+            for name, v in per.items():
+                out[name][i, j, p] = sum(v[i:j, p])
+            out["max_layer_stash"][i, j, p] = max(per["stash"][i:j, p])
+    return RangeTable(**out, starts=starts)
+
+
 def options(rt: RangeTable, i: int, j: int, held: float, cap: float, slots: int):
-    """Every feasible (key, start index, recompute, t, sync, memory) of range [i, j), by the formulas."""
+    """Every feasible (key, start index, recompute, t, sync, memory, recompute_layers) of range
+    [i, j), by the formulas: each start, and each count k of first layers recomputed (0: none,
+    j - i: full), whose figures are the range [i, i + k)'s."""
     out = []
-    for rc, p in itertools.product(RECOMPUTE_OPTIONS, range(len(rt.starts))):
-        full = rc == "full"
-        t = rt.t[i, j, p] + (rt.rec[i, j, p] if full else 0.0)
-        mem = rt.param[i, j, p] + (held * rt.inputs[i, j, p] + rt.max_layer_stash[i, j, p] if full
-                                   else held * rt.stash[i, j, p])
+    for k, p in itertools.product(range(j - i + 1), range(len(rt.starts))):
+        if k == 0:
+            t = rt.t[i, j, p]
+            mem = rt.param[i, j, p] + held * rt.stash[i, j, p]
+        else:
+            t = rt.t[i, j, p] + rt.rec[i, i + k, p]
+            with np.errstate(invalid="ignore"):       # inf - inf where the range cannot be entered
+                mem = (rt.param[i, j, p] + held * (rt.stash[i, j, p] - rt.stash[i, i + k, p] + rt.inputs[i, i + k, p])
+                       + rt.max_layer_stash[i, i + k, p])
         if math.isfinite(t) and mem <= cap:
-            out.append((slots * t + rt.sync[i, j, p], p, rc, t, rt.sync[i, j, p], mem))
+            out.append((slots * t + rt.sync[i, j, p], p, "full" if k else "none", t, rt.sync[i, j, p], mem,
+                        k if 0 < k < j - i else None))
     return out
 
 
@@ -119,8 +144,9 @@ def test_stage_table_cells_are_the_best_option_by_brute_force(schedule):
     L, S, B, cap = 5, 3, 4, 3.2
     space = SearchSpace(L, S, B, n_gpus=4, schedule=schedule, memory_cap_bytes=cap)
     tables = StageTables(space, n_submeshes=2)
-    offered = {0: [((1, 2), synthetic_table(rng, L)), ((2, 1), synthetic_table(rng, L))],
-               1: [((1, 1), synthetic_table(rng, L))]}
+    # composed tables: a stage's time grows with its recomputed layers, as in the planner's
+    offered = {0: [((1, 2), chained_table(rng, L)), ((2, 1), chained_table(rng, L))],
+               1: [((1, 1), chained_table(rng, L))]}
     for mi, meshes in offered.items():
         for shape, rt in meshes:
             tables.add(mi, shape, rt)
@@ -141,9 +167,9 @@ def test_stage_table_cells_are_the_best_option_by_brute_force(schedule):
             if best is None:
                 assert cell["key_s"] == math.inf and cell["t_s"] == math.inf
                 continue
-            key, p, rc, t, sync, _, shape, rt = best
+            key, p, rc, t, sync, _, layers, shape, rt = best
             assert (cell["key_s"], cell["t_s"], cell["sync_s"]) == pytest.approx((key, t, sync), rel=1e-12)
-            assert tables.choice(i, j, mi, s) == StageChoice(shape, rt.starts[p], rc)
+            assert tables.choice(i, j, mi, s) == StageChoice(shape, rt.starts[p], rc, layers)
     assert tables.least_memory_bytes == pytest.approx(least, rel=1e-12)
 
 
@@ -268,8 +294,10 @@ def brute_force_equal_split(rt: RangeTable, space: SearchSpace, depth: int, chun
     def fits(combo) -> bool:
         return all(sum(o[5] for o in combo[r::depth]) <= cap for r in range(depth))
 
+    # rank 0's chunks share one GPU: their bytes add up
     rank0_best = min((sum(o[0] for o in combo) for combo in itertools.product(*per_chunk[::depth])
-                      if fits(combo) and all(follows(combo[0], o) for o in combo[1:])), default=None)
+                      if sum(o[5] for o in combo) <= cap and all(follows(combo[0], o) for o in combo[1:])),
+                     default=None)
     best = None
     for combo in itertools.product(*per_chunk):
         if not fits(combo):
@@ -284,7 +312,7 @@ def brute_force_equal_split(rt: RangeTable, space: SearchSpace, depth: int, chun
             best = (total, combo)
     if best is None:
         return None
-    return tuple(StageChoice((1, 2), rt.starts[o[1]], o[2]) for o in best[1])
+    return tuple(StageChoice((1, 2), rt.starts[o[1]], o[2], o[6]) for o in best[1])
 
 
 @pytest.mark.parametrize("seed", range(4))
