@@ -304,7 +304,7 @@ def legend(table: list[dict[str, Any]]) -> str:
     """What the table's notation means, and why a "vs best 3D" cell may be empty."""
     lines = ["notation: dpA tpB ppC = data-, tensor- and pipeline-parallel degrees; mbN = microbatch of N "
              "sequences per data-parallel rank; rc:full / rc:selective = activation recomputation (+rc in "
-             "auto plans); zeroN = ZeRO stage (zero1 = Megatron's distributed optimizer); interleavedxV = V model "
+             "auto plans; +rcK/N, rc:full/K: a stage's first K layers of N recomputed, the rest kept); zeroN = ZeRO stage (zero1 = Megatron's distributed optimizer); interleavedxV = V model "
              "chunks per GPU; sp = sequence parallelism (norms and residual stream split over the tp axis); "
              "cpN = context parallelism (each sequence split over N GPUs through every layer, attention by ring "
              "or all-gathered K/V; +cpN in auto plans);",
