@@ -121,13 +121,7 @@ class StageTables:
         for rci, rc in enumerate(RECOMPUTE_OPTIONS):
             t = rt.time_s(rc, at)                                    # (U, P)
             mem = rt.memory_bytes(rc, held, at)                      # (S, U, P)
-            least = mem.min(initial=math.inf)
-            if math.isnan(least) or least == -math.inf:
-                # the least finite value, where NaN or -inf would hide it from min
-                finite = mem[np.isfinite(mem)]
-                least = finite.min() if finite.size else math.inf
-            if least < math.inf:
-                self.least_memory_bytes = min(self.least_memory_bytes, float(least))
+            self._note_least_memory(mem)
             tt = np.where(mem <= sp.memory_cap_bytes, t, np.inf)
             key = slots * tt + sync
             # the first least key per cell, read through flat indices (take_along_axis builds
@@ -143,6 +137,16 @@ class StageTables:
                 np.copyto(cells["mesh"], mesh_id, where=better)
                 np.copyto(cells["start"], pbest, where=better)
                 np.copyto(cells["recompute"], rci, where=better)
+
+    def _note_least_memory(self, mem: np.ndarray) -> None:
+        """Keep the least finite memory of any cell, for the no-fit message (NaN or -inf would
+        hide it from min)."""
+        least = mem.min(initial=math.inf)
+        if math.isnan(least) or least == -math.inf:
+            finite = mem[np.isfinite(mem)]
+            least = finite.min() if finite.size else math.inf
+        if least < math.inf:
+            self.least_memory_bytes = min(self.least_memory_bytes, float(least))
 
     def _add_layers(self, submesh_index: int, logical_mesh: tuple[int, int], rt: RangeTable) -> None:
         """`add` with every count k of recomputed first layers (0 <= k <= the stage's layers):
@@ -161,12 +165,7 @@ class StageTables:
         # grows with the microbatches held (rounding is monotone too), so the least is at the
         # fewest held
         for mem in (rt.memory_bytes("none", held[0], at), rt.memory_bytes("full", held[0], at)):
-            least = mem.min(initial=math.inf)
-            if math.isnan(least) or least == -math.inf:
-                finite = mem[np.isfinite(mem)]
-                least = finite.min() if finite.size else math.inf
-            if least < math.inf:
-                self.least_memory_bytes = min(self.least_memory_bytes, float(least))
+            self._note_least_memory(mem)
         sync = rt.sync[at]                                          # (U, P)
         cells = self.class_cells[:-1, submesh_index, 1:].T         # (S, U) view
         n_s, n_u, n_p = S, sync.shape[0], sync.shape[1]
