@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+from .annotate import is_unfused_attention
 from .ir import INPUT, MATMUL, VIEW, OpGraph, OpNode
 
 
@@ -37,12 +38,17 @@ def attention_core(graph: OpGraph, names: list[str]) -> list[str]:
     """The ops of eager attention's core, what selective recomputation drops and reruns: an
     activation x activation matmul producing [.., s, s] scores (QK^T), and the ops that carry
     those scores on (scale, mask, softmax, dropout). Shape alone is not enough: a [b, s, h]
-    tensor looks the same when hidden == seq (Llama-2-7B at 4096 tokens)."""
+    tensor looks the same when hidden == seq (Llama-2-7B at 4096 tokens). An unfused attention
+    traced as one op (attn=unfused, graphs/zoo/attention.py) is its own core: it keeps its
+    scores, and the op's output is what the rest of the block reads."""
     s = graph.seq
     core: list[str] = []
     seen: set[str] = set()
     for n in names:
         node = graph.node(n)
+        if is_unfused_attention(node):
+            core.append(n)
+            continue
         shape = node.out_shape
         if not (s > 1 and len(shape) >= 3 and shape[-1] == s and shape[-2] == s):
             continue

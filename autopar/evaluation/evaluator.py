@@ -20,6 +20,7 @@ from autopar.hardware.specs import Cluster
 from autopar.plan import Plan, PlanError, Prediction, StageMemory, StagePlan, Training
 from autopar.sharding.spec import parse_spec, shard_factor
 from autopar.sharding.stage_problem import Evaluation, Settings, StageProblem
+from graphs.annotate import is_unfused_attention
 from graphs.ir import INPUT, LOSS, MATMUL, NORM, OUTPUT, VIEW, OpGraph
 from graphs.query import attention_core, main_boundary, stage_nodes
 
@@ -158,7 +159,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     elif st.recompute == "selective":
         core = attention_core(graph, names)
         dropped = [n for n in core if prob.saved.get(n)]
-        core_stash = sum(prob.saved[n] * prob.strategy_of(n, assign[n]).out_bytes_local for n in dropped)
+        core_stash = sum(prob.saved[n] * _core_kept_bytes(graph, prob, n, assign[n]) for n in dropped)
         if dropped:
             # Rebuilding the dropped scores reruns the whole attention core (QK^T, scale, mask,
             # softmax, dropout), not only the ops whose outputs were kept.
@@ -222,6 +223,18 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
                        if eager and zero >= 3 and sub.n_devices > 1 else 0.0,
                        tied_copy_params=tied_copy)
+
+
+def _core_kept_bytes(graph: OpGraph, prob: StageProblem, name: str, index: int) -> float:
+    """What selective recomputation drops of an attention-core op's stash: the whole output of
+    a score op (QK^T, softmax, ...), but only the kept scores of an unfused attention op, whose
+    [b, h, s, d] output the next op still reads (its strategy's out_bytes_local holds both,
+    sharding/rules/attention.py)."""
+    st = prob.strategy_of(name, index)
+    node = graph.node(name)
+    if not is_unfused_attention(node):
+        return st.out_bytes_local
+    return st.out_bytes_local - node.out_bytes / shard_factor(st.out_spec, prob.mesh)
 
 
 @dataclass(frozen=True)

@@ -183,3 +183,18 @@ def test_fitted_curve_falls_off_as_the_datasheet_below_its_fitted_range():
     # a GPU without a fitted curve keeps the datasheet curve everywhere
     for dims in [(8192, 8192, 8192), (65536, 2048, 128), (64, 64, 64)]:
         assert _default_eff(v100, *dims) == datasheet(0.72, *dims)
+
+
+def test_selective_recompute_drops_the_kept_scores_only():
+    # Korthikanti's selective recomputation: the unfused core's kept scores are rebuilt in the
+    # backward, its [b, h, s, d] output (read by the output projection) stays
+    from autopar.evaluation.baselines import Config3D, build_3d
+    from graphs.annotate import unfused_score_passes
+    spec = "gpt:hidden=64,layers=2,heads=4,seq=32,vocab=128,attn=unfused,attn_dropout=0.1"
+    cl = load_cluster("p3.16xlarge", 1, 1)
+    plans = {rc: build_3d(ModelSource(spec), cl, 2, Config3D(1, 1, 1, 2, recompute=rc)) for rc in ("none", "selective")}
+    stash = {rc: p.stages[0].memory.stash_per_microbatch_bytes for rc, p in plans.items()}
+    kept = 2 * 4 * 32 * 32 * unfused_score_passes(2, True)[2]          # batch 2, 4 heads, 32 x 32, fp16
+    assert stash["none"] - stash["selective"] == pytest.approx(2 * kept, rel=1e-12)   # 2 layers
+    rerun = 2 * _expected_s(2, 4, 32, 16, True, False)                  # each layer's core forward again
+    assert plans["selective"].stages[0].bwd_s - plans["none"].stages[0].bwd_s == pytest.approx(rerun, rel=1e-9)
