@@ -23,7 +23,10 @@ time t' <= t_max, and F is constant on [t', t_max]: every candidate in between i
      least bound reaches the best T. (A walk down F one step at a time needed 67 DP solves
      for a 1T GPT on 3072 GPUs, whose F has many tiny steps; this needs 26.)
 Inside step 2 the DP drops states that cannot beat T_best (suffix cost + least prefix
-cost + (B-1) t_low >= T_best), so deep pipelines die early. Each DP solve only touches
+cost + (B-1) t_low >= T_best), so deep pipelines die early. At depth s a solve computes only
+the rows k whose layers [0, k) at most s_max - s stages within t_max can cover (_prefix_reach;
+at the last depth, row 0 alone): the rows it computes never read the others, so their cells,
+F and the stages found are unchanged. Each DP solve only touches
 entries with t <= t_max, grouped by (s, k), restricted to the device counts that can lie on
 a complete solution, and vectorised over (entries x devices); device counts are in units of
 gcd(submesh sizes). B = 1 (no bubble): after step 1, one solve with every entry allowed,
@@ -96,9 +99,10 @@ def _validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extr
     if isinstance(n_microbatches, bool) or int(n_microbatches) != n_microbatches \
             or n_microbatches < 1:
         raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
-    if np.isnan(t).any():
-        raise ValueError("stage_cost contains NaN")
-    if (t < 0).any():
+    # one pass over the (large) array where it is well formed: NaN and negatives both fail >= 0
+    if not (t >= 0).all():
+        if np.isnan(t).any():
+            raise ValueError("stage_cost contains NaN")
         raise ValueError("stage_cost contains negative times")
     if stage_extra is None:
         extra = np.zeros((n_layers, n_ends, n_mesh))
@@ -124,8 +128,9 @@ def _validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extr
     t[..., s_max + 1:] = np.inf
     t[:, :, sizes > n_devices, :] = np.inf
     c = t + extra[..., None]
-    t[~np.isfinite(c)] = np.inf
-    c[~np.isfinite(t)] = np.inf
+    # t and extra are >= 0 (no NaN, no -inf), so c is inf where t is, and after this t is inf
+    # where c is: each is inf exactly where the other is.
+    np.copyto(t, np.inf, where=np.isinf(c))
     return _Input(t, c, sizes, int(n_devices), int(n_microbatches), s_max)
 
 
@@ -162,17 +167,24 @@ class _Entries:
     @classmethod
     def of(cls, inp: _Input) -> _Entries:
         n_layers, n_ends, n_mesh, n_s1 = inp.t.shape
-        # (s, k, j, m) order, so that within an (s, k) group equal times keep the (j, m) order
-        # a lexsort of the (k, j, m, s) flat order by (s, k, t) gave
-        t_skjm = np.ascontiguousarray(inp.t.transpose(3, 0, 1, 2))
-        flat = np.flatnonzero(np.isfinite(t_skjm))
-        tv = t_skjm.ravel()[flat]
-        del t_skjm
-        group, jm = np.divmod(flat, n_ends * n_mesh)
+        # The entries in the arrays' own (k, j, m, s) order: the sorts below are stable, and
+        # ties of time within one (s, k) group are then in (j, m) order, as in any flat order
+        # with (j, m) inner to (s, k): the order of a lexsort of the (k, j, m, s) flat order by
+        # (s, k, t). (A transposed (s, k, j, m) copy gave the same order and cost a pass over
+        # the whole array.)
+        flat = np.flatnonzero(np.isfinite(inp.t))
+        tv = inp.t.ravel()[flat]
+        cv_flat = inp.c.ravel()[flat]
+        if inp.t.size < 2 ** 31:
+            flat = flat.astype(np.int32)     # int32 division is several times faster
+        kjm, s = np.divmod(flat, n_s1)
         del flat
+        kj, m = np.divmod(kjm, n_mesh)
+        del kjm
+        k, j = np.divmod(kj, n_ends)
+        del kj
+        group = s.astype(np.int64) * n_layers + k
         idx = np.int16 if max(n_ends, n_mesh, n_s1) < 2 ** 15 else np.int64
-        j, m = np.divmod(jm, n_mesh)
-        s, k = np.divmod(group, n_layers)
         s, k, j, m = s.astype(idx), k.astype(idx), j.astype(idx), m.astype(idx)
         # stable by t, then stable by group (a radix sort when groups fit in 16 bits): the
         # (s, k, t) order
@@ -188,7 +200,7 @@ class _Entries:
         k, j, m, s, tv, group, rank = k[order], j[order], m[order], s[order], tv[order], group[order], rank[order]
         key = group * max(1, values.size) + rank
         group_start = np.searchsorted(group, np.arange(n_s1 * n_layers + 1))
-        return cls(k, j, m, s, tv, inp.c[k, j, m, s], values, rank, key, group_start, n_layers)
+        return cls(k, j, m, s, tv, cv_flat[order], values, rank, key, group_start, n_layers)
 
     def up_to_depth(self, s_max: int) -> _Entries:
         n = int(np.searchsorted(self.s, s_max, side="right"))
@@ -256,6 +268,7 @@ class _Solver:
         self.k, self.j, self.m, self.s, self.tv, self.cv = e.k, e.j, e.m, e.s, e.tv, e.cv
         t_rel, c_rel = least if least is not None else (inp.t.min(axis=3), inp.c.min(axis=3))
         self.t_rel = t_rel  # (L, L+1, M), best depth: for the device bounds
+        self._device_bounds = _DeviceBounds(t_rel, self.units)
         self.t_best = t_rel.min(axis=2)    # (L, L+1): best submesh and depth
         self.c_best = best = c_rel.min(axis=2)
         # least sum (t + extra) of any slicing of layers [0, k), devices and depths relaxed
@@ -288,7 +301,7 @@ class _Solver:
         """Least devices (units) that layers [0, k) (prefix[k]) and [k, L) (suffix[k]) need
         with every stage within t_max, depths relaxed. A DP state (k, d) with
         d < suffix[k] or d > D - prefix[k] lies on no complete solution."""
-        return _device_bounds(self.t_rel, self.units, t_max)
+        return self._device_bounds(t_max)
 
     def solve(self, t_max: float, feasibility_only: bool = False, cutoff: float = math.inf):
         """The DP at t_max. Returns (tables, top) with top[s] = F(s, 0, D) (float mode) or
@@ -311,6 +324,7 @@ class _Solver:
         lo[0] = max(lo[0], d_top)
         live_k = lo <= hi
         k_live = np.flatnonzero(live_k[:n_layers])
+        prefix_reach = self._prefix_reach(t_max)
         prune = not feasibility_only and cutoff < math.inf
         # padded[j, pad + d] = g_prev[j, d], pad_value left of it: its sliding windows give
         # windows[j, pad - u, d] = g_prev[j, d - u] without copying, so the gathers below copy
@@ -348,7 +362,11 @@ class _Solver:
                 tables.append(g_cur)
             # entries allowed at t_max (a prefix of each (depth, k) group), from a row that
             # can be on a solution into a row with a solvable rest
-            sel = self.entries.allowed(depth, k_live, t_max)
+            # a row k > 0 at this depth is on a solution only if at most s_max - depth
+            # stages can cover the layers before it
+            reach = prefix_reach[min(self.inp.s_max - depth, len(prefix_reach) - 1)]
+            k_rows = k_live[reach[k_live]]
+            sel = self.entries.allowed(depth, k_rows, t_max)
             jj = self.j[sel]
             useful = live_rows[jj]
             useful &= live_k[jj]
@@ -409,6 +427,31 @@ class _Solver:
                 break  # every deeper table builds on this one: all empty too
         return (None if feasibility_only else tables), top
 
+    def _prefix_reach(self, t_max: float) -> list[np.ndarray]:
+        """reach[p][k]: layers [0, k) can be covered by at most p stages each within t_max
+        (on any submesh at any depth: a relaxation), for p = 0, 1, ... until it stops
+        growing (the last entry then holds for every longer p) or p = s_max - 1.
+
+        A DP state at depth s and row k > 0 is on a solution of at most s_max stages only
+        if reach[s_max - s][k]: the stages before it number at most s_max - s. solve()
+        computes only such rows. The rows it skips are never read by the rows it computes
+        (an entry (k, j) within t_max has j reachable in one stage more than k), so every
+        computed cell, the tops and the reconstructed stages are unchanged; the skipped
+        ones are rows of the last depths that only an over-deep pipeline could use (at the
+        last depth, row 0 alone)."""
+        n_layers = self.n_layers
+        ok = self.t_best <= t_max                  # (L, L+1): [i, j) fits as one stage
+        reach = np.zeros(n_layers + 1, dtype=bool)
+        reach[0] = True
+        out = [reach]
+        for _ in range(self.inp.s_max - 1):
+            more = reach | ok[reach[:n_layers]].any(axis=0)
+            if np.array_equal(more, reach):
+                break
+            out.append(more)
+            reach = more
+        return out
+
     def reconstruct(self, tables, depth: int, t_max: float) -> list[tuple[int, int, int]]:
         inp = self.inp
         stages = []
@@ -436,19 +479,41 @@ def _units(inp: _Input) -> tuple[np.ndarray, int, bool]:
     return inp.sizes // g, inp.n_devices // g, inp.n_devices % g == 0
 
 
+class _DeviceBounds:
+    """_Solver.device_bounds on t_rel (L, L+1, M), the least stage time over depths.
+
+    The figures are unit counts (small integers) or inf, so every sum and minimum below is
+    exact whatever the order: this is the plain recurrence, arranged for speed (the times
+    of one submesh contiguous, the columns of the least-units matrix contiguous, reductions
+    by method rather than through np.min's dispatch)."""
+
+    def __init__(self, t_rel: np.ndarray, units: np.ndarray):
+        self.n_layers = t_rel.shape[0]
+        self.t_by_mesh = np.ascontiguousarray(t_rel.transpose(2, 0, 1))     # (M, L, L+1)
+        self.units = units.astype(np.float64)
+        # most units first, so that the fewest units that fit are written last
+        self.order = np.argsort(-self.units, kind="stable").tolist()
+
+    def __call__(self, t_max: float) -> tuple[np.ndarray, np.ndarray]:
+        n_layers = self.n_layers
+        step = np.full(self.t_by_mesh.shape[1:], np.inf)    # least units of one stage [i, j)
+        for m in self.order:
+            step[self.t_by_mesh[m] <= t_max] = self.units[m]
+        step_t = np.ascontiguousarray(step.T)
+        prefix = np.full(n_layers + 1, np.inf)
+        prefix[0] = 0.0
+        for j in range(1, n_layers + 1):
+            prefix[j] = (prefix[:j] + step_t[j, :j]).min()
+        suffix = np.full(n_layers + 1, np.inf)
+        suffix[n_layers] = 0.0
+        for k in range(n_layers - 1, -1, -1):
+            suffix[k] = (step[k, k + 1:] + suffix[k + 1:]).min()
+        return prefix, suffix
+
+
 def _device_bounds(t_rel: np.ndarray, units: np.ndarray, t_max: float) -> tuple[np.ndarray, np.ndarray]:
     """_Solver.device_bounds on t_rel (L, L+1, M), the least stage time over depths."""
-    n_layers = t_rel.shape[0]
-    step = np.where(t_rel <= t_max, units.astype(np.float64), np.inf).min(axis=2)  # (L, L+1)
-    prefix = np.full(n_layers + 1, np.inf)
-    prefix[0] = 0.0
-    for j in range(1, n_layers + 1):
-        prefix[j] = np.min(prefix[:j] + step[:j, j])
-    suffix = np.full(n_layers + 1, np.inf)
-    suffix[n_layers] = 0.0
-    for k in range(n_layers - 1, -1, -1):
-        suffix[k] = np.min(step[k, k + 1:] + suffix[k + 1:])
-    return prefix, suffix
+    return _DeviceBounds(t_rel, units)(t_max)
 
 
 def _chunks(starts: np.ndarray, n_entries: int, lo: np.ndarray, hi: np.ndarray,

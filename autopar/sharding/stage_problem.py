@@ -239,6 +239,14 @@ def _reshard_backward_by_id(shape: tuple[int, ...], elem_bytes: int, src: Spec, 
     return reshard_backward_s(shape, elem_bytes, src, dst, _CONTEXT_OBJECTS[context][0], grad)
 
 
+@lru_cache(maxsize=500_000)
+def _round_trip_by_id(shape: tuple[int, ...], elem_bytes: int, src: Spec, dst: Spec, grad: bool, context: int) -> float:
+    """A cell of _reshard_matrix: the forward conversion plus its backward, summed as
+    _reshard + _reshard_backward (one lookup instead of two per cell)."""
+    return (_reshard_by_id(shape, elem_bytes, src, dst, context)
+            + _reshard_backward_by_id(shape, elem_bytes, src, dst, grad, context))
+
+
 def decision_names(graph: OpGraph, names: list[str], mesh: Mesh, cm: ComputeModel) -> dict[str, list[str]]:
     """The strategy names each decision op among `names` offers on `mesh` (what a StageProblem's
     groups would list, without building their followers)."""
@@ -248,6 +256,9 @@ def decision_names(graph: OpGraph, names: list[str], mesh: Mesh, cm: ComputeMode
 
 # StageProblem's memoised ILP inputs (see _member_arrays and _edge_costs): read-only arrays.
 _MEMBER_MEMO: dict[tuple, tuple[tuple[Strategy, ...], np.ndarray, np.ndarray]] = {}
+# Per (strategy ids, operand): what _edge_costs keys on of each strategy's gradient all-reduce;
+# the entry holds the strategies, so their ids stay their own while it is kept.
+_PARTIAL_MEMO: dict[tuple, tuple[tuple[Strategy, ...], tuple]] = {}
 _EDGE_MEMO: dict[tuple, np.ndarray] = {}
 # Memos keyed by strategy ids (ilp_arrays' edges, evaluate's edge seconds), and the strategies
 # those ids name, kept alive here so that no id is reused while a key holds it; the three are
@@ -555,8 +566,14 @@ class StageProblem:
         parallelism's gather replaces (with the share of it this op pays)."""
         grad = self._carries_grad(name, j)
         share = self.grad_share.get(name, {}).get(j, 1.0)
-        partial = tuple(None if (ar := _partial_grad_all_reduce(s, j)) is None else (ar.mask, ar.nbytes, ar.time_s)
-                        for s in v_sts)
+        pkey = (tuple(map(id, v_sts)), j)
+        hit_p = _PARTIAL_MEMO.get(pkey)
+        if hit_p is None:
+            partial = tuple(None if (ar := _partial_grad_all_reduce(s, j)) is None else (ar.mask, ar.nbytes, ar.time_s)
+                            for s in v_sts)
+            _remember(_PARTIAL_MEMO, pkey, (tuple(v_sts), partial))
+        else:
+            partial = hit_p[1]
         key = (form, self._context, tuple(shape), eb, grad, share, srcs, dsts, partial)
         hit = _EDGE_MEMO.get(key)
         if hit is not None:
@@ -565,26 +582,40 @@ class StageProblem:
             out = np.array([self._edge_s(name, j, shape, eb, a, d, st) if d is not None else 0.0
                             for a, d, st in zip(srcs, dsts, v_sts)])
         else:
-            out = self._reshard_matrix(name, j, shape, eb, list(srcs), list(dsts), v_sts)
+            out = self._reshard_matrix(name, j, shape, eb, list(srcs), list(dsts), v_sts, partial)
         out.flags.writeable = False
         _remember(_EDGE_MEMO, key, out)
         return out
 
-    def _reshard_matrix(self, name, j, shape, eb, srcs, dsts, v_sts) -> np.ndarray:
+    def _reshard_matrix(self, name, j, shape, eb, srcs, dsts, v_sts, partial=None) -> np.ndarray:
+        """partial: _edge_costs' per-strategy gradient all-reduce key (computed here if None)."""
         us = list(dict.fromkeys(srcs))
         vs = list(dict.fromkeys(d for d in dsts if d is not None))
         grad = self._carries_grad(name, j)
-        small = np.array([[self._reshard(shape, eb, a, b) + self._reshard_backward(shape, eb, a, b, grad)
+        shape_key, ctx = tuple(shape), self._context
+        small = np.array([[_round_trip_by_id(shape_key, eb, tuple(a), tuple(b), grad, ctx)
                            for b in vs] for a in us]).reshape(len(us), len(vs))
+        if partial is None:
+            partial = tuple(None if (ar := _partial_grad_all_reduce(s, j)) is None else (ar.mask, ar.nbytes, ar.time_s)
+                            for s in v_sts)
         ui = np.array([us.index(a) for a in srcs])
         out = np.zeros((len(srcs), len(dsts)))
+        # A column with sequence parallelism's gather depends on its strategy only through
+        # the all-reduce that gather replaces (_gather_into_partial_s reads its mask, bytes
+        # and seconds), so consumers that need one layout and replace one all-reduce share it.
+        fused_cols: dict[tuple, np.ndarray] = {}
         for q, d in enumerate(dsts):
             if d is None:
                 continue
-            out[:, q] = small[ui, vs.index(d)]
-            if _partial_grad_all_reduce(v_sts[q], j) is not None:
-                col = [self._edge_s(name, j, shape, eb, a, d, v_sts[q]) for a in us]
-                out[:, q] = np.array(col)[ui]
+            ar = partial[q]
+            if ar is None:
+                out[:, q] = small[ui, vs.index(d)]
+                continue
+            ck = (d, *ar)
+            col = fused_cols.get(ck)
+            if col is None:
+                col = fused_cols[ck] = np.array([self._edge_s(name, j, shape, eb, a, d, v_sts[q]) for a in us])[ui]
+            out[:, q] = col
         return out
 
     def _reshard(self, shape, eb: int, src: Spec, dst: Spec) -> float:

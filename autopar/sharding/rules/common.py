@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from autopar.costmodel.collectives import (
     ACTIVATION,
@@ -20,6 +21,7 @@ from autopar.costmodel.collectives import (
     Collective,
     collective_s,
 )
+from autopar.costmodel.compute import ComputeModel
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.spec import Spec, axes_mask, axes_str, shard_factor
 from graphs.ir import OpNode, dtype_bytes, numel
@@ -43,6 +45,22 @@ def collective(kind: str, mask: int, nbytes: float, phase: str, mesh: Mesh, purp
                zero: tuple[int, ...] = ALL_ZERO_LEVELS, operand: int = -1) -> Collective:
     """A collective over the mesh axes in `mask`, priced on `mesh`."""
     return Collective(kind, mask, nbytes, phase, collective_s(kind, nbytes, mesh.axis(mask)), purpose, zero, operand)
+
+
+# The rules price the same local kernels again and again: one GEMM or elementwise shape recurs
+# on every mesh that splits it alike, and on every microbatch of a layer class. ComputeModel's
+# figures are pure functions of the model (a frozen GPU and dtype) and the arguments, and a
+# GPU with a measured profile re-reads it on every call, so the rules remember them.
+@lru_cache(maxsize=200_000)
+def matmul_s(cm: ComputeModel, m: int, n: int, k: int, batch: int = 1) -> float:
+    """cm.matmul_s(m, n, k, batch), remembered."""
+    return cm.matmul_s(m, n, k, batch)
+
+
+@lru_cache(maxsize=200_000)
+def memory_bound_s(cm: ComputeModel, nbytes: float, flops: float = 0.0) -> float:
+    """cm.memory_bound_s(nbytes, flops), remembered."""
+    return cm.memory_bound_s(nbytes, flops)
 
 
 def is_integer(dtype: str) -> bool:

@@ -20,6 +20,7 @@ from autopar.sharding.rules.common import (
     collective,
     is_integer,
     local_out_bytes,
+    matmul_s,
     param_terms,
     prod,
     strategy_letters,
@@ -169,13 +170,13 @@ def _einsum_variants(node: OpNode, mesh: Mesh, cm: ComputeModel, ins: list[str],
     n = prod(loc[c] for c in dict.fromkeys(b) if c in out and c not in a)
     k = prod(loc[c] for c in contracted)
     out_local = prod(loc[c] for c in out) * dtype_bytes(node.out_dtype)
-    fwd = cm.matmul_s(int(m), int(n), int(k), int(batch))
+    fwd = matmul_s(cm, int(m), int(n), int(k), int(batch))
     bwd = 0.0
     for i in range(min(2, len(ins))):
         if is_integer(node.operands[i].dtype):
             continue
         # grad of operand 0: [m,k] = [m,n] x [n,k]; of operand 1: [k,n] = [k,m] x [m,n]
-        bwd += cm.matmul_s(int(m), int(k), int(n), int(batch)) if i == 0 else cm.matmul_s(int(k), int(n), int(m), int(batch))
+        bwd += matmul_s(cm, int(m), int(k), int(n), int(batch)) if i == 0 else matmul_s(cm, int(k), int(n), int(m), int(batch))
 
     # Backward: the gradient of an activation operand is a partial sum over the axes that
     # split letters it lacks, all-reduced (shared among the tensor's readers, see Collective).
