@@ -39,17 +39,16 @@ class ComputeModel:
     def profile(self) -> dict | None:
         return load_gpu_profile(self.gpu.profile) if self.gpu.profile else None
 
+    # The profile-derived constants are read per op priced; they are worked out once per GPU
+    # (the median over the profile's rows cost the rules more than the roofline itself).
     @property
     def launch_s(self) -> float:
-        p = self.profile
-        return float(p["launch_overhead_s"]) if p and "launch_overhead_s" in p else 5e-6
+        return _launch_s(self.gpu)
 
     @property
     def gap_s(self) -> float:
         """Kernel-to-kernel gap on a busy stream (the profile's launch inside a CUDA graph)."""
-        p = self.profile
-        g = (p or {}).get("meta", {}).get("launch_in_graph_s") if p else None
-        return float(g) if g is not None else 1e-6
+        return _gap_s(self.gpu)
 
     def op_s(self, kernel_s: float) -> float:
         """Time of one launched op whose kernel runs `kernel_s` (see the class doc)."""
@@ -57,17 +56,8 @@ class ComputeModel:
 
     @property
     def stream_bytes_per_s(self) -> float:
-        """HBM bandwidth of a large streaming kernel. Measured from the out-of-place `add`
-        rows (read two tensors, write one, as the graph's elementwise ops do): `copy`
-        (Tensor.copy_) falls from ~3.0 to ~2.4 TB/s at 1 GiB and above on H100 (2.7 of 4.4 on
-        H200) while `add` holds the HBM ceiling, so `copy` rows are used only without `add`."""
-        p = self.profile
-        if p and p.get("memory_bound"):
-            for kernel in ("add", "copy"):
-                big = [r["gbps"] for r in p["memory_bound"] if r["kernel"] == kernel and r["bytes"] >= 2**28]
-                if big:
-                    return float(np.median(big)) * 1e9
-        return self.gpu.hbm_bytes_per_s * self.gpu.memory_efficiency
+        """HBM bandwidth of a large streaming kernel (_stream_bytes_per_s)."""
+        return _stream_bytes_per_s(self.gpu)
 
     def matmul_efficiency(self, m: int, n: int, k: int) -> float:
         return _matmul_eff(self.gpu, self.dtype, int(m), int(n), int(k))
@@ -219,3 +209,31 @@ def _attention_eff(gpu: GPU, dtype: str, seq: int, head_dim: int, causal: bool, 
     if backward:
         flops *= 2.5
     return max(min(flops / t / peak, 1.0), 1e-3)
+
+
+@cache
+def _launch_s(gpu: GPU) -> float:
+    p = load_gpu_profile(gpu.profile) if gpu.profile else None
+    return float(p["launch_overhead_s"]) if p and "launch_overhead_s" in p else 5e-6
+
+
+@cache
+def _gap_s(gpu: GPU) -> float:
+    p = load_gpu_profile(gpu.profile) if gpu.profile else None
+    g = (p or {}).get("meta", {}).get("launch_in_graph_s") if p else None
+    return float(g) if g is not None else 1e-6
+
+
+@cache
+def _stream_bytes_per_s(gpu: GPU) -> float:
+    """HBM bandwidth of a large streaming kernel. Measured from the out-of-place `add` rows
+    (read two tensors, write one, as the graph's elementwise ops do): `copy` (Tensor.copy_)
+    falls from ~3.0 to ~2.4 TB/s at 1 GiB and above on H100 (2.7 of 4.4 on H200) while `add`
+    holds the HBM ceiling, so `copy` rows are used only without `add`."""
+    p = load_gpu_profile(gpu.profile) if gpu.profile else None
+    if p and p.get("memory_bound"):
+        for kernel in ("add", "copy"):
+            big = [r["gbps"] for r in p["memory_bound"] if r["kernel"] == kernel and r["bytes"] >= 2**28]
+            if big:
+                return float(np.median(big)) * 1e9
+    return gpu.hbm_bytes_per_s * gpu.memory_efficiency
