@@ -110,25 +110,20 @@ class StageTables:
             self._add_layers(submesh_index, logical_mesh, rt)
             return
         sp = self.space
-        S = sp.max_stages
         self.meshes.append((logical_mesh, rt.starts))
         mesh_id = len(self.meshes) - 1
         at = (self.rep_i, self.rep_j)
         held, slots = self._held, self._slots                        # B + s - 1 for s = 1..S
         sync = rt.sync[at]                                          # (U, P)
         cells = self.class_cells[:-1, submesh_index, 1:].T         # (S, U) view
-        n_s, n_u, n_p = S, sync.shape[0], sync.shape[1]
+        n_u, n_p = sync.shape[0], sync.shape[1]
         for rci, rc in enumerate(RECOMPUTE_OPTIONS):
             t = rt.time_s(rc, at)                                    # (U, P)
             mem = rt.memory_bytes(rc, held, at)                      # (S, U, P)
             self._note_least_memory(mem)
             tt = np.where(mem <= sp.memory_cap_bytes, t, np.inf)
             key = slots * tt + sync
-            # the first least key per cell, read through flat indices (take_along_axis builds
-            # an index grid per call)
-            pbest = key.argmin(axis=2)
-            flat = (np.arange(n_s * n_u) * n_p).reshape(n_s, n_u) + pbest
-            kbest = key.ravel()[flat]
+            pbest, flat, kbest = _first_least(key)
             better = kbest < cells["key_s"]
             if better.any():
                 np.copyto(cells["key_s"], kbest, where=better)
@@ -153,7 +148,6 @@ class StageTables:
         per (depth, range, start) the least k that fits, which is the fastest that fits
         (RangeTable.least_recompute_layers), then the start with the least key."""
         sp = self.space
-        S = sp.max_stages
         self.meshes.append((logical_mesh, rt.starts))
         mesh_id = len(self.meshes) - 1
         at = (self.rep_i, self.rep_j)
@@ -168,14 +162,12 @@ class StageTables:
             self._note_least_memory(mem)
         sync = rt.sync[at]                                          # (U, P)
         cells = self.class_cells[:-1, submesh_index, 1:].T         # (S, U) view
-        n_s, n_u, n_p = S, sync.shape[0], sync.shape[1]
+        n_u, n_p = sync.shape[0], sync.shape[1]
         k = rt.least_recompute_layers(self.rep_i, self.rep_j, held, sp.memory_cap_bytes)  # (H, U, P)
         tt = rt.chosen_time_s(self.rep_i, self.rep_j, k)[depth_row]                                   # (S, U, P)
         k = k[depth_row]
         key = slots * tt + sync
-        pbest = key.argmin(axis=2)
-        flat = (np.arange(n_s * n_u) * n_p).reshape(n_s, n_u) + pbest
-        kbest = key.ravel()[flat]
+        pbest, flat, kbest = _first_least(key)
         better = kbest < cells["key_s"]
         if better.any():
             layers = k.ravel()[flat]
@@ -267,3 +259,13 @@ def boundary_p2p_s(cluster: Cluster, graph: OpGraph, layer_inputs: list[str | No
     out_bytes = np.array([graph.node(src).out_bytes if src else 0.0 for src in layer_inputs] + [0.0])
     return np.array([np.where(out_bytes > 0, link_lat + out_bytes / (link_bw * sub.n_devices), 0.0)
                      for sub in subs])
+
+
+def _first_least(key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per cell of an (S, U, P) key array: the first start with the least key, the flat index
+    of that entry, and the key, read through flat indices (take_along_axis builds an index grid
+    per call)."""
+    n_s, n_u, n_p = key.shape
+    pbest = key.argmin(axis=2)
+    flat = (np.arange(n_s * n_u) * n_p).reshape(n_s, n_u) + pbest
+    return pbest, flat, key.ravel()[flat]
