@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_stage_dp_exact import reference_device_bounds
 
 from solvers.stage_dp import _Entries, _Input, _validate, stage_dp_bounds
 
@@ -304,21 +305,6 @@ def test_skipping_unreachable_rows_leaves_every_computed_cell_unchanged(monkeypa
 
 
 # ---- device bounds ------------------------------------------------------------------------------------
-
-
-def reference_device_bounds(t_rel: np.ndarray, units: np.ndarray, t_max: float) -> tuple[np.ndarray, np.ndarray]:
-    """The previous _device_bounds, verbatim."""
-    n_layers = t_rel.shape[0]
-    step = np.where(t_rel <= t_max, units.astype(np.float64), np.inf).min(axis=2)  # (L, L+1)
-    prefix = np.full(n_layers + 1, np.inf)
-    prefix[0] = 0.0
-    for j in range(1, n_layers + 1):
-        prefix[j] = np.min(prefix[:j] + step[:j, j])
-    suffix = np.full(n_layers + 1, np.inf)
-    suffix[n_layers] = 0.0
-    for k in range(n_layers - 1, -1, -1):
-        suffix[k] = np.min(step[k, k + 1:] + suffix[k + 1:])
-    return prefix, suffix
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -68,6 +68,22 @@ class _Entries:
         return _Entries(self.k[:n], self.j[:n], self.m[:n], self.s[:n], self.tv[:n], self.cv[:n])
 
 
+def reference_device_bounds(t_rel: np.ndarray, units: np.ndarray, t_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """The device bounds as the reference solver computes them (the stage DP's before its
+    speed-ups; test_speed_h1_stage_dp.py checks the fast ones against it to the bit)."""
+    n_layers = t_rel.shape[0]
+    step = np.where(t_rel <= t_max, units.astype(np.float64), np.inf).min(axis=2)  # (L, L+1)
+    prefix = np.full(n_layers + 1, np.inf)
+    prefix[0] = 0.0
+    for j in range(1, n_layers + 1):
+        prefix[j] = np.min(prefix[:j] + step[:j, j])
+    suffix = np.full(n_layers + 1, np.inf)
+    suffix[n_layers] = 0.0
+    for k in range(n_layers - 1, -1, -1):
+        suffix[k] = np.min(step[k, k + 1:] + suffix[k + 1:])
+    return prefix, suffix
+
+
 class _Solver:
     def __init__(self, inp: _Input, entries: _Entries | None = None):
         self.inp = inp
@@ -98,18 +114,7 @@ class _Solver:
         """Least devices (units) that layers [0, k) (prefix[k]) and [k, L) (suffix[k]) need
         with every stage within t_max, depths relaxed. A DP state (k, d) with
         d < suffix[k] or d > D - prefix[k] lies on no complete solution."""
-        n_layers = self.n_layers
-        units = self.units.astype(np.float64)
-        step = np.where(self.t_rel <= t_max, units, np.inf).min(axis=2)  # (L, L+1)
-        prefix = np.full(n_layers + 1, np.inf)
-        prefix[0] = 0.0
-        for j in range(1, n_layers + 1):
-            prefix[j] = np.min(prefix[:j] + step[:j, j])
-        suffix = np.full(n_layers + 1, np.inf)
-        suffix[n_layers] = 0.0
-        for k in range(n_layers - 1, -1, -1):
-            suffix[k] = np.min(step[k, k + 1:] + suffix[k + 1:])
-        return prefix, suffix
+        return reference_device_bounds(self.t_rel, self.units, t_max)
 
     def solve(self, t_max: float, feasibility_only: bool = False, cutoff: float = math.inf):
         """The DP at t_max. Returns (tables, top) with top[s] = F(s, 0, D) (float mode) or
