@@ -505,7 +505,6 @@ class Segment(nn.Module):
         dist.all_reduce(total, group=mesh.get_group())
         return (share + (total - share.detach())).reshape(1)
 
-
     def _dp_vocab_head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The head split over the vocab across the data-parallel ranks (the planner's "n@dp"
         head beside batch-split blocks): every rank's tokens gathered, each rank's logits for

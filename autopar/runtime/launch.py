@@ -365,7 +365,9 @@ def _median_after_warmup(xs: list[float]) -> float:
     return statistics.median(xs[1:] if len(xs) > 1 else xs)
 
 
-def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int) -> dict[str, Any]:
+def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int, eager: Any) -> dict[str, Any]:
+    """`autopar run --json`'s summary; `eager`: the plan priced as these engines run it
+    (_eager_prediction, worked out once per run), or None."""
     ranks = sorted(res["ranks"], key=lambda r: r["rank"])
     per_step = [max(r["times_s"][i] for r in ranks) for i in range(cfg.steps)]
     losses = next(r["losses"] for r in ranks if r["losses"] is not None)
@@ -378,7 +380,7 @@ def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int) -> dict
         "measured_step_time_s": _median_after_warmup(per_step), "step_times_s": per_step,
         "predicted_step_time_s": plan.prediction.step_time_s if plan.prediction else None,
         "predicted_for": _predicted_for(plan),
-        "predicted_eager_step_time_s": _eager_prediction_s(plan),
+        "predicted_eager_step_time_s": eager.step_time_s if eager is not None else None,
         "losses": losses,
         "shard_local_ops": sorted({o for r in ranks for o in r["shard_local_ops"]}),
         "engines": all(r.get("engines", False) for r in ranks),
@@ -416,20 +418,14 @@ def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int) -> dict
     return out
 
 
-def _eager_prediction_s(plan) -> float | None:
-    """The plan's step time priced as the eager PyTorch engines this runtime uses run it."""
-    p = _eager_prediction(plan)
-    return p.step_time_s if p is not None else None
-
-
-def memory_warning(plan, gpu_bytes: int) -> str | None:
+def memory_warning(plan, eager: Any, gpu_bytes: int) -> str | None:
     """A warning when the plan, as this runtime executes it, is predicted to need more memory
     per GPU than the GPU has: the default (fused-kernel) model prices Megatron's mixed precision,
     and a plan it calls a fit can run out of memory here (gpt-6.7b dp2 at microbatch 2 on 141 GB
     H200s: 107 GiB by that model, 199 by the eager one, out of memory measured). A warning, not
     a refusal: the eager model errs high, by up to half on accumulating steps
-    (bench/truth/predict_runs.py)."""
-    p = _eager_prediction(plan)
+    (bench/truth/predict_runs.py). `eager`: the plan's _eager_prediction."""
+    p = eager
     if p is None or not p.peak_reserved_bytes or p.peak_reserved_bytes <= gpu_bytes:
         return None
     own = plan.prediction.peak_memory_bytes if plan.prediction else None
@@ -482,14 +478,15 @@ def run_plan(plan_json: str, *, steps: int = 3, device: str = "cpu", check: bool
     n = validate(plan, device, nproc)
     prec = precision or ("fp32" if device == "cpu" else plan.training.dtype)
     cfg = RunConfig(text, steps, device, check, optimizer, lr, seed, timeout_s, prec, _free_port(), compile=compile)
+    eager = _eager_prediction(plan)
     if device == "cuda":
         import torch
-        warning = memory_warning(plan, torch.cuda.get_device_properties(0).total_memory)
+        warning = memory_warning(plan, eager, torch.cuda.get_device_properties(0).total_memory)
         if warning:
             print(f"autopar run: warning: {warning}", file=sys.stderr, flush=True)
     res = _launch(cfg, n, _rank_body)
     ref = reference(cfg) if check else None
-    return summarize(plan, cfg, res, ref, n)
+    return summarize(plan, cfg, res, ref, n, eager)
 
 
 def _launch(cfg: RunConfig, n: int, body) -> dict:
@@ -574,7 +571,8 @@ def _run_torchrun(a) -> int:
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0 and res is not None:
-        return _report(summarize(plan, cfg, res, reference(cfg) if a.check else None, n), a.json, a.tol)
+        return _report(summarize(plan, cfg, res, reference(cfg) if a.check else None, n, _eager_prediction(plan)),
+                       a.json, a.tol)
     return 0
 
 

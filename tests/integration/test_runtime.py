@@ -237,12 +237,12 @@ def test_memory_warning_when_the_eager_recipe_outgrows_the_gpu():
     from autopar.evaluation.baselines import Config3D, build_3d
     from autopar.hardware.presets import load_cluster
     from autopar.model import ModelSource
-    from autopar.runtime.launch import memory_warning
+    from autopar.runtime.launch import _eager_prediction, memory_warning
     cl = load_cluster("dgx-h200", 1, 2)
     h200_bytes = 150_110_011_392                 # torch.cuda.get_device_properties().total_memory
     big = build_3d(ModelSource("gpt-6.7b"), cl, 8, Config3D(2, 1, 1, 2))
     assert big.prediction is not None and big.prediction.fits
-    warning = memory_warning(big, h200_bytes)
+    warning = memory_warning(big, _eager_prediction(big), h200_bytes)
     assert warning is not None and "autopar plan --eager" in warning and "GiB per GPU" in warning
     small = build_3d(ModelSource("gpt-1.3b"), cl, 4, Config3D(2, 1, 1, 1))
-    assert memory_warning(small, h200_bytes) is None
+    assert memory_warning(small, _eager_prediction(small), h200_bytes) is None

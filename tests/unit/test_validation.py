@@ -288,12 +288,12 @@ def test_run_report_adds_the_eager_engines_prediction(capsys):
     from autopar.evaluation.evaluator import evaluate
     from autopar.hardware.presets import load_cluster
     from autopar.model import ModelSource
-    from autopar.runtime.launch import _eager_prediction_s, _report
+    from autopar.runtime.launch import _eager_prediction, _report
     cl = load_cluster("dgx-h200", 1, 2)
     plan = build_3d(ModelSource(TINY), cl, 4, Config3D(2, 1, 1, 1))
     want = evaluate(plan, graphs.load(TINY, batch=2), cl, eager=True).prediction.step_time_s
-    assert _eager_prediction_s(plan) == want != plan.prediction.step_time_s
-    assert _eager_prediction_s(dataclasses.replace(plan, cluster=dataclasses.replace(plan.cluster, name="x.yaml"))) is None
+    assert _eager_prediction(plan).step_time_s == want != plan.prediction.step_time_s
+    assert _eager_prediction(dataclasses.replace(plan, cluster=dataclasses.replace(plan.cluster, name="x.yaml"))) is None
     out = {"plan": "p", "model": "m", "n_processes": 2, "device": "cuda", "backend": "nccl", "precision": "bf16",
            "steps": 2, "global_batch": 4, "n_microbatches": 2, "microbatch_size": 2, "optimizer": "adam", "lr": 0.1,
            "predicted_step_time_s": 0.001, "measured_step_time_s": 0.002, "losses": [1.0],
