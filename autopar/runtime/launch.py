@@ -202,8 +202,11 @@ def _rank_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict |
 def _spawned(index: int, world: int, cfg: RunConfig, body=None) -> None:
     """Entry of a spawned process (torch.multiprocessing passes the process index first)."""
     body = body or _rank_body
+    import faulthandler
+
     import torch
     import torch.distributed as dist
+    faulthandler.enable(all_threads=True)    # a rank killed by a signal shows where it was
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(cfg.master_port), RANK=str(index),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(index))
     if cfg.device == "cpu":
@@ -220,6 +223,20 @@ def _spawned(index: int, world: int, cfg: RunConfig, body=None) -> None:
     if world > 1:
         dist.barrier()                 # nobody tears down while a peer still sends to it
         dist.destroy_process_group()
+    _exit_done(0)
+
+
+def _exit_done(code: int) -> NoReturn:
+    """End a rank whose work is done and saved, without the interpreter's finalization.
+
+    destroy_process_group drops only c10d's own references: DeviceMeshes and DTensors keep the
+    gloo/NCCL groups alive, and their C++ worker threads are torn down during finalization. On
+    gloo (torch 2.13, CI) that aborted a finished rank now and then ("terminate called without
+    an active exception", SIGABRT), turning a good run into a failed one. Nothing is left to
+    run at this point, so skip finalization, as a fork-started worker does."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _device_index(cfg: RunConfig, rank: int) -> int:
@@ -553,7 +570,7 @@ def _under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) and "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def _run_torchrun(a) -> int:
+def _run_torchrun(a) -> NoReturn:
     import torch.distributed as dist
 
     from autopar.validation import load_plan
@@ -570,10 +587,11 @@ def _run_torchrun(a) -> int:
     res = _rank_body(rank, world, local, cfg)
     dist.barrier()
     dist.destroy_process_group()
+    code = 0
     if rank == 0 and res is not None:
-        return _report(summarize(plan, cfg, res, reference(cfg) if a.check else None, n, _eager_prediction(plan)),
+        code = _report(summarize(plan, cfg, res, reference(cfg) if a.check else None, n, _eager_prediction(plan)),
                        a.json, a.tol)
-    return 0
+    _exit_done(code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     from autopar.plan import PlanError
     try:
         if _under_torchrun():
-            return _run_torchrun(a)
+            _run_torchrun(a)
         out = run_plan(a.plan, steps=a.steps, device=a.device, check=a.check, nproc=a.nproc, optimizer=a.optimizer,
                        lr=a.lr, seed=a.seed, timeout_s=a.timeout_s, precision=a.precision, compile=a.compile)
     except (LaunchError, PlanError, NotImplementedError, ValueError, OSError) as e:
