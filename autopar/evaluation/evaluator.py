@@ -333,6 +333,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                 elems = prob.strategy_of(n, assign[n]).out_bytes_local / (node.out_bytes / _numel(node.out_shape))
                 consumers = sum(1 for m in graph.consumers(n) if m in inside and graph.node(m).kind == MATMUL
                                 and graph.node(m).param_operands)
+                residual += eager_mod.autocast_input_copies_bytes(elems, consumers)
                 f32_fwd, f32_bwd = eager_mod.autocast_fp32_stream_s(elems, consumers, cm)
                 fwd += f32_fwd
                 bwd += f32_bwd
@@ -530,8 +531,10 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     # What the allocator's pools hold at their own peaks: FSDP2's gradient pool stays reserved
     # where its gradients are absent (eager.zero3_grad_pool_bytes).
     pooled = {k: dev_mem[k] + dev_work[k] + workspace if dev_pool[k] else allocated[k] for k in dev_mem}
-    device_bytes = {k: eager_mod.device_peak_bytes(pooled[k], zero3, plan.n_devices, dev_pool[k]) if eager
-                    else allocated[k] for k in dev_mem}
+    loss_segment = {k: eager_mod.loss_segment_bytes(max(r.cross_entropy_peak_bytes for r in dev_stages[k]))
+                    for k in dev_mem}
+    device_bytes = {k: eager_mod.device_peak_bytes(pooled[k], zero3, plan.n_devices, dev_pool[k], loss_segment[k])
+                    if eager else allocated[k] for k in dev_mem}
     mem_dev = max(device_bytes, key=lambda k: device_bytes[k])
     peak = device_bytes[mem_dev]
     fits = peak <= cluster.gpu.memory_bytes
@@ -540,7 +543,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
                                 sched, time_dev)
     memory_breakdown = _memory_breakdown(dev_stages[mem_dev], dev_mem[mem_dev], allocated[mem_dev], zero3,
                                          plan.n_devices if eager else 0, absent_at_peak[mem_dev],
-                                         pooled[mem_dev], dev_pool[mem_dev])
+                                         pooled[mem_dev], dev_pool[mem_dev], loss_segment[mem_dev])
 
     tokens = tr.global_batch * plan.model.seq
     model_flops = (graph.fwd_flops + graph.bwd_flops) * B
@@ -631,7 +634,7 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
 
 def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_bytes: float, zero3: bool,
                       n_gpus: int, grads_absent_bytes: float = 0.0, pooled_bytes: float | None = None,
-                      grad_pool_bytes: float = 0.0) -> dict[str, float]:
+                      grad_pool_bytes: float = 0.0, loss_segment_bytes: float = 0.0) -> dict[str, float]:
     """Where one GPU's peak memory goes; the parts add up to its predicted peak. n_gpus 0: the
     plan is not evaluated as the eager recipe (no allocator reserve, context or NCCL).
     grads_absent_bytes: the part of weights + gradients + optimizer state not allocated at the
@@ -647,7 +650,8 @@ def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_by
     ce = max((r.cross_entropy_peak_bytes for r in stages), default=0.0)
     root = sum(r.fsdp_root_bytes for r in stages)
     block = max((r.fsdp_block_bytes for r in stages), default=0.0)
-    reserved = eager_mod.reserved_bytes(pooled, zero3, grad_pool_bytes) if n_gpus else allocated_bytes
+    reserved = (eager_mod.reserved_bytes(pooled, zero3, grad_pool_bytes, loss_segment_bytes) if n_gpus
+                else allocated_bytes)
     grad_pool_free = pooled - allocated_bytes if n_gpus else 0.0
     parts = {"weights_grads_optimizer": params - grads_absent_bytes, "ddp_buckets": buckets, "autocast_cache": cache,
              "fsdp_buffers": root + block, "cublas_workspace": eager_mod.CUBLAS_WORKSPACE_BYTES if n_gpus else 0.0,
