@@ -8,7 +8,8 @@ For each measured run, the equivalent autopar plan on `dgx-h200 --nodes 1 --gpus
 
 is built with `build_3d` and evaluated; predicted and measured step time, peak memory (the
 prediction against peak RESERVED: that is what must fit) and the breakdown buckets are put
-side by side. Errors are (predicted - measured) / measured.
+side by side. Errors are (predicted - measured) / measured. The peak allocated is compared
+too (`allocated_error`): the model's terms alone, before the allocator's reserve.
 
     python bench/truth/predict.py [CORPUS.json] [--out bench/results/truth_predicted_DATE.json]
 
