@@ -201,13 +201,16 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                    if o.is_param and o.owns_param and o.param in head_params)
         if zero >= 2 and ev.param_elems:
             tied *= ev.param_elems_zero / ev.param_elems
+    # autopar run's ZeRO-1/2 are FSDP2's (eager.fsdp_zero12): sharded gradients, block buffers
+    zero12 = eager and eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems)
     fsdp_block = 0.0
-    if eager and zero >= 3 and sub.n_devices > 1:
+    if eager and (zero >= 3 and sub.n_devices > 1 or zero12):
+        # (ZeRO-1/2 prefetch nothing, their weights stay gathered: an upper bound for them)
         # Unsharded counts per tensor-parallel shard: the stage's local share of its parameters.
         block = max((graph.layers[li].param_count for li in range(*st.layers) if first < li < last), default=0)
         fsdp_block = eager_mod.fsdp_buffer_bytes(0.0, block * share)[1]
     return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working,
-                       ev.param_state_bytes(zero) * copy_share,
+                       (ev.param_state_bytes(zero) + terms.param_state_delta_bytes) * copy_share,
                        ev.sync_s, eager_mod.optimizer_s(updated * copy_share, cm), bbytes, rec_flops,
                        host_fwd_s=terms.host_fwd_s, host_bwd_s=terms.host_bwd_s, embedding_s=embedding_s,
                        head_loss_s=head_s + terms.cross_entropy_s, op_comm_s=ev.comm_s + terms.comm_delta_s,
@@ -216,8 +219,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        ddp_bucket_bytes=terms.ddp_bytes, autocast_cache_bytes=terms.autocast_cache_bytes * copy_share,
                        cross_entropy_peak_bytes=terms.cross_entropy_peak_bytes,
                        grads_absent_bytes=eager_mod.gradients_absent_at_activation_peak_bytes(
-                           ev.param_elems, ev.param_elems_zero if zero >= 2 else ev.param_elems,
-                           zero >= 3 and sub.n_devices > 1, training.n_microbatches) if eager else 0.0,
+                           ev.param_elems, ev.param_elems_zero if zero >= 2 or zero12 else ev.param_elems,
+                           zero >= 3 and sub.n_devices > 1 or zero12, training.n_microbatches) if eager else 0.0,
                        fsdp_root_bytes=terms.fsdp_root_bytes, fsdp_block_bytes=fsdp_block,
                        tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied),
                        grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
@@ -257,6 +260,7 @@ class EagerTerms:
     ddp_bytes: float = 0.0             # whole step: DDP's buckets and second gradient copy
     autocast_cache_bytes: float = 0.0  # whole step, several microbatches: autocast's weight cache
     fsdp_root_bytes: float = 0.0       # forward and backward: FSDP2's unsharded root weights and grads
+    param_state_delta_bytes: float = 0.0  # whole step: FSDP2's ZeRO-1/2 state less the graph's (memory.py)
     # per microbatch, in fwd_s / bwd_s: the change to the ops' communication (FSDP2's blocks'
     # collectives hidden behind their compute, less its fp32 reduce-scatter's extra bytes), and
     # the compute's slowdown beside the hidden part (eager.fsdp_block_comm_s, comm_overlap_s)
@@ -271,7 +275,7 @@ class EagerTerms:
     @property
     def held_bytes(self) -> float:
         """Bytes held through the step beyond weights, gradients and optimizer state."""
-        return self.ddp_bytes + self.autocast_cache_bytes + self.fsdp_root_bytes
+        return self.ddp_bytes + self.autocast_cache_bytes + self.fsdp_root_bytes + self.param_state_delta_bytes
 
     @property
     def stash_bytes(self) -> float:
@@ -305,6 +309,11 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     n_linears = n_other = 0
     tp = False
     fsdp = zero >= 3 and prob.mesh.n_devices > 1
+    # ZeRO-1/2 run as FSDP2 with bf16 parameters (eager.fsdp_zero12): its state, no DDP buckets
+    # and no autocast cache. Its activations are still counted as under autocast (fp32 residual
+    # stream, input copies, fp32 loss): an upper bound, since `autopar run` lowers some such
+    # plans otherwise (a vocab-parallel head's loss_parallel, DTensor layouts).
+    zero12 = eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems)
     layer_of = {m: li for li in range(*layers) if first < li < last for m in graph.layers[li].nodes} if fsdp else {}
     # per FSDP2 block: compute forward, backward; all-gather forward, backward; reduce-scatter
     blocks: dict[int, list[float]] = {}
@@ -392,8 +401,10 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                       grad_bucket_s=eager_mod.grad_bucket_copy_s(ev.param_elems, cm) if ddp else 0.0,
                       residual_stash_bytes=residual, inputs_fp32_extra_bytes=inputs_extra,
                       cross_entropy_peak_bytes=ce_peak,
-                      ddp_bytes=eager_mod.state_bytes(ev.param_elems, ddp, 1),
-                      autocast_cache_bytes=eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
+                      ddp_bytes=eager_mod.state_bytes(ev.param_elems, ddp and not zero12, 1),
+                      autocast_cache_bytes=0.0 if zero12 else eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
+                      param_state_delta_bytes=(eager_mod.fsdp_zero12_state_bytes(ev.param_elems, ev.param_elems_zero)
+                                               - ev.param_state_bytes(zero)) if zero12 else 0.0,
                       fsdp_root_bytes=fsdp_root, comm_delta_s=comm_delta, comm_overlap_s=overlap)
 
 

@@ -263,7 +263,7 @@ def _stage_terms(graph, layers, plan_stage, mesh, cm, n_microbatches, zero):
     return eager_terms(graph, layers, prob, prob.assignment(choice), ev, n_microbatches, zero, cm)
 
 
-@pytest.mark.parametrize("zero", [0, 3])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_stage_eager_terms_are_the_sum_of_its_layers(zero):
     """The planner adds the eager terms layer by layer (search/layer_solver.py), the evaluator
     per stage: the same numbers, so `autopar plan` and `autopar evaluate` agree."""
@@ -278,12 +278,14 @@ def test_stage_eager_terms_are_the_sum_of_its_layers(zero):
     parts = [_stage_terms(graph, (li, li + 1), st, mesh, cm, plan.training.n_microbatches, zero)
              for li in range(*st.layers)]
     assert whole.device_s > 0 and whole.residual_stash_bytes > 0 and whole.cross_entropy_peak_bytes > 0
-    assert (whole.ddp_bytes > 0) == (zero < 3) and (whole.fsdp_root_bytes > 0) == (zero >= 3)
+    assert (whole.ddp_bytes > 0) == (zero == 0) and (whole.fsdp_root_bytes > 0) == (zero >= 3)
+    assert (whole.param_state_delta_bytes != 0) == (zero in (1, 2))
     # FSDP2's blocks: their collectives partly hidden, fp32 reduce-scatters, the compute slowed
     assert (whole.comm_overlap_s > 0) == (zero >= 3) and (whole.comm_delta_s != 0) == (zero >= 3)
     for field in ("fwd_s", "bwd_s", "cross_entropy_s", "precision_casts_s", "host_fwd_s", "host_bwd_s",
                   "grad_bucket_s", "residual_stash_bytes", "inputs_fp32_extra_bytes", "cross_entropy_peak_bytes",
-                  "ddp_bytes", "autocast_cache_bytes", "fsdp_root_bytes", "comm_delta_s", "comm_overlap_s"):
+                  "ddp_bytes", "autocast_cache_bytes", "fsdp_root_bytes", "comm_delta_s", "comm_overlap_s",
+                  "param_state_delta_bytes"):
         assert getattr(whole, field) == pytest.approx(sum(getattr(p, field) for p in parts), rel=1e-9), field
 
 
@@ -346,6 +348,31 @@ def test_eager_block_stash_holds_a_bf16_input_copy_per_linear(spec, copies):
     terms = _stage_terms(graph, (1, 2), plan.stages[0], mesh, cm, 1, 0)
     tokens, hidden = 2 * 128, 256
     assert terms.residual_stash_bytes == pytest.approx((2 * 2 + 2 * copies) * tokens * hidden)
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero12_state_is_fsdp2s(zero):
+    """`autopar run` shards ZeRO-1/2 with FSDP2 and bf16 parameters: per GPU 16 B per sharded
+    parameter (fp32 weights, gradients, moments) and 2 B per parameter of unsharded bf16 weights,
+    no DDP buckets, no autocast cache (counted by hand; gpt-1.3b dp2 zero1 mb8 x2 allocates
+    26.75 GiB, of which this is 12.27). DDP (ZeRO-0) keeps its 8 B of buckets."""
+    assert eager.fsdp_zero12(zero, True) and not eager.fsdp_zero12(zero, False)
+    assert not eager.fsdp_zero12(0, True) and not eager.fsdp_zero12(3, True)
+    assert eager.fsdp_zero12_state_bytes(100.0, 50.0) == 2 * 100 + 16 * 50
+    cl = load_cluster("dgx-h200", 1, 2)
+    src = ModelSource("gpt:hidden=256,layers=3,heads=4,seq=128,vocab=1024")
+    graph = src.graph(4)
+    for z in (0, zero):
+        plan = build_3d(src, cl, 16, Config3D(2, 1, 1, 4, zero=z))
+        cm = ComputeModel(cl.gpu, plan.training.dtype)
+        r = evaluate_stage(graph, cl, plan.stages[0], plan.training, cm, eager=True)
+        e, ez = r.ev.param_elems, r.ev.param_elems_zero
+        assert e / 2 <= ez < e          # sharded over dp2 (a few small tensors whole)
+        if z == 0:
+            assert r.ddp_bucket_bytes == pytest.approx(8 * e) and r.autocast_cache_bytes == pytest.approx(2 * e)
+        else:
+            assert r.param_state_bytes == pytest.approx(2 * e + 16 * ez)
+            assert r.ddp_bucket_bytes == 0.0 and r.autocast_cache_bytes == 0.0
 
 
 def test_loss_segment_in_the_reserve():
