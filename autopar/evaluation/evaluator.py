@@ -201,11 +201,12 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                    if o.is_param and o.owns_param and o.param in head_params)
         if zero >= 2 and ev.param_elems:
             tied *= ev.param_elems_zero / ev.param_elems
-    # autopar run's ZeRO-1/2 are FSDP2's (eager.fsdp_zero12): sharded gradients, block buffers
+    # autopar run's ZeRO-1/2 are FSDP2's (eager.fsdp_zero12): their fp32 gradients are sharded.
+    # They gather nothing during the step (their weights stay unsharded), so no block buffers
+    # at the activation peak: a block's reduce-scatter buffers come with its backward.
     zero12 = eager and eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems)
     fsdp_block = 0.0
-    if eager and (zero >= 3 and sub.n_devices > 1 or zero12):
-        # (ZeRO-1/2 prefetch nothing, their weights stay gathered: an upper bound for them)
+    if eager and zero >= 3 and sub.n_devices > 1:
         # Unsharded counts per tensor-parallel shard: the stage's local share of its parameters.
         block = max((graph.layers[li].param_count for li in range(*st.layers) if first < li < last), default=0)
         fsdp_block = eager_mod.fsdp_buffer_bytes(0.0, block * share)[1]
