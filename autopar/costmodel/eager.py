@@ -134,6 +134,11 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
   NCCL's watchdog frees tensors; the rows re-measured with the harness that waits for the
   previous run's memory to go, ddp-gpt-1.3b mb1 and ddp-gpt-2.6b mb4, hold 4.0 on both ranks:
   the term is kept, for safety, until the older ddp rows are re-measured).
+- ZeRO-1/2 (`fsdp_zero12`, `fsdp_zero12_state_bytes`): `autopar run` shards them with FSDP2
+  and bf16 parameters, not DDP: 16 B per sharded parameter and 2 B of unsharded bf16 weights,
+  no DDP buckets and no autocast cache; the sharded fp32 gradients are absent at a
+  one-microbatch activation peak. Its activations are counted as under autocast, an upper bound
+  (bench/truth/README.md, sixth pass: gpt-1.3b dp2 zero1 mb8 x2 +82% -> +31% reserved).
 - FSDP2: the root module's unsharded bf16 weights and their gradients (4 B per root parameter,
   gathered for the forward and kept to the end of the backward), and one block's backward
   buffers plus the next block's prefetch (16 B per parameter of the largest block,
