@@ -89,8 +89,9 @@ Time:
   stages are cut); the candidates the planner simulates are scored with them.
   PIPELINE_IDLE_S_PER_BLOCK is fitted on the device-bound GPT pp rows (`predict.py --fit`).
 
-Memory (the peak of one GPU; predicted allocated within -2.9..0% of measured on the GPT
-single-GPU rows without recomputation and -1.7..+2.3% on the Llama ones, bench/truth/predict.py):
+Memory (the peak of one GPU; predicted allocated within -0.9..0% of measured on the GPT
+single-GPU rows without recomputation and +0.2..+1.9% on the held-out Llama ones,
+bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the 10 B loss):
 - the two moments of a one-microbatch step: at the start of the loss backward the activations
   are all live but the fp32 gradients are not (zero_grad(set_to_none=True) freed them; 4 B per
   parameter absent) while autocast's bf16 weight copies, saved for the backward, are (2 B); at
@@ -101,14 +102,28 @@ single-GPU rows without recomputation and -1.7..+2.3% on the Llama ones, bench/t
   weights are), so every norm saves an fp32 input and full recomputation keeps fp32 layer
   inputs (`fp32_residual_extra_bytes`): the measured per-token slope of single-gpt-1.3b
   (mb1 -> mb16) is 37.5 B per hidden element per block, 38 with fp32 norm inputs, 34 without.
-- cross-entropy: at the start of the loss backward the fp32 log-softmax output (saved, 4 B),
-  its gradient (4) and the gradient of the logits (4) are live: 12 B per logit element, the
-  loss backward's working set. The graph's stash also holds the logits for the loss (a bf16
-  stand-in for the saved log-softmax output), which the eager step does not keep: autocast's
-  cast to fp32 saves nothing, so the bf16 logits are gone after the forward, and the fp32
-  log-softmax output is among the 12 B (`loss_stash_bytes` takes them out of the stash).
+- cross-entropy: autocast runs `log_softmax` by setting its dtype to fp32, not by casting the
+  logits (its fp32_set_opt_dtype policy; `F.cross_entropy` itself has no autocast rule and
+  decomposes into log_softmax and nll_loss), so the output is fp32 (4 B per logit, saved) and
+  its backward returns the gradient in the input's dtype, bf16. At the log-softmax backward,
+  the peak: the saved output (4), the NLL gradient (4) and the logits' gradient (2): 10 B per
+  logit element (CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT; the forward's moment, bf16 logits 2 +
+  output 4, is lower). Derived so, then checked on the fit rows' slope: single-gpt-1.3b mb8 ->
+  mb16 allocates 19.02 GiB more for 8,192 tokens; 19.00 predicted with 10 B and the input
+  copies below, 19.78 with 12 B (18.28 before both). The graph's stash also holds the logits
+  for the loss (a bf16 stand-in for the saved log-softmax output), which the eager step does
+  not keep (the bf16 logits are gone after the forward; `loss_stash_bytes` takes them out).
   Counting both counted 14 B per logit: single-llama-1b rows' allocated +4..+9% (0.31-0.35 GiB
   per 1k tokens over; 2 B x 128256 = 0.24), the fsdp2 Llama rows' +12..+22%.
+- autocast's input copies (`autocast_input_copies_bytes`): a norm's output is fp32, and every
+  linear that reads it casts it to bf16 and saves its own copy for its weight gradient (the
+  autocast cache holds only the weights' casts), where the graph saves one tensor: 2 B per
+  element for each consumer beyond the first. Counted from the zoo's code, a GPT block under
+  autocast on fp32 weights saves 40 B per hidden element and token (fp32 norm inputs 4 + 4,
+  three bf16 copies of ln1's output 6, q, k, v 6, the attention output 2, ln2's copy 2, fc1's
+  output and GELU's 8 + 8), 36 without the copies; a Llama block's three extra copies (wq, wk,
+  wv; w1, w3) are 96 of the 108 MiB per block and 8,192 tokens that autopar's llama-1b-gqa
+  steps held beyond the model (bench/results/memory_peaks_h200_2026-11-30.txt).
 - a tied embedding: at the end of the backward the embedding's dense fp32 gradient exists next
   to the `.grad` the LM head made, until it is added in (4 B per embedding parameter).
 - DDP: its buckets hold a second fp32 copy of every gradient (4 B per parameter;
@@ -119,6 +134,11 @@ single-GPU rows without recomputation and -1.7..+2.3% on the Llama ones, bench/t
   NCCL's watchdog frees tensors; the rows re-measured with the harness that waits for the
   previous run's memory to go, ddp-gpt-1.3b mb1 and ddp-gpt-2.6b mb4, hold 4.0 on both ranks:
   the term is kept, for safety, until the older ddp rows are re-measured).
+- ZeRO-1/2 (`fsdp_zero12`, `fsdp_zero12_state_bytes`): `autopar run` shards them with FSDP2
+  and bf16 parameters, not DDP: 16 B per sharded parameter and 2 B of unsharded bf16 weights,
+  no DDP buckets and no autocast cache; the sharded fp32 gradients are absent at a
+  one-microbatch activation peak. Its activations are counted as under autocast, an upper bound
+  (bench/truth/README.md, sixth pass: gpt-1.3b dp2 zero1 mb8 x2 +82% -> +31% reserved).
 - FSDP2: the root module's unsharded bf16 weights and their gradients (4 B per root parameter,
   gathered for the forward and kept to the end of the backward), and one block's backward
   buffers plus the next block's prefetch (16 B per parameter of the largest block,
@@ -130,7 +150,11 @@ single-GPU rows without recomputation and -1.7..+2.3% on the Llama ones, bench/t
 - caching allocator: peak reserved exceeds peak allocated by up to RESERVE_FRACTION (envelope
   of (reserved - allocated) / allocated over every corpus row without recomputation but the
   fsdp2 ones; the largest is single-llama3-8b-s2048-mb1, 0.148, at the GPU's capacity with one
-  allocator retry).
+  allocator retry), and by at least one fp32 logits tensor (`loss_segment_bytes`,
+  `reserved_bytes`: a step's largest allocation, for which the allocator can need a segment of
+  its own after the optimizer's state took part of the one it had; single-llama-1b s8192 mb4
+  with full recomputation reserves exactly one, 15.66 GiB, over its allocated, where the
+  fraction gives 9.0 GiB). The planner's cap (`allocatable_bytes`) holds the fraction only.
 - FSDP2's gradient pool (`zero3_grad_pool_bytes`): the caching allocator keeps one pool per
   stream, and FSDP2's reduce-scatter allocates the sharded fp32 gradients on its own stream. At
   a one-microbatch step's activation peak they are absent (zero_grad(set_to_none=True)) but
@@ -190,8 +214,9 @@ PIPELINE_GRAD_SCALE_BYTES_PER_PARAM = 8
 PIPELINE_IDLE_S_PER_BLOCK = 2.08e-4
 
 # -- memory -----------------------------------------------------------------------------------
-CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT = 12
+CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT = 10   # fp32 log-softmax output 4 + its fp32 gradient 4 + bf16 logits' gradient 2
 FP32_BYTES = 4                            # autocast's residual stream, saved by every norm
+AUTOCAST_DTYPE_BYTES = 2                  # bf16: what autocast casts a linear's input to
 DDP_BUCKET_BYTES_PER_PARAM = 4
 DDP_SECOND_GRAD_BYTES_PER_PARAM = 4       # measured: ddp rows hold 7.6-8.0 B/param over single (see doc)
 AUTOCAST_CACHE_BYTES_PER_PARAM = 2       # also autocast's bf16 weight copies saved for backward
@@ -204,6 +229,24 @@ RESERVE_FRACTION = 0.148
 CUBLAS_WORKSPACE_BYTES = 2 * 32 * 2**20   # cuBLAS + cuBLASLt workspaces (32 MiB each on Hopper), in the allocator
 CUDA_CONTEXT_BYTES = 0.77 * GIB
 NCCL_BYTES = 1.25 * GIB
+
+
+def fsdp_zero12(zero: int, dp_sharded: bool) -> bool:
+    """Whether a stage's ZeRO-1/2 runs as `autopar run` runs it: FSDP2 (reshard_after_forward=
+    False, so ZeRO-1 shards its gradients as ZeRO-2 does) with MixedPrecisionPolicy's bf16
+    parameters, not DDP (runtime/engines.py), where the data-parallel degree shards
+    (`dp_sharded`). No bench/truth row runs ZeRO-1/2; `autopar run`'s do."""
+    return 1 <= zero <= 2 and dp_sharded
+
+
+def fsdp_zero12_state_bytes(local_params: float, sharded_params: float) -> float:
+    """Weights, gradients and Adam state per GPU under FSDP2's ZeRO-1/2 (`fsdp_zero12`): the
+    sharded fp32 weights, gradients and moments, 16 B per sharded parameter, and the unsharded
+    bf16 weights gathered for the forward and kept to the backward, 2 B per local parameter (a
+    block's bf16 gradients last only until their reduce-scatter). No DDP buckets, no autocast
+    cache (the bf16 weights are the ones the blocks compute with). gpt-1.3b dp2 zero1 mb8 x2:
+    12.27 GiB of its 26.75 GiB allocated (bench/results/runtime_vs_native_h200.json)."""
+    return AUTOCAST_DTYPE_BYTES * local_params + 4 * FP32_BYTES * sharded_params
 
 
 def optimizer_s(updated_params: float, cm: ComputeModel) -> float:
@@ -326,6 +369,14 @@ def gradients_absent_at_activation_peak_bytes(local_params: float, grad_params: 
     return FP32_BYTES * grad_params - (0.0 if zero3 else AUTOCAST_CACHE_BYTES_PER_PARAM * local_params)
 
 
+def autocast_input_copies_bytes(norm_elements: float, linear_consumers: int) -> float:
+    """The bf16 copies of one norm's fp32 output beyond the one the graph saves: every linear
+    that reads it casts it to bf16 itself and saves its own copy for its weight gradient, so
+    `linear_consumers` linears keep that many copies (autocast caches only the casts of leaf
+    tensors, the weights)."""
+    return AUTOCAST_DTYPE_BYTES * norm_elements * max(0, linear_consumers - 1)
+
+
 def loss_stash_bytes(saved_logits_bytes: float) -> float:
     """The change to a stage's stash, per microbatch in flight, where the graph saves
     `saved_logits_bytes` of logits for the loss: the eager step keeps none of them (its fp32
@@ -359,13 +410,27 @@ def zero3_grad_pool_bytes(sharded_grad_params: float) -> float:
     return FP32_BYTES * sharded_grad_params
 
 
-def reserved_bytes(allocated_bytes: float, zero3: bool, grad_pool_bytes: float = 0.0) -> float:
+def loss_segment_bytes(cross_entropy_peak_bytes: float) -> float:
+    """One fp32 logits tensor (the log-softmax output, or its gradient) of a loss whose working
+    set is `cross_entropy_peak_bytes`: the largest single allocation of a step with a large
+    vocabulary, which the allocator may have to reserve once more beyond the peak allocated."""
+    return cross_entropy_peak_bytes * FP32_BYTES / CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT
+
+
+def reserved_bytes(allocated_bytes: float, zero3: bool, grad_pool_bytes: float = 0.0,
+                   loss_segment: float = 0.0) -> float:
     """What the caching allocator reserves at a peak of `allocated_bytes` allocated. Under ZeRO-3
     `allocated_bytes` is what the pools hold at their own peaks (the compute stream's at the
     activation peak, and `grad_pool_bytes` of FSDP2's gradients, see `zero3_grad_pool_bytes`,
-    even where they are absent at that moment), and the fraction is the compute stream's only."""
+    even where they are absent at that moment), and the fraction is the compute stream's only.
+    At least `loss_segment` (`loss_segment_bytes`) over the allocated: the step's largest
+    tensors, the loss's fp32 logits, come back every step, and after the first step the
+    optimizer's state (allocated lazily by the first `opt.step()`, into the segments the loss
+    had freed) can take part of the segment one of them had, so the next step reserves a new
+    one (single-llama-1b s8192 mb4 with full recomputation: reserved - allocated = 15.66 GiB,
+    one fp32 tensor of 32,768 x 128,256 logits to the 0.01 GiB; the fraction gives 9.0)."""
     pool = grad_pool_bytes if zero3 else 0.0
-    return (allocated_bytes - pool) * (1 + RESERVE_FRACTION) + pool
+    return max((allocated_bytes - pool) * (1 + RESERVE_FRACTION) + pool, allocated_bytes + loss_segment)
 
 
 def outside_allocator_bytes(n_gpus: int) -> float:
@@ -377,12 +442,16 @@ def allocatable_bytes(capacity_bytes: float, zero3: bool, n_gpus: int) -> float:
     """The most a plan may allocate on a GPU of `capacity_bytes` (the inverse of
     `device_peak_bytes`, less the cuBLAS workspaces): what the planner's memory check compares
     its stages' weights, state and activations with. Under ZeRO-3 it takes no gradient pool:
-    (a - g)(1 + f) + g <= a (1 + f), so a plan within this cap fits by the evaluator too."""
+    (a - g)(1 + f) + g <= a (1 + f), so a plan within this cap fits by the evaluator too, unless
+    its loss segment (`loss_segment_bytes`) exceeds f times its allocation (a stage whose fp32
+    logits outweigh 13% of all else: large vocabularies at long sequences); the planner's
+    per-layer check does not see the loss alone, the evaluator does."""
     usable = capacity_bytes - outside_allocator_bytes(n_gpus)
     return max(0.0, usable / (1 + RESERVE_FRACTION) - CUBLAS_WORKSPACE_BYTES)
 
 
-def device_peak_bytes(allocated_bytes: float, zero3: bool, n_gpus: int, grad_pool_bytes: float = 0.0) -> float:
+def device_peak_bytes(allocated_bytes: float, zero3: bool, n_gpus: int, grad_pool_bytes: float = 0.0,
+                      loss_segment: float = 0.0) -> float:
     """A GPU's peak memory: the allocator's reservation for `allocated_bytes` (FSDP2's gradient
-    pool `grad_pool_bytes` among them), and what lies outside it."""
-    return reserved_bytes(allocated_bytes, zero3, grad_pool_bytes) + outside_allocator_bytes(n_gpus)
+    pool `grad_pool_bytes` among them, the loss's `loss_segment`), and what lies outside it."""
+    return reserved_bytes(allocated_bytes, zero3, grad_pool_bytes, loss_segment) + outside_allocator_bytes(n_gpus)

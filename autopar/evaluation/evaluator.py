@@ -201,13 +201,17 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                    if o.is_param and o.owns_param and o.param in head_params)
         if zero >= 2 and ev.param_elems:
             tied *= ev.param_elems_zero / ev.param_elems
+    # autopar run's ZeRO-1/2 are FSDP2's (eager.fsdp_zero12): their fp32 gradients are sharded.
+    # They gather nothing during the step (their weights stay unsharded), so no block buffers
+    # at the activation peak: a block's reduce-scatter buffers come with its backward.
+    zero12 = eager and eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems)
     fsdp_block = 0.0
     if eager and zero >= 3 and sub.n_devices > 1:
         # Unsharded counts per tensor-parallel shard: the stage's local share of its parameters.
         block = max((graph.layers[li].param_count for li in range(*st.layers) if first < li < last), default=0)
         fsdp_block = eager_mod.fsdp_buffer_bytes(0.0, block * share)[1]
     return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working,
-                       ev.param_state_bytes(zero) * copy_share,
+                       (ev.param_state_bytes(zero) + terms.param_state_delta_bytes) * copy_share,
                        ev.sync_s, eager_mod.optimizer_s(updated * copy_share, cm), bbytes, rec_flops,
                        host_fwd_s=terms.host_fwd_s, host_bwd_s=terms.host_bwd_s, embedding_s=embedding_s,
                        head_loss_s=head_s + terms.cross_entropy_s, op_comm_s=ev.comm_s + terms.comm_delta_s,
@@ -216,8 +220,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        ddp_bucket_bytes=terms.ddp_bytes, autocast_cache_bytes=terms.autocast_cache_bytes * copy_share,
                        cross_entropy_peak_bytes=terms.cross_entropy_peak_bytes,
                        grads_absent_bytes=eager_mod.gradients_absent_at_activation_peak_bytes(
-                           ev.param_elems, ev.param_elems_zero if zero >= 2 else ev.param_elems,
-                           zero >= 3 and sub.n_devices > 1, training.n_microbatches) if eager else 0.0,
+                           ev.param_elems, ev.param_elems_zero if zero >= 2 or zero12 else ev.param_elems,
+                           zero >= 3 and sub.n_devices > 1 or zero12, training.n_microbatches) if eager else 0.0,
                        fsdp_root_bytes=terms.fsdp_root_bytes, fsdp_block_bytes=fsdp_block,
                        tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied),
                        grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
@@ -257,6 +261,7 @@ class EagerTerms:
     ddp_bytes: float = 0.0             # whole step: DDP's buckets and second gradient copy
     autocast_cache_bytes: float = 0.0  # whole step, several microbatches: autocast's weight cache
     fsdp_root_bytes: float = 0.0       # forward and backward: FSDP2's unsharded root weights and grads
+    param_state_delta_bytes: float = 0.0  # whole step: FSDP2's ZeRO-1/2 state less the graph's (memory.py)
     # per microbatch, in fwd_s / bwd_s: the change to the ops' communication (FSDP2's blocks'
     # collectives hidden behind their compute, less its fp32 reduce-scatter's extra bytes), and
     # the compute's slowdown beside the hidden part (eager.fsdp_block_comm_s, comm_overlap_s)
@@ -271,7 +276,7 @@ class EagerTerms:
     @property
     def held_bytes(self) -> float:
         """Bytes held through the step beyond weights, gradients and optimizer state."""
-        return self.ddp_bytes + self.autocast_cache_bytes + self.fsdp_root_bytes
+        return self.ddp_bytes + self.autocast_cache_bytes + self.fsdp_root_bytes + self.param_state_delta_bytes
 
     @property
     def stash_bytes(self) -> float:
@@ -305,6 +310,11 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     n_linears = n_other = 0
     tp = False
     fsdp = zero >= 3 and prob.mesh.n_devices > 1
+    # ZeRO-1/2 run as FSDP2 with bf16 parameters (eager.fsdp_zero12): its state, no DDP buckets
+    # and no autocast cache. Its activations are still counted as under autocast (fp32 residual
+    # stream, input copies, fp32 loss): an upper bound, since `autopar run` lowers some such
+    # plans otherwise (a vocab-parallel head's loss_parallel, DTensor layouts).
+    zero12 = eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems)
     layer_of = {m: li for li in range(*layers) if first < li < last for m in graph.layers[li].nodes} if fsdp else {}
     # per FSDP2 block: compute forward, backward; all-gather forward, backward; reduce-scatter
     blocks: dict[int, list[float]] = {}
@@ -333,6 +343,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                 elems = prob.strategy_of(n, assign[n]).out_bytes_local / (node.out_bytes / _numel(node.out_shape))
                 consumers = sum(1 for m in graph.consumers(n) if m in inside and graph.node(m).kind == MATMUL
                                 and graph.node(m).param_operands)
+                residual += eager_mod.autocast_input_copies_bytes(elems, consumers)
                 f32_fwd, f32_bwd = eager_mod.autocast_fp32_stream_s(elems, consumers, cm)
                 fwd += f32_fwd
                 bwd += f32_bwd
@@ -391,8 +402,10 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                       grad_bucket_s=eager_mod.grad_bucket_copy_s(ev.param_elems, cm) if ddp else 0.0,
                       residual_stash_bytes=residual, inputs_fp32_extra_bytes=inputs_extra,
                       cross_entropy_peak_bytes=ce_peak,
-                      ddp_bytes=eager_mod.state_bytes(ev.param_elems, ddp, 1),
-                      autocast_cache_bytes=eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
+                      ddp_bytes=eager_mod.state_bytes(ev.param_elems, ddp and not zero12, 1),
+                      autocast_cache_bytes=0.0 if zero12 else eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
+                      param_state_delta_bytes=(eager_mod.fsdp_zero12_state_bytes(ev.param_elems, ev.param_elems_zero)
+                                               - ev.param_state_bytes(zero)) if zero12 else 0.0,
                       fsdp_root_bytes=fsdp_root, comm_delta_s=comm_delta, comm_overlap_s=overlap)
 
 
@@ -530,8 +543,10 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     # What the allocator's pools hold at their own peaks: FSDP2's gradient pool stays reserved
     # where its gradients are absent (eager.zero3_grad_pool_bytes).
     pooled = {k: dev_mem[k] + dev_work[k] + workspace if dev_pool[k] else allocated[k] for k in dev_mem}
-    device_bytes = {k: eager_mod.device_peak_bytes(pooled[k], zero3, plan.n_devices, dev_pool[k]) if eager
-                    else allocated[k] for k in dev_mem}
+    loss_segment = {k: eager_mod.loss_segment_bytes(max(r.cross_entropy_peak_bytes for r in dev_stages[k]))
+                    for k in dev_mem}
+    device_bytes = {k: eager_mod.device_peak_bytes(pooled[k], zero3, plan.n_devices, dev_pool[k], loss_segment[k])
+                    if eager else allocated[k] for k in dev_mem}
     mem_dev = max(device_bytes, key=lambda k: device_bytes[k])
     peak = device_bytes[mem_dev]
     fits = peak <= cluster.gpu.memory_bytes
@@ -540,7 +555,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
                                 sched, time_dev)
     memory_breakdown = _memory_breakdown(dev_stages[mem_dev], dev_mem[mem_dev], allocated[mem_dev], zero3,
                                          plan.n_devices if eager else 0, absent_at_peak[mem_dev],
-                                         pooled[mem_dev], dev_pool[mem_dev])
+                                         pooled[mem_dev], dev_pool[mem_dev], loss_segment[mem_dev])
 
     tokens = tr.global_batch * plan.model.seq
     model_flops = (graph.fwd_flops + graph.bwd_flops) * B
@@ -631,7 +646,7 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
 
 def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_bytes: float, zero3: bool,
                       n_gpus: int, grads_absent_bytes: float = 0.0, pooled_bytes: float | None = None,
-                      grad_pool_bytes: float = 0.0) -> dict[str, float]:
+                      grad_pool_bytes: float = 0.0, loss_segment_bytes: float = 0.0) -> dict[str, float]:
     """Where one GPU's peak memory goes; the parts add up to its predicted peak. n_gpus 0: the
     plan is not evaluated as the eager recipe (no allocator reserve, context or NCCL).
     grads_absent_bytes: the part of weights + gradients + optimizer state not allocated at the
@@ -647,7 +662,8 @@ def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_by
     ce = max((r.cross_entropy_peak_bytes for r in stages), default=0.0)
     root = sum(r.fsdp_root_bytes for r in stages)
     block = max((r.fsdp_block_bytes for r in stages), default=0.0)
-    reserved = eager_mod.reserved_bytes(pooled, zero3, grad_pool_bytes) if n_gpus else allocated_bytes
+    reserved = (eager_mod.reserved_bytes(pooled, zero3, grad_pool_bytes, loss_segment_bytes) if n_gpus
+                else allocated_bytes)
     grad_pool_free = pooled - allocated_bytes if n_gpus else 0.0
     parts = {"weights_grads_optimizer": params - grads_absent_bytes, "ddp_buckets": buckets, "autocast_cache": cache,
              "fsdp_buffers": root + block, "cublas_workspace": eager_mod.CUBLAS_WORKSPACE_BYTES if n_gpus else 0.0,

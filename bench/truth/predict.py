@@ -8,7 +8,8 @@ For each measured run, the equivalent autopar plan on `dgx-h200 --nodes 1 --gpus
 
 is built with `build_3d` and evaluated; predicted and measured step time, peak memory (the
 prediction against peak RESERVED: that is what must fit) and the breakdown buckets are put
-side by side. Errors are (predicted - measured) / measured.
+side by side. Errors are (predicted - measured) / measured. The peak allocated is compared
+too (`allocated_error`): the model's terms alone, before the allocator's reserve.
 
     python bench/truth/predict.py [CORPUS.json] [--out bench/results/truth_predicted_DATE.json]
 
@@ -110,6 +111,8 @@ def predict_row(row: dict[str, Any]) -> dict[str, Any]:
     # The model's peak minus what lies outside the caching allocator (CUDA context, NCCL)
     # against the measured peak reserved.
     mem_err = (p.peak_reserved_bytes - row["peak_reserved_bytes"]) / row["peak_reserved_bytes"]
+    # the terms' own error, before the allocator's reserve: predicted against measured peak allocated
+    alloc_err = (p.peak_allocated_bytes - row["peak_allocated_bytes"]) / row["peak_allocated_bytes"]
     dirty = contamination(row)
     return {
         "id": row["id"], "model": row["model"], "family": row["family"], "strategy": row["strategy"],
@@ -120,6 +123,7 @@ def predict_row(row: dict[str, Any]) -> dict[str, Any]:
         "measured_peak_reserved_bytes": row["peak_reserved_bytes"],
         "measured_peak_allocated_bytes": row["peak_allocated_bytes"],
         "predicted_peak_reserved_bytes": p.peak_reserved_bytes, "predicted_peak_bytes": p.peak_memory_bytes,
+        "predicted_peak_allocated_bytes": p.peak_allocated_bytes, "allocated_error": alloc_err,
         "memory_error": mem_err, "memory_safe": p.peak_reserved_bytes >= row["peak_reserved_bytes"],
         "memory_compared": dirty is None, "contaminated": dirty,
         # where the reserved peak is not comparable, the allocated one still is
@@ -238,7 +242,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         mem = [r for r in sel if r["memory_compared"]]
         m = [abs(r["memory_error"]) for r in mem] or [0.0]
         margin = [r["memory_error"] for r in mem] or [0.0]
+        a = [abs(r["allocated_error"]) for r in sel]
         return {"n": len(sel), "time_median": statistics.median(t), "time_max": max(t),
+                "allocated_median": statistics.median(a), "allocated_max": max(a),
                 "n_memory": len(mem), "memory_median": statistics.median(m), "memory_max": max(m),
                 "memory_unsafe": sum(not r["memory_safe"] for r in mem),
                 "memory_margin_min": min(margin), "memory_margin_median": statistics.median(margin)}
@@ -276,11 +282,14 @@ def ranking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'id':34s} {'meas ms':>8s} {'pred ms':>8s} {'err':>6s}  {'resv GiB':>8s} {'pred GiB':>8s} {'err':>6s}"]
+    lines = [f"{'id':34s} {'meas ms':>8s} {'pred ms':>8s} {'err':>6s}  {'resv GiB':>8s} {'pred GiB':>8s} {'err':>6s}"
+             f"  {'allc GiB':>8s} {'pred GiB':>8s} {'err':>6s}"]
     for r in rows:
         lines.append(f"{r['id']:34s} {r['measured_step_s'] * 1e3:8.1f} {r['predicted_step_s'] * 1e3:8.1f} "
                      f"{r['step_error']:+6.1%}  {r['measured_peak_reserved_bytes'] / 2**30:8.1f} "
-                     f"{r['predicted_peak_reserved_bytes'] / 2**30:8.1f} {r['memory_error']:+6.1%}")
+                     f"{r['predicted_peak_reserved_bytes'] / 2**30:8.1f} {r['memory_error']:+6.1%}  "
+                     f"{r['measured_peak_allocated_bytes'] / 2**30:8.1f} "
+                     f"{r['predicted_peak_allocated_bytes'] / 2**30:8.1f} {r['allocated_error']:+6.1%}")
     return "\n".join(lines)
 
 
@@ -326,12 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.buckets:
         print(buckets(res["rows"]))
     print(f"\n{'set':10s} {'n':>3s} {'time med':>9s} {'time max':>9s} {'n mem':>5s} {'mem med':>8s} {'mem max':>8s} "
-          f"{'unsafe':>6s} {'min margin':>10s} {'med margin':>10s}")
+          f"{'unsafe':>6s} {'min margin':>10s} {'med margin':>10s} {'allc med':>8s} {'allc max':>8s}")
     for name, s in res["summary"].items():
         if s["n"]:
             print(f"{name:10s} {s['n']:3d} {s['time_median']:9.1%} {s['time_max']:9.1%} {s['n_memory']:5d} "
                   f"{s['memory_median']:8.1%} {s['memory_max']:8.1%} {s['memory_unsafe']:6d} "
-                  f"{s['memory_margin_min']:+10.1%} {s['memory_margin_median']:+10.1%}")
+                  f"{s['memory_margin_min']:+10.1%} {s['memory_margin_median']:+10.1%} "
+                  f"{s['allocated_median']:8.1%} {s['allocated_max']:8.1%}")
     for r in res["rows"]:
         if r["contaminated"]:
             print(f"memory not compared: {r['id']}: {r['contaminated']}")

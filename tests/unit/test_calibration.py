@@ -4,8 +4,9 @@ bench/truth/predict.py, no GPU needed.
 
 The bars are the achieved numbers with half a point of room (the issue's targets, median 8% time
 and 10% memory, max 20%, are met but for the maxima named in PINNED), so they cannot regress. Memory safety (predicted peak reserved >= measured peak reserved)
-holds on every row but one, short by 0.08% (MEMORY_SHORT_OK); rows whose measured peaks are not
-their own would be listed in predict.CONTAMINATED and not compared (none now).
+holds on every row (MEMORY_SHORT_OK would name an exception); rows whose measured peaks are not
+their own would be listed in predict.CONTAMINATED and not compared (none now). The terms' own
+accuracy, before the allocator's reserve, is held to PINNED_ALLOCATED (peak allocated).
 The default run replays a subset whose graphs trace quickly (every strategy, both families);
 `-m slow` replays the whole corpus, checks the strategies' ranking and refits the constants.
 """
@@ -57,37 +58,48 @@ SUBSET = {
 # ranks of some runs and not others, so the model keeps it: memory safety first). Achieved on
 # 2026-11-30 with FSDP2's overlap (eager.fsdp_block_comm_s) and call 4's re-measured rows
 # (HOST_TP_S_PER_BLOCK refitted on them), 66 rows, all with memory compared
-# (bench/results/truth_predicted_2026-11-30.json), pinned at the achieved value plus half a point:
-#   all      time 3.3% / 24.9%, memory 8.1% / 26.6%   (time 3.6% before the pipeline terms)
-#   fit      time 2.9% / 24.9%, memory 8.2% / 26.6%   (3.4%)
-#   held_out time 3.6% /  9.1%, memory 7.8% / 17.4%
+# (bench/results/truth_predicted_2026-11-30.json), pinned at the achieved value plus half a point.
+# 2026-12-01 (bench/results/truth_predicted_2026-12-01.json): autocast's bf16 input copy per
+# linear (eager.autocast_input_copies_bytes) and the loss at 10 B per logit, not 12 (its
+# gradient is bf16: autocast sets log_softmax's dtype instead of casting the logits), took the
+# peak allocated from median 2.0% to 0.7% off (single rows without recomputation: 1.8% -> 0.2%,
+# max 2.9% -> 1.9%); the reserved peak is that times the allocator's envelope (1.148), so its
+# median rose (8.1% -> 9.2%) while no row is predicted short any more (one was, -0.1%):
+#   all      time 3.3% / 24.9%, memory 9.2% / 26.6%   (time 3.6% before the pipeline terms)
+#   fit      time 2.9% / 24.9%, memory 9.4% / 26.6%   (3.4%)
+#   held_out time 3.6% /  9.1%, memory 8.1% / 21.8%   (fsdp2-llama-3b mb4: FSDP2 rows hold less
+#            per token than the autocast count, bench/truth/README.md "Sixth pass")
 #   fsdp2    time 4.9% / 11.9% (8.2% / 19.5% with ZeRO-3's collectives all exposed, and the
-#            contaminated rows of calls 1-3)
-#   pp       time 0.6% /  8.9%, memory 4.3% /  5.7%   (6.1% / 8.7% before eager.py "pipelines":
+#            contaminated rows of calls 1-3), memory 11.5% / 21.8%
+#   pp       time 0.6% /  8.9%, memory 6.4% /  9.9%   (6.1% / 8.7% before eager.py "pipelines":
 #            the GPT rows -7.4 / -8.7 / -7.9% -> +0.5 / +0.0 / -2.3%, held-out llama-3b -2.7 ->
 #            +0.3%; the max is the host-bound pp-gpt-1.3b mb1 x4, +4.7 -> +8.9%)
 PINNED = {  # set: (time median, time max, memory median, memory max)
-    "all": (0.038, 0.254, 0.086, 0.271),
-    "fit": (0.034, 0.254, 0.087, 0.271),
-    "held_out": (0.041, 0.096, 0.083, 0.179),
-    "fsdp2": (0.055, 0.124, 0.108, 0.179),
-    "pp": (0.011, 0.094, 0.048, 0.062),
+    "all": (0.038, 0.254, 0.097, 0.271),
+    "fit": (0.034, 0.254, 0.099, 0.271),
+    "held_out": (0.041, 0.096, 0.086, 0.223),
+    "fsdp2": (0.055, 0.124, 0.120, 0.223),
+    "pp": (0.011, 0.094, 0.069, 0.104),
 }
+# Peak allocated (the terms before the allocator's reserve), achieved 2026-12-01 plus half a
+# point: all 0.7% / 19.8% (ddp-gpt-6.7b mb1, DDP's second gradient copy), single 0.3% / 6.1%
+# (single-llama-3b s8192 mb2 with full recomputation), tp 0.0% / 1.3%.
+PINNED_ALLOCATED = {"all": (0.012, 0.203), "single": (0.008, 0.066), "tp": (0.005, 0.018)}
 # FSDP2's exposed communication against the measured `exposed_comm` of the fsdp2 rows whose GPU
 # work fills the step (not host-bound) and whose profiled step ran at the timed one's pace
 # (busy time within 5% of step_s): within 9.3 ms achieved (llama3-8b mb1, 13.2 vs 22.5 ms);
 # all of ZeRO-3's collectives counted as exposed were 42-95 ms off.
 FSDP_EXPOSED_MAX_S = 0.010
-# Memory safety: every row's predicted peak reserved is at least the measured one, but
-# single-llama3-8b-s2048-mb1 (0.1 GiB short of 137.5 GiB: at the GPU's capacity, with one
-# allocator retry; its predicted device peak, 138.2 GiB, does fit the 139.8 GiB GPU, as it did).
-MEMORY_SHORT_OK = {"single-llama3-8b-s2048-mb1": -0.001}
-MEMORY_MARGIN_MEDIAN = (0.05, 0.12)    # achieved +8.1%: safe, and not padded (the 10% target)
+# Memory safety: every row's predicted peak reserved is at least the measured one. The least
+# margin is single-llama3-8b-s2048-mb1 (+0.2%: at the GPU's capacity, with one allocator retry).
+MEMORY_SHORT_OK: dict[str, float] = {}
+MEMORY_MARGIN_MEDIAN = (0.05, 0.12)    # achieved +9.2%: safe, and not padded (the 10% target)
 # Every subset row within 10% of its measured step but two host-bound ones, whose host work
 # does not depend on the microbatch: tp-gpt-1.3b mb1, measured 241 ms first in its worker and
 # 309 ms second (the model prices it at 301 ms), and fsdp2-gpt-1.3b mb8, measured 180 ms where
 # mb1 measures 207 ms (both priced at 201 ms, with HOST_FSDP_S_PER_BLOCK refitted on call 4).
 SUBSET_TIME_MAX = 0.10
+SUBSET_ALLOCATED_MAX = 0.025
 SUBSET_TIME_OUTLIERS = {"tp-gpt-1.3b-s1024-mb1": 0.254, "fsdp2-gpt-1.3b-s1024-mb8": 0.124}
 # Rows whose reserved peak is not their own (they started with the previous run's segments
 # reserved, predict.contamination): their allocated peak is held to the bound instead. None
@@ -106,6 +118,9 @@ def test_subset_rows_within_bars(subset):
     for r in rows:
         assert abs(r["step_error"]) <= SUBSET_TIME_OUTLIERS.get(r["id"], SUBSET_TIME_MAX), (r["id"], r["step_error"])
         assert r["memory_safe"] if r["memory_compared"] else r["allocated_safe"], (r["id"], r["memory_error"])
+        if r["strategy"] in ("single", "tp"):
+            # the terms alone (no allocator reserve): 2026-12-01, -0.1..+1.9% (-2.0..+2.3% before)
+            assert abs(r["allocated_error"]) <= SUBSET_ALLOCATED_MAX, (r["id"], r["allocated_error"])
 
 
 def test_breakdown_adds_up(subset):
@@ -146,6 +161,9 @@ def test_whole_corpus_against_pinned_bars():
         s = res["summary"][name]
         assert s["time_median"] <= t_med and s["time_max"] <= t_max, (name, s)
         assert s["memory_median"] <= m_med and s["memory_max"] <= m_max, (name, s)
+    for name, (a_med, a_max) in PINNED_ALLOCATED.items():
+        s = res["summary"][name]
+        assert s["allocated_median"] <= a_med and s["allocated_max"] <= a_max, (name, s)
     for r in res["rows"]:
         if r["memory_compared"] and not r["memory_safe"]:
             assert r["memory_error"] >= MEMORY_SHORT_OK.get(r["id"], 0.0), (r["id"], r["memory_error"])
@@ -245,7 +263,7 @@ def _stage_terms(graph, layers, plan_stage, mesh, cm, n_microbatches, zero):
     return eager_terms(graph, layers, prob, prob.assignment(choice), ev, n_microbatches, zero, cm)
 
 
-@pytest.mark.parametrize("zero", [0, 3])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_stage_eager_terms_are_the_sum_of_its_layers(zero):
     """The planner adds the eager terms layer by layer (search/layer_solver.py), the evaluator
     per stage: the same numbers, so `autopar plan` and `autopar evaluate` agree."""
@@ -260,12 +278,14 @@ def test_stage_eager_terms_are_the_sum_of_its_layers(zero):
     parts = [_stage_terms(graph, (li, li + 1), st, mesh, cm, plan.training.n_microbatches, zero)
              for li in range(*st.layers)]
     assert whole.device_s > 0 and whole.residual_stash_bytes > 0 and whole.cross_entropy_peak_bytes > 0
-    assert (whole.ddp_bytes > 0) == (zero < 3) and (whole.fsdp_root_bytes > 0) == (zero >= 3)
+    assert (whole.ddp_bytes > 0) == (zero == 0) and (whole.fsdp_root_bytes > 0) == (zero >= 3)
+    assert (whole.param_state_delta_bytes != 0) == (zero in (1, 2))
     # FSDP2's blocks: their collectives partly hidden, fp32 reduce-scatters, the compute slowed
     assert (whole.comm_overlap_s > 0) == (zero >= 3) and (whole.comm_delta_s != 0) == (zero >= 3)
     for field in ("fwd_s", "bwd_s", "cross_entropy_s", "precision_casts_s", "host_fwd_s", "host_bwd_s",
                   "grad_bucket_s", "residual_stash_bytes", "inputs_fp32_extra_bytes", "cross_entropy_peak_bytes",
-                  "ddp_bytes", "autocast_cache_bytes", "fsdp_root_bytes", "comm_delta_s", "comm_overlap_s"):
+                  "ddp_bytes", "autocast_cache_bytes", "fsdp_root_bytes", "comm_delta_s", "comm_overlap_s",
+                  "param_state_delta_bytes"):
         assert getattr(whole, field) == pytest.approx(sum(getattr(p, field) for p in parts), rel=1e-9), field
 
 
@@ -289,7 +309,7 @@ def test_planner_stage_costs_include_the_eager_terms():
 
 def test_eager_stash_drops_the_logits_the_graph_saves_for_the_loss():
     """The graph saves the logits for the loss (a bf16 stand-in for the log-softmax output); the
-    eager step keeps none of them, its fp32 log-softmax output being part of the loss's 12 B
+    eager step keeps none of them, its fp32 log-softmax output being part of the loss's 10 B
     working set: the head layer's eager stash is the final norm's fp32 input less the logits."""
     assert eager.loss_stash_bytes(100.0) == -100.0
     cl = load_cluster("dgx-h200", 1, 1)
@@ -303,7 +323,69 @@ def test_eager_stash_drops_the_logits_the_graph_saves_for_the_loss():
     tokens, hidden, vocab = 2 * 128, 256, 1024
     # the final norm's input is the fp32 residual stream (+2 B over bf16), the logits 2 B each
     assert terms.residual_stash_bytes == pytest.approx(2 * tokens * hidden - 2 * tokens * vocab)
-    assert terms.cross_entropy_peak_bytes == pytest.approx(12 * tokens * vocab)
+    # at the log-softmax backward: its fp32 output and incoming gradient, the bf16 logits' gradient
+    assert terms.cross_entropy_peak_bytes == pytest.approx((4 + 4 + 2) * tokens * vocab)
+
+
+@pytest.mark.parametrize("spec, copies", [
+    ("gpt:hidden=256,layers=2,heads=4,seq=128,vocab=1024", 2),      # ln1 -> q, k, v; ln2 -> fc1
+    ("llama:hidden=256,layers=2,heads=4,kv_heads=2,ffn=512,seq=128,vocab=1024", 3),  # wq, wk, wv; w1, w3
+])
+def test_eager_block_stash_holds_a_bf16_input_copy_per_linear(spec, copies):
+    """Counted by hand from the zoo's blocks under autocast on fp32 weights: each of the two
+    norms saves its fp32 input (+2 B over the graph's bf16), and every linear a norm feeds
+    casts the norm's fp32 output to bf16 and saves its own copy, where the graph saves one:
+    GPT's ln1 feeds q, k and v (2 copies more), Llama's attention norm wq, wk, wv and its MLP
+    norm w1, w3 (3 more). 2 B each per hidden element and token."""
+    assert eager.autocast_input_copies_bytes(100.0, 3) == 400.0
+    assert eager.autocast_input_copies_bytes(100.0, 1) == eager.autocast_input_copies_bytes(100.0, 0) == 0.0
+    cl = load_cluster("dgx-h200", 1, 1)
+    src = ModelSource(spec)
+    plan = build_3d(src, cl, 2, Config3D(1, 1, 1, 2))
+    graph = src.graph(2)
+    cm = ComputeModel(cl.gpu, plan.training.dtype)
+    mesh = Mesh(cl, Submesh(1, 1), (1, 1))
+    terms = _stage_terms(graph, (1, 2), plan.stages[0], mesh, cm, 1, 0)
+    tokens, hidden = 2 * 128, 256
+    assert terms.residual_stash_bytes == pytest.approx((2 * 2 + 2 * copies) * tokens * hidden)
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero12_state_is_fsdp2s(zero):
+    """`autopar run` shards ZeRO-1/2 with FSDP2 and bf16 parameters: per GPU 16 B per sharded
+    parameter (fp32 weights, gradients, moments) and 2 B per parameter of unsharded bf16 weights,
+    no DDP buckets, no autocast cache (counted by hand; gpt-1.3b dp2 zero1 mb8 x2 allocates
+    26.75 GiB, of which this is 12.27). DDP (ZeRO-0) keeps its 8 B of buckets."""
+    assert eager.fsdp_zero12(zero, True) and not eager.fsdp_zero12(zero, False)
+    assert not eager.fsdp_zero12(0, True) and not eager.fsdp_zero12(3, True)
+    assert eager.fsdp_zero12_state_bytes(100.0, 50.0) == 2 * 100 + 16 * 50
+    cl = load_cluster("dgx-h200", 1, 2)
+    src = ModelSource("gpt:hidden=256,layers=3,heads=4,seq=128,vocab=1024")
+    graph = src.graph(4)
+    for z in (0, zero):
+        plan = build_3d(src, cl, 16, Config3D(2, 1, 1, 4, zero=z))
+        cm = ComputeModel(cl.gpu, plan.training.dtype)
+        r = evaluate_stage(graph, cl, plan.stages[0], plan.training, cm, eager=True)
+        e, ez = r.ev.param_elems, r.ev.param_elems_zero
+        assert e / 2 <= ez < e          # sharded over dp2 (a few small tensors whole)
+        if z == 0:
+            assert r.ddp_bucket_bytes == pytest.approx(8 * e) and r.autocast_cache_bytes == pytest.approx(2 * e)
+        else:
+            assert r.param_state_bytes == pytest.approx(2 * e + 16 * ez)
+            assert r.ddp_bucket_bytes == 0.0 and r.autocast_cache_bytes == 0.0
+
+
+def test_loss_segment_in_the_reserve():
+    """The allocator reserves at least one fp32 logits tensor over the peak allocated
+    (single-llama-1b s8192 mb4 with full recomputation: reserved - allocated is one, 15.66 GiB);
+    where the fraction gives more, the fraction."""
+    assert eager.loss_segment_bytes(10 * 1000.0) == pytest.approx(4 * 1000.0)
+    f = eager.RESERVE_FRACTION
+    assert eager.reserved_bytes(100.0, False, 0.0, loss_segment=50.0) == pytest.approx(150.0)
+    assert eager.reserved_bytes(100.0, False, 0.0, loss_segment=1.0) == pytest.approx(100 * (1 + f))
+    tokens, vocab = 32768, 128256
+    seg = eager.loss_segment_bytes(eager.CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT * tokens * vocab)
+    assert seg / 2**30 == pytest.approx(15.66, abs=0.01)
 
 
 def _fsdp2_schedule_delay_s(n_blocks, fwd_s, bwd_s, ag_fwd_s, ag_bwd_s, rs_s):
