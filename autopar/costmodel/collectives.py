@@ -6,6 +6,7 @@ each rank holds after an all-reduce / all-gather (i.e. n x the shard).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -133,38 +134,74 @@ def comm_overlap_s(hidden_comm_s: float) -> float:
 
 
 # ---- the data-parallel gradient sync as engines run it -----------------------------------------
-# Neither engine all-reduces one gradient at a time after the backward: both pack gradients into
-# buckets in the order the backward makes them (last layer first) and launch a bucket's
-# collective as soon as its last gradient is made, on one communication stream, overlapped with
-# the rest of the backward. Only what the remaining backward does not cover is exposed.
+# No engine all-reduces one gradient at a time: each packs the gradients into buckets in the
+# order the backward makes them (last layer first) and all-reduces a bucket at a time, on one
+# communication stream. The engines of today launch a bucket as soon as its last gradient is made,
+# beside the rest of the backward, so only what the remaining backward does not cover is exposed;
+# older ones reduce after the backward, all of it exposed. Per engine (GRAD_SYNC_ENGINES):
 #
-# PyTorch DDP (`autopar run`'s engine for data parallelism, the eager recipe): bucket_cap_mb=25,
-# i.e. 25 MiB per bucket (torch/nn/parallel/distributed.py). Its buckets hold the parameters'
-# dtype, fp32 under autocast's fp32 master weights: twice the bytes of the graph's bf16 gradients.
+# PyTorch DDP ("ddp", `autopar run`'s engine for data parallelism, the eager recipe):
+# bucket_cap_mb=25, i.e. 25 MiB per bucket (torch/nn/parallel/distributed.py), overlapped. Its
+# buckets hold the parameters' dtype, fp32 under autocast's fp32 master weights: twice the bytes
+# of the graph's bf16 gradients (the H200 ddp rows' NCCL time, 17-19 ms per billion parameters on
+# 2 GPUs, is the fp32 all-reduce's: bench/calibration/FINDINGS.md section 10).
+DDP = "ddp"
 DDP_BUCKET_BYTES = 25 * 2**20
 DDP_REDUCE_BYTES_FACTOR = 2.0
-# Megatron-Core's DistributedDataParallel (--overlap-grad-reduce), the fused engines' model:
-# bucket_size defaults to max(40_000_000, 1_000_000 x dp size) parameters
-# (megatron/core/distributed/distributed_data_parallel_config.py: "larger DP sizes need larger
-# buckets to ensure collectives do not become latency-bound"), reduced in the gradients' dtype
-# (grad_reduce_in_fp32 defaults to False).
+# Megatron-Core's DistributedDataParallel with --overlap-grad-reduce ("megatron-core", the fused
+# engines' model and autopar's default): bucket_size defaults to max(40_000_000, 1_000_000 x dp
+# size) parameters (megatron/core/distributed/distributed_data_parallel_config.py: "larger DP
+# sizes need larger buckets to ensure collectives do not become latency-bound"), overlapped,
+# reduced in the gradients' dtype (grad_reduce_in_fp32 defaults to False).
+MEGATRON_CORE = "megatron-core"
 MEGATRON_BUCKET_PARAMS = 40_000_000
 MEGATRON_BUCKET_PARAMS_PER_DP_RANK = 1_000_000
+# Megatron-LM before Megatron-Core ("megatron-local", --DDP-impl local, its default, 2019-2022):
+# every gradient of a dtype in one flat buffer, all-reduced after the backward
+# (megatron/model/distributed.py, allreduce_gradients / allreduce_params, called by train_step
+# after the backward): one bucket, not overlapped.
+MEGATRON_LOCAL = "megatron-local"
+# DeepSpeed's pipeline engine (Megatron-DeepSpeed, "deepspeed"): after the schedule, ZeRO-1/2's
+# reduce in buckets of reduce_bucket_size = 500_000_000 elements (DeepSpeed's default;
+# PipelineEngine._exec_reduce_grads), not overlapped.
+DEEPSPEED = "deepspeed"
+DEEPSPEED_BUCKET_PARAMS = 500_000_000
+GRAD_SYNC_ENGINES = (DDP, MEGATRON_CORE, MEGATRON_LOCAL, DEEPSPEED)
 
 
-def grad_bucket_bytes(eager: bool, dp_size: int, grad_bytes_per_param: float) -> float:
-    """Bytes of one full gradient bucket on a data-parallel group of `dp_size` ranks, in the
-    bytes the bucket's collective moves: PyTorch DDP's for the eager recipe, Megatron-Core's
-    otherwise (constants above)."""
-    if eager:
+def default_grad_sync_engine(eager: bool) -> str:
+    """The engine a plan runs on: PyTorch DDP for the eager recipe, else Megatron-Core's."""
+    return DDP if eager else MEGATRON_CORE
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in GRAD_SYNC_ENGINES:
+        raise ValueError(f"unknown gradient sync engine {engine!r}; known: {', '.join(GRAD_SYNC_ENGINES)}")
+
+
+def grad_bucket_bytes(engine: str, dp_size: int, grad_bytes_per_param: float) -> float:
+    """Bytes of one full gradient bucket of `engine` on a data-parallel group of `dp_size`
+    ranks, in the bytes the bucket's collective moves (constants above; inf: one bucket)."""
+    _check_engine(engine)
+    if engine == DDP:
         return float(DDP_BUCKET_BYTES)
-    params = max(MEGATRON_BUCKET_PARAMS, MEGATRON_BUCKET_PARAMS_PER_DP_RANK * dp_size)
-    return params * grad_bytes_per_param
+    if engine == MEGATRON_LOCAL:
+        return math.inf
+    if engine == DEEPSPEED:
+        return DEEPSPEED_BUCKET_PARAMS * grad_bytes_per_param
+    return max(MEGATRON_BUCKET_PARAMS, MEGATRON_BUCKET_PARAMS_PER_DP_RANK * dp_size) * grad_bytes_per_param
 
 
-def grad_reduce_factor(eager: bool) -> float:
+def grad_reduce_factor(engine: str) -> float:
     """The bytes a gradient bucket moves per byte of the graph's (training-dtype) gradients."""
-    return DDP_REDUCE_BYTES_FACTOR if eager else 1.0
+    _check_engine(engine)
+    return DDP_REDUCE_BYTES_FACTOR if engine == DDP else 1.0
+
+
+def grad_sync_overlaps(engine: str) -> bool:
+    """Whether `engine` launches a bucket beside the backward (else after it)."""
+    _check_engine(engine)
+    return engine in (DDP, MEGATRON_CORE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,8 +260,10 @@ def overlapped_sync_s(jobs: Iterable[tuple[float, float]], end_s: float) -> tupl
 
 def bucketed_sync_rate(axis: MeshAxis, bucket_bytes: float) -> float:
     """Seconds per byte of gradient synchronised in full buckets of `bucket_bytes` over `axis`:
-    the ring's bandwidth term and its latency 2(n-1)alpha once per bucket."""
+    the ring's bandwidth term and its latency 2(n-1)alpha once per bucket (all_reduce_s)."""
     if axis.size <= 1 or bucket_bytes <= 0:
         return 0.0
+    if math.isinf(bucket_bytes):        # one bucket: its one latency is nothing per byte
+        return 2 * (axis.size - 1) / axis.size / axis.bandwidth_bytes_per_s
     return all_reduce_s(bucket_bytes, axis) / bucket_bytes
 

@@ -21,9 +21,11 @@ from autopar.costmodel.collectives import (
     all_reduce_s,
     bucketed_sync_rate,
     comm_overlap_s,
+    default_grad_sync_engine,
     fill_buckets,
     grad_bucket_bytes,
     grad_reduce_factor,
+    grad_sync_overlaps,
     overlapped_sync_s,
     p2p_s,
 )
@@ -100,8 +102,10 @@ class StageResult:
 
 
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
-                   cm: ComputeModel, eager: bool = EAGER_DEFAULT) -> StageResult:
-    """The stage's costs; its StagePlan comes back as a copy carrying the per-op records."""
+                   cm: ComputeModel, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None) -> StageResult:
+    """The stage's costs; its StagePlan comes back as a copy carrying the per-op records.
+    grad_sync: the engine whose gradient buckets it runs (collectives.GRAD_SYNC_ENGINES; None:
+    the eager recipe's or the default's, collectives.default_grad_sync_engine)."""
     names = stage_nodes(graph, st.layers)
     sub = Submesh(*st.submesh)
     if sub.n_devices != len(st.device_ids):
@@ -227,7 +231,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
         # Unsharded counts per tensor-parallel shard: the stage's local share of its parameters.
         block = max((graph.layers[li].param_count for li in range(*st.layers) if first < li < last), default=0)
         fsdp_block = eager_mod.fsdp_buffer_bytes(0.0, block * share)[1]
-    buckets = grad_sync_buckets(prob, assign, zero, eager) if zero <= 1 else ()
+    engine = grad_sync or default_grad_sync_engine(eager)
+    buckets = grad_sync_buckets(prob, assign, zero, engine) if zero <= 1 else ()
     sync = sum(d for _, d in buckets) if zero <= 1 else ev.sync_s
     return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working,
                        ev.param_state_bytes(zero) * copy_share,
@@ -249,14 +254,15 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
 
 
 def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int,
-                      eager: bool) -> tuple[tuple[float, float], ...]:
+                      engine: str) -> tuple[tuple[float, float], ...]:
     """The data-parallel gradient sync (ZeRO 0/1) of the ops `prob` holds under the strategies
-    `assign` picks, as the engine runs it (collectives.py, "the data-parallel gradient sync"):
+    `assign` picks, as `engine` runs it (collectives.py, "the data-parallel gradient sync"):
     the backward runs the ops in reverse, each taking its own backward time (compute and
     collectives); every weight gradient joins its process group's bucket when its op is done.
-    Per bucket: (share of the backward done when it is ready, seconds of its all-reduce)."""
+    Per bucket: (share of the backward done when it is launched, seconds of its all-reduce);
+    an engine that reduces after the backward launches every bucket at its end (share 1)."""
     mesh = prob.mesh
-    factor = grad_reduce_factor(eager)
+    factor = grad_reduce_factor(engine)
     grads = []
     t = 0.0
     for name in reversed(prob.names):
@@ -267,12 +273,13 @@ def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int,
         grads += [(t, c.mask, c.nbytes * factor) for c in st.runs(zero) if c.purpose == GRAD_SYNC]
     if not grads:
         return ()
-    sizes = {m: grad_bucket_bytes(eager, mesh.factor(m), GRAD_BYTES * factor) for _, m, _ in grads}
-    return tuple((b.ready_s / t if t > 0 else 1.0, all_reduce_s(b.nbytes, mesh.axis(b.mask)))
+    sizes = {m: grad_bucket_bytes(engine, mesh.factor(m), GRAD_BYTES * factor) for _, m, _ in grads}
+    overlaps = grad_sync_overlaps(engine)
+    return tuple((b.ready_s / t if t > 0 and overlaps else 1.0, all_reduce_s(b.nbytes, mesh.axis(b.mask)))
                  for b in fill_buckets(grads, sizes, t))
 
 
-def grad_sync_step_s(prob: StageProblem, assign: dict[str, int], ev: Evaluation, zero: int, eager: bool,
+def grad_sync_step_s(prob: StageProblem, assign: dict[str, int], ev: Evaluation, zero: int, engine: str,
                      bwd_s: float) -> float:
     """What the gradient sync adds to a step, per layer, for the planner's tables, which add
     up layers: the layer's bucketed sync `c` (its gradients in buckets as `grad_sync_buckets`
@@ -280,18 +287,21 @@ def grad_sync_step_s(prob: StageProblem, assign: dict[str, int], ev: Evaluation,
     of it is the next layer's) beside its backward `bwd_s`: the part the backward does not
     cover, max(0, c - bwd_s), and the compute's slowdown beside the rest (comm_overlap_s). For
     a range of equal layers this is `evaluate`'s exposed sync and slowdown but for the last
-    bucket's wait (tests check the difference is at most about that). ZeRO-2's weight gather
-    stays exposed, as in `evaluate`."""
+    bucket's wait (tests check the difference is at most about that). An engine that reduces
+    after the backward exposes all of `c`; ZeRO-2's weight gather stays exposed, as in
+    `evaluate`."""
     if zero > 1:
         return ev.sync_s
     mesh = prob.mesh
-    factor = grad_reduce_factor(eager)
+    factor = grad_reduce_factor(engine)
     grads = [(0.0, c.mask, c.nbytes * factor) for name in reversed(prob.names) if name in assign
              for c in prob.strategy_of(name, assign[name]).runs(zero) if c.purpose == GRAD_SYNC]
-    sizes = {m: grad_bucket_bytes(eager, mesh.factor(m), GRAD_BYTES * factor) for _, m, _ in grads}
+    sizes = {m: grad_bucket_bytes(engine, mesh.factor(m), GRAD_BYTES * factor) for _, m, _ in grads}
     comm = sum(all_reduce_s(b.nbytes, mesh.axis(b.mask)) if b.nbytes >= sizes[b.mask]
                else b.nbytes * bucketed_sync_rate(mesh.axis(b.mask), sizes[b.mask])
                for b in fill_buckets(grads, sizes, 0.0))
+    if not grad_sync_overlaps(engine):
+        return comm
     return max(0.0, comm - bwd_s) + comm_overlap_s(min(comm, max(0.0, bwd_s)))
 
 
@@ -499,7 +509,8 @@ def p2p_time_s(cluster: Cluster, a: StagePlan, b: StagePlan, nbytes: float) -> f
 
 
 
-def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT) -> Plan:
+def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT,
+             grad_sync: str | None = None) -> Plan:
     """A copy of `plan` with its prediction and each stage's costs filled in; `plan` is unchanged.
 
     eager: the step as the eager PyTorch recipe runs it (autopar.costmodel.eager, measured on
@@ -512,7 +523,9 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     and `autopar evaluate --eager` judge a plan alike. Off by default (EAGER_DEFAULT): on the
     published Megatron-style runs the terms make Megatron-LM's time and Megatron-DeepSpeed's
     memory far worse (bench/calibration/FINDINGS.md section 8); fused engines avoid most of them.
-    The fused AdamW step at its measured bandwidth counts either way."""
+    The fused AdamW step at its measured bandwidth counts either way.
+    grad_sync: the engine whose data-parallel gradient buckets the plan runs
+    (collectives.GRAD_SYNC_ENGINES); None: PyTorch DDP's with eager, else Megatron-Core's."""
     tr = plan.training
     cm = ComputeModel(cluster.gpu, tr.dtype)
     if plan.n_devices > cluster.n_gpus:
@@ -525,7 +538,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     schedule = tr.schedule
     v = tr.virtual_stages
     B = tr.n_microbatches
-    res = [evaluate_stage(graph, cluster, s, tr, cm, eager) for s in plan.stages]
+    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync) for s in plan.stages]
     n_dev_stages = len(res) // v if schedule == "interleaved" else len(res)
     if eager and n_dev_stages > 1:
         res = _pipeline_terms(res, graph, cluster, B, cm)

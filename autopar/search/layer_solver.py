@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from autopar.costmodel.collectives import default_grad_sync_engine
 from autopar.costmodel.compute import ComputeModel
 from autopar.evaluation.evaluator import EAGER_DEFAULT, NO_EAGER, eager_terms, grad_sync_step_s
 from autopar.hardware.mesh import Mesh
@@ -251,7 +252,8 @@ class LayerSolver:
             # the eager recipe's terms, as the evaluator adds them to a stage of these layers
             et = eager_terms(self.graph, (li, li + 1), prob, assign, ev, self.settings.n_microbatches,
                              self.settings.zero, self.cm) if self.eager else NO_EAGER
-            sync = grad_sync_step_s(prob, assign, ev, self.settings.zero, self.eager, ev.bwd_s + et.bwd_s)
+            sync = grad_sync_step_s(prob, assign, ev, self.settings.zero, default_grad_sync_engine(self.eager),
+                                    ev.bwd_s + et.bwd_s)
             sol = LayerSol(ev.per_microbatch_s + et.device_s, ev.recompute_fwd_s, sync + et.grad_bucket_s,
                            ev.param_state_bytes(self.settings.zero) + et.held_bytes, ev.param_elems,
                            ev.stash_bytes + et.stash_bytes, in_bytes + et.inputs_fp32_extra_bytes,

@@ -90,14 +90,32 @@ def test_buckets_by_brute_force():
 
 def test_bucket_sizes_per_engine():
     # PyTorch DDP: bucket_cap_mb=25 of fp32 gradients, whatever the group
-    assert grad_bucket_bytes(True, 2, 4) == grad_bucket_bytes(True, 1024, 4) == 25 * 2**20
+    assert grad_bucket_bytes(coll.DDP, 2, 4) == grad_bucket_bytes(coll.DDP, 1024, 4) == 25 * 2**20
     # Megatron-Core: max(40M, 1M x dp) parameters, in the gradients' bytes
-    assert grad_bucket_bytes(False, 8, 2) == 40e6 * 2
-    assert grad_bucket_bytes(False, 128, 2) == 128e6 * 2
+    assert grad_bucket_bytes(coll.MEGATRON_CORE, 8, 2) == 40e6 * 2
+    assert grad_bucket_bytes(coll.MEGATRON_CORE, 128, 2) == 128e6 * 2
     ax = MeshAxis(8, 100e9, 5e-6, True)
     # a full bucket's rate: one ring latency per bucket, the ring's bandwidth term per byte
     assert bucketed_sync_rate(ax, 80e6) * 80e6 == pytest.approx(all_reduce_s(80e6, ax))
     assert bucketed_sync_rate(MeshAxis(1, 1e9, 1e-6, False), 80e6) == 0.0
+
+
+def test_engines_after_the_backward(src):
+    """DeepSpeed's pipeline engine reduces its buckets after the schedule: all of them exposed,
+    one latency per 500M-parameter bucket; an unknown engine is refused by name."""
+    assert grad_bucket_bytes(coll.DEEPSPEED, 8, 2) == 500e6 * 2
+    assert grad_bucket_bytes(coll.MEGATRON_LOCAL, 8, 2) == float("inf")
+    assert not coll.grad_sync_overlaps(coll.DEEPSPEED) and coll.grad_sync_overlaps(coll.DDP)
+    cluster = load_cluster("dgx-h100", 2)
+    plan = build_3d(src, cluster, 32, Config3D(16, 1, 1, 2), grad_sync=coll.DEEPSPEED)
+    res = evaluate_stage(src.graph(32), cluster, _stage(plan), plan.training,
+                         ComputeModel(cluster.gpu, plan.training.dtype), False, coll.DEEPSPEED)
+    assert res.sync_buckets and all(share == 1.0 for share, _ in res.sync_buckets)
+    p = plan.predicted
+    assert p.grad_sync_s == pytest.approx(res.sync_s, rel=1e-12)
+    assert p.breakdown_s["comm_overlap"] == pytest.approx(0.0, abs=1e-15)
+    with pytest.raises(ValueError, match="unknown gradient sync engine 'nccl'"):
+        build_3d(src, cluster, 32, Config3D(16, 1, 1, 2), grad_sync="nccl")
 
 
 def test_overlap_slowdown_is_one_concept():
@@ -121,19 +139,20 @@ def _dp_plan(src, cluster, dp, eager_=False, mb=2):
     return build_3d(src, cluster, dp * mb, Config3D(dp, 1, 1, mb), eager=eager_)
 
 
-@pytest.mark.parametrize("eager_", [False, True])
-def test_one_bucket_closed_form(src, monkeypatch, eager_):
-    """Buckets larger than the model: one all-reduce of every gradient (2 B per parameter, 4 B
-    in DDP's fp32 buckets), ready at the end of the backward, so all of it is exposed and
-    nothing slows the compute: the step is the pipeline, that all-reduce, the optimizer and
-    DDP's bucket copy."""
-    monkeypatch.setattr(coll, "DDP_BUCKET_BYTES", 1e18)
-    monkeypatch.setattr(coll, "MEGATRON_BUCKET_PARAMS", 1e18)
+@pytest.mark.parametrize("eager_,engine", [(False, None), (True, None), (False, coll.MEGATRON_LOCAL)])
+def test_one_bucket_closed_form(src, monkeypatch, eager_, engine):
+    """Buckets larger than the model (or Megatron-LM's one flat buffer): one all-reduce of
+    every gradient (2 B per parameter, 4 B in DDP's fp32 buckets), ready at the end of the
+    backward, so all of it is exposed and nothing slows the compute: the step is the pipeline,
+    that all-reduce, the optimizer and DDP's bucket copy."""
+    if engine is None:
+        monkeypatch.setattr(coll, "DDP_BUCKET_BYTES", 1e18)
+        monkeypatch.setattr(coll, "MEGATRON_BUCKET_PARAMS", 1e18)
     cluster = load_cluster("dgx-h100", 2)
-    plan = _dp_plan(src, cluster, 16, eager_)
+    plan = build_3d(src, cluster, 32, Config3D(16, 1, 1, 2), eager=eager_, grad_sync=engine)
     st = _stage(plan)
     res = evaluate_stage(src.graph(32), cluster, st, plan.training, ComputeModel(cluster.gpu, plan.training.dtype),
-                         eager_)
+                         eager_, engine)
     mesh = Mesh(cluster, Submesh(*st.submesh), tuple(st.logical_mesh))
     assert mesh.axis(1).size == 16 and len(res.sync_buckets) == 1
     graph = src.graph(32)
@@ -195,14 +214,14 @@ def test_layer_terms_match_the_stage_on_equal_blocks(src, monkeypatch, bucket_pa
                                 boundary={main_boundary(graph, names): parse_spec(st.input_spec or "") or (1, 0, 0)})
             choice = prob.choice_from_names({n: s for n, s in st.strategies.items() if n in names})
             ev = prob.evaluate(choice, Settings(plan.training.n_microbatches, 0))
-            terms += grad_sync_step_s(prob, prob.assignment(choice), ev, 0, False, ev.bwd_s)
+            terms += grad_sync_step_s(prob, prob.assignment(choice), ev, 0, coll.MEGATRON_CORE, ev.bwd_s)
         # the same blocks as a stage of their own, through the evaluator's buckets
         names = [n for li in blocks for n in graph.layers[li].nodes]
         prob = StageProblem(graph, names, mesh, cm, boundary={main_boundary(graph, names): (1, 0, 0)})
         choice = prob.choice_from_names({n: s for n, s in st.strategies.items() if n in names})
         assign = prob.assignment(choice)
         ev = prob.evaluate(choice, Settings(plan.training.n_microbatches, 0))
-        buckets = grad_sync_buckets(prob, assign, 0, False)
+        buckets = grad_sync_buckets(prob, assign, 0, coll.MEGATRON_CORE)
         exposed, hidden = overlapped_sync_s([(ev.bwd_s * share, d) for share, d in buckets], ev.bwd_s)
         stage = exposed + comm_overlap_s(hidden)
         last = max(d for _, d in buckets)
