@@ -59,6 +59,15 @@ def all_reduce_s(nbytes: float, axis: MeshAxis) -> float:
     return 2 * (n - 1) * axis.latency_s + 2 * (n - 1) / n * nbytes / axis.bandwidth_bytes_per_s
 
 
+def all_reduce_share_s(nbytes: float, of_bytes: float, axis: MeshAxis) -> float:
+    """`nbytes`' share of one ring all-reduce of `of_bytes` (>= nbytes; inf: of an unbounded
+    buffer): their bandwidth term and nbytes / of_bytes of its latency."""
+    n = axis.size
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return 2 * (n - 1) * axis.latency_s * nbytes / of_bytes + 2 * (n - 1) / n * nbytes / axis.bandwidth_bytes_per_s
+
+
 def all_gather_s(nbytes: float, axis: MeshAxis) -> float:
     """Ring all-gather to a `nbytes` result: half an all-reduce."""
     n = axis.size
@@ -237,10 +246,10 @@ def fill_buckets(grads: Iterable[tuple[float, int, float]], bucket_bytes: dict[i
 def stream_end_s(jobs: Iterable[tuple[float, float]]) -> float:
     """When one stream that runs jobs `(ready_s, seconds)` in order of readiness, each as soon
     as it is ready and the stream is free, finishes them all (0 for none)."""
-    end = 0.0
+    end = -math.inf
     for ready_s, dur_s in sorted(jobs):
         end = max(end, ready_s) + dur_s
-    return end
+    return end if math.isfinite(end) else 0.0
 
 
 def overlapped_sync_s(jobs: Iterable[tuple[float, float]], end_s: float) -> tuple[float, float]:
@@ -256,14 +265,3 @@ def overlapped_sync_s(jobs: Iterable[tuple[float, float]], end_s: float) -> tupl
         raise ValueError(f"a collective is ready at {max(r for r, _ in jobs)} s, after the compute ends at {end_s} s")
     exposed = max(0.0, stream_end_s(jobs) - end_s)
     return exposed, max(0.0, total - exposed)
-
-
-def bucketed_sync_rate(axis: MeshAxis, bucket_bytes: float) -> float:
-    """Seconds per byte of gradient synchronised in full buckets of `bucket_bytes` over `axis`:
-    the ring's bandwidth term and its latency 2(n-1)alpha once per bucket (all_reduce_s)."""
-    if axis.size <= 1 or bucket_bytes <= 0:
-        return 0.0
-    if math.isinf(bucket_bytes):        # one bucket: its one latency is nothing per byte
-        return 2 * (axis.size - 1) / axis.size / axis.bandwidth_bytes_per_s
-    return all_reduce_s(bucket_bytes, axis) / bucket_bytes
-

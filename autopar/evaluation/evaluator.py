@@ -19,7 +19,7 @@ from autopar.costmodel.collectives import (
     REDUCE_SCATTER,
     ZERO,
     all_reduce_s,
-    bucketed_sync_rate,
+    all_reduce_share_s,
     comm_overlap_s,
     default_grad_sync_engine,
     fill_buckets,
@@ -253,14 +253,17 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        tied_copy_params=tied_copy, sync_buckets=buckets)
 
 
-def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int,
-                      engine: str) -> tuple[tuple[float, float], ...]:
+def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int, engine: str,
+                      part_of_stage: bool = False) -> tuple[tuple[float, float], ...]:
     """The data-parallel gradient sync (ZeRO 0/1) of the ops `prob` holds under the strategies
     `assign` picks, as `engine` runs it (collectives.py, "the data-parallel gradient sync"):
     the backward runs the ops in reverse, each taking its own backward time (compute and
     collectives); every weight gradient joins its process group's bucket when its op is done.
     Per bucket: (share of the backward done when it is launched, seconds of its all-reduce);
-    an engine that reduces after the backward launches every bucket at its end (share 1)."""
+    an engine that reduces after the backward launches every bucket at its end (share 1).
+    part_of_stage: the ops are some of a stage's (a layer, for the planner): a bucket they leave
+    partly filled is priced at the full bucket's rate per byte, as the rest of it is the next
+    layer's, so it pays its share of one latency, not a latency of its own."""
     mesh = prob.mesh
     factor = grad_reduce_factor(engine)
     grads = []
@@ -275,34 +278,28 @@ def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int,
         return ()
     sizes = {m: grad_bucket_bytes(engine, mesh.factor(m), GRAD_BYTES * factor) for _, m, _ in grads}
     overlaps = grad_sync_overlaps(engine)
-    return tuple((b.ready_s / t if t > 0 and overlaps else 1.0, all_reduce_s(b.nbytes, mesh.axis(b.mask)))
+
+    return tuple((b.ready_s / t if t > 0 and overlaps else 1.0,
+                  all_reduce_share_s(b.nbytes, sizes[b.mask], mesh.axis(b.mask))
+                  if part_of_stage and b.nbytes < sizes[b.mask] else all_reduce_s(b.nbytes, mesh.axis(b.mask)))
                  for b in fill_buckets(grads, sizes, t))
 
 
 def grad_sync_step_s(prob: StageProblem, assign: dict[str, int], ev: Evaluation, zero: int, engine: str,
                      bwd_s: float) -> float:
     """What the gradient sync adds to a step, per layer, for the planner's tables, which add
-    up layers: the layer's bucketed sync `c` (its gradients in buckets as `grad_sync_buckets`
-    fills them, the partly filled last one of each group at the rate of full buckets: the rest
-    of it is the next layer's) beside its backward `bwd_s`: the part the backward does not
-    cover, max(0, c - bwd_s), and the compute's slowdown beside the rest (comm_overlap_s). For
-    a range of equal layers this is `evaluate`'s exposed sync and slowdown but for the last
-    bucket's wait (tests check the difference is at most about that). An engine that reduces
-    after the backward exposes all of `c`; ZeRO-2's weight gather stays exposed, as in
-    `evaluate`."""
+    up layers: the layer priced as `evaluate` prices a stage of it alone, its buckets beside its
+    own backward `bwd_s`: the part the backward does not cover (at least its last bucket) and
+    the compute's slowdown beside the rest; a bucket it leaves partly filled pays its share of
+    a latency (`grad_sync_buckets`, part_of_stage). Summed over a stage's layers this is the
+    stage's figure within each layer's last bucket and a latency (tests check it): a stage's
+    backward covers each layer's last bucket but the stage's last, which pays a whole latency.
+    ZeRO-2's weight gather stays exposed, as in `evaluate`."""
     if zero > 1:
         return ev.sync_s
-    mesh = prob.mesh
-    factor = grad_reduce_factor(engine)
-    grads = [(0.0, c.mask, c.nbytes * factor) for name in reversed(prob.names) if name in assign
-             for c in prob.strategy_of(name, assign[name]).runs(zero) if c.purpose == GRAD_SYNC]
-    sizes = {m: grad_bucket_bytes(engine, mesh.factor(m), GRAD_BYTES * factor) for _, m, _ in grads}
-    comm = sum(all_reduce_s(b.nbytes, mesh.axis(b.mask)) if b.nbytes >= sizes[b.mask]
-               else b.nbytes * bucketed_sync_rate(mesh.axis(b.mask), sizes[b.mask])
-               for b in fill_buckets(grads, sizes, 0.0))
-    if not grad_sync_overlaps(engine):
-        return comm
-    return max(0.0, comm - bwd_s) + comm_overlap_s(min(comm, max(0.0, bwd_s)))
+    jobs = [(bwd_s * share, d) for share, d in grad_sync_buckets(prob, assign, zero, engine, part_of_stage=True)]
+    exposed, hidden = overlapped_sync_s(jobs, max(0.0, bwd_s))
+    return exposed + comm_overlap_s(hidden)
 
 
 def _core_kept_bytes(graph: OpGraph, prob: StageProblem, name: str, index: int) -> float:

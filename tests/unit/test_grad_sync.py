@@ -14,7 +14,6 @@ from autopar.costmodel.collectives import (
     COMM_OVERLAP_SLOWDOWN,
     GRAD_SYNC,
     all_reduce_s,
-    bucketed_sync_rate,
     comm_overlap_s,
     fill_buckets,
     grad_bucket_bytes,
@@ -24,10 +23,9 @@ from autopar.costmodel.collectives import (
 from autopar.costmodel.compute import ComputeModel
 from autopar.evaluation.baselines import Config3D, build_3d
 from autopar.evaluation.evaluator import evaluate_stage, grad_sync_buckets, grad_sync_step_s
-from autopar.hardware.mesh import Mesh, MeshAxis, Submesh
+from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.presets import load_cluster
 from autopar.model import ModelSource
-from autopar.sharding.spec import parse_spec
 from autopar.sharding.stage_problem import Settings, StageProblem
 from graphs.query import main_boundary
 
@@ -94,10 +92,6 @@ def test_bucket_sizes_per_engine():
     # Megatron-Core: max(40M, 1M x dp) parameters, in the gradients' bytes
     assert grad_bucket_bytes(coll.MEGATRON_CORE, 8, 2) == 40e6 * 2
     assert grad_bucket_bytes(coll.MEGATRON_CORE, 128, 2) == 128e6 * 2
-    ax = MeshAxis(8, 100e9, 5e-6, True)
-    # a full bucket's rate: one ring latency per bucket, the ring's bandwidth term per byte
-    assert bucketed_sync_rate(ax, 80e6) * 80e6 == pytest.approx(all_reduce_s(80e6, ax))
-    assert bucketed_sync_rate(MeshAxis(1, 1e9, 1e-6, False), 80e6) == 0.0
 
 
 def test_engines_after_the_backward(src):
@@ -181,7 +175,6 @@ def test_buckets_hide_behind_the_backward(src):
     assert res.sync_buckets and all(0 < share <= 1 for share, _ in res.sync_buckets)
     total = sum(d for _, d in res.sync_buckets)
     assert res.sync_s == pytest.approx(total)
-    assert total < res.ev.sync_s                 # the per-tensor all-reduces, each paying the latency
     p = plan.predicted
     window_end = p.pipeline_s
     jobs = [(window_end - res.bwd_s * (1 - share), d) for share, d in res.sync_buckets]
@@ -192,10 +185,12 @@ def test_buckets_hide_behind_the_backward(src):
 
 
 @pytest.mark.parametrize("bucket_params", [100_000, 40_000_000])
-def test_layer_terms_match_the_stage_on_equal_blocks(src, monkeypatch, bucket_params):
-    """The planner's per-layer terms, summed over a stage of equal blocks, are the evaluator's
-    exposed sync and slowdown but for the last bucket's wait (and the fluid bucket latency).
-    Buckets of 100k parameters: about 8 per block of this model; Megatron-Core's 40M: one."""
+def test_layer_terms_match_the_stage(src, monkeypatch, bucket_params):
+    """The planner's per-layer terms (each layer as a stage of its own, a partly filled bucket
+    paying its share of a latency), summed over a stage of blocks, are the evaluator's exposed
+    sync and slowdown for the stage within each layer's last bucket and a latency. Buckets of
+    100k parameters: about 8 per block of this model; Megatron-Core's 40M: one for the whole
+    stage, all exposed, which the layers' sum then matches but for its latency."""
     monkeypatch.setattr(coll, "MEGATRON_BUCKET_PARAMS", bucket_params)
     monkeypatch.setattr(coll, "MEGATRON_BUCKET_PARAMS_PER_DP_RANK", 0)
     # 25 Gb/s between nodes (a sync the backward cannot hide), and NVLink inside one
@@ -206,24 +201,23 @@ def test_layer_terms_match_the_stage_on_equal_blocks(src, monkeypatch, bucket_pa
         graph = src.graph(2 * dp)
         cm = ComputeModel(cluster.gpu, plan.training.dtype)
         mesh = Mesh(cluster, Submesh(*st.submesh), tuple(st.logical_mesh))
+        latency = 2 * (mesh.axis(1).size - 1) * mesh.axis(1).latency_s
         blocks = range(1, len(graph.layers) - 1)
-        terms = 0.0
+        terms = slack = 0.0
         for li in blocks:
             names = list(graph.layers[li].nodes)
-            prob = StageProblem(graph, names, mesh, cm,
-                                boundary={main_boundary(graph, names): parse_spec(st.input_spec or "") or (1, 0, 0)})
+            prob = StageProblem(graph, names, mesh, cm, boundary={main_boundary(graph, names): (1, 0, 0)})
             choice = prob.choice_from_names({n: s for n, s in st.strategies.items() if n in names})
+            assign = prob.assignment(choice)
             ev = prob.evaluate(choice, Settings(plan.training.n_microbatches, 0))
-            terms += grad_sync_step_s(prob, prob.assignment(choice), ev, 0, coll.MEGATRON_CORE, ev.bwd_s)
+            terms += grad_sync_step_s(prob, assign, ev, 0, coll.MEGATRON_CORE, ev.bwd_s)
+            slack += max(d for _, d in grad_sync_buckets(prob, assign, 0, coll.MEGATRON_CORE)) + latency
         # the same blocks as a stage of their own, through the evaluator's buckets
         names = [n for li in blocks for n in graph.layers[li].nodes]
         prob = StageProblem(graph, names, mesh, cm, boundary={main_boundary(graph, names): (1, 0, 0)})
         choice = prob.choice_from_names({n: s for n, s in st.strategies.items() if n in names})
-        assign = prob.assignment(choice)
         ev = prob.evaluate(choice, Settings(plan.training.n_microbatches, 0))
-        buckets = grad_sync_buckets(prob, assign, 0, coll.MEGATRON_CORE)
+        buckets = grad_sync_buckets(prob, prob.assignment(choice), 0, coll.MEGATRON_CORE)
         exposed, hidden = overlapped_sync_s([(ev.bwd_s * share, d) for share, d in buckets], ev.bwd_s)
         stage = exposed + comm_overlap_s(hidden)
-        last = max(d for _, d in buckets)
-        latency = 2 * (mesh.axis(1).size - 1) * mesh.axis(1).latency_s
-        assert abs(stage - terms) <= (1 - COMM_OVERLAP_SLOWDOWN) * last + 2 * latency + 1e-12, (dp, stage, terms)
+        assert abs(terms - stage) <= slack, (dp, stage, terms, slack)
