@@ -175,6 +175,10 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
 
 from __future__ import annotations
 
+# The compute's slowdown beside hidden collectives is shared with the data-parallel gradient sync,
+# so it lives with the collectives (fitted here, on the fsdp2 rows: see the docstring).
+from .collectives import COMM_OVERLAP_SLOWDOWN as COMM_OVERLAP_SLOWDOWN
+from .collectives import comm_overlap_s as comm_overlap_s
 from .compute import ComputeModel
 
 GIB = 2**30
@@ -204,9 +208,6 @@ HOST_DDP_S_PER_BLOCK = 1.46e-3             # fitted: GPT ddp rows, DDP's reducer
 # FSDP2 (MixedPrecisionPolicy(reduce_dtype=fp32)) reduce-scatters fp32 gradients where the graph's
 # collectives move the training dtype's (bf16): twice the bytes.
 FSDP_REDUCE_SCATTER_FACTOR = 2.0
-# fitted: the compute's slowdown per second of collective FSDP2 hides behind it (device-bound GPT
-# fsdp2 rows, `predict.py --fit`)
-COMM_OVERLAP_SLOWDOWN = 0.565
 
 # torch.distributed.pipelining's scale_grads: .grad /= n_microbatches after the schedule (read 4, write 4 B)
 PIPELINE_GRAD_SCALE_BYTES_PER_PARAM = 8
@@ -315,12 +316,6 @@ def fsdp_block_comm_s(fwd_compute_s: float, bwd_compute_s: float, all_gather_fwd
            + (all_gather_bwd_s if last else 0.0) + (reduce_scatter_s if first else 0.0))
     bwd = min(bwd, total - fwd)
     return fwd, bwd, total - fwd - bwd
-
-
-def comm_overlap_s(hidden_comm_s: float) -> float:
-    """The compute's slowdown while `hidden_comm_s` of collectives run beside it: NCCL's kernels
-    take SMs and HBM bandwidth, and FSDP2's copy-in / copy-out kernels run on its streams."""
-    return COMM_OVERLAP_SLOWDOWN * hidden_comm_s
 
 
 def host_s(n_linears: int, n_other_ops: int, n_blocks: int, tp: bool, fsdp: bool,

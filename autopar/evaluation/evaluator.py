@@ -11,13 +11,31 @@ import weakref
 from dataclasses import dataclass, replace
 
 from autopar.costmodel import eager as eager_mod
-from autopar.costmodel.collectives import ALL_GATHER, BACKWARD, FORWARD, REDUCE_SCATTER, ZERO, p2p_s
+from autopar.costmodel.collectives import (
+    ALL_GATHER,
+    BACKWARD,
+    FORWARD,
+    GRAD_SYNC,
+    REDUCE_SCATTER,
+    ZERO,
+    all_reduce_s,
+    all_reduce_share_s,
+    comm_overlap_s,
+    default_grad_sync_engine,
+    fill_buckets,
+    grad_bucket_bytes,
+    grad_reduce_factor,
+    grad_sync_overlaps,
+    overlapped_sync_s,
+    p2p_s,
+)
 from autopar.costmodel.compute import ComputeModel
 from autopar.costmodel.memory import activation_bytes, inflight, stash_after_recompute, working_after_recompute
 from autopar.evaluation.pipeline import Schedule, simulate
 from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.specs import Cluster
 from autopar.plan import Plan, PlanError, Prediction, StageMemory, StagePlan, Training
+from autopar.sharding.rules.common import GRAD_BYTES
 from autopar.sharding.spec import parse_spec, shard_factor
 from autopar.sharding.stage_problem import Evaluation, Settings, StageProblem
 from graphs.annotate import is_unfused_attention
@@ -43,7 +61,7 @@ class StageResult:
     stash_bytes: float          # per microbatch in flight, after recomputation
     working_bytes: float        # transient peak on top of stashes (recomputed layer)
     param_state_bytes: float
-    sync_s: float
+    sync_s: float               # per step: the gradient sync's collectives (ZeRO-2: the weight gather), all of them
     optimizer_s: float
     boundary_bytes: float       # global bytes of the tensor sent to the next stage per microbatch
     recompute_flops: float = 0.0   # forward FLOPs rerun per microbatch (global, all devices)
@@ -76,11 +94,18 @@ class StageResult:
     pipeline_idle_s: float = 0.0    # of pipeline_fwd_s + pipeline_bwd_s
     grad_scale_s: float = 0.0
     tied_sync_s: float = 0.0
+    # ZeRO 0/1: the gradient sync's buckets (`grad_sync_buckets`), as (share of the stage's last
+    # backward done when the bucket's last gradient is made, seconds of its all-reduce); they
+    # run beside that backward, and `evaluate` exposes what it does not cover. Empty: sync_s is
+    # all exposed after the backward (ZeRO-2's weight gather).
+    sync_buckets: tuple[tuple[float, float], ...] = ()
 
 
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
-                   cm: ComputeModel, eager: bool = EAGER_DEFAULT) -> StageResult:
-    """The stage's costs; its StagePlan comes back as a copy carrying the per-op records."""
+                   cm: ComputeModel, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None) -> StageResult:
+    """The stage's costs; its StagePlan comes back as a copy carrying the per-op records.
+    grad_sync: the engine whose gradient buckets it runs (collectives.GRAD_SYNC_ENGINES; None:
+    the eager recipe's or the default's, collectives.default_grad_sync_engine)."""
     names = stage_nodes(graph, st.layers)
     sub = Submesh(*st.submesh)
     if sub.n_devices != len(st.device_ids):
@@ -210,9 +235,12 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
         # Unsharded counts per tensor-parallel shard: the stage's local share of its parameters.
         block = max((graph.layers[li].param_count for li in range(*st.layers) if first < li < last), default=0)
         fsdp_block = eager_mod.fsdp_buffer_bytes(0.0, block * share)[1]
+    engine = grad_sync or default_grad_sync_engine(eager)
+    buckets = grad_sync_buckets(prob, assign, zero, engine) if zero <= 1 else ()
+    sync = sum(d for _, d in buckets) if zero <= 1 else ev.sync_s
     return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working,
                        (ev.param_state_bytes(zero) + terms.param_state_delta_bytes) * copy_share,
-                       ev.sync_s, eager_mod.optimizer_s(updated * copy_share, cm), bbytes, rec_flops,
+                       sync, eager_mod.optimizer_s(updated * copy_share, cm), bbytes, rec_flops,
                        host_fwd_s=terms.host_fwd_s, host_bwd_s=terms.host_bwd_s, embedding_s=embedding_s,
                        head_loss_s=head_s + terms.cross_entropy_s, op_comm_s=ev.comm_s + terms.comm_delta_s,
                        comm_overlap_s=terms.comm_overlap_s,
@@ -226,7 +254,56 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied),
                        grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
                        if eager and zero >= 3 and sub.n_devices > 1 else 0.0,
-                       tied_copy_params=tied_copy)
+                       tied_copy_params=tied_copy, sync_buckets=buckets)
+
+
+def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int, engine: str,
+                      part_of_stage: bool = False) -> tuple[tuple[float, float], ...]:
+    """The data-parallel gradient sync (ZeRO 0/1) of the ops `prob` holds under the strategies
+    `assign` picks, as `engine` runs it (collectives.py, "the data-parallel gradient sync"):
+    the backward runs the ops in reverse, each taking its own backward time (compute and
+    collectives); every weight gradient joins its process group's bucket when its op is done.
+    Per bucket: (share of the backward done when it is launched, seconds of its all-reduce);
+    an engine that reduces after the backward launches every bucket at its end (share 1).
+    part_of_stage: the ops are some of a stage's (a layer, for the planner): a bucket they leave
+    partly filled is priced at the full bucket's rate per byte, as the rest of it is the next
+    layer's, so it pays its share of one latency, not a latency of its own."""
+    mesh = prob.mesh
+    factor = grad_reduce_factor(engine)
+    grads = []
+    t = 0.0
+    for name in reversed(prob.names):
+        if name not in assign:
+            continue
+        st = prob.strategy_of(name, assign[name])
+        t += st.bwd_s + st.bwd_comm_s
+        grads += [(t, c.mask, c.nbytes * factor) for c in st.runs(zero) if c.purpose == GRAD_SYNC]
+    if not grads:
+        return ()
+    sizes = {m: grad_bucket_bytes(engine, mesh.factor(m), GRAD_BYTES * factor) for _, m, _ in grads}
+    overlaps = grad_sync_overlaps(engine)
+
+    return tuple((b.ready_s / t if t > 0 and overlaps else 1.0,
+                  all_reduce_share_s(b.nbytes, sizes[b.mask], mesh.axis(b.mask))
+                  if part_of_stage and b.nbytes < sizes[b.mask] else all_reduce_s(b.nbytes, mesh.axis(b.mask)))
+                 for b in fill_buckets(grads, sizes, t))
+
+
+def grad_sync_step_s(prob: StageProblem, assign: dict[str, int], ev: Evaluation, zero: int, engine: str,
+                     bwd_s: float) -> float:
+    """What the gradient sync adds to a step, per layer, for the planner's tables, which add
+    up layers: the layer priced as `evaluate` prices a stage of it alone, its buckets beside its
+    own backward `bwd_s`: the part the backward does not cover (at least its last bucket) and
+    the compute's slowdown beside the rest; a bucket it leaves partly filled pays its share of
+    a latency (`grad_sync_buckets`, part_of_stage). Summed over a stage's layers this is the
+    stage's figure within each layer's last bucket and a latency (tests check it): a stage's
+    backward covers each layer's last bucket but the stage's last, which pays a whole latency.
+    ZeRO-2's weight gather stays exposed, as in `evaluate`."""
+    if zero > 1:
+        return ev.sync_s
+    jobs = [(bwd_s * share, d) for share, d in grad_sync_buckets(prob, assign, zero, engine, part_of_stage=True)]
+    exposed, hidden = overlapped_sync_s(jobs, max(0.0, bwd_s))
+    return exposed + comm_overlap_s(hidden)
 
 
 def _core_kept_bytes(graph: OpGraph, prob: StageProblem, name: str, index: int) -> float:
@@ -442,7 +519,8 @@ def p2p_time_s(cluster: Cluster, a: StagePlan, b: StagePlan, nbytes: float) -> f
 
 
 
-def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT) -> Plan:
+def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT,
+             grad_sync: str | None = None) -> Plan:
     """A copy of `plan` with its prediction and each stage's costs filled in; `plan` is unchanged.
 
     eager: the step as the eager PyTorch recipe runs it (autopar.costmodel.eager, measured on
@@ -455,7 +533,9 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     and `autopar evaluate --eager` judge a plan alike. Off by default (EAGER_DEFAULT): on the
     published Megatron-style runs the terms make Megatron-LM's time and Megatron-DeepSpeed's
     memory far worse (bench/calibration/FINDINGS.md section 8); fused engines avoid most of them.
-    The fused AdamW step at its measured bandwidth counts either way."""
+    The fused AdamW step at its measured bandwidth counts either way.
+    grad_sync: the engine whose data-parallel gradient buckets the plan runs
+    (collectives.GRAD_SYNC_ENGINES); None: PyTorch DDP's with eager, else Megatron-Core's."""
     tr = plan.training
     cm = ComputeModel(cluster.gpu, tr.dtype)
     if plan.n_devices > cluster.n_gpus:
@@ -468,7 +548,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     schedule = tr.schedule
     v = tr.virtual_stages
     B = tr.n_microbatches
-    res = [evaluate_stage(graph, cluster, s, tr, cm, eager) for s in plan.stages]
+    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync) for s in plan.stages]
     n_dev_stages = len(res) // v if schedule == "interleaved" else len(res)
     if eager and n_dev_stages > 1:
         res = _pipeline_terms(res, graph, cluster, B, cm)
@@ -501,6 +581,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     dev_host: dict[int, float] = {}
     dev_pool: dict[int, float] = {}
     dev_stages: dict[int, list[StageResult]] = {}
+    dev_sync_jobs: dict[int, list[tuple[float, float]]] = {}   # gradient buckets: (ready at, seconds)
     mem_rows = []
     stages = []
     for i, r in enumerate(res):
@@ -525,12 +606,25 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
         dev_absent[rank] = dev_absent.get(rank, 0.0) + r.grads_absent_bytes
         dev_tied[rank] = dev_tied.get(rank, 0.0) + r.tied_grad_bytes
         dev_end[rank] = max(dev_end.get(rank, 0.0), finish.get(i, 0.0))
-        dev_tail[rank] = (dev_tail.get(rank, 0.0) + r.sync_s + r.optimizer_s + r.grad_bucket_s + r.grad_scale_s
-                          + r.tied_sync_s)
+        dev_tail[rank] = (dev_tail.get(rank, 0.0) + (0.0 if r.sync_buckets else r.sync_s) + r.optimizer_s
+                          + r.grad_bucket_s + r.grad_scale_s + r.tied_sync_s)
+        # A stage's gradient buckets run beside its last backward (bwd_s[i], ending at finish[i]),
+        # on the GPU's one communication stream with its other chunks' (interleaved).
+        dev_sync_jobs.setdefault(rank, []).extend(
+            (finish.get(i, 0.0) - bwd_s[i] * (1.0 - share), d) for share, d in r.sync_buckets)
         dev_host[rank] = dev_host.get(rank, 0.0) + B * (r.host_fwd_s + r.host_bwd_s)
         dev_pool[rank] = dev_pool.get(rank, 0.0) + r.grad_pool_bytes
         dev_stages.setdefault(rank, []).append(r)
         mem_rows.append(total)
+    # The buckets' collectives the backward does not cover wait after it; the compute slows
+    # beside the ones it does (collectives.comm_overlap_s).
+    dev_sync = {k: sum(r.sync_s for r in dev_stages[k] if not r.sync_buckets) for k in dev_end}
+    dev_sync_overlap = {k: 0.0 for k in dev_end}
+    for k, jobs in dev_sync_jobs.items():
+        exposed, hidden = overlapped_sync_s(jobs, dev_end[k])
+        dev_sync[k] += exposed
+        dev_sync_overlap[k] = comm_overlap_s(hidden)
+        dev_tail[k] += exposed + dev_sync_overlap[k]
     # One GPU's host runs ahead of its stream across steps: its step takes max(host, device).
     dev_step = {k: max(dev_end[k] + dev_tail[k], dev_host[k]) for k in dev_end}
     step = max(dev_step.values())
@@ -552,7 +646,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     fits = peak <= cluster.gpu.memory_bytes
     time_dev = max(dev_step, key=lambda k: dev_step[k])
     breakdown = _time_breakdown(dev_stages[time_dev], B, dev_step[time_dev], dev_tail[time_dev],
-                                sched, time_dev)
+                                sched, time_dev, dev_sync[time_dev], dev_sync_overlap[time_dev])
     memory_breakdown = _memory_breakdown(dev_stages[mem_dev], dev_mem[mem_dev], allocated[mem_dev], zero3,
                                          plan.n_devices if eager else 0, absent_at_peak[mem_dev],
                                          pooled[mem_dev], dev_pool[mem_dev], loss_segment[mem_dev])
@@ -574,7 +668,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
         mfu=model_flops / step / (n_gpus * peak_flops),
         bubble_fraction=sched.bubble_fraction,
         pipeline_s=sched.makespan_s,
-        grad_sync_s=max(r.sync_s for r in res),
+        grad_sync_s=max(dev_sync.values()),
         optimizer_s=max(r.optimizer_s for r in res),
         p2p_s=sum(p2p),
         compute_s_per_microbatch=compute,
@@ -618,10 +712,12 @@ def _pipeline_terms(res: list[StageResult], graph: OpGraph, cluster: Cluster, n_
 
 
 def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: float, tail_s: float,
-                    device_schedule: Schedule, rank: int) -> dict[str, float]:
+                    device_schedule: Schedule, rank: int, sync_s: float = 0.0,
+                    sync_overlap_s: float = 0.0) -> dict[str, float]:
     """Where one GPU's step goes (it adds up to `step_s`): device time per part, the pipeline
     bubble of the device-only schedule (stage-to-stage transfers included), and the host's
-    share (time the GPU waits for the CPU)."""
+    share (time the GPU waits for the CPU). sync_s, sync_overlap_s: the GPU's exposed gradient
+    sync and the compute's slowdown beside its hidden part (in `tail_s`)."""
     b = n_microbatches
     embedding = b * sum(r.embedding_s for r in stages)
     head_loss = b * sum(r.head_loss_s for r in stages)
@@ -632,13 +728,14 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
     busy = b * sum(r.fwd_s + r.bwd_s + r.pipeline_fwd_s + r.pipeline_bwd_s for r in stages)
     blocks = busy - embedding - head_loss - casts - op_comm - overlap - idle
     optimizer = sum(r.optimizer_s for r in stages)
-    sync = sum(r.sync_s + r.tied_sync_s for r in stages)
+    sync = sync_s + sum(r.tied_sync_s for r in stages)
     scale = sum(r.grad_scale_s for r in stages)
     buckets = sum(r.grad_bucket_s for r in stages)
     end = device_schedule.device_end_s[rank]
     bubble = max(0.0, end - busy)
     parts = {"blocks": blocks, "head_loss": head_loss, "embedding": embedding, "precision_casts": casts,
-             "optimizer": optimizer, "grad_buckets": buckets, "exposed_comm": op_comm + sync, "comm_overlap": overlap,
+             "optimizer": optimizer, "grad_buckets": buckets, "exposed_comm": op_comm + sync,
+             "comm_overlap": overlap + sync_overlap_s,
              "bubble": bubble, "pipeline_idle": idle, "pipeline_grad_scale": scale}
     parts["host"] = max(0.0, step_s - (busy + bubble + tail_s))
     return parts

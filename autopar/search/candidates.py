@@ -58,11 +58,12 @@ class Candidate:
 
     def step_lower_bound_s(self, n_microbatches: int) -> float:
         """No schedule ends before its busiest rank has run the forward and backward of every
-        microbatch on each of its chunks, then their gradient syncs (evaluator.evaluate adds
-        the syncs and optimizer steps after a rank's last op): a lower bound on the simulated
-        step time, given that a stage costs what its layers cost (layer composition)."""
+        microbatch on each of its chunks: a lower bound on the simulated step time, given that
+        a stage costs what its layers cost (layer composition). The gradient syncs are left
+        out: the layers' share of them (evaluator.grad_sync_step_s) estimates the sync's
+        buckets beside the backward, and is not a bound on what the evaluator exposes."""
         d = self.depth
-        return max(n_microbatches * sum(self.stage_time_s[r::d]) + sum(self.stage_sync_s[r::d]) for r in range(d))
+        return max(n_microbatches * sum(self.stage_time_s[r::d]) for r in range(d))
 
     @property
     def key(self) -> tuple:

@@ -25,8 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from autopar.costmodel.collectives import default_grad_sync_engine
 from autopar.costmodel.compute import ComputeModel
-from autopar.evaluation.evaluator import EAGER_DEFAULT, NO_EAGER, eager_terms
+from autopar.evaluation.evaluator import EAGER_DEFAULT, NO_EAGER, eager_terms, grad_sync_step_s
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.rules.einsum import splits_sequence
 from autopar.sharding.spec import Spec, is_valid, shard_factor
@@ -251,7 +252,9 @@ class LayerSolver:
             # the eager recipe's terms, as the evaluator adds them to a stage of these layers
             et = eager_terms(self.graph, (li, li + 1), prob, assign, ev, self.settings.n_microbatches,
                              self.settings.zero, self.cm) if self.eager else NO_EAGER
-            sol = LayerSol(ev.per_microbatch_s + et.device_s, ev.recompute_fwd_s, ev.sync_s + et.grad_bucket_s,
+            sync = grad_sync_step_s(prob, assign, ev, self.settings.zero, default_grad_sync_engine(self.eager),
+                                    ev.bwd_s + et.bwd_s)
+            sol = LayerSol(ev.per_microbatch_s + et.device_s, ev.recompute_fwd_s, sync + et.grad_bucket_s,
                            ev.param_state_bytes(self.settings.zero) + et.held_bytes, ev.param_elems,
                            ev.stash_bytes + et.stash_bytes, in_bytes + et.inputs_fp32_extra_bytes,
                            out_spec, chosen, res.status, res.objective, seq)

@@ -190,6 +190,48 @@ def attention_of(run: dict) -> tuple[str, float, str]:
     return "flash", 0.0, "inferred: no statement; the zoo's default"
 
 
+# Each source's data-parallel gradient sync: the engine whose buckets it ran
+# (autopar.costmodel.collectives.GRAD_SYNC_ENGINES: "megatron-core" overlaps max(40M, 1M x dp)-
+# parameter buckets with the backward, "megatron-local" all-reduces one flat buffer after it,
+# "deepspeed" 5e8-element buckets after the pipeline schedule), with the basis. It matters only
+# for data-parallel runs below ZeRO-2 (FSDP runs reduce-scatter per block, priced apart). A
+# source not listed runs autopar's default (Megatron-Core's). Overlapped buckets came to
+# Megatron-LM with Megatron-Core's DistributedDataParallel (--overlap-grad-reduce, 2023); before,
+# --DDP-impl local (the default) all-reduced a flat gradient buffer in train_step, after the
+# backward (megatron/model/distributed.py).
+GRAD_SYNC_BY_SOURCE: tuple[tuple[str, str, str], ...] = (
+    ("NVIDIA/Megatron-LM README, images/model_table.png", "megatron-core",
+     "inferred: the 2024 table is Megatron-Core, whose performance configurations overlap the gradient "
+     "reduce (--overlap-grad-reduce)"),
+    ("Megatron-Core", "megatron-core", "inferred: Megatron-Core with --overlap-grad-reduce"),
+    ("Korthikanti et al.", "megatron-local", "inferred: Megatron-LM of 2022 (--DDP-impl local, after the backward)"),
+    ("Narayanan et al., SC21", "megatron-local", "inferred: Megatron-LM of 2021 (--DDP-impl local, after the backward)"),
+    ("NVIDIA/Megatron-LM images/tables.tex", "megatron-local",
+     "inferred: Megatron-LM of 2020 (--DDP-impl local, after the backward)"),
+    ("Oneflow-Inc/DLPerf", "megatron-local",
+     "inferred: DLPerf's Megatron-LM of May 2021 (--DDP-impl local, after the backward)"),
+    ("bigscience-workshop", "deepspeed",
+     "inferred: Megatron-DeepSpeed's pipeline engine reduces ZeRO-1's gradients after the schedule "
+     "(DeepSpeed's default reduce_bucket_size 5e8)"),
+    ("Smith et al., MT-NLG", "deepspeed", "inferred: Megatron-DeepSpeed's pipeline engine, after the schedule"),
+)
+# OneFlow-GPT (DLPerf's OneFlow columns): OneFlow's actors launch each gradient's all-reduce as
+# soon as it is made, beside the backward; its fusion sizes are not stated, so Megatron-Core's
+# buckets stand in.
+ONEFLOW_GRAD_SYNC = ("megatron-core", "inferred: OneFlow overlaps the gradient all-reduce with the backward; "
+                     "Megatron-Core's bucket size stands in")
+
+
+def grad_sync_of(run: dict) -> tuple[str | None, str]:
+    """(engine, basis) of a run's gradient sync; None: autopar's default."""
+    if framework_of(run) == "OneFlow":
+        return ONEFLOW_GRAD_SYNC
+    for key, engine, basis in GRAD_SYNC_BY_SOURCE:
+        if key in run["source"]:
+            return engine, basis
+    return None, "inferred: no statement; autopar's default"
+
+
 @dataclass
 class Job:
     """One run as an autopar evaluation."""
@@ -211,6 +253,7 @@ class Job:
     vp: int
     zero: int
     params_b: float | None = None
+    grad_sync: str | None = None   # the engine of the data-parallel gradient sync (GRAD_SYNC_BY_SOURCE)
     flags: list[str] = field(default_factory=list)
     measured: dict = field(default_factory=dict)   # tokens_per_s_per_gpu, basis, memory_gib
 
@@ -298,9 +341,10 @@ def _untied_matches(shape: dict, params_b: float) -> bool:
     return abs(tied / params_b - 1) > 0.03 and abs(untied - params_b) < abs(tied - params_b)
 
 
-def map_run(run: dict, attention: bool = True) -> Job | str:
+def map_run(run: dict, attention: bool = True, grad_sync: bool = True) -> Job | str:
     """A Job, or the reason the run cannot be evaluated ("skipped: <reason>"). attention=False
-    evaluates every run with the zoo's default (flash) attention, as before ATTENTION_BY_SOURCE."""
+    evaluates every run with the zoo's default (flash) attention, as before ATTENTION_BY_SOURCE;
+    grad_sync=False every run with autopar's default gradient sync (GRAD_SYNC_BY_SOURCE)."""
     p, m, me = run["parallel"], run["model"], run["measured"]
     flags: list[str] = []
     if run["status"] != "ok":
@@ -453,9 +497,12 @@ def map_run(run: dict, attention: bool = True) -> Job | str:
     for f in run.get("uncertain_fields", []):
         if f.startswith(("model.", "parallel.", "precision")):
             flags.append(f"uncertain {f}")
+    engine, sync_basis = grad_sync_of(run) if grad_sync else (None, "stated: --grad-sync default")
+    if engine and dp > 1 and zero <= 1:
+        flags.append(f"grad sync {engine} ({sync_basis})")
     job = Job(id=run["id"], model=spec, seq=seq, dtype=dtype, cluster=cluster, nodes=n // gpn, gpus_per_node=gpn,
               dp=dp, tp=tp, pp=pp, microbatch=mb, global_batch=gb, recompute=recompute, schedule=schedule, vp=vp,
-              zero=zero, params_b=m.get("params_b"), flags=flags,
+              zero=zero, params_b=m.get("params_b"), grad_sync=engine, flags=flags,
               measured={"tokens_per_s_per_gpu": tokens_per_gpu, "basis": basis, "memory_gib": me.get("memory_gib")})
     return job
 
@@ -604,6 +651,8 @@ def evaluate_group(task: tuple[str, int, str, list[dict]]) -> list[dict]:
                                j["vp"] if j["schedule"] == "interleaved" else 1, j["zero"])
             # eager None: autopar's default; True/False: the eager recipe's terms on/off
             kw = {} if j.get("eager") is None else {"eager": j["eager"]}
+            if j.get("grad_sync"):
+                kw["grad_sync"] = j["grad_sync"]
             plan = api.build_3d(src, cl, j["global_batch"], cfg, dtype, **kw)
             d = plan.to_dict()
             graph = src.graph(j["microbatch"] * j["dp"])
@@ -725,7 +774,7 @@ def step_breakdown(row: dict) -> dict:
 
 def run_all(runs: list[dict], split: dict, workers: int, only: list[str] | None = None,
             log=print, what_if: dict | None = None, eager: bool | None = None,
-            attention: bool = True) -> list[dict]:
+            attention: bool = True, grad_sync: bool = True) -> list[dict]:
     rows: dict[str, dict] = {}
     jobs: dict[str, Job] = {}
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -734,10 +783,10 @@ def run_all(runs: list[dict], split: dict, workers: int, only: list[str] | None 
         if only and not any(o.lower() in (run["id"] + " " + run["source"]).lower() for o in only):
             continue
         row = _row_base(run, split)
-        mapped = map_run(run, attention)
+        mapped = map_run(run, attention, grad_sync)
         if run["status"] == "oom":
             # OOM runs are not compared for speed, but autopar should not call them a fit.
-            mapped = map_run({**run, "status": "ok", "measured": {"step_time_s": 1.0}}, attention)
+            mapped = map_run({**run, "status": "ok", "measured": {"step_time_s": 1.0}}, attention, grad_sync)
             if isinstance(mapped, Job):
                 oom_jobs.append(mapped.id)
                 row["oom_check"] = True
@@ -877,6 +926,9 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", choices=("by-source", "flash"), default="by-source",
                     help="each run's attention as its source computed it (ATTENTION_BY_SOURCE), or every run "
                          "with the zoo's default flash attention (the model before attn=unfused)")
+    ap.add_argument("--grad-sync", choices=("by-source", "default"), default="by-source",
+                    help="each run's data-parallel gradient sync as its engine ran it (GRAD_SYNC_BY_SOURCE), or "
+                         "every run with autopar's default (Megatron-Core's overlapped buckets)")
     a = ap.parse_args(argv)
     if a.report:
         data = json.loads(Path(a.report).read_text())
@@ -887,7 +939,8 @@ def main(argv=None) -> int:
     split = load_split(Path(a.split))
     what_if = {k: float(v) for k, _, v in (w.partition("=") for w in a.what_if)}
     rows = run_all(runs, split, a.workers, a.only.split(",") if a.only else None, log=lambda s: print(s, flush=True),
-                   what_if=what_if, eager=a.eager, attention=a.attention == "by-source")
+                   what_if=what_if, eager=a.eager, attention=a.attention == "by-source",
+                   grad_sync=a.grad_sync == "by-source")
     elapsed = time.perf_counter() - t0
     text = report(rows, worst=a.worst)
     print(text)
@@ -899,7 +952,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"schema": "autopar.published_eval/v1", "date": datetime.date.today().isoformat(),
                "runs_file": str(a.runs), "split_file": str(a.split), "autopar": dict(autopar_version(), label=a.label),
-               "what_if": what_if, "eager": a.eager, "attention": a.attention, "wall_time_s": elapsed, "cpu_time_s": cpu, "load_average_end": load,
+               "what_if": what_if, "eager": a.eager, "attention": a.attention, "grad_sync": a.grad_sync, "wall_time_s": elapsed, "cpu_time_s": cpu, "load_average_end": load,
                "workers": a.workers, "cpu_count": os.cpu_count(), "rows": rows}
     write_results(out, payload)
     print(f"wrote {out}")

@@ -423,12 +423,13 @@ def test_best_simulated_is_the_best_of_simulating_all(seed):
         assert skipped
 
 
-def test_lower_bound_is_the_busiest_rank_with_its_syncs():
+def test_lower_bound_is_the_busiest_rank():
     choice = StageChoice((1, 1), StartLayout((0,)), "none")
     c = Candidate(((0, 1, 0), (1, 2, 0), (2, 3, 0), (3, 4, 0)), (choice,) * 4, (1.0, 2.0, 0.5, 1.0), (0.1, 0.2, 0.3, 0.4),
                   dp_total_s=0.0, origin="equal", chunks=2)
-    # ranks: chunks 0 and 2 on rank 0, 1 and 3 on rank 1
-    assert c.step_lower_bound_s(4) == pytest.approx(max(4 * 1.5 + 0.4, 4 * 3.0 + 0.6))
+    # ranks: chunks 0 and 2 on rank 0, 1 and 3 on rank 1; the syncs' buckets may hide behind
+    # the backward, so they are not part of the bound
+    assert c.step_lower_bound_s(4) == pytest.approx(max(4 * 1.5, 4 * 3.0))
 
 
 # ---- microbatch sizes --------------------------------------------------------------------------

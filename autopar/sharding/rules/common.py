@@ -19,7 +19,10 @@ from autopar.costmodel.collectives import (
     STEP,
     ZERO,
     Collective,
+    all_reduce_share_s,
     collective_s,
+    default_grad_sync_engine,
+    grad_bucket_bytes,
 )
 from autopar.costmodel.compute import ComputeModel
 from autopar.hardware.mesh import Mesh
@@ -106,7 +109,14 @@ def param_terms(node: OpNode, param_specs: Mapping[int, Spec], partial_mask_of: 
             continue
         grad, weight = local * GRAD_BYTES, local * dtype_bytes(o.dtype)
         if o.owns_param:
-            colls += [collective(ALL_REDUCE, partial, grad, STEP, mesh, GRAD_SYNC, (0, 1)),
+            # The gradient sync runs in the default engine's buckets (collectives.py, "the
+            # data-parallel gradient sync"): this gradient's share of a full bucket's all-reduce,
+            # not an all-reduce (and a latency) of its own. The evaluator and the planner's
+            # tables schedule the buckets beside the backward (evaluator.grad_sync_buckets).
+            axis = mesh.axis(partial)
+            bucket = grad_bucket_bytes(default_grad_sync_engine(False), axis.size, GRAD_BYTES)
+            colls += [Collective(ALL_REDUCE, partial, grad, STEP, all_reduce_share_s(grad, max(bucket, grad), axis), GRAD_SYNC,
+                                 (0, 1)),
                       collective(REDUCE_SCATTER, partial, grad, BACKWARD, mesh, ZERO, (2,)),
                       collective(ALL_GATHER, partial, weight, STEP, mesh, ZERO, (2,))]
         colls.append(collective(ALL_GATHER, partial, weight, FORWARD, mesh, ZERO, (3,)))
