@@ -1340,4 +1340,4 @@ def apply(plan: Plan, model: nn.Module | None = None, *, example_inputs: tuple |
             warnings.warn(f"autopar.runtime: plan {plan.config.label or plan.strategy!r} runs op by op on "
                           f"DTensors (slow): {e}", stacklevel=2)
     return apply_program(plan, model, example_inputs=example_inputs, device=device, optimizer=optimizer, lr=lr,
-                         seed=seed, autocast_dtype=autocast_dtype)
+                         seed=seed, autocast_dtype=autocast_dtype, compile=compile)
