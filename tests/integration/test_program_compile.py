@@ -1,0 +1,83 @@
+"""The sharded stage program compiled per layer (runtime.program.CompiledBlock): a plan whose
+layout no engine takes runs its blocks through torch.compile and trains exactly as one process
+does (gloo, fp32); a block that does not compile runs op by op, with a warning naming it.
+
+On CPU the blocks compile with the "aot_eager" backend: dynamo's trace of the program and
+AOTAutograd's joint forward/backward graph, run by eager kernels, so the numbers checked are the
+traced graph's without a C++ build per block; on CUDA the default backend is Inductor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import graphs
+from autopar.evaluation.baselines import Config3D, build_3d
+from autopar.evaluation.evaluator import evaluate
+from autopar.hardware.presets import load_cluster
+from autopar.model import ModelSource
+from autopar.plan import Plan
+from autopar.runtime.engines import EngineMismatch, match_plan
+
+pytestmark = pytest.mark.runtime
+
+M = "gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128"
+TOL = 1e-5
+
+
+def other_layout(mb: int = 2) -> Plan:
+    """Megatron tp2 with one row-parallel matmul replicated instead: no engine takes it."""
+    cl = load_cluster("p3.16xlarge", 1, 2)
+    plan = build_3d(ModelSource(M), cl, 8, Config3D(1, 2, 1, mb))
+    plan.stages[0].strategies["blocks_1_mlp_fc2"] = "R"
+    return evaluate(plan, graphs.load(M, batch=mb), cl)
+
+
+def run_cli(plan: Plan, tmp_path, backend: str, *flags: str) -> tuple[dict, str]:
+    path = tmp_path / "plan.json"
+    path.write_text(plan.to_json())
+    env = dict(os.environ, AUTOPAR_COMPILE_BACKEND=backend)
+    r = subprocess.run([sys.executable, "-m", "autopar.cli", "run", str(path), "--device", "cpu", "--steps", "2",
+                        "--check", "--json", *flags], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout), r.stderr
+
+
+def assert_exact(out: dict) -> None:
+    assert out["max_abs_loss_diff"] < TOL, out
+    assert out["max_abs_grad_diff"] < TOL, out
+    assert out["n_grads_compared"] == len(graphs.zoo.build_module(M).state_dict())
+    assert not out["engines"]                   # the program path, not PyTorch's engines
+
+
+def test_the_layout_is_no_engines():
+    plan = other_layout()
+    with pytest.raises(EngineMismatch, match="op blocks_1_mlp_fc2 is 'R'"):
+        match_plan(plan, graphs.load(M, batch=2), "gpt")
+
+
+def test_compiled_blocks_match_one_process(tmp_path):
+    out, err = run_cli(other_layout(), tmp_path, "aot_eager", "--compile")
+    assert_exact(out)
+    # every block compiled: none fell back to running op by op
+    assert "torch.compile of block" not in err, err[-3000:]
+    assert "runs op by op on DTensors (slow): stage 0" in err        # the engines' mismatch, named
+
+
+def test_compile_failure_warns_and_runs_op_by_op(tmp_path):
+    # a backend that cannot compile (tvm is registered, not installed): every block says so, and
+    # the run still computes one process's numbers
+    out, err = run_cli(other_layout(), tmp_path, "tvm", "--compile")
+    assert_exact(out)
+    assert "torch.compile of block 2 (layer 1, ops blocks_0_ln1 .. " in err, err[-3000:]
+    assert "the tvm backend failed on it" in err and "this block runs op by op" in err
+
+
+def test_no_compile_runs_op_by_op(tmp_path):
+    out, err = run_cli(other_layout(), tmp_path, "tvm", "--no-compile")
+    assert_exact(out)
+    assert "torch.compile of block" not in err          # nothing was compiled, so nothing failed
