@@ -37,6 +37,21 @@ def other_layout(mb: int = 2) -> Plan:
     return evaluate(plan, graphs.load(M, batch=mb), cl)
 
 
+def two_d_layout() -> Plan:
+    """The layout of gpt-39b's headline plan (autopar plan gpt-39b --cluster p3.16xlarge) on a 2x2
+    mesh: q/k/v/fc1 weights split on both dims over both axes ("k@0,n@1+rs:b@0"), sequence-
+    parallel row matmuls over axis 1, batch over axis 0 (bench/runtime_vs_native.py --program)."""
+    cl = load_cluster("p3.16xlarge", 1, 4)
+    plan = build_3d(ModelSource(M), cl, 8, Config3D(2, 2, 1, 2))
+    for name in plan.stages[0].strategies:
+        if name.endswith(("attn_q", "attn_k", "attn_v", "mlp_fc1")):
+            plan.stages[0].strategies[name] = "k@0,n@1+rs:b@0"
+        elif name.endswith(("attn_proj", "mlp_fc2")):
+            plan.stages[0].strategies[name] = "b@0,k@1+rs:s@1"
+    plan.stages[0].strategies["wpe"] = "h@01"
+    return evaluate(plan, graphs.load(M, batch=plan.training.microbatch_size), cl)
+
+
 def run_cli(plan: Plan, tmp_path, backend: str, *flags: str) -> tuple[dict, str]:
     path = tmp_path / "plan.json"
     path.write_text(plan.to_json())
@@ -81,3 +96,13 @@ def test_no_compile_runs_op_by_op(tmp_path):
     out, err = run_cli(other_layout(), tmp_path, "tvm", "--no-compile")
     assert_exact(out)
     assert "torch.compile of block" not in err          # nothing was compiled, so nothing failed
+
+
+def test_two_d_sharded_weights_compiled_match_one_process(tmp_path):
+    plan = two_d_layout()
+    q = next(o for o in plan.stages[0].ops if o["name"] == "blocks_0_attn_q")
+    assert q["in_specs"][1] == "S1S0"               # the weight split on both dims
+    out, err = run_cli(plan, tmp_path, "aot_eager", "--compile", "--optimizer", "sgd", "--lr", "0.1")
+    assert_exact(out)
+    assert out["max_abs_param_diff"] < TOL
+    assert out["n_processes"] == 4 and "torch.compile of block" not in err, err[-3000:]
