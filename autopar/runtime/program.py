@@ -322,6 +322,7 @@ class StageModule(nn.Module):
         """The interpreter over one block's segments (what CompiledBlock compiles)."""
         for kind, nodes in segs:
             if kind == "ckpt":
+                _trace_mark(f"{nodes[0].name} .. {nodes[-1].name} (checkpointed)")
                 self._run_checkpointed(nodes, env)
             else:
                 for n in nodes:
@@ -411,7 +412,9 @@ class StageModule(nn.Module):
         out = self._local_matmul(n, ir_node, args, kwargs, param_specs) if ir_node.kind == MATMUL else None
         if out is None and ir_node.kind == EMBEDDING and self._vocab_split(n, param_specs):
             out = self._vocab_parallel_embedding(n, args, kwargs, param_specs)
-        if out is None and n.name in self._fallbacks:     # known to have no DTensor rule (traceable)
+        if out is None and n.name in self._fallbacks and torch.compiler.is_compiling():
+            # known to have no DTensor rule (a trace cannot try it); eager keeps trying, so that a
+            # checkpoint's recomputation takes the forward's path
             out = self._local_fallback(n, args, kwargs, op, None)
         if out is None:
             try:
@@ -743,7 +746,7 @@ class StageModule(nn.Module):
         loss = n.target(xd, td, *args[2:], **kwargs)
         return DTensor.from_local(loss.to_local(), self.mesh, [Replicate()] * self.mesh.ndim, run_check=False)
 
-    def _local_fallback(self, n, args, kwargs, op, err: Exception | None):
+    def _local_fallback(self, n, args, kwargs, op, err):
         """An op DTensor has no rule for (sdpa on CPU): run it on the local shards, which is exact
         when every split is along dims the op treats independently (batch and heads of
         attention; identical layouts of an elementwise op's operands)."""
@@ -766,7 +769,8 @@ class StageModule(nn.Module):
                 f"op {n.name} ({ir_node.op}, strategy {op.get('strategy')!r}, in_specs {op.get('in_specs')}): "
                 f"DTensor has no sharding rule for it ({str(err).splitlines()[0]}) and its layout is not "
                 "one this runtime can run shard-locally") from err
-        self._fallbacks.add(n.name)
+        if not torch.compiler.is_compiling():      # (a checkpoint's trace takes no side effects)
+            self._fallbacks.add(n.name)
         local = lambda x: x.to_local() if isinstance(x, DTensor) else x     # noqa: E731
         out = self._call(n, _map(args, local), _map(kwargs, local))
         shape = self._shape[n.name]
@@ -890,6 +894,9 @@ class CompiledBlock:
         self.stage = stage
         self.index, self.layer, self.nodes = index, layer, nodes
         self.inputs, self.outputs, self.segs = inputs, outputs, segs
+        # A layer recomputed whole (recompute "full") is checkpointed around its compiled code.
+        self.recomputed = all(kind == "ckpt" for kind, _ in segs)
+        self.traced_segs = [("run", [n for _, ns in segs for n in ns])] if self.recomputed else segs
         self.free_after: list[str] = []
         self.compiled: Any = None
         self.eager = False              # compiling failed: run op by op
@@ -902,20 +909,37 @@ class CompiledBlock:
         self.stage._run_nodes(self.segs, env)
         return tuple(env[n] for n in self.outputs)
 
+    def traced(self, *vals):
+        env = dict(zip(self.inputs, vals))
+        self.stage._run_nodes(self.traced_segs, env)
+        return tuple(env[n] for n in self.outputs)
+
+    def _compiled_call(self, *vals):
+        if not self.recomputed:
+            return self.compiled(*vals)
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(self.compiled, *vals, use_reentrant=False)
+
     def __call__(self, *vals):
         if self.eager:
             return self.run(*vals)
         if self.checked:
-            return self.compiled(*vals)
+            return self._compiled_call(*vals)
         if not self.warm:
             self.warm = True
+            if not self.recomputed and any(kind == "ckpt" for kind, _ in self.segs):
+                # a checkpoint inside the traced region failed in its backward (torch 2.13, DTensor)
+                self.eager = True
+                warnings.warn(f"autopar.runtime: {self.what()} recomputes some of its ops (selective recomputation), "
+                              "which compiled blocks do not do; this block runs op by op on DTensors (slow)",
+                              stacklevel=2)
             return self.run(*vals)
-        self.compiled = torch.compile(_own_code(self.run, f"autopar_block_{self.index}"), backend=compile_backend(),
+        self.compiled = torch.compile(_own_code(self.traced, f"autopar_block_{self.index}"), backend=compile_backend(),
                                       fullgraph=True, dynamic=False)
         from torch._dynamo.exc import TorchDynamoException
         _TRACING[0] = None
         try:
-            out = self.compiled(*vals)
+            out = self._compiled_call(*vals)
         except TorchDynamoException as e:
             self.eager = True
             warnings.warn(self.failure(e), stacklevel=2)
@@ -923,11 +947,14 @@ class CompiledBlock:
         self.checked = True
         return out
 
+    def what(self) -> str:
+        return f"block {self.index} (layer {self.layer}, ops {self.nodes[0]} .. {self.nodes[-1]})"
+
     def failure(self, err: BaseException) -> str:
         from torch._dynamo.exc import BackendCompilerFailed
-        what = f"block {self.index} (layer {self.layer}, ops {self.nodes[0]} .. {self.nodes[-1]})"
+        what = self.what()
         first = next((x for x in str(err).splitlines() if x.strip()), type(err).__name__)
-        if isinstance(err, BackendCompilerFailed) or _TRACING[0] is None:
+        if isinstance(err, BackendCompilerFailed):
             where = f"the {compile_backend()} backend failed on it"
         else:
             where = f"tracing op {_TRACING[0]} failed"

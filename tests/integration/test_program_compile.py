@@ -29,11 +29,14 @@ M = "gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128"
 TOL = 1e-5
 
 
-def other_layout(mb: int = 2) -> Plan:
-    """Megatron tp2 with one row-parallel matmul replicated instead: no engine takes it."""
-    cl = load_cluster("p3.16xlarge", 1, 2)
-    plan = build_3d(ModelSource(M), cl, 8, Config3D(1, 2, 1, mb))
-    plan.stages[0].strategies["blocks_1_mlp_fc2"] = "R"
+def other_layout(mb: int = 2, pp: int = 1, **kw) -> Plan:
+    """Megatron tp2 (x pp) with the row-parallel fc2 matmuls replicated instead: no engine takes it."""
+    cl = load_cluster("p3.16xlarge", 1, 2 * pp)
+    plan = build_3d(ModelSource(M), cl, 8, Config3D(1, 2, pp, mb, **kw))
+    for s in plan.stages:
+        for name in s.strategies:
+            if name.endswith("mlp_fc2"):
+                s.strategies[name] = "R"
     return evaluate(plan, graphs.load(M, batch=mb), cl)
 
 
@@ -71,7 +74,7 @@ def assert_exact(out: dict) -> None:
 
 def test_the_layout_is_no_engines():
     plan = other_layout()
-    with pytest.raises(EngineMismatch, match="op blocks_1_mlp_fc2 is 'R'"):
+    with pytest.raises(EngineMismatch, match="op blocks_0_mlp_fc2 is 'R'"):
         match_plan(plan, graphs.load(M, batch=2), "gpt")
 
 
@@ -106,3 +109,13 @@ def test_two_d_sharded_weights_compiled_match_one_process(tmp_path):
     assert_exact(out)
     assert out["max_abs_param_diff"] < TOL
     assert out["n_processes"] == 4 and "torch.compile of block" not in err, err[-3000:]
+
+
+def test_pipeline_with_recomputed_layers_compiled_matches_one_process(tmp_path):
+    # two stages (1F1B) whose layers are recomputed whole: each is checkpointed around its
+    # compiled code
+    plan = other_layout(pp=2, recompute="full")
+    out, err = run_cli(plan, tmp_path, "aot_eager", "--compile", "--optimizer", "sgd", "--lr", "0.1")
+    assert_exact(out)
+    assert out["max_abs_param_diff"] < TOL
+    assert "torch.compile of block" not in err, err[-3000:]
