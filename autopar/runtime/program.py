@@ -187,7 +187,8 @@ class StageModule(nn.Module):
         self._op_of = {n: _Op(n) for n in prog.nodes}
         self._shape = {n.name: v.shape for n, v in values.items() if isinstance(v, torch.Tensor)}
         self._param_name = {n.name: name for n, name in param_of.items()}
-        self._ir_node = {n.name: ir.node(n.name) for n in prog.nodes if n.name in ir}   # (ir is a networkx graph)
+        # IR nodes of what the stage runs, receives and reads (ir is a networkx graph: not traced)
+        self._ir_node = {n.name: ir.node(n.name) for n in prog.nodes + prog.inputs + prog.data if n.name in ir}
         self._segments = [(kind, [self._op_of[n] for n in nodes]) for kind, nodes in self._plan_segments()]
         self._fallbacks: set[str] = set()
         self.loss_axis = vocab_split_loss_axis(list(ops.values()), ir) if mesh is not None else None
