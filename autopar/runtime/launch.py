@@ -277,17 +277,19 @@ def reference(cfg: RunConfig) -> dict:
 # ---------------------------------------------------------------------------------------------
 # many plans in one launch: one forward/backward each, compared with one process
 
-def check_plans(plan_jsons: list[str], *, device: str = "cpu", seed: int = 0, timeout_s: float = 900.0) -> list[dict]:
+def check_plans(plan_jsons: list[str], *, device: str = "cpu", seed: int = 0, timeout_s: float = 900.0,
+                compile: bool | None = None) -> list[dict]:
     """For plans of one model on one device count: apply each in turn in one set of processes
     (starting processes dominates the cost of a small check), run one forward/backward, and
-    return per plan the largest |loss diff| and |grad diff| against one process."""
+    return per plan the largest |loss diff| and |grad diff| against one process. compile: as
+    `autopar run --compile` (a compiled program's first microbatch runs op by op)."""
     from autopar.plan import Plan
     plans = [Plan.from_json(p) for p in plan_jsons]
     ns = {validate(p, device, None) for p in plans}
     if len(ns) != 1 or len({p.model.name for p in plans}) != 1:
         raise LaunchError("check_plans needs plans of one model on one device count")
     cfg = RunConfig(plans[0].to_json(), 1, device, True, "sgd", 0.0, seed, timeout_s, "fp32", _free_port(), "",
-                    extra={"plans": [p.to_json() for p in plans]})
+                    extra={"plans": [p.to_json() for p in plans]}, compile=compile)
     return _launch(cfg, ns.pop(), _check_body)["results"]
 
 
@@ -306,7 +308,8 @@ def _check_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict 
         plan = Plan.from_json(text)
         batch = make_batch(plan, 0, cfg.seed)
         try:
-            pm = apply(plan, build_model(plan, device=device, seed=cfg.seed), device=device, optimizer="sgd", lr=0.0)
+            pm = apply(plan, build_model(plan, device=device, seed=cfg.seed), device=device, optimizer="sgd", lr=0.0,
+                       compile=cfg.compile)
             loss = pm.forward_backward(batch)
             grads = pm.full_grads()             # collective over the stage's mesh: every rank calls it
             mine = {"loss": None if loss is None or pm.local_index else float(loss),

@@ -119,3 +119,21 @@ def test_pipeline_with_recomputed_layers_compiled_matches_one_process(tmp_path):
     assert_exact(out)
     assert out["max_abs_param_diff"] < TOL
     assert "torch.compile of block" not in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_every_gpt_strategy_compiled_matches_one_process(monkeypatch, capfd):
+    # every strategy the ILP offers each op on a 2x2 mesh (test_runtime's sweep), compiled: the
+    # second microbatch of each plan runs the compiled blocks (6-7 minutes on 2 cores)
+    from builders import rotated_strategy_plans
+
+    from autopar.runtime.launch import check_plans
+    monkeypatch.setenv("AUTOPAR_COMPILE_BACKEND", "aot_eager")
+    model = M.replace("layers=4", "layers=1")
+    cl = load_cluster("p3.16xlarge", 1, 4)
+    base = build_3d(ModelSource(model), cl, 8, Config3D(2, 2, 1, 2))
+    assert base.training.n_microbatches == 2
+    results = check_plans(rotated_strategy_plans(base, cl, "sweep 2x2"), compile=True)
+    bad = [r for r in results if r["max_abs_loss_diff"] >= TOL or r["max_abs_grad_diff"] >= TOL]
+    assert not bad, bad
+    assert "torch.compile of block" not in capfd.readouterr().err
