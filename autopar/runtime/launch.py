@@ -598,8 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                    help="compute precision (autocast; cuda only). Default: fp32 on cpu, the plan's dtype on cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile each transformer block (plans lowered to PyTorch's engines); default: on for "
-                        "tensor-parallel stages on cuda, off elsewhere")
+                   help="torch.compile each transformer block (plans lowered to PyTorch's engines; other plans' "
+                        "fx/DTensor program per layer); default: on for tensor-parallel stages and the program on "
+                        "cuda, off elsewhere")
     p.add_argument("--tol", type=float_arg("--tol", 0.0, 1e30), default=1e-4, help="with --check: exit 1 when a difference exceeds this")
     p.add_argument("--timeout-s", type=float_arg("--timeout-s", 0.0, MAX_TIMEOUT_S, lo_open=True), default=900.0, help="stop every process after this long")
     return p

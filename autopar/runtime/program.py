@@ -15,6 +15,18 @@ partial: that is the all-reduce or reduce-scatter charged). In backward, each re
 summed over its readers, is brought back to the `out_spec` layout before the op's own backward:
 a partial gradient is all-reduced there, once, as charged. Weights gathered for an op (ZeRO-3)
 are gathered again in backward instead of kept.
+
+Compiled (StageModule(compile=True); `autopar run --compile`, by default on CUDA): each layer's
+nodes run as one torch.compile'd region (CompiledBlock). Dynamo traces this same interpreter, so
+the redistribution decisions are made at trace time and land in the graph as functional
+collectives, and the backend (Inductor) compiles the joint forward+backward; the numbers are the
+interpreter's (the gloo tests compare them with one process, on the "aot_eager" backend). The
+interpreter reads plain records of the fx nodes (_Op) and plain dicts of the IR for that reason:
+dynamo does not trace torch.fx or networkx. What differs compiled: a block's first call runs op by
+op (it finds the ops DTensor has no rule for, which a trace cannot try); ZeRO-3's gathered weights
+are left to the backend's partitioner instead of regathered in backward; a layer recomputed whole
+is checkpointed around its compiled code, and a layer recomputing only some ops runs op by op. A
+block that fails to compile runs op by op, with a warning naming the block and the op traced.
 """
 
 from __future__ import annotations
