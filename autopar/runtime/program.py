@@ -952,7 +952,8 @@ class CompiledBlock:
         from torch._dynamo.exc import TorchDynamoException
         _TRACING[0] = None
         try:
-            out = self._compiled_call(*vals)
+            with _backward_compiled_now():
+                out = self._compiled_call(*vals)
         except TorchDynamoException as e:
             self.eager = True
             warnings.warn(self.failure(e), stacklevel=2)
@@ -973,6 +974,18 @@ class CompiledBlock:
             where = f"tracing op {_TRACING[0]} failed"
         return (f"autopar.runtime: torch.compile of {what}: {where} ({type(err).__name__}: {first[:300]}); "
                 "this block runs op by op on DTensors (slow)")
+
+
+def _backward_compiled_now():
+    """Inductor lowers the backward graph at the first backward unless told to now: a failure
+    there would stop the run in its backward instead of falling back here. (A setting of recent
+    torch: a no-op where it is missing.)"""
+    import contextlib
+
+    import torch._functorch.config as aot_config
+    if hasattr(aot_config, "force_non_lazy_backward_lowering"):
+        return aot_config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
 
 
 def compile_backend() -> str:
