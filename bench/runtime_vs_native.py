@@ -10,6 +10,7 @@ same model and strategy on the same GPUs (issue 12).
     python bench/runtime_vs_native.py --merge NEW.json --note '...'   # fold a run's rows into the results
     python bench/runtime_vs_native.py --device cpu --quick  # 2 gloo processes, a tiny model (a smoke test)
     python bench/runtime_vs_native.py --case gpt-1.3b:auto:8 --out FILE    # only the cases named
+    python bench/runtime_vs_native.py --program --gpus 4    # the op-by-op program: eager vs compiled
 
 Per (model, strategy, microbatch) both ways, one after the other in the same two processes:
 
@@ -28,6 +29,13 @@ Per (model, strategy, microbatch) both ways, one after the other in the same two
              autopar.plan's own plan, `auto-eager` the one priced as the eager engines run it
              (autopar plan --eager), each compared with the fastest native recipe of its row),
              applied with autopar.runtime.apply as `autopar run` does
+
+--program: no native recipe; the layout of gpt-39b's headline plan (autopar plan gpt-39b --cluster
+p3.16xlarge), which no engine takes, on the fx/DTensor program, op by op (compile False) against
+compiled per layer (True; Inductor, or AUTOPAR_COMPILE_BACKEND). Strategy "2d" on a 2 x (gpus/2)
+mesh: q/k/v/fc1 "k@0,n@1+rs:b@0" (the weight split on both dims, over both axes), proj/fc2
+"b@0,k@1+rs:s@1", attention "b@0,h@1", embeddings "h@0,v@1+rs:s@1" / "h@01", head "b@0,n@1". With
+2 GPUs the mesh is 1 x 2 and each strategy keeps its axis-1 part (no weight is split twice there).
 
 Every strategy trains the same global batch of 4 x microbatch sequences per step. Rows go to
 bench/results/runtime_vs_native_<gpu>.json (written after every case, so a run stopped by its
@@ -78,6 +86,13 @@ COMPILED = [("gpt-1.3b", "tp", 1, True), ("gpt-1.3b", "dp", 8, True), (LLAMA_1B,
 QUICK = ([("gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128", s, 2, False)
           for s in ("dp", "zero3", "tp", "pp", "zero1", "auto")]
          + [("llama:hidden=64,layers=2,heads=4,kv_heads=2,seq=32,vocab=128", "tp", 2, False)])
+# the op-by-op program, eager and compiled (--program; bench/runtime_vs_native.py's docstring)
+PROGRAM = [("gpt-1.3b", "2d", mb, c) for mb in (8, 2) for c in (False, True)]
+PROGRAM_QUICK = [("gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128", "2d", 2, c) for c in (False, True)]
+# gpt-39b's headline plan, per op kind (the 9 layers of 48 where q/k/v/fc1 split their weights twice)
+TWO_D = {"attn_q": "k@0,n@1+rs:b@0", "attn_k": "k@0,n@1+rs:b@0", "attn_v": "k@0,n@1+rs:b@0",
+         "mlp_fc1": "k@0,n@1+rs:b@0", "attn_proj": "b@0,k@1+rs:s@1", "mlp_fc2": "b@0,k@1+rs:s@1",
+         "scaled_dot_product_attention": "b@0,h@1", "wte": "h@0,v@1+rs:s@1", "wpe": "h@01", "linear": "b@0,n@1"}
 CONFIGS = {"dp": dict(dp=2, tp=1, pp=1), "zero3": dict(dp=2, tp=1, pp=1, zero=3), "zero1": dict(dp=2, tp=1, pp=1, zero=1),
            "tp": dict(dp=1, tp=2, pp=1), "pp": dict(dp=1, tp=1, pp=2), "cp": dict(dp=1, tp=1, pp=1, cp=2)}
 WARMUP_STEPS, TIMED_STEPS = 2, 4
@@ -103,12 +118,50 @@ def make_plan(model: str, strategy: str, micro: int, n_gpus: int, cluster: str):
     from autopar.hardware.presets import load_cluster
     from autopar.model import ModelSource
     gb = 4 * micro
+    if strategy == "2d":
+        return two_d_plan(model, micro, n_gpus, cluster)
     if strategy in AUTO:
         return autopar.plan(model, cluster, nodes=1, gpus_per_node=n_gpus, global_batch=gb,
                             eager=strategy == "auto-eager")
     c = CONFIGS[strategy]
     per_rank = micro if c["dp"] == 1 else micro
     return build_3d(ModelSource(model), load_cluster(cluster, 1, n_gpus), gb, Config3D(microbatch=per_rank, **c))
+
+
+def two_d_plan(model: str, micro: int, n_gpus: int, cluster: str):
+    """gpt-39b's headline layout (TWO_D) on a 2 x n/2 mesh; on 1 x 2 (2 GPUs), each strategy's
+    axis-1 part."""
+    import re
+
+    import graphs
+    from autopar.evaluation.baselines import Config3D, build_3d
+    from autopar.evaluation.evaluator import evaluate
+    from autopar.hardware.presets import load_cluster
+    from autopar.model import ModelSource
+    dp = 2 if n_gpus >= 4 else 1
+    cl = load_cluster(cluster, 1, n_gpus)
+    plan = build_3d(ModelSource(model), cl, 4 * micro, Config3D(dp, n_gpus // dp, 1, micro))
+    strategies = plan.stages[0].strategies
+    base = dict(strategies)
+    for name in strategies:
+        kind = re.sub(r"_\d+$", "", re.sub(r"^blocks_\d+_", "", name))
+        s = TWO_D.get(kind)
+        if s is not None and dp == 1:
+            # keep what splits over axis 1 (as axis 1): "k@0,n@1+rs:b@0" -> "n@1"
+            parts = [t for t in s.split("+")[0].split(",") if "1" in t.split("@")[1]]
+            rs = [t for t in s.split("+")[1:] if t.endswith("@1")]
+            s = "+".join([",".join(t.split("@")[0] + "@1" for t in parts)] + rs) if parts else "R"
+        if s is not None:
+            strategies[name] = s
+    graph = graphs.load(model, batch=plan.training.microbatch_size)
+    while True:
+        try:
+            return evaluate(plan, graph, cl)
+        except ValueError as e:        # a strategy the planner does not offer on this mesh: keep Megatron's
+            op = str(e).split(":")[0]
+            if op not in strategies or strategies[op] == base[op]:
+                raise
+            strategies[op] = base[op]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,7 +500,7 @@ def run_autopar(plan, device, compile_blocks, strategy: str):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pm = autopar_apply(plan, model, device=device, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
-                           compile=compile_blocks)
+                           compile=compile_blocks, engines=strategy != "2d")
     try:
         out = _measure(pm.step, plan, device, _tag(plan, "autopar", strategy, compile_blocks))
         if hasattr(pm, "layout"):
@@ -480,7 +533,7 @@ def body(rank: int, world: int, args) -> None:
     global PROFILE_DIR, MEMORY_DIR
     PROFILE_DIR = Path(args.profile) if args.profile else None
     MEMORY_DIR = Path(args.memory) if args.memory else None
-    cases = QUICK if args.quick else COMPILED if args.compiled else CASES
+    cases = _cases(args)
     if args.case:
         cases = [c for c in cases if f"{NAMES.get(c[0], c[0])}:{c[1]}:{c[2]}" in args.case]
     for model, strategy, micro, comp in cases:
@@ -492,6 +545,8 @@ def body(rank: int, world: int, args) -> None:
                 print(f"time budget: stopping before {model} {strategy} mb{micro}", flush=True)
             break
         row = {"model": NAMES.get(model, model), "strategy": strategy, "microbatch": micro, "compile": comp}
+        if strategy == "2d":
+            row["way"] = "program compiled" if comp else "program op by op"
         t0 = time.monotonic()
         try:
             obj: list = [None]
@@ -514,7 +569,7 @@ def body(rank: int, world: int, args) -> None:
                 for who in order:
                     if args.only and who != args.only:
                         continue
-                    if who == "native" and strategy not in AUTO:
+                    if who == "native" and strategy not in AUTO + ("2d",):
                         got["native"] = run_native(strategy, plan, device, comp)
                     elif who == "autopar":
                         got["autopar"] = run_autopar(plan, device, comp, strategy)
@@ -628,6 +683,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--quick", action="store_true", help="a tiny model on 2 processes (smoke test)")
     p.add_argument("--compiled", action="store_true", help="only the cases compiled per block")
+    p.add_argument("--program", action="store_true", help="only gpt-39b's layout on the fx/DTensor program, op by op "
+                   "and compiled per layer (with --quick: a tiny model)")
+    p.add_argument("--gpus", type=int, choices=[2, 4], default=2, help="processes (GPUs); 4 puts --program's "
+                   "layout on a 2x2 mesh, its weights split on both dims")
     p.add_argument("--profile", default="", help="also profile the gpt-1.3b tensor-parallel cases under "
                    "torch.profiler; the tables go to this folder")
     p.add_argument("--profile-prefix", default=PROFILED, help="with --profile: the cases whose tag starts so "
@@ -660,15 +719,21 @@ def main(argv=None) -> int:
         return merge(Path(args.merge), Path(args.out) if args.out else None, args.note)
     if args.repeat < 1 or args.timed_steps < 1:
         p.error("--repeat and --timed-steps must be at least 1")
-    listed = {f"{NAMES.get(c[0], c[0])}:{c[1]}:{c[2]}" for c in QUICK + COMPILED + CASES}
+    listed = {f"{NAMES.get(c[0], c[0])}:{c[1]}:{c[2]}" for c in QUICK + COMPILED + CASES + PROGRAM + PROGRAM_QUICK}
     unknown = [c for c in args.case if c not in listed]
     if unknown:
         p.error(f"unknown case(s) {unknown}; the cases are: {', '.join(sorted(listed))}")
     import torch.multiprocessing as mp
     if not args.fresh:
-        mp.spawn(body, args=(2, args), nprocs=2, join=True)
+        mp.spawn(body, args=(args.gpus, args), nprocs=args.gpus, join=True)
         return 0
     return run_fresh(args)
+
+
+def _cases(args) -> list:
+    if args.program:
+        return PROGRAM_QUICK if args.quick else PROGRAM
+    return QUICK if args.quick else COMPILED if args.compiled else CASES
 
 
 def run_fresh(args) -> int:
@@ -682,7 +747,7 @@ def run_fresh(args) -> int:
     import torch.multiprocessing as mp
     global TIMED_STEPS
     TIMED_STEPS = args.timed_steps          # for the meta this process writes
-    cases = QUICK if args.quick else COMPILED if args.compiled else CASES
+    cases = _cases(args)
     keys = [f"{NAMES.get(c[0], c[0])}:{c[1]}:{c[2]}" for c in cases]
     if args.case:
         keys = [k for k in keys if k in args.case]
@@ -697,13 +762,13 @@ def run_fresh(args) -> int:
             for r in range(args.repeat):
                 order = ("native", "autopar") if r % 2 == 0 else ("autopar", "native")
                 for who in order:
-                    if who == "native" and key.split(":")[1] in AUTO:
+                    if who == "native" and key.split(":")[1] in AUTO + ("2d",):
                         continue
                     sub = copy.copy(args)
                     port += 1
                     sub.case, sub.only, sub.repeat, sub.port = [key], who, 1, port
                     sub.budget_s, sub.out = 1e9, str(Path(tmp) / f"{len(rows)}_{r}_{who}.json")
-                    mp.spawn(body, args=(2, sub), nprocs=2, join=True)
+                    mp.spawn(body, args=(args.gpus, sub), nprocs=args.gpus, join=True)
                     doc = json.loads(Path(sub.out).read_text())
                     meta = doc["meta"]
                     parts.append((who, doc["rows"][0]))

@@ -23,7 +23,14 @@ from graphs.query import main_boundary
 from graphs.trace import symbolic, to_meta, trace
 
 from .layout import local_shape, placements, spec_of
-from .program import NotAppliableError, StageModule, param_sources, partition, recompute_bound
+from .program import (
+    NotAppliableError,
+    StageModule,
+    default_program_compile,
+    param_sources,
+    partition,
+    recompute_bound,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -95,7 +102,8 @@ class ParallelModel:
     the optimizer. step(batch) trains on one global batch."""
 
     def __init__(self, plan: Plan, model: nn.Module, example_inputs: tuple, device: torch.device,
-                 optimizer: str = "adam", lr: float = 1e-3, autocast_dtype: torch.dtype | None = None):
+                 optimizer: str = "adam", lr: float = 1e-3, autocast_dtype: torch.dtype | None = None,
+                 compile: bool | None = None):
         self.plan = plan
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
@@ -179,7 +187,9 @@ class ParallelModel:
         bdtype = {n.name: prog.values[n].dtype for n in my.outputs if isinstance(prog.values.get(n), torch.Tensor)}
         self.module = StageModule(my, model, ir, ops, params, canon, param_of, prog.values, self.mesh,
                                   self.boundary_in, self.boundary_out, self.stage.recompute, bdtype,
-                                  device=self.device, recompute_below_layer=recompute_bound(self.stage))
+                                  device=self.device, recompute_below_layer=recompute_bound(self.stage),
+                                  compile=default_program_compile(self.mesh, self.device) if compile is None
+                                  else compile)
         self.params = params
         self._partial_masks = {name: _grad_partial_mask(name, my, ops, ir, p.dim()) for name, p in params.items()}
         self._setup_optimizer(optimizer, lr)
@@ -389,17 +399,18 @@ class ParallelModel:
 
 def apply(plan: Plan, model: nn.Module | None = None, *, example_inputs: tuple | None = None,
           device: str | torch.device = "cpu", optimizer: str = "adam", lr: float = 1e-3, seed: int = 0,
-          autocast_dtype: torch.dtype | None = None) -> ParallelModel:
+          autocast_dtype: torch.dtype | None = None, compile: bool | None = None) -> ParallelModel:
     """Apply `plan` on this rank. Call on every rank of an initialised process group whose size is
     the plan's device count (one process is fine for a one-device plan). With model None the plan's
     model is built from its name (zoo name or spec) with real fp32 weights, seeded by `seed`, so all
     ranks hold the same weights. example_inputs (the forward's arguments at the plan's microbatch
-    size; meta tensors are fine) default to the zoo's (ids, targets)."""
+    size; meta tensors are fine) default to the zoo's (ids, targets). compile: torch.compile the
+    stage's program per transformer block (StageModule); None: default_program_compile."""
     if model is None:
         model = build_model(plan, device="cpu", seed=seed)
     if example_inputs is None:
         example_inputs = zoo_inputs(plan)
-    return ParallelModel(plan, model, example_inputs, torch.device(device), optimizer, lr, autocast_dtype)
+    return ParallelModel(plan, model, example_inputs, torch.device(device), optimizer, lr, autocast_dtype, compile)
 
 
 def build_model(plan: Plan, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:

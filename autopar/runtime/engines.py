@@ -37,7 +37,8 @@ tensor-parallel stages on CUDA, where it was measured to help: eager DTensor TP 
 bench/results/runtime_vs_native_h200.json); nothing is interpreted op by op. Without ZeRO the
 optimizer steps the parameters' local shards (ShardOptimizer: fused Adam on CUDA, no DTensor
 dispatch). A plan with a stage that matches no engine keeps the fx/DTensor program of
-runtime.apply, with a warning that names the stage and op.
+runtime.apply, with a warning that names the stage and op; with `compile` (by default on CUDA)
+that program runs each layer as one torch.compile'd region (runtime.program.CompiledBlock).
 
 Not lowered here (they keep the program path, or its NotAppliableError): interleaved schedules
 over stages of different sizes or layouts, expert-parallel / 2-D sharded weights (MoE under
@@ -45,12 +46,10 @@ TP), hf: models, sequence parallelism in mixed pipelines or on some row-parallel
 reduce-scatters, context parallelism beside tp or in pipelines, and on CPU (runtime.context),
 layouts other than Megatron's. A vocab-split embedding
 reduce-scattered onto the batch over the data-parallel axis ("v@1+rs:b@1" on a dp stage) runs
-as the data-parallel lookup (see match_stage). What the issue's
-compile-based path for the other layouts would take: trace the stage's joint forward+backward
-(aot_autograd / the torch.export joint graph), insert the plan's collectives per op as
-functional collectives (torch.distributed._functional_collectives) where the program's
-redistribute decisions place them, and hand the graph to Inductor with its comm bucketing and
-reordering passes for overlap.
+as the data-parallel lookup (see match_stage). The compiled program traces, per layer, the
+joint forward+backward with the plan's redistributions as functional collectives and hands it to
+Inductor; what it does not yet do: one graph per stage, Inductor's comm bucketing and reordering
+passes for overlap (measure first: bench/runtime_vs_native.py --program).
 """
 
 from __future__ import annotations
@@ -1340,4 +1339,4 @@ def apply(plan: Plan, model: nn.Module | None = None, *, example_inputs: tuple |
             warnings.warn(f"autopar.runtime: plan {plan.config.label or plan.strategy!r} runs op by op on "
                           f"DTensors (slow): {e}", stacklevel=2)
     return apply_program(plan, model, example_inputs=example_inputs, device=device, optimizer=optimizer, lr=lr,
-                         seed=seed, autocast_dtype=autocast_dtype)
+                         seed=seed, autocast_dtype=autocast_dtype, compile=compile)

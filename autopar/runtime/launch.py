@@ -294,17 +294,19 @@ def reference(cfg: RunConfig) -> dict:
 # ---------------------------------------------------------------------------------------------
 # many plans in one launch: one forward/backward each, compared with one process
 
-def check_plans(plan_jsons: list[str], *, device: str = "cpu", seed: int = 0, timeout_s: float = 900.0) -> list[dict]:
+def check_plans(plan_jsons: list[str], *, device: str = "cpu", seed: int = 0, timeout_s: float = 900.0,
+                compile: bool | None = None) -> list[dict]:
     """For plans of one model on one device count: apply each in turn in one set of processes
     (starting processes dominates the cost of a small check), run one forward/backward, and
-    return per plan the largest |loss diff| and |grad diff| against one process."""
+    return per plan the largest |loss diff| and |grad diff| against one process. compile: as
+    `autopar run --compile` (a compiled program's first microbatch runs op by op)."""
     from autopar.plan import Plan
     plans = [Plan.from_json(p) for p in plan_jsons]
     ns = {validate(p, device, None) for p in plans}
     if len(ns) != 1 or len({p.model.name for p in plans}) != 1:
         raise LaunchError("check_plans needs plans of one model on one device count")
     cfg = RunConfig(plans[0].to_json(), 1, device, True, "sgd", 0.0, seed, timeout_s, "fp32", _free_port(), "",
-                    extra={"plans": [p.to_json() for p in plans]})
+                    extra={"plans": [p.to_json() for p in plans]}, compile=compile)
     return _launch(cfg, ns.pop(), _check_body)["results"]
 
 
@@ -323,7 +325,8 @@ def _check_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict 
         plan = Plan.from_json(text)
         batch = make_batch(plan, 0, cfg.seed)
         try:
-            pm = apply(plan, build_model(plan, device=device, seed=cfg.seed), device=device, optimizer="sgd", lr=0.0)
+            pm = apply(plan, build_model(plan, device=device, seed=cfg.seed), device=device, optimizer="sgd", lr=0.0,
+                       compile=cfg.compile)
             loss = pm.forward_backward(batch)
             grads = pm.full_grads()             # collective over the stage's mesh: every rank calls it
             mine = {"loss": None if loss is None or pm.local_index else float(loss),
@@ -613,8 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                    help="compute precision (autocast; cuda only). Default: fp32 on cpu, the plan's dtype on cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile each transformer block (plans lowered to PyTorch's engines); default: on for "
-                        "tensor-parallel stages on cuda, off elsewhere")
+                   help="torch.compile each transformer block (plans lowered to PyTorch's engines; other plans' "
+                        "fx/DTensor program per layer); default: on for tensor-parallel stages and the program on "
+                        "cuda, off elsewhere")
     p.add_argument("--tol", type=float_arg("--tol", 0.0, 1e30), default=1e-4, help="with --check: exit 1 when a difference exceeds this")
     p.add_argument("--timeout-s", type=float_arg("--timeout-s", 0.0, MAX_TIMEOUT_S, lo_open=True), default=900.0, help="stop every process after this long")
     return p

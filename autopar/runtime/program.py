@@ -15,10 +15,24 @@ partial: that is the all-reduce or reduce-scatter charged). In backward, each re
 summed over its readers, is brought back to the `out_spec` layout before the op's own backward:
 a partial gradient is all-reduced there, once, as charged. Weights gathered for an op (ZeRO-3)
 are gathered again in backward instead of kept.
+
+Compiled (StageModule(compile=True); `autopar run --compile`, by default on CUDA): each layer's
+nodes run as one torch.compile'd region (CompiledBlock). Dynamo traces this same interpreter, so
+the redistribution decisions are made at trace time and land in the graph as functional
+collectives, and the backend (Inductor) compiles the joint forward+backward; the numbers are the
+interpreter's (the gloo tests compare them with one process, on the "aot_eager" backend). The
+interpreter reads plain records of the fx nodes (_Op) and plain dicts of the IR for that reason:
+dynamo does not trace torch.fx or networkx. What differs compiled: a block's first call runs op by
+op (it finds the ops DTensor has no rule for, which a trace cannot try); ZeRO-3's gathered weights
+are left to the backend's partitioner instead of regathered in backward; a layer recomputed whole
+is checkpointed around its compiled code, and a layer recomputing only some ops runs op by op. A
+block that fails to compile runs op by op, with a warning naming the block and the op traced.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +44,7 @@ from autopar.sharding.spec import parse_spec, used_mask
 from graphs.ir import ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, LOSS, MATMUL, NORM, OUTPUT, VIEW, OpGraph
 from graphs.lower import PARAM_FOLDABLE  # numel-keeping views of a weight the IR folds into its use
 
-from .layout import placements
+from . import layout
 
 
 class NotAppliableError(NotImplementedError):
@@ -157,10 +171,11 @@ class StageModule(nn.Module):
                  values: dict[fx.Node, Any], mesh=None, boundary_in: dict[str, str] | None = None,
                  boundary_out: dict[str, str] | None = None, recompute: str = "none",
                  boundary_dtype: dict[str, torch.dtype] | None = None, device: torch.device | None = None,
-                 recompute_below_layer: int | None = None):
+                 recompute_below_layer: int | None = None, compile: bool = False):
         """`recompute_below_layer`: under recompute "full", only the ops of IR layers below it
         are recomputed (a stage recomputing its first k layers: its first layer + k,
-        `recompute_bound`); None: every layer."""
+        `recompute_bound`); None: every layer. `compile` (on a mesh): each layer's ops run as one
+        torch.compile'd region (CompiledBlock) instead of op by op."""
         super().__init__()
         self.device = device
         self.prog = prog
@@ -180,9 +195,18 @@ class StageModule(nn.Module):
         self.param_by_name = params
         self._operand_specs = {name: _operand_specs(ir, name, op) for name, op in ops.items()
                                if name in ir and ir.node(name).kind not in (INPUT, OUTPUT)}
-        self._segments = self._plan_segments()
+        # the interpreter reads plain records of the fx nodes (dynamo does not trace torch.fx)
+        self._op_of = {n: _Op(n) for n in prog.nodes}
+        self._shape = {n.name: v.shape for n, v in values.items() if isinstance(v, torch.Tensor)}
+        self._param_name = {n.name: name for n, name in param_of.items()}
+        # IR nodes of what the stage runs, receives and reads (ir is a networkx graph: not traced)
+        self._ir_node = {n.name: ir.node(n.name) for n in prog.nodes + prog.inputs + prog.data if n.name in ir}
+        self._segments = [(kind, [self._op_of[n] for n in nodes]) for kind, nodes in self._plan_segments()]
         self._fallbacks: set[str] = set()
         self.loss_axis = vocab_split_loss_axis(list(ops.values()), ir) if mesh is not None else None
+        if self.loss_axis is not None:       # (made here: a compiled region cannot create a mesh)
+            from torch.distributed.device_mesh import DeviceMesh
+            self._loss_mesh = DeviceMesh.from_group(mesh.get_group(self.loss_axis), mesh.device_type)
         # attention op -> mesh axes its sequence is split over (context parallelism)
         self._cp = context_parallel_axes(ops, ir) if mesh is not None else {}
         # Storage of each gathered weight -> (the stored weight, the gathered placements, the
@@ -192,18 +216,22 @@ class StageModule(nn.Module):
         # intermediate to the end of the forward (logits, casts) raised a 1-GPU gpt-1.3b peak by GiBs.
         keep = set(prog.outputs)
         pos = {n: i for i, n in enumerate(prog.nodes)}
-        self._free_after: dict[int, list[fx.Node]] = {}
+        self._free_after: dict[int, list[str]] = {}
         last: dict[fx.Node, int] = {}
         for n in prog.nodes:
             for a in n.all_input_nodes:
                 last[a] = pos[n]
         for a, i in last.items():
             if a not in keep:
-                self._free_after.setdefault(i, []).append(a)
+                self._free_after.setdefault(i, []).append(a.name)
         # On one device with nothing to recompute the stage is plain PyTorch: run it as fx's
         # generated code instead of interpreting node by node (the interpreter's Python cost
         # showed at small batches on an H100).
         self._compiled = _compile(prog, root) if mesh is None and recompute == "none" else None
+        # On a mesh, torch.compile per layer: the interpreter below is traced once per layer by
+        # dynamo into one graph of aten ops and functional collectives (the redistributions the
+        # plan asks for, decided at trace time), which the backend compiles with its backward.
+        self._blocks = self._plan_blocks() if compile and mesh is not None else []
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -215,7 +243,7 @@ class StageModule(nn.Module):
                 return self._loss(out)
             outs = tuple(self._send(n, v) for n, v in zip(prog.outputs, out))
             return outs[0] if len(outs) == 1 else outs
-        env: dict[fx.Node, Any] = {}
+        env: dict[str, Any] = {}             # fx node name -> value
         if prog.index == 0:
             if len(args) != len(prog.data):
                 raise TypeError(f"stage 0 takes {[n.name for n in prog.data]}, got {len(args)} tensors")
@@ -225,18 +253,21 @@ class StageModule(nn.Module):
                 raise TypeError(f"stage {prog.index} takes {[n.name for n in prog.inputs]} from stage "
                                 f"{prog.index - 1}, got {len(args)} tensors")
             for node, t in zip(prog.inputs, args):
-                env[node] = self._receive(node, t)
+                env[node.name] = self._receive(node, t)
             feed = {n: kwargs[n.target] for n in prog.data}
         for n, t in feed.items():
-            env[n] = self._data(n, t)
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                self._run_segments(env)
-        finally:
-            self._gathered.clear()            # saved handles keep what they need
+            env[n.name] = self._data(n, t)
+        if self._blocks:
+            self._run_blocks(env)
+        else:
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                    self._run_segments(env)
+            finally:
+                self._gathered.clear()            # saved handles keep what they need
         if prog.is_last:
-            return self._loss(env[prog.outputs[0]])
-        outs = tuple(self._send(n, env[n]) for n in prog.outputs)
+            return self._loss(env[prog.outputs[0].name])
+        outs = tuple(self._send(n, env[n.name]) for n in prog.outputs)
         return outs[0] if len(outs) == 1 else outs
 
     def _run_segments(self, env) -> None:
@@ -246,13 +277,70 @@ class StageModule(nn.Module):
                 self._run_checkpointed(nodes, env)
             else:
                 for n in nodes:
-                    env[n] = self._run(n, env)
+                    env[n.name] = self._run(n, env)
                     self._free(i, env)
                     i += 1
                 continue
             for _ in nodes:
                 self._free(i, env)
                 i += 1
+
+    # -- compiled blocks -------------------------------------------------------------------------
+    def _plan_blocks(self) -> list[CompiledBlock]:
+        """The stage's nodes cut at IR layer boundaries (fx helpers go with the layer they
+        follow), each with the recompute segments inside it."""
+        groups: list[list[fx.Node]] = []
+        cur_layer: int | None = None
+        for n in self.prog.nodes:
+            li = self.prog.layer_of.get(n.name, cur_layer)
+            if not groups or (li != cur_layer and groups[-1]):
+                groups.append([])
+            cur_layer = li
+            groups[-1].append(n)
+        where = {n.name: k for k, g in enumerate(groups) for n in g}
+        seg_of = {n.name: (j, kind) for j, (kind, nodes) in enumerate(self._segments) for n in nodes}
+        outs = {n.name for n in self.prog.outputs}
+        blocks = []
+        for k, g in enumerate(groups):
+            inside = {n.name for n in g}
+            ins = list(dict.fromkeys(a.name for n in g for a in n.all_input_nodes if a.name not in inside))
+            later = [n.name for n in g if n.name in outs or any(where.get(u.name, k) != k for u in n.users)]
+            segs: list[tuple[str, list[_Op]]] = []
+            for n in g:
+                j, kind = seg_of[n.name]
+                if segs and seg_of[segs[-1][1][-1].name][0] == j:
+                    segs[-1][1].append(self._op_of[n])
+                else:
+                    segs.append((kind, [self._op_of[n]]))
+            layer = next((self.prog.layer_of[n.name] for n in g if n.name in self.prog.layer_of), None)
+            blocks.append(CompiledBlock(self, k, layer, [n.name for n in g], ins, later, segs))
+        # values to drop after each block: those no later block reads
+        last_block: dict[str, int] = {}
+        for b in blocks:
+            for a in b.inputs:
+                last_block[a] = b.index
+        for a, k in last_block.items():
+            if a not in outs:
+                blocks[k].free_after.append(a)
+        return blocks
+
+    def _run_blocks(self, env) -> None:
+        for b in self._blocks:
+            outs = b(*(env[a] for a in b.inputs))
+            env.update(zip(b.outputs, outs))
+            for a in b.free_after:
+                env.pop(a, None)
+
+    def _run_nodes(self, segs, env) -> None:
+        """The interpreter over one block's segments (what CompiledBlock compiles)."""
+        for kind, nodes in segs:
+            if kind == "ckpt":
+                _trace_mark(f"{nodes[0].name} .. {nodes[-1].name} (checkpointed)")
+                self._run_checkpointed(nodes, env)
+            else:
+                for n in nodes:
+                    _trace_mark(n.name)
+                    env[n.name] = self._run(n, env)
 
     def _free(self, i: int, env) -> None:
         for a in self._free_after.get(i, ()):
@@ -292,26 +380,26 @@ class StageModule(nn.Module):
         return v.contiguous()
 
     # -- one node -----------------------------------------------------------------------------
-    def _run(self, n: fx.Node, env):
+    def _run(self, n: _Op, env):
         if n.op == "output":
-            return fx.node.map_arg(n.args[0], lambda a: env[a])
+            return _deref(n.args[0], env.__getitem__)
         if n.op == "get_attr":
-            name = self.param_of.get(n)
+            name = self._param_name.get(n.name)
             if name is not None:
                 return self.param_by_name[name]
             v = _fetch(self.root, str(n.target))
             return v.to(self.device) if isinstance(v, torch.Tensor) and self.device is not None else v
         op = self.ops.get(n.name) if self.mesh is not None else None
         if op is None or n.name not in self._operand_specs:
-            args = fx.node.map_arg(n.args, lambda a: env[a])
-            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+            args = _deref(n.args, env.__getitem__)
+            kwargs = _deref(n.kwargs, env.__getitem__)
             if n.op == "call_module":
                 return self._call_module(n, args, kwargs, {})
             return self._call(n, args, kwargs)
         act_specs, param_specs = self._operand_specs[n.name]
-        args = fx.node.map_arg(n.args, lambda a: self._operand(a, env, act_specs, param_specs))
-        kwargs = fx.node.map_arg(n.kwargs, lambda a: self._operand(a, env, act_specs, param_specs))
-        ir_node = self.ir.node(n.name)
+        args = _deref(n.args, lambda a: self._operand(a, env, act_specs, param_specs))
+        kwargs = _deref(n.kwargs, lambda a: self._operand(a, env, act_specs, param_specs))
+        ir_node = self._ir_node[n.name]
         if ir_node.kind == NORM and n.op == "call_module" and self._split_norm(n, args) is not None:
             return self._to_spec(self._sharded_norm(n, args[0], param_specs), op["out_spec"])
         if ir_node.kind == NORM:
@@ -326,7 +414,7 @@ class StageModule(nn.Module):
             # A reshape that cannot keep a split (the plan's out_spec drops that mesh axis): gather
             # over that axis first, as the cost model charges. DTensor's own view rule gets some of
             # these wrong (e.g. [b, s, 32] split 4 ways viewed as [b, s, 2, 16]).
-            dropped = used_mask(parse_spec(op["in_specs"][0])) & ~used_mask(parse_spec(op["out_spec"]))
+            dropped = used_mask(_parse_spec(op["in_specs"][0])) & ~used_mask(_parse_spec(op["out_spec"]))
             if dropped:
                 args = _map(args, lambda x: _replicate_axes(x, dropped, self.mesh))
         if ir_node.kind == LOSS and self.loss_axis is not None and n.op == "call_function":
@@ -337,6 +425,10 @@ class StageModule(nn.Module):
         out = self._local_matmul(n, ir_node, args, kwargs, param_specs) if ir_node.kind == MATMUL else None
         if out is None and ir_node.kind == EMBEDDING and self._vocab_split(n, param_specs):
             out = self._vocab_parallel_embedding(n, args, kwargs, param_specs)
+        if out is None and n.name in self._fallbacks and torch.compiler.is_compiling():
+            # known to have no DTensor rule (a trace cannot try it); eager keeps trying, so that a
+            # checkpoint's recomputation takes the forward's path
+            out = self._local_fallback(n, args, kwargs, op, None)
         if out is None:
             try:
                 out = (self._call_module(n, args, kwargs, param_specs) if n.op == "call_module"
@@ -377,14 +469,14 @@ class StageModule(nn.Module):
                                                                           run_check=False)
         return torch.func.functional_call(mod, state, args, kwargs)
 
-    def _operand(self, a: fx.Node, env, act_specs, param_specs):
+    def _operand(self, a: str, env, act_specs, param_specs):
         from torch.distributed.tensor import DTensor
         v = env[a]
-        if a.name in self.ir:
+        if a in self._ir_node:
             if isinstance(v, (tuple, list)):
-                return type(v)(self._layout(x, act_specs.get((a.name, i))) for i, x in enumerate(v))
-            return self._layout(v, act_specs.get((a.name, 0)))
-        name = self.param_of.get(a)
+                return type(v)(self._layout(x, act_specs.get((a, i))) for i, x in enumerate(v))
+            return self._layout(v, act_specs.get((a, 0)))
+        name = self._param_name.get(a)
         if name is not None:
             return self._weight(v, param_specs.get(name))
         if isinstance(v, torch.Tensor) and not isinstance(v, DTensor):   # a constant: replicated
@@ -394,12 +486,14 @@ class StageModule(nn.Module):
     def _weight(self, v, spec):
         """A weight in its op's layout. Gathering it (ZeRO-3 stores weights sharded) is redone in
         backward rather than the gathered copy kept: ZeRO-3's memory saving, and the second
-        all-gather the cost model charges."""
+        all-gather the cost model charges. (Compiled blocks leave what to keep to the backend's
+        partitioner.)"""
         if not spec or not _is_dtensor(v):
             return v
         pl = placements(spec, v.dim())
         w = _redistribute(v, self.mesh, pl)
-        if w is not v and v.requires_grad and any(p.is_shard() and q != p for p, q in zip(v.placements, pl)):
+        if (not self._blocks and w is not v and v.requires_grad
+                and any(p.is_shard() and q != p for p, q in zip(v.placements, pl))):
             self._gathered[_storage(w)] = (v, pl, w)
         return w
 
@@ -437,7 +531,15 @@ class StageModule(nn.Module):
                 return out
             pl = placements(spec, out.dim())
             y = _redistribute(out, self.mesh, pl)
-            return _GradInLayout.apply(y, self.mesh, pl) if y.requires_grad else y
+            if not y.requires_grad:
+                return y
+            if self._blocks:
+                # the same as _GradInLayout, in DTensor's own autograd functions (which compile):
+                # from_local's backward redistributes the gradient to `pl`
+                from torch.distributed.tensor import DTensor
+                return DTensor.from_local(y.to_local(grad_placements=pl), self.mesh, pl, run_check=False,
+                                          shape=y.shape, stride=y.stride())
+            return _GradInLayout.apply(y, self.mesh, pl)
         if isinstance(out, (tuple, list)):
             return type(out)(self._to_spec(x, spec) if _is_dtensor(x) and (spec == "scalar") == (x.dim() == 0)
                              and (spec == "scalar" or _ndim(spec) == x.dim()) else x for x in out)
@@ -575,7 +677,7 @@ class StageModule(nn.Module):
                 coord = self.mesh.get_coordinate()
                 lb = lb * float(all(coord[k] == 0 for k in partial_axes))
             y = y + lb
-        shape = self.values[n].shape
+        shape = self._shape[n.name]
         result = DTensor.from_local(y, self.mesh, out_pl, run_check=False, shape=shape,
                                     stride=_contiguous_stride(shape))
         if bias_after:
@@ -606,9 +708,10 @@ class StageModule(nn.Module):
         return ids, w
 
     def _vocab_split(self, n, param_specs) -> bool:
-        w = self.ir.node(n.name).operands[1] if len(self.ir.node(n.name).operands) > 1 else None
+        operands = self._ir_node[n.name].operands
+        w = operands[1] if len(operands) > 1 else None
         spec = param_specs.get(w.param) if w is not None and w.param else None
-        return spec is not None and bool(spec) and parse_spec(spec)[0] != 0
+        return spec is not None and bool(spec) and _parse_spec(spec)[0] != 0
 
     def _vocab_parallel_embedding(self, n, args, kwargs, param_specs):
         """Megatron's vocab-parallel lookup: each device looks up the ids that fall in its rows and
@@ -646,10 +749,9 @@ class StageModule(nn.Module):
         1-D mesh under loss_parallel (entered by ParallelModel for forward and backward; its mean
         needs a 1-D mesh): rows are replicated over the other axes, so every rank's loss is the
         whole loss."""
-        from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.tensor import DTensor, Replicate, Shard
         assert self.mesh is not None and self.loss_axis is not None
-        sub = DeviceMesh.from_group(self.mesh.get_group(self.loss_axis), self.mesh.device_type)
+        sub = self._loss_mesh
         x, t = args[0], args[1]
         xd = DTensor.from_local(x.to_local(), sub, [Shard(x.dim() - 1)], run_check=False, shape=x.shape,
                                 stride=x.stride())
@@ -662,7 +764,7 @@ class StageModule(nn.Module):
         when every split is along dims the op treats independently (batch and heads of
         attention; identical layouts of an elementwise op's operands)."""
         from torch.distributed.tensor import DTensor
-        ir_node = self.ir.node(n.name)
+        ir_node = self._ir_node[n.name]
         dts = [x for x in _flat(args) + _flat(kwargs) if isinstance(x, DTensor)]
         specs = {tuple(x.placements) for x in dts}
         ok = False
@@ -675,14 +777,16 @@ class StageModule(nn.Module):
         elif ir_node.kind == ELEMENTWISE:
             ok = len(specs) == 1 and len({tuple(x.shape) for x in dts}) == 1
         if not ok:
+            assert err is not None          # (an op that ran here once is run here again)
             raise NotAppliableError(
                 f"op {n.name} ({ir_node.op}, strategy {op.get('strategy')!r}, in_specs {op.get('in_specs')}): "
                 f"DTensor has no sharding rule for it ({str(err).splitlines()[0]}) and its layout is not "
                 "one this runtime can run shard-locally") from err
-        self._fallbacks.add(n.name)
+        if not torch.compiler.is_compiling():      # (a checkpoint's trace takes no side effects)
+            self._fallbacks.add(n.name)
         local = lambda x: x.to_local() if isinstance(x, DTensor) else x     # noqa: E731
         out = self._call(n, _map(args, local), _map(kwargs, local))
-        shape = self.values[n].shape
+        shape = self._shape[n.name]
         return DTensor.from_local(out, self.mesh, dts[0].placements, run_check=False, shape=shape,
                                   stride=_contiguous_stride(shape))
 
@@ -727,7 +831,7 @@ class StageModule(nn.Module):
             qpos = torch.arange(index * chunk, (index + 1) * chunk, device=ql.device)
             extra["attn_mask"] = qpos[:, None] >= torch.arange(seq, device=ql.device)[None, :]
         out = torch.nn.functional.scaled_dot_product_attention(ql, kl, vl, **extra)
-        shape = self.values[n].shape
+        shape = self._shape[n.name]
         return DTensor.from_local(out, self.mesh, q.placements, run_check=False, shape=shape,
                                   stride=_contiguous_stride(shape))
 
@@ -772,22 +876,207 @@ class StageModule(nn.Module):
 
     def _run_checkpointed(self, nodes, env):
         from torch.utils.checkpoint import checkpoint
-        inside = set(nodes)
-        outs = set(self.prog.outputs)
-        later = [n for n in nodes if n in outs or any(u not in inside for u in n.users)]
+        inside = {n.name for n in nodes}
+        outs = {n.name for n in self.prog.outputs}
+        later = [n.name for n in nodes if n.name in outs or any(u not in inside for u in n.users)]
 
         # what the segment reads, taken now: the recomputation runs after env has dropped it
-        inputs = {a: env[a] for n in nodes for a in n.all_input_nodes if a not in inside}
+        inputs = {a: env[a] for n in nodes for a in n.inputs if a not in inside}
 
         def seg():
             local = dict(inputs)
             for n in nodes:
-                local[n] = self._run(n, local)
+                local[n.name] = self._run(n, local)
             return tuple(local[n] for n in later)
 
         outs = checkpoint(seg, use_reentrant=False)
         for n, v in zip(later, outs):
             env[n] = v
+
+
+class CompiledBlock:
+    """One layer's nodes of a StageModule as one torch.compile'd region: dynamo traces the
+    interpreter (StageModule._run) over the block, so the graph holds the block's local ops and
+    the functional collectives of the redistributions the plan asks for, and the backend
+    (Inductor; AUTOPAR_COMPILE_BACKEND overrides it) compiles it with its backward. The numbers
+    are the interpreter's. A block that cannot be compiled runs op by op, with a warning that
+    names the block and the op being traced when it failed."""
+
+    def __init__(self, stage: StageModule, index: int, layer: int | None, nodes: list[str],
+                 inputs: list[str], outputs: list[str], segs: list[tuple[str, list[_Op]]]):
+        self.stage = stage
+        self.index, self.layer, self.nodes = index, layer, nodes
+        self.inputs, self.outputs, self.segs = inputs, outputs, segs
+        # A layer recomputed whole (recompute "full") is checkpointed around its compiled code.
+        self.recomputed = all(kind == "ckpt" for kind, _ in segs)
+        self.traced_segs = [("run", [n for _, ns in segs for n in ns])] if self.recomputed else segs
+        self.free_after: list[str] = []
+        self.compiled: Any = None
+        self.eager = False              # compiling failed: run op by op
+        self.checked = False            # the second call compiled it
+        self.warm = False               # the first call ran op by op: it finds the ops DTensor has no
+        #                                 rule for (StageModule._fallbacks), which tracing cannot try
+
+    def run(self, *vals):
+        env = dict(zip(self.inputs, vals))
+        self.stage._run_nodes(self.segs, env)
+        return tuple(env[n] for n in self.outputs)
+
+    def traced(self, *vals):
+        env = dict(zip(self.inputs, vals))
+        self.stage._run_nodes(self.traced_segs, env)
+        return tuple(env[n] for n in self.outputs)
+
+    def _compiled_call(self, *vals):
+        if not self.recomputed:
+            return self.compiled(*vals)
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(self.compiled, *vals, use_reentrant=False)
+
+    def __call__(self, *vals):
+        if self.eager:
+            return self.run(*vals)
+        if self.checked:
+            return self._compiled_call(*vals)
+        if not self.warm:
+            self.warm = True
+            if not self.recomputed and any(kind == "ckpt" for kind, _ in self.segs):
+                # a checkpoint inside the traced region failed in its backward (torch 2.13, DTensor)
+                self.eager = True
+                warnings.warn(f"autopar.runtime: {self.what()} recomputes some of its ops (selective recomputation), "
+                              "which compiled blocks do not do; this block runs op by op on DTensors (slow)",
+                              stacklevel=2)
+            return self.run(*vals)
+        self.compiled = torch.compile(_own_code(self.traced, f"autopar_block_{self.index}"), backend=compile_backend(),
+                                      fullgraph=True, dynamic=False)
+        from torch._dynamo.exc import TorchDynamoException
+        _TRACING[0] = None
+        try:
+            with _backward_compiled_now():
+                out = self._compiled_call(*vals)
+        except TorchDynamoException as e:
+            self.eager = True
+            warnings.warn(self.failure(e), stacklevel=2)
+            return self.run(*vals)
+        self.checked = True
+        return out
+
+    def what(self) -> str:
+        return f"block {self.index} (layer {self.layer}, ops {self.nodes[0]} .. {self.nodes[-1]})"
+
+    def failure(self, err: BaseException) -> str:
+        from torch._dynamo.exc import BackendCompilerFailed
+        what = self.what()
+        first = next((x for x in str(err).splitlines() if x.strip()), type(err).__name__)
+        if isinstance(err, BackendCompilerFailed):
+            where = f"the {compile_backend()} backend failed on it"
+        else:
+            where = f"tracing op {_TRACING[0]} failed"
+        return (f"autopar.runtime: torch.compile of {what}: {where} ({type(err).__name__}: {first[:300]}); "
+                "this block runs op by op on DTensors (slow)")
+
+
+def _backward_compiled_now():
+    """Inductor lowers the backward graph at the first backward unless told to now: a failure
+    there would stop the run in its backward instead of falling back here. (A setting of recent
+    torch: a no-op where it is missing.)"""
+    import contextlib
+
+    import torch._functorch.config as aot_config
+    if hasattr(aot_config, "force_non_lazy_backward_lowering"):
+        return aot_config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
+def compile_backend() -> str:
+    """torch.compile's backend for compiled blocks: Inductor, or AUTOPAR_COMPILE_BACKEND (e.g.
+    "aot_eager": the same traced joint graph run by eager kernels, which the CPU tests use to
+    check its numbers without a C++ build per block)."""
+    return os.environ.get("AUTOPAR_COMPILE_BACKEND", "inductor")
+
+
+def default_program_compile(mesh, device: torch.device) -> bool:
+    """Compile a sharded stage program by default on CUDA, where eager DTensor dispatch is
+    host-bound (as engines.default_compile); on CPU the gloo checks run it op by op."""
+    return mesh is not None and device.type == "cuda"
+
+
+# the op being traced, set at trace time (a constant-result call runs while dynamo traces)
+_TRACING: list[str | None] = [None]
+
+
+@torch.compiler.assume_constant_result
+def _trace_mark(name: str) -> int:
+    _TRACING[0] = name
+    return 0
+
+
+def _own_code(fn, name: str):
+    """A function calling fn with a code object of its own: dynamo keys its cache by code object,
+    so every block keeps its compiled graph (one shared code would recompile per block and hit
+    the recompile limit)."""
+    ns: dict[str, Any] = {"fn": fn}
+    exec(f"def {name}(*vals):\n    return fn(*vals)\n", ns)      # noqa: S102 - a fixed one-line trampoline
+    return ns[name]
+
+
+@torch.compiler.assume_constant_result
+def _mesh_dims(spec: str | None, ndim: int) -> tuple:
+    return tuple(p.dim if p.is_shard() else None for p in layout.placements(spec, ndim))
+
+
+def placements(spec: str | None, ndim: int):
+    """layout.placements, computed outside dynamo's trace (it parses the spec with a regex)."""
+    from torch.distributed.tensor import Replicate, Shard
+    return tuple(Replicate() if d is None else Shard(d) for d in _mesh_dims(spec, ndim))
+
+
+@torch.compiler.assume_constant_result
+def _parse_spec(spec: str) -> tuple:
+    return parse_spec(spec)
+
+
+class _Ref:
+    """An fx node read by an op, by name."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+class _Op:
+    """What the interpreter reads of an fx node, in plain Python (dynamo does not trace torch.fx):
+    its arguments with each node read replaced by a _Ref."""
+
+    def __init__(self, n: fx.Node):
+        self.name, self.op, self.target = n.name, n.op, n.target
+        self.args, self.kwargs = _refs(n.args), _refs(n.kwargs)
+        self.inputs = tuple(a.name for a in n.all_input_nodes)
+        self.users = tuple(u.name for u in n.users)
+
+
+def _refs(x):
+    if isinstance(x, fx.Node):
+        return _Ref(x.name)
+    if isinstance(x, (tuple, list)):
+        return (tuple if isinstance(x, tuple) else list)(_refs(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _refs(v) for k, v in x.items()}
+    if isinstance(x, slice):
+        return slice(_refs(x.start), _refs(x.stop), _refs(x.step))
+    return x
+
+
+def _deref(x, f):
+    """x with each _Ref replaced by f(its name)."""
+    if isinstance(x, _Ref):
+        return f(x.name)
+    if isinstance(x, (tuple, list)):
+        return (tuple if isinstance(x, tuple) else list)(_deref(v, f) for v in x)
+    if isinstance(x, dict):
+        return {k: _deref(v, f) for k, v in x.items()}
+    if isinstance(x, slice):
+        return slice(_deref(x.start, f), _deref(x.stop, f), _deref(x.step, f))
+    return x
 
 
 @dataclass(frozen=True)
@@ -876,6 +1165,9 @@ def _redistribute(v, mesh, pl):
     compatible with input tensor's size and stride")."""
     if tuple(v.placements) == tuple(pl):
         return v
+    if torch.compiler.is_compiling():
+        # (traced, _ContiguousGrad's DTensor gradient came out doubled: gpt tp2, compiled blocks)
+        return v.redistribute(mesh, pl)
     return _ContiguousGrad.apply(v.contiguous()).redistribute(mesh, pl)
 
 
@@ -989,7 +1281,7 @@ def _is_dtensor(x) -> bool:
 
 
 def _ndim(spec: str) -> int:
-    return len(parse_spec(spec))
+    return len(_parse_spec(spec))
 
 
 def _flat(x) -> list:
