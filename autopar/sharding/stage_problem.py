@@ -434,8 +434,9 @@ class _Template:
             members = []
             for m in grp.members:
                 mkey, mli = _sig_of(g.node(m))
+                assert mli is not None                  # every member of such a group follows
                 src = g.node(m).operands[mli].source
-                assert src is not None and mli is not None
+                assert src is not None
                 members.append((m, mkey, src))
             self.entry_groups.append((gi, members))
         self.depends = {gi for gi, _ in self.entry_groups}
