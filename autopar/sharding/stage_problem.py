@@ -412,8 +412,11 @@ class Evaluation:
 # in many entry layouts, so everything else is built once per (graph, ops, mesh, compute model,
 # strategy filters) and kept here: the groups, and per Settings their member sums and the edges
 # between groups that follow no received tensor. Keyed by the graph's id, the entry holding the
-# graph so that the id is not reused while cached; bounded like _STRUCTURE_MEMO.
-_TEMPLATES: dict[tuple, _Template] = {}
+# graph so that the id is not reused while cached; bounded like _STRUCTURE_MEMO. A template
+# also remembers the strategy tuple its first decision op got from _decision_by_id: after that
+# cache is cleared (rules swapped, as tests do) the tuple is a new object and the template is
+# built again.
+_TEMPLATE_MEMO: dict[tuple, _Template] = {}
 
 
 class _Template:
@@ -440,6 +443,13 @@ class _Template:
                 members.append((m, mkey, src))
             self.entry_groups.append((gi, members))
         self.depends = {gi for gi, _ in self.entry_groups}
+        # (signature key, strategy tuple) of the first decision op, or None
+        self.probe: tuple[_BySig, tuple[Strategy, ...]] | None = None
+        for grp in prob.groups:
+            key, li = _sig_of(g.node(grp.root))
+            if li is None:
+                self.probe = (key, _decision_by_id(key, prob._context))
+                break
         self.no_forbidden = []
         for grp in prob.groups:
             z = np.zeros(len(grp.strategies[grp.root]), bool)
@@ -499,16 +509,17 @@ def _template_of(prob: StageProblem, allowed: dict[str, set[str]]) -> _Template:
     (made here, from prob's own groups, the first time)."""
     key = (id(prob.graph), tuple(prob.names), prob._context, prob.only_names,
            tuple(sorted((k, tuple(sorted(v))) for k, v in allowed.items())) if allowed else None)
-    tpl = _TEMPLATES.get(key)
-    if tpl is not None and tpl.graph is prob.graph:
+    tpl = _TEMPLATE_MEMO.get(key)
+    if (tpl is not None and tpl.graph is prob.graph
+            and (tpl.probe is None or _decision_by_id(tpl.probe[0], prob._context) is tpl.probe[1])):
         prob.group_of = tpl.group_of
         prob.groups = tpl.groups_for(prob)
         return tpl
     prob._build_groups(allowed)
     tpl = _Template(prob)
-    if len(_TEMPLATES) >= 4096:      # each entry holds its graph: keep few
-        _TEMPLATES.clear()
-    _TEMPLATES[key] = tpl
+    if len(_TEMPLATE_MEMO) >= 4096:      # each entry holds its graph: keep few
+        _TEMPLATE_MEMO.clear()
+    _TEMPLATE_MEMO[key] = tpl
     return tpl
 
 

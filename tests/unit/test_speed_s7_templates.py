@@ -20,9 +20,9 @@ from graphs.query import main_boundary
 
 def _fresh(*args, **kwargs) -> StageProblem:
     """A problem built without any template (its groups made op by op)."""
-    sp._TEMPLATES.clear()
+    sp._TEMPLATE_MEMO.clear()
     prob = StageProblem(*args, **kwargs)
-    sp._TEMPLATES.clear()
+    sp._TEMPLATE_MEMO.clear()
     return prob
 
 
@@ -53,14 +53,14 @@ def test_template_problems_equal_fresh_ones(shape, nodes, fused):
     # each entry layout makes the template once (first), then every other one uses it
     for first in (specs[0], specs[-1], specs[len(specs) // 2]):
         for kwargs in ({}, {"allowed": allowed}, {"restrict_out": {out: first}}):
-            sp._TEMPLATES.clear()
+            sp._TEMPLATE_MEMO.clear()
             StageProblem(g, names, mesh, CM, boundary={src: first}, **kwargs)
             for q in specs:
                 extra = dict(kwargs)
                 if "restrict_out" in kwargs:
                     extra["restrict_out"] = {out: q}       # the restriction is per problem
                 prob = StageProblem(g, names, mesh, CM, boundary={src: q}, **extra)
-                assert sp._TEMPLATES, "the template was not kept"
+                assert sp._TEMPLATE_MEMO, "the template was not kept"
                 assert prob._template.entry_groups      # some groups follow the received tensor
                 fresh = _fresh(g, names, mesh, CM, boundary={src: q}, **extra)
                 _same_groups(prob, fresh)
@@ -79,7 +79,7 @@ def test_template_is_per_graph_object_and_filters():
     names = list(a.layers[1].nodes)
     assert names == list(b.layers[1].nodes)
     mesh = Mesh(P3, Submesh(1, 4), (2, 2))
-    sp._TEMPLATES.clear()
+    sp._TEMPLATE_MEMO.clear()
     pa = StageProblem(a, names, mesh, CM)
     pb = StageProblem(b, names, mesh, CM)
     only = StageProblem(a, names, mesh, CM, only_names=frozenset({"R"}))
@@ -87,3 +87,22 @@ def test_template_is_per_graph_object_and_filters():
     st = Settings(n_microbatches=2)
     for prob in (pa, pb, only):
         assert_same(prob.ilp_arrays(st), reference_arrays(prob, st))
+
+
+def test_template_is_rebuilt_after_the_strategy_caches_are_cleared():
+    """Swapping the rules clears the strategy caches (test_context_parallel does); a template
+    made before must not hand out the old strategy objects."""
+    g = megatron_gpt(64, 4, 32, 16, layers=2)
+    names = list(g.layers[1].nodes)
+    src = main_boundary(g, names)
+    mesh = Mesh(P3, Submesh(1, 4), (2, 2))
+    sp._TEMPLATE_MEMO.clear()
+    old = StageProblem(g, names, mesh, CM, boundary={src: (0, 0, 0)})
+    for f in (sp._decision_cached, sp._decision_by_id, sp._follow_by_id, sp._follow_all):
+        f.cache_clear()
+    new = StageProblem(g, names, mesh, CM, boundary={src: (0, 0, 0)})
+    assert new._template is not old._template
+    root = next(grp.root for grp in new.groups if len(grp.strategies[grp.root]) > 1)
+    gi = new.group_of[root]
+    assert all(a is not b for a, b in zip(new.groups[gi].strategies[root], old.groups[gi].strategies[root]))
+    _same_groups(new, _fresh(g, names, mesh, CM, boundary={src: (0, 0, 0)}))
