@@ -3,11 +3,12 @@
     python bench/plan_bench.py            # the headline cases and the scaling tables
     python bench/plan_bench.py --quick    # just gpt-39b on 64 V100s
     python bench/plan_bench.py --headline gpt-39b llama3-405b gpt-1t   # only these headline cases
+    python bench/plan_bench.py --quick --save-plans DIR   # also keep each plan file (to diff plans)
 
 Prints a markdown table: wall seconds (2-core machine here), user CPU seconds of the planning
 process and its workers (steadier than wall time on a shared machine), the peak RSS of the
 largest of those processes, ILPs solved, layer reuses, and the predicted step time of the plan
-found.
+found, and the plan's label.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,7 +41,7 @@ LAYERS = [(f"gpt:hidden=4096,layers={l},heads=32,seq=1024,vocab=51200", "p3.16xl
 GPUS = [("gpt-6.7b", "p3.16xlarge", n, 128 * n) for n in (1, 2, 4, 8, 16)]
 
 
-def run(model: str, cluster: str, nodes: int, gb: int) -> dict:
+def run(model: str, cluster: str, nodes: int, gb: int, save_dir: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
         env = dict(os.environ, AUTOPAR_CACHE_DIR=cache)
         path = os.path.join(out, "plan.json")
@@ -58,16 +60,19 @@ def run(model: str, cluster: str, nodes: int, gb: int) -> dict:
                     "error": r.stderr.strip()[-300:]}
         with open(path) as f:
             plan = json.load(f)
+        if save_dir:
+            shutil.copy(path, os.path.join(save_dir, f"{name.replace(':', '_').replace('/', '_')}-{nodes * 8}.json"))
     s, p = plan["search"], plan["predicted"]
     return {"model": name, "cluster": cluster, "gpus": nodes * 8, "layers": plan["model"]["n_layers"],
             "wall_s": wall, "user_s": user, "rss_bytes": rss, "ilps": s["ilps"], "reused": s["cache_hits"], "stages": len(plan["stages"]),
-            "step_s": p["step_time_s"], "mfu": p["mfu"], "fits": p["fits"]}
+            "step_s": p["step_time_s"], "mfu": p["mfu"], "fits": p["fits"],
+            "label": plan["config"]["label"]}
 
 
 def table(rows: list[dict], title: str) -> str:
     out = [f"\n### {title}\n", "| model | GPUs | layers | wall (s) | user CPU (s) | peak RSS (GiB) | ILPs | layer reuses | "
-           "stages | predicted step (s) | MFU |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "stages | predicted step (s) | MFU | plan |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rss = f"{r['rss_bytes'] / 2**30:.2f}"
         if "error" in r:
@@ -76,7 +81,7 @@ def table(rows: list[dict], title: str) -> str:
         out.append(f"| {r['model']} | {r['gpus']} | {r['layers']} | {r['wall_s']:.1f} | {r['user_s']:.1f} | {rss} | {r['ilps']} | "
                    f"{r['reused']} | "
                    f"{r['stages']} | {r['step_s']:.2f} | "
-                   f"{r['mfu']:.1%} |")
+                   f"{r['mfu']:.1%} | {r['label']} |")
     return "\n".join(out)
 
 
@@ -84,14 +89,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--headline", nargs="+", metavar="MODEL", help="run only these headline cases")
+    ap.add_argument("--save-plans", metavar="DIR", help="copy each plan file into DIR (to compare plans)")
     a = ap.parse_args()
+    if a.save_plans:
+        os.makedirs(a.save_plans, exist_ok=True)
     cases = HEADLINE[:1] if a.quick else HEADLINE
     if a.headline:
         cases = [c for c in HEADLINE if NAMES.get(c[0], c[0]) in a.headline]
-    print(table([run(*c) for c in cases], "Planning time, end to end (cold trace cache)"), flush=True)
+    print(table([run(*c, a.save_plans) for c in cases], "Planning time, end to end (cold trace cache)"), flush=True)
     if not (a.quick or a.headline):
-        print(table([run(*c) for c in LAYERS], "Planning time vs layers (hidden 4096, 64 V100)"), flush=True)
-        print(table([run(*c) for c in GPUS], "Planning time vs GPUs (gpt-6.7b, p3.16xlarge)"), flush=True)
+        print(table([run(*c, a.save_plans) for c in LAYERS], "Planning time vs layers (hidden 4096, 64 V100)"), flush=True)
+        print(table([run(*c, a.save_plans) for c in GPUS], "Planning time vs GPUs (gpt-6.7b, p3.16xlarge)"), flush=True)
 
 
 if __name__ == "__main__":

@@ -406,6 +406,123 @@ class Evaluation:
         return ADAM_STEP_BYTES * (self.param_elems_zero if zero >= 1 else self.param_elems) / cm.stream_bytes_per_s
 
 
+# The groups of a set of ops on a mesh depend on the entry layout only through the groups
+# rooted at an op that follows a received tensor (its strategy follows the layout the tensor
+# arrives in, and so do its group's members). The layer solver poses one set of ops on one mesh
+# in many entry layouts, so everything else is built once per (graph, ops, mesh, compute model,
+# strategy filters) and kept here: the groups, and per Settings their member sums and the edges
+# between groups that follow no received tensor. Keyed by the graph's id, the entry holding the
+# graph so that the id is not reused while cached; bounded like _STRUCTURE_MEMO. A template
+# also remembers the strategy tuple its first decision op got from _decision_by_id: after that
+# cache is cleared (rules swapped, as tests do) the tuple is a new object and the template is
+# built again.
+_TEMPLATE_MEMO: dict[tuple, _Template] = {}
+
+
+class _Template:
+    """What StageProblems of one (graph, ops, mesh, filters) share, whatever their entry layout."""
+
+    def __init__(self, prob: StageProblem):
+        self.graph = prob.graph
+        self.groups = list(prob.groups)          # read-only Group objects (entry-dependent ones rebuilt)
+        self.group_of = prob.group_of            # read-only
+        # per group rooted at a follower of a received tensor: its members, their signature
+        # keys and their leader operand's producer (outside the set for the root)
+        self.entry_groups: list[tuple[int, list[tuple[str, _BySig, str]]]] = []
+        g = prob.graph
+        for gi, grp in enumerate(prob.groups):
+            key, li = _sig_of(g.node(grp.root))
+            if li is None:
+                continue
+            members = []
+            for m in grp.members:
+                mkey, mli = _sig_of(g.node(m))
+                assert mli is not None                  # every member of such a group follows
+                src = g.node(m).operands[mli].source
+                assert src is not None
+                members.append((m, mkey, src))
+            self.entry_groups.append((gi, members))
+        self.depends = {gi for gi, _ in self.entry_groups}
+        # (signature key, strategy tuple) of the first decision op, or None
+        self.probe: tuple[_BySig, tuple[Strategy, ...]] | None = None
+        for grp in prob.groups:
+            key, li = _sig_of(g.node(grp.root))
+            if li is None:
+                self.probe = (key, _decision_by_id(key, prob._context))
+                break
+        self.no_forbidden = []
+        for grp in prob.groups:
+            z = np.zeros(len(grp.strategies[grp.root]), bool)
+            z.flags.writeable = False
+            self.no_forbidden.append(z)
+        self._settled: dict[Settings, tuple] = {}
+
+    def groups_for(self, prob: StageProblem) -> list[Group]:
+        """The template's groups with those that follow a received tensor built for `prob`'s
+        entry layout (as StageProblem._build_groups builds them)."""
+        groups = list(self.groups)
+        ctx = prob._context
+        for gi, members in self.entry_groups:
+            root, rkey, rsrc = members[0]
+            grp = Group(root, [root], {root: [_follow_by_id(rkey, prob._boundary_spec(rsrc), ctx)]})
+            for m, mkey, src in members[1:]:
+                grp.strategies[m] = list(_follow_all(mkey, tuple(s.out_spec for s in grp.strategies[src]), ctx))
+                grp.members.append(m)
+            groups[gi] = grp
+        return groups
+
+    def settled(self, prob: StageProblem, settings: Settings) -> tuple[list, list, list]:
+        """Per group its member sums (None where the group follows a received tensor), and per
+        operand in order (op, form, producer group, consumer group, costs): op None where the
+        edge is settled (between groups that follow no received tensor), else the operand to
+        work out per problem (prob._operand_edge)."""
+        hit = self._settled.get(settings)
+        if hit is not None:
+            return hit
+        member_cost: list[np.ndarray | None] = []
+        member_mem: list[np.ndarray | None] = []
+        for gi, grp in enumerate(prob.groups):
+            if gi in self.depends:
+                member_cost.append(None)
+                member_mem.append(None)
+                continue
+            cost, mem = prob._member_sums(grp, settings)
+            cost.flags.writeable = mem.flags.writeable = False
+            member_cost.append(cost)
+            member_mem.append(mem)
+        plan: list[tuple] = []
+        ids: dict[str, tuple[int, ...]] = {}
+        for op in prob._operands:
+            gv = self.group_of[op.name]
+            gu = self.group_of.get(op.source, -1) if op.source in prob.inside else -1
+            if gu < 0 or gu in self.depends or gv in self.depends:
+                plan.append((op, 0, 0, 0, None))
+            else:
+                plan.append((None, *prob._operand_edge(op, ids)))
+        value = (member_cost, member_mem, plan)
+        self._settled[settings] = value
+        return value
+
+
+def _template_of(prob: StageProblem, allowed: dict[str, set[str]]) -> _Template:
+    """Sets prob.groups and prob.group_of, from the template of its (graph, ops, mesh, filters)
+    (made here, from prob's own groups, the first time)."""
+    key = (id(prob.graph), tuple(prob.names), prob._context, prob.only_names,
+           tuple(sorted((k, tuple(sorted(v))) for k, v in allowed.items())) if allowed else None)
+    tpl = _TEMPLATE_MEMO.get(key)
+    if (tpl is not None and tpl.graph is prob.graph
+            and (tpl.probe is None or _decision_by_id(tpl.probe[0], prob._context) is tpl.probe[1])):
+        prob.group_of = tpl.group_of
+        prob.groups = tpl.groups_for(prob)
+        return tpl
+    prob._build_groups(allowed)
+    tpl = _Template(prob)
+    if len(_TEMPLATE_MEMO) >= 4096:      # each entry holds its graph: keep few
+        _TEMPLATE_MEMO.clear()
+    _TEMPLATE_MEMO[key] = tpl
+    return tpl
+
+
 class StageProblem:
     def __init__(self, graph: OpGraph, names: list[str], mesh: Mesh, cm: ComputeModel,
                  boundary: dict[str, Spec] | None = None, restrict_out: dict[str, Spec] | None = None,
@@ -420,12 +537,12 @@ class StageProblem:
         self.groups: list[Group] = []
         self.group_of: dict[str, int] = {}
         self.only_names = only_names
-        self._build_groups(allowed or {})
-        self.forbidden = [np.zeros(len(g.strategies[g.root]), bool) for g in self.groups]
+        self._template = _template_of(self, allowed or {})
+        self.forbidden = list(self._template.no_forbidden)
         for name, spec in (restrict_out or {}).items():
             gi = self.group_of[name]
             lst = self.groups[gi].strategies[name]
-            self.forbidden[gi] |= np.array([s.out_spec != spec for s in lst])
+            self.forbidden[gi] = self.forbidden[gi] | np.array([s.out_spec != spec for s in lst])
 
     # -- structure -----------------------------------------------------------------------
     def _boundary_spec(self, src: str) -> Spec:
@@ -486,49 +603,26 @@ class StageProblem:
         return p + settings.inflight * self.saved.get(name, 0.0) * st.out_bytes_local
 
     def ilp_arrays(self, settings: Settings):
+        """(node costs, edges, node memory) of the ILP. The parts that do not depend on the
+        entry layout (the groups' member sums, the edges among groups that follow no
+        received tensor) come from the template (_Template.settled), the rest is worked out
+        here; both are summed in the one order below, so the arrays are the same to the bit."""
+        member_cost, member_mem, plan = self._template.settled(self, settings)
         node_costs, node_mem = [], []
         for gi, grp in enumerate(self.groups):
-            k = len(grp.strategies[grp.root])
-            cost = np.zeros(k)
-            mem = np.zeros(k)
-            for m in grp.members:
-                m_cost, m_mem = self._member_arrays(m, grp.strategies[m], settings)
-                cost += m_cost
-                mem += m_mem
+            pre = member_cost[gi]
+            if pre is None:
+                cost, mem = self._member_sums(grp, settings)
+            else:
+                cost, mem = pre.copy(), member_mem[gi].copy()
             cost[self.forbidden[gi]] = np.inf
             node_costs.append(cost)
             node_mem.append(mem)
         edges = []
-        ctx, groups, group_of, inside = self._context, self.groups, self.group_of, self.inside
         ids: dict[str, tuple[int, ...]] = {}       # member -> the ids of its strategies
-        for op in self._operands:
-            name, j = op.name, op.j
-            gv = group_of[name]
-            v_sts = groups[gv].strategies[name]
-            v_ids = ids.get(name)
-            if v_ids is None:
-                v_ids = ids[name] = tuple(map(id, v_sts))
-            u_key: tuple | None
-            if op.source not in inside:
-                src = self._boundary_spec(op.source)
-                form, u_sts, u_key = _ROW, None, src
-            else:
-                gu = group_of[op.source]
-                u_sts = groups[gu].strategies[op.source]
-                u_key = ids.get(op.source)
-                if u_key is None:
-                    u_key = ids[op.source] = tuple(map(id, u_sts))
-                form = _DIAGONAL if gu == gv else _MATRIX
-            # Keyed by the strategy objects' ids (_KEEP holds them): the same objects recur
-            # in every problem on a mesh, and ids are cheaper to key on than the layouts
-            # _edge_costs keys on.
-            fast = (form, ctx, op.shape_key, op.eb, op.grad, op.share, j, u_key, v_ids)
-            arr = _EDGE_FAST.get(fast)
-            if arr is None:
-                need = tuple(s.in_specs[j] if j < len(s.in_specs) else None for s in v_sts)
-                srcs = (src,) if u_sts is None else tuple(s.out_spec for s in u_sts)
-                arr = self._edge_costs(form, name, j, op.shape, op.eb, srcs, need, v_sts)
-                _remember_by_ids(_EDGE_FAST, fast, arr, [*v_sts, *(u_sts or ())])
+        for op, form, gu, gv, arr in plan:
+            if op is not None:
+                form, gu, gv, arr = self._operand_edge(op, ids)
             if form == _ROW:
                 node_costs[gv] += arr[0]
             elif form == _DIAGONAL:
@@ -536,6 +630,51 @@ class StageProblem:
             else:
                 edges.append((gu, gv, arr))
         return node_costs, edges, node_mem
+
+    def _member_sums(self, grp: Group, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+        """A group's node cost and memory before its edges: the sum of its members'."""
+        k = len(grp.strategies[grp.root])
+        cost = np.zeros(k)
+        mem = np.zeros(k)
+        for m in grp.members:
+            m_cost, m_mem = self._member_arrays(m, grp.strategies[m], settings)
+            cost += m_cost
+            mem += m_mem
+        return cost, mem
+
+    def _operand_edge(self, op: _Operand, ids: dict[str, tuple[int, ...]]) -> tuple[int, int, int, np.ndarray]:
+        """(form, producer group, consumer group, costs) of the edge into one operand
+        (_edge_costs; -1 for the producer of a received tensor)."""
+        name, j = op.name, op.j
+        groups, group_of = self.groups, self.group_of
+        gv = group_of[name]
+        v_sts = groups[gv].strategies[name]
+        v_ids = ids.get(name)
+        if v_ids is None:
+            v_ids = ids[name] = tuple(map(id, v_sts))
+        u_key: tuple | None
+        gu = -1
+        if op.source not in self.inside:
+            src = self._boundary_spec(op.source)
+            form, u_sts, u_key = _ROW, None, src
+        else:
+            gu = group_of[op.source]
+            u_sts = groups[gu].strategies[op.source]
+            u_key = ids.get(op.source)
+            if u_key is None:
+                u_key = ids[op.source] = tuple(map(id, u_sts))
+            form = _DIAGONAL if gu == gv else _MATRIX
+        # Keyed by the strategy objects' ids (_KEEP holds them): the same objects recur
+        # in every problem on a mesh, and ids are cheaper to key on than the layouts
+        # _edge_costs keys on.
+        fast = (form, self._context, op.shape_key, op.eb, op.grad, op.share, j, u_key, v_ids)
+        arr = _EDGE_FAST.get(fast)
+        if arr is None:
+            need = tuple(s.in_specs[j] if j < len(s.in_specs) else None for s in v_sts)
+            srcs = (src,) if u_sts is None else tuple(s.out_spec for s in u_sts)
+            arr = self._edge_costs(form, name, j, op.shape, op.eb, srcs, need, v_sts)
+            _remember_by_ids(_EDGE_FAST, fast, arr, [*v_sts, *(u_sts or ())])
+        return form, gu, gv, arr
 
     def _member_arrays(self, name: str, sts: list[Strategy], settings: Settings) -> tuple[np.ndarray, np.ndarray]:
         """A member op's ILP objective (member_cost's objective_s, inlined) and memory per
