@@ -937,7 +937,13 @@ class CompiledBlock:
         if self.eager:
             return self.run(*vals)
         if self.checked:
-            return self._compiled_call(*vals)
+            from torch._dynamo.exc import TorchDynamoException
+            try:
+                return self._compiled_call(*vals)
+            except TorchDynamoException as e:    # a later call that must recompile and cannot
+                self.eager = True
+                warnings.warn(self.failure(e), stacklevel=2)
+                return self.run(*vals)
         if not self.warm:
             self.warm = True
             if not self.recomputed and any(kind == "ckpt" for kind, _ in self.segs):
@@ -947,6 +953,7 @@ class CompiledBlock:
                               "which compiled blocks do not do; this block runs op by op on DTensors (slow)",
                               stacklevel=2)
             return self.run(*vals)
+        _allow_recompiles_for_another_block()
         self.compiled = torch.compile(_own_code(self.traced, f"autopar_block_{self.index}"), backend=compile_backend(),
                                       fullgraph=True, dynamic=False)
         from torch._dynamo.exc import TorchDynamoException
@@ -1009,6 +1016,24 @@ _TRACING: list[str | None] = [None]
 def _trace_mark(name: str) -> int:
     _TRACING[0] = name
     return 0
+
+
+_BLOCKS_COMPILED = [0]
+
+
+def _allow_recompiles_for_another_block() -> None:
+    """Raise dynamo's per-code recompile limit to the number of blocks compiled so far (plus its
+    default). torch 2.11 compiles every block in one wrapper frame (external_utils.inner, guarded
+    on the block's code object), so each block counts as a recompile of that frame: with its
+    default limit of 8, the ninth block failed (gpt-1.3b, 2 H200s). Each block is a graph of its
+    own, not a recompile caused by changing inputs."""
+    import torch._dynamo.config as dynamo_config
+    _BLOCKS_COMPILED[0] += 1
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), _BLOCKS_COMPILED[0] + 8))
+    if hasattr(dynamo_config, "accumulated_recompile_limit"):
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit,
+                                                        _BLOCKS_COMPILED[0] + 256)
 
 
 def _own_code(fn, name: str):
