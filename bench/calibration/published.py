@@ -483,8 +483,6 @@ def map_run(run: dict, attention: bool = True, grad_sync: bool = True) -> Job | 
     for key, c in SOURCE_CLUSTERS.items():
         if key in run["source"]:
             cluster = c
-    if cluster.endswith(".json"):
-        cluster = str(CLUSTER_DIR / cluster)
     gpn = run.get("gpus_per_node") or gpn_default
     if n < gpn:
         gpn = n
@@ -608,6 +606,13 @@ WHAT_IF_KEYS = {
 }
 
 
+def cluster_path(cluster: str) -> str:
+    """A job's cluster: a preset name, or a file of bench/calibration/clusters, which jobs name by
+    its file name only, since results files outlive the checkout that wrote them (older results
+    hold absolute paths: their file name is used the same way)."""
+    return str(CLUSTER_DIR / Path(cluster).name) if cluster.endswith(".json") else cluster
+
+
 def what_if_cluster(api, cluster, what_if: dict):
     """The cluster with some figures changed, through the cluster file format (to_dict ->
     JSON -> load_cluster), for sensitivity experiments; nothing in autopar is patched."""
@@ -644,7 +649,7 @@ def evaluate_group(task: tuple[str, int, str, list[dict]]) -> list[dict]:
     for j in jobs:
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            cl = api.load_cluster(j["cluster"], j["nodes"], j["gpus_per_node"])
+            cl = api.load_cluster(cluster_path(j["cluster"]), j["nodes"], j["gpus_per_node"])
             if j.get("what_if"):
                 cl = what_if_cluster(api, cl, j["what_if"])
             cfg = api.Config3D(j["dp"], j["tp"], j["pp"], j["microbatch"], j["recompute"], j["schedule"],
