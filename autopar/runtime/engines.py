@@ -73,9 +73,10 @@ from autopar.sharding.rules.common import strategy_letters
 from graphs.ir import ATTENTION, EMBEDDING, INPUT, MATMUL, OpGraph
 from graphs.query import stage_nodes
 
-from .apply import ParallelModel, build_model, check_plan_matches, trace_model, zoo_inputs
+from .apply import ParallelModel, build_model, check_plan_matches, pipeline_groups, trace_model, zoo_inputs
 from .apply import apply as apply_program
 from .layout import placements, spec_of
+from .program import NotAppliableError
 
 # per family: (embedding modules, final norm, attention projections (column, row), MLP (column, row))
 FAMILY_MODULES = {
@@ -322,25 +323,15 @@ def _check_specs(plan: Plan) -> None:
 
 def pipeline_ranks(plan: Plan) -> int:
     """The pipeline's ranks: stage k runs on the (k mod pp)-th device group, as
-    torch.distributed.pipelining's interleaved schedules place chunks; EngineMismatch otherwise."""
-    groups: list[tuple[int, ...]] = []
-    for s in sorted(plan.stages, key=lambda s: s.index):
-        g = tuple(s.device_ids)
-        if g not in groups:
-            groups.append(g)
-    pp = len(groups)
-    for s in plan.stages:
-        if tuple(s.device_ids) != groups[s.index % pp]:
-            raise EngineMismatch(f"stage {s.index} runs on devices {s.device_ids}, not on the device group "
-                                 f"{list(groups[s.index % pp])} of rank {s.index % pp} (chunks round-robin)")
-    ids = [d for g in groups for d in g]
+    torch.distributed.pipelining's interleaved schedules place chunks (apply.pipeline_groups);
+    EngineMismatch otherwise."""
+    try:
+        pp = max(pipeline_groups(plan)) + 1
+    except NotAppliableError as e:
+        raise EngineMismatch(str(e)) from None
+    ids = [d for s in sorted(plan.stages, key=lambda s: s.index)[:pp] for d in s.device_ids]
     if len(set(ids)) != len(ids):
         raise EngineMismatch("device groups of the pipeline overlap")
-    if plan.training.schedule == "interleaved" and len(plan.stages) % pp:
-        raise EngineMismatch(f"{len(plan.stages)} interleaved stages do not fill {pp} ranks evenly")
-    if plan.training.schedule != "interleaved" and pp != len(plan.stages):
-        raise EngineMismatch(f"schedule {plan.training.schedule!r} runs one stage per device group, but the plan's "
-                             f"{len(plan.stages)} stages share {pp} groups; use schedule 'interleaved'")
     return pp
 
 

@@ -109,22 +109,29 @@ def validate(plan, device: str, nproc: int | None) -> int:
 
 
 def _check_engines_needed(plan, ir) -> None:
-    """Interleaved plans and pipelines whose stages differ in size run only on PyTorch's engines
-    (the op-by-op program pairs one stage per rank group of equal size): say why not before any
-    process starts, instead of failing in every rank."""
+    """Pipelines whose stages differ in size run only on PyTorch's engines (the DTensor program
+    pairs one rank per device group of equal size, as torch.distributed.pipelining does), and
+    interleaving over such stages on neither: say why not before any process starts, instead of
+    failing in every rank. Interleaved plans over equal-size groups run either way."""
     from graphs import zoo
 
+    from .apply import pipeline_groups
     from .engines import EngineMismatch, match_plan
     from .program import NotAppliableError
-    interleaved = plan.training.schedule == "interleaved"
-    if not interleaved and len({len(s.device_ids) for s in plan.stages}) < 2:
+    pipeline_groups(plan)                 # chunks round-robin over the device groups
+    if len({len(s.device_ids) for s in plan.stages}) < 2:
         return
-    kind = "interleaved plan" if interleaved else "pipeline with stages of different device counts (" + ", ".join(
-        f"stage {s.index}: {len(s.device_ids)}" for s in plan.stages) + ")"
+    sizes = ", ".join(f"stage {s.index}: {len(s.device_ids)}" for s in plan.stages)
+    if plan.training.schedule == "interleaved":
+        raise NotAppliableError(f"interleaving over stages of different device counts ({sizes}) runs on neither "
+                                "PyTorch's engines nor the DTensor program: torch.distributed.pipelining's "
+                                "interleaved schedules pair one rank per device group; plan it with schedule "
+                                "1f1b or gpipe")
     try:
         match_plan(plan, ir, zoo.get_config(plan.model.name).family)
     except EngineMismatch as e:
-        raise NotAppliableError(f"this {kind} runs only on PyTorch's engines, and they do not take it: {e}") from None
+        raise NotAppliableError(f"this pipeline with stages of different device counts ({sizes}) runs only on "
+                                f"PyTorch's engines, and they do not take it: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
