@@ -3,7 +3,9 @@
 Ranks run in stage order: rank r is the r-th device of the stages' concatenated device_ids (for
 the usual plans, whose stages take increasing device ids, rank == device id). Every rank builds
 every stage's device mesh and pipeline group (creating process groups is collective), and only
-its own stage's parameters.
+its own stages' parameters: one stage, or under an interleaved schedule the chunks k, k + pp, ...
+of its device group, each a StageModule on that group's mesh, driven by torch's
+ScheduleInterleaved1F1B.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ runtime.apply, with a warning that names the stage and op; with `compile` (by de
 that program runs each layer as one torch.compile'd region (runtime.program.CompiledBlock).
 
 Not lowered here (they keep the program path, or its NotAppliableError): interleaved schedules
-over stages of different sizes or layouts, expert-parallel / 2-D sharded weights (MoE under
+over stages of different layouts (the program runs them; over different sizes nothing does, and
+autopar run refuses them before launch), expert-parallel / 2-D sharded weights (MoE under
 TP), hf: models, sequence parallelism in mixed pipelines or on some row-parallel ops only, other
 reduce-scatters, context parallelism beside tp or in pipelines, and on CPU (runtime.context),
 layouts other than Megatron's. A vocab-split embedding

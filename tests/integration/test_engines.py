@@ -263,6 +263,33 @@ def test_mixed_pipeline_no_engine_takes_is_refused_before_launch():
         validate(Plan.from_dict(d), "cpu", None)
 
 
+def test_interleaved_program_plan_is_not_refused_before_launch():
+    # no engine takes fc2 replicated; the program runs interleaved chunks (test_program_compile)
+    from autopar.runtime.launch import validate
+    d = copy.deepcopy(plan_3d(1, 2, 2, 1, schedule="interleaved", virtual_stages=2).to_dict())
+    for st in d["stages"]:
+        for name in st["strategies"]:
+            if name.endswith("mlp_fc2"):
+                st["strategies"][name] = "R"
+    plan = Plan.from_dict(d)
+    with pytest.raises(EngineMismatch, match="mlp_fc2 is 'R'"):
+        match_plan(plan, graphs.load(M, batch=1), "gpt")
+    assert validate(plan, "cpu", None) == 4
+
+
+def test_interleaving_over_mixed_size_stages_is_refused_before_launch():
+    # chunks 0 and 2 on one device, 1 and 3 on two: torch's interleaved schedules pair one rank
+    # per device group, and no other path runs it
+    from autopar.runtime import NotAppliableError
+    from autopar.runtime.launch import validate
+    d = copy.deepcopy(mixed_plan([(1, 1), (1, 2), (1, 1), (1, 2)]).to_dict())
+    d["stages"][2]["device_ids"], d["stages"][3]["device_ids"] = [0], [1, 2]
+    d["training"].update(schedule="interleaved", virtual_stages=2)
+    with pytest.raises(NotAppliableError, match=r"interleaving over stages of different device counts \(stage 0: "
+                                                 r"1, stage 1: 2, stage 2: 1, stage 3: 2\) runs on neither"):
+        validate(Plan.from_dict(d), "cpu", None)
+
+
 # -- Megatron sequence parallelism and reduce-scattered embeddings (the planner's "+rs:" variants)
 
 def sequence_parallel(dp: int, mb: int, letter: str, model: str = M, embeddings: str = "rs") -> Plan:
