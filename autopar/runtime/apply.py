@@ -26,6 +26,7 @@ from graphs.query import main_boundary
 from graphs.trace import symbolic, to_meta, trace
 
 from .layout import local_shape, placements, spec_of
+from .pipeline import BoundaryLayout, P2PPipeline, sum_tied_grad
 from .program import (
     NotAppliableError,
     StageModule,
@@ -201,16 +202,17 @@ class ParallelModel:
                 meshes[key] = self._mesh(s, r)
             self.meshes.append(meshes[key])
         self.pp_group = None
-        if self.n_stages > 1:
-            sizes = {len(r) for r in group_ranks}
-            if len(sizes) != 1:
-                kind = "interleaved over stages" if self.pp < self.n_stages else "stages"
-                raise NotAppliableError(
-                    f"{kind} of different sizes (" + ", ".join(f"stage {s.index}: {len(s.device_ids)} devices"
-                                                              for s in stages)
-                    + ") cannot be paired into torch.distributed.pipelining groups; plan stages with equal "
-                      "device counts")
-            for j in range(sizes.pop()):
+        self.group_offsets = [r[0] for r in ranks_of]
+        # stages of different sizes: one stage per device group, boundaries replicated over each
+        # stage's mesh and routed between the ranks by runtime.pipeline.P2PPipeline
+        self.mixed = len({len(r) for r in group_ranks}) > 1
+        if self.mixed and self.pp < self.n_stages:
+            raise NotAppliableError(
+                "interleaving over stages of different sizes (" + ", ".join(
+                    f"stage {s.index}: {len(s.device_ids)} devices" for s in stages)
+                + ") cannot be paired into torch.distributed.pipelining groups; plan it with schedule 1f1b or gpipe")
+        if self.n_stages > 1 and not self.mixed:
+            for j in range(len(group_ranks[0])):
                 g = dist.new_group([r[j] for r in group_ranks])
                 if j == self.local_index:
                     self.pp_group = g
@@ -225,6 +227,12 @@ class ParallelModel:
             if len({group_of[k] for k in users}) < len(users):
                 raise NotAppliableError(f"stages {users} share parameter {name} and some of them run on one "
                                         "device group: one rank would hold two copies")
+            if self.mixed:
+                # every rank of the stages sums its full gradient / its stage's size (sum_tied_grad)
+                g = dist.new_group(sorted({r for k in users for r in ranks_of[k]}))
+                if mine:
+                    self.tied.append((name, g))
+                continue
             for j in range(len(ranks_of[users[0]])):
                 g = dist.new_group([ranks_of[k][j] for k in users])
                 if mine and j == self.local_index:
@@ -243,7 +251,11 @@ class ParallelModel:
         self._partial_masks = {n: m for c in self.chunks for n, m in c.partial_masks.items()}
         self.loss_axis = next((c.module.loss_axis for c in self.chunks if c.module.loss_axis is not None), None)
         self._setup_optimizer(optimizer, lr)
-        self.schedule = self._pipeline(prog) if self.n_stages > 1 else None
+        self.schedule: Any = None
+        if self.mixed:
+            self.schedule = self._p2p_pipeline(prog)
+        elif self.n_stages > 1:
+            self.schedule = self._pipeline(prog)
         self.data_names = first_chunk.data_names
         # the graph inputs every later chunk of this rank reads (by name; torch's schedules pass
         # keyword arguments to each chunk of the rank)
@@ -334,6 +346,23 @@ class ParallelModel:
         else:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
 
+    def _p2p_pipeline(self, prog) -> P2PPipeline:
+        """Stages of different sizes: each stage's ranks hold its boundary tensor whole
+        (replicated), so the receivers take it from the senders one to one (or one to many)."""
+        for k in range(self.n_stages - 1):
+            outs = self.programs[k].outputs
+            if len(outs) != 1:
+                raise NotAppliableError(f"stage {k} of a pipeline of stages of different sizes sends {len(outs)} "
+                                        f"tensors ({', '.join(n.name for n in outs)}); the DTensor program sends "
+                                        "one between such stages")
+        k = self.stage_index
+        boundary = self.programs[k].outputs[0] if k < self.n_stages - 1 else self.programs[k - 1].outputs[0]
+        v = prog.values[boundary]
+        sizes = [len(s.device_ids) for s in self.stages]
+        return P2PPipeline(k, [BoundaryLayout(1, n) for n in sizes], [(1, n) for n in sizes], self.group_offsets,
+                           self.rank, 0, self.n_microbatches, self.schedule_name, tuple(v.shape), v.dtype,
+                           self.device)
+
     def _pipeline(self, prog):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
         mb = self.microbatch_size
@@ -400,6 +429,17 @@ class ParallelModel:
                     (out / B).sum().backward()
                     total = total + out.detach()
                 loss = torch.as_tensor(total / B).reshape(())
+            elif self.mixed:
+                chunk = self.chunks[0]
+
+                def run(x: torch.Tensor | None, i: int) -> torch.Tensor:
+                    rows = {n: batch[n][i * mb:(i + 1) * mb] for n in chunk.data_names}
+                    if first:
+                        return chunk.module(*rows.values())
+                    return chunk.module(x, **rows)
+                mb_losses = self.schedule.step(run)
+                if last:
+                    loss = torch.stack([x.detach().reshape(()) for x in mb_losses]).mean()
             else:
                 args = [batch[n] for n in self.data_names] if first else []
                 kwargs = {n: batch[n] for n in self.kwarg_names}
@@ -417,6 +457,9 @@ class ParallelModel:
     def _reduce_grads(self):
         for name, group in self.tied:
             p = self.params[name]
+            if self.mixed:
+                sum_tied_grad(p, group, len(self.stage.device_ids))
+                continue
             g = p.grad
             full = g.full_tensor() if _is_dtensor(g) else g.clone()
             dist.all_reduce(full, group=group)

@@ -104,34 +104,23 @@ def validate(plan, device: str, nproc: int | None) -> int:
     check_plan_matches(plan, ir)
     check_context_parallel(plan, ir)
     zoo_inputs(plan)
-    _check_engines_needed(plan, ir)
+    _check_pipeline(plan)
     return n
 
 
-def _check_engines_needed(plan, ir) -> None:
-    """Pipelines whose stages differ in size run only on PyTorch's engines (the DTensor program
-    pairs one rank per device group of equal size, as torch.distributed.pipelining does), and
-    interleaving over such stages on neither: say why not before any process starts, instead of
-    failing in every rank. Interleaved plans over equal-size groups run either way."""
-    from graphs import zoo
-
+def _check_pipeline(plan) -> None:
+    """Interleaving over stages of different device counts runs on no path (torch's interleaved
+    schedules pair one rank per device group; runtime.pipeline.P2PPipeline runs 1F1B and GPipe
+    only): say so before any process starts, instead of failing in every rank."""
     from .apply import pipeline_groups
-    from .engines import EngineMismatch, match_plan
     from .program import NotAppliableError
     pipeline_groups(plan)                 # chunks round-robin over the device groups
-    if len({len(s.device_ids) for s in plan.stages}) < 2:
-        return
-    sizes = ", ".join(f"stage {s.index}: {len(s.device_ids)}" for s in plan.stages)
-    if plan.training.schedule == "interleaved":
+    if plan.training.schedule == "interleaved" and len({len(s.device_ids) for s in plan.stages}) > 1:
+        sizes = ", ".join(f"stage {s.index}: {len(s.device_ids)}" for s in plan.stages)
         raise NotAppliableError(f"interleaving over stages of different device counts ({sizes}) runs on neither "
                                 "PyTorch's engines nor the DTensor program: torch.distributed.pipelining's "
                                 "interleaved schedules pair one rank per device group; plan it with schedule "
                                 "1f1b or gpipe")
-    try:
-        match_plan(plan, ir, zoo.get_config(plan.model.name).family)
-    except EngineMismatch as e:
-        raise NotAppliableError(f"this pipeline with stages of different device counts ({sizes}) runs only on "
-                                f"PyTorch's engines, and they do not take it: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
