@@ -274,16 +274,17 @@ def test_mixed_pipeline_no_engine_takes_is_not_refused_before_launch():
 
 
 @pytest.mark.runtime
-def test_mixed_pipelines_on_the_program_match_one_process():
+@pytest.mark.parametrize("model", [M, pytest.param(LLAMA, marks=pytest.mark.slow)], ids=["gpt", "llama"])
+def test_mixed_pipelines_on_the_program_match_one_process(model):
     # stages of different sizes whose layouts no engine takes: the DTensor program, boundaries
-    # replicated over each stage's mesh and routed one to many (1 -> tp2, dp2 -> 1, tp2 -> 1), the
-    # tied embedding's gradient summed over both stages' ranks; a Llama (untied head, GQA)
-    gpt = [no_engine(mixed_plan([(1, 1), (1, 2)])), no_engine(mixed_plan([(2, 1), (1, 1)], schedule="gpipe"))]
-    llama = [no_engine(mixed_plan([(1, 2), (1, 1)], model=LLAMA))]
-    for model, plans in ((M, gpt), (LLAMA, llama)):
-        for r in check_plans([p.to_json() for p in plans]):
-            assert r["max_abs_loss_diff"] < TOL and r["max_abs_grad_diff"] < TOL, r
-            assert r["n_grads_compared"] == len(graphs.zoo.build_module(model).state_dict()), r
+    # replicated over each stage's mesh and routed one to many (1 -> tp2, dp2 -> 1 in GPipe
+    # order), the tied embedding's gradient summed over both stages' ranks; a Llama (untied
+    # head, GQA) tp2 -> 1
+    plans = ([no_engine(mixed_plan([(1, 1), (1, 2)])), no_engine(mixed_plan([(2, 1), (1, 1)], schedule="gpipe"))]
+             if model == M else [no_engine(mixed_plan([(1, 2), (1, 1)], model=LLAMA))])
+    for r in check_plans([p.to_json() for p in plans]):
+        assert r["max_abs_loss_diff"] < TOL and r["max_abs_grad_diff"] < TOL, r
+        assert r["n_grads_compared"] == len(graphs.zoo.build_module(model).state_dict()), r
 
 
 def test_interleaved_program_plan_is_not_refused_before_launch():
