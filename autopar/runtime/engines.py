@@ -8,7 +8,9 @@ evaluation.baselines.megatron_names) — runs on the zoo's nn.Module with
     data parallelism   DistributedDataParallel (bucketed all-reduce overlapped with the
                        backward, no_sync between microbatches)
     ZeRO-1/2/3         FSDP2 fully_shard per block + root, reshard_after_forward for ZeRO-3,
-                       MixedPrecisionPolicy(bf16 params, fp32 reduce) for bf16 runs
+                       MixedPrecisionPolicy(bf16 params, fp32 reduce) for bf16 runs; over
+                       microbatches ZeRO-1 reduce-scatters once per step, ZeRO-2 every
+                       microbatch, ZeRO-1/2 gather once per step (_fsdp_accumulation)
     Megatron TP        parallelize_module: ColwiseParallel / RowwiseParallel, vocab-parallel
                        embedding, loss_parallel for the vocab-split head; dp x tp on one
                        DeviceMesh with named dims ("pp", "dp", "tp")
