@@ -102,10 +102,13 @@ class StageResult:
 
 
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
-                   cm: ComputeModel, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None) -> StageResult:
+                   cm: ComputeModel, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None,
+                   zero_autocast: bool = False) -> StageResult:
     """The stage's costs; its StagePlan comes back as a copy carrying the per-op records.
     grad_sync: the engine whose gradient buckets it runs (collectives.GRAD_SYNC_ENGINES; None:
-    the eager recipe's or the default's, collectives.default_grad_sync_engine)."""
+    the eager recipe's or the default's, collectives.default_grad_sync_engine).
+    zero_autocast: the eager recipe's ZeRO stages run autocast over FSDP2's fp32 parameters (as
+    bench/truth's fsdp2 rows did), not `autopar run`'s bf16 parameters (eager.fsdp_bf16_params)."""
     names = stage_nodes(graph, st.layers)
     sub = Submesh(*st.submesh)
     if sub.n_devices != len(st.device_ids):
@@ -178,7 +181,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             rec_flops = sum(graph.node(n).fwd_flops for n in pre_names)
             rc_stash = pev.stash_bytes
             if eager:
-                pterms = eager_terms(graph, pre_layers, pprob, passign, pev, training.n_microbatches, zero, cm)
+                pterms = eager_terms(graph, pre_layers, pprob, passign, pev, training.n_microbatches, zero, cm,
+                                     zero_autocast)
                 rc_stash += pterms.residual_stash_bytes
                 rc_inputs_fp32 = pterms.inputs_fp32_extra_bytes
     elif st.recompute == "selective":
@@ -191,7 +195,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             bwd += sum(prob.strategy_of(n, assign[n]).fwd_s for n in core)
             rec_flops = sum(graph.node(n).fwd_flops for n in core)
 
-    terms = eager_terms(graph, st.layers, prob, assign, ev, training.n_microbatches, zero, cm) if eager else NO_EAGER
+    terms = (eager_terms(graph, st.layers, prob, assign, ev, training.n_microbatches, zero, cm, zero_autocast)
+             if eager else NO_EAGER)
     if st.recompute == "full":
         layer_inputs += rc_inputs_fp32 if partial else terms.inputs_fp32_extra_bytes
     stash = stash_after_recompute(st.recompute, ev.stash_bytes + terms.residual_stash_bytes, layer_inputs, core_stash,
@@ -227,9 +232,9 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
         if zero >= 2 and ev.param_elems:
             tied *= ev.param_elems_zero / ev.param_elems
     # autopar run's ZeRO-1/2 are FSDP2's (eager.fsdp_zero12): their fp32 gradients are sharded.
-    # They gather nothing during the step (their weights stay unsharded), so no block buffers
-    # at the activation peak: a block's reduce-scatter buffers come with its backward.
-    zero12 = eager and eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems)
+    # They gather once per step and keep the weights unsharded, so no block buffers at the
+    # activation peak: a block's reduce-scatter buffers come with its backward.
+    zero12 = eager and eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems, zero_autocast)
     fsdp_block = 0.0
     if eager and zero >= 3 and sub.n_devices > 1:
         # Unsharded counts per tensor-parallel shard: the stage's local share of its parameters.
@@ -253,7 +258,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        fsdp_root_bytes=terms.fsdp_root_bytes, fsdp_block_bytes=fsdp_block,
                        tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied),
                        grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
-                       if eager and zero >= 3 and sub.n_devices > 1 else 0.0,
+                       if eager and (zero >= 3 and sub.n_devices > 1 or zero12) else 0.0,
                        tied_copy_params=tied_copy, sync_buckets=buckets)
 
 
@@ -366,9 +371,11 @@ NO_EAGER = EagerTerms()
 
 
 def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, assign: dict[str, int],
-                ev: Evaluation, n_microbatches: int, zero: int, cm: ComputeModel) -> EagerTerms:
+                ev: Evaluation, n_microbatches: int, zero: int, cm: ComputeModel,
+                zero_autocast: bool = False) -> EagerTerms:
     """The eager recipe's terms of layers [layers[0], layers[1]) whose ops `prob` holds, under
-    the strategies `assign` picks (ev: prob's evaluation of them)."""
+    the strategies `assign` picks (ev: prob's evaluation of them). zero_autocast: as
+    `evaluate_stage`'s."""
     names = list(prob.names)
     inside = set(names)
     first, last = 0, len(graph.layers) - 1
@@ -386,12 +393,15 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     fwd = bwd = ce_s = ce_peak = residual = 0.0
     n_linears = n_other = 0
     tp = False
+    split_linears: set[str] = set()
+    vocab_split_head: str | None = None
     fsdp = zero >= 3 and prob.mesh.n_devices > 1
-    # ZeRO-1/2 run as FSDP2 with bf16 parameters (eager.fsdp_zero12): its state, no DDP buckets
-    # and no autocast cache. Its activations are still counted as under autocast (fp32 residual
-    # stream, input copies, fp32 loss): an upper bound, since `autopar run` lowers some such
-    # plans otherwise (a vocab-parallel head's loss_parallel, DTensor layouts).
-    zero12 = eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems)
+    # ZeRO runs as FSDP2 with bf16 parameters and no autocast (eager.fsdp_bf16_params): no fp32
+    # residual stream, input copies or weight cache, a bf16 loss; ZeRO-1/2 (eager.fsdp_zero12)
+    # with their own state and no DDP buckets.
+    dp_sharded = ev.param_elems_zero < ev.param_elems
+    bf16 = eager_mod.fsdp_bf16_params(zero, dp_sharded, zero_autocast)
+    zero12 = eager_mod.fsdp_zero12(zero, dp_sharded, zero_autocast)
     layer_of = {m: li for li in range(*layers) if first < li < last for m in graph.layers[li].nodes} if fsdp else {}
     # per FSDP2 block: compute forward, backward; all-gather forward, backward; reduce-scatter
     blocks: dict[int, list[float]] = {}
@@ -412,7 +422,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                     acc[3] += c.time_s
                 elif c.phase == BACKWARD and c.kind == REDUCE_SCATTER:
                     acc[4] += c.time_s
-        if node.kind == NORM and node.operands and node.operands[0].source is not None:
+        if node.kind == NORM and node.operands and node.operands[0].source is not None and not bf16:
             # autocast keeps the residual stream in fp32: the norm saves an fp32 input, runs in
             # fp32 and its output is cast to bf16 by each linear it feeds
             residual += eager_mod.fp32_residual_extra_bytes(*local_elems(node.operands[0].source))
@@ -430,13 +440,19 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
         if node.kind == LOSS and node.operands and node.operands[0].source in assign and n in assign:
             local, elem_bytes = local_elems(node.operands[0].source)
             own = prob.strategy_of(n, assign[n])
-            ce_s += max(0.0, eager_mod.cross_entropy_s(local / elem_bytes, cm) - (own.fwd_s + own.bwd_s))
-            ce_peak += eager_mod.CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT * local / elem_bytes
             # the logits the graph saves for the loss (at the op that makes them, under the
             # loss's views) are not kept by the eager step
             made: str | None = node.operands[0].source
             while made is not None and graph.node(made).kind == VIEW and graph.node(made).operands:
                 made = graph.node(made).operands[0].source
+            # logits split over the vocabulary (their last dim) run torch's loss_parallel
+            made_spec = prob.strategy_of(made, assign[made]).out_spec if made in assign else ()
+            vocab_split = bool(made_spec and made_spec[-1])
+            if vocab_split and made is not None and made in inside:
+                vocab_split_head = made
+            bf16_loss = bf16 and not vocab_split
+            ce_s += max(0.0, eager_mod.cross_entropy_s(local / elem_bytes, cm, bf16_loss) - (own.fwd_s + own.bwd_s))
+            ce_peak += eager_mod.cross_entropy_peak_bytes_per_logit(bf16, vocab_split) * local / elem_bytes
             if made is not None and made in inside:
                 residual += eager_mod.loss_stash_bytes(prob.saved.get(made, 0.0) * local_elems(made)[0])
         if node.kind == MATMUL and node.param_operands:
@@ -444,10 +460,21 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
             # linears with split weights are what eager PyTorch runs as DTensors
             if n in assign:
                 st = prob.strategy_of(n, assign[n])
-                tp = tp or any(o.is_param and i < len(st.in_specs) and st.in_specs[i] is not None
-                               and any(st.in_specs[i]) for i, o in enumerate(node.operands))
+                if any(o.is_param and i < len(st.in_specs) and st.in_specs[i] is not None
+                       and any(st.in_specs[i]) for i, o in enumerate(node.operands)):
+                    tp = True
+                    split_linears.add(n)
         elif node.kind not in (VIEW, INPUT, OUTPUT):
             n_other += 1
+    if bf16 and vocab_split_head is not None and split_linears == {vocab_split_head}:
+        # a head split over the vocab with no other split weight is the runtime's dp-vocab head,
+        # whose weight shard FSDP2 does not manage (ignored_params): it stays fp32 and is cast
+        # to bf16 every forward, the copy saved for the head's backward (Segment._dp_vocab_head_loss)
+        st = prob.strategy_of(vocab_split_head, assign[vocab_split_head])
+        residual += eager_mod.AUTOCAST_DTYPE_BYTES * sum(
+            _numel(o.shape) / shard_factor(st.in_specs[i], prob.mesh)
+            for i, o in enumerate(graph.node(vocab_split_head).operands)
+            if o.is_param and i < len(st.in_specs) and st.in_specs[i] is not None)
     comm_delta = overlap = 0.0
     for li, (c_f, c_b, ag_f, ag_b, rs) in blocks.items():
         rs_eager = eager_mod.FSDP_REDUCE_SCATTER_FACTOR * rs
@@ -460,7 +487,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
         fwd += exp_f - ag_f + slow_f
         bwd += exp_b - ag_b - rs + slow_b
     inputs_extra = 0.0
-    for li in range(*layers):
+    for li in range(*layers) if not bf16 else ():
         src = main_boundary(graph, list(graph.layers[li].nodes))
         if src is not None:
             inputs_extra += eager_mod.fp32_residual_extra_bytes(*local_elems(src))
@@ -480,8 +507,9 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                       residual_stash_bytes=residual, inputs_fp32_extra_bytes=inputs_extra,
                       cross_entropy_peak_bytes=ce_peak,
                       ddp_bytes=eager_mod.state_bytes(ev.param_elems, ddp and not zero12, 1),
-                      autocast_cache_bytes=0.0 if zero12 else eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
-                      param_state_delta_bytes=(eager_mod.fsdp_zero12_state_bytes(ev.param_elems, ev.param_elems_zero)
+                      autocast_cache_bytes=0.0 if bf16 else eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
+                      param_state_delta_bytes=(eager_mod.fsdp_zero12_state_bytes(ev.param_elems, ev.param_elems_zero,
+                                                                                 zero, n_microbatches)
                                                - ev.param_state_bytes(zero)) if zero12 else 0.0,
                       fsdp_root_bytes=fsdp_root, comm_delta_s=comm_delta, comm_overlap_s=overlap)
 
@@ -520,7 +548,7 @@ def p2p_time_s(cluster: Cluster, a: StagePlan, b: StagePlan, nbytes: float) -> f
 
 
 def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT,
-             grad_sync: str | None = None) -> Plan:
+             grad_sync: str | None = None, zero_autocast: bool = False) -> Plan:
     """A copy of `plan` with its prediction and each stage's costs filled in; `plan` is unchanged.
 
     eager: the step as the eager PyTorch recipe runs it (autopar.costmodel.eager, measured on
@@ -535,7 +563,9 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     memory far worse (bench/calibration/FINDINGS.md section 8); fused engines avoid most of them.
     The fused AdamW step at its measured bandwidth counts either way.
     grad_sync: the engine whose data-parallel gradient buckets the plan runs
-    (collectives.GRAD_SYNC_ENGINES); None: PyTorch DDP's with eager, else Megatron-Core's."""
+    (collectives.GRAD_SYNC_ENGINES); None: PyTorch DDP's with eager, else Megatron-Core's.
+    zero_autocast: with eager, ZeRO stages as bench/truth's harness ran FSDP2 (autocast over fp32
+    parameters) instead of as `autopar run` does (bf16 parameters, no autocast: the default)."""
     tr = plan.training
     cm = ComputeModel(cluster.gpu, tr.dtype)
     if plan.n_devices > cluster.n_gpus:
@@ -548,7 +578,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     schedule = tr.schedule
     v = tr.virtual_stages
     B = tr.n_microbatches
-    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync) for s in plan.stages]
+    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync, zero_autocast) for s in plan.stages]
     n_dev_stages = len(res) // v if schedule == "interleaved" else len(res)
     if eager and n_dev_stages > 1:
         res = _pipeline_terms(res, graph, cluster, B, cm)
@@ -629,6 +659,8 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     dev_step = {k: max(dev_end[k] + dev_tail[k], dev_host[k]) for k in dev_end}
     step = max(dev_step.values())
     zero3 = tr.zero >= 3 and any(r.plan.n_devices > 1 for r in res)
+    # FSDP2's gradient pool: ZeRO-3's, and ZeRO-1/2's where `autopar run` runs them on FSDP2
+    fsdp = zero3 or any(p > 0 for p in dev_pool.values())
     # The activations peak before the gradients exist (one-microbatch eager steps): the state is
     # then `absent` below its full size; after the backward it is full and the activations gone.
     absent_at_peak = {k: min(dev_absent[k], dev_mem[k] + dev_work[k] - dev_held[k] - dev_tied[k]) for k in dev_mem}
@@ -639,7 +671,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     pooled = {k: dev_mem[k] + dev_work[k] + workspace if dev_pool[k] else allocated[k] for k in dev_mem}
     loss_segment = {k: eager_mod.loss_segment_bytes(max(r.cross_entropy_peak_bytes for r in dev_stages[k]))
                     for k in dev_mem}
-    device_bytes = {k: eager_mod.device_peak_bytes(pooled[k], zero3, plan.n_devices, dev_pool[k], loss_segment[k])
+    device_bytes = {k: eager_mod.device_peak_bytes(pooled[k], fsdp, plan.n_devices, dev_pool[k], loss_segment[k])
                     if eager else allocated[k] for k in dev_mem}
     mem_dev = max(device_bytes, key=lambda k: device_bytes[k])
     peak = device_bytes[mem_dev]
@@ -647,7 +679,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     time_dev = max(dev_step, key=lambda k: dev_step[k])
     breakdown = _time_breakdown(dev_stages[time_dev], B, dev_step[time_dev], dev_tail[time_dev],
                                 sched, time_dev, dev_sync[time_dev], dev_sync_overlap[time_dev])
-    memory_breakdown = _memory_breakdown(dev_stages[mem_dev], dev_mem[mem_dev], allocated[mem_dev], zero3,
+    memory_breakdown = _memory_breakdown(dev_stages[mem_dev], dev_mem[mem_dev], allocated[mem_dev], fsdp,
                                          plan.n_devices if eager else 0, absent_at_peak[mem_dev],
                                          pooled[mem_dev], dev_pool[mem_dev], loss_segment[mem_dev])
 
@@ -741,7 +773,7 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
     return parts
 
 
-def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_bytes: float, zero3: bool,
+def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_bytes: float, fsdp: bool,
                       n_gpus: int, grads_absent_bytes: float = 0.0, pooled_bytes: float | None = None,
                       grad_pool_bytes: float = 0.0, loss_segment_bytes: float = 0.0) -> dict[str, float]:
     """Where one GPU's peak memory goes; the parts add up to its predicted peak. n_gpus 0: the
@@ -759,7 +791,7 @@ def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_by
     ce = max((r.cross_entropy_peak_bytes for r in stages), default=0.0)
     root = sum(r.fsdp_root_bytes for r in stages)
     block = max((r.fsdp_block_bytes for r in stages), default=0.0)
-    reserved = (eager_mod.reserved_bytes(pooled, zero3, grad_pool_bytes, loss_segment_bytes) if n_gpus
+    reserved = (eager_mod.reserved_bytes(pooled, fsdp, grad_pool_bytes, loss_segment_bytes) if n_gpus
                 else allocated_bytes)
     grad_pool_free = pooled - allocated_bytes if n_gpus else 0.0
     parts = {"weights_grads_optimizer": params - grads_absent_bytes, "ddp_buckets": buckets, "autocast_cache": cache,

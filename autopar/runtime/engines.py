@@ -8,7 +8,9 @@ evaluation.baselines.megatron_names) — runs on the zoo's nn.Module with
     data parallelism   DistributedDataParallel (bucketed all-reduce overlapped with the
                        backward, no_sync between microbatches)
     ZeRO-1/2/3         FSDP2 fully_shard per block + root, reshard_after_forward for ZeRO-3,
-                       MixedPrecisionPolicy(bf16 params, fp32 reduce) for bf16 runs
+                       MixedPrecisionPolicy(bf16 params, fp32 reduce) for bf16 runs; over
+                       microbatches ZeRO-1 reduce-scatters once per step, ZeRO-2 every
+                       microbatch, ZeRO-1/2 gather once per step (_fsdp_accumulation)
     Megatron TP        parallelize_module: ColwiseParallel / RowwiseParallel, vocab-parallel
                        embedding, loss_parallel for the vocab-split head; dp x tp on one
                        DeviceMesh with named dims ("pp", "dp", "tp")
@@ -891,6 +893,8 @@ class EngineModel:
                 for i in range(B):
                     sync = i == B - 1
                     ctx = self.module.no_sync() if self.ddp and not sync else contextlib.nullcontext()
+                    if self.zero:
+                        self._fsdp_accumulation(last=sync)
                     x, y = ids[i * lmb:(i + 1) * lmb], targets[i * lmb:(i + 1) * lmb]
                     cp: Any = contextlib.nullcontext()
                     if self.cp_mesh is not None:
@@ -925,6 +929,28 @@ class EngineModel:
             dist.all_reduce(loss, group=self.replica_mesh.get_group())
             loss = loss / self.replica_mesh.size()
         return loss
+
+    def _fsdp_accumulation(self, last: bool) -> None:
+        """How FSDP2 treats a microbatch's backward under gradient accumulation, by ZeRO stage.
+        FSDP2 reduce-scatters every backward unless told not to (set_requires_gradient_sync,
+        "gradient accumulation without communication", at the cost of unsharded gradients) and
+        reshards after every backward unless told not to (set_reshard_after_backward: the next
+        forward then needs no all-gather, at the cost of unsharded weights).
+        ZeRO-1 shards the optimizer state only: full gradients accumulate locally (fp32 under
+        MixedPrecisionPolicy's reduce_dtype) and are reduce-scattered once, after the last
+        microbatch, like DDP's no_sync. ZeRO-2 shards the gradients: a reduce-scatter per
+        microbatch into the sharded fp32 gradient (DeepSpeed's stage 2 does the same). ZeRO-1
+        and ZeRO-2 keep the weights unsharded (reshard_after_forward=False, apply_fsdp), so
+        they stay gathered from the first forward to the last backward: one all-gather per
+        step. ZeRO-3 regathers per microbatch, as its memory requires. Pipelines need none of
+        this: torch.distributed.pipelining turns sync and resharding off for every microbatch
+        and reduce-scatters once after the schedule (PipelineStage.perform_reduce_grad)."""
+        if self.zero >= 3:
+            return
+        for m in self.modules:
+            fsdp: Any = m
+            fsdp.set_requires_gradient_sync(last or self.zero >= 2)
+            fsdp.set_reshard_after_backward(last)
 
     def _position_tables(self) -> list[tuple[torch.Tensor, int]]:
         """The buffers indexed by token position, with their sequence dims: Llama's rope tables
@@ -1139,6 +1165,8 @@ class ReshardingPipeline:
 
         def backward(grad: torch.Tensor | None) -> torch.Tensor | None:
             x, out = inflight.pop(0)
+            if self.em.zero:
+                self.em._fsdp_accumulation(last=not inflight and n_fwd == B)
             if last:
                 (out.sum() / B).backward()
             else:

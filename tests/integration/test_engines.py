@@ -94,6 +94,32 @@ def test_zero3_fsdp_matches_one_process(tmp_path):
 
 
 @pytest.mark.runtime
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero12_gradient_accumulation_syncs_as_its_stage_says(zero):
+    # Collectives counted by torch.profiler in a real gloo step of 4 microbatches over FSDP2's 5
+    # units (4 blocks and the root). ZeRO-1 (gradients not sharded) accumulates full gradients
+    # and reduce-scatters once per step; ZeRO-2 (gradients sharded) once per microbatch. Both
+    # keep their weights gathered all step: one all-gather per unit (before: one per microbatch).
+    from collective_counts import count_collectives_body
+
+    from autopar.runtime.launch import RunConfig, _free_port, _launch, _reference_step
+    plan = plan_3d(2, 1, 1, 1, zero=zero)
+    B, units = plan.training.n_microbatches, 4 + 1
+    assert B == 4
+    cfg = RunConfig(plan.to_json(), 1, "cpu", True, "sgd", 0.0, 0, 300.0, "fp32", _free_port(), "")
+    ranks = _launch(cfg, 2, count_collectives_body)["ranks"]
+    for r in ranks:
+        assert r["counts"].get("c10d::_reduce_scatter_base_") == (units if zero == 1 else B * units), r["counts"]
+        assert r["counts"].get("c10d::_allgather_base_") == units, r["counts"]
+    from autopar.runtime.apply import make_batch
+    ref = _reference_step(plan, "cpu", 0, make_batch(plan, 0, 0))
+    assert abs(ranks[0]["loss"] - ref["loss"]) < TOL
+    assert set(ranks[0]["grads"]) == set(ref["grads"])
+    for name, g in ranks[0]["grads"].items():
+        assert float((g - ref["grads"][name]).abs().max()) < TOL, name
+
+
+@pytest.mark.runtime
 def test_tp2_matches_one_process(tmp_path):
     out = run(plan_3d(1, 2, 1, 2), tmp_path)
     assert_exact(out)
@@ -239,11 +265,13 @@ def test_mixed_size_pipeline_runs_through_autopar_run(tmp_path):
 
 @pytest.mark.runtime
 def test_mixed_size_and_layout_pipelines_match_one_process():
-    # rows split (1 -> dp2), gathered (dp2 -> 1), replicated over tp (tp2 -> 1), ZeRO-3 on one
-    # stage only, GPipe order; a Llama (untied head, GQA) with a tensor-parallel last stage; two
+    # rows split (1 -> dp2), gathered (dp2 -> 1), replicated over tp (tp2 -> 1), ZeRO-3 and
+    # ZeRO-1 (gradients accumulated, reduce-scattered after the last backward) on one stage only,
+    # GPipe order; a Llama (untied head, GQA) with a tensor-parallel last stage; two
     # stages of one size and different layouts (dp2 -> tp2: rows gathered and replicated)
     gpt = [mixed_plan([(1, 1), (2, 1)]), mixed_plan([(2, 1), (1, 1)], schedule="gpipe"),
-           mixed_plan([(1, 2), (1, 1)]), mixed_plan([(1, 1), (2, 1)], zero=3)]
+           mixed_plan([(1, 2), (1, 1)]), mixed_plan([(1, 1), (2, 1)], zero=3),
+           mixed_plan([(1, 1), (2, 1)], zero=1)]
     llama = [mixed_plan([(1, 1), (1, 2)], model=LLAMA)]
     same_size = [mixed_plan([(2, 1), (1, 2)])]
     for model, plans in ((M, gpt), (LLAMA, llama), (M, same_size)):

@@ -151,7 +151,7 @@ def test_eager_terms_closed_form():
     assert fwd + bwd == pytest.approx(4 * (eager.HOST_TP_S_PER_BLOCK + eager.HOST_FSDP_S_PER_BLOCK))
     fwd, bwd = eager.host_s(0, 0, 24, tp=False, fsdp=False, cm=cm, ddp=True)
     assert fwd + bwd == pytest.approx(24 * eager.HOST_DDP_S_PER_BLOCK)
-    assert eager.reserved_bytes(100.0, zero3=False) == pytest.approx(100 * (1 + eager.RESERVE_FRACTION))
+    assert eager.reserved_bytes(100.0, fsdp=False) == pytest.approx(100 * (1 + eager.RESERVE_FRACTION))
 
 
 @pytest.mark.slow
@@ -252,7 +252,7 @@ def test_eager_memory_terms_closed_form():
         assert eager.device_peak_bytes(cap + eager.CUBLAS_WORKSPACE_BYTES, zero3, n) == pytest.approx(80 * 2**30)
 
 
-def _stage_terms(graph, layers, plan_stage, mesh, cm, n_microbatches, zero):
+def _stage_terms(graph, layers, plan_stage, mesh, cm, n_microbatches, zero, zero_autocast=False):
     """eager_terms of layers [a, b) under the strategies a built plan's stage picked."""
     names = stage_nodes(graph, layers)
     src = main_boundary(graph, names)
@@ -260,13 +260,17 @@ def _stage_terms(graph, layers, plan_stage, mesh, cm, n_microbatches, zero):
     prob = StageProblem(graph, names, mesh, cm, boundary={src: spec} if src else None)
     choice = prob.choice_from_names({n: s for n, s in plan_stage.strategies.items() if n in set(names)})
     ev = prob.evaluate(choice, Settings(n_microbatches=n_microbatches, zero=zero))
-    return eager_terms(graph, layers, prob, prob.assignment(choice), ev, n_microbatches, zero, cm)
+    return eager_terms(graph, layers, prob, prob.assignment(choice), ev, n_microbatches, zero, cm, zero_autocast)
 
 
+@pytest.mark.parametrize("zero_autocast", [False, True])
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_stage_eager_terms_are_the_sum_of_its_layers(zero):
+def test_stage_eager_terms_are_the_sum_of_its_layers(zero, zero_autocast):
     """The planner adds the eager terms layer by layer (search/layer_solver.py), the evaluator
-    per stage: the same numbers, so `autopar plan` and `autopar evaluate` agree."""
+    per stage: the same numbers, so `autopar plan` and `autopar evaluate` agree. Both ZeRO
+    recipes: `autopar run`'s FSDP2 with bf16 parameters (no autocast: no fp32 residual stream,
+    the eager step only drops the graph's saved logits) and autocast over FSDP2 (the truth
+    harness's)."""
     cl = load_cluster("dgx-h200", 1, 2)
     src = ModelSource("gpt:hidden=256,layers=3,heads=4,seq=128,vocab=1024")
     plan = build_3d(src, cl, 4, Config3D(2, 1, 1, 2, zero=zero))
@@ -274,12 +278,14 @@ def test_stage_eager_terms_are_the_sum_of_its_layers(zero):
     cm = ComputeModel(cl.gpu, plan.training.dtype)
     mesh = Mesh(cl, Submesh(1, 2), (2, 1))
     st = plan.stages[0]
-    whole = _stage_terms(graph, st.layers, st, mesh, cm, plan.training.n_microbatches, zero)
-    parts = [_stage_terms(graph, (li, li + 1), st, mesh, cm, plan.training.n_microbatches, zero)
+    whole = _stage_terms(graph, st.layers, st, mesh, cm, plan.training.n_microbatches, zero, zero_autocast)
+    parts = [_stage_terms(graph, (li, li + 1), st, mesh, cm, plan.training.n_microbatches, zero, zero_autocast)
              for li in range(*st.layers)]
-    assert whole.device_s > 0 and whole.residual_stash_bytes > 0 and whole.cross_entropy_peak_bytes > 0
-    assert (whole.ddp_bytes > 0) == (zero == 0) and (whole.fsdp_root_bytes > 0) == (zero >= 3)
-    assert (whole.param_state_delta_bytes != 0) == (zero in (1, 2))
+    bf16 = zero >= 1 and not zero_autocast
+    assert whole.device_s > 0 and whole.cross_entropy_peak_bytes > 0
+    assert (whole.residual_stash_bytes > 0) == (not bf16) and (whole.autocast_cache_bytes == 0 or not bf16)
+    assert (whole.ddp_bytes > 0) == (zero == 0 or zero_autocast and zero < 3) and (whole.fsdp_root_bytes > 0) == (zero >= 3)
+    assert (whole.param_state_delta_bytes != 0) == (zero in (1, 2) and not zero_autocast)
     # FSDP2's blocks: their collectives partly hidden, fp32 reduce-scatters, the compute slowed
     assert (whole.comm_overlap_s > 0) == (zero >= 3) and (whole.comm_delta_s != 0) == (zero >= 3)
     for field in ("fwd_s", "bwd_s", "cross_entropy_s", "precision_casts_s", "host_fwd_s", "host_bwd_s",
@@ -355,10 +361,16 @@ def test_zero12_state_is_fsdp2s(zero):
     """`autopar run` shards ZeRO-1/2 with FSDP2 and bf16 parameters: per GPU 16 B per sharded
     parameter (fp32 weights, gradients, moments) and 2 B per parameter of unsharded bf16 weights,
     no DDP buckets, no autocast cache (counted by hand; gpt-1.3b dp2 zero1 mb8 x2 allocates
-    26.75 GiB, of which this is 12.27). DDP (ZeRO-0) keeps its 8 B of buckets."""
+    26.75 GiB, of which this is 12.27). ZeRO-1 over several microbatches accumulates unsharded
+    fp32 gradients (4 B per parameter) in place of the sharded ones and reduce-scatters once per
+    step. DDP (ZeRO-0) keeps its 8 B of buckets; so does the truth harness's recipe
+    (zero_autocast), which ran no ZeRO-1/2."""
     assert eager.fsdp_zero12(zero, True) and not eager.fsdp_zero12(zero, False)
     assert not eager.fsdp_zero12(0, True) and not eager.fsdp_zero12(3, True)
-    assert eager.fsdp_zero12_state_bytes(100.0, 50.0) == 2 * 100 + 16 * 50
+    assert not eager.fsdp_zero12(zero, True, zero_autocast=True)
+    assert eager.fsdp_zero12_state_bytes(100.0, 50.0, zero, 1) == 2 * 100 + 16 * 50
+    accumulated = 4 * (100 - 50) if zero == 1 else 0
+    assert eager.fsdp_zero12_state_bytes(100.0, 50.0, zero, 4) == 2 * 100 + 16 * 50 + accumulated
     cl = load_cluster("dgx-h200", 1, 2)
     src = ModelSource("gpt:hidden=256,layers=3,heads=4,seq=128,vocab=1024")
     graph = src.graph(4)
@@ -371,7 +383,8 @@ def test_zero12_state_is_fsdp2s(zero):
         if z == 0:
             assert r.ddp_bucket_bytes == pytest.approx(8 * e) and r.autocast_cache_bytes == pytest.approx(2 * e)
         else:
-            assert r.param_state_bytes == pytest.approx(2 * e + 16 * ez)
+            assert plan.training.n_microbatches > 1
+            assert r.param_state_bytes == pytest.approx(2 * e + 16 * ez + (4 * (e - ez) if z == 1 else 0))
             assert r.ddp_bucket_bytes == 0.0 and r.autocast_cache_bytes == 0.0
 
 
@@ -536,3 +549,24 @@ def test_published_attention_follows_the_source():
         assert ("attn=unfused" in spec) == (impl == "unfused"), (r["id"], spec)
         assert (f"attn_dropout={dropout:g}" in spec) == (impl == "unfused" and dropout > 0), (r["id"], spec)
         assert any(f.startswith("attention ") for f in r["flags"]) == ("inferred" in basis), r["id"]
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_zero_recipe_loss_and_residual_stream(zero):
+    """`autopar run`'s ZeRO (FSDP2's bf16 parameters, no autocast) computes the loss on bf16
+    logits in bf16: 6 B per logit at its peak (log-softmax output, NLL gradient, the logits'
+    gradient, 2 B each), against 10 B under autocast, the truth harness's recipe; and keeps no
+    fp32 residual stream (no fp32-norm traffic in the blocks' time). Counted by hand: a rank's
+    logits are its 2 sequences x 128 tokens x 1024 vocabulary."""
+    cl = load_cluster("dgx-h200", 1, 2)
+    src = ModelSource("gpt:hidden=256,layers=3,heads=4,seq=128,vocab=1024")
+    graph = src.graph(4)
+    plan = build_3d(src, cl, 16, Config3D(2, 1, 1, 4, zero=zero))
+    cm = ComputeModel(cl.gpu, plan.training.dtype)
+    logits = 2 * 128 * 1024
+    run = evaluate_stage(graph, cl, plan.stages[0], plan.training, cm, eager=True)
+    harness = evaluate_stage(graph, cl, plan.stages[0], plan.training, cm, eager=True, zero_autocast=True)
+    assert run.cross_entropy_peak_bytes == pytest.approx(6 * logits)
+    assert harness.cross_entropy_peak_bytes == pytest.approx(10 * logits)
+    assert run.autocast_cache_bytes == 0.0 < harness.autocast_cache_bytes
+    assert run.stash_bytes < harness.stash_bytes and run.fwd_s < harness.fwd_s
