@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from autopar.costmodel.collectives import BACKWARD, FORWARD, STEP, ZERO, Collective
+from autopar.costmodel.collectives import ALL_GATHER, BACKWARD, FORWARD, REDUCE_SCATTER, STEP, ZERO, Collective, comm_overlap_s
+from autopar.costmodel.eager import fsdp_block_comm_s
 from autopar.sharding.spec import Spec
 
 
@@ -97,3 +98,31 @@ def op_cost(st: Strategy, zero: int, grad_share: Mapping[int, float] | None = No
     fwd = st.fwd_s + st.fwd_comm_s + reshard_s + zf
     bwd = st.bwd_s + bwd_comm + reshard_s + zb
     return OpCost(fwd, bwd, st.fwd_comm_s + bwd_comm + 2 * reshard_s + zf + zb, st._step_s[zero])
+
+
+def sharded_storage_cost(st: Strategy, grad_share: Mapping[int, float] | None = None,
+                         reshard_s: float = 0.0) -> OpCost:
+    """`op_cost` of an op whose parameters are stored sharded over the data-parallel axes
+    (ZeRO-3 storage, one FSDP2 unit of their own) inside a stage that keeps the others at ZeRO
+    1 or 2: all-gathered for the forward and again for the backward, the gradient
+    reduce-scattered, every microbatch; nothing per step. FSDP2 prefetches a unit's gathers
+    behind the compute before it, so they are priced with the FSDP2 overlap model
+    (eager.fsdp_block_comm_s, the unit's own compute standing for its neighbour's, its
+    equal-units case) and the compute's slowdown beside the hidden part (comm_overlap_s):
+    hidden traffic is cheaper, never free."""
+    base = op_cost(st, 3, grad_share, reshard_s)
+    ag_f = ag_b = rs = 0.0
+    for c in st.collectives:
+        if c.purpose != ZERO or 3 not in c.zero:
+            continue
+        if c.kind == ALL_GATHER and c.phase == FORWARD:
+            ag_f += c.time_s
+        elif c.kind == ALL_GATHER and c.phase == BACKWARD:
+            ag_b += c.time_s
+        elif c.kind == REDUCE_SCATTER and c.phase == BACKWARD:
+            rs += c.time_s
+    exp_f, exp_b, hidden = fsdp_block_comm_s(st.fwd_s, st.bwd_s, ag_f, ag_b, rs)
+    slow_f = comm_overlap_s(ag_f - exp_f)
+    slow_b = comm_overlap_s(hidden - (ag_f - exp_f))
+    return OpCost(base.fwd_s - ag_f + exp_f + slow_f, base.bwd_s - ag_b - rs + exp_b + slow_b,
+                  base.comm_s - (ag_f + ag_b + rs) + exp_f + exp_b, base.step_s)

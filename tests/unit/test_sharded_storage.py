@@ -1,0 +1,109 @@
+"""Per-group parameter storage (StageProblem.solve_storage): each parameter-owning group of a
+ZeRO-1/2 stage may store its parameters sharded (ZeRO-3) instead, priced with FSDP2's overlap
+model, under the memory budget."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from builders import block_names, megatron_gpt
+
+from autopar.costmodel.collectives import COMM_OVERLAP_SLOWDOWN, ZERO
+from autopar.costmodel.compute import ComputeModel
+from autopar.hardware.mesh import Mesh, Submesh
+from autopar.hardware.presets import load_cluster
+from autopar.sharding.stage_problem import Settings, StageProblem
+from autopar.sharding.strategy import op_cost, sharded_storage_cost
+
+P3 = load_cluster("p3.16xlarge", 1)
+CM = ComputeModel(P3.gpu, P3.gpu.training_dtype())
+
+
+def _problem(allowed=None, shape=(2, 1)):
+    g = megatron_gpt(1024, 8, 256, 8, layers=1)
+    mesh = Mesh(P3, Submesh(1, shape[0] * shape[1]), shape)
+    return StageProblem(g, block_names(g), mesh, CM, boundary={"wte": (0, 0, 0)}, allowed=allowed)
+
+
+def _memory(prob, choice, st, roots=frozenset()):
+    ev = prob.evaluate(choice, st, sharded_roots=roots)
+    return ev.param_state_bytes(st.zero) + st.inflight * ev.stash_bytes
+
+
+def test_sharded_storage_is_priced_between_hidden_and_exposed():
+    """The gathers and reduce-scatter of a sharded weight cost no more than all exposed (ZeRO-3's
+    op_cost) and no less than all hidden, which still slows the compute (not free)."""
+    prob = _problem()
+    checked = 0
+    for grp in prob.groups:
+        for st in grp.strategies[grp.root]:
+            coll_s = sum(c.time_s for c in st.collectives if c.purpose == ZERO and 3 in c.zero and c.phase != "step")
+            if coll_s == 0:
+                continue
+            exposed, mixed, bare = op_cost(st, 3), sharded_storage_cost(st), op_cost(st, 3)
+            base = exposed.fwd_s + exposed.bwd_s - coll_s
+            t = mixed.fwd_s + mixed.bwd_s
+            assert base + COMM_OVERLAP_SLOWDOWN * coll_s - 1e-15 <= t <= bare.fwd_s + bare.bwd_s + 1e-15
+            assert t > base
+            checked += 1
+    assert checked >= 6
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_storage_ilp_matches_brute_force(zero):
+    """Every strategy and per-group storage assignment of a block (the matmuls' strategies
+    narrowed so that the space is enumerable), scored by the evaluator: at each memory budget
+    the ILP's choice is the cheapest that fits. At some budget the best is a mix (some groups
+    sharded, some not) that beats both uniform storages."""
+    dp = {"blocks.0.q", "blocks.0.k", "blocks.0.v", "blocks.0.scores", "blocks.0.ctx", "blocks.0.proj"}
+    allowed = {n: {"b@0"} for n in dp} | {"blocks.0.fc1": {"b@0", "n@0"}, "blocks.0.fc2": {"b@0", "k@0"}}
+    prob = _problem(allowed)
+    st = Settings(n_microbatches=2, zero=zero, inflight=2)
+    groups = [gi for gi, grp in enumerate(prob.groups) if len(grp.strategies[grp.root]) > 1]
+    eligible = [prob.groups[gi].root for gi in prob.storage_groups(st)]
+    assert len(eligible) == 6
+    rows = []
+    for picks in itertools.product(*(range(len(prob.groups[gi].strategies[prob.groups[gi].root])) for gi in groups)):
+        choice = np.zeros(len(prob.groups), np.int64)
+        choice[groups] = picks
+        for bits in itertools.product((0, 1), repeat=len(eligible)):
+            roots = frozenset(r for r, b in zip(eligible, bits) if b)
+            rows.append((prob.objective(choice, st, roots), _memory(prob, choice, st, roots), roots))
+    assert len(rows) == 4 * 64
+    mems = sorted({m for _, m, _ in rows})
+    mixed_wins = 0
+    for budget in mems[:: max(1, len(mems) // 40)] + [mems[-1]]:
+        fits = [(t, m, r) for t, m, r in rows if m <= budget * (1 + 1e-12)]
+        best = min(t for t, _, _ in fits)
+        res, roots = prob.solve_storage(st, mem_budget_bytes=budget)
+        assert res.status == "optimal"
+        t = prob.objective(res.choice, st, roots)
+        assert t == pytest.approx(best, rel=1e-9)
+        assert t == pytest.approx(res.objective, rel=1e-9)
+        assert _memory(prob, res.choice, st, roots) <= budget * (1 + 1e-9)
+        uniform = [t for t, _, r in fits if len(r) in (0, len(eligible))]
+        if 0 < len(roots) < len(eligible) and (not uniform or best < min(uniform) * (1 - 1e-9)):
+            mixed_wins += 1
+    assert mixed_wins > 0
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_no_choice_outside_zero_1_2_is_plain_solve(zero):
+    prob = _problem()
+    st = Settings(n_microbatches=2, zero=zero)
+    assert prob.storage_groups(st) == {}
+    res, roots = prob.solve_storage(st)
+    plain = prob.solve(st)
+    assert roots == frozenset() and res.objective == plain.objective
+    assert list(res.choice) == list(plain.choice)
+
+
+def test_sharded_storage_refused_at_zero_0():
+    prob = _problem()
+    root = next(prob.groups[gi].root for gi in prob.storage_groups(Settings(zero=1)))
+    with pytest.raises(ValueError, match="ZeRO 1 or 2"):
+        prob.evaluate(np.zeros(len(prob.groups), np.int64), Settings(zero=0), sharded_roots={root})
+    with pytest.raises(ValueError, match="not a decision op"):
+        prob.evaluate(np.zeros(len(prob.groups), np.int64), Settings(zero=1), sharded_roots={"nope"})
