@@ -107,3 +107,44 @@ def test_sharded_storage_refused_at_zero_0():
         prob.evaluate(np.zeros(len(prob.groups), np.int64), Settings(zero=0), sharded_roots={root})
     with pytest.raises(ValueError, match="not a decision op"):
         prob.evaluate(np.zeros(len(prob.groups), np.int64), Settings(zero=1), sharded_roots={"nope"})
+
+
+def test_plan_with_sharded_storage_is_priced_as_the_stage_problem_prices_it():
+    """A one-stage ZeRO-1 data-parallel plan with some groups stored sharded: the evaluator's
+    stage time and parameter state are StageProblem.evaluate's with those groups (one cost
+    function); the plan's JSON and `autopar show` carry the choice, and an empty choice writes
+    the bytes of a plan without it."""
+    import dataclasses
+    import json
+
+    from autopar.evaluation.baselines import Config3D, build_3d
+    from autopar.evaluation.evaluator import evaluate
+    from autopar.model import ModelSource
+    from autopar.plan import Plan
+    from autopar.report import plan_summary
+    from graphs.query import stage_nodes
+
+    src = ModelSource("gpt:hidden=256,layers=4,heads=4,seq=64,vocab=512")
+    cl = load_cluster("p3.16xlarge", 1)
+    base = build_3d(src, cl, 64, Config3D(8, 1, 1, 4, zero=1))
+    st = base.stages[0]
+    graph = src.graph(base.training.microbatch_size)
+    mesh = Mesh(cl, Submesh(*st.submesh), st.logical_mesh)
+    prob = StageProblem(graph, stage_nodes(graph, st.layers), mesh, ComputeModel(cl.gpu, base.training.dtype))
+    settings = Settings(n_microbatches=base.training.n_microbatches, zero=1)
+    roots = sorted(prob.groups[gi].root for gi in prob.storage_groups(settings))[::2]
+    assert roots
+    mixed = evaluate(dataclasses.replace(base, stages=[dataclasses.replace(st, sharded_storage=roots)]), graph, cl)
+    choice = prob.choice_from_names(st.strategies)
+    for plan, r in ((base, frozenset()), (mixed, frozenset(roots))):
+        ev = prob.evaluate(choice, settings, sharded_roots=r)
+        assert plan.stages[0].t_intra_s == pytest.approx(ev.per_microbatch_s, rel=1e-12)
+        assert plan.stages[0].memory.param_state_bytes >= ev.param_state_bytes(1)
+    assert mixed.stages[0].t_intra_s > base.stages[0].t_intra_s
+    assert (base.stages[0].memory.param_state_bytes - mixed.stages[0].memory.param_state_bytes
+            == pytest.approx(prob.evaluate(choice, settings).param_state_bytes(1)
+                             - prob.evaluate(choice, settings, sharded_roots=frozenset(roots)).param_state_bytes(1)))
+    assert Plan.from_json(mixed.to_json()).stages[0].sharded_storage == roots
+    assert json.loads(mixed.to_json())["stages"][0]["sharded_storage"] == roots
+    assert "sharded_storage" not in json.loads(base.to_json())["stages"][0]
+    assert f"parameters stored sharded (ZeRO-3) in a ZeRO-1 stage: {roots[0]}" in plan_summary(mixed)
