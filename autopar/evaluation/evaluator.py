@@ -246,7 +246,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
         block = max((graph.layers[li].param_count for li in range(*st.layers) if first < li < last), default=0)
         fsdp_block = eager_mod.fsdp_buffer_bytes(0.0, block * share)[1]
     engine = grad_sync or default_grad_sync_engine(eager)
-    buckets = grad_sync_buckets(prob, assign, zero, engine, sharded=ev.sharded_ops) if zero <= 1 else ()
+    buckets = grad_sync_buckets(prob, assign, zero, engine) if zero <= 1 else ()
     sync = sum(d for _, d in buckets) if zero <= 1 else ev.sync_s
     return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working,
                        (ev.param_state_bytes(zero) + terms.param_state_delta_bytes) * copy_share,
@@ -268,7 +268,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
 
 
 def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int, engine: str,
-                      part_of_stage: bool = False, sharded=frozenset()) -> tuple[tuple[float, float], ...]:
+                      part_of_stage: bool = False) -> tuple[tuple[float, float], ...]:
     """The data-parallel gradient sync (ZeRO 0/1) of the ops `prob` holds under the strategies
     `assign` picks, as `engine` runs it (collectives.py, "the data-parallel gradient sync"):
     the backward runs the ops in reverse, each taking its own backward time (compute and
@@ -277,9 +277,9 @@ def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int, eng
     an engine that reduces after the backward launches every bucket at its end (share 1).
     part_of_stage: the ops are some of a stage's (a layer, for the planner): a bucket they leave
     partly filled is priced at the full bucket's rate per byte, as the rest of it is the next
-    layer's, so it pays its share of one latency, not a latency of its own. `sharded`: ops whose
-    parameters are stored sharded (ZeRO-3), their gradients reduce-scattered in their own
-    backward instead (StageProblem.member_cost)."""
+    layer's, so it pays its share of one latency, not a latency of its own. An op whose
+    parameters are stored sharded in a ZeRO-1 stage keeps its place in the buckets: one
+    reduction per step is priced as at the stage's level (strategy.sharded_storage_cost)."""
     mesh = prob.mesh
     factor = grad_reduce_factor(engine)
     grads = []
@@ -289,8 +289,6 @@ def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int, eng
             continue
         st = prob.strategy_of(name, assign[name])
         t += st.bwd_s + st.bwd_comm_s
-        if name in sharded:
-            continue
         grads += [(t, c.mask, c.nbytes * factor) for c in st.runs(zero) if c.purpose == GRAD_SYNC]
     if not grads:
         return ()

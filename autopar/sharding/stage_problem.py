@@ -628,7 +628,7 @@ class StageProblem:
         backward all-reduces of tensors several matmuls read (see `_grad_share`); `sharded`:
         its parameters stored ZeRO-3 in a ZeRO-1/2 stage (strategy.sharded_storage_cost)."""
         if sharded:
-            return sharded_storage_cost(st, self.grad_share.get(name), reshard)
+            return sharded_storage_cost(st, settings.zero, settings.n_microbatches, self.grad_share.get(name), reshard)
         return op_cost(st, settings.zero, self.grad_share.get(name), reshard)
 
     def _member_mem(self, name: str, st: Strategy, settings: Settings, sharded: bool = False) -> float:
@@ -661,7 +661,7 @@ class StageProblem:
             for m in owners:
                 share = self.grad_share.get(m)
                 for q, st in enumerate(grp.strategies[m]):
-                    dc[q] += (sharded_storage_cost(st, share).objective_s(B)
+                    dc[q] += (sharded_storage_cost(st, settings.zero, B, share).objective_s(B)
                               - op_cost(st, settings.zero, share).objective_s(B))
                     dm[q] += self._member_mem(m, st, settings, True) - self._member_mem(m, st, settings)
             if np.any(dm != 0.0):

@@ -32,21 +32,28 @@ def _memory(prob, choice, st, roots=frozenset()):
     return ev.param_state_bytes(st.zero) + st.inflight * ev.stash_bytes
 
 
-def test_sharded_storage_is_priced_between_hidden_and_exposed():
-    """The gathers and reduce-scatter of a sharded weight cost no more than all exposed (ZeRO-3's
-    op_cost) and no less than all hidden, which still slows the compute (not free)."""
+@pytest.mark.parametrize("zero", [1, 2])
+@pytest.mark.parametrize("B", [1, 2, 8])
+def test_sharded_storage_is_priced_on_what_it_adds(zero, B):
+    """Storing a weight sharded costs the stage level's price plus the gathers it adds
+    ((B - 1) / B of the forward's, all of the backward's) between hidden (which still slows
+    the compute: not free) and exposed, plus under ZeRO-1 the other B - 1 reduce-scatters. So
+    it never beats the stage's own storage on time alone, only on memory."""
     prob = _problem()
     checked = 0
     for grp in prob.groups:
         for st in grp.strategies[grp.root]:
-            coll_s = sum(c.time_s for c in st.collectives if c.purpose == ZERO and 3 in c.zero and c.phase != "step")
-            if coll_s == 0:
+            zc = [c for c in st.collectives if c.purpose == ZERO and 3 in c.zero]
+            ag_s = (sum(c.time_s for c in zc if c.kind == "all_gather" and c.phase == "forward") * (B - 1) / B
+                    + sum(c.time_s for c in zc if c.kind == "all_gather" and c.phase == "backward"))
+            rs_s = sum(c.time_s for c in zc if c.kind == "reduce_scatter") * (B - 1) / B if zero == 1 else 0.0
+            if ag_s == 0:
                 continue
-            exposed, mixed, bare = op_cost(st, 3), sharded_storage_cost(st), op_cost(st, 3)
-            base = exposed.fwd_s + exposed.bwd_s - coll_s
-            t = mixed.fwd_s + mixed.bwd_s
-            assert base + COMM_OVERLAP_SLOWDOWN * coll_s - 1e-15 <= t <= bare.fwd_s + bare.bwd_s + 1e-15
-            assert t > base
+            level, mixed = op_cost(st, zero), sharded_storage_cost(st, zero, B)
+            lo = level.objective_s(B) + COMM_OVERLAP_SLOWDOWN * ag_s + rs_s
+            assert lo - 1e-15 <= mixed.objective_s(B) <= lo + (1 - COMM_OVERLAP_SLOWDOWN) * ag_s + 1e-15
+            assert mixed.objective_s(B) > level.objective_s(B)
+            assert mixed.step_s == level.step_s
             checked += 1
     assert checked >= 6
 
@@ -148,3 +155,17 @@ def test_plan_with_sharded_storage_is_priced_as_the_stage_problem_prices_it():
     assert json.loads(mixed.to_json())["stages"][0]["sharded_storage"] == roots
     assert "sharded_storage" not in json.loads(base.to_json())["stages"][0]
     assert f"parameters stored sharded (ZeRO-3) in a ZeRO-1 stage: {roots[0]}" in plan_summary(mixed)
+
+
+def test_cli_shard_with_sharded_storage(capsys):
+    """`autopar shard --memory-limit --sharded-storage` reports the groups it shards; without a
+    memory limit or at ZeRO 0/3 it is a one-line error."""
+    from autopar.cli import main
+    tiny = ["shard", "gpt:hidden=256,layers=2,heads=4,seq=64,vocab=512", "--cluster", "p3.16xlarge",
+            "--mesh", "8x1", "--batch", "8"]
+    assert main(tiny + ["--zero", "2", "--memory-limit", "--sharded-storage"]) == 0
+    assert "parameters stored sharded (ZeRO-3): 0 of" in capsys.readouterr().out   # no memory pressure
+    for extra in (["--zero", "2"], ["--zero", "3", "--memory-limit"]):
+        assert main(tiny + extra + ["--sharded-storage"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "autopar: error: --sharded-storage needs --memory-limit and --zero 1 or 2"
