@@ -15,7 +15,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from autopar.costmodel.collectives import ALL_GATHER, BACKWARD, FORWARD, REDUCE_SCATTER, STEP, ZERO, Collective, comm_overlap_s
+from autopar.costmodel.collectives import (
+    ALL_GATHER,
+    BACKWARD,
+    FORWARD,
+    REDUCE_SCATTER,
+    STEP,
+    ZERO,
+    Collective,
+    comm_overlap_s,
+)
 from autopar.costmodel.eager import fsdp_block_comm_s
 from autopar.sharding.spec import Spec
 
