@@ -126,14 +126,23 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     zero = training.zero
     # Grids of hand-made plans evaluate the same stage under many schedules and recompute
     # settings: the stage's ILP-side cost does not depend on them, so it is computed once.
+    sharded_roots = frozenset(st.sharded_storage)
+    if sharded_roots and eager:
+        # eager_terms prices FSDP2's blocks and state at the stage's one ZeRO level
+        raise PlanError(f"stage {st.index}: the eager recipe's terms do not model per-op sharded storage "
+                        "(sharded_storage); evaluate without eager")
     key = (tuple(st.layers), sub, mesh.shape, tuple(sorted(boundary.items())),
-           tuple(sorted(st.strategies.items())), zero, cluster, id(cm.gpu), cm.dtype)
+           tuple(sorted(st.strategies.items())), zero, cluster, id(cm.gpu), cm.dtype, sharded_roots)
     per_graph = _STAGE_CACHE.setdefault(graph, {})
     hit = per_graph.get(key)
     if hit is None:
         prob = StageProblem(graph, names, mesh, cm, boundary=boundary)
         choice = prob.choice_from_names(st.strategies)
-        ev = prob.evaluate(choice, Settings(n_microbatches=training.n_microbatches, zero=zero), with_ops=True)
+        try:
+            ev = prob.evaluate(choice, Settings(n_microbatches=training.n_microbatches, zero=zero), with_ops=True,
+                               sharded_roots=sharded_roots)
+        except ValueError as e:
+            raise PlanError(f"stage {st.index}: {e}") from None
         hit = per_graph[key] = (prob, choice, ev, prob.assignment(choice))
     prob, choice, ev, assign = hit
 
@@ -174,7 +183,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             if phit is None:
                 pprob = StageProblem(graph, pre_names, mesh, cm, boundary=boundary)
                 pchoice = pprob.choice_from_names(st.strategies)
-                pev = pprob.evaluate(pchoice, Settings(n_microbatches=training.n_microbatches, zero=zero))
+                pev = pprob.evaluate(pchoice, Settings(n_microbatches=training.n_microbatches, zero=zero),
+                                     sharded_roots=sharded_roots & {g.root for g in pprob.groups})
                 phit = per_graph[pkey] = (pprob, pev, pprob.assignment(pchoice))
             pprob, pev, passign = phit
             bwd += pev.recompute_fwd_s
@@ -272,7 +282,9 @@ def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int, eng
     an engine that reduces after the backward launches every bucket at its end (share 1).
     part_of_stage: the ops are some of a stage's (a layer, for the planner): a bucket they leave
     partly filled is priced at the full bucket's rate per byte, as the rest of it is the next
-    layer's, so it pays its share of one latency, not a latency of its own."""
+    layer's, so it pays its share of one latency, not a latency of its own. An op whose
+    parameters are stored sharded in a ZeRO-1 stage keeps its place in the buckets: one
+    reduction per step is priced as at the stage's level (strategy.sharded_storage_cost)."""
     mesh = prob.mesh
     factor = grad_reduce_factor(engine)
     grads = []

@@ -60,7 +60,7 @@ import contextlib
 import copy
 import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -118,6 +118,7 @@ class StageLayout:
     dp_vocab_head: bool = False          # tp 1: the head split over the vocab across the dp ranks,
                                          # every rank's tokens gathered (Segment._dp_vocab_head_loss)
     cp_exchange: str = ""                # its K/V exchange, "ring" or "allgather" (rules.attention)
+    sharded_modules: tuple[str, ...] = ()  # ZeRO-1/2: modules whose parameters are stored sharded (ZeRO-3)
 
     @property
     def mesh_dims(self) -> tuple[str, str]:
@@ -353,10 +354,21 @@ def is_mixed(plan: Plan, layouts: list[StageLayout]) -> bool:
             or len({(x.dp, x.tp, x.dp_axis) for x in layouts}) > 1)
 
 
+def _sharded_modules(plan: Plan, ir: OpGraph, k: int) -> tuple[str, ...]:
+    """The modules owning the parameters of stage k's ops stored sharded (StagePlan.sharded_storage)."""
+    out = set()
+    for n in plan.stages[k].sharded_storage:
+        if n not in ir:
+            raise EngineMismatch(f"stage {k}: sharded_storage names {n!r}, not an op of the model")
+        out |= {o.param.rpartition(".")[0] for o in ir.node(n).operands if o.is_param and o.owns_param and o.param}
+    return tuple(sorted(out))
+
+
 def match_plan(plan: Plan, ir: OpGraph, family: str) -> list[StageLayout]:
     """Per stage, its engines' layout; EngineMismatch when a stage or the schedule has none."""
     pp = pipeline_ranks(plan)
-    layouts = [match_stage(plan, ir, k, family) for k in range(len(plan.stages))]
+    layouts = [replace(match_stage(plan, ir, k, family), sharded_modules=_sharded_modules(plan, ir, k))
+               for k in range(len(plan.stages))]
     mixed = is_mixed(plan, layouts)
     if mixed and pp != len(plan.stages):
         raise EngineMismatch("interleaved schedules over stages of different device counts or (dp, tp) layouts "
@@ -642,13 +654,17 @@ def apply_tp(seg: Segment, tp_mesh, split_embeddings: tuple[str, ...], split_hea
 
 
 def apply_fsdp(seg: nn.Module, blocks: list[nn.Module], dp_mesh, zero: int, param_dtype: torch.dtype | None,
-               ignored: set[nn.Parameter] | None = None) -> None:
+               ignored: set[nn.Parameter] | None = None, sharded: tuple[nn.Module, ...] = ()) -> None:
     """FSDP2: one unit per block and the root. ZeRO-3 frees each block's gathered weights after
     its forward (the last block's backward follows at once, so it keeps them); ZeRO-1/2 keep
-    them to the backward. `ignored`: parameters sharded otherwise (a head split over dp)."""
+    them to the backward. `ignored`: parameters sharded otherwise (a head split over dp).
+    `sharded`: modules stored as under ZeRO-3 in a ZeRO-1/2 stage (per-op sharded storage),
+    each a unit of its own inside its block that frees its weights after its forward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
           else MixedPrecisionPolicy())
+    for m in sharded:
+        fully_shard(m, mesh=dp_mesh, reshard_after_forward=True, mp_policy=mp)
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=zero >= 3 and i < len(blocks) - 1, mp_policy=mp)
     kw: dict[str, Any] = {"ignored_params": ignored} if ignored else {}     # (an argument since torch 2.7)
@@ -803,7 +819,8 @@ class EngineModel:
                 compile_blocks(seg)
             module: nn.Module = seg
             if self.replica_mesh is not None and self.zero:
-                apply_fsdp(seg, list(seg.blocks.values()), self.replica_mesh, self.zero, autocast_dtype, ignored)
+                apply_fsdp(seg, list(seg.blocks.values()), self.replica_mesh, self.zero, autocast_dtype, ignored,
+                           tuple(seg.get_submodule(p) for p in layouts[seg_stage].sharded_modules))
                 self.boundary_dtype = autocast_dtype or torch.float32
             elif self.replica_mesh is not None and self.tp_mesh is None and not self.mixed:
                 # (a mixed pipeline's own schedule all-reduces the gradients after the backward)

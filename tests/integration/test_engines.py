@@ -93,6 +93,28 @@ def test_zero3_fsdp_matches_one_process(tmp_path):
     assert out["param_specs"][0]["blocks.0.mlp.fc1.weight"] == "S0R"
 
 
+def mixed_storage_plan(zero: int) -> Plan:
+    """dp2 at ZeRO `zero` with three linears' parameters stored sharded (ZeRO-3)."""
+    plan = plan_3d(2, 1, 1, 2, zero=zero)
+    plan.stages[0].sharded_storage = ["blocks_0_mlp_fc1", "blocks_1_attn_q", "blocks_3_mlp_fc2"]
+    return plan
+
+
+def test_sharded_storage_names_its_modules():
+    plan = mixed_storage_plan(1)
+    (layout,) = match_plan(plan, graphs.load(M, batch=plan.training.microbatch_size), "gpt")
+    assert layout.sharded_modules == ("blocks.0.mlp.fc1", "blocks.1.attn.q", "blocks.3.mlp.fc2")
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("zero", [1, 2])
+def test_per_op_sharded_storage_matches_one_process(tmp_path, zero):
+    """Some linears as FSDP2 units of their own that free their weights after the forward, in a
+    ZeRO-1/2 stage (per-op sharded storage)."""
+    out = run(mixed_storage_plan(zero), tmp_path)
+    assert_exact(out)
+
+
 @pytest.mark.runtime
 @pytest.mark.parametrize("zero", [1, 2])
 def test_zero12_gradient_accumulation_syncs_as_its_stage_says(zero):
