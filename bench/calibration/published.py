@@ -83,11 +83,16 @@ def _optional(name: str, module: str):
         return None
 
 
+def _repo_relative(path: str | Path) -> str:
+    """`path` relative to the repository (results files are committed: no machine's paths)."""
+    return os.path.relpath(Path(path).resolve(), REPO.resolve())
+
+
 def autopar_version() -> dict:
     """Where the evaluated autopar came from (path, git commit and whether it was modified)."""
     import autopar
     root = Path(autopar.__file__).resolve().parents[1]
-    out = {"path": str(root)}
+    out = {"path": _repo_relative(root)}
     try:
         out["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                                        text=True, check=True).stdout.strip()
@@ -222,10 +227,22 @@ ONEFLOW_GRAD_SYNC = ("megatron-core", "inferred: OneFlow overlaps the gradient a
                      "Megatron-Core's bucket size stands in")
 
 
+SELECTIVE_LAYER_AC_FREQ = 2     # torchtitan's selective_ac_option default (config_manager.py)
+
+# SC21's ZeRO-3 rows (Table 2, "Megatron-LM+ZeRO-3") ran DeepSpeed's ZeRO-3, which gathers
+# each submodule's parameters at its hook: autopar prices that engine's ZeRO-2/3 per tensor
+# (collectives.zero_gathers_per_unit), where FSDP's gather one flat unit per block.
+ZERO3_ENGINE_BY_FRAMEWORK = {"Megatron-LM+ZeRO-3": ("deepspeed", "stated: Megatron-LM + DeepSpeed ZeRO-3 (the runs' "
+                                                               "framework), parameters fetched per submodule")}
+
+
 def grad_sync_of(run: dict) -> tuple[str | None, str]:
-    """(engine, basis) of a run's gradient sync; None: autopar's default."""
+    """(engine, basis) of a run's gradient sync (and, under ZeRO-2/3, of its gathers); None:
+    autopar's default."""
     if framework_of(run) == "OneFlow":
         return ONEFLOW_GRAD_SYNC
+    if framework_of(run) in ZERO3_ENGINE_BY_FRAMEWORK:
+        return ZERO3_ENGINE_BY_FRAMEWORK[framework_of(run)]
     for key, engine, basis in GRAD_SYNC_BY_SOURCE:
         if key in run["source"]:
             return engine, basis
@@ -254,6 +271,7 @@ class Job:
     zero: int
     params_b: float | None = None
     grad_sync: str | None = None   # the engine of the data-parallel gradient sync (GRAD_SYNC_BY_SOURCE)
+    recompute_every: int | None = None   # recompute "full" of every n-th block only (None: all)
     flags: list[str] = field(default_factory=list)
     measured: dict = field(default_factory=dict)   # tokens_per_s_per_gpu, basis, memory_gib
 
@@ -463,7 +481,15 @@ def map_run(run: dict, attention: bool = True, grad_sync: bool = True) -> Job | 
         else:
             recompute = "none"
             flags.append("recompute not stated: none assumed")
-    if p.get("recompute_detail") == "selective-layer":
+    rc_layers = None
+    if p.get("recompute_detail") == "selective-layer" and pp == 1:
+        # torchtitan's layer-level selective AC checkpoints every ac_freq-th block whole (its
+        # checkpoint_wrapper on blocks with count % ac_freq == 0); selective_ac_option's
+        # default is "2". Which blocks does not change a one-stage step's cost.
+        recompute, rc_layers = "full", SELECTIVE_LAYER_AC_FREQ
+        flags.append(f"selective-layer AC as full recompute of every {SELECTIVE_LAYER_AC_FREQ}nd block "
+                     "(inferred: torchtitan's default selective_ac_option)")
+    elif p.get("recompute_detail") == "selective-layer":
         flags.append("selective-layer AC evaluated as selective")
     vp = p.get("vp") or 1
     sched = (p.get("pp_schedule") or "").lower()
@@ -496,11 +522,11 @@ def map_run(run: dict, attention: bool = True, grad_sync: bool = True) -> Job | 
         if f.startswith(("model.", "parallel.", "precision")):
             flags.append(f"uncertain {f}")
     engine, sync_basis = grad_sync_of(run) if grad_sync else (None, "stated: --grad-sync default")
-    if engine and dp > 1 and zero <= 1:
-        flags.append(f"grad sync {engine} ({sync_basis})")
+    if engine and dp > 1 and (zero <= 1 or engine == "deepspeed"):
+        flags.append(f"{'grad sync' if zero <= 1 else f'ZeRO-{zero}'} {engine} ({sync_basis})")
     job = Job(id=run["id"], model=spec, seq=seq, dtype=dtype, cluster=cluster, nodes=n // gpn, gpus_per_node=gpn,
               dp=dp, tp=tp, pp=pp, microbatch=mb, global_batch=gb, recompute=recompute, schedule=schedule, vp=vp,
-              zero=zero, params_b=m.get("params_b"), grad_sync=engine, flags=flags,
+              zero=zero, params_b=m.get("params_b"), grad_sync=engine, recompute_every=rc_layers, flags=flags,
               measured={"tokens_per_s_per_gpu": tokens_per_gpu, "basis": basis, "memory_gib": me.get("memory_gib")})
     return job
 
@@ -653,7 +679,9 @@ def evaluate_group(task: tuple[str, int, str, list[dict]]) -> list[dict]:
             if j.get("what_if"):
                 cl = what_if_cluster(api, cl, j["what_if"])
             cfg = api.Config3D(j["dp"], j["tp"], j["pp"], j["microbatch"], j["recompute"], j["schedule"],
-                               j["vp"] if j["schedule"] == "interleaved" else 1, j["zero"])
+                               j["vp"] if j["schedule"] == "interleaved" else 1, j["zero"],
+                               recompute_num_layers=(len(src.graph(j["microbatch"] * j["dp"]).layers) - 2)
+                               // j["recompute_every"] if j.get("recompute_every") else None)
             # eager None: autopar's default; True/False: the eager recipe's terms on/off
             kw = {} if j.get("eager") is None else {"eager": j["eager"]}
             if j.get("grad_sync"):
@@ -956,7 +984,7 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else RESULTS_DIR / f"published_eval_{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"schema": "autopar.published_eval/v1", "date": datetime.date.today().isoformat(),
-               "runs_file": str(a.runs), "split_file": str(a.split), "autopar": dict(autopar_version(), label=a.label),
+               "runs_file": _repo_relative(a.runs), "split_file": _repo_relative(a.split), "autopar": dict(autopar_version(), label=a.label),
                "what_if": what_if, "eager": a.eager, "attention": a.attention, "grad_sync": a.grad_sync, "wall_time_s": elapsed, "cpu_time_s": cpu, "load_average_end": load,
                "workers": a.workers, "cpu_count": os.cpu_count(), "rows": rows}
     write_results(out, payload)
