@@ -272,6 +272,7 @@ class Job:
     params_b: float | None = None
     grad_sync: str | None = None   # the engine of the data-parallel gradient sync (GRAD_SYNC_BY_SOURCE)
     recompute_every: int | None = None   # recompute "full" of every n-th block only (None: all)
+    sequence_parallel: bool = False
     flags: list[str] = field(default_factory=list)
     measured: dict = field(default_factory=dict)   # tokens_per_s_per_gpu, basis, memory_gib
 
@@ -500,8 +501,15 @@ def map_run(run: dict, attention: bool = True, grad_sync: bool = True) -> Job | 
     if fsdp:
         zero = FSDP_ZERO.get(fsdp, 3)
         flags.append(f"FSDP {fsdp} as ZeRO-{zero}")
-    if p.get("sp"):
-        flags.append("sequence parallelism ignored (evaluated without SP)")
+    notes = run.get("notes") or ""
+    # Megatron's --tp-comm-overlap asserts --sequence-parallel, and --overlap-param-gather
+    # needs --use-distributed-optimizer (ZeRO-1): flags a run states imply them.
+    sp = bool(p.get("sp")) or (tp > 1 and "--tp-comm-overlap" in notes)
+    if sp:
+        flags.append("sequence parallel" + ("" if p.get("sp") else " (implied by --tp-comm-overlap)"))
+    if zero == 0 and dp > 1 and any(f in notes for f in ("--overlap-param-gather", "--use-distributed-optimizer")):
+        zero = 1
+        flags.append("ZeRO-1 (Megatron's distributed optimizer, implied by --overlap-param-gather)")
     precision = run.get("precision")
     dtype = "fp16" if precision == "fp16" or run["gpu"].startswith("V100") else "bf16"
 
@@ -526,7 +534,7 @@ def map_run(run: dict, attention: bool = True, grad_sync: bool = True) -> Job | 
         flags.append(f"{'grad sync' if zero <= 1 else f'ZeRO-{zero}'} {engine} ({sync_basis})")
     job = Job(id=run["id"], model=spec, seq=seq, dtype=dtype, cluster=cluster, nodes=n // gpn, gpus_per_node=gpn,
               dp=dp, tp=tp, pp=pp, microbatch=mb, global_batch=gb, recompute=recompute, schedule=schedule, vp=vp,
-              zero=zero, params_b=m.get("params_b"), grad_sync=engine, recompute_every=rc_layers, flags=flags,
+              zero=zero, params_b=m.get("params_b"), grad_sync=engine, recompute_every=rc_layers, sequence_parallel=sp, flags=flags,
               measured={"tokens_per_s_per_gpu": tokens_per_gpu, "basis": basis, "memory_gib": me.get("memory_gib")})
     return job
 
@@ -681,7 +689,8 @@ def evaluate_group(task: tuple[str, int, str, list[dict]]) -> list[dict]:
             cfg = api.Config3D(j["dp"], j["tp"], j["pp"], j["microbatch"], j["recompute"], j["schedule"],
                                j["vp"] if j["schedule"] == "interleaved" else 1, j["zero"],
                                recompute_num_layers=(len(src.graph(j["microbatch"] * j["dp"]).layers) - 2)
-                               // j["recompute_every"] if j.get("recompute_every") else None)
+                               // j["recompute_every"] if j.get("recompute_every") else None,
+                               sequence_parallel=j.get("sequence_parallel", False))
             # eager None: autopar's default; True/False: the eager recipe's terms on/off
             kw = {} if j.get("eager") is None else {"eager": j["eager"]}
             if j.get("grad_sync"):
