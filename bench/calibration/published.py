@@ -69,6 +69,9 @@ def autopar_api() -> SimpleNamespace:
         Config3D=first("Config3D", "autopar.evaluation.baselines", "autopar.baselines"),
         build_3d=first("build_3d", "autopar.evaluation.baselines", "autopar.baselines"),
         ComputeModel=first("ComputeModel", "autopar.costmodel.compute", "autopar.costmodel", "autopar.cost"),
+        # a stage's costs as the evaluator keeps them (its communication beyond the ops' own:
+        # ZeRO's units, FSDP2's blocks, their overlap); an autopar without it: the ops' sums
+        evaluate_stage=_optional("evaluate_stage", "autopar.evaluation.evaluator"),
         # GPU name -> (e_max, half-saturation dim) of the default GEMM curve where published runs
         # refitted it; an autopar without one uses (matmul_efficiency, 64) everywhere
         fitted_curves=_optional("FITTED_DEFAULT_CURVE", "autopar.costmodel.compute") or {},
@@ -581,9 +584,11 @@ def _gemms_of(node, strategy: str, mesh: tuple[int, int]):
     return [tuple(int(x) for x in g) for g in fwd], [tuple(int(x) for x in g) for g in bwd]
 
 
-def _stage_breakdown(stage: dict, graph, cm, fit_shapes: bool) -> dict:
+def _stage_breakdown(stage: dict, graph, cm, fit_shapes: bool, comm_s: float | None = None) -> dict:
     """Per-microbatch compute by op kind, communication and recompute of one stage, plus (for
-    GPUs without a measured profile) the GEMM and attention shapes behind the compute."""
+    GPUs without a measured profile) the GEMM and attention shapes behind the compute.
+    comm_s: the stage's communication as the evaluator prices it (exposed, plus the compute's
+    slowdown beside the hidden part); None: the sum of its ops' own collectives."""
     by_kind: Counter = Counter()
     n_ops = 0
     comm = 0.0
@@ -616,6 +621,8 @@ def _stage_breakdown(stage: dict, graph, cm, fit_shapes: bool) -> dict:
             attn[(bq // fac[lt.get("b", 0)], hq // fac[lt.get("h", 0)], s, dh,
                   bool(node.attrs.get("is_causal", False)), node.attrs.get("impl") == "unfused",
                   float(node.attrs.get("dropout_p", 0.0) or 0.0) > 0.0)] += 1
+    if comm_s is not None:
+        comm = comm_s
     ops_total = sum(by_kind.values()) + comm
     out = {"layers": stage["layers"], "mesh": [d0, d1], "recompute": stage.get("recompute", "none"),
            "fwd_s": stage["fwd_s"], "bwd_s": stage["bwd_s"], "compute_by_kind_s": dict(by_kind), "comm_s": comm,
@@ -700,7 +707,11 @@ def evaluate_group(task: tuple[str, int, str, list[dict]]) -> list[dict]:
             graph = src.graph(j["microbatch"] * j["dp"])
             cm = api.ComputeModel(cl.gpu, dtype)
             fit_shapes = cl.gpu.profile is None
-            stages = [_stage_breakdown(s, graph, cm, fit_shapes) for s in d["stages"]]
+            comms: list[float | None] = [None] * len(d["stages"])
+            if api.evaluate_stage is not None:
+                res = [api.evaluate_stage(graph, cl, s, plan.training, cm, **kw) for s in plan.stages]
+                comms = [r.op_comm_s + r.comm_overlap_s for r in res]
+            stages = [_stage_breakdown(s, graph, cm, fit_shapes, c) for s, c in zip(d["stages"], comms)]
         except Exception as e:
             out.append({"id": j["id"], "skip": f"autopar: {type(e).__name__}: {str(e)[:200]}"})
             continue
