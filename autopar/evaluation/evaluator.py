@@ -17,9 +17,11 @@ from autopar.costmodel.collectives import (
     FORWARD,
     GRAD_SYNC,
     REDUCE_SCATTER,
+    STEP,
     ZERO,
     all_reduce_s,
     all_reduce_share_s,
+    collective_s,
     comm_overlap_s,
     default_grad_sync_engine,
     fill_buckets,
@@ -28,6 +30,7 @@ from autopar.costmodel.collectives import (
     grad_sync_overlaps,
     overlapped_sync_s,
     p2p_s,
+    zero_gathers_per_unit,
 )
 from autopar.costmodel.compute import ComputeModel
 from autopar.costmodel.memory import activation_bytes, inflight, stash_after_recompute, working_after_recompute
@@ -232,6 +235,15 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     op_s = {o["name"]: o["compute_s"] + o["comm_s"] for o in ev.ops}
     embedding_s = sum(op_s.get(n, 0.0) for n in names if layer_of.get(n) == first)
     head_s = sum(op_s.get(n, 0.0) for n in names if layer_of.get(n) == last)
+    units = NO_ZERO_UNITS
+    engine = grad_sync or default_grad_sync_engine(eager)
+    if not eager and zero >= 2 and sub.n_devices > 1 and zero_gathers_per_unit(engine):
+        rc_layers = (0 if st.recompute != "full" else n_rc)
+        units = zero_units(graph, st.layers, prob, assign, zero, rc_layers)
+        fwd += units.fwd_delta_s
+        bwd += units.bwd_delta_s
+        embedding_s += units.root_delta_s[0]
+        head_s += units.root_delta_s[1]
     updated = ev.param_elems_zero if zero >= 1 else ev.param_elems
     copy_share = 1.0 + tied_copy / ev.param_elems if ev.param_elems else 1.0
     tied = 0.0
@@ -250,15 +262,15 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
         # Unsharded counts per tensor-parallel shard: the stage's local share of its parameters.
         block = max((graph.layers[li].param_count for li in range(*st.layers) if first < li < last), default=0)
         fsdp_block = eager_mod.fsdp_buffer_bytes(0.0, block * share)[1]
-    engine = grad_sync or default_grad_sync_engine(eager)
     buckets = grad_sync_buckets(prob, assign, zero, engine) if zero <= 1 else ()
-    sync = sum(d for _, d in buckets) if zero <= 1 else ev.sync_s
+    sync = sum(d for _, d in buckets) if zero <= 1 else ev.sync_s + units.step_delta_s
     return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working,
                        (ev.param_state_bytes(zero) + terms.param_state_delta_bytes) * copy_share,
                        sync, eager_mod.optimizer_s(updated * copy_share, cm), bbytes, rec_flops,
                        host_fwd_s=terms.host_fwd_s, host_bwd_s=terms.host_bwd_s, embedding_s=embedding_s,
-                       head_loss_s=head_s + terms.cross_entropy_s, op_comm_s=ev.comm_s + terms.comm_delta_s,
-                       comm_overlap_s=terms.comm_overlap_s,
+                       head_loss_s=head_s + terms.cross_entropy_s,
+                       op_comm_s=ev.comm_s + terms.comm_delta_s + units.comm_delta_s,
+                       comm_overlap_s=terms.comm_overlap_s + units.overlap_s,
                        precision_casts_s=terms.precision_casts_s, grad_bucket_s=terms.grad_bucket_s,
                        ddp_bucket_bytes=terms.ddp_bytes, autocast_cache_bytes=terms.autocast_cache_bytes * copy_share,
                        cross_entropy_peak_bytes=terms.cross_entropy_peak_bytes,
@@ -270,6 +282,96 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
                        if eager and (zero >= 3 and sub.n_devices > 1 or zero12) else 0.0,
                        tied_copy_params=tied_copy, sync_buckets=buckets)
+
+
+@dataclass(frozen=True)
+class ZeroUnits:
+    """ZeRO-2/3's collectives as FSDP runs them (`zero_units`), as changes to a stage's
+    evaluation, whose ops price each parameter's collectives alone (sharding/rules/common.py
+    `param_terms`): per microbatch, forward and backward (the ops' collectives replaced by the
+    exposed part of the units' and the compute's slowdown beside the rest), the part of them
+    that is communication, the slowdown, and the root units' change (embedding, head: in the
+    breakdown's parts of their own); per step, ZeRO-2's weight gather."""
+
+    fwd_delta_s: float = 0.0
+    bwd_delta_s: float = 0.0
+    comm_delta_s: float = 0.0
+    overlap_s: float = 0.0
+    root_delta_s: tuple[float, float] = (0.0, 0.0)
+    step_delta_s: float = 0.0
+
+
+NO_ZERO_UNITS = ZeroUnits()
+
+
+def zero_units(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, assign: dict[str, int],
+               zero: int, recomputed_layers: int = 0) -> ZeroUnits:
+    """ZeRO-2/3 of the layers [layers[0], layers[1]) as FSDP runs them: one flat parameter per
+    unit, a transformer block (llm-foundry and torchtitan wrap each block; DeepSpeed ZeRO-3
+    gathers in prefetch buckets of about a block), so one collective per unit, kind and group,
+    its latency paid once, not once per tensor. A block's collectives run on one stream beside
+    the compute of its neighbours, as FSDP prefetches them (`eager.fsdp_block_comm_s`, the
+    schedule FSDP2's measured rows fix; the stage's first and last block have nothing to hide
+    behind on one side); the compute slows beside the hidden part (`comm_overlap_s`). A
+    recomputed block's backward reruns its forward, which the gather of the next block hides
+    behind too. The root units (embedding, head and final norm, the layers outside the blocks)
+    gather once at the start and are exposed. ZeRO-2 (FSDP's SHARD_GRAD_OP) reduce-scatters
+    each block's gradients beside the backward, and gathers the updated weights once per step,
+    in the next forward, prefetched as ZeRO-3's forward gathers are."""
+    first, last = 0, len(graph.layers) - 1
+    blocks = [li for li in range(*layers) if first < li < last]
+    lo, hi = (blocks[0], blocks[-1]) if blocks else (-1, -1)
+    mesh = prob.mesh
+    # per layer: compute forward, backward; per (phase, kind, mask): bytes, per-tensor seconds
+    compute: dict[int, list[float]] = {}
+    colls: dict[int, dict[tuple[str, str, int], list[float]]] = {}
+    for li in range(*layers):
+        for n in graph.layers[li].nodes:
+            if n not in assign:
+                continue
+            st = prob.strategy_of(n, assign[n])
+            acc = compute.setdefault(li, [0.0, 0.0])
+            acc[0] += st.fwd_s
+            acc[1] += st.bwd_s + (st.fwd_s if li < layers[0] + recomputed_layers else 0.0)
+            for c in st.runs(zero):
+                if c.purpose == ZERO:
+                    b = colls.setdefault(li, {}).setdefault((c.phase, c.kind, c.mask), [0.0, 0.0])
+                    b[0] += c.nbytes
+                    b[1] += c.time_s
+
+    def unit_s(li: int, phase: str, kind: str) -> tuple[float, float]:
+        """(one collective per group, the ops' per-tensor seconds) of a unit's `kind` in `phase`."""
+        got = [(collective_s(k, nb, mesh.axis(m)), old) for (ph, k, m), (nb, old) in colls.get(li, {}).items()
+               if ph == phase and k == kind]
+        return sum(g[0] for g in got), sum(g[1] for g in got)
+
+    fwd = bwd = comm = overlap = step = 0.0
+    root = [0.0, 0.0]
+    for li in colls:
+        c_f, c_b = compute.get(li, [0.0, 0.0])
+        ag_f, old_ag_f = unit_s(li, FORWARD, ALL_GATHER)
+        ag_b, old_ag_b = unit_s(li, BACKWARD, ALL_GATHER)
+        rs, old_rs = unit_s(li, BACKWARD, REDUCE_SCATTER)
+        ag_step, old_step = unit_s(li, STEP, ALL_GATHER)
+        old = old_ag_f + old_ag_b + old_rs
+        if li not in blocks:
+            d_f, d_b = ag_f - old_ag_f, ag_b + rs - old_ag_b - old_rs
+            fwd, bwd, comm = fwd + d_f, bwd + d_b, comm + d_f + d_b
+            step += ag_step - old_step
+            root[0 if li == first else 1] += d_f + d_b
+            continue
+        exp_f, exp_b, hidden = eager_mod.fsdp_block_comm_s(c_f, c_b, ag_f, ag_b, rs, first=li == lo, last=li == hi)
+        slow_f = comm_overlap_s(ag_f - exp_f)
+        slow_b = comm_overlap_s(hidden - (ag_f - exp_f))
+        fwd += exp_f + slow_f - old_ag_f
+        bwd += exp_b + slow_b - old_ag_b - old_rs
+        comm += exp_f + exp_b - old
+        overlap += slow_f + slow_b
+        if ag_step or old_step:
+            # the first microbatch's forward hides the weight gather as ZeRO-3's gathers
+            s_f = eager_mod.fsdp_block_comm_s(c_f, 0.0, ag_step, 0.0, 0.0, first=li == lo)[0]
+            step += s_f + comm_overlap_s(ag_step - s_f) - old_step
+    return ZeroUnits(fwd, bwd, comm, overlap, (root[0], root[1]), step)
 
 
 def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int, engine: str,
