@@ -178,6 +178,9 @@ def cmd_shard(a) -> int:
     dtype = cl.gpu.training_dtype(a.dtype)
     cm = ComputeModel(cl.gpu, dtype)
     settings = Settings(n_microbatches=a.microbatches, zero=a.zero)
+    if a.sharded_storage and not (a.memory_limit and a.zero in (1, 2)):
+        raise ValueError("--sharded-storage needs --memory-limit and --zero 1 or 2")
+    roots: frozenset[str] = frozenset()
     t0 = time.perf_counter()
     if a.memory_limit:
         # One ILP over the whole range: the memory constraint couples the layers.
@@ -185,7 +188,10 @@ def cmd_shard(a) -> int:
         bspec = {src: tuple([1 if d0 > 1 and g.node(src).out_shape[0] % d0 == 0 else 0]
                             + [0] * (len(g.node(src).out_shape) - 1))} if src else None
         prob = StageProblem(g, names, mesh, cm, boundary=bspec)
-        res = prob.solve(settings, mem_budget_bytes=cl.gpu.memory_bytes, time_limit_s=a.time_limit)
+        if a.sharded_storage:
+            res, roots = prob.solve_storage(settings, mem_budget_bytes=cl.gpu.memory_bytes, time_limit_s=a.time_limit)
+        else:
+            res = prob.solve(settings, mem_budget_bytes=cl.gpu.memory_bytes, time_limit_s=a.time_limit)
         if res.choice is None:
             raise ValueError(f"no sharding of layers {i}:{j} on mesh {d0}x{d1} fits in "
                              f"{gib(cl.gpu.memory_bytes)} ({res.status})")
@@ -202,12 +208,14 @@ def cmd_shard(a) -> int:
         ilp = {"ilps": st.ilps, "cache_hits": st.cache_hits, "variables_before": st.ilp_vars_before,
                "variables": st.ilp_vars_after}
     solve_s = time.perf_counter() - t0
-    ev = prob.evaluate(choice, settings, with_ops=True)
+    ev = prob.evaluate(choice, settings, with_ops=True, sharded_roots=roots)
     out = {"mesh": [d0, d1], "layers": [i, j], "status": status, "solve_time_s": solve_s, "ilp": ilp,
            "objective_s": ev.per_microbatch_s + ev.sync_s / a.microbatches,
            "fwd_s": ev.fwd_s, "bwd_s": ev.bwd_s, "comm_s": ev.comm_s, "grad_sync_s": ev.sync_s,
            "param_state_bytes": ev.param_state_bytes(a.zero), "stash_bytes_per_microbatch": ev.stash_bytes,
            "ops": ev.ops}
+    if a.sharded_storage:
+        out["sharded_storage"] = sorted(roots)
     if a.json:
         print(json.dumps(out, indent=1, default=str))
         return 0
@@ -224,6 +232,9 @@ def cmd_shard(a) -> int:
           f"{fmt_s(ev.comm_s)}; gradient sync per step {fmt_s(ev.sync_s)}")
     print(f"memory per device: weights+grads+optimizer {gib(ev.param_state_bytes(a.zero))}, activations "
           f"{gib(ev.stash_bytes)} per microbatch in flight")
+    if a.sharded_storage:
+        print(f"parameters stored sharded (ZeRO-3): {len(roots)} of {len(prob.storage_groups(settings))} groups"
+              + (": " + ", ".join(sorted(roots)) if roots else ""))
     return 0
 
 
@@ -374,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="microbatches per step (amortises grad sync)")
     _zero_arg(p, 0)
     p.add_argument("--memory-limit", action="store_true", help="constrain memory to the GPU's")
+    p.add_argument("--sharded-storage", action="store_true",
+                   help="with --memory-limit and --zero 1 or 2: the ILP also chooses, per parameter group, to "
+                        "store it sharded (ZeRO-3: gathered for forward and backward, gradient reduce-scattered)")
     p.add_argument("--time-limit", type=float_arg("--time-limit", 0.0, MAX_TIME_LIMIT_S, lo_open=True), default=30.0,
                    help="seconds per ILP")
     p.add_argument("--all", action="store_true", help="also list views")

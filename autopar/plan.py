@@ -199,6 +199,9 @@ class StagePlan:
     # with "full": the stage's first k layers are recomputed and the rest keep their activations
     # (Megatron's --recompute-method block --recompute-num-layers k); None: all of them
     recompute_layers: int | None = None
+    # decision ops whose parameter group is stored sharded (ZeRO-3) in a ZeRO-1/2 plan
+    # (StageProblem.solve_storage); empty: every parameter at the plan's ZeRO level
+    sharded_storage: list[str] = field(default_factory=list)
     # filled by the evaluator
     ops: list[dict[str, Any]] = field(default_factory=list)   # per op: name, op, kind, strategy, specs, costs
     t_intra_s: float = 0.0                   # forward + backward per microbatch
@@ -263,6 +266,7 @@ class Plan:
                             logical_mesh=_pair(s["logical_mesh"]), strategies=dict(s["strategies"]),
                             input_spec=s.get("input_spec", ""), recompute=s.get("recompute", "none"),
                             recompute_layers=s.get("recompute_layers"),
+                            sharded_storage=list(s.get("sharded_storage", [])),
                             ops=[dict(o) for o in s.get("ops", [])], t_intra_s=_seconds(s.get("t_intra_s", 0.0)),
                             fwd_s=_seconds(s.get("fwd_s", 0.0)), bwd_s=_seconds(s.get("bwd_s", 0.0)),
                             memory=_read(StageMemory, s["memory"], f"stages/{s['index']}/memory")
@@ -337,6 +341,8 @@ def _stage_dict(s: StagePlan) -> dict[str, Any]:
     d["memory"] = d["memory"] or {}
     if d["recompute_layers"] is None:
         del d["recompute_layers"]          # all layers, or none: plan files as before per-layer recomputation
+    if not d["sharded_storage"]:
+        del d["sharded_storage"]           # every parameter at the plan's ZeRO level: plan files as before
     return d
 
 
@@ -394,6 +400,11 @@ def validate(d: Any) -> None:
         if b <= a:
             raise PlanError(f"plan stages/{s['index']}/layers: empty range [{a}, {b})")
         prev_end = b
+        if s.get("sharded_storage"):
+            zero = d["training"].get("zero", 0)
+            if zero not in (1, 2):
+                raise PlanError(f"plan stages/{s['index']}/sharded_storage: per-op sharded storage needs ZeRO 1 or 2 "
+                                f"(training/zero is {zero}); leave it out otherwise")
         k = s.get("recompute_layers")
         if k is not None:
             if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= b - a:

@@ -109,6 +109,10 @@ def plan_summary(plan: Plan | dict[str, Any]) -> str:
         lines.append(f"{s['index']:>5} {f'{a}-{b - 1}':>9} {_devices(s['device_ids']):>12} "
                      f"{'{}x{}'.format(*s['logical_mesh']):>6} {_recompute(s):>9} "
                      f"{fmt_s(s.get('t_intra_s')):>11} {gib((s.get('memory') or {}).get('total_bytes')):>11}")
+    for s in d["stages"]:
+        if s.get("sharded_storage"):
+            lines.append(f"stage {s['index']}: parameters stored sharded (ZeRO-3) in a ZeRO-{tr['zero']} stage: "
+                         + ", ".join(s["sharded_storage"]))
     if interleaved:
         lines.append("(interleaved: stage k runs on the devices of stage k mod ranks; the memory column is per "
                      "chunk, the peak below is per GPU)")

@@ -20,7 +20,10 @@ Per (model, strategy, microbatch) both ways, one after the other in the same two
                  load-balanced order, ring rotation), K/V repeated to the query heads as
                  torchtitan does
              zero3 / zero1: fully_shard per block + root (reshard_after_forward True / False),
-                            MixedPrecisionPolicy(bf16, fp32 reduce), foreach Adam
+                            MixedPrecisionPolicy(bf16, fp32 reduce), foreach Adam; zero1
+                            accumulates its gradients over the microbatches and reduce-scatters
+                            once (set_requires_gradient_sync / set_reshard_after_backward off
+                            until the last)
              tp: parallelize_module (ColwiseParallel / RowwiseParallel, vocab-parallel embedding,
                  loss_parallel), autocast bf16, torch.compile per block (both ways, as the
                  runtime's default compiles tensor-parallel stages)
@@ -385,6 +388,11 @@ class Native:
                 for i in range(B):
                     sync = i == B - 1 or self.strategy != "dp"
                     ctx = contextlib.nullcontext() if sync else self.module.no_sync()
+                    if self.strategy == "zero1":
+                        # ZeRO-1 (gradients not sharded): accumulate them and reduce-scatter once,
+                        # the weights kept gathered between microbatches
+                        self.module.set_requires_gradient_sync(i == B - 1)
+                        self.module.set_reshard_after_backward(i == B - 1)
                     with ctx:
                         loss = self.module(ids[i * m:(i + 1) * m], tgt[i * m:(i + 1) * m])
                         if hasattr(loss, "to_local"):

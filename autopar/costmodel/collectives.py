@@ -178,6 +178,17 @@ DEEPSPEED_BUCKET_PARAMS = 500_000_000
 GRAD_SYNC_ENGINES = (DDP, MEGATRON_CORE, MEGATRON_LOCAL, DEEPSPEED)
 
 
+def zero_gathers_per_unit(engine: str) -> bool:
+    """Whether `engine` runs ZeRO-2/3's gathers and reduce-scatters one flat buffer per unit
+    (a transformer block), prefetched beside the compute (the evaluator's `zero_units`), as
+    PyTorch FSDP and FSDP2 do (llm-foundry, torchtitan, `autopar run`) and Megatron-Core's
+    FSDP; else one collective per parameter tensor, exposed: DeepSpeed's ZeRO-3 of the
+    Megatron-DeepSpeed era fetches each submodule's parameters at that submodule's hook
+    (PartitionedParameterCoordinator.fetch_sub_module), a collective per module's tensors."""
+    _check_engine(engine)
+    return engine != DEEPSPEED
+
+
 def default_grad_sync_engine(eager: bool) -> str:
     """The engine a plan runs on: PyTorch DDP for the eager recipe, else Megatron-Core's."""
     return DDP if eager else MEGATRON_CORE

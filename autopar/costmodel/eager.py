@@ -134,11 +134,23 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
   NCCL's watchdog frees tensors; the rows re-measured with the harness that waits for the
   previous run's memory to go, ddp-gpt-1.3b mb1 and ddp-gpt-2.6b mb4, hold 4.0 on both ranks:
   the term is kept, for safety, until the older ddp rows are re-measured).
-- ZeRO-1/2 (`fsdp_zero12`, `fsdp_zero12_state_bytes`): `autopar run` shards them with FSDP2
-  and bf16 parameters, not DDP: 16 B per sharded parameter and 2 B of unsharded bf16 weights,
-  no DDP buckets and no autocast cache; the sharded fp32 gradients are absent at a
-  one-microbatch activation peak. Its activations are counted as under autocast, an upper bound
-  (bench/truth/README.md, sixth pass: gpt-1.3b dp2 zero1 mb8 x2 +82% -> +31% reserved).
+- ZeRO as `autopar run` runs it (`fsdp_bf16_params`, the default recipe): FSDP2 with
+  MixedPrecisionPolicy's bf16 parameters and no autocast, where the corpus's fsdp2 rows ran
+  autocast over FSDP2's fp32 parameters (`zero_autocast=True`, which bench/truth/predict.py
+  passes so those rows stay priced as they ran). Without autocast the blocks and the loss are
+  bf16 as the graph counts them: no fp32 residual stream, input copies or weight cache (memory
+  and time), and the loss at BF16_CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT (6 B) and
+  BF16_CROSS_ENTROPY_BYTES_PER_LOGIT (12 B) per logit, or loss_parallel's fp32 intermediates
+  for a vocab-split head (`cross_entropy_peak_bytes_per_logit`, 16 B; a dp-vocab head's weight
+  shard, which FSDP2 ignores, is cast to bf16 every forward, 2 B per shard parameter).
+  ZeRO-1/2 (`fsdp_zero12`, `fsdp_zero12_state_bytes`): 16 B per sharded parameter and 2 B of
+  unsharded bf16 weights, no DDP buckets; ZeRO-1 over several microbatches also 4 B per local
+  parameter of unsharded fp32 gradients in place of the sharded ones (it reduce-scatters once
+  per step, runtime/engines.py `_fsdp_accumulation`); the sharded fp32 gradients are absent at
+  a one-microbatch activation peak and live in FSDP2's gradient pool (`zero3_grad_pool_bytes`).
+  `python bench/truth/predict_runs.py`: memory median 19.5% -> 11.4%, max 45.6% -> 28.4% over
+  the eager rows; gpt-1.3b zero3 mb1 is 4.0% short, its reserve 21.5% of its allocated (native
+  FSDP2's 22.4%) against the envelope's 14.8%.
 - FSDP2: the root module's unsharded bf16 weights and their gradients (4 B per root parameter,
   gathered for the forward and kept to the end of the backward), and one block's backward
   buffers plus the next block's prefetch (16 B per parameter of the largest block,
@@ -190,6 +202,9 @@ STREAM_BYTES_PER_S_H200 = 4.384e12        # the H200 profile's streaming `add` b
 ADAMW_STREAM_SHARE = ADAMW_BYTES_PER_S_H200 / STREAM_BYTES_PER_S_H200
 
 CROSS_ENTROPY_BYTES_PER_LOGIT = 36        # fp32 upcast, log-softmax, their backward (see doc)
+# bf16 logits without autocast: log-softmax (read 2, write 2), the NLL gradient (2), the
+# log-softmax gradient (read output 2 and gradient 2, write 2)
+BF16_CROSS_ENTROPY_BYTES_PER_LOGIT = 12
 NORM_FP32_BYTES_PER_ELEMENT = 8          # norm and its residual add in fp32: +4 B each, forward
 INPUT_CAST_BYTES_PER_ELEMENT = 6         # a linear's fp32 input cast to bf16, forward
 AUTOCAST_BACKWARD_FACTOR = 2             # backward bytes per forward byte of these
@@ -216,6 +231,8 @@ PIPELINE_IDLE_S_PER_BLOCK = 2.08e-4
 
 # -- memory -----------------------------------------------------------------------------------
 CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT = 10   # fp32 log-softmax output 4 + its fp32 gradient 4 + bf16 logits' gradient 2
+BF16_CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT = 6  # bf16 log-softmax output 2 + NLL gradient 2 + logits' gradient 2
+LOSS_PARALLEL_BF16_PEAK_BYTES_PER_LOGIT = 16  # bf16 logits 2, fp32 copy 4, shifted 4, fp32 result 4, bf16 result 2
 FP32_BYTES = 4                            # autocast's residual stream, saved by every norm
 AUTOCAST_DTYPE_BYTES = 2                  # bf16: what autocast casts a linear's input to
 DDP_BUCKET_BYTES_PER_PARAM = 4
@@ -232,22 +249,62 @@ CUDA_CONTEXT_BYTES = 0.77 * GIB
 NCCL_BYTES = 1.25 * GIB
 
 
-def fsdp_zero12(zero: int, dp_sharded: bool) -> bool:
-    """Whether a stage's ZeRO-1/2 runs as `autopar run` runs it: FSDP2 (reshard_after_forward=
-    False, so ZeRO-1 shards its gradients as ZeRO-2 does) with MixedPrecisionPolicy's bf16
-    parameters, not DDP (runtime/engines.py), where the data-parallel degree shards
-    (`dp_sharded`). No bench/truth row runs ZeRO-1/2; `autopar run`'s do."""
-    return 1 <= zero <= 2 and dp_sharded
+def fsdp_bf16_params(zero: int, dp_sharded: bool, zero_autocast: bool = False) -> bool:
+    """Whether a ZeRO stage runs as `autopar run` runs it (runtime/engines.py): FSDP2 with
+    MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) and no autocast, where the
+    data-parallel degree shards (`dp_sharded`). Everything the blocks and the loss compute is
+    then bf16, as the graph counts it: no fp32 residual stream, no per-linear input copies, no
+    autocast weight cache, a bf16 loss (`cross_entropy_peak_bytes_per_logit`). `zero_autocast`
+    is the other recipe, the one bench/truth's fsdp2 rows ran: autocast over FSDP2's fp32
+    parameters (and ZeRO-1/2 as DDP under autocast); those rows are priced as they ran."""
+    return zero >= 1 and dp_sharded and not zero_autocast
 
 
-def fsdp_zero12_state_bytes(local_params: float, sharded_params: float) -> float:
+def fsdp_zero12(zero: int, dp_sharded: bool, zero_autocast: bool = False) -> bool:
+    """Whether a stage's ZeRO-1/2 runs as `autopar run` runs it: FSDP2 with bf16 parameters
+    (`fsdp_bf16_params`), not DDP, the weights gathered once per step (reshard_after_forward=
+    False, and no resharding between microbatches: EngineModel._fsdp_accumulation). No
+    bench/truth row runs ZeRO-1/2; `autopar run`'s do."""
+    return 1 <= zero <= 2 and fsdp_bf16_params(zero, dp_sharded, zero_autocast)
+
+
+def fsdp_zero12_state_bytes(local_params: float, sharded_params: float, zero: int = 2,
+                            n_microbatches: int = 1) -> float:
     """Weights, gradients and Adam state per GPU under FSDP2's ZeRO-1/2 (`fsdp_zero12`): the
     sharded fp32 weights, gradients and moments, 16 B per sharded parameter, and the unsharded
-    bf16 weights gathered for the forward and kept to the backward, 2 B per local parameter (a
-    block's bf16 gradients last only until their reduce-scatter). No DDP buckets, no autocast
-    cache (the bf16 weights are the ones the blocks compute with). gpt-1.3b dp2 zero1 mb8 x2:
-    12.27 GiB of its 26.75 GiB allocated (bench/results/runtime_vs_native_h200.json)."""
-    return AUTOCAST_DTYPE_BYTES * local_params + 4 * FP32_BYTES * sharded_params
+    bf16 weights gathered for the first forward and kept to the last backward, 2 B per local
+    parameter (a block's bf16 gradients last only until their reduce-scatter). No DDP buckets,
+    no autocast cache (the bf16 weights are the ones the blocks compute with). gpt-1.3b dp2
+    zero1 mb8 x2: 12.27 GiB of its 26.75 GiB allocated (bench/results/runtime_vs_native_h200.json,
+    measured when ZeRO-1 still reduce-scattered every microbatch).
+    ZeRO-1 over several microbatches accumulates the gradients unsharded and reduce-scatters
+    them once, after the last backward (set_requires_gradient_sync(False) before it): from the
+    first microbatch's backward on, FSDP2 holds them in its reduce dtype, fp32 (4 B per local
+    parameter), and the sharded fp32 gradients (4 B per sharded parameter) exist only after
+    the step's one reduce-scatter, when the unsharded ones are gone. ZeRO-2 reduce-scatters
+    every microbatch into the sharded gradients."""
+    state = AUTOCAST_DTYPE_BYTES * local_params + 4 * FP32_BYTES * sharded_params
+    if zero == 1 and n_microbatches > 1:
+        state += FP32_BYTES * (local_params - sharded_params)
+    return state
+
+
+def cross_entropy_peak_bytes_per_logit(bf16_params: bool, vocab_split: bool) -> float:
+    """The loss's working set per logit element at its peak. Under autocast:
+    CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT. With FSDP2's bf16 parameters and no autocast
+    (`fsdp_bf16_params`) `F.cross_entropy` runs on the bf16 logits in bf16: the saved
+    log-softmax output 2, the NLL gradient 2, the logits' gradient 2 (the snapshot of gpt-1.3b
+    auto mb32 under FSDP2 held 3 x 1.56 GiB there, bench/truth/README.md sixth pass). A
+    vocab-split loss on bf16 logits runs torch's loss_parallel (EngineModel._contexts), whose
+    log-softmax computes in fp32 (torch/distributed/tensor/parallel/loss.py `_log_softmax`:
+    the computation dtype of bf16 is fp32) and peaks in its forward: the bf16 logits 2, their
+    fp32 copy 4, the shifted logits 4, the fp32 result 4 and its bf16 cast 2
+    (LOSS_PARALLEL_BF16_PEAK_BYTES_PER_LOGIT; its backward holds less: the saved output 2, a
+    zero-filled gradient 2, exp 2, their sum 2 and product 2). The autocast recipe's
+    vocab-split losses keep the autocast count."""
+    if bf16_params:
+        return LOSS_PARALLEL_BF16_PEAK_BYTES_PER_LOGIT if vocab_split else BF16_CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT
+    return CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT
 
 
 def optimizer_s(updated_params: float, cm: ComputeModel) -> float:
@@ -257,9 +314,11 @@ def optimizer_s(updated_params: float, cm: ComputeModel) -> float:
     return ADAMW_BYTES_PER_PARAM * updated_params / (cm.stream_bytes_per_s * ADAMW_STREAM_SHARE)
 
 
-def cross_entropy_s(logits: float, cm: ComputeModel) -> float:
-    """fp32 cross-entropy, forward and backward, over `logits` elements on this GPU."""
-    return cm.memory_bound_s(CROSS_ENTROPY_BYTES_PER_LOGIT * logits) if logits > 0 else 0.0
+def cross_entropy_s(logits: float, cm: ComputeModel, bf16: bool = False) -> float:
+    """Cross-entropy, forward and backward, over `logits` elements on this GPU: in fp32 under
+    autocast, or in bf16 on bf16 logits (`bf16`: FSDP2's bf16 parameters without autocast)."""
+    per_logit = BF16_CROSS_ENTROPY_BYTES_PER_LOGIT if bf16 else CROSS_ENTROPY_BYTES_PER_LOGIT
+    return cm.memory_bound_s(per_logit * logits) if logits > 0 else 0.0
 
 
 def precision_casts_s(local_params: float, n_microbatches: int, cm: ComputeModel) -> float:
@@ -401,7 +460,8 @@ def fsdp_buffer_bytes(root_params: float, largest_block_params: float) -> tuple[
 def zero3_grad_pool_bytes(sharded_grad_params: float) -> float:
     """Memory FSDP2's reduce-scatter stream keeps in its own allocator pool: the sharded fp32
     gradients of `sharded_grad_params` parameters (reserved all step, allocated only from their
-    reduce-scatter to the next zero_grad)."""
+    reduce-scatter to the next zero_grad). ZeRO-3's, and ZeRO-1/2's where they run on FSDP2
+    (`fsdp_zero12`): the same engine allocates them the same way."""
     return FP32_BYTES * sharded_grad_params
 
 
@@ -412,10 +472,10 @@ def loss_segment_bytes(cross_entropy_peak_bytes: float) -> float:
     return cross_entropy_peak_bytes * FP32_BYTES / CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT
 
 
-def reserved_bytes(allocated_bytes: float, zero3: bool, grad_pool_bytes: float = 0.0,
+def reserved_bytes(allocated_bytes: float, fsdp: bool, grad_pool_bytes: float = 0.0,
                    loss_segment: float = 0.0) -> float:
-    """What the caching allocator reserves at a peak of `allocated_bytes` allocated. Under ZeRO-3
-    `allocated_bytes` is what the pools hold at their own peaks (the compute stream's at the
+    """What the caching allocator reserves at a peak of `allocated_bytes` allocated. Where FSDP2
+    runs the step (`fsdp`: ZeRO-3, or ZeRO-1/2 as `autopar run` runs them) `allocated_bytes` is what the pools hold at their own peaks (the compute stream's at the
     activation peak, and `grad_pool_bytes` of FSDP2's gradients, see `zero3_grad_pool_bytes`,
     even where they are absent at that moment), and the fraction is the compute stream's only.
     At least `loss_segment` (`loss_segment_bytes`) over the allocated: the step's largest
@@ -424,7 +484,7 @@ def reserved_bytes(allocated_bytes: float, zero3: bool, grad_pool_bytes: float =
     had freed) can take part of the segment one of them had, so the next step reserves a new
     one (single-llama-1b s8192 mb4 with full recomputation: reserved - allocated = 15.66 GiB,
     one fp32 tensor of 32,768 x 128,256 logits to the 0.01 GiB; the fraction gives 9.0)."""
-    pool = grad_pool_bytes if zero3 else 0.0
+    pool = grad_pool_bytes if fsdp else 0.0
     return max((allocated_bytes - pool) * (1 + RESERVE_FRACTION) + pool, allocated_bytes + loss_segment)
 
 
@@ -445,8 +505,8 @@ def allocatable_bytes(capacity_bytes: float, zero3: bool, n_gpus: int) -> float:
     return max(0.0, usable / (1 + RESERVE_FRACTION) - CUBLAS_WORKSPACE_BYTES)
 
 
-def device_peak_bytes(allocated_bytes: float, zero3: bool, n_gpus: int, grad_pool_bytes: float = 0.0,
+def device_peak_bytes(allocated_bytes: float, fsdp: bool, n_gpus: int, grad_pool_bytes: float = 0.0,
                       loss_segment: float = 0.0) -> float:
     """A GPU's peak memory: the allocator's reservation for `allocated_bytes` (FSDP2's gradient
     pool `grad_pool_bytes` among them, the loss's `loss_segment`), and what lies outside it."""
-    return reserved_bytes(allocated_bytes, zero3, grad_pool_bytes, loss_segment) + outside_allocator_bytes(n_gpus)
+    return reserved_bytes(allocated_bytes, fsdp, grad_pool_bytes, loss_segment) + outside_allocator_bytes(n_gpus)

@@ -17,9 +17,11 @@ from autopar.costmodel.collectives import (
     FORWARD,
     GRAD_SYNC,
     REDUCE_SCATTER,
+    STEP,
     ZERO,
     all_reduce_s,
     all_reduce_share_s,
+    collective_s,
     comm_overlap_s,
     default_grad_sync_engine,
     fill_buckets,
@@ -28,6 +30,7 @@ from autopar.costmodel.collectives import (
     grad_sync_overlaps,
     overlapped_sync_s,
     p2p_s,
+    zero_gathers_per_unit,
 )
 from autopar.costmodel.compute import ComputeModel
 from autopar.costmodel.memory import activation_bytes, inflight, stash_after_recompute, working_after_recompute
@@ -102,10 +105,13 @@ class StageResult:
 
 
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
-                   cm: ComputeModel, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None) -> StageResult:
+                   cm: ComputeModel, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None,
+                   zero_autocast: bool = False) -> StageResult:
     """The stage's costs; its StagePlan comes back as a copy carrying the per-op records.
     grad_sync: the engine whose gradient buckets it runs (collectives.GRAD_SYNC_ENGINES; None:
-    the eager recipe's or the default's, collectives.default_grad_sync_engine)."""
+    the eager recipe's or the default's, collectives.default_grad_sync_engine).
+    zero_autocast: the eager recipe's ZeRO stages run autocast over FSDP2's fp32 parameters (as
+    bench/truth's fsdp2 rows did), not `autopar run`'s bf16 parameters (eager.fsdp_bf16_params)."""
     names = stage_nodes(graph, st.layers)
     sub = Submesh(*st.submesh)
     if sub.n_devices != len(st.device_ids):
@@ -123,14 +129,23 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     zero = training.zero
     # Grids of hand-made plans evaluate the same stage under many schedules and recompute
     # settings: the stage's ILP-side cost does not depend on them, so it is computed once.
+    sharded_roots = frozenset(st.sharded_storage)
+    if sharded_roots and eager:
+        # eager_terms prices FSDP2's blocks and state at the stage's one ZeRO level
+        raise PlanError(f"stage {st.index}: the eager recipe's terms do not model per-op sharded storage "
+                        "(sharded_storage); evaluate without eager")
     key = (tuple(st.layers), sub, mesh.shape, tuple(sorted(boundary.items())),
-           tuple(sorted(st.strategies.items())), zero, cluster, id(cm.gpu), cm.dtype)
+           tuple(sorted(st.strategies.items())), zero, cluster, id(cm.gpu), cm.dtype, sharded_roots)
     per_graph = _STAGE_CACHE.setdefault(graph, {})
     hit = per_graph.get(key)
     if hit is None:
         prob = StageProblem(graph, names, mesh, cm, boundary=boundary)
         choice = prob.choice_from_names(st.strategies)
-        ev = prob.evaluate(choice, Settings(n_microbatches=training.n_microbatches, zero=zero), with_ops=True)
+        try:
+            ev = prob.evaluate(choice, Settings(n_microbatches=training.n_microbatches, zero=zero), with_ops=True,
+                               sharded_roots=sharded_roots)
+        except ValueError as e:
+            raise PlanError(f"stage {st.index}: {e}") from None
         hit = per_graph[key] = (prob, choice, ev, prob.assignment(choice))
     prob, choice, ev, assign = hit
 
@@ -171,14 +186,16 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             if phit is None:
                 pprob = StageProblem(graph, pre_names, mesh, cm, boundary=boundary)
                 pchoice = pprob.choice_from_names(st.strategies)
-                pev = pprob.evaluate(pchoice, Settings(n_microbatches=training.n_microbatches, zero=zero))
+                pev = pprob.evaluate(pchoice, Settings(n_microbatches=training.n_microbatches, zero=zero),
+                                     sharded_roots=sharded_roots & {g.root for g in pprob.groups})
                 phit = per_graph[pkey] = (pprob, pev, pprob.assignment(pchoice))
             pprob, pev, passign = phit
             bwd += pev.recompute_fwd_s
             rec_flops = sum(graph.node(n).fwd_flops for n in pre_names)
             rc_stash = pev.stash_bytes
             if eager:
-                pterms = eager_terms(graph, pre_layers, pprob, passign, pev, training.n_microbatches, zero, cm)
+                pterms = eager_terms(graph, pre_layers, pprob, passign, pev, training.n_microbatches, zero, cm,
+                                     zero_autocast)
                 rc_stash += pterms.residual_stash_bytes
                 rc_inputs_fp32 = pterms.inputs_fp32_extra_bytes
     elif st.recompute == "selective":
@@ -191,7 +208,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             bwd += sum(prob.strategy_of(n, assign[n]).fwd_s for n in core)
             rec_flops = sum(graph.node(n).fwd_flops for n in core)
 
-    terms = eager_terms(graph, st.layers, prob, assign, ev, training.n_microbatches, zero, cm) if eager else NO_EAGER
+    terms = (eager_terms(graph, st.layers, prob, assign, ev, training.n_microbatches, zero, cm, zero_autocast)
+             if eager else NO_EAGER)
     if st.recompute == "full":
         layer_inputs += rc_inputs_fp32 if partial else terms.inputs_fp32_extra_bytes
     stash = stash_after_recompute(st.recompute, ev.stash_bytes + terms.residual_stash_bytes, layer_inputs, core_stash,
@@ -217,6 +235,15 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     op_s = {o["name"]: o["compute_s"] + o["comm_s"] for o in ev.ops}
     embedding_s = sum(op_s.get(n, 0.0) for n in names if layer_of.get(n) == first)
     head_s = sum(op_s.get(n, 0.0) for n in names if layer_of.get(n) == last)
+    units = NO_ZERO_UNITS
+    engine = grad_sync or default_grad_sync_engine(eager)
+    if not eager and zero >= 2 and sub.n_devices > 1 and zero_gathers_per_unit(engine):
+        rc_layers = (0 if st.recompute != "full" else n_rc)
+        units = zero_units(graph, st.layers, prob, assign, zero, rc_layers)
+        fwd += units.fwd_delta_s
+        bwd += units.bwd_delta_s
+        embedding_s += units.root_delta_s[0]
+        head_s += units.root_delta_s[1]
     updated = ev.param_elems_zero if zero >= 1 else ev.param_elems
     copy_share = 1.0 + tied_copy / ev.param_elems if ev.param_elems else 1.0
     tied = 0.0
@@ -227,23 +254,23 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
         if zero >= 2 and ev.param_elems:
             tied *= ev.param_elems_zero / ev.param_elems
     # autopar run's ZeRO-1/2 are FSDP2's (eager.fsdp_zero12): their fp32 gradients are sharded.
-    # They gather nothing during the step (their weights stay unsharded), so no block buffers
-    # at the activation peak: a block's reduce-scatter buffers come with its backward.
-    zero12 = eager and eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems)
+    # They gather once per step and keep the weights unsharded, so no block buffers at the
+    # activation peak: a block's reduce-scatter buffers come with its backward.
+    zero12 = eager and eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems, zero_autocast)
     fsdp_block = 0.0
     if eager and zero >= 3 and sub.n_devices > 1:
         # Unsharded counts per tensor-parallel shard: the stage's local share of its parameters.
         block = max((graph.layers[li].param_count for li in range(*st.layers) if first < li < last), default=0)
         fsdp_block = eager_mod.fsdp_buffer_bytes(0.0, block * share)[1]
-    engine = grad_sync or default_grad_sync_engine(eager)
     buckets = grad_sync_buckets(prob, assign, zero, engine) if zero <= 1 else ()
-    sync = sum(d for _, d in buckets) if zero <= 1 else ev.sync_s
+    sync = sum(d for _, d in buckets) if zero <= 1 else ev.sync_s + units.step_delta_s
     return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working,
                        (ev.param_state_bytes(zero) + terms.param_state_delta_bytes) * copy_share,
                        sync, eager_mod.optimizer_s(updated * copy_share, cm), bbytes, rec_flops,
                        host_fwd_s=terms.host_fwd_s, host_bwd_s=terms.host_bwd_s, embedding_s=embedding_s,
-                       head_loss_s=head_s + terms.cross_entropy_s, op_comm_s=ev.comm_s + terms.comm_delta_s,
-                       comm_overlap_s=terms.comm_overlap_s,
+                       head_loss_s=head_s + terms.cross_entropy_s,
+                       op_comm_s=ev.comm_s + terms.comm_delta_s + units.comm_delta_s,
+                       comm_overlap_s=terms.comm_overlap_s + units.overlap_s,
                        precision_casts_s=terms.precision_casts_s, grad_bucket_s=terms.grad_bucket_s,
                        ddp_bucket_bytes=terms.ddp_bytes, autocast_cache_bytes=terms.autocast_cache_bytes * copy_share,
                        cross_entropy_peak_bytes=terms.cross_entropy_peak_bytes,
@@ -253,8 +280,98 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        fsdp_root_bytes=terms.fsdp_root_bytes, fsdp_block_bytes=fsdp_block,
                        tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied),
                        grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
-                       if eager and zero >= 3 and sub.n_devices > 1 else 0.0,
+                       if eager and (zero >= 3 and sub.n_devices > 1 or zero12) else 0.0,
                        tied_copy_params=tied_copy, sync_buckets=buckets)
+
+
+@dataclass(frozen=True)
+class ZeroUnits:
+    """ZeRO-2/3's collectives as FSDP runs them (`zero_units`), as changes to a stage's
+    evaluation, whose ops price each parameter's collectives alone (sharding/rules/common.py
+    `param_terms`): per microbatch, forward and backward (the ops' collectives replaced by the
+    exposed part of the units' and the compute's slowdown beside the rest), the part of them
+    that is communication, the slowdown, and the root units' change (embedding, head: in the
+    breakdown's parts of their own); per step, ZeRO-2's weight gather."""
+
+    fwd_delta_s: float = 0.0
+    bwd_delta_s: float = 0.0
+    comm_delta_s: float = 0.0
+    overlap_s: float = 0.0
+    root_delta_s: tuple[float, float] = (0.0, 0.0)
+    step_delta_s: float = 0.0
+
+
+NO_ZERO_UNITS = ZeroUnits()
+
+
+def zero_units(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, assign: dict[str, int],
+               zero: int, recomputed_layers: int = 0) -> ZeroUnits:
+    """ZeRO-2/3 of the layers [layers[0], layers[1]) as FSDP runs them: one flat parameter per
+    unit, a transformer block (llm-foundry and torchtitan wrap each block; DeepSpeed ZeRO-3
+    gathers in prefetch buckets of about a block), so one collective per unit, kind and group,
+    its latency paid once, not once per tensor. A block's collectives run on one stream beside
+    the compute of its neighbours, as FSDP prefetches them (`eager.fsdp_block_comm_s`, the
+    schedule FSDP2's measured rows fix; the stage's first and last block have nothing to hide
+    behind on one side); the compute slows beside the hidden part (`comm_overlap_s`). A
+    recomputed block's backward reruns its forward, which the gather of the next block hides
+    behind too. The root units (embedding, head and final norm, the layers outside the blocks)
+    gather once at the start and are exposed. ZeRO-2 (FSDP's SHARD_GRAD_OP) reduce-scatters
+    each block's gradients beside the backward, and gathers the updated weights once per step,
+    in the next forward, prefetched as ZeRO-3's forward gathers are."""
+    first, last = 0, len(graph.layers) - 1
+    blocks = [li for li in range(*layers) if first < li < last]
+    lo, hi = (blocks[0], blocks[-1]) if blocks else (-1, -1)
+    mesh = prob.mesh
+    # per layer: compute forward, backward; per (phase, kind, mask): bytes, per-tensor seconds
+    compute: dict[int, list[float]] = {}
+    colls: dict[int, dict[tuple[str, str, int], list[float]]] = {}
+    for li in range(*layers):
+        for n in graph.layers[li].nodes:
+            if n not in assign:
+                continue
+            st = prob.strategy_of(n, assign[n])
+            acc = compute.setdefault(li, [0.0, 0.0])
+            acc[0] += st.fwd_s
+            acc[1] += st.bwd_s + (st.fwd_s if li < layers[0] + recomputed_layers else 0.0)
+            for c in st.runs(zero):
+                if c.purpose == ZERO:
+                    b = colls.setdefault(li, {}).setdefault((c.phase, c.kind, c.mask), [0.0, 0.0])
+                    b[0] += c.nbytes
+                    b[1] += c.time_s
+
+    def unit_s(li: int, phase: str, kind: str) -> tuple[float, float]:
+        """(one collective per group, the ops' per-tensor seconds) of a unit's `kind` in `phase`."""
+        got = [(collective_s(k, nb, mesh.axis(m)), old) for (ph, k, m), (nb, old) in colls.get(li, {}).items()
+               if ph == phase and k == kind]
+        return sum(g[0] for g in got), sum(g[1] for g in got)
+
+    fwd = bwd = comm = overlap = step = 0.0
+    root = [0.0, 0.0]
+    for li in colls:
+        c_f, c_b = compute.get(li, [0.0, 0.0])
+        ag_f, old_ag_f = unit_s(li, FORWARD, ALL_GATHER)
+        ag_b, old_ag_b = unit_s(li, BACKWARD, ALL_GATHER)
+        rs, old_rs = unit_s(li, BACKWARD, REDUCE_SCATTER)
+        ag_step, old_step = unit_s(li, STEP, ALL_GATHER)
+        old = old_ag_f + old_ag_b + old_rs
+        if li not in blocks:
+            d_f, d_b = ag_f - old_ag_f, ag_b + rs - old_ag_b - old_rs
+            fwd, bwd, comm = fwd + d_f, bwd + d_b, comm + d_f + d_b
+            step += ag_step - old_step
+            root[0 if li == first else 1] += d_f + d_b
+            continue
+        exp_f, exp_b, hidden = eager_mod.fsdp_block_comm_s(c_f, c_b, ag_f, ag_b, rs, first=li == lo, last=li == hi)
+        slow_f = comm_overlap_s(ag_f - exp_f)
+        slow_b = comm_overlap_s(hidden - (ag_f - exp_f))
+        fwd += exp_f + slow_f - old_ag_f
+        bwd += exp_b + slow_b - old_ag_b - old_rs
+        comm += exp_f + exp_b - old
+        overlap += slow_f + slow_b
+        if ag_step or old_step:
+            # the first microbatch's forward hides the weight gather as ZeRO-3's gathers
+            s_f = eager_mod.fsdp_block_comm_s(c_f, 0.0, ag_step, 0.0, 0.0, first=li == lo)[0]
+            step += s_f + comm_overlap_s(ag_step - s_f) - old_step
+    return ZeroUnits(fwd, bwd, comm, overlap, (root[0], root[1]), step)
 
 
 def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int, engine: str,
@@ -267,7 +384,9 @@ def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int, eng
     an engine that reduces after the backward launches every bucket at its end (share 1).
     part_of_stage: the ops are some of a stage's (a layer, for the planner): a bucket they leave
     partly filled is priced at the full bucket's rate per byte, as the rest of it is the next
-    layer's, so it pays its share of one latency, not a latency of its own."""
+    layer's, so it pays its share of one latency, not a latency of its own. An op whose
+    parameters are stored sharded in a ZeRO-1 stage keeps its place in the buckets: one
+    reduction per step is priced as at the stage's level (strategy.sharded_storage_cost)."""
     mesh = prob.mesh
     factor = grad_reduce_factor(engine)
     grads = []
@@ -366,9 +485,11 @@ NO_EAGER = EagerTerms()
 
 
 def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, assign: dict[str, int],
-                ev: Evaluation, n_microbatches: int, zero: int, cm: ComputeModel) -> EagerTerms:
+                ev: Evaluation, n_microbatches: int, zero: int, cm: ComputeModel,
+                zero_autocast: bool = False) -> EagerTerms:
     """The eager recipe's terms of layers [layers[0], layers[1]) whose ops `prob` holds, under
-    the strategies `assign` picks (ev: prob's evaluation of them)."""
+    the strategies `assign` picks (ev: prob's evaluation of them). zero_autocast: as
+    `evaluate_stage`'s."""
     names = list(prob.names)
     inside = set(names)
     first, last = 0, len(graph.layers) - 1
@@ -386,12 +507,15 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     fwd = bwd = ce_s = ce_peak = residual = 0.0
     n_linears = n_other = 0
     tp = False
+    split_linears: set[str] = set()
+    vocab_split_head: str | None = None
     fsdp = zero >= 3 and prob.mesh.n_devices > 1
-    # ZeRO-1/2 run as FSDP2 with bf16 parameters (eager.fsdp_zero12): its state, no DDP buckets
-    # and no autocast cache. Its activations are still counted as under autocast (fp32 residual
-    # stream, input copies, fp32 loss): an upper bound, since `autopar run` lowers some such
-    # plans otherwise (a vocab-parallel head's loss_parallel, DTensor layouts).
-    zero12 = eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems)
+    # ZeRO runs as FSDP2 with bf16 parameters and no autocast (eager.fsdp_bf16_params): no fp32
+    # residual stream, input copies or weight cache, a bf16 loss; ZeRO-1/2 (eager.fsdp_zero12)
+    # with their own state and no DDP buckets.
+    dp_sharded = ev.param_elems_zero < ev.param_elems
+    bf16 = eager_mod.fsdp_bf16_params(zero, dp_sharded, zero_autocast)
+    zero12 = eager_mod.fsdp_zero12(zero, dp_sharded, zero_autocast)
     layer_of = {m: li for li in range(*layers) if first < li < last for m in graph.layers[li].nodes} if fsdp else {}
     # per FSDP2 block: compute forward, backward; all-gather forward, backward; reduce-scatter
     blocks: dict[int, list[float]] = {}
@@ -412,7 +536,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                     acc[3] += c.time_s
                 elif c.phase == BACKWARD and c.kind == REDUCE_SCATTER:
                     acc[4] += c.time_s
-        if node.kind == NORM and node.operands and node.operands[0].source is not None:
+        if node.kind == NORM and node.operands and node.operands[0].source is not None and not bf16:
             # autocast keeps the residual stream in fp32: the norm saves an fp32 input, runs in
             # fp32 and its output is cast to bf16 by each linear it feeds
             residual += eager_mod.fp32_residual_extra_bytes(*local_elems(node.operands[0].source))
@@ -430,13 +554,19 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
         if node.kind == LOSS and node.operands and node.operands[0].source in assign and n in assign:
             local, elem_bytes = local_elems(node.operands[0].source)
             own = prob.strategy_of(n, assign[n])
-            ce_s += max(0.0, eager_mod.cross_entropy_s(local / elem_bytes, cm) - (own.fwd_s + own.bwd_s))
-            ce_peak += eager_mod.CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT * local / elem_bytes
             # the logits the graph saves for the loss (at the op that makes them, under the
             # loss's views) are not kept by the eager step
             made: str | None = node.operands[0].source
             while made is not None and graph.node(made).kind == VIEW and graph.node(made).operands:
                 made = graph.node(made).operands[0].source
+            # logits split over the vocabulary (their last dim) run torch's loss_parallel
+            made_spec = prob.strategy_of(made, assign[made]).out_spec if made in assign else ()
+            vocab_split = bool(made_spec and made_spec[-1])
+            if vocab_split and made is not None and made in inside:
+                vocab_split_head = made
+            bf16_loss = bf16 and not vocab_split
+            ce_s += max(0.0, eager_mod.cross_entropy_s(local / elem_bytes, cm, bf16_loss) - (own.fwd_s + own.bwd_s))
+            ce_peak += eager_mod.cross_entropy_peak_bytes_per_logit(bf16, vocab_split) * local / elem_bytes
             if made is not None and made in inside:
                 residual += eager_mod.loss_stash_bytes(prob.saved.get(made, 0.0) * local_elems(made)[0])
         if node.kind == MATMUL and node.param_operands:
@@ -444,10 +574,21 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
             # linears with split weights are what eager PyTorch runs as DTensors
             if n in assign:
                 st = prob.strategy_of(n, assign[n])
-                tp = tp or any(o.is_param and i < len(st.in_specs) and st.in_specs[i] is not None
-                               and any(st.in_specs[i]) for i, o in enumerate(node.operands))
+                if any(o.is_param and i < len(st.in_specs) and st.in_specs[i] is not None
+                       and any(st.in_specs[i]) for i, o in enumerate(node.operands)):
+                    tp = True
+                    split_linears.add(n)
         elif node.kind not in (VIEW, INPUT, OUTPUT):
             n_other += 1
+    if bf16 and vocab_split_head is not None and split_linears == {vocab_split_head}:
+        # a head split over the vocab with no other split weight is the runtime's dp-vocab head,
+        # whose weight shard FSDP2 does not manage (ignored_params): it stays fp32 and is cast
+        # to bf16 every forward, the copy saved for the head's backward (Segment._dp_vocab_head_loss)
+        st = prob.strategy_of(vocab_split_head, assign[vocab_split_head])
+        residual += eager_mod.AUTOCAST_DTYPE_BYTES * sum(
+            _numel(o.shape) / shard_factor(st.in_specs[i], prob.mesh)
+            for i, o in enumerate(graph.node(vocab_split_head).operands)
+            if o.is_param and i < len(st.in_specs) and st.in_specs[i] is not None)
     comm_delta = overlap = 0.0
     for li, (c_f, c_b, ag_f, ag_b, rs) in blocks.items():
         rs_eager = eager_mod.FSDP_REDUCE_SCATTER_FACTOR * rs
@@ -460,7 +601,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
         fwd += exp_f - ag_f + slow_f
         bwd += exp_b - ag_b - rs + slow_b
     inputs_extra = 0.0
-    for li in range(*layers):
+    for li in range(*layers) if not bf16 else ():
         src = main_boundary(graph, list(graph.layers[li].nodes))
         if src is not None:
             inputs_extra += eager_mod.fp32_residual_extra_bytes(*local_elems(src))
@@ -480,8 +621,9 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                       residual_stash_bytes=residual, inputs_fp32_extra_bytes=inputs_extra,
                       cross_entropy_peak_bytes=ce_peak,
                       ddp_bytes=eager_mod.state_bytes(ev.param_elems, ddp and not zero12, 1),
-                      autocast_cache_bytes=0.0 if zero12 else eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
-                      param_state_delta_bytes=(eager_mod.fsdp_zero12_state_bytes(ev.param_elems, ev.param_elems_zero)
+                      autocast_cache_bytes=0.0 if bf16 else eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
+                      param_state_delta_bytes=(eager_mod.fsdp_zero12_state_bytes(ev.param_elems, ev.param_elems_zero,
+                                                                                 zero, n_microbatches)
                                                - ev.param_state_bytes(zero)) if zero12 else 0.0,
                       fsdp_root_bytes=fsdp_root, comm_delta_s=comm_delta, comm_overlap_s=overlap)
 
@@ -520,7 +662,7 @@ def p2p_time_s(cluster: Cluster, a: StagePlan, b: StagePlan, nbytes: float) -> f
 
 
 def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT,
-             grad_sync: str | None = None) -> Plan:
+             grad_sync: str | None = None, zero_autocast: bool = False) -> Plan:
     """A copy of `plan` with its prediction and each stage's costs filled in; `plan` is unchanged.
 
     eager: the step as the eager PyTorch recipe runs it (autopar.costmodel.eager, measured on
@@ -535,7 +677,9 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     memory far worse (bench/calibration/FINDINGS.md section 8); fused engines avoid most of them.
     The fused AdamW step at its measured bandwidth counts either way.
     grad_sync: the engine whose data-parallel gradient buckets the plan runs
-    (collectives.GRAD_SYNC_ENGINES); None: PyTorch DDP's with eager, else Megatron-Core's."""
+    (collectives.GRAD_SYNC_ENGINES); None: PyTorch DDP's with eager, else Megatron-Core's.
+    zero_autocast: with eager, ZeRO stages as bench/truth's harness ran FSDP2 (autocast over fp32
+    parameters) instead of as `autopar run` does (bf16 parameters, no autocast: the default)."""
     tr = plan.training
     cm = ComputeModel(cluster.gpu, tr.dtype)
     if plan.n_devices > cluster.n_gpus:
@@ -548,7 +692,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     schedule = tr.schedule
     v = tr.virtual_stages
     B = tr.n_microbatches
-    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync) for s in plan.stages]
+    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync, zero_autocast) for s in plan.stages]
     n_dev_stages = len(res) // v if schedule == "interleaved" else len(res)
     if eager and n_dev_stages > 1:
         res = _pipeline_terms(res, graph, cluster, B, cm)
@@ -629,6 +773,8 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     dev_step = {k: max(dev_end[k] + dev_tail[k], dev_host[k]) for k in dev_end}
     step = max(dev_step.values())
     zero3 = tr.zero >= 3 and any(r.plan.n_devices > 1 for r in res)
+    # FSDP2's gradient pool: ZeRO-3's, and ZeRO-1/2's where `autopar run` runs them on FSDP2
+    fsdp = zero3 or any(p > 0 for p in dev_pool.values())
     # The activations peak before the gradients exist (one-microbatch eager steps): the state is
     # then `absent` below its full size; after the backward it is full and the activations gone.
     absent_at_peak = {k: min(dev_absent[k], dev_mem[k] + dev_work[k] - dev_held[k] - dev_tied[k]) for k in dev_mem}
@@ -639,7 +785,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     pooled = {k: dev_mem[k] + dev_work[k] + workspace if dev_pool[k] else allocated[k] for k in dev_mem}
     loss_segment = {k: eager_mod.loss_segment_bytes(max(r.cross_entropy_peak_bytes for r in dev_stages[k]))
                     for k in dev_mem}
-    device_bytes = {k: eager_mod.device_peak_bytes(pooled[k], zero3, plan.n_devices, dev_pool[k], loss_segment[k])
+    device_bytes = {k: eager_mod.device_peak_bytes(pooled[k], fsdp, plan.n_devices, dev_pool[k], loss_segment[k])
                     if eager else allocated[k] for k in dev_mem}
     mem_dev = max(device_bytes, key=lambda k: device_bytes[k])
     peak = device_bytes[mem_dev]
@@ -647,7 +793,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     time_dev = max(dev_step, key=lambda k: dev_step[k])
     breakdown = _time_breakdown(dev_stages[time_dev], B, dev_step[time_dev], dev_tail[time_dev],
                                 sched, time_dev, dev_sync[time_dev], dev_sync_overlap[time_dev])
-    memory_breakdown = _memory_breakdown(dev_stages[mem_dev], dev_mem[mem_dev], allocated[mem_dev], zero3,
+    memory_breakdown = _memory_breakdown(dev_stages[mem_dev], dev_mem[mem_dev], allocated[mem_dev], fsdp,
                                          plan.n_devices if eager else 0, absent_at_peak[mem_dev],
                                          pooled[mem_dev], dev_pool[mem_dev], loss_segment[mem_dev])
 
@@ -741,7 +887,7 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
     return parts
 
 
-def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_bytes: float, zero3: bool,
+def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_bytes: float, fsdp: bool,
                       n_gpus: int, grads_absent_bytes: float = 0.0, pooled_bytes: float | None = None,
                       grad_pool_bytes: float = 0.0, loss_segment_bytes: float = 0.0) -> dict[str, float]:
     """Where one GPU's peak memory goes; the parts add up to its predicted peak. n_gpus 0: the
@@ -759,7 +905,7 @@ def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_by
     ce = max((r.cross_entropy_peak_bytes for r in stages), default=0.0)
     root = sum(r.fsdp_root_bytes for r in stages)
     block = max((r.fsdp_block_bytes for r in stages), default=0.0)
-    reserved = (eager_mod.reserved_bytes(pooled, zero3, grad_pool_bytes, loss_segment_bytes) if n_gpus
+    reserved = (eager_mod.reserved_bytes(pooled, fsdp, grad_pool_bytes, loss_segment_bytes) if n_gpus
                 else allocated_bytes)
     grad_pool_free = pooled - allocated_bytes if n_gpus else 0.0
     parts = {"weights_grads_optimizer": params - grads_absent_bytes, "ddp_buckets": buckets, "autocast_cache": cache,

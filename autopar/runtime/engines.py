@@ -8,7 +8,9 @@ evaluation.baselines.megatron_names) — runs on the zoo's nn.Module with
     data parallelism   DistributedDataParallel (bucketed all-reduce overlapped with the
                        backward, no_sync between microbatches)
     ZeRO-1/2/3         FSDP2 fully_shard per block + root, reshard_after_forward for ZeRO-3,
-                       MixedPrecisionPolicy(bf16 params, fp32 reduce) for bf16 runs
+                       MixedPrecisionPolicy(bf16 params, fp32 reduce) for bf16 runs; over
+                       microbatches ZeRO-1 reduce-scatters once per step, ZeRO-2 every
+                       microbatch, ZeRO-1/2 gather once per step (_fsdp_accumulation)
     Megatron TP        parallelize_module: ColwiseParallel / RowwiseParallel, vocab-parallel
                        embedding, loss_parallel for the vocab-split head; dp x tp on one
                        DeviceMesh with named dims ("pp", "dp", "tp")
@@ -59,7 +61,7 @@ import contextlib
 import copy
 import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -119,6 +121,7 @@ class StageLayout:
     dp_vocab_head: bool = False          # tp 1: the head split over the vocab across the dp ranks,
                                          # every rank's tokens gathered (Segment._dp_vocab_head_loss)
     cp_exchange: str = ""                # its K/V exchange, "ring" or "allgather" (rules.attention)
+    sharded_modules: tuple[str, ...] = ()  # ZeRO-1/2: modules whose parameters are stored sharded (ZeRO-3)
 
     @property
     def mesh_dims(self) -> tuple[str, str]:
@@ -344,10 +347,21 @@ def is_mixed(plan: Plan, layouts: list[StageLayout]) -> bool:
             or len({(x.dp, x.tp, x.dp_axis) for x in layouts}) > 1)
 
 
+def _sharded_modules(plan: Plan, ir: OpGraph, k: int) -> tuple[str, ...]:
+    """The modules owning the parameters of stage k's ops stored sharded (StagePlan.sharded_storage)."""
+    out = set()
+    for n in plan.stages[k].sharded_storage:
+        if n not in ir:
+            raise EngineMismatch(f"stage {k}: sharded_storage names {n!r}, not an op of the model")
+        out |= {o.param.rpartition(".")[0] for o in ir.node(n).operands if o.is_param and o.owns_param and o.param}
+    return tuple(sorted(out))
+
+
 def match_plan(plan: Plan, ir: OpGraph, family: str) -> list[StageLayout]:
     """Per stage, its engines' layout; EngineMismatch when a stage or the schedule has none."""
     pp = pipeline_ranks(plan)
-    layouts = [match_stage(plan, ir, k, family) for k in range(len(plan.stages))]
+    layouts = [replace(match_stage(plan, ir, k, family), sharded_modules=_sharded_modules(plan, ir, k))
+               for k in range(len(plan.stages))]
     mixed = is_mixed(plan, layouts)
     if mixed and pp != len(plan.stages):
         raise EngineMismatch("interleaved schedules over stages of different device counts or (dp, tp) layouts "
@@ -633,13 +647,17 @@ def apply_tp(seg: Segment, tp_mesh, split_embeddings: tuple[str, ...], split_hea
 
 
 def apply_fsdp(seg: nn.Module, blocks: list[nn.Module], dp_mesh, zero: int, param_dtype: torch.dtype | None,
-               ignored: set[nn.Parameter] | None = None) -> None:
+               ignored: set[nn.Parameter] | None = None, sharded: tuple[nn.Module, ...] = ()) -> None:
     """FSDP2: one unit per block and the root. ZeRO-3 frees each block's gathered weights after
     its forward (the last block's backward follows at once, so it keeps them); ZeRO-1/2 keep
-    them to the backward. `ignored`: parameters sharded otherwise (a head split over dp)."""
+    them to the backward. `ignored`: parameters sharded otherwise (a head split over dp).
+    `sharded`: modules stored as under ZeRO-3 in a ZeRO-1/2 stage (per-op sharded storage),
+    each a unit of its own inside its block that frees its weights after its forward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
           else MixedPrecisionPolicy())
+    for m in sharded:
+        fully_shard(m, mesh=dp_mesh, reshard_after_forward=True, mp_policy=mp)
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=zero >= 3 and i < len(blocks) - 1, mp_policy=mp)
     kw: dict[str, Any] = {"ignored_params": ignored} if ignored else {}     # (an argument since torch 2.7)
@@ -794,7 +812,8 @@ class EngineModel:
                 compile_blocks(seg)
             module: nn.Module = seg
             if self.replica_mesh is not None and self.zero:
-                apply_fsdp(seg, list(seg.blocks.values()), self.replica_mesh, self.zero, autocast_dtype, ignored)
+                apply_fsdp(seg, list(seg.blocks.values()), self.replica_mesh, self.zero, autocast_dtype, ignored,
+                           tuple(seg.get_submodule(p) for p in layouts[seg_stage].sharded_modules))
                 self.boundary_dtype = autocast_dtype or torch.float32
             elif self.replica_mesh is not None and self.tp_mesh is None and not self.mixed:
                 # (a mixed pipeline's own schedule all-reduces the gradients after the backward)
@@ -888,6 +907,8 @@ class EngineModel:
                 for i in range(B):
                     sync = i == B - 1
                     ctx = self.module.no_sync() if self.ddp and not sync else contextlib.nullcontext()
+                    if self.zero:
+                        self._fsdp_accumulation(last=sync)
                     x, y = ids[i * lmb:(i + 1) * lmb], targets[i * lmb:(i + 1) * lmb]
                     cp: Any = contextlib.nullcontext()
                     if self.cp_mesh is not None:
@@ -910,7 +931,9 @@ class EngineModel:
                     if self.last:
                         return module(x, targets[i * lmb:(i + 1) * lmb])
                     return module(x)
-                mb_losses = self.schedule.step(run)
+                # under ZeRO, FSDP2's gradient sync and resharding follow the last microbatch
+                mb_losses = self.schedule.step(run, (lambda last: self._fsdp_accumulation(last=last))
+                                               if self.zero else None)
                 if self.last:
                     loss = torch.stack([x.detach().float().reshape(()) for x in mb_losses]).mean()
             else:
@@ -930,6 +953,28 @@ class EngineModel:
             dist.all_reduce(loss, group=self.replica_mesh.get_group())
             loss = loss / self.replica_mesh.size()
         return loss
+
+    def _fsdp_accumulation(self, last: bool) -> None:
+        """How FSDP2 treats a microbatch's backward under gradient accumulation, by ZeRO stage.
+        FSDP2 reduce-scatters every backward unless told not to (set_requires_gradient_sync,
+        "gradient accumulation without communication", at the cost of unsharded gradients) and
+        reshards after every backward unless told not to (set_reshard_after_backward: the next
+        forward then needs no all-gather, at the cost of unsharded weights).
+        ZeRO-1 shards the optimizer state only: full gradients accumulate locally (fp32 under
+        MixedPrecisionPolicy's reduce_dtype) and are reduce-scattered once, after the last
+        microbatch, like DDP's no_sync. ZeRO-2 shards the gradients: a reduce-scatter per
+        microbatch into the sharded fp32 gradient (DeepSpeed's stage 2 does the same). ZeRO-1
+        and ZeRO-2 keep the weights unsharded (reshard_after_forward=False, apply_fsdp), so
+        they stay gathered from the first forward to the last backward: one all-gather per
+        step. ZeRO-3 regathers per microbatch, as its memory requires. Pipelines need none of
+        this: torch.distributed.pipelining turns sync and resharding off for every microbatch
+        and reduce-scatters once after the schedule (PipelineStage.perform_reduce_grad)."""
+        if self.zero >= 3:
+            return
+        for m in self.modules:
+            fsdp: Any = m
+            fsdp.set_requires_gradient_sync(last or self.zero >= 2)
+            fsdp.set_reshard_after_backward(last)
 
     def _position_tables(self) -> list[tuple[torch.Tensor, int]]:
         """The buffers indexed by token position, with their sequence dims: Llama's rope tables

@@ -141,8 +141,11 @@ class P2PPipeline:
         return x, g
 
     # -- the schedule ---------------------------------------------------------------------------
-    def step(self, run: Callable[[torch.Tensor | None, int], torch.Tensor]) -> list[torch.Tensor]:
-        """Forward and backward of every microbatch; the last stage's per-microbatch losses."""
+    def step(self, run: Callable[[torch.Tensor | None, int], torch.Tensor],
+             before_backward: Callable[[bool], None] | None = None) -> list[torch.Tensor]:
+        """Forward and backward of every microbatch; the last stage's per-microbatch losses.
+        before_backward(last) runs before each microbatch's backward, last True for the step's
+        final one (FSDP2's gradient accumulation, EngineModel._fsdp_accumulation)."""
         B = self.n_microbatches
         first, last = self.k == 0, self.k == self.n_stages - 1
         warmup = B if self.schedule == "gpipe" else min(self.n_stages - self.k - 1, B)
@@ -166,6 +169,8 @@ class P2PPipeline:
 
         def backward(grad: torch.Tensor | None) -> torch.Tensor | None:
             x, out = inflight.pop(0)
+            if before_backward is not None:
+                before_backward(not inflight and n_fwd == B)
             if last:
                 (out.sum() / B).backward()
             else:

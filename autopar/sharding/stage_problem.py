@@ -19,7 +19,7 @@ place of the all-reduce.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -30,7 +30,7 @@ from autopar.costmodel.memory import ADAM_STEP_BYTES, param_state_bytes
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.rules import decision_strategies, follow, is_decision, leader_operand
 from autopar.sharding.spec import Spec, reshard_backward_s, reshard_collectives, reshard_s, shard_factor, spec_str
-from autopar.sharding.strategy import OpCost, Strategy, op_cost
+from autopar.sharding.strategy import OpCost, Strategy, op_cost, sharded_storage_cost
 from graphs.ir import ATTENTION, ELEMENTWISE, INPUT, LOSS, MATMUL, NORM, SOFTMAX, VIEW, OpGraph, OpNode, dtype_bytes
 
 # Ops whose backward needs their activation inputs (so those tensors stay stashed).
@@ -140,6 +140,26 @@ def _grad_share(graph: OpGraph, names) -> dict[str, dict[int, float]]:
         if share:
             out[name] = share
     return out
+
+
+_SHARED_MEMO: dict[int, tuple[OpGraph, frozenset[str]]] = {}
+
+
+def _shared_params(graph: OpGraph) -> frozenset[str]:
+    """Parameters that more than one op reads (a tied embedding and LM head), memoised per graph."""
+    hit = _SHARED_MEMO.get(id(graph))
+    if hit is not None and hit[0] is graph:
+        return hit[1]
+    readers: dict[str, int] = {}
+    for n in graph.nodes():
+        for o in n.operands:
+            if o.is_param and o.param:
+                readers[o.param] = readers.get(o.param, 0) + 1
+    value = frozenset(p for p, c in readers.items() if c > 1)
+    if len(_SHARED_MEMO) >= 64:
+        _SHARED_MEMO.clear()
+    _SHARED_MEMO[id(graph)] = (graph, value)
+    return value
 
 
 def _node_sig(n: OpNode) -> tuple:
@@ -394,13 +414,22 @@ class Evaluation:
     stash_bytes: float             # activations kept per microbatch in flight
     boundary_stash_bytes: float    # activations of the inputs of the stage's layers (full recompute)
     ops: list[dict] = field(default_factory=list)
+    # Of param_elems and param_elems_zero, those of the ops whose parameters are stored sharded
+    # (ZeRO-3) in a ZeRO-1/2 stage (StageProblem.solve_storage), and those ops.
+    sharded_param_elems: float = 0.0
+    sharded_param_elems_zero: float = 0.0
+    sharded_ops: frozenset[str] = frozenset()
 
     @property
     def per_microbatch_s(self) -> float:
         return self.fwd_s + self.bwd_s
 
     def param_state_bytes(self, zero: int) -> float:
-        return param_state_bytes(self.param_elems, self.param_elems_zero, zero)
+        if not self.sharded_ops:
+            return param_state_bytes(self.param_elems, self.param_elems_zero, zero)
+        return (param_state_bytes(self.param_elems - self.sharded_param_elems,
+                                  self.param_elems_zero - self.sharded_param_elems_zero, zero)
+                + param_state_bytes(self.sharded_param_elems, self.sharded_param_elems_zero, 3))
 
     def optimizer_step_s(self, zero: int, cm: ComputeModel) -> float:
         return ADAM_STEP_BYTES * (self.param_elems_zero if zero >= 1 else self.param_elems) / cm.stream_bytes_per_s
@@ -593,14 +622,58 @@ class StageProblem:
         return total
 
     # -- ILP arrays ----------------------------------------------------------------------
-    def member_cost(self, name: str, st: Strategy, settings: Settings, reshard: float = 0.0) -> OpCost:
+    def member_cost(self, name: str, st: Strategy, settings: Settings, reshard: float = 0.0,
+                    sharded: bool = False) -> OpCost:
         """The one cost of a member op under `st` (strategy.op_cost), with its share of the
-        backward all-reduces of tensors several matmuls read (see `_grad_share`)."""
+        backward all-reduces of tensors several matmuls read (see `_grad_share`); `sharded`:
+        its parameters stored ZeRO-3 in a ZeRO-1/2 stage (strategy.sharded_storage_cost)."""
+        if sharded:
+            return sharded_storage_cost(st, settings.zero, settings.n_microbatches, self.grad_share.get(name), reshard)
         return op_cost(st, settings.zero, self.grad_share.get(name), reshard)
 
-    def _member_mem(self, name: str, st: Strategy, settings: Settings) -> float:
-        p = param_state_bytes(st.param_elems_local, st.param_elems_zero, settings.zero)
+    def _member_mem(self, name: str, st: Strategy, settings: Settings, sharded: bool = False) -> float:
+        p = param_state_bytes(st.param_elems_local, st.param_elems_zero, 3 if sharded else settings.zero)
         return p + settings.inflight * self.saved.get(name, 0.0) * st.out_bytes_local
+
+    # -- per-group parameter storage -----------------------------------------------------
+    def storage_groups(self, settings: Settings) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """The groups whose parameters may be stored sharded (ZeRO-3) instead of at the
+        stage's ZeRO level, with per strategy the change to the group's ILP cost and memory.
+        The choice is per group, a decision op and the ops that follow its layout (a linear's
+        weight and bias: one module, FSDP2's unit of storage). Offered in ZeRO-1/2 stages
+        only: ZeRO-0 stores and syncs as ZeRO-1 does (the same collectives, more memory), and
+        a ZeRO-3 stage stores everything sharded already. A group reading a parameter that
+        another op reads too (a tied embedding and head) is left at the stage's level: the
+        storage belongs to the parameter, not to one of its readers."""
+        if settings.zero not in (1, 2):
+            return {}
+        shared = _shared_params(self.graph)
+        B = settings.n_microbatches
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for gi, grp in enumerate(self.groups):
+            owners = [m for m in grp.members
+                      if any(o.owns_param for o in self.graph.node(m).operands if o.is_param)]
+            if not owners or any(o.param in shared for m in grp.members
+                                 for o in self.graph.node(m).operands if o.is_param):
+                continue
+            k = len(grp.strategies[grp.root])
+            dc, dm = np.zeros(k), np.zeros(k)
+            for m in owners:
+                share = self.grad_share.get(m)
+                for q, st in enumerate(grp.strategies[m]):
+                    dc[q] += (sharded_storage_cost(st, settings.zero, B, share).objective_s(B)
+                              - op_cost(st, settings.zero, share).objective_s(B))
+                    dm[q] += self._member_mem(m, st, settings, True) - self._member_mem(m, st, settings)
+            if np.any(dm != 0.0):
+                out[gi] = (dc, dm)
+        return out
+
+    def sharded_members(self, roots) -> frozenset[str]:
+        """The ops whose parameters are stored sharded when the groups rooted at `roots` are."""
+        bad = [r for r in roots if r not in self.group_of or self.groups[self.group_of[r]].root != r]
+        if bad:
+            raise ValueError(f"sharded storage: {', '.join(sorted(bad))} not a decision op of this stage")
+        return frozenset(m for r in roots for m in self.groups[self.group_of[r]].members)
 
     def ilp_arrays(self, settings: Settings):
         """(node costs, edges, node memory) of the ILP. The parts that do not depend on the
@@ -813,6 +886,37 @@ class StageProblem:
                                  mem_budget_bytes, time_limit_s=time_limit_s, backend=backend)
         return res
 
+    def solve_storage(self, settings: Settings, mem_budget_bytes: float | None = None,
+                      time_limit_s: float = 30.0, backend: str = "highs"):
+        """`solve` with each group's parameter storage a decision too (storage_groups): the
+        ILP node of such a group lists its strategies twice, at the stage's ZeRO level and
+        stored sharded, with the same edges. Returns (result, roots of the sharded groups);
+        with no group to choose for, exactly `solve`'s result."""
+        from solvers.ilp import solve_sharding_ilp
+        alt = self.storage_groups(settings)
+        if not alt:
+            return self.solve(settings, mem_budget_bytes, time_limit_s, backend), frozenset()
+        costs, edges, mem = self.ilp_arrays(settings)
+        costs, mem = list(costs), list(mem)
+        k = {gi: len(costs[gi]) for gi in alt}
+        for gi, (dc, dm) in alt.items():
+            costs[gi] = np.concatenate([costs[gi], costs[gi] + dc])
+            mem[gi] = np.concatenate([mem[gi], mem[gi] + dm])
+        edges = [(u, v, np.tile(arr, (2 if u in alt else 1, 2 if v in alt else 1))) for u, v, arr in edges]
+        if mem_budget_bytes is not None:
+            mem_budget_bytes -= settings.inflight * self.outside_stash_bytes()
+        res = solve_sharding_ilp(costs, edges, mem if mem_budget_bytes is not None else None,
+                                 mem_budget_bytes, time_limit_s=time_limit_s, backend=backend)
+        if res.choice is None:
+            return res, frozenset()
+        choice = res.choice.copy()
+        roots = set()
+        for gi, kg in k.items():
+            if choice[gi] >= kg:
+                choice[gi] -= kg
+                roots.add(self.groups[gi].root)
+        return replace(res, choice=choice), frozenset(roots)
+
     def assignment(self, group_choice) -> dict[str, int]:
         return {m: int(group_choice[gi]) for gi, grp in enumerate(self.groups) for m in grp.members}
 
@@ -832,9 +936,15 @@ class StageProblem:
             choice[gi] = lst.index(want)
         return choice
 
-    def evaluate(self, group_choice, settings: Settings = Settings(), with_ops: bool = False) -> Evaluation:
+    def evaluate(self, group_choice, settings: Settings = Settings(), with_ops: bool = False,
+                 sharded_roots=frozenset()) -> Evaluation:
+        """`sharded_roots`: the groups (by root) whose parameters are stored sharded
+        (solve_storage)."""
         g, mesh = self.graph, self.mesh
-        fwd = bwd = comm = sync = rec = pe = pez = stash = 0.0
+        sharded = self.sharded_members(sharded_roots) if sharded_roots else frozenset()
+        if sharded and settings.zero not in (1, 2):
+            raise ValueError(f"sharded parameter storage per op needs ZeRO 1 or 2, the stage has ZeRO {settings.zero}")
+        fwd = bwd = comm = sync = rec = pe = pez = stash = spe = spez = 0.0
         ops = []
         for name in self.names:
             v = g.node(name)
@@ -852,7 +962,7 @@ class StageProblem:
                 ef, eb = self._edge_fwd_bwd_s(name, j, o.shape, dtype_bytes(o.dtype), src, st.in_specs[j], st)
                 reshard += ef
                 extra_bwd += eb - ef
-            c = self.member_cost(name, st, settings, reshard)
+            c = self.member_cost(name, st, settings, reshard, name in sharded)
             fwd += c.fwd_s
             bwd += c.bwd_s + extra_bwd
             comm += c.comm_s + extra_bwd
@@ -860,21 +970,26 @@ class StageProblem:
             rec += st.fwd_s + st.fwd_comm_s + reshard
             pe += st.param_elems_local
             pez += st.param_elems_zero
+            if name in sharded:
+                spe += st.param_elems_local
+                spez += st.param_elems_zero
             stash += self.saved.get(name, 0.0) * st.out_bytes_local
             if with_ops:
                 ops.append({"name": name, "op": v.op, "kind": v.kind, "strategy": st.name,
                             "out_spec": spec_str(st.out_spec),
                             "in_specs": [spec_str(s) if s is not None else None for s in st.in_specs],
                             "compute_s": st.fwd_s + st.bwd_s, "comm_s": c.comm_s + extra_bwd})
+                if name in sharded:
+                    ops[-1]["storage"] = "sharded"
         boundary = 0.0
         for bsrc, bspec in self.boundary.items():
             n = g.node(bsrc)
             boundary += n.out_bytes / shard_factor(bspec, mesh) if bspec else n.out_bytes
         stash += self.outside_stash_bytes()
-        return Evaluation(fwd, bwd, comm, sync, rec, pe, pez, stash, boundary, ops)
+        return Evaluation(fwd, bwd, comm, sync, rec, pe, pez, stash, boundary, ops, spe, spez, sharded)
 
-    def objective(self, group_choice, settings: Settings) -> float:
-        ev = self.evaluate(group_choice, settings)
+    def objective(self, group_choice, settings: Settings, sharded_roots=frozenset()) -> float:
+        ev = self.evaluate(group_choice, settings, sharded_roots=sharded_roots)
         return ev.per_microbatch_s + ev.sync_s / settings.n_microbatches
 
     def size(self) -> dict[str, int]:

@@ -15,7 +15,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from autopar.costmodel.collectives import BACKWARD, FORWARD, STEP, ZERO, Collective
+from autopar.costmodel.collectives import (
+    ALL_GATHER,
+    BACKWARD,
+    FORWARD,
+    REDUCE_SCATTER,
+    STEP,
+    ZERO,
+    Collective,
+    comm_overlap_s,
+)
+from autopar.costmodel.eager import fsdp_block_comm_s
 from autopar.sharding.spec import Spec
 
 
@@ -97,3 +107,39 @@ def op_cost(st: Strategy, zero: int, grad_share: Mapping[int, float] | None = No
     fwd = st.fwd_s + st.fwd_comm_s + reshard_s + zf
     bwd = st.bwd_s + bwd_comm + reshard_s + zb
     return OpCost(fwd, bwd, st.fwd_comm_s + bwd_comm + 2 * reshard_s + zf + zb, st._step_s[zero])
+
+
+def sharded_storage_cost(st: Strategy, zero: int, n_microbatches: int, grad_share: Mapping[int, float] | None = None,
+                         reshard_s: float = 0.0) -> OpCost:
+    """`op_cost` of an op whose parameters are stored sharded over the data-parallel axes
+    (ZeRO-3 storage, an FSDP2 unit of its own) in a stage at ZeRO `zero` (1 or 2) of
+    `n_microbatches` microbatches: its weights all-gathered for every forward and backward,
+    its gradients reduce-scattered every microbatch.
+
+    One gather and one reduction per step is traffic the stage's own storage moves too (ZeRO-1's
+    gradient all-reduce, ZeRO-2's reduce-scatters and its gather of the updated weights): that
+    part is priced exactly as at the stage's level (`op_cost(st, zero)`, the gradient buckets
+    included), so storage is chosen on what it adds. What it adds: the other B - 1 forward
+    gathers and every backward gather, which FSDP2 prefetches behind the compute before them,
+    priced with the FSDP2 overlap model (eager.fsdp_block_comm_s, the unit's own compute
+    standing for its neighbour's: its equal-units case) and the compute's slowdown beside the
+    hidden part (comm_overlap_s), so hidden is cheaper, never free; and under ZeRO-1 the other
+    B - 1 reduce-scatters, exposed, as the stage's ZeRO-2 ones are priced."""
+    base = op_cost(st, zero, grad_share, reshard_s)
+    ag_f = ag_b = rs = 0.0
+    for c in st.collectives:
+        if c.purpose != ZERO or 3 not in c.zero:
+            continue
+        if c.kind == ALL_GATHER and c.phase == FORWARD:
+            ag_f += c.time_s
+        elif c.kind == ALL_GATHER and c.phase == BACKWARD:
+            ag_b += c.time_s
+        elif c.kind == REDUCE_SCATTER and c.phase == BACKWARD:
+            rs += c.time_s
+    more = (n_microbatches - 1) / n_microbatches
+    extra_rs = rs * more if zero == 1 else 0.0
+    exp_f, exp_b, hidden = fsdp_block_comm_s(st.fwd_s, st.bwd_s, ag_f * more, ag_b, 0.0)
+    slow_f = comm_overlap_s(ag_f * more - exp_f)
+    slow_b = comm_overlap_s(hidden - (ag_f * more - exp_f))
+    return OpCost(base.fwd_s + exp_f + slow_f, base.bwd_s + exp_b + slow_b + extra_rs,
+                  base.comm_s + exp_f + exp_b + extra_rs, base.step_s)

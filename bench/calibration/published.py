@@ -69,6 +69,9 @@ def autopar_api() -> SimpleNamespace:
         Config3D=first("Config3D", "autopar.evaluation.baselines", "autopar.baselines"),
         build_3d=first("build_3d", "autopar.evaluation.baselines", "autopar.baselines"),
         ComputeModel=first("ComputeModel", "autopar.costmodel.compute", "autopar.costmodel", "autopar.cost"),
+        # a stage's costs as the evaluator keeps them (its communication beyond the ops' own:
+        # ZeRO's units, FSDP2's blocks, their overlap); an autopar without it: the ops' sums
+        evaluate_stage=_optional("evaluate_stage", "autopar.evaluation.evaluator"),
         # GPU name -> (e_max, half-saturation dim) of the default GEMM curve where published runs
         # refitted it; an autopar without one uses (matmul_efficiency, 64) everywhere
         fitted_curves=_optional("FITTED_DEFAULT_CURVE", "autopar.costmodel.compute") or {},
@@ -83,11 +86,16 @@ def _optional(name: str, module: str):
         return None
 
 
+def _repo_relative(path: str | Path) -> str:
+    """`path` relative to the repository (results files are committed: no machine's paths)."""
+    return os.path.relpath(Path(path).resolve(), REPO.resolve())
+
+
 def autopar_version() -> dict:
     """Where the evaluated autopar came from (path, git commit and whether it was modified)."""
     import autopar
     root = Path(autopar.__file__).resolve().parents[1]
-    out = {"path": str(root)}
+    out = {"path": _repo_relative(root)}
     try:
         out["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                                        text=True, check=True).stdout.strip()
@@ -222,10 +230,22 @@ ONEFLOW_GRAD_SYNC = ("megatron-core", "inferred: OneFlow overlaps the gradient a
                      "Megatron-Core's bucket size stands in")
 
 
+SELECTIVE_LAYER_AC_FREQ = 2     # torchtitan's selective_ac_option default (config_manager.py)
+
+# SC21's ZeRO-3 rows (Table 2, "Megatron-LM+ZeRO-3") ran DeepSpeed's ZeRO-3, which gathers
+# each submodule's parameters at its hook: autopar prices that engine's ZeRO-2/3 per tensor
+# (collectives.zero_gathers_per_unit), where FSDP's gather one flat unit per block.
+ZERO3_ENGINE_BY_FRAMEWORK = {"Megatron-LM+ZeRO-3": ("deepspeed", "stated: Megatron-LM + DeepSpeed ZeRO-3 (the runs' "
+                                                               "framework), parameters fetched per submodule")}
+
+
 def grad_sync_of(run: dict) -> tuple[str | None, str]:
-    """(engine, basis) of a run's gradient sync; None: autopar's default."""
+    """(engine, basis) of a run's gradient sync (and, under ZeRO-2/3, of its gathers); None:
+    autopar's default."""
     if framework_of(run) == "OneFlow":
         return ONEFLOW_GRAD_SYNC
+    if framework_of(run) in ZERO3_ENGINE_BY_FRAMEWORK:
+        return ZERO3_ENGINE_BY_FRAMEWORK[framework_of(run)]
     for key, engine, basis in GRAD_SYNC_BY_SOURCE:
         if key in run["source"]:
             return engine, basis
@@ -254,6 +274,8 @@ class Job:
     zero: int
     params_b: float | None = None
     grad_sync: str | None = None   # the engine of the data-parallel gradient sync (GRAD_SYNC_BY_SOURCE)
+    recompute_every: int | None = None   # recompute "full" of every n-th block only (None: all)
+    sequence_parallel: bool = False
     flags: list[str] = field(default_factory=list)
     measured: dict = field(default_factory=dict)   # tokens_per_s_per_gpu, basis, memory_gib
 
@@ -463,7 +485,15 @@ def map_run(run: dict, attention: bool = True, grad_sync: bool = True) -> Job | 
         else:
             recompute = "none"
             flags.append("recompute not stated: none assumed")
-    if p.get("recompute_detail") == "selective-layer":
+    rc_layers = None
+    if p.get("recompute_detail") == "selective-layer" and pp == 1:
+        # torchtitan's layer-level selective AC checkpoints every ac_freq-th block whole (its
+        # checkpoint_wrapper on blocks with count % ac_freq == 0); selective_ac_option's
+        # default is "2". Which blocks does not change a one-stage step's cost.
+        recompute, rc_layers = "full", SELECTIVE_LAYER_AC_FREQ
+        flags.append(f"selective-layer AC as full recompute of every {SELECTIVE_LAYER_AC_FREQ}nd block "
+                     "(inferred: torchtitan's default selective_ac_option)")
+    elif p.get("recompute_detail") == "selective-layer":
         flags.append("selective-layer AC evaluated as selective")
     vp = p.get("vp") or 1
     sched = (p.get("pp_schedule") or "").lower()
@@ -474,8 +504,15 @@ def map_run(run: dict, attention: bool = True, grad_sync: bool = True) -> Job | 
     if fsdp:
         zero = FSDP_ZERO.get(fsdp, 3)
         flags.append(f"FSDP {fsdp} as ZeRO-{zero}")
-    if p.get("sp"):
-        flags.append("sequence parallelism ignored (evaluated without SP)")
+    notes = run.get("notes") or ""
+    # Megatron's --tp-comm-overlap asserts --sequence-parallel, and --overlap-param-gather
+    # needs --use-distributed-optimizer (ZeRO-1): flags a run states imply them.
+    sp = bool(p.get("sp")) or (tp > 1 and "--tp-comm-overlap" in notes)
+    if sp:
+        flags.append("sequence parallel" + ("" if p.get("sp") else " (implied by --tp-comm-overlap)"))
+    if zero == 0 and dp > 1 and any(f in notes for f in ("--overlap-param-gather", "--use-distributed-optimizer")):
+        zero = 1
+        flags.append("ZeRO-1 (Megatron's distributed optimizer, implied by --overlap-param-gather)")
     precision = run.get("precision")
     dtype = "fp16" if precision == "fp16" or run["gpu"].startswith("V100") else "bf16"
 
@@ -496,11 +533,11 @@ def map_run(run: dict, attention: bool = True, grad_sync: bool = True) -> Job | 
         if f.startswith(("model.", "parallel.", "precision")):
             flags.append(f"uncertain {f}")
     engine, sync_basis = grad_sync_of(run) if grad_sync else (None, "stated: --grad-sync default")
-    if engine and dp > 1 and zero <= 1:
-        flags.append(f"grad sync {engine} ({sync_basis})")
+    if engine and dp > 1 and (zero <= 1 or engine == "deepspeed"):
+        flags.append(f"{'grad sync' if zero <= 1 else f'ZeRO-{zero}'} {engine} ({sync_basis})")
     job = Job(id=run["id"], model=spec, seq=seq, dtype=dtype, cluster=cluster, nodes=n // gpn, gpus_per_node=gpn,
               dp=dp, tp=tp, pp=pp, microbatch=mb, global_batch=gb, recompute=recompute, schedule=schedule, vp=vp,
-              zero=zero, params_b=m.get("params_b"), grad_sync=engine, flags=flags,
+              zero=zero, params_b=m.get("params_b"), grad_sync=engine, recompute_every=rc_layers, sequence_parallel=sp, flags=flags,
               measured={"tokens_per_s_per_gpu": tokens_per_gpu, "basis": basis, "memory_gib": me.get("memory_gib")})
     return job
 
@@ -547,9 +584,11 @@ def _gemms_of(node, strategy: str, mesh: tuple[int, int]):
     return [tuple(int(x) for x in g) for g in fwd], [tuple(int(x) for x in g) for g in bwd]
 
 
-def _stage_breakdown(stage: dict, graph, cm, fit_shapes: bool) -> dict:
+def _stage_breakdown(stage: dict, graph, cm, fit_shapes: bool, comm_s: float | None = None) -> dict:
     """Per-microbatch compute by op kind, communication and recompute of one stage, plus (for
-    GPUs without a measured profile) the GEMM and attention shapes behind the compute."""
+    GPUs without a measured profile) the GEMM and attention shapes behind the compute.
+    comm_s: the stage's communication as the evaluator prices it (exposed, plus the compute's
+    slowdown beside the hidden part); None: the sum of its ops' own collectives."""
     by_kind: Counter = Counter()
     n_ops = 0
     comm = 0.0
@@ -582,6 +621,8 @@ def _stage_breakdown(stage: dict, graph, cm, fit_shapes: bool) -> dict:
             attn[(bq // fac[lt.get("b", 0)], hq // fac[lt.get("h", 0)], s, dh,
                   bool(node.attrs.get("is_causal", False)), node.attrs.get("impl") == "unfused",
                   float(node.attrs.get("dropout_p", 0.0) or 0.0) > 0.0)] += 1
+    if comm_s is not None:
+        comm = comm_s
     ops_total = sum(by_kind.values()) + comm
     out = {"layers": stage["layers"], "mesh": [d0, d1], "recompute": stage.get("recompute", "none"),
            "fwd_s": stage["fwd_s"], "bwd_s": stage["bwd_s"], "compute_by_kind_s": dict(by_kind), "comm_s": comm,
@@ -653,7 +694,10 @@ def evaluate_group(task: tuple[str, int, str, list[dict]]) -> list[dict]:
             if j.get("what_if"):
                 cl = what_if_cluster(api, cl, j["what_if"])
             cfg = api.Config3D(j["dp"], j["tp"], j["pp"], j["microbatch"], j["recompute"], j["schedule"],
-                               j["vp"] if j["schedule"] == "interleaved" else 1, j["zero"])
+                               j["vp"] if j["schedule"] == "interleaved" else 1, j["zero"],
+                               recompute_num_layers=(len(src.graph(j["microbatch"] * j["dp"]).layers) - 2)
+                               // j["recompute_every"] if j.get("recompute_every") else None,
+                               sequence_parallel=j.get("sequence_parallel", False))
             # eager None: autopar's default; True/False: the eager recipe's terms on/off
             kw = {} if j.get("eager") is None else {"eager": j["eager"]}
             if j.get("grad_sync"):
@@ -663,7 +707,11 @@ def evaluate_group(task: tuple[str, int, str, list[dict]]) -> list[dict]:
             graph = src.graph(j["microbatch"] * j["dp"])
             cm = api.ComputeModel(cl.gpu, dtype)
             fit_shapes = cl.gpu.profile is None
-            stages = [_stage_breakdown(s, graph, cm, fit_shapes) for s in d["stages"]]
+            comms: list[float | None] = [None] * len(d["stages"])
+            if api.evaluate_stage is not None:
+                res = [api.evaluate_stage(graph, cl, s, plan.training, cm, **kw) for s in plan.stages]
+                comms = [r.op_comm_s + r.comm_overlap_s for r in res]
+            stages = [_stage_breakdown(s, graph, cm, fit_shapes, c) for s, c in zip(d["stages"], comms)]
         except Exception as e:
             out.append({"id": j["id"], "skip": f"autopar: {type(e).__name__}: {str(e)[:200]}"})
             continue
@@ -956,7 +1004,7 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else RESULTS_DIR / f"published_eval_{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"schema": "autopar.published_eval/v1", "date": datetime.date.today().isoformat(),
-               "runs_file": str(a.runs), "split_file": str(a.split), "autopar": dict(autopar_version(), label=a.label),
+               "runs_file": _repo_relative(a.runs), "split_file": _repo_relative(a.split), "autopar": dict(autopar_version(), label=a.label),
                "what_if": what_if, "eager": a.eager, "attention": a.attention, "grad_sync": a.grad_sync, "wall_time_s": elapsed, "cpu_time_s": cpu, "load_average_end": load,
                "workers": a.workers, "cpu_count": os.cpu_count(), "rows": rows}
     write_results(out, payload)

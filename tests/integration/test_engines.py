@@ -93,6 +93,54 @@ def test_zero3_fsdp_matches_one_process(tmp_path):
     assert out["param_specs"][0]["blocks.0.mlp.fc1.weight"] == "S0R"
 
 
+def mixed_storage_plan(zero: int) -> Plan:
+    """dp2 at ZeRO `zero` with three linears' parameters stored sharded (ZeRO-3)."""
+    plan = plan_3d(2, 1, 1, 2, zero=zero)
+    plan.stages[0].sharded_storage = ["blocks_0_mlp_fc1", "blocks_1_attn_q", "blocks_3_mlp_fc2"]
+    return plan
+
+
+def test_sharded_storage_names_its_modules():
+    plan = mixed_storage_plan(1)
+    (layout,) = match_plan(plan, graphs.load(M, batch=plan.training.microbatch_size), "gpt")
+    assert layout.sharded_modules == ("blocks.0.mlp.fc1", "blocks.1.attn.q", "blocks.3.mlp.fc2")
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("zero", [1, 2])
+def test_per_op_sharded_storage_matches_one_process(tmp_path, zero):
+    """Some linears as FSDP2 units of their own that free their weights after the forward, in a
+    ZeRO-1/2 stage (per-op sharded storage)."""
+    out = run(mixed_storage_plan(zero), tmp_path)
+    assert_exact(out)
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero12_gradient_accumulation_syncs_as_its_stage_says(zero):
+    # Collectives counted by torch.profiler in a real gloo step of 4 microbatches over FSDP2's 5
+    # units (4 blocks and the root). ZeRO-1 (gradients not sharded) accumulates full gradients
+    # and reduce-scatters once per step; ZeRO-2 (gradients sharded) once per microbatch. Both
+    # keep their weights gathered all step: one all-gather per unit (before: one per microbatch).
+    from collective_counts import count_collectives_body
+
+    from autopar.runtime.launch import RunConfig, _free_port, _launch, _reference_step
+    plan = plan_3d(2, 1, 1, 1, zero=zero)
+    B, units = plan.training.n_microbatches, 4 + 1
+    assert B == 4
+    cfg = RunConfig(plan.to_json(), 1, "cpu", True, "sgd", 0.0, 0, 300.0, "fp32", _free_port(), "")
+    ranks = _launch(cfg, 2, count_collectives_body)["ranks"]
+    for r in ranks:
+        assert r["counts"].get("c10d::_reduce_scatter_base_") == (units if zero == 1 else B * units), r["counts"]
+        assert r["counts"].get("c10d::_allgather_base_") == units, r["counts"]
+    from autopar.runtime.apply import make_batch
+    ref = _reference_step(plan, "cpu", 0, make_batch(plan, 0, 0))
+    assert abs(ranks[0]["loss"] - ref["loss"]) < TOL
+    assert set(ranks[0]["grads"]) == set(ref["grads"])
+    for name, g in ranks[0]["grads"].items():
+        assert float((g - ref["grads"][name]).abs().max()) < TOL, name
+
+
 @pytest.mark.runtime
 def test_tp2_matches_one_process(tmp_path):
     out = run(plan_3d(1, 2, 1, 2), tmp_path)
@@ -240,11 +288,13 @@ def test_mixed_size_pipeline_runs_through_autopar_run(tmp_path):
 
 @pytest.mark.runtime
 def test_mixed_size_and_layout_pipelines_match_one_process():
-    # rows split (1 -> dp2), gathered (dp2 -> 1), replicated over tp (tp2 -> 1), ZeRO-3 on one
-    # stage only, GPipe order; a Llama (untied head, GQA) with a tensor-parallel last stage; two
+    # rows split (1 -> dp2), gathered (dp2 -> 1), replicated over tp (tp2 -> 1), ZeRO-3 and
+    # ZeRO-1 (gradients accumulated, reduce-scattered after the last backward) on one stage only,
+    # GPipe order; a Llama (untied head, GQA) with a tensor-parallel last stage; two
     # stages of one size and different layouts (dp2 -> tp2: rows gathered and replicated)
     gpt = [mixed_plan([(1, 1), (2, 1)]), mixed_plan([(2, 1), (1, 1)], schedule="gpipe"),
-           mixed_plan([(1, 2), (1, 1)]), mixed_plan([(1, 1), (2, 1)], zero=3)]
+           mixed_plan([(1, 2), (1, 1)]), mixed_plan([(1, 1), (2, 1)], zero=3),
+           mixed_plan([(1, 1), (2, 1)], zero=1)]
     llama = [mixed_plan([(1, 1), (1, 2)], model=LLAMA)]
     same_size = [mixed_plan([(2, 1), (1, 2)])]
     for model, plans in ((M, gpt), (LLAMA, llama), (M, same_size)):

@@ -77,6 +77,9 @@ def _broken(p, edit):
     (lambda d: d["stages"][0].update(layers=[2, 2]), r"at stages/0/layers|empty range"),
     (lambda d: d["stages"][0]["strategies"].update(x=3), r"at stages/0/strategies/x"),
     (lambda d: d.update(schema="autopar.plan/v0"), "at schema"),
+    (lambda d: d["stages"][0].update(sharded_storage="fc"), r"at stages/0/sharded_storage"),
+    (lambda d: d["stages"][0].update(sharded_storage=["fc"]), r"stages/0/sharded_storage: per-op sharded storage "
+                                                              r"needs ZeRO 1 or 2 \(training/zero is 0\)"),
 ])
 def test_malformed_plans_name_the_path(plan_3d, edit, msg):
     p, _, _ = plan_3d
@@ -112,6 +115,7 @@ def _every_field_plan() -> Plan:
                         submesh=(1, 2), device_ids=[2 * (k % 2), 2 * (k % 2) + 1], logical_mesh=(2, 1),
                         strategies={"fc": "k@0,n@1+rs:s@0"}, input_spec=f"S{k}R",
                         recompute=("selective", "full")[k % 2], recompute_layers=k // 2 if k % 2 else None,
+                        sharded_storage=["fc"],
                         ops=[{"name": "fc", "op": "linear", "kind": "matmul", "strategy": "b@0",
                               "out_spec": "S0R", "in_specs": ["S0R", None], "compute_s": 1e-3, "comm_s": 0}],
                         t_intra_s=3.5 + k, fwd_s=1.25, bwd_s=math.inf if k == 3 else 2.25 + k,
@@ -123,7 +127,7 @@ def _every_field_plan() -> Plan:
                                                loadable=False, flops_per_step=4.5e12),
                 cluster=ClusterInfo(name="mine", nodes=2, gpus_per_node=2, gpu="H100-SXM5-80GB"),
                 training=Training(global_batch=48, microbatch_size=4, n_microbatches=12, dtype="fp16",
-                                  schedule="interleaved", virtual_stages=2, zero=3, optimizer="sgd"),
+                                  schedule="interleaved", virtual_stages=2, zero=2, optimizer="sgd"),
                 stages=stages,
                 config=PlanConfig(kind="megatron", label="dp2 tp1 pp2", settings={"dp": 2, "tp": 1, "pp": 2}),
                 prediction=Prediction(step_time_s=math.inf, tokens_per_s=0.5, model_flops_per_step=1.5,
