@@ -39,6 +39,9 @@ compiled per layer (True; Inductor, or AUTOPAR_COMPILE_BACKEND). Strategy "2d" o
 mesh: q/k/v/fc1 "k@0,n@1+rs:b@0" (the weight split on both dims, over both axes), proj/fc2
 "b@0,k@1+rs:s@1", attention "b@0,h@1", embeddings "h@0,v@1+rs:s@1" / "h@01", head "b@0,n@1". With
 2 GPUs the mesh is 1 x 2 and each strategy keeps its axis-1 part (no weight is split twice there).
+Strategy "2d-interleaved" (--gpus 4 or 8): the same layout per chunk, 2 pipeline ranks x 2 chunks
+(Interleaved1F1B), each chunk on half the GPUs (1 x 2 with 4, 2 x 2 with 8), every rank running
+two program stages.
 
 Every strategy trains the same global batch of 4 x microbatch sequences per step. Rows go to
 bench/results/runtime_vs_native_<gpu>.json (written after every case, so a run stopped by its
@@ -92,6 +95,12 @@ QUICK = ([("gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128", s, 2, False)
 # the op-by-op program, eager and compiled (--program; bench/runtime_vs_native.py's docstring)
 PROGRAM = [("gpt-1.3b", "2d", mb, c) for mb in (8, 2) for c in (False, True)]
 PROGRAM_QUICK = [("gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128", "2d", 2, c) for c in (False, True)]
+# the same layout under an interleaved schedule: 2 rank groups x 2 chunks, each chunk on half the
+# GPUs (--program with --gpus 4 or 8: every rank runs two program stages)
+PROGRAM_INTERLEAVED = [("gpt-1.3b", "2d-interleaved", mb, c) for mb in (8, 2) for c in (False, True)]
+PROGRAM_INTERLEAVED_QUICK = [("gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128", "2d-interleaved", 2, c)
+                             for c in (False, True)]
+TWO_D_STRATEGIES = ("2d", "2d-interleaved")
 # gpt-39b's headline plan, per op kind (the 9 layers of 48 where q/k/v/fc1 split their weights twice)
 TWO_D = {"attn_q": "k@0,n@1+rs:b@0", "attn_k": "k@0,n@1+rs:b@0", "attn_v": "k@0,n@1+rs:b@0",
          "mlp_fc1": "k@0,n@1+rs:b@0", "attn_proj": "b@0,k@1+rs:s@1", "mlp_fc2": "b@0,k@1+rs:s@1",
@@ -121,8 +130,8 @@ def make_plan(model: str, strategy: str, micro: int, n_gpus: int, cluster: str):
     from autopar.hardware.presets import load_cluster
     from autopar.model import ModelSource
     gb = 4 * micro
-    if strategy == "2d":
-        return two_d_plan(model, micro, n_gpus, cluster)
+    if strategy in TWO_D_STRATEGIES:
+        return two_d_plan(model, micro, n_gpus, cluster, interleaved=strategy == "2d-interleaved")
     if strategy in AUTO:
         return autopar.plan(model, cluster, nodes=1, gpus_per_node=n_gpus, global_batch=gb,
                             eager=strategy == "auto-eager")
@@ -131,22 +140,39 @@ def make_plan(model: str, strategy: str, micro: int, n_gpus: int, cluster: str):
     return build_3d(ModelSource(model), load_cluster(cluster, 1, n_gpus), gb, Config3D(microbatch=per_rank, **c))
 
 
-def two_d_plan(model: str, micro: int, n_gpus: int, cluster: str):
+def two_d_plan(model: str, micro: int, n_gpus: int, cluster: str, interleaved: bool = False):
     """gpt-39b's headline layout (TWO_D) on a 2 x n/2 mesh; on 1 x 2 (2 GPUs), each strategy's
-    axis-1 part."""
-    import re
-
+    axis-1 part. interleaved: two pipeline ranks of n/2 GPUs, two chunks each (Interleaved1F1B),
+    every chunk in that layout on its n/2 GPUs."""
     import graphs
     from autopar.evaluation.baselines import Config3D, build_3d
     from autopar.evaluation.evaluator import evaluate
     from autopar.hardware.presets import load_cluster
     from autopar.model import ModelSource
-    dp = 2 if n_gpus >= 4 else 1
+    pp = 2 if interleaved else 1
+    dp = 2 if n_gpus // pp >= 4 else 1
     cl = load_cluster(cluster, 1, n_gpus)
-    plan = build_3d(ModelSource(model), cl, 4 * micro, Config3D(dp, n_gpus // dp, 1, micro))
-    strategies = plan.stages[0].strategies
-    base = dict(strategies)
-    for name in strategies:
+    kw = dict(schedule="interleaved", virtual_stages=2) if interleaved else {}
+    plan = build_3d(ModelSource(model), cl, 4 * micro, Config3D(dp, n_gpus // (dp * pp), pp, micro, **kw))
+    graph = graphs.load(model, batch=plan.training.microbatch_size)
+    base = [dict(stage.strategies) for stage in plan.stages]
+    for stage in plan.stages:
+        _two_d_strategies(stage.strategies, dp)
+    while True:
+        try:
+            return evaluate(plan, graph, cl)
+        except ValueError as e:        # a strategy the planner does not offer on this mesh: keep Megatron's
+            op = str(e).split(":")[0]
+            changed = [(st, b) for st, b in zip(plan.stages, base) if op in st.strategies and st.strategies[op] != b[op]]
+            if not changed:
+                raise
+            for st, b in changed:
+                st.strategies[op] = b[op]
+
+
+def _two_d_strategies(strategies: dict, dp: int) -> None:
+    import re
+    for name in list(strategies):
         kind = re.sub(r"_\d+$", "", re.sub(r"^blocks_\d+_", "", name))
         s = TWO_D.get(kind)
         if s is not None and dp == 1:
@@ -156,15 +182,6 @@ def two_d_plan(model: str, micro: int, n_gpus: int, cluster: str):
             s = "+".join([",".join(t.split("@")[0] + "@1" for t in parts)] + rs) if parts else "R"
         if s is not None:
             strategies[name] = s
-    graph = graphs.load(model, batch=plan.training.microbatch_size)
-    while True:
-        try:
-            return evaluate(plan, graph, cl)
-        except ValueError as e:        # a strategy the planner does not offer on this mesh: keep Megatron's
-            op = str(e).split(":")[0]
-            if op not in strategies or strategies[op] == base[op]:
-                raise
-            strategies[op] = base[op]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,7 +525,7 @@ def run_autopar(plan, device, compile_blocks, strategy: str):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pm = autopar_apply(plan, model, device=device, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
-                           compile=compile_blocks, engines=strategy != "2d")
+                           compile=compile_blocks, engines=strategy not in TWO_D_STRATEGIES)
     try:
         out = _measure(pm.step, plan, device, _tag(plan, "autopar", strategy, compile_blocks))
         if hasattr(pm, "layout"):
@@ -553,7 +570,7 @@ def body(rank: int, world: int, args) -> None:
                 print(f"time budget: stopping before {model} {strategy} mb{micro}", flush=True)
             break
         row = {"model": NAMES.get(model, model), "strategy": strategy, "microbatch": micro, "compile": comp}
-        if strategy == "2d":
+        if strategy in TWO_D_STRATEGIES:
             row["way"] = "program compiled" if comp else "program op by op"
         t0 = time.monotonic()
         try:
@@ -577,7 +594,7 @@ def body(rank: int, world: int, args) -> None:
                 for who in order:
                     if args.only and who != args.only:
                         continue
-                    if who == "native" and strategy not in AUTO + ("2d",):
+                    if who == "native" and strategy not in AUTO + TWO_D_STRATEGIES:
                         got["native"] = run_native(strategy, plan, device, comp)
                     elif who == "autopar":
                         got["autopar"] = run_autopar(plan, device, comp, strategy)
@@ -693,8 +710,9 @@ def main(argv=None) -> int:
     p.add_argument("--compiled", action="store_true", help="only the cases compiled per block")
     p.add_argument("--program", action="store_true", help="only gpt-39b's layout on the fx/DTensor program, op by op "
                    "and compiled per layer (with --quick: a tiny model)")
-    p.add_argument("--gpus", type=int, choices=[2, 4], default=2, help="processes (GPUs); 4 puts --program's "
-                   "layout on a 2x2 mesh, its weights split on both dims")
+    p.add_argument("--gpus", type=int, choices=[2, 4, 8], default=2, help="processes (GPUs); 4 puts --program's "
+                   "layout on a 2x2 mesh, its weights split on both dims, and adds its interleaved cases (two "
+                   "chunks per rank, each chunk on a 1x2 mesh; on 2x2 with 8)")
     p.add_argument("--profile", default="", help="also profile the gpt-1.3b tensor-parallel cases under "
                    "torch.profiler; the tables go to this folder")
     p.add_argument("--profile-prefix", default=PROFILED, help="with --profile: the cases whose tag starts so "
@@ -727,7 +745,8 @@ def main(argv=None) -> int:
         return merge(Path(args.merge), Path(args.out) if args.out else None, args.note)
     if args.repeat < 1 or args.timed_steps < 1:
         p.error("--repeat and --timed-steps must be at least 1")
-    listed = {f"{NAMES.get(c[0], c[0])}:{c[1]}:{c[2]}" for c in QUICK + COMPILED + CASES + PROGRAM + PROGRAM_QUICK}
+    listed = {f"{NAMES.get(c[0], c[0])}:{c[1]}:{c[2]}" for c in QUICK + COMPILED + CASES + PROGRAM + PROGRAM_QUICK
+              + PROGRAM_INTERLEAVED + PROGRAM_INTERLEAVED_QUICK}
     unknown = [c for c in args.case if c not in listed]
     if unknown:
         p.error(f"unknown case(s) {unknown}; the cases are: {', '.join(sorted(listed))}")
@@ -740,7 +759,8 @@ def main(argv=None) -> int:
 
 def _cases(args) -> list:
     if args.program:
-        return PROGRAM_QUICK if args.quick else PROGRAM
+        more = (PROGRAM_INTERLEAVED_QUICK if args.quick else PROGRAM_INTERLEAVED) if args.gpus >= 4 else []
+        return (PROGRAM_QUICK if args.quick else PROGRAM) + more
     return QUICK if args.quick else COMPILED if args.compiled else CASES
 
 
@@ -770,7 +790,7 @@ def run_fresh(args) -> int:
             for r in range(args.repeat):
                 order = ("native", "autopar") if r % 2 == 0 else ("autopar", "native")
                 for who in order:
-                    if who == "native" and key.split(":")[1] in AUTO + ("2d",):
+                    if who == "native" and key.split(":")[1] in AUTO + TWO_D_STRATEGIES:
                         continue
                     sub = copy.copy(args)
                     port += 1

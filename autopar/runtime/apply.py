@@ -3,12 +3,15 @@
 Ranks run in stage order: rank r is the r-th device of the stages' concatenated device_ids (for
 the usual plans, whose stages take increasing device ids, rank == device id). Every rank builds
 every stage's device mesh and pipeline group (creating process groups is collective), and only
-its own stage's parameters.
+its own stages' parameters: one stage, or under an interleaved schedule the chunks k, k + pp, ...
+of its device group, each a StageModule on that group's mesh, driven by torch's
+ScheduleInterleaved1F1B.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
@@ -23,6 +26,7 @@ from graphs.query import main_boundary
 from graphs.trace import symbolic, to_meta, trace
 
 from .layout import local_shape, placements, spec_of
+from .pipeline import BoundaryLayout, P2PPipeline, sum_tied_grad
 from .program import (
     NotAppliableError,
     StageModule,
@@ -35,7 +39,7 @@ from .program import (
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 def rank_layout(plan: Plan) -> list[tuple[int, int, int]]:
@@ -97,9 +101,47 @@ def check_plan_matches(plan: Plan, ir: OpGraph) -> None:
                                 f"{len(node.operands)} in the model")
 
 
+@dataclass
+class Chunk:
+    """One stage this rank runs (under an interleaved schedule a rank runs several): its plan
+    stage, mesh (None on one device), module and parameters."""
+    index: int
+    stage: Any
+    mesh: Any
+    module: StageModule
+    params: dict[str, nn.Parameter]
+    partial_masks: dict[str, int]
+    boundary_in: dict[str, str]
+    boundary_out: dict[str, str]
+    data_names: list[str]
+
+
+def pipeline_groups(plan: Plan) -> list[int]:
+    """The device group (index in order of first use) of each stage, stages in index order.
+    Stage k runs on group k mod pp, as torch.distributed.pipelining's interleaved schedules place
+    chunks; NotAppliableError otherwise."""
+    stages = sorted(plan.stages, key=lambda s: s.index)
+    groups: list[tuple[int, ...]] = []
+    for s in stages:
+        if tuple(s.device_ids) not in groups:
+            groups.append(tuple(s.device_ids))
+    pp = len(groups)
+    for k, s in enumerate(stages):
+        if tuple(s.device_ids) != groups[k % pp]:
+            raise NotAppliableError(f"stage {s.index} runs on devices {s.device_ids}, not on the device group "
+                                    f"{list(groups[k % pp])} of rank {k % pp} (chunks round-robin)")
+    if plan.training.schedule == "interleaved" and len(stages) % pp:
+        raise NotAppliableError(f"{len(stages)} interleaved stages do not fill {pp} ranks evenly")
+    if plan.training.schedule != "interleaved" and pp != len(stages):
+        raise NotAppliableError(f"schedule {plan.training.schedule!r} runs one stage per device group, but the "
+                                f"plan's {len(stages)} stages share {pp} groups; use schedule 'interleaved'")
+    return [k % pp for k in range(len(stages))]
+
+
 class ParallelModel:
-    """One rank's share of a plan: its stage's module and parameters, the pipeline schedule, and
-    the optimizer. step(batch) trains on one global batch."""
+    """One rank's share of a plan: its stages' modules and parameters (several chunks under an
+    interleaved schedule), the pipeline schedule, and the optimizer. step(batch) trains on one
+    global batch."""
 
     def __init__(self, plan: Plan, model: nn.Module, example_inputs: tuple, device: torch.device,
                  optimizer: str = "adam", lr: float = 1e-3, autocast_dtype: torch.dtype | None = None,
@@ -107,10 +149,8 @@ class ParallelModel:
         self.plan = plan
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
-        if plan.training.schedule == "interleaved" or len({tuple(s.device_ids) for s in plan.stages}) != len(plan.stages):
-            raise NotAppliableError("interleaved schedules (several stages per device) run only on PyTorch's "
-                                    "engines (runtime.engines), not on the op-by-op program")
         layout = rank_layout(plan)
+        group_of = pipeline_groups(plan)
         self.world = len(layout)
         distributed = dist.is_available() and dist.is_initialized()
         if distributed and dist.get_world_size() != self.world:
@@ -123,8 +163,9 @@ class ParallelModel:
         self.stage_index, self.local_index, self.device_id = layout[self.rank]
         stages = sorted(plan.stages, key=lambda s: s.index)
         self.stages = stages
-        self.stage = stages[self.stage_index]
         self.n_stages = len(stages)
+        self.pp = max(group_of) + 1
+        self.stage_ids = [k for k in range(self.n_stages) if group_of[k] == group_of[self.stage_index]]
         tr = plan.training
         self.n_microbatches = tr.n_microbatches
         self.microbatch_size = tr.microbatch_size
@@ -132,6 +173,9 @@ class ParallelModel:
         self.zero = tr.zero
         if self.n_stages > 1 and self.schedule_name not in SCHEDULES:
             raise NotAppliableError(f"schedule {self.schedule_name!r} is not supported; use one of {SCHEDULES}")
+        if self.schedule_name == "interleaved" and self.pp < 2:
+            raise NotAppliableError(f"an interleaved schedule needs two or more device groups; the plan's "
+                                    f"{self.n_stages} stages all run on devices {stages[0].device_ids}")
 
         prog, ir = trace_model(model, example_inputs, plan.training.dtype)
         check_plan_matches(plan, ir)
@@ -142,25 +186,34 @@ class ParallelModel:
         param_of = param_sources(prog.graph, model, canon)
         stage_params = [_params_of(p, model, canon, param_of) for p in programs]
 
-        # Collective setup: same calls in the same order on every rank.
-        ranks_of = []
-        start = 0
-        for s in stages:
-            ranks_of.append(list(range(start, start + len(s.device_ids))))
-            start += len(s.device_ids)
-        self.meshes = [self._mesh(s, r) for s, r in zip(stages, ranks_of)]
-        self.mesh = self.meshes[self.stage_index]
+        # Collective setup: same calls in the same order on every rank. Ranks follow the device
+        # groups (rank_layout); stage k runs on the ranks of its group.
+        group_ranks: list[list[int]] = []
+        for k, s in enumerate(stages):
+            if group_of[k] == len(group_ranks):
+                start = group_ranks[-1][-1] + 1 if group_ranks else 0
+                group_ranks.append(list(range(start, start + len(s.device_ids))))
+        ranks_of = [group_ranks[g] for g in group_of]
+        meshes: dict[tuple, Any] = {}        # chunks on one group and mesh shape share one mesh
+        self.meshes = []
+        for s, r in zip(stages, ranks_of):
+            key = (tuple(r), tuple(s.logical_mesh))
+            if key not in meshes:
+                meshes[key] = self._mesh(s, r)
+            self.meshes.append(meshes[key])
         self.pp_group = None
-        if self.n_stages > 1:
-            sizes = {len(s.device_ids) for s in stages}
-            if len(sizes) != 1:
-                raise NotAppliableError(
-                    "stages of different sizes (" + ", ".join(f"stage {s.index}: {len(s.device_ids)} devices"
-                                                             for s in stages)
-                    + ") cannot be paired into torch.distributed.pipelining groups; plan stages with equal "
-                      "device counts")
-            for j in range(sizes.pop()):
-                g = dist.new_group([r[j] for r in ranks_of])
+        self.group_offsets = [r[0] for r in ranks_of]
+        # stages of different sizes: one stage per device group, boundaries replicated over each
+        # stage's mesh and routed between the ranks by runtime.pipeline.P2PPipeline
+        self.mixed = len({len(r) for r in group_ranks}) > 1
+        if self.mixed and self.pp < self.n_stages:
+            raise NotAppliableError(
+                "interleaving over stages of different sizes (" + ", ".join(
+                    f"stage {s.index}: {len(s.device_ids)} devices" for s in stages)
+                + ") cannot be paired into torch.distributed.pipelining groups; plan it with schedule 1f1b or gpipe")
+        if self.n_stages > 1 and not self.mixed:
+            for j in range(len(group_ranks[0])):
+                g = dist.new_group([r[j] for r in group_ranks])
                 if j == self.local_index:
                     self.pp_group = g
         # A parameter several stages use (a tied embedding/head) has one copy per stage; their
@@ -170,41 +223,69 @@ class ParallelModel:
             users = [k for k, ps in enumerate(stage_params) if name in ps]
             if len(users) < 2:
                 continue
-            for j in range(len(stages[users[0]].device_ids)):
+            mine = [k for k in users if k in self.stage_ids]
+            if len({group_of[k] for k in users}) < len(users):
+                raise NotAppliableError(f"stages {users} share parameter {name} and some of them run on one "
+                                        "device group: one rank would hold two copies")
+            if self.mixed:
+                # every rank of the stages sums its full gradient / its stage's size (sum_tied_grad)
+                g = dist.new_group(sorted({r for k in users for r in ranks_of[k]}))
+                if mine:
+                    self.tied.append((name, g))
+                continue
+            for j in range(len(ranks_of[users[0]])):
                 g = dist.new_group([ranks_of[k][j] for k in users])
-                if self.stage_index in users and j == self.local_index:
+                if mine and j == self.local_index:
                     self.tied.append((name, g))
 
-        # This rank's stage.
-        my = programs[self.stage_index]
-        ops = {o["name"]: o for o in self.stage.ops}
-        params = {name: self._distribute(name, model, ops, ir, my, param_of, canon)
-                  for name in sorted(stage_params[self.stage_index])}
-        if self.mesh is None:
-            _move_state(model, my, self.device)
-        self.boundary_in = self._boundary_specs(self.stage_index - 1, prog) if self.stage_index > 0 else {}
-        self.boundary_out = self._boundary_specs(self.stage_index, prog) if self.stage_index < self.n_stages - 1 else {}
-        bdtype = {n.name: prog.values[n].dtype for n in my.outputs if isinstance(prog.values.get(n), torch.Tensor)}
-        self.module = StageModule(my, model, ir, ops, params, canon, param_of, prog.values, self.mesh,
-                                  self.boundary_in, self.boundary_out, self.stage.recompute, bdtype,
-                                  device=self.device, recompute_below_layer=recompute_bound(self.stage),
-                                  compile=default_program_compile(self.mesh, self.device) if compile is None
-                                  else compile)
-        self.params = params
-        self._partial_masks = {name: _grad_partial_mask(name, my, ops, ir, p.dim()) for name, p in params.items()}
+        # This rank's stages (chunks).
+        if compile is None:
+            compile = default_program_compile(self.meshes[self.stage_index], self.device)
+        self.chunks = [self._chunk(k, model, prog, ir, param_of, canon, stage_params[k], compile)
+                       for k in self.stage_ids]
+        first_chunk = self.chunks[0]
+        self.stage, self.mesh, self.module = first_chunk.stage, first_chunk.mesh, first_chunk.module
+        self.params: dict[str, nn.Parameter] = {}
+        for c in self.chunks:
+            self.params.update(c.params)
+        self._partial_masks = {n: m for c in self.chunks for n, m in c.partial_masks.items()}
+        self.loss_axis = next((c.module.loss_axis for c in self.chunks if c.module.loss_axis is not None), None)
         self._setup_optimizer(optimizer, lr)
-        self.schedule = self._pipeline(prog) if self.n_stages > 1 else None
-        self.data_names = [str(n.target) for n in my.data]     # placeholder names
+        self.schedule: Any = None
+        if self.mixed:
+            self.schedule = self._p2p_pipeline(prog)
+        elif self.n_stages > 1:
+            self.schedule = self._pipeline(prog)
+        self.data_names = first_chunk.data_names
+        # the graph inputs every later chunk of this rank reads (by name; torch's schedules pass
+        # keyword arguments to each chunk of the rank)
+        self.kwarg_names = sorted({n for c in self.chunks if c.index > 0 for n in c.data_names})
 
     # -- setup ----------------------------------------------------------------------------------
+    def _chunk(self, k: int, model, prog, ir, param_of, canon, names: set[str], compile: bool) -> Chunk:
+        stage, mesh, my = self.stages[k], self.meshes[k], self.programs[k]
+        ops = {o["name"]: o for o in stage.ops}
+        params = {name: self._distribute(name, model, ops, ir, my, param_of, stage, mesh) for name in sorted(names)}
+        if mesh is None:
+            _move_state(model, my, self.device)
+        boundary_in = self._boundary_specs(k - 1, prog) if k > 0 else {}
+        boundary_out = self._boundary_specs(k, prog) if k < self.n_stages - 1 else {}
+        bdtype = {n.name: prog.values[n].dtype for n in my.outputs if isinstance(prog.values.get(n), torch.Tensor)}
+        module = StageModule(my, model, ir, ops, params, canon, param_of, prog.values, mesh, boundary_in,
+                             boundary_out, stage.recompute, bdtype, device=self.device,
+                             recompute_below_layer=recompute_bound(stage), compile=compile)
+        masks = {name: _grad_partial_mask(name, my, ops, ir, p.dim()) for name, p in params.items()}
+        return Chunk(k, stage, mesh, module, params, masks, boundary_in, boundary_out,
+                     [str(n.target) for n in my.data])
+
     def _mesh(self, s, ranks):
         if len(ranks) == 1:
             return None
         from torch.distributed.device_mesh import DeviceMesh
         return DeviceMesh(self.device.type, torch.tensor(ranks).view(*s.logical_mesh))
 
-    def _distribute(self, name, model, ops, ir, prog, param_of, canon) -> nn.Parameter:
-        if self.mesh is None:
+    def _distribute(self, name, model, ops, ir, prog, param_of, stage, mesh) -> nn.Parameter:
+        if mesh is None:
             # One device: the stage runs the model's own modules, so it trains the model's own
             # parameters (moved to the device if they are elsewhere).
             p = dict(model.named_parameters())[name]
@@ -216,12 +297,11 @@ class ParallelModel:
         spec = _storage_spec(name, prog, ops, ir, full.dim())
         pl = placements(spec, full.dim())
         if self.zero >= 3:
-            pl = _shard_replicated(pl, full.shape, tuple(self.stage.logical_mesh),
+            pl = _shard_replicated(pl, full.shape, tuple(stage.logical_mesh),
                                    _grad_partial_mask(name, prog, ops, ir, full.dim()))
-        d = DTensor.from_local(full, self.mesh, placements(None, full.dim()), run_check=False).redistribute(
-            self.mesh, pl)
+        d = DTensor.from_local(full, mesh, placements(None, full.dim()), run_check=False).redistribute(mesh, pl)
         # a copy of the shard, so the full tensor is not kept alive through a view
-        d = DTensor.from_local(d.to_local().clone(), self.mesh, pl, run_check=False, shape=d.shape,
+        d = DTensor.from_local(d.to_local().clone(), mesh, pl, run_check=False, shape=d.shape,
                                stride=d.stride())
         return nn.Parameter(d)
 
@@ -241,22 +321,23 @@ class ParallelModel:
 
     def _setup_optimizer(self, kind: str, lr: float):
         self.masters: dict[str, nn.Parameter] = {}
-        if self.mesh is not None and self.zero in (1, 2):
+        from torch.distributed.tensor import DTensor
+        for name, p in self.params.items():
+            if not _is_dtensor(p) or self.zero not in (1, 2):
+                continue
             # ZeRO-1/2: the optimizer owns a shard of each parameter over the mesh axes its
             # gradient is a partial sum over (see _grad_partial_mask); after its step the shards
             # are gathered back.
-            from torch.distributed.tensor import DTensor
-            for name, p in self.params.items():
-                d = cast(DTensor, p)     # with a mesh, every parameter is a DTensor
-                pl = _shard_replicated(tuple(d.placements), d.shape, tuple(self.stage.logical_mesh),
-                                       self._partial_masks[name])
-                if pl != tuple(d.placements):
-                    m = cast(DTensor, d.detach()).redistribute(self.mesh, pl)
-                    m = DTensor.from_local(m.to_local().clone(), self.mesh, pl, run_check=False, shape=m.shape,
-                                           stride=m.stride())
-                    self.masters[name] = nn.Parameter(m)
+            d = cast(DTensor, p)
+            mesh = d.device_mesh
+            pl = _shard_replicated(tuple(d.placements), d.shape, tuple(mesh.shape), self._partial_masks[name])
+            if pl != tuple(d.placements):
+                m = cast(DTensor, d.detach()).redistribute(mesh, pl)
+                m = DTensor.from_local(m.to_local().clone(), mesh, pl, run_check=False, shape=m.shape,
+                                       stride=m.stride())
+                self.masters[name] = nn.Parameter(m)
         opt_params = [self.masters.get(n, p) for n, p in self.params.items()]
-        plain = self.mesh is None and self.device.type == "cuda"
+        plain = all(c.mesh is None for c in self.chunks) and self.device.type == "cuda"
         self.optimizer: torch.optim.Optimizer
         if kind == "adam":
             self.optimizer = torch.optim.Adam(opt_params, lr=lr, fused=True if plain else None)
@@ -265,42 +346,63 @@ class ParallelModel:
         else:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
 
-    def _pipeline(self, prog):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-        my = self.programs[self.stage_index]
-        mb = self.microbatch_size
-        coord = _coord(self.local_index, tuple(self.stage.logical_mesh))
+    def _p2p_pipeline(self, prog) -> P2PPipeline:
+        """Stages of different sizes: each stage's ranks hold its boundary tensor whole
+        (replicated), so the receivers take it from the senders one to one (or one to many)."""
+        for k in range(self.n_stages - 1):
+            outs = self.programs[k].outputs
+            if len(outs) != 1:
+                raise NotAppliableError(f"stage {k} of a pipeline of stages of different sizes sends {len(outs)} "
+                                        f"tensors ({', '.join(n.name for n in outs)}); the DTensor program sends "
+                                        "one between such stages")
+        k = self.stage_index
+        boundary = self.programs[k].outputs[0] if k < self.n_stages - 1 else self.programs[k - 1].outputs[0]
+        v = prog.values[boundary]
+        sizes = [len(s.device_ids) for s in self.stages]
+        return P2PPipeline(k, [BoundaryLayout(1, n) for n in sizes], [(1, n) for n in sizes], self.group_offsets,
+                           self.rank, 0, self.n_microbatches, self.schedule_name, tuple(v.shape), v.dtype,
+                           self.device)
 
-        def example(n, spec, grad):
+    def _pipeline(self, prog):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+        mb = self.microbatch_size
+
+        def example(n, spec, grad, stage):
             v = prog.values[n]
             shape = (mb,) + tuple(v.shape[1:]) if n.op == "placeholder" else local_shape(
-                tuple(v.shape), spec, tuple(self.stage.logical_mesh), coord)
+                tuple(v.shape), spec, tuple(stage.logical_mesh), _coord(self.local_index, tuple(stage.logical_mesh)))
             return torch.empty(shape, dtype=v.dtype, device=self.device).requires_grad_(grad and v.is_floating_point())
 
-        if self.stage_index == 0:
-            ins = tuple(example(n, None, False) for n in my.data)
-        else:
-            ins = tuple(example(n, self.boundary_in[n.name], True) for n in my.inputs)
-        if self.stage_index == self.n_stages - 1:
-            outs = (torch.empty(1, device=self.device),)
-        else:
-            outs = tuple(example(n, self.boundary_out[n.name], True) for n in my.outputs)
-        stage = PipelineStage(self.module, self.stage_index, self.n_stages, self.device, input_args=ins,
-                              output_args=outs, group=self.pp_group)
+        pipe = []
+        for c in self.chunks:
+            my = self.programs[c.index]
+            if c.index == 0:
+                ins = tuple(example(n, None, False, c.stage) for n in my.data)
+            else:
+                ins = tuple(example(n, c.boundary_in[n.name], True, c.stage) for n in my.inputs)
+            if c.index == self.n_stages - 1:
+                outs: tuple = (torch.empty(1, device=self.device),)
+            else:
+                outs = tuple(example(n, c.boundary_out[n.name], True, c.stage) for n in my.outputs)
+            pipe.append(PipelineStage(c.module, c.index, self.n_stages, self.device, input_args=ins,
+                                      output_args=outs, group=self.pp_group))
+        # The last stage's forward already returns the loss; scale_grads averages the microbatches.
+        if self.schedule_name == "interleaved":
+            return ScheduleInterleaved1F1B(pipe, n_microbatches=self.n_microbatches, loss_fn=_loss_is_output,
+                                           scale_grads=True)
         cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[self.schedule_name]
         if self.n_microbatches < self.n_stages:
             # torch's 1F1B refuses fewer microbatches than stages; with so few, 1F1B's order is
             # GPipe's (all forwards fit in the warm-up).
             cls = ScheduleGPipe
-        # The last stage's forward already returns the loss; scale_grads averages the microbatches.
-        return cls(stage, n_microbatches=self.n_microbatches, loss_fn=_loss_is_output, scale_grads=True)
+        return cls(pipe[0], n_microbatches=self.n_microbatches, loss_fn=_loss_is_output, scale_grads=True)
 
     # -- training -------------------------------------------------------------------------------
     def _autocast(self):
         stack = contextlib.ExitStack()
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
-        if self.module.loss_axis is not None:
+        if self.loss_axis is not None:
             # Megatron's vocab-parallel cross-entropy, as the plan prices it: each row's max, sum of
             # exponentials and target logit all-reduced, the logits never gathered (forward and
             # backward both need the context)
@@ -312,7 +414,7 @@ class ParallelModel:
         """Forward and backward over the global batch (all microbatches); the mean loss on the last
         stage's ranks, None elsewhere. Gradients are left reduced and in place."""
         B, mb = self.n_microbatches, self.microbatch_size
-        first, last = self.stage_index == 0, self.stage_index == self.n_stages - 1
+        first, last = 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids
         for t in batch.values():
             if t.shape[0] != B * mb:
                 raise ValueError(f"batch of {t.shape[0]} rows; the plan's global batch is {B} x {mb}")
@@ -327,9 +429,20 @@ class ParallelModel:
                     (out / B).sum().backward()
                     total = total + out.detach()
                 loss = torch.as_tensor(total / B).reshape(())
+            elif self.mixed:
+                chunk = self.chunks[0]
+
+                def run(x: torch.Tensor | None, i: int) -> torch.Tensor:
+                    rows = {n: batch[n][i * mb:(i + 1) * mb] for n in chunk.data_names}
+                    if first:
+                        return chunk.module(*rows.values())
+                    return chunk.module(x, **rows)
+                mb_losses = self.schedule.step(run)
+                if last:
+                    loss = torch.stack([x.detach().reshape(()) for x in mb_losses]).mean()
             else:
                 args = [batch[n] for n in self.data_names] if first else []
-                kwargs = {} if first else {n: batch[n] for n in self.data_names}
+                kwargs = {n: batch[n] for n in self.kwarg_names}
                 losses: list[torch.Tensor] = []
                 if last:
                     any_t = next(iter(batch.values()))
@@ -344,32 +457,34 @@ class ParallelModel:
     def _reduce_grads(self):
         for name, group in self.tied:
             p = self.params[name]
+            if self.mixed:
+                sum_tied_grad(p, group, len(self.stage.device_ids))
+                continue
             g = p.grad
             full = g.full_tensor() if _is_dtensor(g) else g.clone()
             dist.all_reduce(full, group=group)
             p.grad = self._like(full, p)
-        if self.mesh is not None:
-            for p in self.params.values():
-                if p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
-                    p.grad = p.grad.redistribute(self.mesh, p.placements)
+        for p in self.params.values():
+            if _is_dtensor(p) and p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
 
     def _like(self, full: torch.Tensor, p):
         if not _is_dtensor(p):
             return full
         from torch.distributed.tensor import DTensor
-        d = DTensor.from_local(full, self.mesh, placements(None, full.dim()), run_check=False)
-        d = d.redistribute(self.mesh, p.placements)
-        return DTensor.from_local(d.to_local().clone(), self.mesh, p.placements, run_check=False,
+        d = DTensor.from_local(full, p.device_mesh, placements(None, full.dim()), run_check=False)
+        d = d.redistribute(p.device_mesh, p.placements)
+        return DTensor.from_local(d.to_local().clone(), p.device_mesh, p.placements, run_check=False,
                                   shape=d.shape, stride=d.stride())
 
     def optimizer_step(self):
         for name, m in self.masters.items():
             g = self.params[name].grad
-            m.grad = None if g is None else g.redistribute(self.mesh, m.placements)
+            m.grad = None if g is None else g.redistribute(m.device_mesh, m.placements)
         self.optimizer.step()
         with torch.no_grad():
             for name, m in self.masters.items():
-                self.params[name].copy_(m.redistribute(self.mesh, self.params[name].placements))
+                self.params[name].copy_(m.redistribute(m.device_mesh, self.params[name].placements))
         self.optimizer.zero_grad(set_to_none=True)
         for p in self.params.values():
             p.grad = None
@@ -394,7 +509,7 @@ class ParallelModel:
     @property
     def shard_local_ops(self) -> list[str]:
         """Ops run shard-locally because DTensor has no rule for them (see StageModule)."""
-        return sorted(self.module._fallbacks)
+        return sorted(set().union(*(c.module._fallbacks for c in self.chunks)))
 
 
 def apply(plan: Plan, model: nn.Module | None = None, *, example_inputs: tuple | None = None,

@@ -29,7 +29,7 @@ evaluation.baselines.megatron_names) — runs on the zoo's nn.Module with
     pipelines          torch.distributed.pipelining: one PipelineStage per stage, GPipe /
                        1F1B, and Interleaved1F1B with several stages (chunks) per rank;
                        stages of different device counts or (dp, tp) layouts on
-                       ReshardingPipeline (1F1B / GPipe order over batched point-to-point
+                       runtime.pipeline.P2PPipeline (1F1B / GPipe order over batched point-to-point
                        ops, boundary rows resharded between the stages' meshes), as
                        torch's stages pair one rank per stage
 
@@ -43,7 +43,8 @@ runtime.apply, with a warning that names the stage and op; with `compile` (by de
 that program runs each layer as one torch.compile'd region (runtime.program.CompiledBlock).
 
 Not lowered here (they keep the program path, or its NotAppliableError): interleaved schedules
-over stages of different sizes or layouts, expert-parallel / 2-D sharded weights (MoE under
+over stages of different layouts (the program runs them; over different sizes nothing does, and
+autopar run refuses them before launch), expert-parallel / 2-D sharded weights (MoE under
 TP), hf: models, sequence parallelism in mixed pipelines or on some row-parallel ops only, other
 reduce-scatters, context parallelism beside tp or in pipelines, and on CPU (runtime.context),
 layouts other than Megatron's. A vocab-split embedding
@@ -75,9 +76,11 @@ from autopar.sharding.rules.common import strategy_letters
 from graphs.ir import ATTENTION, EMBEDDING, INPUT, MATMUL, OpGraph
 from graphs.query import stage_nodes
 
-from .apply import ParallelModel, build_model, check_plan_matches, trace_model, zoo_inputs
+from .apply import ParallelModel, build_model, check_plan_matches, pipeline_groups, trace_model, zoo_inputs
 from .apply import apply as apply_program
 from .layout import placements, spec_of
+from .pipeline import P2PPipeline, sum_tied_grad
+from .program import NotAppliableError
 
 # per family: (embedding modules, final norm, attention projections (column, row), MLP (column, row))
 FAMILY_MODULES = {
@@ -325,31 +328,21 @@ def _check_specs(plan: Plan) -> None:
 
 def pipeline_ranks(plan: Plan) -> int:
     """The pipeline's ranks: stage k runs on the (k mod pp)-th device group, as
-    torch.distributed.pipelining's interleaved schedules place chunks; EngineMismatch otherwise."""
-    groups: list[tuple[int, ...]] = []
-    for s in sorted(plan.stages, key=lambda s: s.index):
-        g = tuple(s.device_ids)
-        if g not in groups:
-            groups.append(g)
-    pp = len(groups)
-    for s in plan.stages:
-        if tuple(s.device_ids) != groups[s.index % pp]:
-            raise EngineMismatch(f"stage {s.index} runs on devices {s.device_ids}, not on the device group "
-                                 f"{list(groups[s.index % pp])} of rank {s.index % pp} (chunks round-robin)")
-    ids = [d for g in groups for d in g]
+    torch.distributed.pipelining's interleaved schedules place chunks (apply.pipeline_groups);
+    EngineMismatch otherwise."""
+    try:
+        pp = max(pipeline_groups(plan)) + 1
+    except NotAppliableError as e:
+        raise EngineMismatch(str(e)) from None
+    ids = [d for s in sorted(plan.stages, key=lambda s: s.index)[:pp] for d in s.device_ids]
     if len(set(ids)) != len(ids):
         raise EngineMismatch("device groups of the pipeline overlap")
-    if plan.training.schedule == "interleaved" and len(plan.stages) % pp:
-        raise EngineMismatch(f"{len(plan.stages)} interleaved stages do not fill {pp} ranks evenly")
-    if plan.training.schedule != "interleaved" and pp != len(plan.stages):
-        raise EngineMismatch(f"schedule {plan.training.schedule!r} runs one stage per device group, but the plan's "
-                             f"{len(plan.stages)} stages share {pp} groups; use schedule 'interleaved'")
     return pp
 
 
 def is_mixed(plan: Plan, layouts: list[StageLayout]) -> bool:
     """Whether the stages differ in device count or (dp, tp) layout: such a pipeline runs on
-    ReshardingPipeline instead of torch.distributed.pipelining, which pairs one rank per stage."""
+    runtime.pipeline.P2PPipeline instead of torch.distributed.pipelining, which pairs one rank per stage."""
     return (len({len(s.device_ids) for s in plan.stages}) > 1
             or len({(x.dp, x.tp, x.dp_axis) for x in layouts}) > 1)
 
@@ -850,7 +843,11 @@ class EngineModel:
         self.cp_tables = self._position_tables() if self.cp_mesh is not None else []
         self.schedule: Any = None
         if self.mixed:
-            self.schedule = ReshardingPipeline(self, layouts, stages)
+            # stages of different sizes or layouts: each holds its dp rows of the boundary tensor
+            self.schedule = P2PPipeline(
+                self.stage_index, layouts, [(x.logical_mesh[0], x.logical_mesh[1]) for x in stages], self.stage_offsets, self.rank,
+                self.dp_rank, self.n_microbatches, plan.training.schedule,
+                (self.microbatch_size, plan.model.seq, self.cfg.hidden), self.boundary_dtype, self.device)
         elif self.n_stages > 1:
             self.schedule = self._pipeline(plan.training.schedule)
 
@@ -926,7 +923,17 @@ class EngineModel:
                     total += out.detach().float()
                 loss = (total / B).reshape(())
             elif self.mixed:
-                mb_losses = self.schedule.step(ids if self.first else None, targets if self.last else None)
+                module = self.modules[0]
+
+                def run(x: torch.Tensor | None, i: int) -> torch.Tensor:
+                    if self.first:
+                        return module(ids[i * lmb:(i + 1) * lmb])
+                    if self.last:
+                        return module(x, targets[i * lmb:(i + 1) * lmb])
+                    return module(x)
+                # under ZeRO, FSDP2's gradient sync and resharding follow the last microbatch
+                mb_losses = self.schedule.step(run, (lambda last: self._fsdp_accumulation(last=last))
+                                               if self.zero else None)
                 if self.last:
                     loss = torch.stack([x.detach().float().reshape(()) for x in mb_losses]).mean()
             else:
@@ -997,7 +1004,7 @@ class EngineModel:
         if self.tied_group is not None:
             w = self.names[f"{self.segment.embed_names[0]}.weight"]
             if self.mixed:
-                _sum_tied_grad(w, self.tied_group, self.stage_sizes[self.stage_index])
+                sum_tied_grad(w, self.tied_group, self.stage_sizes[self.stage_index])
             elif w.grad is not None:
                 dist.all_reduce(_local(w.grad), group=self.tied_group)
 
@@ -1035,197 +1042,6 @@ class EngineModel:
     @property
     def shard_local_ops(self) -> list[str]:
         return []
-
-
-# ---------------------------------------------------------------------------------------------
-# pipelines whose stages differ in size or layout
-
-@dataclass(frozen=True)
-class Route:
-    """One message of a microbatch's boundary tensor: rows [lo, hi) of the microbatch, from rank
-    src to rank dst (global ranks)."""
-    src: int
-    dst: int
-    lo: int
-    hi: int
-
-
-def stage_coords(layout: StageLayout, mesh_shape: tuple[int, int], j: int) -> tuple[int, int]:
-    """(dp index, tp index) of the j-th device of a stage's row-major logical mesh."""
-    a, b = divmod(j, mesh_shape[1])
-    return (a, b) if layout.dp_axis == 0 else (b, a)
-
-
-def boundary_routes(a: StageLayout, a_mesh: tuple[int, int], a_offset: int, b: StageLayout,
-                    b_mesh: tuple[int, int], b_offset: int, mb: int) -> tuple[list[Route], list[Route]]:
-    """The forward and backward messages of one microbatch's boundary tensor from a stage on
-    ranks a_offset.. to the next on ranks b_offset..: each stage holds the rows of its dp index
-    (mb / dp of them), replicated over tp. In the forward each receiver gets its rows from the
-    senders whose dp rows overlap them, at tp index (its tp index mod the sender's tp); in the
-    backward each sender gets the gradient of its rows the same way from the receivers."""
-    def ranks(x: StageLayout, mesh: tuple[int, int], offset: int) -> dict[tuple[int, int], int]:
-        return {stage_coords(x, mesh, j): offset + j for j in range(mesh[0] * mesh[1])}
-
-    def routes(src: StageLayout, src_ranks: dict, dst: StageLayout, dst_ranks: dict) -> list[Route]:
-        out = []
-        rows_src, rows_dst = mb // src.dp, mb // dst.dp
-        for (i_dst, t_dst), r_dst in sorted(dst_ranks.items()):
-            lo_dst = i_dst * rows_dst
-            for i_src in range(src.dp):
-                lo, hi = max(lo_dst, i_src * rows_src), min(lo_dst + rows_dst, (i_src + 1) * rows_src)
-                if lo < hi:
-                    out.append(Route(src_ranks[(i_src, t_dst % src.tp)], r_dst, lo, hi))
-        return out
-    ra, rb = ranks(a, a_mesh, a_offset), ranks(b, b_mesh, b_offset)
-    return routes(a, ra, b, rb), routes(b, rb, a, ra)
-
-
-class ReshardingPipeline:
-    """A pipeline whose stages run on meshes of different sizes or (dp, tp) layouts.
-    torch.distributed.pipelining pairs one rank per stage in a process group, so it cannot send
-    a tensor from one rank to two (dp2) or gather rows from two ranks to one; here each
-    microbatch's boundary tensor goes as the row slices of boundary_routes, by point-to-point
-    ops batched per schedule step (Megatron's 1F1B order; GPipe runs every forward first).
-
-    Gradients: every stage's ranks compute with their own rows' mean loss (the last stage's
-    dp ranks each average over mb / dp rows, and the stage's data-parallel reduction averages
-    over dp), so a boundary gradient is rescaled by dp(sender) / dp(receiver) on its way back."""
-
-    def __init__(self, em: EngineModel, layouts: list[StageLayout], stages: list) -> None:
-        self.em = em
-        self.k = em.stage_index
-        self.n_stages = len(stages)
-        self.n_microbatches = em.n_microbatches
-        self.schedule = em.plan.training.schedule
-        mb = em.microbatch_size
-        mesh = [tuple(s.logical_mesh) for s in stages]
-        self.recv_fwd: list[Route] = []
-        self.send_fwd: list[Route] = []
-        self.recv_bwd: list[Route] = []
-        self.send_bwd: list[Route] = []
-        me = em.rank
-        for k in (self.k - 1, self.k):
-            if not 0 <= k < self.n_stages - 1:
-                continue
-            fwd, bwd = boundary_routes(layouts[k], mesh[k], em.stage_offsets[k], layouts[k + 1], mesh[k + 1],
-                                       em.stage_offsets[k + 1], mb)
-            if k == self.k - 1:
-                self.recv_fwd = [r for r in fwd if r.dst == me]
-                self.send_bwd = [r for r in bwd if r.src == me]
-                self.grad_scale = 1.0
-            else:
-                self.send_fwd = [r for r in fwd if r.src == me]
-                self.recv_bwd = [r for r in bwd if r.dst == me]
-                self.grad_scale = layouts[k].dp / layouts[k + 1].dp
-        dp, dp_index = layouts[self.k].dp, em.dp_rank
-        self.row0 = dp_index * (mb // dp)            # the first microbatch row this rank holds
-        self.shape = (mb // dp, em.plan.model.seq, em.cfg.hidden)
-        self.dtype = em.boundary_dtype
-        self.module = em.modules[0]
-
-    # -- point to point -------------------------------------------------------------------------
-    def _ops(self, sends: list[tuple[Route, torch.Tensor]], recvs: list[Route]) -> tuple[list, list[torch.Tensor]]:
-        ops, bufs = [], []
-        for route, t in sends:
-            piece = t[route.lo - self.row0:route.hi - self.row0].detach().float().contiguous()
-            ops.append(dist.P2POp(dist.isend, piece, route.dst))
-        for route in recvs:
-            buf = torch.empty((route.hi - route.lo, *self.shape[1:]), dtype=torch.float32, device=self.em.device)
-            ops.append(dist.P2POp(dist.irecv, buf, route.src))
-            bufs.append(buf)
-        return ops, bufs
-
-    def _exchange(self, send_fwd: torch.Tensor | None = None, send_bwd: torch.Tensor | None = None,
-                  recv_fwd: bool = False, recv_bwd: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """One batched step of point-to-point ops: sends of an output / input gradient, receives
-        of an input / output gradient (each a whole local tensor, assembled from its rows)."""
-        sends = ([(r, send_fwd) for r in self.send_fwd] if send_fwd is not None else []) + \
-                ([(r, send_bwd) for r in self.send_bwd] if send_bwd is not None else [])
-        want = (self.recv_fwd if recv_fwd else []) + (self.recv_bwd if recv_bwd else [])
-        ops, bufs = self._ops(sends, want)
-        if ops:
-            for w in dist.batch_isend_irecv(ops):
-                w.wait()
-        n_fwd = len(self.recv_fwd) if recv_fwd else 0
-        x = torch.cat(bufs[:n_fwd]) if recv_fwd else None
-        g = torch.cat(bufs[n_fwd:]) if recv_bwd else None
-        return x, g
-
-    # -- the schedule ---------------------------------------------------------------------------
-    def step(self, ids: torch.Tensor | None, targets: torch.Tensor | None) -> list[torch.Tensor]:
-        """Forward and backward of every microbatch; the last stage's per-microbatch losses."""
-        B, lmb = self.n_microbatches, self.shape[0]
-        first, last = self.k == 0, self.k == self.n_stages - 1
-        warmup = B if self.schedule == "gpipe" else min(self.n_stages - self.k - 1, B)
-        inflight: list[tuple[torch.Tensor | None, torch.Tensor]] = []
-        losses: list[torch.Tensor] = []
-        n_fwd = 0
-
-        def forward(x: torch.Tensor | None) -> torch.Tensor:
-            nonlocal n_fwd
-            i = n_fwd
-            n_fwd += 1
-            if first:
-                assert ids is not None
-                inp: torch.Tensor = ids[i * lmb:(i + 1) * lmb]
-            else:
-                assert x is not None
-                inp = x.to(self.dtype).requires_grad_(True)
-            if last:
-                assert targets is not None
-                out = self.module(inp, targets[i * lmb:(i + 1) * lmb])
-                losses.append(out)
-            else:
-                out = self.module(inp)
-            inflight.append((None if first else inp, out))
-            return out
-
-        def backward(grad: torch.Tensor | None) -> torch.Tensor | None:
-            x, out = inflight.pop(0)
-            if self.em.zero:
-                self.em._fsdp_accumulation(last=not inflight and n_fwd == B)
-            if last:
-                (out.sum() / B).backward()
-            else:
-                assert grad is not None
-                out.backward((grad * self.grad_scale).to(out.dtype))
-            return None if x is None else x.grad
-
-        x = None
-        for _ in range(warmup):
-            x, _g = self._exchange(recv_fwd=not first)
-            y = forward(x)
-            self._exchange(send_fwd=None if last else y)
-        remaining = B - warmup
-        if remaining:
-            x, _g = self._exchange(recv_fwd=not first)
-        for i in range(remaining):
-            y = forward(x)
-            _x, g = self._exchange(send_fwd=None if last else y, recv_bwd=not last)
-            gin = backward(g)
-            if i == remaining - 1:
-                self._exchange(send_bwd=gin)
-            else:
-                x, _g = self._exchange(send_bwd=gin, recv_fwd=not first)
-        for _ in range(warmup):
-            _x, g = self._exchange(recv_bwd=not last)
-            self._exchange(send_bwd=backward(g))
-        return losses
-
-
-def _sum_tied_grad(w: Any, group, stage_size: int) -> None:
-    """Sum the embedding's gradient over its copies in the first and last stage when the stages'
-    layouts differ: every rank of both stages adds its full gradient / its stage's size."""
-    full = (w.grad.full_tensor() if _is_dtensor(w.grad) else w.grad) if w.grad is not None else \
-        torch.zeros(w.shape, dtype=w.dtype, device=_local(w).device)
-    full = full / stage_size
-    dist.all_reduce(full, group=group)
-    if _is_dtensor(w):
-        from torch.distributed.tensor import DTensor, Replicate
-        rep = DTensor.from_local(full, w.device_mesh, [Replicate()] * w.device_mesh.ndim, run_check=False)
-        w.grad = rep.redistribute(w.device_mesh, w.placements)
-    else:
-        w.grad = full
 
 
 class ShardOptimizer:

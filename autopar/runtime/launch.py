@@ -104,27 +104,23 @@ def validate(plan, device: str, nproc: int | None) -> int:
     check_plan_matches(plan, ir)
     check_context_parallel(plan, ir)
     zoo_inputs(plan)
-    _check_engines_needed(plan, ir)
+    _check_pipeline(plan)
     return n
 
 
-def _check_engines_needed(plan, ir) -> None:
-    """Interleaved plans and pipelines whose stages differ in size run only on PyTorch's engines
-    (the op-by-op program pairs one stage per rank group of equal size): say why not before any
-    process starts, instead of failing in every rank."""
-    from graphs import zoo
-
-    from .engines import EngineMismatch, match_plan
+def _check_pipeline(plan) -> None:
+    """Interleaving over stages of different device counts runs on no path (torch's interleaved
+    schedules pair one rank per device group; runtime.pipeline.P2PPipeline runs 1F1B and GPipe
+    only): say so before any process starts, instead of failing in every rank."""
+    from .apply import pipeline_groups
     from .program import NotAppliableError
-    interleaved = plan.training.schedule == "interleaved"
-    if not interleaved and len({len(s.device_ids) for s in plan.stages}) < 2:
-        return
-    kind = "interleaved plan" if interleaved else "pipeline with stages of different device counts (" + ", ".join(
-        f"stage {s.index}: {len(s.device_ids)}" for s in plan.stages) + ")"
-    try:
-        match_plan(plan, ir, zoo.get_config(plan.model.name).family)
-    except EngineMismatch as e:
-        raise NotAppliableError(f"this {kind} runs only on PyTorch's engines, and they do not take it: {e}") from None
+    pipeline_groups(plan)                 # chunks round-robin over the device groups
+    if plan.training.schedule == "interleaved" and len({len(s.device_ids) for s in plan.stages}) > 1:
+        sizes = ", ".join(f"stage {s.index}: {len(s.device_ids)}" for s in plan.stages)
+        raise NotAppliableError(f"interleaving over stages of different device counts ({sizes}) runs on neither "
+                                "PyTorch's engines nor the DTensor program: torch.distributed.pipelining's "
+                                "interleaved schedules pair one rank per device group; plan it with schedule "
+                                "1f1b or gpipe")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -253,7 +253,8 @@ def mixed_plan(meshes: list[tuple[int, int]], mb: int = 2, model: str = M, **kw)
 def test_boundary_routes_deliver_every_row_once():
     # oracle: brute force over rows; each receiver gets exactly its dp rows in the forward,
     # each sender exactly its dp rows back, and every message joins a holder of those rows
-    from autopar.runtime.engines import StageLayout, boundary_routes, stage_coords
+    from autopar.runtime.engines import StageLayout
+    from autopar.runtime.pipeline import boundary_routes, stage_coords
     mb = 4
     meshes = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4)]
     for a in meshes:
@@ -302,14 +303,64 @@ def test_mixed_size_and_layout_pipelines_match_one_process():
             assert r["n_grads_compared"] == len(graphs.zoo.build_module(model).state_dict()), r
 
 
-def test_mixed_pipeline_no_engine_takes_is_refused_before_launch():
-    # the op-by-op program cannot pair stages of different sizes: refused with the op named
+def no_engine(plan: Plan) -> Plan:
+    """`plan` with the row-parallel MLP matmuls of its multi-device stages replicated: no engine
+    takes it, so it runs on the DTensor program."""
+    d = copy.deepcopy(plan.to_dict())
+    for st in d["stages"]:
+        for name in st["strategies"]:
+            if name.endswith(("mlp_fc2", "mlp_w2")) and len(st["device_ids"]) > 1:
+                st["strategies"][name] = "R"
+    return Plan.from_dict(d)
+
+
+def test_mixed_pipeline_no_engine_takes_is_not_refused_before_launch():
+    from autopar.runtime.launch import validate
+    plan = no_engine(mixed_plan([(1, 1), (1, 2)]))
+    fc2 = next(k for k in plan.stages[1].strategies if k.endswith("mlp_fc2"))
+    with pytest.raises(EngineMismatch, match=f"op {fc2} is 'R'"):
+        match_plan(plan, graphs.load(M, batch=2), "gpt")
+    assert validate(plan, "cpu", None) == 3
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("model", [M, pytest.param(LLAMA, marks=pytest.mark.slow)], ids=["gpt", "llama"])
+def test_mixed_pipelines_on_the_program_match_one_process(model):
+    # stages of different sizes whose layouts no engine takes: the DTensor program, boundaries
+    # replicated over each stage's mesh and routed one to many (1 -> tp2, dp2 -> 1 in GPipe
+    # order), the tied embedding's gradient summed over both stages' ranks; a Llama (untied
+    # head, GQA) tp2 -> 1
+    plans = ([no_engine(mixed_plan([(1, 1), (1, 2)])), no_engine(mixed_plan([(2, 1), (1, 1)], schedule="gpipe"))]
+             if model == M else [no_engine(mixed_plan([(1, 2), (1, 1)], model=LLAMA))])
+    for r in check_plans([p.to_json() for p in plans]):
+        assert r["max_abs_loss_diff"] < TOL and r["max_abs_grad_diff"] < TOL, r
+        assert r["n_grads_compared"] == len(graphs.zoo.build_module(model).state_dict()), r
+
+
+def test_interleaved_program_plan_is_not_refused_before_launch():
+    # no engine takes fc2 replicated; the program runs interleaved chunks (test_program_compile)
+    from autopar.runtime.launch import validate
+    d = copy.deepcopy(plan_3d(1, 2, 2, 1, schedule="interleaved", virtual_stages=2).to_dict())
+    for st in d["stages"]:
+        for name in st["strategies"]:
+            if name.endswith("mlp_fc2"):
+                st["strategies"][name] = "R"
+    plan = Plan.from_dict(d)
+    with pytest.raises(EngineMismatch, match="mlp_fc2 is 'R'"):
+        match_plan(plan, graphs.load(M, batch=1), "gpt")
+    assert validate(plan, "cpu", None) == 4
+
+
+def test_interleaving_over_mixed_size_stages_is_refused_before_launch():
+    # chunks 0 and 2 on one device, 1 and 3 on two: torch's interleaved schedules pair one rank
+    # per device group, and no other path runs it
     from autopar.runtime import NotAppliableError
     from autopar.runtime.launch import validate
-    d = copy.deepcopy(mixed_plan([(1, 1), (1, 2)]).to_dict())
-    fc2 = next(k for k in d["stages"][1]["strategies"] if k.endswith("mlp_fc2"))
-    d["stages"][1]["strategies"][fc2] = "R"
-    with pytest.raises(NotAppliableError, match=f"different device counts.*op {fc2} is 'R'"):
+    d = copy.deepcopy(mixed_plan([(1, 1), (1, 2), (1, 1), (1, 2)]).to_dict())
+    d["stages"][2]["device_ids"], d["stages"][3]["device_ids"] = [0], [1, 2]
+    d["training"].update(schedule="interleaved", virtual_stages=2)
+    with pytest.raises(NotAppliableError, match=r"interleaving over stages of different device counts \(stage 0: "
+                                                 r"1, stage 1: 2, stage 2: 1, stage 3: 2\) runs on neither"):
         validate(Plan.from_dict(d), "cpu", None)
 
 

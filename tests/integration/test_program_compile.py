@@ -40,18 +40,21 @@ def other_layout(mb: int = 2, pp: int = 1, **kw) -> Plan:
     return evaluate(plan, graphs.load(M, batch=mb), cl)
 
 
-def two_d_layout() -> Plan:
+def two_d_layout(pp: int = 1, **kw) -> Plan:
     """The layout of gpt-39b's headline plan (autopar plan gpt-39b --cluster p3.16xlarge) on a 2x2
-    mesh: q/k/v/fc1 weights split on both dims over both axes ("k@0,n@1+rs:b@0"), sequence-
-    parallel row matmuls over axis 1, batch over axis 0 (bench/runtime_vs_native.py --program)."""
-    cl = load_cluster("p3.16xlarge", 1, 4)
-    plan = build_3d(ModelSource(M), cl, 8, Config3D(2, 2, 1, 2))
-    for name in plan.stages[0].strategies:
-        if name.endswith(("attn_q", "attn_k", "attn_v", "mlp_fc1")):
-            plan.stages[0].strategies[name] = "k@0,n@1+rs:b@0"
-        elif name.endswith(("attn_proj", "mlp_fc2")):
-            plan.stages[0].strategies[name] = "b@0,k@1+rs:s@1"
-    plan.stages[0].strategies["wpe"] = "h@01"
+    mesh per stage: q/k/v/fc1 weights split on both dims over both axes ("k@0,n@1+rs:b@0"),
+    sequence-parallel row matmuls over axis 1, batch over axis 0 (bench/runtime_vs_native.py
+    --program)."""
+    cl = load_cluster("p3.16xlarge", 1, 4 * pp)
+    plan = build_3d(ModelSource(M), cl, 8, Config3D(2, 2, pp, 2, **kw))
+    for s in plan.stages:
+        for name in s.strategies:
+            if name.endswith(("attn_q", "attn_k", "attn_v", "mlp_fc1")):
+                s.strategies[name] = "k@0,n@1+rs:b@0"
+            elif name.endswith(("attn_proj", "mlp_fc2")):
+                s.strategies[name] = "b@0,k@1+rs:s@1"
+        if "wpe" in s.strategies:
+            s.strategies["wpe"] = "h@01"
     return evaluate(plan, graphs.load(M, batch=plan.training.microbatch_size), cl)
 
 
@@ -137,3 +140,47 @@ def test_every_gpt_strategy_compiled_matches_one_process(monkeypatch, capfd):
     bad = [r for r in results if r["max_abs_loss_diff"] >= TOL or r["max_abs_grad_diff"] >= TOL]
     assert not bad, bad
     assert "torch.compile of block" not in capfd.readouterr().err
+
+
+# -- interleaved schedules: several program stages (chunks) per rank ---------------------------
+
+def interleaved(plan: Plan) -> Plan:
+    assert plan.training.schedule == "interleaved" and len(plan.stages) == 4
+    groups = [s.device_ids for s in sorted(plan.stages, key=lambda s: s.index)]
+    assert groups[0] == groups[2] and groups[1] == groups[3] and groups[0] != groups[1]   # 2 chunks per rank
+    return plan
+
+
+def test_interleaved_compiled_chunks_match_one_process(tmp_path):
+    # pp2 x 2 chunks, each chunk tp2 with fc2 replicated (no engine takes it): every rank runs
+    # two compiled program stages under torch's Interleaved1F1B
+    plan = interleaved(other_layout(pp=2, schedule="interleaved", virtual_stages=2))
+    out, err = run_cli(plan, tmp_path, "aot_eager", "--compile", "--optimizer", "sgd", "--lr", "0.1")
+    assert_exact(out)
+    assert out["max_abs_param_diff"] < TOL
+    assert out["n_processes"] == 4 and "torch.compile of block" not in err, err[-3000:]
+    # rank 0 holds chunks 0 (the embeddings, block 0) and 2 (block 2); rank 2 chunks 1 and 3
+    assert {"wte.weight", "blocks.0.mlp.fc2.weight", "blocks.2.mlp.fc2.weight"} == {
+        n for n in out["param_specs"][0] if n in ("wte.weight", "blocks.0.mlp.fc2.weight", "blocks.2.mlp.fc2.weight")}
+    assert "blocks.1.mlp.fc2.weight" not in out["param_specs"][0]
+
+
+def test_interleaved_chunks_with_zero_match_one_process():
+    # ZeRO-1 (optimizer shards per chunk mesh) and ZeRO-3 (parameters sharded per chunk), op by op
+    from autopar.runtime.launch import check_plans
+    plans = [interleaved(other_layout(pp=2, schedule="interleaved", virtual_stages=2, zero=z)) for z in (1, 3)]
+    for r in check_plans([p.to_json() for p in plans]):
+        assert r["max_abs_loss_diff"] < TOL and r["max_abs_grad_diff"] < TOL, r
+        assert r["n_grads_compared"] == len(graphs.zoo.build_module(M).state_dict()), r
+
+
+@pytest.mark.slow
+def test_interleaved_two_d_sharded_weights_match_one_process(tmp_path):
+    # gpt-39b's headline plan in small: 2 ranks x 2 chunks, every chunk on a 2x2 mesh with weights
+    # split over both axes and sequence-parallel row matmuls (8 processes, op by op on gloo)
+    plan = interleaved(two_d_layout(pp=2, schedule="interleaved", virtual_stages=2))
+    q = next(o for s in plan.stages for o in s.ops if o["name"] == "blocks_2_attn_q")
+    assert q["in_specs"][1] == "S1S0"
+    out, _ = run_cli(plan, tmp_path, "aot_eager", "--optimizer", "sgd", "--lr", "0.1")
+    assert_exact(out)
+    assert out["max_abs_param_diff"] < TOL and out["n_processes"] == 8

@@ -162,6 +162,29 @@ def test_every_llama_and_moe_strategy_runs_and_matches(model):
     check_sweep(model, (2, 2))
 
 
+# -- every plan the planner emits for a tiny GPT and Llama on 1-8 devices -------------------------
+
+PLANNED = {"gpt": M, "llama": "llama:hidden=64,layers=2,heads=4,kv_heads=2,seq=32,vocab=128"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(PLANNED))
+def test_every_plan_the_planner_emits_runs_and_matches(family):
+    # default and eager cost models, the planner's microbatch choice and 8 microbatches (which
+    # gives pipelines of different stage sizes on 8 devices); the planner takes power-of-two
+    # device counts only (Alpa's submeshes), so 1, 2, 4 and 8
+    import autopar
+    from autopar.runtime.launch import check_plans
+    model = PLANNED[family]
+    for n in (1, 2, 4, 8):
+        plans = sorted({autopar.plan(model, "dgx-h200", nodes=1, gpus_per_node=n, global_batch=32, workers=1,
+                                     eager=eager, microbatches=mbs).to_json()
+                        for eager in (False, True) for mbs in ("auto", 8)})
+        for r in check_plans(plans):
+            assert r["max_abs_loss_diff"] < TOL and r["max_abs_grad_diff"] < TOL, (n, r)
+            assert r["n_grads_compared"] == len(graphs.zoo.build_module(model).state_dict()), (n, r)
+
+
 # -- bad input: exit code 2 before any process starts ------------------------------------------
 
 def test_nproc_mismatch(tmp_path):
