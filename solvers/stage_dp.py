@@ -263,6 +263,9 @@ def _empty_result(t0, n_tried) -> StageDPResult:
 # the DP at one t_max
 
 
+_NO_TABLE = np.full((0, 0), np.inf)
+
+
 @dataclass
 class _Best:
     """The least pipeline latency T found so far, and its stages."""
@@ -367,9 +370,8 @@ class _Solver:
         live_rows[n_layers] = True
         row_min = np.full(n_layers + 1, np.inf)
         row_min[n_layers] = 0.0
-        if feasibility_only:
-            tables = None
-        else:
+        tables: list[np.ndarray] = []
+        if not feasibility_only:
             g0 = self._table(0)
             g0[n_layers, 0] = 0.0
             self._written[0] = np.array([n_layers * n_d], dtype=np.int64)
@@ -395,7 +397,7 @@ class _Solver:
                 # dropped anyway (float rounding is monotone, so the test is exact)
                 useful &= (self.cv[sel] + row_min[jj]) + self.prefix_cost[self.k[sel]] < cutoff
             sel = sel[useful]
-            g_cur = None
+            g_cur = _NO_TABLE    # feasibility mode keeps no float tables
             if not feasibility_only:
                 g_cur = self._table(depth)
                 tables.append(g_cur)
@@ -463,7 +465,7 @@ class _Solver:
                 live_rows = np.zeros(n_layers + 1, dtype=bool)
             if not live_rows.any():
                 break  # every deeper table builds on this one: all empty too
-        return tables, top
+        return (None if feasibility_only else tables), top
 
     def _prefix_reach(self, t_max: float) -> list[np.ndarray]:
         """reach[p][k]: layers [0, k) can be covered by at most p stages each within t_max
