@@ -28,8 +28,9 @@ the rows k whose layers [0, k) at most s_max - s stages within t_max can cover (
 at the last depth, row 0 alone): the rows it computes never read the others, so their cells,
 F and the stages found are unchanged. Each DP solve only touches
 entries with t <= t_max, grouped by (s, k), restricted to the device counts that can lie on
-a complete solution, and vectorised over (entries x devices); device counts are in units of
-gcd(submesh sizes). B = 1 (no bubble): after step 1, one solve with every entry allowed,
+a complete solution, and works on finite cells only (the tables are sparse): each entry reads
+the finite cells of its row j that land in row k's device window, vectorised over all
+(entry, cell) pairs of a depth; device counts are in units of gcd(submesh sizes). B = 1 (no bubble): after step 1, one solve with every entry allowed,
 pruned by the T found in step 1. stage_dp_bounds runs the search at several bounds on the
 number of stages, checking the input and sorting its entries once, deepest bound first: a
 feasibility solve tells the least feasible depth at its t_max, which answers the step-1 probes
