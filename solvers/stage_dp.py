@@ -28,8 +28,9 @@ the rows k whose layers [0, k) at most s_max - s stages within t_max can cover (
 at the last depth, row 0 alone): the rows it computes never read the others, so their cells,
 F and the stages found are unchanged. Each DP solve only touches
 entries with t <= t_max, grouped by (s, k), restricted to the device counts that can lie on
-a complete solution, and vectorised over (entries x devices); device counts are in units of
-gcd(submesh sizes). B = 1 (no bubble): after step 1, one solve with every entry allowed,
+a complete solution, and works on finite cells only (the tables are sparse): each entry reads
+the finite cells of its row j that land in row k's device window, vectorised over all
+(entry, cell) pairs of a depth; device counts are in units of gcd(submesh sizes). B = 1 (no bubble): after step 1, one solve with every entry allowed,
 pruned by the T found in step 1. stage_dp_bounds runs the search at several bounds on the
 number of stages, checking the input and sorting its entries once, deepest bound first: a
 feasibility solve tells the least feasible depth at its t_max, which answers the step-1 probes
@@ -263,6 +264,9 @@ def _empty_result(t0, n_tried) -> StageDPResult:
 # the DP at one t_max
 
 
+_NO_TABLE = np.full((0, 0), np.inf)
+
+
 @dataclass
 class _Best:
     """The least pipeline latency T found so far, and its stages."""
@@ -299,17 +303,16 @@ class _Solver:
         # wrote is cheaper than fresh arrays (page faults on every allocation), and the tables
         # a solve returns are only read before the next solve.
         self._tables: list[np.ndarray] = []
-        self._written: list[list[np.ndarray]] = []
+        self._written: list[np.ndarray] = []   # per depth: the flat cells the last solve wrote
+        self._owner: np.ndarray | None = None
 
     def _table(self, depth: int) -> np.ndarray:
         """The float table of this depth, all inf."""
         while len(self._tables) <= depth:
             self._tables.append(np.full((self.n_layers + 1, self.n_d), np.inf))
-            self._written.append([])
+            self._written.append(np.zeros(0, dtype=np.int64))
         table = self._tables[depth]
-        for rows in self._written[depth]:
-            table[rows] = np.inf
-        self._written[depth] = []
+        table.ravel()[self._written[depth]] = np.inf
         return table
 
     def candidates(self) -> np.ndarray:
@@ -349,35 +352,37 @@ class _Solver:
         # contiguous row slices instead of indexing element by element. Feasibility tables are
         # not kept: each is its own padded (zeroed, so cheap) array. Float tables are kept for
         # reconstruct; their live rows are copied into one padded buffer.
-        pad = int(self.units[self.units <= d_top].max(initial=0))
-        offset = pad - np.minimum(self.units, pad)   # units beyond d_top have no entries
-        if feasibility_only:
-            padded = np.zeros((n_layers + 1, pad + n_d), dtype=bool)
-            g_prev = padded[:, pad:]
-            g_prev[n_layers, 0] = True
-        else:
-            padded = np.full((n_layers + 1, pad + n_d), np.inf)
-            g_prev = np.full((n_layers + 1, n_d), np.inf)
-            g_prev[n_layers, 0] = 0.0
-        tables = [g_prev]
-        # per row of g_prev: has a finite cell, first and last finite column, least value
+        # The tables are sparse (a few percent of the cells a dense row gather reads are
+        # finite), so each depth works on the finite cells of the one before, in row-major
+        # order: row j's are cells[row_start[j]:row_start[j + 1]] (columns cell_col, values
+        # cell_val). Only cells within their
+        # row's window [lo, hi] are made. The cells of a row's window read only cells of the
+        # rows' windows they come from (an entry (k, j, m) within t_max has units[m] at least
+        # the least units of [k, j), so D - prefix[j] >= D - prefix[k] - units[m]; below
+        # suffix[j] no cell is finite), and reconstruct reads only such cells: F, the tables
+        # within the windows and the stages found are those of the dense recurrence (tests:
+        # the dense implementation, brute force).
+        row_start = np.zeros(n_layers + 2, dtype=np.int64)
+        row_start[n_layers + 1] = 1
+        cells = np.array([n_layers * n_d], dtype=np.int64)    # flat (row-major) indices
+        cell_col = np.zeros(1, dtype=np.int64)
+        cell_val = np.zeros(1)
         live_rows = np.zeros(n_layers + 1, dtype=bool)
         live_rows[n_layers] = True
-        first = np.zeros(n_layers + 1, dtype=np.int64)
-        last = np.zeros(n_layers + 1, dtype=np.int64)
         row_min = np.full(n_layers + 1, np.inf)
         row_min[n_layers] = 0.0
+        tables: list[np.ndarray] = []
+        if not feasibility_only:
+            g0 = self._table(0)
+            g0[n_layers, 0] = 0.0
+            self._written[0] = np.array([n_layers * n_d], dtype=np.int64)
+            tables = [g0]
+        # owner[cell]: the contribution that a scatter below wrote last there; only read where
+        # just written, so never reset
+        if self._owner is None:
+            self._owner = np.empty((n_layers + 1) * n_d, dtype=np.int64)
+        owner = self._owner
         for depth in range(1, self.inp.s_max + 1):
-            if feasibility_only:
-                windows = np.lib.stride_tricks.sliding_window_view(padded, n_d, axis=1)
-                padded = np.zeros((n_layers + 1, pad + n_d), dtype=bool)
-                g_cur = padded[:, pad:]
-            else:
-                # rows that are not live are never read: stale copies there are harmless
-                padded[live_rows, pad:] = g_prev[live_rows]
-                windows = np.lib.stride_tricks.sliding_window_view(padded, n_d, axis=1)
-                g_cur = self._table(depth)
-                tables.append(g_cur)
             # entries allowed at t_max (a prefix of each (depth, k) group), from a row that
             # can be on a solution into a row with a solvable rest
             # a row k > 0 at this depth is on a solution only if at most s_max - depth
@@ -393,54 +398,72 @@ class _Solver:
                 # dropped anyway (float rounding is monotone, so the test is exact)
                 useful &= (self.cv[sel] + row_min[jj]) + self.prefix_cost[self.k[sel]] < cutoff
             sel = sel[useful]
-            next_live = np.zeros(n_layers + 1, dtype=bool)
-            if sel.size:
-                kk, jj, mm, cc = self.k[sel], self.j[sel], self.m[sel], self.cv[sel]
-                shift = offset[mm]
-                starts = np.flatnonzero(np.r_[True, kk[1:] != kk[:-1]])
-                # An entry (k, j, m) reaches only d = d' + units[m] for the finite cells d' of
-                # row j: each k-group's window shrinks to the span of its entries' reaches.
-                # Within a row's own window the cells cut off were inf (False) anyway, and no
-                # in-window cell reads an out-of-window one, so F and the stages found are
-                # unchanged (tests: the dense recurrence, brute force).
-                umm = self.units[mm]
-                reach_lo = np.minimum.reduceat(first[jj] + umm, starts)
-                reach_hi = np.maximum.reduceat(last[jj] + umm, starts)
-                k_rows = kk[starts]
-                g_lo = np.maximum(lo[k_rows], reach_lo)
-                g_hi = np.minimum(hi[k_rows], reach_hi)
-                empty = g_lo > g_hi          # one cell (inf, computed as such) keeps the groups aligned
-                g_hi[empty] = g_lo[empty] = lo[k_rows][empty]
-                for g0, g1, w0, w1 in _chunks(starts, kk.size, g_lo, g_hi):
-                    c0, c1 = starts[g0], (starts[g1] if g1 < starts.size else kk.size)
-                    vals = windows[jj[c0:c1], shift[c0:c1], w0:w1]
-                    rows = k_rows[g0:g1]
-                    at = starts[g0:g1] - c0
-                    # Cells outside a row's own window get values too: those are costs of
-                    # real (if useless) suffixes, so they can never undercut the optimum.
-                    if feasibility_only:
-                        block = np.logical_or.reduceat(vals, at, axis=0)
-                        finite = block
-                    else:
-                        vals += cc[c0:c1, None]
-                        block = np.minimum.reduceat(vals, at, axis=0)
-                        if prune:
-                            block[block + self.prefix_cost[rows, None] >= cutoff] = np.inf
-                        finite = np.isfinite(block)
-                        row_min[rows] = block.min(axis=1)
-                    g_cur[rows, w0:w1] = block
-                    if not feasibility_only:
-                        self._written[depth].append(rows)
-                    any_row = finite.any(axis=1)
-                    next_live[rows] = any_row
-                    first[rows] = w0 + finite.argmax(axis=1)
-                    last[rows] = w1 - 1 - finite[:, ::-1].argmax(axis=1)
-            if feasibility_only:
-                top[depth] = 0.0 if g_cur[0, d_top] else np.inf
+            g_cur = _NO_TABLE    # feasibility mode keeps no float tables
+            if not feasibility_only:
+                g_cur = self._table(depth)
+                tables.append(g_cur)
+            # Each entry (k, j, m) reads the cells of row j that land in row k's window
+            # (row j's cells are in column order: a range found by two searches).
+            jj = self.j[sel].astype(np.int64)
+            kk = self.k[sel].astype(np.int64)
+            um = self.units[self.m[sel]]
+            row_key = jj * n_d
+            first_cell = np.searchsorted(cells, row_key + np.clip(lo[kk] - um, 0, n_d))
+            n_per = np.searchsorted(cells, row_key + np.clip(hi[kk] - um, -1, n_d - 1), side="right")
+            n_per -= first_cell
+            np.maximum(n_per, 0, out=n_per)
+            ends = np.cumsum(n_per)
+            n_in = int(ends[-1]) if ends.size else 0
+            if n_in:
+                # one contribution per (entry, cell it reads), in entry order (so by k
+                # ascending): the cell d of row j gives d + units[m] of row k
+                of_entry = np.repeat(np.arange(sel.size), n_per)
+                pos = np.arange(n_in) + np.repeat(first_cell - (ends - n_per), n_per)
+                flat = cell_col[pos] + (kk * n_d + um)[of_entry]
+                if feasibility_only:
+                    ids = np.arange(n_in)
+                    owner[flat] = ids
+                    cells = flat[owner[flat] == ids]
+                else:
+                    # g + c as the dense recurrence adds them, the least per cell
+                    val = cell_val[pos] + self.cv[sel][of_entry]
+                    g_flat = g_cur.ravel()
+                    np.minimum.at(g_flat, flat, val)
+                    win = np.flatnonzero(val == g_flat[flat])
+                    owner[flat[win]] = win
+                    cells = flat[win[owner[flat[win]] == win]]   # each touched cell once
+                    self._written[depth] = cells
+                    new_val = g_flat[cells]
+                    keep = np.isfinite(new_val)
+                    if prune:
+                        rows_of = cells // n_d
+                        dropped = new_val + self.prefix_cost[rows_of] >= cutoff
+                        g_flat[cells[dropped]] = np.inf
+                        keep &= ~dropped
+                    cells, cell_val = cells[keep], new_val[keep]
+                # rows ascending already; columns ascending within each row for the searches
+                order = _row_major(cells, n_d, n_layers)
+                cells = cells[order]
+                if not feasibility_only:
+                    cell_val = cell_val[order]
+                rows_of = cells // n_d
+                cell_col = cells - rows_of * n_d
+                counts = np.bincount(rows_of, minlength=n_layers + 1)
+                row_start = np.zeros(n_layers + 2, dtype=np.int64)
+                np.cumsum(counts, out=row_start[1:])
+                live_rows = counts > 0
+                if not feasibility_only:
+                    row_min = np.full(n_layers + 1, np.inf)
+                    if cells.size:
+                        row_min[live_rows] = np.minimum.reduceat(cell_val, row_start[:-1][live_rows])
+                # row 0's window is the one column d_top, and rows come in order
+                reached = bool(cells.size) and int(cells[0]) == d_top
+                if feasibility_only:
+                    top[depth] = 0.0 if reached else np.inf
+                else:
+                    top[depth] = g_cur[0, d_top]
             else:
-                top[depth] = g_cur[0, d_top]
-            live_rows = next_live
-            g_prev = g_cur
+                live_rows = np.zeros(n_layers + 1, dtype=bool)
             if not live_rows.any():
                 break  # every deeper table builds on this one: all empty too
         return (None if feasibility_only else tables), top
@@ -489,6 +512,17 @@ class _Solver:
         return stages
 
 
+def _row_major(cells: np.ndarray, n_d: int, n_layers: int) -> np.ndarray:
+    """The order that sorts these distinct flat cells (row * n_d + column), which are
+    grouped by row in ascending row order already: two stable radix sorts on 16-bit
+    columns, then rows, where they fit (several times faster than a comparison sort)."""
+    if n_d < 2 ** 15 and n_layers < 2 ** 15:
+        rows = cells // n_d
+        by_col = np.argsort((cells - rows * n_d).astype(np.int16), kind="stable")
+        return by_col[np.argsort(rows.astype(np.int16)[by_col], kind="stable")]
+    return np.argsort(cells)
+
+
 def _units(inp: _Input) -> tuple[np.ndarray, int, bool]:
     """Submesh sizes and the cluster in units of the gcd of the usable sizes (only multiples
     of it are reachable), and whether the cluster is a whole number of units."""
@@ -532,31 +566,6 @@ class _DeviceBounds:
 def _device_bounds(t_rel: np.ndarray, units: np.ndarray, t_max: float) -> tuple[np.ndarray, np.ndarray]:
     """_Solver.device_bounds on t_rel (L, L+1, M), the least stage time over depths."""
     return _DeviceBounds(t_rel, units)(t_max)
-
-
-def _chunks(starts: np.ndarray, n_entries: int, lo: np.ndarray, hi: np.ndarray,
-            merge_elems: int = 2048, max_elems: int = 1 << 21):
-    """Split consecutive k-groups (entries starts[g]..starts[g+1], column window
-    [lo[g], hi[g]]) into blocks computed over the union of their windows: one numpy call per
-    block instead of per row. A group joins the block while that adds at most merge_elems
-    cells beyond the group's own (about what a numpy call costs in cells)."""
-    n_groups = starts.size
-    sizes = np.diff(np.r_[starts, n_entries]).tolist()
-    lo_l = lo.tolist()
-    hi_l = (hi + 1).tolist()
-    g0 = 0
-    while g0 < n_groups:
-        w0, w1, n = lo_l[g0], hi_l[g0], sizes[g0]
-        g1 = g0 + 1
-        while g1 < n_groups:
-            n0, n1, nn = min(w0, lo_l[g1]), max(w1, hi_l[g1]), n + sizes[g1]
-            cells = nn * (n1 - n0)
-            if cells - n * (w1 - w0) - sizes[g1] * (hi_l[g1] - lo_l[g1]) > merge_elems or cells > max_elems:
-                break
-            w0, w1, n = n0, n1, nn
-            g1 += 1
-        yield g0, g1, w0, w1
-        g0 = g1
 
 
 def _relaxed_sum(best: np.ndarray) -> float:
