@@ -5,7 +5,7 @@ the usual plans, whose stages take increasing device ids, rank == device id). Ev
 every stage's device mesh and pipeline group (creating process groups is collective), and only
 its own stages' parameters: one stage, or under an interleaved schedule the chunks k, k + pp, ...
 of its device group, each a StageModule on that group's mesh, driven by torch's
-ScheduleInterleaved1F1B.
+ScheduleInterleaved1F1B, or where the device groups differ in size by runtime.pipeline.P2PPipeline.
 """
 
 from __future__ import annotations
