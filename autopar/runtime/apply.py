@@ -5,7 +5,7 @@ the usual plans, whose stages take increasing device ids, rank == device id). Ev
 every stage's device mesh and pipeline group (creating process groups is collective), and only
 its own stages' parameters: one stage, or under an interleaved schedule the chunks k, k + pp, ...
 of its device group, each a StageModule on that group's mesh, driven by torch's
-ScheduleInterleaved1F1B.
+ScheduleInterleaved1F1B, or where the device groups differ in size by runtime.pipeline.P2PPipeline.
 """
 
 from __future__ import annotations
@@ -203,14 +203,14 @@ class ParallelModel:
             self.meshes.append(meshes[key])
         self.pp_group = None
         self.group_offsets = [r[0] for r in ranks_of]
-        # stages of different sizes: one stage per device group, boundaries replicated over each
-        # stage's mesh and routed between the ranks by runtime.pipeline.P2PPipeline
+        # device groups of different sizes: boundaries replicated over each stage's mesh and
+        # routed between the ranks by runtime.pipeline.P2PPipeline (interleaved too: a group's
+        # chunks k, k + pp, ... share its ranks)
         self.mixed = len({len(r) for r in group_ranks}) > 1
-        if self.mixed and self.pp < self.n_stages:
-            raise NotAppliableError(
-                "interleaving over stages of different sizes (" + ", ".join(
-                    f"stage {s.index}: {len(s.device_ids)} devices" for s in stages)
-                + ") cannot be paired into torch.distributed.pipelining groups; plan it with schedule 1f1b or gpipe")
+        if self.mixed and self.schedule_name == "interleaved" and self.n_microbatches % self.pp:
+            raise NotAppliableError(f"interleaved 1F1B over device groups of different sizes runs "
+                                    f"{self.n_microbatches} microbatches in rounds of {self.pp} (one per group); "
+                                    f"use a multiple of {self.pp}")
         if self.n_stages > 1 and not self.mixed:
             for j in range(len(group_ranks[0])):
                 g = dist.new_group([r[j] for r in group_ranks])
@@ -355,11 +355,10 @@ class ParallelModel:
                 raise NotAppliableError(f"stage {k} of a pipeline of stages of different sizes sends {len(outs)} "
                                         f"tensors ({', '.join(n.name for n in outs)}); the DTensor program sends "
                                         "one between such stages")
-        k = self.stage_index
-        boundary = self.programs[k].outputs[0] if k < self.n_stages - 1 else self.programs[k - 1].outputs[0]
-        v = prog.values[boundary]
+        v = prog.values[self.programs[0].outputs[0]]
         sizes = [len(s.device_ids) for s in self.stages]
-        return P2PPipeline(k, [BoundaryLayout(1, n) for n in sizes], [(1, n) for n in sizes], self.group_offsets,
+        return P2PPipeline(self.stage_ids, [BoundaryLayout(1, n) for n in sizes], [(1, n) for n in sizes],
+                           self.group_offsets,
                            self.rank, 0, self.n_microbatches, self.schedule_name, tuple(v.shape), v.dtype,
                            self.device)
 
@@ -430,11 +429,12 @@ class ParallelModel:
                     total = total + out.detach()
                 loss = torch.as_tensor(total / B).reshape(())
             elif self.mixed:
-                chunk = self.chunks[0]
+                chunk_of = {c.index: c for c in self.chunks}
 
-                def run(x: torch.Tensor | None, i: int) -> torch.Tensor:
+                def run(x: torch.Tensor | None, i: int, k: int) -> torch.Tensor:
+                    chunk = chunk_of[k]
                     rows = {n: batch[n][i * mb:(i + 1) * mb] for n in chunk.data_names}
-                    if first:
+                    if k == 0:
                         return chunk.module(*rows.values())
                     return chunk.module(x, **rows)
                 mb_losses = self.schedule.step(run)

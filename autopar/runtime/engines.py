@@ -43,8 +43,8 @@ runtime.apply, with a warning that names the stage and op; with `compile` (by de
 that program runs each layer as one torch.compile'd region (runtime.program.CompiledBlock).
 
 Not lowered here (they keep the program path, or its NotAppliableError): interleaved schedules
-over stages of different layouts (the program runs them; over different sizes nothing does, and
-autopar run refuses them before launch), expert-parallel / 2-D sharded weights (MoE under
+over stages of different layouts or device groups of different sizes (the program runs them, the
+latter on runtime.pipeline.P2PPipeline), expert-parallel / 2-D sharded weights (MoE under
 TP), hf: models, sequence parallelism in mixed pipelines or on some row-parallel ops only, other
 reduce-scatters, context parallelism beside tp or in pipelines, and on CPU (runtime.context),
 layouts other than Megatron's. A vocab-split embedding
@@ -365,7 +365,7 @@ def match_plan(plan: Plan, ir: OpGraph, family: str) -> list[StageLayout]:
     mixed = is_mixed(plan, layouts)
     if mixed and pp != len(plan.stages):
         raise EngineMismatch("interleaved schedules over stages of different device counts or (dp, tp) layouts "
-                             "are not lowered to engines; plan them with schedule 1f1b or gpipe")
+                             "are not lowered to engines (the DTensor program runs them)")
     # Under sequence parallelism the boundary tensors travel split over tp, each tp rank's chunk
     # to the same tp rank of the next stage: every stage must split the same dim, on one layout.
     dims = {x.sequence_dim for x in layouts}
@@ -925,7 +925,7 @@ class EngineModel:
             elif self.mixed:
                 module = self.modules[0]
 
-                def run(x: torch.Tensor | None, i: int) -> torch.Tensor:
+                def run(x: torch.Tensor | None, i: int, k: int) -> torch.Tensor:
                     if self.first:
                         return module(ids[i * lmb:(i + 1) * lmb])
                     if self.last:

@@ -109,18 +109,16 @@ def validate(plan, device: str, nproc: int | None) -> int:
 
 
 def _check_pipeline(plan) -> None:
-    """Interleaving over stages of different device counts runs on no path (torch's interleaved
-    schedules pair one rank per device group; runtime.pipeline.P2PPipeline runs 1F1B and GPipe
-    only): say so before any process starts, instead of failing in every rank."""
+    """The pipeline's shape, before any process starts instead of failing in every rank: chunks
+    round-robin over the device groups, and interleaving over groups of different sizes
+    (runtime.pipeline.P2PPipeline runs it) in whole rounds of one microbatch per group."""
     from .apply import pipeline_groups
     from .program import NotAppliableError
-    pipeline_groups(plan)                 # chunks round-robin over the device groups
-    if plan.training.schedule == "interleaved" and len({len(s.device_ids) for s in plan.stages}) > 1:
-        sizes = ", ".join(f"stage {s.index}: {len(s.device_ids)}" for s in plan.stages)
-        raise NotAppliableError(f"interleaving over stages of different device counts ({sizes}) runs on neither "
-                                "PyTorch's engines nor the DTensor program: torch.distributed.pipelining's "
-                                "interleaved schedules pair one rank per device group; plan it with schedule "
-                                "1f1b or gpipe")
+    pp = max(pipeline_groups(plan)) + 1
+    tr = plan.training
+    if tr.schedule == "interleaved" and len({len(s.device_ids) for s in plan.stages}) > 1 and tr.n_microbatches % pp:
+        raise NotAppliableError(f"interleaved 1F1B over device groups of different sizes runs {tr.n_microbatches} "
+                                f"microbatches in rounds of {pp} (one per group); use a multiple of {pp}")
 
 
 # ---------------------------------------------------------------------------------------------

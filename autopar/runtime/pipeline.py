@@ -1,6 +1,8 @@
 """Pipelines whose stages run on meshes of different sizes (or layouts): the boundary tensor of
 each microbatch travels as row slices between the stages' ranks, by point-to-point ops batched
-per schedule step, in Megatron's 1F1B order (GPipe: every forward first).
+per schedule step, in Megatron's 1F1B order (GPipe: every forward first); under the
+interleaved schedule a rank runs several stages (chunks k, k + pp, ...) in the order the
+simulator prices (evaluation.pipeline.device_order), its device groups of any sizes.
 
 torch.distributed.pipelining pairs one rank per stage in a process group, so it cannot send a
 tensor from one rank to two or gather rows from two ranks to one. Both the engines
@@ -73,47 +75,61 @@ class P2PPipeline:
 
     Stage k of n_stages; its ranks start at offsets[k] and hold the rows of `layouts[k]` on the
     mesh `meshes[k]`. `shape` is the whole boundary tensor of one microbatch (rows first).
-    step(run) calls run(x, i) for the forward of microbatch i (x: this rank's rows of the
-    received boundary tensor, None on the first stage), which returns the boundary tensor
-    (this rank's rows) or on the last stage the microbatch's loss.
+    step(run) calls run(x, i, k) for the forward of microbatch i on stage k (x: this rank's
+    rows of the received boundary tensor, None on the first stage), which returns the
+    boundary tensor (this rank's rows) or on the last stage the microbatch's loss.
 
     Gradients: every stage's ranks compute with their own rows' mean loss (the last stage's
     dp ranks each average over mb / dp rows, and the stage's data-parallel reduction averages
     over dp), so a boundary gradient is rescaled by dp(sender) / dp(receiver) on its way back."""
 
-    def __init__(self, k: int, layouts: list, meshes: list[tuple[int, int]], offsets: list[int], rank: int,
-                 dp_index: int, n_microbatches: int, schedule: str, shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device) -> None:
-        self.k = k
+    def __init__(self, k: int | list[int], layouts: list, meshes: list[tuple[int, int]], offsets: list[int],
+                 rank: int, dp_index: int, n_microbatches: int, schedule: str, shape: tuple[int, ...],
+                 dtype: torch.dtype, device: torch.device) -> None:
+        """k: this rank's stage, or under the interleaved schedule its stages (chunks k, k + pp,
+        ...; offsets[k] is then the first rank of stage k's device group)."""
+        chunks = [k] if isinstance(k, int) else sorted(k)
+        self.chunks = chunks
+        self.k = chunks[0]
         self.n_stages = len(layouts)
         self.n_microbatches = n_microbatches
         self.schedule = schedule
         self.device = device
-        mb = shape[0]
-        self.recv_fwd: list[Route] = []
-        self.send_fwd: list[Route] = []
-        self.recv_bwd: list[Route] = []
-        self.send_bwd: list[Route] = []
-        self.grad_scale = 1.0
-        for j in (k - 1, k):
-            if not 0 <= j < self.n_stages - 1:
-                continue
-            fwd, bwd = boundary_routes(layouts[j], meshes[j], offsets[j], layouts[j + 1], meshes[j + 1],
-                                       offsets[j + 1], mb)
-            if j == k - 1:
-                self.recv_fwd = [r for r in fwd if r.dst == rank]
-                self.send_bwd = [r for r in bwd if r.src == rank]
-            else:
-                self.send_fwd = [r for r in fwd if r.src == rank]
-                self.recv_bwd = [r for r in bwd if r.dst == rank]
-                self.grad_scale = layouts[j].dp / layouts[j + 1].dp
-        dp = layouts[k].dp
-        self.row0 = dp_index * (mb // dp)            # the first microbatch row this rank holds
-        self.shape = (mb // dp, *shape[1:])
         self.dtype = dtype
+        if schedule != "interleaved" and len(chunks) > 1:
+            raise ValueError(f"schedule {schedule!r} runs one stage per rank, not {chunks}")
+        mb = shape[0]
+        # per chunk: its messages (Route lists), the gradient rescale, its first row and local shape
+        self.routes: dict[int, dict[str, list[Route]]] = {}
+        self.scales: dict[int, float] = {}
+        self.rows: dict[int, tuple[int, tuple[int, ...]]] = {}
+        for c in chunks:
+            mine: dict[str, list[Route]] = {"recv_fwd": [], "send_fwd": [], "recv_bwd": [], "send_bwd": []}
+            self.scales[c] = 1.0
+            for j in (c - 1, c):
+                if not 0 <= j < self.n_stages - 1:
+                    continue
+                fwd, bwd = boundary_routes(layouts[j], meshes[j], offsets[j], layouts[j + 1], meshes[j + 1],
+                                           offsets[j + 1], mb)
+                if j == c - 1:
+                    mine["recv_fwd"] = [r for r in fwd if r.dst == rank]
+                    mine["send_bwd"] = [r for r in bwd if r.src == rank]
+                else:
+                    mine["send_fwd"] = [r for r in fwd if r.src == rank]
+                    mine["recv_bwd"] = [r for r in bwd if r.dst == rank]
+                    self.scales[c] = layouts[j].dp / layouts[j + 1].dp
+            self.routes[c] = mine
+            dp = layouts[c].dp
+            self.rows[c] = (dp_index * (mb // dp), (mb // dp, *shape[1:]))   # first row held, local shape
+        r0 = self.routes[self.k]
+        self.recv_fwd, self.send_fwd = r0["recv_fwd"], r0["send_fwd"]
+        self.recv_bwd, self.send_bwd = r0["recv_bwd"], r0["send_bwd"]
+        self.grad_scale = self.scales[self.k]
+        self.row0, self.shape = self.rows[self.k]
 
     # -- point to point -------------------------------------------------------------------------
     def _ops(self, sends: list[tuple[Route, torch.Tensor]], recvs: list[Route]) -> tuple[list, list[torch.Tensor]]:
+        # (one stage per rank: its rows and local shape are self.row0 and self.shape)
         ops, bufs = [], []
         for route, t in sends:
             piece = t[route.lo - self.row0:route.hi - self.row0].detach().float().contiguous()
@@ -141,11 +157,13 @@ class P2PPipeline:
         return x, g
 
     # -- the schedule ---------------------------------------------------------------------------
-    def step(self, run: Callable[[torch.Tensor | None, int], torch.Tensor],
+    def step(self, run: Callable[[torch.Tensor | None, int, int], torch.Tensor],
              before_backward: Callable[[bool], None] | None = None) -> list[torch.Tensor]:
         """Forward and backward of every microbatch; the last stage's per-microbatch losses.
         before_backward(last) runs before each microbatch's backward, last True for the step's
         final one (FSDP2's gradient accumulation, EngineModel._fsdp_accumulation)."""
+        if self.schedule == "interleaved":
+            return self._step_interleaved(run, before_backward)
         B = self.n_microbatches
         first, last = self.k == 0, self.k == self.n_stages - 1
         warmup = B if self.schedule == "gpipe" else min(self.n_stages - self.k - 1, B)
@@ -156,7 +174,7 @@ class P2PPipeline:
         def forward(x: torch.Tensor | None) -> torch.Tensor:
             nonlocal n_fwd
             inp = None if first else cast_input(x)
-            out = run(inp, n_fwd)
+            out = run(inp, n_fwd, self.k)
             n_fwd += 1
             if last:
                 losses.append(out)
@@ -197,6 +215,74 @@ class P2PPipeline:
         for _ in range(warmup):
             _x, g = self._exchange(recv_bwd=not last)
             self._exchange(send_bwd=backward(g))
+        return losses
+
+    def _step_interleaved(self, run: Callable[[torch.Tensor | None, int, int], torch.Tensor],
+                          before_backward: Callable[[bool], None] | None) -> list[torch.Tensor]:
+        """Interleaved 1F1B over this rank's chunks, in the order evaluation.pipeline simulates.
+        A send is posted when its op ends and waited only at the end of the step; a receive
+        blocks just before the op that reads it, each message tagged with its boundary,
+        direction and microbatch, so that it meets its receive whatever order the two ranks'
+        orders post them in (two groups exchange forwards and gradients both ways). So a rank waits only for an op's inputs, as the simulator's ops do,
+        and the order runs to the end whenever the simulator finds no deadlock in it."""
+        from autopar.evaluation.pipeline import device_order
+        B, n, v = self.n_microbatches, self.n_stages, len(self.chunks)
+        pp = n // v
+        order = device_order("interleaved", self.k, pp, B, v)
+        inflight: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        losses: list[torch.Tensor] = []
+        pending: list = []
+
+        def tag(boundary: int, backward: bool, i: int) -> int:
+            return (2 * boundary + backward) * B + i
+
+        def send(routes: list[Route], t: torch.Tensor, g: int, boundary: int, backward: bool, i: int) -> None:
+            row0 = self.rows[g][0]
+            for r in routes:
+                piece = t[r.lo - row0:r.hi - row0].detach().float().contiguous()
+                pending.append((dist.isend(piece, r.dst, tag=tag(boundary, backward, i)), piece))
+
+        def recv(routes: list[Route], g: int, boundary: int, backward: bool, i: int) -> torch.Tensor:
+            local = self.rows[g][1]
+            works, bufs = [], []
+            for r in routes:
+                buf = torch.empty((r.hi - r.lo, *local[1:]), dtype=torch.float32, device=self.device)
+                works.append(dist.irecv(buf, r.src, tag=tag(boundary, backward, i)))
+                bufs.append(buf)
+            for w in works:
+                assert w is not None
+                w.wait()
+            return torch.cat(bufs)
+
+        n_bwd = sum(kind == "B" for kind, _, _ in order)
+        for kind, chunk, i in order:
+            g = self.chunks[chunk]
+            routes = self.routes[g]
+            if kind == "F":
+                inp = None if g == 0 else \
+                    recv(routes["recv_fwd"], g, g - 1, False, i).to(self.dtype).requires_grad_(True)
+                out = run(inp, i, g)
+                if g == n - 1:
+                    losses.append(out)
+                else:
+                    send(routes["send_fwd"], out, g, g, False, i)
+                inflight[(g, i)] = (inp, out)
+                continue
+            x, out = inflight.pop((g, i))
+            n_bwd -= 1
+            if before_backward is not None:
+                before_backward(n_bwd == 0)
+            if g == n - 1:
+                (out.sum() / B).backward()
+            else:
+                grad = recv(routes["recv_bwd"], g, g, True, i)
+                out.backward((grad * self.scales[g]).to(out.dtype))
+            if x is not None:
+                assert x.grad is not None
+                send(routes["send_bwd"], x.grad, g, g - 1, True, i)
+        for w, _piece in pending:       # (the pieces stay alive until their sends complete)
+            if w is not None:
+                w.wait()
         return losses
 
 

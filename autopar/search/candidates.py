@@ -6,7 +6,10 @@ transfers exactly), so the search proposes several candidates and the evaluator 
   - equal-layer slicings at every pipeline depth with one logical mesh for all stages, the
     shapes of hand-made 3D plans, each stage's layout, recompute and sharding still
     ILP-optimal (uniform_candidates), and the same as Megatron's interleaved 1F1B with two
-    chunks of layers per GPU (interleaved_candidates).
+    chunks of layers per GPU (interleaved_candidates);
+  - each DP optimum interleaved: its stages' device groups (of any sizes) and layer counts
+    kept, each group's layers cut into two chunks, one in each pass of the model
+    (interleaved_dp_candidates).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from graphs.ir import OpGraph
 from solvers.stage_dp import stage_dp_bounds
 
 __all__ = ["DP_DEPTH_BOUNDS", "Candidate", "auto_label", "dp_candidates", "interleaved_candidates",
+           "interleaved_dp_candidates",
            "microbatch_candidates", "microbatch_neighbours", "place", "stage_plans", "uniform_candidates", "unique"]
 
 # Bounds on the number of stages at which the DP's optimum becomes a candidate (and the
@@ -202,20 +206,63 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
             ts = [t for _, t, _ in qs]
             syncs = [sync for _, _, sync in qs]
             out.append(Candidate(tuple(stages), tuple(choices), tuple(ts), tuple(syncs),
-                                 _equal_split_total_s(ts, syncs, stages, p2p_s, depth, B, chunks), "equal", chunks))
+                                 _pipeline_total_s(ts, syncs, [float(p2p_s[j]) for _, j in ranges], depth, B, chunks),
+                                 "equal", chunks))
     return out
 
 
-def _equal_split_total_s(ts: list[float], syncs: list[float], stages: list[tuple[int, int, int]],
-                         p2p_s: np.ndarray, depth: int, B: int, chunks: int) -> float:
-    """The DP's formula for an equal-layer pipeline: 1F1B's (B - 1 + depth) periods of the
-    slowest rank, where interleaving shrinks the fill and drain to (depth - 1) / chunks of
-    them, plus every stage's sync and transfers once; each chunk's transfers also take their
-    share of the steady-state period, as in StageTables.dp_inputs."""
-    period_s = [t + 2 * float(p2p_s[j]) / max(1, min(depth - k % depth, B))
-                for k, ((_, j, _), t) in enumerate(zip(stages, ts))]
+def interleaved_dp_candidates(tables: StageTables, dp: list[Candidate], p2p_s: np.ndarray,
+                              chunks: int = 2) -> list[Candidate]:
+    """Each DP optimum (its stages' submeshes of any sizes, its uneven layer counts) as
+    interleaved 1F1B: stage r's device group keeps its layers' count, cut into `chunks` near
+    equal chunks, chunk c of group r the (c * depth + r)-th of the pipeline, so the c-th pass
+    of the model holds part c of every group's layers. A chunk takes the tables' best option
+    for its layers with the microbatches its rank holds under the interleaved schedule
+    (memory.inflight, rounded up; the evaluator then checks the rank's chunks together).
+    Offered under 1F1B when the depth is at least 2, divides the number of microbatches and
+    leaves every group a layer per chunk."""
+    sp = tables.space
+    B, S = sp.n_microbatches, sp.max_stages
+    out = []
+    for cand in dp:
+        depth = cand.depth
+        sizes = [j - i for i, j, _ in cand.stages]
+        if not (sp.schedule == "1f1b" and cand.chunks == 1 and depth >= 2 and B % depth == 0
+                and min(sizes) >= chunks):
+            continue
+        parts = [[j - i for i, j in split_blocks(n, chunks)] for n in sizes]
+        stages, choices, ts, syncs, p2ps = [], [], [], [], []
+        start = 0
+        for g in range(depth * chunks):
+            c, r = divmod(g, depth)
+            mi = cand.stages[r][2]
+            i, j = start, start + parts[r][c]
+            start = j
+            held = min(S, max(1, math.ceil(inflight("interleaved", r, depth, B, chunks))))
+            cell = tables.cell(i, j, mi, held)
+            if not math.isfinite(float(cell["t_s"])):
+                break
+            stages.append((i, j, mi))
+            choices.append(tables.choice(i, j, mi, held))
+            ts.append(float(cell["t_s"]))
+            syncs.append(float(cell["sync_s"]))
+            p2ps.append(float(p2p_s[mi, j]))
+        else:
+            out.append(Candidate(tuple(stages), tuple(choices), tuple(ts), tuple(syncs),
+                                 _pipeline_total_s(ts, syncs, p2ps, depth, B, chunks), "dp-interleaved", chunks))
+    return unique(out)
+
+
+def _pipeline_total_s(ts: list[float], syncs: list[float], p2p_out_s: list[float], depth: int, B: int,
+                      chunks: int) -> float:
+    """The DP's formula for a pipeline of `depth` ranks, chunk k on rank k % depth (p2p_out_s[k]:
+    one transfer out of chunk k): 1F1B's (B - 1 + depth) periods of the slowest rank, where
+    interleaving shrinks the fill and drain to (depth - 1) / chunks of them, plus every
+    stage's sync and transfers once; each chunk's transfers also take their share of the
+    steady-state period, as in StageTables.dp_inputs."""
+    period_s = [t + 2 * p / max(1, min(depth - k % depth, B)) for k, (p, t) in enumerate(zip(p2p_out_s, ts))]
     per_rank = [sum(period_s[r::depth]) for r in range(depth)]
-    return (B + (depth - 1) / chunks) * max(per_rank) + sum(syncs) + sum(2 * float(p2p_s[j]) for _, j, _ in stages)
+    return (B + (depth - 1) / chunks) * max(per_rank) + sum(syncs) + sum(2 * p for p in p2p_out_s)
 
 
 def stage_plans(cand: Candidate, graph: OpGraph, solver: LayerSolver, subs: list[Submesh],

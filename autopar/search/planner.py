@@ -49,6 +49,7 @@ from autopar.search.candidates import (
     auto_label,
     dp_candidates,
     interleaved_candidates,
+    interleaved_dp_candidates,
     microbatch_candidates,
     microbatch_neighbours,
     stage_plans,
@@ -283,9 +284,11 @@ class SearchJob:
         keeps_cp = bool(cp_ids) and bool(np.isin(tables.class_cells["mesh"], cp_ids).any())
         all_dp = dp_candidates(tables, cost, extra, subs)
         lean_dp = dp_candidates(lean_tables, *lean_tables.dp_inputs(p2p_s), subs) if keeps_cp else all_dp
-        lean_cands = unique(lean_dp + lean_equal_split)
+        # each DP optimum also interleaved, its device groups (of any sizes) kept
+        lean_cands = unique(lean_dp + lean_equal_split + interleaved_dp_candidates(lean_tables, lean_dp, p2p_s))
         seen = {(c.key, c.choices) for c in lean_cands}
-        rest = [c for c in unique((all_dp if keeps_cp else []) + equal_split) if (c.key, c.choices) not in seen]
+        all_il = interleaved_dp_candidates(tables, all_dp, p2p_s) if keeps_cp else []
+        rest = [c for c in unique((all_dp if keeps_cp else []) + equal_split + all_il) if (c.key, c.choices) not in seen]
         stats.dp_time_s += time.perf_counter() - t0
         return Proposal(microbatch_size, graph, solver, subs, lean_cands + rest, len(lean_cands),
                         tables.least_memory_bytes)

@@ -351,17 +351,47 @@ def test_interleaved_program_plan_is_not_refused_before_launch():
     assert validate(plan, "cpu", None) == 4
 
 
-def test_interleaving_over_mixed_size_stages_is_refused_before_launch():
-    # chunks 0 and 2 on one device, 1 and 3 on two: torch's interleaved schedules pair one rank
-    # per device group, and no other path runs it
+def interleaved_mixed(meshes: list[tuple[int, int]], mb: int = 2, n_microbatches: int | None = None,
+                      no_engine_: bool = False) -> Plan:
+    """mixed_plan(meshes) with stage k on the device group of stage k mod pp (pp = half the
+    stages), interleaved with 2 chunks per group."""
+    base = mixed_plan(meshes, mb=mb)
+    d = copy.deepcopy((no_engine(base) if no_engine_ else base).to_dict())
+    pp = len(meshes) // 2
+    for k in range(pp, len(meshes)):
+        d["stages"][k]["device_ids"] = d["stages"][k - pp]["device_ids"]
+    d["training"].update(schedule="interleaved", virtual_stages=2)
+    if n_microbatches is not None:
+        d["training"].update(n_microbatches=n_microbatches,
+                             global_batch=n_microbatches * d["training"]["microbatch_size"])
+    return Plan.from_dict(d)
+
+
+def test_interleaving_over_mixed_size_groups_needs_whole_rounds():
+    # chunks 0 and 2 on one device, 1 and 3 on two: the point-to-point schedule runs them in
+    # rounds of one microbatch per device group (as the simulator orders them)
     from autopar.runtime import NotAppliableError
     from autopar.runtime.launch import validate
-    d = copy.deepcopy(mixed_plan([(1, 1), (1, 2), (1, 1), (1, 2)]).to_dict())
-    d["stages"][2]["device_ids"], d["stages"][3]["device_ids"] = [0], [1, 2]
-    d["training"].update(schedule="interleaved", virtual_stages=2)
-    with pytest.raises(NotAppliableError, match=r"interleaving over stages of different device counts \(stage 0: "
-                                                 r"1, stage 1: 2, stage 2: 1, stage 3: 2\) runs on neither"):
-        validate(Plan.from_dict(d), "cpu", None)
+    meshes = [(1, 1), (1, 2), (1, 1), (1, 2)]
+    assert validate(interleaved_mixed(meshes, n_microbatches=4), "cpu", None) == 3
+    with pytest.raises(NotAppliableError, match=r"runs 3 microbatches in rounds of 2 \(one per group\); use a "
+                                                 r"multiple of 2"):
+        validate(interleaved_mixed(meshes, n_microbatches=3), "cpu", None)
+
+
+@pytest.mark.runtime
+def test_interleaving_over_mixed_size_groups_matches_one_process():
+    # interleaved 1F1B over device groups of 1 and 2 devices (chunks 0, 2 on one, 1, 3 on the
+    # other: both directions between the same two groups, in the simulator's order), one to
+    # many (1 -> tp2) and many to one, the tied embedding's gradient summed across the groups;
+    # and a group whose two chunks differ in layout (dp2, then tp2) on the op-by-op program,
+    # with as many microbatches as groups (all warm-up and drain)
+    plans = [interleaved_mixed([(1, 1), (1, 2), (1, 1), (1, 2)], n_microbatches=4),
+             interleaved_mixed([(1, 1), (2, 1), (1, 1), (1, 2)], n_microbatches=2, no_engine_=True)]
+    assert [len(s.device_ids) for s in plans[1].stages] == [1, 2, 1, 2]
+    for r in check_plans([p.to_json() for p in plans]):
+        assert r["max_abs_loss_diff"] < TOL and r["max_abs_grad_diff"] < TOL, r
+        assert r["n_grads_compared"] == len(graphs.zoo.build_module(M).state_dict()), r
 
 
 # -- Megatron sequence parallelism and reduce-scattered embeddings (the planner's "+rs:" variants)
