@@ -104,19 +104,28 @@ def validate(plan, device: str, nproc: int | None) -> int:
     check_plan_matches(plan, ir)
     check_context_parallel(plan, ir)
     zoo_inputs(plan)
-    _check_pipeline(plan)
+    _check_pipeline(plan, device)
     return n
 
 
-def _check_pipeline(plan) -> None:
+def _check_pipeline(plan, device: str) -> None:
     """The pipeline's shape, before any process starts instead of failing in every rank: chunks
     round-robin over the device groups, and interleaving over groups of different sizes
-    (runtime.pipeline.P2PPipeline runs it) in whole rounds of one microbatch per group."""
+    (runtime.pipeline.P2PPipeline runs it) in whole rounds of one microbatch per group, on gloo
+    only: it posts its sends early and relies on each receive matching its own message, which
+    NCCL, matching a pair's messages in issue order and able to hold a send until the peer's
+    receive, has not been shown to do here (never run on GPUs); a hang would be worse."""
     from .apply import pipeline_groups
     from .program import NotAppliableError
     pp = max(pipeline_groups(plan)) + 1
     tr = plan.training
-    if tr.schedule == "interleaved" and len({len(s.device_ids) for s in plan.stages}) > 1 and tr.n_microbatches % pp:
+    mixed_interleaved = tr.schedule == "interleaved" and len({len(s.device_ids) for s in plan.stages}) > 1
+    if mixed_interleaved and device == "cuda":
+        sizes = ", ".join(f"stage {s.index}: {len(s.device_ids)}" for s in plan.stages)
+        raise NotAppliableError(f"interleaved 1F1B over device groups of different sizes ({sizes} devices) runs on "
+                                "gloo only (--device cpu) until its point-to-point order is checked on NCCL; "
+                                "autopar plan does not emit such plans, so re-plan, or use schedule 1f1b or gpipe")
+    if mixed_interleaved and tr.n_microbatches % pp:
         raise NotAppliableError(f"interleaved 1F1B over device groups of different sizes runs {tr.n_microbatches} "
                                 f"microbatches in rounds of {pp} (one per group); use a multiple of {pp}")
 

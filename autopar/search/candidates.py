@@ -212,7 +212,7 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
 
 
 def interleaved_dp_candidates(tables: StageTables, dp: list[Candidate], p2p_s: np.ndarray,
-                              chunks: int = 2) -> list[Candidate]:
+                              subs: list[Submesh], chunks: int = 2) -> list[Candidate]:
     """Each DP optimum (its stages' submeshes of any sizes, its uneven layer counts) as
     interleaved 1F1B: stage r's device group keeps its layers' count, cut into `chunks` near
     equal chunks, chunk c of group r the (c * depth + r)-th of the pipeline, so the c-th pass
@@ -220,7 +220,11 @@ def interleaved_dp_candidates(tables: StageTables, dp: list[Candidate], p2p_s: n
     for its layers with the microbatches its rank holds under the interleaved schedule
     (memory.inflight, rounded up; the evaluator then checks the rank's chunks together).
     Offered under 1F1B when the depth is at least 2, divides the number of microbatches and
-    leaves every group a layer per chunk."""
+    leaves every group a layer per chunk, and only where every group has the same device count:
+    interleaving over groups of different sizes runs on runtime.pipeline.P2PPipeline, exact on
+    gloo but not yet run on NCCL, where messages between two ranks match in issue order and a
+    send may wait for the peer's receive, so `autopar run` refuses it on CUDA and the planner
+    does not emit what cannot run there."""
     sp = tables.space
     B, S = sp.n_microbatches, sp.max_stages
     out = []
@@ -228,7 +232,7 @@ def interleaved_dp_candidates(tables: StageTables, dp: list[Candidate], p2p_s: n
         depth = cand.depth
         sizes = [j - i for i, j, _ in cand.stages]
         if not (sp.schedule == "1f1b" and cand.chunks == 1 and depth >= 2 and B % depth == 0
-                and min(sizes) >= chunks):
+                and min(sizes) >= chunks and len({subs[mi].n_devices for _, _, mi in cand.stages}) == 1):
             continue
         parts = [[j - i for i, j in split_blocks(n, chunks)] for n in sizes]
         stages, choices, ts, syncs, p2ps = [], [], [], [], []

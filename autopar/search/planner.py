@@ -285,9 +285,9 @@ class SearchJob:
         all_dp = dp_candidates(tables, cost, extra, subs)
         lean_dp = dp_candidates(lean_tables, *lean_tables.dp_inputs(p2p_s), subs) if keeps_cp else all_dp
         # each DP optimum also interleaved, its device groups (of any sizes) kept
-        lean_cands = unique(lean_dp + lean_equal_split + interleaved_dp_candidates(lean_tables, lean_dp, p2p_s))
+        lean_cands = unique(lean_dp + lean_equal_split + interleaved_dp_candidates(lean_tables, lean_dp, p2p_s, subs))
         seen = {(c.key, c.choices) for c in lean_cands}
-        all_il = interleaved_dp_candidates(tables, all_dp, p2p_s) if keeps_cp else []
+        all_il = interleaved_dp_candidates(tables, all_dp, p2p_s, subs) if keeps_cp else []
         rest = [c for c in unique((all_dp if keeps_cp else []) + equal_split + all_il) if (c.key, c.choices) not in seen]
         stats.dp_time_s += time.perf_counter() - t0
         return Proposal(microbatch_size, graph, solver, subs, lean_cands + rest, len(lean_cands),

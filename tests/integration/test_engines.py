@@ -379,6 +379,18 @@ def test_interleaving_over_mixed_size_groups_needs_whole_rounds():
         validate(interleaved_mixed(meshes, n_microbatches=3), "cpu", None)
 
 
+def test_interleaving_over_mixed_size_groups_is_refused_on_cuda():
+    # gloo only until the point-to-point order is run on NCCL (the check validate makes for
+    # --device cuda, called directly: this machine may have no GPU)
+    from autopar.runtime import NotAppliableError
+    from autopar.runtime.launch import _check_pipeline
+    plan = interleaved_mixed([(1, 1), (1, 2), (1, 1), (1, 2)], n_microbatches=4)
+    _check_pipeline(plan, "cpu")
+    with pytest.raises(NotAppliableError, match=r"stage 0: 1, stage 1: 2, stage 2: 1, stage 3: 2 devices\) runs on "
+                                                 r"gloo only \(--device cpu\)"):
+        _check_pipeline(plan, "cuda")
+
+
 @pytest.mark.runtime
 def test_interleaving_over_mixed_size_groups_matches_one_process():
     # interleaved 1F1B over device groups of 1 and 2 devices (chunks 0, 2 on one, 1, 3 on the
