@@ -5,7 +5,6 @@ start layout and recompute option, and the arrays solvers.stage_dp reads."""
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -13,9 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from autopar.costmodel.memory import inflight
-from autopar.hardware.mesh import Submesh
+from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.specs import Cluster
-from autopar.hardware.mesh import Mesh
 from autopar.search.layer_solver import LayerSolver, StartLayout
 from autopar.search.range_table import RECOMPUTE_OPTIONS, RangeTable
 from graphs.ir import OpGraph
