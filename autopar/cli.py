@@ -409,9 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offer sequence (context-parallel) splits; --no-context-parallel searches without them, "
                         "about half the planning time where long sequences make them win layers (the plan "
                         "with them is never worse)")
-    p.add_argument("--sharded-storage", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--sharded-storage", action=argparse.BooleanOptionalAction, default=False,
                    help="let a ZeRO-1/2 stage that does not fit store some parameter groups sharded (ZeRO-3); "
-                        "--no-sharded-storage searches without (the plan with it is never worse)")
+                        "the plan is never worse, but planning is slower (gpt-39b: about 5x)")
     p.add_argument("-o", "--output", help="write the plan JSON to this file (default: only the summary is printed)")
     p.add_argument("--json", action="store_true", help="print the plan JSON instead of the summary")
     _force_arg(p)

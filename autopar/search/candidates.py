@@ -24,7 +24,7 @@ from autopar.hardware.specs import Cluster
 from autopar.plan import PlanError, StagePlan
 from autopar.search.layer_solver import LayerSolver, StartLayout
 from autopar.search.range_table import RECOMPUTE_OPTIONS, RangeTable
-from autopar.search.tables import SearchSpace, StageChoice, StageTables, sharded_storage_set
+from autopar.search.tables import SearchSpace, StageChoice, StageTables, sharded_storage_set, storage_cost_lower_bound
 from autopar.sharding.rules.attention import cp_of
 from autopar.sharding.spec import spec_str
 from graphs.ir import OpGraph
@@ -138,8 +138,8 @@ def interleaved_candidates(rt: RangeTable, submesh_index: int, sub: Submesh, log
 def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int, int], space: SearchSpace,
                  p2p_s: np.ndarray, chunks: int, storage: StorageItems | None = None) -> list[Candidate]:
     """With `storage`, a rank's chunks may also store parameter groups sharded (ZeRO-1/2 stages):
-    a joint option over the rank's memory cap, faster (by its key) than the best that fits,
-    takes the cheapest set of the chunks' groups that brings it under the cap (the covering
+    a joint option recomputing nothing, over the rank's memory cap, faster (by its key) than
+    the best that fits, takes the cheapest set of the chunks' groups that brings it under the cap (the covering
     knapsack of tables.sharded_storage_set, each group's seconds weighted by its chunk's slots
     in the key: exact for the options' strategies, as in StageTables.with_sharded_storage), and
     wins where that is still faster. Only pipelines where some chunk stores a group sharded come
@@ -192,7 +192,11 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
         """The best joint option storing some groups sharded whose key beats `best_key`:
         (flat index, key, per chunk (seconds added, (layer offset, root position) pairs)), or None."""
         assert storage is not None
-        try_at = np.flatnonzero((ok_but_memory & (mem > space.memory_cap_bytes) & (key < best_key)).ravel())
+        # options recomputing nothing (the first P of each chunk), as in the stage tables
+        no_recompute = np.zeros(key.shape, bool)
+        no_recompute[(slice(0, P),) * len(gs)] = True
+        try_at = np.flatnonzero((ok_but_memory & no_recompute & (mem > space.memory_cap_bytes)
+                                 & (key < best_key)).ravel())
         found = None
         for flat in try_at[np.argsort(key.ravel()[try_at], kind="stable")]:
             if key.flat[flat] >= best_key:
@@ -208,6 +212,9 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
                 items += [(c, off, pos, dt, dm) for off, pos, dt, dm in menu]
             excess = float(mem.flat[flat]) - space.memory_cap_bytes
             mk = (tuple((chunk_slots(gs[it[0]]), it[3], it[4]) for it in items), excess)
+            if not items or key.flat[flat] + storage_cost_lower_bound(
+                    [w * dt for w, dt, _ in mk[0]], [-dm for _, _, dm in mk[0]], excess) >= best_key:
+                continue                            # cannot win (exact: the bound is below every set)
             if mk not in sets:
                 sets[mk] = sharded_storage_set([w * dt for w, dt, _ in mk[0]], [-dm for _, _, dm in mk[0]], excess) \
                     if items and -sum(it[4] for it in items) >= excess else None

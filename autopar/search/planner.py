@@ -78,7 +78,7 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
          schedule: str = "1f1b", max_stages: int | None = None, dtype: str | None = None, zero: int = 1,
          seq: int | None = None, example_inputs: Any = None, time_limit_s: float = 10.0, backend: str = "highs",
          progress: bool = False, intra: str = "ilp", workers: int | None = None, eager: bool = EAGER_DEFAULT,
-         context_parallel: bool = True, sharded_storage: bool = True) -> Plan:
+         context_parallel: bool = True, sharded_storage: bool = False) -> Plan:
     """Search the best (stage, submesh, logical mesh, sharding) plan; returns it evaluated.
 
     Each candidate microbatch size is an independent search (its own trace, ILPs and DP); they
@@ -86,8 +86,9 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
     plain data parallelism (Alpa's inter-only ablation). `example_inputs` trace an nn.Module or
     fx.GraphModule; their batch is then the only microbatch size (a UserWarning says so).
     context_parallel=False leaves sequence splits out of every layer (the space before context
-    parallelism; the module doc proves the plan with them is no worse). sharded_storage=False
-    leaves out per-group sharded storage in ZeRO-1/2 stages (StageTables.with_sharded_storage)."""
+    parallelism; the module doc proves the plan with them is no worse). sharded_storage=True
+    offers per-group sharded storage in ZeRO-1/2 stages (StageTables.with_sharded_storage; the
+    plan is no worse, but gpt-39b plans about 5x slower, so it is off by default)."""
     if intra not in ("ilp", "dp"):
         raise PlanError(f"intra must be 'ilp' or 'dp' (got {intra!r})")
     if schedule not in ("1f1b", "gpipe"):
@@ -216,7 +217,7 @@ class SearchJob:
     intra: str
     eager: bool = EAGER_DEFAULT      # cost as the eager PyTorch recipe (evaluator.evaluate's eager)
     context_parallel: bool = True    # offer sequence splits (plan's context_parallel)
-    sharded_storage: bool = True     # offer per-group sharded storage (plan's sharded_storage)
+    sharded_storage: bool = False    # offer per-group sharded storage (plan's sharded_storage)
 
     def search(self, microbatch_size: int) -> SearchResult:
         """The best plan for one microbatch size."""
@@ -288,7 +289,7 @@ class SearchJob:
                     equal_split += interleaved_candidates(rt, mi, sub, shape, space, p2p_s[mi])
                 if storage:
                     for table in ([lean_rt] if rt is lean_rt else [lean_rt, rt]):
-                        items = functools.partial(storage_items, solver, mesh, table)
+                        items = functools.partial(storage_items, solver, mesh, table, chains={})
                         storage_split += uniform_candidates(table, mi, sub, shape, space, p2p_s[mi], items)
                         storage_split += interleaved_candidates(table, mi, sub, shape, space, p2p_s[mi], items)
         cost, extra = tables.dp_inputs(p2p_s)

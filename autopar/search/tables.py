@@ -232,6 +232,7 @@ class StageTables:
                 mem0 = rt.param[at] + held * rt.stash[at]
             cells = new.class_cells[:-1, mi, 1:].T                           # (S, U) view
             chains.clear()
+            walks: dict = {}
             try_at = np.isfinite(key0) & (key0 < cells["key_s"][:, :, None]) & (mem0 > sp.memory_cap_bytes)
             for s, u, p in zip(*np.nonzero(try_at)):
                 if not key0[s, u, p] < cells["key_s"][s, u]:
@@ -239,10 +240,14 @@ class StageTables:
                 i, j = int(self.rep_i[u]), int(self.rep_j[u])
                 items = chains.get((u, p))
                 if items is None:
-                    items = chains[(u, p)] = storage_items(solver, mesh, rt, i, j, p)
+                    items = chains[(u, p)] = storage_items(solver, mesh, rt, i, j, p, walks)
                 excess = float(mem0[s, u, p]) - sp.memory_cap_bytes
                 if not items or -sum(it[3] for it in items) < excess:
                     continue
+                slot_s = float(slots[s, 0, 0])
+                if key0[s, u, p] + slot_s * storage_cost_lower_bound(
+                        [it[2] for it in items], [-it[3] for it in items], excess) >= cells["key_s"][s, u]:
+                    continue                        # cannot win (exact: the bound is below every set)
                 mk = (items, excess)
                 if mk not in sets:
                     sets[mk] = sharded_storage_set([it[2] for it in items], [-it[3] for it in items], excess)
@@ -332,13 +337,42 @@ def boundary_p2p_s(cluster: Cluster, graph: OpGraph, layer_inputs: list[str | No
                      for sub in subs])
 
 
-def storage_items(solver: LayerSolver, mesh: Mesh, rt: RangeTable, i: int, j: int,
-                  p: int) -> tuple[tuple[int, int, float, float], ...]:
+def storage_items(solver: LayerSolver, mesh: Mesh, rt: RangeTable, i: int, j: int, p: int,
+                  chains: dict | None = None) -> tuple[tuple[int, int, float, float], ...]:
     """The groups a stage of layers [i, j) entered in rt.starts[p] may store sharded, under the
     layers' strategies in the range table's chain: (layer offset, root position, seconds added
-    per microbatch, bytes added per device) from LayerSol.storage."""
-    return tuple((li - i, pos, dt, dm) for li, sol in solver.walk((i, j), mesh, rt.starts[p])
-                 for pos, dt, dm in sol.storage)
+    per microbatch, bytes added per device) from LayerSol.storage. `chains` keeps each walk
+    from (i, p) to the last layer, of which [i, j) is the first j - i layers (one walk per
+    start, not per range)."""
+    if chains is None:
+        chains = {}
+    full = chains.get((i, p))
+    if full is None:
+        out = []
+        for li, sol in solver.walk((i, len(solver.graph.layers)), mesh, rt.starts[p]):
+            if not math.isfinite(sol.t_s):
+                break           # the range table's chain ends here too (range_table.chain)
+            out += [(li - i, pos, dt, dm) for pos, dt, dm in sol.storage]
+        full = chains[(i, p)] = tuple(out)
+    return tuple(it for it in full if it[0] < j - i)
+
+
+# Branch-and-bound nodes a covering knapsack may visit before giving up (sharded_storage_set).
+STORAGE_SEARCH_NODES = 2_000
+
+
+def storage_cost_lower_bound(cost_s: Sequence[float], saved_bytes: Sequence[float], need_bytes: float) -> float:
+    """The LP relaxation of sharded_storage_set's knapsack (the cheapest bytes first, the last
+    group fractionally): at most the least cost of any set that covers `need_bytes` (inf where
+    none does), so an option whose time plus this cannot win is skipped without the search."""
+    total, need = 0.0, float(need_bytes)
+    for g in sorted(range(len(cost_s)), key=lambda g: cost_s[g] / saved_bytes[g]):
+        if need <= 0:
+            break
+        take = min(1.0, need / saved_bytes[g])
+        total += take * cost_s[g]
+        need -= take * saved_bytes[g]
+    return total if need <= 1e-9 * max(1.0, abs(need_bytes)) else math.inf
 
 
 def sharded_storage_set(cost_s: Sequence[float], saved_bytes: Sequence[float], need_bytes: float) -> tuple[int, ...] | None:
@@ -348,7 +382,9 @@ def sharded_storage_set(cost_s: Sequence[float], saved_bytes: Sequence[float], n
     identical layers has few classes of many groups; which of a class's groups are taken does
     not matter, only how many), by cost per byte, a branch cut when its cost plus its LP
     relaxation's (the cheapest bytes first, the last class taken fractionally), a lower bound
-    on any completion, is no less than the best set found."""
+    on any completion, is no less than the best set found. A search that would visit more than
+    STORAGE_SEARCH_NODES nodes gives up (None): the option is then not offered, which never
+    makes a plan worse, and the tests check it is not reached on their cases."""
     if sum(saved_bytes) < need_bytes:
         return None
     members: dict[tuple[float, float], list[int]] = {}
@@ -362,6 +398,7 @@ def sharded_storage_set(cost_s: Sequence[float], saved_bytes: Sequence[float], n
     best_cost = math.inf
     best: list[int] = []
     taken: list[int] = [0] * n
+    nodes = 0
 
     def relaxed(k: int, need: float) -> float:
         """Least cost of covering `need` with classes k.. taken fractionally (inf: they cannot)."""
@@ -374,7 +411,10 @@ def sharded_storage_set(cost_s: Sequence[float], saved_bytes: Sequence[float], n
         return math.inf
 
     def search(k: int, cost: float, need: float) -> None:
-        nonlocal best_cost, best
+        nonlocal best_cost, best, nodes
+        nodes += 1
+        if nodes > STORAGE_SEARCH_NODES:
+            return
         if need <= 0:
             if cost < best_cost:
                 best_cost, best = cost, taken[:k] + [0] * (n - k)
@@ -387,7 +427,7 @@ def sharded_storage_set(cost_s: Sequence[float], saved_bytes: Sequence[float], n
         taken[k] = 0
 
     search(0, 0.0, float(need_bytes))
-    if not math.isfinite(best_cost):
+    if not math.isfinite(best_cost) or nodes > STORAGE_SEARCH_NODES:
         return None
     return tuple(sorted(g for q, cw in enumerate(classes) for g in members[cw][:best[q]]))
 

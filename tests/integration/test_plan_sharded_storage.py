@@ -66,7 +66,7 @@ def test_never_worse_and_strictly_better_where_a_stage_can_shard_instead(base, f
     cl, plain = base
     tight = _tight(cl, plain.predicted.peak_memory_bytes, f)
     without = autopar.plan(ModelSource(MODEL), tight, global_batch=GB, workers=1, sharded_storage=False)
-    with_it = autopar.plan(ModelSource(MODEL), tight, global_batch=GB, workers=1)
+    with_it = autopar.plan(ModelSource(MODEL), tight, global_batch=GB, workers=1, sharded_storage=True)
     assert with_it.predicted.fits
     assert with_it.predicted.step_time_s <= without.predicted.step_time_s
     if f == 0.95:
@@ -86,7 +86,7 @@ def test_chosen_set_is_the_least_time_set_that_fits_and_the_plan_evaluates_as_se
     accepts it before starting any process."""
     cl, plain = base
     tight = _tight(cl, plain.predicted.peak_memory_bytes, 0.95)
-    p = autopar.plan(ModelSource(MODEL), tight, global_batch=GB, workers=1)
+    p = autopar.plan(ModelSource(MODEL), tight, global_batch=GB, workers=1, sharded_storage=True)
     (st,) = p.stages
     assert st.sharded_storage and st.recompute == "none"
     graph = ModelSource(MODEL).graph(p.training.microbatch_size)
@@ -127,7 +127,7 @@ def test_search_bound_holds_for_sharded_storage_candidates(base):
     cl, plain = base
     tight = _tight(cl, plain.predicted.peak_memory_bytes, 0.95)
     job = SearchJob(ModelSource(MODEL), tight, GB, "1f1b", None, tight.gpu.training_dtype(None), 1, 10.0, "highs",
-                    "ilp")
+                    "ilp", sharded_storage=True)
     mb = plain.training.microbatch_size
     prop = job.propose(mb, SearchStats())
     assert any(c.origin.endswith("-storage") for c in prop.candidates)
