@@ -253,7 +253,7 @@ def cmd_plan(a) -> int:
         p = search_plan(a.model, a.cluster, nodes=a.nodes, gpus_per_node=a.gpus_per_node, global_batch=a.global_batch,
                  microbatches=a.microbatches, schedule=a.schedule, max_stages=a.max_stages, dtype=a.dtype,
                  progress=sys.stderr.isatty(), zero=a.zero, seq=a.seq, eager=a.eager,
-                 context_parallel=a.context_parallel)
+                 context_parallel=a.context_parallel, sharded_storage=a.sharded_storage)
     elapsed = time.perf_counter() - t0
     text = p.to_json()
     if a.json:
@@ -409,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offer sequence (context-parallel) splits; --no-context-parallel searches without them, "
                         "about half the planning time where long sequences make them win layers (the plan "
                         "with them is never worse)")
+    p.add_argument("--sharded-storage", action=argparse.BooleanOptionalAction, default=False,
+                   help="let a ZeRO-1/2 stage that does not fit store some parameter groups sharded (ZeRO-3); "
+                        "the plan is never worse, but planning is slower (gpt-39b: about 5x)")
     p.add_argument("-o", "--output", help="write the plan JSON to this file (default: only the summary is printed)")
     p.add_argument("--json", action="store_true", help="print the plan JSON instead of the summary")
     _force_arg(p)

@@ -15,7 +15,7 @@ transfers exactly), so the search proposes several candidates and the evaluator 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +27,7 @@ from autopar.hardware.specs import Cluster
 from autopar.plan import PlanError, StagePlan
 from autopar.search.layer_solver import LayerSolver, StartLayout
 from autopar.search.range_table import RECOMPUTE_OPTIONS, RangeTable
-from autopar.search.tables import SearchSpace, StageChoice, StageTables
+from autopar.search.tables import SearchSpace, StageChoice, StageTables, sharded_storage_set, storage_cost_lower_bound
 from autopar.sharding.rules.attention import cp_of
 from autopar.sharding.spec import spec_str
 from graphs.ir import OpGraph
@@ -52,7 +52,8 @@ class Candidate:
     stage_time_s: tuple[float, ...]   # per stage: forward + backward (+ recompute) per microbatch
     stage_sync_s: tuple[float, ...]   # per stage: gradient sync per step
     dp_total_s: float            # the DP's closed-form step time, which orders the simulations
-    origin: str                  # "dp" (an optimum of the stage DP) or "equal" (an equal-layer slicing)
+    origin: str                  # "dp" (an optimum of the stage DP), "equal" (an equal-layer slicing), or
+                                 # either with sharded storage: "dp-storage", "equal-storage"
     chunks: int = 1              # per pipeline rank: > 1 is interleaved 1F1B
 
     @property
@@ -76,6 +77,8 @@ class Candidate:
         first one found is kept (a free choice of layouts before all-stages-alike)."""
         if self.origin == "dp":
             return ("dp", self.stages)
+        if self.origin == "dp-storage":
+            return (self.origin, self.stages, self.choices)
         return (self.origin, self.stages, tuple(c.logical_mesh for c in self.choices), self.chunks)
 
 
@@ -90,9 +93,11 @@ def unique(candidates: Iterable[Candidate]) -> list[Candidate]:
     return out
 
 
-def dp_candidates(tables: StageTables, cost: np.ndarray, extra: np.ndarray, subs: list[Submesh]) -> list[Candidate]:
+def dp_candidates(tables: StageTables, cost: np.ndarray, extra: np.ndarray, subs: list[Submesh],
+                  origin: str = "dp") -> list[Candidate]:
     """The stage DP's optimum at each bound on the number of stages (DP_DEPTH_BOUNDS below
-    max_stages, and max_stages), each slicing once."""
+    max_stages, and max_stages), each slicing once; `origin` "dp-storage" for the tables with
+    sharded storage (StageTables.with_sharded_storage), whose choices tell them apart."""
     sp = tables.space
     S = sp.max_stages
     out = []
@@ -104,29 +109,45 @@ def dp_candidates(tables: StageTables, cost: np.ndarray, extra: np.ndarray, subs
             out.append(Candidate(tuple(r.stages),
                                  tuple(tables.choice(i, j, mi, n - k) for k, (i, j, mi) in enumerate(r.stages)),
                                  tuple(float(c["t_s"]) for c in cells), tuple(float(c["sync_s"]) for c in cells),
-                                 r.total_s, "dp"))
+                                 r.total_s, origin))
     return unique(out)
 
 
+# A stage's sharded-storage menu (StorageItems): per group it may store sharded, (layer offset
+# in the stage, position of the group's root in that layer, seconds added per microbatch, bytes
+# added per device, < 0); given (first layer, end layer, start index) of a range table.
+StorageItems = Callable[[int, int, int], tuple[tuple[int, int, float, float], ...]]
+
+
 def uniform_candidates(rt: RangeTable, submesh_index: int, sub: Submesh, logical_mesh: tuple[int, int],
-                       space: SearchSpace, p2p_s: np.ndarray) -> list[Candidate]:
+                       space: SearchSpace, p2p_s: np.ndarray, storage: StorageItems | None = None) -> list[Candidate]:
     """Equal-layer pipelines whose stages all use this submesh and logical mesh, at the depth
     that fills the cluster: per stage the start layout and recompute minimising its share of
-    the step, once freely and once with every stage entered in the layout the first emits."""
-    return _equal_split(rt, submesh_index, sub, logical_mesh, space, p2p_s, chunks=1)
+    the step, once freely and once with every stage entered in the layout the first emits.
+    With `storage`, only the pipelines where some stage also stores parameter groups sharded
+    (origin "equal-storage"; _equal_split)."""
+    return _equal_split(rt, submesh_index, sub, logical_mesh, space, p2p_s, chunks=1, storage=storage)
 
 
 def interleaved_candidates(rt: RangeTable, submesh_index: int, sub: Submesh, logical_mesh: tuple[int, int],
-                           space: SearchSpace, p2p_s: np.ndarray) -> list[Candidate]:
+                           space: SearchSpace, p2p_s: np.ndarray, storage: StorageItems | None = None) -> list[Candidate]:
     """uniform_candidates as Megatron's interleaved 1F1B: two chunks of layers per GPU, chunk g
     on rank g % depth, a rank's chunks choosing their options together so that they fit in its
     GPU's memory together. Offered under 1F1B when the depth is at least 2, divides the number
-    of microbatches (the schedule needs it) and leaves a block per chunk."""
-    return _equal_split(rt, submesh_index, sub, logical_mesh, space, p2p_s, chunks=2)
+    of microbatches (the schedule needs it) and leaves a block per chunk. `storage`: as in
+    uniform_candidates."""
+    return _equal_split(rt, submesh_index, sub, logical_mesh, space, p2p_s, chunks=2, storage=storage)
 
 
 def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int, int], space: SearchSpace,
-                 p2p_s: np.ndarray, chunks: int) -> list[Candidate]:
+                 p2p_s: np.ndarray, chunks: int, storage: StorageItems | None = None) -> list[Candidate]:
+    """With `storage`, a rank's chunks may also store parameter groups sharded (ZeRO-1/2 stages):
+    a joint option recomputing nothing, over the rank's memory cap, faster (by its key) than
+    the best that fits, takes the cheapest set of the chunks' groups that brings it under the cap (the covering
+    knapsack of tables.sharded_storage_set, each group's seconds weighted by its chunk's slots
+    in the key: exact for the options' strategies, as in StageTables.with_sharded_storage), and
+    wins where that is still faster. Only pipelines where some chunk stores a group sharded come
+    back: those without are the candidates without `storage`, which the planner keeps."""
     L, S, B, schedule = space.n_layers, space.max_stages, space.n_microbatches, space.schedule
     if space.n_gpus % sub.n_devices:
         return []
@@ -165,9 +186,58 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
                          for q in range(P)]
                         for q0 in range(P)])
     everywhere = np.ones(P, bool)
+    def chunk_slots(g: int) -> int:
+        return B + depth - g % depth - 1
+
+    sets: dict[tuple, tuple[int, ...] | None] = {}
+    items_of: dict[tuple[int, int], tuple[tuple[int, int, float, float], ...]] = {}
+
+    def sharded(gs, opts, key, mem, ok_but_memory, best_key: float):
+        """The best joint option storing some groups sharded whose key beats `best_key`:
+        (flat index, key, per chunk (seconds added, (layer offset, root position) pairs)), or None."""
+        assert storage is not None
+        # options recomputing nothing (the first P of each chunk), as in the stage tables
+        no_recompute = np.zeros(key.shape, bool)
+        no_recompute[(slice(0, P),) * len(gs)] = True
+        try_at = np.flatnonzero((ok_but_memory & no_recompute & (mem > space.memory_cap_bytes)
+                                 & (key < best_key)).ravel())
+        found = None
+        for flat in try_at[np.argsort(key.ravel()[try_at], kind="stable")]:
+            if key.flat[flat] >= best_key:
+                break                           # storage only adds time: no later option can win
+            qs = np.unravel_index(flat, key.shape)
+            items = []
+            for c, (g, q) in enumerate(zip(gs, qs)):
+                i, j = ranges[g]
+                p = int(q) % P
+                menu = items_of.get((g, p))
+                if menu is None:
+                    menu = items_of[(g, p)] = storage(i, j, p)
+                items += [(c, off, pos, dt, dm) for off, pos, dt, dm in menu]
+            excess = float(mem.flat[flat]) - space.memory_cap_bytes
+            mk = (tuple((chunk_slots(gs[it[0]]), it[3], it[4]) for it in items), excess)
+            if not items or key.flat[flat] + storage_cost_lower_bound(
+                    [w * dt for w, dt, _ in mk[0]], [-dm for _, _, dm in mk[0]], excess) >= best_key:
+                continue                            # cannot win (exact: the bound is below every set)
+            if mk not in sets:
+                sets[mk] = sharded_storage_set([w * dt for w, dt, _ in mk[0]], [-dm for _, _, dm in mk[0]], excess) \
+                    if items and -sum(it[4] for it in items) >= excess else None
+            sel = sets[mk]
+            if sel is None:
+                continue
+            k_new = float(key.flat[flat]) + sum(mk[0][x][0] * mk[0][x][1] for x in sel)
+            if k_new < best_key:
+                best_key = k_new
+                per_chunk = [(sum(items[x][3] for x in sel if items[x][0] == c),
+                              tuple(sorted((items[x][1], items[x][2]) for x in sel if items[x][0] == c)))
+                             for c in range(len(gs))]
+                found = (int(flat), k_new, per_chunk)
+        return found
+
     out = []
     for same_layout in (False, True):
         picked: dict[int, tuple[int, float, float]] = {}   # chunk -> (option, t, sync)
+        stored: dict[int, tuple[tuple[int, int], ...]] = {}  # chunk -> its groups stored sharded
         allowed = everywhere                               # over start layouts
         for r in range(depth):
             # A rank's chunks share its GPU: their options are chosen together, under one memory
@@ -177,7 +247,7 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
             opts = [options(g, *ranges[g]) for g in gs]
             key = sum(along(c, o[0]) for c, o in enumerate(opts))
             mem = sum(along(c, o[1]) for c, o in enumerate(opts))
-            ok = mem <= space.memory_cap_bytes
+            ok = np.ones(np.shape(mem), bool)
             starts_of = [np.arange(len(o[0])) % P for o in opts]
             for c in range(chunks):
                 ok = ok & along(c, allowed[starts_of[c]])
@@ -187,27 +257,39 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
                     pair = follows[starts_of[0][:, None], starts_of[c][None, :]]
                     ok = ok & pair.reshape((len(starts_of[0]),) + (1,) * (c - 1) + (len(starts_of[c]),)
                                            + (1,) * (chunks - 1 - c))
-            key = np.where(ok, key, np.inf)
+            raw_key = key
+            key = np.where(ok & (mem <= space.memory_cap_bytes), key, np.inf)
             flat = int(key.argmin())
-            if not math.isfinite(key.flat[flat]):
+            best = float(key.flat[flat])
+            added = [0.0] * len(gs)
+            if storage is not None:
+                found = sharded(gs, opts, raw_key, mem, ok, best)
+                if found is not None:
+                    flat, best = found[0], found[1]
+                    added = [a for a, _ in found[2]]
+                    stored.update({g: roots for g, (_, roots) in zip(gs, found[2]) if roots})
+            if not math.isfinite(best):
                 break
             for c, (g, q) in enumerate(zip(gs, np.unravel_index(flat, key.shape))):
-                picked[g] = (int(q), float(opts[c][2][q]), float(opts[c][3][q]))
+                picked[g] = (int(q), float(opts[c][2][q]) + added[c], float(opts[c][3][q]))
             if r == 0 and same_layout:
                 allowed = follows[picked[0][0] % P]
         else:
+            if storage is not None and not stored:
+                continue                        # the candidate without storage (docstring)
             stages = [(i, j, mi) for i, j in ranges]
             qs = [picked[g] for g in range(len(ranges))]
             choices = []
-            for (i, j), (opt, _, _) in zip(ranges, qs):
+            for g, ((i, j), (opt, _, _)) in enumerate(zip(ranges, qs)):
                 k = opt // P
                 choices.append(StageChoice(logical_mesh, rt.starts[opt % P],
-                                           RECOMPUTE_OPTIONS[recompute_full if k else 0], k if 0 < k < j - i else None))
+                                           RECOMPUTE_OPTIONS[recompute_full if k else 0], k if 0 < k < j - i else None,
+                                           stored.get(g, ())))
             ts = [t for _, t, _ in qs]
             syncs = [sync for _, _, sync in qs]
             out.append(Candidate(tuple(stages), tuple(choices), tuple(ts), tuple(syncs),
                                  _pipeline_total_s(ts, syncs, [float(p2p_s[j]) for _, j in ranges], depth, B, chunks),
-                                 "equal", chunks))
+                                 "equal" if storage is None else "equal-storage", chunks))
     return out
 
 
@@ -288,7 +370,9 @@ def stage_plans(cand: Candidate, graph: OpGraph, solver: LayerSolver, subs: list
                                 # () : the first layer reads no earlier tensor (its stage's input, if
                                 # any, skips it and arrives replicated: "")
                                 input_spec="" if i == 0 or not choice.start.spec else spec_str(choice.start.spec),
-                                recompute=choice.recompute, recompute_layers=choice.recompute_layers))
+                                recompute=choice.recompute, recompute_layers=choice.recompute_layers,
+                                sharded_storage=sorted(graph.layers[i + off].nodes[pos]
+                                                       for off, pos in choice.sharded_storage)))
     return stages
 
 

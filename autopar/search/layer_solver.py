@@ -29,6 +29,7 @@ from autopar.costmodel.collectives import default_grad_sync_engine
 from autopar.costmodel.compute import ComputeModel
 from autopar.evaluation.evaluator import EAGER_DEFAULT, NO_EAGER, eager_terms, grad_sync_step_s
 from autopar.hardware.mesh import Mesh
+from autopar.sharding.rules import is_decision
 from autopar.sharding.rules.einsum import splits_sequence
 from autopar.sharding.spec import Spec, is_valid, shard_factor
 from autopar.sharding.stage_problem import Settings, StageProblem, decision_names
@@ -55,6 +56,11 @@ class LayerSol:
     status: str
     objective: float
     seq_split: bool = False      # some op of the solution splits the sequence (context parallelism)
+    # Per group whose parameters may be stored sharded instead of at the plan's ZeRO-1/2 level
+    # (StageProblem.storage_groups), under the strategies chosen here: (position of its root
+    # in the layer, seconds it adds per microbatch, bytes it adds per device, < 0). Empty at
+    # ZeRO 0/3 and under the eager recipe (whose terms do not model it).
+    storage: tuple[tuple[int, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -257,6 +263,21 @@ class LayerSolver:
             sol = LayerSol(ev.per_microbatch_s + et.device_s, ev.recompute_fwd_s, sync + et.grad_bucket_s,
                            ev.param_state_bytes(self.settings.zero) + et.held_bytes, ev.param_elems,
                            ev.stash_bytes + et.stash_bytes, in_bytes + et.inputs_fp32_extra_bytes,
-                           out_spec, chosen, res.status, res.objective, seq)
+                           out_spec, chosen, res.status, res.objective, seq,
+                           () if self.eager else self._storage_menu(prob, res.choice, pos))
         self.cache[k] = sol
         return sol
+
+    def _storage_menu(self, prob: StageProblem, choice, pos: dict[str, int]) -> tuple[tuple[int, float, float], ...]:
+        """LayerSol.storage of a solved layer. storage_groups' cost change is the ILP
+        objective's, whose step part sharded storage leaves as it is (strategy.sharded_storage_
+        cost), so it is the seconds per microbatch the group adds. Only groups rooted at a
+        decision op: a root that follows the layer's received input is, in a stage of several
+        layers, a member of the previous layer's group, not a unit of its own."""
+        out = []
+        for gi, (dc, dm) in prob.storage_groups(self.settings).items():
+            root = prob.groups[gi].root
+            q = int(choice[gi])
+            if is_decision(self.graph.node(root)) and dm[q] < 0:
+                out.append((pos[root], float(dc[q]), float(dm[q])))
+        return tuple(out)

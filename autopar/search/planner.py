@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import gc
 import math
 import multiprocessing as mp
@@ -58,7 +59,7 @@ from autopar.search.candidates import (
 )
 from autopar.search.layer_solver import LayerSolver, SearchStats
 from autopar.search.range_table import range_tables
-from autopar.search.tables import SearchSpace, StageTables, boundary_p2p_s, range_classes
+from autopar.search.tables import SearchSpace, StageTables, boundary_p2p_s, range_classes, storage_items
 from autopar.sharding.stage_problem import Settings
 from autopar.validation import check_training
 from graphs.ir import OpGraph
@@ -78,7 +79,7 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
          schedule: str = "1f1b", max_stages: int | None = None, dtype: str | None = None, zero: int = 1,
          seq: int | None = None, example_inputs: Any = None, time_limit_s: float = 10.0, backend: str = "highs",
          progress: bool = False, intra: str = "ilp", workers: int | None = None, eager: bool = EAGER_DEFAULT,
-         context_parallel: bool = True) -> Plan:
+         context_parallel: bool = True, sharded_storage: bool = False) -> Plan:
     """Search the best (stage, submesh, logical mesh, sharding) plan; returns it evaluated.
 
     Each candidate microbatch size is an independent search (its own trace, ILPs and DP); they
@@ -86,7 +87,9 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
     plain data parallelism (Alpa's inter-only ablation). `example_inputs` trace an nn.Module or
     fx.GraphModule; their batch is then the only microbatch size (a UserWarning says so).
     context_parallel=False leaves sequence splits out of every layer (the space before context
-    parallelism; the module doc proves the plan with them is no worse)."""
+    parallelism; the module doc proves the plan with them is no worse). sharded_storage=True
+    offers per-group sharded storage in ZeRO-1/2 stages (StageTables.with_sharded_storage; the
+    plan is no worse, but gpt-39b plans about 5x slower, so it is off by default)."""
     if intra not in ("ilp", "dp"):
         raise PlanError(f"intra must be 'ilp' or 'dp' (got {intra!r})")
     if schedule not in ("1f1b", "gpipe"):
@@ -102,7 +105,7 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
     second_round = microbatches == "auto" and not source.fixed_batch
     sizes = [source.fixed_batch] if source.fixed_batch else microbatch_candidates(global_batch, cl.n_gpus, microbatches)
     job = SearchJob(source, cl, global_batch, schedule, max_stages, dtype, zero, time_limit_s, backend, intra, eager,
-                    context_parallel)
+                    context_parallel, sharded_storage)
     n_workers = max(1, min(len(sizes), workers or os.cpu_count() or 1))
     bar = _Progress(progress, len(sizes) + (2 if second_round else 0))
     with _fewer_collections():
@@ -215,6 +218,7 @@ class SearchJob:
     intra: str
     eager: bool = EAGER_DEFAULT      # cost as the eager PyTorch recipe (evaluator.evaluate's eager)
     context_parallel: bool = True    # offer sequence splits (plan's context_parallel)
+    sharded_storage: bool = False    # offer per-group sharded storage (plan's sharded_storage)
 
     def search(self, microbatch_size: int) -> SearchResult:
         """The best plan for one microbatch size."""
@@ -262,21 +266,36 @@ class SearchJob:
         equal_split: list[Candidate] = []
         lean_equal_split: list[Candidate] = []
         cp_ids = []         # tables.meshes entries whose layers split a sequence somewhere
+        entries = []        # (submesh, tables.meshes index, range table, mesh) for sharded storage
+        # Sharded storage is offered to candidates of its own, after those without it (whose
+        # search is as before), so the option set only grows (StageTables.with_sharded_storage)
+        storage = self.sharded_storage and self.zero in (1, 2) and not self.eager
+        storage_split: list[Candidate] = []
         for mi, sub in enumerate(subs):
             for shape in (sub.logical_meshes() if self.intra == "ilp" else [(sub.n_devices, 1)]):
-                rt, lean_rt = range_tables(solver, Mesh(cl, sub, shape), self.context_parallel)
+                mesh = Mesh(cl, sub, shape)
+                rt, lean_rt = range_tables(solver, mesh, self.context_parallel)
                 # the lean table first: a cell keeps the first of equal options
                 tables.add(mi, shape, lean_rt)
+                entries.append((mi, len(tables.meshes) - 1, lean_rt, mesh))
                 if rt is not lean_rt:
                     tables.add(mi, shape, rt)
                     cp_ids.append(len(tables.meshes) - 1)
+                    entries.append((mi, len(tables.meshes) - 1, rt, mesh))
                 lean_tables.add(mi, shape, lean_rt)
                 lean_equal_split += uniform_candidates(lean_rt, mi, sub, shape, space, p2p_s[mi])
                 lean_equal_split += interleaved_candidates(lean_rt, mi, sub, shape, space, p2p_s[mi])
                 if rt is not lean_rt:
                     equal_split += uniform_candidates(rt, mi, sub, shape, space, p2p_s[mi])
                     equal_split += interleaved_candidates(rt, mi, sub, shape, space, p2p_s[mi])
+                if storage:
+                    for table in ([lean_rt] if rt is lean_rt else [lean_rt, rt]):
+                        items = functools.partial(storage_items, solver, mesh, table, chains={})
+                        storage_split += uniform_candidates(table, mi, sub, shape, space, p2p_s[mi], items)
+                        storage_split += interleaved_candidates(table, mi, sub, shape, space, p2p_s[mi], items)
         cost, extra = tables.dp_inputs(p2p_s)
+        # the DP over a second set of tables with sharded storage (None where it wins no cell)
+        storage_tables = tables.with_sharded_storage(entries, solver) if storage else None
         stats.table_time_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         # Where no cell keeps a context-parallel option, every cell holds what the lean tables'
@@ -289,6 +308,11 @@ class SearchJob:
         seen = {(c.key, c.choices) for c in lean_cands}
         all_il = interleaved_dp_candidates(tables, all_dp, p2p_s, subs) if keeps_cp else []
         rest = [c for c in unique((all_dp if keeps_cp else []) + equal_split + all_il) if (c.key, c.choices) not in seen]
+        if storage_tables is not None:
+            # an optimum storing nothing sharded ties an optimum of the tables without storage
+            rest += [c for c in dp_candidates(storage_tables, *storage_tables.dp_inputs(p2p_s), subs, "dp-storage")
+                     if any(ch.sharded_storage for ch in c.choices)]
+        rest += unique(storage_split)
         stats.dp_time_s += time.perf_counter() - t0
         return Proposal(microbatch_size, graph, solver, subs, lean_cands + rest, len(lean_cands),
                         tables.least_memory_bytes)

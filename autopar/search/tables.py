@@ -4,6 +4,7 @@ start layout and recompute option, and the arrays solvers.stage_dp reads."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -11,13 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from autopar.costmodel.memory import inflight
-from autopar.hardware.mesh import Submesh
+from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.specs import Cluster
-from autopar.search.layer_solver import StartLayout
+from autopar.search.layer_solver import LayerSolver, StartLayout
 from autopar.search.range_table import RECOMPUTE_OPTIONS, RangeTable
 from graphs.ir import OpGraph
 
-__all__ = ["CELL", "SearchSpace", "StageChoice", "StageTables", "boundary_p2p_s", "distinct_ranges", "range_classes"]
+__all__ = ["CELL", "SearchSpace", "StageChoice", "StageTables", "boundary_p2p_s", "distinct_ranges", "range_classes",
+           "sharded_storage_set", "storage_items"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class StageChoice:
     # with "full": how many of the stage's first layers are recomputed, the rest keeping their
     # activations (Megatron's --recompute-method block); None: all of them
     recompute_layers: int | None = None
+    # the groups whose parameters are stored sharded in a ZeRO-1/2 stage, as (layer offset in
+    # the stage, position of the group's root in that layer) (StageTables.with_sharded_storage)
+    sharded_storage: tuple[tuple[int, int], ...] = ()
 
 
 # One record per cell. key_s ranks the options of a cell: a stage's share of the step, its
@@ -49,8 +54,9 @@ class StageChoice:
 # as in (p - 1 + m) of 1F1B), plus its gradient sync. t_s is what the DP sums (per microbatch);
 # mesh indexes StageTables.meshes, start that mesh's start layouts, recompute RECOMPUTE_OPTIONS;
 # recompute_layers is the k of a stage recomputing its first k layers only (0: all or none).
+# storage indexes StageTables.storage_sets (-1: every parameter at the plan's ZeRO level).
 CELL = np.dtype([("key_s", "f8"), ("t_s", "f8"), ("sync_s", "f8"), ("mesh", "i8"), ("start", "i8"),
-                 ("recompute", "i8"), ("recompute_layers", "i8")])
+                 ("recompute", "i8"), ("recompute_layers", "i8"), ("storage", "i8")])
 
 
 class StageTables:
@@ -89,6 +95,8 @@ class StageTables:
         self.class_cells["start"] = 0
         self.class_cells["recompute"] = 0
         self.class_cells["recompute_layers"] = 0
+        self.class_cells["storage"] = -1
+        self.storage_sets: list[tuple[tuple[int, int], ...]] = []
         self.meshes: list[tuple[tuple[int, int], list[StartLayout]]] = []
         self.least_memory_bytes = math.inf     # over every cell and option, fitting or not
         # per depth s = 1..S (axis 0): microbatches held by the first stage of s, and the
@@ -184,8 +192,76 @@ class StageTables:
         cell = self.cell(i, j, submesh_index, stages_to_end)
         logical_mesh, starts = self.meshes[int(cell["mesh"])]
         layers = int(cell["recompute_layers"])
+        storage = int(cell["storage"])
         return StageChoice(logical_mesh, starts[int(cell["start"])], RECOMPUTE_OPTIONS[int(cell["recompute"])],
-                           layers or None)
+                           layers or None, self.storage_sets[storage] if storage >= 0 else ())
+
+    def with_sharded_storage(self, entries: Sequence[tuple[int, int, RangeTable, Mesh]],
+                             solver: LayerSolver) -> StageTables | None:
+        """A copy of these tables where a stage may also store some parameter groups sharded
+        (ZeRO-3) in its ZeRO-1/2 stage, recomputing nothing; None where no cell changes.
+        `entries`: (submesh index, StageTables.meshes index, range table, mesh) of every
+        logical mesh added.
+
+        The option of a cell (range, submesh, depth) entered in start p on a mesh keeps the
+        layers' time-optimal strategies (the range table's chain) and adds the cheapest set of
+        groups whose sharding brings the stage under the cap: min sum dt_g subject to
+        sum saved_g >= memory - cap, a 0/1 knapsack over the stage's groups (LayerSol.storage),
+        solved exactly (sharded_storage_set). A group's added time and saved bytes do not
+        depend on the other groups' storage (each op is priced on its own,
+        strategy.sharded_storage_cost, and its bytes are its own), so the set's figures are
+        the sums, and the set is optimal for those strategies at that budget. It is tried only
+        where it can win: the stage does not fit without recomputation, and its time without
+        recomputation beats the cell's best (sharded storage only adds time). A cell takes
+        it only when strictly better, so tables where it never wins are unchanged and the
+        option set only grows: the DP over the copy is no worse than over these tables."""
+        sp = self.space
+        new = copy.copy(self)
+        new.class_cells = self.class_cells.copy()
+        new.storage_sets = list(self.storage_sets)
+        at = (self.rep_i, self.rep_j)
+        held = self._held                                    # (S, 1, 1)
+        slots = self._slots
+        changed = False
+        chains: dict[tuple[int, int], tuple[tuple[int, int, float, float], ...]] = {}
+        sets: dict[tuple, tuple[int, ...] | None] = {}
+        for mi, mesh_id, rt, mesh in entries:
+            t, sync = rt.t[at], rt.sync[at]                                   # (U, P)
+            with np.errstate(invalid="ignore"):
+                key0 = slots * t + sync                                       # (S, U, P)
+                mem0 = rt.param[at] + held * rt.stash[at]
+            cells = new.class_cells[:-1, mi, 1:].T                           # (S, U) view
+            chains.clear()
+            walks: dict = {}
+            try_at = np.isfinite(key0) & (key0 < cells["key_s"][:, :, None]) & (mem0 > sp.memory_cap_bytes)
+            for s, u, p in zip(*np.nonzero(try_at)):
+                if not key0[s, u, p] < cells["key_s"][s, u]:
+                    continue                        # beaten by an option written in this pass
+                i, j = int(self.rep_i[u]), int(self.rep_j[u])
+                items = chains.get((u, p))
+                if items is None:
+                    items = chains[(u, p)] = storage_items(solver, mesh, rt, i, j, p, walks)
+                excess = float(mem0[s, u, p]) - sp.memory_cap_bytes
+                if not items or -sum(it[3] for it in items) < excess:
+                    continue
+                slot_s = float(slots[s, 0, 0])
+                if key0[s, u, p] + slot_s * storage_cost_lower_bound(
+                        [it[2] for it in items], [-it[3] for it in items], excess) >= cells["key_s"][s, u]:
+                    continue                        # cannot win (exact: the bound is below every set)
+                mk = (items, excess)
+                if mk not in sets:
+                    sets[mk] = sharded_storage_set([it[2] for it in items], [-it[3] for it in items], excess)
+                picked = sets[mk]
+                if picked is None:
+                    continue
+                dt = sum(items[g][2] for g in picked)
+                tt = float(t[u, p]) + dt
+                key = float(slots[s, 0, 0]) * tt + float(sync[u, p])
+                if key < cells["key_s"][s, u]:
+                    new.storage_sets.append(tuple(sorted((items[g][0], items[g][1]) for g in picked)))
+                    cells[s, u] = (key, tt, sync[u, p], mesh_id, p, 0, 0, len(new.storage_sets) - 1)
+                    changed = True
+        return new if changed else None
 
     def dp_inputs(self, p2p_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """stage_dp's stage_cost [L, L+1, M, S+1] and stage_extra [L, L+1, M].
@@ -259,6 +335,101 @@ def boundary_p2p_s(cluster: Cluster, graph: OpGraph, layer_inputs: list[str | No
     out_bytes = np.array([graph.node(src).out_bytes if src else 0.0 for src in layer_inputs] + [0.0])
     return np.array([np.where(out_bytes > 0, link_lat + out_bytes / (link_bw * sub.n_devices), 0.0)
                      for sub in subs])
+
+
+def storage_items(solver: LayerSolver, mesh: Mesh, rt: RangeTable, i: int, j: int, p: int,
+                  chains: dict | None = None) -> tuple[tuple[int, int, float, float], ...]:
+    """The groups a stage of layers [i, j) entered in rt.starts[p] may store sharded, under the
+    layers' strategies in the range table's chain: (layer offset, root position, seconds added
+    per microbatch, bytes added per device) from LayerSol.storage. `chains` keeps each walk
+    from (i, p) to the last layer, of which [i, j) is the first j - i layers (one walk per
+    start, not per range)."""
+    if chains is None:
+        chains = {}
+    full = chains.get((i, p))
+    if full is None:
+        out = []
+        for li, sol in solver.walk((i, len(solver.graph.layers)), mesh, rt.starts[p]):
+            if not math.isfinite(sol.t_s):
+                break           # the range table's chain ends here too (range_table.chain)
+            out += [(li - i, pos, dt, dm) for pos, dt, dm in sol.storage]
+        full = chains[(i, p)] = tuple(out)
+    return tuple(it for it in full if it[0] < j - i)
+
+
+# Branch-and-bound nodes a covering knapsack may visit before giving up (sharded_storage_set).
+STORAGE_SEARCH_NODES = 2_000
+
+
+def storage_cost_lower_bound(cost_s: Sequence[float], saved_bytes: Sequence[float], need_bytes: float) -> float:
+    """The LP relaxation of sharded_storage_set's knapsack (the cheapest bytes first, the last
+    group fractionally): at most the least cost of any set that covers `need_bytes` (inf where
+    none does), so an option whose time plus this cannot win is skipped without the search."""
+    total, need = 0.0, float(need_bytes)
+    for g in sorted(range(len(cost_s)), key=lambda g: cost_s[g] / saved_bytes[g]):
+        if need <= 0:
+            break
+        take = min(1.0, need / saved_bytes[g])
+        total += take * cost_s[g]
+        need -= take * saved_bytes[g]
+    return total if need <= 1e-9 * max(1.0, abs(need_bytes)) else math.inf
+
+
+def sharded_storage_set(cost_s: Sequence[float], saved_bytes: Sequence[float], need_bytes: float) -> tuple[int, ...] | None:
+    """The groups to store sharded: the set of least summed cost (>= 0 each) whose saved bytes
+    (> 0 each) reach `need_bytes`, a 0/1 covering knapsack; None where even all of them do not.
+    Exact: depth-first branch and bound over classes of equal (cost, bytes) groups (a stage of
+    identical layers has few classes of many groups; which of a class's groups are taken does
+    not matter, only how many), by cost per byte, a branch cut when its cost plus its LP
+    relaxation's (the cheapest bytes first, the last class taken fractionally), a lower bound
+    on any completion, is no less than the best set found. A search that would visit more than
+    STORAGE_SEARCH_NODES nodes gives up (None): the option is then not offered, which never
+    makes a plan worse, and the tests check it is not reached on their cases."""
+    if sum(saved_bytes) < need_bytes:
+        return None
+    members: dict[tuple[float, float], list[int]] = {}
+    for g, cw in enumerate(zip(cost_s, saved_bytes)):
+        members.setdefault((float(cw[0]), float(cw[1])), []).append(g)
+    classes = sorted(members, key=lambda cw: cw[0] / cw[1])
+    n = len(classes)
+    c = [cw[0] for cw in classes]
+    w = [cw[1] for cw in classes]
+    count = [len(members[cw]) for cw in classes]
+    best_cost = math.inf
+    best: list[int] = []
+    taken: list[int] = [0] * n
+    nodes = 0
+
+    def relaxed(k: int, need: float) -> float:
+        """Least cost of covering `need` with classes k.. taken fractionally (inf: they cannot)."""
+        total = 0.0
+        for q in range(k, n):
+            if w[q] * count[q] >= need:
+                return total + c[q] * need / w[q]
+            total += c[q] * count[q]
+            need -= w[q] * count[q]
+        return math.inf
+
+    def search(k: int, cost: float, need: float) -> None:
+        nonlocal best_cost, best, nodes
+        nodes += 1
+        if nodes > STORAGE_SEARCH_NODES:
+            return
+        if need <= 0:
+            if cost < best_cost:
+                best_cost, best = cost, taken[:k] + [0] * (n - k)
+            return
+        if k == n or cost + relaxed(k, need) >= best_cost:
+            return
+        for m in range(min(count[k], math.ceil(need / w[k])), -1, -1):
+            taken[k] = m
+            search(k + 1, cost + m * c[k], need - m * w[k])
+        taken[k] = 0
+
+    search(0, 0.0, float(need_bytes))
+    if not math.isfinite(best_cost) or nodes > STORAGE_SEARCH_NODES:
+        return None
+    return tuple(sorted(g for q, cw in enumerate(classes) for g in members[cw][:best[q]]))
 
 
 def _first_least(key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
