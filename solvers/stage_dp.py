@@ -196,30 +196,32 @@ class _Entries:
         cv_flat = inp.c.ravel()[flat]
         if inp.t.size < 2 ** 31:
             flat = flat.astype(np.int32)     # int32 division is several times faster
-        kjm, s = np.divmod(flat, n_s1)
-        del flat
-        kj, m = np.divmod(kjm, n_mesh)
-        del kjm
-        k, j = np.divmod(kj, n_ends)
-        del kj
-        group = s.astype(np.int64) * n_layers + k
+        n_groups = n_s1 * n_layers
+        group = (flat % n_s1) * n_layers + flat // (n_ends * n_mesh * n_s1)     # s * L + k
         idx = np.int16 if max(n_ends, n_mesh, n_s1) < 2 ** 15 else np.int64
-        s, k, j, m = s.astype(idx), k.astype(idx), j.astype(idx), m.astype(idx)
         # stable by t, then stable by group (a radix sort when groups fit in 16 bits): the
-        # (s, k, t) order
+        # (s, k, t) order. What is sorted by t is permuted from the t order by by_group (not
+        # gathered from the flat order by the whole permutation), and what only depends on
+        # the group is laid out from the group counts, as the groups come out ascending.
         by_t = np.argsort(tv, kind="stable")
         sorted_t = tv[by_t]
         new_value = np.ones(tv.size, dtype=bool)
         new_value[1:] = sorted_t[1:] != sorted_t[:-1]
         values = sorted_t[new_value]
-        rank = np.empty(tv.size, dtype=np.int64)
-        rank[by_t] = np.cumsum(new_value) - 1
-        small = group.astype(np.int16) if n_s1 * n_layers < 2 ** 15 else group
-        order = by_t[np.argsort(small[by_t], kind="stable")]
-        k, j, m, s, tv, group, rank = k[order], j[order], m[order], s[order], tv[order], group[order], rank[order]
-        key = group * max(1, values.size) + rank
-        group_start = np.searchsorted(group, np.arange(n_s1 * n_layers + 1))
-        return cls(k, j, m, s, tv, cv_flat[order], values, rank, key, group_start, n_layers)
+        rank_by_t = np.cumsum(new_value) - 1
+        small = group.astype(np.int16) if n_groups < 2 ** 15 else group
+        by_group = np.argsort(small[by_t], kind="stable")
+        order = by_t[by_group]
+        tv, rank = sorted_t[by_group], rank_by_t[by_group]
+        counts = np.bincount(group, minlength=n_groups)
+        group_start = np.zeros(n_groups + 1, dtype=np.int64)
+        np.cumsum(counts, out=group_start[1:])
+        all_groups = np.arange(n_groups)
+        s = np.repeat((all_groups // n_layers).astype(idx), counts)
+        k = np.repeat((all_groups % n_layers).astype(idx), counts)
+        j, m = np.divmod((flat[order] // n_s1) % (n_ends * n_mesh), n_mesh)
+        key = np.repeat(all_groups * max(1, values.size), counts) + rank
+        return cls(k, j.astype(idx), m.astype(idx), s, tv, cv_flat[order], values, rank, key, group_start, n_layers)
 
     def up_to_depth(self, s_max: int) -> _Entries:
         n = int(np.searchsorted(self.s, s_max, side="right"))
@@ -417,16 +419,17 @@ class _Solver:
             if n_in:
                 # one contribution per (entry, cell it reads), in entry order (so by k
                 # ascending): the cell d of row j gives d + units[m] of row k
-                of_entry = np.repeat(np.arange(sel.size), n_per)
+                # per-entry figures spread over the entry's cells by np.repeat (sequential
+                # copies, cheaper than gathering them by each contribution's entry)
                 pos = np.arange(n_in) + np.repeat(first_cell - (ends - n_per), n_per)
-                flat = cell_col[pos] + (kk * n_d + um)[of_entry]
+                flat = cell_col[pos] + np.repeat(kk * n_d + um, n_per)
                 if feasibility_only:
                     ids = np.arange(n_in)
                     owner[flat] = ids
                     cells = flat[owner[flat] == ids]
                 else:
                     # g + c as the dense recurrence adds them, the least per cell
-                    val = cell_val[pos] + self.cv[sel][of_entry]
+                    val = cell_val[pos] + np.repeat(self.cv[sel], n_per)
                     g_flat = g_cur.ravel()
                     np.minimum.at(g_flat, flat, val)
                     win = np.flatnonzero(val == g_flat[flat])
@@ -619,16 +622,7 @@ def stage_dp_bounds(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_de
         return []
     inp = _validate(stage_cost, submesh_devices, n_devices, n_microbatches, stage_extra,
                     max(bounds))
-    # the least time and cost over depths 0..b of every (range, submesh), for each bound b,
-    # by a running minimum over the depths (min is exact, so these equal each bound's own)
-    least: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    t_run = c_run = None
-    done = 0
-    for b in sorted({min(int(b), inp.s_max) for b in bounds}):
-        t_new, c_new = inp.t[..., done:b + 1].min(axis=3), inp.c[..., done:b + 1].min(axis=3)
-        t_run = t_new if t_run is None else np.minimum(t_run, t_new)
-        c_run = c_new if c_run is None else np.minimum(c_run, c_new)
-        least[b], done = (t_run, c_run), b + 1
+    least = _least_over_depths(inp, sorted({min(int(b), inp.s_max) for b in bounds}))
     # No solution at any bound when even the deepest bound with every entry allowed needs
     # more devices than there are (the search would stop there before any DP solve): skip
     # sorting the entries.
@@ -644,6 +638,19 @@ def stage_dp_bounds(stage_cost: np.ndarray, submesh_devices: Sequence[int], n_de
         out[b] = _search(_Solver(_limited(inp, b), entries, least[min(b, inp.s_max)]), t0, known)
         t0 = time.perf_counter()
     return [out[int(b)] for b in bounds]
+
+
+def _least_over_depths(inp: _Input, depth_bounds: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The least time and cost over depths 0..b of every (range, submesh), for each bound b
+    (ascending, at most s_max): the minimum of each stretch of depths between bounds, then a
+    running minimum over the stretches (min is exact, so these equal each bound's own). One
+    reduceat over the depths axis, not a reduction per stretch: each of those loops over
+    the (range, submesh) rows with a short inner loop."""
+    starts = [0] + [b + 1 for b in depth_bounds[:-1]]
+    t_run, c_run = (np.minimum.accumulate(np.minimum.reduceat(a[..., :inp.s_max + 1], starts, axis=3), axis=3)
+                    for a in (inp.t, inp.c))
+    return {b: (np.ascontiguousarray(t_run[..., i]), np.ascontiguousarray(c_run[..., i]))
+            for i, b in enumerate(depth_bounds)}
 
 
 class _Feasibility:
