@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 from test_speed_h1_stage_dp import _layered
-from test_stage_dp_exact import _planner_shaped
+from test_stage_dp_exact import _planner_shaped_search
 
 import solvers.stage_dp as dp
 from solvers.stage_dp import _row_major, _Solver, _validate, stage_dp_bounds
@@ -266,13 +266,7 @@ def test_sparse_solves_equal_the_dense_reference_to_the_bit(monkeypatch, seed):
 def test_sparse_searches_equal_the_dense_reference_on_planner_shaped_tables(monkeypatch, seed):
     """Identical blocks (exact ties everywhere), on clusters whose device windows are wide."""
     rng = np.random.default_rng(4200 + seed)
-    sizes = [[1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32], [2, 4, 8]][seed % 3]
-    n_devices = [32, 64, 24][seed % 3]
-    b = int(rng.choice([2, 8, 64]))
-    tables, p2p = _planner_shaped(rng, int(rng.integers(3, 8)), sizes, n_devices, b, seq=seed % 2 == 1)
-    cost, extra = tables.dp_inputs(p2p)
-    s_max = tables.space.max_stages
-    bounds = sorted({s_max} | {d for d in (1, 2, 4, 8) if d < s_max})
+    cost, extra, sizes, n_devices, b, s_max, bounds = _planner_shaped_search(rng, seed)
     _same_searches(monkeypatch, cost, sizes, n_devices, b, bounds, extra)
     assert _compare_solves(_validate(cost, sizes, n_devices, b, extra, s_max)) > 0
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_speed_h1_stage_dp import _inputs
-from test_stage_dp_exact import _planner_shaped
+from test_stage_dp_exact import _planner_shaped_search
 
 import solvers.stage_dp as dp
 from solvers.stage_dp import _Entries, _Input, _least_over_depths, _validate, stage_dp_bounds
@@ -123,13 +123,7 @@ def test_searches_equal_the_reference_on_planner_shaped_tables(monkeypatch, seed
     """Identical blocks (exact ties everywhere): every array, and whole searches at several
     bounds with the reference pieces swapped in."""
     rng = np.random.default_rng(6200 + seed)
-    sizes = [[1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32], [2, 4, 8]][seed % 3]
-    n_devices = [32, 64, 24][seed % 3]
-    b = int(rng.choice([2, 8, 64]))
-    tables, p2p = _planner_shaped(rng, int(rng.integers(3, 8)), sizes, n_devices, b, seq=seed % 2 == 1)
-    cost, extra = tables.dp_inputs(p2p)
-    s_max = tables.space.max_stages
-    bounds = sorted({s_max} | {d for d in (1, 2, 4, 8) if d < s_max})
+    cost, extra, sizes, n_devices, b, s_max, bounds = _planner_shaped_search(rng, seed)
     assert _compare(_validate(cost, sizes, n_devices, b, extra, s_max), bounds) > 0
     got = stage_dp_bounds(cost, sizes, n_devices, b, bounds, extra)
     with monkeypatch.context() as m:

@@ -525,6 +525,19 @@ def _planner_shaped(rng: np.random.Generator, n_blocks: int, sizes: list[int], n
     return tables, p2p
 
 
+def _planner_shaped_search(rng: np.random.Generator, seed: int):
+    """A stage-DP search on _planner_shaped tables over clusters whose device windows are wide:
+    (cost, extra, sizes, n_devices, b, s_max, depth bounds)."""
+    sizes = [[1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32], [2, 4, 8]][seed % 3]
+    n_devices = [32, 64, 24][seed % 3]
+    b = int(rng.choice([2, 8, 64]))
+    tables, p2p = _planner_shaped(rng, int(rng.integers(3, 8)), sizes, n_devices, b, seq=seed % 2 == 1)
+    cost, extra = tables.dp_inputs(p2p)
+    s_max = tables.space.max_stages
+    bounds = sorted({s_max} | {d for d in (1, 2, 4, 8) if d < s_max})
+    return cost, extra, sizes, n_devices, b, s_max, bounds
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_bounds_equal_the_reference_on_planner_shaped_tables(seed):
     rng = np.random.default_rng(200 + seed)
