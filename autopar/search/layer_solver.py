@@ -58,8 +58,9 @@ class LayerSol:
     seq_split: bool = False      # some op of the solution splits the sequence (context parallelism)
     # Per group whose parameters may be stored sharded instead of at the plan's ZeRO-1/2 level
     # (StageProblem.storage_groups), under the strategies chosen here: (position of its root
-    # in the layer, seconds it adds per microbatch, bytes it adds per device, < 0). Empty at
-    # ZeRO 0/3 and under the eager recipe (whose terms do not model it).
+    # in the layer, seconds it adds per microbatch, bytes it adds per device, < 0). Empty unless
+    # the solver was asked for it (LayerSolver's sharded_storage), and at ZeRO 0/3 and under
+    # the eager recipe (whose terms do not model it).
     storage: tuple[tuple[int, float, float], ...] = ()
 
 
@@ -130,10 +131,13 @@ class LayerSolver:
 
     def __init__(self, graph: OpGraph, cm: ComputeModel, settings: Settings, stats: SearchStats,
                  time_limit_s: float, backend: str, only_names: frozenset[str] | None = None,
-                 eager: bool = EAGER_DEFAULT, context_parallel: bool = True):
+                 eager: bool = EAGER_DEFAULT, context_parallel: bool = True, sharded_storage: bool = False):
         """`context_parallel` False: the seq_split=False variant is solved directly (every key's
         ILP without sequence splits), the planner without context parallelism; True: that
-        variant reuses the full optimum where it splits no sequence (module doc)."""
+        variant reuses the full optimum where it splits no sequence (module doc).
+        `sharded_storage`: fill LayerSol.storage (the planner's --sharded-storage); off, the
+        solutions carry no storage menu, which would cost a sixth of gpt-39b's planning time."""
+        self.sharded_storage = sharded_storage
         self.only_names = only_names
         self.context_parallel = context_parallel
         self._no_seq_allowed: dict[tuple, dict[int, set[str]]] = {}
@@ -264,7 +268,8 @@ class LayerSolver:
                            ev.param_state_bytes(self.settings.zero) + et.held_bytes, ev.param_elems,
                            ev.stash_bytes + et.stash_bytes, in_bytes + et.inputs_fp32_extra_bytes,
                            out_spec, chosen, res.status, res.objective, seq,
-                           () if self.eager else self._storage_menu(prob, res.choice, pos))
+                           self._storage_menu(prob, res.choice, pos)
+                           if self.sharded_storage and not self.eager else ())
         self.cache[k] = sol
         return sol
 

@@ -253,7 +253,8 @@ class SearchJob:
         only = frozenset({"R", "b@0"}) if self.intra == "dp" else None
         solver = LayerSolver(graph, ComputeModel(cl.gpu, self.dtype), Settings(n_microbatches=B, zero=self.zero),
                              stats, self.time_limit_s, self.backend, only, eager=self.eager,
-                             context_parallel=self.context_parallel)
+                             context_parallel=self.context_parallel,
+                             sharded_storage=self.sharded_storage and self.zero in (1, 2))
         t0 = time.perf_counter()
         L = len(graph.layers)
         space = SearchSpace(L, min(self.max_stages or L, L, cl.n_gpus), B, cl.n_gpus, self.schedule,
