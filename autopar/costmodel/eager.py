@@ -89,6 +89,43 @@ Time:
   stages are cut); the candidates the planner simulates are scored with them.
   PIPELINE_IDLE_S_PER_BLOCK is fitted on the device-bound GPT pp rows (`predict.py --fit`).
 
+- compiled blocks (`compiled_per_block`, the runtime's rule: `autopar run` compiles the blocks
+  of tensor-parallel stages on CUDA; `evaluate(..., compiled=)` overrides it, False for
+  bench/truth's eager harness). The block is one torch.compile'd region; what lies outside it
+  (embedding, head, loss, optimizer, casts of the weights and gradients, the allocator) stays
+  as above. Three terms change inside it:
+  (a) host: one compiled region's call per block and microbatch, HOST_COMPILED_S_PER_BLOCK
+  (forward and backward: guards, the wrapper's DTensor unwrapping, Inductor's kernel and
+  collective launches, autograd's accumulation of the block's gradients) in place of its ops'
+  dispatch and DTensor's per-block cost. Fitted on the compiled GPT rows at microbatch 1 of
+  bench/results/runtime_vs_native_h200.json (gpt-1.3b, gpt-6.7b tp2: host-bound, 497 and 699
+  ms for 96 and 128 block calls; `python bench/truth/predict_runs.py --fit`): 5.30 ms. The
+  profile of gpt-1.3b tp mb1 (bench/results/profiles_h200_2026-11-30/) has 1.64 ms forward and
+  2.68 ms backward per region call and 0.54 ms of AccumulateGrad per block, under the profiler
+  (559 ms/step profiled against 497 timed): 4.3 ms unprofiled, the same order. It does not
+  grow with the block's size (gpt-6.7b's blocks are 4x gpt-1.3b's: 5.4 against 5.2 ms each).
+  (b) device: Inductor fuses autocast's casts into the norm's kernel (and the residual add
+  with the norm: `triton_per_fused_add_native_layer_norm` in the profile), which writes the
+  bf16 output once; the fp32 residual stream's width stays (COMPILED_NORM_FP32_BYTES_PER_ELEMENT,
+  6 B per element against eager's 8 + 6 per linear reading it). gpt-1.3b tp mb8: the
+  profiled kernels that fuse the norms (and adds) take 25.6 ms per step (those among the 40
+  longest kernels; 30.0 with the fused residual add); the blocks' norms and residual adds are
+  priced 36.5 ms per step so (the graph's 19.8 and 16.7 of fp32 width), 75.5 ms at eager's
+  bytes.
+  (c) memory: autocast's bf16 copies of a norm's output, one per linear reading it, trace to
+  identical `_to_copy` nodes that AOTAutograd's CSE merges: one saved copy
+  (`autocast_input_copies_bytes`). Peak allocated on the six compiled rows: -3.6..+0.4%
+  (+0.6..+10.5% with the eager copies; llama-1b-gqa tp mb4 +10.5%, three copies of q, k, v's
+  input and two of w1, w3's). The partitioner's recomputation of pointwise ops (GELU's output)
+  would save more, but two rows' allocated is already below measured: not priced.
+  Held out (compiled rows not in the fit): llama-1b-gqa tp mb1 / mb4 -24.1 / -16.3% (449 /
+  407 ms measured, 347 ms in an earlier run of mb4), gpt-1.3b tp mb8 -11.3%, gpt-6.7b tp mb4
+  -15.2%; a compiled dp2 run of gpt-1.3b mb8 (previous_run in that file) +4.8%. What the held-out
+  rows lack: the Llama block's host cost per region is higher than GPT's (7.0 ms at mb1, 6.3
+  at mb4), not profiled; and tensor parallelism's backward all-reduces each
+  column-parallel linear's input gradient apart and in fp32 (4 fp32 all-reduces per GPT block
+  in the profile, where the graph has 2 in bf16), eager and compiled alike, not priced yet.
+
 Memory (the peak of one GPU; predicted allocated within -0.9..0% of measured on the GPT
 single-GPU rows without recomputation and +0.2..+1.9% on the held-out Llama ones,
 bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the 10 B loss):
@@ -219,6 +256,12 @@ HOST_FORWARD_SHARE = 0.212                 # fitted: profiled host time, blocks 
 HOST_TP_S_PER_BLOCK = 1.025e-2            # fitted: GPT tp2 rows, DTensor dispatch per block
 HOST_FSDP_S_PER_BLOCK = 6.08e-3            # fitted: GPT fsdp2 rows, FSDP2 hooks per block
 HOST_DDP_S_PER_BLOCK = 1.46e-3             # fitted: GPT ddp rows, DDP's reducer hooks and bucket launches per block
+# fitted: compiled tensor-parallel GPT rows at microbatch 1 of bench/results/runtime_vs_native_h200.json
+# (`python bench/truth/predict_runs.py --fit`), host seconds per compiled block and microbatch
+HOST_COMPILED_S_PER_BLOCK = 5.30e-3
+# inside a compiled block, per element of a norm's output: the norm reads its fp32 input (+2 B over
+# the graph's bf16) and the residual add reads and writes fp32 (+2, +2); the casts are fused away
+COMPILED_NORM_FP32_BYTES_PER_ELEMENT = 6
 
 # FSDP2 (MixedPrecisionPolicy(reduce_dtype=fp32)) reduce-scatters fp32 gradients where the graph's
 # collectives move the training dtype's (bf16): twice the bytes.
@@ -333,10 +376,27 @@ def precision_casts_s(local_params: float, n_microbatches: int, cm: ComputeModel
     return per_param * local_params / (cm.stream_bytes_per_s * ADAMW_STREAM_SHARE)
 
 
-def autocast_fp32_stream_s(norm_elements: float, linear_consumers: int, cm: ComputeModel) -> tuple[float, float]:
+def compiled_per_block(tp: int, on_gpu: bool = True) -> bool:
+    """Whether `autopar run` runs a stage's transformer blocks compiled (torch.compile per block),
+    for a stage whose blocks' weights are split over `tp` devices: the one rule, which the
+    runtime (runtime/engines.py `default_compile`) and this model (`eager_terms`) both ask.
+    Tensor-parallel stages on CUDA, where it was measured to help: eager DTensor dispatch is
+    host-bound (gpt-1.3b tp2 on 2 H200s: 0.50 s per step compiled against 1.26 s eager); for
+    dp2 it gave 5% and cost 9% more memory, so data-parallel stages stay eager."""
+    return on_gpu and tp > 1
+
+
+def autocast_fp32_stream_s(norm_elements: float, linear_consumers: int, cm: ComputeModel,
+                           compiled: bool = False) -> tuple[float, float]:
     """(forward, backward) seconds of one norm's fp32 traffic under autocast: the norm and its
-    residual add in fp32, and the bf16 casts of its output by `linear_consumers` linears."""
-    fwd_bytes = norm_elements * (NORM_FP32_BYTES_PER_ELEMENT + INPUT_CAST_BYTES_PER_ELEMENT * linear_consumers)
+    residual add in fp32, and the bf16 casts of its output by `linear_consumers` linears. In a
+    compiled block (`compiled`) Inductor fuses the casts into the norm's kernel, which writes
+    the bf16 output once (the fp32 output and the casts never reach memory): only the fp32
+    width of the residual stream is left (COMPILED_NORM_FP32_BYTES_PER_ELEMENT)."""
+    if compiled:
+        fwd_bytes = norm_elements * COMPILED_NORM_FP32_BYTES_PER_ELEMENT
+    else:
+        fwd_bytes = norm_elements * (NORM_FP32_BYTES_PER_ELEMENT + INPUT_CAST_BYTES_PER_ELEMENT * linear_consumers)
     bw = cm.stream_bytes_per_s * ADAMW_STREAM_SHARE
     return fwd_bytes / bw, AUTOCAST_BACKWARD_FACTOR * fwd_bytes / bw
 
@@ -378,10 +438,16 @@ def fsdp_block_comm_s(fwd_compute_s: float, bwd_compute_s: float, all_gather_fwd
 
 
 def host_s(n_linears: int, n_other_ops: int, n_blocks: int, tp: bool, fsdp: bool,
-           cm: ComputeModel, ddp: bool = False) -> tuple[float, float]:
-    """(forward, backward) host dispatch seconds of one microbatch through a stage."""
-    per_block = ((HOST_TP_S_PER_BLOCK if tp else 0.0) + (HOST_FSDP_S_PER_BLOCK if fsdp else 0.0)
-                 + (HOST_DDP_S_PER_BLOCK if ddp else 0.0))
+           cm: ComputeModel, ddp: bool = False, compiled: bool = False) -> tuple[float, float]:
+    """(forward, backward) host dispatch seconds of one microbatch through a stage: per eager op
+    (`n_linears`, `n_other_ops`) and per transformer block (`n_blocks`). With `compiled`
+    blocks (`compiled_per_block`) the ops counted are only those outside the blocks (embedding,
+    head, loss), and each block costs the host one compiled region's call,
+    HOST_COMPILED_S_PER_BLOCK (its guards, the launches of its kernels and collectives, the
+    gradient accumulation of its parameters) in place of its ops' dispatch and DTensor's; the
+    engines' hooks (FSDP2, DDP) stay per block as measured eager (not measured compiled)."""
+    per_block = ((HOST_COMPILED_S_PER_BLOCK if compiled else HOST_TP_S_PER_BLOCK if tp else 0.0)
+                 + (HOST_FSDP_S_PER_BLOCK if fsdp else 0.0) + (HOST_DDP_S_PER_BLOCK if ddp else 0.0))
     total = n_linears * HOST_S_PER_LINEAR + n_other_ops * 2 * cm.launch_s + n_blocks * per_block
     return total * HOST_FORWARD_SHARE, total * (1 - HOST_FORWARD_SHARE)
 
@@ -423,11 +489,15 @@ def gradients_absent_at_activation_peak_bytes(local_params: float, grad_params: 
     return FP32_BYTES * grad_params - (0.0 if zero3 else AUTOCAST_CACHE_BYTES_PER_PARAM * local_params)
 
 
-def autocast_input_copies_bytes(norm_elements: float, linear_consumers: int) -> float:
+def autocast_input_copies_bytes(norm_elements: float, linear_consumers: int, compiled: bool = False) -> float:
     """The bf16 copies of one norm's fp32 output beyond the one the graph saves: every linear
     that reads it casts it to bf16 itself and saves its own copy for its weight gradient, so
     `linear_consumers` linears keep that many copies (autocast caches only the casts of leaf
-    tensors, the weights)."""
+    tensors, the weights). In a compiled block (`compiled`) none: the casts of one tensor trace
+    to identical `_to_copy` nodes, which AOTAutograd's common-subexpression elimination merges
+    into one, the copy the graph saves."""
+    if compiled:
+        return 0.0
     return AUTOCAST_DTYPE_BYTES * norm_elements * max(0, linear_consumers - 1)
 
 

@@ -106,12 +106,14 @@ class StageResult:
 
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
                    cm: ComputeModel, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None,
-                   zero_autocast: bool = False) -> StageResult:
+                   zero_autocast: bool = False, compiled: bool | None = None) -> StageResult:
     """The stage's costs; its StagePlan comes back as a copy carrying the per-op records.
     grad_sync: the engine whose gradient buckets it runs (collectives.GRAD_SYNC_ENGINES; None:
     the eager recipe's or the default's, collectives.default_grad_sync_engine).
     zero_autocast: the eager recipe's ZeRO stages run autocast over FSDP2's fp32 parameters (as
-    bench/truth's fsdp2 rows did), not `autopar run`'s bf16 parameters (eager.fsdp_bf16_params)."""
+    bench/truth's fsdp2 rows did), not `autopar run`'s bf16 parameters (eager.fsdp_bf16_params).
+    compiled: whether the eager recipe runs the stage's blocks compiled (None: where `autopar
+    run` compiles them, eager.compiled_per_block)."""
     names = stage_nodes(graph, st.layers)
     sub = Submesh(*st.submesh)
     if sub.n_devices != len(st.device_ids):
@@ -195,7 +197,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             rc_stash = pev.stash_bytes
             if eager:
                 pterms = eager_terms(graph, pre_layers, pprob, passign, pev, training.n_microbatches, zero, cm,
-                                     zero_autocast)
+                                     zero_autocast, compiled)
                 rc_stash += pterms.residual_stash_bytes
                 rc_inputs_fp32 = pterms.inputs_fp32_extra_bytes
     elif st.recompute == "selective":
@@ -208,8 +210,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             bwd += sum(prob.strategy_of(n, assign[n]).fwd_s for n in core)
             rec_flops = sum(graph.node(n).fwd_flops for n in core)
 
-    terms = (eager_terms(graph, st.layers, prob, assign, ev, training.n_microbatches, zero, cm, zero_autocast)
-             if eager else NO_EAGER)
+    terms = (eager_terms(graph, st.layers, prob, assign, ev, training.n_microbatches, zero, cm, zero_autocast,
+                         compiled) if eager else NO_EAGER)
     if st.recompute == "full":
         layer_inputs += rc_inputs_fp32 if partial else terms.inputs_fp32_extra_bytes
     stash = stash_after_recompute(st.recompute, ev.stash_bytes + terms.residual_stash_bytes, layer_inputs, core_stash,
@@ -486,9 +488,9 @@ NO_EAGER = EagerTerms()
 
 def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, assign: dict[str, int],
                 ev: Evaluation, n_microbatches: int, zero: int, cm: ComputeModel,
-                zero_autocast: bool = False) -> EagerTerms:
+                zero_autocast: bool = False, compiled: bool | None = None) -> EagerTerms:
     """The eager recipe's terms of layers [layers[0], layers[1]) whose ops `prob` holds, under
-    the strategies `assign` picks (ev: prob's evaluation of them). zero_autocast: as
+    the strategies `assign` picks (ev: prob's evaluation of them). zero_autocast, compiled: as
     `evaluate_stage`'s."""
     names = list(prob.names)
     inside = set(names)
@@ -517,6 +519,12 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     bf16 = eager_mod.fsdp_bf16_params(zero, dp_sharded, zero_autocast)
     zero12 = eager_mod.fsdp_zero12(zero, dp_sharded, zero_autocast)
     layer_of = {m: li for li in range(*layers) if first < li < last for m in graph.layers[li].nodes} if fsdp else {}
+    # The blocks run compiled where the runtime compiles them (eager.compiled_per_block: by the
+    # devices the blocks' weights are split over): their ops are one compiled region per block
+    # for the host, their autocast casts fused and merged (eager.py "compiled blocks").
+    in_block = {m for li in range(*layers) if first < li < last for m in graph.layers[li].nodes}
+    if compiled is None:
+        compiled = eager_mod.compiled_per_block(_block_weight_split(graph, prob, assign, in_block))
     # per FSDP2 block: compute forward, backward; all-gather forward, backward; reduce-scatter
     blocks: dict[int, list[float]] = {}
     for n in names:
@@ -544,8 +552,9 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                 elems = prob.strategy_of(n, assign[n]).out_bytes_local / (node.out_bytes / _numel(node.out_shape))
                 consumers = sum(1 for m in graph.consumers(n) if m in inside and graph.node(m).kind == MATMUL
                                 and graph.node(m).param_operands)
-                residual += eager_mod.autocast_input_copies_bytes(elems, consumers)
-                f32_fwd, f32_bwd = eager_mod.autocast_fp32_stream_s(elems, consumers, cm)
+                fused = compiled and n in in_block
+                residual += eager_mod.autocast_input_copies_bytes(elems, consumers, fused)
+                f32_fwd, f32_bwd = eager_mod.autocast_fp32_stream_s(elems, consumers, cm, fused)
                 fwd += f32_fwd
                 bwd += f32_bwd
                 if li is not None:
@@ -569,8 +578,10 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
             ce_peak += eager_mod.cross_entropy_peak_bytes_per_logit(bf16, vocab_split) * local / elem_bytes
             if made is not None and made in inside:
                 residual += eager_mod.loss_stash_bytes(prob.saved.get(made, 0.0) * local_elems(made)[0])
+        # an op of a compiled block is launched by its block's region (eager.host_s)
+        dispatched = not (compiled and n in in_block)
         if node.kind == MATMUL and node.param_operands:
-            n_linears += 1
+            n_linears += dispatched
             # linears with split weights are what eager PyTorch runs as DTensors
             if n in assign:
                 st = prob.strategy_of(n, assign[n])
@@ -579,7 +590,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                     tp = True
                     split_linears.add(n)
         elif node.kind not in (VIEW, INPUT, OUTPUT):
-            n_other += 1
+            n_other += dispatched
     if bf16 and vocab_split_head is not None and split_linears == {vocab_split_head}:
         # a head split over the vocab with no other split weight is the runtime's dp-vocab head,
         # whose weight shard FSDP2 does not manage (ignored_params): it stays fp32 and is cast
@@ -609,7 +620,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     n_blocks = sum(1 for li in range(*layers) if first < li < last)
     ddp = ev.sync_s > 0 and zero < 3
     host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=fsdp,
-                                          cm=cm, ddp=ddp)
+                                          cm=cm, ddp=ddp, compiled=compiled)
     root_params = sum(graph.layers[li].param_count for li in range(*layers) if li in (first, last))
     stage_params = sum(graph.layers[li].param_count for li in range(*layers))
     fsdp_root = 0.0
@@ -626,6 +637,22 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                                                                                  zero, n_microbatches)
                                                - ev.param_state_bytes(zero)) if zero12 else 0.0,
                       fsdp_root_bytes=fsdp_root, comm_delta_s=comm_delta, comm_overlap_s=overlap)
+
+
+def _block_weight_split(graph: OpGraph, prob: StageProblem, assign: dict[str, int], block_ops: set[str]) -> int:
+    """Over how many devices the blocks' linears split their weights (1: none split): the
+    tensor-parallel degree the runtime's engines give the stage (runtime/engines.py
+    StageLayout.tp), which decides whether its blocks run compiled."""
+    most = 1
+    for n in block_ops:
+        node = graph.node(n)
+        if n not in assign or node.kind != MATMUL or not node.param_operands:
+            continue
+        st = prob.strategy_of(n, assign[n])
+        for i, o in enumerate(node.operands):
+            if o.is_param and i < len(st.in_specs) and st.in_specs[i] is not None:
+                most = max(most, shard_factor(st.in_specs[i], prob.mesh))
+    return most
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -662,7 +689,7 @@ def p2p_time_s(cluster: Cluster, a: StagePlan, b: StagePlan, nbytes: float) -> f
 
 
 def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT,
-             grad_sync: str | None = None, zero_autocast: bool = False) -> Plan:
+             grad_sync: str | None = None, zero_autocast: bool = False, compiled: bool | None = None) -> Plan:
     """A copy of `plan` with its prediction and each stage's costs filled in; `plan` is unchanged.
 
     eager: the step as the eager PyTorch recipe runs it (autopar.costmodel.eager, measured on
@@ -679,7 +706,11 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     grad_sync: the engine whose data-parallel gradient buckets the plan runs
     (collectives.GRAD_SYNC_ENGINES); None: PyTorch DDP's with eager, else Megatron-Core's.
     zero_autocast: with eager, ZeRO stages as bench/truth's harness ran FSDP2 (autocast over fp32
-    parameters) instead of as `autopar run` does (bf16 parameters, no autocast: the default)."""
+    parameters) instead of as `autopar run` does (bf16 parameters, no autocast: the default).
+    compiled: with eager, whether the blocks run compiled per block (torch.compile, eager.py
+    "compiled blocks"): None, where `autopar run` compiles them (eager.compiled_per_block:
+    tensor-parallel stages); False, all eager, as bench/truth's harness ran; True, all compiled
+    (`autopar run`'s compile=True)."""
     tr = plan.training
     cm = ComputeModel(cluster.gpu, tr.dtype)
     if plan.n_devices > cluster.n_gpus:
@@ -692,7 +723,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     schedule = tr.schedule
     v = tr.virtual_stages
     B = tr.n_microbatches
-    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync, zero_autocast) for s in plan.stages]
+    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync, zero_autocast, compiled) for s in plan.stages]
     n_dev_stages = len(res) // v if schedule == "interleaved" else len(res)
     if eager and n_dev_stages > 1:
         res = _pipeline_terms(res, graph, cluster, B, cm)

@@ -69,6 +69,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autopar.costmodel.eager import compiled_per_block
 from autopar.evaluation.baselines import megatron_names
 from autopar.plan import Plan, PlanError
 from autopar.sharding.rules.attention import CP_SUFFIX, cp_of
@@ -665,9 +666,9 @@ def apply_fsdp(seg: nn.Module, blocks: list[nn.Module], dp_mesh, zero: int, para
 
 
 def default_compile(layout: StageLayout, device: torch.device) -> bool:
-    """Compile where it was measured to help: tensor-parallel stages on CUDA (gpt-1.3b, tp2 on
-    2 H200s: 0.50 s/step compiled against 1.26 s eager, whose DTensor dispatch is host-bound)."""
-    return device.type == "cuda" and layout.tp > 1
+    """Compile where it was measured to help, by the rule the eager cost model prices
+    (costmodel.eager.compiled_per_block: tensor-parallel stages on CUDA)."""
+    return compiled_per_block(layout.tp, device.type == "cuda")
 
 
 def compile_blocks(seg: Segment) -> None:

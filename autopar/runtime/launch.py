@@ -459,9 +459,10 @@ def memory_warning(plan, eager: Any, gpu_bytes: int) -> str | None:
             + ". It may run out of memory: re-plan with `autopar plan --eager` for a plan priced as this runs it")
 
 
-def _eager_prediction(plan):
+def _eager_prediction(plan, compile: bool | None = None):
     """The plan's Prediction priced as the eager PyTorch engines this runtime uses run it
-    (evaluate(..., eager=True): autocast casts, fp32 loss, host dispatch, FSDP2's overlap), on the
+    (evaluate(..., eager=True): autocast casts, fp32 loss, host dispatch, FSDP2's overlap; blocks
+    compiled as `compile` says, None: where the runtime compiles them by default), on the
     plan's cluster. A plan made without --eager is priced for fused kernels; this is the figure
     to hold a run against. None where the plan's cluster is no preset (a YAML file may be gone)
     or its model is not a zoo name, and for a plan the evaluator does not take (one edited by hand
@@ -476,7 +477,7 @@ def _eager_prediction(plan):
     graph = ModelSource(plan.model.name, seq=plan.model.seq, dtype=plan.training.dtype).graph(
         plan.training.microbatch_size)
     try:
-        return evaluate(plan, graph, cl, eager=True).prediction
+        return evaluate(plan, graph, cl, eager=True, compiled=compile).prediction
     except (ValueError, PlanError):
         return None
 
@@ -501,7 +502,7 @@ def run_plan(plan_json: str, *, steps: int = 3, device: str = "cpu", check: bool
     n = validate(plan, device, nproc)
     prec = precision or ("fp32" if device == "cpu" else plan.training.dtype)
     cfg = RunConfig(text, steps, device, check, optimizer, lr, seed, timeout_s, prec, _free_port(), compile=compile)
-    eager = _eager_prediction(plan)
+    eager = _eager_prediction(plan, compile)
     if device == "cuda":
         import torch
         warning = memory_warning(plan, eager, torch.cuda.get_device_properties(0).total_memory)
@@ -595,7 +596,8 @@ def _run_torchrun(a) -> NoReturn:
     dist.destroy_process_group()
     code = 0
     if rank == 0 and res is not None:
-        code = _report(summarize(plan, cfg, res, reference(cfg) if a.check else None, n, _eager_prediction(plan)),
+        code = _report(summarize(plan, cfg, res, reference(cfg) if a.check else None, n,
+                                 _eager_prediction(plan, a.compile)),
                        a.json, a.tol)
     _exit_done(code)
 

@@ -105,8 +105,9 @@ def predict_row(row: dict[str, Any]) -> dict[str, Any]:
     graph = src.graph(cfg.microbatch * cfg.dp)
     if row["strategy"] == "tp":
         plan = replicate_embedding_and_head(plan, graph)
-    # the corpus ran the eager recipe, its fsdp2 rows with autocast over FSDP2's fp32 parameters
-    plan = evaluate(plan, graph, cluster, eager=True, zero_autocast=True)
+    # the corpus ran the eager recipe (every block eager, tp too), its fsdp2 rows with autocast over
+    # FSDP2's fp32 parameters
+    plan = evaluate(plan, graph, cluster, eager=True, zero_autocast=True, compiled=False)
     p = plan.predicted
     step_err = (p.step_time_s - row["step_s"]) / row["step_s"]
     # The model's peak minus what lies outside the caching allocator (CUDA context, NCCL)

@@ -1,0 +1,110 @@
+"""The eager recipe's compiled blocks (autopar/costmodel/eager.py "compiled blocks"): where
+`autopar run` compiles a stage's blocks (one rule for the runtime and the model), and what a
+compiled block changes, in closed form on a tiny GPT under Megatron's tp2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from autopar.costmodel import eager
+from autopar.costmodel.compute import ComputeModel
+from autopar.evaluation.baselines import Config3D, build_3d
+from autopar.evaluation.evaluator import evaluate
+from autopar.hardware.presets import load_cluster
+from autopar.model import ModelSource
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "gpt:hidden=256,layers=2,heads=4,seq=128,vocab=1024"
+# per GPT block (zoo/gpt.py): q, k, v, proj, fc1, fc2; ln1, attention, two residual adds, ln2, gelu
+BLOCK_LINEARS, BLOCK_OTHER_OPS = 6, 6
+
+
+def test_the_runtime_compiles_where_the_model_says_it_does():
+    torch = pytest.importorskip("torch")
+    from autopar.runtime.engines import StageLayout, default_compile
+    for dp, tp in [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)]:
+        for device in ("cuda", "cpu"):
+            assert default_compile(StageLayout(dp, tp, 0), torch.device(device)) == \
+                eager.compiled_per_block(tp, device == "cuda") == (tp > 1 and device == "cuda")
+
+
+def test_compiled_terms_closed_form():
+    cm = ComputeModel(load_cluster("dgx-h200", 1, 1).gpu)
+    bw = cm.stream_bytes_per_s * eager.ADAMW_STREAM_SHARE
+    # fused into the norm's kernel: 6 B per element whatever reads it, backward twice that
+    for consumers in (1, 3):
+        fwd, bwd = eager.autocast_fp32_stream_s(1e9, consumers, cm, compiled=True)
+        assert (fwd, bwd) == (pytest.approx(6e9 / bw), pytest.approx(12e9 / bw))
+    # the linears' casts of one tensor merged into the copy the graph saves
+    assert eager.autocast_input_copies_bytes(100.0, 3, compiled=True) == 0.0
+    # the ops outside the blocks per op, each block one region
+    fwd, bwd = eager.host_s(1, 3, 4, tp=True, fsdp=False, cm=cm, compiled=True)
+    assert fwd + bwd == pytest.approx(eager.HOST_S_PER_LINEAR + 3 * 2 * cm.launch_s
+                                      + 4 * eager.HOST_COMPILED_S_PER_BLOCK)
+    fwd, bwd = eager.host_s(0, 0, 4, tp=True, fsdp=True, cm=cm, ddp=True, compiled=True)
+    assert fwd + bwd == pytest.approx(4 * (eager.HOST_COMPILED_S_PER_BLOCK + eager.HOST_FSDP_S_PER_BLOCK
+                                           + eager.HOST_DDP_S_PER_BLOCK))
+
+
+def _tiny(dp: int, tp: int):
+    cl = load_cluster("dgx-h200", 1, 2)
+    src = ModelSource(TINY)
+    plan = build_3d(src, cl, 4, Config3D(dp, tp, 1, 2 // dp))
+    return plan, src.graph(2), cl
+
+
+def test_a_compiled_tp_stage_against_its_eager_self():
+    """tp2, 2 blocks, 2 microbatches of 2 x 128 tokens: ln1's output (replicated over tp, 2 x 128
+    x 256 elements) feeds q, k and v, ln2's fc1. Compiled, per block and microbatch: the host
+    launches one region instead of 6 linears, 6 other ops and DTensor's per-block work; the
+    device moves 6 B per norm element instead of 8 + 6 per linear reading it (forward; backward
+    twice); the stash keeps one bf16 copy of ln1's output instead of three."""
+    plan, graph, cl = _tiny(1, 2)
+    blocks, b, elems = 2, plan.training.n_microbatches, 2 * 128 * 256
+    cm = ComputeModel(cl.gpu, plan.training.dtype)
+    bw = cm.stream_bytes_per_s * eager.ADAMW_STREAM_SHARE
+    eager_plan = evaluate(plan, graph, cl, eager=True, compiled=False)
+    compiled = evaluate(plan, graph, cl, eager=True, compiled=True)
+    assert eager_plan.prediction.host_s - compiled.prediction.host_s == pytest.approx(
+        b * blocks * (BLOCK_LINEARS * eager.HOST_S_PER_LINEAR + BLOCK_OTHER_OPS * 2 * cm.launch_s
+                      + eager.HOST_TP_S_PER_BLOCK - eager.HOST_COMPILED_S_PER_BLOCK))
+    fwd_bytes = blocks * elems * ((8 + 3 * 6) + (8 + 1 * 6) - 2 * 6)
+    e, c = eager_plan.stages[0], compiled.stages[0]
+    assert e.fwd_s - c.fwd_s == pytest.approx(fwd_bytes / bw)
+    assert e.bwd_s - c.bwd_s == pytest.approx(2 * fwd_bytes / bw)
+    assert e.memory.stash_per_microbatch_bytes - c.memory.stash_per_microbatch_bytes == \
+        pytest.approx(blocks * 2 * elems * (3 - 1))
+    # without a say, the stage is priced as the runtime runs it: compiled
+    assert evaluate(plan, graph, cl, eager=True).prediction == compiled.prediction
+
+
+def test_a_data_parallel_stage_stays_eager_by_the_rule():
+    """dp2 runs its blocks eager unless told (`autopar run --compile`, compiled=True); compiled,
+    its blocks cost the host the region fitted on tp blocks in place of their ops (DDP's hooks
+    stay): more than its eager ops here, as that constant holds a tp block's collectives."""
+    plan, graph, cl = _tiny(2, 1)
+    cm = ComputeModel(cl.gpu, plan.training.dtype)
+    eager_plan = evaluate(plan, graph, cl, eager=True, compiled=False)
+    assert evaluate(plan, graph, cl, eager=True).prediction == eager_plan.prediction
+    compiled = evaluate(plan, graph, cl, eager=True, compiled=True)
+    assert compiled.prediction.host_s - eager_plan.prediction.host_s == pytest.approx(
+        plan.training.n_microbatches * 2 * (eager.HOST_COMPILED_S_PER_BLOCK - BLOCK_LINEARS * eager.HOST_S_PER_LINEAR
+                                            - BLOCK_OTHER_OPS * 2 * cm.launch_s))
+
+
+def test_host_per_compiled_block_is_its_fit():
+    """HOST_COMPILED_S_PER_BLOCK is what bench/truth/predict_runs.py --fit gives on its fit rows
+    (the compiled GPT rows at microbatch 1 of bench/results/runtime_vs_native_h200.json)."""
+    spec = importlib.util.spec_from_file_location("predict_runs", ROOT / "bench/truth/predict_runs.py")
+    assert spec is not None and spec.loader is not None
+    pr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pr)
+    doc = json.loads((ROOT / "bench/results/runtime_vs_native_h200.json").read_text())
+    rows = [pr.predict(r) for r in doc["rows"] if "autopar" in r and r["autopar"].get("engines")
+            and pr.compiled_fit_row(r)]
+    assert len(rows) == 2
+    assert pr.fit(rows) == pytest.approx(eager.HOST_COMPILED_S_PER_BLOCK, rel=1e-3)
