@@ -27,6 +27,8 @@ Terms (named in EXPERIMENTS):
              and the scale-mask-softmax + dropout kernels that stream it (9 B per score
              forward, 11 B backward, at the GPU's streaming bandwidth); `selective` recompute
              reruns exactly that core. No free parameter.
+  triton     the Triton FlashAttention kernel's time per FLOP against the flash pricing, on the
+             attention entries of runs that ran it (attn=triton: MPT; compute.TRITON_FLASH_SLOWDOWN)
   overhead   a fixed host/launch cost tau per kernel (1 forward + 2 backward per op)
   mb         a fixed cost per microbatch and stage (pipeline engine, p2p handshakes)
   comm       a factor on in-stage communication (TP all-reduces, ZeRO-3 gathers)
