@@ -176,6 +176,18 @@ def sdpa(c: Call) -> Lowered:
     return "sdpa", ATTENTION, c.operands(c.args), attrs
 
 
+@rule("triton_flash_attention")
+def triton_sdpa(c: Call) -> Lowered:
+    """graphs/zoo/attention.py's Triton-kernel flash attention: sdpa's operands, FLOPs and
+    memory, attrs["impl"] == "triton" for its kernel's speed (ComputeModel.attention_s)."""
+    q, k = c.vals[0], c.vals[1]
+    attrs = {"is_causal": bool(c.arg(3, "is_causal", True)), "dropout_p": 0.0,
+             "scale": None, "has_mask": False, "impl": "triton"}
+    if q.shape[-3] != k.shape[-3]:
+        attrs["gqa"] = int(q.shape[-3] // k.shape[-3])
+    return "triton_flash_attention", ATTENTION, c.operands(c.args[:3]), attrs
+
+
 @rule("unfused_attention")
 def unfused_sdpa(c: Call) -> Lowered:
     """graphs/zoo/attention.py's materialised-scores attention: the same operands and layout as

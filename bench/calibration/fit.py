@@ -27,6 +27,8 @@ Terms (named in EXPERIMENTS):
              and the scale-mask-softmax + dropout kernels that stream it (9 B per score
              forward, 11 B backward, at the GPU's streaming bandwidth); `selective` recompute
              reruns exactly that core. No free parameter.
+  triton     the Triton FlashAttention kernel's time per FLOP against the flash pricing, on the
+             attention entries of runs that ran it (attn=triton: MPT; compute.TRITON_FLASH_SLOWDOWN)
   overhead   a fixed host/launch cost tau per kernel (1 forward + 2 backward per op)
   mb         a fixed cost per microbatch and stage (pipeline engine, p2p handshakes)
   comm       a factor on in-stage communication (TP all-reduces, ZeRO-3 gathers)
@@ -49,6 +51,10 @@ from pathlib import Path
 
 import numpy as np
 
+# one constant, one place: the fused attention kernels' slowdown is the cost model's
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from autopar.costmodel.compute import ATTENTION_KERNEL_SLOWDOWN  # noqa: E402
+
 # Sources whose frameworks computed attention unfused (before FlashAttention reached them).
 EAGER_ATTENTION_SOURCES = ("Narayanan et al., SC21", "Korthikanti et al.", "bigscience-workshop",
                            "NVIDIA/Megatron-LM images/tables.tex", "Oneflow-Inc/DLPerf",
@@ -67,6 +73,9 @@ PARAMS = {
     "w_half": (1e9, 1e6, 1e13, True),
     "comm": (1.0, 0.3, 5.0, False),
     "mem": (1.0, 0.3, 5.0, True),
+    # the Triton FlashAttention kernel's time per FLOP against the flash pricing (MPT's attn_impl
+    # triton; autopar.costmodel.compute.TRITON_FLASH_SLOWDOWN)
+    "triton": (ATTENTION_KERNEL_SLOWDOWN["triton"], 1.0, 4.0, False),
 }
 EXPERIMENTS = {
     "baseline": dict(free=[], eager=False),
@@ -83,6 +92,9 @@ EXPERIMENTS = {
     # the proposal: unfused attention where the framework had it, the A100 GEMM curve refitted,
     # V100 left at its defaults (its only fit source is one framework on one small cluster)
     "eager+gemm[A100]": dict(free=["e_max", "c"], eager=True, families=("A100",)),
+    # MPT's Triton attention kernel with the A100 GEMM curve (FINDINGS.md section 12): the
+    # curve had absorbed the kernel's slowness; fitted together on the fit set's A100 rows
+    "eager+gemm+triton[A100]": dict(free=["e_max", "c", "triton"], eager=True, families=("A100",)),
     # not identifiable: the memory-bound factor runs to its bound and c grows to compensate
     "eager+gemm+mem[A100]": dict(free=["e_max", "c", "mem"], eager=True, families=("A100",)),
     # the one-line alternative: only A100's GPU.matmul_efficiency, which autopar also uses for
@@ -180,9 +192,12 @@ class RunModel:
             # have no unfused entries
             at = np.array([x[:5] for x in s["attn"]], float).reshape(-1, 5)
             ca = np.array([x[-1] for x in s["attn"]], float)
-            unf = np.array([x[5] if len(x) == 8 else 0 for x in s["attn"]], float)
-            drop = np.array([x[6] if len(x) == 8 else 1 for x in s["attn"]], float)
-            self.stages.append(dict(s=s, gf=gf, cf=cf, gb=gb, cb=cb, at=at, ca=ca, unf=unf, drop=drop))
+            unf = np.array([x[5] if len(x) >= 8 else 0 for x in s["attn"]], float)
+            drop = np.array([x[6] if len(x) >= 8 else 1 for x in s["attn"]], float)
+            # [.., kernel, count] since attn=triton: a fused entry's kernel slows it as
+            # ComputeModel.attention_s does (TRITON_FLASH_SLOWDOWN)
+            tri = np.array([len(x) == 9 and x[7] == "triton" for x in s["attn"]], bool)
+            self.stages.append(dict(s=s, gf=gf, cf=cf, gb=gb, cb=cb, at=at, ca=ca, unf=unf, drop=drop, tri=tri))
         self.base = self._parts(self.defaults(), eager=False)
         self.pipeline_s = row["predicted"]["pipeline_s"]
         self.tail_s = row["predicted"]["step_time_s"] - self.pipeline_s
@@ -197,7 +212,8 @@ class RunModel:
         e = self.gm["matmul_efficiency"]
         # the GEMM curve autopar used (compute.FITTED_DEFAULT_CURVE), where the results keep it
         e_max, c, lo = (list(self.gm.get("default_curve") or (e, 64.0)) + [0.0])[:3]
-        return {"e_max": e_max, "c": c, "lo": lo, "a": e, "tau_s": 0.0, "comm": 1.0, "tau_mb_s": 0.0, "w_half": None, "mem": 1.0}
+        return {"e_max": e_max, "c": c, "lo": lo, "a": e, "tau_s": 0.0, "comm": 1.0, "tau_mb_s": 0.0, "w_half": None, "mem": 1.0,
+                "triton": ATTENTION_KERNEL_SLOWDOWN["triton"]}
 
     def _parts(self, p: dict, eager: bool) -> list[dict]:
         """Per stage and microbatch: GEMM, attention (and unfused-core forward) time, the
@@ -218,6 +234,8 @@ class RunModel:
                 ef, eb = eager_s(st["at"], self.gm, p["e_max"], p["c"], p["w_half"],
                                  dropout=np.where(st["unf"] > 0, st["drop"], 1.0), lo=lo)
                 ff, fb = flash_s(st["at"], self.gm, p["a"])
+                slow = np.where(st["tri"], p["triton"], 1.0)
+                ff, fb = ff * slow, fb * slow
                 f, b = np.where(unf > 0, ef, ff), np.where(unf > 0, eb, fb)
                 af, ab = float((f * st["ca"]).sum()), float((b * st["ca"]).sum())
                 if eager:

@@ -161,7 +161,15 @@ FSDP_ZERO = {"SHARD_GRAD_OP": 2}           # every other FSDP kind shards weight
 # FlashAttention appeared in May 2022 (Dao et al., arXiv 2205.14135); Megatron-LM took it up in
 # Megatron-Core (2023, through Transformer Engine), after every unfused source below.
 ATTENTION_BY_SOURCE: tuple[tuple[str, str, float, str], ...] = (
-    ("mosaicml/llm-foundry", "flash", 0.0, "stated: FlashAttention + ALiBi"),
+    # The notes say "FlashAttention + ALiBi"; the runs' scripts say which kernel: llm-foundry's
+    # scripts/train/benchmarking/submit_benchmarks.py (b2a43a147, Oct. 2023, the H100 tables;
+    # earlier for A100) sets attn_config.attn_impl from --attn_impl, default 'triton', which
+    # sweep.sh does not override, and the pretrain yamls say attn_impl: triton too: flash-attn's
+    # Triton FlashAttention on triton-pre-mlir (setup.py's gpu extra). Not ALiBi: the yamls leave
+    # alibi off (learned positions; the README's NumParams grows with the sequence length by
+    # d_model per position: 7b 6.659e9 at 2048, 6.919e9 at 65536).
+    ("mosaicml/llm-foundry", "triton", 0.0,
+     "stated: FlashAttention; its kernel, attn_impl triton, from llm-foundry's benchmark scripts"),
     ("pytorch/torchtitan", "flash", 0.0, "inferred: torchtitan's Llama calls F.scaled_dot_product_attention"),
     ("NVIDIA/NeMo", "flash", 0.0, "inferred: NeMo 24.x runs Transformer Engine's fused (flash) attention"),
     ("NVIDIA-NeMo/Megatron-Bridge", "flash", 0.0, "inferred: Megatron-Bridge runs Transformer Engine's fused attention"),
@@ -450,6 +458,8 @@ def map_run(run: dict, attention: bool = True, grad_sync: bool = True) -> Job | 
     impl, attn_dropout, attn_basis = attention_of(run) if attention else ("flash", 0.0, "stated: --attention flash")
     if impl == "unfused":
         spec += ",attn=unfused" + (f",attn_dropout={attn_dropout:g}" if attn_dropout else "")
+    elif impl == "triton":
+        spec += ",attn=triton"
     if "inferred" in attn_basis:
         flags.append(f"attention {impl} ({attn_basis})")
 
@@ -616,11 +626,12 @@ def _stage_breakdown(stage: dict, graph, cm, fit_shapes: bool, comm_s: float | N
             bq, hq, s, dh = node.operands[0].shape
             lt = _strategy_letters(op["strategy"])
             fac = {0: 1, 1: d0, 2: d1, 3: d0 * d1}
-            # (b, h, s, d, causal, unfused, dropout): fit.py re-prices unfused entries as
-            # ComputeModel.unfused_attention_s does
+            # (b, h, s, d, causal, unfused, dropout, kernel): fit.py re-prices unfused entries as
+            # ComputeModel.unfused_attention_s does, fused ones as attention_s on their kernel
             attn[(bq // fac[lt.get("b", 0)], hq // fac[lt.get("h", 0)], s, dh,
                   bool(node.attrs.get("is_causal", False)), node.attrs.get("impl") == "unfused",
-                  float(node.attrs.get("dropout_p", 0.0) or 0.0) > 0.0)] += 1
+                  float(node.attrs.get("dropout_p", 0.0) or 0.0) > 0.0,
+                  "triton" if node.attrs.get("impl") == "triton" else "flash")] += 1
     if comm_s is not None:
         comm = comm_s
     ops_total = sum(by_kind.values()) + comm

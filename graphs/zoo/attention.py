@@ -18,6 +18,16 @@ import torch
 import torch.nn.functional as F
 
 UNFUSED = "unfused"
+TRITON = "triton"
+
+
+def triton_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = True) -> torch.Tensor:
+    """Fused (flash) attention as the Triton FlashAttention kernel runs it (attn=triton: llm-foundry's
+    attn_impl: triton, MPT's published runs). The same result, FLOPs and memory as sdpa; models
+    register it with `torch.fx.wrap` so the trace keeps it as one ATTENTION op with
+    attrs["impl"] == "triton" (graphs/lower_rules.py), priced as the slower kernel it was
+    (autopar.costmodel.compute.TRITON_FLASH_SLOWDOWN). Eager execution runs torch's sdpa."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
 
 
 def unfused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = True,

@@ -11,8 +11,13 @@ from ..errors import SpecError, UnknownModelError
 FAMILIES = ("gpt", "llama", "moe")
 # How a block computes attention: "flash" is torch's fused scaled_dot_product_attention (scores
 # never leave the kernel); "unfused" materialises the [s, s] scores as pre-FlashAttention
-# Megatron-LM and BLOOM did (graphs/zoo/attention.py).
-ATTENTION_IMPLS = ("flash", "unfused")
+# Megatron-LM and BLOOM did (graphs/zoo/attention.py); "triton" is the same fused algorithm run by
+# the Triton FlashAttention kernel of 2022-2023 (flash-attn's flash_attn_triton.py, llm-foundry's
+# attn_impl: triton, on the pre-MLIR Triton compiler), which MPT's published runs used: the same
+# FLOPs and memory as "flash", a slower kernel (autopar.costmodel.compute.TRITON_FLASH_SLOWDOWN).
+ATTENTION_IMPLS = ("flash", "unfused", "triton")
+# Families whose blocks build each impl (the Triton kernel only where a published run used it: GPT-style MPT)
+ATTENTION_IMPL_FAMILIES = {"triton": ("gpt",)}
 
 # Bounds on a config's sizes (inclusive). Tracing and planning time grow with layers (the stage
 # DP looks at every layer range), so 256 is twice the deepest published model (Llama 3 405B:
@@ -61,9 +66,14 @@ class ModelConfig:
                 raise SpecError(f"{key} must be a finite number > 0, got {v!r}")
         if self.attn not in ATTENTION_IMPLS:
             raise SpecError(f"attn must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attn!r}")
+        if self.family not in ATTENTION_IMPL_FAMILIES.get(self.attn, FAMILIES):
+            raise SpecError(f"attn={self.attn} is built for the {', '.join(ATTENTION_IMPL_FAMILIES[self.attn])} "
+                            f"family only, not {self.family}")
         p = self.attn_dropout
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise SpecError(f"attn_dropout must be a number in [0, 1), got {p!r}")
+        if self.attn == "triton" and p > 0.0:
+            raise SpecError("attn=triton is modelled without attention dropout (MPT's runs had none)")
         if self.kv_heads == 0:
             object.__setattr__(self, "kv_heads", self.heads)
         if self.ffn == 0:

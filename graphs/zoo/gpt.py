@@ -6,11 +6,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import UNFUSED, unfused_attention
+from .attention import TRITON, UNFUSED, triton_flash_attention, unfused_attention
 from .config import ModelConfig
 
 # one traced call, one IR op (graphs/zoo/attention.py)
 torch.fx.wrap("unfused_attention")
+torch.fx.wrap("triton_flash_attention")
 
 
 class Attention(nn.Module):
@@ -20,6 +21,7 @@ class Attention(nn.Module):
         self.heads = cfg.heads
         self.head_dim = cfg.head_dim
         self.unfused = cfg.attn == UNFUSED
+        self.triton = cfg.attn == TRITON
         self.dropout_p = cfg.attn_dropout
         self.q = nn.Linear(h, h)
         self.k = nn.Linear(h, h)
@@ -34,6 +36,8 @@ class Attention(nn.Module):
         p = self.dropout_p if self.training else 0.0
         if self.unfused:
             y = unfused_attention(q, k, v, True, p)
+        elif self.triton:
+            y = triton_flash_attention(q, k, v, True)     # no dropout (ModelConfig refuses it)
         elif p > 0.0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:

@@ -115,11 +115,19 @@ def attention_strategies(node: OpNode, mesh: Mesh, cm: ComputeModel, prune_seq: 
                                 letters=lt))
             continue
         if not ms:
-            out.append(Strategy(strategy_name(lt), spec, specs, cm.attention_s(bl, hl, s, d, causal),
-                                cm.attention_s(bl, hl, s, d, causal, True), out_bytes_local=out_bytes, letters=lt))
+            kernel = fused_kernel(node)
+            out.append(Strategy(strategy_name(lt), spec, specs, cm.attention_s(bl, hl, s, d, causal, kernel=kernel),
+                                cm.attention_s(bl, hl, s, d, causal, True, kernel=kernel), out_bytes_local=out_bytes,
+                                letters=lt))
             continue
         out.extend(_context_parallel(node, mesh, cm, lt, spec, specs, out_bytes))
     return out
+
+
+def fused_kernel(node: OpNode) -> str:
+    """The kernel of a fused attention op: "triton" for the Triton FlashAttention kernel (zoo
+    attn=triton), else "flash" (ComputeModel.attention_s)."""
+    return "triton" if node.attrs.get("impl") == "triton" else "flash"
 
 
 def unfused_costs(node: OpNode, batch: int, heads: int, cm: ComputeModel) -> tuple[float, float, float]:
@@ -138,15 +146,15 @@ def unfused_costs(node: OpNode, batch: int, heads: int, cm: ComputeModel) -> tup
 
 
 def _block_compute_s(cm: ComputeModel, b: int, mb: int, ms: int, hl: int, s: int, d: int, causal: bool,
-                     mesh: Mesh, backward: bool) -> float:
+                     mesh: Mesh, backward: bool, kernel: str = "flash") -> float:
     """Compute seconds of one rank's sequence-split attention: n block steps, no faster than
     the same work in the batch split (module doc)."""
     n = mesh.factor(ms)
     bl = b // mesh.factor(mb)
-    blocks = n * cm.attention_s(bl, hl, s // n, d, causal, backward)
+    blocks = n * cm.attention_s(bl, hl, s // n, d, causal, backward, kernel)
     whole = mesh.factor(mb | ms)
-    share = cm.attention_s(b // whole, hl, s, d, causal, backward) if b % whole == 0 else \
-        cm.attention_s(bl, hl, s, d, causal, backward) / n
+    share = cm.attention_s(b // whole, hl, s, d, causal, backward, kernel) if b % whole == 0 else \
+        cm.attention_s(bl, hl, s, d, causal, backward, kernel) / n
     return max(blocks, share)
 
 
@@ -159,8 +167,8 @@ def _context_parallel(node: OpNode, mesh: Mesh, cm: ComputeModel, lt: dict[str, 
     mb, mh, ms = lt.get("b", 0), lt.get("h", 0), lt.get("s", 0)
     n = mesh.factor(ms)
     hl = hq // mesh.factor(mh)
-    fwd = _block_compute_s(cm, b, mb, ms, hl, s, d, causal, mesh, False)
-    bwd = _block_compute_s(cm, b, mb, ms, hl, s, d, causal, mesh, True)
+    fwd = _block_compute_s(cm, b, mb, ms, hl, s, d, causal, mesh, False, fused_kernel(node))
+    bwd = _block_compute_s(cm, b, mb, ms, hl, s, d, causal, mesh, True, fused_kernel(node))
     # one rank's K and V: the block a ring step passes; n of them are the gathered K, V
     kv_block = 2 * (b // mesh.factor(mb)) * (hkv // mesh.factor(mh)) * (s // n) * d * dtype_bytes(k.dtype)
     axis = mesh.axis(ms)
