@@ -109,16 +109,8 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
     n_workers = max(1, min(len(sizes), workers or os.cpu_count() or 1))
     bar = _Progress(progress, len(sizes) + (2 if second_round else 0))
     with _fewer_collections():
-        results = _run_searches(job, sizes, n_workers, bar)
-        scored = [(r.plan.predicted.step_time_s, r.row["microbatch_size"]) for r in results if r.plan is not None]
-        if second_round and scored:
-            more = microbatch_neighbours(min(scored)[1], global_batch, set(sizes))
-            # and around the best size without sequence splits, so that every size the planner
-            # without context parallelism searches is searched (module doc)
-            lean = [(r.no_seq_step_s, r.row["microbatch_size"]) for r in results if math.isfinite(r.no_seq_step_s)]
-            if lean:
-                more += microbatch_neighbours(min(lean)[1], global_batch, set(sizes) | set(more))
-            results += _run_searches(job, more, max(1, min(len(more), n_workers)), bar)
+        second = functools.partial(_second_sizes, sizes=sizes, global_batch=global_batch) if second_round else None
+        results = _run_searches(job, sizes, second, n_workers, bar)
     bar.close()
     stats = SearchStats()
     best: Plan | None = None
@@ -174,19 +166,105 @@ def _search_in_worker(microbatch_size: int) -> SearchResult:
     return _WORKER_JOB.search(microbatch_size)
 
 
-def _run_searches(job: SearchJob, sizes: list[int], n_workers: int, bar: _Progress) -> list[SearchResult]:
-    results = []
-    if n_workers > 1 and "fork" in mp.get_all_start_methods():
-        with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
-                                    initargs=(job,)) as pool:
-            for r in pool.map(_search_in_worker, sizes):
-                results.append(r)
-                bar.advance_batch()
-    else:
+def _run_searches(job: SearchJob, sizes: list[int], second: Callable[[list[SearchResult]], list[int]] | None,
+                  n_workers: int, bar: _Progress) -> list[SearchResult]:
+    """Round one's results (in `sizes` order), then round two's, whose sizes `second` picks
+    from round one's results (_second_sizes; None: no second round). Each result depends only
+    on the job and its size, so which process runs it and when cannot change it.
+
+    One pool runs both rounds. Round two used to wait for the last of round one and then run
+    alone (gpt-39b: one size, 2.2 s of one core, the other idle). Instead, a worker that frees
+    up while round one still has sizes queued first runs the round-two sizes that round one's
+    results so far pick (a guess: the sizes are the neighbours of the best so far), once a
+    finished size above that best did worse (so the results so far have turned). Round two's
+    sizes are then picked from all of round one's results, as before: a guessed size that is
+    not among them is dropped (its result and its counts), a missing one is run then. A wrong
+    guess costs time, never the plan."""
+    def second_sizes(first: list[SearchResult]) -> list[int]:
+        return second(first) if second is not None else []
+
+    if n_workers <= 1 or "fork" not in mp.get_all_start_methods():
+        first = []
         for size in sizes:
+            first.append(job.search(size))
+            bar.advance_batch()
+        results = list(first)
+        for size in second_sizes(first):
             results.append(job.search(size))
             bar.advance_batch()
+        return results
+    futures: dict[int, cf.Future[SearchResult]] = {}
+
+    def done_first() -> list[SearchResult]:
+        return [futures[s].result() for s in sizes if s in futures and futures[s].done()]
+
+    counted: set[int] = set()
+
+    def advance() -> None:
+        for size, f in futures.items():
+            if f.done() and size not in counted:
+                counted.add(size)
+                bar.advance_batch()
+
+    # The workers are forked: the collector would otherwise walk (and so copy, page by page)
+    # every object inherited from this process, torch's among them, in each worker.
+    gc.freeze()
+    with contextlib.ExitStack() as stack:
+        stack.callback(gc.unfreeze)
+        pool = stack.enter_context(cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("fork"),
+                                                          initializer=_init_worker, initargs=(job,)))
+        queued = list(sizes)
+        while len(done_first()) < len(sizes):
+            while sum(not f.done() for f in futures.values()) < n_workers:
+                first = done_first()
+                guess = [m for m in second_sizes(first) if m not in futures] if _turned(first) else []
+                if guess:
+                    size = guess[0]
+                elif queued:
+                    size = queued.pop(0)
+                else:
+                    break
+                futures[size] = pool.submit(_search_in_worker, size)
+            cf.wait([f for f in futures.values() if not f.done()], return_when=cf.FIRST_COMPLETED)
+            advance()
+        first = done_first()
+        more = second_sizes(first)
+        for size in more:
+            if size not in futures:
+                futures[size] = pool.submit(_search_in_worker, size)
+        for size, f in futures.items():
+            if size not in sizes and size not in more:
+                f.cancel()      # a guessed size that round two does not search, if not started yet
+        results = first
+        for size in more:
+            results.append(futures[size].result())
+            advance()
     return results
+
+
+def _second_sizes(first: list[SearchResult], sizes: list[int], global_batch: int) -> list[int]:
+    """Round two's sizes from round one's results (in `sizes` order): the neighbours of the
+    best size, and of the best size without sequence splits."""
+    scored = [(r.plan.predicted.step_time_s, r.row["microbatch_size"]) for r in first if r.plan is not None]
+    if not scored:
+        return []
+    more = microbatch_neighbours(min(scored)[1], global_batch, set(sizes))
+    # and around the best size without sequence splits, so that every size the planner
+    # without context parallelism searches is searched (module doc)
+    lean = [(r.no_seq_step_s, r.row["microbatch_size"]) for r in first if math.isfinite(r.no_seq_step_s)]
+    if lean:
+        more += microbatch_neighbours(min(lean)[1], global_batch, set(sizes) | set(more))
+    return more
+
+
+def _turned(first: list[SearchResult]) -> bool:
+    """Whether some finished size above the best fitting size so far planned a slower step
+    (or none that fits): the sign that the best so far is round one's best (_run_searches)."""
+    scored = [(r.plan.predicted.step_time_s, r.row["microbatch_size"]) for r in first if r.plan is not None]
+    if not scored:
+        return False
+    best_size = min(scored)[1]
+    return any(r.row["microbatch_size"] > best_size for r in first)
 
 
 @dataclass(frozen=True)
