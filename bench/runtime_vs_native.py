@@ -674,7 +674,8 @@ def _write(path: Path, rows: list[dict], world: int, gpu: str) -> None:
     meta = {"gpus": world, "gpu": gpu, "torch": torch.__version__, "warmup_steps": WARMUP_STEPS,
             "timed_steps": TIMED_STEPS, "precision": "bf16" if gpu != "cpu" else "fp32",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "argv": " ".join(sys.argv[1:])}
+            # (an absolute path, e.g. --out on the GPU machine, by its file name: results are committed)
+            "argv": " ".join(Path(a).name if os.path.isabs(a) else a for a in sys.argv[1:])}
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
 
