@@ -11,6 +11,7 @@ same model and strategy on the same GPUs (issue 12).
     python bench/runtime_vs_native.py --device cpu --quick  # 2 gloo processes, a tiny model (a smoke test)
     python bench/runtime_vs_native.py --case gpt-1.3b:auto:8 --out FILE    # only the cases named
     python bench/runtime_vs_native.py --program --gpus 4    # the op-by-op program: eager vs compiled
+    python bench/runtime_vs_native.py --gpus 1 --compile-mode both   # 1 GPU, every case eager and compiled
 
 Per (model, strategy, microbatch) both ways, one after the other in the same two processes:
 
@@ -42,6 +43,14 @@ mesh: q/k/v/fc1 "k@0,n@1+rs:b@0" (the weight split on both dims, over both axes)
 Strategy "2d-interleaved" (--gpus 4 or 8): the same layout per chunk, 2 pipeline ranks x 2 chunks
 (Interleaved1F1B), each chunk on half the GPUs (1 x 2 with 4, 2 x 2 with 8), every rank running
 two program stages.
+
+--gpus 1: one process, the data-parallel strategies (dp, zero3, zero1) and `auto` on a 1-rank
+mesh, plans made for 1 node x 1 GPU (ONE_GPU). The native recipes still wrap the model (DDP /
+fully_shard over a group of one); the runtime runs the plain module, as a one-device stage has
+no data parallelism to engine. --compile-mode both runs every case twice, eager then compiled
+per block both ways (native: block.compile() per transformer block, then DDP / fully_shard, as
+torchtitan orders them; autopar: compile forced on); each row's "compile" says which, and each
+way's "compiled" what ran.
 
 Every strategy trains the same global batch of 4 x microbatch sequences per step. Rows go to
 bench/results/runtime_vs_native_<gpu>.json (written after every case, so a run stopped by its
@@ -89,6 +98,12 @@ CASES = ([("gpt-1.3b", s, mb, c) for mb in (1, 8) for s, c in STRATS]
 # torch.compile per block, both ways: where it helps (the runtime's default)
 COMPILED = [("gpt-1.3b", "tp", 1, True), ("gpt-1.3b", "dp", 8, True), (LLAMA_1B, "tp", 4, True),
             ("gpt-6.7b", "tp", 4, True), ("gpt-1.3b", "zero3", 8, True)]
+# --gpus 1: the data-parallel recipes on a 1-rank mesh and the planner's own 1-GPU plan, the
+# cases most wanted first (the run stops at its time budget): gpt-1.3b and llama-1b-gqa, dp then
+# zero3 then auto
+ONE_GPU = [(m, s, mb, False) for s in ("dp", "zero3", "auto")
+           for m, mbs in (("gpt-1.3b", (1, 4, 8)), (LLAMA_1B, (1, 4))) for mb in mbs]
+ONE_GPU_QUICK = [("gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128", s, 2, False) for s in ("dp", "zero3", "zero1", "auto")]
 QUICK = ([("gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128", s, 2, False)
           for s in ("dp", "zero3", "tp", "pp", "zero1", "auto")]
          + [("llama:hidden=64,layers=2,heads=4,kv_heads=2,seq=32,vocab=128", "tp", 2, False)])
@@ -107,6 +122,18 @@ TWO_D = {"attn_q": "k@0,n@1+rs:b@0", "attn_k": "k@0,n@1+rs:b@0", "attn_v": "k@0,
          "scaled_dot_product_attention": "b@0,h@1", "wte": "h@0,v@1+rs:s@1", "wpe": "h@01", "linear": "b@0,n@1"}
 CONFIGS = {"dp": dict(dp=2, tp=1, pp=1), "zero3": dict(dp=2, tp=1, pp=1, zero=3), "zero1": dict(dp=2, tp=1, pp=1, zero=1),
            "tp": dict(dp=1, tp=2, pp=1), "pp": dict(dp=1, tp=1, pp=2), "cp": dict(dp=1, tp=1, pp=1, cp=2)}
+
+
+def config(strategy: str, n_gpus: int) -> dict:
+    """The 3-D config of a named strategy on n_gpus: the data-parallel ones over all of them
+    (CONFIGS is for 2), the others as listed."""
+    c = dict(CONFIGS[strategy])
+    if c["dp"] > 1:
+        c["dp"] = n_gpus
+    if c["dp"] * c["tp"] * c["pp"] * c.get("cp", 1) != n_gpus:
+        raise ValueError(f"strategy {strategy!r} runs on {c['dp'] * c['tp'] * c['pp'] * c.get('cp', 1)} GPUs, "
+                         f"not {n_gpus}")
+    return c
 WARMUP_STEPS, TIMED_STEPS = 2, 4
 # autopar's own plans: priced by the default (fused-kernel) model, or as the eager engines run them
 AUTO = ("auto", "auto-eager")
@@ -135,7 +162,7 @@ def make_plan(model: str, strategy: str, micro: int, n_gpus: int, cluster: str):
     if strategy in AUTO:
         return autopar.plan(model, cluster, nodes=1, gpus_per_node=n_gpus, global_batch=gb,
                             eager=strategy == "auto-eager")
-    c = CONFIGS[strategy]
+    c = config(strategy, n_gpus)
     per_rank = micro if c["dp"] == 1 else micro
     return build_3d(ModelSource(model), load_cluster(cluster, 1, n_gpus), gb, Config3D(microbatch=per_rank, **c))
 
@@ -352,6 +379,7 @@ class Native:
                 self.tied_group = dist.new_group([0, world - 1])
         else:
             raise ValueError(strategy)
+        self.compiled = compile_blocks and strategy in ("dp", "zero3", "zero1", "tp")    # (pp, cp: eager)
         self.dp = strategy in ("dp", "zero3", "zero1")
         dtensors = [p for p in params if hasattr(p, "placements")]
         groups = [{"params": g} for g in (dtensors, [p for p in params if not hasattr(p, "placements")]) if g]
@@ -405,6 +433,11 @@ class Native:
 # ---------------------------------------------------------------------------------------------
 
 def _free():
+    if "torch._dynamo" in sys.modules:
+        # the next run compiles its own blocks: dynamo's cache is per code object (every block's
+        # _call_impl), so runs of other shapes would recompile as dynamic-shape graphs and,
+        # past its recompile limit, run eager
+        torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -505,11 +538,12 @@ def _tag(plan, who: str, strategy: str, compiled: bool | None) -> str:
 def run_native(strategy, plan, device, compile_blocks):
     from autopar.runtime.apply import build_model
     model = build_model(plan, device=device)
-    c = CONFIGS[strategy]
+    c = config(strategy, dist.get_world_size())
     micro = plan.training.microbatch_size // c["dp"]
     nat = Native(strategy, model, device, plan.training.n_microbatches, micro, compile_blocks)
     try:
-        return _measure(nat.step, plan, device, _tag(plan, "native", strategy, compile_blocks))
+        return {**_measure(nat.step, plan, device, _tag(plan, "native", strategy, compile_blocks)),
+                "compiled": nat.compiled}
     finally:
         del nat, model
         _free()
@@ -531,6 +565,7 @@ def run_autopar(plan, device, compile_blocks, strategy: str):
         if hasattr(pm, "layout"):
             out["layout"] = str(pm.layout)
         out["engines"] = isinstance(pm, EngineModel)
+        out["compiled"] = bool(getattr(pm, "compiled", False))      # what ran: forced, or the runtime's default
         if not out["engines"]:
             out["fallback"] = "; ".join(str(w.message) for w in caught)[:400]
         return out
@@ -639,7 +674,8 @@ def _write(path: Path, rows: list[dict], world: int, gpu: str) -> None:
     meta = {"gpus": world, "gpu": gpu, "torch": torch.__version__, "warmup_steps": WARMUP_STEPS,
             "timed_steps": TIMED_STEPS, "precision": "bf16" if gpu != "cpu" else "fp32",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "argv": " ".join(sys.argv[1:])}
+            # (an absolute path, e.g. --out on the GPU machine, by its file name: results are committed)
+            "argv": " ".join(Path(a).name if os.path.isabs(a) else a for a in sys.argv[1:])}
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
 
@@ -674,8 +710,10 @@ def merge(new_path: Path, out_path: Path | None, note: str) -> int:
 def _ratio_auto(rows: list[dict]) -> None:
     for r in rows:
         if r["strategy"] in AUTO and "autopar" in r:
+            # (an auto row run eager or compiled (--compile-mode) against the natives run so)
             best = max((x for x in rows if x["model"] == r["model"] and x["microbatch"] == r["microbatch"]
-                        and "native" in x), key=lambda x: x["native"]["tokens_per_s"], default=None)
+                        and "native" in x and (r.get("compile") is None or x.get("compile") == r["compile"])),
+                       key=lambda x: x["native"]["tokens_per_s"], default=None)
             if best is not None:
                 r["best_native"] = best["strategy"]
                 r["throughput_ratio"] = r["autopar"]["tokens_per_s"] / best["native"]["tokens_per_s"]
@@ -710,9 +748,14 @@ def main(argv=None) -> int:
     p.add_argument("--compiled", action="store_true", help="only the cases compiled per block")
     p.add_argument("--program", action="store_true", help="only gpt-39b's layout on the fx/DTensor program, op by op "
                    "and compiled per layer (with --quick: a tiny model)")
-    p.add_argument("--gpus", type=int, choices=[2, 4, 8], default=2, help="processes (GPUs); 4 puts --program's "
+    p.add_argument("--gpus", type=int, choices=[1, 2, 4, 8], default=2, help="processes (GPUs); 4 puts --program's "
                    "layout on a 2x2 mesh, its weights split on both dims, and adds its interleaved cases (two "
-                   "chunks per rank, each chunk on a 1x2 mesh; on 2x2 with 8)")
+                   "chunks per rank, each chunk on a 1x2 mesh; on 2x2 with 8); 1 runs the data-parallel "
+                   "strategies and auto on one GPU (ONE_GPU)")
+    p.add_argument("--compile-mode", choices=["case", "eager", "compiled", "both"], default="case",
+                   help="torch.compile per transformer block: as each case lists it, off or on both ways "
+                        "(native: block.compile() then DDP / fully_shard; autopar: forced on), or each case "
+                        "eager then compiled")
     p.add_argument("--profile", default="", help="also profile the gpt-1.3b tensor-parallel cases under "
                    "torch.profiler; the tables go to this folder")
     p.add_argument("--profile-prefix", default=PROFILED, help="with --profile: the cases whose tag starts so "
@@ -745,8 +788,12 @@ def main(argv=None) -> int:
         return merge(Path(args.merge), Path(args.out) if args.out else None, args.note)
     if args.repeat < 1 or args.timed_steps < 1:
         p.error("--repeat and --timed-steps must be at least 1")
+    if args.gpus == 1 and args.program:
+        p.error("--program needs a mesh: --gpus 2 or more")
+    if args.fresh and args.compile_mode == "both":
+        p.error("--fresh runs one compile mode per case: use --compile-mode eager or compiled")
     listed = {f"{NAMES.get(c[0], c[0])}:{c[1]}:{c[2]}" for c in QUICK + COMPILED + CASES + PROGRAM + PROGRAM_QUICK
-              + PROGRAM_INTERLEAVED + PROGRAM_INTERLEAVED_QUICK}
+              + PROGRAM_INTERLEAVED + PROGRAM_INTERLEAVED_QUICK + ONE_GPU + ONE_GPU_QUICK}
     unknown = [c for c in args.case if c not in listed]
     if unknown:
         p.error(f"unknown case(s) {unknown}; the cases are: {', '.join(sorted(listed))}")
@@ -760,8 +807,14 @@ def main(argv=None) -> int:
 def _cases(args) -> list:
     if args.program:
         more = (PROGRAM_INTERLEAVED_QUICK if args.quick else PROGRAM_INTERLEAVED) if args.gpus >= 4 else []
-        return (PROGRAM_QUICK if args.quick else PROGRAM) + more
-    return QUICK if args.quick else COMPILED if args.compiled else CASES
+        cases = (PROGRAM_QUICK if args.quick else PROGRAM) + more
+    elif args.gpus == 1:
+        cases = ONE_GPU_QUICK if args.quick else ONE_GPU
+    else:
+        cases = QUICK if args.quick else COMPILED if args.compiled else CASES
+    # --compile-mode: each case as listed, or eager / compiled per block both ways, or both in turn
+    modes = {"case": None, "eager": (False,), "compiled": (True,), "both": (False, True)}[args.compile_mode]
+    return cases if modes is None else [(m, s, mb, c) for m, s, mb, _ in cases for c in modes]
 
 
 def run_fresh(args) -> int:

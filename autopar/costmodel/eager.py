@@ -376,6 +376,12 @@ def precision_casts_s(local_params: float, n_microbatches: int, cm: ComputeModel
     return per_param * local_params / (cm.stream_bytes_per_s * ADAMW_STREAM_SHARE)
 
 
+# Whether stages without tensor parallelism (DDP, FSDP2 ZeRO-1/2/3, pipeline stages, one device)
+# run compiled per block on CUDA by default, as tensor-parallel ones do. Flip it here once
+# bench/runtime_vs_native.py --compile-mode both shows it helps; nothing else decides it.
+COMPILE_STAGES_WITHOUT_TP = False
+
+
 def compiled_per_block(tp: int, on_gpu: bool = True) -> bool:
     """Whether `autopar run` runs a stage's transformer blocks compiled (torch.compile per block),
     for a stage whose blocks' weights are split over `tp` devices: the one rule, which the
@@ -383,7 +389,7 @@ def compiled_per_block(tp: int, on_gpu: bool = True) -> bool:
     Tensor-parallel stages on CUDA, where it was measured to help: eager DTensor dispatch is
     host-bound (gpt-1.3b tp2 on 2 H200s: 0.50 s per step compiled against 1.26 s eager); for
     dp2 it gave 5% and cost 9% more memory, so data-parallel stages stay eager."""
-    return on_gpu and tp > 1
+    return on_gpu and (tp > 1 or COMPILE_STAGES_WITHOUT_TP)
 
 
 def autocast_fp32_stream_s(norm_elements: float, linear_consumers: int, cm: ComputeModel,

@@ -241,6 +241,8 @@ class ParallelModel:
         # This rank's stages (chunks).
         if compile is None:
             compile = default_program_compile(self.meshes[self.stage_index], self.device)
+        # (StageModule compiles a stage's program on a mesh only)
+        self.compiled = bool(compile) and self.meshes[self.stage_index] is not None
         self.chunks = [self._chunk(k, model, prog, ir, param_of, canon, stage_params[k], compile)
                        for k in self.stage_ids]
         first_chunk = self.chunks[0]

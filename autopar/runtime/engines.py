@@ -34,9 +34,10 @@ evaluation.baselines.megatron_names) — runs on the zoo's nn.Module with
                        torch's stages pair one rank per stage
 
 Under tp an embedding or the head may instead be replicated, as the auto planner often
-chooses. The modules run eagerly or compiled per transformer block (`compile`; by default only
-tensor-parallel stages on CUDA, where it was measured to help: eager DTensor TP is host-bound,
-bench/results/runtime_vs_native_h200.json); nothing is interpreted op by op. Without ZeRO the
+chooses. The modules run eagerly or compiled per transformer block (`compile`, every stage kind:
+recompute_and_compile; by default only tensor-parallel stages on CUDA, where it was measured to
+help: eager DTensor TP is host-bound, bench/results/runtime_vs_native_h200.json; default_compile
+decides); nothing is interpreted op by op. Without ZeRO the
 optimizer steps the parameters' local shards (ShardOptimizer: fused Adam on CUDA, no DTensor
 dispatch). A plan with a stage that matches no engine keeps the fx/DTensor program of
 runtime.apply, with a warning that names the stage and op; with `compile` (by default on CUDA)
@@ -69,7 +70,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autopar.costmodel.eager import compiled_per_block
+from autopar.costmodel.eager import COMPILE_STAGES_WITHOUT_TP, compiled_per_block
 from autopar.evaluation.baselines import megatron_names
 from autopar.plan import Plan, PlanError
 from autopar.sharding.rules.attention import CP_SUFFIX, cp_of
@@ -421,10 +422,17 @@ class Segment(nn.Module):
         elif last and cfg.tied:
             setattr(self, embeds[0], copy.deepcopy(getattr(model, embeds[0])))
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in blocks})
+        self.checkpoint_around: set[str] = set()    # blocks checkpointed here, around their call
         if last:
             setattr(self, norm, getattr(model, norm))
             if not cfg.tied:
                 self.head = model.head
+
+    def recomputed_keys(self) -> list[str]:
+        """The blocks recomputed whole: under full recomputation the first recompute_blocks."""
+        if self.recompute != "full":
+            return []
+        return [k for i, k in enumerate(self.blocks) if self.recompute_blocks is None or i < self.recompute_blocks]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         m: Any = self
@@ -449,12 +457,11 @@ class Segment(nn.Module):
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if self.first:
             x = self.embed(x)
-        for bi, block in enumerate(self.blocks.values()):
-            if (self.recompute == "full" and torch.is_grad_enabled()
-                    and (self.recompute_blocks is None or bi < self.recompute_blocks)):
+        for key, block in self.blocks.items():
+            if key in self.checkpoint_around and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x)          # (a block recomputed otherwise checkpoints its own forward)
         if not self.last:
             return x
         x = getattr(self, self.norm_name)(x)
@@ -666,15 +673,48 @@ def apply_fsdp(seg: nn.Module, blocks: list[nn.Module], dp_mesh, zero: int, para
 
 
 def default_compile(layout: StageLayout, device: torch.device) -> bool:
-    """Compile where it was measured to help, by the rule the eager cost model prices
-    (costmodel.eager.compiled_per_block: tensor-parallel stages on CUDA)."""
+    """Compile where it was measured to help: the one rule, costmodel.eager.compiled_per_block,
+    which the eager cost model prices too. Never on CPU, where Inductor builds C++ per block and
+    nothing was measured (`autopar run --compile` forces it)."""
     return compiled_per_block(layout.tp, device.type == "cuda")
 
 
-def compile_blocks(seg: Segment) -> None:
-    """torch.compile per transformer block (torchtitan's granularity), in place so names stay."""
-    for block in seg.blocks.values():
-        block.compile()
+def default_compile_text() -> str:
+    """default_compile in words (autopar run's help and report)."""
+    return "every stage on cuda" if COMPILE_STAGES_WITHOUT_TP else "tensor-parallel stages on cuda"
+
+
+def recompute_and_compile(seg: Segment, compile: bool, tensor_parallel: bool) -> None:
+    """The stage's recomputation, and with `compile` torch.compile per transformer block
+    (torchtitan's granularity), in place so names stay; before FSDP2 wraps the blocks. The
+    backend is the compiled program's (runtime.program.compile_backend: Inductor).
+
+    torchtitan's order: the checkpoint inside the compiled block (the compiler traces it and
+    recomputes what it marks), the block inside FSDP2's unit (one gather serves forward and
+    recompute). On tensor-parallel blocks torch (2.13) cannot trace a checkpoint over DTensors
+    (AOTAutograd saves their DeviceMesh: "expected all tensors_saved_with_vc_check to be
+    Tensors"), so there the checkpoint goes around the compiled code: a block recomputed whole is
+    checkpointed around its compiled call (Segment.forward), and under selective recomputation
+    the attention module is compiled on its own inside its checkpoint and the MLP on its own."""
+    from .program import compile_backend
+    backend = compile_backend() if compile else None
+    around = compile and tensor_parallel
+    whole = set(seg.recomputed_keys())
+    for key, block in seg.blocks.items():
+        if seg.recompute == "selective":
+            attn: Any = block.attn
+            if around:
+                _checkpoint_forward(attn, backend)
+                cast(Any, block).mlp.compile(backend=backend)
+                continue
+            _checkpoint_forward(attn)
+        if key in whole:
+            if around:
+                seg.checkpoint_around.add(key)
+            else:
+                _checkpoint_forward(block)
+        if compile:
+            block.compile(backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -787,9 +827,6 @@ class EngineModel:
                         cast(Any, block.attn).repeat_kv = True      # ring attention takes equal head counts
                 elif seg.first:
                     seg.cp_positions = torch.arange(plan.model.seq, device=self.device)
-            if seg.recompute == "selective":
-                for block in seg.blocks.values():
-                    _checkpoint_attention(cast(nn.Module, block.attn))
             if self.tp_mesh is not None:
                 # each chunk's own layout (under interleaving a rank's chunks differ in their
                 # embeddings and head); a last stage's copy of a tied embedding is stored as
@@ -800,6 +837,9 @@ class EngineModel:
                          own.split_head, own.sequence_dim, own.rs_embeddings,
                          own.hidden_split_embeddings + (layouts[0].hidden_split_embeddings if copy else ()),
                          own.rows_head_dim)
+            # after apply_tp, which gives GPT's attention its tensor-parallel forward (the
+            # checkpoint wraps the forward that runs), before FSDP2 wraps the blocks
+            recompute_and_compile(seg, compile, self.tp_mesh is not None)
             ignored: set[nn.Parameter] = set()
             if seg.last and layouts[seg_stage].dp_vocab_head:
                 seg.dp_head = self.dp_mesh
@@ -809,8 +849,6 @@ class EngineModel:
                     head: Any = cast(Any, seg).head
                     head.weight = nn.Parameter(distribute_tensor(head.weight.data, self.dp_mesh, [Shard(0)]))
                     ignored.add(head.weight)
-            if compile:
-                compile_blocks(seg)
             module: nn.Module = seg
             if self.replica_mesh is not None and self.zero:
                 apply_fsdp(seg, list(seg.blocks.values()), self.replica_mesh, self.zero, autocast_dtype, ignored,
@@ -1086,16 +1124,21 @@ def make_optimizer(params: list[torch.Tensor], kind: str, lr: float, device: tor
     raise ValueError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
 
 
-def _checkpoint_attention(attn: nn.Module) -> None:
-    """Selective recomputation: the attention module's activations are recomputed in the
-    backward (Megatron recomputes the attention core; this also reruns q/k/v)."""
-    inner = attn.forward
+def _checkpoint_forward(module: nn.Module, backend: str | None = None) -> None:
+    """The module's activations are recomputed in the backward: its forward (not its hooks, which
+    stay outside, as under torch's checkpoint_wrapper) runs under non-reentrant checkpointing,
+    compiled inside the checkpoint with `backend`. In place, so parameter names stay. Selective
+    recomputation checkpoints each block's attention module (Megatron recomputes the attention
+    core; this also reruns q/k/v), full recomputation whole blocks (recompute_and_compile)."""
+    inner = module.forward
+    if backend is not None:
+        inner = torch.compile(inner, backend=backend)
 
     def forward(x):
         if not torch.is_grad_enabled():
             return inner(x)
         return torch.utils.checkpoint.checkpoint(inner, x, use_reentrant=False)
-    attn.forward = forward
+    module.forward = forward
 
 
 def _release_others(model: nn.Module, segments: list[Segment]) -> None:

@@ -194,12 +194,23 @@ def _rank_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict |
             "grads": grads if local_index == 0 else {}, "params": params if local_index == 0 else {},
             "shard_local_ops": pm.shard_local_ops, "param_specs": pm.param_specs(),
             "engines": isinstance(pm, EngineModel),      # not the fx/DTensor program
+            "compiled": bool(getattr(pm, "compiled", False)),   # torch.compile per block
+            "compiled_graphs": _compiled_graphs(),
             "max_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     if world == 1:
         return {"ranks": [mine]}
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     return {"ranks": gathered} if rank == 0 else None
+
+
+def _compiled_graphs() -> int:
+    """The graphs torch.compile made in this process (dynamo's count): 0 when nothing compiled,
+    whatever was asked for (a block dynamo skips runs eagerly without failing)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _spawned(index: int, world: int, cfg: RunConfig, body=None) -> None:
@@ -407,6 +418,10 @@ def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int, eager: 
         "losses": losses,
         "shard_local_ops": sorted({o for r in ranks for o in r["shard_local_ops"]}),
         "engines": all(r.get("engines", False) for r in ranks),
+        # the stages (under interleaving, a rank group's first) that ran compiled per block, and
+        # the most graphs torch.compile made on one rank
+        "compiled_stages": sorted({r["stage"] for r in ranks if r.get("compiled")}),
+        "compiled_graphs": max(r.get("compiled_graphs", 0) for r in ranks),
         # per rank group (under interleaving one group runs several stages)
         "param_specs": [next(r["param_specs"] for r in ranks if r["stage"] == k and r["local_index"] == 0)
                         for k in sorted({r["stage"] for r in ranks})],
@@ -605,6 +620,7 @@ def _run_torchrun(a) -> NoReturn:
 # ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engines import default_compile_text
     p = _Parser(prog="autopar run", description="Run a plan on torch.distributed: one process "
                 "per device, a few training steps, measured vs predicted step time.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -622,8 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute precision (autocast; cuda only). Default: fp32 on cpu, the plan's dtype on cuda")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each transformer block (plans lowered to PyTorch's engines; other plans' "
-                        "fx/DTensor program per layer); default: on for tensor-parallel stages and the program on "
-                        "cuda, off elsewhere")
+                        "fx/DTensor program per layer); --compile forces it on, --no-compile off; default: on for "
+                        f"{default_compile_text()} and the program on cuda, off elsewhere")
     p.add_argument("--tol", type=float_arg("--tol", 0.0, 1e30), default=1e-4, help="with --check: exit 1 when a difference exceeds this")
     p.add_argument("--timeout-s", type=float_arg("--timeout-s", 0.0, MAX_TIMEOUT_S, lo_open=True), default=900.0, help="stop every process after this long")
     return p
@@ -642,13 +658,22 @@ def _report(out: dict, as_json: bool, tol: float) -> int:
     ratio = f" (measured/predicted {meas / pred:.2f})" if pred else ""
     target = out.get("predicted_for", "the plan's cluster")
     eager = out.get("predicted_eager_step_time_s")
-    as_run = f"; {eager:.4g} s as these eager PyTorch engines run it" if eager and eager != pred else ""
+    compiled = out.get("compiled_stages") or []
+    # the eager model prices eager kernels: a stage compiled per block is not run as it prices
+    how = "eager PyTorch engines (not compiled)" if compiled else "these eager PyTorch engines run it"
+    as_run = f"; {eager:.4g} s as {how}" if eager and eager != pred else ""
     print(f"step time: measured {meas:.4g} s (median after the first step) on {out['n_processes']} "
           f"{out['device']} process(es); predicted {pred:.4g} s for {target}{ratio}{as_run}"
           if pred is not None else f"step time: measured {meas:.4g} s; the plan has no prediction")
     if pred is not None and out["device"] == "cpu":
         print(f"  (the prediction is for {target}; CPU processes check that the plan runs and computes the "
               "same numbers, not its speed)")
+    if compiled:
+        stages = ", ".join(str(k) for k in compiled)
+        print(f"compiled: stage{'s' if len(compiled) > 1 else ''} {stages} ran torch.compile'd per transformer block "
+              f"({out.get('compiled_graphs', 0)} graph(s) on the busiest rank; `--no-compile` runs eager); the "
+              "eager-engine prediction prices eager kernels and not compilation, and the first step, which "
+              "compiles, is left out of the measured median")
     print("loss per step: " + " ".join(f"{x:.6f}" for x in out["losses"]))
     if out["shard_local_ops"]:
         print(f"run shard-locally (no DTensor rule): {', '.join(out['shard_local_ops'][:8])}"

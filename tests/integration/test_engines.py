@@ -64,10 +64,12 @@ def test_compile_by_default_only_where_measured_to_help():
     # H200s; for dp2 they gave 5% and cost 9% more memory, so dp stays eager
     import torch
 
-    from autopar.runtime.engines import StageLayout, default_compile
+    from autopar.runtime.engines import StageLayout, default_compile, default_compile_text
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert default_compile(StageLayout(1, 2, 0), cuda) and default_compile(StageLayout(2, 2, 0), cuda)
     assert not default_compile(StageLayout(2, 1, 0), cuda) and not default_compile(StageLayout(1, 2, 0), cpu)
+    assert not default_compile(StageLayout(1, 1, 0), cuda)          # a one-device stage
+    assert default_compile_text() == "tensor-parallel stages on cuda"          # autopar run --help says so
 
 
 def test_segments_cover_every_block_once():
@@ -82,6 +84,7 @@ def test_segments_cover_every_block_once():
 def test_dp2_ddp_matches_one_process(tmp_path):
     out = run(plan_3d(2, 1, 1, 2), tmp_path)
     assert_exact(out)
+    assert out["compiled_stages"] == [] and out["compiled_graphs"] == 0      # eager on CPU by default
     assert out["param_specs"][0]["blocks.0.mlp.fc1.weight"] == "RR"
 
 
@@ -176,6 +179,14 @@ def test_pp2_dp2_zero1_gpipe_matches_one_process(tmp_path):
 @pytest.mark.runtime
 def test_pp2_tp2_full_recompute_matches_one_process(tmp_path):
     out = run(plan_3d(1, 2, 2, 2, recompute="full"), tmp_path)
+    assert_exact(out)
+
+
+@pytest.mark.runtime
+def test_tp2_selective_recompute_matches_one_process(tmp_path):
+    # the attention's checkpoint now wraps the tensor-parallel forward apply_tp gives GPT's
+    # attention (it was set first and then replaced, so nothing was recomputed): its numbers
+    out = run(plan_3d(1, 2, 1, 2, recompute="selective"), tmp_path)
     assert_exact(out)
 
 

@@ -237,9 +237,8 @@ def test_segment_checkpoints_only_its_first_blocks(monkeypatch):
     import torch.utils.checkpoint
 
     import graphs
-    from autopar.runtime.engines import Segment, recomputed_blocks
+    from autopar.runtime.engines import Segment, recompute_and_compile, recomputed_blocks
 
-    model = graphs.zoo.build_module(M)
     calls = []
     real = torch.utils.checkpoint.checkpoint
 
@@ -248,12 +247,20 @@ def test_segment_checkpoints_only_its_first_blocks(monkeypatch):
         return real(fn, *args, **kw)
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    # (dynamo's "eager" backend: the compiled placement without a C++ build)
+    monkeypatch.setenv("AUTOPAR_COMPILE_BACKEND", "eager")
     ids = torch.randint(0, 128, (2, 32))
-    for n_ckpt in (None, 0, 1, 3, 4):
-        calls.clear()
-        seg = Segment(model, True, False, range(0, 4), recompute="full", recompute_blocks=n_ckpt)
-        seg(ids).sum().backward()
-        assert calls == [model.blocks[b] for b in range(4 if n_ckpt is None else n_ckpt)]
+    # eager, or compiled with the checkpoint inside each block's forward: the block's own forward
+    # is checkpointed; compiled tensor-parallel blocks: the checkpoint goes around the block
+    for compile, tp in ((False, False), (True, True)):
+        for n_ckpt in (None, 0, 1, 3, 4):
+            calls.clear()
+            model = graphs.zoo.build_module(M)
+            seg = Segment(model, True, False, range(0, 4), recompute="full", recompute_blocks=n_ckpt)
+            recompute_and_compile(seg, compile, tp)
+            seg(ids).sum().backward()
+            want = [model.blocks[b] for b in range(4 if n_ckpt is None else n_ckpt)]
+            assert [fn if compile else fn.__self__ for fn in calls] == want, (compile, n_ckpt)
     # planner layers -> blocks: layer 0 embeds, 1..4 are blocks 0..3, 5 is the head
     st = small_plan().stages[1]            # layers 3..5 (blocks 2, 3 and the head), first 2
     assert st.layers == (3, 6) and recomputed_blocks(st, 4) == 2
