@@ -244,7 +244,6 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
         bwd += units.bwd_delta_s
         embedding_s += units.root_delta_s[0]
         head_s += units.root_delta_s[1]
-    updated = ev.param_elems_zero if zero >= 1 else ev.param_elems
     copy_share = 1.0 + tied_copy / ev.param_elems if ev.param_elems else 1.0
     tied = 0.0
     if eager and st.layers[0] == first and st.layers[1] == last + 1:
@@ -264,7 +263,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     sync = sum(d for _, d in buckets) if zero <= 1 else ev.sync_s + units.step_delta_s
     return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working,
                        (ev.param_state_bytes(zero) + terms.param_state_delta_bytes) * copy_share,
-                       sync, eager_mod.optimizer_s(updated * copy_share, cm), bbytes, rec_flops,
+                       sync, optimizer_step_s(ev, zero, cm, copy_share), bbytes, rec_flops,
                        host_fwd_s=terms.host_fwd_s, host_bwd_s=terms.host_bwd_s, embedding_s=embedding_s,
                        head_loss_s=head_s + terms.cross_entropy_s,
                        op_comm_s=ev.comm_s + terms.comm_delta_s + units.comm_delta_s,
@@ -280,6 +279,13 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
                        if eager and (zero >= 3 and sub.n_devices > 1 or zero12) else 0.0,
                        tied_copy_params=tied_copy, sync_buckets=buckets)
+
+
+def optimizer_step_s(ev: Evaluation, zero: int, cm: ComputeModel, copies: float = 1.0) -> float:
+    """The optimizer step of the parameters `ev` holds, those this GPU updates (its ZeRO shard
+    from ZeRO-1 on), `copies` times (a tied head's copy, eager pipelines). Linear in the
+    parameters, so a stage's is the sum of its layers' (the planner's tables add them up)."""
+    return eager_mod.optimizer_s((ev.param_elems_zero if zero >= 1 else ev.param_elems) * copies, cm)
 
 
 def fsdp_block_buffer_bytes(graph: OpGraph, li: int, prob: StageProblem, assign: dict[str, int]) -> float:
@@ -351,9 +357,34 @@ def zero_unit_layer(graph: OpGraph, li: int, prob: StageProblem, assign: dict[st
     """One layer's part of `zero_units`: layer `li` (ops of `prob` under `assign`) as a root
     unit, or as a block that is the stage's first block (`first`), its last (`last`), both or
     neither, its forward rerun in its backward or not (`recomputed`)."""
-    n_layers = len(graph.layers)
+    return zero_unit_price(zero_layer_collectives(graph, li, prob, assign, zero), first, last, recomputed)
+
+
+@dataclass(frozen=True)
+class ZeroLayer:
+    """What `zero_unit_price` needs of one layer: whether it is a root unit; its ops' compute,
+    forward and backward (with and without its forward rerun); per collective, one per group
+    (the unit's) and the ops' per-tensor seconds."""
+
+    root: int            # 0: a block; else which root unit (1 the first layer, 2 the last)
+    c_f: float
+    c_b: float
+    c_b_rec: float
+    ag_f: float
+    old_ag_f: float
+    ag_b: float
+    old_ag_b: float
+    rs: float
+    old_rs: float
+    ag_step: float
+    old_step: float
+
+
+def zero_layer_collectives(graph: OpGraph, li: int, prob: StageProblem, assign: dict[str, int],
+                           zero: int) -> ZeroLayer | None:
+    """Layer `li`'s ZeRO collectives and compute (ZeroLayer); None where it has none."""
     mesh = prob.mesh
-    c_f = c_b = 0.0
+    c_f = c_b = c_b_rec = 0.0
     # per (phase, kind, mask): bytes, per-tensor seconds
     colls: dict[tuple[str, str, int], list[float]] = {}
     for n in graph.layers[li].nodes:
@@ -361,14 +392,15 @@ def zero_unit_layer(graph: OpGraph, li: int, prob: StageProblem, assign: dict[st
             continue
         st = prob.strategy_of(n, assign[n])
         c_f += st.fwd_s
-        c_b += st.bwd_s + (st.fwd_s if recomputed else 0.0)
+        c_b += st.bwd_s
+        c_b_rec += st.bwd_s + st.fwd_s
         for c in st.runs(zero):
             if c.purpose == ZERO:
                 b = colls.setdefault((c.phase, c.kind, c.mask), [0.0, 0.0])
                 b[0] += c.nbytes
                 b[1] += c.time_s
     if not colls:
-        return NO_ZERO_UNITS
+        return None
 
     def unit_s(phase: str, kind: str) -> tuple[float, float]:
         """(one collective per group, the ops' per-tensor seconds) of the unit's `kind` in `phase`."""
@@ -376,24 +408,31 @@ def zero_unit_layer(graph: OpGraph, li: int, prob: StageProblem, assign: dict[st
                if ph == phase and k == kind]
         return sum(g[0] for g in got), sum(g[1] for g in got)
 
-    ag_f, old_ag_f = unit_s(FORWARD, ALL_GATHER)
-    ag_b, old_ag_b = unit_s(BACKWARD, ALL_GATHER)
-    rs, old_rs = unit_s(BACKWARD, REDUCE_SCATTER)
-    ag_step, old_step = unit_s(STEP, ALL_GATHER)
-    if not 0 < li < n_layers - 1:
-        d_f, d_b = ag_f - old_ag_f, ag_b + rs - old_ag_b - old_rs
-        root = (d_f + d_b, 0.0) if li == 0 else (0.0, d_f + d_b)
-        return ZeroUnits(d_f, d_b, d_f + d_b, 0.0, root, ag_step - old_step)
-    exp_f, exp_b, hidden = eager_mod.fsdp_block_comm_s(c_f, c_b, ag_f, ag_b, rs, first=first, last=last)
-    slow_f = comm_overlap_s(ag_f - exp_f)
-    slow_b = comm_overlap_s(hidden - (ag_f - exp_f))
+    root = 1 if li == 0 else 2 if li == len(graph.layers) - 1 else 0
+    return ZeroLayer(root, c_f, c_b, c_b_rec, *unit_s(FORWARD, ALL_GATHER), *unit_s(BACKWARD, ALL_GATHER),
+                     *unit_s(BACKWARD, REDUCE_SCATTER), *unit_s(STEP, ALL_GATHER))
+
+
+def zero_unit_price(z: ZeroLayer | None, first: bool = False, last: bool = False,
+                    recomputed: bool = False) -> ZeroUnits:
+    """`zero_unit_layer` of a layer's ZeroLayer (found once, priced at each place)."""
+    if z is None:
+        return NO_ZERO_UNITS
+    if z.root:
+        d_f, d_b = z.ag_f - z.old_ag_f, z.ag_b + z.rs - z.old_ag_b - z.old_rs
+        root = (d_f + d_b, 0.0) if z.root == 1 else (0.0, d_f + d_b)
+        return ZeroUnits(d_f, d_b, d_f + d_b, 0.0, root, z.ag_step - z.old_step)
+    c_b = z.c_b_rec if recomputed else z.c_b
+    exp_f, exp_b, hidden = eager_mod.fsdp_block_comm_s(z.c_f, c_b, z.ag_f, z.ag_b, z.rs, first=first, last=last)
+    slow_f = comm_overlap_s(z.ag_f - exp_f)
+    slow_b = comm_overlap_s(hidden - (z.ag_f - exp_f))
     step = 0.0
-    if ag_step or old_step:
+    if z.ag_step or z.old_step:
         # the first microbatch's forward hides the weight gather as ZeRO-3's gathers
-        s_f = eager_mod.fsdp_block_comm_s(c_f, 0.0, ag_step, 0.0, 0.0, first=first)[0]
-        step = s_f + comm_overlap_s(ag_step - s_f) - old_step
-    return ZeroUnits(exp_f + slow_f - old_ag_f, exp_b + slow_b - old_ag_b - old_rs,
-                     exp_f + exp_b - (old_ag_f + old_ag_b + old_rs), slow_f + slow_b, (0.0, 0.0), step)
+        s_f = eager_mod.fsdp_block_comm_s(z.c_f, 0.0, z.ag_step, 0.0, 0.0, first=first)[0]
+        step = s_f + comm_overlap_s(z.ag_step - s_f) - z.old_step
+    return ZeroUnits(exp_f + slow_f - z.old_ag_f, exp_b + slow_b - z.old_ag_b - z.old_rs,
+                     exp_f + exp_b - (z.old_ag_f + z.old_ag_b + z.old_rs), slow_f + slow_b, (0.0, 0.0), step)
 
 
 def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int, engine: str,

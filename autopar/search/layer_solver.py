@@ -30,12 +30,13 @@ from autopar.costmodel.compute import ComputeModel
 from autopar.evaluation.evaluator import (
     EAGER_DEFAULT,
     NO_EAGER,
-    NO_ZERO_UNITS,
     ZeroUnits,
     eager_terms,
     fsdp_block_buffer_bytes,
     grad_sync_step_s,
-    zero_unit_layer,
+    optimizer_step_s,
+    zero_layer_collectives,
+    zero_unit_price,
 )
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.rules import is_decision
@@ -55,7 +56,7 @@ class LayerSol:
 
     t_s: float                   # forward + backward per microbatch
     fwd_s: float
-    sync_s: float                # per step
+    sync_s: float                # per step, after the stage's last backward: gradient sync and optimizer step
     param_bytes: float           # weights + grads + optimizer state per device (at the plan's ZeRO)
     param_elems: float
     stash_bytes: float           # per microbatch
@@ -103,11 +104,12 @@ def zero_unit_figures(graph: OpGraph, li: int, prob: StageProblem, assign: dict[
     def d(u: ZeroUnits) -> float:
         return u.fwd_delta_s + u.bwd_delta_s
 
-    mid0 = zero_unit_layer(graph, li, prob, assign, zero)
-    if mid0 is NO_ZERO_UNITS or not 0 < li < len(graph.layers) - 1:
+    z = zero_layer_collectives(graph, li, prob, assign, zero)
+    mid0 = zero_unit_price(z)
+    if z is None or z.root:
         # no collectives, or a root unit: its place among the blocks does not matter
         return d(mid0), 0.0, mid0.step_delta_s, ZeroEnds(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    at = {(f, la, rc): zero_unit_layer(graph, li, prob, assign, zero, first=f, last=la, recomputed=rc)
+    at = {(f, la, rc): zero_unit_price(z, first=f, last=la, recomputed=rc)
           for f in (False, True) for la in (False, True) for rc in (False, True)}
     mid = (d(mid0), d(at[False, False, True]))
     ends = ZeroEnds(d(at[True, False, False]) - mid[0], d(at[True, False, True]) - mid[1],
@@ -331,7 +333,7 @@ class LayerSolver:
                 unit_s, unit_rec_s, unit_step_s, ends = zero_unit_figures(self.graph, li, prob, assign,
                                                                           self.settings.zero)
             sol = LayerSol(ev.per_microbatch_s + et.device_s + unit_s, ev.recompute_fwd_s + unit_rec_s,
-                           sync + et.grad_bucket_s + unit_step_s,
+                           sync + et.grad_bucket_s + unit_step_s + optimizer_step_s(ev, self.settings.zero, self.cm),
                            ev.param_state_bytes(self.settings.zero) + et.held_bytes, ev.param_elems,
                            ev.stash_bytes + et.stash_bytes, in_bytes + et.inputs_fp32_extra_bytes,
                            out_spec, chosen, res.status, res.objective, seq,

@@ -34,7 +34,7 @@ class RangeTable:
 
     t: np.ndarray            # forward + backward per microbatch, seconds
     rec: np.ndarray          # the forward once more (full recompute), seconds
-    sync: np.ndarray         # gradient sync per step, seconds
+    sync: np.ndarray         # per step after the last backward: gradient sync and optimizer step, seconds
     param: np.ndarray        # weights, gradients and optimizer state per device, and what is held with them
                              # (the eager recipe's buffers, FSDP2's largest block's), bytes
     stash: np.ndarray        # activations kept per microbatch in flight, bytes
