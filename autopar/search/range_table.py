@@ -261,11 +261,11 @@ def _kept_memory_bytes(param, stash, recomputed_stash, recomputed_inputs, recomp
 NO_ENDS = ZeroEnds(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
-def _add_block_ends(tab: np.ndarray, k: int) -> np.ndarray:
+def _add_block_ends(tab: np.ndarray, k: int, ends: np.ndarray) -> np.ndarray:
     """ZeRO-2/3 per FSDP unit: add to tab's summed figures (rows t, rec, sync) what each range's
     first and last block add for their place in the stage (evaluator.zero_units), read from the
-    layers' own ZeroEnds (rows k.. of tab, per column: tab[k + f, i, x + 1, p] is the ZeroEnds
-    field f of layer x on the chain entered at (i, p)); returns rec_last. A stage [i, j) has
+    layers' own ZeroEnds (`ends[e, f]`: field f of ZeroEnds e; tab[k, i, x + 1, p] is the e of
+    layer x on the chain entered at (i, p)); returns rec_last. A stage [i, j) has
     blocks lo = max(i, 1) .. hi = min(j - 1, L - 2) (the first and last layer are root units).
     Not recomputed: t gains first0 of lo and last0 of hi, or only0 where lo == hi; sync gains
     first_step of lo. rec, what recomputing the stage's first layers adds, is read for
@@ -274,7 +274,7 @@ def _add_block_ends(tab: np.ndarray, k: int) -> np.ndarray:
     changes of its figure as the last block (last1 - last0; as the only block, only1 - only0
     less what rec took)."""
     n = tab.shape[1]
-    e = dict(zip(ZeroEnds._fields, range(k, k + len(ZeroEnds._fields)), strict=True))
+    e = {f: q for q, f in enumerate(ZeroEnds._fields)}
     i, j = np.nonzero(np.arange(n + 1)[None, :] > np.arange(n)[:, None])
     lo, hi = np.maximum(i, 1), np.minimum(j - 1, n - 2)
     has = lo <= hi
@@ -284,8 +284,9 @@ def _add_block_ends(tab: np.ndarray, k: int) -> np.ndarray:
     def own(field: str, x: np.ndarray) -> np.ndarray:
         """(ranges, P): field of layer x[u] on the chain of range u, 0 where the chain is dead
         there (the range's summed figures are inf then)."""
-        v = tab[e[field], i, x + 1]
-        return np.where(np.isfinite(v), v, 0.0)
+        ids = tab[k, i, x + 1]
+        live = np.isfinite(ids)
+        return np.where(live, ends[np.where(live, ids, 0).astype(np.int64), e[field]], 0.0)
 
     f0, f1 = own("first0", lo), own("first1", lo)
     tab[0, i, j] += np.where(only, own("only0", lo), f0 + own("last0", hi))
@@ -325,9 +326,11 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
     specs = in_specs[1] if L > 1 else [()]
     plain = list(dict.fromkeys(q for i in range(1, L) for q in in_specs[i]))
     K = 8   # t, rec, sync, param, stash, inputs, max layer stash, max block buffers
-    # ZeRO-2/3 per FSDP unit: each layer's own ZeroEnds, kept per column, not summed
+    # ZeRO-2/3 per FSDP unit: one more row, per column the index of that layer's ZeroEnds in
+    # `ends` (kept per column, not summed)
     units = solver.prices_zero_units(mesh)
-    n_ends = len(ZeroEnds._fields) if units else 0
+    n_ends = 1 if units else 0
+    ends: list[ZeroEnds] = []
     clean: dict[tuple, bool] = {}             # state -> its full chain splits no sequence
     full_suffix: dict[tuple, np.ndarray] = {}
 
@@ -342,10 +345,13 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
         one identity, so this is made once per solution; the entry keeps it alive)."""
         hit = vectors.get(id(sol))
         if hit is None:
-            ends = (sol.zero_ends or NO_ENDS) if units else ()
+            own: tuple[float, ...] = ()
+            if units:
+                ends.append(sol.zero_ends or NO_ENDS)
+                own = (float(len(ends) - 1),)
             hit = vectors[id(sol)] = (sol, np.array([sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes,
                                                      sol.stash_bytes, sol.input_bytes, sol.stash_bytes,
-                                                     sol.block_buffer_bytes, *ends]))
+                                                     sol.block_buffer_bytes, *own]))
         return hit[1]
 
     def build(seq_split: bool, suffix: dict[tuple, np.ndarray], reuse: bool) -> RangeTable:
@@ -427,7 +433,7 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                     if start.spec in in_specs[i]:
                         tab[:, i, i + 1:, pi] = chain(i, start.spec, None)
                         uses_seq |= not clean.get((i, start.spec, None), True)
-        rec_last = _add_block_ends(tab, K) if units else None
+        rec_last = _add_block_ends(tab, K, np.array(ends, dtype=np.float64).reshape(-1, len(ZeroEnds._fields))) if units else None
         # eager ZeRO-3: the largest block's FSDP2 buffers, on top of the rest at any recompute
         # option (evaluate's working set), so with the stage's held memory
         tab[3] += tab[7]
