@@ -246,7 +246,6 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
         bwd += units.bwd_delta_s
         embedding_s += units.root_delta_s[0]
         head_s += units.root_delta_s[1]
-    updated = ev.param_elems_zero if zero >= 1 else ev.param_elems
     copy_share = 1.0 + tied_copy / ev.param_elems if ev.param_elems else 1.0
     tied = 0.0
     if eager and st.layers[0] == first and st.layers[1] == last + 1:
@@ -261,14 +260,12 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     zero12 = eager and eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems, zero_autocast)
     fsdp_block = 0.0
     if eager and zero >= 3 and sub.n_devices > 1:
-        # Unsharded counts per tensor-parallel shard: the stage's local share of its parameters.
-        block = max((graph.layers[li].param_count for li in range(*st.layers) if first < li < last), default=0)
-        fsdp_block = eager_mod.fsdp_buffer_bytes(0.0, block * share)[1]
+        fsdp_block = max((fsdp_block_buffer_bytes(graph, li, prob, assign) for li in range(*st.layers)), default=0.0)
     buckets = grad_sync_buckets(prob, assign, zero, engine) if zero <= 1 else ()
     sync = sum(d for _, d in buckets) if zero <= 1 else ev.sync_s + units.step_delta_s
     return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working,
                        (ev.param_state_bytes(zero) + terms.param_state_delta_bytes) * copy_share,
-                       sync, eager_mod.optimizer_s(updated * copy_share, cm), bbytes, rec_flops,
+                       sync, optimizer_step_s(ev, zero, cm, copy_share), bbytes, rec_flops,
                        host_fwd_s=terms.host_fwd_s, host_bwd_s=terms.host_bwd_s, embedding_s=embedding_s,
                        head_loss_s=head_s + terms.cross_entropy_s,
                        op_comm_s=ev.comm_s + terms.comm_delta_s + units.comm_delta_s,
@@ -284,6 +281,25 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
                        if eager and (zero >= 3 and sub.n_devices > 1 or zero12) else 0.0,
                        tied_copy_params=tied_copy, sync_buckets=buckets)
+
+
+def optimizer_step_s(ev: Evaluation, zero: int, cm: ComputeModel, copies: float = 1.0) -> float:
+    """The optimizer step of the parameters `ev` holds, those this GPU updates (its ZeRO shard
+    from ZeRO-1 on), `copies` times (a tied head's copy, eager pipelines). Linear in the
+    parameters, so a stage's is the sum of its layers' (the planner's tables add them up)."""
+    return eager_mod.optimizer_s((ev.param_elems_zero if zero >= 1 else ev.param_elems) * copies, cm)
+
+
+def fsdp_block_buffer_bytes(graph: OpGraph, li: int, prob: StageProblem, assign: dict[str, int]) -> float:
+    """FSDP2's transient buffers while layer `li` runs its backward as a block of an eager
+    ZeRO-3 stage (eager.fsdp_buffer_bytes), from its unsharded parameters per tensor-parallel
+    shard under the strategies `assign` picks; 0 for the root layers (the first and the last).
+    A stage holds its largest block's at once: the evaluator and the planner's tables
+    (search/range_table.py) both take the largest of these."""
+    if not 0 < li < len(graph.layers) - 1:
+        return 0.0
+    local = sum(prob.strategy_of(n, assign[n]).param_elems_local for n in graph.layers[li].nodes if n in assign)
+    return eager_mod.fsdp_buffer_bytes(0.0, local)[1]
 
 
 @dataclass(frozen=True)
@@ -319,61 +335,106 @@ def zero_units(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, assi
     behind too. The root units (embedding, head and final norm, the layers outside the blocks)
     gather once at the start and are exposed. ZeRO-2 (FSDP's SHARD_GRAD_OP) reduce-scatters
     each block's gradients beside the backward, and gathers the updated weights once per step,
-    in the next forward, prefetched as ZeRO-3's forward gathers are."""
+    in the next forward, prefetched as ZeRO-3's forward gathers are.
+
+    The stage's figure is the sum of its layers' (`zero_unit_layer`), each priced at its place
+    among the stage's blocks (first, last, recomputed): the planner's tables add up the same
+    per-layer figures (search/range_table.py)."""
     first, last = 0, len(graph.layers) - 1
     blocks = [li for li in range(*layers) if first < li < last]
     lo, hi = (blocks[0], blocks[-1]) if blocks else (-1, -1)
-    mesh = prob.mesh
-    # per layer: compute forward, backward; per (phase, kind, mask): bytes, per-tensor seconds
-    compute: dict[int, list[float]] = {}
-    colls: dict[int, dict[tuple[str, str, int], list[float]]] = {}
+    total = NO_ZERO_UNITS
     for li in range(*layers):
-        for n in graph.layers[li].nodes:
-            if n not in assign:
-                continue
-            st = prob.strategy_of(n, assign[n])
-            acc = compute.setdefault(li, [0.0, 0.0])
-            acc[0] += st.fwd_s
-            acc[1] += st.bwd_s + (st.fwd_s if li < layers[0] + recomputed_layers else 0.0)
-            for c in st.runs(zero):
-                if c.purpose == ZERO:
-                    b = colls.setdefault(li, {}).setdefault((c.phase, c.kind, c.mask), [0.0, 0.0])
-                    b[0] += c.nbytes
-                    b[1] += c.time_s
+        u = zero_unit_layer(graph, li, prob, assign, zero, first=li == lo, last=li == hi,
+                            recomputed=li < layers[0] + recomputed_layers)
+        total = ZeroUnits(total.fwd_delta_s + u.fwd_delta_s, total.bwd_delta_s + u.bwd_delta_s,
+                          total.comm_delta_s + u.comm_delta_s, total.overlap_s + u.overlap_s,
+                          (total.root_delta_s[0] + u.root_delta_s[0], total.root_delta_s[1] + u.root_delta_s[1]),
+                          total.step_delta_s + u.step_delta_s)
+    return total
 
-    def unit_s(li: int, phase: str, kind: str) -> tuple[float, float]:
-        """(one collective per group, the ops' per-tensor seconds) of a unit's `kind` in `phase`."""
-        got = [(collective_s(k, nb, mesh.axis(m)), old) for (ph, k, m), (nb, old) in colls.get(li, {}).items()
+
+def zero_unit_layer(graph: OpGraph, li: int, prob: StageProblem, assign: dict[str, int], zero: int,
+                    first: bool = False, last: bool = False, recomputed: bool = False) -> ZeroUnits:
+    """One layer's part of `zero_units`: layer `li` (ops of `prob` under `assign`) as a root
+    unit, or as a block that is the stage's first block (`first`), its last (`last`), both or
+    neither, its forward rerun in its backward or not (`recomputed`)."""
+    return zero_unit_price(zero_layer_collectives(graph, li, prob, assign, zero), first, last, recomputed)
+
+
+@dataclass(frozen=True)
+class ZeroLayer:
+    """What `zero_unit_price` needs of one layer: whether it is a root unit; its ops' compute,
+    forward and backward (with and without its forward rerun); per collective, one per group
+    (the unit's) and the ops' per-tensor seconds."""
+
+    root: int            # 0: a block; else which root unit (1 the first layer, 2 the last)
+    c_f: float
+    c_b: float
+    c_b_rec: float
+    ag_f: float
+    old_ag_f: float
+    ag_b: float
+    old_ag_b: float
+    rs: float
+    old_rs: float
+    ag_step: float
+    old_step: float
+
+
+def zero_layer_collectives(graph: OpGraph, li: int, prob: StageProblem, assign: dict[str, int],
+                           zero: int) -> ZeroLayer | None:
+    """Layer `li`'s ZeRO collectives and compute (ZeroLayer); None where it has none."""
+    mesh = prob.mesh
+    c_f = c_b = c_b_rec = 0.0
+    # per (phase, kind, mask): bytes, per-tensor seconds
+    colls: dict[tuple[str, str, int], list[float]] = {}
+    for n in graph.layers[li].nodes:
+        if n not in assign:
+            continue
+        st = prob.strategy_of(n, assign[n])
+        c_f += st.fwd_s
+        c_b += st.bwd_s
+        c_b_rec += st.bwd_s + st.fwd_s
+        for c in st.runs(zero):
+            if c.purpose == ZERO:
+                b = colls.setdefault((c.phase, c.kind, c.mask), [0.0, 0.0])
+                b[0] += c.nbytes
+                b[1] += c.time_s
+    if not colls:
+        return None
+
+    def unit_s(phase: str, kind: str) -> tuple[float, float]:
+        """(one collective per group, the ops' per-tensor seconds) of the unit's `kind` in `phase`."""
+        got = [(collective_s(k, nb, mesh.axis(m)), old) for (ph, k, m), (nb, old) in colls.items()
                if ph == phase and k == kind]
         return sum(g[0] for g in got), sum(g[1] for g in got)
 
-    fwd = bwd = comm = overlap = step = 0.0
-    root = [0.0, 0.0]
-    for li in colls:
-        c_f, c_b = compute.get(li, [0.0, 0.0])
-        ag_f, old_ag_f = unit_s(li, FORWARD, ALL_GATHER)
-        ag_b, old_ag_b = unit_s(li, BACKWARD, ALL_GATHER)
-        rs, old_rs = unit_s(li, BACKWARD, REDUCE_SCATTER)
-        ag_step, old_step = unit_s(li, STEP, ALL_GATHER)
-        old = old_ag_f + old_ag_b + old_rs
-        if li not in blocks:
-            d_f, d_b = ag_f - old_ag_f, ag_b + rs - old_ag_b - old_rs
-            fwd, bwd, comm = fwd + d_f, bwd + d_b, comm + d_f + d_b
-            step += ag_step - old_step
-            root[0 if li == first else 1] += d_f + d_b
-            continue
-        exp_f, exp_b, hidden = eager_mod.fsdp_block_comm_s(c_f, c_b, ag_f, ag_b, rs, first=li == lo, last=li == hi)
-        slow_f = comm_overlap_s(ag_f - exp_f)
-        slow_b = comm_overlap_s(hidden - (ag_f - exp_f))
-        fwd += exp_f + slow_f - old_ag_f
-        bwd += exp_b + slow_b - old_ag_b - old_rs
-        comm += exp_f + exp_b - old
-        overlap += slow_f + slow_b
-        if ag_step or old_step:
-            # the first microbatch's forward hides the weight gather as ZeRO-3's gathers
-            s_f = eager_mod.fsdp_block_comm_s(c_f, 0.0, ag_step, 0.0, 0.0, first=li == lo)[0]
-            step += s_f + comm_overlap_s(ag_step - s_f) - old_step
-    return ZeroUnits(fwd, bwd, comm, overlap, (root[0], root[1]), step)
+    root = 1 if li == 0 else 2 if li == len(graph.layers) - 1 else 0
+    return ZeroLayer(root, c_f, c_b, c_b_rec, *unit_s(FORWARD, ALL_GATHER), *unit_s(BACKWARD, ALL_GATHER),
+                     *unit_s(BACKWARD, REDUCE_SCATTER), *unit_s(STEP, ALL_GATHER))
+
+
+def zero_unit_price(z: ZeroLayer | None, first: bool = False, last: bool = False,
+                    recomputed: bool = False) -> ZeroUnits:
+    """`zero_unit_layer` of a layer's ZeroLayer (found once, priced at each place)."""
+    if z is None:
+        return NO_ZERO_UNITS
+    if z.root:
+        d_f, d_b = z.ag_f - z.old_ag_f, z.ag_b + z.rs - z.old_ag_b - z.old_rs
+        root = (d_f + d_b, 0.0) if z.root == 1 else (0.0, d_f + d_b)
+        return ZeroUnits(d_f, d_b, d_f + d_b, 0.0, root, z.ag_step - z.old_step)
+    c_b = z.c_b_rec if recomputed else z.c_b
+    exp_f, exp_b, hidden = eager_mod.fsdp_block_comm_s(z.c_f, c_b, z.ag_f, z.ag_b, z.rs, first=first, last=last)
+    slow_f = comm_overlap_s(z.ag_f - exp_f)
+    slow_b = comm_overlap_s(hidden - (z.ag_f - exp_f))
+    step = 0.0
+    if z.ag_step or z.old_step:
+        # the first microbatch's forward hides the weight gather as ZeRO-3's gathers
+        s_f = eager_mod.fsdp_block_comm_s(z.c_f, 0.0, z.ag_step, 0.0, 0.0, first=first)[0]
+        step = s_f + comm_overlap_s(z.ag_step - s_f) - z.old_step
+    return ZeroUnits(exp_f + slow_f - z.old_ag_f, exp_b + slow_b - z.old_ag_b - z.old_rs,
+                     exp_f + exp_b - (z.old_ag_f + z.old_ag_b + z.old_rs), slow_f + slow_b, (0.0, 0.0), step)
 
 
 def grad_sync_buckets(prob: StageProblem, assign: dict[str, int], zero: int, engine: str,
@@ -621,11 +682,12 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     ddp = ev.sync_s > 0 and zero < 3
     host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=fsdp,
                                           cm=cm, ddp=ddp, compiled=compiled)
-    root_params = sum(graph.layers[li].param_count for li in range(*layers) if li in (first, last))
-    stage_params = sum(graph.layers[li].param_count for li in range(*layers))
     fsdp_root = 0.0
-    if zero >= 3 and prob.mesh.n_devices > 1 and stage_params:
-        fsdp_root = eager_mod.fsdp_buffer_bytes(root_params * ev.param_elems / stage_params, 0.0)[0]
+    if zero >= 3 and prob.mesh.n_devices > 1:
+        # the root layers' own parameters per tensor-parallel shard, under their strategies
+        root_params = sum(prob.strategy_of(n, assign[n]).param_elems_local for li in range(*layers)
+                          if li in (first, last) for n in graph.layers[li].nodes if n in assign)
+        fsdp_root = eager_mod.fsdp_buffer_bytes(root_params, 0.0)[0]
     return EagerTerms(fwd_s=fwd, bwd_s=bwd + ce_s + casts, cross_entropy_s=ce_s, precision_casts_s=casts,
                       host_fwd_s=host_fwd, host_bwd_s=host_bwd,
                       grad_bucket_s=eager_mod.grad_bucket_copy_s(ev.param_elems, cm) if ddp else 0.0,

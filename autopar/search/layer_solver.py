@@ -23,11 +23,21 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from autopar.costmodel.collectives import default_grad_sync_engine
+from autopar.costmodel.collectives import default_grad_sync_engine, zero_gathers_per_unit
 from autopar.costmodel.compute import ComputeModel
-from autopar.evaluation.evaluator import EAGER_DEFAULT, NO_EAGER, eager_terms, grad_sync_step_s
+from autopar.evaluation.evaluator import (
+    EAGER_DEFAULT,
+    NO_EAGER,
+    ZeroUnits,
+    eager_terms,
+    fsdp_block_buffer_bytes,
+    grad_sync_step_s,
+    optimizer_step_s,
+    zero_layer_collectives,
+    zero_unit_price,
+)
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.rules import is_decision
 from autopar.sharding.rules.einsum import splits_sequence
@@ -46,7 +56,7 @@ class LayerSol:
 
     t_s: float                   # forward + backward per microbatch
     fwd_s: float
-    sync_s: float                # per step
+    sync_s: float                # per step, after the stage's last backward: gradient sync and optimizer step
     param_bytes: float           # weights + grads + optimizer state per device (at the plan's ZeRO)
     param_elems: float
     stash_bytes: float           # per microbatch
@@ -62,6 +72,51 @@ class LayerSol:
     # the solver was asked for it (LayerSolver's sharded_storage), and at ZeRO 0/3 and under
     # the eager recipe (whose terms do not model it).
     storage: tuple[tuple[int, float, float], ...] = ()
+    # ZeRO-2/3 per FSDP unit (evaluator.zero_units; empty where it does not apply): t_s, fwd_s
+    # and sync_s above price the layer as a block inside a stage, neither its first nor its
+    # last; a block's place changes what its collectives hide behind. Per ZeroEnds field, what
+    # being the stage's first block, its last, or its only one adds to the layer's time per
+    # microbatch, not recomputed (0) and recomputed (1), and what being first adds per step.
+    zero_ends: ZeroEnds | None = None
+    # eager ZeRO-3: FSDP2's buffers while this block runs (evaluator.fsdp_block_buffer_bytes);
+    # a stage holds its largest block's on top of everything else
+    block_buffer_bytes: float = 0.0
+
+
+class ZeroEnds(NamedTuple):
+    """LayerSol.zero_ends: seconds a block's place in its stage adds (range_table.py)."""
+
+    first0: float
+    first1: float
+    last0: float
+    last1: float
+    only0: float
+    only1: float
+    first_step: float
+
+
+def zero_unit_figures(graph: OpGraph, li: int, prob: StageProblem, assign: dict[str, int],
+                      zero: int) -> tuple[float, float, float, ZeroEnds]:
+    """Layer `li`'s ZeRO-2/3 per FSDP unit as the planner's tables add it up: (per microbatch
+    as a block inside a stage, what recomputing it changes of that, per step, the ZeroEnds),
+    from the evaluator's own per-layer figures (evaluator.zero_unit_layer)."""
+
+    def d(u: ZeroUnits) -> float:
+        return u.fwd_delta_s + u.bwd_delta_s
+
+    z = zero_layer_collectives(graph, li, prob, assign, zero)
+    mid0 = zero_unit_price(z)
+    if z is None or z.root:
+        # no collectives, or a root unit: its place among the blocks does not matter
+        return d(mid0), 0.0, mid0.step_delta_s, ZeroEnds(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    at = {(f, la, rc): zero_unit_price(z, first=f, last=la, recomputed=rc)
+          for f in (False, True) for la in (False, True) for rc in (False, True)}
+    mid = (d(mid0), d(at[False, False, True]))
+    ends = ZeroEnds(d(at[True, False, False]) - mid[0], d(at[True, False, True]) - mid[1],
+                    d(at[False, True, False]) - mid[0], d(at[False, True, True]) - mid[1],
+                    d(at[True, True, False]) - mid[0], d(at[True, True, True]) - mid[1],
+                    at[True, False, False].step_delta_s - mid0.step_delta_s)
+    return mid[0], mid[1] - mid[0], mid0.step_delta_s, ends
 
 
 @dataclass(frozen=True)
@@ -149,6 +204,13 @@ class LayerSolver:
         n = len(graph.layers)
         self.inputs = [main_boundary(graph, list(graph.layers[i].nodes)) for i in range(n)]
         self.outputs = [self.inputs[i + 1] if i + 1 < n else None for i in range(n)]
+
+    def prices_zero_units(self, mesh: Mesh) -> bool:
+        """Whether the layers on `mesh` price ZeRO-2/3 per FSDP unit, as evaluate_stage does
+        (LayerSol.zero_ends): not under the eager recipe (its own FSDP2 terms), and not with an
+        engine that gathers per tensor (collectives.zero_gathers_per_unit)."""
+        return (not self.eager and self.settings.zero >= 2 and mesh.n_devices > 1
+                and zero_gathers_per_unit(default_grad_sync_engine(self.eager)))
 
     def identity(self, li: int) -> tuple:
         """Layers with one identity share their solutions on every mesh and layout (the cache
@@ -262,14 +324,23 @@ class LayerSolver:
             # the eager recipe's terms, as the evaluator adds them to a stage of these layers
             et = eager_terms(self.graph, (li, li + 1), prob, assign, ev, self.settings.n_microbatches,
                              self.settings.zero, self.cm) if self.eager else NO_EAGER
-            sync = grad_sync_step_s(prob, assign, ev, self.settings.zero, default_grad_sync_engine(self.eager),
-                                    ev.bwd_s + et.bwd_s)
-            sol = LayerSol(ev.per_microbatch_s + et.device_s, ev.recompute_fwd_s, sync + et.grad_bucket_s,
+            engine = default_grad_sync_engine(self.eager)
+            sync = grad_sync_step_s(prob, assign, ev, self.settings.zero, engine, ev.bwd_s + et.bwd_s)
+            # ZeRO-2/3 per FSDP unit, where the evaluator prices them so (evaluate_stage)
+            unit_s = unit_rec_s = unit_step_s = 0.0
+            ends = None
+            if self.prices_zero_units(mesh):
+                unit_s, unit_rec_s, unit_step_s, ends = zero_unit_figures(self.graph, li, prob, assign,
+                                                                          self.settings.zero)
+            sol = LayerSol(ev.per_microbatch_s + et.device_s + unit_s, ev.recompute_fwd_s + unit_rec_s,
+                           sync + et.grad_bucket_s + unit_step_s + optimizer_step_s(ev, self.settings.zero, self.cm),
                            ev.param_state_bytes(self.settings.zero) + et.held_bytes, ev.param_elems,
                            ev.stash_bytes + et.stash_bytes, in_bytes + et.inputs_fp32_extra_bytes,
                            out_spec, chosen, res.status, res.objective, seq,
                            self._storage_menu(prob, res.choice, pos)
-                           if self.sharded_storage and not self.eager else ())
+                           if self.sharded_storage and not self.eager else (), ends,
+                           fsdp_block_buffer_bytes(self.graph, li, prob, assign)
+                           if self.eager and self.settings.zero >= 3 and mesh.n_devices > 1 else 0.0)
         self.cache[k] = sol
         return sol
 

@@ -1,6 +1,13 @@
 """Figures of every layer range [i, j) on one logical mesh, per start layout, from the layer
 solutions (layer_solver.py): a suffix recursion over (layer, layout) states, so each state's
-layer is looked up once and a range's sums are array slices."""
+layer is looked up once and a range's sums are array slices.
+
+The stage's first and last block. ZeRO-2/3 per FSDP unit (evaluator.zero_units) price a block
+by its place in the stage: nothing before the first block's forward gather and after the last
+block's backward gather to hide them behind. A layer solution carries its figures as a block
+inside a stage and what being first, last or only adds (LayerSol.zero_ends); the tables add the
+latter for each range's end blocks (`_add_block_ends`), so a range's figures are the
+evaluator's for a stage of those layers under the same strategies (tests check it)."""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import numpy as np
 
 from autopar.costmodel.memory import stash_after_recompute, working_after_recompute
 from autopar.hardware.mesh import Mesh
-from autopar.search.layer_solver import LayerSol, LayerSolver, StartLayout, boundary_specs
+from autopar.search.layer_solver import LayerSol, LayerSolver, StartLayout, ZeroEnds, boundary_specs
 from autopar.sharding.spec import Spec
 
 __all__ = ["RECOMPUTE_OPTIONS", "RangeTable", "range_table", "range_tables"]
@@ -27,13 +34,17 @@ class RangeTable:
 
     t: np.ndarray            # forward + backward per microbatch, seconds
     rec: np.ndarray          # the forward once more (full recompute), seconds
-    sync: np.ndarray         # gradient sync per step, seconds
-    param: np.ndarray        # weights, gradients and optimizer state per device, bytes
+    sync: np.ndarray         # per step after the last backward: gradient sync and optimizer step, seconds
+    param: np.ndarray        # weights, gradients and optimizer state per device, and what is held with them
+                             # (the eager recipe's buffers, FSDP2's largest block's), bytes
     stash: np.ndarray        # activations kept per microbatch in flight, bytes
     inputs: np.ndarray       # sum of the layers' inputs (full recompute keeps only those), bytes
     max_layer_stash: np.ndarray  # the largest one layer's stash (rebuilt one layer at a time), bytes
     starts: list[StartLayout]    # start layout per P index
     uses_seq_split: bool = False  # some layer solution in the table splits the sequence
+    # ZeRO-2/3 per FSDP unit (evaluator.zero_units): what recomputing a stage's last block
+    # adds beyond `rec` (module doc, "the stage's first and last block"); None: nothing
+    rec_last: np.ndarray | None = None
     _bounds: tuple[np.ndarray, np.ndarray, bool] | None = field(default=None, repr=False, compare=False)
     # least_recompute_layers' answers by their arguments: the planner offers one table to two
     # stage tables alike (every option, and without sequence splits)
@@ -42,7 +53,19 @@ class RangeTable:
     def time_s(self, recompute: str, at: tuple = ()) -> np.ndarray:
         """Per-microbatch time under a recompute option, of every cell or of the cells at `at`
         (an index such as (i, j))."""
-        return self.t[at] + (self.rec[at] if recompute == "full" else 0.0)
+        if recompute != "full":
+            return self.t[at]
+        return self.t[at] + self.rec[at] + (self.rec_last[at] if self.rec_last is not None else 0.0)
+
+    def _last_block_rec(self, i: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """rec_last of cells [i, j) (shape X + (P,)) where their first k layers take in the
+        stage's last block (the layers outside the blocks, the first and the last, are root
+        units), else 0; i, j, k broadcast to X."""
+        if self.rec_last is None:
+            return np.zeros(self.t[i, j].shape)
+        n = self.t.shape[0]
+        covered = i + k > np.minimum(j - 1, n - 2)
+        return np.where(covered[..., None], self.rec_last[i, j], 0.0)
 
     def memory_bytes(self, recompute: str, inflight: float | np.ndarray, at: tuple = ()) -> np.ndarray:
         """Memory per device with `inflight` microbatches' activations held (an array of
@@ -64,7 +87,10 @@ class RangeTable:
         are integer arrays (or ints) broadcast together to a shape X, the result is X + (P,)."""
         i, j, k = np.broadcast_arrays(np.asarray(i), np.asarray(j), np.asarray(k))
         t = self.t[i, j]
-        return np.where((k > 0)[..., None], t + self.rec[i, i + k], t)
+        rec = self.rec[i, i + k]
+        if self.rec_last is not None:
+            rec = rec + self._last_block_rec(i, j, k)
+        return np.where((k > 0)[..., None], t + rec, t)
 
     def chosen_time_s(self, i: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
         """Per-microbatch time of cells [i[u], j[u]) with, per start layout, the first k[..., u, p]
@@ -76,7 +102,11 @@ class RangeTable:
         if some.size:
             # few cells recompute some layers: gather their prefixes only
             _, u, p = np.unravel_index(some, k.shape)
-            out.flat[some] += self.rec[i[u], i[u] + k.flat[some], p]
+            ks = k.flat[some]
+            out.flat[some] += self.rec[i[u], i[u] + ks, p]
+            if self.rec_last is not None:
+                covered = i[u] + ks > np.minimum(j[u] - 1, self.t.shape[0] - 2)
+                out.flat[some] += np.where(covered, self.rec_last[i[u], j[u], p], 0.0)
         return out
 
     def layers_memory_bytes(self, i, j, k, inflight) -> np.ndarray:
@@ -228,6 +258,46 @@ def _kept_memory_bytes(param, stash, recomputed_stash, recomputed_inputs, recomp
             + working_after_recompute("full", recomputed_max_layer_stash))
 
 
+NO_ENDS = ZeroEnds(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def _add_block_ends(tab: np.ndarray, k: int, ends: np.ndarray) -> np.ndarray:
+    """ZeRO-2/3 per FSDP unit: add to tab's summed figures (rows t, rec, sync) what each range's
+    first and last block add for their place in the stage (evaluator.zero_units), read from the
+    layers' own ZeroEnds (`ends[e, f]`: field f of ZeroEnds e; tab[k, i, x + 1, p] is the e of
+    layer x on the chain entered at (i, p)); returns rec_last. A stage [i, j) has
+    blocks lo = max(i, 1) .. hi = min(j - 1, L - 2) (the first and last layer are root units).
+    Not recomputed: t gains first0 of lo and last0 of hi, or only0 where lo == hi; sync gains
+    first_step of lo. rec, what recomputing the stage's first layers adds, is read for
+    prefixes [i, i + k) of longer stages too, so it gains only what recomputing lo changes of
+    its figure as the first block (first1 - first0); rec_last is what recomputing hi then
+    changes of its figure as the last block (last1 - last0; as the only block, only1 - only0
+    less what rec took)."""
+    n = tab.shape[1]
+    e = {f: q for q, f in enumerate(ZeroEnds._fields)}
+    i, j = np.nonzero(np.arange(n + 1)[None, :] > np.arange(n)[:, None])
+    lo, hi = np.maximum(i, 1), np.minimum(j - 1, n - 2)
+    has = lo <= hi
+    i, j, lo, hi = i[has], j[has], lo[has], hi[has]
+    only = (lo == hi)[:, None]
+
+    def own(field: str, x: np.ndarray) -> np.ndarray:
+        """(ranges, P): field of layer x[u] on the chain of range u, 0 where the chain is dead
+        there (the range's summed figures are inf then)."""
+        ids = tab[k, i, x + 1]
+        live = np.isfinite(ids)
+        return np.where(live, ends[np.where(live, ids, 0).astype(np.int64), e[field]], 0.0)
+
+    f0, f1 = own("first0", lo), own("first1", lo)
+    tab[0, i, j] += np.where(only, own("only0", lo), f0 + own("last0", hi))
+    tab[1, i, j] += f1 - f0
+    tab[2, i, j] += own("first_step", lo)
+    rec_last = np.zeros(tab.shape[1:])
+    rec_last[i, j] = np.where(only, own("only1", lo) - own("only0", lo) - (f1 - f0),
+                              own("last1", hi) - own("last0", hi))
+    return rec_last
+
+
 def range_table(solver: LayerSolver, mesh: Mesh, seq_split: bool = True) -> RangeTable:
     """The table of one variant (range_tables): with context-parallel layer solutions, or
     (`seq_split` False) without."""
@@ -255,7 +325,12 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                 for shape in (tuple(g.node(s).out_shape) if s else () for s in solver.inputs)]
     specs = in_specs[1] if L > 1 else [()]
     plain = list(dict.fromkeys(q for i in range(1, L) for q in in_specs[i]))
-    K = 7   # t, rec, sync, param, stash, inputs, max layer stash
+    K = 8   # t, rec, sync, param, stash, inputs, max layer stash, max block buffers
+    # ZeRO-2/3 per FSDP unit: one more row, per column the index of that layer's ZeroEnds in
+    # `ends` (kept per column, not summed)
+    units = solver.prices_zero_units(mesh)
+    n_ends = 1 if units else 0
+    ends: list[ZeroEnds] = []
     clean: dict[tuple, bool] = {}             # state -> its full chain splits no sequence
     full_suffix: dict[tuple, np.ndarray] = {}
 
@@ -270,8 +345,13 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
         one identity, so this is made once per solution; the entry keeps it alive)."""
         hit = vectors.get(id(sol))
         if hit is None:
+            own: tuple[float, ...] = ()
+            if units:
+                ends.append(sol.zero_ends or NO_ENDS)
+                own = (float(len(ends) - 1),)
             hit = vectors[id(sol)] = (sol, np.array([sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes,
-                                                     sol.stash_bytes, sol.input_bytes, sol.stash_bytes]))
+                                                     sol.stash_bytes, sol.input_bytes, sol.stash_bytes,
+                                                     sol.block_buffer_bytes, *own]))
         return hit[1]
 
     def build(seq_split: bool, suffix: dict[tuple, np.ndarray], reuse: bool) -> RangeTable:
@@ -322,16 +402,17 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                 if math.isfinite(sol.t_s):
                     v = figures(sol)
                     if tail is not None and tail.shape[1] == L - l - 1:
-                        arr = np.empty((K, L - l))      # every column is written below
+                        arr = np.empty((K + n_ends, L - l))      # every column is written below
                     else:
-                        arr = np.full((K, L - l), np.inf)
+                        arr = np.full((K + n_ends, L - l), np.inf)
                     arr[:, 0] = v
                     if tail is not None:
                         m = tail.shape[1]
                         np.add(v[:6, None], tail[:6], out=arr[:6, 1:1 + m])
-                        np.maximum(v[6], tail[6], out=arr[6, 1:1 + m])
+                        np.maximum(v[6:8, None], tail[6:8], out=arr[6:8, 1:1 + m])
+                        arr[K:, 1:1 + m] = tail[K:]
                 else:
-                    arr = np.full((K, L - l), np.inf)
+                    arr = np.full((K + n_ends, L - l), np.inf)
                 suffix[(l, sp, r)] = arr
                 tail_clean = tail_clean and not sol.seq_split
                 if not reuse:
@@ -341,7 +422,7 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
 
         starts = ([StartLayout(q, True, seq_split) for q in specs]
                   + [StartLayout(q, False, seq_split) for q in plain])
-        tab = np.full((K, L, L + 1, len(starts)), np.inf)
+        tab = np.full((K + n_ends, L, L + 1, len(starts)), np.inf)
         uses_seq = False
         for pi, start in enumerate(starts):
             if start.at_embedding:
@@ -352,7 +433,12 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                     if start.spec in in_specs[i]:
                         tab[:, i, i + 1:, pi] = chain(i, start.spec, None)
                         uses_seq |= not clean.get((i, start.spec, None), True)
-        return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], starts, uses_seq and seq_split)
+        rec_last = _add_block_ends(tab, K, np.array(ends, dtype=np.float64).reshape(-1, len(ZeroEnds._fields))) if units else None
+        # eager ZeRO-3: the largest block's FSDP2 buffers, on top of the rest at any recompute
+        # option (evaluate's working set), so with the stage's held memory
+        tab[3] += tab[7]
+        return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], starts, uses_seq and seq_split,
+                          rec_last)
 
     if not context_parallel:
         lean = build(False, {}, False)

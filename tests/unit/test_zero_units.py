@@ -4,6 +4,10 @@ of its neighbours, instead of one exposed collective per parameter tensor."""
 
 from __future__ import annotations
 
+import itertools
+import math
+
+import numpy as np
 import pytest
 
 from autopar.costmodel import eager
@@ -119,3 +123,205 @@ def test_one_gpu_and_zero1_unchanged(src):
         evaluator._STAGE_CACHE.clear()
         res = evaluate_stage(graph, cluster, st, plan.training, cm)
         assert res.fwd_s == res.ev.fwd_s and res.bwd_s == res.ev.bwd_s
+
+
+# ---- the planner's tables price ZeRO-2/3 per unit as the evaluator does --------------------------
+
+P3_2x1 = load_cluster("p3.16xlarge", 2, 1)       # two GPUs across the slow link: gathers exposed
+SMALL = "gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128"
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+@pytest.mark.parametrize("cluster,sub,shape", [(P3_2x1, Submesh(2, 1), (2, 1)),
+                                               (load_cluster("p3.16xlarge", 1, 4), Submesh(1, 4), (2, 2))])
+def test_range_table_is_the_evaluators_stage_at_every_zero_level(zero, cluster, sub, shape):
+    """Oracle: the evaluator. For every range [i, j) entered in several layouts and every count k
+    of recomputed first layers, a stage of the tables' layer strategies costs per microbatch
+    what the range table says (the stage DP sums these), to rounding: with ZeRO-2/3 as FSDP
+    runs them (per unit, prefetched; the first and last block's exposure; the recomputed
+    forward the gathers hide behind); per step, ZeRO-2's weight gather and the optimizer step. The
+    memory the tables check (weights and state, stash) is the evaluator's. ZeRO 0/1's per-step
+    gradient sync is the layers' share of the buckets, checked against the stage's in
+    test_grad_sync."""
+    from dataclasses import replace
+
+    from autopar.plan import StagePlan, Training
+    from autopar.search.layer_solver import LayerSolver, SearchStats, StartLayout, boundary_specs
+    from autopar.search.range_table import range_table
+    from autopar.sharding.spec import spec_str
+    from autopar.sharding.stage_problem import Settings
+
+    g = ModelSource(SMALL).graph(4)
+    cm = ComputeModel(cluster.gpu, cluster.gpu.training_dtype())
+    B = 4
+    mesh = Mesh(cluster, sub, shape)
+    solver = LayerSolver(g, cm, Settings(n_microbatches=B, zero=zero), SearchStats(), 10.0, "highs")
+    rt = range_table(solver, mesh)
+    assert (rt.rec_last is not None) == (zero >= 2)
+    training = Training.split(16, B, dtype=cm.dtype, schedule="1f1b", zero=zero)
+    specs = boundary_specs(g.node(solver.inputs[1]).out_shape, mesh)
+    L = len(g.layers)
+    checked = moved = 0
+    for (i, j), spec in itertools.product([(0, L), (1, 5), (0, 3), (2, 6), (1, 2), (4, 6), (0, 2)], specs[:3]):
+        start = StartLayout(spec, at_embedding=i == 0)
+        p = rt.starts.index(start)
+        if not math.isfinite(rt.t[i, j, p]):
+            continue
+        strategies: dict[str, str] = {}
+        for li, sol in solver.walk((i, j), mesh, start):
+            for pos, name in sol.names.items():
+                strategies[g.layers[li].nodes[pos]] = name
+        base = StagePlan(index=0, layers=(i, j), layer_names=[g.layers[x].name for x in range(i, j)],
+                         submesh=(sub.n_nodes, sub.gpus_per_node), device_ids=list(range(sub.n_devices)),
+                         logical_mesh=shape, strategies=strategies,
+                         input_spec="" if i == 0 or not spec else spec_str(spec))
+        times = rt.layers_time_s(i, j, np.arange(j - i + 1))[:, p]
+        for k in range(j - i + 1):
+            st = base if k == 0 else replace(base, recompute="full", recompute_layers=k)
+            res = evaluate_stage(g, cluster, st, training, cm)
+            assert res.fwd_s + res.bwd_s == pytest.approx(times[k], rel=1e-9, abs=1e-15), (i, j, k)
+            if k == j - i:
+                assert times[k] == pytest.approx(rt.time_s("full", (i, j))[p], rel=1e-12, abs=1e-15)
+            assert res.param_state_bytes == pytest.approx(rt.param[i, j, p], rel=1e-12)
+            if zero >= 2:
+                assert res.sync_s + res.optimizer_s == pytest.approx(rt.sync[i, j, p], rel=1e-9, abs=1e-15)
+            if k == 0:
+                assert res.stash_bytes == pytest.approx(rt.stash[i, j, p], rel=1e-12)
+                moved += res.fwd_s + res.bwd_s != res.ev.fwd_s + res.ev.bwd_s
+            checked += 1
+    assert checked >= 20
+    # per unit differs from the per-tensor pricing exactly where ZeRO-2/3 run on several GPUs
+    assert (moved > 0) == (zero >= 2)
+
+
+@pytest.mark.parametrize("CLUSTER,MODEL", [(P3_2x1, "gpt:hidden=64,layers=2,heads=4,seq=32,vocab=128"),
+                                           (load_cluster("p3.16xlarge", 1, 2),
+                                            "gpt:hidden=1024,layers=2,heads=8,seq=512,vocab=4096")])
+def test_plan_zero3_picks_the_evaluators_best_plan_of_its_space_by_brute_force(CLUSTER, MODEL):
+    """Oracle: brute force. On two GPUs across the slow link, every plan the planner can form
+    from its layer solutions (one stage on both GPUs under each logical mesh, start layout and
+    count of recomputed layers; two stages, one per GPU, cut anywhere, each with its own; two
+    ranks of two interleaved chunks; every microbatch size) scored by the evaluator: `plan
+    --zero 3` returns the best of them. The layer ILP's strategies are the planner's own (a
+    layer's strategy space is too large to enumerate with the evaluator)."""
+    import autopar
+    from autopar.search.candidates import Candidate
+    from autopar.search.layer_solver import SearchStats
+    from autopar.search.planner import SearchJob
+    from autopar.search.range_table import range_tables
+    from autopar.search.tables import StageChoice
+
+    cl = CLUSTER
+    src = ModelSource(MODEL)
+    gb, zero = 4, 3
+    job = SearchJob(src, cl, gb, "1f1b", None, cl.gpu.training_dtype(None), zero, 10.0, "highs", "ilp")
+    best = math.inf
+    n_plans = 0
+    for mb in (1, 2, 4):
+        prop = job.propose(mb, SearchStats())
+        L = len(prop.graph.layers)
+        options: dict[tuple[int, tuple[int, int]], list] = {}     # (submesh, mesh) -> (mesh, starts)
+        for mi, sub in enumerate(prop.subs):
+            for shape in sub.logical_meshes():
+                full, lean = range_tables(prop.solver, Mesh(cl, sub, shape))
+                options[(mi, shape)] = list(dict.fromkeys(full.starts + lean.starts))
+
+        def choices(mi: int, i: int, j: int, options=options):
+            """Every StageChoice of layers [i, j) on submesh mi."""
+            for (m, shape), starts in options.items():
+                if m != mi:
+                    continue
+                for start in starts:
+                    if start.at_embedding != (i == 0):
+                        continue
+                    for k in range(j - i + 1):
+                        yield StageChoice(shape, start, "full" if k else "none", k if 0 < k < j - i else None)
+
+        both = next(mi for mi, s in enumerate(prop.subs) if s.n_devices == 2)
+        one = next(mi for mi, s in enumerate(prop.subs) if s.n_devices == 1)
+        slicings = [(((0, L, both),), 1)]
+        slicings += [(((0, c, one), (c, L, one)), 1) for c in range(1, L)]
+        if (gb // mb) % 2 == 0:       # interleaved 1F1B runs a multiple of the depth
+            slicings += [(tuple((x, x + 1, one) for x in range(L)), 2)]
+        for stages, chunks in slicings:
+            for picked in itertools.product(*(list(choices(mi, i, j)) for i, j, mi in stages)):
+                cand = Candidate(stages, picked, (0.0,) * len(stages), (0.0,) * len(stages), 0.0, "dp", chunks)
+                try:
+                    p = job.simulate(prop, cand)
+                except Exception as e:       # a start layout the layer chain cannot reach
+                    raise AssertionError(f"{stages} {picked}: {e}") from e
+                n_plans += 1
+                if p.predicted.fits:
+                    best = min(best, p.predicted.step_time_s)
+    assert n_plans > 100 and math.isfinite(best)
+    got = autopar.plan(src, cl, global_batch=gb, zero=zero, workers=1)
+    assert got.predicted.step_time_s == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_eager_range_table_holds_the_evaluators_fsdp_block_buffers(zero):
+    """Oracle: the evaluator. Under the eager recipe's ZeRO-3 (FSDP2) a stage holds its largest
+    block's unsharded buffers on top of everything else (evaluate: with the working set); the
+    planner's tables count them in what a stage holds, the same bytes, so a stage the tables
+    say fits is one the evaluator says fits."""
+    from autopar.plan import StagePlan, Training
+    from autopar.search.layer_solver import LayerSolver, SearchStats, StartLayout, boundary_specs
+    from autopar.search.range_table import range_table
+    from autopar.sharding.spec import spec_str
+    from autopar.sharding.stage_problem import Settings
+
+    cluster, sub, shape = load_cluster("p3.16xlarge", 1, 4), Submesh(1, 4), (2, 2)
+    g = ModelSource(SMALL).graph(4)
+    cm = ComputeModel(cluster.gpu, cluster.gpu.training_dtype())
+    B = 4
+    mesh = Mesh(cluster, sub, shape)
+    solver = LayerSolver(g, cm, Settings(n_microbatches=B, zero=zero), SearchStats(), 10.0, "highs", eager=True)
+    rt = range_table(solver, mesh)
+    training = Training.split(16, B, dtype=cm.dtype, schedule="1f1b", zero=zero)
+    specs = boundary_specs(g.node(solver.inputs[1]).out_shape, mesh)
+    L = len(g.layers)
+    blocks = 0.0
+    for (i, j), spec in itertools.product([(0, L), (1, 5), (2, 4), (0, 1)], specs[:3]):
+        start = StartLayout(spec, at_embedding=i == 0)
+        p = rt.starts.index(start)
+        if not math.isfinite(rt.t[i, j, p]):
+            continue
+        strategies: dict[str, str] = {}
+        for li, sol in solver.walk((i, j), mesh, start):
+            for pos, name in sol.names.items():
+                strategies[g.layers[li].nodes[pos]] = name
+        st = StagePlan(index=0, layers=(i, j), layer_names=[g.layers[x].name for x in range(i, j)],
+                       submesh=(sub.n_nodes, sub.gpus_per_node), device_ids=list(range(sub.n_devices)),
+                       logical_mesh=shape, strategies=strategies,
+                       input_spec="" if i == 0 or not spec else spec_str(spec))
+        res = evaluate_stage(g, cluster, st, training, cm, eager=True)
+        held = (res.param_state_bytes + res.ddp_bucket_bytes + res.autocast_cache_bytes + res.fsdp_root_bytes
+                + res.fsdp_block_bytes)
+        assert rt.param[i, j, p] == pytest.approx(held, rel=1e-9), (i, j, p)
+        blocks = max(blocks, res.fsdp_block_bytes)
+    assert (blocks > 0) == (zero >= 3)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_candidates_stage_times_are_the_evaluators(zero):
+    """Oracle: the evaluator. Every candidate the planner proposes carries, per stage, the time
+    per microbatch its DP and bounds used (the table cell's); the evaluator's t_intra of the same
+    stage in the simulated plan is that figure, at every ZeRO level: the DP searches with the
+    price the evaluator scores with. What the DP leaves to the simulator (the pipeline's bubble,
+    the gradient sync beside other stages' backwards) is not in these figures."""
+    from autopar.search.layer_solver import SearchStats
+    from autopar.search.planner import SearchJob
+
+    # large enough that stages split the batch (a smaller model runs replicated, launch-bound)
+    cl = load_cluster("p3.16xlarge", 1, 4)
+    src = ModelSource("gpt:hidden=1024,layers=2,heads=8,seq=512,vocab=4096")
+    job = SearchJob(src, cl, 32, "1f1b", None, cl.gpu.training_dtype(None), zero, 10.0, "highs", "ilp")
+    prop = job.propose(8, SearchStats())
+    assert prop.candidates
+    gathers = 0
+    for cand in prop.candidates:
+        plan = job.simulate(prop, cand)
+        got = [s.t_intra_s for s in plan.stages]
+        assert got == pytest.approx(list(cand.stage_time_s), rel=1e-9), plan.config.label
+        gathers += plan.predicted.breakdown_s["comm_overlap"] > 0
+    assert (gathers > 0) == (zero >= 2)     # ZeRO-2/3's collectives hidden beside the compute
