@@ -26,7 +26,7 @@ import numpy as np
 
 from autopar.costmodel.collectives import ALL_GATHER, ALL_REDUCE, BACKWARD, REDUCE_SCATTER, Collective, collective_s
 from autopar.costmodel.compute import ComputeModel
-from autopar.costmodel.memory import ADAM_STEP_BYTES, param_state_bytes
+from autopar.costmodel.memory import param_state_bytes
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.rules import decision_strategies, follow, is_decision, leader_operand
 from autopar.sharding.spec import Spec, reshard_backward_s, reshard_collectives, reshard_s, shard_factor, spec_str
@@ -430,9 +430,6 @@ class Evaluation:
         return (param_state_bytes(self.param_elems - self.sharded_param_elems,
                                   self.param_elems_zero - self.sharded_param_elems_zero, zero)
                 + param_state_bytes(self.sharded_param_elems, self.sharded_param_elems_zero, 3))
-
-    def optimizer_step_s(self, zero: int, cm: ComputeModel) -> float:
-        return ADAM_STEP_BYTES * (self.param_elems_zero if zero >= 1 else self.param_elems) / cm.stream_bytes_per_s
 
 
 # The groups of a set of ops on a mesh depend on the entry layout only through the groups
