@@ -584,8 +584,9 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     # devices the blocks' weights are split over): their ops are one compiled region per block
     # for the host, their autocast casts fused and merged (eager.py "compiled blocks").
     in_block = {m for li in range(*layers) if first < li < last for m in graph.layers[li].nodes}
+    block_split = _block_weight_split(graph, prob, assign, in_block)
     if compiled is None:
-        compiled = eager_mod.compiled_per_block(_block_weight_split(graph, prob, assign, in_block))
+        compiled = eager_mod.compiled_per_block(block_split)
     # per FSDP2 block: compute forward, backward; all-gather forward, backward; reduce-scatter
     blocks: dict[int, list[float]] = {}
     for n in names:
@@ -681,7 +682,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     n_blocks = sum(1 for li in range(*layers) if first < li < last)
     ddp = ev.sync_s > 0 and zero < 3
     host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=fsdp,
-                                          cm=cm, ddp=ddp, compiled=compiled)
+                                          cm=cm, ddp=ddp, compiled=compiled, split_blocks=block_split > 1)
     fsdp_root = 0.0
     if zero >= 3 and prob.mesh.n_devices > 1:
         # the root layers' own parameters per tensor-parallel shard, under their strategies
