@@ -90,7 +90,7 @@ Time:
   PIPELINE_IDLE_S_PER_BLOCK is fitted on the device-bound GPT pp rows (`predict.py --fit`).
 
 - compiled blocks (`compiled_per_block`, the runtime's rule: `autopar run` compiles the blocks
-  of tensor-parallel stages on CUDA; `evaluate(..., compiled=)` overrides it, False for
+  of tensor-parallel stages and of plans on one device on CUDA; `evaluate(..., compiled=)` overrides it, False for
   bench/truth's eager harness). The block is one torch.compile'd region; what lies outside it
   (embedding, head, loss, optimizer, casts of the weights and gradients, the allocator) stays
   as above. Three terms change inside it:
@@ -390,20 +390,27 @@ def precision_casts_s(local_params: float, n_microbatches: int, cm: ComputeModel
     return per_param * local_params / (cm.stream_bytes_per_s * ADAMW_STREAM_SHARE)
 
 
-# Whether stages without tensor parallelism (DDP, FSDP2 ZeRO-1/2/3, pipeline stages, one device)
-# run compiled per block on CUDA by default, as tensor-parallel ones do. Flip it here once
-# bench/runtime_vs_native.py --compile-mode both shows it helps; nothing else decides it.
+# Whether stages without tensor parallelism on several devices (DDP, FSDP2 ZeRO-1/2/3,
+# pipeline stages) run compiled per block on CUDA by default, as tensor-parallel ones and plans on
+# one device do. Flip it here once bench/runtime_vs_native.py --compile-mode both shows it helps
+# (dp2 so far: 5% faster, 9% more memory); nothing else decides it.
 COMPILE_STAGES_WITHOUT_TP = False
 
 
-def compiled_per_block(tp: int, on_gpu: bool = True) -> bool:
+def compiled_per_block(tp: int, on_gpu: bool = True, stage_devices: int = 0, one_stage: bool = False) -> bool:
     """Whether `autopar run` runs a stage's transformer blocks compiled (torch.compile per block),
-    for a stage whose blocks' weights are split over `tp` devices: the one rule, which the
-    runtime (runtime/engines.py `default_compile`) and this model (`eager_terms`) both ask.
-    Tensor-parallel stages on CUDA, where it was measured to help: eager DTensor dispatch is
-    host-bound (gpt-1.3b tp2 on 2 H200s: 0.50 s per step compiled against 1.26 s eager); for
-    dp2 it gave 5% and cost 9% more memory, so data-parallel stages stay eager."""
-    return on_gpu and (tp > 1 or COMPILE_STAGES_WITHOUT_TP)
+    for a stage whose blocks' weights are split over `tp` devices, which runs on `stage_devices`
+    devices in a plan of `one_stage` (or more): the one rule, which the runtime
+    (runtime/engines.py `default_compile`) and this model (`eager_terms`) both ask. On CUDA, where
+    it was measured to help:
+    - tensor-parallel stages: eager DTensor dispatch is host-bound (gpt-1.3b tp2 on 2 H200s:
+      0.50 s per step compiled against 1.26 s eager);
+    - a plan on one device (one stage on one GPU: the plain module): on one H200
+      (bench/results/runtime_vs_native_h200_1gpu.json) 1.12x faster for gpt-1.3b mb8, 1.31x for
+      llama-1b-gqa mb4, within noise at one sequence, its peak allocated 1-3 GiB lower.
+    Data-parallel stages on several devices stay eager: for dp2 (DDP) it gave 5% and cost 9%
+    more memory; FSDP2 and pipeline stages were not measured compiled."""
+    return on_gpu and (tp > 1 or COMPILE_STAGES_WITHOUT_TP or (stage_devices == 1 and one_stage))
 
 
 def autocast_fp32_stream_s(norm_elements: float, linear_consumers: int, cm: ComputeModel,

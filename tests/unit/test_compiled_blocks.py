@@ -28,8 +28,26 @@ def test_the_runtime_compiles_where_the_model_says_it_does():
     from autopar.runtime.engines import StageLayout, default_compile
     for dp, tp in [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)]:
         for device in ("cuda", "cpu"):
-            assert default_compile(StageLayout(dp, tp, 0), torch.device(device)) == \
-                eager.compiled_per_block(tp, device == "cuda") == (tp > 1 and device == "cuda")
+            for one_stage in (False, True):
+                expected = device == "cuda" and (tp > 1 or (dp * tp == 1 and one_stage))
+                assert default_compile(StageLayout(dp, tp, 0), torch.device(device), one_stage) == \
+                    eager.compiled_per_block(tp, device == "cuda", dp * tp, one_stage) == expected
+
+
+def test_a_plan_on_one_device_is_priced_compiled_by_the_rule():
+    """One stage on one GPU: priced as `autopar run` runs it, compiled (eager.compiled_per_block);
+    the same device as one stage of a two-stage pipeline stays eager."""
+    cl = load_cluster("dgx-h200", 1, 1)
+    src = ModelSource(TINY)
+    plan = build_3d(src, cl, 4, Config3D(1, 1, 1, 2))
+    graph = src.graph(2)
+    assert evaluate(plan, graph, cl, eager=True).prediction == \
+        evaluate(plan, graph, cl, eager=True, compiled=True).prediction != \
+        evaluate(plan, graph, cl, eager=True, compiled=False).prediction
+    cl2 = load_cluster("dgx-h200", 1, 2)
+    pp = build_3d(src, cl2, 4, Config3D(1, 1, 2, 2))
+    assert evaluate(pp, graph, cl2, eager=True).prediction == \
+        evaluate(pp, graph, cl2, eager=True, compiled=False).prediction
 
 
 def test_compiled_terms_closed_form():
