@@ -90,7 +90,7 @@ Time:
   PIPELINE_IDLE_S_PER_BLOCK is fitted on the device-bound GPT pp rows (`predict.py --fit`).
 
 - compiled blocks (`compiled_per_block`, the runtime's rule: `autopar run` compiles the blocks
-  of tensor-parallel stages on CUDA; `evaluate(..., compiled=)` overrides it, False for
+  of tensor-parallel stages and of plans on one device on CUDA; `evaluate(..., compiled=)` overrides it, False for
   bench/truth's eager harness). The block is one torch.compile'd region; what lies outside it
   (embedding, head, loss, optimizer, casts of the weights and gradients, the allocator) stays
   as above. Three terms change inside it:
@@ -104,6 +104,16 @@ Time:
   2.68 ms backward per region call and 0.54 ms of AccumulateGrad per block, under the profiler
   (559 ms/step profiled against 497 timed): 4.3 ms unprofiled, the same order. It does not
   grow with the block's size (gpt-6.7b's blocks are 4x gpt-1.3b's: 5.4 against 5.2 ms each).
+  A block whose weights are not split (one device, DDP, FSDP2) is a plain region, no DTensors
+  to wrap and unwrap: HOST_COMPILED_PLAIN_S_PER_BLOCK, fitted the same way on the compiled GPT
+  rows at microbatch 1 of bench/results/runtime_vs_native_h200_1gpu.json (gpt-1.3b on one
+  H200, the plain module, two runs of one program: 252 and 227 ms for 96 block calls, where
+  the model's device time is 115 ms, so the host bounds them): 2.47 ms (2.60 and 2.35). It
+  holds what the eager model also misses at one sequence on one GPU (the eager rows there are
+  -10.8 / -13.1%), not isolated. Held out: llama-1b-gqa mb4 on one H200 is device-bound
+  (host 160 ms of a 378 ms predicted step), so it does not test the constant; it is +12.0%
+  (337 ms measured; eager -7.6%): Inductor's fusion of the block's other pointwise ops
+  (RMSNorm's, rotary's, SwiGLU's) is not priced, only the norm's casts (b).
   (b) device: Inductor fuses autocast's casts into the norm's kernel (and the residual add
   with the norm: `triton_per_fused_add_native_layer_norm` in the profile), which writes the
   bf16 output once; the fp32 residual stream's width stays (COMPILED_NORM_FP32_BYTES_PER_ELEMENT,
@@ -259,6 +269,10 @@ HOST_DDP_S_PER_BLOCK = 1.46e-3             # fitted: GPT ddp rows, DDP's reducer
 # fitted: compiled tensor-parallel GPT rows at microbatch 1 of bench/results/runtime_vs_native_h200.json
 # (`python bench/truth/predict_runs.py --fit`), host seconds per compiled block and microbatch
 HOST_COMPILED_S_PER_BLOCK = 5.30e-3
+# fitted: compiled plain (non-DTensor: weights not split) GPT rows at microbatch 1 of
+# bench/results/runtime_vs_native_h200_1gpu.json (`python bench/truth/predict_runs.py --fit`),
+# host seconds per compiled block and microbatch where the region's inputs are plain tensors
+HOST_COMPILED_PLAIN_S_PER_BLOCK = 2.47e-3
 # inside a compiled block, per element of a norm's output: the norm reads its fp32 input (+2 B over
 # the graph's bf16) and the residual add reads and writes fp32 (+2, +2); the casts are fused away
 COMPILED_NORM_FP32_BYTES_PER_ELEMENT = 6
@@ -376,20 +390,27 @@ def precision_casts_s(local_params: float, n_microbatches: int, cm: ComputeModel
     return per_param * local_params / (cm.stream_bytes_per_s * ADAMW_STREAM_SHARE)
 
 
-# Whether stages without tensor parallelism (DDP, FSDP2 ZeRO-1/2/3, pipeline stages, one device)
-# run compiled per block on CUDA by default, as tensor-parallel ones do. Flip it here once
-# bench/runtime_vs_native.py --compile-mode both shows it helps; nothing else decides it.
+# Whether stages without tensor parallelism on several devices (DDP, FSDP2 ZeRO-1/2/3,
+# pipeline stages) run compiled per block on CUDA by default, as tensor-parallel ones and plans on
+# one device do. Flip it here once bench/runtime_vs_native.py --compile-mode both shows it helps
+# (dp2 so far: 5% faster, 9% more memory); nothing else decides it.
 COMPILE_STAGES_WITHOUT_TP = False
 
 
-def compiled_per_block(tp: int, on_gpu: bool = True) -> bool:
+def compiled_per_block(tp: int, on_gpu: bool = True, stage_devices: int = 0, one_stage: bool = False) -> bool:
     """Whether `autopar run` runs a stage's transformer blocks compiled (torch.compile per block),
-    for a stage whose blocks' weights are split over `tp` devices: the one rule, which the
-    runtime (runtime/engines.py `default_compile`) and this model (`eager_terms`) both ask.
-    Tensor-parallel stages on CUDA, where it was measured to help: eager DTensor dispatch is
-    host-bound (gpt-1.3b tp2 on 2 H200s: 0.50 s per step compiled against 1.26 s eager); for
-    dp2 it gave 5% and cost 9% more memory, so data-parallel stages stay eager."""
-    return on_gpu and (tp > 1 or COMPILE_STAGES_WITHOUT_TP)
+    for a stage whose blocks' weights are split over `tp` devices, which runs on `stage_devices`
+    devices in a plan of `one_stage` (or more): the one rule, which the runtime
+    (runtime/engines.py `default_compile`) and this model (`eager_terms`) both ask. On CUDA, where
+    it was measured to help:
+    - tensor-parallel stages: eager DTensor dispatch is host-bound (gpt-1.3b tp2 on 2 H200s:
+      0.50 s per step compiled against 1.26 s eager);
+    - a plan on one device (one stage on one GPU: the plain module): on one H200
+      (bench/results/runtime_vs_native_h200_1gpu.json) 1.12x faster for gpt-1.3b mb8, 1.31x for
+      llama-1b-gqa mb4, within noise at one sequence, its peak allocated 1-3 GiB lower.
+    Data-parallel stages on several devices stay eager: for dp2 (DDP) it gave 5% and cost 9%
+    more memory; FSDP2 and pipeline stages were not measured compiled."""
+    return on_gpu and (tp > 1 or COMPILE_STAGES_WITHOUT_TP or (stage_devices == 1 and one_stage))
 
 
 def autocast_fp32_stream_s(norm_elements: float, linear_consumers: int, cm: ComputeModel,
@@ -444,15 +465,20 @@ def fsdp_block_comm_s(fwd_compute_s: float, bwd_compute_s: float, all_gather_fwd
 
 
 def host_s(n_linears: int, n_other_ops: int, n_blocks: int, tp: bool, fsdp: bool,
-           cm: ComputeModel, ddp: bool = False, compiled: bool = False) -> tuple[float, float]:
+           cm: ComputeModel, ddp: bool = False, compiled: bool = False,
+           split_blocks: bool | None = None) -> tuple[float, float]:
     """(forward, backward) host dispatch seconds of one microbatch through a stage: per eager op
     (`n_linears`, `n_other_ops`) and per transformer block (`n_blocks`). With `compiled`
     blocks (`compiled_per_block`) the ops counted are only those outside the blocks (embedding,
     head, loss), and each block costs the host one compiled region's call,
-    HOST_COMPILED_S_PER_BLOCK (its guards, the launches of its kernels and collectives, the
-    gradient accumulation of its parameters) in place of its ops' dispatch and DTensor's; the
-    engines' hooks (FSDP2, DDP) stay per block as measured eager (not measured compiled)."""
-    per_block = ((HOST_COMPILED_S_PER_BLOCK if compiled else HOST_TP_S_PER_BLOCK if tp else 0.0)
+    HOST_COMPILED_S_PER_BLOCK where the blocks' weights are split (`split_blocks`, None: `tp`;
+    the region wraps and unwraps DTensors), HOST_COMPILED_PLAIN_S_PER_BLOCK where they are not
+    (its guards, the launches of its kernels and collectives, the gradient accumulation of its
+    parameters) in place of its ops' dispatch and DTensor's; the engines' hooks (FSDP2, DDP)
+    stay per block as measured eager (not measured compiled)."""
+    split = tp if split_blocks is None else split_blocks
+    compiled_s = HOST_COMPILED_S_PER_BLOCK if split else HOST_COMPILED_PLAIN_S_PER_BLOCK
+    per_block = ((compiled_s if compiled else HOST_TP_S_PER_BLOCK if tp else 0.0)
                  + (HOST_FSDP_S_PER_BLOCK if fsdp else 0.0) + (HOST_DDP_S_PER_BLOCK if ddp else 0.0))
     total = n_linears * HOST_S_PER_LINEAR + n_other_ops * 2 * cm.launch_s + n_blocks * per_block
     return total * HOST_FORWARD_SHARE, total * (1 - HOST_FORWARD_SHARE)

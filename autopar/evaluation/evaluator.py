@@ -106,14 +106,16 @@ class StageResult:
 
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
                    cm: ComputeModel, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None,
-                   zero_autocast: bool = False, compiled: bool | None = None) -> StageResult:
+                   zero_autocast: bool = False, compiled: bool | None = None,
+                   one_stage: bool = False) -> StageResult:
     """The stage's costs; its StagePlan comes back as a copy carrying the per-op records.
     grad_sync: the engine whose gradient buckets it runs (collectives.GRAD_SYNC_ENGINES; None:
     the eager recipe's or the default's, collectives.default_grad_sync_engine).
     zero_autocast: the eager recipe's ZeRO stages run autocast over FSDP2's fp32 parameters (as
     bench/truth's fsdp2 rows did), not `autopar run`'s bf16 parameters (eager.fsdp_bf16_params).
     compiled: whether the eager recipe runs the stage's blocks compiled (None: where `autopar
-    run` compiles them, eager.compiled_per_block)."""
+    run` compiles them, eager.compiled_per_block, which asks whether the plan has this stage
+    alone: `one_stage`)."""
     names = stage_nodes(graph, st.layers)
     sub = Submesh(*st.submesh)
     if sub.n_devices != len(st.device_ids):
@@ -197,7 +199,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             rc_stash = pev.stash_bytes
             if eager:
                 pterms = eager_terms(graph, pre_layers, pprob, passign, pev, training.n_microbatches, zero, cm,
-                                     zero_autocast, compiled)
+                                     zero_autocast, compiled, one_stage)
                 rc_stash += pterms.residual_stash_bytes
                 rc_inputs_fp32 = pterms.inputs_fp32_extra_bytes
     elif st.recompute == "selective":
@@ -211,7 +213,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             rec_flops = sum(graph.node(n).fwd_flops for n in core)
 
     terms = (eager_terms(graph, st.layers, prob, assign, ev, training.n_microbatches, zero, cm, zero_autocast,
-                         compiled) if eager else NO_EAGER)
+                         compiled, one_stage) if eager else NO_EAGER)
     if st.recompute == "full":
         layer_inputs += rc_inputs_fp32 if partial else terms.inputs_fp32_extra_bytes
     stash = stash_after_recompute(st.recompute, ev.stash_bytes + terms.residual_stash_bytes, layer_inputs, core_stash,
@@ -549,10 +551,10 @@ NO_EAGER = EagerTerms()
 
 def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, assign: dict[str, int],
                 ev: Evaluation, n_microbatches: int, zero: int, cm: ComputeModel,
-                zero_autocast: bool = False, compiled: bool | None = None) -> EagerTerms:
+                zero_autocast: bool = False, compiled: bool | None = None, one_stage: bool = False) -> EagerTerms:
     """The eager recipe's terms of layers [layers[0], layers[1]) whose ops `prob` holds, under
-    the strategies `assign` picks (ev: prob's evaluation of them). zero_autocast, compiled: as
-    `evaluate_stage`'s."""
+    the strategies `assign` picks (ev: prob's evaluation of them). zero_autocast, compiled,
+    one_stage: as `evaluate_stage`'s."""
     names = list(prob.names)
     inside = set(names)
     first, last = 0, len(graph.layers) - 1
@@ -581,11 +583,13 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     zero12 = eager_mod.fsdp_zero12(zero, dp_sharded, zero_autocast)
     layer_of = {m: li for li in range(*layers) if first < li < last for m in graph.layers[li].nodes} if fsdp else {}
     # The blocks run compiled where the runtime compiles them (eager.compiled_per_block: by the
-    # devices the blocks' weights are split over): their ops are one compiled region per block
-    # for the host, their autocast casts fused and merged (eager.py "compiled blocks").
+    # devices the blocks' weights are split over, and for a plan of one stage on one device):
+    # their ops are one compiled region per block for the host, their autocast casts fused and
+    # merged (eager.py "compiled blocks").
     in_block = {m for li in range(*layers) if first < li < last for m in graph.layers[li].nodes}
+    block_split = _block_weight_split(graph, prob, assign, in_block)
     if compiled is None:
-        compiled = eager_mod.compiled_per_block(_block_weight_split(graph, prob, assign, in_block))
+        compiled = eager_mod.compiled_per_block(block_split, stage_devices=prob.mesh.n_devices, one_stage=one_stage)
     # per FSDP2 block: compute forward, backward; all-gather forward, backward; reduce-scatter
     blocks: dict[int, list[float]] = {}
     for n in names:
@@ -681,7 +685,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     n_blocks = sum(1 for li in range(*layers) if first < li < last)
     ddp = ev.sync_s > 0 and zero < 3
     host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=fsdp,
-                                          cm=cm, ddp=ddp, compiled=compiled)
+                                          cm=cm, ddp=ddp, compiled=compiled, split_blocks=block_split > 1)
     fsdp_root = 0.0
     if zero >= 3 and prob.mesh.n_devices > 1:
         # the root layers' own parameters per tensor-parallel shard, under their strategies
@@ -771,7 +775,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     parameters) instead of as `autopar run` does (bf16 parameters, no autocast: the default).
     compiled: with eager, whether the blocks run compiled per block (torch.compile, eager.py
     "compiled blocks"): None, where `autopar run` compiles them (eager.compiled_per_block:
-    tensor-parallel stages); False, all eager, as bench/truth's harness ran; True, all compiled
+    tensor-parallel stages, a plan on one device); False, all eager, as bench/truth's harness ran; True, all compiled
     (`autopar run`'s compile=True)."""
     tr = plan.training
     cm = ComputeModel(cluster.gpu, tr.dtype)
@@ -785,7 +789,8 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     schedule = tr.schedule
     v = tr.virtual_stages
     B = tr.n_microbatches
-    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync, zero_autocast, compiled) for s in plan.stages]
+    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync, zero_autocast, compiled,
+                          one_stage=len(plan.stages) == 1) for s in plan.stages]
     n_dev_stages = len(res) // v if schedule == "interleaved" else len(res)
     if eager and n_dev_stages > 1:
         res = _pipeline_terms(res, graph, cluster, B, cm)

@@ -35,10 +35,10 @@ evaluation.baselines.megatron_names) — runs on the zoo's nn.Module with
 
 Under tp an embedding or the head may instead be replicated, as the auto planner often
 chooses. The modules run eagerly or compiled per transformer block (`compile`, every stage kind:
-recompute_and_compile; by default only tensor-parallel stages on CUDA, where it was measured to
-help: eager DTensor TP is host-bound, bench/results/runtime_vs_native_h200.json; default_compile
-decides); nothing is interpreted op by op. Without ZeRO the
-optimizer steps the parameters' local shards (ShardOptimizer: fused Adam on CUDA, no DTensor
+recompute_and_compile; by default tensor-parallel stages and plans on one device, on CUDA, where
+it was measured to help: eager DTensor TP is host-bound, bench/results/runtime_vs_native_h200.json;
+one H200's plain module, runtime_vs_native_h200_1gpu.json; default_compile decides); nothing
+is interpreted op by op. Without ZeRO the optimizer steps the parameters' local shards (ShardOptimizer: fused Adam on CUDA, no DTensor
 dispatch). A plan with a stage that matches no engine keeps the fx/DTensor program of
 runtime.apply, with a warning that names the stage and op; with `compile` (by default on CUDA)
 that program runs each layer as one torch.compile'd region (runtime.program.CompiledBlock).
@@ -672,16 +672,19 @@ def apply_fsdp(seg: nn.Module, blocks: list[nn.Module], dp_mesh, zero: int, para
     fully_shard(seg, mesh=dp_mesh, reshard_after_forward=zero >= 3, mp_policy=mp, **kw)
 
 
-def default_compile(layout: StageLayout, device: torch.device) -> bool:
+def default_compile(layout: StageLayout, device: torch.device, one_stage: bool = False) -> bool:
     """Compile where it was measured to help: the one rule, costmodel.eager.compiled_per_block,
-    which the eager cost model prices too. Never on CPU, where Inductor builds C++ per block and
-    nothing was measured (`autopar run --compile` forces it)."""
-    return compiled_per_block(layout.tp, device.type == "cuda")
+    which the eager cost model prices too, for a stage of `layout` (on dp x tp x cp devices) in a
+    plan of `one_stage` or more. Never on CPU, where Inductor builds C++ per block and nothing
+    was measured (`autopar run --compile` forces it)."""
+    return compiled_per_block(layout.tp, device.type == "cuda", stage_devices=layout.dp * layout.tp * layout.cp,
+                              one_stage=one_stage)
 
 
 def default_compile_text() -> str:
     """default_compile in words (autopar run's help and report)."""
-    return "every stage on cuda" if COMPILE_STAGES_WITHOUT_TP else "tensor-parallel stages on cuda"
+    return ("every stage on cuda" if COMPILE_STAGES_WITHOUT_TP
+            else "tensor-parallel stages and plans on one device, on cuda")
 
 
 def recompute_and_compile(seg: Segment, compile: bool, tensor_parallel: bool) -> None:
@@ -757,7 +760,7 @@ class EngineModel:
         self.layout = layout = layouts[self.stage_index]
         self.last_layout = layouts[self.stage_ids[-1]]      # its last chunk's (under interleaving)
         if compile is None:
-            compile = default_compile(layout, self.device)
+            compile = default_compile(layout, self.device, one_stage=self.n_stages == 1)
         self.compiled = compile
         self.n_microbatches = plan.training.n_microbatches
         self.microbatch_size = plan.training.microbatch_size

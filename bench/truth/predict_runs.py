@@ -1,23 +1,27 @@
 """`autopar run`'s own measured steps against the eager cost model (issue 13: "once the runtime
 matches the native recipes, measure its runs too, and hold them to the same bars").
 
-    python bench/truth/predict_runs.py [bench/results/runtime_vs_native_h200.json]
-    python bench/truth/predict_runs.py --fit      # HOST_COMPILED_S_PER_BLOCK from its fit rows
+    python bench/truth/predict_runs.py [results.json ...]   # default: the two files below
+    python bench/truth/predict_runs.py --fit      # the compiled host constants from their fit rows
 
-Each autopar row of bench/runtime_vs_native.py's results (2 H200s, bf16) is planned again as
-that benchmark made it (`make_plan`: build_3d for a strategy, autopar.plan for auto / auto-eager)
-and priced with `evaluate(..., eager=True)`, the model of the eager engines `autopar run` uses.
+Each autopar row of bench/runtime_vs_native.py's results (bench/results/runtime_vs_native_h200.json:
+2 H200s; runtime_vs_native_h200_1gpu.json: one H200, plans on one device; bf16) is planned again
+on its run's GPUs (the file's meta.runs) as that benchmark made it (`make_plan`: build_3d for a
+strategy, autopar.plan for auto / auto-eager) and priced with `evaluate(..., eager=True)`, the
+model of the eager engines `autopar run` uses; each file's rows are summarized as their own set.
 Printed: measured and predicted step time and peak reserved memory, and their errors
 ((predicted - measured) / measured). Rows run with torch.compile per block are priced so (the
 row's `compile`, `evaluate(..., compiled=...)`; autocast/eager.py "compiled blocks") and listed
-apart, the GPT ones at microbatch 1 as the fit of HOST_COMPILED_S_PER_BLOCK (`--fit`), the
-others held out. An auto row whose plan the planner no longer makes (it changed since the row
-was measured) is skipped.
+apart, the GPT ones at microbatch 1 as the fit of the compiled host constants (`--fit`), the
+others held out; HOST_COMPILED_S_PER_BLOCK's fit rows are those whose blocks are split (tp:
+DTensor blocks), HOST_COMPILED_PLAIN_S_PER_BLOCK's those whose blocks are not. An auto row
+whose plan the planner no longer makes (it changed since the row was measured) is skipped.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -25,16 +29,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-RESULTS = ROOT / "bench/results/runtime_vs_native_h200.json"
+# 2 H200s (every strategy, compiled tensor-parallel rows) and one H200 (eager and compiled)
+RESULTS = [ROOT / "bench/results/runtime_vs_native_h200.json", ROOT / "bench/results/runtime_vs_native_h200_1gpu.json"]
 
 
-def compiled_fit_row(row: dict) -> bool:
-    """The rows HOST_COMPILED_S_PER_BLOCK is fitted on: compiled GPT rows at microbatch 1, whose
-    step the host bounds (the default model's device time is a sixth to a third of the step)."""
-    return bool(row.get("compile")) and row["model"].startswith("gpt") and row["microbatch"] == 1
+def split_blocks(row: dict) -> bool:
+    """Whether the row's blocks ran with split weights (tensor parallelism: DTensor blocks), by
+    the layout the runtime reported."""
+    m = re.search(r"\btp=(\d+)", str(row["autopar"].get("layout", "")))
+    return bool(m) and int(m.group(1)) > 1
 
 
-def predict(row: dict) -> dict:
+def compiled_fit_row(row: dict) -> str:
+    """Which host constant a row fits: the compiled GPT rows at microbatch 1, whose step the
+    host bounds (the model's device time is a sixth to a half of the step), fit
+    HOST_COMPILED_S_PER_BLOCK where their blocks are split ("split") and
+    HOST_COMPILED_PLAIN_S_PER_BLOCK where not ("plain"); "" for the others (held out)."""
+    if not (row.get("compile") and row["model"].startswith("gpt") and row["microbatch"] == 1):
+        return ""
+    return "split" if split_blocks(row) else "plain"
+
+
+def predict(row: dict, n_gpus: int = 2) -> dict:
+    set_name = f"{n_gpus} GPU" + ("s" if n_gpus > 1 else "")
     import runtime_vs_native as bench
 
     import graphs
@@ -43,8 +60,8 @@ def predict(row: dict) -> dict:
     from autopar.model import ModelSource
 
     spec = next((k for k, v in bench.NAMES.items() if v == row["model"]), row["model"])
-    plan = bench.make_plan(spec, row["strategy"], row["microbatch"], 2, "dgx-h200")
-    cl = load_cluster("dgx-h200", 1, 2)
+    plan = bench.make_plan(spec, row["strategy"], row["microbatch"], n_gpus, "dgx-h200")
+    cl = load_cluster("dgx-h200", 1, n_gpus)
     graph = ModelSource(spec).graph(plan.training.microbatch_size) if ":" in spec else \
         graphs.load(spec, batch=plan.training.microbatch_size)
     p = evaluate(plan, graph, cl, eager=True, compiled=bool(row.get("compile"))).prediction
@@ -54,56 +71,92 @@ def predict(row: dict) -> dict:
         return {"model": row["model"], "strategy": row["strategy"], "microbatch": row["microbatch"],
                 "skipped": f"the planner now makes {label!r}, the row ran {row.get('plan')!r}"}
     return {"model": row["model"], "strategy": row["strategy"], "microbatch": row["microbatch"],
-            "compiled": bool(row.get("compile")), "fit": compiled_fit_row(row),
+            "compiled": bool(row.get("compile")), "fit": compiled_fit_row(row), "set": set_name,
             "plan": plan.config.label or plan.strategy, "n_microbatches": plan.training.n_microbatches,
             "n_blocks": len(graph.layers) - 2, "predicted_host_s": p.host_s,
             "measured_step_s": m["step_time_s"], "predicted_step_s": p.step_time_s,
             "step_error": p.step_time_s / m["step_time_s"] - 1,
             "measured_reserved_bytes": m["peak_reserved_bytes"], "predicted_reserved_bytes": p.peak_reserved_bytes,
-            "memory_error": p.peak_reserved_bytes / m["peak_reserved_bytes"] - 1}
+            "memory_error": p.peak_reserved_bytes / m["peak_reserved_bytes"] - 1, "row": row, "n_gpus": n_gpus}
 
 
-def fit(rows: list[dict]) -> float:
-    """HOST_COMPILED_S_PER_BLOCK: on the fit rows (`compiled_fit_row`), the host seconds per
-    compiled block and microbatch at which the predicted host time is the measured step (the
-    host time is linear in it: the model's host at the constant less its blocks' share)."""
+CONSTANTS = {"split": "HOST_COMPILED_S_PER_BLOCK", "plain": "HOST_COMPILED_PLAIN_S_PER_BLOCK"}
+
+
+def fit(rows: list[dict], kind: str) -> tuple[float, list[dict]]:
+    """The host constant of `kind` (CONSTANTS): on its fit rows (`compiled_fit_row`), the median
+    of the host seconds per compiled block and microbatch at which the predicted host time is
+    the measured step (the host time is linear in it: the model's host at the constant less its
+    blocks' share). With it, the rows' predicted device time (the step at a zero constant),
+    which must lie below the measured step for the row to identify the constant."""
     from autopar.costmodel import eager
-    k = eager.HOST_COMPILED_S_PER_BLOCK
-    implied = [(r["measured_step_s"] - (r["predicted_host_s"] - k * r["n_microbatches"] * r["n_blocks"]))
-               / (r["n_microbatches"] * r["n_blocks"]) for r in rows if r["fit"]]
-    return statistics.median(implied)
+    name = CONSTANTS[kind]
+    k = getattr(eager, name)
+    implied, lines = [], []
+    for r in rows:
+        if r["fit"] != kind:
+            continue
+        calls = r["n_microbatches"] * r["n_blocks"]
+        implied.append((r["measured_step_s"] - (r["predicted_host_s"] - k * calls)) / calls)
+        setattr(eager, name, 0.0)
+        try:
+            device_s = predict(r["row"], r["n_gpus"])["predicted_step_s"]
+        finally:
+            setattr(eager, name, k)
+        lines.append({"row": f"{r['set']} {r['model']} {r['strategy']} mb{r['microbatch']}",
+                      "measured_step_s": r["measured_step_s"], "device_s": device_s, "calls": calls,
+                      "implied_s": implied[-1]})
+    return statistics.median(implied), lines
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     fitting = "--fit" in argv
-    argv = [a for a in argv if a != "--fit"]
-    doc = json.loads(Path(argv[0] if argv else RESULTS).read_text())
-    rows = [predict(r) for r in doc["rows"] if "autopar" in r and r["autopar"].get("engines")]
+    paths = [Path(a) for a in argv if a != "--fit"] or RESULTS
+    rows = []
+    for path in paths:
+        doc = json.loads(path.read_text())
+        runs = doc.get("meta", {}).get("runs", {})
+        gpus = doc.get("meta", {}).get("gpus", 2)
+        rows += [predict(r, runs.get(r.get("run"), {}).get("gpus", gpus)) for r in doc["rows"]
+                 if "autopar" in r and r["autopar"].get("engines")]
     for r in rows:
         if "skipped" in r:
             print(f"skipped {r['model']} {r['strategy']} mb{r['microbatch']}: {r['skipped']}")
     rows = [r for r in rows if "skipped" not in r]
     if fitting:
-        print(f"HOST_COMPILED_S_PER_BLOCK = {fit(rows):.3e}")
+        for kind, name in CONSTANTS.items():
+            if any(r["fit"] == kind for r in rows):
+                value, lines = fit(rows, kind)
+                print(f"{name} = {value:.3e}")
+                for x in lines:
+                    print(f"  {x['row']}: measured {x['measured_step_s'] * 1e3:.1f} ms, device "
+                          f"{x['device_s'] * 1e3:.1f} ms, {x['calls']} block calls, implied "
+                          f"{x['implied_s'] * 1e3:.2f} ms")
         return 0
-    print(f"{'model':18} {'strategy':11} {'mb':>3} {'comp':>4} {'meas ms':>8} {'pred ms':>8} {'err':>7} "
+    print(f"{'set':6} {'model':18} {'strategy':11} {'mb':>3} {'comp':>4} {'meas ms':>8} {'pred ms':>8} {'err':>7} "
           f"{'meas GiB':>8} {'pred GiB':>8} {'err':>7}")
     for r in rows:
-        print(f"{r['model']:18} {r['strategy']:11} {r['microbatch']:>3} {'yes' if r['compiled'] else 'no':>4} "
+        print(f"{r['set']:6} {r['model']:18} {r['strategy']:11} {r['microbatch']:>3} "
+              f"{'yes' if r['compiled'] else 'no':>4} "
               f"{r['measured_step_s'] * 1e3:8.1f} {r['predicted_step_s'] * 1e3:8.1f} {r['step_error']:+7.1%} "
               f"{r['measured_reserved_bytes'] / 2**30:8.1f} {r['predicted_reserved_bytes'] / 2**30:8.1f} "
               f"{r['memory_error']:+7.1%}")
-    parts = (("all", rows), ("eager", [r for r in rows if not r["compiled"]]),
-             ("compiled", [r for r in rows if r["compiled"]]),
-             ("comp fit", [r for r in rows if r["fit"]]), ("comp held", [r for r in rows if r["compiled"] and not r["fit"]]))
-    for name, part in parts:
-        if part:
-            t = [abs(r["step_error"]) for r in part]
-            mem = [abs(r["memory_error"]) for r in part]
-            short = sum(r["memory_error"] < 0 for r in part)
-            print(f"{name:9} rows {len(part):2}: time median {statistics.median(t):.1%} max {max(t):.1%}; "
-                  f"memory median {statistics.median(mem):.1%} max {max(mem):.1%}; predicted short {short}")
+    # each file's runs apart (the devices per plan differ), the constants' fit rows apart
+    for set_name in dict.fromkeys(r["set"] for r in rows):
+        in_set = [r for r in rows if r["set"] == set_name]
+        parts = (("all", in_set), ("eager", [r for r in in_set if not r["compiled"]]),
+                 ("compiled", [r for r in in_set if r["compiled"]]),
+                 ("comp fit", [r for r in in_set if r["fit"]]),
+                 ("comp held", [r for r in in_set if r["compiled"] and not r["fit"]]))
+        for name, part in parts:
+            if part:
+                t = [abs(r["step_error"]) for r in part]
+                mem = [abs(r["memory_error"]) for r in part]
+                short = sum(r["memory_error"] < 0 for r in part)
+                print(f"{set_name:6} {name:9} rows {len(part):2}: time median {statistics.median(t):.1%} "
+                      f"max {max(t):.1%}; memory median {statistics.median(mem):.1%} max {max(mem):.1%}; "
+                      f"predicted short {short}")
     return 0
 
 

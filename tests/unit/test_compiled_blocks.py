@@ -28,8 +28,26 @@ def test_the_runtime_compiles_where_the_model_says_it_does():
     from autopar.runtime.engines import StageLayout, default_compile
     for dp, tp in [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)]:
         for device in ("cuda", "cpu"):
-            assert default_compile(StageLayout(dp, tp, 0), torch.device(device)) == \
-                eager.compiled_per_block(tp, device == "cuda") == (tp > 1 and device == "cuda")
+            for one_stage in (False, True):
+                expected = device == "cuda" and (tp > 1 or (dp * tp == 1 and one_stage))
+                assert default_compile(StageLayout(dp, tp, 0), torch.device(device), one_stage) == \
+                    eager.compiled_per_block(tp, device == "cuda", dp * tp, one_stage) == expected
+
+
+def test_a_plan_on_one_device_is_priced_compiled_by_the_rule():
+    """One stage on one GPU: priced as `autopar run` runs it, compiled (eager.compiled_per_block);
+    the same device as one stage of a two-stage pipeline stays eager."""
+    cl = load_cluster("dgx-h200", 1, 1)
+    src = ModelSource(TINY)
+    plan = build_3d(src, cl, 4, Config3D(1, 1, 1, 2))
+    graph = src.graph(2)
+    assert evaluate(plan, graph, cl, eager=True).prediction == \
+        evaluate(plan, graph, cl, eager=True, compiled=True).prediction != \
+        evaluate(plan, graph, cl, eager=True, compiled=False).prediction
+    cl2 = load_cluster("dgx-h200", 1, 2)
+    pp = build_3d(src, cl2, 4, Config3D(1, 1, 2, 2))
+    assert evaluate(pp, graph, cl2, eager=True).prediction == \
+        evaluate(pp, graph, cl2, eager=True, compiled=False).prediction
 
 
 def test_compiled_terms_closed_form():
@@ -48,6 +66,14 @@ def test_compiled_terms_closed_form():
     fwd, bwd = eager.host_s(0, 0, 4, tp=True, fsdp=True, cm=cm, ddp=True, compiled=True)
     assert fwd + bwd == pytest.approx(4 * (eager.HOST_COMPILED_S_PER_BLOCK + eager.HOST_FSDP_S_PER_BLOCK
                                            + eager.HOST_DDP_S_PER_BLOCK))
+    # blocks whose weights are not split: a plain region (no DTensors to wrap), its own constant
+    fwd, bwd = eager.host_s(1, 3, 4, tp=False, fsdp=False, cm=cm, compiled=True)
+    assert fwd + bwd == pytest.approx(eager.HOST_S_PER_LINEAR + 3 * 2 * cm.launch_s
+                                      + 4 * eager.HOST_COMPILED_PLAIN_S_PER_BLOCK)
+    # a split head alone (tp) does not make the blocks DTensor ones
+    fwd, bwd = eager.host_s(0, 0, 4, tp=True, fsdp=False, cm=cm, compiled=True, split_blocks=False)
+    assert fwd + bwd == pytest.approx(4 * eager.HOST_COMPILED_PLAIN_S_PER_BLOCK)
+    assert eager.HOST_COMPILED_PLAIN_S_PER_BLOCK < eager.HOST_COMPILED_S_PER_BLOCK
 
 
 def _tiny(dp: int, tp: int):
@@ -84,27 +110,34 @@ def test_a_compiled_tp_stage_against_its_eager_self():
 
 def test_a_data_parallel_stage_stays_eager_by_the_rule():
     """dp2 runs its blocks eager unless told (`autopar run --compile`, compiled=True); compiled,
-    its blocks cost the host the region fitted on tp blocks in place of their ops (DDP's hooks
-    stay): more than its eager ops here, as that constant holds a tp block's collectives."""
+    its blocks cost the host a plain region (fitted on one GPU's plain blocks) in place of their
+    ops (DDP's hooks stay): more than its eager ops on this tiny model's few ops."""
     plan, graph, cl = _tiny(2, 1)
     cm = ComputeModel(cl.gpu, plan.training.dtype)
     eager_plan = evaluate(plan, graph, cl, eager=True, compiled=False)
     assert evaluate(plan, graph, cl, eager=True).prediction == eager_plan.prediction
     compiled = evaluate(plan, graph, cl, eager=True, compiled=True)
     assert compiled.prediction.host_s - eager_plan.prediction.host_s == pytest.approx(
-        plan.training.n_microbatches * 2 * (eager.HOST_COMPILED_S_PER_BLOCK - BLOCK_LINEARS * eager.HOST_S_PER_LINEAR
+        plan.training.n_microbatches * 2 * (eager.HOST_COMPILED_PLAIN_S_PER_BLOCK
+                                            - BLOCK_LINEARS * eager.HOST_S_PER_LINEAR
                                             - BLOCK_OTHER_OPS * 2 * cm.launch_s))
 
 
-def test_host_per_compiled_block_is_its_fit():
-    """HOST_COMPILED_S_PER_BLOCK is what bench/truth/predict_runs.py --fit gives on its fit rows
-    (the compiled GPT rows at microbatch 1 of bench/results/runtime_vs_native_h200.json)."""
+@pytest.mark.parametrize("kind, results, n_gpus", [
+    ("split", "runtime_vs_native_h200.json", 2), ("plain", "runtime_vs_native_h200_1gpu.json", 1)])
+def test_host_per_compiled_block_is_its_fit(kind, results, n_gpus):
+    """HOST_COMPILED_S_PER_BLOCK (split: DTensor blocks) and HOST_COMPILED_PLAIN_S_PER_BLOCK are
+    what bench/truth/predict_runs.py --fit gives on their fit rows (the compiled GPT rows at
+    microbatch 1: tp2 on 2 H200s, one H200's plain module), which the host bounds: their
+    predicted device time is below the measured step, so they identify the constant."""
     spec = importlib.util.spec_from_file_location("predict_runs", ROOT / "bench/truth/predict_runs.py")
     assert spec is not None and spec.loader is not None
     pr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pr)
-    doc = json.loads((ROOT / "bench/results/runtime_vs_native_h200.json").read_text())
-    rows = [pr.predict(r) for r in doc["rows"] if "autopar" in r and r["autopar"].get("engines")
-            and pr.compiled_fit_row(r)]
+    doc = json.loads((ROOT / "bench/results" / results).read_text())
+    rows = [pr.predict(r, n_gpus) for r in doc["rows"] if "autopar" in r and r["autopar"].get("engines")
+            and pr.compiled_fit_row(r) == kind]
     assert len(rows) == 2
-    assert pr.fit(rows) == pytest.approx(eager.HOST_COMPILED_S_PER_BLOCK, rel=1e-3)
+    value, lines = pr.fit(rows, kind)
+    assert value == pytest.approx(getattr(eager, pr.CONSTANTS[kind]), rel=2e-3)
+    assert all(x["device_s"] < x["measured_step_s"] for x in lines)
