@@ -321,9 +321,12 @@ class LayerSolver:
             in_bytes = 0.0
             if src is not None:
                 in_bytes = self.graph.node(src).out_bytes / (shard_factor(spec, mesh) if spec else 1)
-            # the eager recipe's terms, as the evaluator adds them to a stage of these layers
+            # the eager recipe's terms, as the evaluator adds them to a stage of these layers; a
+            # stage on every device of the cluster is the plan's one stage (a one-GPU plan
+            # compiles its blocks by default: eager.compiled_per_block)
             et = eager_terms(self.graph, (li, li + 1), prob, assign, ev, self.settings.n_microbatches,
-                             self.settings.zero, self.cm) if self.eager else NO_EAGER
+                             self.settings.zero, self.cm,
+                             one_stage=mesh.n_devices == mesh.cluster.n_gpus) if self.eager else NO_EAGER
             engine = default_grad_sync_engine(self.eager)
             sync = grad_sync_step_s(prob, assign, ev, self.settings.zero, engine, ev.bwd_s + et.bwd_s)
             # ZeRO-2/3 per FSDP unit, where the evaluator prices them so (evaluate_stage)

@@ -325,3 +325,21 @@ def test_candidates_stage_times_are_the_evaluators(zero):
         assert got == pytest.approx(list(cand.stage_time_s), rel=1e-9), plan.config.label
         gathers += plan.predicted.breakdown_s["comm_overlap"] > 0
     assert (gathers > 0) == (zero >= 2)     # ZeRO-2/3's collectives hidden beside the compute
+
+
+def test_eager_candidates_on_one_gpu_are_the_evaluators():
+    """Oracle: the evaluator. On one GPU the plan is one stage on one device, which `autopar run`
+    compiles per block (eager.compiled_per_block); the planner's eager tables price it so too,
+    so every candidate's stage time is the evaluator's t_intra of the same stage."""
+    from autopar.search.layer_solver import SearchStats
+    from autopar.search.planner import SearchJob
+
+    cl = load_cluster("p3.16xlarge", 1, 1)
+    src = ModelSource("gpt:hidden=1024,layers=2,heads=8,seq=512,vocab=4096")
+    job = SearchJob(src, cl, 8, "1f1b", None, cl.gpu.training_dtype(None), 0, 10.0, "highs", "ilp", True)
+    prop = job.propose(2, SearchStats())
+    assert prop.candidates
+    for cand in prop.candidates:
+        plan = job.simulate(prop, cand)
+        assert len(plan.stages) == 1
+        assert [s.t_intra_s for s in plan.stages] == pytest.approx(list(cand.stage_time_s), rel=1e-9)
