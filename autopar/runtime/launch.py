@@ -659,8 +659,10 @@ def _report(out: dict, as_json: bool, tol: float) -> int:
     target = out.get("predicted_for", "the plan's cluster")
     eager = out.get("predicted_eager_step_time_s")
     compiled = out.get("compiled_stages") or []
-    # the eager model prices eager kernels: a stage compiled per block is not run as it prices
-    how = "eager PyTorch engines (not compiled)" if compiled else "these eager PyTorch engines run it"
+    # the eager model prices the run as it goes: its stages compiled per block where they ran so
+    # (costmodel.eager "compiled blocks"), eager kernels elsewhere
+    how = "these PyTorch engines run it, compiled blocks priced as compiled" if compiled \
+        else "these eager PyTorch engines run it"
     as_run = f"; {eager:.4g} s as {how}" if eager and eager != pred else ""
     print(f"step time: measured {meas:.4g} s (median after the first step) on {out['n_processes']} "
           f"{out['device']} process(es); predicted {pred:.4g} s for {target}{ratio}{as_run}"
@@ -672,8 +674,7 @@ def _report(out: dict, as_json: bool, tol: float) -> int:
         stages = ", ".join(str(k) for k in compiled)
         print(f"compiled: stage{'s' if len(compiled) > 1 else ''} {stages} ran torch.compile'd per transformer block "
               f"({out.get('compiled_graphs', 0)} graph(s) on the busiest rank; `--no-compile` runs eager); the "
-              "eager-engine prediction prices eager kernels and not compilation, and the first step, which "
-              "compiles, is left out of the measured median")
+              "first step, which compiles, is left out of the measured median")
     print("loss per step: " + " ".join(f"{x:.6f}" for x in out["losses"]))
     if out["shard_local_ops"]:
         print(f"run shard-locally (no DTensor rule): {', '.join(out['shard_local_ops'][:8])}"
