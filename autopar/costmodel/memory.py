@@ -8,6 +8,8 @@ degree, the optimizer state (ZeRO-1), also the gradients (ZeRO-2), also the weig
 
 from __future__ import annotations
 
+import numpy as np
+
 ADAM_BYTES_PER_PARAM = 16       # bf16 weight 2 + bf16 grad 2 + fp32 master, m, v 12
 ADAM_STEP_BYTES = 30            # bytes moved per updated parameter by one Adam step
 
@@ -68,6 +70,15 @@ def working_after_recompute(recompute: str, max_layer_stash_bytes=0.0):
     stash of the microbatch being backwarded is freed before the recomputed layers, which come
     first in the stage, are rebuilt)."""
     return max_layer_stash_bytes if recompute == "full" else 0.0
+
+
+def stage_working_bytes(recompute_working_bytes, loss_peak_bytes=0.0, block_buffer_bytes=0.0):
+    """A stage's transient activations on top of its stashes under the eager recipe: the fp32
+    loss tensors peak at the start of the loss backward and the recomputed layer later, so
+    not at once (the larger of the two); FSDP2's block buffers come on top of either (summed:
+    conservative, the gpt-6.7b mb8 row needs it). Floats or numpy arrays alike (the planner's
+    tables and the evaluator both use this)."""
+    return np.maximum(recompute_working_bytes, loss_peak_bytes) + block_buffer_bytes
 
 
 def activation_bytes(inflight, stash_bytes, working_bytes):

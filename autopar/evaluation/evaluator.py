@@ -33,7 +33,13 @@ from autopar.costmodel.collectives import (
     zero_gathers_per_unit,
 )
 from autopar.costmodel.compute import ComputeModel
-from autopar.costmodel.memory import activation_bytes, inflight, stash_after_recompute, working_after_recompute
+from autopar.costmodel.memory import (
+    activation_bytes,
+    inflight,
+    stage_working_bytes,
+    stash_after_recompute,
+    working_after_recompute,
+)
 from autopar.evaluation.pipeline import Schedule, simulate
 from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.specs import Cluster
@@ -539,12 +545,6 @@ class EagerTerms:
         """Bytes held through the step beyond weights, gradients and optimizer state."""
         return self.ddp_bytes + self.autocast_cache_bytes + self.fsdp_root_bytes + self.param_state_delta_bytes
 
-    @property
-    def stash_bytes(self) -> float:
-        """Per microbatch in flight, an upper bound for a stage's search: the fp32 residual stash
-        and the loss's fp32 tensors (the evaluator counts the latter once, as a working set)."""
-        return self.residual_stash_bytes + self.cross_entropy_peak_bytes
-
 
 NO_EAGER = EagerTerms()
 
@@ -829,11 +829,9 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     for i, r in enumerate(res):
         rank = i % n_dev_stages
         inf = inflight(schedule, rank, n_dev_stages, B, v)
-        # The fp32 loss tensors peak at the start of the loss backward, the recomputed layer
-        # later: not at once.
-        # FSDP2's block buffers come on top of either (summed: conservative, the gpt-6.7b mb8 row
-        # needs it).
-        working = max(r.working_bytes, r.cross_entropy_peak_bytes) + r.fsdp_block_bytes
+        # the loss's fp32 tensors, the recomputed layer and FSDP2's block buffers (the planner's
+        # tables count them by the same function)
+        working = float(stage_working_bytes(r.working_bytes, r.cross_entropy_peak_bytes, r.fsdp_block_bytes))
         act = activation_bytes(inf, r.stash_bytes, working)
         held = (r.param_state_bytes + r.ddp_bucket_bytes + r.autocast_cache_bytes    # the whole step
                 + r.fsdp_root_bytes)

@@ -79,8 +79,14 @@ class LayerSol:
     # microbatch, not recomputed (0) and recomputed (1), and what being first adds per step.
     zero_ends: ZeroEnds | None = None
     # eager ZeRO-3: FSDP2's buffers while this block runs (evaluator.fsdp_block_buffer_bytes);
-    # a stage holds its largest block's on top of everything else
+    # a stage holds its largest block's on top of its other working set (memory.stage_working_bytes)
     block_buffer_bytes: float = 0.0
+    # eager: the loss's fp32 tensors (EagerTerms.cross_entropy_peak_bytes), once per stage as a
+    # working set beside the recomputed layer's, not per microbatch in flight
+    loss_peak_bytes: float = 0.0
+    # what recomputing the layer rebuilds at once in the backward, as the evaluator counts it
+    # (evaluate_stage: the graph's stash, without the eager recipe's fp32 residual stash)
+    rebuilt_bytes: float = 0.0
 
 
 class ZeroEnds(NamedTuple):
@@ -338,12 +344,13 @@ class LayerSolver:
             sol = LayerSol(ev.per_microbatch_s + et.device_s + unit_s, ev.recompute_fwd_s + unit_rec_s,
                            sync + et.grad_bucket_s + unit_step_s + optimizer_step_s(ev, self.settings.zero, self.cm),
                            ev.param_state_bytes(self.settings.zero) + et.held_bytes, ev.param_elems,
-                           ev.stash_bytes + et.stash_bytes, in_bytes + et.inputs_fp32_extra_bytes,
+                           ev.stash_bytes + et.residual_stash_bytes, in_bytes + et.inputs_fp32_extra_bytes,
                            out_spec, chosen, res.status, res.objective, seq,
                            self._storage_menu(prob, res.choice, pos)
                            if self.sharded_storage and not self.eager else (), ends,
                            fsdp_block_buffer_bytes(self.graph, li, prob, assign)
-                           if self.eager and self.settings.zero >= 3 and mesh.n_devices > 1 else 0.0)
+                           if self.eager and self.settings.zero >= 3 and mesh.n_devices > 1 else 0.0,
+                           et.cross_entropy_peak_bytes, ev.stash_bytes)
         self.cache[k] = sol
         return sol
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from autopar.costmodel.memory import stash_after_recompute, working_after_recompute
+from autopar.costmodel.memory import stage_working_bytes, stash_after_recompute, working_after_recompute
 from autopar.hardware.mesh import Mesh
 from autopar.search.layer_solver import LayerSol, LayerSolver, StartLayout, ZeroEnds, boundary_specs
 from autopar.sharding.spec import Spec
@@ -36,15 +36,19 @@ class RangeTable:
     rec: np.ndarray          # the forward once more (full recompute), seconds
     sync: np.ndarray         # per step after the last backward: gradient sync and optimizer step, seconds
     param: np.ndarray        # weights, gradients and optimizer state per device, and what is held with them
-                             # (the eager recipe's buffers, FSDP2's largest block's), bytes
+                             # (the eager recipe's buffers), bytes
     stash: np.ndarray        # activations kept per microbatch in flight, bytes
     inputs: np.ndarray       # sum of the layers' inputs (full recompute keeps only those), bytes
-    max_layer_stash: np.ndarray  # the largest one layer's stash (rebuilt one layer at a time), bytes
+    max_layer_stash: np.ndarray  # the most one layer rebuilds (LayerSol.rebuilt_bytes; one layer at a time), bytes
     starts: list[StartLayout]    # start layout per P index
     uses_seq_split: bool = False  # some layer solution in the table splits the sequence
     # ZeRO-2/3 per FSDP unit (evaluator.zero_units): what recomputing a stage's last block
     # adds beyond `rec` (module doc, "the stage's first and last block"); None: nothing
     rec_last: np.ndarray | None = None
+    # eager: the loss's fp32 tensors and FSDP2's largest block's buffers, the working set beside
+    # the recomputed layer's (memory.stage_working_bytes), bytes; None: none
+    loss: np.ndarray | None = None
+    block: np.ndarray | None = None
     _bounds: tuple[np.ndarray, np.ndarray, bool] | None = field(default=None, repr=False, compare=False)
     # least_recompute_layers' answers by their arguments: the planner offers one table to two
     # stage tables alike (every option, and without sequence splits)
@@ -67,14 +71,22 @@ class RangeTable:
         covered = i + k > np.minimum(j - 1, n - 2)
         return np.where(covered[..., None], self.rec_last[i, j], 0.0)
 
+    def working_bytes(self, recompute_working_bytes, at: tuple = ()) -> np.ndarray:
+        """The working set of cells `at` beside the stashes, with `recompute_working_bytes`
+        (shaped as the cells, or broadcast) rebuilt by recomputation: the evaluator's
+        (memory.stage_working_bytes)."""
+        if self.loss is None or self.block is None:
+            return stage_working_bytes(recompute_working_bytes)
+        return stage_working_bytes(recompute_working_bytes, self.loss[at], self.block[at])
+
     def memory_bytes(self, recompute: str, inflight: float | np.ndarray, at: tuple = ()) -> np.ndarray:
         """Memory per device with `inflight` microbatches' activations held (an array of
         counts broadcasts against the cells): full recompute keeps each layer's input and
         rebuilds one layer's activations at a time."""
         if recompute == "full":
             return (self.param[at] + inflight * stash_after_recompute("full", self.stash[at], self.inputs[at])
-                    + working_after_recompute("full", self.max_layer_stash[at]))
-        return self.param[at] + inflight * self.stash[at]
+                    + self.working_bytes(working_after_recompute("full", self.max_layer_stash[at]), at))
+        return self.param[at] + inflight * self.stash[at] + self.working_bytes(0.0, at)
 
     # Recomputing some layers of a stage (Megatron's --recompute-method block): the stage's
     # first k layers are recomputed, the rest keep their activations. The k recomputed layers of
@@ -116,8 +128,8 @@ class RangeTable:
         pre = (i, i + k)
         with np.errstate(invalid="ignore"):      # k = 0 reads the empty range [i, i): inf - inf
             some = _kept_memory_bytes(self.param[i, j], self.stash[i, j], self.stash[pre], self.inputs[pre],
-                                      self.max_layer_stash[pre], inflight)
-        return np.where((k > 0)[..., None], some, self.param[i, j] + inflight * self.stash[i, j])
+                                      self.working_bytes(self.max_layer_stash[pre], (i, j)), inflight)
+        return np.where((k > 0)[..., None], some, self.memory_bytes("none", inflight, (i, j)))
 
     def least_recompute_layers(self, i: np.ndarray, j: np.ndarray, inflight: np.ndarray,
                                cap_bytes: float) -> np.ndarray:
@@ -142,6 +154,13 @@ class RangeTable:
         # only the cells a stage can be entered in (finite time; the others are inf throughout)
         fin = np.flatnonzero(np.isfinite(self.t[at]).ravel())
         param_c, stash_c = self.param[at].ravel()[fin], self.stash[at].ravel()[fin]       # (F,)
+        # the working set beside a recomputed layer's `w` (memory.stage_working_bytes), per cell;
+        # it grows with w, so the bounds below hold through it
+        extra_c = ((self.loss[at].ravel()[fin], self.block[at].ravel()[fin])
+                   if self.loss is not None and self.block is not None else (np.zeros(len(fin)), np.zeros(len(fin))))
+
+        def working(w: float | np.ndarray, c: np.ndarray | slice = slice(None)) -> np.ndarray:
+            return stage_working_bytes(w, extra_c[0][c], extra_c[1][c])
         # Bounds that rule k out without its exact memory. Recomputing k layers keeps at least
         # the stash less the most any prefix of at most k layers saves (stash less inputs,
         # `most`, which grows with k), and rebuilds at least the least working set of those
@@ -166,9 +185,9 @@ class RangeTable:
             # Both sides grow with the microbatches held (rounding is monotone), so per cell
             # the rows that fit without recomputation are the first r0, and the rows the first
             # bound leaves open end at r1: found by bisection over the rows, not row by row.
-            r0 = _rows_while(lambda r, c: param_c[c] + held[r] * stash_c[c] <= cap_bytes, n_h, n_f)
-            r1 = _rows_while(lambda r, c: param_c[c] + held[r] * least_kept_c[c] + least_w_c[c] <= relaxed_cap,
-                             n_h, n_f)
+            r0 = _rows_while(lambda r, c: param_c[c] + held[r] * stash_c[c] + working(0.0, c) <= cap_bytes, n_h, n_f)
+            r1 = _rows_while(lambda r, c: param_c[c] + held[r] * least_kept_c[c] + working(least_w_c[c], c)
+                             <= relaxed_cap, n_h, n_f)
             out_c = np.where(np.arange(n_h)[:, None] < r0[None, :], 0, -1)
             span = np.maximum(r1 - r0, 0)
             col_of = np.repeat(np.arange(n_f), span)
@@ -176,10 +195,10 @@ class RangeTable:
             cells = row_of * n_f + col_of
         else:
             hc = held[:, None]
-            mem0 = param_c + hc * stash_c
+            mem0 = param_c + hc * stash_c + working(0.0)
             out_c = np.where(mem0 <= cap_bytes, 0, -1)                                    # (H, F)
             with np.errstate(invalid="ignore"):
-                floor = param_c + hc * least_kept_c + least_w_c
+                floor = param_c + hc * least_kept_c + working(least_w_c)
             cells = np.flatnonzero((out_c < 0) & (floor <= relaxed_cap))
         if cells.size:
             col = cells % n_f
@@ -191,7 +210,7 @@ class RangeTable:
 
             def bound_ok(k: np.ndarray, sel: np.ndarray) -> np.ndarray:
                 pre = (ii[sel], ii[sel] + k, p[sel])
-                return param[sel] + h[sel] * (stash[sel] - most[pre]) + least_w[pre] <= relaxed_cap
+                return param[sel] + h[sel] * (stash[sel] - most[pre]) + working(least_w[pre], col[sel]) <= relaxed_cap
 
             n = jj - ii
             lo, hi = np.ones_like(n), n.copy()
@@ -206,15 +225,15 @@ class RangeTable:
             k = lo
             while cells.size:
                 pre = (ii, ii + k, p)
-                working = self.max_layer_stash[pre]
-                mem = _kept_memory_bytes(param, stash, self.stash[pre], self.inputs[pre], working, h)
+                w = working(self.max_layer_stash[pre], col)
+                mem = _kept_memory_bytes(param, stash, self.stash[pre], self.inputs[pre], w, h)
                 fits = mem <= cap_bytes
                 out_c.flat[cells[fits]] = k[fits]
                 more = ~fits & (k < n)
                 if w_grows:
-                    more &= floor_n + working <= relaxed_cap
-                cells, ii, p, h, param, stash, n, floor_n = (x[more] for x in
-                                                              (cells, ii, p, h, param, stash, n, floor_n))
+                    more &= floor_n + w <= relaxed_cap
+                cells, ii, p, h, param, stash, n, floor_n, col = (x[more] for x in
+                                                                   (cells, ii, p, h, param, stash, n, floor_n, col))
                 k = k[more] + 1
         out[:, fin] = out_c
         out = out.reshape(n_h, n_u, n_p)
@@ -251,11 +270,12 @@ def _rows_while(pred, n_rows: int, n_cols: int) -> np.ndarray:
         hi[todo] = np.where(ok, hi[todo], mid - 1)
 
 
-def _kept_memory_bytes(param, stash, recomputed_stash, recomputed_inputs, recomputed_max_layer_stash, inflight):
+def _kept_memory_bytes(param, stash, recomputed_stash, recomputed_inputs, working_bytes, inflight):
     """A stage's memory per device with some of its layers recomputed (RangeTable's formula,
-    written once for the arrays and the gathered cells)."""
+    written once for the arrays and the gathered cells); working_bytes: the stage's working set
+    with the recomputed layers' largest stash rebuilt (RangeTable.working_bytes)."""
     return (param + inflight * stash_after_recompute("full", stash, recomputed_inputs, recomputed_stash_bytes=recomputed_stash)
-            + working_after_recompute("full", recomputed_max_layer_stash))
+            + working_bytes)
 
 
 NO_ENDS = ZeroEnds(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -325,7 +345,7 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                 for shape in (tuple(g.node(s).out_shape) if s else () for s in solver.inputs)]
     specs = in_specs[1] if L > 1 else [()]
     plain = list(dict.fromkeys(q for i in range(1, L) for q in in_specs[i]))
-    K = 8   # t, rec, sync, param, stash, inputs, max layer stash, max block buffers
+    K = 9   # t, rec, sync, param, stash, inputs, loss peak (summed), max layer stash, max block buffers
     # ZeRO-2/3 per FSDP unit: one more row, per column the index of that layer's ZeroEnds in
     # `ends` (kept per column, not summed)
     units = solver.prices_zero_units(mesh)
@@ -350,8 +370,8 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                 ends.append(sol.zero_ends or NO_ENDS)
                 own = (float(len(ends) - 1),)
             hit = vectors[id(sol)] = (sol, np.array([sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes,
-                                                     sol.stash_bytes, sol.input_bytes, sol.stash_bytes,
-                                                     sol.block_buffer_bytes, *own]))
+                                                     sol.stash_bytes, sol.input_bytes, sol.loss_peak_bytes,
+                                                     sol.rebuilt_bytes, sol.block_buffer_bytes, *own]))
         return hit[1]
 
     def build(seq_split: bool, suffix: dict[tuple, np.ndarray], reuse: bool) -> RangeTable:
@@ -408,8 +428,8 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                     arr[:, 0] = v
                     if tail is not None:
                         m = tail.shape[1]
-                        np.add(v[:6, None], tail[:6], out=arr[:6, 1:1 + m])
-                        np.maximum(v[6:8, None], tail[6:8], out=arr[6:8, 1:1 + m])
+                        np.add(v[:7, None], tail[:7], out=arr[:7, 1:1 + m])
+                        np.maximum(v[7:9, None], tail[7:9], out=arr[7:9, 1:1 + m])
                         arr[K:, 1:1 + m] = tail[K:]
                 else:
                     arr = np.full((K + n_ends, L - l), np.inf)
@@ -434,11 +454,10 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                         tab[:, i, i + 1:, pi] = chain(i, start.spec, None)
                         uses_seq |= not clean.get((i, start.spec, None), True)
         rec_last = _add_block_ends(tab, K, np.array(ends, dtype=np.float64).reshape(-1, len(ZeroEnds._fields))) if units else None
-        # eager ZeRO-3: the largest block's FSDP2 buffers, on top of the rest at any recompute
-        # option (evaluate's working set), so with the stage's held memory
-        tab[3] += tab[7]
-        return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], starts, uses_seq and seq_split,
-                          rec_last)
+        # the eager working set beside the recomputed layer's (none outside the eager recipe)
+        eager_working = solver.eager
+        return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[7], starts, uses_seq and seq_split,
+                          rec_last, tab[6] if eager_working else None, tab[8] if eager_working else None)
 
     if not context_parallel:
         lean = build(False, {}, False)

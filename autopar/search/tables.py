@@ -229,7 +229,7 @@ class StageTables:
             t, sync = rt.t[at], rt.sync[at]                                   # (U, P)
             with np.errstate(invalid="ignore"):
                 key0 = slots * t + sync                                       # (S, U, P)
-                mem0 = rt.param[at] + held * rt.stash[at]
+                mem0 = rt.memory_bytes("none", held, at)
             cells = new.class_cells[:-1, mi, 1:].T                           # (S, U) view
             chains.clear()
             walks: dict = {}

@@ -262,8 +262,8 @@ def test_plan_zero3_picks_the_evaluators_best_plan_of_its_space_by_brute_force(C
 def test_eager_range_table_holds_the_evaluators_fsdp_block_buffers(zero):
     """Oracle: the evaluator. Under the eager recipe's ZeRO-3 (FSDP2) a stage holds its largest
     block's unsharded buffers on top of everything else (evaluate: with the working set); the
-    planner's tables count them in what a stage holds, the same bytes, so a stage the tables
-    say fits is one the evaluator says fits."""
+    planner's tables hold the same bytes (their working set, test below), and what a stage
+    holds through the step is the evaluator's."""
     from autopar.plan import StagePlan, Training
     from autopar.search.layer_solver import LayerSolver, SearchStats, StartLayout, boundary_specs
     from autopar.search.range_table import range_table
@@ -295,11 +295,78 @@ def test_eager_range_table_holds_the_evaluators_fsdp_block_buffers(zero):
                        logical_mesh=shape, strategies=strategies,
                        input_spec="" if i == 0 or not spec else spec_str(spec))
         res = evaluate_stage(g, cluster, st, training, cm, eager=True)
-        held = (res.param_state_bytes + res.ddp_bucket_bytes + res.autocast_cache_bytes + res.fsdp_root_bytes
-                + res.fsdp_block_bytes)
+        held = res.param_state_bytes + res.ddp_bucket_bytes + res.autocast_cache_bytes + res.fsdp_root_bytes
         assert rt.param[i, j, p] == pytest.approx(held, rel=1e-9), (i, j, p)
+        assert rt.block is not None and rt.block[i, j, p] == pytest.approx(res.fsdp_block_bytes, rel=1e-9), (i, j, p)
         blocks = max(blocks, res.fsdp_block_bytes)
     assert (blocks > 0) == (zero >= 3)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+@pytest.mark.parametrize("model", [SMALL, SMALL + ",tied=false"])
+def test_eager_range_table_memory_with_the_loss_is_the_evaluators(zero, model):
+    """Oracle: the evaluator. Under the eager recipe a stage holding the head and loss keeps
+    their fp32 loss tensors once, as a working set that peaks apart from the recomputed layer's
+    (the larger of the two), with FSDP2's block buffers on top (memory.stage_working_bytes).
+    For every count k of recomputed first layers and several microbatch counts held, the
+    tables' memory is evaluate's for that stage (held + in flight x stash + working), at every
+    ZeRO level. A tied head on a stage after the embedding's holds a copy of its weight (the
+    evaluator's tied_copy_params), which the tables do not model: the tied model is checked
+    on the whole model's stage only."""
+    from dataclasses import replace
+
+    from autopar.costmodel.memory import stage_working_bytes
+    from autopar.plan import StagePlan, Training
+    from autopar.search.layer_solver import LayerSolver, SearchStats, StartLayout, boundary_specs
+    from autopar.search.range_table import range_table
+    from autopar.sharding.spec import spec_str
+    from autopar.sharding.stage_problem import Settings
+
+    cluster, sub, shape = load_cluster("p3.16xlarge", 1, 4), Submesh(1, 4), (2, 2)
+    g = ModelSource(model).graph(4)
+    tied = "tied=false" not in model
+    cm = ComputeModel(cluster.gpu, cluster.gpu.training_dtype())
+    B = 4
+    mesh = Mesh(cluster, sub, shape)
+    solver = LayerSolver(g, cm, Settings(n_microbatches=B, zero=zero), SearchStats(), 10.0, "highs", eager=True)
+    rt = range_table(solver, mesh)
+    training = Training.split(16, B, dtype=cm.dtype, schedule="1f1b", zero=zero)
+    specs = boundary_specs(g.node(solver.inputs[1]).out_shape, mesh)
+    L = len(g.layers)
+    inflight = np.array([1.0, 3.0])
+    checked = loss_counted = 0
+    ranges = [(0, L)] if tied else [(0, L), (2, L), (L - 2, L)]
+    for (i, j), spec in itertools.product(ranges, specs[:3]):
+        start = StartLayout(spec, at_embedding=i == 0)
+        p = rt.starts.index(start)
+        if not math.isfinite(rt.t[i, j, p]):
+            continue
+        strategies: dict[str, str] = {}
+        for li, sol in solver.walk((i, j), mesh, start):
+            for pos, name in sol.names.items():
+                strategies[g.layers[li].nodes[pos]] = name
+        base = StagePlan(index=0, layers=(i, j), layer_names=[g.layers[x].name for x in range(i, j)],
+                         submesh=(sub.n_nodes, sub.gpus_per_node), device_ids=list(range(sub.n_devices)),
+                         logical_mesh=shape, strategies=strategies,
+                         input_spec="" if i == 0 or not spec else spec_str(spec))
+        for k in range(j - i + 1):
+            st = base if k == 0 else replace(base, recompute="full", recompute_layers=k)
+            res = evaluate_stage(g, cluster, st, training, cm, eager=True)
+            assert res.tied_copy_params == 0
+            held = res.param_state_bytes + res.ddp_bucket_bytes + res.autocast_cache_bytes + res.fsdp_root_bytes
+            working = stage_working_bytes(res.working_bytes, res.cross_entropy_peak_bytes, res.fsdp_block_bytes)
+            want = held + inflight * res.stash_bytes + working
+            got = rt.layers_memory_bytes(i, j, k, inflight[:, None])[:, p]
+            assert got == pytest.approx(want, rel=1e-9), (i, j, k)
+            if k == j - i:
+                assert rt.memory_bytes("full", inflight[:, None], (i, j))[:, p] == pytest.approx(want, rel=1e-9)
+            if k == 0:
+                assert rt.memory_bytes("none", inflight[:, None], (i, j))[:, p] == pytest.approx(want, rel=1e-9)
+            loss_counted += res.cross_entropy_peak_bytes > res.working_bytes > 0
+            checked += 1
+    assert checked >= (10 if tied else 30)
+    # some recomputing stage's loss tensors outweigh its recomputed layer (the larger one counts)
+    assert loss_counted > 0
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
