@@ -21,14 +21,14 @@ from autopar.evaluation.evaluator import evaluate_stage
 from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.presets import load_cluster
 from autopar.model import ModelSource
-from autopar.plan import Plan, PlanError, StagePlan, Training
+from autopar.plan import Plan, PlanError, Training
 from autopar.report import plan_summary
 from autopar.search.candidates import auto_label
-from autopar.search.layer_solver import LayerSolver, SearchStats, StartLayout, boundary_specs
+from autopar.search.layer_solver import LayerSolver, SearchStats, boundary_specs
 from autopar.search.range_table import RangeTable, range_table
-from autopar.sharding.spec import spec_str
 from autopar.sharding.stage_problem import Settings
 from autopar.validation import check_plan
+from tests.unit.table_stages import table_stages
 from tests.unit.test_search import chained_table, synthetic_table
 
 P3 = load_cluster("p3.16xlarge", 1)
@@ -151,19 +151,7 @@ def test_evaluator_prices_k_layers_as_the_range_table(shape, sub):
     training = Training.split(16, 4, dtype=CM.dtype, schedule="1f1b", zero=1)
     specs = boundary_specs(g.node(solver.inputs[1]).out_shape, mesh)
     checked = 0
-    for (i, j), spec in itertools.product([(1, 5), (0, 3), (2, 6)], specs[:3]):
-        start = StartLayout(spec, at_embedding=i == 0)
-        p = rt.starts.index(start)
-        if not math.isfinite(rt.t[i, j, p]):
-            continue
-        strategies: dict[str, str] = {}
-        for li, sol in solver.walk((i, j), mesh, start):
-            for pos, name in sol.names.items():
-                strategies[g.layers[li].nodes[pos]] = name
-        base = StagePlan(index=0, layers=(i, j), layer_names=[g.layers[x].name for x in range(i, j)],
-                         submesh=(sub.n_nodes, sub.gpus_per_node), device_ids=list(range(sub.n_devices)),
-                         logical_mesh=shape, strategies=strategies,
-                         input_spec="" if i == 0 or not spec else spec_str(spec))
+    for i, j, p, base in table_stages(solver, rt, mesh, sub, shape, [(1, 5), (0, 3), (2, 6)], specs[:3]):
         none = evaluate_stage(g, P3, base, training, CM)
         working = 0.0
         for k in range(j - i + 1):

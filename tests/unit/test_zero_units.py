@@ -22,6 +22,7 @@ from autopar.model import ModelSource
 from autopar.sharding.rules.common import GRAD_BYTES
 from autopar.sharding.stage_problem import StageProblem
 from graphs.ir import MATMUL, numel
+from tests.unit.table_stages import table_stages
 
 SPEC = "gpt:hidden=256,layers=4,heads=4,seq=128,vocab=1024"
 
@@ -145,10 +146,9 @@ def test_range_table_is_the_evaluators_stage_at_every_zero_level(zero, cluster, 
     test_grad_sync."""
     from dataclasses import replace
 
-    from autopar.plan import StagePlan, Training
-    from autopar.search.layer_solver import LayerSolver, SearchStats, StartLayout, boundary_specs
+    from autopar.plan import Training
+    from autopar.search.layer_solver import LayerSolver, SearchStats, boundary_specs
     from autopar.search.range_table import range_table
-    from autopar.sharding.spec import spec_str
     from autopar.sharding.stage_problem import Settings
 
     g = ModelSource(SMALL).graph(4)
@@ -162,19 +162,7 @@ def test_range_table_is_the_evaluators_stage_at_every_zero_level(zero, cluster, 
     specs = boundary_specs(g.node(solver.inputs[1]).out_shape, mesh)
     L = len(g.layers)
     checked = moved = 0
-    for (i, j), spec in itertools.product([(0, L), (1, 5), (0, 3), (2, 6), (1, 2), (4, 6), (0, 2)], specs[:3]):
-        start = StartLayout(spec, at_embedding=i == 0)
-        p = rt.starts.index(start)
-        if not math.isfinite(rt.t[i, j, p]):
-            continue
-        strategies: dict[str, str] = {}
-        for li, sol in solver.walk((i, j), mesh, start):
-            for pos, name in sol.names.items():
-                strategies[g.layers[li].nodes[pos]] = name
-        base = StagePlan(index=0, layers=(i, j), layer_names=[g.layers[x].name for x in range(i, j)],
-                         submesh=(sub.n_nodes, sub.gpus_per_node), device_ids=list(range(sub.n_devices)),
-                         logical_mesh=shape, strategies=strategies,
-                         input_spec="" if i == 0 or not spec else spec_str(spec))
+    for i, j, p, base in table_stages(solver, rt, mesh, sub, shape, [(0, L), (1, 5), (0, 3), (2, 6), (1, 2), (4, 6), (0, 2)], specs[:3]):
         times = rt.layers_time_s(i, j, np.arange(j - i + 1))[:, p]
         for k in range(j - i + 1):
             st = base if k == 0 else replace(base, recompute="full", recompute_layers=k)
@@ -264,10 +252,9 @@ def test_eager_range_table_holds_the_evaluators_fsdp_block_buffers(zero):
     block's unsharded buffers on top of everything else (evaluate: with the working set); the
     planner's tables hold the same bytes (their working set, test below), and what a stage
     holds through the step is the evaluator's."""
-    from autopar.plan import StagePlan, Training
-    from autopar.search.layer_solver import LayerSolver, SearchStats, StartLayout, boundary_specs
+    from autopar.plan import Training
+    from autopar.search.layer_solver import LayerSolver, SearchStats, boundary_specs
     from autopar.search.range_table import range_table
-    from autopar.sharding.spec import spec_str
     from autopar.sharding.stage_problem import Settings
 
     cluster, sub, shape = load_cluster("p3.16xlarge", 1, 4), Submesh(1, 4), (2, 2)
@@ -281,19 +268,7 @@ def test_eager_range_table_holds_the_evaluators_fsdp_block_buffers(zero):
     specs = boundary_specs(g.node(solver.inputs[1]).out_shape, mesh)
     L = len(g.layers)
     blocks = 0.0
-    for (i, j), spec in itertools.product([(0, L), (1, 5), (2, 4), (0, 1)], specs[:3]):
-        start = StartLayout(spec, at_embedding=i == 0)
-        p = rt.starts.index(start)
-        if not math.isfinite(rt.t[i, j, p]):
-            continue
-        strategies: dict[str, str] = {}
-        for li, sol in solver.walk((i, j), mesh, start):
-            for pos, name in sol.names.items():
-                strategies[g.layers[li].nodes[pos]] = name
-        st = StagePlan(index=0, layers=(i, j), layer_names=[g.layers[x].name for x in range(i, j)],
-                       submesh=(sub.n_nodes, sub.gpus_per_node), device_ids=list(range(sub.n_devices)),
-                       logical_mesh=shape, strategies=strategies,
-                       input_spec="" if i == 0 or not spec else spec_str(spec))
+    for i, j, p, st in table_stages(solver, rt, mesh, sub, shape, [(0, L), (1, 5), (2, 4), (0, 1)], specs[:3]):
         res = evaluate_stage(g, cluster, st, training, cm, eager=True)
         held = res.param_state_bytes + res.ddp_bucket_bytes + res.autocast_cache_bytes + res.fsdp_root_bytes
         assert rt.param[i, j, p] == pytest.approx(held, rel=1e-9), (i, j, p)
@@ -316,10 +291,9 @@ def test_eager_range_table_memory_with_the_loss_is_the_evaluators(zero, model):
     from dataclasses import replace
 
     from autopar.costmodel.memory import stage_working_bytes
-    from autopar.plan import StagePlan, Training
-    from autopar.search.layer_solver import LayerSolver, SearchStats, StartLayout, boundary_specs
+    from autopar.plan import Training
+    from autopar.search.layer_solver import LayerSolver, SearchStats, boundary_specs
     from autopar.search.range_table import range_table
-    from autopar.sharding.spec import spec_str
     from autopar.sharding.stage_problem import Settings
 
     cluster, sub, shape = load_cluster("p3.16xlarge", 1, 4), Submesh(1, 4), (2, 2)
@@ -336,19 +310,7 @@ def test_eager_range_table_memory_with_the_loss_is_the_evaluators(zero, model):
     inflight = np.array([1.0, 3.0])
     checked = loss_counted = 0
     ranges = [(0, L)] if tied else [(0, L), (2, L), (L - 2, L)]
-    for (i, j), spec in itertools.product(ranges, specs[:3]):
-        start = StartLayout(spec, at_embedding=i == 0)
-        p = rt.starts.index(start)
-        if not math.isfinite(rt.t[i, j, p]):
-            continue
-        strategies: dict[str, str] = {}
-        for li, sol in solver.walk((i, j), mesh, start):
-            for pos, name in sol.names.items():
-                strategies[g.layers[li].nodes[pos]] = name
-        base = StagePlan(index=0, layers=(i, j), layer_names=[g.layers[x].name for x in range(i, j)],
-                         submesh=(sub.n_nodes, sub.gpus_per_node), device_ids=list(range(sub.n_devices)),
-                         logical_mesh=shape, strategies=strategies,
-                         input_spec="" if i == 0 or not spec else spec_str(spec))
+    for i, j, p, base in table_stages(solver, rt, mesh, sub, shape, ranges, specs[:3]):
         for k in range(j - i + 1):
             st = base if k == 0 else replace(base, recompute="full", recompute_layers=k)
             res = evaluate_stage(g, cluster, st, training, cm, eager=True)
