@@ -246,19 +246,16 @@ def test_plan_zero3_picks_the_evaluators_best_plan_of_its_space_by_brute_force(C
     assert got.predicted.step_time_s == pytest.approx(best, rel=1e-9)
 
 
-@pytest.mark.parametrize("zero", [1, 3])
-def test_eager_range_table_holds_the_evaluators_fsdp_block_buffers(zero):
-    """Oracle: the evaluator. Under the eager recipe's ZeRO-3 (FSDP2) a stage holds its largest
-    block's unsharded buffers on top of everything else (evaluate: with the working set); the
-    planner's tables hold the same bytes (their working set, test below), and what a stage
-    holds through the step is the evaluator's."""
+def _eager_table(model: str, zero: int):
+    """A 4-GPU (2x2) eager range table of `model` at ZeRO `zero`, 4 microbatches, and what the
+    oracle tests against the evaluator need beside it."""
     from autopar.plan import Training
     from autopar.search.layer_solver import LayerSolver, SearchStats, boundary_specs
     from autopar.search.range_table import range_table
     from autopar.sharding.stage_problem import Settings
 
     cluster, sub, shape = load_cluster("p3.16xlarge", 1, 4), Submesh(1, 4), (2, 2)
-    g = ModelSource(SMALL).graph(4)
+    g = ModelSource(model).graph(4)
     cm = ComputeModel(cluster.gpu, cluster.gpu.training_dtype())
     B = 4
     mesh = Mesh(cluster, sub, shape)
@@ -266,6 +263,17 @@ def test_eager_range_table_holds_the_evaluators_fsdp_block_buffers(zero):
     rt = range_table(solver, mesh)
     training = Training.split(16, B, dtype=cm.dtype, schedule="1f1b", zero=zero)
     specs = boundary_specs(g.node(solver.inputs[1]).out_shape, mesh)
+    return cluster, sub, shape, g, cm, mesh, solver, rt, training, specs
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_eager_range_table_holds_the_evaluators_fsdp_block_buffers(zero):
+    """Oracle: the evaluator. Under the eager recipe's ZeRO-3 (FSDP2) a stage holds its largest
+    block's unsharded buffers on top of everything else (evaluate: with the working set); the
+    planner's tables hold the same bytes (their working set, test below), and what a stage
+    holds through the step is the evaluator's."""
+
+    cluster, sub, shape, g, cm, mesh, solver, rt, training, specs = _eager_table(SMALL, zero)
     L = len(g.layers)
     blocks = 0.0
     for i, j, p, st in table_stages(solver, rt, mesh, sub, shape, [(0, L), (1, 5), (2, 4), (0, 1)], specs[:3]):
@@ -291,21 +299,9 @@ def test_eager_range_table_memory_with_the_loss_is_the_evaluators(zero, model):
     from dataclasses import replace
 
     from autopar.costmodel.memory import stage_working_bytes
-    from autopar.plan import Training
-    from autopar.search.layer_solver import LayerSolver, SearchStats, boundary_specs
-    from autopar.search.range_table import range_table
-    from autopar.sharding.stage_problem import Settings
 
-    cluster, sub, shape = load_cluster("p3.16xlarge", 1, 4), Submesh(1, 4), (2, 2)
-    g = ModelSource(model).graph(4)
+    cluster, sub, shape, g, cm, mesh, solver, rt, training, specs = _eager_table(model, zero)
     tied = "tied=false" not in model
-    cm = ComputeModel(cluster.gpu, cluster.gpu.training_dtype())
-    B = 4
-    mesh = Mesh(cluster, sub, shape)
-    solver = LayerSolver(g, cm, Settings(n_microbatches=B, zero=zero), SearchStats(), 10.0, "highs", eager=True)
-    rt = range_table(solver, mesh)
-    training = Training.split(16, B, dtype=cm.dtype, schedule="1f1b", zero=zero)
-    specs = boundary_specs(g.node(solver.inputs[1]).out_shape, mesh)
     L = len(g.layers)
     inflight = np.array([1.0, 3.0])
     checked = loss_counted = 0
