@@ -114,6 +114,32 @@ class ComputeModel:
         return self.op_s(max(nbytes / self.stream_bytes_per_s, flops / self.gpu.peak("fp32")))
 
 
+    def vocab_parallel_cross_entropy_s(self, logits: float) -> tuple[float, float]:
+        """(forward, backward) seconds of Megatron's vocab-parallel cross-entropy over `logits`
+        elements of this GPU's vocab shard, one launched kernel per pass (MEGATRON_CE_*_PASSES);
+        its three all-reduces across tp are the loss op's collectives (rules/follow.follow_loss)."""
+        if logits <= 0:
+            return 0.0, 0.0
+        return (sum(self.memory_bound_s(b * logits) for b in MEGATRON_CE_FWD_PASSES_BYTES_PER_LOGIT),
+                sum(self.memory_bound_s(b * logits) for b in MEGATRON_CE_BWD_PASSES_BYTES_PER_LOGIT))
+
+
+# Megatron's loss as Megatron runs it (GPTModel: `vocab_parallel_cross_entropy(output.float(),
+# labels)` unless --fp16-lm-cross-entropy, which neither Megatron-LM nor BigScience's
+# Megatron-DeepSpeed sets by default; tensor_parallel/cross_entropy.py). Every pass is a separate
+# kernel over the whole [tokens, vocab/tp] tensor (GBs: no reuse in L2), bytes per logit:
+# forward: .float() reads bf16, writes fp32 (2 + 4); max over the vocab (4); subtract the max
+# (4 + 4); exp in place (4 + 4); sum (4); divide by the sum, the softmax it saves (4 + 4): 38 B.
+# backward: the target logit's -1 (one element per row, nothing); multiply by the loss's
+# gradient in place (4 + 4); .float()'s backward casts it to bf16 (4 + 2): 14 B. The loss op's
+# own pricing (one pass over the bf16 logits each way) is the floor this replaces.
+MEGATRON_CE_FWD_PASSES_BYTES_PER_LOGIT = (6, 4, 8, 8, 4, 8)
+MEGATRON_CE_BWD_PASSES_BYTES_PER_LOGIT = (8, 6)
+# The loss kernels the default model prices (evaluator.evaluate's `loss`): "fused", one pass over
+# the logits each way (a fused cross-entropy kernel: the loss op's own pricing; the planner's);
+# "megatron", Megatron's fp32 vocab-parallel passes above.
+LOSS_KERNELS = ("fused", "megatron")
+
 # The Triton FlashAttention kernel (flash-attn's flash_attn_triton.py on the pre-MLIR Triton
 # compiler; llm-foundry's attn_impl: triton, which every MPT benchmark of bench/calibration ran:
 # scripts/train/benchmarking/submit_benchmarks.py --attn_impl default 'triton', yamls

@@ -270,11 +270,12 @@ def _submesh_for(n_devices: int, cluster: Cluster) -> tuple[int, int]:
 
 
 def build_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: str | None = None,
-             label: str | None = None, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None) -> Plan:
-    """A Megatron-style plan, evaluated (with `eager`, as the eager PyTorch recipe runs it, and
-    `grad_sync`'s gradient buckets: see autopar.evaluation.evaluator.evaluate)."""
+             label: str | None = None, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None,
+             loss: str = "fused") -> Plan:
+    """A Megatron-style plan, evaluated (with `eager`, as the eager PyTorch recipe runs it,
+    `grad_sync`'s gradient buckets and the `loss` kernel: see autopar.evaluation.evaluator.evaluate)."""
     plan, graph = _unevaluated_3d(source, cluster, global_batch, cfg, dtype, label)
-    return evaluate(plan, graph, cluster, eager=eager, grad_sync=grad_sync)
+    return evaluate(plan, graph, cluster, eager=eager, grad_sync=grad_sync, loss=loss)
 
 
 def build_3d_recomputes(source, cluster: Cluster, global_batch: int, cfg: Config3D, recomputes: tuple[str, ...],

@@ -32,7 +32,7 @@ from autopar.costmodel.collectives import (
     p2p_s,
     zero_gathers_per_unit,
 )
-from autopar.costmodel.compute import ComputeModel
+from autopar.costmodel.compute import LOSS_KERNELS, ComputeModel
 from autopar.costmodel.memory import (
     activation_bytes,
     inflight,
@@ -113,7 +113,7 @@ class StageResult:
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
                    cm: ComputeModel, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None,
                    zero_autocast: bool = False, compiled: bool | None = None,
-                   one_stage: bool = False) -> StageResult:
+                   one_stage: bool = False, loss: str = "fused") -> StageResult:
     """The stage's costs; its StagePlan comes back as a copy carrying the per-op records.
     grad_sync: the engine whose gradient buckets it runs (collectives.GRAD_SYNC_ENGINES; None:
     the eager recipe's or the default's, collectives.default_grad_sync_engine).
@@ -121,7 +121,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     bench/truth's fsdp2 rows did), not `autopar run`'s bf16 parameters (eager.fsdp_bf16_params).
     compiled: whether the eager recipe runs the stage's blocks compiled (None: where `autopar
     run` compiles them, eager.compiled_per_block, which asks whether the plan has this stage
-    alone: `one_stage`)."""
+    alone: `one_stage`). loss: the default model's loss kernel (compute.LOSS_KERNELS; the eager
+    recipe prices its own)."""
     names = stage_nodes(graph, st.layers)
     sub = Submesh(*st.submesh)
     if sub.n_devices != len(st.device_ids):
@@ -229,6 +230,9 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     bbytes = graph.node(out_node).out_bytes if out_node else 0.0
     fwd += terms.fwd_s
     bwd += terms.bwd_s
+    loss_fwd, loss_bwd = megatron_loss_delta_s(graph, prob, assign, cm) if loss == "megatron" else (0.0, 0.0)
+    fwd += loss_fwd
+    bwd += loss_bwd
     first, last = 0, len(graph.layers) - 1
     stage_params = sum(graph.layers[li].param_count for li in range(*st.layers))
     share = ev.param_elems / stage_params if stage_params else 0.0
@@ -275,7 +279,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        (ev.param_state_bytes(zero) + terms.param_state_delta_bytes) * copy_share,
                        sync, optimizer_step_s(ev, zero, cm, copy_share), bbytes, rec_flops,
                        host_fwd_s=terms.host_fwd_s, host_bwd_s=terms.host_bwd_s, embedding_s=embedding_s,
-                       head_loss_s=head_s + terms.cross_entropy_s,
+                       head_loss_s=head_s + terms.cross_entropy_s + loss_fwd + loss_bwd,
                        op_comm_s=ev.comm_s + terms.comm_delta_s + units.comm_delta_s,
                        comm_overlap_s=terms.comm_overlap_s + units.overlap_s,
                        precision_casts_s=terms.precision_casts_s, grad_bucket_s=terms.grad_bucket_s,
@@ -289,6 +293,33 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
                        if eager and (zero >= 3 and sub.n_devices > 1 or zero12) else 0.0,
                        tied_copy_params=tied_copy, sync_buckets=buckets)
+
+
+def megatron_loss_delta_s(graph: OpGraph, prob: StageProblem, assign: dict[str, int],
+                          cm: ComputeModel) -> tuple[float, float]:
+    """(forward, backward) seconds the default model adds per microbatch to the loss ops among
+    `prob`'s: Megatron's fp32 vocab-parallel cross-entropy
+    (ComputeModel.vocab_parallel_cross_entropy_s) beyond each loss op's own pricing, on the
+    logits this GPU holds under the strategies `assign` picks. The evaluator adds it where a
+    plan is evaluated with loss="megatron" (evaluate); the planner plans the fused loss."""
+    fwd = bwd = 0.0
+    for n in prob.names:
+        node = graph.node(n)
+        src = node.operands[0].source if node.kind == LOSS and node.operands else None
+        if src is None or n not in assign:
+            continue
+        if src in assign:
+            local_bytes = prob.strategy_of(src, assign[src]).out_bytes_local
+        else:
+            spec = prob.boundary.get(src)
+            local_bytes = graph.node(src).out_bytes / (shard_factor(spec, prob.mesh) if spec else 1)
+        src_node = graph.node(src)
+        logits = local_bytes / (src_node.out_bytes / _numel(src_node.out_shape))
+        ce_fwd, ce_bwd = cm.vocab_parallel_cross_entropy_s(logits)
+        own = prob.strategy_of(n, assign[n])
+        fwd += max(0.0, ce_fwd - own.fwd_s)
+        bwd += max(0.0, ce_bwd - own.bwd_s)
+    return fwd, bwd
 
 
 def optimizer_step_s(ev: Evaluation, zero: int, cm: ComputeModel, copies: float = 1.0) -> float:
@@ -755,7 +786,8 @@ def p2p_time_s(cluster: Cluster, a: StagePlan, b: StagePlan, nbytes: float) -> f
 
 
 def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT,
-             grad_sync: str | None = None, zero_autocast: bool = False, compiled: bool | None = None) -> Plan:
+             grad_sync: str | None = None, zero_autocast: bool = False, compiled: bool | None = None,
+             loss: str = "fused") -> Plan:
     """A copy of `plan` with its prediction and each stage's costs filled in; `plan` is unchanged.
 
     eager: the step as the eager PyTorch recipe runs it (autopar.costmodel.eager, measured on
@@ -776,7 +808,15 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     compiled: with eager, whether the blocks run compiled per block (torch.compile, eager.py
     "compiled blocks"): None, where `autopar run` compiles them (eager.compiled_per_block:
     tensor-parallel stages, a plan on one device); False, all eager, as bench/truth's harness ran; True, all compiled
-    (`autopar run`'s compile=True)."""
+    (`autopar run`'s compile=True).
+    loss: the default model's loss kernel (compute.LOSS_KERNELS): "fused" (one pass over the
+    logits each way), or "megatron" (Megatron's fp32 vocab-parallel cross-entropy, as Megatron-LM
+    and Megatron-DeepSpeed run it: ComputeModel.vocab_parallel_cross_entropy_s). Not with eager,
+    whose recipe prices PyTorch's cross-entropy (eager.cross_entropy_s)."""
+    if loss not in LOSS_KERNELS:
+        raise PlanError(f"loss must be one of {', '.join(LOSS_KERNELS)} (got {loss!r})")
+    if eager and loss != "fused":
+        raise PlanError(f"loss={loss!r} is the default model's; the eager recipe prices PyTorch's cross-entropy")
     tr = plan.training
     cm = ComputeModel(cluster.gpu, tr.dtype)
     if plan.n_devices > cluster.n_gpus:
@@ -790,7 +830,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     v = tr.virtual_stages
     B = tr.n_microbatches
     res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync, zero_autocast, compiled,
-                          one_stage=len(plan.stages) == 1) for s in plan.stages]
+                          one_stage=len(plan.stages) == 1, loss=loss) for s in plan.stages]
     n_dev_stages = len(res) // v if schedule == "interleaved" else len(res)
     if eager and n_dev_stages > 1:
         res = _pipeline_terms(res, graph, cluster, B, cm)

@@ -238,6 +238,40 @@ ONEFLOW_GRAD_SYNC = ("megatron-core", "inferred: OneFlow overlaps the gradient a
                      "Megatron-Core's bucket size stands in")
 
 
+# Each source's loss kernel (autopar.costmodel.compute.LOSS_KERNELS), source substring -> (kernel,
+# basis). Megatron's GPT computes `vocab_parallel_cross_entropy(output.float(), labels)` unless
+# --fp16-lm-cross-entropy (off by default, and set by none of these runs' stated configurations);
+# Megatron-DeepSpeed (BLOOM, MT-NLG) keeps Megatron's model code; Megatron-Core's
+# VocabParallelCrossEntropy upcasts too (its fused kernel, --cross-entropy-loss-fusion, is off by
+# default). A source not listed runs autopar's default ("fused": MPT's flash-attn fused
+# cross-entropy; torchtitan's and OneFlow's are not Megatron's either).
+LOSS_BY_SOURCE: tuple[tuple[str, str, str], ...] = (
+    ("NVIDIA/Megatron-LM README, images/model_table.png", "megatron",
+     "inferred: Megatron-Core's vocab-parallel cross-entropy, unfused by default, fp32"),
+    ("Megatron-Core", "megatron", "inferred: Megatron-Core's vocab-parallel cross-entropy, unfused by default, fp32"),
+    ("Korthikanti et al.", "megatron", "inferred: Megatron-LM's vocab_parallel_cross_entropy(output.float())"),
+    ("Narayanan et al., SC21", "megatron", "inferred: Megatron-LM's vocab_parallel_cross_entropy(output.float())"),
+    ("NVIDIA/Megatron-LM images/tables.tex", "megatron",
+     "inferred: Megatron-LM's vocab_parallel_cross_entropy(output.float())"),
+    ("Oneflow-Inc/DLPerf", "megatron",
+     "inferred: DLPerf's Megatron-LM columns, vocab_parallel_cross_entropy(output.float())"),
+    ("bigscience-workshop", "megatron",
+     "inferred: Megatron-DeepSpeed's vocab_parallel_cross_entropy(output.float()); tr11 sets no "
+     "--fp16-lm-cross-entropy"),
+    ("Smith et al., MT-NLG", "megatron", "inferred: Megatron-DeepSpeed's vocab_parallel_cross_entropy(output.float())"),
+)
+
+
+def loss_of(run: dict) -> tuple[str | None, str]:
+    """(kernel, basis) of a run's loss; None: autopar's default (fused)."""
+    if framework_of(run) == "OneFlow":
+        return None, "inferred: OneFlow's own loss kernel; autopar's default"
+    for key, kernel, basis in LOSS_BY_SOURCE:
+        if key in run["source"]:
+            return kernel, basis
+    return None, "inferred: no statement; autopar's default"
+
+
 SELECTIVE_LAYER_AC_FREQ = 2     # torchtitan's selective_ac_option default (config_manager.py)
 
 # SC21's ZeRO-3 rows (Table 2, "Megatron-LM+ZeRO-3") ran DeepSpeed's ZeRO-3, which gathers
@@ -282,6 +316,7 @@ class Job:
     zero: int
     params_b: float | None = None
     grad_sync: str | None = None   # the engine of the data-parallel gradient sync (GRAD_SYNC_BY_SOURCE)
+    loss: str | None = None        # the loss kernel (LOSS_BY_SOURCE); None: autopar's default
     recompute_every: int | None = None   # recompute "full" of every n-th block only (None: all)
     sequence_parallel: bool = False
     flags: list[str] = field(default_factory=list)
@@ -371,10 +406,11 @@ def _untied_matches(shape: dict, params_b: float) -> bool:
     return abs(tied / params_b - 1) > 0.03 and abs(untied - params_b) < abs(tied - params_b)
 
 
-def map_run(run: dict, attention: bool = True, grad_sync: bool = True) -> Job | str:
+def map_run(run: dict, attention: bool = True, grad_sync: bool = True, loss: bool = True) -> Job | str:
     """A Job, or the reason the run cannot be evaluated ("skipped: <reason>"). attention=False
     evaluates every run with the zoo's default (flash) attention, as before ATTENTION_BY_SOURCE;
-    grad_sync=False every run with autopar's default gradient sync (GRAD_SYNC_BY_SOURCE)."""
+    grad_sync=False every run with autopar's default gradient sync (GRAD_SYNC_BY_SOURCE);
+    loss=False every run with autopar's default loss kernel (LOSS_BY_SOURCE)."""
     p, m, me = run["parallel"], run["model"], run["measured"]
     flags: list[str] = []
     if run["status"] != "ok":
@@ -545,9 +581,12 @@ def map_run(run: dict, attention: bool = True, grad_sync: bool = True) -> Job | 
     engine, sync_basis = grad_sync_of(run) if grad_sync else (None, "stated: --grad-sync default")
     if engine and dp > 1 and (zero <= 1 or engine == "deepspeed"):
         flags.append(f"{'grad sync' if zero <= 1 else f'ZeRO-{zero}'} {engine} ({sync_basis})")
+    loss_kernel, loss_basis = loss_of(run) if loss else (None, "stated: --loss fused")
+    if loss_kernel:
+        flags.append(f"loss {loss_kernel} ({loss_basis})")
     job = Job(id=run["id"], model=spec, seq=seq, dtype=dtype, cluster=cluster, nodes=n // gpn, gpus_per_node=gpn,
               dp=dp, tp=tp, pp=pp, microbatch=mb, global_batch=gb, recompute=recompute, schedule=schedule, vp=vp,
-              zero=zero, params_b=m.get("params_b"), grad_sync=engine, recompute_every=rc_layers, sequence_parallel=sp, flags=flags,
+              zero=zero, params_b=m.get("params_b"), grad_sync=engine, loss=loss_kernel, recompute_every=rc_layers, sequence_parallel=sp, flags=flags,
               measured={"tokens_per_s_per_gpu": tokens_per_gpu, "basis": basis, "memory_gib": me.get("memory_gib")})
     return job
 
@@ -713,6 +752,8 @@ def evaluate_group(task: tuple[str, int, str, list[dict]]) -> list[dict]:
             kw = {} if j.get("eager") is None else {"eager": j["eager"]}
             if j.get("grad_sync"):
                 kw["grad_sync"] = j["grad_sync"]
+            if j.get("loss") and not j.get("eager"):     # the eager recipe prices its own loss
+                kw["loss"] = j["loss"]
             plan = api.build_3d(src, cl, j["global_batch"], cfg, dtype, **kw)
             d = plan.to_dict()
             graph = src.graph(j["microbatch"] * j["dp"])
@@ -838,7 +879,7 @@ def step_breakdown(row: dict) -> dict:
 
 def run_all(runs: list[dict], split: dict, workers: int, only: list[str] | None = None,
             log=print, what_if: dict | None = None, eager: bool | None = None,
-            attention: bool = True, grad_sync: bool = True) -> list[dict]:
+            attention: bool = True, grad_sync: bool = True, loss: bool = True) -> list[dict]:
     rows: dict[str, dict] = {}
     jobs: dict[str, Job] = {}
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -847,10 +888,10 @@ def run_all(runs: list[dict], split: dict, workers: int, only: list[str] | None 
         if only and not any(o.lower() in (run["id"] + " " + run["source"]).lower() for o in only):
             continue
         row = _row_base(run, split)
-        mapped = map_run(run, attention, grad_sync)
+        mapped = map_run(run, attention, grad_sync, loss)
         if run["status"] == "oom":
             # OOM runs are not compared for speed, but autopar should not call them a fit.
-            mapped = map_run({**run, "status": "ok", "measured": {"step_time_s": 1.0}}, attention, grad_sync)
+            mapped = map_run({**run, "status": "ok", "measured": {"step_time_s": 1.0}}, attention, grad_sync, loss)
             if isinstance(mapped, Job):
                 oom_jobs.append(mapped.id)
                 row["oom_check"] = True
@@ -993,6 +1034,9 @@ def main(argv=None) -> int:
     ap.add_argument("--grad-sync", choices=("by-source", "default"), default="by-source",
                     help="each run's data-parallel gradient sync as its engine ran it (GRAD_SYNC_BY_SOURCE), or "
                          "every run with autopar's default (Megatron-Core's overlapped buckets)")
+    ap.add_argument("--loss", choices=("by-source", "fused"), default="by-source",
+                    help="each run's loss kernel as its framework ran it (LOSS_BY_SOURCE), or every run with "
+                         "autopar's default fused loss (the model before loss=megatron)")
     a = ap.parse_args(argv)
     if a.report:
         data = json.loads(Path(a.report).read_text())
@@ -1004,7 +1048,7 @@ def main(argv=None) -> int:
     what_if = {k: float(v) for k, _, v in (w.partition("=") for w in a.what_if)}
     rows = run_all(runs, split, a.workers, a.only.split(",") if a.only else None, log=lambda s: print(s, flush=True),
                    what_if=what_if, eager=a.eager, attention=a.attention == "by-source",
-                   grad_sync=a.grad_sync == "by-source")
+                   grad_sync=a.grad_sync == "by-source", loss=a.loss == "by-source")
     elapsed = time.perf_counter() - t0
     text = report(rows, worst=a.worst)
     print(text)
@@ -1016,7 +1060,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"schema": "autopar.published_eval/v1", "date": datetime.date.today().isoformat(),
                "runs_file": _repo_relative(a.runs), "split_file": _repo_relative(a.split), "autopar": dict(autopar_version(), label=a.label),
-               "what_if": what_if, "eager": a.eager, "attention": a.attention, "grad_sync": a.grad_sync, "wall_time_s": elapsed, "cpu_time_s": cpu, "load_average_end": load,
+               "what_if": what_if, "eager": a.eager, "attention": a.attention, "grad_sync": a.grad_sync, "loss": a.loss, "wall_time_s": elapsed, "cpu_time_s": cpu, "load_average_end": load,
                "workers": a.workers, "cpu_count": os.cpu_count(), "rows": rows}
     write_results(out, payload)
     print(f"wrote {out}")
