@@ -93,7 +93,7 @@ Time:
   of tensor-parallel stages and of plans on one device on CUDA; `evaluate(..., compiled=)` overrides it, False for
   bench/truth's eager harness). The block is one torch.compile'd region; what lies outside it
   (embedding, head, loss, optimizer, casts of the weights and gradients, the allocator) stays
-  as above. Three terms change inside it:
+  as above. Four terms change inside it:
   (a) host: one compiled region's call per block and microbatch, HOST_COMPILED_S_PER_BLOCK
   (forward and backward: guards, the wrapper's DTensor unwrapping, Inductor's kernel and
   collective launches, autograd's accumulation of the block's gradients) in place of its ops'
@@ -111,9 +111,8 @@ Time:
   the model's device time is 115 ms, so the host bounds them): 2.47 ms (2.60 and 2.35). It
   holds what the eager model also misses at one sequence on one GPU (the eager rows there are
   -10.8 / -13.1%), not isolated. Held out: llama-1b-gqa mb4 on one H200 is device-bound
-  (host 160 ms of a 378 ms predicted step), so it does not test the constant; it is +12.0%
-  (337 ms measured; eager -7.6%): Inductor's fusion of the block's other pointwise ops
-  (RMSNorm's, rotary's, SwiGLU's) is not priced, only the norm's casts (b).
+  (host 160 ms of a 354 ms predicted step), so it does not test the constant; it is +4.9%
+  (337 ms measured; eager -7.6%; +12.0% before (d)).
   (b) device: Inductor fuses autocast's casts into the norm's kernel (and the residual add
   with the norm: `triton_per_fused_add_native_layer_norm` in the profile), which writes the
   bf16 output once; the fp32 residual stream's width stays (COMPILED_NORM_FP32_BYTES_PER_ELEMENT,
@@ -128,6 +127,19 @@ Time:
   (+0.6..+10.5% with the eager copies; llama-1b-gqa tp mb4 +10.5%, three copies of q, k, v's
   input and two of w1, w3's). The partitioner's recomputation of pointwise ops (GELU's output)
   would save more, but two rows' allocated is already below measured: not priced.
+  (d) device: Inductor fuses each chain of the block's pointwise ops (elementwise, norms,
+  copies) that no matmul or attention separates into one kernel each way, which reads the
+  chain's inputs and writes its outputs once (`fused_pointwise_s`, at the memory-bound price
+  of one op; evaluator `fused_pointwise_chains` finds the chains): per Llama block rotary's
+  neg / cat / mul / mul / add for q and for k, the residual add with the MLP's RMSNorm, SiLU
+  with SwiGLU's mul; per GPT block the residual add with ln2 (its bias and GELU are one op or
+  part of the linear in the graph). No constant: the graph's bytes per op, read and written
+  once. llama-1b-gqa mb4 on one H200 (bench/results/profiles_h200_1gpu_2026-12-01/): the
+  fused SiLU-mul kernel takes 64.2 us forward, 109.1 backward per block and microbatch, the
+  model 64.1 / 106.2 (264 / 440 MiB at 4.38 TB/s); the eager elementwise kernels in the top
+  of the table (copy_, mul, add_, add, the RMSNorm kernels, cat, silu_backward, neg) take
+  174.5 ms per step, the compiled step's triton kernels and remaining add_ / copy_ / sum
+  50.5. Priced so, the Llama is +4.9% (+12.0% without), the GPT rows move by 0.4-0.5%.
   Held out (compiled rows not in the fit): llama-1b-gqa tp mb1 / mb4 -24.1 / -16.3% (449 /
   407 ms measured, 347 ms in an earlier run of mb4), gpt-1.3b tp mb8 -11.3%, gpt-6.7b tp mb4
   -15.2%; a compiled dp2 run of gpt-1.3b mb8 (previous_run in that file) +4.8%. What the held-out
@@ -426,6 +438,22 @@ def autocast_fp32_stream_s(norm_elements: float, linear_consumers: int, cm: Comp
         fwd_bytes = norm_elements * (NORM_FP32_BYTES_PER_ELEMENT + INPUT_CAST_BYTES_PER_ELEMENT * linear_consumers)
     bw = cm.stream_bytes_per_s * ADAMW_STREAM_SHARE
     return fwd_bytes / bw, AUTOCAST_BACKWARD_FACTOR * fwd_bytes / bw
+
+
+def fused_pointwise_s(input_bytes: float, output_bytes: float, const_bytes: float, param_bytes: float,
+                      cm: ComputeModel) -> tuple[float, float]:
+    """(forward, backward) seconds of one chain of a compiled block's pointwise ops (elementwise,
+    norms, copies) that Inductor fuses into one kernel each way. The forward reads the chain's
+    activation inputs (`input_bytes`), constants (`const_bytes`: rotary tables) and weights
+    (`param_bytes`: the norm's) once and writes the tensors that leave the chain (`output_bytes`)
+    once; the backward reads those tensors' gradients, the saved inputs, the constants and
+    weights, and writes the inputs' and the weights' gradients. These are the bytes the graph
+    counts for one op (forward in + out, backward out + 2 in), at the model's memory-bound price,
+    so a chain of one op costs what its eager kernel costs; an eager chain pays a read and a
+    write per op, its intermediates reaching memory."""
+    fwd_bytes = input_bytes + const_bytes + param_bytes + output_bytes
+    bwd_bytes = output_bytes + 2 * input_bytes + const_bytes + 2 * param_bytes
+    return cm.memory_bound_s(fwd_bytes), cm.memory_bound_s(bwd_bytes)
 
 
 def fp32_residual_extra_bytes(stored_bytes: float, bytes_per_element: float) -> float:

@@ -48,7 +48,7 @@ from autopar.sharding.rules.common import GRAD_BYTES
 from autopar.sharding.spec import parse_spec, shard_factor
 from autopar.sharding.stage_problem import Evaluation, Settings, StageProblem
 from graphs.annotate import is_unfused_attention
-from graphs.ir import INPUT, LOSS, MATMUL, NORM, OUTPUT, VIEW, OpGraph
+from graphs.ir import ELEMENTWISE, INPUT, LOSS, MATMUL, NORM, OUTPUT, VIEW, OpGraph
 from graphs.query import attention_core, main_boundary, stage_nodes
 
 RECOMPUTE = ("none", "selective", "full")
@@ -696,6 +696,23 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
             _numel(o.shape) / shard_factor(st.in_specs[i], prob.mesh)
             for i, o in enumerate(graph.node(vocab_split_head).operands)
             if o.is_param and i < len(st.in_specs) and st.in_specs[i] is not None)
+    if compiled and not bf16:
+        # Inductor fuses each chain of a compiled block's pointwise ops into one kernel each way
+        # (eager.fused_pointwise_s): the chain's ops, priced one eager kernel each, cost that
+        # kernel instead
+        for li in range(*layers):
+            if not first < li < last:
+                continue
+            for ops, chain_in, chain_out, const_bytes, param_bytes in fused_pointwise_chains(
+                    graph, list(graph.layers[li].nodes)):
+                if not all(n in assign for n in ops):
+                    continue
+                f_s, b_s = eager_mod.fused_pointwise_s(sum(local_elems(r)[0] for r in chain_in),
+                                                       sum(local_elems(n)[0] for n in chain_out),
+                                                       const_bytes, param_bytes, cm)
+                strategies = [prob.strategy_of(n, assign[n]) for n in ops]
+                fwd += f_s - sum(st.fwd_s for st in strategies)
+                bwd += b_s - sum(st.bwd_s for st in strategies)
     comm_delta = overlap = 0.0
     for li, (c_f, c_b, ag_f, ag_b, rs) in blocks.items():
         rs_eager = eager_mod.FSDP_REDUCE_SCATTER_FACTOR * rs
@@ -734,6 +751,87 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                                                                                  zero, n_microbatches)
                                                - ev.param_state_bytes(zero)) if zero12 else 0.0,
                       fsdp_root_bytes=fsdp_root, comm_delta_s=comm_delta, comm_overlap_s=overlap)
+
+
+def fused_pointwise_chains(graph: OpGraph, block: list[str]) -> list[tuple[list[str], list[str], list[str], float, float]]:
+    """The chains of one compiled block's pointwise ops (elementwise, norms, copying views) that
+    Inductor fuses into one kernel: (ops, activation inputs, outputs, constant bytes, weight
+    bytes), for the chains of two ops or more. Ops join a chain along producer-to-consumer edges (through
+    aliasing views, which move nothing) when no matmul or attention lies between them on any
+    path from the block's input: a residual add before the MLP and the one after it stay apart,
+    whose kernel would have to wait for the MLP's matmuls. Inputs are the tensors the chain reads
+    from outside it (views resolved to the tensor they alias, each once); outputs the chain's
+    tensors read outside it (or by nothing: the block's output)."""
+    in_block = set(block)
+
+    def root(src: str) -> str:
+        # a view that moves no bytes aliases its operand: the kernel reads the operand
+        while src in in_block:
+            node = graph.node(src)
+            if node.kind != VIEW or node.fwd_bytes or not node.operands or node.operands[0].source is None:
+                break
+            src = node.operands[0].source
+        return src
+
+    def pointwise(name: str) -> bool:
+        node = graph.node(name)
+        return node.kind in (ELEMENTWISE, NORM) or (node.kind == VIEW and node.fwd_bytes > 0)
+
+    # depth: how many matmuls / attentions lie on the longest path from the block's input
+    depth: dict[str, int] = {}
+    for n in block:
+        depth[n] = max((depth[r] + (0 if pointwise(r) else 1)
+                        for o in graph.node(n).operands if o.source is not None
+                        for r in [root(o.source)] if r in depth), default=0)
+    parent = {n: n for n in block if pointwise(n)}
+
+    def find(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in parent:
+        for o in graph.node(n).operands:
+            r = root(o.source) if o.source is not None else None
+            if r in parent and depth[r] == depth[n]:
+                parent[find(r)] = find(n)
+    chains: dict[str, list[str]] = {}
+    for n in parent:
+        chains.setdefault(find(n), []).append(n)
+    out = []
+    for ops in chains.values():
+        if len(ops) < 2:
+            continue
+        members = set(ops)
+        inputs: list[str] = []
+        const_bytes = param_bytes = 0.0
+        for n in ops:
+            for o in graph.node(n).operands:
+                if o.source is None:
+                    if o.is_param:
+                        param_bytes += o.nbytes
+                    else:
+                        const_bytes += o.nbytes
+                    continue
+                r = root(o.source)
+                if r not in members and r not in inputs:
+                    inputs.append(r)
+
+        def readers(n: str) -> list[str]:
+            # consumers, looking through the aliasing views that pass the tensor on
+            seen: list[str] = []
+            for c in graph.consumers(n):
+                node = graph.node(c)
+                if c in in_block and node.kind == VIEW and not node.fwd_bytes:
+                    seen.extend(readers(c))
+                else:
+                    seen.append(c)
+            return seen
+
+        outputs = [n for n in ops if not readers(n) or any(c not in members for c in readers(n))]
+        out.append((ops, inputs, outputs, const_bytes, param_bytes))
+    return out
 
 
 def _block_weight_split(graph: OpGraph, prob: StageProblem, assign: dict[str, int], block_ops: set[str]) -> int:

@@ -16,6 +16,7 @@ from autopar.evaluation.baselines import Config3D, build_3d
 from autopar.evaluation.evaluator import evaluate
 from autopar.hardware.presets import load_cluster
 from autopar.model import ModelSource
+from graphs.ir import ELEMENTWISE, NORM
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "gpt:hidden=256,layers=2,heads=4,seq=128,vocab=1024"
@@ -99,13 +100,81 @@ def test_a_compiled_tp_stage_against_its_eager_self():
         b * blocks * (BLOCK_LINEARS * eager.HOST_S_PER_LINEAR + BLOCK_OTHER_OPS * 2 * cm.launch_s
                       + eager.HOST_TP_S_PER_BLOCK - eager.HOST_COMPILED_S_PER_BLOCK))
     fwd_bytes = blocks * elems * ((8 + 3 * 6) + (8 + 1 * 6) - 2 * 6)
+    # the residual add before the MLP and ln2 (replicated over tp) fuse into one kernel: it reads
+    # the residual and the projection's output, ln2's weight and bias, and writes the sum and
+    # ln2's output (eager.fused_pointwise_s); eager, each op its own kernel
+    t, ln_params = 2 * elems, 2 * 256 * 2
+    add, ln2 = graph.node("add_1"), graph.node("blocks_0_ln2")
+    fused_fwd = cm.memory_bound_s(4 * t + ln_params)
+    fused_bwd = cm.memory_bound_s(2 * t + 2 * 2 * t + 2 * ln_params)
+    chain_fwd = blocks * (cm.memory_bound_s(add.fwd_bytes, add.fwd_flops)
+                          + cm.memory_bound_s(ln2.fwd_bytes, ln2.fwd_flops) - fused_fwd)
+    chain_bwd = blocks * (cm.memory_bound_s(add.bwd_bytes, add.bwd_flops)
+                          + cm.memory_bound_s(ln2.bwd_bytes, ln2.bwd_flops) - fused_bwd)
     e, c = eager_plan.stages[0], compiled.stages[0]
-    assert e.fwd_s - c.fwd_s == pytest.approx(fwd_bytes / bw)
-    assert e.bwd_s - c.bwd_s == pytest.approx(2 * fwd_bytes / bw)
+    assert e.fwd_s - c.fwd_s == pytest.approx(fwd_bytes / bw + chain_fwd)
+    assert e.bwd_s - c.bwd_s == pytest.approx(2 * fwd_bytes / bw + chain_bwd)
     assert e.memory.stash_per_microbatch_bytes - c.memory.stash_per_microbatch_bytes == \
         pytest.approx(blocks * 2 * elems * (3 - 1))
     # without a say, the stage is priced as the runtime runs it: compiled
     assert evaluate(plan, graph, cl, eager=True).prediction == compiled.prediction
+
+
+TINY_LLAMA = "llama:hidden=256,layers=2,heads=4,kv_heads=2,seq=128,vocab=1024,ffn=512"
+
+
+def test_a_fused_chain_of_one_op_costs_its_eager_op():
+    """The fused kernel's bytes (eager.fused_pointwise_s) are the graph's own count for a single
+    elementwise op or norm: forward inputs + outputs, backward outputs + 2 x inputs, weights
+    read and their gradients written; so fusing changes only what a chain of several ops pays."""
+    cm = ComputeModel(load_cluster("dgx-h200", 1, 1).gpu)
+    graph = ModelSource(TINY_LLAMA).graph(2)
+    checked = 0
+    for name in graph.layers[1].nodes:
+        node = graph.node(name)
+        if node.kind not in (ELEMENTWISE, NORM):
+            continue
+        inputs = sum(o.nbytes for o in node.operands if o.source is not None)
+        params = sum(o.nbytes for o in node.operands if o.source is None and o.is_param)
+        consts = sum(o.nbytes for o in node.operands if o.source is None and not o.is_param)
+        assert eager.fused_pointwise_s(inputs, node.out_bytes, consts, params, cm) == (
+            cm.memory_bound_s(node.fwd_bytes), cm.memory_bound_s(node.bwd_bytes)), name
+        checked += 1
+    assert checked == 14   # rotary's neg, mul, mul, add for q and k; two residual adds, silu, mul; two norms
+
+
+def test_a_compiled_llama_block_fuses_its_pointwise_chains():
+    """One device, a tiny Llama (2 blocks, 2 x 128 tokens of 256 hidden, 2 kv heads of 64, SwiGLU
+    of 512): compiled, each block's four chains of pointwise ops are one kernel each way, priced
+    by the bytes they read and write once at the streaming bandwidth (cm.memory_bound_s), where
+    eager each op is its own kernel (the graph's bytes per op). Closed form, bytes by hand."""
+    cl = load_cluster("dgx-h200", 1, 1)
+    src = ModelSource(TINY_LLAMA)
+    plan = build_3d(src, cl, 4, Config3D(1, 1, 1, 2))
+    graph = src.graph(2)
+    cm = ComputeModel(cl.gpu, plan.training.dtype)
+    e = evaluate(plan, graph, cl, eager=True, compiled=False).stages[0]
+    c = evaluate(plan, graph, cl, eager=True, compiled=True).stages[0]
+    blocks, elems = 2, 2 * 128 * 256
+    t, k, f = 2 * elems, 2 * 128 * 128 * 2, 2 * 128 * 512 * 2   # bf16 q / residual, k, SwiGLU's hidden
+    rotary = 2 * 128 * 64 * 2                                    # cos and sin tables, bf16
+    norm_weight = 256 * 2
+    # (eager ops, fused forward bytes, fused backward bytes) per block
+    chains = [(["neg", "cat", "mul", "mul_1", "add"], t + rotary + t, t + 2 * t + rotary),
+              (["neg_1", "cat_1", "mul_2", "mul_3", "add_1"], k + rotary + k, k + 2 * k + rotary),
+              (["add_2", "blocks_0_mlp_norm"], 2 * t + norm_weight + 2 * t, 2 * t + 4 * t + 2 * norm_weight),
+              (["silu", "mul_4"], 2 * f + f, f + 4 * f)]
+    chain_fwd = chain_bwd = 0.0
+    for ops, fused_fwd, fused_bwd in chains:
+        nodes = [graph.node(n) for n in ops]
+        chain_fwd += sum(cm.memory_bound_s(n.fwd_bytes, n.fwd_flops) for n in nodes) - cm.memory_bound_s(fused_fwd)
+        chain_bwd += sum(cm.memory_bound_s(n.bwd_bytes, n.bwd_flops) for n in nodes) - cm.memory_bound_s(fused_bwd)
+    # and autocast's casts fused into the norms: attn_norm feeds wq, wk, wv; mlp_norm w1, w3
+    bw = cm.stream_bytes_per_s * eager.ADAMW_STREAM_SHARE
+    norm_bytes = blocks * elems * ((8 + 3 * 6) + (8 + 2 * 6) - 2 * 6)
+    assert chain_fwd > 0 and chain_bwd > 0
+    assert e.fwd_s - c.fwd_s == pytest.approx(norm_bytes / bw + blocks * chain_fwd)
+    assert e.bwd_s - c.bwd_s == pytest.approx(2 * norm_bytes / bw + blocks * chain_bwd)
 
 
 def test_a_data_parallel_stage_stays_eager_by_the_rule():
