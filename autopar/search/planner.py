@@ -345,7 +345,10 @@ class SearchJob:
         equal_split: list[Candidate] = []
         lean_equal_split: list[Candidate] = []
         cp_ids = []         # tables.meshes entries whose layers split a sequence somewhere
-        entries = []        # (submesh, tables.meshes index, range table, mesh) for sharded storage
+        # (submesh, tables.meshes index, range table, mesh), kept only for sharded storage: the
+        # range tables are the search's largest arrays (about 7 GB for a 1T GPT at one microbatch
+        # size, each faulted in fresh) and are otherwise read only by the loop that builds them
+        entries = []
         # Sharded storage is offered to candidates of its own, after those without it (whose
         # search is as before), so the option set only grows (StageTables.with_sharded_storage)
         storage = self.sharded_storage and self.zero in (1, 2) and not self.eager
@@ -356,11 +359,13 @@ class SearchJob:
                 rt, lean_rt = range_tables(solver, mesh, self.context_parallel)
                 # the lean table first: a cell keeps the first of equal options
                 tables.add(mi, shape, lean_rt)
-                entries.append((mi, len(tables.meshes) - 1, lean_rt, mesh))
+                if storage:
+                    entries.append((mi, len(tables.meshes) - 1, lean_rt, mesh))
                 if rt is not lean_rt:
                     tables.add(mi, shape, rt)
                     cp_ids.append(len(tables.meshes) - 1)
-                    entries.append((mi, len(tables.meshes) - 1, rt, mesh))
+                    if storage:
+                        entries.append((mi, len(tables.meshes) - 1, rt, mesh))
                 lean_tables.add(mi, shape, lean_rt)
                 lean_equal_split += uniform_candidates(lean_rt, mi, sub, shape, space, p2p_s[mi])
                 lean_equal_split += interleaved_candidates(lean_rt, mi, sub, shape, space, p2p_s[mi])
