@@ -1,0 +1,93 @@
+"""The planner's memory habits at scale (exact: neither changes a value, so the plans are the
+same; these tests check the mechanisms themselves).
+
+- The range tables are the search's largest arrays (about 7 GB for a 1T GPT at one microbatch
+  size when every one was kept); the search keeps them past the loop that builds them only for
+  sharded storage, which reads them again.
+- `_small_pages` turns NumPy's huge-page requests off while planning (each huge-page fault may
+  compact memory first) and restores the caller's setting after."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+from autopar.hardware.presets import load_cluster
+from autopar.model import ModelSource
+from autopar.search import planner
+from autopar.search.candidates import dp_candidates
+from autopar.search.layer_solver import SearchStats
+from autopar.search.planner import SearchJob, _small_pages
+from autopar.search.range_table import RangeTable, range_tables
+
+MODEL = "gpt:hidden=512,layers=2,heads=8,seq=256,vocab=4096"
+
+
+def _live_range_tables() -> int:
+    gc.collect()
+    return sum(isinstance(o, RangeTable) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("storage", [False, True])
+def test_range_tables_outlive_their_loop_only_for_sharded_storage(storage, monkeypatch):
+    """Counted when the DP starts, after the loop over meshes: with sharded storage every table
+    built is still alive, without it fewer than were built (each dies with its iteration;
+    a handful may stay referenced by a caught exception's frames, which is not the point)."""
+    built, live_at_dp = [], []
+
+    def counting_range_tables(*args, **kwargs):
+        pair = range_tables(*args, **kwargs)
+        built.extend({id(t): t for t in pair}.values())
+        return pair
+
+    def counting_dp_candidates(*args, **kwargs):
+        live_at_dp.append(_live_range_tables())
+        return dp_candidates(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "range_tables", counting_range_tables)
+    monkeypatch.setattr(planner, "dp_candidates", counting_dp_candidates)
+    cl = load_cluster("p3.16xlarge", 1, 4)
+    job = SearchJob(ModelSource(MODEL), cl, 8, "1f1b", None, cl.gpu.training_dtype(None), 1, 10.0, "highs", "ilp",
+                    sharded_storage=storage)
+    before = _live_range_tables()
+    n_built = []
+
+    def forget_built(*args, **kwargs):
+        # the list above must not keep them alive: count, then drop the references
+        n_built.append(len(built))
+        built.clear()
+        return counting_dp_candidates(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "dp_candidates", forget_built)
+    prop = job.propose(2, SearchStats())
+    assert prop.candidates
+    assert n_built[0] >= 4
+    kept = live_at_dp[0] - before
+    if storage:
+        assert kept >= n_built[0]
+    else:
+        assert kept < n_built[0]
+
+
+def _setter():
+    setter = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
+    if setter is None:
+        pytest.skip("this NumPy has no huge-page switch")
+    return setter
+
+
+@pytest.mark.parametrize("initial", [True, False])
+def test_small_pages_turns_huge_pages_off_and_restores_the_setting(initial):
+    setter = _setter()
+    original = setter(initial)
+    try:
+        with _small_pages():
+            assert setter(False) is False       # off inside (setter returns the previous value)
+        assert setter(initial) is initial       # the caller's setting is back
+        with pytest.raises(RuntimeError), _small_pages():
+            raise RuntimeError("restored on the way out too")
+        assert setter(initial) is initial
+    finally:
+        setter(original)
