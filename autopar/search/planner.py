@@ -260,13 +260,19 @@ def _run_searches(job: SearchJob, sizes: list[int], second: Callable[[list[Searc
     return results
 
 
+def _best_size(first: list[SearchResult]) -> int | None:
+    """The microbatch size of the fastest fitting plan among `first` (None: none fits)."""
+    scored = [(r.plan.predicted.step_time_s, r.row["microbatch_size"]) for r in first if r.plan is not None]
+    return min(scored)[1] if scored else None
+
+
 def _second_sizes(first: list[SearchResult], sizes: list[int], global_batch: int) -> list[int]:
     """Round two's sizes from round one's results (in `sizes` order): the neighbours of the
     best size, and of the best size without sequence splits."""
-    scored = [(r.plan.predicted.step_time_s, r.row["microbatch_size"]) for r in first if r.plan is not None]
-    if not scored:
+    best_size = _best_size(first)
+    if best_size is None:
         return []
-    more = microbatch_neighbours(min(scored)[1], global_batch, set(sizes))
+    more = microbatch_neighbours(best_size, global_batch, set(sizes))
     # and around the best size without sequence splits, so that every size the planner
     # without context parallelism searches is searched (module doc)
     lean = [(r.no_seq_step_s, r.row["microbatch_size"]) for r in first if math.isfinite(r.no_seq_step_s)]
@@ -278,10 +284,9 @@ def _second_sizes(first: list[SearchResult], sizes: list[int], global_batch: int
 def _turned(first: list[SearchResult]) -> bool:
     """Whether some finished size above the best fitting size so far planned a slower step
     (or none that fits): the sign that the best so far is round one's best (_run_searches)."""
-    scored = [(r.plan.predicted.step_time_s, r.row["microbatch_size"]) for r in first if r.plan is not None]
-    if not scored:
+    best_size = _best_size(first)
+    if best_size is None:
         return False
-    best_size = min(scored)[1]
     return any(r.row["microbatch_size"] > best_size for r in first)
 
 
