@@ -251,7 +251,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     head_s = sum(op_s.get(n, 0.0) for n in names if layer_of.get(n) == last)
     units = NO_ZERO_UNITS
     engine = grad_sync or default_grad_sync_engine(eager)
-    if not eager and zero >= 2 and sub.n_devices > 1 and zero_gathers_per_unit(engine):
+    if zero_priced_per_unit(eager, zero, sub.n_devices, engine):
         rc_layers = (0 if st.recompute != "full" else n_rc)
         units = zero_units(graph, st.layers, prob, assign, zero, rc_layers)
         fwd += units.fwd_delta_s
@@ -359,6 +359,14 @@ class ZeroUnits:
 
 
 NO_ZERO_UNITS = ZeroUnits()
+
+
+def zero_priced_per_unit(eager: bool, zero: int, n_devices: int, engine: str) -> bool:
+    """Whether a stage's ZeRO-2/3 collectives are priced per FSDP unit (zero_units): under the
+    default model (the eager recipe has its own FSDP2 terms), at ZeRO-2/3 on more than one
+    device, with an engine that gathers per unit (collectives.zero_gathers_per_unit). The
+    evaluator and the planner's tables (LayerSolver.prices_zero_units) both ask this."""
+    return not eager and zero >= 2 and n_devices > 1 and zero_gathers_per_unit(engine)
 
 
 def zero_units(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, assign: dict[str, int],
@@ -829,7 +837,7 @@ def fused_pointwise_chains(graph: OpGraph, block: list[str]) -> list[tuple[list[
                     seen.append(c)
             return seen
 
-        outputs = [n for n in ops if not readers(n) or any(c not in members for c in readers(n))]
+        outputs = [n for n in ops for rs in [readers(n)] if not rs or any(c not in members for c in rs)]
         out.append((ops, inputs, outputs, const_bytes, param_bytes))
     return out
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from autopar.costmodel.collectives import default_grad_sync_engine, zero_gathers_per_unit
+from autopar.costmodel.collectives import default_grad_sync_engine
 from autopar.costmodel.compute import ComputeModel
 from autopar.evaluation.evaluator import (
     EAGER_DEFAULT,
@@ -36,6 +36,7 @@ from autopar.evaluation.evaluator import (
     grad_sync_step_s,
     optimizer_step_s,
     zero_layer_collectives,
+    zero_priced_per_unit,
     zero_unit_price,
 )
 from autopar.hardware.mesh import Mesh
@@ -215,8 +216,8 @@ class LayerSolver:
         """Whether the layers on `mesh` price ZeRO-2/3 per FSDP unit, as evaluate_stage does
         (LayerSol.zero_ends): not under the eager recipe (its own FSDP2 terms), and not with an
         engine that gathers per tensor (collectives.zero_gathers_per_unit)."""
-        return (not self.eager and self.settings.zero >= 2 and mesh.n_devices > 1
-                and zero_gathers_per_unit(default_grad_sync_engine(self.eager)))
+        return zero_priced_per_unit(self.eager, self.settings.zero, mesh.n_devices,
+                                    default_grad_sync_engine(self.eager))
 
     def identity(self, li: int) -> tuple:
         """Layers with one identity share their solutions on every mesh and layout (the cache
