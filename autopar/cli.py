@@ -28,7 +28,6 @@ from autopar.evaluation.evaluator import EAGER_DEFAULT, memory_report
 from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.presets import load_cluster
 from autopar.profiling.gpu import main as profile_main
-from autopar.runtime.launch import main as run_main
 from autopar.search.planner import default_global_batch
 from autopar.search.planner import plan as search_plan
 from autopar.search.solve_stage import solve_stage
@@ -443,9 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _dispatch(argv: list[str]) -> int:
     # `run` and `profile` own their options (argparse's REMAINDER would reject `run --help`
     # or an option before the plan file), so they get the rest of the line untouched.
-    if argv and argv[0] in ("run", "profile"):
-        sub_main = run_main if argv[0] == "run" else profile_main
-        return sub_main(argv[1:]) or 0
+    if argv and argv[0] == "run":
+        # deferred: the runtime imports torch._dynamo (about 1.3 s of every other command's start)
+        from autopar.runtime.launch import main as run_main
+        return run_main(argv[1:]) or 0
+    if argv and argv[0] == "profile":
+        return profile_main(argv[1:]) or 0
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:           # --help, or a bad argument already reported in one line

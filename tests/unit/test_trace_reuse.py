@@ -156,3 +156,41 @@ def test_the_memo_key_tells_apart_what_python_equality_does_not():
     a = torch.empty(2, 3, device="meta")
     assert key(a) != key(a.t()) and key(a) != key(a.to(torch.bfloat16))
     assert key(a) != key(torch.nn.Parameter(a))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_a_trace_without_stack_traces_equals_one_with_them(name, monkeypatch):
+    """symbolic() records no stack traces (a third of a first trace, for error messages only).
+    Oracle: the graph traced with them, as before, node for node."""
+    monkeypatch.setenv("AUTOPAR_CACHE", "0")
+    plain = TRACE.symbolic
+
+    def with_stacks(module, args, kwargs, graph=None, stack_traces=False):
+        return plain(module, args, kwargs, graph, stack_traces=True)
+
+    expected = {}
+    monkeypatch.setattr(TRACE, "symbolic", with_stacks)
+    for b in (1, 3):
+        expected[b] = canon(scratch(ZOO[name], b))
+    monkeypatch.setattr(TRACE, "symbolic", plain)
+    for b in (1, 3):
+        assert canon(scratch(ZOO[name], b)) == expected[b], (name, b)
+
+
+class _BadMatmul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.empty(5, 7))
+
+    def forward(self, x):
+        return x @ self.w        # x is [2, 4]: the shapes do not chain
+
+
+def test_a_failed_shape_propagation_still_names_the_users_line():
+    """The trace records no stack traces; a propagation that fails traces again with them, so
+    the message names the model's own line as before."""
+    with pytest.raises(graphs.TraceError) as info:
+        graphs.trace(_BadMatmul(), (torch.empty(2, 4, device="meta"),), method="symbolic")
+    msg = str(info.value)
+    assert "shape propagation on meta tensors stopped" in msg
+    assert "test_trace_reuse.py" in msg and "return x @ self.w" in msg
