@@ -17,7 +17,7 @@ NCCL: the reducer, its buckets and NCCL's work objects are the same as on two) a
   without Python frames, such as NCCL's watchdog), and the blocks alive at the run's peak
   (memory_peak.breakdown).
 
-Variants: "harness" (truth.py's sequence: warm-up 1, sync, two synced warm-ups, then back to back
+Variants: "single" (no DDP, the harness sequence: the baseline), "harness" (truth.py's sequence: warm-up 1, sync, two synced warm-ups, then back to back
 steps), "gap" (the same with a 0.3 s sleep after warm-up 1, longer than NCCL's watchdog
 period), "loop" (every step back to back, one sync at the end: a user's loop), "history"
 (harness with the allocator's history).
@@ -211,8 +211,15 @@ def one_run(model: str, mb: int, seq: int, variant: str, dev) -> tuple[str, dict
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     text = ""
     try:
-        step, objs, _ = T.setup_ddp(run, dev, "cuda" if dev.kind == "cuda" else "cpu", 1)
-        n_params = sum(p.numel() for p in objs[1].parameters())
+        amp = "cuda" if dev.kind == "cuda" else "cpu"
+        if variant == "single":
+            step, objs, _ = T.setup_single(run, dev, amp)
+            model = objs[0]
+        else:
+            step, objs, _ = T.setup_ddp(run, dev, amp, 1)
+            model = objs[1]
+        n_params = sum(p.numel() for p in model.parameters())
+        del model
         dev.sync()
         after_setup = _allocated()
         _reset_peak()
@@ -227,7 +234,7 @@ def one_run(model: str, mb: int, seq: int, variant: str, dev) -> tuple[str, dict
             torch.cuda.memory._record_memory_history(enabled=None)
         T.mark = rec.orig
     table, res = summarize(rec.rows, n_params)
-    head = (f"== ddp {model} s{seq} mb{mb} variant {variant}: {n_params / 1e9:.3f} B params; allocated after "
+    head = (f"== {'single' if variant == 'single' else 'ddp'} {model} s{seq} mb{mb} variant {variant}: {n_params / 1e9:.3f} B params; allocated after "
             f"DDP's construction {after_setup / GB:.3f} GB ({after_setup / n_params:.2f} B/param), after the steps "
             f"{end_alloc / GB:.3f} GB ({end_alloc / n_params:.2f} B/param); {len(rec.rows)} marks, steps {steps_s:.2f} s")
     text = head + "\n" + table
@@ -243,7 +250,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for ddp_memory.txt and ddp_memory.json")
     ap.add_argument("--runs", default="gpt-1.3b:1,gpt-1.3b:4,gpt-2.6b:4", help="model:microbatch[:seq],...")
-    ap.add_argument("--variants", default="harness,gap,loop,history")
+    ap.add_argument("--variants", default="history,harness,gap,single,loop")
     ap.add_argument("--budget-s", type=float, default=240.0, help="start no run after this many seconds")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: gloo and a tiny model, every code path but no memory figures (smoke test)")
