@@ -18,7 +18,7 @@ NCCL: the reducer, its buckets and NCCL's work objects are the same as on two) a
   (memory_peak.breakdown).
 
 Variants: "single" (no DDP, the harness sequence: the baseline), "harness" (truth.py's sequence: warm-up 1, sync, two synced warm-ups, then back to back
-steps), "gap" (the same with a 0.3 s sleep after warm-up 1, longer than NCCL's watchdog
+steps), "gap" (the same with a 1 s sleep after warm-up 1, longer than NCCL's watchdog
 period), "loop" (every step back to back, one sync at the end: a user's loop), "history"
 (harness with the allocator's history).
 
@@ -111,7 +111,7 @@ def run_steps(step, rec: Recorder, variant: str, dev) -> None:
         one()
         dev.sync()
         if variant == "gap":
-            time.sleep(0.3)
+            time.sleep(1.0)
         for _ in range(2):
             dev.sync()
             one()
@@ -214,12 +214,12 @@ def one_run(model: str, mb: int, seq: int, variant: str, dev) -> tuple[str, dict
         amp = "cuda" if dev.kind == "cuda" else "cpu"
         if variant == "single":
             step, objs, _ = T.setup_single(run, dev, amp)
-            model = objs[0]
+            module = objs[0]
         else:
             step, objs, _ = T.setup_ddp(run, dev, amp, 1)
-            model = objs[1]
-        n_params = sum(p.numel() for p in model.parameters())
-        del model
+            module = objs[1]
+        n_params = sum(p.numel() for p in module.parameters())
+        del module
         dev.sync()
         after_setup = _allocated()
         _reset_peak()
@@ -234,8 +234,9 @@ def one_run(model: str, mb: int, seq: int, variant: str, dev) -> tuple[str, dict
             torch.cuda.memory._record_memory_history(enabled=None)
         T.mark = rec.orig
     table, res = summarize(rec.rows, n_params)
-    head = (f"== {'single' if variant == 'single' else 'ddp'} {model} s{seq} mb{mb} variant {variant}: {n_params / 1e9:.3f} B params; allocated after "
-            f"DDP's construction {after_setup / GB:.3f} GB ({after_setup / n_params:.2f} B/param), after the steps "
+    kind = "single" if variant == "single" else "ddp"
+    head = (f"== {kind} {model} s{seq} mb{mb} variant {variant}: {n_params / 1e9:.3f} B params; allocated after "
+            f"setup {after_setup / GB:.3f} GB ({after_setup / n_params:.2f} B/param), after the steps "
             f"{end_alloc / GB:.3f} GB ({end_alloc / n_params:.2f} B/param); {len(rec.rows)} marks, steps {steps_s:.2f} s")
     text = head + "\n" + table
     if history:
