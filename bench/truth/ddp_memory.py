@@ -17,13 +17,23 @@ NCCL: the reducer, its buckets and NCCL's work objects are the same as on two) a
   without Python frames, such as NCCL's watchdog), and the blocks alive at the run's peak
   (memory_peak.breakdown).
 
-Variants: "single" (no DDP, the harness sequence: the baseline), "harness" (truth.py's sequence: warm-up 1, sync, two synced warm-ups, then back to back
-steps), "gap" (the same with a 1 s sleep after warm-up 1, longer than NCCL's watchdog
-period), "loop" (every step back to back, one sync at the end: a user's loop), "history"
-(harness with the allocator's history).
+Variants: "single" (no DDP, the harness sequence: the baseline), "harness" (truth.py's
+sequence: warm-up 1, sync, two synced warm-ups, then back to back steps), "gap" (the same with
+a 1 s sleep after warm-up 1, longer than NCCL's watchdog period), "loop" (every step back to
+back, one sync at the end: a user's loop), "history" (harness with the allocator's history),
+"view_loop" (loop with DistributedDataParallel(gradient_as_bucket_view=True), as `autopar run`
+builds it: runtime/engines.py).
+
+After every DDP run, with its objects deleted: the bytes still allocated once NCCL's watchdog
+has had time to see the last collectives complete, and again after one more collective (a
+one-element all-reduce). ProcessGroupNCCL keeps an async collective's tensors until the
+watchdog sees it complete and releases them at the next collective call, so the first figure
+holds the last step's buckets (4 B/param) and the second none; the same stash keeps DDP's
+first buckets alive through step 2's forward (eager.ddp_rebuild_transient_bytes).
 
     python3 bench/truth/ddp_memory.py --out $OUT
     python3 bench/truth/ddp_memory.py --out $OUT --runs gpt-1.3b:1,gpt-1.3b:4 --variants harness,gap
+    python3 bench/truth/ddp_memory.py --out $OUT --runs gpt-1.3b:1,gpt-6.7b:1 --variants view_loop,gap,loop
 """
 
 from __future__ import annotations
@@ -102,7 +112,7 @@ def run_steps(step, rec: Recorder, variant: str, dev) -> None:
         step()
     rec.on = True
     rec.mark("steps_start")
-    if variant == "loop":
+    if variant in ("loop", "view_loop"):
         for _ in range(6):
             one()
         rec.mark("before_sync")
@@ -215,6 +225,9 @@ def one_run(model: str, mb: int, seq: int, variant: str, dev) -> tuple[str, dict
         if variant == "single":
             step, objs, _ = T.setup_single(run, dev, amp)
             module = objs[0]
+        elif variant == "view_loop":
+            step, objs = setup_ddp_bucket_view(run, dev, amp)
+            module = objs[1]
         else:
             step, objs, _ = T.setup_ddp(run, dev, amp, 1)
             module = objs[1]
@@ -244,7 +257,44 @@ def one_run(model: str, mb: int, seq: int, variant: str, dev) -> tuple[str, dict
     res.update(model=model, mb=mb, seq=seq, variant=variant, n_params=n_params, after_setup_bytes=after_setup,
                end_bytes=end_alloc, rows=rec.rows)
     del step, objs
+    if variant != "single" and dev.kind == "cuda":
+        left, released = release_probe(dev)
+        res.update(left_after_run_bytes=left, left_after_next_collective_bytes=released)
+        text += (f"\nobjects deleted, NCCL's watchdog given 1 s: {left / GB:.3f} GB allocated ({left / n_params:.2f} "
+                 f"B/param); after one more collective: {released / GB:.3f} GB ({released / n_params:.2f} B/param)")
     return text, res
+
+
+def setup_ddp_bucket_view(run: dict, dev, amp: str):
+    """truth.setup_ddp with gradient_as_bucket_view=True, the DDP `autopar run` builds
+    (runtime/engines.py): `.grad` are views of the buckets."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = T.build(run, dev)
+    T.instrument(model)
+    ddp = DDP(model, device_ids=[dev.device.index] if dev.kind == "cuda" else None, gradient_as_bucket_view=True)
+    opt = T.make_opt(ddp.parameters())
+    ids, tgt = T.make_batch(run, model.cfg.vocab, dev, run["microbatch"])
+    return T.plain_step(ddp, opt, ids, tgt, amp, 1, ddp.no_sync), [ddp, model, opt]
+
+
+def release_probe(dev) -> tuple[int, int]:
+    """(allocated once the run's objects are gone and NCCL's watchdog has had 1 s, allocated
+    after one more collective): what ProcessGroupNCCL's stash still holds, and that the next
+    collective call releases it."""
+    import gc
+
+    import torch.distributed as dist
+    gc.collect()
+    dev.sync()
+    time.sleep(1.0)
+    gc.collect()
+    left = _allocated()
+    x = torch.zeros(1, device=dev.device)
+    dist.all_reduce(x)
+    dev.sync()
+    del x
+    gc.collect()
+    return left, _allocated()
 
 
 def main(argv=None) -> int:
