@@ -237,7 +237,14 @@ def one_run(model: str, mb: int, seq: int, variant: str, dev) -> tuple[str, dict
         after_setup = _allocated()
         _reset_peak()
         t0 = time.perf_counter()
-        run_steps(step, rec, variant, dev)
+        try:
+            run_steps(step, rec, variant, dev)
+        except torch.cuda.OutOfMemoryError as e:
+            # where the step ran out: a plan that fits must fit every step (step 2 holds DDP's first buckets)
+            at = rec.rows[-1] if rec.rows else {"step": 0, "label": "setup"}
+            peak = max((r.get("peak", 0) for r in rec.rows), default=0)
+            raise RuntimeError(f"out of memory in step {at['step']} region {at['label']} (allocated "
+                               f"{_allocated() / GB:.3f} GB; peak of the regions before {peak / GB:.3f} GB): {e}") from e
         steps_s = time.perf_counter() - t0
         end_alloc = _allocated()
         if history:
