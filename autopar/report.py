@@ -44,13 +44,15 @@ def fmt_ms(x: float | None) -> str:
 # fewer parameters per GPU), the activations (microbatch, recomputation, pipeline depth) and
 # what the runtime keeps (allocator, workspaces, CUDA context, NCCL).
 MEMORY_GROUPS = {
-    "weights+grads+optimizer": ("weights_grads_optimizer", "ddp_buckets", "autocast_cache", "fsdp_buffers"),
+    "weights+grads+optimizer": ("weights_grads_optimizer", "ddp_buckets", "ddp_rebuild_transient", "autocast_cache",
+                                "fsdp_buffers"),
     "activations": ("activations", "recompute_working", "cross_entropy"),
     "allocator/workspace": ("allocator_reserve", "fsdp_grad_pool", "cublas_workspace", "cuda_context", "nccl"),
 }
 _PART_NAMES = {"head_loss": "head+loss", "weights_grads_optimizer": "weights, grads, Adam", "activations": "stashed",
                "exposed_comm": "exposed comm", "cublas_workspace": "cuBLAS workspace", "nccl": "NCCL",
-               "cuda_context": "CUDA context", "ddp_buckets": "DDP buckets", "fsdp_buffers": "FSDP buffers",
+               "cuda_context": "CUDA context", "ddp_buckets": "DDP buckets",
+               "ddp_rebuild_transient": "DDP's first buckets (step 2)", "fsdp_buffers": "FSDP buffers",
                "fsdp_grad_pool": "FSDP2 gradient pool"}
 
 

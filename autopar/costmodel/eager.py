@@ -185,14 +185,32 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
   steps held beyond the model (bench/results/memory_peaks_h200_2026-11-30.txt).
 - a tied embedding: at the end of the backward the embedding's dense fp32 gradient exists next
   to the `.grad` the LM head made, until it is added in (4 B per embedding parameter).
-- DDP: its buckets hold a second fp32 copy of every gradient (4 B per parameter;
-  gradient_as_bucket_view is off by default), and the ddp rows hold 4 B per parameter more at
-  their activation peak than that (ddp minus single rows of the same model and microbatch, max
-  over ranks: 7.6-8.0 B per parameter on gpt-1.3b mb1/mb4/mb8; the mechanism is not isolated:
-  on some ranks it is 4.0, so it depends on timing, e.g. when Python's garbage collector or
-  NCCL's watchdog frees tensors; the rows re-measured with the harness that waits for the
-  previous run's memory to go, ddp-gpt-1.3b mb1 and ddp-gpt-2.6b mb4, hold 4.0 on both ranks:
-  the term is kept, for safety, until the older ddp rows are re-measured).
+- DDP: its buckets hold a second fp32 copy of every gradient (4 B per parameter, all step;
+  native DDP's gradient_as_bucket_view is off by default: `.grad` and the buckets apart). And
+  one transient (`ddp_rebuild_transient_bytes`, 4 B per parameter): the first step's buckets
+  (one bucket of every parameter: find_unused_parameters off) are rebuilt in the second step's
+  forward (`Reducer._rebuild_buckets`, in DDP's `_pre_forward`), and the first ones live on
+  beside the new ones through that forward's activation peak: the first step's all-reduce
+  stashed its bucket (ProcessGroupNCCL keeps an async collective's tensors until its watchdog
+  has seen it complete, and then releases them at the next collective call), so unless the
+  watchdog saw the first step's all-reduce finish before the rebuild (the rebuild's own
+  broadcast then releases them and the reducer frees them at once), they go at the second
+  step's first gradient all-reduce, in its backward. In a loop that runs its steps back to
+  back the host enqueues step 2's forward before the GPU has finished step 1's all-reduce,
+  so the run's peak is step 2's, 4 B per parameter over the steps after it
+  (bench/truth/ddp_memory.py, bench/results/ddp_memory_h200_2026-12-01.txt: the first buckets
+  are freed by the rebuild itself only after a sync and a pause; back to back, gpt-1.3b mb1 /
+  mb4 and gpt-2.6b mb4 peak at 31.56 / 39.22 / 74.12 GB in step 2 and 26.81 / 33.96 / 63.52 GB
+  after it). It is counted at the activation peak, not at the end of the
+  backward (gone by then in every measured step); a plan that fits must fit step 2. The
+  corpus's harness syncs after the first step, so its ddp rows have the transient or not,
+  by the race (ranks of one row differ: ddp-llama-3b mb1/mb2; bench/truth/predict.py compares
+  them both ways, `evaluate(..., ddp_rebuild=False)`). `autopar run`'s DDP
+  (gradient_as_bucket_view=True: `.grad` is a view of the bucket) has the same peak at the
+  activation moment (with one microbatch its bucket holds the gradients where native DDP's
+  `.grad` are absent; with several, both keep the first microbatches' `.grad`, made under
+  no_sync, beside the bucket) and 4 B per parameter less at the end of the backward (its
+  `.grad` are the bucket's views), which this counts as native DDP's (on the safe side).
 - ZeRO as `autopar run` runs it (`fsdp_bf16_params`, the default recipe): FSDP2 with
   MixedPrecisionPolicy's bf16 parameters and no autocast, where the corpus's fsdp2 rows ran
   autocast over FSDP2's fp32 parameters (`zero_autocast=True`, which bench/truth/predict.py
@@ -304,8 +322,7 @@ BF16_CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT = 6  # bf16 log-softmax output 2 + NLL g
 LOSS_PARALLEL_BF16_PEAK_BYTES_PER_LOGIT = 16  # bf16 logits 2, fp32 copy 4, shifted 4, fp32 result 4, bf16 result 2
 FP32_BYTES = 4                            # autocast's residual stream, saved by every norm
 AUTOCAST_DTYPE_BYTES = 2                  # bf16: what autocast casts a linear's input to
-DDP_BUCKET_BYTES_PER_PARAM = 4
-DDP_SECOND_GRAD_BYTES_PER_PARAM = 4       # measured: ddp rows hold 7.6-8.0 B/param over single (see doc)
+DDP_BUCKET_BYTES_PER_PARAM = 4           # fp32 gradient buckets, all step (and the first ones again in step 2)
 AUTOCAST_CACHE_BYTES_PER_PARAM = 2       # also autocast's bf16 weight copies saved for backward
 TIED_EMBEDDING_GRAD_BYTES_PER_PARAM = 4   # embedding backward's fp32 gradient, before it is added into .grad
 FSDP_ROOT_BYTES_PER_PARAM = 4            # root's unsharded bf16 weights + their bf16 gradients
@@ -530,9 +547,16 @@ def pipeline_idle_s(n_blocks: int) -> tuple[float, float]:
 def state_bytes(local_params: float, ddp_buckets: bool, n_microbatches: int) -> float:
     """Bytes held for the whole step beyond weights, gradients and optimizer state: DDP's
     gradient buckets, and autocast's bf16 weight cache when one region spans microbatches."""
-    ddp = DDP_BUCKET_BYTES_PER_PARAM + DDP_SECOND_GRAD_BYTES_PER_PARAM
-    return local_params * ((ddp if ddp_buckets else 0)
+    return local_params * ((DDP_BUCKET_BYTES_PER_PARAM if ddp_buckets else 0)
                            + (AUTOCAST_CACHE_BYTES_PER_PARAM if n_microbatches > 1 else 0))
+
+
+def ddp_rebuild_transient_bytes(local_params: float) -> float:
+    """DDP's first buckets (fp32, every one of `local_params` parameters), alive beside the
+    rebuilt ones from the second step's forward until that step's first gradient all-reduce
+    releases them (see the docstring, "DDP"): at the activation peak of a training loop's
+    second step, not at the end of its backward."""
+    return DDP_BUCKET_BYTES_PER_PARAM * local_params
 
 
 def gradients_absent_at_activation_peak_bytes(local_params: float, grad_params: float, zero3: bool,

@@ -85,6 +85,7 @@ class StageResult:
     precision_casts_s: float = 0.0  # autocast weight copies, fp32 gradient casts and accumulation
     grad_bucket_s: float = 0.0     # per step: DDP's copy of the gradients into its buckets
     ddp_bucket_bytes: float = 0.0
+    ddp_rebuild_bytes: float = 0.0   # step 2's activation peak: DDP's first buckets beside the rebuilt ones
     autocast_cache_bytes: float = 0.0
     cross_entropy_peak_bytes: float = 0.0   # fp32 loss tensors live at the loss backward
     grads_absent_bytes: float = 0.0  # state below param_state_bytes at the activation peak (eager)
@@ -283,7 +284,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        op_comm_s=ev.comm_s + terms.comm_delta_s + units.comm_delta_s,
                        comm_overlap_s=terms.comm_overlap_s + units.overlap_s,
                        precision_casts_s=terms.precision_casts_s, grad_bucket_s=terms.grad_bucket_s,
-                       ddp_bucket_bytes=terms.ddp_bytes, autocast_cache_bytes=terms.autocast_cache_bytes * copy_share,
+                       ddp_bucket_bytes=terms.ddp_bytes, ddp_rebuild_bytes=terms.ddp_rebuild_bytes,
+                       autocast_cache_bytes=terms.autocast_cache_bytes * copy_share,
                        cross_entropy_peak_bytes=terms.cross_entropy_peak_bytes,
                        grads_absent_bytes=eager_mod.gradients_absent_at_activation_peak_bytes(
                            ev.param_elems, ev.param_elems_zero if zero >= 2 or zero12 else ev.param_elems,
@@ -564,7 +566,8 @@ class EagerTerms:
     residual_stash_bytes: float = 0.0  # per microbatch in flight: the norms' fp32 inputs, less the loss's logits
     inputs_fp32_extra_bytes: float = 0.0  # the layers' fp32 inputs beyond their graph size (full recompute)
     cross_entropy_peak_bytes: float = 0.0  # fp32 loss tensors at the start of the loss backward
-    ddp_bytes: float = 0.0             # whole step: DDP's buckets and second gradient copy
+    ddp_bytes: float = 0.0             # whole step: DDP's gradient buckets
+    ddp_rebuild_bytes: float = 0.0     # step 2's activation peak: DDP's first buckets (eager.ddp_rebuild_transient_bytes)
     autocast_cache_bytes: float = 0.0  # whole step, several microbatches: autocast's weight cache
     fsdp_root_bytes: float = 0.0       # forward and backward: FSDP2's unsharded root weights and grads
     param_state_delta_bytes: float = 0.0  # whole step: FSDP2's ZeRO-1/2 state less the graph's (memory.py)
@@ -581,8 +584,11 @@ class EagerTerms:
 
     @property
     def held_bytes(self) -> float:
-        """Bytes held through the step beyond weights, gradients and optimizer state."""
-        return self.ddp_bytes + self.autocast_cache_bytes + self.fsdp_root_bytes + self.param_state_delta_bytes
+        """Bytes held through the step beyond weights, gradients and optimizer state, as the
+        planner counts a layer: at one moment that has them all, so DDP's rebuild transient too
+        (the evaluator counts it at the activation peak only)."""
+        return (self.ddp_bytes + self.ddp_rebuild_bytes + self.autocast_cache_bytes + self.fsdp_root_bytes
+                + self.param_state_delta_bytes)
 
 
 NO_EAGER = EagerTerms()
@@ -754,6 +760,8 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                       residual_stash_bytes=residual, inputs_fp32_extra_bytes=inputs_extra,
                       cross_entropy_peak_bytes=ce_peak,
                       ddp_bytes=eager_mod.state_bytes(ev.param_elems, ddp and not zero12, 1),
+                      ddp_rebuild_bytes=eager_mod.ddp_rebuild_transient_bytes(ev.param_elems)
+                      if ddp and not zero12 else 0.0,
                       autocast_cache_bytes=0.0 if bf16 else eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
                       param_state_delta_bytes=(eager_mod.fsdp_zero12_state_bytes(ev.param_elems, ev.param_elems_zero,
                                                                                  zero, n_microbatches)
@@ -893,7 +901,7 @@ def p2p_time_s(cluster: Cluster, a: StagePlan, b: StagePlan, nbytes: float) -> f
 
 def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT,
              grad_sync: str | None = None, zero_autocast: bool = False, compiled: bool | None = None,
-             loss: str = "fused") -> Plan:
+             loss: str = "fused", ddp_rebuild: bool = True) -> Plan:
     """A copy of `plan` with its prediction and each stage's costs filled in; `plan` is unchanged.
 
     eager: the step as the eager PyTorch recipe runs it (autopar.costmodel.eager, measured on
@@ -918,7 +926,11 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     loss: the default model's loss kernel (compute.LOSS_KERNELS): "fused" (one pass over the
     logits each way), or "megatron" (Megatron's fp32 vocab-parallel cross-entropy, as Megatron-LM
     and Megatron-DeepSpeed run it: ComputeModel.vocab_parallel_cross_entropy_s). Not with eager,
-    whose recipe prices PyTorch's cross-entropy (eager.cross_entropy_s)."""
+    whose recipe prices PyTorch's cross-entropy (eager.cross_entropy_s).
+    ddp_rebuild: with eager, the peak of a run, whose second step holds DDP's first buckets beside
+    the rebuilt ones at its activation peak (eager.ddp_rebuild_transient_bytes); False: the peak
+    of the steps after it (what a measured run shows where the first buckets were freed by the
+    rebuild: bench/truth/predict.py compares the corpus's ddp rows both ways)."""
     if loss not in LOSS_KERNELS:
         raise PlanError(f"loss must be one of {', '.join(LOSS_KERNELS)} (got {loss!r})")
     if eager and loss != "fused":
@@ -963,6 +975,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     dev_work: dict[int, float] = {}
     dev_held: dict[int, float] = {}
     dev_absent: dict[int, float] = {}
+    dev_rebuild: dict[int, float] = {}
     dev_tied: dict[int, float] = {}
     dev_end: dict[int, float] = {}
     dev_tail: dict[int, float] = {}
@@ -990,6 +1003,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
         dev_work[rank] = max(dev_work.get(rank, 0.0), working)
         dev_held[rank] = dev_held.get(rank, 0.0) + held
         dev_absent[rank] = dev_absent.get(rank, 0.0) + r.grads_absent_bytes
+        dev_rebuild[rank] = dev_rebuild.get(rank, 0.0) + (r.ddp_rebuild_bytes if ddp_rebuild else 0.0)
         dev_tied[rank] = dev_tied.get(rank, 0.0) + r.tied_grad_bytes
         dev_end[rank] = max(dev_end.get(rank, 0.0), finish.get(i, 0.0))
         dev_tail[rank] = (dev_tail.get(rank, 0.0) + (0.0 if r.sync_buckets else r.sync_s) + r.optimizer_s
@@ -1018,8 +1032,13 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     # FSDP2's gradient pool: ZeRO-3's, and ZeRO-1/2's where `autopar run` runs them on FSDP2
     fsdp = zero3 or any(p > 0 for p in dev_pool.values())
     # The activations peak before the gradients exist (one-microbatch eager steps): the state is
-    # then `absent` below its full size; after the backward it is full and the activations gone.
-    absent_at_peak = {k: min(dev_absent[k], dev_mem[k] + dev_work[k] - dev_held[k] - dev_tied[k]) for k in dev_mem}
+    # then `absent` below its full size, and DDP's first buckets are there beside it in step 2;
+    # after the backward the state is full and the activations and first buckets gone.
+    absent_at_peak = {k: min(dev_absent[k] - dev_rebuild[k], dev_mem[k] + dev_work[k] - dev_held[k] - dev_tied[k])
+                      for k in dev_mem}
+    # the first buckets at the peak: the activation moment's (the larger moment, or equal)
+    rebuild_at_peak = {k: dev_rebuild[k] if absent_at_peak[k] == dev_absent[k] - dev_rebuild[k] else 0.0
+                       for k in dev_mem}
     workspace = eager_mod.CUBLAS_WORKSPACE_BYTES if eager else 0.0
     allocated = {k: dev_mem[k] + dev_work[k] - absent_at_peak[k] + workspace for k in dev_mem}
     # What the allocator's pools hold at their own peaks: FSDP2's gradient pool stays reserved
@@ -1037,7 +1056,8 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
                                 sched, time_dev, dev_sync[time_dev], dev_sync_overlap[time_dev])
     memory_breakdown = _memory_breakdown(dev_stages[mem_dev], dev_mem[mem_dev], allocated[mem_dev], fsdp,
                                          plan.n_devices if eager else 0, absent_at_peak[mem_dev],
-                                         pooled[mem_dev], dev_pool[mem_dev], loss_segment[mem_dev])
+                                         pooled[mem_dev], dev_pool[mem_dev], loss_segment[mem_dev],
+                                         rebuild_at_peak[mem_dev])
 
     tokens = tr.global_batch * plan.model.seq
     model_flops = (graph.fwd_flops + graph.bwd_flops) * B
@@ -1131,11 +1151,13 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
 
 def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_bytes: float, fsdp: bool,
                       n_gpus: int, grads_absent_bytes: float = 0.0, pooled_bytes: float | None = None,
-                      grad_pool_bytes: float = 0.0, loss_segment_bytes: float = 0.0) -> dict[str, float]:
+                      grad_pool_bytes: float = 0.0, loss_segment_bytes: float = 0.0,
+                      ddp_rebuild_bytes: float = 0.0) -> dict[str, float]:
     """Where one GPU's peak memory goes; the parts add up to its predicted peak. n_gpus 0: the
     plan is not evaluated as the eager recipe (no allocator reserve, context or NCCL).
     grads_absent_bytes: the part of weights + gradients + optimizer state not allocated at the
-    peak (gradients not made yet, net of autocast's weight copies). pooled_bytes, grad_pool_bytes:
+    peak (gradients not made yet, net of autocast's weight copies), less `ddp_rebuild_bytes`,
+    DDP's first buckets there (eager.ddp_rebuild_transient_bytes). pooled_bytes, grad_pool_bytes:
     what the allocator's pools hold at their own peaks, FSDP2's gradient pool among them
     (eager.reserved_bytes); the part of the latter not allocated at the peak is
     "fsdp_grad_pool"."""
@@ -1150,7 +1172,8 @@ def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_by
     reserved = (eager_mod.reserved_bytes(pooled, fsdp, grad_pool_bytes, loss_segment_bytes) if n_gpus
                 else allocated_bytes)
     grad_pool_free = pooled - allocated_bytes if n_gpus else 0.0
-    parts = {"weights_grads_optimizer": params - grads_absent_bytes, "ddp_buckets": buckets, "autocast_cache": cache,
+    parts = {"weights_grads_optimizer": params - grads_absent_bytes - ddp_rebuild_bytes, "ddp_buckets": buckets,
+             "autocast_cache": cache,
              "fsdp_buffers": root + block, "cublas_workspace": eager_mod.CUBLAS_WORKSPACE_BYTES if n_gpus else 0.0,
              "activations": held_bytes - params - buckets - cache - root,
              "recompute_working": recompute if recompute >= ce else 0.0,
@@ -1160,6 +1183,8 @@ def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_by
              "nccl": eager_mod.outside_allocator_bytes(n_gpus) - eager_mod.CUDA_CONTEXT_BYTES if n_gpus else 0.0}
     if grad_pool_free > 0:          # FSDP2 plans only
         parts["fsdp_grad_pool"] = grad_pool_free
+    if ddp_rebuild_bytes > 0:       # DDP plans whose peak is step 2's activation peak
+        parts["ddp_rebuild_transient"] = ddp_rebuild_bytes
     return parts
 
 

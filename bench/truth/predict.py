@@ -22,6 +22,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,16 @@ def predict_row(row: dict[str, Any]) -> dict[str, Any]:
         plan = replicate_embedding_and_head(plan, graph)
     # the corpus ran the eager recipe (every block eager, tp too), its fsdp2 rows with autocast over
     # FSDP2's fp32 parameters
-    plan = evaluate(plan, graph, cluster, eager=True, zero_autocast=True, compiled=False)
-    p = plan.predicted
+    evaluated = evaluate(plan, graph, cluster, eager=True, zero_autocast=True, compiled=False)
+    p = evaluated.predicted
+    rebuild = ddp_rebuild_comparison(
+        row["peak_allocated_bytes"], row["peak_reserved_bytes"], p,
+        lambda: evaluate(plan, graph, cluster, eager=True, zero_autocast=True, compiled=False,
+                         ddp_rebuild=False).predicted)
+    if rebuild:
+        rebuild["measured_allocated_per_rank_bytes"] = row.get("peak_allocated_bytes_per_rank")
+    if rebuild and rebuild["compared"] == "without":
+        p = rebuild["steady"]
     step_err = (p.step_time_s - row["step_s"]) / row["step_s"]
     # The model's peak minus what lies outside the caching allocator (CUDA context, NCCL)
     # against the measured peak reserved.
@@ -133,7 +142,36 @@ def predict_row(row: dict[str, Any]) -> dict[str, Any]:
         "measured_breakdown_s": row.get("breakdown_s", {}),
         "predicted_breakdown_s": dict(getattr(p, "breakdown_s", None) or {}),
         "predicted_memory_breakdown_bytes": dict(getattr(p, "memory_breakdown_bytes", None) or {}),
+        "ddp_rebuild": {k: v for k, v in rebuild.items() if k != "steady"} if rebuild else None,
     }
+
+
+def ddp_rebuild_comparison(measured_allocated_bytes: float, measured_reserved_bytes: float, p,
+                           steady_prediction: Callable[[], Any]) -> dict[str, Any] | None:
+    """A DDP run's measured peak against the model's two: the run's (`p`: step 2 holds DDP's
+    first buckets beside the rebuilt ones at its activation peak, eager.ddp_rebuild_transient_bytes)
+    and the steps' after it (`steady_prediction()`: the plan evaluated with ddp_rebuild=False).
+    A harness that syncs after its first step lets NCCL's watchdog see that step's all-reduce
+    finish before the second step's rebuild, or not: a race (bench/results/
+    ddp_memory_h200_2026-12-01.txt: truth.py's sequence has the transient at gpt-1.3b mb4 and
+    not at mb1 or gpt-2.6b mb4; the ranks of ddp-llama-3b's rows differ). So a row is compared
+    with the peak its measured allocated is nearer to (`compared`), both errors kept beside it;
+    None where the two peaks are one (no DDP, or the end of the backward is the peak)."""
+    if not (p.memory_breakdown_bytes or {}).get("ddp_rebuild_transient"):
+        return None
+    steady = steady_prediction()
+    compared = ("without" if measured_allocated_bytes < (p.peak_allocated_bytes + steady.peak_allocated_bytes) / 2
+                else "with")
+
+    def err(x: float, m: float) -> float:
+        return (x - m) / m
+    return {"compared": compared, "steady": steady,
+            "predicted_allocated_with_bytes": p.peak_allocated_bytes,
+            "predicted_allocated_without_bytes": steady.peak_allocated_bytes,
+            "allocated_error_with": err(p.peak_allocated_bytes, measured_allocated_bytes),
+            "allocated_error_without": err(steady.peak_allocated_bytes, measured_allocated_bytes),
+            "memory_error_with": err(p.peak_reserved_bytes, measured_reserved_bytes),
+            "memory_error_without": err(steady.peak_reserved_bytes, measured_reserved_bytes)}
 
 
 def _op_counts(spec: str, seq: int) -> tuple[int, int, int]:
@@ -295,6 +333,24 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def rebuild_table(rows: list[dict[str, Any]]) -> str:
+    """The ddp rows against both of the model's peaks (`ddp_rebuild_comparison`)."""
+    lines = ["\nddp rows, allocated against the peak with DDP's first buckets in step 2 (a run's) and without "
+             "(the steps after it); the row is compared with the nearer (*):",
+             f"{'id':34s} {'meas GiB':>8s} {'with':>8s} {'err':>6s}  {'without':>8s} {'err':>6s}  per rank GiB"]
+    for r in rows:
+        d = r.get("ddp_rebuild")
+        if not d:
+            continue
+        ranks = ", ".join(f"{b / 2**30:.1f}" for b in d.get("measured_allocated_per_rank_bytes") or [])
+        lines.append(f"{r['id']:34s} {r['measured_peak_allocated_bytes'] / 2**30:8.1f} "
+                     f"{d['predicted_allocated_with_bytes'] / 2**30:8.1f} {d['allocated_error_with']:+6.1%}"
+                     f"{'*' if d['compared'] == 'with' else ' '} "
+                     f"{d['predicted_allocated_without_bytes'] / 2**30:8.1f} {d['allocated_error_without']:+6.1%}"
+                     f"{'*' if d['compared'] == 'without' else ' '} {ranks}")
+    return "\n".join(lines)
+
+
 def buckets(rows: list[dict[str, Any]]) -> str:
     """Measured vs predicted buckets (ms) of the parts both sides name."""
     keys = ("blocks", "head_loss", "embedding", "optimizer", "exposed_comm", "comm_overlap", "host", "other")
@@ -334,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     res = run(Path(args.corpus))
     print(table(res["rows"]))
+    print(rebuild_table(res["rows"]))
     if args.buckets:
         print(buckets(res["rows"]))
     print(f"\n{'set':10s} {'n':>3s} {'time med':>9s} {'time max':>9s} {'n mem':>5s} {'mem med':>8s} {'mem max':>8s} "

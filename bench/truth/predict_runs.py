@@ -16,6 +16,9 @@ apart, the GPT ones at microbatch 1 as the fit of the compiled host constants (`
 others held out; HOST_COMPILED_S_PER_BLOCK's fit rows are those whose blocks are split (tp:
 DTensor blocks), HOST_COMPILED_PLAIN_S_PER_BLOCK's those whose blocks are not. An auto row
 whose plan the planner no longer makes (it changed since the row was measured) is skipped.
+A row run with DDP is compared with the model's peak with DDP's first buckets in step 2 or
+without them, whichever its measured allocated is nearer to (predict.ddp_rebuild_comparison:
+the benchmark's syncs leave them there or not), both errors printed beside it.
 """
 
 from __future__ import annotations
@@ -64,8 +67,17 @@ def predict(row: dict, n_gpus: int = 2) -> dict:
     cl = load_cluster("dgx-h200", 1, n_gpus)
     graph = ModelSource(spec).graph(plan.training.microbatch_size) if ":" in spec else \
         graphs.load(spec, batch=plan.training.microbatch_size)
+    from predict import ddp_rebuild_comparison
     p = evaluate(plan, graph, cl, eager=True, compiled=bool(row.get("compile"))).prediction
     m = row["autopar"]
+    # autopar run's DDP rebuilds its buckets in step 2 as native DDP does; the benchmark's syncs
+    # leave the first buckets there at step 2's peak or not (predict.ddp_rebuild_comparison)
+    rebuild = ddp_rebuild_comparison(
+        m["peak_allocated_bytes"], m["peak_reserved_bytes"], p,
+        lambda: evaluate(plan, graph, cl, eager=True, compiled=bool(row.get("compile")),
+                         ddp_rebuild=False).prediction)
+    if rebuild and rebuild["compared"] == "without":
+        p = rebuild["steady"]
     label = plan.config.label or plan.strategy
     if label != row.get("plan"):
         return {"model": row["model"], "strategy": row["strategy"], "microbatch": row["microbatch"],
@@ -77,7 +89,8 @@ def predict(row: dict, n_gpus: int = 2) -> dict:
             "measured_step_s": m["step_time_s"], "predicted_step_s": p.step_time_s,
             "step_error": p.step_time_s / m["step_time_s"] - 1,
             "measured_reserved_bytes": m["peak_reserved_bytes"], "predicted_reserved_bytes": p.peak_reserved_bytes,
-            "memory_error": p.peak_reserved_bytes / m["peak_reserved_bytes"] - 1, "row": row, "n_gpus": n_gpus}
+            "memory_error": p.peak_reserved_bytes / m["peak_reserved_bytes"] - 1, "row": row, "n_gpus": n_gpus,
+            "ddp_rebuild": {k: v for k, v in rebuild.items() if k != "steady"} if rebuild else None}
 
 
 CONSTANTS = {"split": "HOST_COMPILED_S_PER_BLOCK", "plain": "HOST_COMPILED_PLAIN_S_PER_BLOCK"}
@@ -137,11 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'set':6} {'model':18} {'strategy':11} {'mb':>3} {'comp':>4} {'meas ms':>8} {'pred ms':>8} {'err':>7} "
           f"{'meas GiB':>8} {'pred GiB':>8} {'err':>7}")
     for r in rows:
+        d = r["ddp_rebuild"]
         print(f"{r['set']:6} {r['model']:18} {r['strategy']:11} {r['microbatch']:>3} "
               f"{'yes' if r['compiled'] else 'no':>4} "
               f"{r['measured_step_s'] * 1e3:8.1f} {r['predicted_step_s'] * 1e3:8.1f} {r['step_error']:+7.1%} "
               f"{r['measured_reserved_bytes'] / 2**30:8.1f} {r['predicted_reserved_bytes'] / 2**30:8.1f} "
-              f"{r['memory_error']:+7.1%}")
+              f"{r['memory_error']:+7.1%}"
+              + (f"  DDP's first buckets in step 2: {d['compared']} (reserved {d['memory_error_with']:+.1%} "
+                 f"with, {d['memory_error_without']:+.1%} without)" if d else ""))
     # each file's runs apart (the devices per plan differ), the constants' fit rows apart
     for set_name in dict.fromkeys(r["set"] for r in rows):
         in_set = [r for r in rows if r["set"] == set_name]
