@@ -195,13 +195,15 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
   has seen it complete, and then releases them at the next collective call), so unless the
   watchdog saw the first step's all-reduce finish before the rebuild (the rebuild's own
   broadcast then releases them and the reducer frees them at once), they go at the second
-  step's first gradient all-reduce, in its backward. In a loop that runs its steps back to
-  back the host enqueues step 2's forward before the GPU has finished step 1's all-reduce,
-  so the run's peak is step 2's, 4 B per parameter over the steps after it
+  step's first gradient all-reduce, in its backward. Whether the watchdog was first is a race:
+  a loop that runs its steps back to back usually enqueues step 2's forward before it, and
+  the run's peak is then step 2's, 4 B per parameter over the steps after it
   (bench/truth/ddp_memory.py, bench/results/ddp_memory_h200_2026-12-01.txt: the first buckets
-  are freed by the rebuild itself only after a sync and a pause; back to back, gpt-1.3b mb1 /
+  are freed by the rebuild itself after a sync and a 1 s pause; back to back, gpt-1.3b mb1 /
   mb4 and gpt-2.6b mb4 peak at 31.56 / 39.22 / 74.12 GB in step 2 and 26.81 / 33.96 / 63.52 GB
-  after it). It is counted at the activation peak, not at the end of the
+  after it; in a second call, ddp_memory_h200_2026-12-01b.txt, back-to-back gpt-1.3b mb1 and
+  gpt-6.7b mb1 had no transient, and autopar's bucket-view DDP had it on gpt-1.3b, 31.56 GB,
+  and not on gpt-6.7b, 126.15 GB). A plan cannot count on losing the race, so it is counted at the activation peak, not at the end of the
   backward (gone by then in every measured step); a plan that fits must fit step 2. The
   corpus's harness syncs after the first step, so its ddp rows have the transient or not,
   by the race (ranks of one row differ: ddp-llama-3b mb1/mb2; bench/truth/predict.py compares
