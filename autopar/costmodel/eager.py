@@ -246,6 +246,8 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
 
 from __future__ import annotations
 
+import numpy as np
+
 # The compute's slowdown beside hidden collectives is shared with the data-parallel gradient sync,
 # so it lives with the collectives (fitted here, on the fsdp2 rows: see the docstring).
 from .collectives import COMM_OVERLAP_SLOWDOWN as COMM_OVERLAP_SLOWDOWN
@@ -625,14 +627,29 @@ def outside_allocator_bytes(n_gpus: int) -> float:
 
 def allocatable_bytes(capacity_bytes: float, zero3: bool, n_gpus: int) -> float:
     """The most a plan may allocate on a GPU of `capacity_bytes` (the inverse of
-    `device_peak_bytes`, less the cuBLAS workspaces): what the planner's memory check compares
-    its stages' weights, state and activations with. Under ZeRO-3 it takes no gradient pool:
-    (a - g)(1 + f) + g <= a (1 + f), so a plan within this cap fits by the evaluator too, unless
-    its loss segment (`loss_segment_bytes`) exceeds f times its allocation (a stage whose fp32
-    logits outweigh 13% of all else: large vocabularies at long sequences); the planner's
-    per-layer check does not see the loss alone, the evaluator does."""
+    `device_peak_bytes`, less the cuBLAS workspaces) where it holds no FSDP2 gradient pool and
+    its loss segment is within the reserve fraction: the planner's cap (SearchSpace), which its
+    tables raise or lower per stage by `stage_allocatable_bytes`. `zero3` is not read (the pool
+    is the stage's, not the plan's)."""
     usable = capacity_bytes - outside_allocator_bytes(n_gpus)
     return max(0.0, usable / (1 + RESERVE_FRACTION) - CUBLAS_WORKSPACE_BYTES)
+
+
+def stage_allocatable_bytes(cap_bytes, grad_pool_bytes=0.0, loss_peak_bytes=0.0):
+    """The most one GPU's stages may allocate (weights, state, buffers, activations: the
+    planner's memory figure, without the cuBLAS workspaces) on a GPU whose `allocatable_bytes`
+    is `cap_bytes` (> 0), where they hold `grad_pool_bytes` of FSDP2's gradient pool
+    (`zero3_grad_pool_bytes`) and their loss's working set is `loss_peak_bytes` (the largest
+    of the GPU's stages'): the inverse of `device_peak_bytes` for that pool and loss segment.
+    With a = the figure + workspaces, u = what the allocator may reserve (cap's (cap + w)(1 + f)),
+    device_peak_bytes fits where (a - pool)(1 + f) + pool <= u and a + segment <= u: the pool
+    raises the cap by pool f / (1 + f), the loss segment may lower it. The planner's tables
+    compare each stage with this (RangeTable.cap_bytes), so `autopar plan --eager` offers a
+    stage where `autopar evaluate --eager` says it fits, and only there. Floats or numpy arrays."""
+    f = RESERVE_FRACTION
+    usable = (cap_bytes + CUBLAS_WORKSPACE_BYTES) * (1 + f)
+    return np.minimum(cap_bytes + grad_pool_bytes * f / (1 + f),
+                      usable - loss_segment_bytes(loss_peak_bytes) - CUBLAS_WORKSPACE_BYTES)
 
 
 def device_peak_bytes(allocated_bytes: float, fsdp: bool, n_gpus: int, grad_pool_bytes: float = 0.0,

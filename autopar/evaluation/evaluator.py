@@ -236,14 +236,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     first, last = 0, len(graph.layers) - 1
     stage_params = sum(graph.layers[li].param_count for li in range(*st.layers))
     share = ev.param_elems / stage_params if stage_params else 0.0
-    tied_copy = 0.0
-    if eager and st.layers[0] != first and st.layers[1] == last + 1:
-        # A weight the LM head shares with an embedding on another stage is a copy here (eager.py
-        # "pipelines" (b)): its own state, casts and accumulation, and optimizer step.
-        owned = {o.param for n in names for o in graph.node(n).operands if o.is_param and o.owns_param}
-        borrowed = {o.param: _numel(o.shape) for n in graph.layers[last].nodes for o in graph.node(n).operands
-                    if o.is_param and o.param not in owned}
-        tied_copy = sum(borrowed.values()) * share
+    tied_copy = tied_copy_elems(graph, st.layers) * share if eager else 0.0
 
     layer_of = {n: li for li in range(*st.layers) for n in graph.layers[li].nodes}
     op_s = {o["name"]: o["compute_s"] + o["comm_s"] for o in ev.ops}
@@ -290,9 +283,38 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                            zero >= 3 and sub.n_devices > 1 or zero12, training.n_microbatches) if eager else 0.0,
                        fsdp_root_bytes=terms.fsdp_root_bytes, fsdp_block_bytes=fsdp_block,
                        tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied),
-                       grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
-                       if eager and (zero >= 3 and sub.n_devices > 1 or zero12) else 0.0,
+                       grad_pool_bytes=fsdp_grad_pool_bytes(ev, zero, sub.n_devices, zero_autocast) if eager else 0.0,
                        tied_copy_params=tied_copy, sync_buckets=buckets)
+
+
+def tied_copy_elems(graph: OpGraph, layers: tuple[int, int]) -> int:
+    """Parameters (global) of the copy a stage of layers [layers[0], layers[1]) holds of weights
+    its LM head shares with an embedding on another stage (eager.py "pipelines" (b): under the
+    eager recipe the copy has its own state, casts and accumulation, and optimizer step): the
+    parameters the last layer reads that no op of the stage owns; 0 for a stage without the
+    head or with the embedding. The evaluator scales the stage's state, autocast cache and
+    optimizer step by 1 + this / the stage's parameters (copy_share); the planner's tables
+    (search/range_table.py) by the same ratio."""
+    first, last = 0, len(graph.layers) - 1
+    if layers[0] == first or layers[1] != last + 1:
+        return 0
+    names = stage_nodes(graph, layers)
+    owned = {o.param for n in names for o in graph.node(n).operands if o.is_param and o.owns_param}
+    borrowed = {o.param: _numel(o.shape) for n in graph.layers[last].nodes for o in graph.node(n).operands
+                if o.is_param and o.param not in owned}
+    return sum(borrowed.values())
+
+
+def fsdp_grad_pool_bytes(ev: Evaluation, zero: int, n_devices: int, zero_autocast: bool = False) -> float:
+    """FSDP2's gradient pool (eager.zero3_grad_pool_bytes) of the ops `ev` prices under the
+    eager recipe on `n_devices`: ZeRO-3 on several devices, and ZeRO-1/2 where they run on
+    FSDP2 (eager.fsdp_zero12); 0 elsewhere. Linear in the ops' parameters, so a stage's is its
+    layers' summed: the evaluator (StageResult.grad_pool_bytes) and the planner's tables
+    (LayerSol.grad_pool_bytes) both ask this."""
+    zero12 = eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems, zero_autocast)
+    if zero >= 3 and n_devices > 1 or zero12:
+        return eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
+    return 0.0
 
 
 def megatron_loss_delta_s(graph: OpGraph, prob: StageProblem, assign: dict[str, int],

@@ -33,6 +33,7 @@ from autopar.evaluation.evaluator import (
     ZeroUnits,
     eager_terms,
     fsdp_block_buffer_bytes,
+    fsdp_grad_pool_bytes,
     grad_sync_step_s,
     optimizer_step_s,
     zero_layer_collectives,
@@ -88,6 +89,14 @@ class LayerSol:
     # what recomputing the layer rebuilds at once in the backward, as the evaluator counts it
     # (evaluate_stage: the graph's stash, without the eager recipe's fp32 residual stash)
     rebuilt_bytes: float = 0.0
+    # eager: FSDP2's gradient pool (evaluator.fsdp_grad_pool_bytes), which raises the stage's
+    # memory cap (eager.stage_allocatable_bytes)
+    grad_pool_bytes: float = 0.0
+    # eager: what a tied head's copy on a stage after the embedding's scales by its share of the
+    # stage's parameters (evaluator.tied_copy_elems): weights, grads and optimizer state, and
+    # autocast's weight cache (bytes, in param_bytes); the optimizer step (seconds, in sync_s)
+    copy_scaled_bytes: float = 0.0
+    optimizer_s: float = 0.0
 
 
 class ZeroEnds(NamedTuple):
@@ -342,8 +351,9 @@ class LayerSolver:
             if self.prices_zero_units(mesh):
                 unit_s, unit_rec_s, unit_step_s, ends = zero_unit_figures(self.graph, li, prob, assign,
                                                                           self.settings.zero)
+            optimizer_s = optimizer_step_s(ev, self.settings.zero, self.cm)
             sol = LayerSol(ev.per_microbatch_s + et.device_s + unit_s, ev.recompute_fwd_s + unit_rec_s,
-                           sync + et.grad_bucket_s + unit_step_s + optimizer_step_s(ev, self.settings.zero, self.cm),
+                           sync + et.grad_bucket_s + unit_step_s + optimizer_s,
                            ev.param_state_bytes(self.settings.zero) + et.held_bytes, ev.param_elems,
                            ev.stash_bytes + et.residual_stash_bytes, in_bytes + et.inputs_fp32_extra_bytes,
                            out_spec, chosen, res.status, res.objective, seq,
@@ -351,7 +361,11 @@ class LayerSolver:
                            if self.sharded_storage and not self.eager else (), ends,
                            fsdp_block_buffer_bytes(self.graph, li, prob, assign)
                            if self.eager and self.settings.zero >= 3 and mesh.n_devices > 1 else 0.0,
-                           et.cross_entropy_peak_bytes, ev.stash_bytes)
+                           et.cross_entropy_peak_bytes, ev.stash_bytes,
+                           fsdp_grad_pool_bytes(ev, self.settings.zero, mesh.n_devices) if self.eager else 0.0,
+                           ev.param_state_bytes(self.settings.zero) + et.param_state_delta_bytes
+                           + et.autocast_cache_bytes if self.eager else 0.0,
+                           optimizer_s if self.eager else 0.0)
         self.cache[k] = sol
         return sol
 

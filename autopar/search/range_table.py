@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from autopar.costmodel.eager import stage_allocatable_bytes
 from autopar.costmodel.memory import stage_working_bytes, stash_after_recompute, working_after_recompute
+from autopar.evaluation.evaluator import tied_copy_elems
 from autopar.hardware.mesh import Mesh
 from autopar.search.layer_solver import LayerSol, LayerSolver, StartLayout, ZeroEnds, boundary_specs
 from autopar.sharding.spec import Spec
@@ -49,6 +51,8 @@ class RangeTable:
     # the recomputed layer's (memory.stage_working_bytes), bytes; None: none
     loss: np.ndarray | None = None
     block: np.ndarray | None = None
+    # eager: FSDP2's gradient pool (LayerSol.grad_pool_bytes), bytes; None: none
+    pool: np.ndarray | None = None
     _bounds: tuple[np.ndarray, np.ndarray, bool] | None = field(default=None, repr=False, compare=False)
     # least_recompute_layers' answers by their arguments: the planner offers one table to two
     # stage tables alike (every option, and without sequence splits)
@@ -70,6 +74,15 @@ class RangeTable:
         n = self.t.shape[0]
         covered = i + k > np.minimum(j - 1, n - 2)
         return np.where(covered[..., None], self.rec_last[i, j], 0.0)
+
+    def cap_bytes(self, cap_bytes: float, at: tuple = ()) -> float | np.ndarray:
+        """What the memory of cells `at` (memory_bytes, layers_memory_bytes) may reach on a GPU
+        whose cap is `cap_bytes` (SearchSpace.memory_cap_bytes): under the eager recipe the
+        evaluator's, raised by the stage's FSDP2 gradient pool and lowered where its loss
+        segment outgrows the allocator's reserve (eager.stage_allocatable_bytes); else the cap."""
+        if self.pool is None or self.loss is None:
+            return cap_bytes
+        return stage_allocatable_bytes(cap_bytes, self.pool[at], self.loss[at])
 
     def working_bytes(self, recompute_working_bytes, at: tuple = ()) -> np.ndarray:
         """The working set of cells `at` beside the stashes, with `recompute_working_bytes`
@@ -153,7 +166,11 @@ class RangeTable:
         out = np.full((n_h, n_up), -1)
         # only the cells a stage can be entered in (finite time; the others are inf throughout)
         fin = np.flatnonzero(np.isfinite(self.t[at]).ravel())
-        param_c, stash_c = self.param[at].ravel()[fin], self.stash[at].ravel()[fin]       # (F,)
+        stash_c = self.stash[at].ravel()[fin]                                             # (F,)
+        # each cell's memory against its own cap (cap_bytes), as its memory less what its cap
+        # adds to `cap_bytes` against that: the bounds below shift with it, a constant per cell
+        param_c = self.param[at].ravel()[fin] - (np.broadcast_to(self.cap_bytes(cap_bytes, at), self.t[at].shape)
+                                                 .ravel()[fin] - cap_bytes)
         # the working set beside a recomputed layer's `w` (memory.stage_working_bytes), per cell;
         # it grows with w, so the bounds below hold through it
         extra_c = ((self.loss[at].ravel()[fin], self.block[at].ravel()[fin])
@@ -318,6 +335,26 @@ def _add_block_ends(tab: np.ndarray, k: int, ends: np.ndarray) -> np.ndarray:
     return rec_last
 
 
+# the eager recipe's summed rows of range_tables' array: the gradient pool, a tied copy's bytes and seconds
+POOL, COPY_BYTES, COPY_S = 7, 8, 9
+
+
+def _add_tied_copies(tab: np.ndarray, graph) -> None:
+    """Under the eager recipe a stage [i, L) after the embedding's holds a copy of the weights
+    its head shares with the embedding (evaluator.tied_copy_elems), which the evaluator prices
+    as the stage's weights, grads and optimizer state, autocast cache and optimizer step scaled
+    by 1 + the copy's parameters / the stage's (evaluate_stage's copy_share): add that share of
+    the range's summed COPY_BYTES to its param row and of COPY_S to its sync row."""
+    L = len(graph.layers)
+    params = np.cumsum([graph.layers[li].param_count for li in range(L)][::-1])[::-1]    # of [i, L)
+    for i in range(1, L):
+        copy = tied_copy_elems(graph, (i, L))
+        if copy and params[i]:
+            ratio = copy / params[i]
+            tab[3, i, L] += tab[COPY_BYTES, i, L] * ratio
+            tab[2, i, L] += tab[COPY_S, i, L] * ratio
+
+
 def range_table(solver: LayerSolver, mesh: Mesh, seq_split: bool = True) -> RangeTable:
     """The table of one variant (range_tables): with context-parallel layer solutions, or
     (`seq_split` False) without."""
@@ -345,7 +382,12 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                 for shape in (tuple(g.node(s).out_shape) if s else () for s in solver.inputs)]
     specs = in_specs[1] if L > 1 else [()]
     plain = list(dict.fromkeys(q for i in range(1, L) for q in in_specs[i]))
-    K = 9   # t, rec, sync, param, stash, inputs, loss peak (summed), max layer stash, max block buffers
+    # Rows: t, rec, sync, param, stash, inputs, loss peak, and under the eager recipe FSDP2's
+    # gradient pool and what a tied head's copy scales (bytes, optimizer seconds; the rows
+    # POOL.. below), summed over a range's layers; then its largest layer stash and block buffers.
+    eager = solver.eager
+    n_sum = 10 if eager else 7
+    K = n_sum + 2
     # ZeRO-2/3 per FSDP unit: one more row, per column the index of that layer's ZeroEnds in
     # `ends` (kept per column, not summed)
     units = solver.prices_zero_units(mesh)
@@ -371,6 +413,8 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                 own = (float(len(ends) - 1),)
             hit = vectors[id(sol)] = (sol, np.array([sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes,
                                                      sol.stash_bytes, sol.input_bytes, sol.loss_peak_bytes,
+                                                     *((sol.grad_pool_bytes, sol.copy_scaled_bytes, sol.optimizer_s)
+                                                       if eager else ()),
                                                      sol.rebuilt_bytes, sol.block_buffer_bytes, *own]))
         return hit[1]
 
@@ -428,8 +472,8 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                     arr[:, 0] = v
                     if tail is not None:
                         m = tail.shape[1]
-                        np.add(v[:7, None], tail[:7], out=arr[:7, 1:1 + m])
-                        np.maximum(v[7:9, None], tail[7:9], out=arr[7:9, 1:1 + m])
+                        np.add(v[:n_sum, None], tail[:n_sum], out=arr[:n_sum, 1:1 + m])
+                        np.maximum(v[n_sum:K, None], tail[n_sum:K], out=arr[n_sum:K, 1:1 + m])
                         arr[K:, 1:1 + m] = tail[K:]
                 else:
                     arr = np.full((K + n_ends, L - l), np.inf)
@@ -454,10 +498,13 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                         tab[:, i, i + 1:, pi] = chain(i, start.spec, None)
                         uses_seq |= not clean.get((i, start.spec, None), True)
         rec_last = _add_block_ends(tab, K, np.array(ends, dtype=np.float64).reshape(-1, len(ZeroEnds._fields))) if units else None
-        # the eager working set beside the recomputed layer's (none outside the eager recipe)
-        eager_working = solver.eager
-        return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[7], starts, uses_seq and seq_split,
-                          rec_last, tab[6] if eager_working else None, tab[8] if eager_working else None)
+        if eager:
+            _add_tied_copies(tab, g)
+        # the eager working set beside the recomputed layer's, and the gradient pool (none
+        # outside the eager recipe)
+        return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[n_sum], starts, uses_seq and seq_split,
+                          rec_last, tab[6] if eager else None, tab[n_sum + 1] if eager else None,
+                          tab[POOL] if eager else None)
 
     if not context_parallel:
         lean = build(False, {}, False)

@@ -294,8 +294,10 @@ def test_eager_range_table_memory_with_the_loss_is_the_evaluators(zero, model):
     For every count k of recomputed first layers and several microbatch counts held, the
     tables' memory is evaluate's for that stage (held + in flight x stash + working), at every
     ZeRO level. A tied head on a stage after the embedding's holds a copy of its weight (the
-    evaluator's tied_copy_params), which the tables do not model: the tied model is checked
-    on the whole model's stage only."""
+    evaluator's tied_copy_params: its state, autocast cache and optimizer step), which the
+    tables hold too; at ZeRO-2/3, whose per-step sync is the stage's own (not its layers'
+    share of buckets), the tables' per-step seconds are the evaluator's, the copy's optimizer
+    step included."""
     from dataclasses import replace
 
     from autopar.costmodel.memory import stage_working_bytes
@@ -304,13 +306,13 @@ def test_eager_range_table_memory_with_the_loss_is_the_evaluators(zero, model):
     tied = "tied=false" not in model
     L = len(g.layers)
     inflight = np.array([1.0, 3.0])
-    checked = loss_counted = 0
-    ranges = [(0, L)] if tied else [(0, L), (2, L), (L - 2, L)]
-    for i, j, p, base in table_stages(solver, rt, mesh, sub, shape, ranges, specs[:3]):
+    checked = loss_counted = copies = 0
+    for i, j, p, base in table_stages(solver, rt, mesh, sub, shape, [(0, L), (2, L), (L - 2, L), (1, L)], specs[:3]):
         for k in range(j - i + 1):
             st = base if k == 0 else replace(base, recompute="full", recompute_layers=k)
             res = evaluate_stage(g, cluster, st, training, cm, eager=True)
-            assert res.tied_copy_params == 0
+            assert (res.tied_copy_params > 0) == (tied and i > 0)
+            copies += res.tied_copy_params > 0
             held = res.param_state_bytes + res.ddp_bucket_bytes + res.autocast_cache_bytes + res.fsdp_root_bytes
             working = stage_working_bytes(res.working_bytes, res.cross_entropy_peak_bytes, res.fsdp_block_bytes)
             want = held + inflight * res.stash_bytes + working
@@ -320,9 +322,13 @@ def test_eager_range_table_memory_with_the_loss_is_the_evaluators(zero, model):
                 assert rt.memory_bytes("full", inflight[:, None], (i, j))[:, p] == pytest.approx(want, rel=1e-9)
             if k == 0:
                 assert rt.memory_bytes("none", inflight[:, None], (i, j))[:, p] == pytest.approx(want, rel=1e-9)
+            if zero >= 2:
+                assert rt.sync[i, j, p] == pytest.approx(res.sync_s + res.optimizer_s + res.grad_bucket_s,
+                                                         rel=1e-9), (i, j, k)
             loss_counted += res.cross_entropy_peak_bytes > res.working_bytes > 0
             checked += 1
-    assert checked >= (10 if tied else 30)
+    assert checked >= 30
+    assert (copies > 0) == tied
     # some recomputing stage's loss tensors outweigh its recomputed layer (the larger one counts)
     assert loss_counted > 0
 
