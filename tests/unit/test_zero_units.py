@@ -182,16 +182,29 @@ def test_range_table_is_the_evaluators_stage_at_every_zero_level(zero, cluster, 
     assert (moved > 0) == (zero >= 2)
 
 
-@pytest.mark.parametrize("CLUSTER,MODEL", [(P3_2x1, "gpt:hidden=64,layers=2,heads=4,seq=32,vocab=128"),
-                                           (load_cluster("p3.16xlarge", 1, 2),
-                                            "gpt:hidden=1024,layers=2,heads=8,seq=512,vocab=4096")])
-def test_plan_zero3_picks_the_evaluators_best_plan_of_its_space_by_brute_force(CLUSTER, MODEL):
+# The eager recipe's host dispatch is not in the planner's tables (their times are the device's),
+# while the evaluator takes each GPU's step as max(host, device): on this small tied model the
+# one-stage plan on both GPUs is host-bound (46.3 ms, the DP's figure 5.9 ms), the DP keeps it
+# as its only optimum, and the evaluator's best, two ranks of two interleaved chunks at 7.75 ms,
+# is never proposed (the plan found: 8.97 ms).
+EAGER_HOST_GAP = "eager host time is not in the planner's tables (issue 15 report)"
+
+
+@pytest.mark.parametrize("CLUSTER,MODEL,EAGER", [(P3_2x1, "gpt:hidden=64,layers=2,heads=4,seq=32,vocab=128", False),
+                                                 (load_cluster("p3.16xlarge", 1, 2),
+                                                  "gpt:hidden=1024,layers=2,heads=8,seq=512,vocab=4096", False),
+                                                 pytest.param(
+                                                     load_cluster("p3.16xlarge", 1, 2),
+                                                     "gpt:hidden=1024,layers=2,heads=8,seq=512,vocab=4096", True,
+                                                     marks=pytest.mark.xfail(strict=True, reason=EAGER_HOST_GAP))])
+def test_plan_zero3_picks_the_evaluators_best_plan_of_its_space_by_brute_force(CLUSTER, MODEL, EAGER):
     """Oracle: brute force. On two GPUs across the slow link, every plan the planner can form
     from its layer solutions (one stage on both GPUs under each logical mesh, start layout and
     count of recomputed layers; two stages, one per GPU, cut anywhere, each with its own; two
     ranks of two interleaved chunks; every microbatch size) scored by the evaluator: `plan
     --zero 3` returns the best of them. The layer ILP's strategies are the planner's own (a
-    layer's strategy space is too large to enumerate with the evaluator)."""
+    layer's strategy space is too large to enumerate with the evaluator). Under the eager recipe
+    too, a tied model whose last stage holds the embedding's copy (not yet: EAGER_HOST_GAP)."""
     import autopar
     from autopar.search.candidates import Candidate
     from autopar.search.layer_solver import SearchStats
@@ -202,7 +215,7 @@ def test_plan_zero3_picks_the_evaluators_best_plan_of_its_space_by_brute_force(C
     cl = CLUSTER
     src = ModelSource(MODEL)
     gb, zero = 4, 3
-    job = SearchJob(src, cl, gb, "1f1b", None, cl.gpu.training_dtype(None), zero, 10.0, "highs", "ilp")
+    job = SearchJob(src, cl, gb, "1f1b", None, cl.gpu.training_dtype(None), zero, 10.0, "highs", "ilp", eager=EAGER)
     best = math.inf
     n_plans = 0
     for mb in (1, 2, 4):
@@ -242,7 +255,7 @@ def test_plan_zero3_picks_the_evaluators_best_plan_of_its_space_by_brute_force(C
                 if p.predicted.fits:
                     best = min(best, p.predicted.step_time_s)
     assert n_plans > 100 and math.isfinite(best)
-    got = autopar.plan(src, cl, global_batch=gb, zero=zero, workers=1)
+    got = autopar.plan(src, cl, global_batch=gb, zero=zero, workers=1, eager=EAGER)
     assert got.predicted.step_time_s == pytest.approx(best, rel=1e-9)
 
 
