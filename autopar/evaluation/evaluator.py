@@ -262,7 +262,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     # autopar run's ZeRO-1/2 are FSDP2's (eager.fsdp_zero12): their fp32 gradients are sharded.
     # They gather once per step and keep the weights unsharded, so no block buffers at the
     # activation peak: a block's reduce-scatter buffers come with its backward.
-    zero12 = eager and eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems, zero_autocast)
+    zero12 = eager and eager_mod.fsdp_zero12(zero, stage_dp_sharded(ev), zero_autocast)
     fsdp_block = 0.0
     if eager and zero >= 3 and sub.n_devices > 1:
         fsdp_block = max((fsdp_block_buffer_bytes(graph, li, prob, assign) for li in range(*st.layers)), default=0.0)
@@ -305,13 +305,24 @@ def tied_copy_elems(graph: OpGraph, layers: tuple[int, int]) -> int:
     return sum(borrowed.values())
 
 
-def fsdp_grad_pool_bytes(ev: Evaluation, zero: int, n_devices: int, zero_autocast: bool = False) -> float:
+def stage_dp_sharded(ev: Evaluation) -> bool:
+    """Whether the ops `ev` prices shard some parameters over the data-parallel degree (their
+    ZeRO share is less than their local parameters): what decides, for a whole stage, whether
+    the eager recipe runs it on FSDP2 with bf16 parameters (eager.fsdp_bf16_params,
+    fsdp_zero12). A stage's is true where any of its layers' is: the planner's tables price a
+    layer both ways and take, per range of layers, the way its layers decide
+    (LayerSol.unsharded_delta)."""
+    return ev.param_elems_zero < ev.param_elems
+
+
+def fsdp_grad_pool_bytes(ev: Evaluation, zero: int, n_devices: int, zero_autocast: bool = False,
+                         dp_sharded: bool | None = None) -> float:
     """FSDP2's gradient pool (eager.zero3_grad_pool_bytes) of the ops `ev` prices under the
     eager recipe on `n_devices`: ZeRO-3 on several devices, and ZeRO-1/2 where they run on
     FSDP2 (eager.fsdp_zero12); 0 elsewhere. Linear in the ops' parameters, so a stage's is its
     layers' summed: the evaluator (StageResult.grad_pool_bytes) and the planner's tables
-    (LayerSol.grad_pool_bytes) both ask this."""
-    zero12 = eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems, zero_autocast)
+    (LayerSol.grad_pool_bytes) both ask this. dp_sharded: as eager_terms'."""
+    zero12 = eager_mod.fsdp_zero12(zero, stage_dp_sharded(ev) if dp_sharded is None else dp_sharded, zero_autocast)
     if zero >= 3 and n_devices > 1 or zero12:
         return eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
     return 0.0
@@ -612,10 +623,13 @@ NO_EAGER = EagerTerms()
 
 def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, assign: dict[str, int],
                 ev: Evaluation, n_microbatches: int, zero: int, cm: ComputeModel,
-                zero_autocast: bool = False, compiled: bool | None = None, one_stage: bool = False) -> EagerTerms:
+                zero_autocast: bool = False, compiled: bool | None = None, one_stage: bool = False,
+                dp_sharded: bool | None = None) -> EagerTerms:
     """The eager recipe's terms of layers [layers[0], layers[1]) whose ops `prob` holds, under
     the strategies `assign` picks (ev: prob's evaluation of them). zero_autocast, compiled,
-    one_stage: as `evaluate_stage`'s."""
+    one_stage: as `evaluate_stage`'s. dp_sharded: whether the stage these layers are part of
+    shards some parameters over its data-parallel degree (`stage_dp_sharded`), which decides
+    how FSDP2 runs all of them; None: these layers are the stage."""
     names = list(prob.names)
     inside = set(names)
     first, last = 0, len(graph.layers) - 1
@@ -639,7 +653,8 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     # ZeRO runs as FSDP2 with bf16 parameters and no autocast (eager.fsdp_bf16_params): no fp32
     # residual stream, input copies or weight cache, a bf16 loss; ZeRO-1/2 (eager.fsdp_zero12)
     # with their own state and no DDP buckets.
-    dp_sharded = ev.param_elems_zero < ev.param_elems
+    if dp_sharded is None:
+        dp_sharded = stage_dp_sharded(ev)
     bf16 = eager_mod.fsdp_bf16_params(zero, dp_sharded, zero_autocast)
     zero12 = eager_mod.fsdp_zero12(zero, dp_sharded, zero_autocast)
     layer_of = {m: li for li in range(*layers) if first < li < last for m in graph.layers[li].nodes} if fsdp else {}

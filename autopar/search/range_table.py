@@ -20,7 +20,15 @@ from autopar.costmodel.eager import stage_allocatable_bytes
 from autopar.costmodel.memory import stage_working_bytes, stash_after_recompute, working_after_recompute
 from autopar.evaluation.evaluator import tied_copy_elems
 from autopar.hardware.mesh import Mesh
-from autopar.search.layer_solver import LayerSol, LayerSolver, StartLayout, ZeroEnds, boundary_specs
+from autopar.search.layer_solver import (
+    EAGER_NO_DELTA,
+    EAGER_ROWS,
+    LayerSol,
+    LayerSolver,
+    StartLayout,
+    ZeroEnds,
+    boundary_specs,
+)
 from autopar.sharding.spec import Spec
 
 __all__ = ["RECOMPUTE_OPTIONS", "RangeTable", "range_table", "range_tables"]
@@ -335,8 +343,21 @@ def _add_block_ends(tab: np.ndarray, k: int, ends: np.ndarray) -> np.ndarray:
     return rec_last
 
 
-# the eager recipe's summed rows of range_tables' array: the gradient pool, a tied copy's bytes and seconds
-POOL, COPY_BYTES, COPY_S = 7, 8, 9
+# the eager recipe's summed rows of range_tables' array: the gradient pool, a tied copy's bytes and
+# seconds, and from DELTA on the layers' LayerSol.unsharded_delta (per EAGER_ROWS)
+POOL, COPY_BYTES, COPY_S, DELTA = 7, 8, 9, 10
+# the rows the unsharded deltas add to, per EAGER_ROWS
+DELTA_TARGETS = (0, 2, 3, 4, 5, 6, POOL, COPY_BYTES)
+
+
+def _add_sharded_stage_deltas(tab: np.ndarray, flag: int) -> None:
+    """Under the eager recipe a stage runs as FSDP2's bf16 parameters where any of its layers'
+    parameters are data-parallel sharded (evaluator.stage_dp_sharded), its other layers too:
+    where row `flag` (the most of the layers' own flags) says a range has such a layer, add
+    its layers' summed unsharded deltas (LayerSol.unsharded_delta) to the rows they change."""
+    on = tab[flag] == 1.0
+    for q, row in enumerate(DELTA_TARGETS):
+        tab[row][on] += tab[DELTA + q][on]
 
 
 def _add_tied_copies(tab: np.ndarray, graph) -> None:
@@ -383,11 +404,13 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
     specs = in_specs[1] if L > 1 else [()]
     plain = list(dict.fromkeys(q for i in range(1, L) for q in in_specs[i]))
     # Rows: t, rec, sync, param, stash, inputs, loss peak, and under the eager recipe FSDP2's
-    # gradient pool and what a tied head's copy scales (bytes, optimizer seconds; the rows
-    # POOL.. below), summed over a range's layers; then its largest layer stash and block buffers.
+    # gradient pool, what a tied head's copy scales (bytes, optimizer seconds) and the layers'
+    # changes in a data-parallel sharded stage (the rows POOL.. below), summed over a range's
+    # layers; then its largest layer stash and block buffers, and under the eager recipe
+    # whether some layer's parameters are data-parallel sharded.
     eager = solver.eager
-    n_sum = 10 if eager else 7
-    K = n_sum + 2
+    n_sum = DELTA + len(EAGER_ROWS) if eager else 7
+    K = n_sum + (3 if eager else 2)
     # ZeRO-2/3 per FSDP unit: one more row, per column the index of that layer's ZeroEnds in
     # `ends` (kept per column, not summed)
     units = solver.prices_zero_units(mesh)
@@ -413,9 +436,10 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                 own = (float(len(ends) - 1),)
             hit = vectors[id(sol)] = (sol, np.array([sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes,
                                                      sol.stash_bytes, sol.input_bytes, sol.loss_peak_bytes,
-                                                     *((sol.grad_pool_bytes, sol.copy_scaled_bytes, sol.optimizer_s)
-                                                       if eager else ()),
-                                                     sol.rebuilt_bytes, sol.block_buffer_bytes, *own]))
+                                                     *((sol.grad_pool_bytes, sol.copy_scaled_bytes, sol.optimizer_s,
+                                                        *(sol.unsharded_delta or EAGER_NO_DELTA)) if eager else ()),
+                                                     sol.rebuilt_bytes, sol.block_buffer_bytes,
+                                                     *((float(sol.dp_sharded),) if eager else ()), *own]))
         return hit[1]
 
     def build(seq_split: bool, suffix: dict[tuple, np.ndarray], reuse: bool) -> RangeTable:
@@ -499,6 +523,7 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                         uses_seq |= not clean.get((i, start.spec, None), True)
         rec_last = _add_block_ends(tab, K, np.array(ends, dtype=np.float64).reshape(-1, len(ZeroEnds._fields))) if units else None
         if eager:
+            _add_sharded_stage_deltas(tab, n_sum + 2)
             _add_tied_copies(tab, g)
         # the eager working set beside the recomputed layer's, and the gradient pool (none
         # outside the eager recipe)

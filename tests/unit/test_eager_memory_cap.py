@@ -156,11 +156,48 @@ def test_tables_offer_a_stage_exactly_where_the_evaluator_fits_it(zero):
     assert pooled > 0
 
 
-@pytest.mark.xfail(strict=True, reason="eager_terms decides some stage-wide conditions per layer (issue 15, "
-                   "part 3): FSDP2's bf16 parameters (a layer whose own weights are not data-parallel sharded, "
-                   "e.g. an embedding split over the vocabulary, keeps autocast's weight cache and fp32 terms), "
-                   "and the dp-vocab head's bf16 weight copy")
+@pytest.mark.xfail(strict=True, reason="a recomputed layer's working set (max_layer_stash) is its stash as a "
+                   "problem of its own, where the evaluator counts it with the stage's saved flags: a boundary "
+                   "tensor is the embedding's stash in the stage and the next layer's alone (4-8 KiB here)")
 def test_tables_price_every_eager_stage_as_the_evaluator():
     """Oracle: the evaluator. Every stage of the grid above, as the tables price its memory."""
     cl, job, prop = _job(3)
     assert all(_same_memory(plan, cells, _stage_results(plan, prop.graph, cl)) for plan, cells in _plans(job, prop, cl))
+
+
+def test_gpt_1_3b_zero3_recomputes_the_evaluators_least_layers():
+    """Oracle: the evaluator. gpt-1.3b on four V100s, 4 microbatches of 16, eager ZeRO-3, one
+    stage on a 2x2 mesh (issue 15's case: the planner recomputed 16 of 26 layers, 2.460 s, where
+    the evaluator accepts 15, 2.435 s): for every start layout, the tables' least count of
+    recomputed layers (least_recompute_layers) is the evaluator's, that count fitting and one
+    fewer not; and `plan` finds the plan recomputing 15."""
+    import autopar
+
+    cl = load_cluster("p3.16xlarge", 1, 4)
+    src = ModelSource("gpt-1.3b")
+    job = SearchJob(src, cl, 64, "1f1b", None, cl.gpu.training_dtype(None), 3, 10.0, "highs", "ilp", eager=True)
+    prop = job.propose(16, SearchStats())
+    L = len(prop.graph.layers)
+    mi = next(m for m, s in enumerate(prop.subs) if s.n_devices == 4)
+    rt = range_tables(prop.solver, Mesh(cl, prop.subs[mi], (2, 2)))[0]
+    cap = eager.allocatable_bytes(cl.gpu.memory_bytes, True, cl.n_gpus)
+    held = inflight("1f1b", 0, 1, 4)
+
+    def fits(p: int, k: int) -> bool:
+        c = StageChoice((2, 2), rt.starts[p], "full" if k else "none", k if 0 < k < L else None)
+        return job.simulate(prop, Candidate(((0, L, mi),), (c,), (0.0,), (0.0,), 0.0, "dp", 1)).predicted.fits
+
+    counts = []
+    for p, start in enumerate(rt.starts):
+        if not start.at_embedding or not math.isfinite(rt.t[0, L, p]):
+            continue
+        k = int(rt.least_recompute_layers(np.array([0]), np.array([L]), np.array([held]), cap)[0, 0, p])
+        if k < 0:
+            assert not fits(p, L)
+            continue
+        assert fits(p, k) and (k == 0 or not fits(p, k - 1)), (start.spec, k)
+        counts.append(k)
+    assert min(counts) == 15
+    got = autopar.plan(src, cl, global_batch=64, microbatches=4, zero=3, eager=True, workers=1)
+    assert got.stages[0].recompute_layers == 15
+    assert got.predicted.step_time_s == pytest.approx(2.435, abs=5e-4)
