@@ -225,7 +225,7 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
   `reserved_bytes`: a step's largest allocation, for which the allocator can need a segment of
   its own after the optimizer's state took part of the one it had; single-llama-1b s8192 mb4
   with full recomputation reserves exactly one, 15.66 GiB, over its allocated, where the
-  fraction gives 9.0 GiB). The planner's cap (`allocatable_bytes`) holds the fraction only.
+  fraction gives 9.0 GiB). The planner's cap per stage (`stage_allocatable_bytes`) holds both.
 - FSDP2's gradient pool (`zero3_grad_pool_bytes`): the caching allocator keeps one pool per
   stream, and FSDP2's reduce-scatter allocates the sharded fp32 gradients on its own stream. At
   a one-microbatch step's activation peak they are absent (zero_grad(set_to_none=True)) but

@@ -939,7 +939,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     accumulation and DDP's buckets, the host's dispatch (a GPU's step takes max(host, device)),
     the allocator's reserve, CUDA context and NCCL memory. The planner's per-layer solutions
     carry the same terms (`eager_terms`) and its memory check the same per-GPU reserve and fixed
-    memory (`eager.allocatable_bytes`) when it plans with eager=True, so `autopar plan --eager`
+    memory (`eager.stage_allocatable_bytes`) when it plans with eager=True, so `autopar plan --eager`
     and `autopar evaluate --eager` judge a plan alike. Off by default (EAGER_DEFAULT): on the
     published Megatron-style runs the terms make Megatron-LM's time and Megatron-DeepSpeed's
     memory far worse (bench/calibration/FINDINGS.md section 8); fused engines avoid most of them.

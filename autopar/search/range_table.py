@@ -46,7 +46,7 @@ class RangeTable:
     rec: np.ndarray          # the forward once more (full recompute), seconds
     sync: np.ndarray         # per step after the last backward: gradient sync and optimizer step, seconds
     param: np.ndarray        # weights, gradients and optimizer state per device, and what is held with them
-                             # (the eager recipe's buffers), bytes
+                             # (the eager recipe's buffers; a tied head's copy, _add_tied_copies), bytes
     stash: np.ndarray        # activations kept per microbatch in flight, bytes
     inputs: np.ndarray       # sum of the layers' inputs (full recompute keeps only those), bytes
     max_layer_stash: np.ndarray  # the most one layer rebuilds (LayerSol.rebuilt_bytes; one layer at a time), bytes
