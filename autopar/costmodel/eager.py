@@ -635,21 +635,30 @@ def allocatable_bytes(capacity_bytes: float, zero3: bool, n_gpus: int) -> float:
     return max(0.0, usable / (1 + RESERVE_FRACTION) - CUBLAS_WORKSPACE_BYTES)
 
 
-def stage_allocatable_bytes(cap_bytes, grad_pool_bytes=0.0, loss_peak_bytes=0.0):
+def stage_allocatable_bytes(cap_bytes, grad_pool_bytes=0.0, loss_peak_bytes=0.0, grads_absent_bytes=0.0,
+                            held_bytes=0.0):
     """The most one GPU's stages may allocate (weights, state, buffers, activations: the
     planner's memory figure, without the cuBLAS workspaces) on a GPU whose `allocatable_bytes`
     is `cap_bytes` (> 0), where they hold `grad_pool_bytes` of FSDP2's gradient pool
-    (`zero3_grad_pool_bytes`) and their loss's working set is `loss_peak_bytes` (the largest
-    of the GPU's stages'): the inverse of `device_peak_bytes` for that pool and loss segment.
-    With a = the figure + workspaces, u = what the allocator may reserve (cap's (cap + w)(1 + f)),
-    device_peak_bytes fits where (a - pool)(1 + f) + pool <= u and a + segment <= u: the pool
-    raises the cap by pool f / (1 + f), the loss segment may lower it. The planner's tables
-    compare each stage with this (RangeTable.cap_bytes), so `autopar plan --eager` offers a
-    stage where `autopar evaluate --eager` says it fits, and only there. Floats or numpy arrays."""
+    (`zero3_grad_pool_bytes`), their loss's working set is `loss_peak_bytes` (the largest of the
+    GPU's stages'), `grads_absent_bytes` of their state is absent at the activation peak
+    (`gradients_absent_at_activation_peak_bytes`; counted only without a pool, where the
+    allocator sees it free) and they hold `held_bytes` through the step (what stays at the
+    end of the backward, a tied embedding's gradient with it): the inverse of
+    `device_peak_bytes` for them, as `evaluate` sums a GPU.
+    With a = the figure + workspaces, u = what the allocator may reserve ((cap + w)(1 + f)):
+    device_peak_bytes fits where (a - pool)(1 + f) + pool <= u and a + segment <= u, so the
+    pool raises the cap by pool f / (1 + f) and a loss segment may lower it; the absent state
+    raises it by that much, while what stays held must fit alone (evaluate's
+    min(absent, activations less the tied gradient)). The planner's tables compare each stage
+    with this (RangeTable.cap_bytes), so `autopar plan --eager` offers a stage where `autopar
+    evaluate --eager` says it fits, and only there. Floats or numpy arrays."""
     f = RESERVE_FRACTION
     usable = (cap_bytes + CUBLAS_WORKSPACE_BYTES) * (1 + f)
-    return np.minimum(cap_bytes + grad_pool_bytes * f / (1 + f),
-                      usable - loss_segment_bytes(loss_peak_bytes) - CUBLAS_WORKSPACE_BYTES)
+    cap = np.minimum(cap_bytes + grad_pool_bytes * f / (1 + f),
+                     usable - loss_segment_bytes(loss_peak_bytes) - CUBLAS_WORKSPACE_BYTES)
+    credit = np.where(np.asarray(grad_pool_bytes) > 0, 0.0, grads_absent_bytes)
+    return np.where(np.asarray(held_bytes) <= cap, cap + credit, -np.inf)
 
 
 def device_peak_bytes(allocated_bytes: float, fsdp: bool, n_gpus: int, grad_pool_bytes: float = 0.0,

@@ -254,15 +254,13 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     copy_share = 1.0 + tied_copy / ev.param_elems if ev.param_elems else 1.0
     tied = 0.0
     if eager and st.layers[0] == first and st.layers[1] == last + 1:
-        head_params = {o.param for n in graph.layers[last].nodes for o in graph.node(n).operands if o.is_param}
-        tied = sum(_numel(o.shape) for n in graph.layers[first].nodes for o in graph.node(n).operands
-                   if o.is_param and o.owns_param and o.param in head_params)
+        tied = tied_embedding_elems(graph)
         if zero >= 2 and ev.param_elems:
             tied *= ev.param_elems_zero / ev.param_elems
-    # autopar run's ZeRO-1/2 are FSDP2's (eager.fsdp_zero12): their fp32 gradients are sharded.
-    # They gather once per step and keep the weights unsharded, so no block buffers at the
-    # activation peak: a block's reduce-scatter buffers come with its backward.
-    zero12 = eager and eager_mod.fsdp_zero12(zero, stage_dp_sharded(ev), zero_autocast)
+    # autopar run's ZeRO-1/2 are FSDP2's (eager.fsdp_zero12): their fp32 gradients are sharded
+    # (grads_absent_bytes, fsdp_grad_pool_bytes). They gather once per step and keep the weights
+    # unsharded, so no block buffers at the activation peak: a block's reduce-scatter buffers
+    # come with its backward.
     fsdp_block = 0.0
     if eager and zero >= 3 and sub.n_devices > 1:
         fsdp_block = max((fsdp_block_buffer_bytes(graph, li, prob, assign) for li in range(*st.layers)), default=0.0)
@@ -278,9 +276,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        precision_casts_s=terms.precision_casts_s, grad_bucket_s=terms.grad_bucket_s,
                        ddp_bucket_bytes=terms.ddp_bytes, autocast_cache_bytes=terms.autocast_cache_bytes * copy_share,
                        cross_entropy_peak_bytes=terms.cross_entropy_peak_bytes,
-                       grads_absent_bytes=eager_mod.gradients_absent_at_activation_peak_bytes(
-                           ev.param_elems, ev.param_elems_zero if zero >= 2 or zero12 else ev.param_elems,
-                           zero >= 3 and sub.n_devices > 1 or zero12, training.n_microbatches) if eager else 0.0,
+                       grads_absent_bytes=grads_absent_bytes(ev, zero, sub.n_devices, training.n_microbatches,
+                                                             zero_autocast) if eager else 0.0,
                        fsdp_root_bytes=terms.fsdp_root_bytes, fsdp_block_bytes=fsdp_block,
                        tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied),
                        grad_pool_bytes=fsdp_grad_pool_bytes(ev, zero, sub.n_devices, zero_autocast) if eager else 0.0,
@@ -303,6 +300,28 @@ def tied_copy_elems(graph: OpGraph, layers: tuple[int, int]) -> int:
     borrowed = {o.param: _numel(o.shape) for n in graph.layers[last].nodes for o in graph.node(n).operands
                 if o.is_param and o.param not in owned}
     return sum(borrowed.values())
+
+
+def tied_embedding_elems(graph: OpGraph) -> int:
+    """Parameters (global) the embedding owns and the LM head reads (a tied head's weight): on
+    a stage holding both, the embedding's gradient of them is accumulated into the head's at
+    the end of the backward (eager.tied_embedding_grad_bytes)."""
+    first, last = 0, len(graph.layers) - 1
+    head_params = {o.param for n in graph.layers[last].nodes for o in graph.node(n).operands if o.is_param}
+    return sum(_numel(o.shape) for n in graph.layers[first].nodes for o in graph.node(n).operands
+               if o.is_param and o.owns_param and o.param in head_params)
+
+
+def grads_absent_bytes(ev: Evaluation, zero: int, n_devices: int, n_microbatches: int, zero_autocast: bool = False,
+                       dp_sharded: bool | None = None) -> float:
+    """eager.gradients_absent_at_activation_peak_bytes of the ops `ev` prices on `n_devices`
+    (their ZeRO share of gradients under FSDP2). Linear in the ops' parameters: the evaluator
+    (StageResult.grads_absent_bytes) and the planner's tables (LayerSol.grads_absent_bytes)
+    both ask this. dp_sharded: as eager_terms'."""
+    zero12 = eager_mod.fsdp_zero12(zero, stage_dp_sharded(ev) if dp_sharded is None else dp_sharded, zero_autocast)
+    return eager_mod.gradients_absent_at_activation_peak_bytes(
+        ev.param_elems, ev.param_elems_zero if zero >= 2 or zero12 else ev.param_elems,
+        zero >= 3 and n_devices > 1 or zero12, n_microbatches)
 
 
 def stage_dp_sharded(ev: Evaluation) -> bool:

@@ -167,19 +167,22 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
     recompute_full = RECOMPUTE_OPTIONS.index("full")
 
     def options(g: int, i: int, j: int) -> tuple[np.ndarray, ...]:
-        """(key, memory, t, sync, gradient pool, loss peak) of every option for chunk g on
-        [i, j): its share of the step, its bytes on the GPU, and what its cap is raised and
-        lowered by (RangeTable.cap_bytes; 0 where the table has none). Option q recomputes the
-        chunk's first q // P layers (0: none, all: full) and starts in layout q % P."""
+        """(key, memory, t, sync, gradient pool, loss peak, absent state, held state) of every
+        option for chunk g on [i, j): its share of the step, its bytes on the GPU, and what its
+        cap depends on (RangeTable.cap_bytes; 0 where the table has none). Option q recomputes
+        the chunk's first q // P layers (0: none, all: full) and starts in layout q % P."""
         s = depth - g % depth
         held = inflight("interleaved", g % depth, depth, B, chunks) if chunks > 1 else inflight(schedule, g, depth, B)
         k = np.arange(j - i + 1)
         t = rt.layers_time_s(i, j, k).ravel()
         mem = rt.layers_memory_bytes(i, j, k, held).ravel()
         sync = np.tile(rt.sync[i, j], j - i + 1)
-        pool = np.tile(rt.pool[i, j], j - i + 1) if rt.pool is not None else np.zeros_like(t)
-        loss = np.tile(rt.loss[i, j], j - i + 1) if rt.loss is not None else np.zeros_like(t)
-        return (B + s - 1) * t + sync, mem, t, sync, pool, loss
+        def each(row: np.ndarray | None) -> np.ndarray:
+            return np.tile(row[i, j], j - i + 1) if row is not None else np.zeros_like(t)
+
+        held_state = rt.param[i, j] + (rt.tied_grad[i, j] if rt.tied_grad is not None else 0.0)
+        return ((B + s - 1) * t + sync, mem, t, sync, each(rt.pool), each(rt.loss), each(rt.absent),
+                np.tile(held_state, j - i + 1))
 
     def along(c: int, x: np.ndarray) -> np.ndarray:
         """x over one chunk's options, on axis c of the rank's joint (chunks-dimensional) options."""
@@ -252,12 +255,14 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
             opts = [options(g, *ranges[g]) for g in gs]
             key = sum(along(c, o[0]) for c, o in enumerate(opts))
             mem = sum(along(c, o[1]) for c, o in enumerate(opts))
-            # the GPU's cap: its chunks' gradient pools added, its largest loss segment
-            # (evaluate's per-GPU peak; RangeTable.cap_bytes for one chunk)
+            # the GPU's cap: its chunks' gradient pools, absent and held state added, its largest
+            # loss segment (evaluate's per-GPU peak; RangeTable.cap_bytes for one chunk)
             if rt.pool is not None and rt.loss is not None:
+                summed = [functools.reduce(np.add, [along(c, o[x]) for c, o in enumerate(opts)]) for x in (4, 6, 7)]
                 cap = np.broadcast_to(stage_allocatable_bytes(
-                    space.memory_cap_bytes, sum(along(c, o[4]) for c, o in enumerate(opts)),
-                    functools.reduce(np.maximum, [along(c, o[5]) for c, o in enumerate(opts)])), np.shape(mem))
+                    space.memory_cap_bytes, summed[0],
+                    functools.reduce(np.maximum, [along(c, o[5]) for c, o in enumerate(opts)]),
+                    summed[1], summed[2]), np.shape(mem))
             else:
                 cap = np.full(np.shape(mem), space.memory_cap_bytes)
             ok = np.ones(np.shape(mem), bool)

@@ -35,6 +35,7 @@ from autopar.evaluation.evaluator import (
     fsdp_block_buffer_bytes,
     fsdp_grad_pool_bytes,
     grad_sync_step_s,
+    grads_absent_bytes,
     optimizer_step_s,
     stage_dp_sharded,
     zero_layer_collectives,
@@ -103,11 +104,15 @@ class LayerSol:
     # other layers' are (per EAGER_ROWS, the fields they add to): the evaluator decides it per stage
     dp_sharded: bool = True
     unsharded_delta: tuple[float, ...] = ()
+    # eager: the state absent at a one-microbatch step's activation peak
+    # (evaluator.grads_absent_bytes), which raises the cap of a stage without a gradient pool
+    grads_absent_bytes: float = 0.0
+    param_elems_zero: float = 0.0
 
 
 # LayerSol.unsharded_delta's order: the fields the eager recipe's stage-wide sharding changes
 EAGER_ROWS = ("t_s", "sync_s", "param_bytes", "stash_bytes", "input_bytes", "loss_peak_bytes", "grad_pool_bytes",
-              "copy_scaled_bytes")
+              "copy_scaled_bytes", "grads_absent_bytes")
 EAGER_NO_DELTA = (0.0,) * len(EAGER_ROWS)
 
 
@@ -365,10 +370,12 @@ class LayerSolver:
                 return (et.device_s, sync + et.grad_bucket_s, et.held_bytes, et.residual_stash_bytes,
                         et.inputs_fp32_extra_bytes, et.cross_entropy_peak_bytes,
                         fsdp_grad_pool_bytes(ev, zero, mesh.n_devices, dp_sharded=dp_sharded) if self.eager else 0.0,
-                        et.param_state_delta_bytes + et.autocast_cache_bytes)
+                        et.param_state_delta_bytes + et.autocast_cache_bytes,
+                        grads_absent_bytes(ev, zero, mesh.n_devices, self.settings.n_microbatches, dp_sharded=dp_sharded)
+                        if self.eager else 0.0)
 
             own = eager_rows(None)
-            d_s, sync, held, residual, inputs_extra, loss_peak, pool, copy_extra = own
+            d_s, sync, held, residual, inputs_extra, loss_peak, pool, copy_extra, absent = own
             # A layer whose own parameters are not data-parallel sharded (an embedding split over
             # the vocabulary) runs as FSDP2's bf16 parameters in a stage where another layer's
             # are (evaluator.stage_dp_sharded): what that changes, for the tables to add where
@@ -394,7 +401,8 @@ class LayerSolver:
                            if self.eager and zero >= 3 and mesh.n_devices > 1 else 0.0,
                            loss_peak, ev.stash_bytes, pool,
                            ev.param_state_bytes(zero) + copy_extra if self.eager else 0.0,
-                           optimizer_s if self.eager else 0.0, sharded, unsharded_delta)
+                           optimizer_s if self.eager else 0.0, sharded, unsharded_delta, absent,
+                           ev.param_elems_zero)
         self.cache[k] = sol
         return sol
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from autopar.costmodel.eager import stage_allocatable_bytes
+from autopar.costmodel.eager import stage_allocatable_bytes, tied_embedding_grad_bytes
 from autopar.costmodel.memory import stage_working_bytes, stash_after_recompute, working_after_recompute
-from autopar.evaluation.evaluator import tied_copy_elems
+from autopar.evaluation.evaluator import tied_copy_elems, tied_embedding_elems
 from autopar.hardware.mesh import Mesh
 from autopar.search.layer_solver import (
     EAGER_NO_DELTA,
@@ -59,8 +59,12 @@ class RangeTable:
     # the recomputed layer's (memory.stage_working_bytes), bytes; None: none
     loss: np.ndarray | None = None
     block: np.ndarray | None = None
-    # eager: FSDP2's gradient pool (LayerSol.grad_pool_bytes), bytes; None: none
+    # eager: FSDP2's gradient pool (LayerSol.grad_pool_bytes), the state absent at a one-microbatch
+    # step's activation peak (LayerSol.grads_absent_bytes), a tied embedding's gradient at the end
+    # of the backward (_add_tied_copies), bytes; None: none
     pool: np.ndarray | None = None
+    absent: np.ndarray | None = None
+    tied_grad: np.ndarray | None = None
     _bounds: tuple[np.ndarray, np.ndarray, bool] | None = field(default=None, repr=False, compare=False)
     # least_recompute_layers' answers by their arguments: the planner offers one table to two
     # stage tables alike (every option, and without sequence splits)
@@ -88,9 +92,10 @@ class RangeTable:
         whose cap is `cap_bytes` (SearchSpace.memory_cap_bytes): under the eager recipe the
         evaluator's, raised by the stage's FSDP2 gradient pool and lowered where its loss
         segment outgrows the allocator's reserve (eager.stage_allocatable_bytes); else the cap."""
-        if self.pool is None or self.loss is None:
+        if self.pool is None or self.loss is None or self.absent is None or self.tied_grad is None:
             return cap_bytes
-        return stage_allocatable_bytes(cap_bytes, self.pool[at], self.loss[at])
+        return stage_allocatable_bytes(cap_bytes, self.pool[at], self.loss[at], self.absent[at],
+                                       self.param[at] + self.tied_grad[at])
 
     def working_bytes(self, recompute_working_bytes, at: tuple = ()) -> np.ndarray:
         """The working set of cells `at` beside the stashes, with `recompute_working_bytes`
@@ -344,10 +349,12 @@ def _add_block_ends(tab: np.ndarray, k: int, ends: np.ndarray) -> np.ndarray:
 
 
 # the eager recipe's summed rows of range_tables' array: the gradient pool, a tied copy's bytes and
-# seconds, and from DELTA on the layers' LayerSol.unsharded_delta (per EAGER_ROWS)
-POOL, COPY_BYTES, COPY_S, DELTA = 7, 8, 9, 10
+# seconds, the state absent at a one-microbatch activation peak, the parameters (local, and
+# their ZeRO share), a tied embedding's gradient (set on [0, L) alone: _add_tied_copies), and
+# from DELTA on the layers' LayerSol.unsharded_delta (per EAGER_ROWS)
+POOL, COPY_BYTES, COPY_S, ABSENT, ELEMS, ELEMS_ZERO, TIED_GRAD, DELTA = 7, 8, 9, 10, 11, 12, 13, 14
 # the rows the unsharded deltas add to, per EAGER_ROWS
-DELTA_TARGETS = (0, 2, 3, 4, 5, 6, POOL, COPY_BYTES)
+DELTA_TARGETS = (0, 2, 3, 4, 5, 6, POOL, COPY_BYTES, ABSENT)
 
 
 def _add_sharded_stage_deltas(tab: np.ndarray, flag: int) -> None:
@@ -360,13 +367,24 @@ def _add_sharded_stage_deltas(tab: np.ndarray, flag: int) -> None:
         tab[row][on] += tab[DELTA + q][on]
 
 
-def _add_tied_copies(tab: np.ndarray, graph) -> None:
+def _add_tied_copies(tab: np.ndarray, graph, zero: int) -> None:
     """Under the eager recipe a stage [i, L) after the embedding's holds a copy of the weights
     its head shares with the embedding (evaluator.tied_copy_elems), which the evaluator prices
     as the stage's weights, grads and optimizer state, autocast cache and optimizer step scaled
     by 1 + the copy's parameters / the stage's (evaluate_stage's copy_share): add that share of
-    the range's summed COPY_BYTES to its param row and of COPY_S to its sync row."""
+    the range's summed COPY_BYTES to its param row and of COPY_S to its sync row. A stage
+    [0, L) holding both accumulates the embedding's gradient of them into the head's at the end
+    of the backward (evaluator.tied_embedding_elems): its bytes go to the TIED_GRAD row, which
+    the memory cap reads (RangeTable.cap_bytes)."""
     L = len(graph.layers)
+    # the embedding's gradient of a tied weight, on a stage holding embedding and head
+    # (evaluate_stage's tied_grad_bytes: its ZeRO-2/3 share as the stage's parameters')
+    tied = tied_embedding_elems(graph)
+    if tied:
+        elems, elems_zero = tab[ELEMS, 0, L], tab[ELEMS_ZERO, 0, L]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(elems > 0, elems_zero / elems, 1.0) if zero >= 2 else 1.0
+        tab[TIED_GRAD, 0, L] = np.where(np.isfinite(elems), tied_embedding_grad_bytes(float(tied)) * share, np.inf)
     params = np.cumsum([graph.layers[li].param_count for li in range(L)][::-1])[::-1]    # of [i, L)
     for i in range(1, L):
         copy = tied_copy_elems(graph, (i, L))
@@ -437,7 +455,9 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
             hit = vectors[id(sol)] = (sol, np.array([sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes,
                                                      sol.stash_bytes, sol.input_bytes, sol.loss_peak_bytes,
                                                      *((sol.grad_pool_bytes, sol.copy_scaled_bytes, sol.optimizer_s,
-                                                        *(sol.unsharded_delta or EAGER_NO_DELTA)) if eager else ()),
+                                                        sol.grads_absent_bytes, sol.param_elems, sol.param_elems_zero,
+                                                        0.0, *(sol.unsharded_delta or EAGER_NO_DELTA))
+                                                       if eager else ()),
                                                      sol.rebuilt_bytes, sol.block_buffer_bytes,
                                                      *((float(sol.dp_sharded),) if eager else ()), *own]))
         return hit[1]
@@ -524,12 +544,13 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
         rec_last = _add_block_ends(tab, K, np.array(ends, dtype=np.float64).reshape(-1, len(ZeroEnds._fields))) if units else None
         if eager:
             _add_sharded_stage_deltas(tab, n_sum + 2)
-            _add_tied_copies(tab, g)
+            _add_tied_copies(tab, g, solver.settings.zero)
         # the eager working set beside the recomputed layer's, and the gradient pool (none
         # outside the eager recipe)
         return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[n_sum], starts, uses_seq and seq_split,
                           rec_last, tab[6] if eager else None, tab[n_sum + 1] if eager else None,
-                          tab[POOL] if eager else None)
+                          tab[POOL] if eager else None, tab[ABSENT] if eager else None,
+                          tab[TIED_GRAD] if eager else None)
 
     if not context_parallel:
         lean = build(False, {}, False)
