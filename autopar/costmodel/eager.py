@@ -650,15 +650,18 @@ def stage_allocatable_bytes(cap_bytes, grad_pool_bytes=0.0, loss_peak_bytes=0.0,
     device_peak_bytes fits where (a - pool)(1 + f) + pool <= u and a + segment <= u, so the
     pool raises the cap by pool f / (1 + f) and a loss segment may lower it; the absent state
     raises it by that much, while what stays held must fit alone (evaluate's
-    min(absent, activations less the tied gradient)). The planner's tables compare each stage
+    min(absent, activations less the tied gradient)); with a pool neither counts (evaluate
+    reads the pools' peak, every state present). The planner's tables compare each stage
     with this (RangeTable.cap_bytes), so `autopar plan --eager` offers a stage where `autopar
     evaluate --eager` says it fits, and only there. Floats or numpy arrays."""
     f = RESERVE_FRACTION
     usable = (cap_bytes + CUBLAS_WORKSPACE_BYTES) * (1 + f)
     cap = np.minimum(cap_bytes + grad_pool_bytes * f / (1 + f),
                      usable - loss_segment_bytes(loss_peak_bytes) - CUBLAS_WORKSPACE_BYTES)
-    credit = np.where(np.asarray(grad_pool_bytes) > 0, 0.0, grads_absent_bytes)
-    return np.where(np.asarray(held_bytes) <= cap, cap + credit, -np.inf)
+    # with a pool, evaluate reads the pools' peak (all state present), not the allocated one
+    pooled = np.asarray(grad_pool_bytes) > 0
+    with np.errstate(invalid="ignore"):     # the tables' dead cells (inf throughout) come out NaN: never fit
+        return np.where(pooled, cap, np.where(np.asarray(held_bytes) <= cap, cap + grads_absent_bytes, -np.inf))
 
 
 def device_peak_bytes(allocated_bytes: float, fsdp: bool, n_gpus: int, grad_pool_bytes: float = 0.0,

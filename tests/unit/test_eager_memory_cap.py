@@ -41,6 +41,12 @@ def test_stage_cap_is_the_inverse_of_the_device_peak():
     f = eager.RESERVE_FRACTION
     assert eager.stage_allocatable_bytes(cap, 4e9) == pytest.approx(cap + 4e9 * f / (1 + f))
     assert eager.stage_allocatable_bytes(cap, 0.0, 1e11) < cap
+    # state absent at the activation peak raises the cap where no pool holds it, while what stays
+    # held must fit alone; with a pool neither counts (evaluate reads the pools' peak)
+    assert eager.stage_allocatable_bytes(cap, 0.0, 0.0, 2e9, cap - 1) == pytest.approx(cap + 2e9)
+    assert eager.stage_allocatable_bytes(cap, 0.0, 0.0, 2e9, cap + 1) == -math.inf
+    for held in (0.0, cap + 1e9):
+        assert eager.stage_allocatable_bytes(cap, 4e9, 0.0, 2e9, held) == eager.stage_allocatable_bytes(cap, 4e9)
 
 
 MODEL = "gpt:hidden=64,layers=4,heads=4,seq=32,vocab=128"
