@@ -412,6 +412,7 @@ class _Solver:
                 # dropped anyway (float rounding is monotone, so the test is exact)
                 useful &= (self.cv[sel] + row_min[jj]) + self.prefix_cost[self.k[sel]] < cutoff
             sel = sel[useful]
+            sel = _by_read_row(sel, self.j)
             g_cur = _NO_TABLE    # feasibility mode keeps no float tables
             if not feasibility_only:
                 g_cur = self._table(depth)
@@ -429,17 +430,18 @@ class _Solver:
             ends = np.cumsum(n_per)
             n_in = int(ends[-1]) if ends.size else 0
             if n_in:
-                # one contribution per (entry, cell it reads), in entry order (so by k
-                # ascending): the cell d of row j gives d + units[m] of row k
+                # one contribution per (entry, cell it reads), in entry order (by the row j
+                # read): the cell d of row j gives d + units[m] of row k
                 # per-entry figures spread over the entry's cells by np.repeat (sequential
                 # copies, cheaper than gathering them by each contribution's entry)
                 pos = np.arange(n_in) + np.repeat(first_cell - (ends - n_per), n_per)
                 flat = cell_col[pos] + np.repeat(kk * n_d + um, n_per)
                 # The cells written, each once, in row-major order: where contributions are
-                # many against the rows they land in (kk ascending: rows kk[0]..kk[-1]), a scan
+                # many against the rows they land in (rows k_first..k_last), a scan
                 # of those rows; else the last contribution per cell (owner) and a sort. Either
                 # gives the same cells.
-                base, span = int(kk[0]) * n_d, (int(kk[-1]) - int(kk[0]) + 1) * n_d
+                k_first, k_last = int(kk.min()), int(kk.max())
+                base, span = k_first * n_d, (k_last - k_first + 1) * n_d
                 scan = span <= _SCAN_PER_CONTRIBUTION * n_in
                 if feasibility_only:
                     if scan:
@@ -544,10 +546,19 @@ class _Solver:
         return stages
 
 
+def _by_read_row(sel: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """These entries ordered by the row they read (stable: a radix sort of 16-bit rows where
+    they fit). A depth's results do not depend on the order of its entries (a minimum per
+    cell; its cells come out row-major either way), and the row's cells are then searched
+    and gathered in memory order, not at random: the two window searches take about half
+    the time (1T GPT: DP call set -11%)."""
+    return sel[np.argsort(j[sel], kind="stable")] if sel.size > 1 else sel
+
+
 def _row_major(cells: np.ndarray, n_d: int, n_layers: int) -> np.ndarray:
-    """The order that sorts these distinct flat cells (row * n_d + column), which are
-    grouped by row in ascending row order already: two stable radix sorts on 16-bit
-    columns, then rows, where they fit (several times faster than a comparison sort)."""
+    """The order that sorts these distinct flat cells (row * n_d + column): two stable
+    radix sorts on 16-bit columns, then rows, where they fit (several times faster than a
+    comparison sort)."""
     if n_d < 2 ** 15 and n_layers < 2 ** 15:
         rows = cells // n_d
         by_col = np.argsort((cells - rows * n_d).astype(np.int16), kind="stable")
@@ -727,7 +738,13 @@ def _candidate_times(inp: _Input, depth_bounds: list[int]) -> dict[int, np.ndarr
     done, merged = 0, np.zeros(0)
     for b in depth_bounds:
         stretch = inp.t[..., done + 1:b + 1]
-        merged = np.union1d(merged, np.unique(stretch[np.isfinite(stretch)]))
+        times = stretch[np.isfinite(stretch)]
+        # a stable sort (timsort) merges the runs that a submesh's times over depths often
+        # form: twice as fast as np.unique's quicksort on the 1T GPT's tables
+        times.sort(kind="stable")
+        distinct = np.ones(times.size, dtype=bool)
+        np.not_equal(times[1:], times[:-1], out=distinct[1:])
+        merged = np.union1d(merged, times[distinct])
         out[b], done = merged, b
     return out
 
