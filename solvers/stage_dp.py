@@ -475,7 +475,7 @@ class _Solver:
                         keep &= ~dropped
                     cells, cell_val = cells[keep], new_val[keep]
                 if not scan:
-                    # rows ascending already; columns ascending within each row for the searches
+                    # row-major (columns ascending within each row) for the searches
                     order = _row_major(cells, n_d, n_layers)
                     cells = cells[order]
                     if not feasibility_only:
@@ -732,8 +732,8 @@ def _candidate_times(inp: _Input, depth_bounds: list[int]) -> dict[int, np.ndarr
     """The distinct times of every finite entry of depth <= b, ascending, for each bound b
     (ascending, at most s_max): what _Entries.candidates gives on every finite entry, here
     where the entries kept are fewer. Each stretch of depths between bounds is made unique
-    once and the stretches are merged (np.unique takes the first of each run of equal
-    values, as candidates does)."""
+    once (the first of each run of equal values, as candidates takes) and the stretches are
+    merged."""
     out: dict[int, np.ndarray] = {}
     done, merged = 0, np.zeros(0)
     for b in depth_bounds:
