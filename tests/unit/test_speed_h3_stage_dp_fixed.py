@@ -127,7 +127,7 @@ def test_searches_equal_the_reference_on_planner_shaped_tables(monkeypatch, seed
     assert _compare(_validate(cost, sizes, n_devices, b, extra, s_max), bounds) > 0
     got = stage_dp_bounds(cost, sizes, n_devices, b, bounds, extra)
     with monkeypatch.context() as m:
-        m.setattr(dp._Entries, "of", classmethod(lambda cls, inp: reference_entries(inp)))
+        m.setattr(dp._Entries, "of", classmethod(lambda cls, inp, keep=None: reference_entries(inp)))
         m.setattr(dp, "_least_over_depths", reference_least)
         want = stage_dp_bounds(cost, sizes, n_devices, b, bounds, extra)
     assert any(np.isfinite(w.total_s) for w in want)
