@@ -247,7 +247,7 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
   `reserved_bytes`: a step's largest allocation, for which the allocator can need a segment of
   its own after the optimizer's state took part of the one it had; single-llama-1b s8192 mb4
   with full recomputation reserves exactly one, 15.66 GiB, over its allocated, where the
-  fraction gives 9.0 GiB). The planner's cap (`allocatable_bytes`) holds the fraction only.
+  fraction gives 9.0 GiB). The planner's cap per stage (`stage_allocatable_bytes`) holds both.
 - FSDP2's gradient pool (`zero3_grad_pool_bytes`): the caching allocator keeps one pool per
   stream, and FSDP2's reduce-scatter allocates the sharded fp32 gradients on its own stream. At
   a one-microbatch step's activation peak they are absent (zero_grad(set_to_none=True)) but
@@ -267,6 +267,8 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 # The compute's slowdown beside hidden collectives is shared with the data-parallel gradient sync,
 # so it lives with the collectives (fitted here, on the fsdp2 rows: see the docstring).
@@ -689,14 +691,41 @@ def outside_allocator_bytes(n_gpus: int) -> float:
 
 def allocatable_bytes(capacity_bytes: float, zero3: bool, n_gpus: int) -> float:
     """The most a plan may allocate on a GPU of `capacity_bytes` (the inverse of
-    `device_peak_bytes`, less the cuBLAS workspaces): what the planner's memory check compares
-    its stages' weights, state and activations with. Under ZeRO-3 it takes no gradient pool:
-    (a - g)(1 + f) + g <= a (1 + f), so a plan within this cap fits by the evaluator too, unless
-    its loss segment (`loss_segment_bytes`) exceeds f times its allocation (a stage whose fp32
-    logits outweigh 13% of all else: large vocabularies at long sequences); the planner's
-    per-layer check does not see the loss alone, the evaluator does."""
+    `device_peak_bytes`, less the cuBLAS workspaces) where it holds no FSDP2 gradient pool and
+    its loss segment is within the reserve fraction: the planner's cap (SearchSpace), which its
+    tables raise or lower per stage by `stage_allocatable_bytes`. `zero3` is not read (the pool
+    is the stage's, not the plan's)."""
     usable = capacity_bytes - outside_allocator_bytes(n_gpus)
     return max(0.0, usable / (1 + RESERVE_FRACTION) - CUBLAS_WORKSPACE_BYTES)
+
+
+def stage_allocatable_bytes(cap_bytes, grad_pool_bytes=0.0, loss_peak_bytes=0.0, grads_absent_bytes=0.0,
+                            held_bytes=0.0):
+    """The most one GPU's stages may allocate (weights, state, buffers, activations: the
+    planner's memory figure, without the cuBLAS workspaces) on a GPU whose `allocatable_bytes`
+    is `cap_bytes` (> 0), where they hold `grad_pool_bytes` of FSDP2's gradient pool
+    (`zero3_grad_pool_bytes`), their loss's working set is `loss_peak_bytes` (the largest of the
+    GPU's stages'), `grads_absent_bytes` of their state is absent at the activation peak
+    (`gradients_absent_at_activation_peak_bytes`; counted only without a pool, where the
+    allocator sees it free) and they hold `held_bytes` through the step (what stays at the
+    end of the backward, a tied embedding's gradient with it): the inverse of
+    `device_peak_bytes` for them, as `evaluate` sums a GPU.
+    With a = the figure + workspaces, u = what the allocator may reserve ((cap + w)(1 + f)):
+    device_peak_bytes fits where (a - pool)(1 + f) + pool <= u and a + segment <= u, so the
+    pool raises the cap by pool f / (1 + f) and a loss segment may lower it; the absent state
+    raises it by that much, while what stays held must fit alone (evaluate's
+    min(absent, activations less the tied gradient)); with a pool neither counts (evaluate
+    reads the pools' peak, every state present). The planner's tables compare each stage
+    with this (RangeTable.cap_bytes), so `autopar plan --eager` offers a stage where `autopar
+    evaluate --eager` says it fits, and only there. Floats or numpy arrays."""
+    f = RESERVE_FRACTION
+    usable = (cap_bytes + CUBLAS_WORKSPACE_BYTES) * (1 + f)
+    cap = np.minimum(cap_bytes + grad_pool_bytes * f / (1 + f),
+                     usable - loss_segment_bytes(loss_peak_bytes) - CUBLAS_WORKSPACE_BYTES)
+    # with a pool, evaluate reads the pools' peak (all state present), not the allocated one
+    pooled = np.asarray(grad_pool_bytes) > 0
+    with np.errstate(invalid="ignore"):     # the tables' dead cells (inf throughout) come out NaN: never fit
+        return np.where(pooled, cap, np.where(np.asarray(held_bytes) <= cap, cap + grads_absent_bytes, -np.inf))
 
 
 def device_peak_bytes(allocated_bytes: float, fsdp: bool, n_gpus: int, grad_pool_bytes: float = 0.0,

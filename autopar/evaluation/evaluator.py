@@ -238,14 +238,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     first, last = 0, len(graph.layers) - 1
     stage_params = sum(graph.layers[li].param_count for li in range(*st.layers))
     share = ev.param_elems / stage_params if stage_params else 0.0
-    tied_copy = 0.0
-    if eager and st.layers[0] != first and st.layers[1] == last + 1:
-        # A weight the LM head shares with an embedding on another stage is a copy here (eager.py
-        # "pipelines" (b)): its own state, casts and accumulation, and optimizer step.
-        owned = {o.param for n in names for o in graph.node(n).operands if o.is_param and o.owns_param}
-        borrowed = {o.param: _numel(o.shape) for n in graph.layers[last].nodes for o in graph.node(n).operands
-                    if o.is_param and o.param not in owned}
-        tied_copy = sum(borrowed.values()) * share
+    tied_copy = tied_copy_elems(graph, st.layers) * share if eager else 0.0
 
     layer_of = {n: li for li in range(*st.layers) for n in graph.layers[li].nodes}
     op_s = {o["name"]: o["compute_s"] + o["comm_s"] for o in ev.ops}
@@ -263,15 +256,13 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     copy_share = 1.0 + tied_copy / ev.param_elems if ev.param_elems else 1.0
     tied = 0.0
     if eager and st.layers[0] == first and st.layers[1] == last + 1:
-        head_params = {o.param for n in graph.layers[last].nodes for o in graph.node(n).operands if o.is_param}
-        tied = sum(_numel(o.shape) for n in graph.layers[first].nodes for o in graph.node(n).operands
-                   if o.is_param and o.owns_param and o.param in head_params)
+        tied = tied_embedding_elems(graph)
         if zero >= 2 and ev.param_elems:
             tied *= ev.param_elems_zero / ev.param_elems
-    # autopar run's ZeRO-1/2 are FSDP2's (eager.fsdp_zero12): their fp32 gradients are sharded.
-    # They gather once per step and keep the weights unsharded, so no block buffers at the
-    # activation peak: a block's reduce-scatter buffers come with its backward.
-    zero12 = eager and eager_mod.fsdp_zero12(zero, ev.param_elems_zero < ev.param_elems, zero_autocast)
+    # autopar run's ZeRO-1/2 are FSDP2's (eager.fsdp_zero12): their fp32 gradients are sharded
+    # (grads_absent_bytes, fsdp_grad_pool_bytes). They gather once per step and keep the weights
+    # unsharded, so no block buffers at the activation peak: a block's reduce-scatter buffers
+    # come with its backward.
     fsdp_block = 0.0
     if eager and zero >= 3 and sub.n_devices > 1:
         fsdp_block = max((fsdp_block_buffer_bytes(graph, li, prob, assign) for li in range(*st.layers)), default=0.0)
@@ -288,14 +279,75 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        ddp_bucket_bytes=terms.ddp_bytes, ddp_rebuild_bytes=terms.ddp_rebuild_bytes,
                        autocast_cache_bytes=terms.autocast_cache_bytes * copy_share,
                        cross_entropy_peak_bytes=terms.cross_entropy_peak_bytes,
-                       grads_absent_bytes=eager_mod.gradients_absent_at_activation_peak_bytes(
-                           ev.param_elems, ev.param_elems_zero if zero >= 2 or zero12 else ev.param_elems,
-                           zero >= 3 and sub.n_devices > 1 or zero12, training.n_microbatches) if eager else 0.0,
+                       grads_absent_bytes=grads_absent_bytes(ev, zero, sub.n_devices, training.n_microbatches,
+                                                             zero_autocast) if eager else 0.0,
                        fsdp_root_bytes=terms.fsdp_root_bytes, fsdp_block_bytes=fsdp_block,
                        tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied),
-                       grad_pool_bytes=eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
-                       if eager and (zero >= 3 and sub.n_devices > 1 or zero12) else 0.0,
+                       grad_pool_bytes=fsdp_grad_pool_bytes(ev, zero, sub.n_devices, zero_autocast) if eager else 0.0,
                        tied_copy_params=tied_copy, sync_buckets=buckets)
+
+
+def tied_copy_elems(graph: OpGraph, layers: tuple[int, int]) -> int:
+    """Parameters (global) of the copy a stage of layers [layers[0], layers[1]) holds of weights
+    its LM head shares with an embedding on another stage (eager.py "pipelines" (b): under the
+    eager recipe the copy has its own state, casts and accumulation, and optimizer step): the
+    parameters the last layer reads that no op of the stage owns; 0 for a stage without the
+    head or with the embedding. The evaluator scales the stage's state, autocast cache and
+    optimizer step by 1 + this / the stage's parameters (copy_share); the planner's tables
+    (search/range_table.py) by the same ratio."""
+    first, last = 0, len(graph.layers) - 1
+    if layers[0] == first or layers[1] != last + 1:
+        return 0
+    names = stage_nodes(graph, layers)
+    owned = {o.param for n in names for o in graph.node(n).operands if o.is_param and o.owns_param}
+    borrowed = {o.param: _numel(o.shape) for n in graph.layers[last].nodes for o in graph.node(n).operands
+                if o.is_param and o.param not in owned}
+    return sum(borrowed.values())
+
+
+def tied_embedding_elems(graph: OpGraph) -> int:
+    """Parameters (global) the embedding owns and the LM head reads (a tied head's weight): on
+    a stage holding both, the embedding's gradient of them is accumulated into the head's at
+    the end of the backward (eager.tied_embedding_grad_bytes)."""
+    first, last = 0, len(graph.layers) - 1
+    head_params = {o.param for n in graph.layers[last].nodes for o in graph.node(n).operands if o.is_param}
+    return sum(_numel(o.shape) for n in graph.layers[first].nodes for o in graph.node(n).operands
+               if o.is_param and o.owns_param and o.param in head_params)
+
+
+def grads_absent_bytes(ev: Evaluation, zero: int, n_devices: int, n_microbatches: int, zero_autocast: bool = False,
+                       dp_sharded: bool | None = None) -> float:
+    """eager.gradients_absent_at_activation_peak_bytes of the ops `ev` prices on `n_devices`
+    (their ZeRO share of gradients under FSDP2). Linear in the ops' parameters: the evaluator
+    (StageResult.grads_absent_bytes) and the planner's tables (LayerSol.grads_absent_bytes)
+    both ask this. dp_sharded: as eager_terms'."""
+    zero12 = eager_mod.fsdp_zero12(zero, stage_dp_sharded(ev) if dp_sharded is None else dp_sharded, zero_autocast)
+    return eager_mod.gradients_absent_at_activation_peak_bytes(
+        ev.param_elems, ev.param_elems_zero if zero >= 2 or zero12 else ev.param_elems,
+        zero >= 3 and n_devices > 1 or zero12, n_microbatches)
+
+
+def stage_dp_sharded(ev: Evaluation) -> bool:
+    """Whether the ops `ev` prices shard some parameters over the data-parallel degree (their
+    ZeRO share is less than their local parameters): what decides, for a whole stage, whether
+    the eager recipe runs it on FSDP2 with bf16 parameters (eager.fsdp_bf16_params,
+    fsdp_zero12). A stage's is true where any of its layers' is: the planner's tables price a
+    layer both ways and take, per range of layers, the way its layers decide
+    (LayerSol.unsharded_delta)."""
+    return ev.param_elems_zero < ev.param_elems
+
+
+def fsdp_grad_pool_bytes(ev: Evaluation, zero: int, n_devices: int, zero_autocast: bool = False,
+                         dp_sharded: bool | None = None) -> float:
+    """FSDP2's gradient pool (eager.zero3_grad_pool_bytes) of the ops `ev` prices under the
+    eager recipe on `n_devices`: ZeRO-3 on several devices, and ZeRO-1/2 where they run on
+    FSDP2 (eager.fsdp_zero12); 0 elsewhere. Linear in the ops' parameters, so a stage's is its
+    layers' summed: the evaluator (StageResult.grad_pool_bytes) and the planner's tables
+    (LayerSol.grad_pool_bytes) both ask this. dp_sharded: as eager_terms'."""
+    zero12 = eager_mod.fsdp_zero12(zero, stage_dp_sharded(ev) if dp_sharded is None else dp_sharded, zero_autocast)
+    if zero >= 3 and n_devices > 1 or zero12:
+        return eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
+    return 0.0
 
 
 def megatron_loss_delta_s(graph: OpGraph, prob: StageProblem, assign: dict[str, int],
@@ -597,10 +649,13 @@ NO_EAGER = EagerTerms()
 
 def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, assign: dict[str, int],
                 ev: Evaluation, n_microbatches: int, zero: int, cm: ComputeModel,
-                zero_autocast: bool = False, compiled: bool | None = None, one_stage: bool = False) -> EagerTerms:
+                zero_autocast: bool = False, compiled: bool | None = None, one_stage: bool = False,
+                dp_sharded: bool | None = None) -> EagerTerms:
     """The eager recipe's terms of layers [layers[0], layers[1]) whose ops `prob` holds, under
     the strategies `assign` picks (ev: prob's evaluation of them). zero_autocast, compiled,
-    one_stage: as `evaluate_stage`'s."""
+    one_stage: as `evaluate_stage`'s. dp_sharded: whether the stage these layers are part of
+    shards some parameters over its data-parallel degree (`stage_dp_sharded`), which decides
+    how FSDP2 runs all of them; None: these layers are the stage."""
     names = list(prob.names)
     inside = set(names)
     first, last = 0, len(graph.layers) - 1
@@ -624,7 +679,8 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     # ZeRO runs as FSDP2 with bf16 parameters and no autocast (eager.fsdp_bf16_params): no fp32
     # residual stream, input copies or weight cache, a bf16 loss; ZeRO-1/2 (eager.fsdp_zero12)
     # with their own state and no DDP buckets.
-    dp_sharded = ev.param_elems_zero < ev.param_elems
+    if dp_sharded is None:
+        dp_sharded = stage_dp_sharded(ev)
     bf16 = eager_mod.fsdp_bf16_params(zero, dp_sharded, zero_autocast)
     zero12 = eager_mod.fsdp_zero12(zero, dp_sharded, zero_autocast)
     # bench/truth's fsdp2 recipe: autocast over those bf16 parameters, a bf16 residual stream
@@ -916,7 +972,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     accumulation and DDP's buckets, the host's dispatch (a GPU's step takes max(host, device)),
     the allocator's reserve, CUDA context and NCCL memory. The planner's per-layer solutions
     carry the same terms (`eager_terms`) and its memory check the same per-GPU reserve and fixed
-    memory (`eager.allocatable_bytes`) when it plans with eager=True, so `autopar plan --eager`
+    memory (`eager.stage_allocatable_bytes`) when it plans with eager=True, so `autopar plan --eager`
     and `autopar evaluate --eager` judge a plan alike. Off by default (EAGER_DEFAULT): on the
     published Megatron-style runs the terms make Megatron-LM's time and Megatron-DeepSpeed's
     memory far worse (bench/calibration/FINDINGS.md section 8); fused engines avoid most of them.

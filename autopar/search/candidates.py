@@ -14,12 +14,14 @@ transfers exactly), so the search proposes several candidates and the evaluator 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from autopar.costmodel.eager import stage_allocatable_bytes
 from autopar.costmodel.memory import inflight
 from autopar.evaluation.baselines import split_blocks
 from autopar.hardware.mesh import Mesh, Submesh
@@ -164,17 +166,23 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
     P = len(rt.starts)
     recompute_full = RECOMPUTE_OPTIONS.index("full")
 
-    def options(g: int, i: int, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(key, memory, t, sync) of every option for chunk g on [i, j): its share of the step
-        and its bytes on the GPU. Option q recomputes the chunk's first q // P layers (0: none,
-        all: full) and starts in layout q % P."""
+    def options(g: int, i: int, j: int) -> tuple[np.ndarray, ...]:
+        """(key, memory, t, sync, gradient pool, loss peak, absent state, held state) of every
+        option for chunk g on [i, j): its share of the step, its bytes on the GPU, and what its
+        cap depends on (RangeTable.cap_bytes; 0 where the table has none). Option q recomputes
+        the chunk's first q // P layers (0: none, all: full) and starts in layout q % P."""
         s = depth - g % depth
         held = inflight("interleaved", g % depth, depth, B, chunks) if chunks > 1 else inflight(schedule, g, depth, B)
         k = np.arange(j - i + 1)
         t = rt.layers_time_s(i, j, k).ravel()
         mem = rt.layers_memory_bytes(i, j, k, held).ravel()
         sync = np.tile(rt.sync[i, j], j - i + 1)
-        return (B + s - 1) * t + sync, mem, t, sync
+        def each(row: np.ndarray | None) -> np.ndarray:
+            return np.tile(row[i, j], j - i + 1) if row is not None else np.zeros_like(t)
+
+        held_state = rt.param[i, j] + (rt.tied_grad[i, j] if rt.tied_grad is not None else 0.0)
+        return ((B + s - 1) * t + sync, mem, t, sync, each(rt.pool), each(rt.loss), each(rt.absent),
+                np.tile(held_state, j - i + 1))
 
     def along(c: int, x: np.ndarray) -> np.ndarray:
         """x over one chunk's options, on axis c of the rank's joint (chunks-dimensional) options."""
@@ -192,14 +200,14 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
     sets: dict[tuple, tuple[int, ...] | None] = {}
     items_of: dict[tuple[int, int], tuple[tuple[int, int, float, float], ...]] = {}
 
-    def sharded(gs, opts, key, mem, ok_but_memory, best_key: float):
+    def sharded(gs, opts, key, mem, cap, ok_but_memory, best_key: float):
         """The best joint option storing some groups sharded whose key beats `best_key`:
         (flat index, key, per chunk (seconds added, (layer offset, root position) pairs)), or None."""
         assert storage is not None
         # options recomputing nothing (the first P of each chunk), as in the stage tables
         no_recompute = np.zeros(key.shape, bool)
         no_recompute[(slice(0, P),) * len(gs)] = True
-        try_at = np.flatnonzero((ok_but_memory & no_recompute & (mem > space.memory_cap_bytes)
+        try_at = np.flatnonzero((ok_but_memory & no_recompute & (mem > cap)
                                  & (key < best_key)).ravel())
         found = None
         for flat in try_at[np.argsort(key.ravel()[try_at], kind="stable")]:
@@ -214,7 +222,7 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
                 if menu is None:
                     menu = items_of[(g, p)] = storage(i, j, p)
                 items += [(c, off, pos, dt, dm) for off, pos, dt, dm in menu]
-            excess = float(mem.flat[flat]) - space.memory_cap_bytes
+            excess = float(mem.flat[flat]) - float(cap.flat[flat])
             mk = (tuple((chunk_slots(gs[it[0]]), it[3], it[4]) for it in items), excess)
             if not items or key.flat[flat] + storage_cost_lower_bound(
                     [w * dt for w, dt, _ in mk[0]], [-dm for _, _, dm in mk[0]], excess) >= best_key:
@@ -247,6 +255,16 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
             opts = [options(g, *ranges[g]) for g in gs]
             key = sum(along(c, o[0]) for c, o in enumerate(opts))
             mem = sum(along(c, o[1]) for c, o in enumerate(opts))
+            # the GPU's cap: its chunks' gradient pools, absent and held state added, its largest
+            # loss segment (evaluate's per-GPU peak; RangeTable.cap_bytes for one chunk)
+            if rt.pool is not None and rt.loss is not None:
+                summed = [functools.reduce(np.add, [along(c, o[x]) for c, o in enumerate(opts)]) for x in (4, 6, 7)]
+                cap = np.broadcast_to(stage_allocatable_bytes(
+                    space.memory_cap_bytes, summed[0],
+                    functools.reduce(np.maximum, [along(c, o[5]) for c, o in enumerate(opts)]),
+                    summed[1], summed[2]), np.shape(mem))
+            else:
+                cap = np.full(np.shape(mem), space.memory_cap_bytes)
             ok = np.ones(np.shape(mem), bool)
             starts_of = [np.arange(len(o[0])) % P for o in opts]
             for c in range(chunks):
@@ -258,12 +276,12 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
                     ok = ok & pair.reshape((len(starts_of[0]),) + (1,) * (c - 1) + (len(starts_of[c]),)
                                            + (1,) * (chunks - 1 - c))
             raw_key = key
-            key = np.where(ok & (mem <= space.memory_cap_bytes), key, np.inf)
+            key = np.where(ok & (mem <= cap), key, np.inf)
             flat = int(key.argmin())
             best = float(key.flat[flat])
             added = [0.0] * len(gs)
             if storage is not None:
-                found = sharded(gs, opts, raw_key, mem, ok, best)
+                found = sharded(gs, opts, raw_key, mem, cap, ok, best)
                 if found is not None:
                     flat, best = found[0], found[1]
                     added = [a for a, _ in found[2]]

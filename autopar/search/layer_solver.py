@@ -33,8 +33,11 @@ from autopar.evaluation.evaluator import (
     ZeroUnits,
     eager_terms,
     fsdp_block_buffer_bytes,
+    fsdp_grad_pool_bytes,
     grad_sync_step_s,
+    grads_absent_bytes,
     optimizer_step_s,
+    stage_dp_sharded,
     zero_layer_collectives,
     zero_priced_per_unit,
     zero_unit_price,
@@ -88,6 +91,29 @@ class LayerSol:
     # what recomputing the layer rebuilds at once in the backward, as the evaluator counts it
     # (evaluate_stage: the graph's stash, without the eager recipe's fp32 residual stash)
     rebuilt_bytes: float = 0.0
+    # eager: FSDP2's gradient pool (evaluator.fsdp_grad_pool_bytes), which raises the stage's
+    # memory cap (eager.stage_allocatable_bytes)
+    grad_pool_bytes: float = 0.0
+    # eager: what a tied head's copy on a stage after the embedding's scales by its share of the
+    # stage's parameters (evaluator.tied_copy_elems): weights, grads and optimizer state, and
+    # autocast's weight cache (bytes, in param_bytes); the optimizer step (seconds, in sync_s)
+    copy_scaled_bytes: float = 0.0
+    optimizer_s: float = 0.0
+    # eager: whether the layer's own parameters are data-parallel sharded
+    # (evaluator.stage_dp_sharded), and where not, what its figures change by in a stage whose
+    # other layers' are (per EAGER_ROWS, the fields they add to): the evaluator decides it per stage
+    dp_sharded: bool = True
+    unsharded_delta: tuple[float, ...] = ()
+    # eager: the state absent at a one-microbatch step's activation peak
+    # (evaluator.grads_absent_bytes), which raises the cap of a stage without a gradient pool
+    grads_absent_bytes: float = 0.0
+    param_elems_zero: float = 0.0
+
+
+# LayerSol.unsharded_delta's order: the fields the eager recipe's stage-wide sharding changes
+EAGER_ROWS = ("t_s", "sync_s", "param_bytes", "stash_bytes", "input_bytes", "loss_peak_bytes", "grad_pool_bytes",
+              "copy_scaled_bytes", "grads_absent_bytes")
+EAGER_NO_DELTA = (0.0,) * len(EAGER_ROWS)
 
 
 class ZeroEnds(NamedTuple):
@@ -328,30 +354,55 @@ class LayerSolver:
             in_bytes = 0.0
             if src is not None:
                 in_bytes = self.graph.node(src).out_bytes / (shard_factor(spec, mesh) if spec else 1)
-            # the eager recipe's terms, as the evaluator adds them to a stage of these layers; a
-            # stage on every device of the cluster is the plan's one stage (a one-GPU plan
-            # compiles its blocks by default: eager.compiled_per_block)
-            et = eager_terms(self.graph, (li, li + 1), prob, assign, ev, self.settings.n_microbatches,
-                             self.settings.zero, self.cm,
-                             one_stage=mesh.n_devices == mesh.cluster.n_gpus) if self.eager else NO_EAGER
+            zero = self.settings.zero
             engine = default_grad_sync_engine(self.eager)
-            sync = grad_sync_step_s(prob, assign, ev, self.settings.zero, engine, ev.bwd_s + et.bwd_s)
+
+            def eager_rows(dp_sharded: bool | None) -> tuple[float, ...]:
+                """The figures the eager recipe's terms enter (in EAGER_ROWS' order), with the
+                stage's data-parallel sharding `dp_sharded` (None: the layer's own), as the
+                evaluator adds them to a stage of these layers; a stage on every device of the
+                cluster is the plan's one stage (a one-GPU plan compiles its blocks by default:
+                eager.compiled_per_block)."""
+                et = eager_terms(self.graph, (li, li + 1), prob, assign, ev, self.settings.n_microbatches,
+                                 zero, self.cm, one_stage=mesh.n_devices == mesh.cluster.n_gpus,
+                                 dp_sharded=dp_sharded) if self.eager else NO_EAGER
+                sync = grad_sync_step_s(prob, assign, ev, zero, engine, ev.bwd_s + et.bwd_s)
+                return (et.device_s, sync + et.grad_bucket_s, et.held_bytes, et.residual_stash_bytes,
+                        et.inputs_fp32_extra_bytes, et.cross_entropy_peak_bytes,
+                        fsdp_grad_pool_bytes(ev, zero, mesh.n_devices, dp_sharded=dp_sharded) if self.eager else 0.0,
+                        et.param_state_delta_bytes + et.autocast_cache_bytes,
+                        grads_absent_bytes(ev, zero, mesh.n_devices, self.settings.n_microbatches, dp_sharded=dp_sharded)
+                        if self.eager else 0.0)
+
+            own = eager_rows(None)
+            d_s, sync, held, residual, inputs_extra, loss_peak, pool, copy_extra, absent = own
+            # A layer whose own parameters are not data-parallel sharded (an embedding split over
+            # the vocabulary) runs as FSDP2's bf16 parameters in a stage where another layer's
+            # are (evaluator.stage_dp_sharded): what that changes, for the tables to add where
+            # its range holds such a layer.
+            sharded = stage_dp_sharded(ev)
+            unsharded_delta = EAGER_NO_DELTA
+            if self.eager and not sharded:
+                unsharded_delta = tuple(b - a for a, b in zip(own, eager_rows(True)))
             # ZeRO-2/3 per FSDP unit, where the evaluator prices them so (evaluate_stage)
             unit_s = unit_rec_s = unit_step_s = 0.0
             ends = None
             if self.prices_zero_units(mesh):
-                unit_s, unit_rec_s, unit_step_s, ends = zero_unit_figures(self.graph, li, prob, assign,
-                                                                          self.settings.zero)
-            sol = LayerSol(ev.per_microbatch_s + et.device_s + unit_s, ev.recompute_fwd_s + unit_rec_s,
-                           sync + et.grad_bucket_s + unit_step_s + optimizer_step_s(ev, self.settings.zero, self.cm),
-                           ev.param_state_bytes(self.settings.zero) + et.held_bytes, ev.param_elems,
-                           ev.stash_bytes + et.residual_stash_bytes, in_bytes + et.inputs_fp32_extra_bytes,
+                unit_s, unit_rec_s, unit_step_s, ends = zero_unit_figures(self.graph, li, prob, assign, zero)
+            optimizer_s = optimizer_step_s(ev, zero, self.cm)
+            sol = LayerSol(ev.per_microbatch_s + d_s + unit_s, ev.recompute_fwd_s + unit_rec_s,
+                           sync + unit_step_s + optimizer_s,
+                           ev.param_state_bytes(zero) + held, ev.param_elems,
+                           ev.stash_bytes + residual, in_bytes + inputs_extra,
                            out_spec, chosen, res.status, res.objective, seq,
                            self._storage_menu(prob, res.choice, pos)
                            if self.sharded_storage and not self.eager else (), ends,
                            fsdp_block_buffer_bytes(self.graph, li, prob, assign)
-                           if self.eager and self.settings.zero >= 3 and mesh.n_devices > 1 else 0.0,
-                           et.cross_entropy_peak_bytes, ev.stash_bytes)
+                           if self.eager and zero >= 3 and mesh.n_devices > 1 else 0.0,
+                           loss_peak, ev.stash_bytes, pool,
+                           ev.param_state_bytes(zero) + copy_extra if self.eager else 0.0,
+                           optimizer_s if self.eager else 0.0, sharded, unsharded_delta, absent,
+                           ev.param_elems_zero)
         self.cache[k] = sol
         return sol
 

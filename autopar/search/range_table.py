@@ -16,9 +16,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from autopar.costmodel.eager import stage_allocatable_bytes, tied_embedding_grad_bytes
 from autopar.costmodel.memory import stage_working_bytes, stash_after_recompute, working_after_recompute
+from autopar.evaluation.evaluator import tied_copy_elems, tied_embedding_elems
 from autopar.hardware.mesh import Mesh
-from autopar.search.layer_solver import LayerSol, LayerSolver, StartLayout, ZeroEnds, boundary_specs
+from autopar.search.layer_solver import (
+    EAGER_NO_DELTA,
+    EAGER_ROWS,
+    LayerSol,
+    LayerSolver,
+    StartLayout,
+    ZeroEnds,
+    boundary_specs,
+)
 from autopar.sharding.spec import Spec
 
 __all__ = ["RECOMPUTE_OPTIONS", "RangeTable", "range_table", "range_tables"]
@@ -36,7 +46,7 @@ class RangeTable:
     rec: np.ndarray          # the forward once more (full recompute), seconds
     sync: np.ndarray         # per step after the last backward: gradient sync and optimizer step, seconds
     param: np.ndarray        # weights, gradients and optimizer state per device, and what is held with them
-                             # (the eager recipe's buffers), bytes
+                             # (the eager recipe's buffers; a tied head's copy, _add_tied_copies), bytes
     stash: np.ndarray        # activations kept per microbatch in flight, bytes
     inputs: np.ndarray       # sum of the layers' inputs (full recompute keeps only those), bytes
     max_layer_stash: np.ndarray  # the most one layer rebuilds (LayerSol.rebuilt_bytes; one layer at a time), bytes
@@ -49,6 +59,12 @@ class RangeTable:
     # the recomputed layer's (memory.stage_working_bytes), bytes; None: none
     loss: np.ndarray | None = None
     block: np.ndarray | None = None
+    # eager: FSDP2's gradient pool (LayerSol.grad_pool_bytes), the state absent at a one-microbatch
+    # step's activation peak (LayerSol.grads_absent_bytes), a tied embedding's gradient at the end
+    # of the backward (_add_tied_copies), bytes; None: none
+    pool: np.ndarray | None = None
+    absent: np.ndarray | None = None
+    tied_grad: np.ndarray | None = None
     _bounds: tuple[np.ndarray, np.ndarray, bool] | None = field(default=None, repr=False, compare=False)
     # least_recompute_layers' answers by their arguments: the planner offers one table to two
     # stage tables alike (every option, and without sequence splits)
@@ -70,6 +86,16 @@ class RangeTable:
         n = self.t.shape[0]
         covered = i + k > np.minimum(j - 1, n - 2)
         return np.where(covered[..., None], self.rec_last[i, j], 0.0)
+
+    def cap_bytes(self, cap_bytes: float, at: tuple = ()) -> float | np.ndarray:
+        """What the memory of cells `at` (memory_bytes, layers_memory_bytes) may reach on a GPU
+        whose cap is `cap_bytes` (SearchSpace.memory_cap_bytes): under the eager recipe the
+        evaluator's, raised by the stage's FSDP2 gradient pool and lowered where its loss
+        segment outgrows the allocator's reserve (eager.stage_allocatable_bytes); else the cap."""
+        if self.pool is None or self.loss is None or self.absent is None or self.tied_grad is None:
+            return cap_bytes
+        return stage_allocatable_bytes(cap_bytes, self.pool[at], self.loss[at], self.absent[at],
+                                       self.param[at] + self.tied_grad[at])
 
     def working_bytes(self, recompute_working_bytes, at: tuple = ()) -> np.ndarray:
         """The working set of cells `at` beside the stashes, with `recompute_working_bytes`
@@ -153,7 +179,11 @@ class RangeTable:
         out = np.full((n_h, n_up), -1)
         # only the cells a stage can be entered in (finite time; the others are inf throughout)
         fin = np.flatnonzero(np.isfinite(self.t[at]).ravel())
-        param_c, stash_c = self.param[at].ravel()[fin], self.stash[at].ravel()[fin]       # (F,)
+        stash_c = self.stash[at].ravel()[fin]                                             # (F,)
+        # each cell's memory against its own cap (cap_bytes), as its memory less what its cap
+        # adds to `cap_bytes` against that: the bounds below shift with it, a constant per cell
+        param_c = self.param[at].ravel()[fin] - (np.broadcast_to(self.cap_bytes(cap_bytes, at), self.t[at].shape)
+                                                 .ravel()[fin] - cap_bytes)
         # the working set beside a recomputed layer's `w` (memory.stage_working_bytes), per cell;
         # it grows with w, so the bounds below hold through it
         extra_c = ((self.loss[at].ravel()[fin], self.block[at].ravel()[fin])
@@ -318,6 +348,52 @@ def _add_block_ends(tab: np.ndarray, k: int, ends: np.ndarray) -> np.ndarray:
     return rec_last
 
 
+# the eager recipe's summed rows of range_tables' array: the gradient pool, a tied copy's bytes and
+# seconds, the state absent at a one-microbatch activation peak, the parameters (local, and
+# their ZeRO share), a tied embedding's gradient (set on [0, L) alone: _add_tied_copies), and
+# from DELTA on the layers' LayerSol.unsharded_delta (per EAGER_ROWS)
+POOL, COPY_BYTES, COPY_S, ABSENT, ELEMS, ELEMS_ZERO, TIED_GRAD, DELTA = 7, 8, 9, 10, 11, 12, 13, 14
+# the rows the unsharded deltas add to, per EAGER_ROWS
+DELTA_TARGETS = (0, 2, 3, 4, 5, 6, POOL, COPY_BYTES, ABSENT)
+
+
+def _add_sharded_stage_deltas(tab: np.ndarray, flag: int) -> None:
+    """Under the eager recipe a stage runs as FSDP2's bf16 parameters where any of its layers'
+    parameters are data-parallel sharded (evaluator.stage_dp_sharded), its other layers too:
+    where row `flag` (the most of the layers' own flags) says a range has such a layer, add
+    its layers' summed unsharded deltas (LayerSol.unsharded_delta) to the rows they change."""
+    on = tab[flag] == 1.0
+    for q, row in enumerate(DELTA_TARGETS):
+        tab[row][on] += tab[DELTA + q][on]
+
+
+def _add_tied_copies(tab: np.ndarray, graph, zero: int) -> None:
+    """Under the eager recipe a stage [i, L) after the embedding's holds a copy of the weights
+    its head shares with the embedding (evaluator.tied_copy_elems), which the evaluator prices
+    as the stage's weights, grads and optimizer state, autocast cache and optimizer step scaled
+    by 1 + the copy's parameters / the stage's (evaluate_stage's copy_share): add that share of
+    the range's summed COPY_BYTES to its param row and of COPY_S to its sync row. A stage
+    [0, L) holding both accumulates the embedding's gradient of them into the head's at the end
+    of the backward (evaluator.tied_embedding_elems): its bytes go to the TIED_GRAD row, which
+    the memory cap reads (RangeTable.cap_bytes)."""
+    L = len(graph.layers)
+    # the embedding's gradient of a tied weight, on a stage holding embedding and head
+    # (evaluate_stage's tied_grad_bytes: its ZeRO-2/3 share as the stage's parameters')
+    tied = tied_embedding_elems(graph)
+    if tied:
+        elems, elems_zero = tab[ELEMS, 0, L], tab[ELEMS_ZERO, 0, L]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(elems > 0, elems_zero / elems, 1.0) if zero >= 2 else 1.0
+        tab[TIED_GRAD, 0, L] = np.where(np.isfinite(elems), tied_embedding_grad_bytes(float(tied)) * share, np.inf)
+    params = np.cumsum([graph.layers[li].param_count for li in range(L)][::-1])[::-1]    # of [i, L)
+    for i in range(1, L):
+        copy = tied_copy_elems(graph, (i, L))
+        if copy and params[i]:
+            ratio = copy / params[i]
+            tab[3, i, L] += tab[COPY_BYTES, i, L] * ratio
+            tab[2, i, L] += tab[COPY_S, i, L] * ratio
+
+
 def range_table(solver: LayerSolver, mesh: Mesh, seq_split: bool = True) -> RangeTable:
     """The table of one variant (range_tables): with context-parallel layer solutions, or
     (`seq_split` False) without."""
@@ -345,7 +421,14 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                 for shape in (tuple(g.node(s).out_shape) if s else () for s in solver.inputs)]
     specs = in_specs[1] if L > 1 else [()]
     plain = list(dict.fromkeys(q for i in range(1, L) for q in in_specs[i]))
-    K = 9   # t, rec, sync, param, stash, inputs, loss peak (summed), max layer stash, max block buffers
+    # Rows: t, rec, sync, param, stash, inputs, loss peak, and under the eager recipe FSDP2's
+    # gradient pool, what a tied head's copy scales (bytes, optimizer seconds) and the layers'
+    # changes in a data-parallel sharded stage (the rows POOL.. below), summed over a range's
+    # layers; then its largest layer stash and block buffers, and under the eager recipe
+    # whether some layer's parameters are data-parallel sharded.
+    eager = solver.eager
+    n_sum = DELTA + len(EAGER_ROWS) if eager else 7
+    K = n_sum + (3 if eager else 2)
     # ZeRO-2/3 per FSDP unit: one more row, per column the index of that layer's ZeroEnds in
     # `ends` (kept per column, not summed)
     units = solver.prices_zero_units(mesh)
@@ -371,7 +454,12 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                 own = (float(len(ends) - 1),)
             hit = vectors[id(sol)] = (sol, np.array([sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes,
                                                      sol.stash_bytes, sol.input_bytes, sol.loss_peak_bytes,
-                                                     sol.rebuilt_bytes, sol.block_buffer_bytes, *own]))
+                                                     *((sol.grad_pool_bytes, sol.copy_scaled_bytes, sol.optimizer_s,
+                                                        sol.grads_absent_bytes, sol.param_elems, sol.param_elems_zero,
+                                                        0.0, *(sol.unsharded_delta or EAGER_NO_DELTA))
+                                                       if eager else ()),
+                                                     sol.rebuilt_bytes, sol.block_buffer_bytes,
+                                                     *((float(sol.dp_sharded),) if eager else ()), *own]))
         return hit[1]
 
     def build(seq_split: bool, suffix: dict[tuple, np.ndarray], reuse: bool) -> RangeTable:
@@ -428,8 +516,8 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                     arr[:, 0] = v
                     if tail is not None:
                         m = tail.shape[1]
-                        np.add(v[:7, None], tail[:7], out=arr[:7, 1:1 + m])
-                        np.maximum(v[7:9, None], tail[7:9], out=arr[7:9, 1:1 + m])
+                        np.add(v[:n_sum, None], tail[:n_sum], out=arr[:n_sum, 1:1 + m])
+                        np.maximum(v[n_sum:K, None], tail[n_sum:K], out=arr[n_sum:K, 1:1 + m])
                         arr[K:, 1:1 + m] = tail[K:]
                 else:
                     arr = np.full((K + n_ends, L - l), np.inf)
@@ -454,10 +542,15 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                         tab[:, i, i + 1:, pi] = chain(i, start.spec, None)
                         uses_seq |= not clean.get((i, start.spec, None), True)
         rec_last = _add_block_ends(tab, K, np.array(ends, dtype=np.float64).reshape(-1, len(ZeroEnds._fields))) if units else None
-        # the eager working set beside the recomputed layer's (none outside the eager recipe)
-        eager_working = solver.eager
-        return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[7], starts, uses_seq and seq_split,
-                          rec_last, tab[6] if eager_working else None, tab[8] if eager_working else None)
+        if eager:
+            _add_sharded_stage_deltas(tab, n_sum + 2)
+            _add_tied_copies(tab, g, solver.settings.zero)
+        # the eager working set beside the recomputed layer's, and the gradient pool (none
+        # outside the eager recipe)
+        return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[n_sum], starts, uses_seq and seq_split,
+                          rec_last, tab[6] if eager else None, tab[n_sum + 1] if eager else None,
+                          tab[POOL] if eager else None, tab[ABSENT] if eager else None,
+                          tab[TIED_GRAD] if eager else None)
 
     if not context_parallel:
         lean = build(False, {}, False)

@@ -129,7 +129,7 @@ class StageTables:
             t = rt.time_s(rc, at)                                    # (U, P)
             mem = rt.memory_bytes(rc, held, at)                      # (S, U, P)
             self._note_least_memory(mem)
-            tt = np.where(mem <= sp.memory_cap_bytes, t, np.inf)
+            tt = np.where(mem <= rt.cap_bytes(sp.memory_cap_bytes, at), t, np.inf)
             key = slots * tt + sync
             pbest, flat, kbest = _first_least(key)
             better = kbest < cells["key_s"]
@@ -230,10 +230,11 @@ class StageTables:
             with np.errstate(invalid="ignore"):
                 key0 = slots * t + sync                                       # (S, U, P)
                 mem0 = rt.memory_bytes("none", held, at)
+            cap = np.broadcast_to(rt.cap_bytes(sp.memory_cap_bytes, at), t.shape)   # (U, P)
             cells = new.class_cells[:-1, mi, 1:].T                           # (S, U) view
             chains.clear()
             walks: dict = {}
-            try_at = np.isfinite(key0) & (key0 < cells["key_s"][:, :, None]) & (mem0 > sp.memory_cap_bytes)
+            try_at = np.isfinite(key0) & (key0 < cells["key_s"][:, :, None]) & (mem0 > cap)
             for s, u, p in zip(*np.nonzero(try_at)):
                 if not key0[s, u, p] < cells["key_s"][s, u]:
                     continue                        # beaten by an option written in this pass
@@ -241,7 +242,7 @@ class StageTables:
                 items = chains.get((u, p))
                 if items is None:
                     items = chains[(u, p)] = storage_items(solver, mesh, rt, i, j, p, walks)
-                excess = float(mem0[s, u, p]) - sp.memory_cap_bytes
+                excess = float(mem0[s, u, p]) - float(cap[u, p])
                 if not items or -sum(it[3] for it in items) < excess:
                     continue
                 slot_s = float(slots[s, 0, 0])

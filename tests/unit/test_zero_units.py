@@ -182,16 +182,29 @@ def test_range_table_is_the_evaluators_stage_at_every_zero_level(zero, cluster, 
     assert (moved > 0) == (zero >= 2)
 
 
-@pytest.mark.parametrize("CLUSTER,MODEL", [(P3_2x1, "gpt:hidden=64,layers=2,heads=4,seq=32,vocab=128"),
-                                           (load_cluster("p3.16xlarge", 1, 2),
-                                            "gpt:hidden=1024,layers=2,heads=8,seq=512,vocab=4096")])
-def test_plan_zero3_picks_the_evaluators_best_plan_of_its_space_by_brute_force(CLUSTER, MODEL):
+# The eager recipe's host dispatch is not in the planner's tables (their times are the device's),
+# while the evaluator takes each GPU's step as max(host, device): on this small tied model the
+# one-stage plan on both GPUs is host-bound (46.3 ms, the DP's figure 5.9 ms), the DP keeps it
+# as its only optimum, and the evaluator's best, two ranks of two interleaved chunks at 7.75 ms,
+# is never proposed (the plan found: 8.97 ms).
+EAGER_HOST_GAP = "eager host time is not in the planner's tables (issue 15 report)"
+
+
+@pytest.mark.parametrize("CLUSTER,MODEL,EAGER", [(P3_2x1, "gpt:hidden=64,layers=2,heads=4,seq=32,vocab=128", False),
+                                                 (load_cluster("p3.16xlarge", 1, 2),
+                                                  "gpt:hidden=1024,layers=2,heads=8,seq=512,vocab=4096", False),
+                                                 pytest.param(
+                                                     load_cluster("p3.16xlarge", 1, 2),
+                                                     "gpt:hidden=1024,layers=2,heads=8,seq=512,vocab=4096", True,
+                                                     marks=pytest.mark.xfail(strict=True, reason=EAGER_HOST_GAP))])
+def test_plan_zero3_picks_the_evaluators_best_plan_of_its_space_by_brute_force(CLUSTER, MODEL, EAGER):
     """Oracle: brute force. On two GPUs across the slow link, every plan the planner can form
     from its layer solutions (one stage on both GPUs under each logical mesh, start layout and
     count of recomputed layers; two stages, one per GPU, cut anywhere, each with its own; two
     ranks of two interleaved chunks; every microbatch size) scored by the evaluator: `plan
     --zero 3` returns the best of them. The layer ILP's strategies are the planner's own (a
-    layer's strategy space is too large to enumerate with the evaluator)."""
+    layer's strategy space is too large to enumerate with the evaluator). Under the eager recipe
+    too, a tied model whose last stage holds the embedding's copy (not yet: EAGER_HOST_GAP)."""
     import autopar
     from autopar.search.candidates import Candidate
     from autopar.search.layer_solver import SearchStats
@@ -202,7 +215,7 @@ def test_plan_zero3_picks_the_evaluators_best_plan_of_its_space_by_brute_force(C
     cl = CLUSTER
     src = ModelSource(MODEL)
     gb, zero = 4, 3
-    job = SearchJob(src, cl, gb, "1f1b", None, cl.gpu.training_dtype(None), zero, 10.0, "highs", "ilp")
+    job = SearchJob(src, cl, gb, "1f1b", None, cl.gpu.training_dtype(None), zero, 10.0, "highs", "ilp", eager=EAGER)
     best = math.inf
     n_plans = 0
     for mb in (1, 2, 4):
@@ -242,7 +255,7 @@ def test_plan_zero3_picks_the_evaluators_best_plan_of_its_space_by_brute_force(C
                 if p.predicted.fits:
                     best = min(best, p.predicted.step_time_s)
     assert n_plans > 100 and math.isfinite(best)
-    got = autopar.plan(src, cl, global_batch=gb, zero=zero, workers=1)
+    got = autopar.plan(src, cl, global_batch=gb, zero=zero, workers=1, eager=EAGER)
     assert got.predicted.step_time_s == pytest.approx(best, rel=1e-9)
 
 
@@ -296,8 +309,10 @@ def test_eager_range_table_memory_with_the_loss_is_the_evaluators(zero, model):
     For every count k of recomputed first layers and several microbatch counts held, the
     tables' memory is evaluate's for that stage (held + in flight x stash + working), at every
     ZeRO level. A tied head on a stage after the embedding's holds a copy of its weight (the
-    evaluator's tied_copy_params), which the tables do not model: the tied model is checked
-    on the whole model's stage only."""
+    evaluator's tied_copy_params: its state, autocast cache and optimizer step), which the
+    tables hold too; at ZeRO-2/3, whose per-step sync is the stage's own (not its layers'
+    share of buckets), the tables' per-step seconds are the evaluator's, the copy's optimizer
+    step included."""
     from dataclasses import replace
 
     from autopar.costmodel.memory import stage_working_bytes
@@ -306,13 +321,13 @@ def test_eager_range_table_memory_with_the_loss_is_the_evaluators(zero, model):
     tied = "tied=false" not in model
     L = len(g.layers)
     inflight = np.array([1.0, 3.0])
-    checked = loss_counted = 0
-    ranges = [(0, L)] if tied else [(0, L), (2, L), (L - 2, L)]
-    for i, j, p, base in table_stages(solver, rt, mesh, sub, shape, ranges, specs[:3]):
+    checked = loss_counted = copies = 0
+    for i, j, p, base in table_stages(solver, rt, mesh, sub, shape, [(0, L), (2, L), (L - 2, L), (1, L)], specs[:3]):
         for k in range(j - i + 1):
             st = base if k == 0 else replace(base, recompute="full", recompute_layers=k)
             res = evaluate_stage(g, cluster, st, training, cm, eager=True)
-            assert res.tied_copy_params == 0
+            assert (res.tied_copy_params > 0) == (tied and i > 0)
+            copies += res.tied_copy_params > 0
             # the planner counts DDP's first buckets (step 2) with what a stage holds: one moment
             held = (res.param_state_bytes + res.ddp_bucket_bytes + res.ddp_rebuild_bytes + res.autocast_cache_bytes
                     + res.fsdp_root_bytes)
@@ -324,9 +339,13 @@ def test_eager_range_table_memory_with_the_loss_is_the_evaluators(zero, model):
                 assert rt.memory_bytes("full", inflight[:, None], (i, j))[:, p] == pytest.approx(want, rel=1e-9)
             if k == 0:
                 assert rt.memory_bytes("none", inflight[:, None], (i, j))[:, p] == pytest.approx(want, rel=1e-9)
+            if zero >= 2:
+                assert rt.sync[i, j, p] == pytest.approx(res.sync_s + res.optimizer_s + res.grad_bucket_s,
+                                                         rel=1e-9), (i, j, k)
             loss_counted += res.cross_entropy_peak_bytes > res.working_bytes > 0
             checked += 1
-    assert checked >= (10 if tied else 30)
+    assert checked >= 30
+    assert (copies > 0) == tied
     # some recomputing stage's loss tensors outweigh its recomputed layer (the larger one counts)
     assert loss_counted > 0
 
