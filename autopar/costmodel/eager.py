@@ -215,8 +215,10 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
   `.grad` are the bucket's views), which this counts as native DDP's (on the safe side).
 - ZeRO as `autopar run` runs it (`fsdp_bf16_params`, the default recipe): FSDP2 with
   MixedPrecisionPolicy's bf16 parameters and no autocast, where the corpus's fsdp2 rows ran
-  autocast over FSDP2's fp32 parameters (`zero_autocast=True`, which bench/truth/predict.py
-  passes so those rows stay priced as they ran). Without autocast the blocks and the loss are
+  autocast on top of those bf16 parameters (`autocast_over_bf16_params`, `zero_autocast=True`,
+  which bench/truth/predict.py passes so those rows stay priced as they ran: a bf16 residual
+  stream, LayerNorm in fp32 by autocast's rule and RMSNorm in bf16 on torch 2.11,
+  `norm_runs_fp32`; autocast's fp32 loss; no weight cache). Without autocast the blocks and the loss are
   bf16 as the graph counts them: no fp32 residual stream, input copies or weight cache (memory
   and time), and the loss at BF16_CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT (6 B) and
   BF16_CROSS_ENTROPY_BYTES_PER_LOGIT (12 B) per logit, or loss_parallel's fp32 intermediates
@@ -339,15 +341,51 @@ CUDA_CONTEXT_BYTES = 0.77 * GIB
 NCCL_BYTES = 1.25 * GIB
 
 
+# The norms torch's CUDA autocast runs in fp32 (its fp32 cast policy, AT_FORALL_FP32 in
+# aten/src/ATen/autocast_mode.h) in torch 2.11, the torch bench/truth's corpus ran on: layer_norm
+# and group_norm. rms_norm has no autocast rule there and runs in its input's dtype; torch 2.12
+# put it on the fp32 policy (pytorch/pytorch#174824; torch 2.13 lists it).
+AUTOCAST_FP32_NORM_OPS = frozenset({"layer_norm", "group_norm"})
+
+
 def fsdp_bf16_params(zero: int, dp_sharded: bool, zero_autocast: bool = False) -> bool:
     """Whether a ZeRO stage runs as `autopar run` runs it (runtime/engines.py): FSDP2 with
     MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) and no autocast, where the
     data-parallel degree shards (`dp_sharded`). Everything the blocks and the loss compute is
     then bf16, as the graph counts it: no fp32 residual stream, no per-linear input copies, no
     autocast weight cache, a bf16 loss (`cross_entropy_peak_bytes_per_logit`). `zero_autocast`
-    is the other recipe, the one bench/truth's fsdp2 rows ran: autocast over FSDP2's fp32
-    parameters (and ZeRO-1/2 as DDP under autocast); those rows are priced as they ran."""
+    is the other recipe, the one bench/truth's fsdp2 rows ran: the same bf16 parameters with
+    autocast on top (`autocast_over_bf16_params`; ZeRO-1/2 as DDP under autocast); those rows
+    are priced as they ran."""
     return zero >= 1 and dp_sharded and not zero_autocast
+
+
+def autocast_over_bf16_params(zero: int, dp_sharded: bool, zero_autocast: bool = False) -> bool:
+    """Whether a ZeRO-3 stage runs bench/truth's fsdp2 recipe (`zero_autocast`; truth.py
+    setup_fsdp2): FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), where
+    the data-parallel degree shards, and autocast on top. Against autocast over fp32 weights
+    (the single, DDP, TP and PP rows): the weights the blocks see are bf16, so autocast's weight
+    casts are no-ops and it caches nothing (its cache takes only fp32 leaves: no
+    `state_bytes` weight cache over several microbatches); the embedding's output, and so the
+    residual stream, is bf16 (no fp32 layer inputs under recomputation); a norm runs in fp32
+    only where autocast casts it (`norm_runs_fp32`); the loss is autocast's, fp32 log-softmax
+    (log_softmax's fp32_set_opt_dtype policy holds whatever the logits' dtype)."""
+    return zero_autocast and zero >= 3 and dp_sharded
+
+
+def norm_runs_fp32(norm_op: str, bf16_stream: bool) -> bool:
+    """Whether a norm (`norm_op`: the graph's op, "layer_norm", "rms_norm", ...) runs in fp32
+    under autocast: it then saves an fp32 input (`fp32_residual_extra_bytes`) and its fp32
+    output is cast by every linear it feeds (`autocast_input_copies_bytes`,
+    `autocast_fp32_stream_s`). Over fp32 weights the residual stream is fp32 and every norm
+    runs in fp32; over bf16 ones (`bf16_stream`: `autocast_over_bf16_params`) only those
+    autocast casts to fp32 (AUTOCAST_FP32_NORM_OPS): a LayerNorm casts its bf16 input to fp32
+    and saves that copy, as the fp32 stream's norm saves its input; an RMSNorm on torch 2.11
+    runs bf16 in and out and saves its bf16 input, the graph's count. The fsdp2 Llama rows
+    measure it: 10 B per hidden element and token per block (2 x 2 B fp32 inputs, 2 + 1 extra
+    input copies of 2 B) over the measured slope, 16.33 against 19.62 GiB per microbatch of
+    llama-3b s4096 before (16.31 now)."""
+    return not bf16_stream or norm_op in AUTOCAST_FP32_NORM_OPS
 
 
 def fsdp_zero12(zero: int, dp_sharded: bool, zero_autocast: bool = False) -> bool:

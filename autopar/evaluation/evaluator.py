@@ -118,8 +118,9 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     """The stage's costs; its StagePlan comes back as a copy carrying the per-op records.
     grad_sync: the engine whose gradient buckets it runs (collectives.GRAD_SYNC_ENGINES; None:
     the eager recipe's or the default's, collectives.default_grad_sync_engine).
-    zero_autocast: the eager recipe's ZeRO stages run autocast over FSDP2's fp32 parameters (as
-    bench/truth's fsdp2 rows did), not `autopar run`'s bf16 parameters (eager.fsdp_bf16_params).
+    zero_autocast: the eager recipe's ZeRO stages run autocast over FSDP2's bf16 parameters (as
+    bench/truth's fsdp2 rows did, eager.autocast_over_bf16_params), not as `autopar run` does
+    (the same bf16 parameters without autocast, eager.fsdp_bf16_params).
     compiled: whether the eager recipe runs the stage's blocks compiled (None: where `autopar
     run` compiles them, eager.compiled_per_block, which asks whether the plan has this stage
     alone: `one_stage`). loss: the default model's loss kernel (compute.LOSS_KERNELS; the eager
@@ -682,6 +683,9 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
         dp_sharded = stage_dp_sharded(ev)
     bf16 = eager_mod.fsdp_bf16_params(zero, dp_sharded, zero_autocast)
     zero12 = eager_mod.fsdp_zero12(zero, dp_sharded, zero_autocast)
+    # bench/truth's fsdp2 recipe: autocast over those bf16 parameters, a bf16 residual stream
+    # whose norms run in fp32 only where autocast casts them, and no weight cache
+    bf16_stream = eager_mod.autocast_over_bf16_params(zero, dp_sharded, zero_autocast)
     layer_of = {m: li for li in range(*layers) if first < li < last for m in graph.layers[li].nodes} if fsdp else {}
     # The blocks run compiled where the runtime compiles them (eager.compiled_per_block: by the
     # devices the blocks' weights are split over, and for a plan of one stage on one device):
@@ -710,7 +714,8 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                     acc[3] += c.time_s
                 elif c.phase == BACKWARD and c.kind == REDUCE_SCATTER:
                     acc[4] += c.time_s
-        if node.kind == NORM and node.operands and node.operands[0].source is not None and not bf16:
+        if (node.kind == NORM and node.operands and node.operands[0].source is not None and not bf16
+                and eager_mod.norm_runs_fp32(node.op, bf16_stream)):
             # autocast keeps the residual stream in fp32: the norm saves an fp32 input, runs in
             # fp32 and its output is cast to bf16 by each linear it feeds
             residual += eager_mod.fp32_residual_extra_bytes(*local_elems(node.operands[0].source))
@@ -795,7 +800,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
         fwd += exp_f - ag_f + slow_f
         bwd += exp_b - ag_b - rs + slow_b
     inputs_extra = 0.0
-    for li in range(*layers) if not bf16 else ():
+    for li in range(*layers) if not (bf16 or bf16_stream) else ():
         src = main_boundary(graph, list(graph.layers[li].nodes))
         if src is not None:
             inputs_extra += eager_mod.fp32_residual_extra_bytes(*local_elems(src))
@@ -818,7 +823,8 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                       ddp_bytes=eager_mod.state_bytes(ev.param_elems, ddp and not zero12, 1),
                       ddp_rebuild_bytes=eager_mod.ddp_rebuild_transient_bytes(ev.param_elems)
                       if ddp and not zero12 else 0.0,
-                      autocast_cache_bytes=0.0 if bf16 else eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
+                      autocast_cache_bytes=0.0 if bf16 or bf16_stream
+                      else eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
                       param_state_delta_bytes=(eager_mod.fsdp_zero12_state_bytes(ev.param_elems, ev.param_elems_zero,
                                                                                  zero, n_microbatches)
                                                - ev.param_state_bytes(zero)) if zero12 else 0.0,
@@ -973,8 +979,8 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     The fused AdamW step at its measured bandwidth counts either way.
     grad_sync: the engine whose data-parallel gradient buckets the plan runs
     (collectives.GRAD_SYNC_ENGINES); None: PyTorch DDP's with eager, else Megatron-Core's.
-    zero_autocast: with eager, ZeRO stages as bench/truth's harness ran FSDP2 (autocast over fp32
-    parameters) instead of as `autopar run` does (bf16 parameters, no autocast: the default).
+    zero_autocast: with eager, ZeRO stages as bench/truth's harness ran FSDP2 (autocast over its
+    bf16 parameters) instead of as `autopar run` does (bf16 parameters, no autocast: the default).
     compiled: with eager, whether the blocks run compiled per block (torch.compile, eager.py
     "compiled blocks"): None, where `autopar run` compiles them (eager.compiled_per_block:
     tensor-parallel stages, a plan on one device); False, all eager, as bench/truth's harness ran; True, all compiled

@@ -22,7 +22,12 @@ sequence: warm-up 1, sync, two synced warm-ups, then back to back steps), "gap" 
 a 1 s sleep after warm-up 1, longer than NCCL's watchdog period), "loop" (every step back to
 back, one sync at the end: a user's loop), "history" (harness with the allocator's history),
 "view_loop" (loop with DistributedDataParallel(gradient_as_bucket_view=True), as `autopar run`
-builds it: runtime/engines.py).
+builds it: runtime/engines.py), "fsdp2" (truth.py's setup_fsdp2 in place of DDP, on a world-size-1
+mesh: FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) with autocast on top,
+the corpus's fsdp2 recipe; its sharded state is the whole model's, 16 B per parameter, where a
+rank of two holds half, and its unsharded buffers and activations are a rank's of two),
+"fsdp2_history" (fsdp2 with the allocator's history: the blocks alive at the peak by where they
+were allocated, e.g. whether rms_norm / layer_norm allocate fp32 copies, and FSDP2's buffers).
 
 After every DDP run, with its objects deleted: the bytes still allocated once NCCL's watchdog
 has had time to see the last collectives complete, and again after one more collective (a
@@ -34,6 +39,8 @@ first buckets alive through step 2's forward (eager.ddp_rebuild_transient_bytes)
     python3 bench/truth/ddp_memory.py --out $OUT
     python3 bench/truth/ddp_memory.py --out $OUT --runs gpt-1.3b:1,gpt-1.3b:4 --variants harness,gap
     python3 bench/truth/ddp_memory.py --out $OUT --runs gpt-1.3b:1,gpt-6.7b:1 --variants view_loop,gap,loop
+    python3 bench/truth/ddp_memory.py --out $OUT --runs llama-3b:1:4096,llama-3b:4:4096,gpt-1.3b:8 \
+        --variants fsdp2_history --budget-s 240
 """
 
 from __future__ import annotations
@@ -210,9 +217,11 @@ def history_report(events: list[dict], rows: list[dict], baseline: int) -> str:
 
 
 def one_run(model: str, mb: int, seq: int, variant: str, dev) -> tuple[str, dict]:
-    run = {"model": model, "model_spec": C.spec(model, seq), "family": C.MODELS[model][0], "strategy": "ddp",
+    fsdp2 = variant.startswith("fsdp2")
+    run = {"model": model, "model_spec": C.spec(model, seq), "family": C.MODELS[model][0],
+           "strategy": "fsdp2" if fsdp2 else "ddp",
            "microbatch": mb, "seq": seq, "n_microbatches": 1, "recompute": "none", "n_gpus": 1}
-    history = variant == "history" and dev.kind == "cuda"
+    history = variant in ("history", "fsdp2_history") and dev.kind == "cuda"
     rec = Recorder(sentinels=history)
     T.mark = rec.mark
     T.free(dev)
@@ -228,6 +237,9 @@ def one_run(model: str, mb: int, seq: int, variant: str, dev) -> tuple[str, dict
         elif variant == "view_loop":
             step, objs = setup_ddp_bucket_view(run, dev, amp)
             module = objs[1]
+        elif fsdp2:
+            step, objs, _ = T.setup_fsdp2(run, dev, amp, 1)
+            module = objs[0]
         else:
             step, objs, _ = T.setup_ddp(run, dev, amp, 1)
             module = objs[1]
@@ -254,7 +266,7 @@ def one_run(model: str, mb: int, seq: int, variant: str, dev) -> tuple[str, dict
             torch.cuda.memory._record_memory_history(enabled=None)
         T.mark = rec.orig
     table, res = summarize(rec.rows, n_params)
-    kind = "single" if variant == "single" else "ddp"
+    kind = "single" if variant == "single" else "fsdp2" if fsdp2 else "ddp"
     head = (f"== {kind} {model} s{seq} mb{mb} variant {variant}: {n_params / 1e9:.3f} B params; allocated after "
             f"setup {after_setup / GB:.3f} GB ({after_setup / n_params:.2f} B/param), after the steps "
             f"{end_alloc / GB:.3f} GB ({end_alloc / n_params:.2f} B/param); {len(rec.rows)} marks, steps {steps_s:.2f} s")
