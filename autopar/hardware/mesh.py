@@ -88,8 +88,8 @@ def searched_meshes(cluster: Cluster, submesh: Submesh) -> list[tuple[int, int]]
     here even on one link. The layouts are not closed under swapping the axes (S01 splits axis
     0 major), and spec.reshard_s converts axis 0 first, so e.g. moving a split from axis 0 to
     axis 1 gathers first on (2, 4) but slices first on (4, 2). gpt-39b's 4x2 range tables
-    differ from 2x4's in 22-53% of their finite time cells (microbatch sizes 1-4, by up to 2%,
-    memory and sync by up to 30%), and a small GPT's 4x2 wins stage-table cells from 2x4."""
+    differ from 2x4's in 22-53% of their finite time cells (microbatch sizes 1-4, times by up to 2%,
+    gradient sync and memory by up to 40%), and a small GPT's 4x2 wins stage-table cells from 2x4."""
     shapes = submesh.logical_meshes()
     def mirrors(shape: tuple[int, int]) -> bool:
         d0, d1 = shape
