@@ -40,7 +40,7 @@ import numpy as np
 from autopar.costmodel.compute import ComputeModel
 from autopar.costmodel.eager import allocatable_bytes
 from autopar.evaluation.evaluator import EAGER_DEFAULT, evaluate
-from autopar.hardware.mesh import Mesh, Submesh, submeshes
+from autopar.hardware.mesh import Mesh, Submesh, searched_meshes, submeshes
 from autopar.hardware.presets import load_cluster
 from autopar.hardware.specs import Cluster
 from autopar.model import ModelSource, model_source
@@ -377,7 +377,12 @@ class SearchJob:
         storage = self.sharded_storage and self.zero in (1, 2) and not self.eager
         storage_split: list[Candidate] = []
         for mi, sub in enumerate(subs):
-            for shape in (sub.logical_meshes() if self.intra == "ilp" else [(sub.n_devices, 1)]):
+            # A (d, 1) mesh repeating (1, d) (mesh.searched_meshes) would add range tables equal
+            # to (1, d)'s (up to the order of start layouts) after them: it could win no cell (a
+            # cell keeps the first of equal options), and its equal-split candidates would tie
+            # (1, d)'s, which are simulated first. Leaving it out cannot change the plan
+            # (tests/unit/test_speed_h7_mirror_meshes.py keeps the full list as the oracle).
+            for shape in (searched_meshes(cl, sub) if self.intra == "ilp" else [(sub.n_devices, 1)]):
                 mesh = Mesh(cl, sub, shape)
                 rt, lean_rt = range_tables(solver, mesh, self.context_parallel)
                 # the lean table first: a cell keeps the first of equal options
