@@ -98,8 +98,9 @@ Time:
   (forward and backward: guards, the wrapper's DTensor unwrapping, Inductor's kernel and
   collective launches, autograd's accumulation of the block's gradients) in place of its ops'
   dispatch and DTensor's per-block cost. Fitted on the compiled GPT rows at microbatch 1 of
-  bench/results/runtime_vs_native_h200.json (gpt-1.3b, gpt-6.7b tp2: host-bound, 497 and 699
-  ms for 96 and 128 block calls; `python bench/truth/predict_runs.py --fit`): 5.30 ms. The
+  bench/results/runtime_vs_native_h200.json (gpt-1.3b, gpt-6.7b tp2: host-bound, 473 and 699
+  ms for 96 and 128 block calls; `python bench/truth/predict_runs.py --fit`): 5.18 ms (5.30 with
+  gpt-1.3b's earlier run, 497 ms; re-measured 2026-12-01). The
   profile of gpt-1.3b tp mb1 (bench/results/profiles_h200_2026-11-30/) has 1.64 ms forward and
   2.68 ms backward per region call and 0.54 ms of AccumulateGrad per block, under the profiler
   (559 ms/step profiled against 497 timed): 4.3 ms unprofiled, the same order. It does not
@@ -304,7 +305,7 @@ HOST_FSDP_S_PER_BLOCK = 6.08e-3            # fitted: GPT fsdp2 rows, FSDP2 hooks
 HOST_DDP_S_PER_BLOCK = 1.46e-3             # fitted: GPT ddp rows, DDP's reducer hooks and bucket launches per block
 # fitted: compiled tensor-parallel GPT rows at microbatch 1 of bench/results/runtime_vs_native_h200.json
 # (`python bench/truth/predict_runs.py --fit`), host seconds per compiled block and microbatch
-HOST_COMPILED_S_PER_BLOCK = 5.30e-3
+HOST_COMPILED_S_PER_BLOCK = 5.177e-3
 # fitted: compiled plain (non-DTensor: weights not split) GPT rows at microbatch 1 of
 # bench/results/runtime_vs_native_h200_1gpu.json (`python bench/truth/predict_runs.py --fit`),
 # host seconds per compiled block and microbatch where the region's inputs are plain tensors
