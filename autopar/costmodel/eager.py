@@ -90,7 +90,8 @@ Time:
   PIPELINE_IDLE_S_PER_BLOCK is fitted on the device-bound GPT pp rows (`predict.py --fit`).
 
 - compiled blocks (`compiled_per_block`, the runtime's rule: `autopar run` compiles the blocks
-  of tensor-parallel stages and of plans on one device on CUDA; `evaluate(..., compiled=)` overrides it, False for
+  of tensor-parallel stages and, per engine (COMPILED_BY_ENGINE), of stages on one device and
+  DDP stages on CUDA, not FSDP2 or context-parallel ones; `evaluate(..., compiled=)` overrides it, False for
   bench/truth's eager harness). The block is one torch.compile'd region; what lies outside it
   (embedding, head, loss, optimizer, casts of the weights and gradients, the allocator) stays
   as above. Four terms change inside it:
@@ -98,8 +99,9 @@ Time:
   (forward and backward: guards, the wrapper's DTensor unwrapping, Inductor's kernel and
   collective launches, autograd's accumulation of the block's gradients) in place of its ops'
   dispatch and DTensor's per-block cost. Fitted on the compiled GPT rows at microbatch 1 of
-  bench/results/runtime_vs_native_h200.json (gpt-1.3b, gpt-6.7b tp2: host-bound, 497 and 699
-  ms for 96 and 128 block calls; `python bench/truth/predict_runs.py --fit`): 5.30 ms. The
+  bench/results/runtime_vs_native_h200.json (gpt-1.3b, gpt-6.7b tp2: host-bound, 473 and 699
+  ms for 96 and 128 block calls; `python bench/truth/predict_runs.py --fit`): 5.18 ms (5.30 with
+  gpt-1.3b's earlier run, 497 ms; re-measured 2026-12-01). The
   profile of gpt-1.3b tp mb1 (bench/results/profiles_h200_2026-11-30/) has 1.64 ms forward and
   2.68 ms backward per region call and 0.54 ms of AccumulateGrad per block, under the profiler
   (559 ms/step profiled against 497 timed): 4.3 ms unprofiled, the same order. It does not
@@ -314,7 +316,7 @@ HOST_FSDP_S_PER_BLOCK = 6.08e-3            # fitted: GPT fsdp2 rows, FSDP2 hooks
 HOST_DDP_S_PER_BLOCK = 1.46e-3             # fitted: GPT ddp rows, DDP's reducer hooks and bucket launches per block
 # fitted: compiled tensor-parallel GPT rows at microbatch 1 of bench/results/runtime_vs_native_h200.json
 # (`python bench/truth/predict_runs.py --fit`), host seconds per compiled block and microbatch
-HOST_COMPILED_S_PER_BLOCK = 5.30e-3
+HOST_COMPILED_S_PER_BLOCK = 5.177e-3
 # fitted: compiled plain (non-DTensor: weights not split) GPT rows at microbatch 1 of
 # bench/results/runtime_vs_native_h200_1gpu.json (`python bench/truth/predict_runs.py --fit`),
 # host seconds per compiled block and microbatch where the region's inputs are plain tensors
@@ -471,27 +473,52 @@ def precision_casts_s(local_params: float, n_microbatches: int, cm: ComputeModel
     return per_param * local_params / (cm.stream_bytes_per_s * ADAMW_STREAM_SHARE)
 
 
-# Whether stages without tensor parallelism on several devices (DDP, FSDP2 ZeRO-1/2/3,
-# pipeline stages) run compiled per block on CUDA by default, as tensor-parallel ones and plans on
-# one device do. Flip it here once bench/runtime_vs_native.py --compile-mode both shows it helps
-# (dp2 so far: 5% faster, 9% more memory); nothing else decides it.
-COMPILE_STAGES_WITHOUT_TP = False
+# The engines a stage without tensor parallelism runs its blocks on in `autopar run`
+# (runtime/engines.py EngineModel picks them; `stage_engine` names them for this rule), and
+# whether each compiles its blocks per block by default on CUDA. Measured both ways on 2 H200s
+# (bench/results/runtime_vs_native_h200.json, rows with compile true and false; `python
+# bench/runtime_vs_native.py --compile-mode both`) and on one (runtime_vs_native_h200_1gpu.json):
+# - "plain", the module on one device: a plan on one GPU (1.07-1.31x, 1-3 GiB less allocated)
+#   and a pipeline's stage on one GPU (1F1B gpt-1.3b mb8: 391 -> 351 ms, 27.6 -> 26.3 GiB);
+# - "ddp": gpt-1.3b dp2 mb8 325 -> 313 ms, 50.9 -> 45.3 GiB; the earlier run (an older
+#   runtime, previous_run) 318 -> 311 ms at 46.0 -> 50.2 GiB, where the eager figure was later
+#   re-measured at 50.9 GiB, native and autopar alike: both runs faster, the runtime that ships
+#   at 0.89x the eager memory;
+# - "fsdp2" (ZeRO-1/2/3 over several ranks): ZeRO-3 gpt-1.3b mb8 316 -> 321 ms, gpt-6.7b mb4
+#   799 -> 791 ms, memory equal: no gain beyond noise, and ZeRO-1/2 not measured compiled;
+# - "context_parallel": not measured compiled, nor checked (torch's context_parallel runs on
+#   CUDA only, so the gloo tests of tests/integration/test_engines_compiled.py cannot take it).
+# Tensor-parallel stages compile whatever their engine (eager DTensor dispatch is host-bound).
+COMPILED_BY_ENGINE = {"plain": True, "ddp": True, "fsdp2": False, "context_parallel": False}
 
 
-def compiled_per_block(tp: int, on_gpu: bool = True, stage_devices: int = 0, one_stage: bool = False) -> bool:
+def stage_engine(stage_devices: int, fsdp2: bool = False, context_parallel: bool = False) -> str:
+    """The engine kind (a key of COMPILED_BY_ENGINE) of a stage without tensor parallelism on
+    `stage_devices` devices: FSDP2 where its ZeRO level shards over several ranks (`fsdp2`:
+    the runtime's `stage_zero`, the model's `fsdp_bf16_params`), torch's context parallelism
+    where its blocks split the sequence (`context_parallel`), DDP over several devices
+    otherwise (or a mixed pipeline's own all-reduce, the same replicated blocks), the plain
+    module on one."""
+    if fsdp2:
+        return "fsdp2"
+    if context_parallel:
+        return "context_parallel"
+    return "ddp" if stage_devices > 1 else "plain"
+
+
+def compiled_per_block(tp: int, on_gpu: bool = True, stage_devices: int = 1, fsdp2: bool = False,
+                       context_parallel: bool = False) -> bool:
     """Whether `autopar run` runs a stage's transformer blocks compiled (torch.compile per block),
-    for a stage whose blocks' weights are split over `tp` devices, which runs on `stage_devices`
-    devices in a plan of `one_stage` (or more): the one rule, which the runtime
-    (runtime/engines.py `default_compile`) and this model (`eager_terms`) both ask. On CUDA, where
-    it was measured to help:
-    - tensor-parallel stages: eager DTensor dispatch is host-bound (gpt-1.3b tp2 on 2 H200s:
-      0.50 s per step compiled against 1.26 s eager);
-    - a plan on one device (one stage on one GPU: the plain module): on one H200
-      (bench/results/runtime_vs_native_h200_1gpu.json) 1.12x faster for gpt-1.3b mb8, 1.31x for
-      llama-1b-gqa mb4, within noise at one sequence, its peak allocated 1-3 GiB lower.
-    Data-parallel stages on several devices stay eager: for dp2 (DDP) it gave 5% and cost 9%
-    more memory; FSDP2 and pipeline stages were not measured compiled."""
-    return on_gpu and (tp > 1 or COMPILE_STAGES_WITHOUT_TP or (stage_devices == 1 and one_stage))
+    for a stage whose blocks' weights are split over `tp` devices, on `stage_devices` devices,
+    on FSDP2 (`fsdp2`) or torch's context parallelism (`context_parallel`): the one rule,
+    which the runtime (runtime/engines.py `default_compile`) and this model (`eager_terms`)
+    both ask. On CUDA, where it was measured to help: tensor-parallel stages (eager DTensor
+    dispatch is host-bound: gpt-1.3b tp2 on 2 H200s 0.50 s per step compiled against 1.26 s
+    eager), and the others by their engine (COMPILED_BY_ENGINE: the plain module on one
+    device, a pipeline's stage or the whole plan, and DDP; not FSDP2 or context parallelism)."""
+    if not on_gpu:
+        return False
+    return tp > 1 or COMPILED_BY_ENGINE[stage_engine(stage_devices, fsdp2, context_parallel)]
 
 
 def autocast_fp32_stream_s(norm_elements: float, linear_consumers: int, cm: ComputeModel,

@@ -45,6 +45,7 @@ from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.specs import Cluster
 from autopar.plan import Plan, PlanError, Prediction, StageMemory, StagePlan, Training
 from autopar.sharding.rules.common import GRAD_BYTES
+from autopar.sharding.rules.einsum import splits_sequence
 from autopar.sharding.spec import parse_spec, shard_factor
 from autopar.sharding.stage_problem import Evaluation, Settings, StageProblem
 from graphs.annotate import is_unfused_attention
@@ -114,7 +115,7 @@ class StageResult:
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
                    cm: ComputeModel, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None,
                    zero_autocast: bool = False, compiled: bool | None = None,
-                   one_stage: bool = False, loss: str = "fused") -> StageResult:
+                   loss: str = "fused") -> StageResult:
     """The stage's costs; its StagePlan comes back as a copy carrying the per-op records.
     grad_sync: the engine whose gradient buckets it runs (collectives.GRAD_SYNC_ENGINES; None:
     the eager recipe's or the default's, collectives.default_grad_sync_engine).
@@ -122,8 +123,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     bench/truth's fsdp2 rows did, eager.autocast_over_bf16_params), not as `autopar run` does
     (the same bf16 parameters without autocast, eager.fsdp_bf16_params).
     compiled: whether the eager recipe runs the stage's blocks compiled (None: where `autopar
-    run` compiles them, eager.compiled_per_block, which asks whether the plan has this stage
-    alone: `one_stage`). loss: the default model's loss kernel (compute.LOSS_KERNELS; the eager
+    run` compiles them, eager.compiled_per_block, by the stage's tensor parallelism and engine). loss: the default model's loss kernel (compute.LOSS_KERNELS; the eager
     recipe prices its own)."""
     names = stage_nodes(graph, st.layers)
     sub = Submesh(*st.submesh)
@@ -208,7 +208,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             rc_stash = pev.stash_bytes
             if eager:
                 pterms = eager_terms(graph, pre_layers, pprob, passign, pev, training.n_microbatches, zero, cm,
-                                     zero_autocast, compiled, one_stage)
+                                     zero_autocast, compiled)
                 rc_stash += pterms.residual_stash_bytes
                 rc_inputs_fp32 = pterms.inputs_fp32_extra_bytes
     elif st.recompute == "selective":
@@ -222,7 +222,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             rec_flops = sum(graph.node(n).fwd_flops for n in core)
 
     terms = (eager_terms(graph, st.layers, prob, assign, ev, training.n_microbatches, zero, cm, zero_autocast,
-                         compiled, one_stage) if eager else NO_EAGER)
+                         compiled) if eager else NO_EAGER)
     if st.recompute == "full":
         layer_inputs += rc_inputs_fp32 if partial else terms.inputs_fp32_extra_bytes
     stash = stash_after_recompute(st.recompute, ev.stash_bytes + terms.residual_stash_bytes, layer_inputs, core_stash,
@@ -649,11 +649,11 @@ NO_EAGER = EagerTerms()
 
 def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, assign: dict[str, int],
                 ev: Evaluation, n_microbatches: int, zero: int, cm: ComputeModel,
-                zero_autocast: bool = False, compiled: bool | None = None, one_stage: bool = False,
+                zero_autocast: bool = False, compiled: bool | None = None,
                 dp_sharded: bool | None = None) -> EagerTerms:
     """The eager recipe's terms of layers [layers[0], layers[1]) whose ops `prob` holds, under
-    the strategies `assign` picks (ev: prob's evaluation of them). zero_autocast, compiled,
-    one_stage: as `evaluate_stage`'s. dp_sharded: whether the stage these layers are part of
+    the strategies `assign` picks (ev: prob's evaluation of them). zero_autocast, compiled:
+    as `evaluate_stage`'s. dp_sharded: whether the stage these layers are part of
     shards some parameters over its data-parallel degree (`stage_dp_sharded`), which decides
     how FSDP2 runs all of them; None: these layers are the stage."""
     names = list(prob.names)
@@ -688,13 +688,16 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     bf16_stream = eager_mod.autocast_over_bf16_params(zero, dp_sharded, zero_autocast)
     layer_of = {m: li for li in range(*layers) if first < li < last for m in graph.layers[li].nodes} if fsdp else {}
     # The blocks run compiled where the runtime compiles them (eager.compiled_per_block: by the
-    # devices the blocks' weights are split over, and for a plan of one stage on one device):
-    # their ops are one compiled region per block for the host, their autocast casts fused and
-    # merged (eager.py "compiled blocks").
+    # devices the blocks' weights are split over, and by the engine the stage runs on: FSDP2
+    # where autopar run's ZeRO shards, eager.fsdp_bf16_params; context parallelism where a
+    # block's op splits the sequence): their ops are one compiled region per block for the
+    # host, their autocast casts fused and merged (eager.py "compiled blocks").
     in_block = {m for li in range(*layers) if first < li < last for m in graph.layers[li].nodes}
     block_split = _block_weight_split(graph, prob, assign, in_block)
     if compiled is None:
-        compiled = eager_mod.compiled_per_block(block_split, stage_devices=prob.mesh.n_devices, one_stage=one_stage)
+        compiled = eager_mod.compiled_per_block(
+            block_split, stage_devices=prob.mesh.n_devices, fsdp2=eager_mod.fsdp_bf16_params(zero, dp_sharded),
+            context_parallel=block_split == 1 and _splits_sequence(graph, prob, assign, in_block))
     # per FSDP2 block: compute forward, backward; all-gather forward, backward; reduce-scatter
     blocks: dict[int, list[float]] = {}
     for n in names:
@@ -928,6 +931,13 @@ def _block_weight_split(graph: OpGraph, prob: StageProblem, assign: dict[str, in
     return most
 
 
+def _splits_sequence(graph: OpGraph, prob: StageProblem, assign: dict[str, int], block_ops: set[str]) -> bool:
+    """Whether some op of the blocks takes a context-parallel strategy (splits_sequence): the
+    stage runs on torch's context parallelism (runtime/engines.py StageLayout.cp)."""
+    return any(splits_sequence(graph.node(n), prob.strategy_of(n, assign[n]).name)
+               for n in block_ops if n in assign)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -983,7 +993,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     bf16 parameters) instead of as `autopar run` does (bf16 parameters, no autocast: the default).
     compiled: with eager, whether the blocks run compiled per block (torch.compile, eager.py
     "compiled blocks"): None, where `autopar run` compiles them (eager.compiled_per_block:
-    tensor-parallel stages, a plan on one device); False, all eager, as bench/truth's harness ran; True, all compiled
+    tensor-parallel stages, stages on one device and DDP ones); False, all eager, as bench/truth's harness ran; True, all compiled
     (`autopar run`'s compile=True).
     loss: the default model's loss kernel (compute.LOSS_KERNELS): "fused" (one pass over the
     logits each way), or "megatron" (Megatron's fp32 vocab-parallel cross-entropy, as Megatron-LM
@@ -1009,8 +1019,8 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     schedule = tr.schedule
     v = tr.virtual_stages
     B = tr.n_microbatches
-    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync, zero_autocast, compiled,
-                          one_stage=len(plan.stages) == 1, loss=loss) for s in plan.stages]
+    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync, zero_autocast, compiled, loss=loss)
+           for s in plan.stages]
     n_dev_stages = len(res) // v if schedule == "interleaved" else len(res)
     if eager and n_dev_stages > 1:
         res = _pipeline_terms(res, graph, cluster, B, cm)

@@ -35,9 +35,9 @@ evaluation.baselines.megatron_names) — runs on the zoo's nn.Module with
 
 Under tp an embedding or the head may instead be replicated, as the auto planner often
 chooses. The modules run eagerly or compiled per transformer block (`compile`, every stage kind:
-recompute_and_compile; by default tensor-parallel stages and plans on one device, on CUDA, where
-it was measured to help: eager DTensor TP is host-bound, bench/results/runtime_vs_native_h200.json;
-one H200's plain module, runtime_vs_native_h200_1gpu.json; default_compile decides); nothing
+recompute_and_compile; by default, on CUDA, tensor-parallel stages, stages on one device (a
+pipeline's or the whole plan) and DDP stages, where it was measured to help, not FSDP2 or
+context-parallel ones: costmodel.eager.COMPILED_BY_ENGINE, default_compile decides); nothing
 is interpreted op by op. Without ZeRO the optimizer steps the parameters' local shards (ShardOptimizer: fused Adam, no DTensor
 dispatch). A plan with a stage that matches no engine keeps the fx/DTensor program of
 runtime.apply, with a warning that names the stage and op; with `compile` (by default on CUDA)
@@ -70,7 +70,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autopar.costmodel.eager import COMPILE_STAGES_WITHOUT_TP, compiled_per_block
+from autopar.costmodel.eager import COMPILED_BY_ENGINE, compiled_per_block
 from autopar.evaluation.baselines import megatron_names
 from autopar.plan import Plan, PlanError
 from autopar.sharding.rules.attention import CP_SUFFIX, cp_of
@@ -672,19 +672,27 @@ def apply_fsdp(seg: nn.Module, blocks: list[nn.Module], dp_mesh, zero: int, para
     fully_shard(seg, mesh=dp_mesh, reshard_after_forward=zero >= 3, mp_policy=mp, **kw)
 
 
-def default_compile(layout: StageLayout, device: torch.device, one_stage: bool = False) -> bool:
+def stage_zero(layout: StageLayout, zero: int) -> int:
+    """The ZeRO level a stage of `layout` runs under a plan's `zero`: FSDP2 over its dp x cp
+    replicas where it has several, none on a stage without replicas (EngineModel and
+    default_compile both ask)."""
+    return zero if layout.dp * layout.cp > 1 else 0
+
+
+def default_compile(layout: StageLayout, device: torch.device, zero: int = 0) -> bool:
     """Compile where it was measured to help: the one rule, costmodel.eager.compiled_per_block,
-    which the eager cost model prices too, for a stage of `layout` (on dp x tp x cp devices) in a
-    plan of `one_stage` or more. Never on CPU, where Inductor builds C++ per block and nothing
-    was measured (`autopar run --compile` forces it)."""
+    which the eager cost model prices too, for a stage of `layout` (on dp x tp x cp devices)
+    under a plan's ZeRO level `zero` (FSDP2 where `stage_zero` says so). Never on CPU, where
+    Inductor builds C++ per block and nothing was measured (`autopar run --compile` forces it)."""
     return compiled_per_block(layout.tp, device.type == "cuda", stage_devices=layout.dp * layout.tp * layout.cp,
-                              one_stage=one_stage)
+                              fsdp2=stage_zero(layout, zero) > 0, context_parallel=layout.cp > 1)
 
 
 def default_compile_text() -> str:
     """default_compile in words (autopar run's help and report)."""
-    return ("every stage on cuda" if COMPILE_STAGES_WITHOUT_TP
-            else "tensor-parallel stages and plans on one device, on cuda")
+    kinds = {"plain": "stages on one device", "ddp": "DDP stages", "fsdp2": "FSDP2 (ZeRO) stages",
+             "context_parallel": "context-parallel stages"}
+    return ", ".join(["tensor-parallel stages"] + [kinds[k] for k, on in COMPILED_BY_ENGINE.items() if on]) + ", on cuda"
 
 
 def recompute_and_compile(seg: Segment, compile: bool, tensor_parallel: bool) -> None:
@@ -759,12 +767,12 @@ class EngineModel:
         self.stage = stages[self.stage_index]
         self.layout = layout = layouts[self.stage_index]
         self.last_layout = layouts[self.stage_ids[-1]]      # its last chunk's (under interleaving)
+        self.zero = stage_zero(layout, plan.training.zero)
         if compile is None:
-            compile = default_compile(layout, self.device, one_stage=self.n_stages == 1)
+            compile = default_compile(layout, self.device, plan.training.zero)
         self.compiled = compile
         self.n_microbatches = plan.training.n_microbatches
         self.microbatch_size = plan.training.microbatch_size
-        self.zero = plan.training.zero if layout.dp * layout.cp > 1 else 0
         self.local_mb = self.microbatch_size // layout.dp
 
         # Collective setup, the same calls in the same order on every rank.

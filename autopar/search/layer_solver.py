@@ -360,12 +360,10 @@ class LayerSolver:
             def eager_rows(dp_sharded: bool | None) -> tuple[float, ...]:
                 """The figures the eager recipe's terms enter (in EAGER_ROWS' order), with the
                 stage's data-parallel sharding `dp_sharded` (None: the layer's own), as the
-                evaluator adds them to a stage of these layers; a stage on every device of the
-                cluster is the plan's one stage (a one-GPU plan compiles its blocks by default:
-                eager.compiled_per_block)."""
+                evaluator adds them to a stage of these layers (compiled per block where the
+                runtime compiles them: eager.compiled_per_block)."""
                 et = eager_terms(self.graph, (li, li + 1), prob, assign, ev, self.settings.n_microbatches,
-                                 zero, self.cm, one_stage=mesh.n_devices == mesh.cluster.n_gpus,
-                                 dp_sharded=dp_sharded) if self.eager else NO_EAGER
+                                 zero, self.cm, dp_sharded=dp_sharded) if self.eager else NO_EAGER
                 sync = grad_sync_step_s(prob, assign, ev, zero, engine, ev.bwd_s + et.bwd_s)
                 return (et.device_s, sync + et.grad_bucket_s, et.held_bytes, et.residual_stash_bytes,
                         et.inputs_fp32_extra_bytes, et.cross_entropy_peak_bytes,

@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench" / "truth"))     # predict (the corpus replay), beside this file
 # 2 H200s (every strategy, compiled tensor-parallel rows) and one H200 (eager and compiled)
 RESULTS = [ROOT / "bench/results/runtime_vs_native_h200.json", ROOT / "bench/results/runtime_vs_native_h200_1gpu.json"]
 

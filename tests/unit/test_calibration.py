@@ -271,15 +271,19 @@ def test_eager_memory_terms_closed_form():
         assert eager.device_peak_bytes(cap + eager.CUBLAS_WORKSPACE_BYTES, zero3, n) == pytest.approx(80 * 2**30)
 
 
-def _stage_terms(graph, layers, plan_stage, mesh, cm, n_microbatches, zero, zero_autocast=False):
-    """eager_terms of layers [a, b) under the strategies a built plan's stage picked."""
+def _stage_terms(graph, layers, plan_stage, mesh, cm, n_microbatches, zero, zero_autocast=False, compiled=False):
+    """eager_terms of layers [a, b) under the strategies a built plan's stage picked, its blocks
+    eager by default (compiled=False: the recipe these tests count by hand, whatever autopar
+    run's default compiles; None: that default; tests/unit/test_compiled_blocks.py prices the
+    compiled blocks)."""
     names = stage_nodes(graph, layers)
     src = main_boundary(graph, names)
     spec = parse_spec(plan_stage.input_spec) if plan_stage.input_spec else (1, 0, 0)
     prob = StageProblem(graph, names, mesh, cm, boundary={src: spec} if src else None)
     choice = prob.choice_from_names({n: s for n, s in plan_stage.strategies.items() if n in set(names)})
     ev = prob.evaluate(choice, Settings(n_microbatches=n_microbatches, zero=zero))
-    return eager_terms(graph, layers, prob, prob.assignment(choice), ev, n_microbatches, zero, cm, zero_autocast)
+    return eager_terms(graph, layers, prob, prob.assignment(choice), ev, n_microbatches, zero, cm, zero_autocast,
+                       compiled=compiled)
 
 
 @pytest.mark.parametrize("zero_autocast", [False, True])
@@ -312,6 +316,25 @@ def test_stage_eager_terms_are_the_sum_of_its_layers(zero, zero_autocast):
                   "ddp_bytes", "ddp_rebuild_bytes", "autocast_cache_bytes", "fsdp_root_bytes", "comm_delta_s",
                   "comm_overlap_s",
                   "param_state_delta_bytes"):
+        assert getattr(whole, field) == pytest.approx(sum(getattr(p, field) for p in parts), rel=1e-9), field
+
+
+def test_a_ddp_stage_compiled_by_default_is_the_sum_of_its_layers():
+    """The same over a DDP stage (dp2, no ZeRO), which autopar run compiles per block by default
+    (eager.compiled_per_block): the planner's layers and the evaluator's stage decide it alike."""
+    cl = load_cluster("dgx-h200", 1, 2)
+    src = ModelSource("gpt:hidden=256,layers=3,heads=4,seq=128,vocab=1024")
+    plan = build_3d(src, cl, 4, Config3D(2, 1, 1, 2))
+    graph = src.graph(4)
+    cm = ComputeModel(cl.gpu, plan.training.dtype)
+    mesh = Mesh(cl, Submesh(1, 2), (2, 1))
+    st = plan.stages[0]
+    n = plan.training.n_microbatches
+    whole = _stage_terms(graph, st.layers, st, mesh, cm, n, 0, compiled=None)
+    assert whole != _stage_terms(graph, st.layers, st, mesh, cm, n, 0)
+    assert whole == _stage_terms(graph, st.layers, st, mesh, cm, n, 0, compiled=True)
+    parts = [_stage_terms(graph, (li, li + 1), st, mesh, cm, n, 0, compiled=None) for li in range(*st.layers)]
+    for field in ("fwd_s", "bwd_s", "host_fwd_s", "host_bwd_s", "residual_stash_bytes", "ddp_bytes"):
         assert getattr(whole, field) == pytest.approx(sum(getattr(p, field) for p in parts), rel=1e-9), field
 
 

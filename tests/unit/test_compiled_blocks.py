@@ -25,30 +25,47 @@ BLOCK_LINEARS, BLOCK_OTHER_OPS = 6, 6
 
 
 def test_the_runtime_compiles_where_the_model_says_it_does():
+    """Oracle: the measured decision per engine (eager.COMPILED_BY_ENGINE's comment), written out
+    by layout: on CUDA, tensor-parallel stages and the plain module (one device) and DDP (dp x cp
+    replicas without ZeRO) compile, FSDP2 (ZeRO over several replicas) and context parallelism
+    do not."""
     torch = pytest.importorskip("torch")
-    from autopar.runtime.engines import StageLayout, default_compile
-    for dp, tp in [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)]:
-        for device in ("cuda", "cpu"):
-            for one_stage in (False, True):
-                expected = device == "cuda" and (tp > 1 or (dp * tp == 1 and one_stage))
-                assert default_compile(StageLayout(dp, tp, 0), torch.device(device), one_stage) == \
-                    eager.compiled_per_block(tp, device == "cuda", dp * tp, one_stage) == expected
+    from autopar.runtime.engines import StageLayout, default_compile, stage_zero
+    for dp, tp, cp in [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 4, 1), (1, 1, 2), (2, 1, 2)]:
+        for zero in (0, 1, 2, 3):
+            replicas = dp * cp > 1
+            expected = tp > 1 or (not (zero and replicas) and cp == 1)
+            for device in ("cuda", "cpu"):
+                layout = StageLayout(dp, tp, 0, cp=cp)
+                assert default_compile(layout, torch.device(device), zero) == \
+                    eager.compiled_per_block(tp, device == "cuda", dp * tp * cp, stage_zero(layout, zero) > 0,
+                                             cp > 1) == (device == "cuda" and expected), (dp, tp, cp, zero, device)
 
 
-def test_a_plan_on_one_device_is_priced_compiled_by_the_rule():
-    """One stage on one GPU: priced as `autopar run` runs it, compiled (eager.compiled_per_block);
-    the same device as one stage of a two-stage pipeline stays eager."""
-    cl = load_cluster("dgx-h200", 1, 1)
+def _priced_compiled(plan, graph, cl) -> bool:
+    """Whether the evaluator's default prices `plan` as its compiled or its eager run, told
+    apart by evaluating it both ways (they differ on these plans)."""
+    default = evaluate(plan, graph, cl, eager=True).prediction
+    compiled = evaluate(plan, graph, cl, eager=True, compiled=True).prediction
+    eager_run = evaluate(plan, graph, cl, eager=True, compiled=False).prediction
+    assert compiled != eager_run
+    assert default in (compiled, eager_run)
+    return default == compiled
+
+
+def test_the_evaluator_prices_each_engine_as_the_runtime_runs_it():
+    """Oracle: the runtime's rule (default_compile) for the stage's layout: one stage on one GPU,
+    a pipeline's one-GPU stages and DDP are priced compiled, FSDP2 ZeRO-1 and -3 eager."""
     src = ModelSource(TINY)
-    plan = build_3d(src, cl, 4, Config3D(1, 1, 1, 2))
     graph = src.graph(2)
-    assert evaluate(plan, graph, cl, eager=True).prediction == \
-        evaluate(plan, graph, cl, eager=True, compiled=True).prediction != \
-        evaluate(plan, graph, cl, eager=True, compiled=False).prediction
+    cl = load_cluster("dgx-h200", 1, 1)
+    assert _priced_compiled(build_3d(src, cl, 4, Config3D(1, 1, 1, 2)), graph, cl)
     cl2 = load_cluster("dgx-h200", 1, 2)
-    pp = build_3d(src, cl2, 4, Config3D(1, 1, 2, 2))
-    assert evaluate(pp, graph, cl2, eager=True).prediction == \
-        evaluate(pp, graph, cl2, eager=True, compiled=False).prediction
+    assert _priced_compiled(build_3d(src, cl2, 4, Config3D(1, 1, 2, 2)), graph, cl2)            # 1F1B
+    assert _priced_compiled(build_3d(src, cl2, 4, Config3D(2, 1, 1, 1)), graph, cl2)            # DDP
+    for zero in (1, 3):
+        assert not _priced_compiled(build_3d(src, cl2, 4, Config3D(2, 1, 1, 1, zero=zero)), graph, cl2)
+    assert _priced_compiled(build_3d(src, cl2, 4, Config3D(1, 2, 1, 2)), graph, cl2)            # tp2
 
 
 def test_compiled_terms_closed_form():
@@ -177,15 +194,16 @@ def test_a_compiled_llama_block_fuses_its_pointwise_chains():
     assert e.bwd_s - c.bwd_s == pytest.approx(2 * norm_bytes / bw + blocks * chain_bwd)
 
 
-def test_a_data_parallel_stage_stays_eager_by_the_rule():
-    """dp2 runs its blocks eager unless told (`autopar run --compile`, compiled=True); compiled,
-    its blocks cost the host a plain region (fitted on one GPU's plain blocks) in place of their
-    ops (DDP's hooks stay): more than its eager ops on this tiny model's few ops."""
+def test_a_data_parallel_stage_compiles_by_the_rule():
+    """dp2 (DDP) runs its blocks compiled by default (`autopar run --no-compile`, compiled=False,
+    runs them eager); compiled, its blocks cost the host a plain region (fitted on one GPU's
+    plain blocks) in place of their ops (DDP's hooks stay): more than its eager ops on this tiny
+    model's few ops."""
     plan, graph, cl = _tiny(2, 1)
     cm = ComputeModel(cl.gpu, plan.training.dtype)
     eager_plan = evaluate(plan, graph, cl, eager=True, compiled=False)
-    assert evaluate(plan, graph, cl, eager=True).prediction == eager_plan.prediction
     compiled = evaluate(plan, graph, cl, eager=True, compiled=True)
+    assert evaluate(plan, graph, cl, eager=True).prediction == compiled.prediction
     assert compiled.prediction.host_s - eager_plan.prediction.host_s == pytest.approx(
         plan.training.n_microbatches * 2 * (eager.HOST_COMPILED_PLAIN_S_PER_BLOCK
                                             - BLOCK_LINEARS * eager.HOST_S_PER_LINEAR

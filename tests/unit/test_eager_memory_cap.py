@@ -102,7 +102,7 @@ def _job(zero: int, global_batch: int = 16):
 
 def _stage_results(plan, graph, cl):
     cm = ComputeModel(cl.gpu, plan.training.dtype)
-    return [evaluate_stage(graph, cl, st, plan.training, cm, eager=True, one_stage=len(plan.stages) == 1)
+    return [evaluate_stage(graph, cl, st, plan.training, cm, eager=True)
             for st in plan.stages]
 
 
