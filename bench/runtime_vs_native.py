@@ -15,13 +15,14 @@ same model and strategy on the same GPUs (issue 12).
 
 Per (model, strategy, microbatch) both ways, one after the other in the same two processes:
 
-    native   dp: DistributedDataParallel, no_sync between microbatches, autocast bf16, fused Adam
+    native   (every strategy: fused Adam on CUDA, DTensor parameters included, as torchtitan)
+             dp: DistributedDataParallel, no_sync between microbatches, autocast bf16
              cp: DistributedDataParallel over the cp ranks (buffers not broadcast) and torch's
                  context_parallel around each microbatch (tokens and rope tables sharded in its
                  load-balanced order, ring rotation), K/V repeated to the query heads as
                  torchtitan does
              zero3 / zero1: fully_shard per block + root (reshard_after_forward True / False),
-                            MixedPrecisionPolicy(bf16, fp32 reduce), foreach Adam; zero1
+                            MixedPrecisionPolicy(bf16, fp32 reduce); zero1
                             accumulates its gradients over the microbatches and reduce-scatters
                             once (set_requires_gradient_sync / set_reshard_after_backward off
                             until the last)
@@ -383,7 +384,9 @@ class Native:
         self.dp = strategy in ("dp", "zero3", "zero1")
         dtensors = [p for p in params if hasattr(p, "placements")]
         groups = [{"params": g} for g in (dtensors, [p for p in params if not hasattr(p, "placements")]) if g]
-        fast = {"fused": True} if device.type == "cuda" and not dtensors else {"foreach": True}
+        # fused on CUDA, FSDP2's and TP's DTensors included (as torchtitan; autopar's engines too,
+        # engines.make_optimizer): foreach's fp32 temporaries would add a shard's copy at the step
+        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
         self.opt = torch.optim.Adam(groups, lr=1e-4, **fast)
 
     def step(self, batch):

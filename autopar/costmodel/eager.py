@@ -159,6 +159,16 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
   the end of the backward the gradients are all made and the activations gone. The peak is the
   larger (`gradients_absent_at_activation_peak_bytes`); with several microbatches the
   gradients exist after the first one and the weight cache lives all step.
+- the optimizer step is no third moment: fused Adam updates the weights and moments in place,
+  so the step holds the state and the gradients, which the end of the backward held too (under
+  FSDP2 the sharded fp32 gradients, `zero3_grad_pool_bytes`, with the activations gone). Every
+  recipe priced steps fused on CUDA, FSDP2's DTensor parameters included: autopar's engines
+  (runtime.engines.make_optimizer), bench/truth's corpus and bench/runtime_vs_native.py's native
+  recipes, as torchtitan does. Foreach Adam would add an fp32 temporary the size of the updated
+  shard (`_multi_tensor_adam`'s sqrt of the second moment), which came beside FSDP2's
+  reduce-scatter output at the step and made the peak of gpt-1.3b ZeRO-3 mb1 on 2 H200s
+  (2.45 + 2.45 GiB, bench/results/memory_peaks_h200_2026-12-01_zero3_mb1.txt, when the engines
+  still stepped FSDP2's DTensors with foreach).
 - autocast's fp32 residual stream: the embedding output and every residual add are fp32 (the
   weights are), so every norm saves an fp32 input and full recomputation keeps fp32 layer
   inputs (`fp32_residual_extra_bytes`): the measured per-token slope of single-gpt-1.3b

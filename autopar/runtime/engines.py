@@ -38,7 +38,7 @@ chooses. The modules run eagerly or compiled per transformer block (`compile`, e
 recompute_and_compile; by default, on CUDA, tensor-parallel stages, stages on one device (a
 pipeline's or the whole plan) and DDP stages, where it was measured to help, not FSDP2 or
 context-parallel ones: costmodel.eager.COMPILED_BY_ENGINE, default_compile decides); nothing
-is interpreted op by op. Without ZeRO the optimizer steps the parameters' local shards (ShardOptimizer: fused Adam on CUDA, no DTensor
+is interpreted op by op. Without ZeRO the optimizer steps the parameters' local shards (ShardOptimizer: fused Adam, no DTensor
 dispatch). A plan with a stage that matches no engine keeps the fx/DTensor program of
 runtime.apply, with a warning that names the stage and op; with `compile` (by default on CUDA)
 that program runs each layer as one torch.compile'd region (runtime.program.CompiledBlock).
@@ -1097,7 +1097,7 @@ class EngineModel:
 class ShardOptimizer:
     """The optimizer over each parameter's local shard (a plain tensor sharing the DTensor's
     storage; plain parameters as they are). Adam and SGD update element by element, so stepping
-    the shards steps the DTensors, without a DTensor dispatch per foreach op, and fused on CUDA.
+    the shards steps the DTensors without a DTensor dispatch per op.
     Gradients must be stored as their parameters are (EngineModel._reduce_grads sees to it).
     Not for FSDP2's parameters, whose shards FSDP re-points at its first forward."""
 
@@ -1120,14 +1120,19 @@ class ShardOptimizer:
 
 
 def make_optimizer(params: list[torch.Tensor], kind: str, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """Adam (fused when every parameter is a plain CUDA tensor, else foreach) or SGD. DTensor and
-    plain parameters (norms under tensor parallelism) go in separate groups: a foreach kernel
-    takes one kind only."""
+    """Adam (fused on CUDA and CPU, DTensor parameters included) or SGD. Fused, not foreach, for
+    FSDP2's DTensors too: foreach Adam allocates an fp32 temporary the size of the local shard,
+    which at the step sits beside FSDP2's reduce-scatter output (the peak of gpt-1.3b ZeRO-3 mb1
+    on 2 H200s, bench/results/memory_peaks_h200_2026-12-01_zero3_mb1.txt); torch's DTensor runs
+    _fused_adam_ on the local shards in place, and the eager memory model prices no optimizer
+    temporaries (as torchtitan and bench/truth's fsdp2 recipe step FSDP2). DTensor and plain
+    parameters (norms under tensor parallelism) go in separate groups: a kernel over a list takes
+    one kind only."""
     dtensors = [p for p in params if _is_dtensor(p)]
     plain = [p for p in params if not _is_dtensor(p)]
     groups = [{"params": g} for g in (dtensors, plain) if g]
     if kind == "adam":
-        if not dtensors and device.type == "cuda":
+        if device.type in ("cuda", "cpu"):
             return torch.optim.Adam(groups, lr=lr, fused=True)
         return torch.optim.Adam(groups, lr=lr, foreach=True)
     if kind == "sgd":
