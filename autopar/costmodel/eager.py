@@ -99,9 +99,10 @@ Time:
   (forward and backward: guards, the wrapper's DTensor unwrapping, Inductor's kernel and
   collective launches, autograd's accumulation of the block's gradients) in place of its ops'
   dispatch and DTensor's per-block cost. Fitted on the compiled GPT rows at microbatch 1 of
-  bench/results/runtime_vs_native_h200.json (gpt-1.3b, gpt-6.7b tp2: host-bound, 473 and 699
-  ms for 96 and 128 block calls; `python bench/truth/predict_runs.py --fit`): 5.18 ms (5.30 with
-  gpt-1.3b's earlier run, 497 ms; re-measured 2026-12-01). The
+  bench/results/runtime_vs_native_h200.json (gpt-1.3b, gpt-6.7b tp2: host-bound, 523 and 699
+  ms for 96 and 128 block calls; `python bench/truth/predict_runs.py --fit`): 5.44 ms. The
+  gpt-1.3b row is host-bound and varies run to run: 497, 473 and 523 ms in three runs (5.30,
+  5.18 and 5.44 ms fitted); the file keeps the latest. The
   profile of gpt-1.3b tp mb1 (bench/results/profiles_h200_2026-11-30/) has 1.64 ms forward and
   2.68 ms backward per region call and 0.54 ms of AccumulateGrad per block, under the profiler
   (559 ms/step profiled against 497 timed): 4.3 ms unprofiled, the same order. It does not
@@ -316,7 +317,7 @@ HOST_FSDP_S_PER_BLOCK = 6.08e-3            # fitted: GPT fsdp2 rows, FSDP2 hooks
 HOST_DDP_S_PER_BLOCK = 1.46e-3             # fitted: GPT ddp rows, DDP's reducer hooks and bucket launches per block
 # fitted: compiled tensor-parallel GPT rows at microbatch 1 of bench/results/runtime_vs_native_h200.json
 # (`python bench/truth/predict_runs.py --fit`), host seconds per compiled block and microbatch
-HOST_COMPILED_S_PER_BLOCK = 5.177e-3
+HOST_COMPILED_S_PER_BLOCK = 5.438e-3
 # fitted: compiled plain (non-DTensor: weights not split) GPT rows at microbatch 1 of
 # bench/results/runtime_vs_native_h200_1gpu.json (`python bench/truth/predict_runs.py --fit`),
 # host seconds per compiled block and microbatch where the region's inputs are plain tensors
@@ -480,16 +481,16 @@ def precision_casts_s(local_params: float, n_microbatches: int, cm: ComputeModel
 # bench/runtime_vs_native.py --compile-mode both`) and on one (runtime_vs_native_h200_1gpu.json):
 # - "plain", the module on one device: a plan on one GPU (1.07-1.31x, 1-3 GiB less allocated)
 #   and a pipeline's stage on one GPU (1F1B gpt-1.3b mb8: 391 -> 351 ms, 27.6 -> 26.3 GiB);
-# - "ddp": gpt-1.3b dp2 mb8 325 -> 313 ms, 50.9 -> 45.3 GiB; the earlier run (an older
-#   runtime, previous_run) 318 -> 311 ms at 46.0 -> 50.2 GiB, where the eager figure was later
-#   re-measured at 50.9 GiB, native and autopar alike: both runs faster, the runtime that ships
-#   at 0.89x the eager memory;
+# - "ddp": at 8 sequences faster compiled in three runs (gpt-1.3b dp2 mb8 325 -> 313 ms, 50.9 ->
+#   45.3 GiB; 317 -> 300 ms, 50.9 -> 50.2 GiB; an older runtime 318 -> 311 ms), but at one
+#   sequence, where the host bounds the step, slower: 141 -> 170 ms (native 108 -> 203 ms), so
+#   DDP stays eager by default;
 # - "fsdp2" (ZeRO-1/2/3 over several ranks): ZeRO-3 gpt-1.3b mb8 316 -> 321 ms, gpt-6.7b mb4
 #   799 -> 791 ms, memory equal: no gain beyond noise, and ZeRO-1/2 not measured compiled;
 # - "context_parallel": not measured compiled, nor checked (torch's context_parallel runs on
 #   CUDA only, so the gloo tests of tests/integration/test_engines_compiled.py cannot take it).
 # Tensor-parallel stages compile whatever their engine (eager DTensor dispatch is host-bound).
-COMPILED_BY_ENGINE = {"plain": True, "ddp": True, "fsdp2": False, "context_parallel": False}
+COMPILED_BY_ENGINE = {"plain": True, "ddp": False, "fsdp2": False, "context_parallel": False}
 
 
 def stage_engine(stage_devices: int, fsdp2: bool = False, context_parallel: bool = False) -> str:
@@ -515,7 +516,7 @@ def compiled_per_block(tp: int, on_gpu: bool = True, stage_devices: int = 1, fsd
     both ask. On CUDA, where it was measured to help: tensor-parallel stages (eager DTensor
     dispatch is host-bound: gpt-1.3b tp2 on 2 H200s 0.50 s per step compiled against 1.26 s
     eager), and the others by their engine (COMPILED_BY_ENGINE: the plain module on one
-    device, a pipeline's stage or the whole plan, and DDP; not FSDP2 or context parallelism)."""
+    device, a pipeline's stage or the whole plan; not DDP, FSDP2 or context parallelism)."""
     if not on_gpu:
         return False
     return tp > 1 or COMPILED_BY_ENGINE[stage_engine(stage_devices, fsdp2, context_parallel)]

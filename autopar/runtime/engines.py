@@ -36,8 +36,9 @@ evaluation.baselines.megatron_names) — runs on the zoo's nn.Module with
 Under tp an embedding or the head may instead be replicated, as the auto planner often
 chooses. The modules run eagerly or compiled per transformer block (`compile`, every stage kind:
 recompute_and_compile; by default, on CUDA, tensor-parallel stages, stages on one device (a
-pipeline's or the whole plan) and DDP stages, where it was measured to help, not FSDP2 or
-context-parallel ones: costmodel.eager.COMPILED_BY_ENGINE, default_compile decides); nothing
+pipeline's or the whole plan), where it was measured to help, not DDP (slower where the host
+bounds the step), FSDP2 or context-parallel ones: costmodel.eager.COMPILED_BY_ENGINE,
+default_compile decides); nothing
 is interpreted op by op. Without ZeRO the optimizer steps the parameters' local shards (ShardOptimizer: fused Adam, no DTensor
 dispatch). A plan with a stage that matches no engine keeps the fx/DTensor program of
 runtime.apply, with a warning that names the stage and op; with `compile` (by default on CUDA)

@@ -48,10 +48,14 @@ def compiled_fit_row(row: dict) -> str:
     """Which host constant a row fits: the compiled GPT rows at microbatch 1, whose step the
     host bounds (the model's device time is a sixth to a half of the step), fit
     HOST_COMPILED_S_PER_BLOCK where their blocks are split ("split") and
-    HOST_COMPILED_PLAIN_S_PER_BLOCK where not ("plain"); "" for the others (held out)."""
+    HOST_COMPILED_PLAIN_S_PER_BLOCK where not and the plan is one GPU's plain module ("plain");
+    "" for the others (held out)."""
     if not (row.get("compile") and row["model"].startswith("gpt") and row["microbatch"] == 1):
         return ""
-    return "split" if split_blocks(row) else "plain"
+    if split_blocks(row):
+        return "split"
+    # the plain module on one GPU only: a compiled DDP row's host holds DDP's hooks besides
+    return "plain" if str(row.get("plan", "")).startswith("dp1 tp1 pp1 ") else ""
 
 
 def predict(row: dict, n_gpus: int = 2) -> dict:

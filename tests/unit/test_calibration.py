@@ -319,9 +319,10 @@ def test_stage_eager_terms_are_the_sum_of_its_layers(zero, zero_autocast):
         assert getattr(whole, field) == pytest.approx(sum(getattr(p, field) for p in parts), rel=1e-9), field
 
 
-def test_a_ddp_stage_compiled_by_default_is_the_sum_of_its_layers():
-    """The same over a DDP stage (dp2, no ZeRO), which autopar run compiles per block by default
-    (eager.compiled_per_block): the planner's layers and the evaluator's stage decide it alike."""
+def test_a_ddp_stage_compiled_is_the_sum_of_its_layers():
+    """The same over a DDP stage (dp2, no ZeRO) compiled per block (`autopar run --compile`; by
+    default DDP stays eager, eager.COMPILED_BY_ENGINE): the planner's layers and the evaluator's
+    stage price it alike, and the default (None) prices it eager."""
     cl = load_cluster("dgx-h200", 1, 2)
     src = ModelSource("gpt:hidden=256,layers=3,heads=4,seq=128,vocab=1024")
     plan = build_3d(src, cl, 4, Config3D(2, 1, 1, 2))
@@ -330,10 +331,11 @@ def test_a_ddp_stage_compiled_by_default_is_the_sum_of_its_layers():
     mesh = Mesh(cl, Submesh(1, 2), (2, 1))
     st = plan.stages[0]
     n = plan.training.n_microbatches
-    whole = _stage_terms(graph, st.layers, st, mesh, cm, n, 0, compiled=None)
+    whole = _stage_terms(graph, st.layers, st, mesh, cm, n, 0, compiled=True)
     assert whole != _stage_terms(graph, st.layers, st, mesh, cm, n, 0)
-    assert whole == _stage_terms(graph, st.layers, st, mesh, cm, n, 0, compiled=True)
-    parts = [_stage_terms(graph, (li, li + 1), st, mesh, cm, n, 0, compiled=None) for li in range(*st.layers)]
+    assert _stage_terms(graph, st.layers, st, mesh, cm, n, 0, compiled=None) == \
+        _stage_terms(graph, st.layers, st, mesh, cm, n, 0, compiled=False)
+    parts = [_stage_terms(graph, (li, li + 1), st, mesh, cm, n, 0, compiled=True) for li in range(*st.layers)]
     for field in ("fwd_s", "bwd_s", "host_fwd_s", "host_bwd_s", "residual_stash_bytes", "ddp_bytes"):
         assert getattr(whole, field) == pytest.approx(sum(getattr(p, field) for p in parts), rel=1e-9), field
 
