@@ -168,6 +168,19 @@ def _layered(rng: np.random.Generator, n_layers: int, sizes: list[int], s1: int)
     return cost
 
 
+def random_layered_problem(rng: np.random.Generator, seed: int):
+    """A random planner-shaped stage-DP problem, (n_layers, cost, sizes, n_devices, b, extra, s1)
+    with s1 - 1 the most stages; `seed` picks the device sizes and whether there is an extra."""
+    n_layers = int(rng.integers(3, 9))
+    sizes = [[1, 2, 4, 8], [1, 2, 4, 8, 16], [2, 4, 8], [1, 3, 6]][seed % 4]
+    n_devices = int(rng.choice([8, 12, 16, 24]))
+    s1 = int(rng.integers(3, n_layers + 2))
+    cost = _layered(rng, n_layers, sizes, s1)
+    extra = np.round(rng.random((n_layers, n_layers + 1, len(sizes))) * 0.2, 2) if seed % 2 else None
+    b = int(rng.choice([1, 4, 32]))
+    return n_layers, cost, sizes, n_devices, b, extra, s1
+
+
 def _brute_reach(ok: np.ndarray, p: int) -> np.ndarray:
     """Rows k that some slicing of [0, k) into at most p stages, each allowed by ok, reaches."""
     import itertools
@@ -209,14 +222,7 @@ def test_skipping_unreachable_rows_leaves_every_computed_cell_unchanged(monkeypa
     holds the reference's cells, and the reconstructed stages are the same; and whole
     searches at several bounds give the same results and the same number of solves."""
     from solvers.stage_dp import _Solver
-    rng = np.random.default_rng(900 + seed)
-    n_layers = int(rng.integers(3, 9))
-    sizes = [[1, 2, 4, 8], [1, 2, 4, 8, 16], [2, 4, 8], [1, 3, 6]][seed % 4]
-    n_devices = int(rng.choice([8, 12, 16, 24]))
-    s1 = int(rng.integers(3, n_layers + 2))
-    cost = _layered(rng, n_layers, sizes, s1)
-    extra = np.round(rng.random((n_layers, n_layers + 1, len(sizes))) * 0.2, 2) if seed % 2 else None
-    b = int(rng.choice([1, 4, 32]))
+    n_layers, cost, sizes, n_devices, b, extra, s1 = random_layered_problem(np.random.default_rng(900 + seed), seed)
     skipped = 0
     for max_stages in sorted({1, 2, max(1, s1 // 2), s1 - 1}):
         inp = _validate(cost, sizes, n_devices, b, extra, max_stages)

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 import pytest
-from test_speed_h1_stage_dp import _inputs, _layered
+from test_speed_h1_stage_dp import _inputs, random_layered_problem
 from test_stage_dp_exact import _planner_shaped_search
 
 import solvers.stage_dp as dp
@@ -79,14 +79,7 @@ def _solvers(cost, sizes, n_devices, b, extra, max_stages):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_every_solve_equals_the_reference(seed):
-    rng = np.random.default_rng(7300 + seed)
-    n_layers = int(rng.integers(3, 9))
-    sizes = [[1, 2, 4, 8], [1, 2, 4, 8, 16], [2, 4, 8], [1, 3, 6]][seed % 4]
-    n_devices = int(rng.choice([8, 12, 16, 24]))
-    s1 = int(rng.integers(3, n_layers + 2))
-    cost = _layered(rng, n_layers, sizes, s1)
-    extra = np.round(rng.random((n_layers, n_layers + 1, len(sizes))) * 0.2, 2) if seed % 2 else None
-    b = int(rng.choice([1, 4, 32]))
+    n_layers, cost, sizes, n_devices, b, extra, s1 = random_layered_problem(np.random.default_rng(7300 + seed), seed)
     solved = dropped = 0
     for max_stages in sorted({1, 2, max(1, s1 // 2), s1 - 1}):
         kept, full = _solvers(cost, sizes, n_devices, b, extra, max_stages)
