@@ -90,8 +90,8 @@ Time:
   PIPELINE_IDLE_S_PER_BLOCK is fitted on the device-bound GPT pp rows (`predict.py --fit`).
 
 - compiled blocks (`compiled_per_block`, the runtime's rule: `autopar run` compiles the blocks
-  of tensor-parallel stages and, per engine (COMPILED_BY_ENGINE), of stages on one device and
-  DDP stages on CUDA, not FSDP2 or context-parallel ones; `evaluate(..., compiled=)` overrides it, False for
+  of tensor-parallel stages and, per engine (COMPILED_BY_ENGINE), of stages on one device on
+  CUDA, not DDP, FSDP2 or context-parallel ones; `evaluate(..., compiled=)` overrides it, False for
   bench/truth's eager harness). The block is one torch.compile'd region; what lies outside it
   (embedding, head, loss, optimizer, casts of the weights and gradients, the allocator) stays
   as above. Four terms change inside it:
