@@ -727,12 +727,12 @@ def outside_allocator_bytes(n_gpus: int) -> float:
     return CUDA_CONTEXT_BYTES + (NCCL_BYTES if n_gpus > 1 else 0.0)
 
 
-def allocatable_bytes(capacity_bytes: float, zero3: bool, n_gpus: int) -> float:
+def allocatable_bytes(capacity_bytes: float, n_gpus: int) -> float:
     """The most a plan may allocate on a GPU of `capacity_bytes` (the inverse of
     `device_peak_bytes`, less the cuBLAS workspaces) where it holds no FSDP2 gradient pool and
     its loss segment is within the reserve fraction: the planner's cap (SearchSpace), which its
-    tables raise or lower per stage by `stage_allocatable_bytes`. `zero3` is not read (the pool
-    is the stage's, not the plan's)."""
+    tables raise or lower per stage by `stage_allocatable_bytes` (the pool is the stage's, not
+    the plan's)."""
     usable = capacity_bytes - outside_allocator_bytes(n_gpus)
     return max(0.0, usable / (1 + RESERVE_FRACTION) - CUBLAS_WORKSPACE_BYTES)
 

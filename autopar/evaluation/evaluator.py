@@ -321,10 +321,16 @@ def grads_absent_bytes(ev: Evaluation, zero: int, n_devices: int, n_microbatches
     (their ZeRO share of gradients under FSDP2). Linear in the ops' parameters: the evaluator
     (StageResult.grads_absent_bytes) and the planner's tables (LayerSol.grads_absent_bytes)
     both ask this. dp_sharded: as eager_terms'."""
-    zero12 = eager_mod.fsdp_zero12(zero, stage_dp_sharded(ev) if dp_sharded is None else dp_sharded, zero_autocast)
+    zero12 = _fsdp_zero12(ev, zero, zero_autocast, dp_sharded)
     return eager_mod.gradients_absent_at_activation_peak_bytes(
         ev.param_elems, ev.param_elems_zero if zero >= 2 or zero12 else ev.param_elems,
         zero >= 3 and n_devices > 1 or zero12, n_microbatches)
+
+
+def _fsdp_zero12(ev: Evaluation, zero: int, zero_autocast: bool, dp_sharded: bool | None) -> bool:
+    """eager.fsdp_zero12 for the ops `ev` prices, in a stage sharded over its data-parallel
+    degree as `dp_sharded` says (None: as the ops' own parameters are, stage_dp_sharded)."""
+    return eager_mod.fsdp_zero12(zero, stage_dp_sharded(ev) if dp_sharded is None else dp_sharded, zero_autocast)
 
 
 def stage_dp_sharded(ev: Evaluation) -> bool:
@@ -344,8 +350,7 @@ def fsdp_grad_pool_bytes(ev: Evaluation, zero: int, n_devices: int, zero_autocas
     FSDP2 (eager.fsdp_zero12); 0 elsewhere. Linear in the ops' parameters, so a stage's is its
     layers' summed: the evaluator (StageResult.grad_pool_bytes) and the planner's tables
     (LayerSol.grad_pool_bytes) both ask this. dp_sharded: as eager_terms'."""
-    zero12 = eager_mod.fsdp_zero12(zero, stage_dp_sharded(ev) if dp_sharded is None else dp_sharded, zero_autocast)
-    if zero >= 3 and n_devices > 1 or zero12:
+    if zero >= 3 and n_devices > 1 or _fsdp_zero12(ev, zero, zero_autocast, dp_sharded):
         return eager_mod.zero3_grad_pool_bytes(ev.param_elems_zero)
     return 0.0
 
@@ -866,6 +871,17 @@ def fused_pointwise_chains(graph: OpGraph, block: list[str]) -> list[tuple[list[
                         for r in [root(o.source)] if r in depth), default=0)
     parent = {n: n for n in block if pointwise(n)}
 
+    def readers(n: str) -> list[str]:
+        # consumers, looking through the aliasing views that pass the tensor on
+        seen: list[str] = []
+        for c in graph.consumers(n):
+            node = graph.node(c)
+            if c in in_block and node.kind == VIEW and not node.fwd_bytes:
+                seen.extend(readers(c))
+            else:
+                seen.append(c)
+        return seen
+
     def find(n: str) -> str:
         while parent[n] != n:
             parent[n] = parent[parent[n]]
@@ -898,17 +914,6 @@ def fused_pointwise_chains(graph: OpGraph, block: list[str]) -> list[tuple[list[
                 r = root(o.source)
                 if r not in members and r not in inputs:
                     inputs.append(r)
-
-        def readers(n: str) -> list[str]:
-            # consumers, looking through the aliasing views that pass the tensor on
-            seen: list[str] = []
-            for c in graph.consumers(n):
-                node = graph.node(c)
-                if c in in_block and node.kind == VIEW and not node.fwd_bytes:
-                    seen.extend(readers(c))
-                else:
-                    seen.append(c)
-            return seen
 
         outputs = [n for n in ops for rs in [readers(n)] if not rs or any(c not in members for c in rs)]
         out.append((ops, inputs, outputs, const_bytes, param_bytes))
@@ -993,7 +998,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     bf16 parameters) instead of as `autopar run` does (bf16 parameters, no autocast: the default).
     compiled: with eager, whether the blocks run compiled per block (torch.compile, eager.py
     "compiled blocks"): None, where `autopar run` compiles them (eager.compiled_per_block:
-    tensor-parallel stages, stages on one device and DDP ones); False, all eager, as bench/truth's harness ran; True, all compiled
+    tensor-parallel stages and stages on one device); False, all eager, as bench/truth's harness ran; True, all compiled
     (`autopar run`'s compile=True).
     loss: the default model's loss kernel (compute.LOSS_KERNELS): "fused" (one pass over the
     logits each way), or "megatron" (Megatron's fp32 vocab-parallel cross-entropy, as Megatron-LM

@@ -359,7 +359,7 @@ class SearchJob:
         t0 = time.perf_counter()
         L = len(graph.layers)
         space = SearchSpace(L, min(self.max_stages or L, L, cl.n_gpus), B, cl.n_gpus, self.schedule,
-                            allocatable_bytes(cl.gpu.memory_bytes, self.zero >= 3, cl.n_gpus) if self.eager
+                            allocatable_bytes(cl.gpu.memory_bytes, cl.n_gpus) if self.eager
                             else cl.gpu.memory_bytes)
         classes = range_classes([solver.identity(li) for li in range(L)])
         tables = StageTables(space, len(subs), classes)          # every option

@@ -267,7 +267,7 @@ def test_eager_memory_terms_closed_form():
     assert eager.reserved_bytes(10e9, False, pool) == pytest.approx(10e9 * (1 + eager.RESERVE_FRACTION))
     # the planner's cap is the inverse of the evaluator's peak
     for zero3, n in ((False, 1), (True, 2)):
-        cap = eager.allocatable_bytes(80 * 2**30, zero3, n)
+        cap = eager.allocatable_bytes(80 * 2**30, n)
         assert eager.device_peak_bytes(cap + eager.CUBLAS_WORKSPACE_BYTES, zero3, n) == pytest.approx(80 * 2**30)
 
 

@@ -30,7 +30,7 @@ def test_stage_cap_is_the_inverse_of_the_device_peak():
     """Closed form: at the cap, device_peak_bytes is the capacity, for a pool and a loss
     segment under and over the reserve; without either it is allocatable_bytes."""
     capacity, n = 80 * 2**30, 4
-    cap = eager.allocatable_bytes(capacity, True, n)
+    cap = eager.allocatable_bytes(capacity, n)
     w = eager.CUBLAS_WORKSPACE_BYTES
     assert eager.stage_allocatable_bytes(cap) == cap
     for pool, loss in ((4e9, 0.0), (0.0, 2e10), (4e9, 1e9), (4e9, 3e10)):
@@ -146,7 +146,7 @@ def test_tables_offer_a_stage_exactly_where_the_evaluator_fits_it(zero, global_b
             small = replace(cl, gpu=replace(cl.gpu, memory_bytes=capacity))
             fits = evaluate(plan, prop.graph, small, eager=True).predicted.fits
             assert fits == (capacity > peak)
-            cap = eager.allocatable_bytes(capacity, zero >= 3, cl.n_gpus)
+            cap = eager.allocatable_bytes(capacity, cl.n_gpus)
             # the rule: each stage's memory within the cap its pool, loss, absent and held state give
             # DDP's first buckets (step 2) fill part of what is absent at the activation peak
             assert all(st.memory.total_bytes <= eager.stage_allocatable_bytes(
@@ -200,7 +200,7 @@ def test_gpt_1_3b_zero3_recomputes_the_evaluators_least_layers():
     L = len(prop.graph.layers)
     mi = next(m for m, s in enumerate(prop.subs) if s.n_devices == 4)
     rt = range_tables(prop.solver, Mesh(cl, prop.subs[mi], (2, 2)))[0]
-    cap = eager.allocatable_bytes(cl.gpu.memory_bytes, True, cl.n_gpus)
+    cap = eager.allocatable_bytes(cl.gpu.memory_bytes, cl.n_gpus)
     held = inflight("1f1b", 0, 1, 4)
 
     def fits(p: int, k: int) -> bool:
