@@ -421,12 +421,21 @@ def fsdp_zero12_state_bytes(local_params: float, sharded_params: float, zero: in
     ZeRO-1 over several microbatches accumulates the gradients unsharded and reduce-scatters
     them once, after the last backward (set_requires_gradient_sync(False) before it): from the
     first microbatch's backward on, FSDP2 holds them in its reduce dtype, fp32 (4 B per local
-    parameter), and the sharded fp32 gradients (4 B per sharded parameter) exist only after
-    the step's one reduce-scatter, when the unsharded ones are gone. ZeRO-2 reduce-scatters
-    every microbatch into the sharded gradients."""
+    parameter), besides the 16 B per sharded parameter. Of those, the sharded fp32 gradients
+    (4 B) exist only after the step's one reduce-scatter, when the unsharded ones are gone:
+    absent at the activation peak (`gradients_absent_at_activation_peak_bytes`), but reserved
+    all step in FSDP2's gradient pool (`zero3_grad_pool_bytes`), apart from the compute
+    stream's pool that holds the unsharded ones. gpt-6.7b's default plan at mb4 on 2 H200s
+    (ZeRO-1, 4 microbatches): 98.3 GiB reserved = the compute pool's 85.8 GiB at 83.2 GiB
+    allocated (1.03x) + the 12.5 GiB gradient pool; the model counted the pool inside the
+    compute pool there and came out 5.5% short. Allocating the unsharded gradients all at once
+    instead of FSDP2's tensor by tensor does not change that reserve beyond noise
+    (`python bench/truth/fsdp_accumulation.py`, one H200: 1.03 -> 1.03-1.04x on gpt-6.7b with 16
+    layers, 1.12 -> 1.04x on gpt-2.6b; bench/results/fsdp_accumulation_h200_2026-12-01.jsonl).
+    ZeRO-2 reduce-scatters every microbatch into the sharded gradients."""
     state = AUTOCAST_DTYPE_BYTES * local_params + 4 * FP32_BYTES * sharded_params
     if zero == 1 and n_microbatches > 1:
-        state += FP32_BYTES * (local_params - sharded_params)
+        state += FP32_BYTES * local_params
     return state
 
 
@@ -640,16 +649,17 @@ def ddp_rebuild_transient_bytes(local_params: float) -> float:
 
 
 def gradients_absent_at_activation_peak_bytes(local_params: float, grad_params: float, zero3: bool,
-                                              n_microbatches: int) -> float:
+                                              n_microbatches: int, fsdp_zero1: bool = False) -> float:
     """How far below weights + gradients + optimizer state (16 B per parameter) a GPU's state
     is at its activation peak, the start of the loss backward, in a one-microbatch step:
     `zero_grad(set_to_none=True)` has freed the fp32 gradients (4 B for each of `grad_params`)
     and none is made yet, while autocast's bf16 weight copies (2 B per local parameter; none
     under ZeRO-3, whose bf16 weights are gathered per block) are saved for the backward. With
     several microbatches the gradients exist after the first one (and `state_bytes` counts
-    the weight cache)."""
+    the weight cache), but for ZeRO-1 on FSDP2 (`fsdp_zero1`), whose sharded gradients come only
+    with the step's one reduce-scatter, after the activations (`fsdp_zero12_state_bytes`)."""
     if n_microbatches > 1:
-        return 0.0
+        return FP32_BYTES * grad_params if fsdp_zero1 else 0.0
     return FP32_BYTES * grad_params - (0.0 if zero3 else AUTOCAST_CACHE_BYTES_PER_PARAM * local_params)
 
 

@@ -324,7 +324,7 @@ def grads_absent_bytes(ev: Evaluation, zero: int, n_devices: int, n_microbatches
     zero12 = _fsdp_zero12(ev, zero, zero_autocast, dp_sharded)
     return eager_mod.gradients_absent_at_activation_peak_bytes(
         ev.param_elems, ev.param_elems_zero if zero >= 2 or zero12 else ev.param_elems,
-        zero >= 3 and n_devices > 1 or zero12, n_microbatches)
+        zero >= 3 and n_devices > 1 or zero12, n_microbatches, fsdp_zero1=zero12 and zero == 1)
 
 
 def _fsdp_zero12(ev: Evaluation, zero: int, zero_autocast: bool, dp_sharded: bool | None) -> bool:

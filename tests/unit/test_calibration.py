@@ -407,15 +407,17 @@ def test_zero12_state_is_fsdp2s(zero):
     parameter (fp32 weights, gradients, moments) and 2 B per parameter of unsharded bf16 weights,
     no DDP buckets, no autocast cache (counted by hand; gpt-1.3b dp2 zero1 mb8 x2 allocates
     26.75 GiB, of which this is 12.27). ZeRO-1 over several microbatches accumulates unsharded
-    fp32 gradients (4 B per parameter) in place of the sharded ones and reduce-scatters once per
-    step. DDP (ZeRO-0) keeps its 4 B of buckets (and its first ones at step 2's activation peak,
-    4 B more); so does the truth harness's recipe
-    (zero_autocast), which ran no ZeRO-1/2."""
+    fp32 gradients (4 B per parameter) and reduce-scatters once per step: its sharded fp32
+    gradients are absent at the activation peak but reserved in FSDP2's gradient pool, outside
+    the compute stream's pool that holds the unsharded ones (gpt-6.7b auto mb4 on 2 H200s:
+    98.3 GiB reserved = 83.2 allocated x 1.03 + a 12.5 GiB pool). DDP (ZeRO-0) keeps its 4 B of
+    buckets (and its first ones at step 2's activation peak, 4 B more); so does the truth
+    harness's recipe (zero_autocast), which ran no ZeRO-1/2."""
     assert eager.fsdp_zero12(zero, True) and not eager.fsdp_zero12(zero, False)
     assert not eager.fsdp_zero12(0, True) and not eager.fsdp_zero12(3, True)
     assert not eager.fsdp_zero12(zero, True, zero_autocast=True)
     assert eager.fsdp_zero12_state_bytes(100.0, 50.0, zero, 1) == 2 * 100 + 16 * 50
-    accumulated = 4 * (100 - 50) if zero == 1 else 0
+    accumulated = 4 * 100 if zero == 1 else 0
     assert eager.fsdp_zero12_state_bytes(100.0, 50.0, zero, 4) == 2 * 100 + 16 * 50 + accumulated
     cl = load_cluster("dgx-h200", 1, 2)
     src = ModelSource("gpt:hidden=256,layers=3,heads=4,seq=128,vocab=1024")
@@ -431,8 +433,18 @@ def test_zero12_state_is_fsdp2s(zero):
             assert r.ddp_rebuild_bytes == pytest.approx(4 * e)
         else:
             assert plan.training.n_microbatches > 1
-            assert r.param_state_bytes == pytest.approx(2 * e + 16 * ez + (4 * (e - ez) if z == 1 else 0))
+            assert r.param_state_bytes == pytest.approx(2 * e + 16 * ez + (4 * e if z == 1 else 0))
             assert r.ddp_bucket_bytes == 0.0 and r.ddp_rebuild_bytes == 0.0 and r.autocast_cache_bytes == 0.0
+            # the sharded gradients: in the pool all step, absent at the peak under ZeRO-1 only
+            assert r.grad_pool_bytes == pytest.approx(4 * ez)
+            assert r.grads_absent_bytes == pytest.approx(4 * ez if z == 1 else 0.0)
+            # reserved = the compute stream's pool at its peak x (1 + f) + the gradient pool;
+            # under ZeRO-1 the allocated peak holds none of the pool, under ZeRO-2 all of it
+            p = evaluate(plan, graph, cl, eager=True).prediction
+            compute_pool = p.peak_allocated_bytes - (0.0 if z == 1 else 4 * ez)
+            assert p.peak_reserved_bytes == pytest.approx(max(
+                compute_pool * (1 + eager.RESERVE_FRACTION) + 4 * ez,
+                p.peak_allocated_bytes + eager.loss_segment_bytes(r.cross_entropy_peak_bytes)))
 
 
 def test_loss_segment_in_the_reserve():
@@ -592,7 +604,12 @@ def test_published_rows_replay_with_the_current_model():
         for res in published.evaluate_group((spec, seq, dtype, jobs)):
             assert "skip" not in res, res
             stored = rows[res["id"]]["predicted"]
-            assert res["predicted"]["step_time_s"] == pytest.approx(stored["step_time_s"], rel=1e-9), res["id"]
+            # the time to 0.5%: the same commit (0d5fb8d, which stored the file) gives another
+            # machine's CPU mcore-h100-16b 0.88209 s against the stored 0.88329 (-0.14%) and
+            # mpt-h100-7b 1.16816 against 1.16831, with the same torch, numpy, networkx and
+            # highspy versions (tried), so most likely a stage ILP's pick among near-equal
+            # optima; the memory does not move
+            assert res["predicted"]["step_time_s"] == pytest.approx(stored["step_time_s"], rel=5e-3), res["id"]
             assert res["predicted"]["peak_memory_bytes"] == pytest.approx(stored["peak_memory_bytes"], rel=1e-9)
 
 
