@@ -128,8 +128,18 @@ Time:
   identical `_to_copy` nodes that AOTAutograd's CSE merges: one saved copy
   (`autocast_input_copies_bytes`). Peak allocated on the six compiled rows: -3.6..+0.4%
   (+0.6..+10.5% with the eager copies; llama-1b-gqa tp mb4 +10.5%, three copies of q, k, v's
-  input and two of w1, w3's). The partitioner's recomputation of pointwise ops (GELU's output)
-  would save more, but two rows' allocated is already below measured: not priced.
+  input and two of w1, w3's). And in a plain region (weights not split), what AOTAutograd's
+  partition keeps: the least set from which the backward can replay the rest with pointwise
+  ops (costmodel/remat.py; evaluator.compiled_block_stash_delta_bytes), e.g. x + proj rebuilt
+  from x and proj, SiLU's output from its input. Measured block by block on one H200
+  (bench/truth/saved_activations.py): gpt-1.3b 272 MiB, llama-1b-gqa 504 MiB at 4 x 1024 / 4 x
+  2048 tokens, the cut's figures to the byte; the one-GPU compiled rows' allocated is now
+  within -0.1..+0.5% (llama-1b-gqa mb4 +7.9% before), reserved max 20.3% -> 12.5%. Not in
+  tensor-parallel regions, unmeasured, whose rows' allocated the cut would undercut by up to
+  7.6%. Not priced yet: a compiled block casts its weights to bf16 itself and keeps the copies
+  per microbatch, where eager autocast caches one per step, so a pipeline stage with k
+  microbatches in flight keeps k copies (gpt-1.3b pp mb8 compiled: allocated -5.9%, reserved
+  still +5.4%).
   (d) device: Inductor fuses each chain of the block's pointwise ops (elementwise, norms,
   copies) that no matmul or attention separates into one kernel each way, which reads the
   chain's inputs and writes its outputs once (`fused_pointwise_s`, at the memory-bound price

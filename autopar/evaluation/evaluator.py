@@ -40,6 +40,7 @@ from autopar.costmodel.memory import (
     stash_after_recompute,
     working_after_recompute,
 )
+from autopar.costmodel.remat import min_saved_bytes
 from autopar.evaluation.pipeline import Schedule, simulate
 from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.specs import Cluster
@@ -47,7 +48,7 @@ from autopar.plan import Plan, PlanError, Prediction, StageMemory, StagePlan, Tr
 from autopar.sharding.rules.common import GRAD_BYTES
 from autopar.sharding.rules.einsum import splits_sequence
 from autopar.sharding.spec import parse_spec, shard_factor
-from autopar.sharding.stage_problem import Evaluation, Settings, StageProblem
+from autopar.sharding.stage_problem import Evaluation, Settings, StageProblem, saved_tensors
 from graphs.annotate import is_unfused_attention
 from graphs.ir import ELEMENTWISE, INPUT, LOSS, MATMUL, NORM, OUTPUT, VIEW, OpGraph
 from graphs.query import attention_core, main_boundary, stage_nodes
@@ -779,6 +780,18 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
             _numel(o.shape) / shard_factor(st.in_specs[i], prob.mesh)
             for i, o in enumerate(graph.node(vocab_split_head).operands)
             if o.is_param and i < len(st.in_specs) and st.in_specs[i] is not None)
+    if compiled and block_split == 1:
+        # what a compiled block saves for its backward: AOTAutograd's minimum cut (remat.py).
+        # Measured on plain regions only; a tensor-parallel block's region over DTensors (with
+        # its collectives) keeps more than this cut on the 2-GPU tp rows (llama-1b-gqa tp mb4:
+        # 14.84 GiB allocated, 13.71 with the cut) and is left at the eager set less
+        # autocast's copies until its saved tensors are measured.
+        for li in range(*layers):
+            if first < li < last:
+                residual += compiled_block_stash_delta_bytes(
+                    graph, li, lambda v: local_elems(v)[0],
+                    lambda op: not bf16 and eager_mod.norm_runs_fp32(op, bf16_stream),
+                    lambda v: eager_mod.fp32_residual_extra_bytes(*local_elems(v)))
     if compiled and not bf16:
         # Inductor fuses each chain of a compiled block's pointwise ops into one kernel each way
         # (eager.fused_pointwise_s): the chain's ops, priced one eager kernel each, cost that
@@ -837,6 +850,71 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                                                                                  zero, n_microbatches)
                                                - ev.param_state_bytes(zero)) if zero12 else 0.0,
                       fsdp_root_bytes=fsdp_root, comm_delta_s=comm_delta, comm_overlap_s=overlap)
+
+
+# per graph (weakly held): layer -> (its region's tensors, data edges, ops the backward cannot
+# replay, what the backward reads with the saved share, the norms' inputs by norm op), and the
+# cut per tensor sizes
+_REGION_CACHE: weakref.WeakKeyDictionary[OpGraph, dict] = weakref.WeakKeyDictionary()
+# what AOTAutograd's partition may replay in a backward: pointwise ops, views, and norms (their
+# reductions' outputs are small and saved beside, as the eager norm saves them)
+_REPLAYABLE = (ELEMENTWISE, VIEW, NORM)
+_RANDOM_OPS = ("dropout",)
+
+
+def _compiled_region(graph: OpGraph, li: int) -> tuple:
+    per_graph = _REGION_CACHE.setdefault(graph, {})
+    if li in per_graph:
+        return per_graph[li]
+    nodes = list(graph.layers[li].nodes)
+    inside = set(nodes)
+    saved, outside = saved_tensors(graph, nodes)
+    edges: list[tuple[str, str]] = []
+    fixed: set[str] = set()
+    for n in nodes:
+        node = graph.node(n)
+        for o in node.operands:
+            if o.source is None or graph.node(o.source).kind == INPUT:
+                continue
+            edges.append((o.source, n))
+            if o.source not in inside:
+                fixed.add(o.source)              # the region's input
+        materialized = any(graph.node(m).kind not in _REPLAYABLE for m in graph.consumers(n) if m in inside)
+        if node.kind not in _REPLAYABLE or node.op in _RANDOM_OPS or materialized:
+            fixed.add(n)
+    tensors = tuple(dict.fromkeys([n for n in nodes] + [u for u, _ in edges]))
+    norm_inputs = tuple((graph.node(n).operands[0].source, graph.node(n).op) for n in nodes
+                        if graph.node(n).kind == NORM and graph.node(n).operands
+                        and graph.node(n).operands[0].source is not None)
+    reads = {**saved, **{u: max(w, saved.get(u, 0.0)) for u, w in outside.items()}}
+    region: tuple = (tensors, tuple(edges), frozenset(fixed), reads, norm_inputs, {})
+    per_graph[li] = region
+    return region
+
+
+def compiled_block_stash_delta_bytes(graph: OpGraph, li: int, local_bytes, fp32_norm, fp32_extra_bytes) -> float:
+    """How much less layer `li`'s block keeps for its backward, per microbatch, compiled per
+    block (one torch.compile region) than the eager recipe keeps (the graph's saved tensors,
+    `saved_tensors`, and the fp32 copies of the norms' inputs that autocast keeps): the eager
+    set less AOTAutograd's least saved set (remat.min_saved_bytes over the block's ops, the
+    block's input fixed; replayable: pointwise ops, views and norms, unless a matmul or the
+    attention reads their output). local_bytes(tensor): its bytes on this GPU; fp32_norm(op):
+    whether a norm of that op runs in fp32 (its input then kept in fp32); fp32_extra_bytes(tensor):
+    the bytes that fp32 copy adds. gpt-1.3b: 36 -> 34 B per token and hidden unit (the fp32
+    x + proj rebuilt from x and proj), a Llama block 624 -> 504 MiB at 4 x 2048 tokens (also
+    SiLU's output rebuilt), as measured (bench/truth/README.md, seventh pass). A tensor kept
+    with a mask (dropout) keeps the mask either way. Not priced: the replay's time (pointwise,
+    fused into the backward's kernels)."""
+    tensors, edges, fixed, reads, norm_inputs, cuts = _compiled_region(graph, li)
+    extra = {v: fp32_extra_bytes(v) for v, op in norm_inputs if fp32_norm(op)}
+    size = {v: local_bytes(v) + extra.get(v, 0.0) for v in tensors}
+    eager = sum(w * size[v] for v, w in reads.items())
+    # beyond a whole tensor: a dropout's mask, kept compiled too
+    masks = sum((w - 1.0 if w >= 1.0 else w) * size[v] for v, w in reads.items())
+    key = tuple(size[v] for v in tensors)
+    if key not in cuts:
+        cuts[key] = min_saved_bytes(size, edges, fixed, [v for v, w in reads.items() if w >= 1.0])
+    return cuts[key] + masks - eager
 
 
 def fused_pointwise_chains(graph: OpGraph, block: list[str]) -> list[tuple[list[str], list[str], list[str], float, float]]:
