@@ -606,6 +606,38 @@ def test_published_attention_follows_the_source():
         assert any(f.startswith("attention ") for f in r["flags"]) == ("inferred" in basis), r["id"]
 
 
+def test_residual_table_groups_as_brute_force():
+    rows = _published_rows()
+    keys = ["gpu_family", "tp", "head_dim_mod8"]
+    lines = published.residual_table(rows, keys)
+    # brute force: every distinct combination, its errors collected by a scan per group
+    combos = {tuple(published.row_key(r, k) for k in keys) for r in rows}
+    assert len(lines) == 1 + len(combos)
+    for combo in combos:
+        errs = [r["error"] for r in rows if tuple(published.row_key(r, k) for k in keys) == combo]
+        label = " ".join(f"{k}={v}" for k, v in zip(keys, combo))
+        line = next(ln for ln in lines[1:] if ln.split()[:len(keys)] == label.split())
+        n, med, mx, sgn = line.split()[len(keys):]
+        assert int(n) == len(errs)
+        assert float(med.rstrip("%")) == pytest.approx(100 * statistics.median(abs(e) for e in errs), abs=0.05)
+        assert float(mx.rstrip("%")) == pytest.approx(100 * max(abs(e) for e in errs), abs=0.05)
+        assert float(sgn.rstrip("%")) == pytest.approx(100 * statistics.median(errs), abs=0.05)
+
+
+def test_row_key_head_dim_from_the_trace_or_the_spec():
+    rows = {r["id"]: r for r in _published_rows()}
+    bloom = rows["bloom-bench-02-26-182b-h13824-l78-nh128-dp8-tp8-pp6-mbs4-gbs2048"]
+    assert published.row_key(bloom, "head_dim") == 13824 // 128 == 108       # traced (A100: shapes stored)
+    assert published.row_key(bloom, "head_dim_mod8") == 4
+    assert published.row_key(bloom, "tp") == 8 and published.row_key(bloom, "framework") == "Megatron-DeepSpeed"
+    h100 = rows["mcore-h100-16b"]                                               # profiled GPU: from the spec
+    assert "attn" not in h100["stages"][0]
+    kv = dict(x.split("=") for x in h100["model"].partition(":")[2].split(",") if "=" in x)
+    assert published.row_key(h100, "head_dim") == int(kv["hidden"]) // int(kv["heads"])
+    with pytest.raises(KeyError):
+        published.row_key(bloom, "no_such_key")
+
+
 @pytest.mark.parametrize("zero", [1, 3])
 def test_zero_recipe_loss_and_residual_stream(zero):
     """`autopar run`'s ZeRO (FSDP2's bf16 parameters, no autocast) computes the loss on bf16
