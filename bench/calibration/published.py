@@ -28,6 +28,7 @@ import datetime
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -952,10 +953,11 @@ def _stats(errs: list[float]) -> tuple[int, float, float, float]:
 
 
 def _table(title: str, groups: dict[str, list[float]]) -> list[str]:
-    lines = [f"{title:<34} {'n':>4} {'med|err|':>9} {'max|err|':>9} {'med err':>8}"]
+    w = max([32] + [len(str(k)) for k in groups])
+    lines = [f"{title:<{w + 2}} {'n':>4} {'med|err|':>9} {'max|err|':>9} {'med err':>8}"]
     for key in sorted(groups):
         n, med, mx, sgn = _stats(groups[key])
-        lines.append(f"  {key:<32} {n:>4} {med:>9.1%} {mx:>9.1%} {sgn:>+8.1%}")
+        lines.append(f"  {key:<{w}} {n:>4} {med:>9.1%} {mx:>9.1%} {sgn:>+8.1%}")
     return lines
 
 
@@ -1013,6 +1015,44 @@ def _group(rows, key, err_key):
     return g
 
 
+# Keys a residual table can be grouped by besides a row's own fields (set, gpu, gpu_family,
+# framework, source, cluster, ...): the job's plan (dp, tp, pp, microbatch, zero, recompute,
+# grad_sync, loss, ...) and the traced attention's head dimension and its residue mod 8 (the
+# 16-byte alignment of half-precision operands).
+ROW_DERIVED_KEYS = ("head_dim", "head_dim_mod8")
+
+
+def row_key(row: dict, key: str):
+    """A row's value of `key`: its own field, else its job's, else a ROW_DERIVED_KEYS value."""
+    if key in row:
+        return row[key]
+    if key in row.get("job", {}):
+        return row["job"][key]
+    if key in ROW_DERIVED_KEYS:
+        # the traced attention's (stored for unprofiled GPUs), else the spec's hidden / heads
+        dims = {a[3] for s in row.get("stages", []) for a in s.get("attn") or []}
+        if not dims:
+            kv = dict(x.split("=", 1) for x in row.get("model", "").partition(":")[2].split(",") if "=" in x)
+            if "hidden" in kv and "heads" in kv:
+                dims = {int(kv["hidden"]) // int(kv["heads"])}
+        if len(dims) != 1:
+            return None
+        d = dims.pop()
+        return d if key == "head_dim" else d % 8
+    raise KeyError(f"rows have no {key!r}; a row's fields, its job's ({', '.join(row.get('job', {}))}) "
+                   f"or {', '.join(ROW_DERIVED_KEYS)}")
+
+
+def residual_table(rows: list[dict], keys: list[str], err_key: str = "error") -> list[str]:
+    """The evaluated rows' errors grouped by the combination of `keys` (row_key), one line per
+    group: n, median and max |error|, median signed error."""
+    g = defaultdict(list)
+    for r in rows:
+        if r.get("evaluated") and err_key in r:
+            g[" ".join(f"{k}={row_key(r, k)}" for k in keys)].append(r[err_key])
+    return _table("by " + ",".join(keys), g)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default=str(RUNS_FILE), help="published_runs.json")
@@ -1022,6 +1062,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="results JSON (default bench/results/published_eval_<date>.json)")
     ap.add_argument("--report", help="print the report of an existing results JSON; evaluate nothing")
     ap.add_argument("--worst", type=int, default=10)
+    ap.add_argument("--group-by", metavar="KEYS",
+                    help="with --report: the errors grouped by these comma-separated keys (row_key: a row's "
+                         "fields, its job's plan fields such as tp, dp, pp, microbatch, or head_dim, head_dim_mod8)")
+    ap.add_argument("--set", choices=("fit", "held_out"), help="with --group-by: only this side of the split")
     ap.add_argument("--label", help="what autopar was evaluated (e.g. the commit of a snapshot), kept in the JSON")
     ap.add_argument("--what-if", action="append", default=[], metavar="KEY=VALUE",
                     help="sensitivity experiment: " + "; ".join(f"{k}: {v}" for k, v in WHAT_IF_KEYS.items()))
@@ -1040,6 +1084,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.report:
         data = json.loads(Path(a.report).read_text())
+        if a.group_by:
+            rows = [r for r in data["rows"] if a.set is None or r["set"] == a.set]
+            print("\n".join(residual_table(rows, a.group_by.split(","))))
+            return 0
         print(report(data["rows"], worst=a.worst))
         return 0
     t0 = time.perf_counter()
@@ -1058,7 +1106,8 @@ def main(argv=None) -> int:
           f"{cpu:.0f} s (main process + evaluations, tracing included); load average at the end {load:.1f}")
     out = Path(a.out) if a.out else RESULTS_DIR / f"published_eval_{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"schema": "autopar.published_eval/v1", "date": datetime.date.today().isoformat(),
+    command = "python bench/calibration/published.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    payload = {"schema": "autopar.published_eval/v1", "date": datetime.date.today().isoformat(), "command": command.strip(),
                "runs_file": _repo_relative(a.runs), "split_file": _repo_relative(a.split), "autopar": dict(autopar_version(), label=a.label),
                "what_if": what_if, "eager": a.eager, "attention": a.attention, "grad_sync": a.grad_sync, "loss": a.loss, "wall_time_s": elapsed, "cpu_time_s": cpu, "load_average_end": load,
                "workers": a.workers, "cpu_count": os.cpu_count(), "rows": rows}
