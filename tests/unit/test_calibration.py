@@ -607,8 +607,8 @@ def test_published_rows_replay_with_the_current_model():
         for res in published.evaluate_group((spec, seq, dtype, jobs)):
             assert "skip" not in res, res
             stored = rows[res["id"]]["predicted"]
-            # the time to 0.5%: the same commit (0d5fb8d, which stored the file) gives another
-            # machine's CPU mcore-h100-16b 0.88209 s against the stored 0.88329 (-0.14%) and
+            # the time to 0.5%: the commit that stored published_eval_2026-12-01c.json (0d5fb8d)
+            # gives another machine's CPU mcore-h100-16b 0.88209 s against its 0.88329 (-0.14%) and
             # mpt-h100-7b 1.16816 against 1.16831, with the same torch, numpy, networkx and
             # highspy versions (tried), so most likely a stage ILP's pick among near-equal
             # optima; the memory does not move
