@@ -136,10 +136,10 @@ Time:
   2048 tokens, the cut's figures to the byte; the one-GPU compiled rows' allocated is now
   within -0.1..+0.5% (llama-1b-gqa mb4 +7.9% before), reserved max 20.3% -> 12.5%. Not in
   tensor-parallel regions, unmeasured, whose rows' allocated the cut would undercut by up to
-  7.6%. Not priced yet: a compiled block casts its weights to bf16 itself and keeps the copies
+  7.6%. A compiled block also casts its linears' weights to bf16 itself and keeps the copies
   per microbatch, where eager autocast caches one per step, so a pipeline stage with k
-  microbatches in flight keeps k copies (gpt-1.3b pp mb8 compiled: allocated -5.9%, reserved
-  still +5.4%).
+  microbatches in flight keeps k copies (evaluator.eager_terms moves them from the cache to
+  the stash: gpt-1.3b pp mb8 compiled, allocated -5.9% -> -1.6%).
   (d) device: Inductor fuses each chain of the block's pointwise ops (elementwise, norms,
   copies) that no matmul or attention separates into one kernel each way, which reads the
   chain's inputs and writes its outputs once (`fused_pointwise_s`, at the memory-bound price

@@ -780,6 +780,17 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
             _numel(o.shape) / shard_factor(st.in_specs[i], prob.mesh)
             for i, o in enumerate(graph.node(vocab_split_head).operands)
             if o.is_param and i < len(st.in_specs) and st.in_specs[i] is not None)
+    compiled_weight_copies = 0.0
+    if compiled and block_split == 1 and not (bf16 or bf16_stream) and n_microbatches > 1:
+        # A compiled block casts its linears' weights to bf16 inside the region and keeps the
+        # copies for its backward, per microbatch: autocast's weight cache (one copy for the
+        # step, eager.state_bytes) does not hold them (saved_activations.py: a Llama block
+        # keeps its 90 MB of bf16 weights compiled as eager). With one microbatch the copies
+        # are the one gradients_absent_at_activation_peak_bytes counts.
+        compiled_weight_copies = eager_mod.AUTOCAST_CACHE_BYTES_PER_PARAM * sum(
+            _local_param_elems(graph, prob, n, assign[n]) for n in names
+            if n in in_block and n in assign and graph.node(n).kind == MATMUL)
+        residual += compiled_weight_copies
     if compiled and block_split == 1:
         # what a compiled block saves for its backward: AOTAutograd's minimum cut (remat.py).
         # Measured on plain regions only; a tensor-parallel block's region over DTensors (with
@@ -845,11 +856,19 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                       ddp_rebuild_bytes=eager_mod.ddp_rebuild_transient_bytes(ev.param_elems)
                       if ddp and not zero12 else 0.0,
                       autocast_cache_bytes=0.0 if bf16 or bf16_stream
-                      else eager_mod.state_bytes(ev.param_elems, False, n_microbatches),
+                      else eager_mod.state_bytes(ev.param_elems, False, n_microbatches) - compiled_weight_copies,
                       param_state_delta_bytes=(eager_mod.fsdp_zero12_state_bytes(ev.param_elems, ev.param_elems_zero,
                                                                                  zero, n_microbatches)
                                                - ev.param_state_bytes(zero)) if zero12 else 0.0,
                       fsdp_root_bytes=fsdp_root, comm_delta_s=comm_delta, comm_overlap_s=overlap)
+
+
+def _local_param_elems(graph: OpGraph, prob: StageProblem, name: str, choice: int) -> float:
+    """Elements of the parameters op `name` owns that this GPU holds under strategy `choice`."""
+    st = prob.strategy_of(name, choice)
+    return sum(_numel(o.shape) / (shard_factor(st.in_specs[i], prob.mesh)
+                                  if i < len(st.in_specs) and st.in_specs[i] is not None else 1)
+               for i, o in enumerate(graph.node(name).operands) if o.is_param and o.owns_param)
 
 
 # per graph (weakly held): layer -> (its region's tensors, data edges, ops the backward cannot

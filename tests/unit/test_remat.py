@@ -5,6 +5,7 @@ in units of tokens x hidden x bytes."""
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -81,3 +82,44 @@ def test_compiled_block_keeps_what_was_measured(spec, tokens, delta_mib):
         return eager.fp32_residual_extra_bytes(node.out_bytes, node.out_bytes / math.prod(node.out_shape))
     delta = compiled_block_stash_delta_bytes(graph, 1, local, lambda op: eager.norm_runs_fp32(op, False), extra)
     assert delta == delta_mib * 2**20
+
+
+def test_compiled_pipeline_stage_keeps_weight_copies_per_microbatch():
+    """A compiled block casts its linears' weights inside its region and keeps the bf16 copies
+    per microbatch in flight; autocast's one-per-step cache no longer holds them. A stage of a
+    2-stage 1F1B pipeline with 4 microbatches: the cache is less by 2 B per block linear
+    parameter, the stash per microbatch more by as much, and the rest of the stash's change is
+    the blocks' cuts."""
+    from autopar.costmodel.compute import ComputeModel
+    from autopar.evaluation.baselines import Config3D, build_3d
+    from autopar.evaluation.evaluator import compiled_block_stash_delta_bytes, evaluate_stage
+    from autopar.hardware.presets import load_cluster
+    from autopar.model import ModelSource
+    cl = load_cluster("dgx-h200", 1, 2)
+    src = ModelSource("gpt:hidden=256,layers=4,heads=4,seq=128,vocab=1024")
+    plan = build_3d(src, cl, 4, Config3D(1, 1, 2, 1))
+    graph = src.graph(1)
+    assert plan.training.n_microbatches == 4
+    cm = ComputeModel(cl.gpu, plan.training.dtype)
+    st = plan.stages[0]
+    e = evaluate_stage(graph, cl, st, plan.training, cm, eager=True, compiled=False)
+    c = evaluate_stage(graph, cl, st, plan.training, cm, eager=True, compiled=True)
+    blocks = [li for li in range(*st.layers) if 0 < li < len(graph.layers) - 1]
+    linear_params = sum(math.prod(o.shape) for li in blocks for n in graph.layers[li].nodes
+                        for o in graph.node(n).operands
+                        if graph.node(n).kind == "matmul" and o.is_param and o.owns_param)
+    assert linear_params == len(blocks) * (12 * 256 * 256 + 9 * 256)      # weights and biases
+    assert e.autocast_cache_bytes - c.autocast_cache_bytes == 2 * linear_params
+    from autopar.costmodel import eager
+
+    def extra(v):
+        node = graph.node(v)
+        return eager.fp32_residual_extra_bytes(node.out_bytes, node.out_bytes / math.prod(node.out_shape))
+    cuts = sum(compiled_block_stash_delta_bytes(graph, li, lambda v: graph.node(v).out_bytes,
+                                                lambda op: eager.norm_runs_fp32(op, False), extra) for li in blocks)
+    assert cuts < 0
+    # compiled, the autocast copies of the norms' outputs are merged too (eager.autocast_input_copies_bytes)
+    copies = sum(eager.autocast_input_copies_bytes(graph.node(n).out_bytes / 2, 3 if n.endswith("ln1") else 1)
+                 for li in blocks for n in graph.layers[li].nodes if graph.node(n).kind == "norm")
+    assert c.stash_bytes - e.stash_bytes == pytest.approx(
+        2 * linear_params + cuts - copies)
