@@ -15,7 +15,9 @@ Time:
   logit), log-softmax (4 + 4), and in backward the NLL gradient (4), the log-softmax gradient
   (4 + 4 + 4) and the cast back (4 + 2): 36 B per logit element.
 - precision casts: autocast casts every fp32 weight to bf16 once per autocast region (read 4,
-  write 2 B per parameter; the step's one region holds all its microbatches), every
+  write 2 B per parameter; the step's one region holds all its microbatches; over FSDP2's
+  bf16 parameters autocast casts nothing, and FSDP2 casts each fp32 shard for every all-gather
+  instead, `fsdp_weight_cast_params`), every
   microbatch's bf16 weight gradient is cast to fp32 (2 + 4) and, after the first microbatch,
   added into `.grad` (4 + 4 + 4): the "~18 B/param per microbatch" of the pp rows.
 - autocast's fp32 residual stream: autocast runs layer_norm (and rms_norm) in fp32, so the
@@ -462,16 +464,38 @@ def cross_entropy_s(logits: float, cm: ComputeModel, bf16: bool = False) -> floa
     return cm.memory_bound_s(per_logit * logits) if logits > 0 else 0.0
 
 
-def precision_casts_s(local_params: float, n_microbatches: int, cm: ComputeModel) -> float:
-    """Per microbatch, on average: autocast's bf16 copies of the weights (once per step), the
-    fp32 cast of the weight gradients, and their accumulation into `.grad` after the first
-    microbatch."""
+def precision_casts_s(local_params: float, n_microbatches: int, cm: ComputeModel,
+                      weight_cast_params: float | None = None) -> float:
+    """Per microbatch, on average: the bf16 copies of the fp32 weights, the fp32 cast of the
+    weight gradients, and their accumulation into `.grad` after the first microbatch.
+    `weight_cast_params`: the fp32 parameters cast to bf16 in a step. None: autocast's copy of
+    every local parameter, once per step (its cache keeps it across the microbatches). Over
+    FSDP2's bf16 parameters (`fsdp_bf16_params`, `autocast_over_bf16_params`) autocast's casts
+    are no-ops or absent, and FSDP2 casts the fp32 shards instead (`fsdp_weight_cast_params`);
+    the bf16 gradients are cast to fp32 all the same, by FSDP2's reduce-scatter
+    (reduce_dtype=fp32) instead of autograd."""
     if local_params <= 0:
         return 0.0
     b = max(1, n_microbatches)
-    per_param = (WEIGHT_CAST_BYTES_PER_PARAM + GRAD_CAST_BYTES_PER_PARAM
-                 + GRAD_ACCUMULATE_BYTES_PER_PARAM * (b - 1)) / b
-    return per_param * local_params / (cm.stream_bytes_per_s * ADAMW_STREAM_SHARE)
+    cast = local_params if weight_cast_params is None else weight_cast_params
+    per_param = (GRAD_CAST_BYTES_PER_PARAM + GRAD_ACCUMULATE_BYTES_PER_PARAM * (b - 1)) / b
+    weight_bytes = WEIGHT_CAST_BYTES_PER_PARAM * cast / b
+    return (per_param * local_params + weight_bytes) / (cm.stream_bytes_per_s * ADAMW_STREAM_SHARE)
+
+
+def fsdp_weight_cast_params(sharded_params: float, zero: int, n_microbatches: int) -> float:
+    """The fp32 parameters FSDP2 casts to bf16 in a step (MixedPrecisionPolicy(param_dtype=bf16)):
+    every all-gather casts this GPU's fp32 shard (`sharded_params`) into its bf16 input on the
+    copy-in stream (torch's FSDPParam.all_gather_inputs, `_to_dtype_if_needed`, each unshard;
+    nothing caches it), read 4, write 2 B per shard parameter. ZeRO-3 gathers every unit for
+    each microbatch's forward and again for its backward (reshard_after_forward=True; autopar
+    run keeps its last block gathered, counted here as resharded), ZeRO-1/2 (`fsdp_zero12`)
+    once per step. On dp2 ZeRO-3 with one microbatch (bench/truth's fsdp2 rows) this is the
+    byte count of autocast's copy of every local parameter, which the model charged there
+    before: COMM_OVERLAP_SLOWDOWN was fitted with it, and DDP's rows, which have no such cast,
+    imply the same slowdown (bench/calibration/FINDINGS.md: 0.55-0.58 against 0.565)."""
+    gathers = 2 * max(1, n_microbatches) if zero >= 3 else 1
+    return sharded_params * gathers
 
 
 # The engines a stage without tensor parallelism runs its blocks on in `autopar run`

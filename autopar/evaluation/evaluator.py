@@ -812,7 +812,10 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
         src = main_boundary(graph, list(graph.layers[li].nodes))
         if src is not None:
             inputs_extra += eager_mod.fp32_residual_extra_bytes(*local_elems(src))
-    casts = eager_mod.precision_casts_s(ev.param_elems, n_microbatches, cm)
+    # over FSDP2's bf16 parameters autocast copies no weight; FSDP2 casts its shards per gather
+    weight_casts = (eager_mod.fsdp_weight_cast_params(ev.param_elems_zero, zero, n_microbatches)
+                    if bf16 or bf16_stream else None)
+    casts = eager_mod.precision_casts_s(ev.param_elems, n_microbatches, cm, weight_casts)
     n_blocks = sum(1 for li in range(*layers) if first < li < last)
     ddp = ev.sync_s > 0 and zero < 3
     host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=fsdp,
@@ -1183,7 +1186,8 @@ def _pipeline_terms(res: list[StageResult], graph: OpGraph, cluster: Cluster, n_
     for r in res:
         n_blocks = sum(1 for li in range(*r.plan.layers) if 0 < li < last)
         idle_f, idle_b = eager_mod.pipeline_idle_s(n_blocks)
-        copy_casts = eager_mod.precision_casts_s(r.tied_copy_params, n_microbatches, cm)
+        # the copy's parameters are cast as the stage's own are (precision_casts_s is linear in them)
+        copy_casts = r.precision_casts_s * r.tied_copy_params / r.ev.param_elems if r.ev.param_elems else 0.0
         out.append(replace(r, pipeline_fwd_s=idle_f, pipeline_bwd_s=idle_b + copy_casts,
                            pipeline_idle_s=idle_f + idle_b, precision_casts_s=r.precision_casts_s + copy_casts,
                            grad_scale_s=eager_mod.pipeline_grad_scale_s(r.ev.param_elems + r.tied_copy_params,
