@@ -166,7 +166,7 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
   so the step holds the state and the gradients, which the end of the backward held too (under
   FSDP2 the sharded fp32 gradients, `zero3_grad_pool_bytes`, with the activations gone). Every
   recipe priced steps fused on CUDA, FSDP2's DTensor parameters included: autopar's engines
-  (runtime.engines.make_optimizer), bench/truth's corpus and bench/runtime_vs_native.py's native
+  (runtime.optim.make_optimizer), bench/truth's corpus and bench/runtime_vs_native.py's native
   recipes, as torchtitan does. Foreach Adam would add an fp32 temporary the size of the updated
   shard (`_multi_tensor_adam`'s sqrt of the second moment), which came beside FSDP2's
   reduce-scatter output at the step and made the peak of gpt-1.3b ZeRO-3 mb1 on 2 H200s
