@@ -287,6 +287,8 @@ import numpy as np
 
 # The compute's slowdown beside hidden collectives is shared with the data-parallel gradient sync,
 # so it lives with the collectives (fitted here, on the fsdp2 rows: see the docstring).
+from ..hardware.mesh import MeshAxis
+from .collectives import ALL_REDUCE, collective_s
 from .collectives import COMM_OVERLAP_SLOWDOWN as COMM_OVERLAP_SLOWDOWN
 from .collectives import comm_overlap_s as comm_overlap_s
 from .compute import ComputeModel
@@ -496,6 +498,24 @@ def fsdp_weight_cast_params(sharded_params: float, zero: int, n_microbatches: in
     imply the same slowdown (bench/calibration/FINDINGS.md: 0.55-0.58 against 0.565)."""
     gathers = 2 * max(1, n_microbatches) if zero >= 3 else 1
     return sharded_params * gathers
+
+
+def tp_input_grad_all_reduce_s(graph_nbytes: float, elem_bytes: float, fp32_input: bool, axis: MeshAxis) -> float:
+    """One column-parallel linear's backward all-reduce of its input gradient as DTensor's
+    tensor parallelism runs it (parallelize_module's ColwiseParallel, eager or compiled per
+    block): each linear's input hook makes its own replicated DTensor of the input, so each
+    all-reduces its own partial gradient, where the graph's count (Megatron's fused QKV, its
+    readers' partial gradients summed before one all-reduce: sharding/stage_problem._grad_share)
+    has one per tensor. And under autocast the input is an fp32 norm's output (`norm_runs_fp32`):
+    the linear casts it to bf16 inside the hook's DTensor, so the gradient reaching the hook, and
+    its all-reduce, is fp32 (`fp32_input`). `graph_nbytes`: the all-reduce's bytes as the graph
+    counts them, in elements of `elem_bytes`. The H200 profiles of gpt-1.3b and llama-1b-gqa tp2
+    (bench/results/profiles_h200_2026-11-30/, profiles_h200_2026-12-01_tp/, compiled, native
+    and autopar alike) have per block and microbatch 4 (GPT: q, k, v, fc1) and 5 (Llama: wq, wk,
+    wv, w1, w3) fp32 all-reduces, one per column-parallel linear, and 2 bf16 ones, the
+    row-parallel outputs."""
+    nbytes = graph_nbytes * (FP32_BYTES / elem_bytes if fp32_input else 1.0)
+    return collective_s(ALL_REDUCE, nbytes, axis)
 
 
 # The engines a stage without tensor parallelism runs its blocks on in `autopar run`

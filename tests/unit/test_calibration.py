@@ -331,6 +331,36 @@ def test_weight_casts_by_who_casts_the_parameters(zero, zero_autocast, gathers_p
     assert ev_plan.predicted.breakdown_s["precision_casts"] == pytest.approx(b * expected_s, rel=1e-9)
 
 
+@pytest.mark.parametrize("family,column_linears", [("gpt", 4), ("llama", 5)])
+def test_tp_input_gradients_all_reduced_per_linear_in_fp32(family, column_linears):
+    """DTensor's tensor parallelism all-reduces each column-parallel linear's input gradient on
+    its own, in fp32 under autocast (the norm's output it reads is fp32): per block GPT's q, k,
+    v, fc1 and Llama's wq, wk, wv, w1, w3, as the H200 tp profiles count them, where the graph
+    prices one bf16 all-reduce per norm output (two per block), and the vocab-split head's.
+    Oracle: the eager terms' change to the communication is that difference, from the ring
+    all-reduce's price."""
+    from autopar.costmodel.collectives import all_reduce_s
+    h, seq, mb, layers = 256, 128, 2, 3
+    spec = (f"gpt:hidden={h},layers={layers},heads=4,seq={seq},vocab=1024" if family == "gpt" else
+            f"llama:hidden={h},layers={layers},heads=4,kv_heads=2,seq={seq},vocab=1024")
+    cl = load_cluster("dgx-h200", 1, 2)
+    src = ModelSource(spec)
+    plan = build_3d(src, cl, mb, Config3D(1, 2, 1, mb))
+    graph = src.graph(mb)
+    cm = ComputeModel(cl.gpu, plan.training.dtype)
+    st = plan.stages[0]
+    mesh = Mesh(cl, Submesh(1, 2), (st.logical_mesh[0], st.logical_mesh[1]))
+    terms = _stage_terms(graph, st.layers, st, mesh, cm, 1, 0)
+    tp_axis = mesh.axis(2 if st.logical_mesh[1] == 2 else 1)
+    grad_bf16 = mb * seq * h * 2                  # one block input's gradient, bf16 as the graph counts it
+    per_block = (column_linears * all_reduce_s(2 * grad_bf16, tp_axis)      # fp32, one per linear
+                 - 2 * all_reduce_s(grad_bf16, tp_axis))                     # the graph's: one per norm
+    # Megatron's vocab-split head is column-parallel too, reading the final norm's fp32 output
+    head = all_reduce_s(2 * grad_bf16, tp_axis) - all_reduce_s(grad_bf16, tp_axis)
+    assert per_block > 0 and head > 0
+    assert terms.comm_delta_s == pytest.approx(layers * per_block + head, rel=1e-9)
+
+
 @pytest.mark.parametrize("zero_autocast", [False, True])
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_stage_eager_terms_are_the_sum_of_its_layers(zero, zero_autocast):
