@@ -385,7 +385,7 @@ class Native:
         dtensors = [p for p in params if hasattr(p, "placements")]
         groups = [{"params": g} for g in (dtensors, [p for p in params if not hasattr(p, "placements")]) if g]
         # fused on CUDA, FSDP2's and TP's DTensors included (as torchtitan; autopar's engines too,
-        # engines.make_optimizer): foreach's fp32 temporaries would add a shard's copy at the step
+        # optim.make_optimizer): foreach's fp32 temporaries would add a shard's copy at the step
         fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
         self.opt = torch.optim.Adam(groups, lr=1e-4, **fast)
 

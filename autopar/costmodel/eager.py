@@ -15,7 +15,9 @@ Time:
   logit), log-softmax (4 + 4), and in backward the NLL gradient (4), the log-softmax gradient
   (4 + 4 + 4) and the cast back (4 + 2): 36 B per logit element.
 - precision casts: autocast casts every fp32 weight to bf16 once per autocast region (read 4,
-  write 2 B per parameter; the step's one region holds all its microbatches), every
+  write 2 B per parameter; the step's one region holds all its microbatches; over FSDP2's
+  bf16 parameters autocast casts nothing, and FSDP2 casts each fp32 shard for every all-gather
+  instead, `fsdp_weight_cast_params`), every
   microbatch's bf16 weight gradient is cast to fp32 (2 + 4) and, after the first microbatch,
   added into `.grad` (4 + 4 + 4): the "~18 B/param per microbatch" of the pp rows.
 - autocast's fp32 residual stream: autocast runs layer_norm (and rms_norm) in fp32, so the
@@ -174,7 +176,7 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
   so the step holds the state and the gradients, which the end of the backward held too (under
   FSDP2 the sharded fp32 gradients, `zero3_grad_pool_bytes`, with the activations gone). Every
   recipe priced steps fused on CUDA, FSDP2's DTensor parameters included: autopar's engines
-  (runtime.engines.make_optimizer), bench/truth's corpus and bench/runtime_vs_native.py's native
+  (runtime.optim.make_optimizer), bench/truth's corpus and bench/runtime_vs_native.py's native
   recipes, as torchtitan does. Foreach Adam would add an fp32 temporary the size of the updated
   shard (`_multi_tensor_adam`'s sqrt of the second moment), which came beside FSDP2's
   reduce-scatter output at the step and made the peak of gpt-1.3b ZeRO-3 mb1 on 2 H200s
@@ -295,6 +297,8 @@ import numpy as np
 
 # The compute's slowdown beside hidden collectives is shared with the data-parallel gradient sync,
 # so it lives with the collectives (fitted here, on the fsdp2 rows: see the docstring).
+from ..hardware.mesh import MeshAxis
+from .collectives import ALL_REDUCE, collective_s
 from .collectives import COMM_OVERLAP_SLOWDOWN as COMM_OVERLAP_SLOWDOWN
 from .collectives import comm_overlap_s as comm_overlap_s
 from .compute import ComputeModel
@@ -481,16 +485,56 @@ def cross_entropy_s(logits: float, cm: ComputeModel, bf16: bool = False) -> floa
     return cm.memory_bound_s(per_logit * logits) if logits > 0 else 0.0
 
 
-def precision_casts_s(local_params: float, n_microbatches: int, cm: ComputeModel) -> float:
-    """Per microbatch, on average: autocast's bf16 copies of the weights (once per step), the
-    fp32 cast of the weight gradients, and their accumulation into `.grad` after the first
-    microbatch."""
+def precision_casts_s(local_params: float, n_microbatches: int, cm: ComputeModel,
+                      weight_cast_params: float | None = None) -> float:
+    """Per microbatch, on average: the bf16 copies of the fp32 weights, the fp32 cast of the
+    weight gradients, and their accumulation into `.grad` after the first microbatch.
+    `weight_cast_params`: the fp32 parameters cast to bf16 in a step. None: autocast's copy of
+    every local parameter, once per step (its cache keeps it across the microbatches). Over
+    FSDP2's bf16 parameters (`fsdp_bf16_params`, `autocast_over_bf16_params`) autocast's casts
+    are no-ops or absent, and FSDP2 casts the fp32 shards instead (`fsdp_weight_cast_params`);
+    the bf16 gradients are cast to fp32 all the same, by FSDP2's reduce-scatter
+    (reduce_dtype=fp32) instead of autograd."""
     if local_params <= 0:
         return 0.0
     b = max(1, n_microbatches)
-    per_param = (WEIGHT_CAST_BYTES_PER_PARAM + GRAD_CAST_BYTES_PER_PARAM
-                 + GRAD_ACCUMULATE_BYTES_PER_PARAM * (b - 1)) / b
-    return per_param * local_params / (cm.stream_bytes_per_s * ADAMW_STREAM_SHARE)
+    cast = local_params if weight_cast_params is None else weight_cast_params
+    per_param = (GRAD_CAST_BYTES_PER_PARAM + GRAD_ACCUMULATE_BYTES_PER_PARAM * (b - 1)) / b
+    weight_bytes = WEIGHT_CAST_BYTES_PER_PARAM * cast / b
+    return (per_param * local_params + weight_bytes) / (cm.stream_bytes_per_s * ADAMW_STREAM_SHARE)
+
+
+def fsdp_weight_cast_params(sharded_params: float, zero: int, n_microbatches: int) -> float:
+    """The fp32 parameters FSDP2 casts to bf16 in a step (MixedPrecisionPolicy(param_dtype=bf16)):
+    every all-gather casts this GPU's fp32 shard (`sharded_params`) into its bf16 input on the
+    copy-in stream (torch's FSDPParam.all_gather_inputs, `_to_dtype_if_needed`, each unshard;
+    nothing caches it), read 4, write 2 B per shard parameter. ZeRO-3 gathers every unit for
+    each microbatch's forward and again for its backward (reshard_after_forward=True; autopar
+    run keeps its last block gathered, counted here as resharded), ZeRO-1/2 (`fsdp_zero12`)
+    once per step. On dp2 ZeRO-3 with one microbatch (bench/truth's fsdp2 rows) this is the
+    byte count of autocast's copy of every local parameter, which the model charged there
+    before: COMM_OVERLAP_SLOWDOWN was fitted with it, and DDP's rows, which have no such cast,
+    imply the same slowdown (bench/calibration/FINDINGS.md: 0.55-0.58 against 0.565)."""
+    gathers = 2 * max(1, n_microbatches) if zero >= 3 else 1
+    return sharded_params * gathers
+
+
+def tp_input_grad_all_reduce_s(graph_nbytes: float, elem_bytes: float, fp32_input: bool, axis: MeshAxis) -> float:
+    """One column-parallel linear's backward all-reduce of its input gradient as DTensor's
+    tensor parallelism runs it (parallelize_module's ColwiseParallel, eager or compiled per
+    block): each linear's input hook makes its own replicated DTensor of the input, so each
+    all-reduces its own partial gradient, where the graph's count (Megatron's fused QKV, its
+    readers' partial gradients summed before one all-reduce: sharding/stage_problem._grad_share)
+    has one per tensor. And under autocast the input is an fp32 norm's output (`norm_runs_fp32`):
+    the linear casts it to bf16 inside the hook's DTensor, so the gradient reaching the hook, and
+    its all-reduce, is fp32 (`fp32_input`). `graph_nbytes`: the all-reduce's bytes as the graph
+    counts them, in elements of `elem_bytes`. The H200 profiles of gpt-1.3b and llama-1b-gqa tp2
+    (bench/results/profiles_h200_2026-11-30/, profiles_h200_2026-12-01_tp/, compiled, native
+    and autopar alike) have per block and microbatch 4 (GPT: q, k, v, fc1) and 5 (Llama: wq, wk,
+    wv, w1, w3) fp32 all-reduces, one per column-parallel linear, and 2 bf16 ones, the
+    row-parallel outputs."""
+    nbytes = graph_nbytes * (FP32_BYTES / elem_bytes if fp32_input else 1.0)
+    return collective_s(ALL_REDUCE, nbytes, axis)
 
 
 # The engines a stage without tensor parallelism runs its blocks on in `autopar run`

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from autopar.costmodel import eager as eager_mod
 from autopar.costmodel.collectives import (
     ALL_GATHER,
+    ALL_REDUCE,
     BACKWARD,
     FORWARD,
     GRAD_SYNC,
@@ -631,7 +632,8 @@ class EagerTerms:
     fsdp_root_bytes: float = 0.0       # forward and backward: FSDP2's unsharded root weights and grads
     param_state_delta_bytes: float = 0.0  # whole step: FSDP2's ZeRO-1/2 state less the graph's (memory.py)
     # per microbatch, in fwd_s / bwd_s: the change to the ops' communication (FSDP2's blocks'
-    # collectives hidden behind their compute, less its fp32 reduce-scatter's extra bytes), and
+    # collectives hidden behind their compute, less its fp32 reduce-scatter's extra bytes;
+    # DTensor's per-linear fp32 input-gradient all-reduces, eager.tp_input_grad_all_reduce_s), and
     # the compute's slowdown beside the hidden part (eager.fsdp_block_comm_s, comm_overlap_s)
     comm_delta_s: float = 0.0
     comm_overlap_s: float = 0.0
@@ -676,7 +678,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
             local = node.out_bytes / (shard_factor(spec, prob.mesh) if spec else 1)
         return local, node.out_bytes / _numel(node.out_shape)
 
-    fwd = bwd = ce_s = ce_peak = residual = 0.0
+    fwd = bwd = ce_s = ce_peak = residual = tp_grad_delta = 0.0
     n_linears = n_other = 0
     tp = False
     split_linears: set[str] = set()
@@ -769,6 +771,27 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                        and any(st.in_specs[i]) for i, o in enumerate(node.operands)):
                     tp = True
                     split_linears.add(n)
+                # DTensor all-reduces each column-parallel linear's input gradient itself, in fp32
+                # where autocast's norm made the input fp32 (eager.tp_input_grad_all_reduce_s), where
+                # the graph prices this linear's share of one all-reduce per tensor
+                for c in st.collectives:
+                    if c.kind != ALL_REDUCE or c.phase != BACKWARD or c.operand < 0:
+                        continue
+                    read = node.operands[c.operand].source
+                    if read is None:
+                        continue
+                    made_as = (prob.strategy_of(read, assign[read]).out_spec if read in assign
+                               else prob.boundary.get(read))
+                    if made_as != st.in_specs[c.operand]:
+                        continue        # converted on the way (Megatron-SP's gather: a reduce-scatter back)
+                    producer = graph.node(read)
+                    fp32_in = (producer.kind == NORM and not bf16
+                               and eager_mod.norm_runs_fp32(producer.op, bf16_stream))
+                    elem = producer.out_bytes / _numel(producer.out_shape)
+                    eager_ar = eager_mod.tp_input_grad_all_reduce_s(c.nbytes, elem, fp32_in, prob.mesh.axis(c.mask))
+                    delta = eager_ar - c.time_s * prob.grad_share.get(n, {}).get(c.operand, 1.0)
+                    bwd += delta
+                    tp_grad_delta += delta
         elif node.kind not in (VIEW, INPUT, OUTPUT):
             n_other += dispatched
     if bf16 and vocab_split_head is not None and split_linears == {vocab_split_head}:
@@ -820,7 +843,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                 strategies = [prob.strategy_of(n, assign[n]) for n in ops]
                 fwd += f_s - sum(st.fwd_s for st in strategies)
                 bwd += b_s - sum(st.bwd_s for st in strategies)
-    comm_delta = overlap = 0.0
+    comm_delta, overlap = tp_grad_delta, 0.0
     for li, (c_f, c_b, ag_f, ag_b, rs) in blocks.items():
         rs_eager = eager_mod.FSDP_REDUCE_SCATTER_FACTOR * rs
         exp_f, exp_b, hidden = eager_mod.fsdp_block_comm_s(c_f, c_b, ag_f, ag_b, rs_eager,
@@ -836,7 +859,10 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
         src = main_boundary(graph, list(graph.layers[li].nodes))
         if src is not None:
             inputs_extra += eager_mod.fp32_residual_extra_bytes(*local_elems(src))
-    casts = eager_mod.precision_casts_s(ev.param_elems, n_microbatches, cm)
+    # over FSDP2's bf16 parameters autocast copies no weight; FSDP2 casts its shards per gather
+    weight_casts = (eager_mod.fsdp_weight_cast_params(ev.param_elems_zero, zero, n_microbatches)
+                    if bf16 or bf16_stream else None)
+    casts = eager_mod.precision_casts_s(ev.param_elems, n_microbatches, cm, weight_casts)
     n_blocks = sum(1 for li in range(*layers) if first < li < last)
     ddp = ev.sync_s > 0 and zero < 3
     host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=fsdp,
@@ -1280,7 +1306,8 @@ def _pipeline_terms(res: list[StageResult], graph: OpGraph, cluster: Cluster, n_
     for r in res:
         n_blocks = sum(1 for li in range(*r.plan.layers) if 0 < li < last)
         idle_f, idle_b = eager_mod.pipeline_idle_s(n_blocks)
-        copy_casts = eager_mod.precision_casts_s(r.tied_copy_params, n_microbatches, cm)
+        # the copy's parameters are cast as the stage's own are (precision_casts_s is linear in them)
+        copy_casts = r.precision_casts_s * r.tied_copy_params / r.ev.param_elems if r.ev.param_elems else 0.0
         out.append(replace(r, pipeline_fwd_s=idle_f, pipeline_bwd_s=idle_b + copy_casts,
                            pipeline_idle_s=idle_f + idle_b, precision_casts_s=r.precision_casts_s + copy_casts,
                            grad_scale_s=eager_mod.pipeline_grad_scale_s(r.ev.param_elems + r.tied_copy_params,

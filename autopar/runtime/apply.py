@@ -26,6 +26,7 @@ from graphs.query import main_boundary
 from graphs.trace import symbolic, to_meta, trace
 
 from .layout import local_shape, placements, spec_of
+from .optim import make_optimizer
 from .pipeline import BoundaryLayout, P2PPipeline, sum_tied_grad
 from .program import (
     NotAppliableError,
@@ -339,14 +340,8 @@ class ParallelModel:
                                        stride=m.stride())
                 self.masters[name] = nn.Parameter(m)
         opt_params = [self.masters.get(n, p) for n, p in self.params.items()]
-        plain = all(c.mesh is None for c in self.chunks) and self.device.type == "cuda"
-        self.optimizer: torch.optim.Optimizer
-        if kind == "adam":
-            self.optimizer = torch.optim.Adam(opt_params, lr=lr, fused=True if plain else None)
-        elif kind == "sgd":
-            self.optimizer = torch.optim.SGD(opt_params, lr=lr)
-        else:
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
+        # the engines' optimizer: fused Adam over DTensor and ZeRO master shards as over plain ones
+        self.optimizer: torch.optim.Optimizer = make_optimizer(opt_params, kind, lr, self.device)
 
     def _p2p_pipeline(self, prog) -> P2PPipeline:
         """Stages of different sizes: each stage's ranks hold its boundary tensor whole

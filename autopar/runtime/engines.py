@@ -82,6 +82,7 @@ from graphs.query import stage_nodes
 from .apply import ParallelModel, build_model, check_plan_matches, pipeline_groups, trace_model, zoo_inputs
 from .apply import apply as apply_program
 from .layout import placements, spec_of
+from .optim import make_optimizer
 from .pipeline import P2PPipeline, sum_tied_grad
 from .program import NotAppliableError
 
@@ -1118,27 +1119,6 @@ class ShardOptimizer:
         self.inner.zero_grad(set_to_none=set_to_none)
         for p, _ in self.pairs:
             p.grad = None
-
-
-def make_optimizer(params: list[torch.Tensor], kind: str, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """Adam (fused on CUDA and CPU, DTensor parameters included) or SGD. Fused, not foreach, for
-    FSDP2's DTensors too: foreach Adam allocates an fp32 temporary the size of the local shard,
-    which at the step sits beside FSDP2's reduce-scatter output (the peak of gpt-1.3b ZeRO-3 mb1
-    on 2 H200s, bench/results/memory_peaks_h200_2026-12-01_zero3_mb1.txt); torch's DTensor runs
-    _fused_adam_ on the local shards in place, and the eager memory model prices no optimizer
-    temporaries (as torchtitan and bench/truth's fsdp2 recipe step FSDP2). DTensor and plain
-    parameters (norms under tensor parallelism) go in separate groups: a kernel over a list takes
-    one kind only."""
-    dtensors = [p for p in params if _is_dtensor(p)]
-    plain = [p for p in params if not _is_dtensor(p)]
-    groups = [{"params": g} for g in (dtensors, plain) if g]
-    if kind == "adam":
-        if device.type in ("cuda", "cpu"):
-            return torch.optim.Adam(groups, lr=lr, fused=True)
-        return torch.optim.Adam(groups, lr=lr, foreach=True)
-    if kind == "sgd":
-        return torch.optim.SGD(groups, lr=lr)
-    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
 
 
 def _checkpoint_forward(module: nn.Module, backend: str | None = None) -> None:

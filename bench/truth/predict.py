@@ -107,7 +107,7 @@ def predict_row(row: dict[str, Any]) -> dict[str, Any]:
     if row["strategy"] == "tp":
         plan = replicate_embedding_and_head(plan, graph)
     # the corpus ran the eager recipe (every block eager, tp too), its fsdp2 rows with autocast over
-    # FSDP2's fp32 parameters
+    # FSDP2's bf16 parameters (eager.autocast_over_bf16_params)
     evaluated = evaluate(plan, graph, cluster, eager=True, zero_autocast=True, compiled=False)
     p = evaluated.predicted
     rebuild = ddp_rebuild_comparison(

@@ -1,4 +1,4 @@
-"""The engines' optimizer (autopar.runtime.engines.make_optimizer: fused Adam, FSDP2's DTensor
+"""The engines' optimizer (autopar.runtime.optim.make_optimizer: fused Adam, FSDP2's DTensor
 parameters included) steps each parameter as torch's plain Adam steps the full tensor, given the
 same gradients. Oracle: one process's torch.optim.Adam (its default, single-tensor on CPU) fed
 the gathered gradients of the same steps. (A comparison of the trained parameters with a

@@ -286,6 +286,81 @@ def _stage_terms(graph, layers, plan_stage, mesh, cm, n_microbatches, zero, zero
                        compiled=compiled)
 
 
+@pytest.mark.parametrize("n_microbatches", [1, 4])
+@pytest.mark.parametrize("zero,zero_autocast,gathers_per_microbatch", [
+    (0, False, None),      # DDP under autocast over fp32 weights: autocast copies every weight once a step
+    (1, True, None),       # ZeRO-1 under the truth recipe: DDP, the same
+    (3, True, 2),          # bench/truth's fsdp2: autocast over FSDP2's bf16 parameters, no-op casts
+    (3, False, 2),         # autopar run's ZeRO-3: FSDP2's bf16 parameters, no autocast
+    (1, False, 0),         # autopar run's ZeRO-1 (FSDP2): one gather a step
+])
+def test_weight_casts_by_who_casts_the_parameters(zero, zero_autocast, gathers_per_microbatch, n_microbatches):
+    """The bf16 copy of the fp32 weights: autocast's (6 B per local parameter, once per step)
+    where the blocks compute with fp32 parameters; none by autocast over FSDP2's bf16
+    parameters, where FSDP2 casts its fp32 shard (about half the parameters on dp2) for every
+    all-gather instead: ZeRO-3 twice per microbatch, ZeRO-1 once per step. The gradients'
+    fp32 cast (6 B) and, after the first microbatch, their accumulation (18 B) stay. Closed
+    form over the stage's parameters, per microbatch."""
+    cl = load_cluster("dgx-h200", 1, 2)
+    src = ModelSource("gpt:hidden=256,layers=3,heads=4,seq=128,vocab=1024")
+    plan = build_3d(src, cl, 4 * n_microbatches, Config3D(2, 1, 1, 2, zero=zero))
+    graph = src.graph(4)
+    cm = ComputeModel(cl.gpu, plan.training.dtype)
+    mesh = Mesh(cl, Submesh(1, 2), (2, 1))
+    st = plan.stages[0]
+    prob = StageProblem(graph, stage_nodes(graph, st.layers), mesh, cm)
+    choice = prob.choice_from_names(dict(st.strategies))
+    ev = prob.evaluate(choice, Settings(n_microbatches=n_microbatches, zero=zero))
+    terms = eager_terms(graph, st.layers, prob, prob.assignment(choice), ev, n_microbatches, zero, cm,
+                        zero_autocast, compiled=False)
+    # every GPU holds all parameters (dp2) and optimizes about half (the shard FSDP2 gathers)
+    p, shard = ev.param_elems, ev.param_elems_zero
+    assert p == graph.param_count and 0.5 * p <= shard < 0.52 * p
+    b = n_microbatches
+    if gathers_per_microbatch is None:
+        weight_bytes = 6 * p / b                       # autocast: every local parameter once a step
+    elif gathers_per_microbatch:
+        weight_bytes = 6 * shard * gathers_per_microbatch      # FSDP2: the shard, every gather
+    else:
+        weight_bytes = 6 * shard / b                   # FSDP2's ZeRO-1/2: the shard, once a step
+    bw = cm.stream_bytes_per_s * eager.ADAMW_STREAM_SHARE
+    expected_s = ((6 + 18 * (b - 1)) / b * p + weight_bytes) / bw
+    assert terms.precision_casts_s == pytest.approx(expected_s, rel=1e-9)
+    # the step carries it once per microbatch (evaluate's breakdown, "precision_casts")
+    ev_plan = evaluate(plan, graph, cl, eager=True, zero_autocast=zero_autocast, compiled=False)
+    assert ev_plan.predicted.breakdown_s["precision_casts"] == pytest.approx(b * expected_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("family,column_linears", [("gpt", 4), ("llama", 5)])
+def test_tp_input_gradients_all_reduced_per_linear_in_fp32(family, column_linears):
+    """DTensor's tensor parallelism all-reduces each column-parallel linear's input gradient on
+    its own, in fp32 under autocast (the norm's output it reads is fp32): per block GPT's q, k,
+    v, fc1 and Llama's wq, wk, wv, w1, w3, as the H200 tp profiles count them, where the graph
+    prices one bf16 all-reduce per norm output (two per block), and the vocab-split head's.
+    Oracle: the eager terms' change to the communication is that difference, from the ring
+    all-reduce's price."""
+    from autopar.costmodel.collectives import all_reduce_s
+    h, seq, mb, layers = 256, 128, 2, 3
+    spec = (f"gpt:hidden={h},layers={layers},heads=4,seq={seq},vocab=1024" if family == "gpt" else
+            f"llama:hidden={h},layers={layers},heads=4,kv_heads=2,seq={seq},vocab=1024")
+    cl = load_cluster("dgx-h200", 1, 2)
+    src = ModelSource(spec)
+    plan = build_3d(src, cl, mb, Config3D(1, 2, 1, mb))
+    graph = src.graph(mb)
+    cm = ComputeModel(cl.gpu, plan.training.dtype)
+    st = plan.stages[0]
+    mesh = Mesh(cl, Submesh(1, 2), (st.logical_mesh[0], st.logical_mesh[1]))
+    terms = _stage_terms(graph, st.layers, st, mesh, cm, 1, 0)
+    tp_axis = mesh.axis(2 if st.logical_mesh[1] == 2 else 1)
+    grad_bf16 = mb * seq * h * 2                  # one block input's gradient, bf16 as the graph counts it
+    per_block = (column_linears * all_reduce_s(2 * grad_bf16, tp_axis)      # fp32, one per linear
+                 - 2 * all_reduce_s(grad_bf16, tp_axis))                     # the graph's: one per norm
+    # Megatron's vocab-split head is column-parallel too, reading the final norm's fp32 output
+    head = all_reduce_s(2 * grad_bf16, tp_axis) - all_reduce_s(grad_bf16, tp_axis)
+    assert per_block > 0 and head > 0
+    assert terms.comm_delta_s == pytest.approx(layers * per_block + head, rel=1e-9)
+
+
 @pytest.mark.parametrize("zero_autocast", [False, True])
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_stage_eager_terms_are_the_sum_of_its_layers(zero, zero_autocast):

@@ -220,4 +220,6 @@ def test_gpt_1_3b_zero3_recomputes_the_evaluators_least_layers():
     assert min(counts) == 15
     got = autopar.plan(src, cl, global_batch=64, microbatches=4, zero=3, eager=True, workers=1)
     assert got.stages[0].recompute_layers == 15
-    assert got.predicted.step_time_s == pytest.approx(2.435, abs=5e-4)
+    # 2.435 s before FSDP2's casts of its shards, for each of the 8 gathers a step, replaced
+    # autocast's one copy of the weights (eager.fsdp_weight_cast_params)
+    assert got.predicted.step_time_s == pytest.approx(2.456, abs=5e-4)
