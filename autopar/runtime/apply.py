@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ from graphs.ir import INPUT, OpGraph
 from graphs.query import main_boundary
 from graphs.trace import symbolic, to_meta, trace
 
-from .layout import local_shape, placements, spec_of
+from .layout import is_dtensor, local_shape, placements, spec_of
 from .optim import make_optimizer
 from .pipeline import BoundaryLayout, P2PPipeline, sum_tied_grad
 from .program import (
@@ -38,7 +38,7 @@ from .program import (
 )
 
 if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
+    pass
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
@@ -326,7 +326,7 @@ class ParallelModel:
         self.masters: dict[str, nn.Parameter] = {}
         from torch.distributed.tensor import DTensor
         for name, p in self.params.items():
-            if not _is_dtensor(p) or self.zero not in (1, 2):
+            if not is_dtensor(p) or self.zero not in (1, 2):
                 continue
             # ZeRO-1/2: the optimizer owns a shard of each parameter over the mesh axes its
             # gradient is a partial sum over (see _grad_partial_mask); after its step the shards
@@ -458,15 +458,15 @@ class ParallelModel:
                 sum_tied_grad(p, group, len(self.stage.device_ids))
                 continue
             g = p.grad
-            full = g.full_tensor() if _is_dtensor(g) else g.clone()
+            full = g.full_tensor() if is_dtensor(g) else g.clone()
             dist.all_reduce(full, group=group)
             p.grad = self._like(full, p)
         for p in self.params.values():
-            if _is_dtensor(p) and p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
+            if is_dtensor(p) and p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
                 p.grad = p.grad.redistribute(p.device_mesh, p.placements)
 
     def _like(self, full: torch.Tensor, p):
-        if not _is_dtensor(p):
+        if not is_dtensor(p):
             return full
         from torch.distributed.tensor import DTensor
         d = DTensor.from_local(full, p.device_mesh, placements(None, full.dim()), run_check=False)
@@ -500,7 +500,7 @@ class ParallelModel:
 
     def param_specs(self) -> dict[str, str]:
         """How each of this stage's parameters is stored, as a plan spec ("S1R", ...)."""
-        return {n: spec_of(p.placements, p.dim()) if _is_dtensor(p) else "R" * p.dim()
+        return {n: spec_of(cast(Any, p).placements, p.dim()) if is_dtensor(p) else "R" * p.dim()
                 for n, p in self.params.items()}
 
     @property
@@ -646,11 +646,6 @@ def _loss_is_output(output, target):
     return output.sum()
 
 
-def _is_dtensor(x) -> TypeGuard[DTensor]:
-    from torch.distributed.tensor import DTensor
-    return isinstance(x, DTensor)
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if _is_dtensor(t) else t).detach().float().cpu()
+    return (cast(Any, t).full_tensor() if is_dtensor(t) else t).detach().float().cpu()
 

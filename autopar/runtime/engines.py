@@ -81,7 +81,7 @@ from graphs.query import stage_nodes
 
 from .apply import ParallelModel, build_model, check_plan_matches, pipeline_groups, trace_model, zoo_inputs
 from .apply import apply as apply_program
-from .layout import placements, spec_of
+from .layout import is_dtensor, placements, spec_of
 from .optim import make_optimizer
 from .pipeline import P2PPipeline, sum_tied_grad
 from .program import NotAppliableError
@@ -467,7 +467,7 @@ class Segment(nn.Module):
         if not self.last:
             return x
         x = getattr(self, self.norm_name)(x)
-        if self.sequence_split is not None and _is_dtensor(x):
+        if self.sequence_split is not None and is_dtensor(x):
             # the norm ran on its split of the sequence: gather it for the head
             from torch.distributed.tensor import Replicate
             gathered: Any = x
@@ -484,9 +484,9 @@ class Segment(nn.Module):
             if self.head_mesh is not None:
                 w = DTensor.from_local(w, self.head_mesh, [Replicate()], run_check=False).redistribute(
                     self.head_mesh, [Shard(0)])
-            elif _is_dtensor(w) and self.split_head and tuple(w.placements) != (Shard(0),):
+            elif is_dtensor(w) and self.split_head and tuple(w.placements) != (Shard(0),):
                 w = w.redistribute(w.device_mesh, [Shard(0)])       # a hidden-split table, split by rows
-            elif _is_dtensor(w) and not self.split_head:
+            elif is_dtensor(w) and not self.split_head:
                 w = w.full_tensor()                                 # a hidden-split table, whole
             logits = F.linear(x, w)
         else:
@@ -494,7 +494,7 @@ class Segment(nn.Module):
         loss: Any = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
         # a vocab-parallel loss is a replicated DTensor: every rank holds the whole value; one
         # element, not a scalar, as pipelining concatenates the microbatches' outputs
-        return (loss.to_local() if _is_dtensor(loss) else loss).reshape(1)
+        return (loss.to_local() if is_dtensor(loss) else loss).reshape(1)
 
     def _rows_head_loss(self, x: Any, targets: torch.Tensor) -> torch.Tensor:
         """The head and loss on this tp rank's share of the tokens (its rows of the batch, or its
@@ -506,11 +506,11 @@ class Segment(nn.Module):
         assert self.rows_head is not None
         mesh, dim = self.rows_head
         n = mesh.size()
-        whole = x.redistribute(mesh, [Replicate()]) if _is_dtensor(x) else \
+        whole = x.redistribute(mesh, [Replicate()]) if is_dtensor(x) else \
             DTensor.from_local(x, mesh, [Replicate()], run_check=False)
         rows = whole.redistribute(mesh, [Shard(dim)]).to_local()
         w: Any = getattr(self, self.embed_names[0]).weight if self.tied else cast(Any, self).head.weight
-        if not _is_dtensor(w):
+        if not is_dtensor(w):
             w = DTensor.from_local(w, mesh, [Replicate()], run_check=False)
         w = w.redistribute(w.device_mesh, [Replicate()] * w.device_mesh.ndim).to_local(
             grad_placements=[Partial()] * w.device_mesh.ndim)
@@ -535,14 +535,14 @@ class Segment(nn.Module):
         whole = DTensor.from_local(_ScaleGrad.apply(x, float(mesh.size())), mesh, [Shard(0)],
                                    run_check=False).redistribute(mesh, [Replicate()])
         w: Any = getattr(self, self.embed_names[0]).weight if self.tied else cast(Any, self).head.weight
-        if not _is_dtensor(w):
+        if not is_dtensor(w):
             w = DTensor.from_local(w, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(0)])
         if not torch.is_autocast_enabled() and w.dtype != whole.dtype:
             w = w.to(whole.dtype)                       # FSDP2's policy cast the blocks, not this shard
         logits = F.linear(whole, w)                     # Shard(-1): this rank's vocab
         all_targets = DTensor.from_local(targets, mesh, [Shard(0)], run_check=False).full_tensor()
         loss: Any = F.cross_entropy(logits.view(-1, logits.shape[-1]), all_targets.reshape(-1))
-        return (loss.to_local() if _is_dtensor(loss) else loss).reshape(1)
+        return (loss.to_local() if is_dtensor(loss) else loss).reshape(1)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -1048,7 +1048,7 @@ class EngineModel:
             # its weight is stored, so shards pair up in the reductions and the optimizer
             for p in self.names.values():
                 d: Any = p
-                if _is_dtensor(d) and d.grad is not None and tuple(d.grad.placements) != tuple(d.placements):
+                if is_dtensor(d) and d.grad is not None and tuple(d.grad.placements) != tuple(d.placements):
                     d.grad = d.grad.redistribute(d.device_mesh, d.placements)
         if self.manual_dp:
             assert self.dp_mesh is not None
@@ -1082,7 +1082,7 @@ class EngineModel:
         out = {}
         for n, p in self.names.items():
             d: Any = p
-            if not _is_dtensor(d):
+            if not is_dtensor(d):
                 out[n] = "R" * d.dim()
                 continue
             names = d.device_mesh.mesh_dim_names
@@ -1184,20 +1184,15 @@ def _all_reduce_mean(grads: list[torch.Tensor], group) -> None:
 
 
 def _local(t: Any) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _loss_is_output(output, target):
     return output.sum()
 
 
-def _is_dtensor(x) -> bool:
-    from torch.distributed.tensor import DTensor
-    return isinstance(x, DTensor)
-
-
 def _full(t: Any) -> torch.Tensor:
-    return (t.full_tensor() if _is_dtensor(t) else t).detach().float().cpu()
+    return (t.full_tensor() if is_dtensor(t) else t).detach().float().cpu()
 
 
 # ---------------------------------------------------------------------------------------------

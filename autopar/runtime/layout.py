@@ -11,6 +11,12 @@ from __future__ import annotations
 from autopar.sharding.spec import mesh_dims, parse_spec, spec_from_mesh_dims, spec_str
 
 
+def is_dtensor(x) -> bool:
+    """Whether `x` is a DTensor (the check the runtime's layers share)."""
+    from torch.distributed.tensor import DTensor  # deferred: importing torch costs seconds
+    return isinstance(x, DTensor)
+
+
 def placements(spec: str | None, ndim: int, mesh_ndim: int = 2):
     """DTensor placements (one per mesh dim) of a plan spec; None (a constant) is replicated."""
     from torch.distributed.tensor import Replicate, Shard  # deferred: importing torch costs seconds

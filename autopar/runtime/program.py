@@ -45,6 +45,7 @@ from graphs.ir import ATTENTION, ELEMENTWISE, EMBEDDING, INPUT, LOSS, MATMUL, NO
 from graphs.lower import PARAM_FOLDABLE  # numel-keeping views of a weight the IR folds into its use
 
 from . import layout
+from .layout import is_dtensor
 
 
 class NotAppliableError(NotImplementedError):
@@ -347,7 +348,7 @@ class StageModule(nn.Module):
             env.pop(a, None)
 
     def _loss(self, loss):
-        if self.mesh is not None and _is_dtensor(loss):
+        if self.mesh is not None and is_dtensor(loss):
             loss = _redistribute(loss, self.mesh, placements("scalar", 0)).to_local()
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise NotAppliableError("the model's forward must return a scalar loss (zoo models do when "
@@ -372,7 +373,7 @@ class StageModule(nn.Module):
                                   shape=v.shape, stride=_contiguous_stride(v.shape))
 
     def _send(self, n: fx.Node, v):
-        if _is_dtensor(v):
+        if is_dtensor(v):
             v = _redistribute(v, self.mesh, placements(self.boundary_out[n.name], v.dim())).to_local()
         dt = self.boundary_dtype.get(n.name)
         if dt is not None and v.dtype != dt:        # autocast may change it; the pipeline's buffers do not
@@ -488,7 +489,7 @@ class StageModule(nn.Module):
         backward rather than the gathered copy kept: ZeRO-3's memory saving, and the second
         all-gather the cost model charges. (Compiled blocks leave what to keep to the backend's
         partitioner.)"""
-        if not spec or not _is_dtensor(v):
+        if not spec or not is_dtensor(v):
             return v
         pl = placements(spec, v.dim())
         w = _redistribute(v, self.mesh, pl)
@@ -501,8 +502,8 @@ class StageModule(nn.Module):
         hit = self._gathered.get(_storage(t))
         if hit is None:
             return t
-        local = t._local_tensor if _is_dtensor(t) else t
-        layout = (t.placements, t.shape, t.stride()) if _is_dtensor(t) else None
+        local = t._local_tensor if is_dtensor(t) else t
+        layout = (t.placements, t.shape, t.stride()) if is_dtensor(t) else None
         return _Regather(hit[0], hit[1], local.size(), local.stride(), local.storage_offset(), layout)
 
     def _unpack(self, saved):
@@ -518,7 +519,7 @@ class StageModule(nn.Module):
         return DTensor.from_local(local, self.mesh, pl, run_check=False, shape=shape, stride=stride)
 
     def _layout(self, v, spec):
-        if spec is None or not _is_dtensor(v):
+        if spec is None or not is_dtensor(v):
             return v
         return _redistribute(v, self.mesh, placements(spec, v.dim()))
 
@@ -526,7 +527,7 @@ class StageModule(nn.Module):
         """The op's result in its out_spec; in backward, its gradient (summed over all readers)
         is brought back to that layout before the op's own backward runs: a partial sum is
         reduced there, once, as the cost model prices it (not wherever DTensor would)."""
-        if _is_dtensor(out):
+        if is_dtensor(out):
             if spec == "scalar" and out.dim() != 0:
                 return out
             pl = placements(spec, out.dim())
@@ -541,7 +542,7 @@ class StageModule(nn.Module):
                                           shape=y.shape, stride=y.stride())
             return _GradInLayout.apply(y, self.mesh, pl)
         if isinstance(out, (tuple, list)):
-            return type(out)(self._to_spec(x, spec) if _is_dtensor(x) and (spec == "scalar") == (x.dim() == 0)
+            return type(out)(self._to_spec(x, spec) if is_dtensor(x) and (spec == "scalar") == (x.dim() == 0)
                              and (spec == "scalar" or _ndim(spec) == x.dim()) else x for x in out)
         return out
 
@@ -551,7 +552,7 @@ class StageModule(nn.Module):
         does (None otherwise)."""
         mod = _fetch(self.root, str(n.target))
         x: Any = args[0] if args else None
-        if not isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) or not _is_dtensor(x) or len(mod.normalized_shape) != 1:
+        if not isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) or not is_dtensor(x) or len(mod.normalized_shape) != 1:
             return None
         axes = [k for k, p in enumerate(x.placements) if p.is_shard() and p.dim == x.dim() - 1]
         return axes[0] if len(axes) == 1 and not any(p.is_partial() for p in x.placements) else None
@@ -755,7 +756,7 @@ class StageModule(nn.Module):
         x, t = args[0], args[1]
         xd = DTensor.from_local(x.to_local(), sub, [Shard(x.dim() - 1)], run_check=False, shape=x.shape,
                                 stride=x.stride())
-        td = DTensor.from_local(t.to_local() if _is_dtensor(t) else t, sub, [Replicate()], run_check=False)
+        td = DTensor.from_local(t.to_local() if is_dtensor(t) else t, sub, [Replicate()], run_check=False)
         loss = n.target(xd, td, *args[2:], **kwargs)
         return DTensor.from_local(loss.to_local(), self.mesh, [Replicate()] * self.mesh.ndim, run_check=False)
 
@@ -1152,7 +1153,7 @@ def vocab_split_loss_axis(ops: list[dict], ir: OpGraph) -> int | None:
 
 
 def _storage(t) -> int:
-    local = t._local_tensor if _is_dtensor(t) else t
+    local = t._local_tensor if is_dtensor(t) else t
     return local.untyped_storage().data_ptr() if isinstance(local, torch.Tensor) else -1
 
 
@@ -1160,7 +1161,7 @@ def _strided_axes(out) -> int:
     """Mask of the mesh axes on which a DTensor result (or any in a tuple) is a strided shard."""
     mask = 0
     for x in _flat(out) if isinstance(out, (tuple, list)) else [out]:
-        if _is_dtensor(x):
+        if is_dtensor(x):
             for k, p in enumerate(x.placements):
                 if type(p).__name__ == "_StridedShard":
                     mask |= 1 << k
@@ -1169,7 +1170,7 @@ def _strided_axes(out) -> int:
 
 def _replicate_axes(x, mask: int, mesh):
     """x replicated over the mesh axes in `mask` (bit k: axis k)."""
-    if not _is_dtensor(x):
+    if not is_dtensor(x):
         return x
     pl = tuple(placements(None, 0)[0] if mask & (1 << k) and p.is_shard() else p for k, p in enumerate(x.placements))
     return _redistribute(x, mesh, pl)
@@ -1177,7 +1178,7 @@ def _replicate_axes(x, mask: int, mesh):
 
 def _gather_trailing(x, k: int, mesh):
     """x with its last k dims whole (other splits kept)."""
-    if not _is_dtensor(x) or x.dim() == 0:
+    if not is_dtensor(x) or x.dim() == 0:
         return x
     pl = tuple(placements(None, 0)[0] if p.is_shard() and p.dim >= x.dim() - k else p for p in x.placements)
     return _redistribute(x, mesh, pl)
@@ -1242,7 +1243,7 @@ class _GradInLayout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if _is_dtensor(g) and tuple(g.placements) != tuple(ctx.pl):
+        if is_dtensor(g) and tuple(g.placements) != tuple(ctx.pl):
             g = _redistribute(g, ctx.mesh, ctx.pl)
         return g, None, None
 
@@ -1298,11 +1299,6 @@ def _operand_specs(ir: OpGraph, name: str, op: dict):
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
-
-
-def _is_dtensor(x) -> bool:
-    from torch.distributed.tensor import DTensor
-    return isinstance(x, DTensor)
 
 
 def _ndim(spec: str) -> int:
