@@ -164,7 +164,10 @@ class RangeTable:
         where no count does. Exact: the time grows with k (each recomputed layer adds its
         forward, >= 0), so the least fitting k is the fastest fitting option; every k below the
         answer is ruled out, by layers_memory_bytes' own formula or by a bound that holds
-        for every smaller k (below).
+        for every smaller k (below). Where the memory grows with the microbatches held at every
+        k (every table range_tables builds), the cells the bounds leave open are answered from
+        each k's rows that fit (_fitting_rows), without the bounds: the previous cell-by-cell
+        search is the reference in tests/unit/test_speed_h8_least_recompute.py.
 
         i, j: (U,) ints; inflight: (S,) -> (S, U, P) ints."""
         held = np.asarray(inflight, dtype=np.float64).reshape(-1)
@@ -223,6 +226,17 @@ class RangeTable:
             col_of = np.repeat(np.arange(n_f), span)
             row_of = np.repeat(r0 - np.cumsum(span) + span, span) + np.arange(int(span.sum()))
             cells = row_of * n_f + col_of
+            if cells.size:
+                # The rows left open, per count instead of per cell where the memory grows with
+                # the rows at every count too (_fitting_rows): no bound needed, no cell left.
+                cols = np.flatnonzero(span)
+                u_c, p_c = fin[cols] // n_p, fin[cols] % n_p
+                fit_rows = self._fitting_rows(i[u_c], j[u_c], p_c, param_c[cols], stash_c[cols],
+                                              lambda w, c: working(w, cols[c]), held, cap_bytes)
+                if fit_rows is not None:
+                    out_c.flat[cells] = _least_count(fit_rows, j[u_c] - i[u_c], np.repeat(np.arange(len(cols)), span[cols]),
+                                                     row_of, n_h)
+                    cells = cells[:0]
         else:
             hc = held[:, None]
             mem0 = param_c + hc * stash_c + working(0.0)
@@ -270,6 +284,45 @@ class RangeTable:
         self._least[memo_key] = out.copy()
         return out
 
+    def _fitting_rows(self, i: np.ndarray, j: np.ndarray, p: np.ndarray, param: np.ndarray, stash: np.ndarray,
+                      working, held: np.ndarray, cap_bytes: float) -> np.ndarray | None:
+        """least_recompute_layers' search of the columns [i[c], j[c]) entered in p[c] (param
+        less its cap's excess, as there), by counts instead of cells: per column c and count
+        k = 1..n[c] (n = j - i; laid out column after column), how many of the rows (held[r],
+        ascending) fit with the first k layers recomputed, by the cell search's own float
+        expression (_kept_memory_bytes). The memory grows with the rows at every count where
+        the kept stash is >= 0 (rounding is monotone), so the rows that fit are a prefix:
+        found from the real-valued crossing, then checked by the exact test on its two sides
+        and moved where that fails. None where some kept stash is negative or not finite
+        (then the rows that fit need not be a prefix)."""
+        n = j - i
+        n_h = len(held)
+        col = np.repeat(np.arange(len(n)), n)
+        k = np.arange(len(col)) - np.repeat(np.cumsum(n) - n, n) + 1
+        shape = self.stash.shape
+        at = np.ravel_multi_index((i[col], i[col] + k, p[col]), shape)
+        with np.errstate(invalid="ignore"):
+            kept = stash_after_recompute("full", stash[col], self.inputs.ravel()[at],
+                                         recomputed_stash_bytes=self.stash.ravel()[at])
+        if not bool((np.isfinite(kept) & (kept >= 0)).all()):
+            return None
+        w = working(self.max_layer_stash.ravel()[at], col)
+        param = param[col]
+
+        def fits(r: np.ndarray, x: np.ndarray | slice = slice(None)) -> np.ndarray:
+            # _kept_memory_bytes, its kept stash worked out once
+            return param[x] + held[r] * kept[x] + w[x] <= cap_bytes
+
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rows = np.searchsorted(held, (cap_bytes - param - w) / kept, side="right")
+        low = fits(np.minimum(rows, n_h - 1)) & (rows < n_h)          # the guess is too low
+        high = ~fits(np.maximum(rows - 1, 0)) & (rows > 0)            # too high
+        for x, step in ((np.flatnonzero(high), -1), (np.flatnonzero(low), 1)):
+            while x.size:       # step to the last row that fits
+                rows[x] += step
+                x = x[(rows[x] > 0) & ~fits(rows[x] - 1, x)] if step < 0 else x[(rows[x] < n_h) & fits(rows[x], x)]
+        return rows
+
     def _prefix_bounds(self) -> tuple[np.ndarray, np.ndarray, bool]:
         """For least_recompute_layers' bounds, [i, j, p] over the prefixes [i, i + k), k <= j - i:
         the most stash less inputs any of them saves by being recomputed (-inf where none), the
@@ -298,6 +351,20 @@ def _rows_while(pred, n_rows: int, n_cols: int) -> np.ndarray:
         ok = pred(mid - 1, todo)
         lo[todo] = np.where(ok, mid, lo[todo])
         hi[todo] = np.where(ok, hi[todo], mid - 1)
+
+
+def _least_count(fit_rows: np.ndarray, n: np.ndarray, col: np.ndarray, row: np.ndarray, n_rows: int) -> np.ndarray:
+    """Per cell (column col[x], row row[x]): the least count k = 1..n[col] whose rows that fit
+    (RangeTable._fitting_rows: fit_rows, n[c] counts per column c, laid out column after
+    column) include the row, -1 where none does. The running maximum over a column's counts
+    rises, so the counts before the least one are those whose running maximum is <= the row;
+    each column's figures raised by (n_rows + 1) per column before it keep the running maximum
+    within the column and sort the whole, so one sorted search answers every cell."""
+    first = np.cumsum(n) - n
+    base = np.arange(len(n)) * (n_rows + 1)
+    top = np.maximum.accumulate(fit_rows + np.repeat(base, n))
+    below = np.searchsorted(top, base[col] + row, side="right") - first[col]
+    return np.where(below < n[col], below + 1, -1)
 
 
 def _kept_memory_bytes(param, stash, recomputed_stash, recomputed_inputs, working_bytes, inflight):
