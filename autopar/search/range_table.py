@@ -138,13 +138,17 @@ class RangeTable:
         out = np.where(k >= 0, self.t[i, j], np.inf)
         some = np.flatnonzero(k > 0)
         if some.size:
-            # few cells recompute some layers: gather their prefixes only
-            _, u, p = np.unravel_index(some, k.shape)
-            ks = k.flat[some]
-            out.flat[some] += self.rec[i[u], i[u] + ks, p]
+            # few cells recompute some layers: gather their prefixes only, by flat indices
+            # (cheaper than indexing with three arrays)
+            n_u, n_p = k.shape[-2:]
+            up = some % (n_u * n_p)
+            u, p = up // n_p, up % n_p
+            ks = k.ravel()[some]
+            flat = out.reshape(-1)            # out is new and contiguous: a view
+            flat[some] += self.rec.ravel()[np.ravel_multi_index((i[u], i[u] + ks, p), self.rec.shape)]
             if self.rec_last is not None:
                 covered = i[u] + ks > np.minimum(j[u] - 1, self.t.shape[0] - 2)
-                out.flat[some] += np.where(covered, self.rec_last[i[u], j[u], p], 0.0)
+                flat[some] += np.where(covered, self.rec_last[i[u], j[u], p], 0.0)
         return out
 
     def layers_memory_bytes(self, i, j, k, inflight) -> np.ndarray:
