@@ -66,9 +66,9 @@ class RangeTable:
     absent: np.ndarray | None = None
     tied_grad: np.ndarray | None = None
     _bounds: tuple[np.ndarray, np.ndarray, bool] | None = field(default=None, repr=False, compare=False)
-    # least_recompute_layers' answers by their arguments: the planner offers one table to two
-    # stage tables alike (every option, and without sequence splits)
-    _least: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    # StageTables' best options per cell by their arguments (StageTables._best_options): the
+    # planner offers one table to two stage tables alike (every option, and without sequence splits)
+    _best: dict[tuple, tuple[np.ndarray, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     def time_s(self, recompute: str, at: tuple = ()) -> np.ndarray:
         """Per-microbatch time under a recompute option, of every cell or of the cells at `at`
@@ -176,10 +176,6 @@ class RangeTable:
         i, j: (U,) ints; inflight: (S,) -> (S, U, P) ints."""
         held = np.asarray(inflight, dtype=np.float64).reshape(-1)
         i, j = np.asarray(i), np.asarray(j)
-        memo_key = (i.tobytes(), j.tobytes(), held.tobytes(), float(cap_bytes))
-        hit = self._least.get(memo_key)
-        if hit is not None:
-            return hit.copy()
         at = (i, j)
         n_h, n_u, n_p = len(held), len(i), self.t.shape[2]
         n_up = n_u * n_p
@@ -284,9 +280,7 @@ class RangeTable:
                                                                    (cells, ii, p, h, param, stash, n, floor_n, col))
                 k = k[more] + 1
         out[:, fin] = out_c
-        out = out.reshape(n_h, n_u, n_p)
-        self._least[memo_key] = out.copy()
-        return out
+        return out.reshape(n_h, n_u, n_p)
 
     def _fitting_rows(self, i: np.ndarray, j: np.ndarray, p: np.ndarray, param: np.ndarray, stash: np.ndarray,
                       working, held: np.ndarray, cap_bytes: float) -> np.ndarray | None:

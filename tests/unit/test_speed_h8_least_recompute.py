@@ -5,10 +5,14 @@ The previous cell-by-cell search is kept here as the reference: on random compos
 and without the eager recipe's working set and cap, at many caps and held counts, the answers
 agree to the element, also where the count search cannot apply (a negative kept stash, held
 counts not ascending: the previous search then runs as before); `_fitting_rows` itself is
-checked against counting the rows one by one with the formula written out."""
+checked against counting the rows one by one with the formula written out. A table offered to
+two stage tables of one space (the planner's every-option and no-sequence-split tables) has its
+best options per cell worked out once (StageTables._best_options), and both equal a stage table
+given a fresh copy."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -18,6 +22,7 @@ from test_search import chained_table, synthetic_table
 import autopar.search.range_table as rtm
 from autopar.costmodel.memory import stage_working_bytes
 from autopar.search.range_table import RangeTable, _kept_memory_bytes, _rows_while
+from autopar.search.tables import SearchSpace, StageTables
 
 
 def previous_least_recompute_layers(rt: RangeTable, i: np.ndarray, j: np.ndarray, inflight: np.ndarray,
@@ -208,3 +213,23 @@ def test_fitting_rows_counts_the_rows_that_fit_at_each_count(seed):
     # counts 1..3 fit rows < 2, < 1 and < 4; the one count of the second column fits none
     assert rtm._least_count(np.array([2, 1, 4, 0]), np.array([3, 1]), np.array([0, 0, 0, 0, 0, 1]),
                             np.array([0, 1, 2, 3, 4, 0]), 5).tolist() == [1, 1, 3, 3, -1, -1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_table_offered_twice_reads_its_best_options_back(seed):
+    """StageTables._best_options keeps a table's best options per cell on the table, by their
+    arguments: a second stage table of the same space reads them back, one of another space
+    (microbatches, memory cap) works its own out; every one equals a stage table given a fresh
+    copy of the table (no memo)."""
+    rng = np.random.default_rng(300 + seed)
+    L = 8
+    rt = chained_table(rng, L)
+    fresh = lambda: dataclasses.replace(rt, _best={}, _bounds=None)     # noqa: E731
+    spaces = [SearchSpace(L, 4, b, 8, "1f1b", cap) for b in (2, 6) for cap in (1.2, 2.0)]
+    for sp in spaces + spaces:
+        got, want = StageTables(sp, 1), StageTables(sp, 1)
+        got.add(0, (1, 1), rt)
+        want.add(0, (1, 1), fresh())
+        assert got.class_cells.tobytes() == want.class_cells.tobytes()
+        assert np.isfinite(got.class_cells["key_s"]).any()
+    assert len(rt._best) == len(spaces)
