@@ -66,9 +66,9 @@ class RangeTable:
     absent: np.ndarray | None = None
     tied_grad: np.ndarray | None = None
     _bounds: tuple[np.ndarray, np.ndarray, bool] | None = field(default=None, repr=False, compare=False)
-    # least_recompute_layers' answers by their arguments: the planner offers one table to two
-    # stage tables alike (every option, and without sequence splits)
-    _least: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    # StageTables' best options per cell by their arguments (StageTables._best_options): the
+    # planner offers one table to two stage tables alike (every option, and without sequence splits)
+    _best: dict[tuple, tuple[np.ndarray, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     def time_s(self, recompute: str, at: tuple = ()) -> np.ndarray:
         """Per-microbatch time under a recompute option, of every cell or of the cells at `at`
@@ -138,13 +138,17 @@ class RangeTable:
         out = np.where(k >= 0, self.t[i, j], np.inf)
         some = np.flatnonzero(k > 0)
         if some.size:
-            # few cells recompute some layers: gather their prefixes only
-            _, u, p = np.unravel_index(some, k.shape)
-            ks = k.flat[some]
-            out.flat[some] += self.rec[i[u], i[u] + ks, p]
+            # few cells recompute some layers: gather their prefixes only, by flat indices
+            # (cheaper than indexing with three arrays)
+            n_u, n_p = k.shape[-2:]
+            up = some % (n_u * n_p)
+            u, p = up // n_p, up % n_p
+            ks = k.ravel()[some]
+            flat = out.reshape(-1)            # out is new and contiguous: a view
+            flat[some] += self.rec.ravel()[np.ravel_multi_index((i[u], i[u] + ks, p), self.rec.shape)]
             if self.rec_last is not None:
                 covered = i[u] + ks > np.minimum(j[u] - 1, self.t.shape[0] - 2)
-                out.flat[some] += np.where(covered, self.rec_last[i[u], j[u], p], 0.0)
+                flat[some] += np.where(covered, self.rec_last[i[u], j[u], p], 0.0)
         return out
 
     def layers_memory_bytes(self, i, j, k, inflight) -> np.ndarray:
@@ -164,15 +168,14 @@ class RangeTable:
         where no count does. Exact: the time grows with k (each recomputed layer adds its
         forward, >= 0), so the least fitting k is the fastest fitting option; every k below the
         answer is ruled out, by layers_memory_bytes' own formula or by a bound that holds
-        for every smaller k (below).
+        for every smaller k (below). Where the memory grows with the microbatches held at every
+        k (every table range_tables builds), the cells the bounds leave open are answered from
+        each k's rows that fit (_fitting_rows), without the bounds: the previous cell-by-cell
+        search is the reference in tests/unit/test_speed_h8_least_recompute.py.
 
         i, j: (U,) ints; inflight: (S,) -> (S, U, P) ints."""
         held = np.asarray(inflight, dtype=np.float64).reshape(-1)
         i, j = np.asarray(i), np.asarray(j)
-        memo_key = (i.tobytes(), j.tobytes(), held.tobytes(), float(cap_bytes))
-        hit = self._least.get(memo_key)
-        if hit is not None:
-            return hit.copy()
         at = (i, j)
         n_h, n_u, n_p = len(held), len(i), self.t.shape[2]
         n_up = n_u * n_p
@@ -223,6 +226,17 @@ class RangeTable:
             col_of = np.repeat(np.arange(n_f), span)
             row_of = np.repeat(r0 - np.cumsum(span) + span, span) + np.arange(int(span.sum()))
             cells = row_of * n_f + col_of
+            if cells.size:
+                # The rows left open, per count instead of per cell where the memory grows with
+                # the rows at every count too (_fitting_rows): no bound needed, no cell left.
+                cols = np.flatnonzero(span)
+                u_c, p_c = fin[cols] // n_p, fin[cols] % n_p
+                fit_rows = self._fitting_rows(i[u_c], j[u_c], p_c, param_c[cols], stash_c[cols],
+                                              lambda w, c: working(w, cols[c]), held, cap_bytes)
+                if fit_rows is not None:
+                    out_c.flat[cells] = _least_count(fit_rows, j[u_c] - i[u_c], np.repeat(np.arange(len(cols)), span[cols]),
+                                                     row_of, n_h)
+                    cells = cells[:0]
         else:
             hc = held[:, None]
             mem0 = param_c + hc * stash_c + working(0.0)
@@ -266,9 +280,46 @@ class RangeTable:
                                                                    (cells, ii, p, h, param, stash, n, floor_n, col))
                 k = k[more] + 1
         out[:, fin] = out_c
-        out = out.reshape(n_h, n_u, n_p)
-        self._least[memo_key] = out.copy()
-        return out
+        return out.reshape(n_h, n_u, n_p)
+
+    def _fitting_rows(self, i: np.ndarray, j: np.ndarray, p: np.ndarray, param: np.ndarray, stash: np.ndarray,
+                      working, held: np.ndarray, cap_bytes: float) -> np.ndarray | None:
+        """least_recompute_layers' search of the columns [i[c], j[c]) entered in p[c] (param
+        less its cap's excess, as there), by counts instead of cells: per column c and count
+        k = 1..n[c] (n = j - i; laid out column after column), how many of the rows (held[r],
+        ascending) fit with the first k layers recomputed, by the cell search's own float
+        expression (_kept_memory_bytes). The memory grows with the rows at every count where
+        the kept stash is >= 0 (rounding is monotone), so the rows that fit are a prefix:
+        found from the real-valued crossing, then checked by the exact test on its two sides
+        and moved where that fails. None where some kept stash is negative or not finite
+        (then the rows that fit need not be a prefix)."""
+        n = j - i
+        n_h = len(held)
+        col = np.repeat(np.arange(len(n)), n)
+        k = np.arange(len(col)) - np.repeat(np.cumsum(n) - n, n) + 1
+        shape = self.stash.shape
+        at = np.ravel_multi_index((i[col], i[col] + k, p[col]), shape)
+        with np.errstate(invalid="ignore"):
+            kept = stash_after_recompute("full", stash[col], self.inputs.ravel()[at],
+                                         recomputed_stash_bytes=self.stash.ravel()[at])
+        if not bool((np.isfinite(kept) & (kept >= 0)).all()):
+            return None
+        w = working(self.max_layer_stash.ravel()[at], col)
+        param = param[col]
+
+        def fits(r: np.ndarray, x: np.ndarray | slice = slice(None)) -> np.ndarray:
+            # _kept_memory_bytes, its kept stash worked out once
+            return param[x] + held[r] * kept[x] + w[x] <= cap_bytes
+
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rows = np.searchsorted(held, (cap_bytes - param - w) / kept, side="right")
+        low = fits(np.minimum(rows, n_h - 1)) & (rows < n_h)          # the guess is too low
+        high = ~fits(np.maximum(rows - 1, 0)) & (rows > 0)            # too high
+        for x, step in ((np.flatnonzero(high), -1), (np.flatnonzero(low), 1)):
+            while x.size:       # step to the last row that fits
+                rows[x] += step
+                x = x[(rows[x] > 0) & ~fits(rows[x] - 1, x)] if step < 0 else x[(rows[x] < n_h) & fits(rows[x], x)]
+        return rows
 
     def _prefix_bounds(self) -> tuple[np.ndarray, np.ndarray, bool]:
         """For least_recompute_layers' bounds, [i, j, p] over the prefixes [i, i + k), k <= j - i:
@@ -298,6 +349,20 @@ def _rows_while(pred, n_rows: int, n_cols: int) -> np.ndarray:
         ok = pred(mid - 1, todo)
         lo[todo] = np.where(ok, mid, lo[todo])
         hi[todo] = np.where(ok, hi[todo], mid - 1)
+
+
+def _least_count(fit_rows: np.ndarray, n: np.ndarray, col: np.ndarray, row: np.ndarray, n_rows: int) -> np.ndarray:
+    """Per cell (column col[x], row row[x]): the least count k = 1..n[col] whose rows that fit
+    (RangeTable._fitting_rows: fit_rows, n[c] counts per column c, laid out column after
+    column) include the row, -1 where none does. The running maximum over a column's counts
+    rises, so the counts before the least one are those whose running maximum is <= the row;
+    each column's figures raised by (n_rows + 1) per column before it keep the running maximum
+    within the column and sort the whole, so one sorted search answers every cell."""
+    first = np.cumsum(n) - n
+    base = np.arange(len(n)) * (n_rows + 1)
+    top = np.maximum.accumulate(fit_rows + np.repeat(base, n))
+    below = np.searchsorted(top, base[col] + row, side="right") - first[col]
+    return np.where(below < n[col], below + 1, -1)
 
 
 def _kept_memory_bytes(param, stash, recomputed_stash, recomputed_inputs, working_bytes, inflight):

@@ -155,38 +155,52 @@ class StageTables:
         """`add` with every count k of recomputed first layers (0 <= k <= the stage's layers):
         per (depth, range, start) the least k that fits, which is the fastest that fits
         (RangeTable.least_recompute_layers), then the start with the least key."""
-        sp = self.space
         self.meshes.append((logical_mesh, rt.starts))
         mesh_id = len(self.meshes) - 1
         at = (self.rep_i, self.rep_j)
-        slots = self._slots
-        # depths holding as many microbatches (1F1B's s >= B) have equal memory: each count of
-        # held microbatches is worked out once, and its rows shared
-        held, depth_row = self._held_counts
+        held = self._held_counts[0]
         # the no-fit message's least memory, over no and full recomputation as before: memory
         # grows with the microbatches held (rounding is monotone too), so the least is at the
         # fewest held
         for mem in (rt.memory_bytes("none", held[0], at), rt.memory_bytes("full", held[0], at)):
             self._note_least_memory(mem)
-        sync = rt.sync[at]                                          # (U, P)
         cells = self.class_cells[:-1, submesh_index, 1:].T         # (S, U) view
-        n_u, n_p = sync.shape[0], sync.shape[1]
-        k = rt.least_recompute_layers(self.rep_i, self.rep_j, held, sp.memory_cap_bytes)  # (H, U, P)
-        tt = rt.chosen_time_s(self.rep_i, self.rep_j, k)[depth_row]                                   # (S, U, P)
-        k = k[depth_row]
-        key = slots * tt + sync
-        pbest, flat, kbest = _first_least(key)
+        kbest, t_best, sync_best, pbest, layers = self._best_options(rt)
         better = kbest < cells["key_s"]
         if better.any():
-            layers = k.ravel()[flat]
             n = (self.rep_j - self.rep_i)[None, :]
             np.copyto(cells["key_s"], kbest, where=better)
-            np.copyto(cells["t_s"], tt.ravel()[flat], where=better)
-            np.copyto(cells["sync_s"], sync.ravel()[flat % (n_u * n_p)], where=better)
+            np.copyto(cells["t_s"], t_best, where=better)
+            np.copyto(cells["sync_s"], sync_best, where=better)
             np.copyto(cells["mesh"], mesh_id, where=better)
             np.copyto(cells["start"], pbest, where=better)
             np.copyto(cells["recompute"], RECOMPUTE_OPTIONS.index("full") * (layers > 0), where=better)
             np.copyto(cells["recompute_layers"], np.where(layers < n, layers, 0), where=better)
+
+    def _best_options(self, rt: RangeTable) -> tuple[np.ndarray, ...]:
+        """_add_layers' best option of `rt` per (depth, range class): its key, t, sync, start
+        and count of recomputed layers, each (S, U). They depend only on the table and on what
+        the arguments of the memo's key say (the planner offers one table to two stage tables
+        of one space and classes, every option and without sequence splits), so the second
+        offer reads the first's."""
+        # depths holding as many microbatches (1F1B's s >= B) have equal memory: each count of
+        # held microbatches is worked out once, and its rows shared
+        held, depth_row = self._held_counts
+        memo_key = (self.rep_i.tobytes(), self.rep_j.tobytes(), held.tobytes(), depth_row.tobytes(),
+                    self._slots.tobytes(), float(self.space.memory_cap_bytes))
+        hit = rt._best.get(memo_key)
+        if hit is not None:
+            return hit
+        at = (self.rep_i, self.rep_j)
+        sync = rt.sync[at]                                          # (U, P)
+        n_u, n_p = sync.shape[0], sync.shape[1]
+        k = rt.least_recompute_layers(self.rep_i, self.rep_j, held, self.space.memory_cap_bytes)  # (H, U, P)
+        tt = rt.chosen_time_s(self.rep_i, self.rep_j, k)[depth_row]                                   # (S, U, P)
+        k = k[depth_row]
+        key = self._slots * tt + sync
+        pbest, flat, kbest = _first_least(key)
+        out = rt._best[memo_key] = (kbest, tt.ravel()[flat], sync.ravel()[flat % (n_u * n_p)], pbest, k.ravel()[flat])
+        return out
 
     def choice(self, i: int, j: int, submesh_index: int, stages_to_end: int) -> StageChoice:
         cell = self.cell(i, j, submesh_index, stages_to_end)
