@@ -105,7 +105,11 @@ def one_way(args) -> dict:
             "params": sum(p.numel() for p in model.parameters()),
             "step_s": statistics.median(times), "step_s_all": times,
             "peak_allocated_gib": alloc / 2**30, "peak_reserved_gib": reserved / 2**30,
-            "reserved_over_allocated": reserved / alloc, "gpu": torch.cuda.get_device_name(0),
+            "reserved_over_allocated": reserved / alloc,
+            # less FSDP2's gradient pool (the sharded fp32 gradients, 4 B per parameter, reserved
+            # on the reduce-scatter stream): the compute stream's pool against its peak
+            "compute_pool_reserved_over_allocated": (reserved - 4 * sum(p.numel() for p in model.parameters())) / alloc,
+            "gpu": torch.cuda.get_device_name(0),
             "torch": torch.__version__}
 
 
