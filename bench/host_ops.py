@@ -9,7 +9,15 @@ a few tokens) so each kernel takes a few microseconds and the host is always the
   depth varies (1, 2, 4, 8 blocks), so the slope is the host seconds per block and the
   intercept the embedding, head, loss and optimizer; forward, backward and optimizer apart;
 - each op kind the traced graph names (linear, layer_norm, rms_norm, gelu, silu, add, mul,
-  neg, cat, view, transpose, reshape, getitem, sdpa), called as the zoo calls it, forward.
+  neg, cat, view, transpose, reshape, getitem, sdpa), called as the zoo calls it, forward;
+- with `--recipes`, the same depth sweep under each engine recipe `autopar run` uses, on a
+  one-rank process group (the host's work per block does not depend on the ranks' count):
+  `autocast` (fp32 weights, autocast bf16: single GPU and DDP stages), `bf16` (bf16 weights,
+  no autocast: what FSDP2's MixedPrecisionPolicy computes with), `ddp` (DistributedDataParallel
+  over `autocast`), `fsdp2-zero3` (fully_shard per block and root, reshard after forward, bf16
+  param / fp32 reduce policy), `fsdp2-zero1` (the same without resharding, and the gradients'
+  sync off as in an accumulating microbatch) and `fsdp2-zero1-sync` (its last microbatch). The
+  differences of their slopes are the engines' own host seconds per block.
 
     python bench/host_ops.py --out bench/results/host_ops_h200.json
 
@@ -67,13 +75,49 @@ def _least_s(fn: Callable[[], None], dev: torch.device, repeats: int) -> float:
     return min(times)
 
 
-def model_step(spec: str, dev: torch.device, repeats: int) -> dict:
+RECIPES = ("autocast", "bf16", "ddp", "fsdp2-zero3", "fsdp2-zero1", "fsdp2-zero1-sync")
+
+
+def _one_rank_mesh(dev: torch.device):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1)
+    return init_device_mesh(dev.type, (1,))
+
+
+def _wrap(model: torch.nn.Module, recipe: str, dev: torch.device) -> torch.nn.Module:
+    """`model` as `autopar run`'s engines run it under `recipe` (runtime/engines.py apply_fsdp)."""
+    if recipe == "bf16":
+        return model.to(torch.bfloat16)
+    if recipe == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        _one_rank_mesh(dev)
+        return DistributedDataParallel(model, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
+    if recipe.startswith("fsdp2"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = _one_rank_mesh(dev)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        zero3 = recipe == "fsdp2-zero3"
+        blocks = list(model.blocks)
+        for i, block in enumerate(blocks):
+            fully_shard(block, mesh=mesh, reshard_after_forward=zero3 and i < len(blocks) - 1, mp_policy=mp)
+        fully_shard(model, mesh=mesh, reshard_after_forward=zero3, mp_policy=mp)
+        if recipe == "fsdp2-zero1":
+            model.set_requires_gradient_sync(False)
+    return model
+
+
+def model_step(spec: str, dev: torch.device, repeats: int, recipe: str = "autocast") -> dict:
     """Host seconds of forward, backward and optimizer step of one microbatch (least of repeats)."""
-    model = build_module(spec, device=dev)
+    model = _wrap(build_module(spec, device=dev), recipe, dev)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     ids, targets = example_inputs(spec, batch=1, device=dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
+    autocast = recipe in ("autocast", "ddp")
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast)
     state: dict = {}
 
     def fwd() -> None:
@@ -159,23 +203,39 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--calls", type=int, default=200, help="calls per timed op loop")
+    ap.add_argument("--recipes", default="", help=f"comma-separated engine recipes to sweep too ({', '.join(RECIPES)}), "
+                    "or 'all'; each model's sweep then runs per recipe")
+    ap.add_argument("--depths", default=",".join(map(str, DEPTHS)), help="block counts of the sweep")
     args = ap.parse_args()
+    recipes = list(RECIPES) if args.recipes == "all" else [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        sys.exit(f"host_ops: unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)} or 'all'")
+    try:
+        depths = tuple(int(x) for x in args.depths.split(","))
+    except ValueError:
+        sys.exit(f"host_ops: --depths takes comma-separated block counts, not {args.depths!r}")
+    if len(depths) < 2 or min(depths) < 1:
+        sys.exit("host_ops: --depths needs at least two block counts, each 1 or more")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("host_ops: no CUDA device here; use --device cpu for a smoke run")
     dev = torch.device(args.device)
     res: dict = {"date": _dt.date.today().isoformat(), "torch": torch.__version__,
                  "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                  "cpu": platform.processor() or platform.machine(), "width": WIDTH, "seq": SEQ,
-                 "models": {}, "per_block": {}, "ops_forward_s": {}}
-    for name, template in MODELS.items():
-        rows = {L: model_step(template.format(L=L), dev, args.repeats) for L in DEPTHS}
+                 "depths": list(depths), "models": {}, "per_block": {}, "ops_forward_s": {}}
+    sweeps = [(name, template, "autocast") for name, template in MODELS.items()] + \
+        [(f"{name} {recipe}", template, recipe) for recipe in recipes if recipe != "autocast"
+         for name, template in MODELS.items() if name != "llama-mha"]
+    for name, template, recipe in sweeps:
+        rows = {L: model_step(template.format(L=L), dev, args.repeats, recipe) for L in depths}
         res["models"][name] = {str(L): r for L, r in rows.items()}
         fit = {}
         for part in ("forward_s", "backward_s", "optimizer_s"):
-            slope, icpt = _fit_line(list(DEPTHS), [rows[L][part] for L in DEPTHS])
+            slope, icpt = _fit_line(list(depths), [rows[L][part] for L in depths])
             fit[part] = {"per_block_s": slope, "rest_s": icpt}
         res["per_block"][name] = fit
-        print(f"{name:10s} per block: fwd {fit['forward_s']['per_block_s'] * 1e6:7.1f} us  "
+        print(f"{name:24s} per block: fwd {fit['forward_s']['per_block_s'] * 1e6:7.1f} us  "
               f"bwd {fit['backward_s']['per_block_s'] * 1e6:7.1f} us  opt {fit['optimizer_s']['per_block_s'] * 1e6:6.1f} us;"
               f"  rest: fwd {fit['forward_s']['rest_s'] * 1e6:7.1f} bwd {fit['backward_s']['rest_s'] * 1e6:7.1f} "
               f"opt {fit['optimizer_s']['rest_s'] * 1e6:7.1f} us", flush=True)

@@ -680,7 +680,6 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
 
     fwd = bwd = ce_s = ce_peak = residual = tp_grad_delta = 0.0
     n_linears = n_other = 0
-    tp = False
     split_linears: set[str] = set()
     vocab_split_head: str | None = None
     fsdp = zero >= 3 and prob.mesh.n_devices > 1
@@ -769,7 +768,6 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                 st = prob.strategy_of(n, assign[n])
                 if any(o.is_param and i < len(st.in_specs) and st.in_specs[i] is not None
                        and any(st.in_specs[i]) for i, o in enumerate(node.operands)):
-                    tp = True
                     split_linears.add(n)
                 # DTensor all-reduces each column-parallel linear's input gradient itself, in fp32
                 # where autocast's norm made the input fp32 (eager.tp_input_grad_all_reduce_s), where
@@ -865,8 +863,13 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     casts = eager_mod.precision_casts_s(ev.param_elems, n_microbatches, cm, weight_casts)
     n_blocks = sum(1 for li in range(*layers) if first < li < last)
     ddp = ev.sync_s > 0 and zero < 3
-    host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=fsdp,
-                                          cm=cm, ddp=ddp, compiled=compiled, split_blocks=block_split > 1)
+    # the host's per-block costs follow the engines that wrap the blocks: DTensor where a block's
+    # linear is split (not a dp-vocab head's, outside the blocks), FSDP2's hooks on every block
+    # where ZeRO-1/2 runs on FSDP2 as well as ZeRO-3, and DDP's reducer only where DDP runs
+    host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=bool(split_linears & in_block),
+                                          fsdp=fsdp or (zero12 and prob.mesh.n_devices > 1), cm=cm,
+                                          ddp=ddp and not zero12, compiled=compiled,
+                                          split_blocks=block_split > 1)
     fsdp_root = 0.0
     if zero >= 3 and prob.mesh.n_devices > 1:
         # the root layers' own parameters per tensor-parallel shard, under their strategies
