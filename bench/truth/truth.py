@@ -655,6 +655,11 @@ def profile_step(step, dev: Dev) -> dict:
 def measure(run: dict, dev: Dev, amp: str, world: int, rank: int) -> dict:
     strat = run["strategy"]
     start_mem = dev.mem()     # what the previous run left (free() waits for it to go)
+    if run.get("memory_cap_bytes") and dev.kind == "cuda":
+        # bench/truth/memory_cap.py: the caching allocator may reserve this much and no more;
+        # past it, it frees its cached blocks and retries before it raises OutOfMemoryError
+        total = torch.cuda.get_device_properties(dev.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, run["memory_cap_bytes"] / total), dev.device)
     if strat == "single":
         step, objs, toks = setup_single(run, dev, amp)
     elif strat == "ddp":
@@ -807,6 +812,8 @@ def main(argv=None) -> int:
             dist.broadcast_object_list(go, src=0)
         row = {k: run[k] for k in ("id", "model", "model_spec", "family", "n_gpus", "strategy",
                                    "microbatch", "seq", "n_microbatches", "recompute")}
+        if run.get("memory_cap_bytes"):
+            row["memory_cap_bytes"] = run["memory_cap_bytes"]
         row["params"] = C.params(run["model"])
         if not go[0]:
             row.update(skipped=True, oom=False, reason=f"time budget: needs ~{est:.0f}s")
@@ -834,6 +841,8 @@ def main(argv=None) -> int:
             res_local = res
             res = None
             free(dev)
+            if run.get("memory_cap_bytes") and dev.kind == "cuda":
+                torch.cuda.set_per_process_memory_fraction(1.0, dev.device)
         mine = {"rank": rank, "res": res_local, "err": err, "oom": oom, "mem_at_fail": mem_at_fail}
         allr = [mine]
         if dist is not None:
