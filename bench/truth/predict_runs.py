@@ -15,7 +15,12 @@ row's `compile`, `evaluate(..., compiled=...)`; autocast/eager.py "compiled bloc
 apart, the GPT ones at microbatch 1 as the fit of the compiled host constants (`--fit`), the
 others held out; HOST_COMPILED_S_PER_BLOCK's fit rows are those whose blocks are split (tp:
 DTensor blocks), HOST_COMPILED_PLAIN_S_PER_BLOCK's those whose blocks are not. An auto row
-whose plan the planner no longer makes (it changed since the row was measured) is skipped.
+whose plan the planner no longer makes (it changed since the row was measured) is skipped, and so
+is one whose label the planner still makes but whose first stage the engines now lay out over
+other data- and tensor-parallel degrees than the row's recorded layout (`layout_mismatch`: a
+planner label names stages, layers and devices, not the ops' strategies: gpt-6.7b auto-eager mb4
+ran the tensor-parallel blocks the planner made then, where it now makes ZeRO-1 data parallelism
+under the same label, "1 stage: 34L@1x2").
 A row run with DDP is compared with the model's peak with DDP's first buckets in step 2 or
 without them, whichever its measured allocated is nearer to (predict.ddp_rebuild_comparison:
 the benchmark's syncs leave them there or not), both errors printed beside it.
@@ -58,6 +63,25 @@ def compiled_fit_row(row: dict) -> str:
     return "plain" if str(row.get("plan", "")).startswith("dp1 tp1 pp1 ") else ""
 
 
+def layout_mismatch(row: dict, plan, graph) -> str:
+    """Why the row did not run `plan`'s first stage as the engines would now lay it out, or "":
+    its recorded layout's (dp, tp) degrees (`autopar.layout`, rank 0's stage) against
+    engines.match_stage of the plan's stage 0. "" where the row recorded none or the engines
+    have no layout for the plan."""
+    m = re.search(r"\bdp=(\d+), tp=(\d+)", str(row["autopar"].get("layout", "")))
+    if not m:
+        return ""
+    from autopar.runtime.engines import EngineMismatch, match_stage
+    try:
+        now = match_stage(plan, graph, 0, "llama" if row["model"].startswith("llama") else "gpt")
+    except EngineMismatch:
+        return ""
+    ran = (int(m.group(1)), int(m.group(2)))
+    if (now.dp, now.tp) == ran:
+        return ""
+    return f"its first stage now runs dp={now.dp}, tp={now.tp}; the row ran dp={ran[0]}, tp={ran[1]}"
+
+
 def predict(row: dict, n_gpus: int = 2) -> dict:
     set_name = f"{n_gpus} GPU" + ("s" if n_gpus > 1 else "")
     import runtime_vs_native as bench
@@ -84,9 +108,11 @@ def predict(row: dict, n_gpus: int = 2) -> dict:
     if rebuild and rebuild["compared"] == "without":
         p = rebuild["steady"]
     label = plan.config.label or plan.strategy
-    if label != row.get("plan"):
+    other = layout_mismatch(row, plan, graph)
+    if label != row.get("plan") or other:
         return {"model": row["model"], "strategy": row["strategy"], "microbatch": row["microbatch"],
-                "skipped": f"the planner now makes {label!r}, the row ran {row.get('plan')!r}"}
+                "skipped": f"the planner now makes {label!r}" + (f" ({other})" if other else "")
+                + f", the row ran {row.get('plan')!r}"}
     return {"model": row["model"], "strategy": row["strategy"], "microbatch": row["microbatch"],
             "compiled": bool(row.get("compile")), "fit": compiled_fit_row(row), "set": set_name,
             "plan": plan.config.label or plan.strategy, "n_microbatches": plan.training.n_microbatches,
