@@ -41,17 +41,6 @@ Time:
   of each gradient into its bucket, an all-reduce launch per 25 MB bucket) shows in
   ddp-gpt-1.3b mb1: 90.5 ms measured, host-bound, against 51.1 ms for the same model and
   microbatch on one GPU: 1.46 ms per block; without it the row was predicted at 63 ms (-30%).
-  It is paid once per step, by the microbatch that syncs: every other one runs under
-  `no_sync` (autopar run's engines, the native recipe, torch.distributed.pipelining's stages),
-  where DDP prepares no backward, so the reducer's hooks return at once (Reducer::autograd_hook
-  returns while expect_autograd_hooks_ is false) and no bucket is filled or launched. Counted
-  per microbatch, gpt-1.3b dp mb1 on 2 H200s (two microbatches,
-  bench/results/runtime_vs_native_h200.json) was predicted at 180.9 ms against 143.2 (+26.3%);
-  once per step, 145.8 (+1.8%). Two rows lose what the double count gave them: llama-1b-gqa dp
-  mb1 there (156.4 ms, -11.5% -> -26.4%), whose blocks' host on one H200 is 36 ms per
-  microbatch at most (144.4 ms for four, runtime_vs_native_h200_1gpu.json), so two of them and
-  the reducer are 95 ms, not the 156 measured, either way; and gpt-1.3b dp mb1 compiled (180.1
-  ms, +5.3% -> -14.2%), whose DDP hooks beside compiled regions are not measured apart.
   The step takes max(host, device) on one GPU (the host runs ahead across steps). In a
   pipeline each GPU also waits for its own CPU to launch an op, but the CPUs do not wait for
   each other (evaluation/pipeline.py `simulate`).
@@ -665,7 +654,7 @@ def fsdp_block_comm_s(fwd_compute_s: float, bwd_compute_s: float, all_gather_fwd
 
 def host_s(n_linears: int, n_other_ops: int, n_blocks: int, tp: bool, fsdp: bool,
            cm: ComputeModel, ddp: bool = False, compiled: bool = False,
-           split_blocks: bool | None = None, n_microbatches: int = 1) -> tuple[float, float]:
+           split_blocks: bool | None = None) -> tuple[float, float]:
     """(forward, backward) host dispatch seconds of one microbatch through a stage: per eager op
     (`n_linears`, `n_other_ops`) and per transformer block (`n_blocks`). With `compiled`
     blocks (`compiled_per_block`) the ops counted are only those outside the blocks (embedding,
@@ -674,14 +663,11 @@ def host_s(n_linears: int, n_other_ops: int, n_blocks: int, tp: bool, fsdp: bool
     the region wraps and unwraps DTensors), HOST_COMPILED_PLAIN_S_PER_BLOCK where they are not
     (its guards, the launches of its kernels and collectives, the gradient accumulation of its
     parameters) in place of its ops' dispatch and DTensor's; the engines' hooks (FSDP2, DDP)
-    stay per block as measured eager (not measured compiled). DDP's is the synced microbatch's
-    only, one of the step's `n_microbatches` (the others run under no_sync): the time returned
-    is per microbatch, so it carries that microbatch's share."""
+    stay per block as measured eager (not measured compiled)."""
     split = tp if split_blocks is None else split_blocks
     compiled_s = HOST_COMPILED_S_PER_BLOCK if split else HOST_COMPILED_PLAIN_S_PER_BLOCK
     per_block = ((compiled_s if compiled else HOST_TP_S_PER_BLOCK if tp else 0.0)
-                 + (HOST_FSDP_S_PER_BLOCK if fsdp else 0.0)
-                 + (HOST_DDP_S_PER_BLOCK / max(1, n_microbatches) if ddp else 0.0))
+                 + (HOST_FSDP_S_PER_BLOCK if fsdp else 0.0) + (HOST_DDP_S_PER_BLOCK if ddp else 0.0))
     total = n_linears * HOST_S_PER_LINEAR + n_other_ops * 2 * cm.launch_s + n_blocks * per_block
     return total * HOST_FORWARD_SHARE, total * (1 - HOST_FORWARD_SHARE)
 
