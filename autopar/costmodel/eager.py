@@ -41,6 +41,12 @@ Time:
   of each gradient into its bucket, an all-reduce launch per 25 MB bucket) shows in
   ddp-gpt-1.3b mb1: 90.5 ms measured, host-bound, against 51.1 ms for the same model and
   microbatch on one GPU: 1.46 ms per block; without it the row was predicted at 63 ms (-30%).
+  It is paid in every microbatch of an accumulated step, the ones under `no_sync` too (where
+  DDP prepares no backward and its reducer's hooks return at once: the cost is not the
+  reducer's alone, not isolated): in bench/results/truth_h200_accum_2026-11-30.json, same
+  recipe, ddp-gpt-1.3b mb1 nmb4 takes 409.2 ms against single nmb4's 280.8, 1.34 ms per block
+  and microbatch, and nmb2 213.4 ms against half of that, 1.52; counted once per step those
+  rows were predicted -20..-37% (-9..-16% per microbatch).
   The step takes max(host, device) on one GPU (the host runs ahead across steps). In a
   pipeline each GPU also waits for its own CPU to launch an op, but the CPUs do not wait for
   each other (evaluation/pipeline.py `simulate`).
