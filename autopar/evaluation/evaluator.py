@@ -866,7 +866,8 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     n_blocks = sum(1 for li in range(*layers) if first < li < last)
     ddp = ev.sync_s > 0 and zero < 3
     host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=tp, fsdp=fsdp,
-                                          cm=cm, ddp=ddp, compiled=compiled, split_blocks=block_split > 1)
+                                          cm=cm, ddp=ddp, compiled=compiled, split_blocks=block_split > 1,
+                                          n_microbatches=n_microbatches)
     fsdp_root = 0.0
     if zero >= 3 and prob.mesh.n_devices > 1:
         # the root layers' own parameters per tensor-parallel shard, under their strategies
