@@ -41,6 +41,28 @@ Time:
   of each gradient into its bucket, an all-reduce launch per 25 MB bucket) shows in
   ddp-gpt-1.3b mb1: 90.5 ms measured, host-bound, against 51.1 ms for the same model and
   microbatch on one GPU: 1.46 ms per block; without it the row was predicted at 63 ms (-30%).
+  It is paid in every microbatch of an accumulated step, the ones under `no_sync` too (where
+  DDP prepares no backward and its reducer's hooks return at once: the cost is not the
+  reducer's alone, not isolated): in bench/results/truth_h200_accum_2026-11-30.json, same
+  recipe, ddp-gpt-1.3b mb1 nmb4 takes 409.2 ms against single nmb4's 280.8, 1.34 ms per block
+  and microbatch, and nmb2 213.4 ms against half of that, 1.52; counted once per step those
+  rows were predicted -20..-37% (-9..-16% per microbatch).
+  FSDP2's comes in two parts: HOST_FSDP_S_PER_BLOCK in every microbatch (its hooks: gathers,
+  reshards, reduce-scatters, the sharded gradients' update) and HOST_FSDP_STEP_S_PER_BLOCK once
+  per step. The one-microbatch fsdp2 rows cannot tell them apart; the accumulated ones can:
+  fsdp2-gpt-1.3b mb1 nmb4 (bench/results/truth_h200_accum_2026-11-30.json, host-bound, 651.0
+  ms) leaves 4.47 ms per block and microbatch beyond the ops, where the one-microbatch GPT
+  rows leave 5.19-6.51 (a step's own 0.72-2.04 ms per block beyond the microbatch's, median
+  1.61; the two sum to the 6.08 ms the one-microbatch rows were fitted to, so they do not
+  move). Part of that step's cost is the optimizer over FSDP2's DTensor parameters: its host
+  bucket in the profiles of those rows is 16.4-21.8 ms against 2.6-7.2 for the same models on
+  one GPU (the profiler slows these hosts 1.26-1.45x); the rest is not isolated. autopar run's
+  ZeRO-3 without autocast, held out, says the same per microbatch: gpt-1.3b zero3 mb1 and mb8 on
+  2 H200s (two microbatches, bench/results/runtime_vs_native_h200.json) leave 4.28-4.40 ms per
+  block; they were predicted +25.2 / +27.4 / +28.0% (mb1, mb8, mb8 compiled) with the whole
+  one-microbatch figure in every microbatch, +13.2 / +15.1 / +16.0% so (the nmb4 fit row
+  +23.7% -> +5.9%). llama-1b-gqa zero3 there (16 blocks) moves +3.0% -> -6.3%: its blocks leave
+  5.8 ms per microbatch, more than GPT's, not isolated.
   The step takes max(host, device) on one GPU (the host runs ahead across steps). In a
   pipeline each GPU also waits for its own CPU to launch an op, but the CPUs do not wait for
   each other (evaluation/pipeline.py `simulate`).
@@ -327,7 +349,8 @@ DDP_BUCKET_COPY_BYTES_PER_PARAM = 8
 HOST_S_PER_LINEAR = 3.60e-4               # fitted: host-bound GPT single-GPU rows (fwd + bwd)
 HOST_FORWARD_SHARE = 0.212                 # fitted: profiled host time, blocks fwd / (fwd + bwd), median
 HOST_TP_S_PER_BLOCK = 1.025e-2            # fitted: GPT tp2 rows, DTensor dispatch per block
-HOST_FSDP_S_PER_BLOCK = 6.08e-3            # fitted: GPT fsdp2 rows, FSDP2 hooks per block
+HOST_FSDP_S_PER_BLOCK = 4.47e-3            # fitted: GPT fsdp2 accumulation row, FSDP2 per block and microbatch
+HOST_FSDP_STEP_S_PER_BLOCK = 1.61e-3       # fitted: GPT fsdp2 rows, FSDP2 per block once per step beyond it
 HOST_DDP_S_PER_BLOCK = 1.46e-3             # fitted: GPT ddp rows, DDP's reducer hooks and bucket launches per block
 # fitted: compiled tensor-parallel GPT rows at microbatch 1 of bench/results/runtime_vs_native_h200.json
 # (`python bench/truth/predict_runs.py --fit`), host seconds per compiled block and microbatch
@@ -654,7 +677,7 @@ def fsdp_block_comm_s(fwd_compute_s: float, bwd_compute_s: float, all_gather_fwd
 
 def host_s(n_linears: int, n_other_ops: int, n_blocks: int, tp: bool, fsdp: bool,
            cm: ComputeModel, ddp: bool = False, compiled: bool = False,
-           split_blocks: bool | None = None) -> tuple[float, float]:
+           split_blocks: bool | None = None, n_microbatches: int = 1) -> tuple[float, float]:
     """(forward, backward) host dispatch seconds of one microbatch through a stage: per eager op
     (`n_linears`, `n_other_ops`) and per transformer block (`n_blocks`). With `compiled`
     blocks (`compiled_per_block`) the ops counted are only those outside the blocks (embedding,
@@ -663,11 +686,14 @@ def host_s(n_linears: int, n_other_ops: int, n_blocks: int, tp: bool, fsdp: bool
     the region wraps and unwraps DTensors), HOST_COMPILED_PLAIN_S_PER_BLOCK where they are not
     (its guards, the launches of its kernels and collectives, the gradient accumulation of its
     parameters) in place of its ops' dispatch and DTensor's; the engines' hooks (FSDP2, DDP)
-    stay per block as measured eager (not measured compiled)."""
+    stay per block as measured eager (not measured compiled). FSDP2's once-per-step part
+    (HOST_FSDP_STEP_S_PER_BLOCK) is spread over the step's `n_microbatches`: the time returned
+    is per microbatch."""
     split = tp if split_blocks is None else split_blocks
     compiled_s = HOST_COMPILED_S_PER_BLOCK if split else HOST_COMPILED_PLAIN_S_PER_BLOCK
+    fsdp_s = HOST_FSDP_S_PER_BLOCK + HOST_FSDP_STEP_S_PER_BLOCK / max(1, n_microbatches)
     per_block = ((compiled_s if compiled else HOST_TP_S_PER_BLOCK if tp else 0.0)
-                 + (HOST_FSDP_S_PER_BLOCK if fsdp else 0.0) + (HOST_DDP_S_PER_BLOCK if ddp else 0.0))
+                 + (fsdp_s if fsdp else 0.0) + (HOST_DDP_S_PER_BLOCK if ddp else 0.0))
     total = n_linears * HOST_S_PER_LINEAR + n_other_ops * 2 * cm.launch_s + n_blocks * per_block
     return total * HOST_FORWARD_SHARE, total * (1 - HOST_FORWARD_SHARE)
 

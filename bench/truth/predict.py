@@ -37,6 +37,9 @@ from graphs.ir import INPUT, MATMUL, OUTPUT, VIEW
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "bench/results/truth_h200_2026-11-30.json"
+# the same recipe with gradient accumulation (n_microbatches > 1): where a step's per-microbatch
+# host cost comes apart from its once-per-step one (HOST_FSDP_S_PER_BLOCK, fit)
+ACCUM_CORPUS = ROOT / "bench/results/truth_h200_accum_2026-11-30.json"
 STRATEGIES = ("single", "ddp", "fsdp2", "tp", "pp")
 # Rows whose measured peaks are not their own run's: the peak statistics were reset while the
 # previous run's memory was still held (see README "Contaminated rows"); memory is not compared.
@@ -184,19 +187,22 @@ def _op_counts(spec: str, seq: int) -> tuple[int, int, int]:
     return linears, other, len(g.layers) - 2
 
 
-def fit(corpus: Path) -> dict[str, float]:
-    """The constants of autopar.costmodel.eager that are fitted, from the fit rows (GPT) only."""
+def fit(corpus: Path, accum_corpus: Path = ACCUM_CORPUS) -> dict[str, float]:
+    """The constants of autopar.costmodel.eager that are fitted, from the fit rows (GPT) only:
+    those of `corpus`, and for FSDP2's per-microbatch host cost those of `accum_corpus` (steps
+    of several microbatches)."""
     data = json.loads(corpus.read_text())
     rows = [r for r in data["runs"] if usable(r) and split(r) == "fit"]
+    accum = [r for r in json.loads(accum_corpus.read_text())["runs"] if usable(r) and split(r) == "fit"]
     launch_s = ComputeModel(load_cluster("dgx-h200", 1, 1).gpu).launch_s
     adamw = [eager.ADAMW_BYTES_PER_PARAM * r["params"] / r["breakdown_s"]["optimizer"]
              for r in rows if r["strategy"] in ("single", "ddp")]
     # Host-bound single-GPU steps (the host's enqueue outlasts the GPU's step): step = host.
     per_linear, base = [], {}
-    for r in rows:
+    for r in rows + accum:
         lin, other, blocks = _op_counts(r["model_spec"], r["seq"])
         base[r["id"]] = (lin, other, blocks)
-        if r["strategy"] == "single" and r["host_enqueue_s"] >= r["step_s"]:
+        if r in rows and r["strategy"] == "single" and r["host_enqueue_s"] >= r["step_s"]:
             per_linear.append((r["step_s"] - other * 2 * launch_s) / lin)
     a = statistics.median(per_linear)
 
@@ -207,13 +213,19 @@ def fit(corpus: Path) -> dict[str, float]:
         (tp-gpt-1.3b mb1: 453.6 ms steps, enqueue 393.8 / 345.4 ms, 24 ms of GPU compute)."""
         return r["gpu_busy_s"] - r["breakdown_s"]["exposed_comm"] < 0.9 * r["step_s"]
 
-    def per_block(strategy: str) -> float:
+    def per_block(strategy: str, among: list[dict[str, Any]], less: float = 0.0) -> float:
+        """Host seconds per block and microbatch beyond the ops on the host-bound rows of
+        `strategy` among `among`, less `less`."""
         extra = []
-        for r in rows:
+        for r in among:
             if r["strategy"] == strategy and host_bound_2gpu(r):
                 lin, other, blocks = base[r["id"]]
-                extra.append((r["step_s"] - lin * a - other * 2 * launch_s) / blocks)
+                nmb = int(r.get("n_microbatches", 1))
+                extra.append((r["step_s"] / nmb - lin * a - other * 2 * launch_s) / blocks - less)
         return statistics.median(extra)
+    # FSDP2 per microbatch from the accumulated steps; once per step, what the one-microbatch
+    # steps leave beyond it
+    fsdp_microbatch = per_block("fsdp2", accum)
     def overlap_slowdown() -> float:
         """The compute's slowdown per second of FSDP2 collective hidden behind it: on the
         device-bound GPT fsdp2 rows, the GPU's own work (profiled busy time less exposed NCCL
@@ -265,9 +277,10 @@ def fit(corpus: Path) -> dict[str, float]:
     return {"ADAMW_BYTES_PER_S_H200": statistics.median(adamw),
             "HOST_S_PER_LINEAR": a,
             "HOST_FORWARD_SHARE": statistics.median(share),
-            "HOST_TP_S_PER_BLOCK": per_block("tp"),
-            "HOST_FSDP_S_PER_BLOCK": per_block("fsdp2"),
-            "HOST_DDP_S_PER_BLOCK": per_block("ddp"),
+            "HOST_TP_S_PER_BLOCK": per_block("tp", rows),
+            "HOST_FSDP_S_PER_BLOCK": fsdp_microbatch,
+            "HOST_FSDP_STEP_S_PER_BLOCK": per_block("fsdp2", rows, less=fsdp_microbatch),
+            "HOST_DDP_S_PER_BLOCK": per_block("ddp", rows),
             "COMM_OVERLAP_SLOWDOWN": overlap_slowdown(),
             "PIPELINE_IDLE_S_PER_BLOCK": pipeline_idle(),
             "RESERVE_FRACTION": max(x for x, r in zip(reserve, every) if r["strategy"] != "fsdp2")}

@@ -165,7 +165,11 @@ def test_eager_terms_closed_form():
     fwd, bwd = eager.host_s(10, 0, 0, tp=False, fsdp=False, cm=cm)
     assert fwd + bwd == pytest.approx(10 * eager.HOST_S_PER_LINEAR)
     fwd, bwd = eager.host_s(0, 0, 4, tp=True, fsdp=True, cm=cm)
-    assert fwd + bwd == pytest.approx(4 * (eager.HOST_TP_S_PER_BLOCK + eager.HOST_FSDP_S_PER_BLOCK))
+    assert fwd + bwd == pytest.approx(4 * (eager.HOST_TP_S_PER_BLOCK + eager.HOST_FSDP_S_PER_BLOCK
+                                           + eager.HOST_FSDP_STEP_S_PER_BLOCK))
+    # FSDP2's step part once per step: a step of 3 microbatches pays its per-microbatch part 3 times
+    fwd, bwd = eager.host_s(0, 0, 4, tp=False, fsdp=True, cm=cm, n_microbatches=3)
+    assert 3 * (fwd + bwd) == pytest.approx(4 * (3 * eager.HOST_FSDP_S_PER_BLOCK + eager.HOST_FSDP_STEP_S_PER_BLOCK))
     fwd, bwd = eager.host_s(0, 0, 24, tp=False, fsdp=False, cm=cm, ddp=True)
     assert fwd + bwd == pytest.approx(24 * eager.HOST_DDP_S_PER_BLOCK)
     assert eager.reserved_bytes(100.0, fsdp=False) == pytest.approx(100 * (1 + eager.RESERVE_FRACTION))

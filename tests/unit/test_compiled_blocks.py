@@ -82,7 +82,7 @@ def test_compiled_terms_closed_form():
                                       + 4 * eager.HOST_COMPILED_S_PER_BLOCK)
     fwd, bwd = eager.host_s(0, 0, 4, tp=True, fsdp=True, cm=cm, ddp=True, compiled=True)
     assert fwd + bwd == pytest.approx(4 * (eager.HOST_COMPILED_S_PER_BLOCK + eager.HOST_FSDP_S_PER_BLOCK
-                                           + eager.HOST_DDP_S_PER_BLOCK))
+                                           + eager.HOST_FSDP_STEP_S_PER_BLOCK + eager.HOST_DDP_S_PER_BLOCK))
     # blocks whose weights are not split: a plain region (no DTensors to wrap), its own constant
     fwd, bwd = eager.host_s(1, 3, 4, tp=False, fsdp=False, cm=cm, compiled=True)
     assert fwd + bwd == pytest.approx(eager.HOST_S_PER_LINEAR + 3 * 2 * cm.launch_s
