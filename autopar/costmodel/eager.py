@@ -63,6 +63,16 @@ Time:
   one-microbatch figure in every microbatch, +13.2 / +15.1 / +16.0% so (the nmb4 fit row
   +23.7% -> +5.9%). llama-1b-gqa zero3 there (16 blocks) moves +3.0% -> -6.3%: its blocks leave
   5.8 ms per microbatch, more than GPT's, not isolated.
+  ZeRO-1/2 run on FSDP2 as well (`fsdp_zero12`): their blocks pay FSDP2's hooks, not DDP's
+  reducer, and a dp-vocab head (split over the vocabulary on the dp axis, outside the blocks)
+  adds no DTensor cost per block: llama-1b-gqa's default plan at mb1 on 2 H200s (ZeRO-1, one
+  microbatch) was priced 233 ms with both against 129 measured, 143 ms so. ZeRO-1 accumulating
+  over microbatches reduce-scatters only in the last (set_requires_gradient_sync(False) before
+  it); in the others FSDP2's per-microbatch part is HOST_FSDP_NO_SYNC_SHARE of its own, the
+  measured ratio of a microbatch that gathers without reduce-scattering to one that does both
+  (python bench/host_ops.py --recipes all, tiny width, one rank, each beyond the bf16 module's):
+  gpt-6.7b's default plan at mb4 (ZeRO-1, 4 microbatches) +25.3% -> +1.0%, gpt-1.3b zero1 mb8
+  +22.0 / +34.0% -> +7.1 / +18.0% (eager, compiled) where the whole part came to every microbatch.
   The step takes max(host, device) on one GPU (the host runs ahead across steps). In a
   pipeline each GPU also waits for its own CPU to launch an op, but the CPUs do not wait for
   each other (evaluation/pipeline.py `simulate`).
@@ -351,6 +361,11 @@ HOST_FORWARD_SHARE = 0.212                 # fitted: profiled host time, blocks 
 HOST_TP_S_PER_BLOCK = 1.025e-2            # fitted: GPT tp2 rows, DTensor dispatch per block
 HOST_FSDP_S_PER_BLOCK = 4.47e-3            # fitted: GPT fsdp2 accumulation row, FSDP2 per block and microbatch
 HOST_FSDP_STEP_S_PER_BLOCK = 1.61e-3       # fitted: GPT fsdp2 rows, FSDP2 per block once per step beyond it
+# measured: FSDP2's host per block in a microbatch that gathers but does not reduce-scatter (ZeRO-1
+# accumulating, set_requires_gradient_sync(False)) over one that does both (ZeRO-3), each beyond the
+# bf16 module's; tiny-width sweeps, bench/results/host_ops_recipes_h200_2026-12-01.json: GPT 0.587,
+# 0.615, Llama 0.558, 0.581 (two runs; median)
+HOST_FSDP_NO_SYNC_SHARE = 0.584
 HOST_DDP_S_PER_BLOCK = 1.46e-3             # fitted: GPT ddp rows, DDP's reducer hooks and bucket launches per block
 # fitted: compiled tensor-parallel GPT rows at microbatch 1 of bench/results/runtime_vs_native_h200.json
 # (`python bench/truth/predict_runs.py --fit`), host seconds per compiled block and microbatch
@@ -677,7 +692,8 @@ def fsdp_block_comm_s(fwd_compute_s: float, bwd_compute_s: float, all_gather_fwd
 
 def host_s(n_linears: int, n_other_ops: int, n_blocks: int, tp: bool, fsdp: bool,
            cm: ComputeModel, ddp: bool = False, compiled: bool = False,
-           split_blocks: bool | None = None, n_microbatches: int = 1) -> tuple[float, float]:
+           split_blocks: bool | None = None, n_microbatches: int = 1,
+           fsdp_no_sync_microbatches: int = 0) -> tuple[float, float]:
     """(forward, backward) host dispatch seconds of one microbatch through a stage: per eager op
     (`n_linears`, `n_other_ops`) and per transformer block (`n_blocks`). With `compiled`
     blocks (`compiled_per_block`) the ops counted are only those outside the blocks (embedding,
@@ -688,10 +704,14 @@ def host_s(n_linears: int, n_other_ops: int, n_blocks: int, tp: bool, fsdp: bool
     parameters) in place of its ops' dispatch and DTensor's; the engines' hooks (FSDP2, DDP)
     stay per block as measured eager (not measured compiled). FSDP2's once-per-step part
     (HOST_FSDP_STEP_S_PER_BLOCK) is spread over the step's `n_microbatches`: the time returned
-    is per microbatch."""
+    is per microbatch. In `fsdp_no_sync_microbatches` of them (ZeRO-1 on FSDP2 accumulating
+    before its one reduce-scatter) FSDP2's per-microbatch part is HOST_FSDP_NO_SYNC_SHARE of its
+    own: those hooks reduce-scatter nothing."""
     split = tp if split_blocks is None else split_blocks
     compiled_s = HOST_COMPILED_S_PER_BLOCK if split else HOST_COMPILED_PLAIN_S_PER_BLOCK
-    fsdp_s = HOST_FSDP_S_PER_BLOCK + HOST_FSDP_STEP_S_PER_BLOCK / max(1, n_microbatches)
+    n = max(1, n_microbatches)
+    quiet = min(fsdp_no_sync_microbatches, n - 1) / n
+    fsdp_s = HOST_FSDP_S_PER_BLOCK * (1 - quiet * (1 - HOST_FSDP_NO_SYNC_SHARE)) + HOST_FSDP_STEP_S_PER_BLOCK / n
     per_block = ((compiled_s if compiled else HOST_TP_S_PER_BLOCK if tp else 0.0)
                  + (fsdp_s if fsdp else 0.0) + (HOST_DDP_S_PER_BLOCK if ddp else 0.0))
     total = n_linears * HOST_S_PER_LINEAR + n_other_ops * 2 * cm.launch_s + n_blocks * per_block

@@ -869,8 +869,8 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=bool(split_linears & in_block),
                                           fsdp=fsdp or (zero12 and prob.mesh.n_devices > 1), cm=cm,
                                           ddp=ddp and not zero12, compiled=compiled,
-                                          split_blocks=block_split > 1,
-                                          n_microbatches=n_microbatches)
+                                          split_blocks=block_split > 1, n_microbatches=n_microbatches,
+                                          fsdp_no_sync_microbatches=n_microbatches - 1 if zero12 and zero == 1 else 0)
     fsdp_root = 0.0
     if zero >= 3 and prob.mesh.n_devices > 1:
         # the root layers' own parameters per tensor-parallel shard, under their strategies

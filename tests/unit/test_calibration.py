@@ -861,3 +861,26 @@ def test_ddp_rebuild_transient_is_a_race_the_model_never_loses(model):
     assert all(r["peak_bytes"] <= run * 1.001 for r in runs.values())
     if model == "gpt-1.3b":     # autopar's DDP with the transient: the model's run peak
         assert runs["view_loop"]["peak_bytes"] == pytest.approx(run, rel=0.01)
+
+
+def test_fsdp_no_sync_microbatches_pay_the_measured_share():
+    """ZeRO-1 on FSDP2 accumulating: all microbatches but the last skip the reduce-scatter and pay
+    HOST_FSDP_NO_SYNC_SHARE of FSDP2's per-microbatch host part, the median over the stored
+    tiny-width sweeps of (zero1 - bf16) / (zero3 - bf16) per block (bench/host_ops.py --recipes)."""
+    doc = json.loads((ROOT / "bench/results/host_ops_recipes_h200_2026-12-01.json").read_text())
+
+    def per_block_s(run: dict, name: str) -> float:
+        fit = run["per_block"][name]
+        return fit["forward_s"]["per_block_s"] + fit["backward_s"]["per_block_s"]
+
+    shares = [(per_block_s(run, f"{m} fsdp2-zero1") - per_block_s(run, f"{m} bf16"))
+              / (per_block_s(run, f"{m} fsdp2-zero3") - per_block_s(run, f"{m} bf16"))
+              for run in doc["runs"] for m in ("gpt", "llama-gqa")]
+    assert abs(eager.HOST_FSDP_NO_SYNC_SHARE - statistics.median(shares)) < 5e-4
+    cm = ComputeModel(load_cluster("dgx-h200", 1, 2).gpu, "bf16")
+    full = sum(eager.host_s(0, 0, 10, tp=False, fsdp=True, cm=cm, n_microbatches=4))
+    quiet = sum(eager.host_s(0, 0, 10, tp=False, fsdp=True, cm=cm, n_microbatches=4, fsdp_no_sync_microbatches=3))
+    assert full - quiet == pytest.approx(10 * eager.HOST_FSDP_S_PER_BLOCK * 3 / 4 * (1 - eager.HOST_FSDP_NO_SYNC_SHARE))
+    # the last microbatch always reduce-scatters: one microbatch has none to skip
+    assert eager.host_s(0, 0, 10, tp=False, fsdp=True, cm=cm, fsdp_no_sync_microbatches=3) == \
+        eager.host_s(0, 0, 10, tp=False, fsdp=True, cm=cm)

@@ -232,9 +232,10 @@ def test_host_per_compiled_block_is_its_fit(kind, results, n_gpus):
 def test_host_per_block_follows_the_engines_that_wrap_the_blocks():
     """The stored llama-1b-gqa auto mb1 row (2 H200s) runs ZeRO-1 on FSDP2 over dp2, its head split
     over the vocabulary on the dp axis (a dp-vocab head, outside the blocks): its blocks are FSDP2
-    units and no DTensors, and no DDP reducer runs. So the host per microbatch is the zero3 row's
-    (the same model, ops and FSDP2 units per block); the model had priced DTensor's and DDP's
-    hooks on every block there (233 ms against 129 measured)."""
+    units and no DTensors, and no DDP reducer runs. So its host per microbatch is the zero3 row's
+    (the same model, ops and FSDP2 units per block) but for FSDP2's once-per-step part, which the
+    zero3 row spreads over its two microbatches; the model had priced DTensor's and DDP's hooks
+    on every block there (233 ms against 129 measured)."""
     spec = importlib.util.spec_from_file_location("predict_runs", ROOT / "bench/truth/predict_runs.py")
     assert spec is not None and spec.loader is not None
     pr = importlib.util.module_from_spec(spec)
@@ -245,6 +246,7 @@ def test_host_per_block_follows_the_engines_that_wrap_the_blocks():
             and not r.get("compile")}
     auto, zero3 = rows["auto"], rows["zero3"]
     assert "dp_vocab_head=True" in auto["row"]["autopar"]["layout"] and auto["row"]["zero"] == 1
-    assert auto["predicted_host_s"] / auto["n_microbatches"] == pytest.approx(
-        zero3["predicted_host_s"] / zero3["n_microbatches"])
+    assert (auto["n_microbatches"], zero3["n_microbatches"]) == (1, 2)
+    assert auto["predicted_host_s"] - zero3["predicted_host_s"] / 2 == pytest.approx(
+        auto["n_blocks"] * eager.HOST_FSDP_STEP_S_PER_BLOCK / 2)
     assert abs(auto["step_error"]) < 0.2
