@@ -189,8 +189,10 @@ def _tables_from_the_heap() -> None:
     search only, so there the threshold (and the heap's trim threshold, lest the freed top be
     returned at once) is raised for good, and a table reuses the heap a freed one left: the
     405B shape at one microbatch size (B=512), system CPU 2.6, 3.0 -> 1.5, 1.2 s, peak RSS
-    1.62 -> 1.67 GB. Only where memory comes from changes, never a value; elsewhere than
-    glibc nothing happens."""
+    1.62 -> 1.67 GB; its whole headline run (bench/plan_bench.py, shared 2-core machine),
+    system CPU 27.2, 24.3 -> 8.3, 6.9 s, peak RSS 2.27, 2.30 -> 2.39-2.49 GiB, user CPU within
+    the load's noise (238.0, 257.3 -> 223.6, 255.8, 261.5 s). Only where memory comes from
+    changes, never a value; elsewhere than glibc nothing happens."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
