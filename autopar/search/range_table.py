@@ -170,8 +170,9 @@ class RangeTable:
         answer is ruled out, by layers_memory_bytes' own formula or by a bound that holds
         for every smaller k (below). Where the memory grows with the microbatches held at every
         k (every table range_tables builds), the cells the bounds leave open are answered from
-        each k's rows that fit (_fitting_rows), without the bounds: the previous cell-by-cell
-        search is the reference in tests/unit/test_speed_h8_least_recompute.py.
+        each k's rows that fit (_fitting_rows), without the bounds; elsewhere the cell-by-cell
+        search answers them (_search_cells, the reference in
+        tests/unit/test_speed_h8_least_recompute.py).
 
         i, j: (U,) ints; inflight: (S,) -> (S, U, P) ints."""
         held = np.asarray(inflight, dtype=np.float64).reshape(-1)
@@ -207,8 +208,8 @@ class RangeTable:
         # plus a margin far above rounding, so no k that fits is ruled out: a cell whose first
         # bound is over at k = n never fits, the search starts at the least k the first bound
         # allows (bisection), and a cell leaves the scan once the second is over.
-        most, least_w, w_grows = self._prefix_bounds()
-        relaxed_cap = cap_bytes * (1 + 1e-9) if cap_bytes >= 0 else cap_bytes * (1 - 1e-9)
+        most, least_w, _ = self._prefix_bounds()
+        relaxed_cap = _relaxed(cap_bytes)
         with np.errstate(invalid="ignore"):
             least_kept_c = stash_c - most[at].ravel()[fin]
         least_w_c = least_w[at].ravel()[fin]
@@ -245,42 +246,57 @@ class RangeTable:
                 floor = param_c + hc * least_kept_c + working(least_w_c)
             cells = np.flatnonzero((out_c < 0) & (floor <= relaxed_cap))
         if cells.size:
-            col = cells % n_f
-            up = fin[col]
-            p, u_idx = up % n_p, up // n_p
-            ii, jj, h = i[u_idx], j[u_idx], held[cells // n_f]
-            param, stash = param_c[col], stash_c[col]
-            floor_n = param + h * least_kept_c[col]      # the second bound, less its working set
-
-            def bound_ok(k: np.ndarray, sel: np.ndarray) -> np.ndarray:
-                pre = (ii[sel], ii[sel] + k, p[sel])
-                return param[sel] + h[sel] * (stash[sel] - most[pre]) + working(least_w[pre], col[sel]) <= relaxed_cap
-
-            n = jj - ii
-            lo, hi = np.ones_like(n), n.copy()
-            while True:
-                todo = np.flatnonzero(lo < hi)
-                if not todo.size:
-                    break
-                mid = (lo[todo] + hi[todo]) // 2
-                ok = bound_ok(mid, todo)
-                hi[todo] = np.where(ok, mid, hi[todo])
-                lo[todo] = np.where(ok, lo[todo], mid + 1)
-            k = lo
-            while cells.size:
-                pre = (ii, ii + k, p)
-                w = working(self.max_layer_stash[pre], col)
-                mem = _kept_memory_bytes(param, stash, self.stash[pre], self.inputs[pre], w, h)
-                fits = mem <= cap_bytes
-                out_c.flat[cells[fits]] = k[fits]
-                more = ~fits & (k < n)
-                if w_grows:
-                    more &= floor_n + w <= relaxed_cap
-                cells, ii, p, h, param, stash, n, floor_n, col = (x[more] for x in
-                                                                   (cells, ii, p, h, param, stash, n, floor_n, col))
-                k = k[more] + 1
+            self._search_cells(cells, out_c, fin, i, j, held, param_c, stash_c, least_kept_c, working, cap_bytes)
         out[:, fin] = out_c
         return out.reshape(n_h, n_u, n_p)
+
+    def _search_cells(self, cells: np.ndarray, out_c: np.ndarray, fin: np.ndarray, i: np.ndarray, j: np.ndarray,
+                      held: np.ndarray, param_c: np.ndarray, stash_c: np.ndarray, least_kept_c: np.ndarray,
+                      working, cap_bytes: float) -> None:
+        """least_recompute_layers' cell-by-cell search, where the count search does not apply:
+        per open cell (flat indices `cells` into out_c, (H, F) over the finite cells `fin` of
+        the (U, P) cells), a bisection on the first bound for the least k it allows, then a
+        scan up from there with the exact memory, leaving a cell once the second bound is over
+        (bounds: least_recompute_layers). Writes each cell's least fitting k into out_c (its
+        -1 stays where none fits). tests/unit/test_speed_h8_least_recompute.py checks the count
+        search against it."""
+        most, least_w, w_grows = self._prefix_bounds()
+        relaxed_cap = _relaxed(cap_bytes)
+        n_f, n_p = len(fin), self.t.shape[2]
+        col = cells % n_f
+        up = fin[col]
+        p, u_idx = up % n_p, up // n_p
+        ii, jj, h = i[u_idx], j[u_idx], held[cells // n_f]
+        param, stash = param_c[col], stash_c[col]
+        floor_n = param + h * least_kept_c[col]      # the second bound, less its working set
+
+        def bound_ok(k: np.ndarray, sel: np.ndarray) -> np.ndarray:
+            pre = (ii[sel], ii[sel] + k, p[sel])
+            return param[sel] + h[sel] * (stash[sel] - most[pre]) + working(least_w[pre], col[sel]) <= relaxed_cap
+
+        n = jj - ii
+        lo, hi = np.ones_like(n), n.copy()
+        while True:
+            todo = np.flatnonzero(lo < hi)
+            if not todo.size:
+                break
+            mid = (lo[todo] + hi[todo]) // 2
+            ok = bound_ok(mid, todo)
+            hi[todo] = np.where(ok, mid, hi[todo])
+            lo[todo] = np.where(ok, lo[todo], mid + 1)
+        k = lo
+        while cells.size:
+            pre = (ii, ii + k, p)
+            w = working(self.max_layer_stash[pre], col)
+            mem = _kept_memory_bytes(param, stash, self.stash[pre], self.inputs[pre], w, h)
+            fits = mem <= cap_bytes
+            out_c.flat[cells[fits]] = k[fits]
+            more = ~fits & (k < n)
+            if w_grows:
+                more &= floor_n + w <= relaxed_cap
+            cells, ii, p, h, param, stash, n, floor_n, col = (x[more] for x in
+                                                               (cells, ii, p, h, param, stash, n, floor_n, col))
+            k = k[more] + 1
 
     def _fitting_rows(self, i: np.ndarray, j: np.ndarray, p: np.ndarray, param: np.ndarray, stash: np.ndarray,
                       working, held: np.ndarray, cap_bytes: float) -> np.ndarray | None:
@@ -335,6 +351,11 @@ class RangeTable:
             self._bounds = (np.maximum.accumulate(d, axis=1), np.minimum.accumulate(self.max_layer_stash, axis=1),
                             grows)
         return self._bounds
+
+
+def _relaxed(cap_bytes: float) -> float:
+    """The cap plus least_recompute_layers' margin for its bounds, far above rounding."""
+    return cap_bytes * (1 + 1e-9) if cap_bytes >= 0 else cap_bytes * (1 - 1e-9)
 
 
 def _rows_while(pred, n_rows: int, n_cols: int) -> np.ndarray:

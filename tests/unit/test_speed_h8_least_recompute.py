@@ -1,7 +1,8 @@
 """RangeTable.least_recompute_layers answers the cells its bounds leave open per count of
 recomputed layers (`_fitting_rows`: how many rows fit at each count, a prefix where the memory
 grows with the microbatches held) instead of per cell (a bisection on a bound, then a scan).
-The previous cell-by-cell search is kept here as the reference: on random composed tables, with
+The previous search is the reference (its cell-by-cell part is RangeTable._search_cells, the
+fallback least_recompute_layers keeps): on random composed tables, with
 and without the eager recipe's working set and cap, at many caps and held counts, the answers
 agree to the element, also where the count search cannot apply (a negative kept stash, held
 counts not ascending: the previous search then runs as before); `_fitting_rows` itself is
@@ -27,7 +28,9 @@ from autopar.search.tables import SearchSpace, StageTables
 
 def previous_least_recompute_layers(rt: RangeTable, i: np.ndarray, j: np.ndarray, inflight: np.ndarray,
                                     cap_bytes: float) -> np.ndarray:
-    """least_recompute_layers before the count search (without its memo), as it was."""
+    """least_recompute_layers before the count search (without its memo), as it was: the
+    cells its bounds leave open go to the cell-by-cell search (RangeTable._search_cells, which
+    least_recompute_layers still runs where the count search cannot apply)."""
     held = np.asarray(inflight, dtype=np.float64).reshape(-1)
     i, j = np.asarray(i), np.asarray(j)
     at = (i, j)
@@ -42,7 +45,7 @@ def previous_least_recompute_layers(rt: RangeTable, i: np.ndarray, j: np.ndarray
 
     def working(w, c=slice(None)):
         return stage_working_bytes(w, extra_c[0][c], extra_c[1][c])
-    most, least_w, w_grows = rt._prefix_bounds()
+    most, least_w, _ = rt._prefix_bounds()
     relaxed_cap = cap_bytes * (1 + 1e-9) if cap_bytes >= 0 else cap_bytes * (1 - 1e-9)
     with np.errstate(invalid="ignore"):
         least_kept_c = stash_c - most[at].ravel()[fin]
@@ -66,40 +69,7 @@ def previous_least_recompute_layers(rt: RangeTable, i: np.ndarray, j: np.ndarray
             floor = param_c + hc * least_kept_c + working(least_w_c)
         cells = np.flatnonzero((out_c < 0) & (floor <= relaxed_cap))
     if cells.size:
-        col = cells % n_f
-        up = fin[col]
-        p, u_idx = up % n_p, up // n_p
-        ii, jj, h = i[u_idx], j[u_idx], held[cells // n_f]
-        param, stash = param_c[col], stash_c[col]
-        floor_n = param + h * least_kept_c[col]
-
-        def bound_ok(k, sel):
-            pre = (ii[sel], ii[sel] + k, p[sel])
-            return param[sel] + h[sel] * (stash[sel] - most[pre]) + working(least_w[pre], col[sel]) <= relaxed_cap
-
-        n = jj - ii
-        lo, hi = np.ones_like(n), n.copy()
-        while True:
-            todo = np.flatnonzero(lo < hi)
-            if not todo.size:
-                break
-            mid = (lo[todo] + hi[todo]) // 2
-            ok = bound_ok(mid, todo)
-            hi[todo] = np.where(ok, mid, hi[todo])
-            lo[todo] = np.where(ok, lo[todo], mid + 1)
-        k = lo
-        while cells.size:
-            pre = (ii, ii + k, p)
-            w = working(rt.max_layer_stash[pre], col)
-            mem = _kept_memory_bytes(param, stash, rt.stash[pre], rt.inputs[pre], w, h)
-            fits = mem <= cap_bytes
-            out_c.flat[cells[fits]] = k[fits]
-            more = ~fits & (k < n)
-            if w_grows:
-                more &= floor_n + w <= relaxed_cap
-            cells, ii, p, h, param, stash, n, floor_n, col = (x[more] for x in
-                                                               (cells, ii, p, h, param, stash, n, floor_n, col))
-            k = k[more] + 1
+        rt._search_cells(cells, out_c, fin, i, j, held, param_c, stash_c, least_kept_c, working, cap_bytes)
     out[:, fin] = out_c
     return out.reshape(n_h, n_u, n_p)
 
