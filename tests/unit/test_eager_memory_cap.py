@@ -122,7 +122,9 @@ def _same_memory(plan, cells, results) -> bool:
                for st, r, (rt, i, j, p, k, held) in zip(plan.stages, results, cells))
 
 
-@pytest.mark.parametrize("zero,global_batch", [(3, 16), (1, 16), (3, 2), (0, 2)])
+# (1, 16) and (3, 2) add 6 s each on a busy 2-core machine: `-m slow`
+@pytest.mark.parametrize("zero,global_batch", [(3, 16), pytest.param(1, 16, marks=pytest.mark.slow),
+                                               pytest.param(3, 2, marks=pytest.mark.slow), (0, 2)])
 def test_tables_offer_a_stage_exactly_where_the_evaluator_fits_it(zero, global_batch):
     """Oracle: the evaluator. For a grid of eager plans of a tied GPT on four GPUs (one stage
     on all four, or two of two, every logical mesh and start layout, some recompute counts),
