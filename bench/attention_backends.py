@@ -15,11 +15,15 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import statistics
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from gpu_layer import _time  # noqa: E402  (CUDA events around each call, the median)
 
 # (heads, kv_heads, head_dim): gpt-1.3b, llama-1b-gqa, llama3-8b's attention
 SHAPES = [(32, 32, 64), (32, 8, 64), (32, 8, 128)]
@@ -31,20 +35,6 @@ def _backends():
     from torch.nn.attention import SDPBackend
     return {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def _time_s(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
 
 
 def measure(repeats: int) -> list[dict]:
@@ -81,8 +71,8 @@ def measure(repeats: int) -> list[dict]:
                 row = {"heads": heads, "kv_heads": kv_heads, "head_dim": d, "seq": seq, "batch": b,
                        "causal": True, "backend": name}
                 try:
-                    t_f = _time_s(fwd, repeats)
-                    t_fb = _time_s(fwd_bwd, repeats)
+                    t_f = _time(fwd, 3, repeats)
+                    t_fb = _time(fwd_bwd, 3, repeats)
                     row.update(fwd_s=t_f, bwd_s=max(t_fb - t_f, 0.0),
                                fwd_tflops=2 * b * heads * seq * seq * d / t_f / 1e12)   # causal: half of 4 b h s^2 d
                 except Exception as e:  # noqa: BLE001 - a backend may not take this shape
