@@ -693,7 +693,7 @@ def fsdp_block_comm_s(fwd_compute_s: float, bwd_compute_s: float, all_gather_fwd
 def host_s(n_linears: int, n_other_ops: int, n_blocks: int, tp: bool, fsdp: bool,
            cm: ComputeModel, ddp: bool = False, compiled: bool = False,
            split_blocks: bool | None = None, n_microbatches: int = 1,
-           fsdp_no_sync_microbatches: int = 0) -> tuple[float, float]:
+           fsdp_accumulating: bool = False) -> tuple[float, float]:
     """(forward, backward) host dispatch seconds of one microbatch through a stage: per eager op
     (`n_linears`, `n_other_ops`) and per transformer block (`n_blocks`). With `compiled`
     blocks (`compiled_per_block`) the ops counted are only those outside the blocks (embedding,
@@ -704,13 +704,13 @@ def host_s(n_linears: int, n_other_ops: int, n_blocks: int, tp: bool, fsdp: bool
     parameters) in place of its ops' dispatch and DTensor's; the engines' hooks (FSDP2, DDP)
     stay per block as measured eager (not measured compiled). FSDP2's once-per-step part
     (HOST_FSDP_STEP_S_PER_BLOCK) is spread over the step's `n_microbatches`: the time returned
-    is per microbatch. In `fsdp_no_sync_microbatches` of them (ZeRO-1 on FSDP2 accumulating
-    before its one reduce-scatter) FSDP2's per-microbatch part is HOST_FSDP_NO_SYNC_SHARE of its
-    own: those hooks reduce-scatter nothing."""
+    is per microbatch. Where FSDP2 is `fsdp_accumulating` (ZeRO-1: one reduce-scatter, in the
+    last microbatch) its per-microbatch part is HOST_FSDP_NO_SYNC_SHARE of its own in every
+    other microbatch: those hooks reduce-scatter nothing."""
     split = tp if split_blocks is None else split_blocks
     compiled_s = HOST_COMPILED_S_PER_BLOCK if split else HOST_COMPILED_PLAIN_S_PER_BLOCK
     n = max(1, n_microbatches)
-    quiet = min(fsdp_no_sync_microbatches, n - 1) / n
+    quiet = (n - 1) / n if fsdp_accumulating else 0.0      # the share of microbatches that skip the sync
     fsdp_s = HOST_FSDP_S_PER_BLOCK * (1 - quiet * (1 - HOST_FSDP_NO_SYNC_SHARE)) + HOST_FSDP_STEP_S_PER_BLOCK / n
     per_block = ((compiled_s if compiled else HOST_TP_S_PER_BLOCK if tp else 0.0)
                  + (fsdp_s if fsdp else 0.0) + (HOST_DDP_S_PER_BLOCK if ddp else 0.0))

@@ -863,14 +863,15 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     casts = eager_mod.precision_casts_s(ev.param_elems, n_microbatches, cm, weight_casts)
     n_blocks = sum(1 for li in range(*layers) if first < li < last)
     ddp = ev.sync_s > 0 and zero < 3
+    ddp_engine = ddp and not zero12         # DDP itself runs (ZeRO-1/2 run on FSDP2)
     # the host's per-block costs follow the engines that wrap the blocks: DTensor where a block's
     # linear is split (not a dp-vocab head's, outside the blocks), FSDP2's hooks on every block
     # where ZeRO-1/2 runs on FSDP2 as well as ZeRO-3, and DDP's reducer only where DDP runs
     host_fwd, host_bwd = eager_mod.host_s(n_linears, n_other, n_blocks, tp=bool(split_linears & in_block),
                                           fsdp=fsdp or (zero12 and prob.mesh.n_devices > 1), cm=cm,
-                                          ddp=ddp and not zero12, compiled=compiled,
+                                          ddp=ddp_engine, compiled=compiled,
                                           split_blocks=block_split > 1, n_microbatches=n_microbatches,
-                                          fsdp_no_sync_microbatches=n_microbatches - 1 if zero12 and zero == 1 else 0)
+                                          fsdp_accumulating=zero12 and zero == 1)
     fsdp_root = 0.0
     if zero >= 3 and prob.mesh.n_devices > 1:
         # the root layers' own parameters per tensor-parallel shard, under their strategies
@@ -882,9 +883,9 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                       grad_bucket_s=eager_mod.grad_bucket_copy_s(ev.param_elems, cm) if ddp else 0.0,
                       residual_stash_bytes=residual, inputs_fp32_extra_bytes=inputs_extra,
                       cross_entropy_peak_bytes=ce_peak,
-                      ddp_bytes=eager_mod.state_bytes(ev.param_elems, ddp and not zero12, 1),
+                      ddp_bytes=eager_mod.state_bytes(ev.param_elems, ddp_engine, 1),
                       ddp_rebuild_bytes=eager_mod.ddp_rebuild_transient_bytes(ev.param_elems)
-                      if ddp and not zero12 else 0.0,
+                      if ddp_engine else 0.0,
                       autocast_cache_bytes=0.0 if bf16 or bf16_stream
                       else eager_mod.state_bytes(ev.param_elems, False, n_microbatches) - compiled_weight_copies,
                       param_state_delta_bytes=(eager_mod.fsdp_zero12_state_bytes(ev.param_elems, ev.param_elems_zero,

@@ -879,8 +879,8 @@ def test_fsdp_no_sync_microbatches_pay_the_measured_share():
     assert abs(eager.HOST_FSDP_NO_SYNC_SHARE - statistics.median(shares)) < 5e-4
     cm = ComputeModel(load_cluster("dgx-h200", 1, 2).gpu, "bf16")
     full = sum(eager.host_s(0, 0, 10, tp=False, fsdp=True, cm=cm, n_microbatches=4))
-    quiet = sum(eager.host_s(0, 0, 10, tp=False, fsdp=True, cm=cm, n_microbatches=4, fsdp_no_sync_microbatches=3))
+    quiet = sum(eager.host_s(0, 0, 10, tp=False, fsdp=True, cm=cm, n_microbatches=4, fsdp_accumulating=True))
     assert full - quiet == pytest.approx(10 * eager.HOST_FSDP_S_PER_BLOCK * 3 / 4 * (1 - eager.HOST_FSDP_NO_SYNC_SHARE))
     # the last microbatch always reduce-scatters: one microbatch has none to skip
-    assert eager.host_s(0, 0, 10, tp=False, fsdp=True, cm=cm, fsdp_no_sync_microbatches=3) == \
+    assert eager.host_s(0, 0, 10, tp=False, fsdp=True, cm=cm, fsdp_accumulating=True) == \
         eager.host_s(0, 0, 10, tp=False, fsdp=True, cm=cm)

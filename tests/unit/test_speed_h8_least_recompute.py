@@ -22,7 +22,7 @@ from test_search import chained_table, synthetic_table
 
 import autopar.search.range_table as rtm
 from autopar.costmodel.memory import stage_working_bytes
-from autopar.search.range_table import RangeTable, _kept_memory_bytes, _rows_while
+from autopar.search.range_table import RangeTable, _kept_memory_bytes, _relaxed, _rows_while
 from autopar.search.tables import SearchSpace, StageTables
 
 
@@ -46,7 +46,7 @@ def previous_least_recompute_layers(rt: RangeTable, i: np.ndarray, j: np.ndarray
     def working(w, c=slice(None)):
         return stage_working_bytes(w, extra_c[0][c], extra_c[1][c])
     most, least_w, _ = rt._prefix_bounds()
-    relaxed_cap = cap_bytes * (1 + 1e-9) if cap_bytes >= 0 else cap_bytes * (1 - 1e-9)
+    relaxed_cap = _relaxed(cap_bytes)
     with np.errstate(invalid="ignore"):
         least_kept_c = stash_c - most[at].ravel()[fin]
     least_w_c = least_w[at].ravel()[fin]
