@@ -62,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     todo = [dict(runs[i], memory_cap_bytes=int(stored[i] * (1 + f)), cap_over_allocated=f) for i in ids for f in overs]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(todo, f)
-    env = dict(os.environ)
-    print(f"memory_cap: {len(todo)} runs, PYTORCH_CUDA_ALLOC_CONF={env.get('PYTORCH_CUDA_ALLOC_CONF', '')!r}", flush=True)
-    return subprocess.call([sys.executable, str(HERE / "truth.py"), "--configs", f.name, "--out", a.out], env=env)
+    print(f"memory_cap: {len(todo)} runs, PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r}",
+          flush=True)
+    try:
+        return subprocess.call([sys.executable, str(HERE / "truth.py"), "--configs", f.name, "--out", a.out])
+    finally:
+        os.unlink(f.name)
 
 
 if __name__ == "__main__":

@@ -198,12 +198,9 @@ def fit(corpus: Path, accum_corpus: Path = ACCUM_CORPUS) -> dict[str, float]:
     adamw = [eager.ADAMW_BYTES_PER_PARAM * r["params"] / r["breakdown_s"]["optimizer"]
              for r in rows if r["strategy"] in ("single", "ddp")]
     # Host-bound single-GPU steps (the host's enqueue outlasts the GPU's step): step = host.
-    per_linear, base = [], {}
-    for r in rows + accum:
-        lin, other, blocks = _op_counts(r["model_spec"], r["seq"])
-        base[r["id"]] = (lin, other, blocks)
-        if r in rows and r["strategy"] == "single" and r["host_enqueue_s"] >= r["step_s"]:
-            per_linear.append((r["step_s"] - other * 2 * launch_s) / lin)
+    base = {r["id"]: _op_counts(r["model_spec"], r["seq"]) for r in rows + accum}
+    per_linear = [(r["step_s"] - base[r["id"]][1] * 2 * launch_s) / base[r["id"]][0] for r in rows
+                  if r["strategy"] == "single" and r["host_enqueue_s"] >= r["step_s"]]
     a = statistics.median(per_linear)
 
     def host_bound_2gpu(r: dict[str, Any]) -> bool:
