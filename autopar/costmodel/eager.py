@@ -72,7 +72,7 @@ Time:
   measured ratio of a microbatch that gathers without reduce-scattering to one that does both
   (python bench/host_ops.py --recipes all, tiny width, one rank, each beyond the bf16 module's):
   gpt-6.7b's default plan at mb4 (ZeRO-1, 4 microbatches) +25.3% -> +1.0%, gpt-1.3b zero1 mb8
-  +22.0 / +34.0% -> +7.1 / +18.0% (eager, compiled) where the whole part came to every microbatch.
+  +22.0 / +34.0% -> +7.0 / +17.9% (eager, compiled) where the whole part came to every microbatch.
   The step takes max(host, device) on one GPU (the host runs ahead across steps). In a
   pipeline each GPU also waits for its own CPU to launch an op, but the CPUs do not wait for
   each other (evaluation/pipeline.py `simulate`).
