@@ -80,6 +80,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from autopar.runtime.launch import ALLOC_CONF_VARS  # noqa: E402
+
 LLAMA_1B = "llama:hidden=2048,layers=16,heads=16,kv_heads=4,seq=2048,vocab=32000"
 LLAMA_1B_16K = "llama:hidden=2048,layers=16,heads=16,kv_heads=4,seq=16384,vocab=32000"
 NAMES = {LLAMA_1B: "llama-1b-gqa", LLAMA_1B_16K: "llama-1b-gqa-16k"}
@@ -677,6 +679,8 @@ def _write(path: Path, rows: list[dict], world: int, gpu: str) -> None:
     meta = {"gpus": world, "gpu": gpu, "torch": torch.__version__, "warmup_steps": WARMUP_STEPS,
             "timed_steps": TIMED_STEPS, "precision": "bf16" if gpu != "cpu" else "fp32",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            # the CUDA caching allocator's configuration both ways ran with ("": default segments)
+            "alloc_conf": next((os.environ[v] for v in ALLOC_CONF_VARS if v in os.environ), ""),
             # (an absolute path, e.g. --out on the GPU machine, by its file name: results are committed)
             "argv": " ".join(Path(a).name if os.path.isabs(a) else a for a in sys.argv[1:])}
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
@@ -801,6 +805,11 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown case(s) {unknown}; the cases are: {', '.join(sorted(listed))}")
     import torch.multiprocessing as mp
+    if args.device == "cuda":
+        # both ways under the allocator `autopar run` sets (expandable segments), unless
+        # PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF is set (empty: the default segments)
+        from autopar.runtime.launch import cuda_alloc_conf
+        print(f"allocator: {cuda_alloc_conf() or 'default segments'}", flush=True)
     if not args.fresh:
         mp.spawn(body, args=(args.gpus, args), nprocs=args.gpus, join=True)
         return 0
@@ -847,6 +856,8 @@ def run_fresh(args) -> int:
                 order = ("native", "autopar") if r % 2 == 0 else ("autopar", "native")
                 for who in order:
                     if who == "native" and key.split(":")[1] in AUTO + TWO_D_STRATEGIES:
+                        continue
+                    if args.only and who != args.only:      # --only: the other way not at all
                         continue
                     sub = copy.copy(args)
                     port += 1

@@ -305,6 +305,12 @@ bench/truth/predict.py; -2.9..0% and -1.7..+2.3% before the input copies and the
   its own after the optimizer's state took part of the one it had; single-llama-1b s8192 mb4
   with full recomputation reserves exactly one, 15.66 GiB, over its allocated, where the
   fraction gives 9.0 GiB). The planner's cap per stage (`stage_allocatable_bytes`) holds both.
+  That envelope is the default segments'. `autopar run` runs with expandable segments
+  (ALLOC_CONF, where the user set no allocator configuration), under which the same rows reserve
+  far less (RESERVE_FRACTION_EXPANDABLE, 0.070; every function here takes `expandable`, True for
+  `autopar run`'s allocator; bench/truth's native rows ran with the default segments). The loss
+  segment is kept as the default segments measured it (the rows with recomputation reserve
+  1.117-1.163x with expandable segments, under the loss segment's bound).
 - FSDP2's gradient pool (`zero3_grad_pool_bytes`): the caching allocator keeps one pool per
   stream, and FSDP2's reduce-scatter allocates the sharded fp32 gradients on its own stream. At
   a one-microbatch step's activation peak they are absent (zero_grad(set_to_none=True)) but
@@ -372,8 +378,10 @@ HOST_DDP_S_PER_BLOCK = 1.46e-3             # fitted: GPT ddp rows, DDP's reducer
 HOST_COMPILED_S_PER_BLOCK = 5.438e-3
 # fitted: compiled plain (non-DTensor: weights not split) GPT rows at microbatch 1 of
 # bench/results/runtime_vs_native_h200_1gpu.json (`python bench/truth/predict_runs.py --fit`),
-# host seconds per compiled block and microbatch where the region's inputs are plain tensors
-HOST_COMPILED_PLAIN_S_PER_BLOCK = 2.47e-3
+# host seconds per compiled block and microbatch where the region's inputs are plain tensors; its
+# two fit rows (gpt-1.3b dp and zero3 at mb1, the same plain module on one GPU) measured 237.5 and
+# 280.4 ms in 3 fresh rounds each (2.45 and 2.90 ms implied): host-bound steps are that noisy there
+HOST_COMPILED_PLAIN_S_PER_BLOCK = 2.678e-3
 # inside a compiled block, per element of a norm's output: the norm reads its fp32 input (+2 B over
 # the graph's bf16) and the residual add reads and writes fp32 (+2, +2); the casts are fused away
 COMPILED_NORM_FP32_BYTES_PER_ELEMENT = 6
@@ -399,8 +407,20 @@ TIED_EMBEDDING_GRAD_BYTES_PER_PARAM = 4   # embedding backward's fp32 gradient, 
 FSDP_ROOT_BYTES_PER_PARAM = 4            # root's unsharded bf16 weights + their bf16 gradients
 FSDP_BLOCK_BYTES_PER_PARAM = 16          # one block's backward buffers and the next one's prefetch
 # fitted envelope of (reserved - allocated) / allocated over every row without recomputation
-# but the fsdp2 ones (both families; contaminated rows of bench/truth/predict.py left out)
+# but the fsdp2 ones (both families; contaminated rows of bench/truth/predict.py left out), with
+# the caching allocator's default segments, as bench/truth's native recipes ran
 RESERVE_FRACTION = 0.148
+# the same envelope with expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), as
+# `autopar run` runs (ALLOC_CONF): the native corpus's one-GPU rows without recomputation reserve
+# 1.005-1.070x their allocated (single-llama-1b-s8192-mb4 the most, 121.8 / 113.8 GiB), autopar
+# run's 30 one-GPU rows 1.005-1.042x (bench/results/allocator_expandable_h200_2026-12-01.json). A
+# step capped below what it reserves uncapped still runs but retries its allocations and slows
+# by 10-16% there, so the envelope of the uncapped reserves is the cap at which none retries.
+RESERVE_FRACTION_EXPANDABLE = 0.070
+# What `autopar run` sets where the user has set no allocator configuration (runtime.launch): with
+# it the allocator maps one growing segment per stream instead of caching fixed segments, so it
+# reserves less beyond the allocated (torchtitan's launcher sets the same).
+ALLOC_CONF = "expandable_segments:True"
 CUBLAS_WORKSPACE_BYTES = 2 * 32 * 2**20   # cuBLAS + cuBLASLt workspaces (32 MiB each on Hopper), in the allocator
 CUDA_CONTEXT_BYTES = 0.77 * GIB
 NCCL_BYTES = 1.25 * GIB
@@ -816,8 +836,21 @@ def loss_segment_bytes(cross_entropy_peak_bytes: float) -> float:
     return cross_entropy_peak_bytes * FP32_BYTES / CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT
 
 
+def expandable_segments(alloc_conf: str) -> bool:
+    """Whether the caching allocator runs with expandable segments under the allocator
+    configuration `alloc_conf` (PYTORCH_CUDA_ALLOC_CONF's syntax, "" for none: default segments)."""
+    opts = dict(kv.split(":", 1) for kv in alloc_conf.replace(" ", "").split(",") if ":" in kv)
+    return opts.get("expandable_segments", "").lower() == "true"
+
+
+def reserve_fraction(expandable: bool) -> float:
+    """The allocator's reserve beyond the allocated, as a fraction of it: RESERVE_FRACTION_EXPANDABLE
+    with expandable segments (`autopar run`'s allocator), RESERVE_FRACTION with the default ones."""
+    return RESERVE_FRACTION_EXPANDABLE if expandable else RESERVE_FRACTION
+
+
 def reserved_bytes(allocated_bytes: float, fsdp: bool, grad_pool_bytes: float = 0.0,
-                   loss_segment: float = 0.0) -> float:
+                   loss_segment: float = 0.0, expandable: bool = True) -> float:
     """What the caching allocator reserves at a peak of `allocated_bytes` allocated. Where FSDP2
     runs the step (`fsdp`: ZeRO-3, or ZeRO-1/2 as `autopar run` runs them) `allocated_bytes` is what the pools hold at their own peaks (the compute stream's at the
     activation peak, and `grad_pool_bytes` of FSDP2's gradients, see `zero3_grad_pool_bytes`,
@@ -829,7 +862,8 @@ def reserved_bytes(allocated_bytes: float, fsdp: bool, grad_pool_bytes: float = 
     one (single-llama-1b s8192 mb4 with full recomputation: reserved - allocated = 15.66 GiB,
     one fp32 tensor of 32,768 x 128,256 logits to the 0.01 GiB; the fraction gives 9.0)."""
     pool = grad_pool_bytes if fsdp else 0.0
-    return max((allocated_bytes - pool) * (1 + RESERVE_FRACTION) + pool, allocated_bytes + loss_segment)
+    f = reserve_fraction(expandable)
+    return max((allocated_bytes - pool) * (1 + f) + pool, allocated_bytes + loss_segment)
 
 
 def outside_allocator_bytes(n_gpus: int) -> float:
@@ -837,18 +871,18 @@ def outside_allocator_bytes(n_gpus: int) -> float:
     return CUDA_CONTEXT_BYTES + (NCCL_BYTES if n_gpus > 1 else 0.0)
 
 
-def allocatable_bytes(capacity_bytes: float, n_gpus: int) -> float:
+def allocatable_bytes(capacity_bytes: float, n_gpus: int, expandable: bool = True) -> float:
     """The most a plan may allocate on a GPU of `capacity_bytes` (the inverse of
     `device_peak_bytes`, less the cuBLAS workspaces) where it holds no FSDP2 gradient pool and
     its loss segment is within the reserve fraction: the planner's cap (SearchSpace), which its
     tables raise or lower per stage by `stage_allocatable_bytes` (the pool is the stage's, not
     the plan's)."""
     usable = capacity_bytes - outside_allocator_bytes(n_gpus)
-    return max(0.0, usable / (1 + RESERVE_FRACTION) - CUBLAS_WORKSPACE_BYTES)
+    return max(0.0, usable / (1 + reserve_fraction(expandable)) - CUBLAS_WORKSPACE_BYTES)
 
 
 def stage_allocatable_bytes(cap_bytes, grad_pool_bytes=0.0, loss_peak_bytes=0.0, grads_absent_bytes=0.0,
-                            held_bytes=0.0):
+                            held_bytes=0.0, expandable: bool = True):
     """The most one GPU's stages may allocate (weights, state, buffers, activations: the
     planner's memory figure, without the cuBLAS workspaces) on a GPU whose `allocatable_bytes`
     is `cap_bytes` (> 0), where they hold `grad_pool_bytes` of FSDP2's gradient pool
@@ -866,7 +900,7 @@ def stage_allocatable_bytes(cap_bytes, grad_pool_bytes=0.0, loss_peak_bytes=0.0,
     reads the pools' peak, every state present). The planner's tables compare each stage
     with this (RangeTable.cap_bytes), so `autopar plan --eager` offers a stage where `autopar
     evaluate --eager` says it fits, and only there. Floats or numpy arrays."""
-    f = RESERVE_FRACTION
+    f = reserve_fraction(expandable)
     usable = (cap_bytes + CUBLAS_WORKSPACE_BYTES) * (1 + f)
     cap = np.minimum(cap_bytes + grad_pool_bytes * f / (1 + f),
                      usable - loss_segment_bytes(loss_peak_bytes) - CUBLAS_WORKSPACE_BYTES)
@@ -877,7 +911,8 @@ def stage_allocatable_bytes(cap_bytes, grad_pool_bytes=0.0, loss_peak_bytes=0.0,
 
 
 def device_peak_bytes(allocated_bytes: float, fsdp: bool, n_gpus: int, grad_pool_bytes: float = 0.0,
-                      loss_segment: float = 0.0) -> float:
+                      loss_segment: float = 0.0, expandable: bool = True) -> float:
     """A GPU's peak memory: the allocator's reservation for `allocated_bytes` (FSDP2's gradient
     pool `grad_pool_bytes` among them, the loss's `loss_segment`), and what lies outside it."""
-    return reserved_bytes(allocated_bytes, fsdp, grad_pool_bytes, loss_segment) + outside_allocator_bytes(n_gpus)
+    return (reserved_bytes(allocated_bytes, fsdp, grad_pool_bytes, loss_segment, expandable)
+            + outside_allocator_bytes(n_gpus))

@@ -1106,7 +1106,7 @@ def p2p_time_s(cluster: Cluster, a: StagePlan, b: StagePlan, nbytes: float) -> f
 
 def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT,
              grad_sync: str | None = None, zero_autocast: bool = False, compiled: bool | None = None,
-             loss: str = "fused", ddp_rebuild: bool = True) -> Plan:
+             loss: str = "fused", ddp_rebuild: bool = True, expandable_segments: bool = True) -> Plan:
     """A copy of `plan` with its prediction and each stage's costs filled in; `plan` is unchanged.
 
     eager: the step as the eager PyTorch recipe runs it (autopar.costmodel.eager, measured on
@@ -1132,6 +1132,9 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     logits each way), or "megatron" (Megatron's fp32 vocab-parallel cross-entropy, as Megatron-LM
     and Megatron-DeepSpeed run it: ComputeModel.vocab_parallel_cross_entropy_s). Not with eager,
     whose recipe prices PyTorch's cross-entropy (eager.cross_entropy_s).
+    expandable_segments: with eager, whether the caching allocator runs with expandable segments,
+    as `autopar run` runs it (eager.ALLOC_CONF, the default here), or with its default segments, as
+    bench/truth's native recipes ran (eager.reserve_fraction).
     ddp_rebuild: with eager, the peak of a run, whose second step holds DDP's first buckets beside
     the rebuilt ones at its activation peak (eager.ddp_rebuild_transient_bytes); False: the peak
     of the steps after it (what a measured run shows where the first buckets were freed by the
@@ -1251,7 +1254,8 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     pooled = {k: dev_mem[k] + dev_work[k] + workspace if dev_pool[k] else allocated[k] for k in dev_mem}
     loss_segment = {k: eager_mod.loss_segment_bytes(max(r.cross_entropy_peak_bytes for r in dev_stages[k]))
                     for k in dev_mem}
-    device_bytes = {k: eager_mod.device_peak_bytes(pooled[k], fsdp, plan.n_devices, dev_pool[k], loss_segment[k])
+    device_bytes = {k: eager_mod.device_peak_bytes(pooled[k], fsdp, plan.n_devices, dev_pool[k], loss_segment[k],
+                                                 expandable_segments)
                     if eager else allocated[k] for k in dev_mem}
     mem_dev = max(device_bytes, key=lambda k: device_bytes[k])
     peak = device_bytes[mem_dev]
@@ -1262,7 +1266,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     memory_breakdown = _memory_breakdown(dev_stages[mem_dev], dev_mem[mem_dev], allocated[mem_dev], fsdp,
                                          plan.n_devices if eager else 0, absent_at_peak[mem_dev],
                                          pooled[mem_dev], dev_pool[mem_dev], loss_segment[mem_dev],
-                                         rebuild_at_peak[mem_dev])
+                                         rebuild_at_peak[mem_dev], expandable_segments)
 
     tokens = tr.global_batch * plan.model.seq
     model_flops = (graph.fwd_flops + graph.bwd_flops) * B
@@ -1358,7 +1362,7 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
 def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_bytes: float, fsdp: bool,
                       n_gpus: int, grads_absent_bytes: float = 0.0, pooled_bytes: float | None = None,
                       grad_pool_bytes: float = 0.0, loss_segment_bytes: float = 0.0,
-                      ddp_rebuild_bytes: float = 0.0) -> dict[str, float]:
+                      ddp_rebuild_bytes: float = 0.0, expandable_segments: bool = True) -> dict[str, float]:
     """Where one GPU's peak memory goes; the parts add up to its predicted peak. n_gpus 0: the
     plan is not evaluated as the eager recipe (no allocator reserve, context or NCCL).
     grads_absent_bytes: the part of weights + gradients + optimizer state not allocated at the
@@ -1375,7 +1379,7 @@ def _memory_breakdown(stages: list[StageResult], held_bytes: float, allocated_by
     ce = max((r.cross_entropy_peak_bytes for r in stages), default=0.0)
     root = sum(r.fsdp_root_bytes for r in stages)
     block = max((r.fsdp_block_bytes for r in stages), default=0.0)
-    reserved = (eager_mod.reserved_bytes(pooled, fsdp, grad_pool_bytes, loss_segment_bytes) if n_gpus
+    reserved = (eager_mod.reserved_bytes(pooled, fsdp, grad_pool_bytes, loss_segment_bytes, expandable_segments) if n_gpus
                 else allocated_bytes)
     grad_pool_free = pooled - allocated_bytes if n_gpus else 0.0
     parts = {"weights_grads_optimizer": params - grads_absent_bytes - ddp_rebuild_bytes, "ddp_buckets": buckets,

@@ -27,6 +27,10 @@ EXIT_BAD_INPUT = 2
 CPU_PROCS_PER_CORE = 4          # more gloo processes than this per core is a mistake, not a test
 MAX_STEPS = 10_000              # a measurement, not a training run: keeps `run` bounded
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+# PyTorch's allocator configuration variables: PYTORCH_ALLOC_CONF (torch 2.9+) and the older
+# PYTORCH_CUDA_ALLOC_CONF, which is the one set (torch 2.9.1 ignores expandable_segments in the
+# newer one: pytorch/pytorch#183387)
+ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +59,7 @@ class RunConfig:
     result_path: str = ""
     extra: dict = field(default_factory=dict)
     compile: bool | None = None          # torch.compile per transformer block (None: the runtime's default)
+    alloc_conf: str = ""                 # the CUDA caching allocator's configuration the ranks run with
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +201,8 @@ def _rank_body(rank: int, world: int, local_rank: int, cfg: RunConfig) -> dict |
             "engines": isinstance(pm, EngineModel),      # not the fx/DTensor program
             "compiled": bool(getattr(pm, "compiled", False)),   # torch.compile per block
             "compiled_graphs": _compiled_graphs(),
-            "max_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+            "max_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "max_memory_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None}
     if world == 1:
         return {"ranks": [mine]}
     gathered = [None] * world if rank == 0 else None
@@ -429,7 +435,11 @@ def summarize(plan, cfg: RunConfig, res: dict, ref: dict | None, n: int, eager: 
     mem = [r["max_memory_bytes"] for r in ranks if r["max_memory_bytes"] is not None]
     if mem:
         out["max_memory_bytes"] = max(mem)
+        out["max_memory_reserved_bytes"] = max(r.get("max_memory_reserved_bytes") or 0 for r in ranks)
         out["predicted_peak_memory_bytes"] = plan.prediction.peak_memory_bytes if plan.prediction else None
+        # what the eager model says the allocator reserves, against the ranks' measured peak
+        out["predicted_eager_reserved_bytes"] = eager.peak_reserved_bytes if eager is not None else None
+        out["cuda_alloc_conf"] = cfg.alloc_conf
     if ref is not None:
         out["reference_step_time_s"] = _median_after_warmup(ref["times_s"])
         out["reference_losses"] = ref["losses"]
@@ -474,17 +484,32 @@ def memory_warning(plan, eager: Any, gpu_bytes: int) -> str | None:
             + ". It may run out of memory: re-plan with `autopar plan --eager` for a plan priced as this runs it")
 
 
-def _eager_prediction(plan, compile: bool | None = None):
+def cuda_alloc_conf() -> str:
+    """The CUDA caching allocator's configuration the ranks run with, and made so: the user's where
+    PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF is set (set empty: the default segments), else
+    eager.ALLOC_CONF (expandable segments), set here for the processes started from now on and for
+    this one, before it first allocates on a GPU. The eager model prices the allocator's reserve
+    by it (eager.reserve_fraction)."""
+    from autopar.costmodel.eager import ALLOC_CONF
+    for var in ALLOC_CONF_VARS:
+        if var in os.environ:
+            return os.environ[var]
+    os.environ[ALLOC_CONF_VARS[-1]] = ALLOC_CONF
+    return ALLOC_CONF
+
+
+def _eager_prediction(plan, compile: bool | None = None, alloc_conf: str = ""):
     """The plan's Prediction priced as the eager PyTorch engines this runtime uses run it
     (evaluate(..., eager=True): autocast casts, fp32 loss, host dispatch, FSDP2's overlap; blocks
-    compiled as `compile` says, None: where the runtime compiles them by default), on the
-    plan's cluster. A plan made without --eager is priced for fused kernels; this is the figure
+    compiled as `compile` says, None: where the runtime compiles them by default; the allocator's
+    reserve as `alloc_conf` (the ranks' cuda_alloc_conf) sets it), on the plan's cluster. A plan made without --eager is priced for fused kernels; this is the figure
     to hold a run against. None where the plan's cluster is no preset (a YAML file may be gone)
     or its model is not a zoo name, and for a plan the evaluator does not take (one edited by hand
     to a strategy the planner does not offer there: it still runs, and is checked elsewhere)."""
     from autopar.hardware.presets import PRESETS, load_cluster
     if plan.cluster.name not in PRESETS or not plan.model.loadable:
         return None
+    from autopar.costmodel.eager import expandable_segments
     from autopar.evaluation.evaluator import evaluate
     from autopar.model import ModelSource
     from autopar.plan import PlanError
@@ -492,7 +517,8 @@ def _eager_prediction(plan, compile: bool | None = None):
     graph = ModelSource(plan.model.name, seq=plan.model.seq, dtype=plan.training.dtype).graph(
         plan.training.microbatch_size)
     try:
-        return evaluate(plan, graph, cl, eager=True, compiled=compile).prediction
+        return evaluate(plan, graph, cl, eager=True, compiled=compile,
+                        expandable_segments=expandable_segments(alloc_conf)).prediction
     except (ValueError, PlanError):
         return None
 
@@ -517,7 +543,9 @@ def run_plan(plan_json: str, *, steps: int = 3, device: str = "cpu", check: bool
     n = validate(plan, device, nproc)
     prec = precision or ("fp32" if device == "cpu" else plan.training.dtype)
     cfg = RunConfig(text, steps, device, check, optimizer, lr, seed, timeout_s, prec, _free_port(), compile=compile)
-    eager = _eager_prediction(plan, compile)
+    if device == "cuda":
+        cfg.alloc_conf = cuda_alloc_conf()       # before the ranks start: they read it as CUDA starts
+    eager = _eager_prediction(plan, compile, cfg.alloc_conf)
     if device == "cuda":
         import torch
         warning = memory_warning(plan, eager, torch.cuda.get_device_properties(0).total_memory)
@@ -603,7 +631,7 @@ def _run_torchrun(a) -> NoReturn:
         raise LaunchError(f"torchrun started {world} processes, the plan runs on {n} devices")
     prec = a.precision or ("fp32" if a.device == "cpu" else plan.training.dtype)
     cfg = RunConfig(plan.to_json(), a.steps, a.device, a.check, a.optimizer, a.lr, a.seed, a.timeout_s, prec,
-                    compile=a.compile)
+                    compile=a.compile, alloc_conf=cuda_alloc_conf() if a.device == "cuda" else "")
     dist.init_process_group("nccl" if a.device == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=a.timeout_s))
     res = _rank_body(rank, world, local, cfg)
@@ -612,7 +640,7 @@ def _run_torchrun(a) -> NoReturn:
     code = 0
     if rank == 0 and res is not None:
         code = _report(summarize(plan, cfg, res, reference(cfg) if a.check else None, n,
-                                 _eager_prediction(plan, a.compile)),
+                                 _eager_prediction(plan, a.compile, cfg.alloc_conf)),
                        a.json, a.tol)
     _exit_done(code)
 
@@ -675,6 +703,11 @@ def _report(out: dict, as_json: bool, tol: float) -> int:
         print(f"compiled: stage{'s' if len(compiled) > 1 else ''} {stages} ran torch.compile'd per transformer block "
               f"({out.get('compiled_graphs', 0)} graph(s) on the busiest rank; `--no-compile` runs eager); the "
               "first step, which compiles, is left out of the measured median")
+    if out.get("max_memory_reserved_bytes"):
+        pred_mem = out.get("predicted_eager_reserved_bytes")
+        print(f"memory: peak reserved {out['max_memory_reserved_bytes'] / 2**30:.2f} GiB measured on the fullest GPU"
+              + (f", predicted {pred_mem / 2**30:.2f} GiB as these engines run it" if pred_mem else "")
+              + f" (allocator: {out.get('cuda_alloc_conf') or 'default segments'})")
     print("loss per step: " + " ".join(f"{x:.6f}" for x in out["losses"]))
     if out["shard_local_ops"]:
         print(f"run shard-locally (no DTensor rule): {', '.join(out['shard_local_ops'][:8])}"

@@ -40,6 +40,8 @@ CORPUS = ROOT / "bench/results/truth_h200_2026-11-30.json"
 # the same recipe with gradient accumulation (n_microbatches > 1): where a step's per-microbatch
 # host cost comes apart from its once-per-step one (HOST_FSDP_S_PER_BLOCK, fit)
 ACCUM_CORPUS = ROOT / "bench/results/truth_h200_accum_2026-11-30.json"
+# the allocator study: the corpus's one-GPU rows again with expandable segments (memory_cap.py)
+ALLOCATOR_STUDY = ROOT / "bench/results/allocator_expandable_h200_2026-12-01.json"
 STRATEGIES = ("single", "ddp", "fsdp2", "tp", "pp")
 # Rows whose measured peaks are not their own run's: the peak statistics were reset while the
 # previous run's memory was still held (see README "Contaminated rows"); memory is not compared.
@@ -111,12 +113,15 @@ def predict_row(row: dict[str, Any]) -> dict[str, Any]:
         plan = replicate_embedding_and_head(plan, graph)
     # the corpus ran the eager recipe (every block eager, tp too), its fsdp2 rows with autocast over
     # FSDP2's bf16 parameters (eager.autocast_over_bf16_params)
-    evaluated = evaluate(plan, graph, cluster, eager=True, zero_autocast=True, compiled=False)
+    # under the allocator the row ran with (the corpus's rows: the default segments)
+    expandable = eager.expandable_segments(row.get("alloc_conf", ""))
+    evaluated = evaluate(plan, graph, cluster, eager=True, zero_autocast=True, compiled=False,
+                         expandable_segments=expandable)
     p = evaluated.predicted
     rebuild = ddp_rebuild_comparison(
         row["peak_allocated_bytes"], row["peak_reserved_bytes"], p,
         lambda: evaluate(plan, graph, cluster, eager=True, zero_autocast=True, compiled=False,
-                         ddp_rebuild=False).predicted)
+                         ddp_rebuild=False, expandable_segments=expandable).predicted)
     if rebuild:
         rebuild["measured_allocated_per_rank_bytes"] = row.get("peak_allocated_bytes_per_rank")
     if rebuild and rebuild["compared"] == "without":
@@ -375,6 +380,22 @@ def buckets(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def expandable_rows(study: Path = ALLOCATOR_STUDY) -> list[dict[str, Any]]:
+    """The corpus's one-GPU rows run again with expandable segments (the allocator study: its
+    native rows, with their peaks; those it printed in GiB only, to 0.1 GiB), each as its stored
+    row with those peaks and the allocator configuration it ran with."""
+    data = json.loads(study.read_text())
+    stored = {r["id"]: r for path in (CORPUS, ACCUM_CORPUS) for r in json.loads(path.read_text())["runs"]}
+    peaks = [(r["id"], r["peak_allocated_bytes"], r["peak_reserved_bytes"]) for r in data["native_single_expandable"]
+             if not r.get("oom")]
+    peaks += [(r["id"], r["allocated_gib"] * 2**30, r["reserved_gib"] * 2**30)
+              for r in data["native_single_expandable_printed"]]
+    # each ran alone in new processes (one id per run_all.py call): nothing reserved at its start
+    start = ("reserved_bytes_at_start", "reserved_bytes_at_start_per_rank")
+    return [{**{k: v for k, v in stored[i].items() if k not in start}, "peak_allocated_bytes": a,
+             "peak_reserved_bytes": res, "alloc_conf": eager.ALLOC_CONF} for i, a, res in peaks]
+
+
 def run(corpus: Path, ids: set[str] | None = None) -> dict[str, Any]:
     """Predict the usable rows of `corpus` (those named in `ids`, if given)."""
     data = json.loads(corpus.read_text())
@@ -393,7 +414,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the JSON here (e.g. bench/results/truth_predicted_DATE.json)")
     ap.add_argument("--buckets", action="store_true", help="also print the breakdown buckets per row")
     ap.add_argument("--fit", action="store_true", help="print the fitted constants of autopar.costmodel.eager")
+    ap.add_argument("--expandable", action="store_true", help="the one-GPU rows run again with expandable "
+                    "segments (bench/results/allocator_expandable_h200_2026-12-01.json): memory only")
     args = ap.parse_args(argv)
+    if args.expandable:
+        rows = [predict_row(r) for r in expandable_rows()]
+        for r in rows:
+            print(f"{r['id']:34s} reserved measured {r['measured_peak_reserved_bytes'] / 2**30:6.1f} GiB, predicted "
+                  f"{r['predicted_peak_reserved_bytes'] / 2**30:6.1f} GiB, error {r['memory_error']:+6.1%}")
+        s = summarize(rows)["all"]
+        print(f"{s['n_memory']} rows: memory median {s['memory_median']:.1%}, max {s['memory_max']:.1%}, "
+              f"least margin {s['memory_margin_min']:+.1%}, predicted short {s['memory_unsafe']}")
+        return 0
     if args.fit:
         for name, value in fit(Path(args.corpus)).items():
             print(f"{name:24s} fitted {value:.4g}   in eager.py {getattr(eager, name):.4g}")

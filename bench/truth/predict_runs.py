@@ -82,7 +82,10 @@ def layout_mismatch(row: dict, plan, graph) -> str:
     return f"its first stage now runs dp={now.dp}, tp={now.tp}; the row ran dp={ran[0]}, tp={ran[1]}"
 
 
-def predict(row: dict, n_gpus: int = 2) -> dict:
+def predict(row: dict, n_gpus: int = 2, alloc_conf: str = "") -> dict:
+    """The row's prediction on `n_gpus`, the allocator's reserve as `alloc_conf` (the run's
+    PYTORCH_CUDA_ALLOC_CONF, meta.alloc_conf; "": default segments, as rows made before the
+    runtime set expandable segments ran) sets it."""
     set_name = f"{n_gpus} GPU" + ("s" if n_gpus > 1 else "")
     import runtime_vs_native as bench
 
@@ -97,14 +100,18 @@ def predict(row: dict, n_gpus: int = 2) -> dict:
     graph = ModelSource(spec).graph(plan.training.microbatch_size) if ":" in spec else \
         graphs.load(spec, batch=plan.training.microbatch_size)
     from predict import ddp_rebuild_comparison
-    p = evaluate(plan, graph, cl, eager=True, compiled=bool(row.get("compile"))).prediction
+
+    from autopar.costmodel.eager import expandable_segments
+    expandable = expandable_segments(alloc_conf)
+    p = evaluate(plan, graph, cl, eager=True, compiled=bool(row.get("compile")),
+                 expandable_segments=expandable).prediction
     m = row["autopar"]
     # autopar run's DDP rebuilds its buckets in step 2 as native DDP does; the benchmark's syncs
     # leave the first buckets there at step 2's peak or not (predict.ddp_rebuild_comparison)
     rebuild = ddp_rebuild_comparison(
         m["peak_allocated_bytes"], m["peak_reserved_bytes"], p,
         lambda: evaluate(plan, graph, cl, eager=True, compiled=bool(row.get("compile")),
-                         ddp_rebuild=False).prediction)
+                         ddp_rebuild=False, expandable_segments=expandable).prediction)
     if rebuild and rebuild["compared"] == "without":
         p = rebuild["steady"]
     label = plan.config.label or plan.strategy
@@ -162,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(path.read_text())
         runs = doc.get("meta", {}).get("runs", {})
         gpus = doc.get("meta", {}).get("gpus", 2)
-        rows += [predict(r, runs.get(r.get("run"), {}).get("gpus", gpus)) for r in doc["rows"]
-                 if "autopar" in r and r["autopar"].get("engines")]
+        meta = {k: doc.get("meta", {}).get(k) for k in ("gpus", "alloc_conf")}
+        rows += [predict(r, runs.get(r.get("run"), meta).get("gpus") or gpus,
+                         runs.get(r.get("run"), meta).get("alloc_conf") or "")
+                 for r in doc["rows"] if "autopar" in r and r["autopar"].get("engines")]
     for r in rows:
         if "skipped" in r:
             print(f"skipped {r['model']} {r['strategy']} mb{r['microbatch']}: {r['skipped']}")

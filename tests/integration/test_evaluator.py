@@ -406,8 +406,9 @@ def test_fsdp2_gradient_pool_is_reserved_beside_the_compute_streams_peak():
     params = sum(layer.param_count for layer in src.graph(4).layers)
     pool = parts["fsdp_grad_pool"]
     assert pool == pytest.approx(4 * params / 2, rel=0.02)        # 4 B per parameter, half on each GPU
-    assert pr.peak_reserved_bytes == pytest.approx(pr.peak_allocated_bytes * (1 + eager.RESERVE_FRACTION) + pool)
+    f = eager.RESERVE_FRACTION_EXPANDABLE          # autopar run's allocator, the evaluator's default
+    assert pr.peak_reserved_bytes == pytest.approx(pr.peak_allocated_bytes * (1 + f) + pool)
     assert sum(parts.values()) == pytest.approx(pr.peak_memory_bytes)
     ddp = build_3d(src, cl, 4, Config3D(2, 1, 1, 2), eager=True).predicted
     assert "fsdp_grad_pool" not in dict(ddp.memory_breakdown_bytes)
-    assert ddp.peak_reserved_bytes == pytest.approx(ddp.peak_allocated_bytes * (1 + eager.RESERVE_FRACTION))
+    assert ddp.peak_reserved_bytes == pytest.approx(ddp.peak_allocated_bytes * (1 + f))

@@ -172,7 +172,13 @@ def test_eager_terms_closed_form():
     assert 3 * (fwd + bwd) == pytest.approx(4 * (3 * eager.HOST_FSDP_S_PER_BLOCK + eager.HOST_FSDP_STEP_S_PER_BLOCK))
     fwd, bwd = eager.host_s(0, 0, 24, tp=False, fsdp=False, cm=cm, ddp=True)
     assert fwd + bwd == pytest.approx(24 * eager.HOST_DDP_S_PER_BLOCK)
-    assert eager.reserved_bytes(100.0, fsdp=False) == pytest.approx(100 * (1 + eager.RESERVE_FRACTION))
+    # the allocator's reserve: expandable segments (autopar run's allocator) by default, the
+    # default segments' envelope where the run kept them (bench/truth's native rows)
+    assert eager.reserved_bytes(100.0, fsdp=False) == pytest.approx(100 * (1 + eager.RESERVE_FRACTION_EXPANDABLE))
+    assert eager.reserved_bytes(100.0, fsdp=False, expandable=False) == pytest.approx(100 * (1 + eager.RESERVE_FRACTION))
+    assert eager.expandable_segments(eager.ALLOC_CONF)
+    assert eager.expandable_segments("max_split_size_mb:128, expandable_segments:true")
+    assert not eager.expandable_segments("") and not eager.expandable_segments("expandable_segments:False")
 
 
 @pytest.mark.slow
@@ -267,12 +273,15 @@ def test_eager_memory_terms_closed_form():
     # the compute stream's only; without ZeRO-3 there is no such pool
     pool = eager.zero3_grad_pool_bytes(1e9)
     assert pool == pytest.approx(4e9)
-    assert eager.reserved_bytes(10e9, True, pool) == pytest.approx(6e9 * (1 + eager.RESERVE_FRACTION) + 4e9)
-    assert eager.reserved_bytes(10e9, False, pool) == pytest.approx(10e9 * (1 + eager.RESERVE_FRACTION))
-    # the planner's cap is the inverse of the evaluator's peak
-    for zero3, n in ((False, 1), (True, 2)):
-        cap = eager.allocatable_bytes(80 * 2**30, n)
-        assert eager.device_peak_bytes(cap + eager.CUBLAS_WORKSPACE_BYTES, zero3, n) == pytest.approx(80 * 2**30)
+    for expandable in (True, False):
+        f = eager.reserve_fraction(expandable)
+        assert eager.reserved_bytes(10e9, True, pool, expandable=expandable) == pytest.approx(6e9 * (1 + f) + 4e9)
+        assert eager.reserved_bytes(10e9, False, pool, expandable=expandable) == pytest.approx(10e9 * (1 + f))
+        # the planner's cap is the inverse of the evaluator's peak
+        for zero3, n in ((False, 1), (True, 2)):
+            cap = eager.allocatable_bytes(80 * 2**30, n, expandable)
+            assert eager.device_peak_bytes(cap + eager.CUBLAS_WORKSPACE_BYTES, zero3, n,
+                                           expandable=expandable) == pytest.approx(80 * 2**30)
 
 
 def _stage_terms(graph, layers, plan_stage, mesh, cm, n_microbatches, zero, zero_autocast=False, compiled=False):
@@ -522,7 +531,7 @@ def test_zero12_state_is_fsdp2s(zero):
             p = evaluate(plan, graph, cl, eager=True).prediction
             compute_pool = p.peak_allocated_bytes - (0.0 if z == 1 else 4 * ez)
             assert p.peak_reserved_bytes == pytest.approx(max(
-                compute_pool * (1 + eager.RESERVE_FRACTION) + 4 * ez,
+                compute_pool * (1 + eager.RESERVE_FRACTION_EXPANDABLE) + 4 * ez,
                 p.peak_allocated_bytes + eager.loss_segment_bytes(r.cross_entropy_peak_bytes)))
 
 
@@ -531,7 +540,7 @@ def test_loss_segment_in_the_reserve():
     (single-llama-1b s8192 mb4 with full recomputation: reserved - allocated is one, 15.66 GiB);
     where the fraction gives more, the fraction."""
     assert eager.loss_segment_bytes(10 * 1000.0) == pytest.approx(4 * 1000.0)
-    f = eager.RESERVE_FRACTION
+    f = eager.reserve_fraction(expandable=True)
     assert eager.reserved_bytes(100.0, False, 0.0, loss_segment=50.0) == pytest.approx(150.0)
     assert eager.reserved_bytes(100.0, False, 0.0, loss_segment=1.0) == pytest.approx(100 * (1 + f))
     tokens, vocab = 32768, 128256
