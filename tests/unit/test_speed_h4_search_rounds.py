@@ -96,12 +96,17 @@ def test_the_command_leaves_without_teardown_but_with_its_output_and_exit_status
     status is main's, and a bad input still reports its one-line error and status 2."""
     out = tmp_path / "plan.json"
     env = dict(os.environ, AUTOPAR_CACHE_DIR=str(tmp_path / "cache"))
-    r = subprocess.run([sys.executable, "-m", "autopar.cli", "plan", "gpt:hidden=256,layers=2,heads=4,seq=128,vocab=1024",
-                        "--nodes", "1", "--gpus-per-node", "2", "--global-batch", "8", "--json", "-o", str(out)],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == json.loads(out.read_text())
-    assert r.stdout == out.read_text()
-    bad = subprocess.run([sys.executable, "-m", "autopar.cli", "plan", "no-such-model"], capture_output=True,
-                         text=True, env=env, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.startswith("autopar: error: unknown model")
+    # both commands start at once: each spends seconds importing torch, and the test run has a core to spare
+    runs = [subprocess.Popen([sys.executable, "-m", "autopar.cli", "plan", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+            for args in (["gpt:hidden=256,layers=2,heads=4,seq=128,vocab=1024", "--nodes", "1", "--gpus-per-node",
+                          "2", "--global-batch", "8", "--json", "-o", str(out)], ["no-such-model"])]
+    try:
+        (stdout, stderr), (_, bad_stderr) = [p.communicate(timeout=300) for p in runs]
+    finally:
+        for p in runs:
+            p.kill()                     # a no-op for a process that has ended
+    assert runs[0].returncode == 0, stderr
+    assert json.loads(stdout) == json.loads(out.read_text())
+    assert stdout == out.read_text()
+    assert runs[1].returncode == 2 and bad_stderr.startswith("autopar: error: unknown model")
