@@ -80,7 +80,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autopar.runtime.launch import ALLOC_CONF_VARS  # noqa: E402
+from autopar.runtime.launch import environ_alloc_conf  # noqa: E402
 
 LLAMA_1B = "llama:hidden=2048,layers=16,heads=16,kv_heads=4,seq=2048,vocab=32000"
 LLAMA_1B_16K = "llama:hidden=2048,layers=16,heads=16,kv_heads=4,seq=16384,vocab=32000"
@@ -680,7 +680,7 @@ def _write(path: Path, rows: list[dict], world: int, gpu: str) -> None:
             "timed_steps": TIMED_STEPS, "precision": "bf16" if gpu != "cpu" else "fp32",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             # the CUDA caching allocator's configuration both ways ran with ("": default segments)
-            "alloc_conf": next((os.environ[v] for v in ALLOC_CONF_VARS if v in os.environ), ""),
+            "alloc_conf": environ_alloc_conf() or "",
             # (an absolute path, e.g. --out on the GPU machine, by its file name: results are committed)
             "argv": " ".join(Path(a).name if os.path.isabs(a) else a for a in sys.argv[1:])}
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

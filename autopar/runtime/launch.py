@@ -484,16 +484,22 @@ def memory_warning(plan, eager: Any, gpu_bytes: int) -> str | None:
             + ". It may run out of memory: re-plan with `autopar plan --eager` for a plan priced as this runs it")
 
 
+def environ_alloc_conf() -> str | None:
+    """The CUDA caching allocator's configuration this process's environment sets
+    (PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF; "" where set empty: the default segments), or
+    None where neither is set."""
+    return next((os.environ[var] for var in ALLOC_CONF_VARS if var in os.environ), None)
+
+
 def cuda_alloc_conf() -> str:
     """The CUDA caching allocator's configuration the ranks run with, and made so: the user's where
-    PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF is set (set empty: the default segments), else
-    eager.ALLOC_CONF (expandable segments), set here for the processes started from now on and for
-    this one, before it first allocates on a GPU. The eager model prices the allocator's reserve
-    by it (eager.reserve_fraction)."""
+    the environment sets one (environ_alloc_conf), else eager.ALLOC_CONF (expandable segments), set
+    here for the processes started from now on and for this one, before it first allocates on a
+    GPU. The eager model prices the allocator's reserve by it (eager.reserve_fraction)."""
     from autopar.costmodel.eager import ALLOC_CONF
-    for var in ALLOC_CONF_VARS:
-        if var in os.environ:
-            return os.environ[var]
+    user = environ_alloc_conf()
+    if user is not None:
+        return user
     os.environ[ALLOC_CONF_VARS[-1]] = ALLOC_CONF
     return ALLOC_CONF
 
@@ -542,9 +548,9 @@ def run_plan(plan_json: str, *, steps: int = 3, device: str = "cpu", check: bool
         raise LaunchError("--steps must be at least 1")
     n = validate(plan, device, nproc)
     prec = precision or ("fp32" if device == "cpu" else plan.training.dtype)
-    cfg = RunConfig(text, steps, device, check, optimizer, lr, seed, timeout_s, prec, _free_port(), compile=compile)
-    if device == "cuda":
-        cfg.alloc_conf = cuda_alloc_conf()       # before the ranks start: they read it as CUDA starts
+    # the allocator set before the ranks start: they read it as CUDA starts
+    cfg = RunConfig(text, steps, device, check, optimizer, lr, seed, timeout_s, prec, _free_port(), compile=compile,
+                    alloc_conf=cuda_alloc_conf() if device == "cuda" else "")
     eager = _eager_prediction(plan, compile, cfg.alloc_conf)
     if device == "cuda":
         import torch

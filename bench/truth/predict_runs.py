@@ -167,12 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for path in paths:
         doc = json.loads(path.read_text())
-        runs = doc.get("meta", {}).get("runs", {})
-        gpus = doc.get("meta", {}).get("gpus", 2)
-        meta = {k: doc.get("meta", {}).get(k) for k in ("gpus", "alloc_conf")}
-        rows += [predict(r, runs.get(r.get("run"), meta).get("gpus") or gpus,
-                         runs.get(r.get("run"), meta).get("alloc_conf") or "")
-                 for r in doc["rows"] if "autopar" in r and r["autopar"].get("engines")]
+        meta = doc.get("meta", {})
+        runs, gpus = meta.get("runs", {}), meta.get("gpus", 2)
+        for r in doc["rows"]:
+            if "autopar" in r and r["autopar"].get("engines"):
+                run = runs.get(r.get("run"), meta)          # the row's run's meta, else the file's
+                rows.append(predict(r, run.get("gpus", gpus), run.get("alloc_conf", "")))
     for r in rows:
         if "skipped" in r:
             print(f"skipped {r['model']} {r['strategy']} mb{r['microbatch']}: {r['skipped']}")

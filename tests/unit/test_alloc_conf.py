@@ -1,6 +1,8 @@
 """`autopar run`'s CUDA allocator: expandable segments unless the user configured the allocator,
 and the eager model's reserve follows what the ranks run with."""
 
+import os
+
 import pytest
 
 from autopar.costmodel import eager
@@ -14,16 +16,17 @@ def test_cuda_alloc_conf_sets_expandable_segments_only_where_the_user_set_nothin
         monkeypatch.delenv(var, raising=False)
     if user:
         monkeypatch.setenv(*user)
+    assert launch.environ_alloc_conf() == (user[1] if user else None)
     conf = launch.cuda_alloc_conf()
     if user is None:
         assert conf == eager.ALLOC_CONF and eager.expandable_segments(conf)
         # set for the ranks this process spawns (they read it as they start CUDA)
-        assert launch.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == eager.ALLOC_CONF
+        assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == eager.ALLOC_CONF
     else:
         var, value = user
-        assert conf == value and launch.os.environ[var] == value       # the user's, untouched
+        assert conf == value and os.environ[var] == value       # the user's, untouched
         assert not eager.expandable_segments(conf)
-        assert all(v not in launch.os.environ for v in launch.ALLOC_CONF_VARS if v != var)
+        assert all(v not in os.environ for v in launch.ALLOC_CONF_VARS if v != var)
 
 
 def test_eager_prediction_prices_the_reserve_of_the_ranks_allocator():
