@@ -145,7 +145,8 @@ Time:
   to wrap and unwrap: HOST_COMPILED_PLAIN_S_PER_BLOCK, fitted the same way on the compiled GPT
   rows at microbatch 1 of bench/results/runtime_vs_native_h200_1gpu.json (gpt-1.3b on one
   H200, the plain module, two runs of one program: 252 and 227 ms for 96 block calls, where
-  the model's device time is 115 ms, so the host bounds them): 2.47 ms (2.60 and 2.35). It
+  the model's device time is 115 ms, so the host bounds them): 2.47 ms (2.60 and 2.35); refitted
+  2.678 ms on the rows measured again under expandable segments (the constant's comment). It
   holds what the eager model also misses at one sequence on one GPU (the eager rows there are
   -10.8 / -13.1%), not isolated. Held out: llama-1b-gqa mb4 on one H200 is device-bound
   (host 160 ms of a 354 ms predicted step), so it does not test the constant; it is +4.9%

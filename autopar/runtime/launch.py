@@ -470,7 +470,7 @@ def memory_warning(plan, eager: Any, gpu_bytes: int) -> str | None:
     """A warning when the plan, as this runtime executes it, is predicted to need more memory
     per GPU than the GPU has: the default (fused-kernel) model prices Megatron's mixed precision,
     and a plan it calls a fit can run out of memory here (gpt-6.7b dp2 at microbatch 2 on 141 GB
-    H200s: 107 GiB by that model, 199 by the eager one, out of memory measured). A warning, not
+    H200s: 107 GiB by that model, 186 by the eager one (199 with the default segments), out of memory measured). A warning, not
     a refusal: the eager model errs high, by up to half on accumulating steps
     (bench/truth/predict_runs.py). `eager`: the plan's _eager_prediction."""
     p = eager
