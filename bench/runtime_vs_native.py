@@ -451,12 +451,16 @@ def _free():
 
 def _profile(step, batches, device, tag: str) -> None:
     """Two more steps under torch.profiler; rank 0 writes the op tables (by GPU time and by CPU
-    time) and the step's wall time against its summed kernel time to PROFILE_DIR/<tag>.txt."""
+    time) and the step's wall time against its summed kernel time to PROFILE_DIR/<tag>.txt, and
+    the ops by input shapes and dtypes (by GPU time) to PROFILE_DIR/<tag>_shapes.txt: which
+    casts run, and in which dtype an elementwise op runs under autocast. ("summed kernel time"
+    sums every event's self device time, an op's and its kernel's both: the tables' "Self CUDA
+    time total" is the device time.)"""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    n = 2
+    n = n_steps = 2
     dist.barrier()
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         t0 = time.perf_counter()
         for i in range(n):
             step(batches[i % 2])
@@ -474,6 +478,17 @@ def _profile(step, batches, device, tag: str) -> None:
             + ka.table(sort_by=key, row_limit=40) + "\n\n" + ka.table(sort_by="cpu_time_total", row_limit=40))
     PROFILE_DIR.mkdir(parents=True, exist_ok=True)
     (PROFILE_DIR / f"{tag}.txt").write_text(text)
+    by_op: dict[tuple, list] = {}
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
+        k = (e.name, str(e.input_shapes), str(getattr(e, "input_dtypes", "")))
+        acc = by_op.setdefault(k, [0, 0.0])
+        acc[0] += 1
+        acc[1] += getattr(e, key)
+    ops = [{"op": n, "shapes": sh, "dtypes": dt, "calls_per_step": c / n_steps, "self_device_ms_per_step": us / 1e3 / n_steps}
+           for (n, sh, dt), (c, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1]) if us > 0]
+    (PROFILE_DIR / f"{tag}_ops.json").write_text(json.dumps(ops, indent=0))
     print(text.splitlines()[0], flush=True)
 
 

@@ -4,8 +4,10 @@
 
 * matmul: achieved TFLOP/s over a grid of (m, n, k) for bf16, fp16, fp32 with TF32 off
   (dtype "fp32") and fp32 with TF32 on (dtype "tf32");
-* attention: ``F.scaled_dot_product_attention`` (flash backend where available) forward
-  and backward time in bf16, causal and not, over batch x heads x seq x head_dim;
+* attention: ``F.scaled_dot_product_attention`` forward and backward time in bf16, causal and
+  not, over batch x heads x seq x head_dim, with SDPA's own choice of backend (what a training
+  step calls: cuDNN's kernels on an H200 with torch 2.11) or one backend forced
+  (``attention_backend``);
 * memory-bound kernels (copy, add, GELU, LayerNorm, softmax) in bf16: achieved bandwidth,
   counting bytes read plus bytes written, from 1 MB to 4 GB moved;
 * launch overhead: seconds per eager launch of a tiny kernel, from a loop of many.
@@ -207,7 +209,7 @@ def attention_grid(quick: bool = False) -> list[tuple[int, int, int, int, bool]]
                 for d in (64, 128) for c in (True, False)]
     out = []
     for b, h in [(1, 16), (1, 32), (4, 16), (4, 32), (8, 32)]:
-        for s in (512, 1024, 2048, 4096, 8192):
+        for s in (512, 1024, 2048, 4096, 8192, 16384):
             for d in (64, 128):
                 for c in (True, False):
                     out.append((b, h, s, d, c))
@@ -269,20 +271,28 @@ def _measure_matmul(torch, clock, device, grid, rot_bytes, deadline, log):
     return rows
 
 
-def _sdpa_context(torch):
-    """Context that selects the flash backend, and its name; (nullcontext, 'default')
-    where torch has no such selector."""
+ATTENTION_BACKENDS = ("default", "flash", "cudnn", "efficient")
+
+
+def _sdpa_context(torch, backend: str = "default"):
+    """A context that forces SDPA's `backend` ("default": SDPA picks, as a training step's call
+    does), and the backend's name; (nullcontext, 'default') where torch has no selector."""
+    if backend == "default":
+        return contextlib.nullcontext, "default"
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        return (lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])), "flash"
+        kind = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+        return (lambda: sdpa_kernel([kind])), backend
     except Exception:  # noqa: BLE001
         return contextlib.nullcontext, "default"
 
 
-def _measure_attention(torch, clock, device, grid, deadline, log):
+def _measure_attention(torch, clock, device, grid, deadline, log, backend: str = "default"):
     import torch.nn.functional as F
-    ctx_flash, _ = _sdpa_context(torch)
-    rows, backends = [], {}
+    ctx_forced, forced = _sdpa_context(torch, backend)
+    rows: list[dict] = []
+    backends: dict[str, int] = {}
     dt = torch.bfloat16 if clock.cuda else torch.float32
     gen = torch.Generator(device=device)
     gen.manual_seed(1)
@@ -294,13 +304,12 @@ def _measure_attention(torch, clock, device, grid, deadline, log):
             q, k, v = (torch.randn((b, h, s, d), device=device, dtype=dt, generator=gen)
                        .requires_grad_(True) for _ in range(3))
             go = torch.randn((b, h, s, d), device=device, dtype=dt, generator=gen)
-            backend = "flash"
-            ctx = ctx_flash
+            used, ctx = forced, ctx_forced
             try:
                 with ctx():
                     F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            except Exception:  # noqa: BLE001 - flash unavailable for this shape/device
-                ctx, backend = contextlib.nullcontext, "default"
+            except Exception:  # noqa: BLE001 - the forced backend is unavailable for this shape/device
+                ctx, used = contextlib.nullcontext, "default"
 
             def fwd(i, q=q, k=k, v=v, ctx=ctx, causal=causal):
                 with torch.no_grad(), ctx():
@@ -317,8 +326,9 @@ def _measure_attention(torch, clock, device, grid, deadline, log):
             log(f"attention {b}x{h}x{s}x{d}: out of memory, skipped")
             continue
         finally:
-            q = k = v = go = fwd = fwd_bwd = None   # the closures hold the inputs too
-        backends[backend] = backends.get(backend, 0) + 1
+            q = k = v = go = None
+            fwd = fwd_bwd = None  # type: ignore[assignment]  # the closures hold the inputs too
+        backends[used] = backends.get(used, 0) + 1
         rows.append({"dtype": "bf16" if clock.cuda else "fp32", "batch": b, "heads": h,
                      "seq": s, "head_dim": d, "causal": causal, "fwd_s": t_f,
                      "bwd_s": max(t_fb - t_f, 1e-9)})
@@ -427,7 +437,7 @@ def _device_info(torch, device) -> dict:
 
 def _measure(device, quick: bool, *, grids: dict | None = None, max_seconds: float = 1e9,
              log: Callable[[str], None] | None = None,
-             checkpoint: Callable[[dict], None] | None = None) -> dict:
+             checkpoint: Callable[[dict], None] | None = None, attention_backend: str = "default") -> dict:
     """Implementation behind ``measure_profile``; accepts a CPU device only so that the
     code paths can be smoke-tested without a GPU (such numbers mean nothing)."""
     import torch
@@ -470,8 +480,9 @@ def _measure(device, quick: bool, *, grids: dict | None = None, max_seconds: flo
             "allow_fp16_reduced_precision_reduction":
                 bool(torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction),
         },
-        "attention": "F.scaled_dot_product_attention on (batch, heads, seq, head_dim) bf16; "
-                     "fwd_s under no_grad; bwd_s = time(fwd + autograd.grad) - fwd_s",
+        "attention": "F.scaled_dot_product_attention on (batch, heads, seq, head_dim) bf16, backend "
+                     f"{attention_backend!r} ('default': SDPA's own pick); fwd_s under no_grad; "
+                     "bwd_s = time(fwd + autograd.grad) - fwd_s",
         "memory_bound": f"bf16; bytes = bytes read + written; gbps = 1e9 B/s; layernorm and "
                         f"softmax over a last dim of {ROW_DIM}; add is out-of-place a+b",
         "launch_overhead": "eager x.add_(1) on a one-element tensor, median over loops of 2000",
@@ -499,7 +510,7 @@ def _measure(device, quick: bool, *, grids: dict | None = None, max_seconds: flo
 
     t = time.monotonic()
     prof["attention"], meta["attention_backends"] = _measure_attention(
-        torch, clock, device, at_grid, deadline, log)
+        torch, clock, device, at_grid, deadline, log, attention_backend)
     log(f"attention: {len(prof['attention'])} rows, backends {meta['attention_backends']} "
         f"({time.monotonic()-t:.1f}s)")
     save()
@@ -520,7 +531,8 @@ def measure_profile(device: str = "cuda", quick: bool = False, **kwargs) -> dict
     ``quick`` measures a small subset (about a tenth of the full grid). Extra keyword
     arguments: ``max_seconds`` (stop adding shapes past this; ``meta.truncated`` says so),
     ``log`` (callable taking a line), ``checkpoint`` (callable taking the partial profile
-    after each section). Raises ValueError for a non-CUDA device and RuntimeError where
+    after each section), ``attention_backend`` (one of ATTENTION_BACKENDS; default "default":
+    SDPA's own pick, the kernels a training step runs). Raises ValueError for a non-CUDA device and RuntimeError where
     CUDA is not available.
     """
     dev = str(device)
@@ -638,6 +650,9 @@ def main(argv: Iterable[str] | None = None) -> int:
                     help="measure nothing: merge these profiles (repeated runs on one GPU) "
                          "into --out")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    ap.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="default",
+                    help="SDPA backend to time attention with; default: SDPA's own pick, as a "
+                         "training step calls it")
     args = ap.parse_args(list(argv) if argv is not None else None)
     out = Path(args.out)
     check_output(out, args.force, "--out")      # before minutes of measuring, not after
@@ -655,7 +670,7 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     try:
         prof = measure_profile(args.device, args.quick, max_seconds=args.max_seconds,
-                               checkpoint=checkpoint)
+                               checkpoint=checkpoint, attention_backend=args.attention_backend)
     except (ValueError, RuntimeError) as e:
         print(f"autopar profile: {e}", file=sys.stderr)
         return 2
