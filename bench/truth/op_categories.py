@@ -1,6 +1,8 @@
 """Where a measured step's device time goes, by kind of kernel, beside where the eager model puts it.
 
-    python bench/truth/op_categories.py [PROFILE_DIR]   # default: bench/results/profiles_h200_1gpu_2026-12-01
+    python bench/truth/op_categories.py [PROFILE_DIR] [--top N]
+    # default PROFILE_DIR: bench/results/profiles_h200_1gpu_2026-12-01b; --top: also each row's N
+    # costliest aten ops by input shapes (from <tag>_ops.json, where the profile has one)
 
 PROFILE_DIR holds `bench/runtime_vs_native.py --profile` output: runs.json (the rows) and one
 torch.profiler table per row (`<model>_<strategy>_mb<N>_<eager|compiled>_autopar.txt`). Each row's
@@ -105,8 +107,13 @@ def predicted(row: dict) -> tuple[dict[str, float], float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    folder = Path(argv[0]) if argv else ROOT / "bench" / "results" / "profiles_h200_1gpu_2026-12-01"
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", nargs="?", type=Path,
+                    default=ROOT / "bench" / "results" / "profiles_h200_1gpu_2026-12-01b")
+    ap.add_argument("--top", type=int, default=0, help="also list each row's N costliest aten ops by shapes")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    folder = args.folder
     runs = json.loads((folder / "runs.json").read_text())
     for row in runs["rows"]:
         mode = "compiled" if row.get("compile") else "eager"
@@ -123,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         for cat in (*CATEGORIES, "other"):
             print(f"  {cat:12s} {meas.get(cat, 0.0):9.1f} {pred.get(cat, 0.0):9.1f}")
         print(f"  {'sum':12s} {sum(meas.values()):9.1f} {sum(pred.values()):9.1f}")
+        ops_path = path.with_name(path.stem + "_ops.json")
+        if args.top and ops_path.is_file():
+            print(f"  the {args.top} costliest aten ops (ms per step, calls per step, input shapes):")
+            for op in json.loads(ops_path.read_text())[:args.top]:
+                print(f"    {op['self_device_ms_per_step']:7.2f} {op['calls_per_step']:6.0f}  "
+                      f"{_category(op['op']):11s} {op['op']} {op['shapes']}")
     return 0
 
 
