@@ -3,6 +3,8 @@ matches the native recipes, measure its runs too, and hold them to the same bars
 
     python bench/truth/predict_runs.py [results.json ...]   # default: the two files below
     python bench/truth/predict_runs.py --fit      # the compiled host constants from their fit rows
+    python bench/truth/predict_runs.py --attention-rows bench/results/attention_default_h200_2026-12-01.json
+        # what-if: the H200 profile's attention rows replaced by that file's (SDPA's own backend)
 
 Each autopar row of bench/runtime_vs_native.py's results (bench/results/runtime_vs_native_h200.json:
 2 H200s; runtime_vs_native_h200_1gpu.json: one H200, plans on one device; bf16) is planned again
@@ -160,9 +162,27 @@ def fit(rows: list[dict], kind: str) -> tuple[float, list[dict]]:
     return statistics.median(implied), lines
 
 
+def use_attention_rows(path: Path, profile: str = "h200.json") -> None:
+    """A what-if: price attention with `path`'s rows (a bench/results attention file) instead
+    of the shipped profile's, in this process only."""
+    from autopar.costmodel import compute
+    from autopar.hardware.profiles import load_gpu_profile
+
+    rows = json.loads(path.read_text())["rows"]
+    prof = load_gpu_profile(profile)
+    assert prof is not None, profile
+    prof["attention"] = [{k: r[k] for k in ("dtype", "batch", "heads", "seq", "head_dim", "causal", "fwd_s", "bwd_s")}
+                         for r in rows]
+    compute._attention_eff.cache_clear()
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
     fitting = "--fit" in argv
+    if "--attention-rows" in argv:
+        i = argv.index("--attention-rows")
+        use_attention_rows(Path(argv[i + 1]))
+        del argv[i:i + 2]
     paths = [Path(a) for a in argv if a != "--fit"] or RESULTS
     rows = []
     for path in paths:
