@@ -1,6 +1,6 @@
 """Figures of every layer range [i, j) on one logical mesh, per start layout, from the layer
 solutions (layer_solver.py): a suffix recursion over (layer, layout) states, so each state's
-layer is looked up once and a range's sums are array slices.
+layer is looked up once, summed one layer at a time for every state of the layer.
 
 The stage's first and last block. ZeRO-2/3 per FSDP unit (evaluator.zero_units) price a block
 by its place in the stage: nothing before the first block's forward gather and after the last
