@@ -138,18 +138,24 @@ class RangeTable:
         out = np.where(k >= 0, self.t[i, j], np.inf)
         some = np.flatnonzero(k > 0)
         if some.size:
-            # few cells recompute some layers: gather their prefixes only, by flat indices
-            # (cheaper than indexing with three arrays)
+            # few cells recompute some layers: gather their prefixes only
             n_u, n_p = k.shape[-2:]
             up = some % (n_u * n_p)
             u, p = up // n_p, up % n_p
-            ks = k.ravel()[some]
             flat = out.reshape(-1)            # out is new and contiguous: a view
-            flat[some] += self.rec.ravel()[np.ravel_multi_index((i[u], i[u] + ks, p), self.rec.shape)]
-            if self.rec_last is not None:
-                covered = i[u] + ks > np.minimum(j[u] - 1, self.t.shape[0] - 2)
-                flat[some] += np.where(covered, self.rec_last[i[u], j[u], p], 0.0)
+            flat[some] = self.recomputed_time_s(flat[some], i[u], j[u], p, k.ravel()[some])
         return out
+
+    def recomputed_time_s(self, t: np.ndarray, i: np.ndarray, j: np.ndarray, p: np.ndarray,
+                          k: np.ndarray) -> np.ndarray:
+        """t, the times of cells [i, j) entered in p without recomputation, with their first
+        k > 0 layers recomputed (all arrays of one shape)."""
+        # by flat indices: cheaper than indexing with three arrays
+        t = t + self.rec.ravel()[np.ravel_multi_index((i, i + k, p), self.rec.shape)]
+        if self.rec_last is not None:
+            covered = i + k > np.minimum(j - 1, self.t.shape[0] - 2)
+            t += np.where(covered, self.rec_last[i, j, p], 0.0)
+        return t
 
     def layers_memory_bytes(self, i, j, k, inflight) -> np.ndarray:
         """Memory per device of cells [i, j) with their first k layers recomputed (as
@@ -175,13 +181,20 @@ class RangeTable:
         tests/unit/test_speed_h8_least_recompute.py).
 
         i, j: (U,) ints; inflight: (S,) -> (S, U, P) ints."""
+        n_h, n_u, n_p = np.size(inflight), len(i), self.t.shape[2]
+        fin, least = self.least_recompute_cells(i, j, inflight, cap_bytes)
+        out = np.full((n_h, n_u * n_p), -1)
+        out[:, fin] = least
+        return out.reshape(n_h, n_u, n_p)
+
+    def least_recompute_cells(self, i: np.ndarray, j: np.ndarray, inflight: np.ndarray,
+                              cap_bytes: float) -> tuple[np.ndarray, np.ndarray]:
+        """least_recompute_layers of the cells a stage can be entered in (finite time; the
+        others are -1 throughout): their flat indices into (U, P), ascending, and (S, F) counts."""
         held = np.asarray(inflight, dtype=np.float64).reshape(-1)
         i, j = np.asarray(i), np.asarray(j)
         at = (i, j)
-        n_h, n_u, n_p = len(held), len(i), self.t.shape[2]
-        n_up = n_u * n_p
-        out = np.full((n_h, n_up), -1)
-        # only the cells a stage can be entered in (finite time; the others are inf throughout)
+        n_h, n_p = len(held), self.t.shape[2]
         fin = np.flatnonzero(np.isfinite(self.t[at]).ravel())
         stash_c = self.stash[at].ravel()[fin]                                             # (F,)
         # each cell's memory against its own cap (cap_bytes), as its memory less what its cap
@@ -247,8 +260,7 @@ class RangeTable:
             cells = np.flatnonzero((out_c < 0) & (floor <= relaxed_cap))
         if cells.size:
             self._search_cells(cells, out_c, fin, i, j, held, param_c, stash_c, least_kept_c, working, cap_bytes)
-        out[:, fin] = out_c
-        return out.reshape(n_h, n_u, n_p)
+        return fin, out_c
 
     def _search_cells(self, cells: np.ndarray, out_c: np.ndarray, fin: np.ndarray, i: np.ndarray, j: np.ndarray,
                       held: np.ndarray, param_c: np.ndarray, stash_c: np.ndarray, least_kept_c: np.ndarray,
