@@ -1,6 +1,6 @@
 """Figures of every layer range [i, j) on one logical mesh, per start layout, from the layer
 solutions (layer_solver.py): a suffix recursion over (layer, layout) states, so each state's
-layer is looked up once and a range's sums are array slices.
+layer is looked up once, summed one layer at a time for every state of the layer.
 
 The stage's first and last block. ZeRO-2/3 per FSDP unit (evaluator.zero_units) price a block
 by its place in the stage: nothing before the first block's forward gather and after the last
@@ -138,18 +138,24 @@ class RangeTable:
         out = np.where(k >= 0, self.t[i, j], np.inf)
         some = np.flatnonzero(k > 0)
         if some.size:
-            # few cells recompute some layers: gather their prefixes only, by flat indices
-            # (cheaper than indexing with three arrays)
+            # few cells recompute some layers: gather their prefixes only
             n_u, n_p = k.shape[-2:]
             up = some % (n_u * n_p)
             u, p = up // n_p, up % n_p
-            ks = k.ravel()[some]
             flat = out.reshape(-1)            # out is new and contiguous: a view
-            flat[some] += self.rec.ravel()[np.ravel_multi_index((i[u], i[u] + ks, p), self.rec.shape)]
-            if self.rec_last is not None:
-                covered = i[u] + ks > np.minimum(j[u] - 1, self.t.shape[0] - 2)
-                flat[some] += np.where(covered, self.rec_last[i[u], j[u], p], 0.0)
+            flat[some] = self.recomputed_time_s(flat[some], i[u], j[u], p, k.ravel()[some])
         return out
+
+    def recomputed_time_s(self, t: np.ndarray, i: np.ndarray, j: np.ndarray, p: np.ndarray,
+                          k: np.ndarray) -> np.ndarray:
+        """t, the times of cells [i, j) entered in p without recomputation, with their first
+        k > 0 layers recomputed (all arrays of one shape)."""
+        # by flat indices: cheaper than indexing with three arrays
+        t = t + self.rec.ravel()[np.ravel_multi_index((i, i + k, p), self.rec.shape)]
+        if self.rec_last is not None:
+            covered = i + k > np.minimum(j - 1, self.t.shape[0] - 2)
+            t += np.where(covered, self.rec_last[i, j, p], 0.0)
+        return t
 
     def layers_memory_bytes(self, i, j, k, inflight) -> np.ndarray:
         """Memory per device of cells [i, j) with their first k layers recomputed (as
@@ -175,13 +181,20 @@ class RangeTable:
         tests/unit/test_speed_h8_least_recompute.py).
 
         i, j: (U,) ints; inflight: (S,) -> (S, U, P) ints."""
+        n_h, n_u, n_p = np.size(inflight), len(i), self.t.shape[2]
+        fin, least = self.least_recompute_cells(i, j, inflight, cap_bytes)
+        out = np.full((n_h, n_u * n_p), -1)
+        out[:, fin] = least
+        return out.reshape(n_h, n_u, n_p)
+
+    def least_recompute_cells(self, i: np.ndarray, j: np.ndarray, inflight: np.ndarray,
+                              cap_bytes: float) -> tuple[np.ndarray, np.ndarray]:
+        """least_recompute_layers of the cells a stage can be entered in (finite time; the
+        others are -1 throughout): their flat indices into (U, P), ascending, and (S, F) counts."""
         held = np.asarray(inflight, dtype=np.float64).reshape(-1)
         i, j = np.asarray(i), np.asarray(j)
         at = (i, j)
-        n_h, n_u, n_p = len(held), len(i), self.t.shape[2]
-        n_up = n_u * n_p
-        out = np.full((n_h, n_up), -1)
-        # only the cells a stage can be entered in (finite time; the others are inf throughout)
+        n_h, n_p = len(held), self.t.shape[2]
         fin = np.flatnonzero(np.isfinite(self.t[at]).ravel())
         stash_c = self.stash[at].ravel()[fin]                                             # (F,)
         # each cell's memory against its own cap (cap_bytes), as its memory less what its cap
@@ -247,8 +260,7 @@ class RangeTable:
             cells = np.flatnonzero((out_c < 0) & (floor <= relaxed_cap))
         if cells.size:
             self._search_cells(cells, out_c, fin, i, j, held, param_c, stash_c, least_kept_c, working, cap_bytes)
-        out[:, fin] = out_c
-        return out.reshape(n_h, n_u, n_p)
+        return fin, out_c
 
     def _search_cells(self, cells: np.ndarray, out_c: np.ndarray, fin: np.ndarray, i: np.ndarray, j: np.ndarray,
                       held: np.ndarray, param_c: np.ndarray, stash_c: np.ndarray, least_kept_c: np.ndarray,
@@ -521,43 +533,59 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
     n_ends = 1 if units else 0
     ends: list[ZeroEnds] = []
     clean: dict[tuple, bool] = {}             # state -> its full chain splits no sequence
-    full_suffix: dict[tuple, np.ndarray] = {}
 
     # Layers with one class have one LayerSolver.key on a mesh, layout and variant.
     classes: dict[tuple, int] = {}
     layer_class = [classes.setdefault((li == 0, g.layers[li].structural_hash, solver.outputs[li] is None), len(classes))
                    for li in range(L)]
-    vectors: dict[int, tuple[LayerSol, np.ndarray]] = {}
+    rows: list[tuple[float, ...]] = []
+    vectors: dict[int, tuple[LayerSol, int]] = {}
 
-    def figures(sol: LayerSol) -> np.ndarray:
-        """A layer solution's K figures (the solver hands the same object to every layer of
-        one identity, so this is made once per solution; the entry keeps it alive)."""
+    def figures(sol: LayerSol) -> int:
+        """The index in `rows` of a layer solution's K figures (the solver hands the same object
+        to every layer of one identity, so they are made once per solution; the entry keeps it
+        alive)."""
         hit = vectors.get(id(sol))
         if hit is None:
             own: tuple[float, ...] = ()
             if units:
                 ends.append(sol.zero_ends or NO_ENDS)
                 own = (float(len(ends) - 1),)
-            hit = vectors[id(sol)] = (sol, np.array([sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes,
-                                                     sol.stash_bytes, sol.input_bytes, sol.loss_peak_bytes,
-                                                     *((sol.grad_pool_bytes, sol.copy_scaled_bytes, sol.optimizer_s,
-                                                        sol.grads_absent_bytes, sol.param_elems, sol.param_elems_zero,
-                                                        0.0, *(sol.unsharded_delta or EAGER_NO_DELTA))
-                                                       if eager else ()),
-                                                     sol.rebuilt_bytes, sol.block_buffer_bytes,
-                                                     *((float(sol.dp_sharded),) if eager else ()), *own]))
+            rows.append((sol.t_s, sol.fwd_s, sol.sync_s, sol.param_bytes, sol.stash_bytes, sol.input_bytes,
+                         sol.loss_peak_bytes,
+                         *((sol.grad_pool_bytes, sol.copy_scaled_bytes, sol.optimizer_s, sol.grads_absent_bytes,
+                            sol.param_elems, sol.param_elems_zero, 0.0, *(sol.unsharded_delta or EAGER_NO_DELTA))
+                           if eager else ()),
+                         sol.rebuilt_bytes, sol.block_buffer_bytes, *((float(sol.dp_sharded),) if eager else ()), *own))
+            hit = vectors[id(sol)] = (sol, len(rows) - 1)
         return hit[1]
 
-    def build(seq_split: bool, suffix: dict[tuple, np.ndarray], reuse: bool) -> RangeTable:
+    DEAD, BORROWED = -1, -2       # a state's figures row where it has none of its own (build)
+
+    def build(seq_split: bool, reuse: tuple[np.ndarray, dict[tuple, int]] | None
+              ) -> tuple[RangeTable, np.ndarray, dict[tuple, int]]:
+        """The table of one variant, with the summed array of its states (the table before the
+        figures of a range's ends are added, with a column per state the starts do not enter)
+        and each state's column there. `reuse`: the full build's, whose states with a chain
+        that splits no sequence this one copies instead of walking them.
+
+        Two passes: the chains are walked state by state in Python (each state's layer solved
+        once, in the order of the starts), then the ranges' figures are summed layer by layer
+        from the last, every state of a layer in one array operation: a state's sums over
+        [l, j) are its layer's figures added to (the maxima: taken with) its next state's sums
+        over [l + 1, j), the same float operations as a per-state recursion."""
+        # state (layer, input layout, embedding restriction) -> (its figures' row in `rows`, DEAD
+        # where its layer fits no strategy or BORROWED from `reuse`; the next state or None)
+        states: dict[tuple, tuple[int, tuple | None]] = {}
+        sols: dict[tuple, LayerSol] = {}
+
         def known(state: tuple) -> bool:
-            if state in suffix:
+            if state in states:
                 return True
-            if reuse and clean.get(state):
-                suffix[state] = full_suffix[state]
+            if reuse is not None and clean.get(state):
+                states[state] = (BORROWED, None)
                 return True
             return False
-
-        sols: dict[tuple, LayerSol] = {}
 
         def solve(li: int, spec: Spec | None, restrict: Spec | None) -> LayerSol:
             """solver.solve, remembered here by layer class (LayerSolver.key on this mesh and
@@ -570,76 +598,90 @@ def range_tables(solver: LayerSolver, mesh: Mesh, context_parallel: bool = True)
                 solver.stats.cache_hits += 1      # what solver.solve counts for a repeat
             return sol
 
-        def chain(li: int, spec: Spec | None, restrict: Spec | None) -> np.ndarray:
-            """(K, L - li) figures of ranges [li, j) for j = li+1..L entered at state (li, spec)."""
-            key = (li, spec, restrict)
-            if known(key):
-                return suffix[key]
-            # walk forward to the end (or a dead end), then fold back: no deep recursion
+        def walk(li: int, spec: Spec | None, restrict: Spec | None) -> None:
+            """Record the states of the chain entered at (li, spec, restrict): walk forward to
+            the end, a dead end or a known state, then fold back (no deep recursion)."""
+            state = (li, spec, restrict)
+            if known(state):
+                return
             path = []
-            cur_l, cur_spec, r = li, spec, restrict
+            nxt: tuple | None = None
             while True:
-                sol = solve(cur_l, cur_spec, r)
-                path.append((cur_l, cur_spec, r, sol))
-                if not math.isfinite(sol.t_s) or cur_l + 1 >= L or sol.out_spec is None:
+                sol = solve(*state)
+                path.append((state, sol))
+                if not math.isfinite(sol.t_s) or state[0] + 1 >= L or sol.out_spec is None:
+                    nxt = None
                     break
-                if known((cur_l + 1, sol.out_spec, None)):
+                nxt = (state[0] + 1, sol.out_spec, None)
+                if known(nxt):
                     break
-                cur_l, cur_spec, r = cur_l + 1, sol.out_spec, None
-            tail = None
-            tail_clean = True
-            last_l, _, _, last_sol = path[-1]
-            if math.isfinite(last_sol.t_s) and last_l + 1 < L and last_sol.out_spec is not None:
-                nxt = (last_l + 1, last_sol.out_spec, None)
-                tail, tail_clean = suffix[nxt], clean.get(nxt, True)
-            for l, sp, r, sol in reversed(path):
-                if math.isfinite(sol.t_s):
-                    v = figures(sol)
-                    if tail is not None and tail.shape[1] == L - l - 1:
-                        arr = np.empty((K + n_ends, L - l))      # every column is written below
-                    else:
-                        arr = np.full((K + n_ends, L - l), np.inf)
-                    arr[:, 0] = v
-                    if tail is not None:
-                        m = tail.shape[1]
-                        np.add(v[:n_sum, None], tail[:n_sum], out=arr[:n_sum, 1:1 + m])
-                        np.maximum(v[n_sum:K, None], tail[n_sum:K], out=arr[n_sum:K, 1:1 + m])
-                        arr[K:, 1:1 + m] = tail[K:]
-                else:
-                    arr = np.full((K + n_ends, L - l), np.inf)
-                suffix[(l, sp, r)] = arr
+                state = nxt
+            tail_clean = clean.get(nxt, True) if nxt is not None else True
+            for state, sol in reversed(path):
+                states[state] = (figures(sol), nxt) if math.isfinite(sol.t_s) else (DEAD, None)
                 tail_clean = tail_clean and not sol.seq_split
-                if not reuse:
-                    clean[(l, sp, r)] = tail_clean
-                tail = arr
-            return suffix[key]
+                if reuse is None:
+                    clean[state] = tail_clean
+                nxt = state
 
         starts = ([StartLayout(q, True, seq_split) for q in specs]
                   + [StartLayout(q, False, seq_split) for q in plain])
-        tab = np.full((K + n_ends, L, L + 1, len(starts)), np.inf)
+        n_p = len(starts)
+        col: dict[tuple, int] = {}      # state -> its column: its start's, or one after them
         uses_seq = False
         for pi, start in enumerate(starts):
-            if start.at_embedding:
-                tab[:, 0, 1:, pi] = chain(0, None, start.spec)
-                uses_seq |= not clean.get((0, None, start.spec), True)
-            else:
-                for i in range(1, L):
-                    if start.spec in in_specs[i]:
-                        tab[:, i, i + 1:, pi] = chain(i, start.spec, None)
-                        uses_seq |= not clean.get((i, start.spec, None), True)
+            entered = ([(0, None, start.spec)] if start.at_embedding else
+                       [(i, start.spec, None) for i in range(1, L) if start.spec in in_specs[i]])
+            for state in entered:
+                walk(*state)
+                col[state] = pi
+                uses_seq |= not clean.get(state, True)
+        n_extra = [0] * L
+        for state in states:
+            if state not in col:
+                col[state] = n_p + n_extra[state[0]]
+                n_extra[state[0]] += 1
+        R = K + n_ends
+        summed = np.full((R, L, L + 1, n_p + max(n_extra)), np.inf)
+        borrowed = [s for s, (r, _) in states.items() if r == BORROWED]
+        if borrowed:
+            full_summed, full_col = reuse  # type: ignore[misc]
+            at_l = np.array([s[0] for s in borrowed])
+            summed[:, at_l, :, [col[s] for s in borrowed]] = full_summed[:, at_l, :, [full_col[s] for s in borrowed]]
+        own = [(s[0], col[s], r, col[nxt] if nxt is not None else -1) for s, (r, nxt) in states.items() if r >= 0]
+        if own:
+            layer, c, row, next_c = (np.array(x) for x in zip(*own))
+            v = np.array(rows)[row].T                                         # (R, states)
+            summed[:, layer, layer + 1, c] = v
+            # from the last layer down: each layer's sums read the next layer's, complete by then
+            has = np.flatnonzero(next_c >= 0)
+            has = has[np.argsort(-layer[has], kind="stable")]
+            bounds = np.flatnonzero(np.diff(layer[has])) + 1
+            for x in np.split(has, bounds) if has.size else []:
+                l = int(layer[x[0]])
+                tail = summed[:, l + 1][:, l + 2:, next_c[x]]                 # (R, L - l - 1, states)
+                vx = v[:, x][:, None, :]
+                np.add(vx[:n_sum], tail[:n_sum], out=tail[:n_sum])
+                np.maximum(vx[n_sum:K], tail[n_sum:K], out=tail[n_sum:K])
+                summed[:, l][:, l + 2:, c[x]] = tail
+        tab = summed[..., :n_p]
+        if summed.shape[3] > n_p or ((units or eager) and seq_split and uses_seq):
+            # the figures below are added to the table, not to the sums the lean build copies
+            tab = tab.copy()
         rec_last = _add_block_ends(tab, K, np.array(ends, dtype=np.float64).reshape(-1, len(ZeroEnds._fields))) if units else None
         if eager:
             _add_sharded_stage_deltas(tab, n_sum + 2)
             _add_tied_copies(tab, g, solver.settings.zero)
         # the eager working set beside the recomputed layer's, and the gradient pool (none
         # outside the eager recipe)
-        return RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[n_sum], starts, uses_seq and seq_split,
-                          rec_last, tab[6] if eager else None, tab[n_sum + 1] if eager else None,
-                          tab[POOL] if eager else None, tab[ABSENT] if eager else None,
-                          tab[TIED_GRAD] if eager else None)
+        return (RangeTable(tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[n_sum], starts, uses_seq and seq_split,
+                           rec_last, tab[6] if eager else None, tab[n_sum + 1] if eager else None,
+                           tab[POOL] if eager else None, tab[ABSENT] if eager else None,
+                           tab[TIED_GRAD] if eager else None),
+                summed, col)
 
     if not context_parallel:
-        lean = build(False, {}, False)
+        lean = build(False, None)[0]
         return lean, lean
-    full = build(True, full_suffix, False)
-    return full, (build(False, {}, True) if full.uses_seq_split else full)
+    full, summed, col = build(True, None)
+    return full, (build(False, (summed, col))[0] if full.uses_seq_split else full)

@@ -193,14 +193,67 @@ class StageTables:
             return hit
         at = (self.rep_i, self.rep_j)
         sync = rt.sync[at]                                          # (U, P)
-        n_u, n_p = sync.shape[0], sync.shape[1]
-        k = rt.least_recompute_layers(self.rep_i, self.rep_j, held, self.space.memory_cap_bytes)  # (H, U, P)
-        tt = rt.chosen_time_s(self.rep_i, self.rep_j, k)[depth_row]                                   # (S, U, P)
-        k = k[depth_row]
+        n_s, n_u, n_p = len(depth_row), sync.shape[0], sync.shape[1]
+        fin, least = rt.least_recompute_cells(self.rep_i, self.rep_j, held, self.space.memory_cap_bytes)  # (H, F)
+        row, c = np.nonzero(least >= 0)                            # the options that fit
+        n_of = np.bincount(depth_row, minlength=len(held))         # depths per held row
+        # Where few options fit (the 405B shape at one microbatch size on small submeshes: 2% of
+        # the (depth, range, start) cells) only they are priced; else every cell is. Every
+        # option that does not fit has the key inf, unless its sync is NaN or -inf: then only
+        # the argmin over every cell takes it as it would (a NaN first).
+        with np.errstate(invalid="ignore"):
+            odd_sync = bool((np.isnan(sync) | (sync == -np.inf)).any())
+        if 8 * int(n_of[row].sum()) < n_s * n_u * n_p and not odd_sync:
+            out = self._fitting_best(rt, sync, fin, least, row, c, n_of)
+            if out is not None:
+                rt._best[memo_key] = out
+                return out
+        k = np.full((len(held), n_u * n_p), -1)
+        k[:, fin] = least
+        k = k.reshape(len(held), n_u, n_p)
+        tt = rt.chosen_time_s(self.rep_i, self.rep_j, k)           # (H, U, P)
+        if not np.array_equal(depth_row, np.arange(len(held))):
+            tt, k = tt[depth_row], k[depth_row]                    # (S, U, P)
         key = self._slots * tt + sync
         pbest, flat, kbest = _first_least(key)
         out = rt._best[memo_key] = (kbest, tt.ravel()[flat], sync.ravel()[flat % (n_u * n_p)], pbest, k.ravel()[flat])
         return out
+
+    def _fitting_best(self, rt: RangeTable, sync: np.ndarray, fin: np.ndarray, least: np.ndarray, row: np.ndarray,
+                      c: np.ndarray, n_of: np.ndarray) -> tuple[np.ndarray, ...] | None:
+        """_best_options from the options that fit alone (least[row, c] >= 0: held row, cell
+        fin[c]; n_of: depths per held row), the same arrays as the argmin over every cell;
+        None where some option's key is not a number below inf (the argmin then decides)."""
+        held, depth_row = self._held_counts
+        n_s, n_u, n_p = len(depth_row), sync.shape[0], sync.shape[1]
+        k = least[row, c]
+        u, p = fin[c] // n_p, fin[c] % n_p
+        tt = rt.t[self.rep_i[u], self.rep_j[u], p]
+        some = k > 0
+        tt[some] = rt.recomputed_time_s(tt[some], self.rep_i[u[some]], self.rep_j[u[some]], p[some], k[some])
+        by_row = np.argsort(depth_row, kind="stable")             # the depths, grouped by their row
+        first = np.cumsum(n_of) - n_of
+        n = n_of[row]
+        e = np.repeat(np.arange(len(row)), n)                      # option per (option, depth)
+        s = by_row[np.repeat(first[row], n) + np.arange(len(e)) - np.repeat(np.cumsum(n) - n, n)]
+        u, p, k, tt = u[e], p[e], k[e], tt[e]
+        key = self._slots.reshape(-1)[s] * tt + sync[u, p]
+        if not np.isfinite(key).all():
+            return None
+        # per (depth, range): the least key, and of its options the first start
+        g = s * n_u + u
+        least_key = np.full(n_s * n_u, np.inf)
+        np.minimum.at(least_key, g, key)
+        tie = np.flatnonzero(key == least_key[g])
+        pick = np.full(n_s * n_u, len(key) * n_p)
+        np.minimum.at(pick, g[tie], p[tie] * len(key) + tie)       # the least start, then its option
+        won = np.flatnonzero(pick < len(key) * n_p)
+        x = pick[won] % len(key)
+        kbest, t_best, layers = np.full(n_s * n_u, np.inf), np.full(n_s * n_u, np.inf), np.full(n_s * n_u, -1)
+        sync_best = np.tile(sync[:, 0], n_s)
+        pbest = np.zeros(n_s * n_u, np.intp)
+        kbest[won], t_best[won], sync_best[won], pbest[won], layers[won] = key[x], tt[x], sync[u[x], p[x]], p[x], k[x]
+        return tuple(a.reshape(n_s, n_u) for a in (kbest, t_best, sync_best, pbest, layers))
 
     def choice(self, i: int, j: int, submesh_index: int, stages_to_end: int) -> StageChoice:
         cell = self.cell(i, j, submesh_index, stages_to_end)
