@@ -97,3 +97,21 @@ def test_simulation_with_stretched_layouts_is_bit_for_bit(monkeypatch, seed):
     monkeypatch.setattr(pipeline, "_stretched", pipeline._layout)     # the layouts as they were
     old = [_figures(simulate(*args, **kw, record_ops=False)) for args, kw in cases]
     assert new == old
+
+
+def test_zero_launch_times_are_no_launch_times():
+    """evaluate simulates the launch clocks only where some launch takes time: all zero, the
+    schedule is the one without them, to the bit."""
+    rng = random.Random(3)
+    for _ in range(30):
+        schedule = rng.choice(["gpipe", "1f1b", "interleaved"])
+        p = rng.randint(1, 8)
+        v = rng.randint(2, 3) if schedule == "interleaved" else 1
+        m = p * rng.randint(1, 12)
+        args, kw = _case(rng, schedule, p, v, m)
+        kw.pop("host_fwd_s", None)
+        kw.pop("host_bwd_s", None)
+        zeros = [0.0] * (p * v)
+        for record in (True, False):
+            with_zeros = simulate(*args, **kw, host_fwd_s=zeros, host_bwd_s=zeros, record_ops=record)
+            assert _figures(with_zeros) == _figures(simulate(*args, **kw, record_ops=record))
