@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, reduce
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Op:
@@ -553,12 +555,16 @@ def _run_host(recs: list[_Rec], end: list[float], free: list[float], host: list[
         end[oid] = e
 
 
-def _jump(cur: list[float], states: list[list[float]], clocks: list[list[float]], decided: list[list[bool]],
+def _jump(states: list[np.ndarray], clocks: list[list[float]], decided: list[list[bool]],
           host: list[float], rounds_left: int, use_host: bool) -> tuple[int, int, float, list[float]] | None:
     """Whether the last j rounds (j = 1.._MAX_PERIOD) moved every live end time by one c, and
     the launch clocks either by c too or by less without deciding anything (_run_fast): then
-    (periods, j, c, each clock's move) for the whole periods of j rounds left, else None."""
-    top = max(cur)
+    (periods, j, c, each clock's move) for the whole periods of j rounds left, else None.
+    states: the live end times at the last frontiers, the latest last (arrays: the differences,
+    their least and greatest are numpy's, the same floats as one by one, but as many times
+    faster as there are live ids)."""
+    cur = states[-1]
+    top = float(cur.max())
     tol = _SPREAD_ULPS * math.ulp(top)
     mid = len(cur) // 2
     for j in range(1, len(states)):
@@ -569,8 +575,8 @@ def _jump(cur: list[float], states: list[list[float]], clocks: list[list[float]]
         d0 = cur[0] - old[0]
         if abs(cur[-1] - old[-1] - d0) > 2 * tol or abs(cur[mid] - old[mid] - d0) > 2 * tol:
             continue        # cheap rejection before comparing all
-        d = [x - y for x, y in zip(cur, old)]
-        lo, hi = min(d), max(d)
+        d = cur - old
+        lo, hi = float(d.min()), float(d.max())
         c = lo + (hi - lo) / 2
         drift = hi - c
         moves = [h - g for h, g in zip(host, clocks[-1 - j])] if use_host else []
@@ -616,7 +622,7 @@ def _run_fast(lay: _Layout, end: list[float], free: list[float], host: list[floa
         # The last few frontiers' live end times and launch clocks, and per round which launch
         # clocks decided a start or an end: the steady state may repeat only every j rounds
         # (its critical cycle need not span a whole round), so each j up to _MAX_PERIOD is tried.
-        states = [[end[o] for o in live]]
+        states = [np.array([end[o] for o in live])]
         clocks = [host[:]]
         decided: list[list[bool]] = []
         u = t_a
@@ -626,12 +632,12 @@ def _run_fast(lay: _Layout, end: list[float], free: list[float], host: list[floa
             u += 1
             off = (u - t_a) * q
             cur = [end[o + off] for o in live]
-            states.append(cur)
+            states.append(np.array(cur))
             clocks.append(host[:])
             decided.append(bound[:])
             if len(states) > _MAX_PERIOD + 1:
                 del states[0], clocks[0], decided[0]
-            target = _jump(cur, states, clocks, decided, host, t_b - u, use_host)
+            target = _jump(states, clocks, decided, host, t_b - u, use_host)
             if target:
                 periods, j, c, moves = target
                 u += periods * j

@@ -5,6 +5,7 @@ equal, and every simulated figure equal to the bit with either layout."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -90,13 +91,50 @@ def test_simulation_with_stretched_layouts_is_bit_for_bit(monkeypatch, seed):
         if schedule == "interleaved":
             m = p * max(1, m // p)
         args, kw = _case(rng, schedule, p, v, m)
-        if rng.random() < 0.25:       # equal stages: the steady state repeats exactly
+        shape = rng.random()
+        if shape < 0.2:       # equal stages: the steady state repeats exactly
             args = ([1.0] * (p * v), [2.0] * (p * v), m, schedule, [0.1] * (p * v - 1))
+        elif shape < 0.4:     # a planner's: near-equal stages, heavier ends (the jump is taken)
+            fwd = [0.0176 * (1 + rng.uniform(-0.01, 0.01)) for _ in range(p * v)]
+            fwd[-1] *= 1.16
+            args = (fwd, [2 * f for f in fwd], m, schedule, [0.0107] * (p * v - 1))
         cases.append((args, kw))
     new = [_figures(simulate(*args, **kw, record_ops=False)) for args, kw in cases]
-    monkeypatch.setattr(pipeline, "_stretched", pipeline._layout)     # the layouts as they were
+    # the layouts and the jump's test as they were
+    monkeypatch.setattr(pipeline, "_stretched", pipeline._layout)
+    monkeypatch.setattr(pipeline, "_jump", lambda states, *rest: _list_jump(states[-1].tolist(),
+                                                                            [x.tolist() for x in states], *rest))
     old = [_figures(simulate(*args, **kw, record_ops=False)) for args, kw in cases]
     assert new == old
+
+
+# pipeline._jump as it was, on lists (verbatim).
+def _list_jump(cur: list[float], states: list[list[float]], clocks: list[list[float]], decided: list[list[bool]],
+               host: list[float], rounds_left: int, use_host: bool) -> tuple[int, int, float, list[float]] | None:
+    top = max(cur)
+    tol = pipeline._SPREAD_ULPS * math.ulp(top)
+    mid = len(cur) // 2
+    for j in range(1, len(states)):
+        periods = rounds_left // j
+        if not periods:
+            return None
+        old = states[-1 - j]
+        d0 = cur[0] - old[0]
+        if abs(cur[-1] - old[-1] - d0) > 2 * tol or abs(cur[mid] - old[mid] - d0) > 2 * tol:
+            continue        # cheap rejection before comparing all
+        d = [x - y for x, y in zip(cur, old)]
+        lo, hi = min(d), max(d)
+        c = lo + (hi - lo) / 2
+        drift = hi - c
+        moves = [h - g for h, g in zip(host, clocks[-1 - j])] if use_host else []
+        for r, hr in enumerate(moves):
+            if abs(hr - c) <= tol:          # a launch clock that keeps pace
+                drift = max(drift, abs(hr - c))
+            elif hr > c or any(rnd[r] for rnd in decided[-j:]):     # one that may decide later
+                drift = math.inf
+        if drift <= tol and periods * drift <= pipeline._JUMP_REL * top:
+            return periods, j, c, moves
+    return None
 
 
 def test_zero_launch_times_are_no_launch_times():
