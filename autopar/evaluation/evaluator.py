@@ -1104,6 +1104,16 @@ def p2p_time_s(cluster: Cluster, a: StagePlan, b: StagePlan, nbytes: float) -> f
 
 
 
+def _graph_flops(graph: OpGraph) -> float:
+    """graph.fwd_flops + graph.bwd_flops, summed once per graph (the planner evaluates many
+    candidates of one graph; _STAGE_CACHE already takes a graph as unchanged once evaluated)."""
+    per_graph = _STAGE_CACHE.setdefault(graph, {})
+    hit = per_graph.get(("flops",))
+    if hit is None:
+        hit = per_graph[("flops",)] = graph.fwd_flops + graph.bwd_flops
+    return hit
+
+
 def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT,
              grad_sync: str | None = None, zero_autocast: bool = False, compiled: bool | None = None,
              loss: str = "fused", ddp_rebuild: bool = True, expandable_segments: bool = True) -> Plan:
@@ -1167,12 +1177,14 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     bwd_s = [r.bwd_s + r.pipeline_bwd_s for r in res]
     sched = simulate(fwd_s, bwd_s, B, schedule, p2p, chunks=v, record_ops=False)
     timed = sched
-    if n_dev_stages > 1:
+    host_fwd_s = [r.host_fwd_s for r in res]
+    host_bwd_s = [r.host_bwd_s for r in res]
+    # (without launch times, as the planner prices plans unless eager, that is `sched` again)
+    if n_dev_stages > 1 and (any(host_fwd_s) or any(host_bwd_s)):
         # Each GPU also waits for its own CPU to launch an op's kernels; the CPUs run through
         # their schedules without waiting for each other (pipeline.simulate), so a host-bound
         # pipeline pays its launches once, not again in the bubble. (One GPU alone: `step` below.)
-        timed = simulate(fwd_s, bwd_s, B, schedule, p2p, chunks=v,
-                         host_fwd_s=[r.host_fwd_s for r in res], host_bwd_s=[r.host_bwd_s for r in res],
+        timed = simulate(fwd_s, bwd_s, B, schedule, p2p, chunks=v, host_fwd_s=host_fwd_s, host_bwd_s=host_bwd_s,
                          record_ops=False)
 
     # Per device: stages (chunks) it hosts, their finish time, sync and optimizer step after.
@@ -1269,7 +1281,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
                                          rebuild_at_peak[mem_dev], expandable_segments)
 
     tokens = tr.global_batch * plan.model.seq
-    model_flops = (graph.fwd_flops + graph.bwd_flops) * B
+    model_flops = _graph_flops(graph) * B
     hw_flops = model_flops + sum(r.recompute_flops for r in res) * B
     n_gpus = plan.n_devices
     peak_flops = cluster.gpu.peak(tr.dtype)

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, reduce
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Op:
@@ -112,7 +114,7 @@ class _Layout:
     """Where a schedule's ops go, independent of their times (cached per shape)."""
     n_ids: int
     deadlocked: bool
-    device_ops: list[list[_Rec]]   # per device, its ops in its order
+    device_ops: list[list[_Rec]] | None   # per device, its ops in its order; None in a stretched layout
     order: list[_Rec]          # every op, inputs first: the prefix, the rounds, the tail
     bounds: tuple[int, ...]    # order[bounds[t]:bounds[t + 1]] is round t, order[bounds[-1]:] the tail
     busy_terms: tuple[Callable[[list[float]], tuple[float, ...]], ...]   # per device: its ops' durations, in order
@@ -202,6 +204,7 @@ def _sweep(schedule: str, p: int, m: int, v: int) -> list[_Rec]:
     lay = _layout(schedule, p, m, v)
     if not _has_rounds(schedule, m):     # then the layout's order is the sweep's
         return lay.order
+    assert lay.device_ops is not None
     return _advance(lay.device_ops, [0] * p, [len(recs) for recs in lay.device_ops], bytearray(lay.n_ids))
 
 
@@ -308,6 +311,79 @@ def _steady(device_ops: list[list[_Rec]], order: list[_Rec], bounds: tuple[int, 
     return t_a, t_b, q, tmpl, tuple(last)
 
 
+# A long schedule's stretched layout is its layout for the fewest microbatches m0 = m - K p with at
+# least this many rounds' worth (m0 >= this many times p), K steady rounds inserted.
+_STRETCH_FROM_ROUNDS = 6
+
+
+@lru_cache(maxsize=16)
+def _stretched(schedule: str, p: int, m: int, v: int) -> _Layout:
+    """_layout(schedule, p, m, v) for the fast path (its device_ops left out), built in time
+    independent of m from the layout for m0 = m - K p microbatches, whose steady stretch is K
+    rounds shorter: the first steady round repeated K times more, every later op K p
+    microbatches on.
+
+    Why that is the same layout: a device's ops for m are those for m0 with K p v forward /
+    backward pairs more in the middle, each op after them the one for m0 K p microbatches on
+    (device_order), and an op's inputs are its own microbatch's. A cut after rounds < t reaches
+    on each device the furthest prefix, below the round's caps, closed under the ops' inputs
+    (_advance runs all it can), a function of the caps alone; in the steady stretch the caps,
+    the ops below them and their inputs are the previous round's shifted by p microbatches, so
+    the rounds are too, and so are the live ids _steady compares; the stretch is the longest one
+    K rounds longer, and the needed ops (stage_last, device ends) stay after it. The unit test
+    compares every field with _layout's over schedules, depths, chunks and lengths."""
+    q = p     # microbatches a round moves (_steady)
+    k = m // p - _STRETCH_FROM_ROUNDS if p else 0      # (no stage at all: _layout's error)
+    if not _has_rounds(schedule, m) or k <= 0:
+        return _layout(schedule, p, m, v)
+    m0 = m - k * q
+    base = _layout(schedule, p, m0, v)
+    if base.steady is None or base.device_ops is None:
+        return _layout(schedule, p, m, v)
+    t_a, t_b, _, live, last = base.steady
+    order0, bounds0 = base.order, base.bounds
+    grow = m - m0       # each op id di * m0 + microbatch becomes di * m + microbatch
+
+    def moved(recs: list[_Rec], shift: int) -> list[_Rec]:
+        """The records for m, `shift` microbatches on."""
+        out: list[_Rec] = []
+        for code, r, di, a, b, ci, o in recs:
+            o2 = o + (o // m0) * grow + shift
+            if code == 0:
+                out.append((0, r, 0, 0, 0, 0, o2))
+            elif code == 3:
+                out.append((3, r, di, a + (a // m0) * grow + shift, b + (b // m0) * grow + shift, ci, o2))
+            else:
+                out.append((code, r, di, a + (a // m0) * grow + shift, 0, ci, o2))
+        return out
+
+    first = moved(order0[bounds0[t_a]:bounds0[t_a + 1]], 0)
+    order = moved(order0[:bounds0[t_a]], 0) + first
+    for j in range(1, k):
+        s = j * q
+        order += [(c, r, di, a + s if c else 0, b + s if c == 3 else 0, ci, o + s) for c, r, di, a, b, ci, o in first]
+    order += moved(order0[bounds0[t_a]:], k * q)
+    size = bounds0[t_a + 1] - bounds0[t_a]
+    bounds = bounds0[:t_a + 1] + tuple(bounds0[t_a] + j * size for j in range(1, k)) \
+        + tuple(b + k * size for b in bounds0[t_a:])
+    # each device's op kinds (duration indices): the first steady round's k times more
+    before = [0] * p
+    during = [0] * p
+    for rec in order0[:bounds0[t_a]]:
+        before[rec[1]] += 1
+    for rec in order0[bounds0[t_a]:bounds0[t_a + 1]]:
+        during[rec[1]] += 1
+    busy_terms = []
+    for r, recs in enumerate(base.device_ops):
+        dis = [rec[2] for rec in recs]
+        i, j = before[r], before[r] + during[r]
+        busy_terms.append(_getter(tuple(dis[:i] + dis[i:j] * k + dis[i:])))
+    in_prefix = {rec[6] for rec in order0[:bounds0[t_a]]}
+    stage_last = tuple(o if o < 0 else o + (o // m0) * grow + (0 if o in in_prefix else k * q) for o in base.stage_last)
+    steady = (t_a, t_b + k, q, tuple(o + (o // m0) * grow for o in live), last)
+    return _Layout(base.n_ids // m0 * m, False, None, order, bounds, tuple(busy_terms), stage_last, steady)
+
+
 def simulate(fwd_s: list[float], bwd_s: list[float], n_microbatches: int, schedule: str = "1f1b",
              p2p_s: list[float] | None = None, chunks: int = 1,
              host_fwd_s: list[float] | None = None, host_bwd_s: list[float] | None = None,
@@ -337,13 +413,8 @@ def simulate(fwd_s: list[float], bwd_s: list[float], n_microbatches: int, schedu
     p = n_stages // chunks
     m = n_microbatches
     comm = list(p2p_s) if p2p_s is not None else [0.0] * max(0, n_stages - 1)
-    lay = _layout(schedule, p, m, chunks)
     hf = list(host_fwd_s) if host_fwd_s is not None else [0.0] * n_stages
     hb = list(host_bwd_s) if host_bwd_s is not None else [0.0] * n_stages
-    if len(hf) != n_stages or len(hb) != n_stages:
-        raise ValueError(f"host times are given for {len(hf)}/{len(hb)} stages, the schedule has {n_stages}")
-    if lay.deadlocked:
-        raise RuntimeError(f"pipeline schedule {schedule!r} deadlocked (p={p}, m={n_microbatches}, v={chunks})")
     durs = list(fwd_s) + list(bwd_s)
     launch = hf + hb
     # Finite, non-negative times keep every device's end times non-decreasing (so a stage's last
@@ -351,6 +422,12 @@ def simulate(fwd_s: list[float], bwd_s: list[float], n_microbatches: int, schedu
     # rely on both.
     regular = all(0 <= x < math.inf for x in durs) and all(0 <= x < math.inf for x in comm) \
         and all(0 <= x < math.inf for x in launch)
+    # (the fast path reads only the order of the ops, so a long schedule's comes stretched)
+    lay = _stretched(schedule, p, m, chunks) if regular and not record_ops else _layout(schedule, p, m, chunks)
+    if len(hf) != n_stages or len(hb) != n_stages:
+        raise ValueError(f"host times are given for {len(hf)}/{len(hb)} stages, the schedule has {n_stages}")
+    if lay.deadlocked:
+        raise RuntimeError(f"pipeline schedule {schedule!r} deadlocked (p={p}, m={n_microbatches}, v={chunks})")
     end = [0.0] * lay.n_ids
     free = [0.0] * p
     host = [0.0] * p
@@ -371,6 +448,7 @@ def simulate(fwd_s: list[float], bwd_s: list[float], n_microbatches: int, schedu
         # As a reader of the op list would take them: the latest end, 0.0 if none.
         se = [0.0] * n_stages
         de = []
+        assert lay.device_ops is not None       # (a layout of _layout's, not stretched)
         for recs in lay.device_ops:
             oids = [rec[6] for rec in recs]
             for o in oids:
@@ -477,12 +555,16 @@ def _run_host(recs: list[_Rec], end: list[float], free: list[float], host: list[
         end[oid] = e
 
 
-def _jump(cur: list[float], states: list[list[float]], clocks: list[list[float]], decided: list[list[bool]],
+def _jump(states: list[np.ndarray], clocks: list[list[float]], decided: list[list[bool]],
           host: list[float], rounds_left: int, use_host: bool) -> tuple[int, int, float, list[float]] | None:
     """Whether the last j rounds (j = 1.._MAX_PERIOD) moved every live end time by one c, and
     the launch clocks either by c too or by less without deciding anything (_run_fast): then
-    (periods, j, c, each clock's move) for the whole periods of j rounds left, else None."""
-    top = max(cur)
+    (periods, j, c, each clock's move) for the whole periods of j rounds left, else None.
+    states: the live end times at the last frontiers, the latest last (arrays: the differences,
+    their least and greatest are numpy's, the same floats as one by one, but as many times
+    faster as there are live ids)."""
+    cur = states[-1]
+    top = float(cur.max())
     tol = _SPREAD_ULPS * math.ulp(top)
     mid = len(cur) // 2
     for j in range(1, len(states)):
@@ -493,8 +575,8 @@ def _jump(cur: list[float], states: list[list[float]], clocks: list[list[float]]
         d0 = cur[0] - old[0]
         if abs(cur[-1] - old[-1] - d0) > 2 * tol or abs(cur[mid] - old[mid] - d0) > 2 * tol:
             continue        # cheap rejection before comparing all
-        d = [x - y for x, y in zip(cur, old)]
-        lo, hi = min(d), max(d)
+        d = cur - old
+        lo, hi = float(d.min()), float(d.max())
         c = lo + (hi - lo) / 2
         drift = hi - c
         moves = [h - g for h, g in zip(host, clocks[-1 - j])] if use_host else []
@@ -540,7 +622,7 @@ def _run_fast(lay: _Layout, end: list[float], free: list[float], host: list[floa
         # The last few frontiers' live end times and launch clocks, and per round which launch
         # clocks decided a start or an end: the steady state may repeat only every j rounds
         # (its critical cycle need not span a whole round), so each j up to _MAX_PERIOD is tried.
-        states = [[end[o] for o in live]]
+        states = [np.array([end[o] for o in live])]
         clocks = [host[:]]
         decided: list[list[bool]] = []
         u = t_a
@@ -550,12 +632,12 @@ def _run_fast(lay: _Layout, end: list[float], free: list[float], host: list[floa
             u += 1
             off = (u - t_a) * q
             cur = [end[o + off] for o in live]
-            states.append(cur)
+            states.append(np.array(cur))
             clocks.append(host[:])
             decided.append(bound[:])
             if len(states) > _MAX_PERIOD + 1:
                 del states[0], clocks[0], decided[0]
-            target = _jump(cur, states, clocks, decided, host, t_b - u, use_host)
+            target = _jump(states, clocks, decided, host, t_b - u, use_host)
             if target:
                 periods, j, c, moves = target
                 u += periods * j

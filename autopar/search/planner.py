@@ -325,6 +325,7 @@ class Proposal:
     candidates: list[Candidate]
     n_no_seq: int                    # candidates[:n_no_seq] use no sequence split (planner doc)
     least_memory_bytes: float        # the least any stage option needs (for the no-fit message)
+    model: ModelInfo                 # the graph as each candidate's plan names it (summed once)
 
 
 @dataclass(frozen=True)
@@ -451,7 +452,7 @@ class SearchJob:
         rest += unique(storage_split)
         stats.dp_time_s += time.perf_counter() - t0
         return Proposal(microbatch_size, graph, solver, subs, lean_cands + rest, len(lean_cands),
-                        tables.least_memory_bytes)
+                        tables.least_memory_bytes, ModelInfo.of(graph, self.source.name, self.source.loadable))
 
     def simulate(self, prop: Proposal, cand: Candidate) -> Plan:
         """The candidate as a plan, placed on the cluster and evaluated by the simulator."""
@@ -461,7 +462,7 @@ class SearchJob:
                                   schedule="interleaved" if cand.chunks > 1 else self.schedule,
                                   virtual_stages=cand.chunks, zero=self.zero)
         p = Plan(strategy="auto", config=PlanConfig("auto", auto_label(stages, cand.chunks)),
-                 model=ModelInfo.of(graph, self.source.name, self.source.loadable), cluster=ClusterInfo.of(self.cl),
+                 model=prop.model, cluster=ClusterInfo.of(self.cl),
                  training=training, stages=stages)
         return evaluate(p, graph, self.cl, eager=self.eager)
 
