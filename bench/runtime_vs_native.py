@@ -143,6 +143,7 @@ AUTO = ("auto", "auto-eager")
 # --profile DIR: the gpt-1.3b tensor-parallel cases also run two steps under torch.profiler,
 # both ways; the op tables go to DIR
 PROFILE_DIR: Path | None = None
+PROFILED_STEPS = 2                 # the steps each profile covers (its tables sum them)
 PROFILED = "gpt-1.3b_tp_"          # tag prefix of the cases profiled (--profile-prefix)
 # --memory DIR: every case also runs one step under the CUDA allocator's history, and rank 0
 # writes the tensors alive at each rank's peak, grouped by where they were allocated
@@ -452,13 +453,14 @@ def _free():
 def _profile(step, batches, device, tag: str) -> None:
     """Two more steps under torch.profiler; rank 0 writes the op tables (by GPU time and by CPU
     time) and the step's wall time against its summed kernel time to PROFILE_DIR/<tag>.txt, and
-    the ops by input shapes and dtypes (by GPU time) to PROFILE_DIR/<tag>_shapes.txt: which
-    casts run, and in which dtype an elementwise op runs under autocast. ("summed kernel time"
+    the aten ops by input shapes (and dtypes where the torch records them), self GPU time and
+    calls per step, to PROFILE_DIR/<tag>_ops.json: which casts and copies run, at which sizes
+    (bench/truth/op_categories.py --top). ("summed kernel time"
     sums every event's self device time, an op's and its kernel's both: the tables' "Self CUDA
     time total" is the device time.)"""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    n = n_steps = 2
+    n = PROFILED_STEPS
     dist.barrier()
     with profile(activities=acts, record_shapes=True) as prof:
         t0 = time.perf_counter()
@@ -486,8 +488,8 @@ def _profile(step, batches, device, tag: str) -> None:
         acc = by_op.setdefault(k, [0, 0.0])
         acc[0] += 1
         acc[1] += getattr(e, key)
-    ops = [{"op": n, "shapes": sh, "dtypes": dt, "calls_per_step": c / n_steps, "self_device_ms_per_step": us / 1e3 / n_steps}
-           for (n, sh, dt), (c, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1]) if us > 0]
+    ops = [{"op": name, "shapes": sh, "dtypes": dt, "calls_per_step": c / n, "self_device_ms_per_step": us / 1e3 / n}
+           for (name, sh, dt), (c, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1]) if us > 0]
     (PROFILE_DIR / f"{tag}_ops.json").write_text(json.dumps(ops, indent=0))
     print(text.splitlines()[0], flush=True)
 

@@ -81,17 +81,12 @@ def measured(path: Path, steps: int) -> dict[str, float]:
 
 def predicted(row: dict) -> tuple[dict[str, float], float]:
     """ms per step by category under the eager model, and its step time (ms)."""
-    import runtime_vs_native as bench
+    from predict_runs import plan_and_graph
 
-    import graphs
     from autopar.evaluation.evaluator import evaluate
     from autopar.hardware.presets import load_cluster
-    from autopar.model import ModelSource
 
-    spec = next((k for k, v in bench.NAMES.items() if v == row["model"]), row["model"])
-    plan = bench.make_plan(spec, row["strategy"], row["microbatch"], 1, "dgx-h200")
-    graph = ModelSource(spec).graph(plan.training.microbatch_size) if ":" in spec else \
-        graphs.load(spec, batch=plan.training.microbatch_size)
+    plan, graph = plan_and_graph(row, 1)
     p = evaluate(plan, graph, load_cluster("dgx-h200", 1, 1), eager=True, compiled=bool(row.get("compile")))
     n_mb = plan.training.n_microbatches
     out: dict[str, float] = defaultdict(float)
@@ -120,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         path = folder / f"{row['model']}_{row['strategy']}_mb{row['microbatch']}_{mode}_autopar.txt"
         if not path.is_file():
             continue
-        steps = 2      # bench/runtime_vs_native.py --profile records two steps
-        meas = measured(path, steps)
+        from runtime_vs_native import PROFILED_STEPS
+        meas = measured(path, PROFILED_STEPS)
         pred, step_ms = predicted(row)
         print(f"{row['model']} {row['strategy']} mb{row['microbatch']} {mode}: measured "
               f"{row['autopar']['step_time_s'] * 1e3:.1f} ms/step, predicted {step_ms:.1f} "

@@ -84,23 +84,31 @@ def layout_mismatch(row: dict, plan, graph) -> str:
     return f"its first stage now runs dp={now.dp}, tp={now.tp}; the row ran dp={ran[0]}, tp={ran[1]}"
 
 
+def plan_and_graph(row: dict, n_gpus: int):
+    """The row's plan on `n_gpus` H200s as bench/runtime_vs_native.py made it (`make_plan`), and
+    the graph it prices, at the plan's microbatch size."""
+    import runtime_vs_native as bench
+
+    import graphs
+    from autopar.model import ModelSource
+
+    spec = next((k for k, v in bench.NAMES.items() if v == row["model"]), row["model"])
+    plan = bench.make_plan(spec, row["strategy"], row["microbatch"], n_gpus, "dgx-h200")
+    graph = ModelSource(spec).graph(plan.training.microbatch_size) if ":" in spec else \
+        graphs.load(spec, batch=plan.training.microbatch_size)
+    return plan, graph
+
+
 def predict(row: dict, n_gpus: int = 2, alloc_conf: str = "") -> dict:
     """The row's prediction on `n_gpus`, the allocator's reserve as `alloc_conf` (the run's
     PYTORCH_CUDA_ALLOC_CONF, meta.alloc_conf; "": default segments, as rows made before the
     runtime set expandable segments ran) sets it."""
     set_name = f"{n_gpus} GPU" + ("s" if n_gpus > 1 else "")
-    import runtime_vs_native as bench
-
-    import graphs
     from autopar.evaluation.evaluator import evaluate
     from autopar.hardware.presets import load_cluster
-    from autopar.model import ModelSource
 
-    spec = next((k for k, v in bench.NAMES.items() if v == row["model"]), row["model"])
-    plan = bench.make_plan(spec, row["strategy"], row["microbatch"], n_gpus, "dgx-h200")
+    plan, graph = plan_and_graph(row, n_gpus)
     cl = load_cluster("dgx-h200", 1, n_gpus)
-    graph = ModelSource(spec).graph(plan.training.microbatch_size) if ":" in spec else \
-        graphs.load(spec, batch=plan.training.microbatch_size)
     from predict import ddp_rebuild_comparison
 
     from autopar.costmodel.eager import expandable_segments
