@@ -100,7 +100,8 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
     cl = load_cluster(cluster, nodes, gpus_per_node) if not isinstance(cluster, Cluster) else cluster
     check_training(global_batch, cl.n_gpus, microbatches)     # bounds that keep the search finite
     dtype = cl.gpu.training_dtype(dtype)
-    source = model_source(model, seq=seq, dtype=dtype, example_inputs=example_inputs)
+    with _fewer_collections():       # the first trace, serial before the workers fork
+        source = model_source(model, seq=seq, dtype=dtype, example_inputs=example_inputs)
     global_batch = global_batch if global_batch is not None else default_global_batch(cl)
     Training.split(global_batch, global_batch, dtype=dtype, schedule=schedule, zero=zero)  # checks the settings
     if source.fixed_batch and global_batch % source.fixed_batch:
@@ -139,7 +140,10 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
 def _fewer_collections():
     """A search builds many long-lived cache entries (strategies, ILP inputs, range tables); at
     the default thresholds the collector rescans them again and again (gpt-39b: 2.7 s of ~23 s,
-    1.0 s with these). Forked workers inherit the setting."""
+    1.0 s with these). Forked workers inherit the setting. The first trace (model_source, in
+    the planning process before the workers fork) builds many objects too, over torch's heap:
+    gpt-39b's start to the fork, 97 collections taking 0.39-0.57 s of 1.04-1.60 s, 2 taking
+    0.03-0.04 s of 0.71-0.92 s with these (alternated runs, shared 2-core machine)."""
     old = gc.get_threshold()
     gc.set_threshold(50_000, 20, 20)
     try:
