@@ -66,7 +66,7 @@ from autopar.sharding.rules import is_decision
 from autopar.sharding.stage_problem import _decision_cached, _sig_of, saved_tensors
 from graphs.ir import OpGraph, dtype_bytes, numel
 
-__all__ = ["MARGIN", "cannot_fit", "layer_floors", "range_floors"]
+__all__ = ["MARGIN", "cannot_fit", "floor_terms", "layer_floors", "range_floors"]
 
 MARGIN = 1e-9       # relative: a floor must exceed the cap by more than rounding
 
@@ -116,9 +116,10 @@ def layer_floors(graph: OpGraph, inputs: Sequence[str | None], mesh: Mesh, cm: C
     return out
 
 
-def range_floors(floors: np.ndarray, held: np.ndarray) -> np.ndarray:
-    """[H, L, L+1]: floor(i, j, h) of the module doc for each held count h of `held`, from
-    layer_floors' [3, L]; inf where j <= i."""
+def floor_terms(floors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(base, kept), each [L, L+1], from layer_floors' [3, L]: floor(i, j, h) of the module doc
+    is base[i, j] + h * kept[i, j] (base = sum P + min(S_i, sum (S - a)), kept = sum a; both
+    >= 0); base is inf where j <= i."""
     P, S, I = floors
     L = len(P)
     a = np.minimum(I, S)
@@ -133,8 +134,24 @@ def range_floors(floors: np.ndarray, held: np.ndarray) -> np.ndarray:
     # the differences of non-decreasing sums: >= 0 (clipped against rounding below 0)
     base = np.maximum(cp[jj] - cp[i], 0.0) + np.minimum(S[:, None], np.maximum(cx[jj] - cx[i], 0.0))
     kept = np.maximum(ca[jj] - ca[i], 0.0)
-    out = base[None] + np.asarray(held, dtype=np.float64)[:, None, None] * kept[None]
-    return np.where(valid[None], out, np.inf)
+    return np.where(valid, base, np.inf), np.where(valid, kept, 0.0)
+
+
+def range_floors(floors: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """[H, L, L+1]: floor(i, j, h) of the module doc for each held count h of `held`, from
+    layer_floors' [3, L]; inf where j <= i."""
+    base, kept = floor_terms(floors)
+    return base[None] + np.asarray(held, dtype=np.float64)[:, None, None] * kept[None]
+
+
+def _most_held(base: np.ndarray, kept: np.ndarray, limit: float) -> np.ndarray:
+    """Per cell, the most microbatches held at which its floor is within `limit` (-inf: none,
+    inf: any), rounded up by a relative 1e-12 so that no count whose floor is within the limit
+    is left out."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        most = np.where(kept > 0, (limit - base) / kept, np.where(base <= limit, np.inf, -np.inf))
+        most = np.where(np.isnan(most), -np.inf, most)
+        return np.where(np.isfinite(most), most + np.abs(most) * 1e-12, most)
 
 
 def cannot_fit(graph: OpGraph, inputs: Sequence[str | None], cl: Cluster, subs: Sequence[Submesh],
@@ -149,36 +166,32 @@ def cannot_fit(graph: OpGraph, inputs: Sequence[str | None], cl: Cluster, subs: 
     limit = cap_bytes * (1 + MARGIN) if cap_bytes >= 0 else cap_bytes * (1 - MARGIN)
     depth_held = np.array([inflight(schedule, 0, s, B) for s in range(1, S + 1)])
     # the interleaved equal-layer slicings candidates._equal_split offers: (submesh index, depth)
-    inter = []
+    inter: dict[int, list[int]] = {}
     for mi, sub in enumerate(subs):
         if N % sub.n_devices:
             continue
         d = N // sub.n_devices
         if (d <= min(S, max(1, L - 2)) and schedule == "1f1b" and d >= 2 and B % d == 0 and 2 * d <= L - 2):
-            inter.append((mi, d))
-    rank_held = {d: np.array([inflight("interleaved", r, d, B, 2) for r in range(d)]) for _, d in inter}
-    held = np.unique(np.concatenate([depth_held, *rank_held.values()]))
-    at = {float(h): x for x, h in enumerate(held)}
+            inter.setdefault(mi, []).append(d)
     memo: dict = {}
-    fits = np.zeros((len(subs), len(held), L, L + 1), bool)      # some mesh's floor is within the cap
+    # per submesh and cell, the most microbatches held at which some mesh's floor is within the cap
+    most = np.full((len(subs), L, L + 1), -np.inf)
     for mi, sub in enumerate(subs):
         for shape in meshes_of(sub):
             floors = layer_floors(graph, inputs, Mesh(cl, sub, shape), cm, zero, sharded_storage, identities, memo)
-            rf = range_floors(floors, held)
-            fits[mi] |= rf <= limit
-            for mj, d in inter:
-                if mj != mi:
-                    continue
+            base, kept = floor_terms(floors)
+            np.maximum(most[mi], _most_held(base, kept, limit), out=most[mi])
+            for d in inter.get(mi, []):
                 ranges = split_blocks(L, 2 * d)
-                rows = [at[float(h)] for h in rank_held[d]]
-                if all(sum(rf[rows[r], i, j] for i, j in ranges[r::d]) <= limit for r in range(d)):
+                if all(sum(base[i, j] + inflight("interleaved", r, d, B, 2) * kept[i, j] for i, j in ranges[r::d])
+                       <= limit for r in range(d)):
                     return False        # an interleaved slicing on this mesh may fit
     # (1): the least devices that cover [i, L) with s stages, the one at i at depth s
     devices = np.array([sub.n_devices for sub in subs], dtype=np.float64)
     reach = np.full(L + 1, np.inf)
     reach[L] = 0.0
     for s in range(1, S + 1):
-        cell = np.where(fits[:, at[float(depth_held[s - 1])]], devices[:, None, None], np.inf).min(axis=0)
+        cell = np.where(most >= depth_held[s - 1], devices[:, None, None], np.inf).min(axis=0)
         nxt = np.full(L + 1, np.inf)
         nxt[:L] = (cell + reach[None, :]).min(axis=1)
         if nxt[0] <= N:

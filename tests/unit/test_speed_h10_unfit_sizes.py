@@ -149,3 +149,17 @@ def test_gpt_39b_on_64_v100s():
         solver = LayerSolver(graph, ComputeModel(cl.gpu, dtype), Settings(n_microbatches=1024 // size, zero=1),
                              SearchStats(), 10.0, "highs")
         assert _proves(job, graph, solver) == unfit, size
+
+
+def test_most_held_never_below_a_fitting_count():
+    """cannot_fit reads a cell as fitting at depth s where its most fitting held count is at
+    least the depth's: every count whose floor (base + h * kept) is within the limit passes."""
+    from autopar.search.memory_floor import _most_held
+    rng = np.random.default_rng(0)
+    base = np.concatenate([rng.uniform(0, 2e10, 2000), [np.inf, 0.0, 1.6e10, 1.6e10]])
+    kept = np.concatenate([rng.choice([0.0, 1e6, 3.3e8, 2e9], 2000), [0.0, 0.0, 0.0, 1e9]])
+    limit = 1.6e10
+    most = _most_held(base, kept, limit)
+    for h in (1.0, 1.5, 2.0, 3.0, 7.0, 64.0, 1024.0):
+        fits = base + h * kept <= limit
+        assert (most[fits] >= h).all()
