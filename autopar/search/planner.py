@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import gc
 import math
@@ -59,6 +60,7 @@ from autopar.search.candidates import (
     unique,
 )
 from autopar.search.layer_solver import LayerSolver, SearchStats
+from autopar.search.memory_floor import cannot_fit
 from autopar.search.range_table import range_tables
 from autopar.search.tables import SearchSpace, StageTables, boundary_p2p_s, range_classes, storage_items
 from autopar.sharding.stage_problem import Settings
@@ -98,7 +100,8 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
     cl = load_cluster(cluster, nodes, gpus_per_node) if not isinstance(cluster, Cluster) else cluster
     check_training(global_batch, cl.n_gpus, microbatches)     # bounds that keep the search finite
     dtype = cl.gpu.training_dtype(dtype)
-    source = model_source(model, seq=seq, dtype=dtype, example_inputs=example_inputs)
+    with _fewer_collections():       # the first trace, serial before the workers fork
+        source = model_source(model, seq=seq, dtype=dtype, example_inputs=example_inputs)
     global_batch = global_batch if global_batch is not None else default_global_batch(cl)
     Training.split(global_batch, global_batch, dtype=dtype, schedule=schedule, zero=zero)  # checks the settings
     if source.fixed_batch and global_batch % source.fixed_batch:
@@ -120,6 +123,11 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
         if r.plan is not None and (best is None or _rank(r.plan) < _rank(best)):
             best = r.plan
     if best is None:
+        if any(r.proven_unfit for r in results):
+            # the message names the least memory any stage needs: search the sizes proven not
+            # to fit (SearchJob.prove_unfit) in full for it
+            exact = dataclasses.replace(job, prove_unfit=False)
+            results = [exact.search(r.row["microbatch_size"]) if r.proven_unfit else r for r in results]
         least_memory_bytes = min((r.least_memory_bytes for r in results), default=math.inf)
         raise PlanError(no_fit_message(source, cl, least_memory_bytes, global_batch))
     counts = stats.to_dict()
@@ -132,7 +140,10 @@ def plan(model: Any, cluster: str | Cluster = "p3.16xlarge", *, nodes: int | Non
 def _fewer_collections():
     """A search builds many long-lived cache entries (strategies, ILP inputs, range tables); at
     the default thresholds the collector rescans them again and again (gpt-39b: 2.7 s of ~23 s,
-    1.0 s with these). Forked workers inherit the setting."""
+    1.0 s with these). Forked workers inherit the setting. The first trace (model_source, in
+    the planning process before the workers fork) builds many objects too, over torch's heap:
+    gpt-39b's start to the fork, 97 collections taking 0.39-0.57 s of 1.04-1.60 s, 2 taking
+    0.03-0.04 s of 0.71-0.92 s with these (alternated runs, shared 2-core machine)."""
     old = gc.get_threshold()
     gc.set_threshold(50_000, 20, 20)
     try:
@@ -165,6 +176,7 @@ class SearchResult(NamedTuple):
     least_memory_bytes: float        # the least any stage option needs (for the no-fit message)
     row: dict[str, Any]              # the plan file's search.microbatch_candidates entry
     no_seq_step_s: float = math.inf  # the best fitting step without sequence splits (inf: none fits)
+    proven_unfit: bool = False       # skipped: memory_floor proved that no candidate fits (least_memory_bytes inf)
 
 
 # The job a forked pool worker runs, set once per worker by the pool's initializer and never in
@@ -326,6 +338,7 @@ class Proposal:
     n_no_seq: int                    # candidates[:n_no_seq] use no sequence split (planner doc)
     least_memory_bytes: float        # the least any stage option needs (for the no-fit message)
     model: ModelInfo                 # the graph as each candidate's plan names it (summed once)
+    proven_unfit: bool = False       # no tables built: memory_floor.cannot_fit proved no candidate fits
 
 
 @dataclass(frozen=True)
@@ -345,6 +358,9 @@ class SearchJob:
     eager: bool = EAGER_DEFAULT      # cost as the eager PyTorch recipe (evaluator.evaluate's eager)
     context_parallel: bool = True    # offer sequence splits (plan's context_parallel)
     sharded_storage: bool = False    # offer per-group sharded storage (plan's sharded_storage)
+    # skip a microbatch size that memory_floor.cannot_fit proves has no fitting candidate
+    # (before its ILPs): its result is the full search's, but for least_memory_bytes (inf)
+    prove_unfit: bool = True
 
     def search(self, microbatch_size: int) -> SearchResult:
         """The best plan for one microbatch size."""
@@ -354,7 +370,7 @@ class SearchJob:
         best_dp = min((c.dp_total_s for c in prop.candidates), default=math.inf)
         row: dict[str, Any] = {"microbatch_size": microbatch_size, "n_microbatches": B, "dp_total_s": best_dp}
         if not math.isfinite(best_dp):
-            return SearchResult(None, stats, prop.least_memory_bytes, row)
+            return SearchResult(None, stats, prop.least_memory_bytes, row, proven_unfit=prop.proven_unfit)
         t0 = time.perf_counter()
         def simulate(c: Candidate) -> Plan:
             return self.simulate(prop, c)
@@ -386,7 +402,18 @@ class SearchJob:
         space = SearchSpace(L, min(self.max_stages or L, L, cl.n_gpus), B, cl.n_gpus, self.schedule,
                             allocatable_bytes(cl.gpu.memory_bytes, cl.n_gpus) if self.eager
                             else cl.gpu.memory_bytes)
-        classes = range_classes([solver.identity(li) for li in range(L)])
+        identities = [solver.identity(li) for li in range(L)]
+        storage_offered = self.sharded_storage and self.zero in (1, 2)
+        if self.prove_unfit and not self.eager and cannot_fit(
+                graph, solver.inputs, cl, subs,
+                (lambda sub: searched_meshes(cl, sub)) if self.intra == "ilp" else (lambda sub: [(sub.n_devices, 1)]),
+                solver.cm, zero=self.zero, schedule=self.schedule, n_microbatches=B, max_stages=space.max_stages,
+                cap_bytes=space.memory_cap_bytes, sharded_storage=storage_offered, identities=identities):
+            # no candidate can fit (memory_floor's proof): the full search would end with none
+            stats.table_time_s += time.perf_counter() - t0
+            return Proposal(microbatch_size, graph, solver, subs, [], 0, math.inf,
+                            ModelInfo.of(graph, self.source.name, self.source.loadable), proven_unfit=True)
+        classes = range_classes(identities)
         tables = StageTables(space, len(subs), classes)          # every option
         lean_tables = StageTables(space, len(subs), classes)     # without sequence splits
         p2p_s = boundary_p2p_s(cl, graph, solver.inputs, subs)

@@ -29,7 +29,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(h, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
+        # by index, not unpacked: fx's symbolic trace unpacks a traced size by disassembling
+        # the caller's bytecode, each call; both make the same nodes
+        shape = x.shape
+        b, s, h = shape[0], shape[1], shape[2]
         q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)

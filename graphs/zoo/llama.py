@@ -55,7 +55,10 @@ class Attention(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
+        # by index, not unpacked: fx's symbolic trace unpacks a traced size by disassembling
+        # the caller's bytecode, each call; both make the same nodes
+        shape = x.shape
+        b, s, _ = shape[0], shape[1], shape[2]
         q = self.wq(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
