@@ -12,8 +12,15 @@ from dataclasses import dataclass, field
 from autopar.costmodel.collectives import ALL_GATHER, ALL_REDUCE, BACKWARD, FORWARD, Collective
 from autopar.costmodel.compute import ComputeModel
 from autopar.hardware.mesh import Mesh
-from autopar.sharding.rules.common import (backward_kernel, collective, is_integer, local_out_bytes, memory_bound_s,
-                                           memory_kernel, param_terms)
+from autopar.sharding.rules.common import (
+    backward_kernel,
+    collective,
+    is_integer,
+    local_out_bytes,
+    memory_bound_s,
+    memory_kernel,
+    param_terms,
+)
 from autopar.sharding.spec import AXES, Spec, is_valid, parts_of, shard_factor, used_mask
 from autopar.sharding.strategy import Strategy
 from graphs.ir import LOSS, NORM, REDUCTION, SOFTMAX, VIEW, OpNode, dtype_bytes, numel
