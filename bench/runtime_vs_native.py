@@ -155,7 +155,9 @@ NATIVE_DP_GROUP = "default"         # --native-dp-group
 # ---------------------------------------------------------------------------------------------
 # plans
 
-def make_plan(model: str, strategy: str, micro: int, n_gpus: int, cluster: str):
+def make_plan(model: str, strategy: str, micro: int, n_gpus: int, cluster: str, microbatches: int | str = "auto"):
+    """The plan a case runs: build_3d for a strategy, autopar.plan for auto / auto-eager
+    (`microbatches`: its microbatch count, "auto" to search it, as the benchmark does)."""
     import autopar
     from autopar.evaluation.baselines import Config3D, build_3d
     from autopar.hardware.presets import load_cluster
@@ -165,7 +167,7 @@ def make_plan(model: str, strategy: str, micro: int, n_gpus: int, cluster: str):
         return two_d_plan(model, micro, n_gpus, cluster, interleaved=strategy == "2d-interleaved")
     if strategy in AUTO:
         return autopar.plan(model, cluster, nodes=1, gpus_per_node=n_gpus, global_batch=gb,
-                            eager=strategy == "auto-eager")
+                            eager=strategy == "auto-eager", microbatches=microbatches)
     c = config(strategy, n_gpus)
     per_rank = micro if c["dp"] == 1 else micro
     return build_3d(ModelSource(model), load_cluster(cluster, 1, n_gpus), gb, Config3D(microbatch=per_rank, **c))
@@ -641,8 +643,12 @@ def body(rank: int, world: int, args) -> None:
             if isinstance(obj[0], str):
                 raise RuntimeError(f"making the plan failed: {obj[0]}")
             plan = obj[0]
+            # the split as well as the label: a planner label names stages, layers and devices,
+            # so a later planner can make the same label at another microbatch size
+            # (bench/truth/predict_runs.py re-plans an auto row at the split it records)
             row.update(global_batch=plan.training.global_batch, seq=plan.model.seq, plan=plan.config.label or plan.strategy,
-                       zero=plan.training.zero)
+                       zero=plan.training.zero, plan_microbatch_size=plan.training.microbatch_size,
+                       plan_n_microbatches=plan.training.n_microbatches)
             rounds = []
             for r in range(args.repeat):
                 # alternate the order, so that neither way always runs first in the processes

@@ -108,10 +108,15 @@ class ComputeModel:
         gemm_s = wide + 3 * narrow if backward else wide + narrow
         return gemm_s + sum(self.memory_bound_s(p * scores_bytes / e) for p in passes)
 
-    def memory_bound_s(self, nbytes: float, flops: float = 0.0) -> float:
+    def memory_bound_s(self, nbytes: float, flops: float = 0.0, kernel: str = "add") -> float:
+        """One memory-bound op moving `nbytes` (read + written). With a measured profile the
+        bandwidth is that of the profile's `kernel` rows (hardware.profiles.MEMORY_BOUND_KERNELS) at this size:
+        a GELU or a norm does not stream at an `add`'s rate, and a small kernel of any kind
+        reaches a fraction of the large one's bandwidth."""
         if nbytes <= 0 and flops <= 0:
             return 0.0
-        return self.op_s(max(nbytes / self.stream_bytes_per_s, flops / self.gpu.peak("fp32")))
+        bw = _kernel_bytes_per_s(self.gpu, kernel, float(nbytes)) if nbytes > 0 else self.stream_bytes_per_s
+        return self.op_s(max(nbytes / bw, flops / self.gpu.peak("fp32")))
 
 
     def vocab_parallel_cross_entropy_s(self, logits: float) -> tuple[float, float]:
@@ -266,6 +271,28 @@ def _gap_s(gpu: GPU) -> float:
     p = load_gpu_profile(gpu.profile) if gpu.profile else None
     g = (p or {}).get("meta", {}).get("launch_in_graph_s") if p else None
     return float(g) if g is not None else 1e-6
+
+
+@cache
+def _kernel_curve(gpu: GPU, kernel: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(log2 bytes, bytes/s) of the profile's rows of `kernel`, by size; None without them."""
+    p = load_gpu_profile(gpu.profile) if gpu.profile else None
+    rows = sorted((r["bytes"], r["gbps"]) for r in (p or {}).get("memory_bound", []) if r["kernel"] == kernel)
+    if not rows:
+        return None
+    return np.log2([b for b, _ in rows]), np.array([g * 1e9 for _, g in rows])
+
+
+def _kernel_bytes_per_s(gpu: GPU, kernel: str, nbytes: float) -> float:
+    """Bandwidth of `kernel` (hardware.profiles.MEMORY_BOUND_KERNELS) moving `nbytes`,
+    interpolated in log2 size between the profile's rows (the end rows' beyond them). A
+    profile without the kernel's rows prices a backward on its forward's rows and any kernel
+    on `add`'s; without rows at all, the streaming bandwidth."""
+    curve = (_kernel_curve(gpu, kernel) or _kernel_curve(gpu, kernel.removesuffix("_backward"))
+             or _kernel_curve(gpu, "add"))
+    if curve is None:
+        return _stream_bytes_per_s(gpu)
+    return float(np.interp(np.log2(max(nbytes, 1.0)), curve[0], curve[1]))
 
 
 @cache

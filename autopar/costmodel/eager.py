@@ -394,7 +394,7 @@ FSDP_REDUCE_SCATTER_FACTOR = 2.0
 # torch.distributed.pipelining's scale_grads: .grad /= n_microbatches after the schedule (read 4, write 4 B)
 PIPELINE_GRAD_SCALE_BYTES_PER_PARAM = 8
 # fitted: GPU idle per block of a pipeline stage and microbatch (device-bound GPT pp rows, `predict.py --fit`)
-PIPELINE_IDLE_S_PER_BLOCK = 2.08e-4
+PIPELINE_IDLE_S_PER_BLOCK = 1.65e-4
 
 # -- memory -----------------------------------------------------------------------------------
 CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT = 10   # fp32 log-softmax output 4 + its fp32 gradient 4 + bf16 logits' gradient 2

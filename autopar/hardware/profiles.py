@@ -30,7 +30,10 @@ MATMUL_KEYS = ("dtype", "m", "n", "k", "time_s", "tflops")
 ATTENTION_KEYS = ("dtype", "batch", "heads", "seq", "head_dim", "causal", "fwd_s", "bwd_s")
 MEMORY_BOUND_KEYS = ("kernel", "bytes", "time_s", "gbps")
 MATMUL_DTYPES = ("bf16", "fp16", "fp32", "tf32")
-MEMORY_BOUND_KERNELS = ("copy", "add", "gelu", "layernorm", "softmax")
+# the kernels a profile's memory_bound rows time (autopar/profiling/gpu.py); the cost model
+# prices each memory-bound op on its kind's rows (costmodel/compute.py memory_bound_s), a
+# backward on its "_backward" rows where the profile has them
+MEMORY_BOUND_KERNELS = ("copy", "add", "gelu", "layernorm", "softmax", "gelu_backward", "layernorm_backward")
 TIME_KEYS = {"matmul": ("time_s",), "attention": ("fwd_s", "bwd_s"), "memory_bound": ("time_s",)}
 
 

@@ -65,6 +65,8 @@ from autopar.hardware.profiles import (
 MAX_OPERAND_BYTES = 4 * 2**30
 # Hidden size used for the row-wise kernels (LayerNorm, softmax over the last dim).
 ROW_DIM = 4096
+# the measured parts a run can be limited to (`--sections`)
+SECTIONS = ("matmul", "attention", "memory_bound")
 
 
 # --------------------------------------------------------------------------- timing
@@ -346,7 +348,9 @@ def _measure_memory_bound(torch, clock, device, grid, rot_bytes, deadline, log):
         if time.monotonic() > deadline:
             log(f"memory_bound: deadline reached after {idx}/{len(grid)} sizes")
             break
-        n_tensors = 3 if kernel == "add" else 2  # tensors touched: inputs + output
+        # tensors touched: inputs + output (a backward reads the output's gradient and the
+        # forward's input, writes the input's gradient)
+        n_tensors = 3 if kernel in ("add", "gelu_backward", "layernorm_backward") else 2
         numel = max(ROW_DIM, (target // (n_tensors * esz)) // ROW_DIM * ROW_DIM)
         rows_ = numel // ROW_DIM
         in_bytes = (n_tensors - 1) * numel * esz
@@ -354,7 +358,7 @@ def _measure_memory_bound(torch, clock, device, grid, rot_bytes, deadline, log):
         try:
             X = torch.randn((nsets, rows_, ROW_DIM), device=device, dtype=dt, generator=gen)
             Y = (torch.randn((nsets, rows_, ROW_DIM), device=device, dtype=dt, generator=gen)
-                 if kernel == "add" else None)
+                 if n_tensors == 3 else None)
             out = torch.empty((rows_, ROW_DIM), device=device, dtype=dt)
             w = torch.randn(ROW_DIM, device=device, dtype=dt, generator=gen)
             bias = torch.randn(ROW_DIM, device=device, dtype=dt, generator=gen)
@@ -388,6 +392,17 @@ def _memory_bound_call(torch, F, kernel, X, Y, out, w, bias, nsets):
     elif kernel == "softmax":
         def fn(i):
             torch.softmax(X[i % nsets], dim=-1)
+    elif kernel == "gelu_backward":
+        def fn(i):     # Y: the output's gradient, X: the forward's input
+            torch.ops.aten.gelu_backward(Y[i % nsets], X[i % nsets])
+    elif kernel == "layernorm_backward":
+        # the forward's row statistics, per input set (fp32, one pair per row: small)
+        stats = [torch.ops.aten.native_layer_norm(X[j], (ROW_DIM,), w, bias, 1e-5)[1:] for j in range(nsets)]
+
+        def fn(i):     # input, weight and bias gradients, as autograd asks for them
+            mean, rstd = stats[i % nsets]
+            torch.ops.aten.native_layer_norm_backward(Y[i % nsets], X[i % nsets], (ROW_DIM,), mean, rstd,
+                                                      w, bias, [True, True, True])
     else:  # pragma: no cover
         raise ValueError(kernel)
     return fn
@@ -484,7 +499,10 @@ def _measure(device, quick: bool, *, grids: dict | None = None, max_seconds: flo
                      f"{attention_backend!r} ('default': SDPA's own pick); fwd_s under no_grad; "
                      "bwd_s = time(fwd + autograd.grad) - fwd_s",
         "memory_bound": f"bf16; bytes = bytes read + written; gbps = 1e9 B/s; layernorm and "
-                        f"softmax over a last dim of {ROW_DIM}; add is out-of-place a+b",
+                        f"softmax over a last dim of {ROW_DIM}; add is out-of-place a+b; "
+                        "gelu_backward and layernorm_backward read the output's gradient and the "
+                        "input and write the input's gradient (layernorm_backward also the weight's "
+                        "and bias's, not counted in bytes)",
         "launch_overhead": "eager x.add_(1) on a one-element tensor, median over loops of 2000",
     }
     prof["meta"] = meta
@@ -650,11 +668,20 @@ def main(argv: Iterable[str] | None = None) -> int:
                     help="measure nothing: merge these profiles (repeated runs on one GPU) "
                          "into --out")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated parts to measure (of {','.join(SECTIONS)}; default all); "
+                         "merge a partial profile into a full one with --merge")
     ap.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="default",
                     help="SDPA backend to time attention with; default: SDPA's own pick, as a "
                          "training step calls it")
     args = ap.parse_args(list(argv) if argv is not None else None)
     out = Path(args.out)
+    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    unknown = [x for x in sections if x not in SECTIONS]
+    if unknown or not sections:
+        print(f"autopar profile: --sections {args.sections!r}: each part must be one of "
+              f"{', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
     check_output(out, args.force, "--out")      # before minutes of measuring, not after
     if args.merge:
         prof = merge_profiles([load_gpu_profile_file(p) for p in args.merge])
@@ -670,7 +697,8 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     try:
         prof = measure_profile(args.device, args.quick, max_seconds=args.max_seconds,
-                               checkpoint=checkpoint, attention_backend=args.attention_backend)
+                               checkpoint=checkpoint, attention_backend=args.attention_backend,
+                               grids={sec: [] for sec in SECTIONS if sec not in sections})
     except (ValueError, RuntimeError) as e:
         print(f"autopar profile: {e}", file=sys.stderr)
         return 2

@@ -93,7 +93,11 @@ def plan_and_graph(row: dict, n_gpus: int):
     from autopar.model import ModelSource
 
     spec = next((k for k, v in bench.NAMES.items() if v == row["model"]), row["model"])
-    plan = bench.make_plan(spec, row["strategy"], row["microbatch"], n_gpus, "dgx-h200")
+    # an auto row that records its split is planned at it: the planner can make the row's
+    # label at another microbatch size since (gpt-6.7b auto mb4 ran 4 x 4 sequences; with
+    # the memory-bound kinds' bandwidths the planner makes the same label at 2 x 8)
+    plan = bench.make_plan(spec, row["strategy"], row["microbatch"], n_gpus, "dgx-h200",
+                           row.get("plan_n_microbatches", "auto"))
     graph = ModelSource(spec).graph(plan.training.microbatch_size) if ":" in spec else \
         graphs.load(spec, batch=plan.training.microbatch_size)
     return plan, graph

@@ -23,7 +23,8 @@ follow = importlib.import_module("autopar.sharding.rules.follow")     # the modu
 def _direct(monkeypatch) -> None:
     """The rules as they were: every kernel time asked of the ComputeModel."""
     monkeypatch.setattr(einsum, "matmul_s", lambda cm, m, n, k, batch=1: cm.matmul_s(m, n, k, batch))
-    monkeypatch.setattr(follow, "memory_bound_s", lambda cm, nbytes, flops=0.0: cm.memory_bound_s(nbytes, flops))
+    monkeypatch.setattr(follow, "memory_bound_s",
+                        lambda cm, nbytes, flops=0.0, kernel="add": cm.memory_bound_s(nbytes, flops, kernel))
 
 
 def _all_strategies(g, mesh, cm) -> list:
@@ -70,4 +71,6 @@ def test_remembered_calls_equal_the_model_to_the_bit():
             assert common.matmul_s(cm, m, n, k, b) == cm.matmul_s(m, n, k, b)
             nbytes, flops = float(rng.random() * 1e9), float(rng.random() * 1e9) * (rng.random() < 0.5)
             assert common.memory_bound_s(cm, nbytes, flops) == cm.memory_bound_s(nbytes, flops)
+            kernel = ("add", "gelu", "layernorm_backward", "copy")[int(rng.integers(0, 4))]
+            assert common.memory_bound_s(cm, nbytes, flops, kernel) == cm.memory_bound_s(nbytes, flops, kernel)
         assert common.memory_bound_s(cm, 0.0, 0.0) == cm.memory_bound_s(0.0, 0.0) == 0.0

@@ -62,9 +62,34 @@ def matmul_s(cm: ComputeModel, m: int, n: int, k: int, batch: int = 1) -> float:
 
 
 @lru_cache(maxsize=200_000)
-def memory_bound_s(cm: ComputeModel, nbytes: float, flops: float = 0.0) -> float:
-    """cm.memory_bound_s(nbytes, flops), remembered."""
-    return cm.memory_bound_s(nbytes, flops)
+def memory_bound_s(cm: ComputeModel, nbytes: float, flops: float = 0.0, kernel: str = "add") -> float:
+    """cm.memory_bound_s(nbytes, flops, kernel), remembered."""
+    return cm.memory_bound_s(nbytes, flops, kernel)
+
+
+# activations priced on the profile's gelu rows (erf / exp per element, not an add's stream)
+ACTIVATION_OPS = frozenset({"gelu", "silu", "tanh", "sigmoid", "relu", "erf", "exp"})
+
+
+def memory_kernel(node) -> str:
+    """The profile's memory-bound kernel (compute.MEMORY_BOUND_KERNELS) an op is priced on."""
+    from graphs.ir import NORM, SOFTMAX, VIEW
+    if node.kind == NORM:
+        return "layernorm"
+    if node.kind == SOFTMAX:
+        return "softmax"
+    if node.kind == VIEW:
+        return "copy"
+    if node.op in ACTIVATION_OPS:
+        return "gelu"
+    return "add"
+
+
+def backward_kernel(kernel: str) -> str:
+    """The profile's kernel an op's backward is priced on: its own backward's rows for an
+    activation or a norm (their backwards read two tensors and reduce), the forward's kind for
+    the rest (an add's gradient is a copy or nothing; a copy's, a copy)."""
+    return f"{kernel}_backward" if kernel in ("gelu", "layernorm") else kernel
 
 
 def is_integer(dtype: str) -> bool:

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from autopar.costmodel.collectives import ALL_GATHER, ALL_REDUCE, BACKWARD, FORWARD, Collective
 from autopar.costmodel.compute import ComputeModel
 from autopar.hardware.mesh import Mesh
-from autopar.sharding.rules.common import collective, is_integer, local_out_bytes, memory_bound_s, param_terms
+from autopar.sharding.rules.common import (
+    backward_kernel,
+    collective,
+    is_integer,
+    local_out_bytes,
+    memory_bound_s,
+    memory_kernel,
+    param_terms,
+)
 from autopar.sharding.spec import AXES, Spec, is_valid, parts_of, shard_factor, used_mask
 from autopar.sharding.strategy import Strategy
 from graphs.ir import LOSS, NORM, REDUCTION, SOFTMAX, VIEW, OpNode, dtype_bytes, numel
@@ -61,8 +69,10 @@ def follow(node: OpNode, lead_spec: Spec, mesh: Mesh, cm: ComputeModel) -> Strat
     f = shard_factor(out_spec, mesh) if out_spec else 1
     if lay.shard_lead:
         f = max(f, shard_factor(lead_spec, mesh))
-    fwd = memory_bound_s(cm, node.fwd_bytes / f, node.fwd_flops / f) if (node.fwd_bytes or node.fwd_flops) else 0.0
-    bwd = memory_bound_s(cm, node.bwd_bytes / f, node.bwd_flops / f) if (node.bwd_bytes or node.bwd_flops) else 0.0
+    kernel = memory_kernel(node)
+    fwd = memory_bound_s(cm, node.fwd_bytes / f, node.fwd_flops / f, kernel) if (node.fwd_bytes or node.fwd_flops) else 0.0
+    bwd = (memory_bound_s(cm, node.bwd_bytes / f, node.bwd_flops / f, backward_kernel(kernel))
+           if (node.bwd_bytes or node.bwd_flops) else 0.0)
     params = param_terms(node, lay.param_specs, lay.partial_of, mesh, _read_in_backward(node))
     return Strategy("follow", out_spec, tuple(lay.in_specs), fwd, bwd, (*lay.collectives, *params.collectives),
                     params.elems_local, params.elems_zero, local_out_bytes(node, out_spec, mesh))
