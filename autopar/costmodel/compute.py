@@ -24,8 +24,9 @@ class ComputeModel:
     long kernel pays only the gap (~1 us, CUDA-graph launch); a tiny one waits on dispatch.
 
     With a measured profile, matmul efficiency comes from the nearest measured shapes (in
-    log2 space, inverse-distance weighted) and streaming bandwidth and launch overhead from the
-    measured kernels. Without one (V100, A100 here), efficiency follows a documented default
+    log2 space, inverse-distance weighted), a memory-bound op's bandwidth from the measured rows
+    of its own kind (add, copy, gelu, layernorm, softmax and the backwards of gelu and layernorm)
+    at its size, and launch overhead from the measured kernels. Without one (V100, A100 here), efficiency follows a documented default
     curve: eff = e_max * prod_d (d / (d + c)) over the GEMM's m, n, k (e_max = matmul_efficiency
     and c = 64, or the published-run refit of FITTED_DEFAULT_CURVE) — a large
     GEMM reaches the published large-GEMM efficiency, a skinny one falls off as its smallest
