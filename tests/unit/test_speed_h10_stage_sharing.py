@@ -3,7 +3,7 @@ ops have the structure of a stage posed before (stage_shape_key), on the same me
 model and Settings, under the same strategies by position, takes that problem renamed
 (StageProblem.renamed) and its evaluation with the op records renamed. The previous code, a
 problem posed and evaluated per stage (evaluator.SHARE_STAGES = False, a fresh stage cache), is
-the reference: for every candidate the planner proposes (every microbatch size, ZeRO 1 and 3,
+the reference: for every candidate the planner proposes (at one microbatch size, ZeRO 1 and 3,
 the eager recipe, and each candidate again with selective, full and partial recomputation), the
 plan the planner's simulate makes and every stage's StageResult are equal to the reference's
 to the bit (their reprs: floats round-trip), and the shared path is taken."""
@@ -158,7 +158,7 @@ def test_shared_stage_problems_evaluate_as_problems_posed_per_stage(zero, eager,
     cl = load_cluster("p3.16xlarge", 2, 4)
     job = SearchJob(ModelSource(MODEL), cl, 32, "1f1b", None, cl.gpu.training_dtype(None), zero, 10.0, "highs", "ilp",
                     eager=eager)
-    props = [job.propose(mb, SearchStats()) for mb in (1, 4)]
+    props = [job.propose(mb, SearchStats()) for mb in (2,)]
     renamed = StageProblem.renamed
     calls = {"n": 0}
 
@@ -169,8 +169,8 @@ def test_shared_stage_problems_evaluate_as_problems_posed_per_stage(zero, eager,
     new = _all_results(job, props, cl, eager, True, monkeypatch)
     shared = calls["n"]
     old = _all_results(job, props, cl, eager, False, monkeypatch)
-    assert calls["n"] == shared > 50           # the reference renames nothing; the new way often
-    assert len(new) == len(old) > 40
+    assert calls["n"] == shared > 20           # the reference renames nothing; the new way often
+    assert len(new) == len(old) > 20
     for a, b in zip(new, old):
         assert a == b
 
