@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, replace
+from typing import Any
 
 from autopar.costmodel import eager as eager_mod
 from autopar.costmodel.collectives import (
@@ -49,7 +50,7 @@ from autopar.plan import Plan, PlanError, Prediction, StageMemory, StagePlan, Tr
 from autopar.sharding.rules.common import GRAD_BYTES
 from autopar.sharding.rules.einsum import splits_sequence
 from autopar.sharding.spec import parse_spec, shard_factor
-from autopar.sharding.stage_problem import Evaluation, Settings, StageProblem, saved_tensors
+from autopar.sharding.stage_problem import Evaluation, Settings, StageProblem, saved_tensors, stage_layers_key
 from graphs.annotate import is_unfused_attention
 from graphs.ir import ELEMENTWISE, INPUT, LOSS, MATMUL, NORM, OUTPUT, VIEW, OpGraph
 from graphs.query import attention_core, main_boundary, stage_nodes
@@ -133,7 +134,9 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
         raise PlanError(f"stage {st.index}: submesh {st.submesh} has {sub.n_devices} devices but "
                         f"{len(st.device_ids)} device ids are given")
     mesh = Mesh(cluster, sub, (st.logical_mesh[0], st.logical_mesh[1]))
-    bsrc = main_boundary(graph, names)
+    per_graph = _STAGE_CACHE.setdefault(graph, {})
+    layers = (st.layers[0], st.layers[1])
+    bsrc = _boundary_of(per_graph, graph, layers, names)
     boundary = {}
     if bsrc is not None:
         spec = parse_spec(st.input_spec) if st.input_spec else tuple(0 for _ in graph.node(bsrc).out_shape)
@@ -151,18 +154,13 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                         "(sharded_storage); evaluate without eager")
     key = (tuple(st.layers), sub, mesh.shape, tuple(sorted(boundary.items())),
            tuple(sorted(st.strategies.items())), zero, cluster, id(cm.gpu), cm.dtype, sharded_roots)
-    per_graph = _STAGE_CACHE.setdefault(graph, {})
     hit = per_graph.get(key)
+    settings = Settings(n_microbatches=training.n_microbatches, zero=zero)
+    where = (sub, mesh.shape, cluster, id(cm.gpu), cm.dtype, settings)
     if hit is None:
-        prob = StageProblem(graph, names, mesh, cm, boundary=boundary)
-        choice = prob.choice_from_names(st.strategies)
-        try:
-            ev = prob.evaluate(choice, Settings(n_microbatches=training.n_microbatches, zero=zero), with_ops=True,
-                               sharded_roots=sharded_roots)
-        except ValueError as e:
-            raise PlanError(f"stage {st.index}: {e}") from None
-        hit = per_graph[key] = (prob, choice, ev, prob.assignment(choice))
-    prob, choice, ev, assign = hit
+        hit = per_graph[key] = _posed(graph, layers, names, mesh, cm, boundary, st.strategies, settings,
+                                      sharded_roots, where, per_graph, st.index)
+    prob, choice, ev, assign, shape_key = hit
 
     fwd, bwd, rec_flops = ev.fwd_s, ev.bwd_s, 0.0
     layer_inputs = max_layer_stash = core_stash = 0.0
@@ -179,7 +177,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
         per_layer = []
         for li in range(st.layers[0], st.layers[0] + n_rc):
             lnames = list(graph.layers[li].nodes)
-            src = main_boundary(graph, lnames)
+            src = _boundary_of(per_graph, graph, (li, li + 1), lnames)
             if src is not None:
                 node = graph.node(src)
                 spec_idx = assign.get(src)
@@ -199,11 +197,9 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
             pkey = ("recomputed", *key, n_rc)
             phit = per_graph.get(pkey)
             if phit is None:
-                pprob = StageProblem(graph, pre_names, mesh, cm, boundary=boundary)
-                pchoice = pprob.choice_from_names(st.strategies)
-                pev = pprob.evaluate(pchoice, Settings(n_microbatches=training.n_microbatches, zero=zero),
-                                     sharded_roots=sharded_roots & {g.root for g in pprob.groups})
-                phit = per_graph[pkey] = (pprob, pev, pprob.assignment(pchoice))
+                pprob, _, pev, passign, _ = _posed(graph, pre_layers, pre_names, mesh, cm, boundary, st.strategies,
+                                                settings, sharded_roots, where, per_graph, None)
+                phit = per_graph[pkey] = (pprob, pev, passign)
             pprob, pev, passign = phit
             bwd += pev.recompute_fwd_s
             rec_flops = sum(graph.node(n).fwd_flops for n in pre_names)
@@ -230,7 +226,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     stash = stash_after_recompute(st.recompute, ev.stash_bytes + terms.residual_stash_bytes, layer_inputs, core_stash,
                                   recomputed_stash_bytes=rc_stash if partial else None)
     working = working_after_recompute(st.recompute, max_layer_stash)
-    out_node = _stage_output(graph, st.layers)
+    nxt = (st.layers[1], st.layers[1] + 1)      # the stage's output: the next layer's input
+    out_node = _boundary_of(per_graph, graph, nxt, stage_nodes(graph, nxt)) if nxt[0] < len(graph.layers) else None
     bbytes = graph.node(out_node).out_bytes if out_node else 0.0
     fwd += terms.fwd_s
     bwd += terms.bwd_s
@@ -268,7 +265,13 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     fsdp_block = 0.0
     if eager and zero >= 3 and sub.n_devices > 1:
         fsdp_block = max((fsdp_block_buffer_bytes(graph, li, prob, assign) for li in range(*st.layers)), default=0.0)
-    buckets = grad_sync_buckets(prob, assign, zero, engine) if zero <= 1 else ()
+    buckets: tuple[tuple[float, float], ...] = ()
+    if zero <= 1:
+        # a function of the problem's ops in order, their strategies and the mesh: shared as
+        # the problem is (_posed)
+        bkey = ("buckets", shape_key if shape_key is not None else key, engine)
+        known = per_graph.get(bkey)
+        buckets = known if known is not None else per_graph.setdefault(bkey, grad_sync_buckets(prob, assign, zero, engine))
     sync = sum(d for _, d in buckets) if zero <= 1 else ev.sync_s + units.step_delta_s
     return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working,
                        (ev.param_state_bytes(zero) + terms.param_state_delta_bytes) * copy_share,
@@ -287,6 +290,54 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied),
                        grad_pool_bytes=fsdp_grad_pool_bytes(ev, zero, sub.n_devices, zero_autocast) if eager else 0.0,
                        tied_copy_params=tied_copy, sync_buckets=buckets)
+
+
+# Whether stages of one structure share their problem (_posed); False poses one per stage, as
+# before (the oracle of tests/unit/test_speed_h10_stage_sharing.py).
+SHARE_STAGES = True
+
+
+def _posed(graph: OpGraph, layers: tuple[int, int], names: list[str], mesh: Mesh, cm: ComputeModel, boundary: dict, strategies: dict[str, str],
+           settings: Settings, sharded_roots: frozenset[str], where: tuple, per_graph: dict,
+           stage_index: int | None) -> tuple[StageProblem, Any, Evaluation, dict[str, int], tuple | None]:
+    """(problem, group choice, evaluation, assignment) of the ops `names` (those of `layers`) under `strategies`
+    (stage_index given: with the per-op records, and an error in the evaluation as the
+    stage's PlanError; None: without them, the recomputed layers of evaluate_stage).
+
+    The planner simulates candidates whose stages repeat a few layer structures: gpt-39b
+    evaluates hundreds of stages per microbatch size, the 405B shape at microbatch 16 402
+    stages whose 454 problems (8 ms to pose, 8 ms to evaluate each) were almost all posed
+    afresh, their layers' indices differing. A stage whose ops have the structure of one
+    posed before (stage_shape_key: the same ops, operands, outside producers and stash, by
+    position; stage_layers_key makes it from each layer's), on the same mesh and compute model (`where`: submesh, shape, cluster, GPU,
+    dtype, Settings), under the same strategies by position, is that problem renamed
+    (StageProblem.renamed) and its evaluation with each op record's name changed: the same
+    figures, summed in the same order. Stages with per-op sharded storage (names in
+    `sharded_roots`) are posed afresh. Last in the tuple: the key it is shared under (None:
+    not shared)."""
+    with_ops = stage_index is not None
+    skey = None
+    if SHARE_STAGES and not sharded_roots:
+        skey = ("shape", with_ops, where, stage_layers_key(graph, layers, boundary),
+                tuple(strategies.get(n) for n in names))
+        shared = per_graph.get(skey)
+        if shared is not None:
+            prob0, choice, ev0 = shared
+            prob = prob0.renamed(names, boundary)
+            ev = replace(ev0, ops=[{**o, "name": n} for o, n in zip(ev0.ops, names)]) if with_ops else ev0
+            return prob, choice, ev, prob.assignment(choice), skey
+    prob = StageProblem(graph, names, mesh, cm, boundary=boundary)
+    choice = prob.choice_from_names(strategies)
+    roots = sharded_roots if with_ops else sharded_roots & {g.root for g in prob.groups}
+    try:
+        ev = prob.evaluate(choice, settings, with_ops=with_ops, sharded_roots=roots)
+    except ValueError as e:
+        if stage_index is None:
+            raise
+        raise PlanError(f"stage {stage_index}: {e}") from None
+    if skey is not None:
+        per_graph[skey] = (prob, choice, ev)
+    return prob, choice, ev, prob.assignment(choice), skey
 
 
 def tied_copy_elems(graph: OpGraph, layers: tuple[int, int]) -> int:
@@ -1078,11 +1129,14 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _stage_output(graph: OpGraph, layers: tuple[int, int]) -> str | None:
-    if layers[1] >= len(graph.layers):
-        return None
-    nxt = stage_nodes(graph, (layers[1], min(len(graph.layers), layers[1] + 1)))
-    return main_boundary(graph, nxt)
+def _boundary_of(per_graph: dict, graph: OpGraph, layers: tuple[int, int], names: list[str]) -> str | None:
+    """main_boundary of `names`, the ops of `layers`, once per graph and layers (per_graph:
+    the graph's _STAGE_CACHE entry)."""
+    k = ("boundary", layers)
+    if k in per_graph:
+        return per_graph[k]
+    value = per_graph[k] = main_boundary(graph, names)
+    return value
 
 
 def p2p_time_s(cluster: Cluster, a: StagePlan, b: StagePlan, nbytes: float) -> float:

@@ -141,6 +141,23 @@ def interleaved_candidates(rt: RangeTable, submesh_index: int, sub: Submesh, log
     return _equal_split(rt, submesh_index, sub, logical_mesh, space, p2p_s, chunks=2, storage=storage)
 
 
+# Whether _equal_split reads a chunk's options once for both its passes (False: once per pass,
+# as before: the oracle of tests/unit/test_speed_h10_equal_split.py)
+REUSE_OPTIONS = True
+
+
+def _follows(starts: list[StartLayout]) -> np.ndarray:
+    """follows[p0, p]: start p enters its chunk (after the first) in the layout start p0's chunk
+    emits (layers of one shape on one mesh emit the layout they are entered in): starts[p] ==
+    StartLayout(starts[p0].spec, seq_split=starts[p0].seq_split), by numbering the (spec,
+    seq_split) pairs of the starts not at the embedding (the others equal no such layout)
+    instead of comparing P^2 dataclasses."""
+    ids: dict[tuple, int] = {}
+    own = np.array([ids.setdefault((q.spec, q.seq_split), len(ids)) if not q.at_embedding else -1 for q in starts])
+    wanted = np.array([ids.get((q.spec, q.seq_split), -2) for q in starts])
+    return wanted[:, None] == own[None, :]
+
+
 def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int, int], space: SearchSpace,
                  p2p_s: np.ndarray, chunks: int, storage: StorageItems | None = None) -> list[Candidate]:
     """With `storage`, a rank's chunks may also store parameter groups sharded (ZeRO-1/2 stages):
@@ -188,11 +205,7 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
         """x over one chunk's options, on axis c of the rank's joint (chunks-dimensional) options."""
         return x.reshape((1,) * c + (-1,) + (1,) * (chunks - 1 - c))
 
-    # follows[p0, p]: start p enters its chunk (after the first) in the layout start p0's chunk
-    # emits (layers of one shape on one mesh emit the layout they are entered in)
-    follows = np.array([[rt.starts[q] == StartLayout(rt.starts[q0].spec, seq_split=rt.starts[q0].seq_split)
-                         for q in range(P)]
-                        for q0 in range(P)])
+    follows = _follows(rt.starts)
     everywhere = np.ones(P, bool)
     def chunk_slots(g: int) -> int:
         return B + depth - g % depth - 1
@@ -242,6 +255,15 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
                 found = (int(flat), k_new, per_chunk)
         return found
 
+    # A chunk's options depend on its index and layers only, so both passes below read the same.
+    known: dict[int, tuple[np.ndarray, ...]] = {}
+
+    def options_of(g: int) -> tuple[np.ndarray, ...]:
+        hit = known.get(g) if REUSE_OPTIONS else None
+        if hit is None:
+            hit = known[g] = options(g, *ranges[g])
+        return hit
+
     out = []
     for same_layout in (False, True):
         picked: dict[int, tuple[int, float, float]] = {}   # chunk -> (option, t, sync)
@@ -252,7 +274,7 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
             # cap on the sum of their bytes (the evaluator's per-GPU peak sums the chunks' stashes
             # and held state; summing their working sets too errs on the safe side).
             gs = range(r, len(ranges), depth)
-            opts = [options(g, *ranges[g]) for g in gs]
+            opts = [options_of(g) for g in gs]
             key = sum(along(c, o[0]) for c, o in enumerate(opts))
             mem = sum(along(c, o[1]) for c, o in enumerate(opts))
             # the GPU's cap: its chunks' gradient pools, absent and held state added, its largest

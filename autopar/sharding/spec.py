@@ -75,6 +75,15 @@ def axes_of(mask: int) -> int:
 
 
 def spec_str(spec: Spec) -> str:
+    """The layout as text (parse_spec reads it back). A function of the masks alone, so a
+    tuple's text is kept (the evaluator writes one per op's input and output, most of them
+    alike): _spec_text computes it."""
+    if type(spec) is tuple:
+        return _spec_text_kept(spec)
+    return _spec_text(spec)
+
+
+def _spec_text(spec: Spec) -> str:
     if not spec:
         return "scalar"
     out = []
@@ -82,6 +91,9 @@ def spec_str(spec: Spec) -> str:
         parts = parts_of(m)
         out.append(_TOKENS[m & AXES] + (f"[{','.join(map(str, parts))}]" if parts else ""))
     return "".join(out)
+
+
+_spec_text_kept = lru_cache(maxsize=65_536)(_spec_text)
 
 
 def parse_spec(text: str) -> Spec:

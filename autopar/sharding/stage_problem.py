@@ -59,8 +59,29 @@ def saved_tensors(graph: OpGraph, names) -> tuple[dict[str, float], dict[str, fl
     saved: dict[str, float] = {}
     masks: dict[str, float] = {}
     outside: dict[str, float] = {}
+    for name in order:
+        v = graph.node(name)
+        for src in _marked(graph, v):
+            if src in names:
+                saved[src] = max(saved.get(src, 0.0), 1.0)
+            elif src in graph and graph.node(src).kind != INPUT:
+                outside[src] = max(outside.get(src, 0.0), 1.0)
+        if v.kind == ELEMENTWISE and v.op == "dropout" and float(v.attrs.get("p", 0.0)) > 0:
+            masks[name] = masks.get(name, 0.0) + 0.5 * 2 / max(1, dtype_bytes(v.out_dtype))
+    # The mask is kept on top of the dropout's output when a later op saves that output too
+    # (softmax -> dropout -> PV matmul keeps both), whatever order the ops are visited in.
+    for name, w in masks.items():
+        saved[name] = saved.get(name, 0.0) + w
+    return saved, outside
 
-    def mark(src: str | None, w: float = 1.0):
+
+def _marked(graph: OpGraph, v: OpNode) -> list[str]:
+    """The producers whose outputs op `v`'s backward keeps, in the order saved_tensors marks
+    them, each traced through pure views to the op that owns the storage: the same whatever
+    set of ops `v` is in (saved_tensors sorts them into the set's and the outside's)."""
+    out: list[str] = []
+
+    def mark(src: str | None):
         seen = 0
         while src is not None and src in graph and seen < 64:
             n = graph.node(src)
@@ -72,50 +93,39 @@ def saved_tensors(graph: OpGraph, names) -> tuple[dict[str, float], dict[str, fl
                 seen += 1
                 continue
             break
-        if src is None:
-            return
-        if src in names:
-            saved[src] = max(saved.get(src, 0.0), w)
-        elif src in graph and graph.node(src).kind != INPUT:
-            outside[src] = max(outside.get(src, 0.0), w)
+        if src is not None:
+            out.append(src)
 
-    for name in order:
-        v = graph.node(name)
-        k = v.kind
-        acts = [o for o in v.operands if o.source is not None]
-        if k in (MATMUL, ATTENTION, NORM, LOSS):
-            for o in acts:
-                if not (o.dtype.startswith("int") or o.dtype == "bool"):
-                    mark(o.source)
-            if k == ATTENTION:
-                mark(name)
-        elif k == SOFTMAX:
+    name = v.name
+    k = v.kind
+    acts = [o for o in v.operands if o.source is not None]
+    if k in (MATMUL, ATTENTION, NORM, LOSS):
+        for o in acts:
+            if not (o.dtype.startswith("int") or o.dtype == "bool"):
+                mark(o.source)
+        if k == ATTENTION:
             mark(name)
-        elif k == ELEMENTWISE:
-            if v.op in ("mul", "div"):
-                # x * c and x / c (c a scalar or a constant buffer) need only c in backward;
-                # an operand is kept only when another operand (activation or weight) needs
-                # a gradient that reads it, or (div) the divisor is not a constant.
-                needs = [o.source is not None or o.is_param for o in v.operands]
-                for j, o in enumerate(v.operands):
-                    if o.source is None:
-                        continue
-                    if v.op == "mul":
-                        keep = any(needs[i] for i in range(len(v.operands)) if i != j)
-                    else:
-                        keep = len(needs) > 1 and needs[1]
-                    if keep:
-                        mark(o.source)
-            elif v.op in _SAVES_INPUTS:
-                for o in acts:
+    elif k == SOFTMAX:
+        mark(name)
+    elif k == ELEMENTWISE:
+        if v.op in ("mul", "div"):
+            # x * c and x / c (c a scalar or a constant buffer) need only c in backward;
+            # an operand is kept only when another operand (activation or weight) needs
+            # a gradient that reads it, or (div) the divisor is not a constant.
+            needs = [o.source is not None or o.is_param for o in v.operands]
+            for j, o in enumerate(v.operands):
+                if o.source is None:
+                    continue
+                if v.op == "mul":
+                    keep = any(needs[i] for i in range(len(v.operands)) if i != j)
+                else:
+                    keep = len(needs) > 1 and needs[1]
+                if keep:
                     mark(o.source)
-            if v.op == "dropout" and float(v.attrs.get("p", 0.0)) > 0:
-                masks[name] = masks.get(name, 0.0) + 0.5 * 2 / max(1, dtype_bytes(v.out_dtype))
-    # The mask is kept on top of the dropout's output when a later op saves that output too
-    # (softmax -> dropout -> PV matmul keeps both), whatever order the ops are visited in.
-    for name, w in masks.items():
-        saved[name] = saved.get(name, 0.0) + w
-    return saved, outside
+        elif v.op in _SAVES_INPUTS:
+            for o in acts:
+                mark(o.source)
+    return out
 
 
 def _grad_share(graph: OpGraph, names) -> dict[str, dict[int, float]]:
@@ -549,6 +559,155 @@ def _template_of(prob: StageProblem, allowed: dict[str, set[str]]) -> _Template:
     return tpl
 
 
+def stage_shape_key(graph: OpGraph, names: list[str], boundary: dict[str, Spec]) -> tuple:
+    """Everything a StageProblem without strategy filters (no `allowed`, `only_names` or
+    `restrict_out`) reads of its ops and of the producers they read, with the ops' names
+    replaced by their positions in `names` and the producers outside the set numbered in the
+    order they are first read: per op its signature (what the strategy rules read, _node_sig)
+    and where each operand comes from; per producer outside the set its layout as the problem
+    takes it (`boundary`'s, else whole), whether it is a graph input, whether it needs a
+    gradient, its shape and bytes; what the set stashes (saved_tensors, the outside producers'
+    shares in their order). Two sets with equal keys on one mesh and compute model pose the
+    same problem but for the ops' names: the same groups of the same strategy objects (the
+    strategy caches key on the signature) and the same edges, so every figure `evaluate`
+    sums is the same float in the same order (StageProblem.renamed). The signatures stay
+    objects (_BySig compares them whole), never numbers a cache could reuse."""
+    pos = {n: i for i, n in enumerate(names)}
+    numbers: dict[str, int] = {}
+    outside: list[tuple] = []
+
+    def number(src: str) -> int:
+        k = numbers.get(src)
+        if k is None:
+            k = numbers[src] = len(numbers)
+            n = graph.node(src)
+            outside.append((src in boundary, boundary.get(src), n.kind == INPUT,
+                            bool(n.attrs.get("requires_grad", True)), tuple(n.out_shape), n.out_bytes))
+        return k
+
+    ops = []
+    for name in names:
+        n = graph.node(name)
+        refs = tuple(None if o.source is None else pos[o.source] if o.source in pos else -1 - number(o.source)
+                     for o in n.operands)
+        ops.append((_sig_of(n)[0], refs))
+    saved, saved_outside, *_ = _structure(graph, list(names))
+    return (tuple(ops), tuple((pos[n], w) for n, w in saved.items()),
+            tuple((number(s), w) for s, w in saved_outside.items()), tuple(number(s) for s in boundary),
+            tuple(outside))
+
+
+class _LayerShape:
+    """A layer's ops with names replaced by positions (stage_layers_key), compared whole, its
+    hash kept."""
+
+    __slots__ = ("key", "_h")
+
+    def __init__(self, key: tuple):
+        self.key = key
+        self._h = hash(key)
+
+    def __hash__(self) -> int:
+        return self._h
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, _LayerShape) and self.key == other.key)
+
+
+# Per (graph id, layer): (graph, its _LayerShape, the producers outside the layer it reads or
+# keeps, in the order the shape numbers them); per graph id: (graph, op -> (layer, position)).
+# Each entry holds its graph, so that the id is not reused while cached.
+_LAYER_SHAPES: dict[tuple[int, int], tuple[OpGraph, _LayerShape, tuple[str, ...]]] = {}
+_SHAPES_SEEN: dict[_LayerShape, _LayerShape] = {}      # one object per shape: later compares are by identity
+_PLACES: dict[int, tuple[OpGraph, dict[str, tuple[int, int]]]] = {}
+
+
+def _layer_shape(graph: OpGraph, li: int) -> tuple[_LayerShape, tuple[str, ...]]:
+    hit = _LAYER_SHAPES.get((id(graph), li))
+    if hit is not None and hit[0] is graph:
+        return hit[1], hit[2]
+    nodes = graph.layers[li].nodes
+    local = {n: i for i, n in enumerate(nodes)}
+    ext: dict[str, int] = {}
+
+    def ref(src: str) -> int:
+        i = local.get(src)
+        if i is not None:
+            return i
+        k = ext.get(src)
+        if k is None:
+            k = ext[src] = len(ext)
+        return -1 - k
+
+    ops = []
+    for name in nodes:
+        n = graph.node(name)
+        ops.append((_sig_of(n)[0], tuple(None if o.source is None else ref(o.source) for o in n.operands),
+                    tuple(ref(src) for src in _marked(graph, n))))
+    shape = _LayerShape(tuple(ops))
+    if len(_SHAPES_SEEN) >= 100_000:
+        _SHAPES_SEEN.clear()
+    shape = _SHAPES_SEEN.setdefault(shape, shape)
+    if len(_LAYER_SHAPES) >= 100_000:
+        _LAYER_SHAPES.clear()
+    _LAYER_SHAPES[(id(graph), li)] = (graph, shape, tuple(ext))
+    return shape, tuple(ext)
+
+
+def _places(graph: OpGraph) -> dict[str, tuple[int, int]]:
+    hit = _PLACES.get(id(graph))
+    if hit is not None and hit[0] is graph:
+        return hit[1]
+    value = {n: (li, i) for li, layer in enumerate(graph.layers) for i, n in enumerate(layer.nodes)}
+    if len(_PLACES) >= 64:
+        _PLACES.clear()
+    _PLACES[id(graph)] = (graph, value)
+    return value
+
+
+def stage_layers_key(graph: OpGraph, layers: tuple[int, int], boundary: dict[str, Spec]) -> tuple:
+    """stage_shape_key of the ops of `layers` (graphs.query.stage_nodes), made from each
+    layer's shape (made once per layer): per layer its ops' signatures and, by position in the
+    layer or by a number of the layer's own, where their operands come from and what each op's
+    backward keeps (_marked); per stage where the producers outside each layer are, by
+    position in the stage or by a number of the stage's own, and what those outside the stage
+    are (stage_shape_key's descriptions). Equal keys give equal stage_shape_keys: every part
+    of that key, the saved and outside stash included (saved_tensors sorts the marks by where
+    they land), follows from these (tests/unit/test_speed_h10_stage_sharing.py checks it)."""
+    a, b = layers
+    places = _places(graph)
+    numbers: dict[str, int] = {}
+    outside: list[tuple | None] = []
+
+    def number(src: str) -> int:
+        k = numbers.get(src)
+        if k is None:
+            k = numbers[src] = len(numbers)
+            if src in graph:
+                n = graph.node(src)
+                outside.append((src in boundary, boundary.get(src), n.kind == INPUT,
+                                bool(n.attrs.get("requires_grad", True)), tuple(n.out_shape), n.out_bytes))
+            else:
+                outside.append(None)
+        return k
+
+    shapes, refs = [], []
+    offset = {}
+    off = 0
+    for li in range(a, b):
+        offset[li] = off
+        off += len(graph.layers[li].nodes)
+    for li in range(a, b):
+        shape, ext = _layer_shape(graph, li)
+        shapes.append(shape)
+        r = []
+        for src in ext:
+            at = places.get(src)
+            r.append(offset[at[0]] + at[1] if at is not None and a <= at[0] < b else -1 - number(src))
+        refs.append(tuple(r))
+    return (tuple(shapes), tuple(refs), tuple(number(s) for s in boundary), tuple(outside))
+
+
 class StageProblem:
     def __init__(self, graph: OpGraph, names: list[str], mesh: Mesh, cm: ComputeModel,
                  boundary: dict[str, Spec] | None = None, restrict_out: dict[str, Spec] | None = None,
@@ -563,12 +722,38 @@ class StageProblem:
         self.groups: list[Group] = []
         self.group_of: dict[str, int] = {}
         self.only_names = only_names
-        self._template = _template_of(self, allowed or {})
-        self.forbidden = list(self._template.no_forbidden)
+        self._plain = not allowed and only_names is None and not restrict_out    # renamed() may copy it
+        tpl = _template_of(self, allowed or {})
+        self._template: _Template | None = tpl
+        self.forbidden = list(tpl.no_forbidden)
         for name, spec in (restrict_out or {}).items():
             gi = self.group_of[name]
             lst = self.groups[gi].strategies[name]
             self.forbidden[gi] = self.forbidden[gi] | np.array([s.out_spec != spec for s in lst])
+
+    def renamed(self, names: list[str], boundary: dict[str, Spec]) -> StageProblem:
+        """This problem posed on the ops `names` (names[i] in the place of self.names[i]) with
+        `boundary`, where stage_shape_key(graph, names, boundary) equals this problem's: the
+        same groups (each name mapped) of the same strategy objects, so `evaluate` of a choice
+        gives the figures a StageProblem built on `names` would, to the bit (tests/unit/
+        test_speed_h10_stage_sharing.py), without posing it again. Only for problems without
+        strategy filters (the evaluator's)."""
+        if not self._plain:
+            raise ValueError("renamed: only a problem without allowed, only_names or restrict_out")
+        m = dict(zip(self.names, names))
+        p = object.__new__(StageProblem)
+        p.graph, p.mesh, p.cm, p._context = self.graph, self.mesh, self.cm, self._context
+        p.names = list(names)
+        p.inside = set(p.names)
+        p.boundary = dict(boundary)
+        (p.saved, p.saved_outside, p.grad_share, p._operands, p._operand_at) = _structure(self.graph, p.names)
+        p.only_names, p._plain = None, True
+        p.groups = [Group(m[g.root], [m[x] for x in g.members], {m[k]: list(v) for k, v in g.strategies.items()})
+                    for g in self.groups]
+        p.group_of = {m[k]: gi for k, gi in self.group_of.items()}
+        p._template = None           # made by ilp_arrays if asked (templates key on the names)
+        p.forbidden = list(self.forbidden)
+        return p
 
     # -- structure -----------------------------------------------------------------------
     def _boundary_spec(self, src: str) -> Spec:
@@ -677,6 +862,10 @@ class StageProblem:
         entry layout (the groups' member sums, the edges among groups that follow no
         received tensor) come from the template (_Template.settled), the rest is worked out
         here; both are summed in the one order below, so the arrays are the same to the bit."""
+        if self._template is None:
+            # a renamed problem (renamed): its template's groups are the ones it holds
+            self.groups, self.group_of = [], {}
+            self._template = _template_of(self, {})
         member_cost, member_mem, plan = self._template.settled(self, settings)
         node_costs, node_mem = [], []
         for gi, grp in enumerate(self.groups):
