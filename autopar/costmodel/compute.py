@@ -26,9 +26,10 @@ class ComputeModel:
     With a measured profile, matmul efficiency comes from the nearest measured shapes (in
     log2 space, inverse-distance weighted), a memory-bound op's bandwidth from the measured rows
     of its own kind (add, copy, gelu, layernorm, softmax and the backwards of gelu and layernorm)
-    at its size, and launch overhead from the measured kernels. Without one (V100, A100 here), efficiency follows a documented default
-    curve: eff = e_max * prod_d (d / (d + c)) over the GEMM's m, n, k (e_max = matmul_efficiency
-    and c = 64, or the published-run refit of FITTED_DEFAULT_CURVE) — a large
+    at its size, and launch overhead from the measured kernels. Without one (V100, A100 here),
+    efficiency follows a documented default curve: eff = e_max * prod_d (d / (d + c)) over the
+    GEMM's m, n, k (e_max = matmul_efficiency and c = 64, or the published-run refit of
+    FITTED_DEFAULT_CURVE) — a large
     GEMM reaches the published large-GEMM efficiency, a skinny one falls off as its smallest
     dimension under-fills the tensor-core tiles.
     """
@@ -111,9 +112,9 @@ class ComputeModel:
 
     def memory_bound_s(self, nbytes: float, flops: float = 0.0, kernel: str = "add") -> float:
         """One memory-bound op moving `nbytes` (read + written). With a measured profile the
-        bandwidth is that of the profile's `kernel` rows (hardware.profiles.MEMORY_BOUND_KERNELS) at this size:
-        a GELU or a norm does not stream at an `add`'s rate, and a small kernel of any kind
-        reaches a fraction of the large one's bandwidth."""
+        bandwidth is that of the profile's `kernel` rows (hardware.profiles.MEMORY_BOUND_KERNELS)
+        at this size: a GELU or a norm does not stream at an `add`'s rate, and a small kernel of
+        any kind reaches a fraction of the large one's bandwidth."""
         if nbytes <= 0 and flops <= 0:
             return 0.0
         bw = _kernel_bytes_per_s(self.gpu, kernel, float(nbytes)) if nbytes > 0 else self.stream_bytes_per_s

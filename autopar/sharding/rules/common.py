@@ -27,7 +27,7 @@ from autopar.costmodel.collectives import (
 from autopar.costmodel.compute import ComputeModel
 from autopar.hardware.mesh import Mesh
 from autopar.sharding.spec import Spec, axes_mask, axes_str, shard_factor
-from graphs.ir import OpNode, dtype_bytes, numel
+from graphs.ir import NORM, SOFTMAX, VIEW, OpNode, dtype_bytes, numel
 
 GRAD_BYTES = 2          # gradients reduced in the training dtype (bf16/fp16)
 
@@ -71,9 +71,8 @@ def memory_bound_s(cm: ComputeModel, nbytes: float, flops: float = 0.0, kernel: 
 ACTIVATION_OPS = frozenset({"gelu", "silu", "tanh", "sigmoid", "relu", "erf", "exp"})
 
 
-def memory_kernel(node) -> str:
-    """The profile's memory-bound kernel (compute.MEMORY_BOUND_KERNELS) an op is priced on."""
-    from graphs.ir import NORM, SOFTMAX, VIEW
+def memory_kernel(node: OpNode) -> str:
+    """The profile's memory-bound kernel (hardware.profiles.MEMORY_BOUND_KERNELS) an op is priced on."""
     if node.kind == NORM:
         return "layernorm"
     if node.kind == SOFTMAX:
