@@ -158,6 +158,23 @@ def _follows(starts: list[StartLayout]) -> np.ndarray:
     return wanted[:, None] == own[None, :]
 
 
+def equal_split_depth(n_gpus: int, sub_devices: int, n_layers: int, max_stages: int, n_microbatches: int,
+                      schedule: str, chunks: int) -> int | None:
+    """The pipeline depth of the equal-layer slicing with `chunks` chunks per rank on
+    submeshes of `sub_devices` GPUs (n_gpus // sub_devices ranks), or None where the planner
+    offers none: the ranks do not tile the cluster, exceed the stages allowed, or (interleaved)
+    the schedule, the microbatches or the layers do not allow `chunks` chunks per rank."""
+    if n_gpus % sub_devices:
+        return None
+    depth = n_gpus // sub_devices
+    if depth > min(max_stages, max(1, n_layers - 2)):
+        return None
+    if chunks > 1 and not (schedule == "1f1b" and depth >= 2 and n_microbatches % depth == 0
+                           and chunks * depth <= n_layers - 2):
+        return None
+    return depth
+
+
 def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int, int], space: SearchSpace,
                  p2p_s: np.ndarray, chunks: int, storage: StorageItems | None = None) -> list[Candidate]:
     """With `storage`, a rank's chunks may also store parameter groups sharded (ZeRO-1/2 stages):
@@ -167,13 +184,9 @@ def _equal_split(rt: RangeTable, mi: int, sub: Submesh, logical_mesh: tuple[int,
     in the key: exact for the options' strategies, as in StageTables.with_sharded_storage), and
     wins where that is still faster. Only pipelines where some chunk stores a group sharded come
     back: those without are the candidates without `storage`, which the planner keeps."""
-    L, S, B, schedule = space.n_layers, space.max_stages, space.n_microbatches, space.schedule
-    if space.n_gpus % sub.n_devices:
-        return []
-    depth = space.n_gpus // sub.n_devices
-    if depth > min(S, max(1, L - 2)):
-        return []
-    if chunks > 1 and not (schedule == "1f1b" and depth >= 2 and B % depth == 0 and chunks * depth <= L - 2):
+    L, B, schedule = space.n_layers, space.n_microbatches, space.schedule
+    depth = equal_split_depth(space.n_gpus, sub.n_devices, L, space.max_stages, B, schedule, chunks)
+    if depth is None:
         return []
     if chunks > 1:
         ranges = split_blocks(L, depth * chunks)

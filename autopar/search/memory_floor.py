@@ -62,6 +62,7 @@ from autopar.costmodel.memory import inflight, param_state_bytes
 from autopar.evaluation.baselines import split_blocks
 from autopar.hardware.mesh import Mesh, Submesh
 from autopar.hardware.specs import Cluster
+from autopar.search.candidates import equal_split_depth
 from autopar.sharding.rules import is_decision
 from autopar.sharding.stage_problem import _decision_cached, _sig_of, saved_tensors
 from graphs.ir import OpGraph, dtype_bytes, numel
@@ -165,13 +166,11 @@ def cannot_fit(graph: OpGraph, inputs: Sequence[str | None], cl: Cluster, subs: 
     L, N, B, S = len(graph.layers), cl.n_gpus, n_microbatches, max_stages
     limit = cap_bytes * (1 + MARGIN) if cap_bytes >= 0 else cap_bytes * (1 - MARGIN)
     depth_held = np.array([inflight(schedule, 0, s, B) for s in range(1, S + 1)])
-    # the interleaved equal-layer slicings candidates._equal_split offers: (submesh index, depth)
+    # the interleaved equal-layer slicings candidates._equal_split offers (equal_split_depth): (submesh index, depth)
     inter: dict[int, list[int]] = {}
     for mi, sub in enumerate(subs):
-        if N % sub.n_devices:
-            continue
-        d = N // sub.n_devices
-        if (d <= min(S, max(1, L - 2)) and schedule == "1f1b" and d >= 2 and B % d == 0 and 2 * d <= L - 2):
+        d = equal_split_depth(N, sub.n_devices, L, S, B, schedule, 2)
+        if d is not None:
             inter.setdefault(mi, []).append(d)
     memo: dict = {}
     # per submesh and cell, the most microbatches held at which some mesh's floor is within the cap
