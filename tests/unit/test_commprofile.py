@@ -255,6 +255,9 @@ def _run_bench(cmd, tmp_path, env_extra=None):
     return r
 
 
+# It launches torch.distributed process groups (gloo): the runtime pass's kind of test (pyproject's
+# markers), 30-35 s of a loaded 2-core machine that the default run's 5-minute bar cannot spare.
+@pytest.mark.runtime
 @pytest.mark.parametrize("nproc, launcher", [(2, "torchrun"), (4, "spawn")])
 def test_bench_end_to_end_on_cpu(tmp_path, nproc, launcher):
     out = tmp_path / "raw.json"
