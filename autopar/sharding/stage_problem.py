@@ -1064,13 +1064,13 @@ class StageProblem:
     # -- solve / evaluate ----------------------------------------------------------------
     def solve(self, settings: Settings = Settings(), mem_budget_bytes: float | None = None,
               time_limit_s: float = 30.0, backend: str = "highs"):
-        from solvers.ilp import solve_sharding_ilp
+        from solvers.ilp import solve_built_ilp, solve_sharding_ilp
         costs, edges, mem = self.ilp_arrays(settings)
-        if mem_budget_bytes is not None:
-            mem_budget_bytes -= settings.inflight * self.outside_stash_bytes()
-        res = solve_sharding_ilp(costs, edges, mem if mem_budget_bytes is not None else None,
-                                 mem_budget_bytes, time_limit_s=time_limit_s, backend=backend)
-        return res
+        if mem_budget_bytes is None:
+            # arrays built here: solve_built_ilp checks only their values
+            return solve_built_ilp(costs, edges, time_limit_s=time_limit_s, backend=backend)
+        mem_budget_bytes -= settings.inflight * self.outside_stash_bytes()
+        return solve_sharding_ilp(costs, edges, mem, mem_budget_bytes, time_limit_s=time_limit_s, backend=backend)
 
     def solve_storage(self, settings: Settings, mem_budget_bytes: float | None = None,
                       time_limit_s: float = 30.0, backend: str = "highs"):
