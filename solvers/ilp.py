@@ -428,11 +428,12 @@ class _Reduced:
             k = allowed.size
             if k < 2:
                 continue
-            cols = [self.cost[v][allowed][:, None]]
+            cols = [self.cost[v].take(allowed)[:, None]]
             if self.mem_active:
-                cols.append(self.mem[v][allowed][:, None])
+                cols.append(self.mem[v].take(allowed)[:, None])
+            rows = allowed[:, None]
             for w in self.adj[v]:
-                cols.append(self.oriented(v, w)[allowed][:, self.allowed(w)])
+                cols.append(self.oriented(v, w)[rows, self.allowed_idx(w)])  # [allowed][:, allowed(w)]
             m = np.concatenate(cols, axis=1)
             le = (m[:, None, :] <= m[None, :, :]).all(axis=2)  # le[a, b]: a no worse than b
             # a better than b somewhere, given le[a, b], is not le[b, a] (m holds no NaN:
