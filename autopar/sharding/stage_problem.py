@@ -889,13 +889,15 @@ class StageProblem:
             self._template = _template_of(self, {})
         member_cost, member_mem, plan = self._template.settled(self, settings)
         node_costs, node_mem = [], []
+        none_forbidden = self._template.no_forbidden
         for gi, grp in enumerate(self.groups):
             pre = member_cost[gi]
             if pre is None:
                 cost, mem = self._member_sums(grp, settings)
             else:
                 cost, mem = pre.copy(), member_mem[gi].copy()
-            cost[self.forbidden[gi]] = np.inf
+            if self.forbidden[gi] is not none_forbidden[gi]:      # else an all-False mask: a no-op
+                cost[self.forbidden[gi]] = np.inf
             node_costs.append(cost)
             node_mem.append(mem)
         edges = []
@@ -1017,18 +1019,22 @@ class StageProblem:
         if partial is None:
             partial = tuple(None if (ar := _partial_grad_all_reduce(s, j)) is None else (ar.mask, ar.nbytes, ar.time_s)
                             for s in v_sts)
-        ui = np.array([us.index(a) for a in srcs])
+        upos = {a: i for i, a in enumerate(us)}
+        ui = np.array([upos[a] for a in srcs])
+        vpos = {b: i for i, b in enumerate(vs)}
         out = np.zeros((len(srcs), len(dsts)))
+        # The columns without a gather into a partial sum copy their cells from `small`, all
+        # in one indexing.
+        plain = [q for q, d in enumerate(dsts) if d is not None and partial[q] is None]
+        if plain:
+            out[:, plain] = small[ui[:, None], [vpos[dsts[q]] for q in plain]]
         # A column with sequence parallelism's gather depends on its strategy only through
         # the all-reduce that gather replaces (_gather_into_partial_s reads its mask, bytes
         # and seconds), so consumers that need one layout and replace one all-reduce share it.
         fused_cols: dict[tuple, np.ndarray] = {}
         for q, d in enumerate(dsts):
-            if d is None:
-                continue
             ar = partial[q]
-            if ar is None:
-                out[:, q] = small[ui, vs.index(d)]
+            if d is None or ar is None:
                 continue
             ck = (d, *ar)
             col = fused_cols.get(ck)
