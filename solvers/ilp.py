@@ -218,6 +218,18 @@ class _Reduced:
         self.infeasible = False
         self.ver = [1] * n
         self.seen = {k: {} for k in ("forbid", "fix", "sep", "dom", "elim")}
+        # np.isfinite of each cost vector, kept with it (_set_cost is the only writer from
+        # here on): read-only, as callers index with it
+        self.mask = [self._finite(c) for c in self.cost]
+        self.idx: list[np.ndarray | None] = [None] * n   # flatnonzero of mask[v], when asked
+        # edges whose whole matrix is finite: they forbid nothing (_propagate_forbidden)
+        self.all_finite = {e: bool(np.isfinite(r).all()) for e, r in self.edges.items()}
+
+    @staticmethod
+    def _finite(cost: np.ndarray) -> np.ndarray:
+        m = np.isfinite(cost)
+        m.flags.writeable = False
+        return m
 
     # -- state helpers
     def oriented(self, v: int, w: int) -> np.ndarray:
@@ -228,7 +240,15 @@ class _Reduced:
         return self.free[v]
 
     def allowed(self, v: int) -> np.ndarray:
-        return np.isfinite(self.cost[v])
+        return self.mask[v]
+
+    def allowed_idx(self, v: int) -> np.ndarray:
+        """np.flatnonzero(self.allowed(v)), kept until v's cost changes; read-only."""
+        idx = self.idx[v]
+        if idx is None:
+            idx = self.idx[v] = self.mask[v].nonzero()[0]
+            idx.flags.writeable = False
+        return idx
 
     def _touch(self, v: int) -> None:
         self.ver[v] += 1
@@ -237,8 +257,10 @@ class _Reduced:
 
     def _set_cost(self, v: int, cost: np.ndarray) -> None:
         self.cost[v] = cost
+        mask = self.mask[v] = self._finite(cost)
+        self.idx[v] = None
         self._touch(v)
-        if self.is_free(v) and not np.isfinite(cost).any():
+        if self.is_free(v) and not mask.any():
             self.infeasible = True
 
     def _forbid(self, v: int, idx) -> None:
@@ -247,7 +269,9 @@ class _Reduced:
         self._set_cost(v, cost)
 
     def _drop_edge(self, u: int, v: int) -> None:
-        del self.edges[(min(u, v), max(u, v))]
+        e = (min(u, v), max(u, v))
+        del self.edges[e]
+        del self.all_finite[e]
         self.adj[u].discard(v)
         self.adj[v].discard(u)
         self._touch(u)
@@ -257,11 +281,12 @@ class _Reduced:
         if u > v:
             u, v, r = v, u, r.T
         if (u, v) in self.edges:
-            self.edges[(u, v)] = self.edges[(u, v)] + r
+            r = self.edges[(u, v)] = self.edges[(u, v)] + r
         else:
             self.edges[(u, v)] = r
             self.adj[u].add(v)
             self.adj[v].add(u)
+        self.all_finite[(u, v)] = bool(np.isfinite(r).all())
         self._touch(u)
         self._touch(v)
 
@@ -299,6 +324,10 @@ class _Reduced:
             if (u, v) not in self.edges:
                 continue
             self.seen["forbid"][(u, v)] = (self.ver[u], self.ver[v])
+            if self.all_finite[(u, v)]:
+                # every row and column of the allowed block holds a finite entry (both
+                # nodes are free and feasible here, so the block is not empty)
+                continue
             au, av = self.allowed(u), self.allowed(v)
             fin = np.isfinite(self.edges[(u, v)][au][:, av])
             dead_rows = ~fin.any(axis=1)
@@ -318,7 +347,7 @@ class _Reduced:
             if self.infeasible:
                 break
             self.seen["fix"][v] = self.ver[v]
-            allowed = np.flatnonzero(self.allowed(v))
+            allowed = self.allowed_idx(v)
             if allowed.size != 1:
                 continue
             p = int(allowed[0])
@@ -344,7 +373,7 @@ class _Reduced:
             self.seen["sep"][(u, v)] = (self.ver[u], self.ver[v])
             au, av = self.allowed(u), self.allowed(v)
             sub = self.edges[(u, v)][au][:, av]
-            if not np.isfinite(sub).all():
+            if not self.all_finite[(u, v)] and not np.isfinite(sub).all():
                 continue
             a = sub[:, 0]
             b = sub[0, :] - sub[0, 0]
@@ -395,15 +424,16 @@ class _Reduced:
             if self.infeasible:
                 break
             self.seen["dom"][v] = self.ver[v]
-            allowed = np.flatnonzero(self.allowed(v))
+            allowed = self.allowed_idx(v)
             k = allowed.size
             if k < 2:
                 continue
-            cols = [self.cost[v][allowed][:, None]]
+            cols = [self.cost[v].take(allowed)[:, None]]
             if self.mem_active:
-                cols.append(self.mem[v][allowed][:, None])
+                cols.append(self.mem[v].take(allowed)[:, None])
+            rows = allowed[:, None]
             for w in self.adj[v]:
-                cols.append(self.oriented(v, w)[allowed][:, self.allowed(w)])
+                cols.append(self.oriented(v, w)[rows, self.allowed_idx(w)])  # [allowed][:, allowed(w)]
             m = np.concatenate(cols, axis=1)
             le = (m[:, None, :] <= m[None, :, :]).all(axis=2)  # le[a, b]: a no worse than b
             # a better than b somewhere, given le[a, b], is not le[b, a] (m holds no NaN:
@@ -441,8 +471,8 @@ class _Reduced:
                 changed = True
             elif len(nbrs) == 2:
                 w1, w2 = nbrs
-                n1, n2 = int(self.allowed(w1).sum()), int(self.allowed(w2).sum())
-                nv = int(self.allowed(v).sum())
+                n1, n2 = self.allowed_idx(w1).size, self.allowed_idx(w2).size
+                nv = self.allowed_idx(v).size
                 if (w1, w2) not in self.edges and n1 * n2 > nv * (n1 + n2 + 1):
                     continue  # the new edge would be bigger than what it replaces
                 total = (self.oriented(w1, v)[:, :, None] + self.cost[v][None, :, None]
@@ -907,11 +937,35 @@ def solve_sharding_ilp(node_costs: Sequence[np.ndarray],
     recomputed from the arguments for the returned choice.
     """
     t0 = time.perf_counter()
+    _check_limits(time_limit_s, mip_gap)
+    costs, edge_list, mem, budget = _validate(node_costs, edges, node_mem, mem_budget)
+    return _solve_valid(t0, costs, edge_list, mem, budget, time_limit_s, backend, mip_gap)
+
+
+def solve_built_ilp(node_costs: list[np.ndarray], edges: list[tuple[int, int, np.ndarray]],
+                    *, time_limit_s: float = 30.0, backend: str = "highs") -> ILPResult:
+    """solve_sharding_ilp without a memory budget, for arrays the planner built itself
+    (StageProblem.ilp_arrays): 1-D float64 cost vectors and (int, int, R) edges with R of
+    shape (len(node_costs[u]), len(node_costs[v])), which _validate would hand back as they
+    are. Only their values are checked here, in one pass (a NaN or -inf goes on to
+    solve_sharding_ilp, which reports it item by item); the result is solve_sharding_ilp's."""
+    t0 = time.perf_counter()
+    _check_limits(time_limit_s, 0.0)
+    if _bad_values([*node_costs, *(r for _, _, r in edges)]):
+        return solve_sharding_ilp(node_costs, edges, time_limit_s=time_limit_s, backend=backend)
+    return _solve_valid(t0, node_costs, edges, None, None, time_limit_s, backend, 0.0)
+
+
+def _check_limits(time_limit_s: float, mip_gap: float) -> None:
     if not (time_limit_s > 0):
         raise ValueError(f"time_limit_s must be > 0, got {time_limit_s}")
     if not (0.0 <= mip_gap < 1.0):
         raise ValueError(f"mip_gap must be in [0, 1), got {mip_gap}")
-    costs, edge_list, mem, budget = _validate(node_costs, edges, node_mem, mem_budget)
+
+
+def _solve_valid(t0: float, costs, edge_list, mem, budget, time_limit_s: float, backend: str,
+                 mip_gap: float) -> ILPResult:
+    """solve_sharding_ilp on validated arrays (_validate's output)."""
     with_mem = budget is not None
     n_var0, n_con0 = _naive_size(costs, edge_list, with_mem)
     pulp = _pulp()

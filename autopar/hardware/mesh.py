@@ -109,13 +109,35 @@ class Mesh:
     submesh: Submesh
     shape: tuple[int, int]
 
+    def __hash__(self) -> int:
+        """The hash dataclass would make (of the fields' tuple), taken once per object: the
+        strategy and resharding caches key on a mesh at every lookup, and hashing a Cluster
+        walks its links. Not pickled (__getstate__): string hashes differ between processes."""
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.cluster, self.submesh, self.shape))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_hash", None)
+        state.pop("_axes", None)
+        return state
+
     @property
     def n_devices(self) -> int:
         return self.shape[0] * self.shape[1]
 
     @property
     def axes(self) -> tuple[MeshAxis, MeshAxis, MeshAxis]:
-        return _axes(self.cluster, self.submesh, self.shape)
+        """_axes of this mesh, kept on the object after the first call (a lookup in _axes'
+        cache hashes the Cluster)."""
+        a = self.__dict__.get("_axes")
+        if a is None:
+            a = _axes(self.cluster, self.submesh, self.shape)
+            object.__setattr__(self, "_axes", a)
+        return a
 
     def axis(self, mask: int) -> MeshAxis:
         """The communication group of a mask: 1 -> axis 0, 2 -> axis 1, 3 -> both."""

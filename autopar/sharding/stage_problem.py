@@ -393,6 +393,27 @@ def _structure(graph: OpGraph, names: list[str]) -> tuple[dict[str, float], dict
     return value
 
 
+# Per structure (its operand tuple, which the entry holds so that the id stays its own):
+# the names in order, each with its operands (StageProblem.evaluate's loop).
+_BY_NAME: dict[int, tuple[tuple[_Operand, ...], tuple[tuple[str, tuple[_Operand, ...]], ...]]] = {}
+
+
+def _operands_by_name(names: list[str], operands: tuple[_Operand, ...]) -> tuple[tuple[str, tuple[_Operand, ...]], ...]:
+    """Each of `names` (in order) with its activation operands (in operand order): `operands`
+    (_structure's, of these names) split by op."""
+    hit = _BY_NAME.get(id(operands))
+    if hit is not None and hit[0] is operands:
+        return hit[1]
+    of: dict[str, list[_Operand]] = {name: [] for name in names}
+    for op in operands:
+        of[op.name].append(op)
+    value = tuple((name, tuple(of[name])) for name in names)
+    if len(_BY_NAME) >= 1024:
+        _BY_NAME.clear()
+    _BY_NAME[id(operands)] = (operands, value)
+    return value
+
+
 def _carries_grad(graph: OpGraph, name: str, j: int) -> bool:
     """Whether operand j of `name` sends a gradient back (data inputs, token ids and masks do not)."""
     o = graph.node(name).operands[j]
@@ -868,13 +889,15 @@ class StageProblem:
             self._template = _template_of(self, {})
         member_cost, member_mem, plan = self._template.settled(self, settings)
         node_costs, node_mem = [], []
+        none_forbidden = self._template.no_forbidden
         for gi, grp in enumerate(self.groups):
             pre = member_cost[gi]
             if pre is None:
                 cost, mem = self._member_sums(grp, settings)
             else:
                 cost, mem = pre.copy(), member_mem[gi].copy()
-            cost[self.forbidden[gi]] = np.inf
+            if self.forbidden[gi] is not none_forbidden[gi]:      # else an all-False mask: a no-op
+                cost[self.forbidden[gi]] = np.inf
             node_costs.append(cost)
             node_mem.append(mem)
         edges = []
@@ -996,18 +1019,22 @@ class StageProblem:
         if partial is None:
             partial = tuple(None if (ar := _partial_grad_all_reduce(s, j)) is None else (ar.mask, ar.nbytes, ar.time_s)
                             for s in v_sts)
-        ui = np.array([us.index(a) for a in srcs])
+        upos = {a: i for i, a in enumerate(us)}
+        ui = np.array([upos[a] for a in srcs])
+        vpos = {b: i for i, b in enumerate(vs)}
         out = np.zeros((len(srcs), len(dsts)))
+        # The columns without a gather into a partial sum copy their cells from `small`, all
+        # in one indexing.
+        plain = [q for q, d in enumerate(dsts) if d is not None and partial[q] is None]
+        if plain:
+            out[:, plain] = small[ui[:, None], [vpos[dsts[q]] for q in plain]]
         # A column with sequence parallelism's gather depends on its strategy only through
         # the all-reduce that gather replaces (_gather_into_partial_s reads its mask, bytes
         # and seconds), so consumers that need one layout and replace one all-reduce share it.
         fused_cols: dict[tuple, np.ndarray] = {}
         for q, d in enumerate(dsts):
-            if d is None:
-                continue
             ar = partial[q]
-            if ar is None:
-                out[:, q] = small[ui, vs.index(d)]
+            if d is None or ar is None:
                 continue
             ck = (d, *ar)
             col = fused_cols.get(ck)
@@ -1064,13 +1091,13 @@ class StageProblem:
     # -- solve / evaluate ----------------------------------------------------------------
     def solve(self, settings: Settings = Settings(), mem_budget_bytes: float | None = None,
               time_limit_s: float = 30.0, backend: str = "highs"):
-        from solvers.ilp import solve_sharding_ilp
+        from solvers.ilp import solve_built_ilp, solve_sharding_ilp
         costs, edges, mem = self.ilp_arrays(settings)
-        if mem_budget_bytes is not None:
-            mem_budget_bytes -= settings.inflight * self.outside_stash_bytes()
-        res = solve_sharding_ilp(costs, edges, mem if mem_budget_bytes is not None else None,
-                                 mem_budget_bytes, time_limit_s=time_limit_s, backend=backend)
-        return res
+        if mem_budget_bytes is None:
+            # arrays built here: solve_built_ilp checks only their values
+            return solve_built_ilp(costs, edges, time_limit_s=time_limit_s, backend=backend)
+        mem_budget_bytes -= settings.inflight * self.outside_stash_bytes()
+        return solve_sharding_ilp(costs, edges, mem, mem_budget_bytes, time_limit_s=time_limit_s, backend=backend)
 
     def solve_storage(self, settings: Settings, mem_budget_bytes: float | None = None,
                       time_limit_s: float = 30.0, backend: str = "highs"):
@@ -1132,20 +1159,30 @@ class StageProblem:
             raise ValueError(f"sharded parameter storage per op needs ZeRO 1 or 2, the stage has ZeRO {settings.zero}")
         fwd = bwd = comm = sync = rec = pe = pez = stash = spe = spez = 0.0
         ops = []
-        for name in self.names:
-            v = g.node(name)
-            gi = self.group_of[name]
-            idx = int(group_choice[gi])
-            st = self.groups[gi].strategies[name][idx]
+        groups, group_of, inside, ctx = self.groups, self.group_of, self.inside, self._context
+        choice = [int(x) for x in group_choice]
+        for name, operands in _operands_by_name(self.names, self._operands):
+            gi = group_of[name]
+            st = groups[gi].strategies[name][choice[gi]]
+            in_specs = st.in_specs
             reshard = extra_bwd = 0.0       # the edges' forward; their backward beyond it
-            for j, o in enumerate(v.operands):
-                if o.source is None or j >= len(st.in_specs) or st.in_specs[j] is None:
+            for o in operands:
+                j = o.j
+                if j >= len(in_specs) or in_specs[j] is None:
                     continue
-                if o.source in self.inside:
-                    src = self.groups[self.group_of[o.source]].strategies[o.source][int(group_choice[self.group_of[o.source]])].out_spec
+                if o.source in inside:
+                    gu = group_of[o.source]
+                    src = groups[gu].strategies[o.source][choice[gu]].out_spec
                 else:
                     src = self._boundary_spec(o.source)
-                ef, eb = self._edge_fwd_bwd_s(name, j, o.shape, dtype_bytes(o.dtype), src, st.in_specs[j], st)
+                # _edge_fwd_bwd_s, its key made from the operand's fields (the same values)
+                dst = in_specs[j]
+                key = (ctx, o.shape_key, o.eb, tuple(src), tuple(dst), o.grad, o.share, j, id(st))
+                hit = _EDGE_FWD_BWD.get(key)
+                if hit is None:
+                    hit = self._edge_fwd_bwd_fresh_s(name, j, o.shape, o.eb, src, dst, st)
+                    _remember_by_ids(_EDGE_FWD_BWD, key, hit, (st,))
+                ef, eb = hit
                 reshard += ef
                 extra_bwd += eb - ef
             c = self.member_cost(name, st, settings, reshard, name in sharded)
@@ -1161,6 +1198,7 @@ class StageProblem:
                 spez += st.param_elems_zero
             stash += self.saved.get(name, 0.0) * st.out_bytes_local
             if with_ops:
+                v = g.node(name)
                 ops.append({"name": name, "op": v.op, "kind": v.kind, "strategy": st.name,
                             "out_spec": spec_str(st.out_spec),
                             "in_specs": [spec_str(s) if s is not None else None for s in st.in_specs],
