@@ -393,24 +393,26 @@ def _structure(graph: OpGraph, names: list[str]) -> tuple[dict[str, float], dict
     return value
 
 
-# Per structure (its operand tuple, which the entry holds so that the id stays its own):
-# the names in order, each with its operands (StageProblem.evaluate's loop).
-_BY_NAME: dict[int, tuple[tuple[_Operand, ...], tuple[tuple[str, tuple[_Operand, ...]], ...]]] = {}
+# Per structure (its operand tuple, which the entry holds so that the id stays its own, and
+# its names: sets without activation operands share the one empty tuple): the names in order,
+# each with its operands (StageProblem.evaluate's loop).
+_BY_NAME: dict[int, tuple[tuple[_Operand, ...], tuple[str, ...], tuple[tuple[str, tuple[_Operand, ...]], ...]]] = {}
 
 
 def _operands_by_name(names: list[str], operands: tuple[_Operand, ...]) -> tuple[tuple[str, tuple[_Operand, ...]], ...]:
     """Each of `names` (in order) with its activation operands (in operand order): `operands`
     (_structure's, of these names) split by op."""
+    key = tuple(names)
     hit = _BY_NAME.get(id(operands))
-    if hit is not None and hit[0] is operands:
-        return hit[1]
+    if hit is not None and hit[0] is operands and hit[1] == key:
+        return hit[2]
     of: dict[str, list[_Operand]] = {name: [] for name in names}
     for op in operands:
         of[op.name].append(op)
     value = tuple((name, tuple(of[name])) for name in names)
     if len(_BY_NAME) >= 1024:
         _BY_NAME.clear()
-    _BY_NAME[id(operands)] = (operands, value)
+    _BY_NAME[id(operands)] = (operands, key, value)
     return value
 
 

@@ -130,3 +130,13 @@ def test_evaluate_equals_the_previous():
                     assert got == _fresh(previous_evaluate, prob, choice, settings, with_ops, sharded)
                     n_sharded += 1
     assert n_sharded > 50
+
+
+def test_sets_without_activation_operands_keep_their_own_names():
+    """Sets of ops that read no activation share the one empty operand tuple: the walk of one
+    must not hand back another's names (a module without blocks, embedding then loss, planned
+    after another such set, once looked its first op up in the wrong set)."""
+    from autopar.sharding.stage_problem import _operands_by_name
+    assert _operands_by_name(["a", "b"], ()) == (("a", ()), ("b", ()))
+    assert _operands_by_name(["x"], ()) == (("x", ()),)
+    assert _operands_by_name(["a", "b"], ()) == (("a", ()), ("b", ()))
