@@ -1066,11 +1066,17 @@ class StageProblem:
 
     def _edge_fwd_bwd_s(self, name: str, j: int, shape, eb: int, src: Spec, dst: Spec,
                         st: Strategy) -> tuple[float, float]:
-        # memoised on everything below reads (_KEEP holds `st`, so its id stays its own):
-        # evaluate asks for the same edges in every problem on a mesh
         grad = self._carries_grad(name, j)
         share = self.grad_share.get(name, {}).get(j, 1.0)
-        key = (self._context, tuple(shape), eb, tuple(src), tuple(dst), grad, share, j, id(st))
+        return self._edge_fwd_bwd_memo_s(name, j, shape, tuple(shape), eb, src, dst, grad, share, st)
+
+    def _edge_fwd_bwd_memo_s(self, name: str, j: int, shape, shape_key: tuple, eb: int, src: Spec, dst: Spec,
+                             grad: bool, share: float, st: Strategy) -> tuple[float, float]:
+        """_edge_fwd_bwd_s with the operand's gradient flag and share given (evaluate reads
+        them off its _Operand), memoised on everything _edge_fwd_bwd_fresh_s reads (_KEEP holds
+        `st`, so its id stays its own): evaluate asks for the same edges in every problem on a
+        mesh. The one place the memo's key is made."""
+        key = (self._context, shape_key, eb, tuple(src), tuple(dst), grad, share, j, id(st))
         hit = _EDGE_FWD_BWD.get(key)
         if hit is not None:
             return hit
@@ -1161,7 +1167,7 @@ class StageProblem:
             raise ValueError(f"sharded parameter storage per op needs ZeRO 1 or 2, the stage has ZeRO {settings.zero}")
         fwd = bwd = comm = sync = rec = pe = pez = stash = spe = spez = 0.0
         ops = []
-        groups, group_of, inside, ctx = self.groups, self.group_of, self.inside, self._context
+        groups, group_of, inside = self.groups, self.group_of, self.inside
         choice = [int(x) for x in group_choice]
         for name, operands in _operands_by_name(self.names, self._operands):
             gi = group_of[name]
@@ -1177,14 +1183,9 @@ class StageProblem:
                     src = groups[gu].strategies[o.source][choice[gu]].out_spec
                 else:
                     src = self._boundary_spec(o.source)
-                # _edge_fwd_bwd_s, its key made from the operand's fields (the same values)
-                dst = in_specs[j]
-                key = (ctx, o.shape_key, o.eb, tuple(src), tuple(dst), o.grad, o.share, j, id(st))
-                hit = _EDGE_FWD_BWD.get(key)
-                if hit is None:
-                    hit = self._edge_fwd_bwd_fresh_s(name, j, o.shape, o.eb, src, dst, st)
-                    _remember_by_ids(_EDGE_FWD_BWD, key, hit, (st,))
-                ef, eb = hit
+                # _edge_fwd_bwd_s with the operand's own fields (the same values)
+                ef, eb = self._edge_fwd_bwd_memo_s(name, j, o.shape, o.shape_key, o.eb, src, in_specs[j],
+                                                   o.grad, o.share, st)
                 reshard += ef
                 extra_bwd += eb - ef
             c = self.member_cost(name, st, settings, reshard, name in sharded)
