@@ -3,6 +3,8 @@ N), measured against the eager cost model's prediction (issue 15: per-layer reco
 
     python bench/recompute_layers.py                      # 2 GPUs: llama-1b-gqa, dp2 mb4, N = 0, 4, 8, 12, 16
     python bench/recompute_layers.py --device cpu --quick # 2 gloo processes, a tiny model (a smoke test)
+    python bench/recompute_layers.py --report bench/results/recompute_layers_h200.json  # no GPU: the stored
+        # measurements against today's model
 
 Each plan is build_3d's Megatron plan with full recomputation of the first N blocks (N = 0 is no
 recomputation), run by `autopar run` for a few steps; printed: the eager model's predicted step
@@ -47,7 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro", type=int, default=4, help="sequences per GPU per microbatch")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--out", default="")
+    p.add_argument("--report", help="a stored rows file: predict its plans with the current model (no GPU)")
     a = p.parse_args(argv)
+    if a.report:
+        if not Path(a.report).is_file():
+            p.error(f"--report {a.report}: no such file")
+        stored = json.loads(Path(a.report).read_text())
+        rows = []
+        for r in stored["rows"]:
+            _, eager = plan_for(stored["meta"]["model"], r["recompute_num_layers"], stored["meta"]["micro"],
+                                "dgx-h200", stored["meta"]["gpus"])
+            rows.append({**r, "predicted_step_s": eager.step_time_s,
+                         "predicted_allocated_bytes": eager.peak_allocated_bytes})
+        print(f"{a.report} ({stored['meta']['gpu']}, torch {stored['meta']['torch']}, {stored['meta']['date']}) "
+              "against the current model:")
+        _table(rows)
+        return 0
     from autopar.runtime.launch import run_plan
     model = TINY if a.quick else LLAMA_1B
     layers = (0, 2, 4) if a.quick else (0, 4, 8, 12, 16)
@@ -66,13 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                "predicted_allocated_bytes": eager.peak_allocated_bytes, "engines": out["engines"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'N':>3} {'measured ms':>12} {'predicted ms':>13} {'err':>7} {'measured GiB':>13} {'predicted GiB':>14} "
-          f"{'err':>7}")
-    for r in rows:
-        ma, pa = r["measured_allocated_bytes"], r["predicted_allocated_bytes"]
-        mem = (f"{ma / 2**30:13.2f} {pa / 2**30:14.2f} {pa / ma - 1:+7.1%}" if ma and pa else f"{'-':>13} {'-':>14} {'':>7}")
-        print(f"{r['recompute_num_layers']:>3} {r['measured_step_s'] * 1e3:12.1f} {r['predicted_step_s'] * 1e3:13.1f} "
-              f"{r['predicted_step_s'] / r['measured_step_s'] - 1:+7.1%} {mem}")
+    _table(rows)
     if a.device == "cuda" or a.out:
         import torch
         gpu = torch.cuda.get_device_name(0).split()[-1].lower() if a.device == "cuda" else "cpu"
@@ -83,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         print(f"wrote {path}")
     return 0
+
+
+def _table(rows: list[dict]) -> None:
+    print(f"\n{'N':>3} {'measured ms':>12} {'predicted ms':>13} {'err':>7} {'measured GiB':>13} {'predicted GiB':>14} "
+          f"{'err':>7}")
+    for r in rows:
+        ma, pa = r["measured_allocated_bytes"], r["predicted_allocated_bytes"]
+        mem = (f"{ma / 2**30:13.2f} {pa / 2**30:14.2f} {pa / ma - 1:+7.1%}" if ma and pa else f"{'-':>13} {'-':>14} {'':>7}")
+        print(f"{r['recompute_num_layers']:>3} {r['measured_step_s'] * 1e3:12.1f} {r['predicted_step_s'] * 1e3:13.1f} "
+              f"{r['predicted_step_s'] / r['measured_step_s'] - 1:+7.1%} {mem}")
 
 
 if __name__ == "__main__":

@@ -563,6 +563,18 @@ def precision_casts_s(local_params: float, n_microbatches: int, cm: ComputeModel
     return (per_param * local_params + weight_bytes) / (cm.stream_bytes_per_s * ADAMW_STREAM_SHARE)
 
 
+def recompute_weight_casts_s(local_params: float, cm: ComputeModel) -> float:
+    """Per microbatch: autocast's bf16 copies of a recomputed block's fp32 weights, made again.
+    torch's checkpoint reruns the block under a fresh autocast region, whose weight cache starts
+    empty, so every linear's weight (and bias) is cast again, the last linear's too: autocast
+    casts before autograd records the op, where the early stop would cut the linear
+    (`python bench/recompute_kernels.py --which`: a GPT block's 12 weight and bias casts rerun,
+    on an H200 and on the CPU). Read 4, write 2 B per parameter, at precision_casts_s's rate."""
+    if local_params <= 0:
+        return 0.0
+    return WEIGHT_CAST_BYTES_PER_PARAM * local_params / (cm.stream_bytes_per_s * ADAMW_STREAM_SHARE)
+
+
 def fsdp_weight_cast_params(sharded_params: float, zero: int, n_microbatches: int) -> float:
     """The fp32 parameters FSDP2 casts to bf16 in a step (MixedPrecisionPolicy(param_dtype=bf16)):
     every all-gather casts this GPU's fp32 shard (`sharded_params`) into its bf16 input on the

@@ -271,11 +271,13 @@ def _submesh_for(n_devices: int, cluster: Cluster) -> tuple[int, int]:
 
 def build_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: str | None = None,
              label: str | None = None, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None,
-             loss: str = "fused") -> Plan:
+             loss: str = "fused", checkpoint_early_stop: bool = True) -> Plan:
     """A Megatron-style plan, evaluated (with `eager`, as the eager PyTorch recipe runs it,
-    `grad_sync`'s gradient buckets and the `loss` kernel: see autopar.evaluation.evaluator.evaluate)."""
+    `grad_sync`'s gradient buckets, the `loss` kernel and full recomputation with or without
+    torch's early stop: see autopar.evaluation.evaluator.evaluate)."""
     plan, graph = _unevaluated_3d(source, cluster, global_batch, cfg, dtype, label)
-    return evaluate(plan, graph, cluster, eager=eager, grad_sync=grad_sync, loss=loss)
+    return evaluate(plan, graph, cluster, eager=eager, grad_sync=grad_sync, loss=loss,
+                    checkpoint_early_stop=checkpoint_early_stop)
 
 
 def build_3d_recomputes(source, cluster: Cluster, global_batch: int, cfg: Config3D, recomputes: tuple[str, ...],

@@ -50,7 +50,16 @@ from autopar.plan import Plan, PlanError, Prediction, StageMemory, StagePlan, Tr
 from autopar.sharding.rules.common import GRAD_BYTES
 from autopar.sharding.rules.einsum import splits_sequence
 from autopar.sharding.spec import parse_spec, shard_factor
-from autopar.sharding.stage_problem import Evaluation, Settings, StageProblem, saved_tensors, stage_layers_key
+from autopar.sharding.stage_problem import (
+    NOT_RERUN,
+    RERUN,
+    Evaluation,
+    Settings,
+    StageProblem,
+    checkpoint_roles,
+    saved_tensors,
+    stage_layers_key,
+)
 from graphs.annotate import is_unfused_attention
 from graphs.ir import ELEMENTWISE, INPUT, LOSS, MATMUL, NORM, OUTPUT, VIEW, OpGraph
 from graphs.query import attention_core, main_boundary, stage_nodes
@@ -115,10 +124,17 @@ class StageResult:
     sync_buckets: tuple[tuple[float, float], ...] = ()
 
 
+def _recomputed_flops(graph: OpGraph, names, early_stop: bool) -> float:
+    """Forward FLOPs full recomputation reruns among `names` (Evaluation.recompute_s)."""
+    roles = checkpoint_roles(graph)
+    rerun = (RERUN,) if early_stop else (RERUN, NOT_RERUN)
+    return sum(graph.node(n).fwd_flops for n in names if roles.get(n, RERUN) in rerun)
+
+
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
                    cm: ComputeModel, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None,
                    zero_autocast: bool = False, compiled: bool | None = None,
-                   loss: str = "fused") -> StageResult:
+                   loss: str = "fused", checkpoint_early_stop: bool = True) -> StageResult:
     """The stage's costs; its StagePlan comes back as a copy carrying the per-op records.
     grad_sync: the engine whose gradient buckets it runs (collectives.GRAD_SYNC_ENGINES; None:
     the eager recipe's or the default's, collectives.default_grad_sync_engine).
@@ -170,6 +186,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
         raise PlanError(f"stage {st.index}: recompute_layers {n_rc} is not 0 to the stage's {n_layers} layers")
     partial = st.recompute == "full" and n_rc < n_layers
     rc_stash = rc_inputs_fp32 = 0.0    # the recomputed layers' stash and fp32 input extra (partial)
+    rc_eager_s = 0.0                   # partial: the eager terms' recomputed forward (EagerTerms.recompute_fwd_s)
     if st.recompute == "full":
         # Keep each recomputed layer's input; rerun those layers' forward during backward, one
         # layer at a time, so one layer's activations are live on top of the stashes. With only
@@ -187,8 +204,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                                  for n in lnames))
         max_layer_stash = max(per_layer) if per_layer else 0.0
         if not partial:
-            bwd += ev.recompute_fwd_s
-            rec_flops = sum(graph.node(n).fwd_flops for n in names)
+            bwd += ev.recompute_s(checkpoint_early_stop)
+            rec_flops = _recomputed_flops(graph, names, checkpoint_early_stop)
         elif n_rc:
             # the recomputed layers as a stage of their own under the same strategies: their
             # forward and stash are the stage's first layers' (layer composition, layer_solver.py)
@@ -201,14 +218,15 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                                                 settings, sharded_roots, where, per_graph, None)
                 phit = per_graph[pkey] = (pprob, pev, passign)
             pprob, pev, passign = phit
-            bwd += pev.recompute_fwd_s
-            rec_flops = sum(graph.node(n).fwd_flops for n in pre_names)
+            bwd += pev.recompute_s(checkpoint_early_stop)
+            rec_flops = _recomputed_flops(graph, pre_names, checkpoint_early_stop)
             rc_stash = pev.stash_bytes
             if eager:
                 pterms = eager_terms(graph, pre_layers, pprob, passign, pev, training.n_microbatches, zero, cm,
                                      zero_autocast, compiled)
                 rc_stash += pterms.residual_stash_bytes
                 rc_inputs_fp32 = pterms.inputs_fp32_extra_bytes
+                rc_eager_s = pterms.recompute_fwd_s
     elif st.recompute == "selective":
         core = attention_core(graph, names)
         dropped = [n for n in core if prob.saved.get(n)]
@@ -223,6 +241,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                          compiled) if eager else NO_EAGER)
     if st.recompute == "full":
         layer_inputs += rc_inputs_fp32 if partial else terms.inputs_fp32_extra_bytes
+        bwd += rc_eager_s if partial else terms.recompute_fwd_s
     stash = stash_after_recompute(st.recompute, ev.stash_bytes + terms.residual_stash_bytes, layer_inputs, core_stash,
                                   recomputed_stash_bytes=rc_stash if partial else None)
     working = working_after_recompute(st.recompute, max_layer_stash)
@@ -688,6 +707,10 @@ class EagerTerms:
     # the compute's slowdown beside the hidden part (eager.fsdp_block_comm_s, comm_overlap_s)
     comm_delta_s: float = 0.0
     comm_overlap_s: float = 0.0
+    # per microbatch, if the blocks are recomputed whole (full recomputation, eager blocks): the
+    # fp32 stream of their norms again and autocast's weight copies made again, beyond the
+    # graph's forward (Evaluation.recompute_s)
+    recompute_fwd_s: float = 0.0
 
     @property
     def device_s(self) -> float:
@@ -729,7 +752,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
             local = node.out_bytes / (shard_factor(spec, prob.mesh) if spec else 1)
         return local, node.out_bytes / _numel(node.out_shape)
 
-    fwd = bwd = ce_s = ce_peak = residual = tp_grad_delta = 0.0
+    fwd = bwd = ce_s = ce_peak = residual = tp_grad_delta = rerun = 0.0
     n_linears = n_other = 0
     split_linears: set[str] = set()
     vocab_split_head: str | None = None
@@ -789,6 +812,8 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                 f32_fwd, f32_bwd = eager_mod.autocast_fp32_stream_s(elems, consumers, cm, fused)
                 fwd += f32_fwd
                 bwd += f32_bwd
+                if n in in_block and not fused:
+                    rerun += f32_fwd        # the recomputed forward's norm, fp32 again
                 if li is not None:
                     blocks.setdefault(li, [0.0] * 5)[0] += f32_fwd
                     blocks[li][1] += f32_bwd
@@ -912,6 +937,11 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     weight_casts = (eager_mod.fsdp_weight_cast_params(ev.param_elems_zero, zero, n_microbatches)
                     if bf16 or bf16_stream else None)
     casts = eager_mod.precision_casts_s(ev.param_elems, n_microbatches, cm, weight_casts)
+    if not (bf16 or bf16_stream or compiled):
+        # a recomputed eager block's linears cast their fp32 weights again (eager.recompute_weight_casts_s)
+        rerun += eager_mod.recompute_weight_casts_s(
+            sum(_local_param_elems(graph, prob, n, assign[n]) for n in in_block
+                if n in assign and graph.node(n).kind == MATMUL), cm)
     n_blocks = sum(1 for li in range(*layers) if first < li < last)
     ddp = ev.sync_s > 0 and zero < 3
     ddp_engine = ddp and not zero12         # DDP itself runs (ZeRO-1/2 run on FSDP2)
@@ -930,6 +960,7 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                           if li in (first, last) for n in graph.layers[li].nodes if n in assign)
         fsdp_root = eager_mod.fsdp_buffer_bytes(root_params, 0.0)[0]
     return EagerTerms(fwd_s=fwd, bwd_s=bwd + ce_s + casts, cross_entropy_s=ce_s, precision_casts_s=casts,
+                      recompute_fwd_s=rerun,
                       host_fwd_s=host_fwd, host_bwd_s=host_bwd,
                       grad_bucket_s=eager_mod.grad_bucket_copy_s(ev.param_elems, cm) if ddp else 0.0,
                       residual_stash_bytes=residual, inputs_fp32_extra_bytes=inputs_extra,
@@ -1170,7 +1201,8 @@ def _graph_flops(graph: OpGraph) -> float:
 
 def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT,
              grad_sync: str | None = None, zero_autocast: bool = False, compiled: bool | None = None,
-             loss: str = "fused", ddp_rebuild: bool = True, expandable_segments: bool = True) -> Plan:
+             loss: str = "fused", ddp_rebuild: bool = True, expandable_segments: bool = True,
+             checkpoint_early_stop: bool = True) -> Plan:
     """A copy of `plan` with its prediction and each stage's costs filled in; `plan` is unchanged.
 
     eager: the step as the eager PyTorch recipe runs it (autopar.costmodel.eager, measured on
@@ -1199,6 +1231,12 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     expandable_segments: with eager, whether the caching allocator runs with expandable segments,
     as `autopar run` runs it (eager.ALLOC_CONF, the default here), or with its default segments, as
     bench/truth's native recipes ran (eager.reserve_fraction).
+    checkpoint_early_stop: full recomputation as torch's non-reentrant checkpoint runs it, the
+    way `autopar run` does (True): it stops rerunning a block once the last tensor its backward
+    needs is saved again, so a block's trailing output projection and residual add are not
+    rerun (stage_problem.block_rerun); False: the whole block's forward again, as Megatron's
+    CheckpointFunction and reentrant checkpointing rerun it. Neither reruns the embedding or
+    the head.
     ddp_rebuild: with eager, the peak of a run, whose second step holds DDP's first buckets beside
     the rebuilt ones at its activation peak (eager.ddp_rebuild_transient_bytes); False: the peak
     of the steps after it (what a measured run shows where the first buckets were freed by the
@@ -1219,7 +1257,8 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     schedule = tr.schedule
     v = tr.virtual_stages
     B = tr.n_microbatches
-    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync, zero_autocast, compiled, loss=loss)
+    res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync, zero_autocast, compiled, loss=loss,
+                          checkpoint_early_stop=checkpoint_early_stop)
            for s in plan.stages]
     n_dev_stages = len(res) // v if schedule == "interleaved" else len(res)
     if eager and n_dev_stages > 1:

@@ -112,7 +112,7 @@ class LayerSol:
 
 # LayerSol.unsharded_delta's order: the fields the eager recipe's stage-wide sharding changes
 EAGER_ROWS = ("t_s", "sync_s", "param_bytes", "stash_bytes", "input_bytes", "loss_peak_bytes", "grad_pool_bytes",
-              "copy_scaled_bytes", "grads_absent_bytes")
+              "copy_scaled_bytes", "grads_absent_bytes", "fwd_s")
 EAGER_NO_DELTA = (0.0,) * len(EAGER_ROWS)
 
 
@@ -370,10 +370,10 @@ class LayerSolver:
                         fsdp_grad_pool_bytes(ev, zero, mesh.n_devices, dp_sharded=dp_sharded) if self.eager else 0.0,
                         et.param_state_delta_bytes + et.autocast_cache_bytes,
                         grads_absent_bytes(ev, zero, mesh.n_devices, self.settings.n_microbatches, dp_sharded=dp_sharded)
-                        if self.eager else 0.0)
+                        if self.eager else 0.0, et.recompute_fwd_s)
 
             own = eager_rows(None)
-            d_s, sync, held, residual, inputs_extra, loss_peak, pool, copy_extra, absent = own
+            d_s, sync, held, residual, inputs_extra, loss_peak, pool, copy_extra, absent, rerun_s = own
             # A layer whose own parameters are not data-parallel sharded (an embedding split over
             # the vocabulary) runs as FSDP2's bf16 parameters in a stage where another layer's
             # are (evaluator.stage_dp_sharded): what that changes, for the tables to add where
@@ -388,7 +388,7 @@ class LayerSolver:
             if self.prices_zero_units(mesh):
                 unit_s, unit_rec_s, unit_step_s, ends = zero_unit_figures(self.graph, li, prob, assign, zero)
             optimizer_s = optimizer_step_s(ev, zero, self.cm)
-            sol = LayerSol(ev.per_microbatch_s + d_s + unit_s, ev.recompute_fwd_s + unit_rec_s,
+            sol = LayerSol(ev.per_microbatch_s + d_s + unit_s, ev.recompute_fwd_s + unit_rec_s + rerun_s,
                            sync + unit_step_s + optimizer_s,
                            ev.param_state_bytes(zero) + held, ev.param_elems,
                            ev.stash_bytes + residual, in_bytes + inputs_extra,

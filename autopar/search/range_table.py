@@ -452,7 +452,7 @@ def _add_block_ends(tab: np.ndarray, k: int, ends: np.ndarray) -> np.ndarray:
 # from DELTA on the layers' LayerSol.unsharded_delta (per EAGER_ROWS)
 POOL, COPY_BYTES, COPY_S, ABSENT, ELEMS, ELEMS_ZERO, TIED_GRAD, DELTA = 7, 8, 9, 10, 11, 12, 13, 14
 # the rows the unsharded deltas add to, per EAGER_ROWS
-DELTA_TARGETS = (0, 2, 3, 4, 5, 6, POOL, COPY_BYTES, ABSENT)
+DELTA_TARGETS = (0, 2, 3, 4, 5, 6, POOL, COPY_BYTES, ABSENT, 1)
 
 
 def _add_sharded_stage_deltas(tab: np.ndarray, flag: int) -> None:

@@ -393,6 +393,62 @@ def _structure(graph: OpGraph, names: list[str]) -> tuple[dict[str, float], dict
     return value
 
 
+# What full recomputation reruns of an op (checkpoint_roles).
+NOT_CHECKPOINTED, RERUN, NOT_RERUN = 0, 1, 2
+
+
+def _saves_own_output(graph: OpGraph, v: OpNode) -> bool:
+    """Whether op `v`'s backward keeps a tensor `v` makes (packed once its kernel has run): a
+    norm's statistics, attention's output and log-sum-exp, softmax's output, dropout's mask."""
+    if v.kind in (NORM, ATTENTION, SOFTMAX):
+        return True
+    return v.kind == ELEMENTWISE and v.op == "dropout" and float(v.attrs.get("p", 0.0)) > 0
+
+
+def block_rerun(graph: OpGraph, names) -> list[str]:
+    """The ops of one checkpointed block (`names`, in execution order) that torch's non-reentrant
+    checkpoint reruns in the backward. It stops the recomputation as soon as the last tensor
+    the forward saved is saved again (torch.utils.checkpoint, early_stop=True, the default):
+    the ops after the last op that keeps a tensor are not rerun, nor that op itself when it
+    keeps only tensors made before it (a linear packs its input and weight before its kernel
+    runs). A GPT or Llama block ends in its MLP's output projection and the residual add, so
+    neither is rerun: single-gpt-1.3b mb16's backward grows by 59.5 ms under full recomputation
+    against an 80.7 ms forward (bench/results/truth_h200_2026-11-30.json)."""
+    order = list(names)
+    for k in range(len(order) - 1, -1, -1):
+        v = graph.node(order[k])
+        if _saves_own_output(graph, v):
+            return order[:k + 1]
+        if _marked(graph, v):
+            return order[:k]
+    return []
+
+
+def checkpoint_roles(graph: OpGraph) -> dict[str, int]:
+    """Per op, what full recomputation does with it as the runtime runs it: the layers between
+    the first and the last are the blocks, each checkpointed on its own (the embedding and the
+    head, root units, never are: NOT_CHECKPOINTED); of a block's ops, RERUN or NOT_RERUN by
+    torch's early stop (block_rerun). An engine that reruns the whole block (Megatron's
+    CheckpointFunction, reentrant checkpointing) reruns the NOT_RERUN ops too."""
+    hit = _ROLES.get(id(graph))
+    if hit is not None and hit[0] is graph:
+        return hit[1]
+    roles: dict[str, int] = {}
+    L = len(graph.layers)
+    for li, layer in enumerate(graph.layers):
+        if li == 0 or li == L - 1:
+            roles.update(dict.fromkeys(layer.nodes, NOT_CHECKPOINTED))
+            continue
+        roles.update(dict.fromkeys(layer.nodes, NOT_RERUN))
+        roles.update(dict.fromkeys(block_rerun(graph, layer.nodes), RERUN))
+    if len(_ROLES) >= 64:
+        _ROLES.clear()
+    _ROLES[id(graph)] = (graph, roles)
+    return roles
+
+
+_ROLES: dict[int, tuple[OpGraph, dict[str, int]]] = {}
+
 # Per structure (its operand tuple, which the entry holds so that the id stays its own, and
 # its names: sets without activation operands share the one empty tuple): the names in order,
 # each with its operands (StageProblem.evaluate's loop).
@@ -441,7 +497,10 @@ class Evaluation:
     comm_s: float                  # of fwd_s + bwd_s, the part that is communication / resharding
     sync_s: float                  # per step: gradient all-reduce over partial axes (ZeRO 0/1), or the
                                    # all-gather of the updated weights (ZeRO-2); 0 under ZeRO-3
-    recompute_fwd_s: float         # one more forward, if the stage recomputes
+    # the forward full recomputation reruns, if the stage recomputes: its blocks' ops but the
+    # tails torch's checkpoint does not rerun (checkpoint_roles), which recompute_tail_s holds
+    # (an engine that reruns whole blocks adds it)
+    recompute_fwd_s: float
     param_elems: float             # per device
     param_elems_zero: float        # per device with optimizer states sharded over the sync axes
     stash_bytes: float             # activations kept per microbatch in flight
@@ -452,6 +511,12 @@ class Evaluation:
     sharded_param_elems: float = 0.0
     sharded_param_elems_zero: float = 0.0
     sharded_ops: frozenset[str] = frozenset()
+    recompute_tail_s: float = 0.0
+
+    def recompute_s(self, early_stop: bool = True) -> float:
+        """The forward full recomputation reruns: with torch's early stop (non-reentrant
+        checkpoint), or (False) the whole blocks (Megatron's, reentrant checkpoint)."""
+        return self.recompute_fwd_s if early_stop else self.recompute_fwd_s + self.recompute_tail_s
 
     @property
     def per_microbatch_s(self) -> float:
@@ -1165,7 +1230,8 @@ class StageProblem:
         sharded = self.sharded_members(sharded_roots) if sharded_roots else frozenset()
         if sharded and settings.zero not in (1, 2):
             raise ValueError(f"sharded parameter storage per op needs ZeRO 1 or 2, the stage has ZeRO {settings.zero}")
-        fwd = bwd = comm = sync = rec = pe = pez = stash = spe = spez = 0.0
+        fwd = bwd = comm = sync = rec = tail = pe = pez = stash = spe = spez = 0.0
+        roles = checkpoint_roles(g)
         ops = []
         groups, group_of, inside = self.groups, self.group_of, self.inside
         choice = [int(x) for x in group_choice]
@@ -1193,7 +1259,11 @@ class StageProblem:
             bwd += c.bwd_s + extra_bwd
             comm += c.comm_s + extra_bwd
             sync += c.step_s
-            rec += st.fwd_s + st.fwd_comm_s + reshard
+            role = roles.get(name, RERUN)
+            if role == RERUN:
+                rec += st.fwd_s + st.fwd_comm_s + reshard
+            elif role == NOT_RERUN:
+                tail += st.fwd_s + st.fwd_comm_s + reshard
             pe += st.param_elems_local
             pez += st.param_elems_zero
             if name in sharded:
@@ -1213,7 +1283,7 @@ class StageProblem:
             n = g.node(bsrc)
             boundary += n.out_bytes / shard_factor(bspec, mesh) if bspec else n.out_bytes
         stash += self.outside_stash_bytes()
-        return Evaluation(fwd, bwd, comm, sync, rec, pe, pez, stash, boundary, ops, spe, spez, sharded)
+        return Evaluation(fwd, bwd, comm, sync, rec, pe, pez, stash, boundary, ops, spe, spez, sharded, tail)
 
     def objective(self, group_choice, settings: Settings, sharded_roots=frozenset()) -> float:
         ev = self.evaluate(group_choice, settings, sharded_roots=sharded_roots)

@@ -273,6 +273,27 @@ def loss_of(run: dict) -> tuple[str | None, str]:
     return None, "inferred: no statement; autopar's default"
 
 
+# Full recomputation with or without torch's early stop (evaluate's checkpoint_early_stop): the
+# non-reentrant checkpoint of torch >= 2.1 stops rerunning a block once its backward's last saved
+# tensor is saved again, so a block's output projection and residual add are not rerun
+# (autopar.sharding.stage_problem.block_rerun). torchtitan wraps its blocks in torch's
+# checkpoint_wrapper, non-reentrant. Megatron-LM, Megatron-Core, NeMo and Megatron-DeepSpeed
+# rerun a layer's whole forward in their CheckpointFunction (a reentrant autograd Function);
+# llm-foundry's benchmark runs used torch 1.13 images (submit_benchmarks.py's default), before
+# torch 2.1 made early stop the default; OneFlow has its own checkpointing.
+EARLY_STOP_BY_SOURCE: tuple[tuple[str, str], ...] = (
+    ("pytorch/torchtitan", "inferred: torchtitan's checkpoint_wrapper is torch's non-reentrant checkpoint, early stop"),
+)
+
+
+def early_stop_of(run: dict) -> tuple[bool, str]:
+    """(whether its full recomputation stops early, basis) of a run (EARLY_STOP_BY_SOURCE)."""
+    for key, basis in EARLY_STOP_BY_SOURCE:
+        if key in run["source"]:
+            return True, basis
+    return False, "inferred: the whole block's forward rerun (Megatron's CheckpointFunction, or torch before 2.1)"
+
+
 SELECTIVE_LAYER_AC_FREQ = 2     # torchtitan's selective_ac_option default (config_manager.py)
 
 # SC21's ZeRO-3 rows (Table 2, "Megatron-LM+ZeRO-3") ran DeepSpeed's ZeRO-3, which gathers
@@ -318,6 +339,7 @@ class Job:
     params_b: float | None = None
     grad_sync: str | None = None   # the engine of the data-parallel gradient sync (GRAD_SYNC_BY_SOURCE)
     loss: str | None = None        # the loss kernel (LOSS_BY_SOURCE); None: autopar's default
+    checkpoint_early_stop: bool = False  # full recomputation as torch >= 2.1 runs it (EARLY_STOP_BY_SOURCE)
     recompute_every: int | None = None   # recompute "full" of every n-th block only (None: all)
     sequence_parallel: bool = False
     flags: list[str] = field(default_factory=list)
@@ -585,9 +607,12 @@ def map_run(run: dict, attention: bool = True, grad_sync: bool = True, loss: boo
     loss_kernel, loss_basis = loss_of(run) if loss else (None, "stated: --loss fused")
     if loss_kernel:
         flags.append(f"loss {loss_kernel} ({loss_basis})")
+    early_stop, early_stop_basis = early_stop_of(run)
+    if recompute == "full" and early_stop:
+        flags.append(f"recompute with early stop ({early_stop_basis})")
     job = Job(id=run["id"], model=spec, seq=seq, dtype=dtype, cluster=cluster, nodes=n // gpn, gpus_per_node=gpn,
               dp=dp, tp=tp, pp=pp, microbatch=mb, global_batch=gb, recompute=recompute, schedule=schedule, vp=vp,
-              zero=zero, params_b=m.get("params_b"), grad_sync=engine, loss=loss_kernel, recompute_every=rc_layers, sequence_parallel=sp, flags=flags,
+              zero=zero, params_b=m.get("params_b"), grad_sync=engine, loss=loss_kernel, checkpoint_early_stop=early_stop, recompute_every=rc_layers, sequence_parallel=sp, flags=flags,
               measured={"tokens_per_s_per_gpu": tokens_per_gpu, "basis": basis, "memory_gib": me.get("memory_gib")})
     return job
 
@@ -755,6 +780,7 @@ def evaluate_group(task: tuple[str, int, str, list[dict]]) -> list[dict]:
                 kw["grad_sync"] = j["grad_sync"]
             if j.get("loss") and not j.get("eager"):     # the eager recipe prices its own loss
                 kw["loss"] = j["loss"]
+            kw["checkpoint_early_stop"] = bool(j.get("checkpoint_early_stop", False))
             plan = api.build_3d(src, cl, j["global_batch"], cfg, dtype, **kw)
             d = plan.to_dict()
             graph = src.graph(j["microbatch"] * j["dp"])

@@ -414,9 +414,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the JSON here (e.g. bench/results/truth_predicted_DATE.json)")
     ap.add_argument("--buckets", action="store_true", help="also print the breakdown buckets per row")
     ap.add_argument("--fit", action="store_true", help="print the fitted constants of autopar.costmodel.eager")
+    ap.add_argument("--attention-rows", metavar="FILE", help="a what-if: price attention with FILE's rows (a "
+                    "bench/results attention file, e.g. attention_default_h200_2026-12-01.json: SDPA's own backend) "
+                    "instead of the shipped profile's")
     ap.add_argument("--expandable", action="store_true", help="the one-GPU rows run again with expandable "
                     "segments (bench/results/allocator_expandable_h200_2026-12-01.json): memory only")
     args = ap.parse_args(argv)
+    if args.attention_rows:
+        if not Path(args.attention_rows).is_file():
+            ap.error(f"--attention-rows {args.attention_rows}: no such file")
+        from predict_runs import use_attention_rows
+        use_attention_rows(Path(args.attention_rows))
     if args.expandable:
         rows = [predict_row(r) for r in expandable_rows()]
         for r in rows:

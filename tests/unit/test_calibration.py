@@ -95,10 +95,14 @@ SUBSET = {
 # norms and activations at their kinds' rates; the recomputation rows were over already), single
 # 3.3% -> 2.3%, ddp 3.6% -> 2.0%, pp 0.6% / 8.9% -> 1.6% / 8.7% (llama-3b +0.3% -> +1.7%,
 # gpt-1.3b mb4 x8 +0.4% -> +1.8%); memory unchanged
+# and full recomputation priced as torch's checkpoint reruns it (2026-12-02b,
+# bench/results/truth_predicted_2026-12-02b.json; stage_problem.block_rerun, eager.recompute_weight_casts_s):
+# the seven recomputed rows +0.0..+10.0% -> -3.0..+7.0%; all 2.6% -> 2.5%, fit 2.5% -> 2.3%,
+# held_out 3.3% / 10.0% -> 3.0% / 8.8%, single 2.3% / 10.0% -> 1.5% / 8.4%; memory unchanged
 PINNED = {  # set: (time median, time max, memory median, memory max)
-    "all": (0.031, 0.254, 0.082, 0.146),
-    "fit": (0.030, 0.254, 0.094, 0.146),
-    "held_out": (0.038, 0.105, 0.076, 0.139),
+    "all": (0.030, 0.254, 0.082, 0.146),
+    "fit": (0.028, 0.254, 0.094, 0.146),
+    "held_out": (0.035, 0.093, 0.076, 0.139),
     "fsdp2": (0.033, 0.124, 0.087, 0.146),
     "pp": (0.021, 0.092, 0.069, 0.104),
 }
@@ -642,7 +646,7 @@ def test_fsdp_exposed_comm_against_the_measured():
 # through the harness's own evaluation (no runs file needed: the row keeps its job) and requires
 # today's model to predict what was stored, so the bars cannot silently describe another model.
 
-PUBLISHED = ROOT / "bench/results/published_eval_2026-12-02.json"
+PUBLISHED = ROOT / "bench/results/published_eval_2026-12-02b.json"
 _pspec = importlib.util.spec_from_file_location("published_harness", ROOT / "bench/calibration/published.py")
 assert _pspec is not None and _pspec.loader is not None
 published = importlib.util.module_from_spec(_pspec)
@@ -666,13 +670,18 @@ _pspec.loader.exec_module(published)
 # -> 6.6%, fit H100 11.6% / 33.0% -> 11.7% / 33.1% (10.9% / 32.5% with the kinds alone),
 # held-out H100 14.4% / 20.4% -> 13.8% / 19.8%, held-out V100 max 49.4% -> 52.5% (OneFlow's
 # dp4 tp8 row, already optimistic: its overlapped gradient sync slows the backward less).
+# PUBLISHED (2026-12-02b) reruns, under full recomputation, only the blocks (not the embedding,
+# the head and the loss), and for torchtitan's runs only what torch's early stop reruns
+# (evaluator.evaluate's checkpoint_early_stop): fit V100 14.2% / 33.9% -> 15.0% / 36.5%, held-out
+# A100 10.1% / 64.6% -> 10.2% / 65.2%, held-out V100 6.0% / 52.5% -> 6.4% / 53.8% (rows that were
+# optimistic already, no longer charged the head's forward twice).
 PUBLISHED_PINNED: dict[tuple[str, str], tuple[float, float]] = {
     ("fit", "A100"): (0.071, 0.660),        # achieved 6.6% / 65.5% (n 151); 8.1% / 79.3% before MPT's Triton attention
     ("fit", "H100"): (0.122, 0.336),        # 11.7% / 33.1% (70); 30.0% / 60.3% before MPT's Triton attention
-    ("fit", "V100"): (0.147, 0.344),        # 14.2% / 33.9% (12): no per-tensor latency to hide optimism
-    ("held_out", "A100"): (0.106, 0.651),   # 10.1% / 64.6% (126)
+    ("fit", "V100"): (0.155, 0.370),        # 15.0% / 36.5% (12): no per-tensor latency to hide optimism
+    ("held_out", "A100"): (0.107, 0.657),   # 10.2% / 65.2% (126)
     ("held_out", "H100"): (0.143, 0.203),   # 13.8% / 19.8% (4): Megatron-Core, SP and ZeRO-1 as implied
-    ("held_out", "V100"): (0.065, 0.530),   # 6.0% / 52.5% (16): OneFlow's 2d rows, section 10
+    ("held_out", "V100"): (0.069, 0.543),   # 6.4% / 53.8% (16): OneFlow's 2d rows, section 10
 }
 # One stored row per kind: unfused attention with dropout (V100, DLPerf), unfused without (BLOOM),
 # unfused under selective recomputation and SP (Korthikanti), Triton flash (MPT), ZeRO-3 and ZeRO-2 per

@@ -1,6 +1,7 @@
 """StageProblem.evaluate after its loop was cut to the set's activation operands (grouped by op
 once per structure, _operands_by_name) with the edge memo's key made from their fields. The
-previous evaluate, verbatim below, is the reference: on every layer, entry layout and mesh of
+previous evaluate, verbatim below but for full recomputation's split into the ops rerun and the
+tail torch's checkpoint leaves out (checkpoint_roles, added since), is the reference: on every layer, entry layout and mesh of
 a small model (and on a two-layer stage, and a renamed problem), for the ILP's choice and
 random ones, with and without the per-op breakdown and sharded parameter storage, the
 Evaluation is equal field by field, to the bit."""
@@ -32,7 +33,8 @@ def previous_evaluate(self, group_choice, settings: Settings, with_ops: bool = F
     sharded = self.sharded_members(sharded_roots) if sharded_roots else frozenset()
     if sharded and settings.zero not in (1, 2):
         raise ValueError(f"sharded parameter storage per op needs ZeRO 1 or 2, the stage has ZeRO {settings.zero}")
-    fwd = bwd = comm = sync = rec = pe = pez = stash = spe = spez = 0.0
+    fwd = bwd = comm = sync = rec = tail = pe = pez = stash = spe = spez = 0.0
+    roles = sp.checkpoint_roles(g)
     ops = []
     for name in self.names:
         v = g.node(name)
@@ -55,7 +57,11 @@ def previous_evaluate(self, group_choice, settings: Settings, with_ops: bool = F
         bwd += c.bwd_s + extra_bwd
         comm += c.comm_s + extra_bwd
         sync += c.step_s
-        rec += st.fwd_s + st.fwd_comm_s + reshard
+        role = roles.get(name, sp.RERUN)
+        if role == sp.RERUN:
+            rec += st.fwd_s + st.fwd_comm_s + reshard
+        elif role == sp.NOT_RERUN:
+            tail += st.fwd_s + st.fwd_comm_s + reshard
         pe += st.param_elems_local
         pez += st.param_elems_zero
         if name in sharded:
@@ -74,7 +80,7 @@ def previous_evaluate(self, group_choice, settings: Settings, with_ops: bool = F
         n = g.node(bsrc)
         boundary += n.out_bytes / shard_factor(bspec, mesh) if bspec else n.out_bytes
     stash += self.outside_stash_bytes()
-    return Evaluation(fwd, bwd, comm, sync, rec, pe, pez, stash, boundary, ops, spe, spez, sharded)
+    return Evaluation(fwd, bwd, comm, sync, rec, pe, pez, stash, boundary, ops, spe, spez, sharded, tail)
 
 
 @functools.cache

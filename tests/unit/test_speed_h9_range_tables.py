@@ -252,7 +252,7 @@ class RandomSolver:
             else:
                 nxt = boundary_specs(tuple(self.graph.node(self.inputs[li + 1]).out_shape), mesh)
                 out_spec = nxt[int(rng.integers(len(nxt)))]
-            x = [float(v) for v in rng.random(30) * 10.0 ** rng.integers(-3, 10, 30)]
+            x = [float(v) for v in rng.random(32) * 10.0 ** rng.integers(-3, 10, 32)]
             sol = LayerSol(x[0], x[1], x[2], x[3], x[4], x[5], x[6], out_spec, {}, "optimal", x[7],
                            seq_split and bool(rng.random() < 0.5), (),
                            ZeroEnds(*x[8:15]) if self.units and rng.random() < 0.9 else None,
