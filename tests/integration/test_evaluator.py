@@ -19,7 +19,7 @@ from autopar.hardware.presets import load_cluster
 from autopar.hardware.specs import Link
 from autopar.model import ModelSource
 from autopar.plan import PlanError, StagePlan, Training
-from autopar.sharding.stage_problem import StageProblem, saved_tensors
+from autopar.sharding.stage_problem import RERUN, StageProblem, checkpoint_roles, saved_tensors
 from graphs.query import attention_core, stage_nodes
 
 # ---- 16 bytes per parameter, ZeRO ------------------------------------------------------------------
@@ -205,7 +205,8 @@ def test_selective_recompute_with_sequence_parallelism_is_34_sbh_over_t(t):
 
 def test_recompute_time_and_flops():
     """Selective recomputation reruns the attention core (QK^T, scale, softmax, dropout) in
-    backward; full reruns the stage's forward. Both add their FLOPs to the hardware count."""
+    backward; full reruns the stage's forward as torch's checkpoint does, each block up to its
+    last saved tensor (stage_problem.checkpoint_roles). Both add their FLOPs to the hardware count."""
     g, none = _stage(2, "none")
     _, sel = _stage(2, "selective")
     _, full = _stage(2, "full")
@@ -221,33 +222,36 @@ def test_recompute_time_and_flops():
                                                    rel=1e-12)
     assert sel.recompute_flops == sum(g.node(n).fwd_flops for n in core)
     assert full.bwd_s - none.bwd_s == pytest.approx(none.ev.recompute_fwd_s, rel=1e-12)
-    assert full.recompute_flops == sum(g.node(n).fwd_flops for n in names)
+    roles = checkpoint_roles(g)
+    assert full.recompute_flops == sum(g.node(n).fwd_flops for n in names if roles[n] == RERUN)
+    assert full.recompute_flops < sum(g.node(n).fwd_flops for n in names)     # each block's tail is not rerun
 
 
 # ---- FLOPs per step with full recomputation ----------------------------------------------------
 
 def test_flops_per_step_full_recompute_gpt_1_3b():
     """Narayanan et al. 2021: 96*B*s*l*h^2*(1 + s/(6h) + V/(16*l*h)) FLOPs per step with full
-    recomputation (forward 3x for recompute + backward, logits 3x).
+    recomputation (forward 3x for recompute + backward, logits 3x), as Megatron reruns whole
+    transformer layers (checkpoint_early_stop=False); the head is not recomputed.
 
     gpt-1.3b has a tied head; the formula holds for tied or untied alike (the logit matmul
     computes dX and dW either way; the embedding lookup has no matmul FLOPs).
 
-    Two differences, each explained and checked separately:
-    * the evaluator recomputes every layer of a stage, the head (final LN + logits + loss)
-      included; Megatron checkpoints transformer layers only, so the formula lacks one more
-      logit forward, 2*B*s*h*V;
-    * the graph counts flash-attention's backward as 2.5x its forward (it recomputes QK^T),
-      the formula 2x: + 2*B*s^2*h*l; plus LN / GELU / residual / softmax / loss elementwise
-      FLOPs (~0.1%). With the head's recompute added, the rest is within 2%."""
+    The graph counts flash-attention's backward as 2.5x its forward (it recomputes QK^T), the
+    formula 2x: + 2*B*s^2*h*l; plus LN / GELU / residual / softmax / loss elementwise FLOPs
+    (~0.1%). torch's checkpoint (the default) stops each block's rerun before its MLP's output
+    projection, 2*B*s*4h*h FLOPs per layer fewer (stage_problem.block_rerun)."""
     G, h, l, s, V = 16, 2048, 24, 1024, 51200
-    p = build_3d(ModelSource("gpt-1.3b"), load_cluster("p3.16xlarge", 1), G, Config3D(8, 1, 1, 1, recompute="full"))
-    pr = p.predicted
+    cfg = Config3D(8, 1, 1, 1, recompute="full")
     formula = 96 * G * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
-    head_recompute = 2 * G * s * h * V
     attention_bwd = 2 * G * s * s * h * l
-    assert pr.hardware_flops_per_step == pytest.approx(formula + head_recompute, rel=0.02)
-    assert pr.hardware_flops_per_step == pytest.approx(formula + head_recompute + attention_bwd, rel=0.002)
+    whole = build_3d(ModelSource("gpt-1.3b"), load_cluster("p3.16xlarge", 1), G, cfg, checkpoint_early_stop=False)
+    assert whole.predicted.hardware_flops_per_step == pytest.approx(formula, rel=0.02)
+    assert whole.predicted.hardware_flops_per_step == pytest.approx(formula + attention_bwd, rel=0.002)
+    p = build_3d(ModelSource("gpt-1.3b"), load_cluster("p3.16xlarge", 1), G, cfg)
+    pr = p.predicted
+    fc2 = 2 * G * s * 4 * h * h * l
+    assert pr.hardware_flops_per_step == pytest.approx(formula + attention_bwd - fc2, rel=0.002)
     # without recomputation: 72*B*s*l*h^2*(1 + s/(6h) + V/(12*l*h)), the model FLOPs
     no_rc = 72 * G * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h))
     assert pr.model_flops_per_step == pytest.approx(no_rc + attention_bwd, rel=0.002)

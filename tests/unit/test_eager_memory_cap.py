@@ -228,5 +228,7 @@ def test_gpt_1_3b_zero3_recomputes_the_evaluators_least_layers():
     # 2.435 s before FSDP2's casts of its shards, for each of the 8 gathers a step, replaced
     # autocast's one copy of the weights (eager.fsdp_weight_cast_params); 2.456 s recomputing 15;
     # 2.431 s before COMM_OVERLAP_SLOWDOWN's refit under the memory-bound kinds (0.565 -> 0.501:
-    # FSDP2's hidden gathers slow the compute less; a V100 has no profile, so only that moves)
-    assert got.predicted.step_time_s == pytest.approx(2.426, abs=5e-4)
+    # FSDP2's hidden gathers slow the compute less; a V100 has no profile, so only that moves);
+    # 2.426 s before the recomputation reran only what torch's checkpoint reruns (each block up to
+    # its last saved tensor, plus autocast's weight casts again; stage_problem.checkpoint_roles)
+    assert got.predicted.step_time_s == pytest.approx(2.325, abs=5e-4)
