@@ -169,6 +169,7 @@ def which(device: str) -> None:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils._python_dispatch import TorchDispatchMode
+    from truth import Ckpt  # the corpus's checkpointing: torch.utils.checkpoint, non-reentrant
 
     import graphs.zoo
 
@@ -180,14 +181,6 @@ def which(device: str) -> None:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.calls[func._overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
-
-    class Ckpt(torch.nn.Module):
-        def __init__(self, block):
-            super().__init__()
-            self.block = block
-
-        def forward(self, x):
-            return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
 
     def backward_calls(ckpt: bool, amp: bool, backend, early: bool) -> Counter[str]:
         torch.manual_seed(0)
