@@ -5,6 +5,7 @@ points).
     python bench/recompute_kernels.py --out bench/results/recompute_kernels_<gpu>_<date>.json   # on a GPU
     python bench/recompute_kernels.py --report bench/results/recompute_kernels_h200_2026-12-02.json
     python bench/recompute_kernels.py --which [--device cpu]   # which ops one block's recomputation reruns
+    python bench/recompute_kernels.py --compiled --rows gpt-1.3b:16:1024 --out ...   # the blocks compiled
 
 On the GPU: for each (model, microbatch, sequence) of ROWS, bench/truth's single-GPU recipe
 (truth.setup_single: bf16 autocast over fp32 weights, fused AdamW, SDPA, every block wrapped in
@@ -39,7 +40,7 @@ ROWS = [("gpt-1.3b", 16, 1024), ("gpt-2.6b", 8, 1024), ("gpt-6.7b", 8, 1024), ("
 WARMUP, TIMED = 2, 3
 
 
-def _run(model: str, mb: int, seq: int, recompute: str) -> dict:
+def _run(model: str, mb: int, seq: int, recompute: str, compiled: bool = False) -> dict:
     import configs
     import torch
     import truth
@@ -48,6 +49,12 @@ def _run(model: str, mb: int, seq: int, recompute: str) -> dict:
     run = configs._r(model, "single", mb, seq, recompute)
     dev = truth.Dev("cuda", 0)
     step, objs, _ = truth.setup_single(run, dev, "cuda")
+    if compiled:
+        # each block compiled, its checkpoint inside the compiled region (torchtitan's order,
+        # and autopar run's on one device): AOTAutograd's partition decides what is rerun
+        blocks = objs[0].blocks
+        for i in range(len(blocks)):
+            blocks[i] = torch.compile(blocks[i])
     for _ in range(WARMUP):
         step()
     dev.sync()
@@ -68,20 +75,21 @@ def _run(model: str, mb: int, seq: int, recompute: str) -> dict:
     del step, objs
     truth.free(dev)
     return {"id": run["id"], "model": model, "model_spec": run["model_spec"], "microbatch": mb, "seq": seq,
-            "recompute": recompute, "step_s": step_s, "ops": ops}
+            "recompute": recompute, "compiled": compiled, "step_s": step_s, "ops": ops}
 
 
-def measure(out: Path, rows: list[tuple[str, int, int]]) -> None:
+def measure(out: Path, rows: list[tuple[str, int, int]], compiled: bool = False) -> None:
     import torch
 
     doc = {"what": "bench/recompute_kernels.py: single-GPU steps without and with full recomputation, "
                    "aten ops of one profiled step (calls, self device seconds)",
            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rows": []}
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "compiled": compiled, "rows": []}
     for model, mb, seq in rows:
         for rc in ("none", "full"):
             try:
-                r = _run(model, mb, seq, rc)
+                r = _run(model, mb, seq, rc, compiled)
             except Exception as e:          # an OOM or a missing model must not lose the other rows
                 r = {"model": model, "microbatch": mb, "seq": seq, "recompute": rc, "error": f"{type(e).__name__}: {e}"}
             doc["rows"].append(r)
@@ -101,9 +109,9 @@ def _by_kind(ops: dict) -> dict[str, float]:
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
-def _model_delta_s(spec: str, mb: int, seq: int, early_stop: bool) -> tuple[float, float]:
+def _model_delta_s(spec: str, mb: int, seq: int, early_stop: bool, compiled: bool = False) -> tuple[float, float]:
     """(predicted step without recomputation, the step with it less that) as predict.py prices
-    a single-GPU corpus row."""
+    a single-GPU corpus row (`compiled`: its blocks compiled)."""
     from autopar.evaluation.baselines import Config3D, _unevaluated_3d
     from autopar.evaluation.evaluator import evaluate
     from autopar.hardware.presets import load_cluster
@@ -114,7 +122,7 @@ def _model_delta_s(spec: str, mb: int, seq: int, early_stop: bool) -> tuple[floa
     steps = []
     for rc in ("none", "full"):
         plan, graph = _unevaluated_3d(src, cl, mb, Config3D(1, 1, 1, mb, recompute=rc), None, None)
-        p = evaluate(plan, graph, cl, eager=True, zero_autocast=True, compiled=False, expandable_segments=False,
+        p = evaluate(plan, graph, cl, eager=True, zero_autocast=True, compiled=compiled, expandable_segments=False,
                      checkpoint_early_stop=early_stop)
         steps.append(p.predicted.step_time_s)
     return steps[0], steps[1] - steps[0]
@@ -122,7 +130,8 @@ def _model_delta_s(spec: str, mb: int, seq: int, early_stop: bool) -> tuple[floa
 
 def report(path: Path) -> None:
     doc = json.loads(path.read_text())
-    print(f"{doc['gpu']}, torch {doc['torch']}, {doc['date']}\n")
+    compiled = bool(doc.get("compiled"))
+    print(f"{doc['gpu']}, torch {doc['torch']}, {doc['date']}{', blocks compiled' if compiled else ''}\n")
     rows = {(r["model"], r["microbatch"], r["seq"], r["recompute"]): r for r in doc["rows"]}
     print("| row | measured step, plain / rc (ms) | rc adds (ms) | of it: gemm / attention / casts / norm / "
           "elementwise (ms) | GEMM calls added / the blocks' linears | model adds, early stop / whole "
@@ -139,8 +148,8 @@ def report(path: Path) -> None:
         d = {k: (b[k] - a[k]) * 1e3 for k in a}
         calls = sum(full["ops"].get(k, [0, 0])[0] - plain["ops"].get(k, [0, 0])[0] for k in GEMM_OPS)
         fwd_gemms = _block_linears(plain["model_spec"], seq)
-        _, early = _model_delta_s(plain["model_spec"], mb, seq, True)
-        _, whole = _model_delta_s(plain["model_spec"], mb, seq, False)
+        _, early = _model_delta_s(plain["model_spec"], mb, seq, True, compiled)
+        _, whole = _model_delta_s(plain["model_spec"], mb, seq, False, compiled)
         print(f"| {model} mb{mb} s{seq} | {plain['step_s'] * 1e3:.1f} / {full['step_s'] * 1e3:.1f} | "
               f"{(full['step_s'] - plain['step_s']) * 1e3:.1f} | "
               f"{d['gemm']:.1f} / {d['attention']:.1f} / {d['casts']:.1f} / {d['norm']:.1f} / {d['elementwise']:.1f} | "
@@ -218,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="measure on this machine's GPU and write the rows here")
     ap.add_argument("--report", help="print the table of a stored file (no GPU)")
     ap.add_argument("--rows", help="comma list of model:microbatch:seq (default: ROWS)")
+    ap.add_argument("--compiled", action="store_true", help="with --out: each block compiled (torch.compile), "
+                    "its checkpoint inside")
     ap.add_argument("--which", action="store_true", help="print what one block's recomputation reruns, per setting")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="with --which")
     a = ap.parse_args(argv)
@@ -237,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = [(m, int(b), int(s)) for m, b, s in (x.split(":") for x in a.rows.split(","))]
         except ValueError:
             ap.error(f"--rows {a.rows!r}: expected model:microbatch:seq[,...], e.g. gpt-1.3b:16:1024")
-    measure(Path(a.out), rows)
+    measure(Path(a.out), rows, a.compiled)
     return 0
 
 

@@ -707,9 +707,10 @@ class EagerTerms:
     # the compute's slowdown beside the hidden part (eager.fsdp_block_comm_s, comm_overlap_s)
     comm_delta_s: float = 0.0
     comm_overlap_s: float = 0.0
-    # per microbatch, if the blocks are recomputed whole (full recomputation, eager blocks): the
-    # fp32 stream of their norms again and autocast's weight copies made again, beyond the
-    # graph's forward (Evaluation.recompute_s)
+    # per microbatch, if the blocks are recomputed whole (full recomputation), beyond the graph's
+    # forward (Evaluation.recompute_s): in eager blocks the fp32 stream of their norms again and
+    # autocast's weight copies made again; in compiled blocks the fused pointwise kernels in the
+    # place of the graph's ops (negative)
     recompute_fwd_s: float = 0.0
 
     @property
@@ -903,7 +904,8 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
     if compiled and not bf16:
         # Inductor fuses each chain of a compiled block's pointwise ops into one kernel each way
         # (eager.fused_pointwise_s): the chain's ops, priced one eager kernel each, cost that
-        # kernel instead
+        # kernel instead, and so does the recomputation where it reruns the chain
+        roles = checkpoint_roles(graph)
         for li in range(*layers):
             if not first < li < last:
                 continue
@@ -915,8 +917,11 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                                                        sum(local_elems(n)[0] for n in chain_out),
                                                        const_bytes, param_bytes, cm)
                 strategies = [prob.strategy_of(n, assign[n]) for n in ops]
-                fwd += f_s - sum(st.fwd_s for st in strategies)
+                fused_fwd = f_s - sum(st.fwd_s for st in strategies)
+                fwd += fused_fwd
                 bwd += b_s - sum(st.bwd_s for st in strategies)
+                if all(roles.get(n) == RERUN for n in ops):
+                    rerun += fused_fwd
     comm_delta, overlap = tp_grad_delta, 0.0
     for li, (c_f, c_b, ag_f, ag_b, rs) in blocks.items():
         rs_eager = eager_mod.FSDP_REDUCE_SCATTER_FACTOR * rs
