@@ -66,7 +66,7 @@ def saved_tensors(graph: OpGraph, names) -> tuple[dict[str, float], dict[str, fl
                 saved[src] = max(saved.get(src, 0.0), 1.0)
             elif src in graph and graph.node(src).kind != INPUT:
                 outside[src] = max(outside.get(src, 0.0), 1.0)
-        if v.kind == ELEMENTWISE and v.op == "dropout" and float(v.attrs.get("p", 0.0)) > 0:
+        if _keeps_dropout_mask(v):
             masks[name] = masks.get(name, 0.0) + 0.5 * 2 / max(1, dtype_bytes(v.out_dtype))
     # The mask is kept on top of the dropout's output when a later op saves that output too
     # (softmax -> dropout -> PV matmul keeps both), whatever order the ops are visited in.
@@ -397,12 +397,15 @@ def _structure(graph: OpGraph, names: list[str]) -> tuple[dict[str, float], dict
 NOT_CHECKPOINTED, RERUN, NOT_RERUN = 0, 1, 2
 
 
-def _saves_own_output(graph: OpGraph, v: OpNode) -> bool:
+def _keeps_dropout_mask(v: OpNode) -> bool:
+    """Whether op `v` is a dropout that keeps its mask for the backward (p > 0)."""
+    return v.kind == ELEMENTWISE and v.op == "dropout" and float(v.attrs.get("p", 0.0)) > 0
+
+
+def _saves_own_output(v: OpNode) -> bool:
     """Whether op `v`'s backward keeps a tensor `v` makes (packed once its kernel has run): a
     norm's statistics, attention's output and log-sum-exp, softmax's output, dropout's mask."""
-    if v.kind in (NORM, ATTENTION, SOFTMAX):
-        return True
-    return v.kind == ELEMENTWISE and v.op == "dropout" and float(v.attrs.get("p", 0.0)) > 0
+    return v.kind in (NORM, ATTENTION, SOFTMAX) or _keeps_dropout_mask(v)
 
 
 def block_rerun(graph: OpGraph, names) -> list[str]:
@@ -417,7 +420,7 @@ def block_rerun(graph: OpGraph, names) -> list[str]:
     order = list(names)
     for k in range(len(order) - 1, -1, -1):
         v = graph.node(order[k])
-        if _saves_own_output(graph, v):
+        if _saves_own_output(v):
             return order[:k + 1]
         if _marked(graph, v):
             return order[:k]

@@ -15,8 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import graphs.zoo
-from autopar.evaluation.baselines import Config3D, _unevaluated_3d
-from autopar.evaluation.evaluator import evaluate
+from autopar.evaluation.baselines import Config3D, build_3d
 from autopar.hardware.presets import load_cluster
 from autopar.model import ModelSource
 from autopar.sharding.stage_problem import NOT_CHECKPOINTED, NOT_RERUN, RERUN, block_rerun, checkpoint_roles
@@ -112,11 +111,9 @@ def test_a_block_ending_in_an_op_that_keeps_its_own_output_reruns_it():
 def test_recompute_prices_the_rerun_ops_with_or_without_early_stop():
     cl = load_cluster("dgx-h200", 1, 1)
     src = ModelSource("gpt:hidden=1024,layers=4,heads=16,seq=1024,vocab=51200")
-    steps = {}
-    for rc in ("none", "full"):
-        plan, graph = _unevaluated_3d(src, cl, 8, Config3D(1, 1, 1, 8, recompute=rc), None, None)
-        for early in (True, False):
-            steps[rc, early] = evaluate(plan, graph, cl, checkpoint_early_stop=early)
+    steps = {(rc, early): build_3d(src, cl, 8, Config3D(1, 1, 1, 8, recompute=rc), checkpoint_early_stop=early)
+             for rc in ("none", "full") for early in (True, False)}
+    graph = src.graph(8)
     assert steps["none", True].predicted.step_time_s == steps["none", False].predicted.step_time_s
     early = steps["full", True].predicted.step_time_s - steps["none", True].predicted.step_time_s
     whole = steps["full", False].predicted.step_time_s - steps["none", False].predicted.step_time_s
