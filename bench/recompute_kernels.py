@@ -240,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.report:
         if not Path(a.report).is_file():
             ap.error(f"--report {a.report}: no such file")
-        report(Path(a.report))
+        try:
+            report(Path(a.report))
+        except (ValueError, KeyError, TypeError) as e:
+            ap.error(f"--report {a.report}: not a file this script wrote ({type(e).__name__}: {e})")
         return 0
     rows = ROWS
     if a.rows:

@@ -54,14 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     if a.report:
         if not Path(a.report).is_file():
             p.error(f"--report {a.report}: no such file")
-        stored = json.loads(Path(a.report).read_text())
+        try:
+            stored = json.loads(Path(a.report).read_text())
+            meta, stored_rows = stored["meta"], stored["rows"]
+            model, micro, gpus = meta["model"], meta["micro"], meta["gpus"]
+        except (ValueError, KeyError, TypeError) as e:
+            p.error(f"--report {a.report}: not a file this script wrote ({type(e).__name__}: {e})")
         rows = []
-        for r in stored["rows"]:
-            _, eager = plan_for(stored["meta"]["model"], r["recompute_num_layers"], stored["meta"]["micro"],
-                                "dgx-h200", stored["meta"]["gpus"])
+        for r in stored_rows:
+            _, eager = plan_for(model, r["recompute_num_layers"], micro, "dgx-h200", gpus)
             rows.append({**r, "predicted_step_s": eager.step_time_s,
                          "predicted_allocated_bytes": eager.peak_allocated_bytes})
-        print(f"{a.report} ({stored['meta']['gpu']}, torch {stored['meta']['torch']}, {stored['meta']['date']}) "
+        print(f"{a.report} ({meta.get('gpu')}, torch {meta.get('torch')}, {meta.get('date')}) "
               "against the current model:")
         _table(rows)
         return 0
