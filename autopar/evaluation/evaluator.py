@@ -347,16 +347,18 @@ def tp_overlap_hidden_s(graph: OpGraph, layers: tuple[int, int], ops: list[dict]
             return name
         for o in node.operands:
             src = o.source
-            while src in by_name and graph.node(src).kind == VIEW:
-                ops_of = graph.node(src).operands
-                src = ops_of[0].source if ops_of else None
-            if src in by_name and graph.node(src).kind == MATMUL:
+            while src is not None and src in by_name and graph.node(src).kind == VIEW:
+                operands = graph.node(src).operands
+                src = operands[0].source if operands else None
+            if src is not None and src in by_name and graph.node(src).kind == MATMUL:
                 return src
         return None
 
     def reads(lin: str) -> str:
-        acts = [o.source for o in graph.node(lin).operands if not o.is_param]
-        return acts[0] if acts else lin
+        for o in graph.node(lin).operands:
+            if not o.is_param and o.source is not None:
+                return o.source
+        return lin
 
     comm: dict[str, float] = {}
     gemm: dict[str, float] = {}
