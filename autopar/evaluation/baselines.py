@@ -271,13 +271,14 @@ def _submesh_for(n_devices: int, cluster: Cluster) -> tuple[int, int]:
 
 def build_3d(source, cluster: Cluster, global_batch: int, cfg: Config3D, dtype: str | None = None,
              label: str | None = None, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None,
-             loss: str = "fused", checkpoint_early_stop: bool = True) -> Plan:
+             loss: str = "fused", checkpoint_early_stop: bool = True, tp_comm_overlap: bool = False) -> Plan:
     """A Megatron-style plan, evaluated (with `eager`, as the eager PyTorch recipe runs it,
-    `grad_sync`'s gradient buckets, the `loss` kernel and full recomputation with or without
-    torch's early stop: see autopar.evaluation.evaluator.evaluate)."""
+    `grad_sync`'s gradient buckets, the `loss` kernel, full recomputation with or without
+    torch's early stop, and Megatron-Core's overlapped tensor-parallel collectives: see
+    autopar.evaluation.evaluator.evaluate)."""
     plan, graph = _unevaluated_3d(source, cluster, global_batch, cfg, dtype, label)
     return evaluate(plan, graph, cluster, eager=eager, grad_sync=grad_sync, loss=loss,
-                    checkpoint_early_stop=checkpoint_early_stop)
+                    checkpoint_early_stop=checkpoint_early_stop, tp_comm_overlap=tp_comm_overlap)
 
 
 def build_3d_recomputes(source, cluster: Cluster, global_batch: int, cfg: Config3D, recomputes: tuple[str, ...],

@@ -94,7 +94,7 @@ class StageResult:
     embedding_s: float = 0.0       # device time of the embedding layer's ops (fwd + bwd)
     head_loss_s: float = 0.0       # final norm, LM head, fp32 cross-entropy (fwd + bwd)
     op_comm_s: float = 0.0         # exposed communication inside the ops (resharding, tensor parallel, ZeRO-3)
-    comm_overlap_s: float = 0.0    # compute slowed by the collectives hidden behind it (FSDP2)
+    comm_overlap_s: float = 0.0    # compute slowed by the collectives hidden behind it (FSDP2, tp_comm_overlap)
     precision_casts_s: float = 0.0  # autocast weight copies, fp32 gradient casts and accumulation
     grad_bucket_s: float = 0.0     # per step: DDP's copy of the gradients into its buckets
     ddp_bucket_bytes: float = 0.0
@@ -134,7 +134,8 @@ def _recomputed_flops(graph: OpGraph, names, early_stop: bool) -> float:
 def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Training,
                    cm: ComputeModel, eager: bool = EAGER_DEFAULT, grad_sync: str | None = None,
                    zero_autocast: bool = False, compiled: bool | None = None,
-                   loss: str = "fused", checkpoint_early_stop: bool = True) -> StageResult:
+                   loss: str = "fused", checkpoint_early_stop: bool = True,
+                   tp_comm_overlap: bool = False) -> StageResult:
     """The stage's costs; its StagePlan comes back as a copy carrying the per-op records.
     grad_sync: the engine whose gradient buckets it runs (collectives.GRAD_SYNC_ENGINES; None:
     the eager recipe's or the default's, collectives.default_grad_sync_engine).
@@ -143,7 +144,8 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
     (the same bf16 parameters without autocast, eager.fsdp_bf16_params).
     compiled: whether the eager recipe runs the stage's blocks compiled (None: where `autopar
     run` compiles them, eager.compiled_per_block, by the stage's tensor parallelism and engine). loss: the default model's loss kernel (compute.LOSS_KERNELS; the eager
-    recipe prices its own)."""
+    recipe prices its own). tp_comm_overlap: the blocks' tensor-parallel collectives run beside
+    their linears' GEMMs (`tp_overlap_hidden_s`)."""
     names = stage_nodes(graph, st.layers)
     sub = Submesh(*st.submesh)
     if sub.n_devices != len(st.device_ids):
@@ -292,13 +294,24 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
         known = per_graph.get(bkey)
         buckets = known if known is not None else per_graph.setdefault(bkey, grad_sync_buckets(prob, assign, zero, engine))
     sync = sum(d for _, d in buckets) if zero <= 1 else ev.sync_s + units.step_delta_s
+    tp_hidden = tp_slow = 0.0
+    if tp_comm_overlap:
+        if zero >= 3:
+            raise PlanError(f"stage {st.index}: tp_comm_overlap with ZeRO-{zero} is not modelled (its weight "
+                            "gathers are not tensor-parallel collectives); evaluate without it")
+        tp_hidden = tp_overlap_hidden_s(graph, st.layers, ev.ops)
+        tp_slow = comm_overlap_s(tp_hidden)
+        # a tensor-parallel collective's backward is its mirror (all-gather <-> reduce-scatter,
+        # all-reduce <-> identity + all-reduce): half the hidden time is the forward's
+        fwd += (tp_slow - tp_hidden) / 2
+        bwd += (tp_slow - tp_hidden) / 2
     return StageResult(replace(st, ops=[dict(o) for o in ev.ops]), ev, fwd, bwd, stash, working,
                        (ev.param_state_bytes(zero) + terms.param_state_delta_bytes) * copy_share,
                        sync, optimizer_step_s(ev, zero, cm, copy_share), bbytes, rec_flops,
                        host_fwd_s=terms.host_fwd_s, host_bwd_s=terms.host_bwd_s, embedding_s=embedding_s,
                        head_loss_s=head_s + terms.cross_entropy_s + loss_fwd + loss_bwd,
-                       op_comm_s=ev.comm_s + terms.comm_delta_s + units.comm_delta_s,
-                       comm_overlap_s=terms.comm_overlap_s + units.overlap_s,
+                       op_comm_s=ev.comm_s + terms.comm_delta_s + units.comm_delta_s - tp_hidden,
+                       comm_overlap_s=terms.comm_overlap_s + units.overlap_s + tp_slow,
                        precision_casts_s=terms.precision_casts_s, grad_bucket_s=terms.grad_bucket_s,
                        ddp_bucket_bytes=terms.ddp_bytes, ddp_rebuild_bytes=terms.ddp_rebuild_bytes,
                        autocast_cache_bytes=terms.autocast_cache_bytes * copy_share,
@@ -309,6 +322,58 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        tied_grad_bytes=eager_mod.tied_embedding_grad_bytes(tied),
                        grad_pool_bytes=fsdp_grad_pool_bytes(ev, zero, sub.n_devices, zero_autocast) if eager else 0.0,
                        tied_copy_params=tied_copy, sync_buckets=buckets)
+
+
+def tp_overlap_hidden_s(graph: OpGraph, layers: tuple[int, int], ops: list[dict]) -> float:
+    """Seconds of the stage's tensor-parallel collectives (per microbatch, forward + backward)
+    that run beside the GEMMs of the blocks' linears, as Megatron-Core's `--tp-comm-overlap`
+    runs them (Transformer Engine's userbuffers split each linear's GEMM into chunks and move
+    the next chunk's activations over NVLink while one multiplies: the sequence-parallel
+    all-gather before a column-parallel linear, the reduce-scatter after a row-parallel one,
+    and their mirrors in the backward). A collective pairs with its linear: the one whose
+    input it gathers (an op's own communication: `ops`' comm_s, its inputs' resharding
+    included), or the one whose partial output it reduces (the first consumer's, through
+    views). Linears that read one tensor (q, k and v; a gate and an up projection) are one GEMM
+    to Megatron (its fused QKV and FC1) and share that tensor's gather: their collectives and
+    GEMMs are summed, and the part the GEMMs cover is hidden, min(collectives, GEMMs). Only the
+    blocks' linears (TE modules); the embedding's and the head's collectives stay exposed."""
+    first, last = 0, len(graph.layers) - 1
+    in_blocks = {n for li in range(max(layers[0], first + 1), min(layers[1], last)) for n in graph.layers[li].nodes}
+    by_name = {o["name"]: o for o in ops}
+
+    def linear_of(name: str) -> str | None:
+        node = graph.node(name)
+        if node.kind == MATMUL:
+            return name
+        for o in node.operands:
+            src = o.source
+            while src is not None and src in by_name and graph.node(src).kind == VIEW:
+                operands = graph.node(src).operands
+                src = operands[0].source if operands else None
+            if src is not None and src in by_name and graph.node(src).kind == MATMUL:
+                return src
+        return None
+
+    def reads(lin: str) -> str:
+        for o in graph.node(lin).operands:
+            if not o.is_param and o.source is not None:
+                return o.source
+        return lin
+
+    comm: dict[str, float] = {}
+    gemm: dict[str, float] = {}
+    for o in ops:
+        if o["name"] in in_blocks and graph.node(o["name"]).kind == MATMUL:
+            key = reads(o["name"])
+            gemm[key] = gemm.get(key, 0.0) + o["compute_s"]
+    for o in ops:
+        if o["comm_s"] <= 0 or o["name"] not in in_blocks:
+            continue
+        lin = linear_of(o["name"])
+        if lin is not None and lin in in_blocks:
+            key = reads(lin)
+            comm[key] = comm.get(key, 0.0) + o["comm_s"]
+    return sum(min(c, gemm[key]) for key, c in comm.items())
 
 
 # Whether stages of one structure share their problem (_posed); False poses one per stage, as
@@ -1207,7 +1272,7 @@ def _graph_flops(graph: OpGraph) -> float:
 def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_DEFAULT,
              grad_sync: str | None = None, zero_autocast: bool = False, compiled: bool | None = None,
              loss: str = "fused", ddp_rebuild: bool = True, expandable_segments: bool = True,
-             checkpoint_early_stop: bool = True) -> Plan:
+             checkpoint_early_stop: bool = True, tp_comm_overlap: bool = False) -> Plan:
     """A copy of `plan` with its prediction and each stage's costs filled in; `plan` is unchanged.
 
     eager: the step as the eager PyTorch recipe runs it (autopar.costmodel.eager, measured on
@@ -1245,7 +1310,13 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     ddp_rebuild: with eager, the peak of a run, whose second step holds DDP's first buckets beside
     the rebuilt ones at its activation peak (eager.ddp_rebuild_transient_bytes); False: the peak
     of the steps after it (what a measured run shows where the first buckets were freed by the
-    rebuild: bench/truth/predict.py compares the corpus's ddp rows both ways)."""
+    rebuild: bench/truth/predict.py compares the corpus's ddp rows both ways).
+    tp_comm_overlap: the blocks' tensor-parallel collectives overlapped with their linears' GEMMs,
+    as Megatron-Core's `--tp-comm-overlap` runs them (`tp_overlap_hidden_s`; the hidden part
+    slows the compute, collectives.comm_overlap_s). Off by default: `autopar run` and PyTorch's
+    DTensor tensor parallelism run them exposed. Not with eager or ZeRO-3."""
+    if tp_comm_overlap and eager:
+        raise PlanError("tp_comm_overlap is Megatron-Core's engine; the eager recipe runs DTensor's collectives exposed")
     if loss not in LOSS_KERNELS:
         raise PlanError(f"loss must be one of {', '.join(LOSS_KERNELS)} (got {loss!r})")
     if eager and loss != "fused":
@@ -1263,7 +1334,7 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
     v = tr.virtual_stages
     B = tr.n_microbatches
     res = [evaluate_stage(graph, cluster, s, tr, cm, eager, grad_sync, zero_autocast, compiled, loss=loss,
-                          checkpoint_early_stop=checkpoint_early_stop)
+                          checkpoint_early_stop=checkpoint_early_stop, tp_comm_overlap=tp_comm_overlap)
            for s in plan.stages]
     n_dev_stages = len(res) // v if schedule == "interleaved" else len(res)
     if eager and n_dev_stages > 1:

@@ -340,6 +340,7 @@ class Job:
     grad_sync: str | None = None   # the engine of the data-parallel gradient sync (GRAD_SYNC_BY_SOURCE)
     loss: str | None = None        # the loss kernel (LOSS_BY_SOURCE); None: autopar's default
     checkpoint_early_stop: bool = False  # full recomputation as torch >= 2.1 runs it (EARLY_STOP_BY_SOURCE)
+    tp_comm_overlap: bool = False  # Megatron-Core's --tp-comm-overlap, where the run states it
     recompute_every: int | None = None   # recompute "full" of every n-th block only (None: all)
     sequence_parallel: bool = False
     flags: list[str] = field(default_factory=list)
@@ -429,11 +430,13 @@ def _untied_matches(shape: dict, params_b: float) -> bool:
     return abs(tied / params_b - 1) > 0.03 and abs(untied - params_b) < abs(tied - params_b)
 
 
-def map_run(run: dict, attention: bool = True, grad_sync: bool = True, loss: bool = True) -> Job | str:
+def map_run(run: dict, attention: bool = True, grad_sync: bool = True, loss: bool = True,
+            tp_comm_overlap: bool = True) -> Job | str:
     """A Job, or the reason the run cannot be evaluated ("skipped: <reason>"). attention=False
     evaluates every run with the zoo's default (flash) attention, as before ATTENTION_BY_SOURCE;
     grad_sync=False every run with autopar's default gradient sync (GRAD_SYNC_BY_SOURCE);
-    loss=False every run with autopar's default loss kernel (LOSS_BY_SOURCE)."""
+    loss=False every run with autopar's default loss kernel (LOSS_BY_SOURCE); tp_comm_overlap=False
+    every run with its tensor-parallel collectives exposed, those that state --tp-comm-overlap too."""
     p, m, me = run["parallel"], run["model"], run["measured"]
     flags: list[str] = []
     if run["status"] != "ok":
@@ -576,9 +579,12 @@ def map_run(run: dict, attention: bool = True, grad_sync: bool = True, loss: boo
     notes = run.get("notes") or ""
     # Megatron's --tp-comm-overlap asserts --sequence-parallel, and --overlap-param-gather
     # needs --use-distributed-optimizer (ZeRO-1): flags a run states imply them.
-    sp = bool(p.get("sp")) or (tp > 1 and "--tp-comm-overlap" in notes)
+    tp_overlap = tp > 1 and "--tp-comm-overlap" in notes
+    sp = bool(p.get("sp")) or tp_overlap
     if sp:
         flags.append("sequence parallel" + ("" if p.get("sp") else " (implied by --tp-comm-overlap)"))
+    if tp_overlap and tp_comm_overlap:
+        flags.append("tensor-parallel collectives overlapped with the linears' GEMMs (stated: --tp-comm-overlap)")
     if zero == 0 and dp > 1 and any(f in notes for f in ("--overlap-param-gather", "--use-distributed-optimizer")):
         zero = 1
         flags.append("ZeRO-1 (Megatron's distributed optimizer, implied by --overlap-param-gather)")
@@ -612,7 +618,8 @@ def map_run(run: dict, attention: bool = True, grad_sync: bool = True, loss: boo
         flags.append(f"recompute with early stop ({early_stop_basis})")
     job = Job(id=run["id"], model=spec, seq=seq, dtype=dtype, cluster=cluster, nodes=n // gpn, gpus_per_node=gpn,
               dp=dp, tp=tp, pp=pp, microbatch=mb, global_batch=gb, recompute=recompute, schedule=schedule, vp=vp,
-              zero=zero, params_b=m.get("params_b"), grad_sync=engine, loss=loss_kernel, checkpoint_early_stop=early_stop, recompute_every=rc_layers, sequence_parallel=sp, flags=flags,
+              zero=zero, params_b=m.get("params_b"), grad_sync=engine, loss=loss_kernel, checkpoint_early_stop=early_stop,
+              tp_comm_overlap=tp_overlap and tp_comm_overlap, recompute_every=rc_layers, sequence_parallel=sp, flags=flags,
               measured={"tokens_per_s_per_gpu": tokens_per_gpu, "basis": basis, "memory_gib": me.get("memory_gib")})
     return job
 
@@ -781,6 +788,8 @@ def evaluate_group(task: tuple[str, int, str, list[dict]]) -> list[dict]:
             if j.get("loss") and not j.get("eager"):     # the eager recipe prices its own loss
                 kw["loss"] = j["loss"]
             kw["checkpoint_early_stop"] = bool(j.get("checkpoint_early_stop", False))
+            if j.get("tp_comm_overlap"):
+                kw["tp_comm_overlap"] = True
             plan = api.build_3d(src, cl, j["global_batch"], cfg, dtype, **kw)
             d = plan.to_dict()
             graph = src.graph(j["microbatch"] * j["dp"])
@@ -906,7 +915,8 @@ def step_breakdown(row: dict) -> dict:
 
 def run_all(runs: list[dict], split: dict, workers: int, only: list[str] | None = None,
             log=print, what_if: dict | None = None, eager: bool | None = None,
-            attention: bool = True, grad_sync: bool = True, loss: bool = True) -> list[dict]:
+            attention: bool = True, grad_sync: bool = True, loss: bool = True,
+            tp_comm_overlap: bool = True) -> list[dict]:
     rows: dict[str, dict] = {}
     jobs: dict[str, Job] = {}
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -915,10 +925,11 @@ def run_all(runs: list[dict], split: dict, workers: int, only: list[str] | None 
         if only and not any(o.lower() in (run["id"] + " " + run["source"]).lower() for o in only):
             continue
         row = _row_base(run, split)
-        mapped = map_run(run, attention, grad_sync, loss)
+        mapped = map_run(run, attention, grad_sync, loss, tp_comm_overlap)
         if run["status"] == "oom":
             # OOM runs are not compared for speed, but autopar should not call them a fit.
-            mapped = map_run({**run, "status": "ok", "measured": {"step_time_s": 1.0}}, attention, grad_sync, loss)
+            mapped = map_run({**run, "status": "ok", "measured": {"step_time_s": 1.0}}, attention, grad_sync, loss,
+                             tp_comm_overlap)
             if isinstance(mapped, Job):
                 oom_jobs.append(mapped.id)
                 row["oom_check"] = True
@@ -1107,6 +1118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--loss", choices=("by-source", "fused"), default="by-source",
                     help="each run's loss kernel as its framework ran it (LOSS_BY_SOURCE), or every run with "
                          "autopar's default fused loss (the model before loss=megatron)")
+    ap.add_argument("--tp-comm-overlap", choices=("by-source", "off"), default="by-source",
+                    help="overlap the tensor-parallel collectives with the linears' GEMMs where a run states "
+                         "--tp-comm-overlap (evaluate's tp_comm_overlap), or run every run's exposed (the model before)")
     a = ap.parse_args(argv)
     if a.report:
         data = json.loads(Path(a.report).read_text())
@@ -1122,7 +1136,8 @@ def main(argv=None) -> int:
     what_if = {k: float(v) for k, _, v in (w.partition("=") for w in a.what_if)}
     rows = run_all(runs, split, a.workers, a.only.split(",") if a.only else None, log=lambda s: print(s, flush=True),
                    what_if=what_if, eager=a.eager, attention=a.attention == "by-source",
-                   grad_sync=a.grad_sync == "by-source", loss=a.loss == "by-source")
+                   grad_sync=a.grad_sync == "by-source", loss=a.loss == "by-source",
+                   tp_comm_overlap=a.tp_comm_overlap == "by-source")
     elapsed = time.perf_counter() - t0
     text = report(rows, worst=a.worst)
     print(text)
@@ -1135,7 +1150,7 @@ def main(argv=None) -> int:
     command = "python bench/calibration/published.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     payload = {"schema": "autopar.published_eval/v1", "date": datetime.date.today().isoformat(), "command": command.strip(),
                "runs_file": _repo_relative(a.runs), "split_file": _repo_relative(a.split), "autopar": dict(autopar_version(), label=a.label),
-               "what_if": what_if, "eager": a.eager, "attention": a.attention, "grad_sync": a.grad_sync, "loss": a.loss, "wall_time_s": elapsed, "cpu_time_s": cpu, "load_average_end": load,
+               "what_if": what_if, "eager": a.eager, "attention": a.attention, "grad_sync": a.grad_sync, "loss": a.loss, "tp_comm_overlap": a.tp_comm_overlap, "wall_time_s": elapsed, "cpu_time_s": cpu, "load_average_end": load,
                "workers": a.workers, "cpu_count": os.cpu_count(), "rows": rows}
     write_results(out, payload)
     print(f"wrote {out}")
