@@ -882,10 +882,10 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                 else:
                     # the eager kernels (eager.autocast_norm_s) in place of the graph's norm; a
                     # residual add making its input prices its own (fp32_residual_add_s below)
-                    src = node.operands[0].source
+                    norm_in = node.operands[0].source
                     e_f, e_b = eager_mod.autocast_norm_s(
                         elems, consumers, cm, fp32_stream=not bf16_stream,
-                        input_accumulate=graph.node(src).op != "add" and len(graph.consumers(src)) > 1)
+                        input_accumulate=graph.node(norm_in).op != "add" and len(graph.consumers(norm_in)) > 1)
                     own = prob.strategy_of(n, assign[n])
                     f32_fwd, f32_bwd = e_f - own.fwd_s, e_b - own.bwd_s
                 fwd += f32_fwd
@@ -921,10 +921,10 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
             # a residual add into autocast's fp32 stream (eager.fp32_residual_add_s) in place of
             # the graph's bf16 one: it reads a linear's bf16 output and the fp32 stream
             st = prob.strategy_of(n, assign[n])
-            read = sum(2 if o.source is not None and graph.node(o.source).kind == MATMUL else 4
-                       for o in node.operands)
+            read_bytes = sum(2 if o.source is not None and graph.node(o.source).kind == MATMUL else 4
+                             for o in node.operands)
             a_f, a_b = eager_mod.fp32_residual_add_s(st.out_bytes_local / (node.out_bytes / _numel(node.out_shape)),
-                                                     read, len(graph.consumers(n)) > 1, cm)
+                                                     read_bytes, len(graph.consumers(n)) > 1, cm)
             fwd += a_f - st.fwd_s
             bwd += a_b - st.bwd_s
             if n in in_block:
