@@ -143,7 +143,7 @@ class Prediction:
     # Where the time and memory go (issue 13; autopar.costmodel.eager). None where a plan file
     # written before them lacks them (and then left out of the JSON again). peak_memory_bytes = peak_reserved_bytes + CUDA context
     # + NCCL; breakdown_s of the slowest GPU adds up to step_time_s (blocks, head_loss,
-    # embedding, precision_casts, optimizer, exposed_comm, comm_overlap, pipeline_idle,
+    # embedding, precision_casts, optimizer, exposed_comm, comm_overlap, gpu_idle,
     # pipeline_grad_scale, bubble, host); memory_breakdown_bytes
     # of the fullest GPU adds up to peak_memory_bytes.
     peak_allocated_bytes: float | None = None

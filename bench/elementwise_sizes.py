@@ -81,6 +81,17 @@ def _cases(torch):
     }
 
 
+# each case's kernel kind in a GPU profile (autopar.hardware.profiles.EAGER_KERNELS), for
+# bench/update_profile.py; the norms' cases are the profile's layernorm kinds already
+KIND_OF_CASE = {
+    "cast bf16 -> fp32": "cast_widen",
+    "cast fp32 -> bf16": "cast_narrow",
+    "add_ fp32 (gradient accumulation)": "accumulate",
+    "mul bf16 view x fp32 table (rotary)": "broadcast_mul",
+    "sum over tokens bf16 (bias gradient)": "token_sum",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")

@@ -133,7 +133,7 @@ _PRICE = {ALL_REDUCE: all_reduce_s, ALL_GATHER: all_gather_s, REDUCE_SCATTER: re
 # NCCL's kernels share the SMs and HBM with the compute, so hidden is not free. One concept for
 # every overlapped collective: FSDP2's prefetched gathers (eager.fsdp_block_comm_s) and the
 # data-parallel gradient buckets below.
-COMM_OVERLAP_SLOWDOWN = 0.501
+COMM_OVERLAP_SLOWDOWN = 0.521
 
 
 def comm_overlap_s(hidden_comm_s: float) -> float:

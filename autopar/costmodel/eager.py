@@ -21,13 +21,28 @@ Time:
   microbatch's bf16 weight gradient is cast to fp32 (2 + 4) and, after the first microbatch,
   added into `.grad` (4 + 4 + 4): the "~18 B/param per microbatch" of the pp rows.
 - autocast's fp32 residual stream: autocast runs layer_norm (and rms_norm) in fp32, so the
-  norms read and write fp32 and so do the residual adds that take their fp32 outputs back
-  (+2 B read and +2 B written per element each over the bf16 the graph assumes), and every
-  linear fed by a norm casts its input to bf16 itself (read 4, write 2). The backward moves
-  about twice the forward's bytes (fp32 gradients through the norms, the casts' gradients and
-  their fp32 sum). Per element of a norm's output: 3 x (4 + 4 + 6 x linear consumers) B. On
-  the GPT rows this is the blocks' gap: gpt-1.3b mb8 16 ms measured vs 13 ms, gpt-6.7b mb8
-  41 vs 37 ms.
+  norms read and write fp32 and so do the residual adds that take their fp32 outputs back, and
+  every linear fed by a norm casts its input to bf16 itself; backward, each cast's gradient
+  comes back to fp32 and the gradients are summed in fp32. Priced kernel by kernel at each
+  kind's measured bandwidth at its size (`autocast_norm_s`, `fp32_residual_add_s`; the kinds
+  `cast_widen`, `cast_narrow` and `accumulate` of the profile, which bench/elementwise_sizes.py
+  measured: a bf16 -> fp32 cast runs at half an fp32 -> bf16 one's rate), in place of the
+  graph's bf16 norm and add. In a compiled block Inductor fuses them (below).
+- the eager kernels the graph's ops do not hold, kernel by kernel at their kinds' rates: a
+  linear's bias gradient, a sum over the tokens (`bias_grad_sum_s`, the `token_sum` kind:
+  17 ms of gpt-1.3b mb8's step); rotary embedding's ten kernels (`rotary_s`: the table
+  multiplies promote to fp32 under autocast and run at the `broadcast_mul` kind's 1.2 TB/s;
+  64 ms of llama-1b-gqa mb4's step, 62 priced). Checked against H200 profiles by kind of
+  kernel (`python bench/truth/op_categories.py`), with attention on the rows of the kernels
+  SDPA runs (bench/update_profile.py; bench/truth/README.md, sixteenth pass).
+- GPU idle (`gpu_idle_s`): between the kernels of an eager step the GPU waits for its CPU's
+  next launch beyond the profile's back-to-back gap, in proportion to the blocks and not to
+  their tokens. GPU_IDLE_S_PER_BLOCK is measured, not fitted to the step: the profiled step's
+  time with no kernel running, less what the profiler added to the step, per block and
+  microbatch, median over the device-bound GPT single and ddp rows (0.121 ms; `predict.py
+  --fit`; the Llama rows, held out, measure 0.178; a pipeline's idle holds its bubble). Fitted to the steps' residual
+  instead it would come out at 0.10-0.60 ms, growing with the tokens per block: work the
+  model misses, not idle. It is in every eager stage's per-layer terms, the planner's too.
 - DDP's gradient buckets: DistributedDataParallel copies every fp32 gradient into its
   all-reduce bucket (read 4, write 4 B per parameter; the ddp rows' "other" bucket, 2.5 ms per
   billion parameters, is 8.7 B per parameter at the AdamW bandwidth).
@@ -110,18 +125,13 @@ Time:
   blocks and not to its tokens: with the measured per-rank kernel times replayed through the
   1F1B schedule (scale and optimizer in the tail) the steps are 27.0 / 27.4 ms longer on
   gpt-6.7b mb1 / mb2 (16 blocks per stage), 17.8 on gpt-1.3b mb4 (12) and 22.2 on llama-3b (14),
-  0.19-0.21 ms per block and microbatch; the profiled GPU idle (no kernel, no NCCL) of the rows
-  whose profiled step ran at the timed pace is the same: 24.9 ms on both ranks of gpt-6.7b mb2,
-  26.8 / 26.4 on llama-3b. It is split between forward and backward as the host's launches are
-  (it is the GPU waiting for its CPU; the mechanism is not isolated). Single-GPU steps idle
-  about as much per block (0.26-0.34 ms in one microbatch), but a version of the term for
-  every strategy fits the GPT rows better (time median 2.9 -> 2.1%) and the held-out Llama
-  rows worse (3.6 -> 4.7%, max 9.1 -> 10.9%, and llama-3b's ranking wrong again), so it stays
-  with the pipelines, where the rows were 7-9% short.
-  The evaluator adds the per-microbatch times of (b) and (c) to the schedule, not to the
-  stages' own op times, which the planner's per-layer costs match (they do not know where the
-  stages are cut); the candidates the planner simulates are scored with them.
-  PIPELINE_IDLE_S_PER_BLOCK is fitted on the device-bound GPT pp rows (`predict.py --fit`).
+  0.19-0.21 ms per block and microbatch. It was a pipeline term while attention was priced on
+  rows of a kernel SDPA does not run; with attention and the eager kernels priced by kind it is
+  every eager stage's GPU idle (above), measured on the one-stage rows; the rest of the pp
+  rows' replay gap was work the model had missed.
+  The evaluator adds the per-microbatch times of (b) to the schedule, not to the stages' own
+  op times, which the planner's per-layer costs match (they do not know where the stages are
+  cut); the candidates the planner simulates are scored with them.
 
 - compiled blocks (`compiled_per_block`, the runtime's rule: `autopar run` compiles the blocks
   of tensor-parallel stages and, per engine (COMPILED_BY_ENGINE), of stages on one device on
@@ -393,8 +403,8 @@ FSDP_REDUCE_SCATTER_FACTOR = 2.0
 
 # torch.distributed.pipelining's scale_grads: .grad /= n_microbatches after the schedule (read 4, write 4 B)
 PIPELINE_GRAD_SCALE_BYTES_PER_PARAM = 8
-# fitted: GPU idle per block of a pipeline stage and microbatch (device-bound GPT pp rows, `predict.py --fit`)
-PIPELINE_IDLE_S_PER_BLOCK = 1.65e-4
+# measured: GPU idle per block and microbatch (device-bound GPT single and ddp rows' profiles, `predict.py --fit`)
+GPU_IDLE_S_PER_BLOCK = 1.21e-4
 
 # -- memory -----------------------------------------------------------------------------------
 CROSS_ENTROPY_PEAK_BYTES_PER_LOGIT = 10   # fp32 log-softmax output 4 + its fp32 gradient 4 + bf16 logits' gradient 2
@@ -671,6 +681,102 @@ def autocast_fp32_stream_s(norm_elements: float, linear_consumers: int, cm: Comp
     return fwd_bytes / bw, AUTOCAST_BACKWARD_FACTOR * fwd_bytes / bw
 
 
+def autocast_norm_s(norm_elements: float, linear_consumers: int, cm: ComputeModel, fp32_stream: bool = True,
+                    input_accumulate: bool = False) -> tuple[float, float]:
+    """(forward, backward) seconds of one norm under eager autocast with the casts autocast adds
+    around it, kernel by kernel, bytes per element of its output (`norm_elements`), each at its
+    kind's measured bandwidth at its size (`ComputeModel.memory_bound_s`; the `cast_*` and
+    `accumulate` kinds are bench/elementwise_sizes.py's). The graph prices the norm in bf16;
+    the caller takes that off. Forward: the norm in fp32 (layernorm, 8) and each of the
+    `linear_consumers` linears' cast of its output to bf16 (cast_narrow, 6 each). Backward: each
+    linear's input gradient cast back to fp32 (cast_widen, 6 each), their fp32 sum (accumulate,
+    12 for each after the first) and the norm's backward in fp32 (layernorm_backward, 12).
+    Where the stream is fp32 (`fp32_stream`: autocast over fp32 weights) and the norm's input
+    also feeds the residual path without a residual add making it (`input_accumulate`: the
+    embedding's output), the two paths' gradients are summed in fp32 (accumulate, 12); a
+    residual add's own (`fp32_residual_add_s`) sums them otherwise. Over bf16 weights
+    (bench/truth's fsdp2 rows) autocast casts the norm's bf16 input to fp32 (cast_widen, 6) and
+    its gradient back (cast_narrow, 6). An H200 profile of gpt-1.3b mb8 under `autopar run`
+    (bench/results/profiles_h200_1gpu_2026-12-01b) has exactly these calls per block and
+    microbatch (10 [8, 1024, 2048] copies: 4 casts each way and the attention output's layout
+    copy and its gradient; 4 fp32 add_; 2 norms each way; 2 mixed adds)."""
+    e = float(norm_elements)
+    if e <= 0:
+        return 0.0, 0.0
+
+    def k(nbytes: float, kind: str) -> float:
+        return cm.memory_bound_s(nbytes, kernel=kind)
+    c = linear_consumers
+    fwd = k(8 * e, "layernorm") + c * k(6 * e, "cast_narrow")
+    bwd = c * k(6 * e, "cast_widen") + max(0, c - 1) * k(12 * e, "accumulate") + k(12 * e, "layernorm_backward")
+    if not fp32_stream:
+        fwd += k(6 * e, "cast_widen")
+        bwd += k(6 * e, "cast_narrow")
+    elif input_accumulate:
+        bwd += k(12 * e, "accumulate")
+    return fwd, bwd
+
+
+def fp32_residual_add_s(elements: float, read_bytes_per_element: float, shared: bool,
+                        cm: ComputeModel) -> tuple[float, float]:
+    """(forward, backward) seconds of a residual add into autocast's fp32 stream whose output a
+    norm reads: forward, the add reading its operands (`read_bytes_per_element`: 4 for the fp32
+    stream, 2 for a linear's bf16 output) and writing fp32 (add); backward, where its output
+    also feeds the next residual add (`shared`), that path's gradient and the norm's summed in
+    fp32 (accumulate, 12). The graph prices it in bf16 (read 2 + 2, write 2, and a bf16 sum);
+    the caller takes that off."""
+    e = float(elements)
+    if e <= 0:
+        return 0.0, 0.0
+    fwd = cm.memory_bound_s((read_bytes_per_element + 4) * e, kernel="add")
+    bwd = cm.memory_bound_s(12 * e, kernel="accumulate") if shared else 0.0
+    return fwd, bwd
+
+
+def bias_grad_sum_s(grad_bytes: float, cm: ComputeModel, fused: bool = False) -> float:
+    """A linear's bias gradient: its output gradient (`grad_bytes`) summed over the tokens. The
+    graph's linear prices its GEMMs only, as an engine that fuses the sum into the weight
+    gradient's GEMM (cuBLASLt's bias-gradient epilogue) runs it; eager PyTorch launches a
+    reduction kernel of its own, which runs at the `token_sum` kind's bandwidth (a bf16 sum
+    over the first dim: 1.3 TB/s at 16 MiB, 3.6-4.0 from 256 MiB on an H200,
+    bench/elementwise_sizes.py). In a compiled block (`fused`) Inductor's two-pass reduction
+    reads the gradient at about the streaming rate (gpt-1.3b mb8: 10.8 ms per step against
+    17.0 eager), priced on the `add` kind."""
+    if grad_bytes <= 0:
+        return 0.0
+    return cm.memory_bound_s(grad_bytes, kernel="add" if fused else "token_sum")
+
+
+def rotary_s(elems: float, cm: ComputeModel) -> tuple[float, float]:
+    """(forward, backward) seconds of rotary embedding on one bf16 tensor of `elems` elements
+    (q or k, [batch, heads, seq, head_dim]) as eager PyTorch runs the rotate-half form
+    `x * cos + cat(-x2, x1) * sin` under autocast, whose tables are fp32 (the block's input is
+    the fp32 residual stream: graphs/zoo/llama.py). Kernel by kernel, bytes per element of x,
+    each at its kind's measured bandwidth at its size (the kinds are the profile's rows;
+    `cast_narrow`, `cast_widen` and `broadcast_mul` are bench/elementwise_sizes.py's):
+    forward, neg of one half (copy, 2), the cat (copy, 4), the two table multiplies, which
+    promote to fp32 (broadcast_mul, 6 each), their fp32 sum (add, 12) and SDPA's cast of it to
+    bf16 (cast_narrow, 6); backward, that cast's gradient to fp32 (cast_widen, 6), the two
+    gradient multiplies by the tables (broadcast_mul, 8 each) and their casts to bf16
+    (cast_narrow, 6 each), neg's gradient (copy, 2), the two half-slices' gradients (a zero
+    fill and a copy into it, 2 + 2 each) and the three paths' sum (add, 6 each of two). The
+    calls and shapes are those of an H200 profile of llama-1b-gqa mb4 under `autopar run`
+    (bench/results/profiles_h200_1gpu_2026-12-01b: 64.4 ms of these ops per step, 62.0 priced
+    so); the graph's ops price the forward's five kernels at streaming rates and the backward
+    as their mirrors."""
+    if elems <= 0:
+        return 0.0, 0.0
+    e = float(elems)
+
+    def k(nbytes: float, kind: str) -> float:
+        return cm.memory_bound_s(nbytes, kernel=kind)
+    fwd = (k(2 * e, "copy") + k(4 * e, "copy") + 2 * k(6 * e, "broadcast_mul") + k(12 * e, "add")
+           + k(6 * e, "cast_narrow"))
+    bwd = (k(6 * e, "cast_widen") + 2 * (k(8 * e, "broadcast_mul") + k(6 * e, "cast_narrow")) + k(2 * e, "copy")
+           + 2 * (k(2 * e, "copy") + k(2 * e, "copy")) + 2 * k(6 * e, "add"))
+    return fwd, bwd
+
+
 def fused_pointwise_s(input_bytes: float, output_bytes: float, const_bytes: float, param_bytes: float,
                       cm: ComputeModel) -> tuple[float, float]:
     """(forward, backward) seconds of one chain of a compiled block's pointwise ops (elementwise,
@@ -759,10 +865,11 @@ def pipeline_grad_scale_s(local_params: float, n_microbatches: int, cm: ComputeM
     return PIPELINE_GRAD_SCALE_BYTES_PER_PARAM * local_params / (cm.stream_bytes_per_s * ADAMW_STREAM_SHARE)
 
 
-def pipeline_idle_s(n_blocks: int) -> tuple[float, float]:
-    """(forward, backward) seconds per microbatch that a pipeline stage of `n_blocks`
-    transformer blocks idles beyond its ops: the GPU waiting for its CPU after hand-offs."""
-    total = n_blocks * PIPELINE_IDLE_S_PER_BLOCK
+def gpu_idle_s(n_blocks: int) -> tuple[float, float]:
+    """(forward, backward) seconds per microbatch that an eager stage of `n_blocks` transformer
+    blocks idles beyond its ops: between the kernels the GPU waits for its CPU's next launch,
+    beyond the profile's back-to-back gap (eager.py "GPU idle")."""
+    total = n_blocks * GPU_IDLE_S_PER_BLOCK
     return total * HOST_FORWARD_SHARE, total * (1 - HOST_FORWARD_SHARE)
 
 

@@ -107,14 +107,14 @@ class StageResult:
     fsdp_block_bytes: float = 0.0    # FSDP2's per-block backward buffers and prefetch (transient)
     grad_pool_bytes: float = 0.0     # FSDP2's sharded gradients, in the reduce-scatter stream's pool
     # Pipelines (eager, eager.py "pipelines"): a tied head's copy on this stage (local parameters,
-    # in the state and optimizer above). What the pipeline adds to the stage's own ops (set by
+    # in the state and optimizer above). What the schedule adds to the stage's own ops (set by
     # `evaluate`; not in fwd_s / bwd_s, which are the ops', as the planner's stage cells are):
-    # per microbatch the GPU's idle and the copy's casts and accumulation, and per step the
-    # schedule's gradient scaling and the tied gradients' all-reduce.
+    # per microbatch the copy's casts and accumulation, and per step the schedule's gradient
+    # scaling and the tied gradients' all-reduce.
     tied_copy_params: float = 0.0
     pipeline_fwd_s: float = 0.0
     pipeline_bwd_s: float = 0.0
-    pipeline_idle_s: float = 0.0    # of pipeline_fwd_s + pipeline_bwd_s
+    gpu_idle_s: float = 0.0         # of fwd_s + bwd_s: the GPU's idle between the blocks' kernels
     grad_scale_s: float = 0.0
     tied_sync_s: float = 0.0
     # ZeRO 0/1: the gradient sync's buckets (`grad_sync_buckets`), as (share of the stage's last
@@ -313,6 +313,7 @@ def evaluate_stage(graph: OpGraph, cluster: Cluster, st: StagePlan, training: Tr
                        op_comm_s=ev.comm_s + terms.comm_delta_s + units.comm_delta_s - tp_hidden,
                        comm_overlap_s=terms.comm_overlap_s + units.overlap_s + tp_slow,
                        precision_casts_s=terms.precision_casts_s, grad_bucket_s=terms.grad_bucket_s,
+                       gpu_idle_s=terms.idle_s,
                        ddp_bucket_bytes=terms.ddp_bytes, ddp_rebuild_bytes=terms.ddp_rebuild_bytes,
                        autocast_cache_bytes=terms.autocast_cache_bytes * copy_share,
                        cross_entropy_peak_bytes=terms.cross_entropy_peak_bytes,
@@ -755,6 +756,7 @@ class EagerTerms:
     bwd_s: float = 0.0                 # device, per microbatch: their backward, cross_entropy_s, precision_casts_s
     cross_entropy_s: float = 0.0       # fp32 cross-entropy beyond the loss op's own cost (in bwd_s)
     precision_casts_s: float = 0.0     # weight copies, gradient casts and accumulation (in bwd_s)
+    idle_s: float = 0.0                # the GPU's idle between the blocks' kernels (in fwd_s and bwd_s)
     host_fwd_s: float = 0.0            # host dispatch per microbatch
     host_bwd_s: float = 0.0
     grad_bucket_s: float = 0.0         # per step: DDP's copy of the gradients into its buckets
@@ -875,7 +877,17 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                                 and graph.node(m).param_operands)
                 fused = compiled and n in in_block
                 residual += eager_mod.autocast_input_copies_bytes(elems, consumers, fused)
-                f32_fwd, f32_bwd = eager_mod.autocast_fp32_stream_s(elems, consumers, cm, fused)
+                if fused:
+                    f32_fwd, f32_bwd = eager_mod.autocast_fp32_stream_s(elems, consumers, cm, fused)
+                else:
+                    # the eager kernels (eager.autocast_norm_s) in place of the graph's norm; a
+                    # residual add making its input prices its own (fp32_residual_add_s below)
+                    norm_in = node.operands[0].source
+                    e_f, e_b = eager_mod.autocast_norm_s(
+                        elems, consumers, cm, fp32_stream=not bf16_stream,
+                        input_accumulate=graph.node(norm_in).op != "add" and len(graph.consumers(norm_in)) > 1)
+                    own = prob.strategy_of(n, assign[n])
+                    f32_fwd, f32_bwd = e_f - own.fwd_s, e_b - own.bwd_s
                 fwd += f32_fwd
                 bwd += f32_bwd
                 if n in in_block and not fused:
@@ -903,6 +915,44 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                 residual += eager_mod.loss_stash_bytes(prob.saved.get(made, 0.0) * local_elems(made)[0])
         # an op of a compiled block is launched by its block's region (eager.host_s)
         dispatched = not (compiled and n in in_block)
+        if (node.op == "add" and n in assign and not bf16 and not bf16_stream and not (compiled and n in in_block)
+                and any(graph.node(m).kind == NORM and eager_mod.norm_runs_fp32(graph.node(m).op, bf16_stream)
+                        for m in graph.consumers(n))):
+            # a residual add into autocast's fp32 stream (eager.fp32_residual_add_s) in place of
+            # the graph's bf16 one: it reads a linear's bf16 output and the fp32 stream
+            st = prob.strategy_of(n, assign[n])
+            read_bytes = sum(2 if o.source is not None and graph.node(o.source).kind == MATMUL else 4
+                             for o in node.operands)
+            a_f, a_b = eager_mod.fp32_residual_add_s(st.out_bytes_local / (node.out_bytes / _numel(node.out_shape)),
+                                                     read_bytes, len(graph.consumers(n)) > 1, cm)
+            fwd += a_f - st.fwd_s
+            bwd += a_b - st.bwd_s
+            if n in in_block:
+                rerun += a_f - st.fwd_s
+            if li is not None:
+                blocks.setdefault(li, [0.0] * 5)[0] += a_f - st.fwd_s
+                blocks[li][1] += a_b - st.bwd_s
+        rope = rotary_ops(graph, n) if node.op == "cat" and not (compiled and n in in_block) else None
+        if rope is not None and all(m in assign for m in rope):
+            # eager rotary: its kernels by kind (eager.rotary_s) in place of the graph's five ops'
+            r_f, r_b = eager_mod.rotary_s(prob.strategy_of(n, assign[n]).out_bytes_local
+                                          / (node.out_bytes / _numel(node.out_shape)), cm)
+            sts = [prob.strategy_of(m, assign[m]) for m in rope]
+            d_f, d_b = r_f - sum(st.fwd_s for st in sts), r_b - sum(st.bwd_s for st in sts)
+            fwd += d_f
+            bwd += d_b
+            if n in in_block:
+                rerun += d_f
+            if li is not None:
+                blocks.setdefault(li, [0.0] * 5)[0] += d_f
+                blocks[li][1] += d_b
+        if node.kind == MATMUL and n in assign and any(o.is_param and len(o.shape) == 1 for o in node.operands):
+            # the bias gradient's sum over the tokens, which the graph's linear does not price
+            b_s = eager_mod.bias_grad_sum_s(prob.strategy_of(n, assign[n]).out_bytes_local, cm,
+                                            fused=compiled and n in in_block)
+            bwd += b_s
+            if li is not None:
+                blocks.setdefault(li, [0.0] * 5)[1] += b_s
         if node.kind == MATMUL and node.param_operands:
             n_linears += dispatched
             # linears with split weights are what eager PyTorch runs as DTensors
@@ -1029,7 +1079,12 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
         root_params = sum(prob.strategy_of(n, assign[n]).param_elems_local for li in range(*layers)
                           if li in (first, last) for n in graph.layers[li].nodes if n in assign)
         fsdp_root = eager_mod.fsdp_buffer_bytes(root_params, 0.0)[0]
+    # the GPU waits for its CPU between kernels, per block (eager.gpu_idle_s)
+    idle_f, idle_b = eager_mod.gpu_idle_s(sum(1 for li in range(*layers) if first < li < last))
+    fwd += idle_f
+    bwd += idle_b
     return EagerTerms(fwd_s=fwd, bwd_s=bwd + ce_s + casts, cross_entropy_s=ce_s, precision_casts_s=casts,
+                      idle_s=idle_f + idle_b,
                       recompute_fwd_s=rerun,
                       host_fwd_s=host_fwd, host_bwd_s=host_bwd,
                       grad_bucket_s=eager_mod.grad_bucket_copy_s(ev.param_elems, cm) if ddp else 0.0,
@@ -1044,6 +1099,29 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                                                                                  zero, n_microbatches)
                                                - ev.param_state_bytes(zero)) if zero12 else 0.0,
                       fsdp_root_bytes=fsdp_root, comm_delta_s=comm_delta, comm_overlap_s=overlap)
+
+
+def rotary_ops(graph: OpGraph, cat: str) -> list[str] | None:
+    """The ops of one rotate-half rotary embedding, `x * cos + cat(-x2, x1) * sin`, found from
+    its `cat`: [neg, cat, the multiply of x, the multiply of the cat, their add]; None if `cat`
+    is not one."""
+    node = graph.node(cat)
+    if len(node.operands) != 2 or node.operands[0].source is None:
+        return None
+    neg = node.operands[0].source
+    if graph.node(neg).op != "neg" or not graph.node(neg).operands:
+        return None
+    half = graph.node(neg).operands[0].source
+    x = graph.node(half).operands[0].source if half is not None and graph.node(half).operands else None
+    mul_rot = [m for m in graph.consumers(cat) if graph.node(m).op == "mul"]
+    mul_x = [m for m in graph.consumers(x) if graph.node(m).op == "mul"] if x is not None else []
+    if len(mul_rot) != 1 or len(mul_x) != 1:
+        return None
+    adds = [a for a in graph.consumers(mul_rot[0]) if graph.node(a).op == "add"
+            and {o.source for o in graph.node(a).operands} == {mul_rot[0], mul_x[0]}]
+    if len(adds) != 1:
+        return None
+    return [neg, cat, mul_x[0], mul_rot[0], adds[0]]
 
 
 def _local_param_elems(graph: OpGraph, prob: StageProblem, name: str, choice: int) -> float:
@@ -1486,20 +1564,16 @@ def evaluate(plan: Plan, graph: OpGraph, cluster: Cluster, eager: bool = EAGER_D
 def _pipeline_terms(res: list[StageResult], graph: OpGraph, cluster: Cluster, n_microbatches: int,
                     cm: ComputeModel) -> list[StageResult]:
     """The stages of an eager pipeline with what torch.distributed.pipelining adds (eager.py
-    "pipelines"): each stage's idle per microbatch, by its blocks; a tied head copy's casts and
-    accumulation; the gradient scaling after the schedule; and, where the last stage holds a
-    tied head's copy, the all-reduce of its fp32 gradient with the embedding's, which both
-    stages wait for. The stage's own ops (fwd_s, bwd_s) are left as they are: these come from
-    splitting the model into stages, which the planner's per-layer costs do not know of."""
-    last = len(graph.layers) - 1
+    "pipelines"): a tied head copy's casts and accumulation; the gradient scaling after the
+    schedule; and, where the last stage holds a tied head's copy, the all-reduce of its fp32
+    gradient with the embedding's, which both stages wait for. The stage's own ops (fwd_s,
+    bwd_s) are left as they are: these come from splitting the model into stages, which the
+    planner's per-layer costs do not know of."""
     out = []
     for r in res:
-        n_blocks = sum(1 for li in range(*r.plan.layers) if 0 < li < last)
-        idle_f, idle_b = eager_mod.pipeline_idle_s(n_blocks)
         # the copy's parameters are cast as the stage's own are (precision_casts_s is linear in them)
         copy_casts = r.precision_casts_s * r.tied_copy_params / r.ev.param_elems if r.ev.param_elems else 0.0
-        out.append(replace(r, pipeline_fwd_s=idle_f, pipeline_bwd_s=idle_b + copy_casts,
-                           pipeline_idle_s=idle_f + idle_b, precision_casts_s=r.precision_casts_s + copy_casts,
+        out.append(replace(r, pipeline_bwd_s=copy_casts, precision_casts_s=r.precision_casts_s + copy_casts,
                            grad_scale_s=eager_mod.pipeline_grad_scale_s(r.ev.param_elems + r.tied_copy_params,
                                                                         n_microbatches, cm)))
     copy = out[-1].tied_copy_params
@@ -1523,7 +1597,7 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
     casts = b * sum(r.precision_casts_s for r in stages)
     op_comm = b * sum(r.op_comm_s for r in stages)
     overlap = b * sum(r.comm_overlap_s for r in stages)
-    idle = b * sum(r.pipeline_idle_s for r in stages)
+    idle = b * sum(r.gpu_idle_s for r in stages)
     busy = b * sum(r.fwd_s + r.bwd_s + r.pipeline_fwd_s + r.pipeline_bwd_s for r in stages)
     blocks = busy - embedding - head_loss - casts - op_comm - overlap - idle
     optimizer = sum(r.optimizer_s for r in stages)
@@ -1535,7 +1609,7 @@ def _time_breakdown(stages: list[StageResult], n_microbatches: int, step_s: floa
     parts = {"blocks": blocks, "head_loss": head_loss, "embedding": embedding, "precision_casts": casts,
              "optimizer": optimizer, "grad_buckets": buckets, "exposed_comm": op_comm + sync,
              "comm_overlap": overlap + sync_overlap_s,
-             "bubble": bubble, "pipeline_idle": idle, "pipeline_grad_scale": scale}
+             "bubble": bubble, "gpu_idle": idle, "pipeline_grad_scale": scale}
     parts["host"] = max(0.0, step_s - (busy + bubble + tail_s))
     return parts
 

@@ -34,6 +34,12 @@ MATMUL_DTYPES = ("bf16", "fp16", "fp32", "tf32")
 # prices each memory-bound op on its kind's rows (costmodel/compute.py memory_bound_s), a
 # backward on its "_backward" rows where the profile has them
 MEMORY_BOUND_KERNELS = ("copy", "add", "gelu", "layernorm", "softmax", "gelu_backward", "layernorm_backward")
+# the eager recipe's kernels a profile may also hold (bench/elementwise_sizes.py times them with
+# the profile's method; bench/update_profile.py puts its rows in a profile): bf16 -> fp32 and
+# fp32 -> bf16 casts, an fp32 add_ (gradient accumulation), a bf16 view times an fp32
+# [seq, head_dim] table (rotary), a bf16 sum over the tokens (a bias gradient). The eager terms
+# (costmodel/eager.py) price on them; a profile without them prices on `add`'s rows.
+EAGER_KERNELS = ("cast_widen", "cast_narrow", "accumulate", "broadcast_mul", "token_sum")
 TIME_KEYS = {"matmul": ("time_s",), "attention": ("fwd_s", "bwd_s"), "memory_bound": ("time_s",)}
 
 
@@ -64,6 +70,18 @@ def validate_gpu_profile(prof: dict) -> None:
     lo = prof["launch_overhead_s"]
     if not _positive(lo):
         raise ValueError(f"launch_overhead_s must be a finite time > 0 (got {lo!r})")
+
+
+def dump_gpu_profile(prof: dict) -> str:
+    """A profile as JSON text, one row of the measured sections per line (readable diffs)."""
+    parts = []
+    for key, value in prof.items():
+        if key in TIME_KEYS and isinstance(value, list):
+            body = ",\n".join("  " + json.dumps(row) for row in value)
+            parts.append(f" {json.dumps(key)}: [\n{body}\n ]")
+        else:
+            parts.append(f" {json.dumps(key)}: " + json.dumps(value, indent=1).replace("\n", "\n "))
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def _positive(v: Any) -> bool:

@@ -105,31 +105,44 @@ def test_a_compiled_tp_stage_against_its_eager_self():
     x 256 elements) feeds q, k and v, ln2's fc1. Compiled, per block and microbatch: the host
     launches one region instead of 6 linears, 6 other ops and DTensor's per-block work; the
     device moves 6 B per norm element instead of 8 + 6 per linear reading it (forward; backward
-    twice); the stash keeps one bf16 copy of ln1's output instead of three."""
+    twice; eager, the kernels autocast adds, priced by kind); the stash keeps one bf16 copy of
+    ln1's output instead of three."""
     plan, graph, cl = _tiny(1, 2)
     blocks, b, elems = 2, plan.training.n_microbatches, 2 * 128 * 256
     cm = ComputeModel(cl.gpu, plan.training.dtype)
-    bw = cm.stream_bytes_per_s * eager.ADAMW_STREAM_SHARE
     eager_plan = evaluate(plan, graph, cl, eager=True, compiled=False)
     compiled = evaluate(plan, graph, cl, eager=True, compiled=True)
     assert eager_plan.prediction.host_s - compiled.prediction.host_s == pytest.approx(
         b * blocks * (BLOCK_LINEARS * eager.HOST_S_PER_LINEAR + BLOCK_OTHER_OPS * 2 * cm.launch_s
                       + eager.HOST_TP_S_PER_BLOCK - eager.HOST_COMPILED_S_PER_BLOCK))
-    fwd_bytes = blocks * elems * ((8 + 3 * 6) + (8 + 1 * 6) - 2 * 6)
-    # the residual add before the MLP and ln2 (replicated over tp) fuse into one kernel: it reads
-    # the residual and the projection's output, ln2's weight and bias, and writes the sum and
-    # ln2's output (eager.fused_pointwise_s); eager, each op its own kernel
-    t, ln_params = 2 * elems, 2 * 256 * 2
-    add, ln2 = graph.node("add_1"), graph.node("blocks_0_ln2")
-    fused_fwd = cm.memory_bound_s(4 * t + ln_params)
-    fused_bwd = cm.memory_bound_s(2 * t + 2 * 2 * t + 2 * ln_params)
-    chain_fwd = blocks * (cm.memory_bound_s(add.fwd_bytes, add.fwd_flops)
-                          + cm.memory_bound_s(ln2.fwd_bytes, ln2.fwd_flops) - fused_fwd)
-    chain_bwd = blocks * (cm.memory_bound_s(add.bwd_bytes, add.bwd_flops)
-                          + cm.memory_bound_s(ln2.bwd_bytes, ln2.bwd_flops) - fused_bwd)
+    # eager, autocast's kernels in place of the graph's bf16 ops: each norm in fp32 with its casts
+    # (eager.autocast_norm_s; ln1 feeds q, k, v, ln2 fc1), each residual add into the fp32 stream
+    # that a norm reads (eager.fp32_residual_add_s: the stream read 4 B, the projection's output
+    # 2 B; the last one's output feeds ln_f alone), and each bias gradient summed by torch's
+    # reduction (token_sum, eager.bias_grad_sum_s). Compiled, autocast's casts fused into the
+    # norms (6 B per element forward, backward twice), the residual add before the MLP and ln2
+    # (replicated over tp) one kernel: it reads the residual and the projection's output, ln2's
+    # weight and bias, and writes the sum and ln2's output (eager.fused_pointwise_s); the bias
+    # gradients Inductor's reduction at the streaming rate.
     e, c = eager_plan.stages[0], compiled.stages[0]
-    assert e.fwd_s - c.fwd_s == pytest.approx(fwd_bytes / bw + chain_fwd)
-    assert e.bwd_s - c.bwd_s == pytest.approx(2 * fwd_bytes / bw + chain_bwd)
+    graph_s = {o["name"]: o["compute_s"] for o in e.ops}
+    t, ln_params = 2 * elems, 2 * 256 * 2
+    # local outputs of q, k, v (column-parallel), proj, fc1 (column-parallel), fc2, bf16
+    bias_bytes = [2 * 128 * 128 * 2] * 3 + [t] + [2 * 128 * 512 * 2] + [t]
+    expected = 0.0
+    for ln1, ln2, adds in (("blocks_0_ln1", "blocks_0_ln2", [("add_1", True), ("add_2", True)]),
+                           ("blocks_1_ln1", "blocks_1_ln2", [("add_3", True), ("add_4", False)])):
+        eager_s = (sum(eager.autocast_norm_s(elems, 3, cm)) + sum(eager.autocast_norm_s(elems, 1, cm))
+                   + sum(sum(eager.fp32_residual_add_s(elems, 6, shared, cm)) for _, shared in adds)
+                   - sum(graph_s[n] for n in [ln1, ln2] + [a for a, _ in adds])
+                   + sum(eager.bias_grad_sum_s(b, cm) for b in bias_bytes))
+        compiled_s = (sum(eager.autocast_fp32_stream_s(elems, 3, cm, compiled=True))
+                      + sum(eager.autocast_fp32_stream_s(elems, 1, cm, compiled=True))
+                      + cm.memory_bound_s(4 * t + ln_params) + cm.memory_bound_s(2 * t + 2 * 2 * t + 2 * ln_params)
+                      - graph_s[adds[0][0]] - graph_s[ln2]
+                      + sum(eager.bias_grad_sum_s(b, cm, fused=True) for b in bias_bytes))
+        expected += eager_s - compiled_s
+    assert (e.fwd_s + e.bwd_s) - (c.fwd_s + c.bwd_s) == pytest.approx(expected, rel=1e-9)
     assert e.memory.stash_per_microbatch_bytes - c.memory.stash_per_microbatch_bytes == \
         pytest.approx(blocks * 2 * elems * (3 - 1))
     # without a say, the stage is priced as the runtime runs it: compiled
@@ -159,38 +172,56 @@ def test_a_fused_chain_of_one_op_costs_its_eager_op():
     assert checked == 14   # rotary's neg, mul, mul, add for q and k; two residual adds, silu, mul; two norms
 
 
+def _priced(stage) -> dict[str, float]:
+    """The graph's price of each op of an evaluated stage, forward + backward."""
+    return {o["name"]: o["compute_s"] for o in stage.ops}
+
+
 def test_a_compiled_llama_block_fuses_its_pointwise_chains():
     """One device, a tiny Llama (2 blocks, 2 x 128 tokens of 256 hidden, 2 kv heads of 64, SwiGLU
-    of 512): compiled, each block's four chains of pointwise ops are one kernel each way, priced
-    by the bytes they read and write once at the streaming bandwidth (cm.memory_bound_s), where
-    eager each op is its own kernel (the graph's bytes per op). Closed form, bytes by hand."""
+    of 512). Eager, autocast's kernels replace the graph's bf16 ops: rotary's kernels one by one
+    (eager.rotary_s), each norm in fp32 with its casts (eager.autocast_norm_s) and each residual
+    add into the fp32 stream that a norm reads (eager.fp32_residual_add_s). Compiled, each
+    block's four chains of pointwise ops are one kernel each way, priced by the bytes they read
+    and write once at the streaming bandwidth (cm.memory_bound_s), and autocast's casts are fused
+    into the norms (eager.autocast_fp32_stream_s). Closed form, bytes and op names by hand."""
     cl = load_cluster("dgx-h200", 1, 1)
     src = ModelSource(TINY_LLAMA)
     plan = build_3d(src, cl, 4, Config3D(1, 1, 1, 2))
-    graph = src.graph(2)
     cm = ComputeModel(cl.gpu, plan.training.dtype)
-    e = evaluate(plan, graph, cl, eager=True, compiled=False).stages[0]
-    c = evaluate(plan, graph, cl, eager=True, compiled=True).stages[0]
-    blocks, elems = 2, 2 * 128 * 256
+    e = evaluate(plan, src.graph(2), cl, eager=True, compiled=False).stages[0]
+    c = evaluate(plan, src.graph(2), cl, eager=True, compiled=True).stages[0]
+    graph_s = _priced(e)
+    elems = 2 * 128 * 256
     t, k, f = 2 * elems, 2 * 128 * 128 * 2, 2 * 128 * 512 * 2   # bf16 q / residual, k, SwiGLU's hidden
     rotary = 2 * 128 * 64 * 2                                    # cos and sin tables, bf16
     norm_weight = 256 * 2
-    # (eager ops, fused forward bytes, fused backward bytes) per block
-    chains = [(["neg", "cat", "mul", "mul_1", "add"], t + rotary + t, t + 2 * t + rotary),
-              (["neg_1", "cat_1", "mul_2", "mul_3", "add_1"], k + rotary + k, k + 2 * k + rotary),
-              (["add_2", "blocks_0_mlp_norm"], 2 * t + norm_weight + 2 * t, 2 * t + 4 * t + 2 * norm_weight),
-              (["silu", "mul_4"], 2 * f + f, f + 4 * f)]
-    chain_fwd = chain_bwd = 0.0
-    for ops, fused_fwd, fused_bwd in chains:
-        nodes = [graph.node(n) for n in ops]
-        chain_fwd += sum(cm.memory_bound_s(n.fwd_bytes, n.fwd_flops) for n in nodes) - cm.memory_bound_s(fused_fwd)
-        chain_bwd += sum(cm.memory_bound_s(n.bwd_bytes, n.bwd_flops) for n in nodes) - cm.memory_bound_s(fused_bwd)
-    # and autocast's casts fused into the norms: attn_norm feeds wq, wk, wv; mlp_norm w1, w3
-    bw = cm.stream_bytes_per_s * eager.ADAMW_STREAM_SHARE
-    norm_bytes = blocks * elems * ((8 + 3 * 6) + (8 + 2 * 6) - 2 * 6)
-    assert chain_fwd > 0 and chain_bwd > 0
-    assert e.fwd_s - c.fwd_s == pytest.approx(norm_bytes / bw + blocks * chain_fwd)
-    assert e.bwd_s - c.bwd_s == pytest.approx(2 * norm_bytes / bw + blocks * chain_bwd)
+    blocks = [  # rotary of q and of k, the two norms, the residual adds a norm reads, (silu, mul)
+        (["neg", "cat", "mul", "mul_1", "add"], ["neg_1", "cat_1", "mul_2", "mul_3", "add_1"],
+         "blocks_0_attn_norm", "blocks_0_mlp_norm", [("add_2", True), ("add_3", True)], ["silu", "mul_4"]),
+        (["neg_2", "cat_2", "mul_5", "mul_6", "add_4"], ["neg_3", "cat_3", "mul_7", "mul_8", "add_5"],
+         "blocks_1_attn_norm", "blocks_1_mlp_norm", [("add_6", True), ("add_7", False)], ["silu_1", "mul_9"]),
+    ]
+    expected = 0.0
+    for i, (rope_q, rope_k, attn_norm, mlp_norm, adds, swiglu) in enumerate(blocks):
+        eager_s = (sum(eager.rotary_s(elems, cm)) + sum(eager.rotary_s(elems // 2, cm))
+                   # attn_norm feeds wq, wk, wv; block 0's reads the embedding, which the residual
+                   # path reads too; mlp_norm feeds w1, w3
+                   + sum(eager.autocast_norm_s(elems, 3, cm, input_accumulate=i == 0))
+                   + sum(eager.autocast_norm_s(elems, 2, cm))
+                   # the fp32 stream read 4 B, the projection's output 2 B
+                   + sum(sum(eager.fp32_residual_add_s(elems, 6, shared, cm)) for _, shared in adds))
+        eager_graph = sum(graph_s[n] for n in rope_q + rope_k + [attn_norm, mlp_norm] + [a for a, _ in adds])
+        chains = [(rope_q, t + rotary + t, t + 2 * t + rotary), (rope_k, k + rotary + k, k + 2 * k + rotary),
+                  ([adds[0][0], mlp_norm], 2 * t + norm_weight + 2 * t, 2 * t + 4 * t + 2 * norm_weight),
+                  (swiglu, 2 * f + f, f + 4 * f)]
+        fused = sum(cm.memory_bound_s(fw) + cm.memory_bound_s(bw) - sum(graph_s[n] for n in ops)
+                    for ops, fw, bw in chains)
+        compiled_norms = (sum(eager.autocast_fp32_stream_s(elems, 3, cm, compiled=True))
+                          + sum(eager.autocast_fp32_stream_s(elems, 2, cm, compiled=True)))
+        expected += (eager_s - eager_graph) - (compiled_norms + fused)
+    assert expected > 0
+    assert (e.fwd_s + e.bwd_s) - (c.fwd_s + c.bwd_s) == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_data_parallel_stage_compiles_by_the_rule():
