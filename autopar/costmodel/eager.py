@@ -364,9 +364,7 @@ CROSS_ENTROPY_BYTES_PER_LOGIT = 36        # fp32 upcast, log-softmax, their back
 # bf16 logits without autocast: log-softmax (read 2, write 2), the NLL gradient (2), the
 # log-softmax gradient (read output 2 and gradient 2, write 2)
 BF16_CROSS_ENTROPY_BYTES_PER_LOGIT = 12
-NORM_FP32_BYTES_PER_ELEMENT = 8          # norm and its residual add in fp32: +4 B each, forward
-INPUT_CAST_BYTES_PER_ELEMENT = 6         # a linear's fp32 input cast to bf16, forward
-AUTOCAST_BACKWARD_FACTOR = 2             # backward bytes per forward byte of these
+AUTOCAST_BACKWARD_FACTOR = 2             # backward bytes per forward byte of a compiled norm's fp32 traffic
 WEIGHT_CAST_BYTES_PER_PARAM = 6           # fp32 weight -> bf16 copy, once per step
 GRAD_CAST_BYTES_PER_PARAM = 6             # bf16 grad -> fp32 .grad (first microbatch)
 GRAD_ACCUMULATE_BYTES_PER_PARAM = 18      # cast + .grad += (every later microbatch)
@@ -473,7 +471,7 @@ def norm_runs_fp32(norm_op: str, bf16_stream: bool) -> bool:
     """Whether a norm (`norm_op`: the graph's op, "layer_norm", "rms_norm", ...) runs in fp32
     under autocast: it then saves an fp32 input (`fp32_residual_extra_bytes`) and its fp32
     output is cast by every linear it feeds (`autocast_input_copies_bytes`,
-    `autocast_fp32_stream_s`). Over fp32 weights the residual stream is fp32 and every norm
+    `autocast_norm_s`). Over fp32 weights the residual stream is fp32 and every norm
     runs in fp32; over bf16 ones (`bf16_stream`: `autocast_over_bf16_params`) only those
     autocast casts to fp32 (AUTOCAST_FP32_NORM_OPS): a LayerNorm casts its bf16 input to fp32
     and saves that copy, as the fp32 stream's norm saves its input; an RMSNorm on torch 2.11
@@ -666,17 +664,13 @@ def compiled_per_block(tp: int, on_gpu: bool = True, stage_devices: int = 1, fsd
     return tp > 1 or COMPILED_BY_ENGINE[stage_engine(stage_devices, fsdp2, context_parallel)]
 
 
-def autocast_fp32_stream_s(norm_elements: float, linear_consumers: int, cm: ComputeModel,
-                           compiled: bool = False) -> tuple[float, float]:
-    """(forward, backward) seconds of one norm's fp32 traffic under autocast: the norm and its
-    residual add in fp32, and the bf16 casts of its output by `linear_consumers` linears. In a
-    compiled block (`compiled`) Inductor fuses the casts into the norm's kernel, which writes
-    the bf16 output once (the fp32 output and the casts never reach memory): only the fp32
-    width of the residual stream is left (COMPILED_NORM_FP32_BYTES_PER_ELEMENT)."""
-    if compiled:
-        fwd_bytes = norm_elements * COMPILED_NORM_FP32_BYTES_PER_ELEMENT
-    else:
-        fwd_bytes = norm_elements * (NORM_FP32_BYTES_PER_ELEMENT + INPUT_CAST_BYTES_PER_ELEMENT * linear_consumers)
+def compiled_norm_fp32_s(norm_elements: float, cm: ComputeModel) -> tuple[float, float]:
+    """(forward, backward) seconds of one norm's fp32 traffic under autocast in a compiled block:
+    Inductor fuses autocast's casts into the norm's kernel, which writes the bf16 output once
+    (the fp32 output and the casts never reach memory, however many linears read it), so only
+    the fp32 width of the residual stream is left (COMPILED_NORM_FP32_BYTES_PER_ELEMENT), the
+    backward twice the forward's bytes. Eager blocks run each kernel (`autocast_norm_s`)."""
+    fwd_bytes = norm_elements * COMPILED_NORM_FP32_BYTES_PER_ELEMENT
     bw = cm.stream_bytes_per_s * ADAMW_STREAM_SHARE
     return fwd_bytes / bw, AUTOCAST_BACKWARD_FACTOR * fwd_bytes / bw
 

@@ -821,6 +821,20 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
         return local, node.out_bytes / _numel(node.out_shape)
 
     fwd = bwd = ce_s = ce_peak = residual = tp_grad_delta = rerun = 0.0
+
+    def charge(li: int | None, f: float, b: float, rerun_too: bool = False) -> None:
+        """Device seconds an op's eager kernels add beyond the graph's price of it, forward and
+        backward: to the layers' terms, to its FSDP2 block's compute (`blocks`, layer `li`),
+        and (`rerun_too`) to the forward full recomputation reruns."""
+        nonlocal fwd, bwd, rerun
+        fwd += f
+        bwd += b
+        if rerun_too:
+            rerun += f
+        if li is not None:
+            acc = blocks.setdefault(li, [0.0] * 5)
+            acc[0] += f
+            acc[1] += b
     n_linears = n_other = 0
     split_linears: set[str] = set()
     vocab_split_head: str | None = None
@@ -872,13 +886,14 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
             # fp32 and its output is cast to bf16 by each linear it feeds
             residual += eager_mod.fp32_residual_extra_bytes(*local_elems(node.operands[0].source))
             if n in assign:
-                elems = prob.strategy_of(n, assign[n]).out_bytes_local / (node.out_bytes / _numel(node.out_shape))
+                local, elem_bytes = local_elems(n)
+                elems = local / elem_bytes
                 consumers = sum(1 for m in graph.consumers(n) if m in inside and graph.node(m).kind == MATMUL
                                 and graph.node(m).param_operands)
                 fused = compiled and n in in_block
                 residual += eager_mod.autocast_input_copies_bytes(elems, consumers, fused)
                 if fused:
-                    f32_fwd, f32_bwd = eager_mod.autocast_fp32_stream_s(elems, consumers, cm, fused)
+                    f32_fwd, f32_bwd = eager_mod.compiled_norm_fp32_s(elems, cm)
                 else:
                     # the eager kernels (eager.autocast_norm_s) in place of the graph's norm; a
                     # residual add making its input prices its own (fp32_residual_add_s below)
@@ -888,13 +903,8 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
                         input_accumulate=graph.node(norm_in).op != "add" and len(graph.consumers(norm_in)) > 1)
                     own = prob.strategy_of(n, assign[n])
                     f32_fwd, f32_bwd = e_f - own.fwd_s, e_b - own.bwd_s
-                fwd += f32_fwd
-                bwd += f32_bwd
-                if n in in_block and not fused:
-                    rerun += f32_fwd        # the recomputed forward's norm, fp32 again
-                if li is not None:
-                    blocks.setdefault(li, [0.0] * 5)[0] += f32_fwd
-                    blocks[li][1] += f32_bwd
+                # the recomputed forward's norm runs fp32 again
+                charge(li, f32_fwd, f32_bwd, rerun_too=n in in_block and not fused)
         if node.kind == LOSS and node.operands and node.operands[0].source in assign and n in assign:
             local, elem_bytes = local_elems(node.operands[0].source)
             own = prob.strategy_of(n, assign[n])
@@ -923,36 +933,19 @@ def eager_terms(graph: OpGraph, layers: tuple[int, int], prob: StageProblem, ass
             st = prob.strategy_of(n, assign[n])
             read_bytes = sum(2 if o.source is not None and graph.node(o.source).kind == MATMUL else 4
                              for o in node.operands)
-            a_f, a_b = eager_mod.fp32_residual_add_s(st.out_bytes_local / (node.out_bytes / _numel(node.out_shape)),
-                                                     read_bytes, len(graph.consumers(n)) > 1, cm)
-            fwd += a_f - st.fwd_s
-            bwd += a_b - st.bwd_s
-            if n in in_block:
-                rerun += a_f - st.fwd_s
-            if li is not None:
-                blocks.setdefault(li, [0.0] * 5)[0] += a_f - st.fwd_s
-                blocks[li][1] += a_b - st.bwd_s
+            local, elem_bytes = local_elems(n)
+            a_f, a_b = eager_mod.fp32_residual_add_s(local / elem_bytes, read_bytes, len(graph.consumers(n)) > 1, cm)
+            charge(li, a_f - st.fwd_s, a_b - st.bwd_s, rerun_too=n in in_block)
         rope = rotary_ops(graph, n) if node.op == "cat" and not (compiled and n in in_block) else None
         if rope is not None and all(m in assign for m in rope):
             # eager rotary: its kernels by kind (eager.rotary_s) in place of the graph's five ops'
-            r_f, r_b = eager_mod.rotary_s(prob.strategy_of(n, assign[n]).out_bytes_local
-                                          / (node.out_bytes / _numel(node.out_shape)), cm)
+            local, elem_bytes = local_elems(n)
+            r_f, r_b = eager_mod.rotary_s(local / elem_bytes, cm)
             sts = [prob.strategy_of(m, assign[m]) for m in rope]
-            d_f, d_b = r_f - sum(st.fwd_s for st in sts), r_b - sum(st.bwd_s for st in sts)
-            fwd += d_f
-            bwd += d_b
-            if n in in_block:
-                rerun += d_f
-            if li is not None:
-                blocks.setdefault(li, [0.0] * 5)[0] += d_f
-                blocks[li][1] += d_b
+            charge(li, r_f - sum(st.fwd_s for st in sts), r_b - sum(st.bwd_s for st in sts), rerun_too=n in in_block)
         if node.kind == MATMUL and n in assign and any(o.is_param and len(o.shape) == 1 for o in node.operands):
             # the bias gradient's sum over the tokens, which the graph's linear does not price
-            b_s = eager_mod.bias_grad_sum_s(prob.strategy_of(n, assign[n]).out_bytes_local, cm,
-                                            fused=compiled and n in in_block)
-            bwd += b_s
-            if li is not None:
-                blocks.setdefault(li, [0.0] * 5)[1] += b_s
+            charge(li, 0.0, eager_mod.bias_grad_sum_s(local_elems(n)[0], cm, fused=compiled and n in in_block))
         if node.kind == MATMUL and node.param_operands:
             n_linears += dispatched
             # linears with split weights are what eager PyTorch runs as DTensors

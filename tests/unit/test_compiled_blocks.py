@@ -71,9 +71,8 @@ def test_compiled_terms_closed_form():
     cm = ComputeModel(load_cluster("dgx-h200", 1, 1).gpu)
     bw = cm.stream_bytes_per_s * eager.ADAMW_STREAM_SHARE
     # fused into the norm's kernel: 6 B per element whatever reads it, backward twice that
-    for consumers in (1, 3):
-        fwd, bwd = eager.autocast_fp32_stream_s(1e9, consumers, cm, compiled=True)
-        assert (fwd, bwd) == (pytest.approx(6e9 / bw), pytest.approx(12e9 / bw))
+    fwd, bwd = eager.compiled_norm_fp32_s(1e9, cm)
+    assert (fwd, bwd) == (pytest.approx(6e9 / bw), pytest.approx(12e9 / bw))
     # the linears' casts of one tensor merged into the copy the graph saves
     assert eager.autocast_input_copies_bytes(100.0, 3, compiled=True) == 0.0
     # the ops outside the blocks per op, each block one region
@@ -136,8 +135,8 @@ def test_a_compiled_tp_stage_against_its_eager_self():
                    + sum(sum(eager.fp32_residual_add_s(elems, 6, shared, cm)) for _, shared in adds)
                    - sum(graph_s[n] for n in [ln1, ln2] + [a for a, _ in adds])
                    + sum(eager.bias_grad_sum_s(b, cm) for b in bias_bytes))
-        compiled_s = (sum(eager.autocast_fp32_stream_s(elems, 3, cm, compiled=True))
-                      + sum(eager.autocast_fp32_stream_s(elems, 1, cm, compiled=True))
+        compiled_s = (sum(eager.compiled_norm_fp32_s(elems, cm))
+                      + sum(eager.compiled_norm_fp32_s(elems, cm))
                       + cm.memory_bound_s(4 * t + ln_params) + cm.memory_bound_s(2 * t + 2 * 2 * t + 2 * ln_params)
                       - graph_s[adds[0][0]] - graph_s[ln2]
                       + sum(eager.bias_grad_sum_s(b, cm, fused=True) for b in bias_bytes))
@@ -184,7 +183,7 @@ def test_a_compiled_llama_block_fuses_its_pointwise_chains():
     add into the fp32 stream that a norm reads (eager.fp32_residual_add_s). Compiled, each
     block's four chains of pointwise ops are one kernel each way, priced by the bytes they read
     and write once at the streaming bandwidth (cm.memory_bound_s), and autocast's casts are fused
-    into the norms (eager.autocast_fp32_stream_s). Closed form, bytes and op names by hand."""
+    into the norms (eager.compiled_norm_fp32_s). Closed form, bytes and op names by hand."""
     cl = load_cluster("dgx-h200", 1, 1)
     src = ModelSource(TINY_LLAMA)
     plan = build_3d(src, cl, 4, Config3D(1, 1, 1, 2))
@@ -217,8 +216,8 @@ def test_a_compiled_llama_block_fuses_its_pointwise_chains():
                   (swiglu, 2 * f + f, f + 4 * f)]
         fused = sum(cm.memory_bound_s(fw) + cm.memory_bound_s(bw) - sum(graph_s[n] for n in ops)
                     for ops, fw, bw in chains)
-        compiled_norms = (sum(eager.autocast_fp32_stream_s(elems, 3, cm, compiled=True))
-                          + sum(eager.autocast_fp32_stream_s(elems, 2, cm, compiled=True)))
+        compiled_norms = (sum(eager.compiled_norm_fp32_s(elems, cm))
+                          + sum(eager.compiled_norm_fp32_s(elems, cm)))
         expected += (eager_s - eager_graph) - (compiled_norms + fused)
     assert expected > 0
     assert (e.fwd_s + e.bwd_s) - (c.fwd_s + c.bwd_s) == pytest.approx(expected, rel=1e-9)
